@@ -1,0 +1,3 @@
+//! Packet parsing and in-place rewriting.
+pub mod checksum;
+pub mod rewrite;
