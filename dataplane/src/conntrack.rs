@@ -1,1 +1,1115 @@
+//! Connection tracking, ClientIP affinity and fragment tracking, shared by all workers.
+//!
+//! Owns: the flow table (forward: client tuple → backend; reverse: backend tuple
+//! → frontend, for reverse NAT), per-protocol timeouts and the TCP state that
+//! shortens them, eviction under pressure, the affinity table and the fragment
+//! table.
+//!
+//! Layout: one [`Conntrack`] is shared (`Arc`) by every worker, because a reply
+//! may arrive on another core than its request. It is split into shards, each a
+//! `Mutex` over two `hashbrown` tables. The shard of a flow is chosen from the
+//! client's (address, port, protocol), which both directions carry, so one lock
+//! covers a flow's forward and reverse entries and a reply updates the state the
+//! request sees. IPv4 and IPv6 flows live in separate tables with compact
+//! entries: an IPv4 flow costs 32 + 20 bytes of entries (see the size tests).
+//! Memory is allocated once, at construction: tables never grow.
+//!
+//! Expiry is driven by the `now` the caller passes: an expired entry is a miss
+//! on lookup, and [`Conntrack::expire`] sweeps a few shards per call. When a
+//! shard is full, an insert first removes expired entries, then entries that are
+//! not established (SYN-only, closing, reset, unreplied datagrams), and only if
+//! that frees nothing, established ones.
+//!
+//! Must never: read a clock, allocate after construction, or hold two shard
+//! locks at once.
 
+use std::hash::{BuildHasher, Hash};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use foldhash::fast::FixedState;
+use hashbrown::HashTable;
+
+use crate::flow::{v4_to_16, Addr16, FlowTuple, Proto};
+use crate::packet::parse::{tcp_flags, Family};
+use crate::time::Now;
+
+/// Idle timeouts in seconds, per protocol and state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP after a SYN, before the backend answered (Linux `nf_conntrack_tcp_timeout_syn_sent` is 120).
+    pub tcp_syn: u32,
+    /// Established TCP (kube-proxy's `--conntrack-tcp-timeout-established` default: 24 h).
+    pub tcp_established: u32,
+    /// TCP after a FIN in either direction (Linux FIN_WAIT/TIME_WAIT: 120).
+    pub tcp_fin: u32,
+    /// TCP after a RST (Linux CLOSE: 10).
+    pub tcp_rst: u32,
+    /// UDP and SCTP before any reply (Linux `nf_conntrack_udp_timeout`: 30).
+    pub datagram: u32,
+    /// UDP and SCTP once the backend replied (Linux `udp_timeout_stream`: 120).
+    pub datagram_replied: u32,
+    /// Non-first fragments follow their first fragment for this long (Linux `ipfrag_time`: 30).
+    pub fragment: u32,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_syn: 60,
+            tcp_established: 86_400,
+            tcp_fin: 120,
+            tcp_rst: 10,
+            datagram: 30,
+            datagram_replied: 120,
+            fragment: 30,
+        }
+    }
+}
+
+/// Sizing and timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Flows per IP family the table holds at least (rounded up to fill the
+    /// allocated buckets).
+    pub capacity: usize,
+    /// Number of shards (rounded up to a power of two).
+    pub shards: usize,
+    /// Affinity entries (client, service port) held at least.
+    pub affinity_capacity: usize,
+    /// In-flight fragmented datagrams held at least.
+    pub fragment_capacity: usize,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            capacity: 1 << 20,
+            shards: 256,
+            affinity_capacity: 1 << 16,
+            fragment_capacity: 1 << 14,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// The state of a tracked flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FlowState {
+    /// TCP: the client's SYN went to the backend; no answer yet.
+    TcpSynSent = 1,
+    /// TCP: the backend answered (or the flow was picked up mid-stream).
+    TcpEstablished = 2,
+    /// TCP: a FIN was seen.
+    TcpClosing = 3,
+    /// TCP: a RST was seen.
+    TcpReset = 4,
+    /// UDP or SCTP: no reply yet.
+    Unreplied = 5,
+    /// UDP or SCTP: the backend replied.
+    Replied = 6,
+}
+
+impl FlowState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::TcpSynSent,
+            2 => Self::TcpEstablished,
+            3 => Self::TcpClosing,
+            4 => Self::TcpReset,
+            6 => Self::Replied,
+            _ => Self::Unreplied,
+        }
+    }
+
+    /// Established flows are evicted last.
+    #[must_use]
+    pub fn is_established(self) -> bool {
+        matches!(self, Self::TcpEstablished | Self::Replied)
+    }
+
+    /// A TCP flow that is over: a new SYN on its tuple starts a new flow.
+    #[must_use]
+    pub fn is_closed(self) -> bool {
+        matches!(self, Self::TcpClosing | Self::TcpReset)
+    }
+
+    /// State for the first packet of a new flow.
+    #[must_use]
+    pub fn initial(proto: Proto, flags: u8) -> Self {
+        match proto {
+            Proto::Tcp if flags & tcp_flags::RST != 0 => Self::TcpReset,
+            Proto::Tcp if flags & tcp_flags::FIN != 0 => Self::TcpClosing,
+            // A SYN opens a flow; anything else is a flow picked up mid-stream
+            // (after a gateway restart or an ECMP change), trusted as established.
+            Proto::Tcp if flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0 => Self::TcpSynSent,
+            Proto::Tcp => Self::TcpEstablished,
+            Proto::Udp | Proto::Sctp => Self::Unreplied,
+        }
+    }
+
+    /// The state after a packet with `flags` (TCP flags; 0 otherwise) in the
+    /// given direction. FIN and RST only ever shorten a flow's life.
+    #[must_use]
+    pub fn advance(self, reply: bool, flags: u8) -> Self {
+        match self {
+            Self::TcpReset => Self::TcpReset,
+            _ if flags & tcp_flags::RST != 0 && self as u8 <= Self::TcpReset as u8 => Self::TcpReset,
+            Self::TcpClosing => Self::TcpClosing,
+            Self::TcpSynSent | Self::TcpEstablished if flags & tcp_flags::FIN != 0 => Self::TcpClosing,
+            Self::TcpSynSent if reply => Self::TcpEstablished,
+            Self::Unreplied if reply => Self::Replied,
+            s => s,
+        }
+    }
+
+    /// Idle timeout of this state.
+    #[must_use]
+    pub fn timeout(self, t: &Timeouts) -> u32 {
+        match self {
+            Self::TcpSynSent => t.tcp_syn,
+            Self::TcpEstablished => t.tcp_established,
+            Self::TcpClosing => t.tcp_fin,
+            Self::TcpReset => t.tcp_rst,
+            Self::Unreplied => t.datagram,
+            Self::Replied => t.datagram_replied,
+        }
+    }
+}
+
+/// Address types the tables are generic over.
+trait Ip: Copy + Eq + Hash + Default + std::fmt::Debug {
+    fn from16(a: &Addr16) -> Self;
+    fn to16(&self) -> Addr16;
+}
+
+impl Ip for [u8; 4] {
+    #[inline]
+    fn from16(a: &Addr16) -> Self {
+        [a[12], a[13], a[14], a[15]]
+    }
+    #[inline]
+    fn to16(&self) -> Addr16 {
+        v4_to_16(*self)
+    }
+}
+
+impl Ip for [u8; 16] {
+    #[inline]
+    fn from16(a: &Addr16) -> Self {
+        *a
+    }
+    #[inline]
+    fn to16(&self) -> Addr16 {
+        *self
+    }
+}
+
+/// Forward entry: (client, vip, ports, proto) → backend, plus state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+struct Fwd<A> {
+    client: A,
+    vip: A,
+    backend: A,
+    expires: u32,
+    frontend: u32,
+    epoch: u32,
+    cport: u16,
+    vport: u16,
+    bport: u16,
+    proto: u8,
+    state: u8,
+}
+
+/// Reverse entry: (backend, client, ports, proto) → vip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+struct Rev<A> {
+    backend: A,
+    client: A,
+    vip: A,
+    bport: u16,
+    cport: u16,
+    vport: u16,
+    proto: u8,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct ShardStats {
+    inserts: u64,
+    expired: u64,
+    evicted_unestablished: u64,
+    evicted_established: u64,
+    refused: u64,
+}
+
+#[derive(Debug)]
+struct Shard<A> {
+    fwd: HashTable<Fwd<A>>,
+    rev: HashTable<Rev<A>>,
+    cap: usize,
+    stats: ShardStats,
+}
+
+/// One cache line per shard lock, so that two cores never share one.
+#[derive(Debug)]
+#[repr(align(64))]
+struct Padded<T>(T);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A worker that panicked while holding a shard left its entries
+    // consistent (no operation panics between two table writes), so the data is
+    // usable: keep forwarding rather than poisoning every other worker.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[derive(Debug)]
+struct Tracker<A> {
+    shards: Box<[Padded<Mutex<Shard<A>>>]>,
+    mask: usize,
+    hasher: FixedState,
+}
+
+/// A hit in the forward direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowHit {
+    /// The backend the flow is bound to.
+    pub backend: Addr16,
+    /// Its port.
+    pub backend_port: u16,
+    /// Frontend index in the table of `epoch`.
+    pub frontend: u32,
+    /// The table epoch (low 32 bits of its generation) the binding was checked in.
+    pub epoch: u32,
+    /// State after this packet.
+    pub state: FlowState,
+}
+
+/// A hit in the reply direction: the frontend to restore as the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplyHit {
+    /// The frontend (virtual) address.
+    pub vip: Addr16,
+    /// The frontend port.
+    pub vport: u16,
+    /// State after this packet.
+    pub state: FlowState,
+}
+
+/// The table is full and nothing could be evicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("connection table full")]
+pub struct Full;
+
+/// What a new binding says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding {
+    /// Backend address.
+    pub backend: Addr16,
+    /// Backend port.
+    pub backend_port: u16,
+    /// Frontend index in the current table.
+    pub frontend: u32,
+    /// Current table epoch.
+    pub epoch: u32,
+}
+
+impl<A: Ip> Tracker<A> {
+    fn new(capacity: usize, shards: usize) -> Self {
+        let n = shards.max(1).next_power_of_two();
+        let per = capacity.div_ceil(n).max(8);
+        let shards = (0..n)
+            .map(|_| {
+                let fwd = HashTable::with_capacity(per);
+                let rev = HashTable::with_capacity(per);
+                let cap = fwd.capacity().min(rev.capacity());
+                Padded(Mutex::new(Shard {
+                    fwd,
+                    rev,
+                    cap,
+                    stats: ShardStats::default(),
+                }))
+            })
+            .collect();
+        Self {
+            shards,
+            mask: n - 1,
+            // A fixed seed: the table's layout need not agree across processes,
+            // but a fixed seed keeps tests and benches reproducible.
+            hasher: FixedState::with_seed(0x636c_7573_7465_7267),
+        }
+    }
+
+    #[inline]
+    fn shard(&self, client: &A, cport: u16, proto: u8) -> &Mutex<Shard<A>> {
+        let h = self.hasher.hash_one((client, cport, proto));
+        // Bits away from hashbrown's (low bits pick buckets, top 7 tag them).
+        &self.shards[(h >> 32) as usize & self.mask].0
+    }
+
+    #[inline]
+    fn fwd_hash(&self, client: &A, vip: &A, cport: u16, vport: u16, proto: u8) -> u64 {
+        self.hasher.hash_one((client, vip, cport, vport, proto))
+    }
+
+    #[inline]
+    fn rev_hash(&self, backend: &A, client: &A, bport: u16, cport: u16, proto: u8) -> u64 {
+        self.hasher.hash_one((backend, client, bport, cport, proto))
+    }
+
+    fn fwd_of(e: &Fwd<A>) -> impl Fn(&Fwd<A>) -> bool + '_ {
+        move |x| x.client == e.client && x.vip == e.vip && x.cport == e.cport && x.vport == e.vport && x.proto == e.proto
+    }
+
+    fn rev_of(e: &Fwd<A>) -> impl Fn(&Rev<A>) -> bool + '_ {
+        move |r| {
+            r.backend == e.backend && r.client == e.client && r.bport == e.bport && r.cport == e.cport && r.proto == e.proto
+        }
+    }
+
+    fn remove_rev(&self, rev: &mut HashTable<Rev<A>>, e: &Fwd<A>) {
+        let h = self.rev_hash(&e.backend, &e.client, e.bport, e.cport, e.proto);
+        if let Ok(entry) = rev.find_entry(h, Self::rev_of(e)) {
+            entry.remove();
+        }
+    }
+
+    fn lookup_original(&self, now: u32, t: &FlowTuple, flags: u8, touch: bool, to: &Timeouts) -> Option<FlowHit> {
+        let (c, v, p) = (A::from16(&t.src_addr), A::from16(&t.dst_addr), t.proto.ip_number());
+        let h = self.fwd_hash(&c, &v, t.src_port, t.dst_port, p);
+        let mut s = lock(self.shard(&c, t.src_port, p));
+        let Shard { fwd, rev, .. } = &mut *s;
+        let entry = fwd.find_entry(h, |x| {
+            x.client == c && x.vip == v && x.cport == t.src_port && x.vport == t.dst_port && x.proto == p
+        });
+        let Ok(mut entry) = entry else { return None };
+        let e = entry.get_mut();
+        if e.expires <= now {
+            let old = *e;
+            entry.remove();
+            self.remove_rev(rev, &old);
+            s.stats.expired += 1;
+            return None;
+        }
+        let mut state = FlowState::from_u8(e.state);
+        if touch {
+            state = state.advance(false, flags);
+            e.state = state as u8;
+            e.expires = now.saturating_add(state.timeout(to));
+        }
+        Some(FlowHit {
+            backend: e.backend.to16(),
+            backend_port: e.bport,
+            frontend: e.frontend,
+            epoch: e.epoch,
+            state,
+        })
+    }
+
+    fn lookup_reply(&self, now: u32, t: &FlowTuple, flags: u8, touch: bool, to: &Timeouts) -> Option<ReplyHit> {
+        // t: backend → client.
+        let (b, c, p) = (A::from16(&t.src_addr), A::from16(&t.dst_addr), t.proto.ip_number());
+        let rh = self.rev_hash(&b, &c, t.src_port, t.dst_port, p);
+        let mut s = lock(self.shard(&c, t.dst_port, p));
+        let r = *s.rev.find(rh, |r| {
+            r.backend == b && r.client == c && r.bport == t.src_port && r.cport == t.dst_port && r.proto == p
+        })?;
+        let fh = self.fwd_hash(&r.client, &r.vip, r.cport, r.vport, r.proto);
+        let Shard { fwd, rev, stats, .. } = &mut *s;
+        let key = Fwd {
+            client: r.client,
+            vip: r.vip,
+            cport: r.cport,
+            vport: r.vport,
+            proto: r.proto,
+            ..Fwd::default()
+        };
+        let Ok(mut entry) = fwd.find_entry(fh, Self::fwd_of(&key)) else {
+            // Orphan reverse entry (cannot happen: both are removed together).
+            return None;
+        };
+        let e = entry.get_mut();
+        if e.expires <= now || e.backend != b || e.bport != t.src_port {
+            if e.expires <= now {
+                let old = *e;
+                entry.remove();
+                self.remove_rev(rev, &old);
+                stats.expired += 1;
+            }
+            return None;
+        }
+        let mut state = FlowState::from_u8(e.state);
+        if touch {
+            state = state.advance(true, flags);
+            e.state = state as u8;
+            e.expires = now.saturating_add(state.timeout(to));
+        }
+        Some(ReplyHit {
+            vip: r.vip.to16(),
+            vport: r.vport,
+            state,
+        })
+    }
+
+    /// Binds `t` (client → vip) to a backend, replacing any previous binding.
+    fn insert(&self, now: u32, t: &FlowTuple, b: &Binding, state: FlowState, to: &Timeouts) -> Result<(), Full> {
+        let p = t.proto.ip_number();
+        let e = Fwd {
+            client: A::from16(&t.src_addr),
+            vip: A::from16(&t.dst_addr),
+            backend: A::from16(&b.backend),
+            expires: now.saturating_add(state.timeout(to)),
+            frontend: b.frontend,
+            epoch: b.epoch,
+            cport: t.src_port,
+            vport: t.dst_port,
+            bport: b.backend_port,
+            proto: p,
+            state: state as u8,
+        };
+        let fh = self.fwd_hash(&e.client, &e.vip, e.cport, e.vport, p);
+        let rh = self.rev_hash(&e.backend, &e.client, e.bport, e.cport, p);
+        let mut s = lock(self.shard(&e.client, e.cport, p));
+        let Shard { fwd, rev, cap, stats } = &mut *s;
+        if let Ok(old) = fwd.find_entry(fh, Self::fwd_of(&e)) {
+            let (old, _) = old.remove();
+            self.remove_rev(rev, &old);
+        }
+        if fwd.len() >= *cap || rev.len() >= *cap {
+            self.make_room(fwd, rev, *cap, now, stats);
+            if fwd.len() >= *cap || rev.len() >= *cap {
+                stats.refused += 1;
+                return Err(Full);
+            }
+        }
+        let hasher = &self.hasher;
+        fwd.insert_unique(fh, e, |x| hasher.hash_one((&x.client, &x.vip, x.cport, x.vport, x.proto)));
+        // A stale reverse entry for the same backend tuple (its forward entry was
+        // replaced under another vip) would shadow this one: drop it first.
+        if let Ok(stale) = rev.find_entry(rh, Self::rev_of(&e)) {
+            stale.remove();
+        }
+        rev.insert_unique(
+            rh,
+            Rev {
+                backend: e.backend,
+                client: e.client,
+                vip: e.vip,
+                bport: e.bport,
+                cport: e.cport,
+                vport: e.vport,
+                proto: p,
+            },
+            |r| hasher.hash_one((&r.backend, &r.client, r.bport, r.cport, r.proto)),
+        );
+        stats.inserts += 1;
+        Ok(())
+    }
+
+    /// Frees at least one slot if anything can go: expired first, then
+    /// unestablished, then (as a last resort) established entries.
+    fn make_room(&self, fwd: &mut HashTable<Fwd<A>>, rev: &mut HashTable<Rev<A>>, cap: usize, now: u32, stats: &mut ShardStats) {
+        let target = (cap / 32).max(1);
+        let mut freed = 0usize;
+        for pass in 0..3 {
+            if freed >= target || (pass == 2 && freed > 0) {
+                break;
+            }
+            fwd.retain(|e| {
+                if freed >= target && pass > 0 {
+                    return true;
+                }
+                let st = FlowState::from_u8(e.state);
+                let go = match pass {
+                    0 => e.expires <= now,
+                    1 => !st.is_established(),
+                    _ => true,
+                };
+                if go {
+                    self.remove_rev(rev, e);
+                    freed += 1;
+                    match pass {
+                        0 => stats.expired += 1,
+                        1 => stats.evicted_unestablished += 1,
+                        _ => stats.evicted_established += 1,
+                    }
+                }
+                !go
+            });
+        }
+    }
+
+    /// Updates the cached frontend index and epoch of a still-valid binding.
+    fn revalidate(&self, t: &FlowTuple, frontend: u32, epoch: u32) {
+        let (c, v, p) = (A::from16(&t.src_addr), A::from16(&t.dst_addr), t.proto.ip_number());
+        let h = self.fwd_hash(&c, &v, t.src_port, t.dst_port, p);
+        let mut s = lock(self.shard(&c, t.src_port, p));
+        if let Some(e) = s.fwd.find_mut(h, |x| {
+            x.client == c && x.vip == v && x.cport == t.src_port && x.vport == t.dst_port && x.proto == p
+        }) {
+            e.frontend = frontend;
+            e.epoch = epoch;
+        }
+    }
+
+    fn expire_shard(&self, i: usize, now: u32) -> usize {
+        let Some(m) = self.shards.get(i) else { return 0 };
+        let mut s = lock(&m.0);
+        let Shard { fwd, rev, stats, .. } = &mut *s;
+        let before = fwd.len();
+        fwd.retain(|e| {
+            if e.expires <= now {
+                self.remove_rev(rev, e);
+                false
+            } else {
+                true
+            }
+        });
+        let n = before - fwd.len();
+        stats.expired += n as u64;
+        n
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|m| lock(&m.0).fwd.len()).sum()
+    }
+
+    fn capacity(&self) -> usize {
+        self.shards.iter().map(|m| lock(&m.0).cap).sum()
+    }
+
+    fn stats(&self, into: &mut ConntrackStats) {
+        for m in self.shards.iter() {
+            let s = lock(&m.0);
+            into.entries += s.fwd.len() as u64;
+            into.inserts += s.stats.inserts;
+            into.expired += s.stats.expired;
+            into.evicted_unestablished += s.stats.evicted_unestablished;
+            into.evicted_established += s.stats.evicted_established;
+            into.refused += s.stats.refused;
+        }
+    }
+}
+
+impl<A: Ip> Default for Fwd<A> {
+    fn default() -> Self {
+        Self {
+            client: A::default(),
+            vip: A::default(),
+            backend: A::default(),
+            expires: 0,
+            frontend: 0,
+            epoch: 0,
+            cport: 0,
+            vport: 0,
+            bport: 0,
+            proto: 0,
+            state: 0,
+        }
+    }
+}
+
+/// Counters summed over all shards.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConntrackStats {
+    /// Flows in the table now (both families).
+    pub entries: u64,
+    /// Flows inserted.
+    pub inserts: u64,
+    /// Entries removed because their timeout passed.
+    pub expired: u64,
+    /// Entries evicted under pressure that were not established.
+    pub evicted_unestablished: u64,
+    /// Established entries evicted under pressure (last resort).
+    pub evicted_established: u64,
+    /// Inserts refused because nothing could be evicted.
+    pub refused: u64,
+}
+
+/// A small expiring map (affinity, fragments): sharded, bounded, allocated once.
+#[derive(Debug)]
+struct Expiring<K, V> {
+    shards: Box<[Padded<Mutex<HashTable<(K, V, u32)>>>]>,
+    mask: usize,
+    hasher: FixedState,
+}
+
+impl<K: Hash + Eq + Copy, V: Copy> Expiring<K, V> {
+    fn new(capacity: usize, shards: usize) -> Self {
+        let n = shards.max(1).next_power_of_two();
+        let per = capacity.div_ceil(n).max(8);
+        Self {
+            shards: (0..n).map(|_| Padded(Mutex::new(HashTable::with_capacity(per)))).collect(),
+            mask: n - 1,
+            hasher: FixedState::with_seed(0x6166_6669_6e69_7479),
+        }
+    }
+
+    fn get(&self, now: u32, k: &K) -> Option<V> {
+        let h = self.hasher.hash_one(k);
+        let mut s = lock(&self.shards[(h >> 32) as usize & self.mask].0);
+        let e = s.find_entry(h, |(x, _, _)| x == k).ok()?;
+        if e.get().2 <= now {
+            e.remove();
+            return None;
+        }
+        Some(e.get().1)
+    }
+
+    /// Sets `k → v` until `now + ttl`; returns false when the shard is full of
+    /// live entries.
+    fn set(&self, now: u32, k: K, v: V, ttl: u32) -> bool {
+        let h = self.hasher.hash_one(k);
+        let mut s = lock(&self.shards[(h >> 32) as usize & self.mask].0);
+        let expires = now.saturating_add(ttl);
+        if let Some(e) = s.find_mut(h, |(x, _, _)| *x == k) {
+            *e = (k, v, expires);
+            return true;
+        }
+        if s.len() >= s.capacity() {
+            s.retain(|(_, _, exp)| *exp > now);
+            if s.len() >= s.capacity() {
+                return false;
+            }
+        }
+        let hasher = &self.hasher;
+        s.insert_unique(h, (k, v, expires), |(x, _, _)| hasher.hash_one(x));
+        true
+    }
+
+    fn len(&self) -> usize {
+        self.shards.iter().map(|m| lock(&m.0).len()).sum()
+    }
+}
+
+/// Which address a remembered fragment rewrite replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FragRewrite {
+    /// Forward direction: destination vip → backend.
+    ToBackend {
+        /// The backend address.
+        backend: Addr16,
+    },
+    /// Reply direction: source backend → vip.
+    ToClient {
+        /// The frontend address.
+        vip: Addr16,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FragKey {
+    src: Addr16,
+    dst: Addr16,
+    id: u32,
+    proto: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct AffinityKey {
+    client: Addr16,
+    vip: Addr16,
+    vport: u16,
+    proto: u8,
+}
+
+/// The shared connection, affinity and fragment tables.
+#[derive(Debug)]
+pub struct Conntrack {
+    v4: Tracker<[u8; 4]>,
+    v6: Tracker<[u8; 16]>,
+    affinity: Expiring<AffinityKey, (Addr16, u16)>,
+    fragments: Expiring<FragKey, FragRewrite>,
+    timeouts: Timeouts,
+}
+
+impl Conntrack {
+    /// Allocates every table up front.
+    #[must_use]
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            v4: Tracker::new(cfg.capacity, cfg.shards),
+            v6: Tracker::new(cfg.capacity, cfg.shards),
+            affinity: Expiring::new(cfg.affinity_capacity, cfg.shards.min(64)),
+            fragments: Expiring::new(cfg.fragment_capacity, cfg.shards.min(64)),
+            timeouts: cfg.timeouts,
+        }
+    }
+
+    /// The timeouts in force.
+    #[must_use]
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+
+    /// Forward lookup of `t` (client → vip). With `touch`, the packet's TCP
+    /// `flags` advance the state and the idle timer restarts.
+    #[inline]
+    #[must_use]
+    pub fn lookup_original(&self, now: Now, family: Family, t: &FlowTuple, flags: u8, touch: bool) -> Option<FlowHit> {
+        let n = now.secs32();
+        match family {
+            Family::V4 => self.v4.lookup_original(n, t, flags, touch, &self.timeouts),
+            Family::V6 => self.v6.lookup_original(n, t, flags, touch, &self.timeouts),
+        }
+    }
+
+    /// Reply lookup of `t` (backend → client): the frontend to restore.
+    #[inline]
+    #[must_use]
+    pub fn lookup_reply(&self, now: Now, family: Family, t: &FlowTuple, flags: u8, touch: bool) -> Option<ReplyHit> {
+        let n = now.secs32();
+        match family {
+            Family::V4 => self.v4.lookup_reply(n, t, flags, touch, &self.timeouts),
+            Family::V6 => self.v6.lookup_reply(n, t, flags, touch, &self.timeouts),
+        }
+    }
+
+    /// Binds flow `t` (client → vip) to a backend in `state`.
+    ///
+    /// # Errors
+    /// [`Full`] when the shard is full and nothing could be evicted.
+    pub fn insert(&self, now: Now, family: Family, t: &FlowTuple, b: &Binding, state: FlowState) -> Result<(), Full> {
+        let n = now.secs32();
+        match family {
+            Family::V4 => self.v4.insert(n, t, b, state, &self.timeouts),
+            Family::V6 => self.v6.insert(n, t, b, state, &self.timeouts),
+        }
+    }
+
+    /// Records that flow `t`'s backend is still valid in table `epoch`.
+    pub fn revalidate(&self, family: Family, t: &FlowTuple, frontend: u32, epoch: u32) {
+        match family {
+            Family::V4 => self.v4.revalidate(t, frontend, epoch),
+            Family::V6 => self.v6.revalidate(t, frontend, epoch),
+        }
+    }
+
+    /// Sweeps `shards` shards (of each family) for expired entries, continuing
+    /// where the previous call stopped (`cursor`). Returns entries removed.
+    pub fn expire(&self, now: Now, cursor: &mut usize, shards: usize) -> usize {
+        let n = now.secs32();
+        let total = self.v4.shards.len();
+        let mut removed = 0;
+        for _ in 0..shards.min(total) {
+            let i = *cursor % total;
+            removed += self.v4.expire_shard(i, n) + self.v6.expire_shard(i, n);
+            *cursor = (i + 1) % total;
+        }
+        removed
+    }
+
+    /// Flows tracked now (both families).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    /// True when no flow is tracked.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Flows each family can hold.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.v4.capacity()
+    }
+
+    /// Counters summed over all shards.
+    #[must_use]
+    pub fn stats(&self) -> ConntrackStats {
+        let mut s = ConntrackStats::default();
+        self.v4.stats(&mut s);
+        self.v6.stats(&mut s);
+        s
+    }
+
+    /// The backend a client is stuck to for a service port, if not expired.
+    #[must_use]
+    pub fn affinity_get(&self, now: Now, client: &Addr16, vip: &Addr16, vport: u16, proto: Proto) -> Option<(Addr16, u16)> {
+        let k = AffinityKey {
+            client: *client,
+            vip: *vip,
+            vport,
+            proto: proto.ip_number(),
+        };
+        self.affinity.get(now.secs32(), &k)
+    }
+
+    /// Sticks a client to a backend for `timeout_s` from `now` (kube-proxy
+    /// refreshes the timer on each new connection; so does the pipeline).
+    /// Returns false when the affinity table is full of live entries.
+    #[allow(clippy::too_many_arguments)] // reason: a flat key, kept explicit for the hot path
+    pub fn affinity_set(
+        &self,
+        now: Now,
+        client: &Addr16,
+        vip: &Addr16,
+        vport: u16,
+        proto: Proto,
+        backend: (Addr16, u16),
+        timeout_s: u32,
+    ) -> bool {
+        let k = AffinityKey {
+            client: *client,
+            vip: *vip,
+            vport,
+            proto: proto.ip_number(),
+        };
+        self.affinity.set(now.secs32(), k, backend, timeout_s)
+    }
+
+    /// Affinity entries held now.
+    #[must_use]
+    pub fn affinity_len(&self) -> usize {
+        self.affinity.len()
+    }
+
+    /// Remembers the rewrite of a first fragment for the datagram's other fragments.
+    pub fn fragment_remember(&self, now: Now, src: &Addr16, dst: &Addr16, proto: Proto, id: u32, rw: FragRewrite) -> bool {
+        let k = FragKey {
+            src: *src,
+            dst: *dst,
+            id,
+            proto: proto.ip_number(),
+        };
+        self.fragments.set(now.secs32(), k, rw, self.timeouts.fragment)
+    }
+
+    /// The rewrite remembered for a datagram's fragments.
+    #[must_use]
+    pub fn fragment_lookup(&self, now: Now, src: &Addr16, dst: &Addr16, proto: Proto, id: u32) -> Option<FragRewrite> {
+        let k = FragKey {
+            src: *src,
+            dst: *dst,
+            id,
+            proto: proto.ip_number(),
+        };
+        self.fragments.get(now.secs32(), &k)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+    use super::*;
+    use crate::flow::v4_to_16;
+
+    fn small(capacity: usize) -> Conntrack {
+        Conntrack::new(&Config {
+            capacity,
+            shards: 1,
+            affinity_capacity: 64,
+            fragment_capacity: 64,
+            timeouts: Timeouts::default(),
+        })
+    }
+
+    fn t(cport: u16) -> FlowTuple {
+        FlowTuple {
+            src_addr: v4_to_16([198, 18, 0, 1]),
+            dst_addr: v4_to_16([198, 19, 0, 10]),
+            src_port: cport,
+            dst_port: 80,
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn bind(port: u16) -> Binding {
+        Binding {
+            backend: v4_to_16([198, 18, 1, 1]),
+            backend_port: port,
+            frontend: 0,
+            epoch: 1,
+        }
+    }
+
+    fn reply_of(cport: u16, bport: u16) -> FlowTuple {
+        FlowTuple {
+            src_addr: v4_to_16([198, 18, 1, 1]),
+            dst_addr: v4_to_16([198, 18, 0, 1]),
+            src_port: bport,
+            dst_port: cport,
+            proto: Proto::Tcp,
+        }
+    }
+
+    #[test]
+    fn entry_sizes_meet_the_memory_target() {
+        // ≤ 64 bytes of entries per IPv4 flow (both directions).
+        assert_eq!(std::mem::size_of::<Fwd<[u8; 4]>>(), 32);
+        assert_eq!(std::mem::size_of::<Rev<[u8; 4]>>(), 20);
+        assert!(std::mem::size_of::<Fwd<[u8; 16]>>() <= 72);
+        assert!(std::mem::size_of::<Rev<[u8; 16]>>() <= 56);
+    }
+
+    #[test]
+    fn tcp_lifecycle_shortens_timeouts() {
+        let ct = small(64);
+        let to = *ct.timeouts();
+        let now = Now::from_secs(100);
+        ct.insert(now, Family::V4, &t(1000), &bind(8080), FlowState::TcpSynSent).unwrap();
+        // SYN unanswered: gone after tcp_syn.
+        assert!(ct.lookup_original(now.plus_secs(u64::from(to.tcp_syn) - 1), Family::V4, &t(1000), 0, false).is_some());
+        assert!(ct.lookup_original(now.plus_secs(u64::from(to.tcp_syn)), Family::V4, &t(1000), 0, false).is_none());
+
+        ct.insert(now, Family::V4, &t(1001), &bind(8080), FlowState::TcpSynSent).unwrap();
+        let r = ct.lookup_reply(now, Family::V4, &reply_of(1001, 8080), tcp_flags::SYN | tcp_flags::ACK, true).unwrap();
+        assert_eq!(r.state, FlowState::TcpEstablished);
+        assert_eq!(r.vip, v4_to_16([198, 19, 0, 10]));
+        assert_eq!(r.vport, 80);
+        // Established lives a day.
+        let later = now.plus_secs(3600);
+        let h = ct.lookup_original(later, Family::V4, &t(1001), tcp_flags::ACK, true).unwrap();
+        assert_eq!(h.state, FlowState::TcpEstablished);
+        // FIN shortens to tcp_fin.
+        let h = ct.lookup_original(later, Family::V4, &t(1001), tcp_flags::FIN | tcp_flags::ACK, true).unwrap();
+        assert_eq!(h.state, FlowState::TcpClosing);
+        let h = ct.lookup_reply(later, Family::V4, &reply_of(1001, 8080), tcp_flags::ACK, true).unwrap();
+        assert_eq!(h.state, FlowState::TcpClosing, "an ACK does not reopen a closing flow");
+        assert!(ct.lookup_original(later.plus_secs(u64::from(to.tcp_fin)), Family::V4, &t(1001), 0, false).is_none());
+        assert!(ct.lookup_reply(later.plus_secs(u64::from(to.tcp_fin)), Family::V4, &reply_of(1001, 8080), 0, false).is_none());
+    }
+
+    #[test]
+    fn rst_shortens_to_rst_timeout() {
+        let ct = small(64);
+        let now = Now::from_secs(10);
+        ct.insert(now, Family::V4, &t(1), &bind(8080), FlowState::TcpEstablished).unwrap();
+        let h = ct.lookup_reply(now, Family::V4, &reply_of(1, 8080), tcp_flags::RST, true).unwrap();
+        assert_eq!(h.state, FlowState::TcpReset);
+        assert!(ct.lookup_original(now.plus_secs(9), Family::V4, &t(1), 0, false).is_some());
+        assert!(ct.lookup_original(now.plus_secs(10), Family::V4, &t(1), 0, false).is_none());
+    }
+
+    #[test]
+    fn udp_reply_extends_life() {
+        let ct = small(64);
+        let mut u = t(5353);
+        u.proto = Proto::Udp;
+        let now = Now::from_secs(0);
+        ct.insert(now, Family::V4, &u, &bind(53), FlowState::initial(Proto::Udp, 0)).unwrap();
+        let mut back = reply_of(5353, 53);
+        back.proto = Proto::Udp;
+        assert_eq!(ct.lookup_reply(now, Family::V4, &back, 0, true).unwrap().state, FlowState::Replied);
+        assert!(ct.lookup_original(now.plus_secs(100), Family::V4, &u, 0, false).is_some());
+        assert!(ct.lookup_original(now.plus_secs(120), Family::V4, &u, 0, false).is_none());
+    }
+
+    #[test]
+    fn eviction_prefers_unestablished_entries() {
+        let ct = small(8);
+        let cap = ct.capacity();
+        let now = Now::from_secs(1);
+        for i in 0..cap as u16 {
+            let st = if i % 2 == 0 { FlowState::TcpEstablished } else { FlowState::TcpSynSent };
+            ct.insert(now, Family::V4, &t(i), &bind(8080), st).unwrap();
+        }
+        assert_eq!(ct.len(), cap);
+        ct.insert(now, Family::V4, &t(60000), &bind(8080), FlowState::TcpSynSent).unwrap();
+        let s = ct.stats();
+        assert!(s.evicted_unestablished >= 1);
+        assert_eq!(s.evicted_established, 0);
+        for i in (0..cap as u16).step_by(2) {
+            assert!(ct.lookup_original(now, Family::V4, &t(i), 0, false).is_some(), "established flow {i} survived");
+        }
+        // Reverse entries went with their forward entries.
+        let reverse_alive = (0..cap as u16).filter(|&i| ct.lookup_reply(now, Family::V4, &reply_of(i, 8080), 0, false).is_some()).count();
+        let forward_alive = (0..cap as u16).filter(|&i| ct.lookup_original(now, Family::V4, &t(i), 0, false).is_some()).count();
+        assert_eq!(reverse_alive, forward_alive);
+    }
+
+    #[test]
+    fn full_of_established_evicts_as_last_resort() {
+        let ct = small(8);
+        let cap = ct.capacity();
+        let now = Now::from_secs(1);
+        for i in 0..cap as u16 {
+            ct.insert(now, Family::V4, &t(i), &bind(8080), FlowState::TcpEstablished).unwrap();
+        }
+        ct.insert(now, Family::V4, &t(60000), &bind(8080), FlowState::TcpSynSent).unwrap();
+        assert!(ct.stats().evicted_established >= 1);
+        assert!(ct.lookup_original(now, Family::V4, &t(60000), 0, false).is_some());
+    }
+
+    #[test]
+    fn expired_entries_are_evicted_first_and_swept() {
+        let ct = small(8);
+        let cap = ct.capacity();
+        for i in 0..cap as u16 {
+            ct.insert(Now::from_secs(1), Family::V4, &t(i), &bind(8080), FlowState::TcpSynSent).unwrap();
+        }
+        let mut cursor = 0;
+        assert_eq!(ct.expire(Now::from_secs(1000), &mut cursor, 1), cap);
+        assert!(ct.is_empty());
+        assert_eq!(ct.stats().expired, cap as u64);
+    }
+
+    #[test]
+    fn rebinding_replaces_both_directions() {
+        let ct = small(64);
+        let now = Now::from_secs(1);
+        ct.insert(now, Family::V4, &t(7), &bind(8080), FlowState::TcpEstablished).unwrap();
+        ct.insert(now, Family::V4, &t(7), &bind(9090), FlowState::TcpEstablished).unwrap();
+        assert_eq!(ct.len(), 1);
+        assert!(ct.lookup_reply(now, Family::V4, &reply_of(7, 8080), 0, false).is_none());
+        assert!(ct.lookup_reply(now, Family::V4, &reply_of(7, 9090), 0, false).is_some());
+    }
+
+    #[test]
+    fn ipv6_flows_are_tracked_apart() {
+        let ct = small(64);
+        let mut t6 = t(1);
+        t6.src_addr = "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        t6.dst_addr = "2001:db8::10".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let b = Binding {
+            backend: "2001:db8:1::1".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            backend_port: 8080,
+            frontend: 0,
+            epoch: 1,
+        };
+        ct.insert(Now::from_secs(1), Family::V6, &t6, &b, FlowState::TcpSynSent).unwrap();
+        assert!(ct.lookup_original(Now::from_secs(1), Family::V4, &t6, 0, false).is_none());
+        let hit = ct.lookup_original(Now::from_secs(1), Family::V6, &t6, 0, false).unwrap();
+        assert_eq!(hit.backend, b.backend);
+    }
+
+    #[test]
+    fn affinity_expires() {
+        let ct = small(64);
+        let c = v4_to_16([198, 18, 0, 1]);
+        let v = v4_to_16([198, 19, 0, 10]);
+        assert!(ct.affinity_set(Now::from_secs(0), &c, &v, 80, Proto::Tcp, (v4_to_16([198, 18, 1, 1]), 8080), 10));
+        assert!(ct.affinity_get(Now::from_secs(9), &c, &v, 80, Proto::Tcp).is_some());
+        assert!(ct.affinity_get(Now::from_secs(9), &c, &v, 81, Proto::Tcp).is_none());
+        assert!(ct.affinity_get(Now::from_secs(10), &c, &v, 80, Proto::Tcp).is_none());
+    }
+
+    #[test]
+    fn state_machine_table() {
+        use tcp_flags::*;
+        let cases = [
+            (FlowState::TcpSynSent, true, SYN | ACK, FlowState::TcpEstablished),
+            (FlowState::TcpSynSent, false, SYN, FlowState::TcpSynSent),
+            (FlowState::TcpEstablished, false, FIN | ACK, FlowState::TcpClosing),
+            (FlowState::TcpEstablished, true, RST, FlowState::TcpReset),
+            (FlowState::TcpClosing, true, RST, FlowState::TcpReset),
+            (FlowState::TcpReset, false, ACK, FlowState::TcpReset),
+            (FlowState::TcpClosing, false, ACK, FlowState::TcpClosing),
+            (FlowState::Unreplied, true, 0, FlowState::Replied),
+            (FlowState::Unreplied, false, 0, FlowState::Unreplied),
+        ];
+        for (from, reply, flags, to) in cases {
+            assert_eq!(from.advance(reply, flags), to, "{from:?} reply={reply} flags={flags:#x}");
+        }
+        assert_eq!(FlowState::initial(Proto::Tcp, SYN), FlowState::TcpSynSent);
+        assert_eq!(FlowState::initial(Proto::Tcp, ACK), FlowState::TcpEstablished);
+        assert_eq!(FlowState::initial(Proto::Udp, 0), FlowState::Unreplied);
+    }
+}

@@ -24,3 +24,4 @@ pub mod pipeline;
 pub mod table;
 pub mod testkit;
 pub mod time;
+pub mod verdict;

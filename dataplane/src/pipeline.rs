@@ -1,1 +1,479 @@
+//! The per-packet pipeline: `process(now, frame) -> Verdict`.
+//!
+//! Owns: [`Worker`] (one per core: its counters and a handle on the shared
+//! [`Conntrack`]) and the order of operations for a frame: parse → frontend
+//! lookup → conntrack (forward) or Maglev pick for a new flow → NAT rewrite, or
+//! conntrack (reply) → reverse NAT, or ICMP error → follow the quoted flow, or
+//! pass to the kernel.
+//!
+//! The table is handed in per call (the I/O layer loads the current snapshot
+//! once per batch), so a worker sees one table for a whole batch.
+//!
+//! Must never: read a clock, allocate, make a syscall, or panic on any frame.
 
+use std::sync::Arc;
+
+use crate::conntrack::{Binding, Conntrack, FlowState, FragRewrite};
+use crate::flow::{Addr16, FlowTuple};
+use crate::packet::checksum;
+use crate::packet::parse::{parse, tcp_flags, Family, FlowL4, IcmpError, Parsed, L4};
+use crate::packet::reject::reject_in_place;
+use crate::packet::rewrite::{self, L4Csum};
+use crate::table::{FrontendRecord, Table, FRONTEND_AFFINITY};
+use crate::time::Now;
+pub use crate::verdict::{DropReason, NextHop, Side, Verdict};
+
+/// Index of a verdict kind in [`Counters::packets`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum VerdictKind {
+    /// [`Verdict::Forward`].
+    Forward = 0,
+    /// [`Verdict::Reject`].
+    Reject = 1,
+    /// [`Verdict::Pass`].
+    Pass = 2,
+    /// [`Verdict::Drop`].
+    Drop = 3,
+}
+
+impl VerdictKind {
+    /// All kinds, in index order.
+    pub const ALL: [Self; 4] = [Self::Forward, Self::Reject, Self::Pass, Self::Drop];
+
+    /// Label for metrics.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Forward => "forward",
+            Self::Reject => "reject",
+            Self::Pass => "pass",
+            Self::Drop => "drop",
+        }
+    }
+
+    /// The kind of a verdict.
+    #[must_use]
+    pub const fn of(v: &Verdict) -> Self {
+        match v {
+            Verdict::Forward { .. } => Self::Forward,
+            Verdict::Reject { .. } => Self::Reject,
+            Verdict::Pass => Self::Pass,
+            Verdict::Drop(_) => Self::Drop,
+        }
+    }
+}
+
+/// Per-core counters. Plain integers: each worker owns its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Frames per verdict kind ([`VerdictKind`] index).
+    pub packets: [u64; 4],
+    /// Bytes (frame length as received) per verdict kind.
+    pub bytes: [u64; 4],
+    /// Drops per [`DropReason`] index.
+    pub drops: [u64; DropReason::COUNT],
+    /// New flows bound to a backend.
+    pub new_flows: u64,
+    /// Reply frames reverse-NATed.
+    pub replies: u64,
+    /// Flows whose backend left the table and that were bound anew.
+    pub flows_moved: u64,
+    /// New flows sent to their ClientIP-affinity backend.
+    pub affinity_hits: u64,
+    /// First fragments (balanced like their flow, rewrite remembered).
+    pub fragments_first: u64,
+    /// Non-first fragments seen (forwarded if their datagram is known).
+    pub fragments_nonfirst: u64,
+    /// ICMP errors that followed their flow.
+    pub icmp_errors: u64,
+}
+
+impl Counters {
+    /// Drops for one reason.
+    #[must_use]
+    pub fn dropped(&self, r: DropReason) -> u64 {
+        self.drops[r.index()]
+    }
+
+    /// Frames with one verdict kind.
+    #[must_use]
+    pub fn count(&self, k: VerdictKind) -> u64 {
+        self.packets[k as usize]
+    }
+
+    /// Adds another worker's counters (for totals).
+    pub fn add(&mut self, o: &Self) {
+        for i in 0..4 {
+            self.packets[i] += o.packets[i];
+            self.bytes[i] += o.bytes[i];
+        }
+        for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
+            *a += b;
+        }
+        self.new_flows += o.new_flows;
+        self.replies += o.replies;
+        self.flows_moved += o.flows_moved;
+        self.affinity_hits += o.affinity_hits;
+        self.fragments_first += o.fragments_first;
+        self.fragments_nonfirst += o.fragments_nonfirst;
+        self.icmp_errors += o.icmp_errors;
+    }
+}
+
+/// A frame in a batch: a buffer (with room for a reject) and its length.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    /// The buffer (an AF_XDP chunk, or a test vector).
+    pub buf: &'a mut [u8],
+    /// Bytes of frame in `buf`.
+    pub len: usize,
+}
+
+/// One per core: counters and the shared connection table.
+#[derive(Debug)]
+pub struct Worker {
+    ct: Arc<Conntrack>,
+    /// This worker's counters.
+    pub counters: Counters,
+}
+
+type Step = Result<Verdict, DropReason>;
+
+impl Worker {
+    /// A worker sharing `ct` with the others.
+    #[must_use]
+    pub fn new(ct: Arc<Conntrack>) -> Self {
+        Self {
+            ct,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The shared connection table.
+    #[must_use]
+    pub fn conntrack(&self) -> &Arc<Conntrack> {
+        &self.ct
+    }
+
+    /// Decides what to do with `buf[..len]` and rewrites it in place.
+    /// `buf` may be longer than the frame: a reject can use the room.
+    pub fn process(&mut self, now: Now, table: &Table, buf: &mut [u8], len: usize) -> Verdict {
+        let v = match self.decide(now, table, buf, len) {
+            Ok(v) => v,
+            Err(r) => Verdict::Drop(r),
+        };
+        let k = VerdictKind::of(&v) as usize;
+        self.counters.packets[k] += 1;
+        self.counters.bytes[k] += len as u64;
+        if let Verdict::Drop(r) = v {
+            self.counters.drops[r.index()] += 1;
+        }
+        v
+    }
+
+    /// [`Worker::process`] over a batch; `verdicts[i]` is frame `i`'s.
+    pub fn process_batch(&mut self, now: Now, table: &Table, frames: &mut [Frame<'_>], verdicts: &mut [Verdict]) {
+        for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
+            *v = self.process(now, table, f.buf, f.len);
+        }
+    }
+
+    fn decide(&mut self, now: Now, table: &Table, buf: &mut [u8], len: usize) -> Step {
+        let frame = buf.get(..len).ok_or(DropReason::BadFrameLength)?;
+        let Some(p) = parse(frame)? else {
+            return Ok(Verdict::Pass);
+        };
+        match p.l4 {
+            L4::Flow(f) => self.flow(now, table, buf, len, &p, &f),
+            L4::NonFirstFragment(proto) => self.non_first_fragment(now, buf, len, &p, proto),
+            L4::IcmpError(e) => self.icmp_error(now, buf, len, &p, &e),
+        }
+    }
+
+    fn flow(&mut self, now: Now, table: &Table, buf: &mut [u8], len: usize, p: &Parsed, f: &FlowL4) -> Step {
+        let t = FlowTuple {
+            src_addr: p.src,
+            dst_addr: p.dst,
+            src_port: f.src_port,
+            dst_port: f.dst_port,
+            proto: f.proto,
+        };
+        if p.fragment.is_some() {
+            self.counters.fragments_first += 1;
+        }
+        if let Some(fi) = table.frontend(&t.dst_addr, t.dst_port, t.proto) {
+            let Some(fe) = table.frontend_record(fi) else {
+                return Ok(Verdict::Pass);
+            };
+            if p.ttl <= 1 {
+                return Err(DropReason::TtlExpired);
+            }
+            let (backend, bport) = match self.bind(now, table, fi, fe, p.family, &t, f.tcp_flags)? {
+                Some(b) => b,
+                None => {
+                    return reject_in_place(buf, len, p, f).map(|len| Verdict::Reject { len });
+                }
+            };
+            rewrite_addr(buf, p.family, p.l3, Dir::Dst, Some((f.offset, f.csum)), &backend)?;
+            rewrite::set_dst_port(buf, f.offset, f.csum, bport).map_err(|_| DropReason::L4Malformed)?;
+            finish_l4(buf, p, f)?;
+            decrement_ttl(buf, p)?;
+            if let Some(frag) = p.fragment {
+                self.ct.fragment_remember(now, &p.src, &p.dst, f.proto, frag.id, FragRewrite::ToBackend { backend });
+            }
+            return Ok(Verdict::Forward {
+                len,
+                next_hop: NextHop {
+                    addr: backend,
+                    side: Side::Backend,
+                },
+            });
+        }
+        // Not to a frontend: a reply from a backend?
+        let Some(r) = self.ct.lookup_reply(now, p.family, &t, f.tcp_flags, true) else {
+            return Ok(Verdict::Pass);
+        };
+        if p.ttl <= 1 {
+            return Err(DropReason::TtlExpired);
+        }
+        rewrite_addr(buf, p.family, p.l3, Dir::Src, Some((f.offset, f.csum)), &r.vip)?;
+        rewrite::set_src_port(buf, f.offset, f.csum, r.vport).map_err(|_| DropReason::L4Malformed)?;
+        finish_l4(buf, p, f)?;
+        decrement_ttl(buf, p)?;
+        if let Some(frag) = p.fragment {
+            self.ct.fragment_remember(now, &p.src, &p.dst, f.proto, frag.id, FragRewrite::ToClient { vip: r.vip });
+        }
+        self.counters.replies += 1;
+        Ok(Verdict::Forward {
+            len,
+            next_hop: NextHop {
+                addr: p.dst,
+                side: Side::Client,
+            },
+        })
+    }
+
+    /// The backend for a packet to frontend `fi`: the tracked one while it is
+    /// still in the table, else a new Maglev (or affinity) pick. `None` when the
+    /// frontend takes no new flows (the caller rejects).
+    #[allow(clippy::too_many_arguments)] // reason: the hot path passes parsed fields, not structs it would have to build
+    fn bind(
+        &mut self,
+        now: Now,
+        table: &Table,
+        fi: u32,
+        fe: &FrontendRecord,
+        family: Family,
+        t: &FlowTuple,
+        flags: u8,
+    ) -> Result<Option<(Addr16, u16)>, DropReason> {
+        let epoch = table.generation() as u32;
+        let opening = flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0;
+        if let Some(hit) = self.ct.lookup_original(now, family, t, flags, true) {
+            // A new SYN on a closed tuple is a new connection: pick again.
+            if !(opening && hit.state.is_closed()) {
+                if hit.epoch == epoch && hit.frontend == fi {
+                    return Ok(Some((hit.backend, hit.backend_port)));
+                }
+                if table.has_backend(fe, &hit.backend, hit.backend_port) {
+                    self.ct.revalidate(family, t, fi, epoch);
+                    return Ok(Some((hit.backend, hit.backend_port)));
+                }
+                self.counters.flows_moved += 1;
+            }
+        }
+        let Some(chosen) = self.pick(now, table, fe, t) else {
+            return Ok(None);
+        };
+        let binding = Binding {
+            backend: chosen.0,
+            backend_port: chosen.1,
+            frontend: fi,
+            epoch,
+        };
+        self.ct
+            .insert(now, family, t, &binding, FlowState::initial(t.proto, flags))
+            .map_err(|_| DropReason::ConntrackFull)?;
+        self.counters.new_flows += 1;
+        Ok(Some(chosen))
+    }
+
+    fn pick(&mut self, now: Now, table: &Table, fe: &FrontendRecord, t: &FlowTuple) -> Option<(Addr16, u16)> {
+        if fe.flags & FRONTEND_AFFINITY == 0 {
+            return table.pick(fe, t).map(|b| (b.addr, b.port));
+        }
+        let sticky = self
+            .ct
+            .affinity_get(now, &t.src_addr, &t.dst_addr, t.dst_port, t.proto)
+            .filter(|(a, p)| table.backends_of(fe).iter().any(|b| b.addr == *a && b.port == *p && b.weight > 0));
+        let chosen = match sticky {
+            Some(b) => {
+                self.counters.affinity_hits += 1;
+                b
+            }
+            None => table.pick(fe, t).map(|b| (b.addr, b.port))?,
+        };
+        // Refreshed on every new connection, like kube-proxy's `recent` match.
+        let _ = self
+            .ct
+            .affinity_set(now, &t.src_addr, &t.dst_addr, t.dst_port, t.proto, chosen, fe.affinity_timeout_s);
+        Some(chosen)
+    }
+
+    fn non_first_fragment(&mut self, now: Now, buf: &mut [u8], len: usize, p: &Parsed, proto: crate::flow::Proto) -> Step {
+        self.counters.fragments_nonfirst += 1;
+        let id = p.fragment.map_or(0, |f| f.id);
+        let rw = self
+            .ct
+            .fragment_lookup(now, &p.src, &p.dst, proto, id)
+            .ok_or(DropReason::FragmentUntracked)?;
+        if p.ttl <= 1 {
+            return Err(DropReason::TtlExpired);
+        }
+        let next_hop = match rw {
+            FragRewrite::ToBackend { backend } => {
+                rewrite_addr(buf, p.family, p.l3, Dir::Dst, None, &backend)?;
+                NextHop {
+                    addr: backend,
+                    side: Side::Backend,
+                }
+            }
+            FragRewrite::ToClient { vip } => {
+                rewrite_addr(buf, p.family, p.l3, Dir::Src, None, &vip)?;
+                NextHop {
+                    addr: p.dst,
+                    side: Side::Client,
+                }
+            }
+        };
+        decrement_ttl(buf, p)?;
+        Ok(Verdict::Forward { len, next_hop })
+    }
+
+    /// An ICMP error quoting one of our flows follows it: to the backend when it
+    /// quotes a reply we sent as the frontend, to the client when it quotes a
+    /// packet we sent to a backend.
+    fn icmp_error(&mut self, now: Now, buf: &mut [u8], len: usize, p: &Parsed, e: &IcmpError) -> Step {
+        let q = e.quoted;
+        // The quoted packet went the other way: its reverse is the flow key.
+        let key = q.tuple.reversed();
+        let next_hop = if let Some(hit) = self.ct.lookup_original(now, p.family, &key, 0, false) {
+            // Quoted: vip → client (our reply). Send to the backend as if it had
+            // come from the client: outer dst and quoted src become the backend.
+            self.verify_icmp(buf, p, e)?;
+            let csum = quoted_csum(p.family, &q.tuple, q.l4, q.end);
+            rewrite_addr(buf, p.family, p.l3, Dir::Dst, None, &hit.backend)?;
+            rewrite_addr(buf, p.family, q.l3, Dir::Src, csum.map(|c| (q.l4, c)), &hit.backend)?;
+            rewrite::set_src_port(buf, q.l4, csum.unwrap_or(L4Csum::None), hit.backend_port)
+                .map_err(|_| DropReason::IcmpMalformed)?;
+            NextHop {
+                addr: hit.backend,
+                side: Side::Backend,
+            }
+        } else if let Some(r) = self.ct.lookup_reply(now, p.family, &key, 0, false) {
+            // Quoted: client → backend (our forward). Send to the client as if
+            // the frontend had sent it: quoted dst becomes the frontend, and so
+            // does the outer source when the backend itself complained.
+            self.verify_icmp(buf, p, e)?;
+            let csum = quoted_csum(p.family, &q.tuple, q.l4, q.end);
+            if p.src == q.tuple.dst_addr {
+                rewrite_addr(buf, p.family, p.l3, Dir::Src, None, &r.vip)?;
+            }
+            rewrite_addr(buf, p.family, q.l3, Dir::Dst, csum.map(|c| (q.l4, c)), &r.vip)?;
+            rewrite::set_dst_port(buf, q.l4, csum.unwrap_or(L4Csum::None), r.vport)
+                .map_err(|_| DropReason::IcmpMalformed)?;
+            NextHop {
+                addr: p.dst,
+                side: Side::Client,
+            }
+        } else {
+            return Ok(Verdict::Pass);
+        };
+        if p.ttl <= 1 {
+            return Err(DropReason::TtlExpired);
+        }
+        write_icmp_checksum(buf, p, e);
+        decrement_ttl(buf, p)?;
+        self.counters.icmp_errors += 1;
+        Ok(Verdict::Forward { len, next_hop })
+    }
+
+    /// Refuses an ICMP error whose checksum is wrong: the pipeline recomputes
+    /// it after the rewrite and must not launder a corrupt message.
+    fn verify_icmp(&self, buf: &[u8], p: &Parsed, e: &IcmpError) -> Result<(), DropReason> {
+        let msg = buf.get(e.offset..p.ip_end).ok_or(DropReason::IcmpMalformed)?;
+        let sum = match p.family {
+            Family::V4 => checksum::sum_bytes(0, msg),
+            Family::V6 => checksum::sum_bytes(checksum::pseudo_header_v6(&p.src, &p.dst, 58, msg.len() as u32), msg),
+        };
+        if checksum::fold(sum) == 0xffff {
+            Ok(())
+        } else {
+            Err(DropReason::IcmpMalformed)
+        }
+    }
+}
+
+/// The quoted packet's transport checksum, when the quote holds it.
+fn quoted_csum(family: Family, t: &FlowTuple, l4: usize, end: usize) -> Option<L4Csum> {
+    let (kind, at) = match (t.proto, family) {
+        (crate::flow::Proto::Tcp, _) => (L4Csum::Tcp, 16),
+        (crate::flow::Proto::Udp, Family::V4) => (L4Csum::Udp, 6),
+        (crate::flow::Proto::Udp, Family::V6) => (L4Csum::Udp6, 6),
+        (crate::flow::Proto::Sctp, _) => return None,
+    };
+    (l4 + at + 2 <= end).then_some(kind)
+}
+
+fn write_icmp_checksum(buf: &mut [u8], p: &Parsed, e: &IcmpError) {
+    if buf.len() < p.ip_end || e.offset + 4 > p.ip_end {
+        return;
+    }
+    buf[e.offset + 2] = 0;
+    buf[e.offset + 3] = 0;
+    let c = match p.family {
+        Family::V4 => checksum::finish(checksum::sum_bytes(0, &buf[e.offset..p.ip_end])),
+        Family::V6 => {
+            // The pseudo-header holds the outer addresses as rewritten.
+            let mut s = [0u8; 16];
+            let mut d = [0u8; 16];
+            s.copy_from_slice(&buf[p.l3 + 8..p.l3 + 24]);
+            d.copy_from_slice(&buf[p.l3 + 24..p.l3 + 40]);
+            checksum::l4_checksum_v6(&s, &d, 58, &buf[e.offset..p.ip_end])
+        }
+    };
+    buf[e.offset + 2..e.offset + 4].copy_from_slice(&c.to_be_bytes());
+}
+
+#[derive(Clone, Copy)]
+enum Dir {
+    Src,
+    Dst,
+}
+
+fn rewrite_addr(buf: &mut [u8], family: Family, l3: usize, dir: Dir, l4: Option<(usize, L4Csum)>, new: &Addr16) -> Result<(), DropReason> {
+    let r = match (family, dir) {
+        (Family::V4, Dir::Src) => rewrite::set_ipv4_src(buf, l3, l4, [new[12], new[13], new[14], new[15]]),
+        (Family::V4, Dir::Dst) => rewrite::set_ipv4_dst(buf, l3, l4, [new[12], new[13], new[14], new[15]]),
+        (Family::V6, Dir::Src) => rewrite::set_ipv6_src(buf, l3, l4, *new),
+        (Family::V6, Dir::Dst) => rewrite::set_ipv6_dst(buf, l3, l4, *new),
+    };
+    r.map_err(|_| DropReason::IpTruncated)
+}
+
+/// SCTP's CRC32c covers the ports: recompute it after a port rewrite.
+fn finish_l4(buf: &mut [u8], p: &Parsed, f: &FlowL4) -> Result<(), DropReason> {
+    if f.proto == crate::flow::Proto::Sctp && p.fragment.is_none() {
+        rewrite::sctp_update_crc(buf, f.offset, p.ip_end).map_err(|_| DropReason::L4Malformed)?;
+    }
+    Ok(())
+}
+
+fn decrement_ttl(buf: &mut [u8], p: &Parsed) -> Result<(), DropReason> {
+    let r = match p.family {
+        Family::V4 => rewrite::decrement_ttl_ipv4(buf, p.l3),
+        Family::V6 => rewrite::decrement_hop_limit_ipv6(buf, p.l3),
+    };
+    r.map(|_| ()).map_err(|_| DropReason::TtlExpired)
+}

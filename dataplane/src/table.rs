@@ -1,1 +1,591 @@
+//! The service table: frontends, backends and Maglev rings, immutable once built.
+//!
+//! Owns: [`Table`] and its flat records ([`FrontendRecord`], [`BackendRecord`],
+//! ring slots as `u32`). The records are `#[repr(C)]` plain integers, so the
+//! shared-memory snapshot can hold exactly these arrays; [`Table::from_parts`]
+//! validates every length and index before a table is used, whoever built it.
+//! [`Table::build`] makes a table from a plain Rust description ([`ServiceSpec`]),
+//! computing the Maglev rings (tests, benches, and control).
+//!
+//! Must never: change after construction, or panic on lookup. The lookup side
+//! ([`Table::frontend`], [`Table::pick`]) does not allocate.
 
+use std::net::IpAddr;
+
+use hashbrown::HashTable;
+use thiserror::Error;
+
+use crate::flow::{addr16, client_hash, flow_hash, Addr16, FlowTuple, Proto};
+use crate::maglev::{build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE};
+
+/// Frontend flag: ClientIP session affinity is on.
+pub const FRONTEND_AFFINITY: u32 = 1;
+
+/// Service kinds a frontend can come from (Kubernetes' exposure types).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrontendKind {
+    /// The Service's cluster IP.
+    ClusterIp = 0,
+    /// A node port.
+    NodePort = 1,
+    /// One of `spec.externalIPs`.
+    ExternalIp = 2,
+    /// A LoadBalancer ingress IP.
+    LoadBalancer = 3,
+}
+
+/// One frontend: (address, port, protocol) and where its backends and ring lie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct FrontendRecord {
+    /// Virtual address, canonical 16-byte form.
+    pub addr: Addr16,
+    /// Virtual port.
+    pub port: u16,
+    /// IP protocol number (6, 17, 132).
+    pub proto: u8,
+    /// A [`FrontendKind`] value.
+    pub kind: u8,
+    /// `FRONTEND_*` flags.
+    pub flags: u32,
+    /// ClientIP affinity timeout in seconds (0 when affinity is off).
+    pub affinity_timeout_s: u32,
+    /// First backend of this frontend in the backend array.
+    pub backends_start: u32,
+    /// Number of backends (0: no endpoints, traffic is rejected).
+    pub backends_len: u32,
+    /// First slot of this frontend's Maglev ring in the ring array.
+    pub ring_start: u32,
+    /// Ring size M (0 when no backend takes new flows).
+    pub ring_len: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// Backend state as the control plane saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum BackendState {
+    /// Ready: takes new flows.
+    Ready = 0,
+    /// Serving and terminating: used only when no endpoint is ready.
+    Terminating = 1,
+}
+
+/// One backend of a frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct BackendRecord {
+    /// Endpoint address, canonical 16-byte form.
+    pub addr: Addr16,
+    /// Endpoint port (the resolved target port).
+    pub port: u16,
+    /// A [`BackendState`] value.
+    pub state: u8,
+    /// Reserved, zero.
+    pub reserved: u8,
+    /// Maglev weight; 0 = draining (keeps its flows, takes no new ones).
+    pub weight: u32,
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<FrontendRecord>() == 48);
+    assert!(std::mem::size_of::<BackendRecord>() == 24);
+};
+
+/// A backend in a [`ServiceSpec`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// Endpoint address.
+    pub addr: IpAddr,
+    /// Endpoint port.
+    pub port: u16,
+    /// Maglev weight (0 = drain).
+    pub weight: u32,
+    /// Ready or terminating.
+    pub state: BackendState,
+}
+
+impl BackendSpec {
+    /// A ready backend of weight 1.
+    #[must_use]
+    pub fn ready(addr: IpAddr, port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            weight: 1,
+            state: BackendState::Ready,
+        }
+    }
+}
+
+/// A frontend with its backends, as a plain Rust description.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// Virtual address.
+    pub addr: IpAddr,
+    /// Virtual port.
+    pub port: u16,
+    /// Protocol.
+    pub proto: Proto,
+    /// Exposure kind.
+    pub kind: FrontendKind,
+    /// ClientIP affinity timeout, if affinity is on.
+    pub affinity_timeout_s: Option<u32>,
+    /// Backends (empty: no endpoints).
+    pub backends: Vec<BackendSpec>,
+}
+
+impl ServiceSpec {
+    /// A ClusterIP frontend without affinity.
+    #[must_use]
+    pub fn cluster_ip(addr: IpAddr, port: u16, proto: Proto, backends: Vec<BackendSpec>) -> Self {
+        Self {
+            addr,
+            port,
+            proto,
+            kind: FrontendKind::ClusterIp,
+            affinity_timeout_s: None,
+            backends,
+        }
+    }
+}
+
+/// Why a table could not be built or accepted.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum TableError {
+    /// Two frontends with the same (address, port, protocol).
+    #[error("frontend {addr}:{port}/{proto} appears twice")]
+    DuplicateFrontend {
+        /// Address.
+        addr: IpAddr,
+        /// Port.
+        port: u16,
+        /// Protocol name.
+        proto: &'static str,
+    },
+    /// A backend of another IP family than its frontend.
+    #[error("frontend {frontend}: backend {backend} is of another IP family")]
+    FamilyMismatch {
+        /// Frontend address.
+        frontend: IpAddr,
+        /// Backend address.
+        backend: IpAddr,
+    },
+    /// A record holds a value out of range.
+    #[error("frontend #{index}: {what}")]
+    BadFrontend {
+        /// Index in the frontend array.
+        index: usize,
+        /// What is wrong.
+        what: String,
+    },
+    /// The Maglev builder refused the backends.
+    #[error("frontend {frontend}: {source}")]
+    Maglev {
+        /// Frontend address and port.
+        frontend: String,
+        /// The builder's error.
+        source: crate::maglev::MaglevError,
+    },
+}
+
+/// An immutable service table.
+#[derive(Debug)]
+pub struct Table {
+    generation: u64,
+    hash_seed: u64,
+    frontends: Vec<FrontendRecord>,
+    backends: Vec<BackendRecord>,
+    ring: Vec<u32>,
+    index: HashTable<u32>,
+    index_seed: u64,
+}
+
+/// Hash for the in-process frontend index (not part of any ABI).
+#[inline]
+fn key_hash(seed: u64, addr: &Addr16, port: u16, proto: u8) -> u64 {
+    let mut b = [0u8; 19];
+    b[..16].copy_from_slice(addr);
+    b[16..18].copy_from_slice(&port.to_be_bytes());
+    b[18] = proto;
+    xxhash_rust::xxh3::xxh3_64_with_seed(&b, seed)
+}
+
+impl Table {
+    /// An empty table (no services): every frame is passed to the kernel.
+    #[must_use]
+    pub fn empty(generation: u64) -> Self {
+        Self::from_parts(generation, 0, Vec::new(), Vec::new(), Vec::new())
+            .unwrap_or_else(|_| unreachable!("an empty table is always valid"))
+    }
+
+    /// Builds a table from plain descriptions, computing Maglev rings capped at
+    /// [`DEFAULT_MAX_RING_SIZE`].
+    ///
+    /// # Errors
+    /// Duplicate frontends, mixed IP families, or backends Maglev refuses.
+    pub fn build(generation: u64, hash_seed: u64, services: &[ServiceSpec]) -> Result<Self, TableError> {
+        Self::build_with_cap(generation, hash_seed, services, DEFAULT_MAX_RING_SIZE)
+    }
+
+    /// As [`Table::build`], with a ring-size cap.
+    ///
+    /// # Errors
+    /// As [`Table::build`].
+    pub fn build_with_cap(
+        generation: u64,
+        hash_seed: u64,
+        services: &[ServiceSpec],
+        max_ring: u32,
+    ) -> Result<Self, TableError> {
+        let mut frontends = Vec::with_capacity(services.len());
+        let mut backends = Vec::new();
+        let mut ring = Vec::new();
+        let mut mb = Vec::new();
+        for s in services {
+            let name = format!("{}:{}/{}", s.addr, s.port, s.proto.as_str());
+            let backends_start = backends.len() as u32;
+            mb.clear();
+            for b in &s.backends {
+                if b.addr.is_ipv4() != s.addr.is_ipv4() {
+                    return Err(TableError::FamilyMismatch {
+                        frontend: s.addr,
+                        backend: b.addr,
+                    });
+                }
+                backends.push(BackendRecord {
+                    addr: addr16(b.addr),
+                    port: b.port,
+                    state: b.state as u8,
+                    reserved: 0,
+                    weight: b.weight,
+                });
+                mb.push(MaglevBackend {
+                    addr: addr16(b.addr),
+                    port: b.port,
+                    weight: b.weight,
+                });
+            }
+            let ring_start = ring.len() as u32;
+            let mut ring_len = 0;
+            if mb.iter().any(|b| b.weight > 0) {
+                let m = ring_size_for(mb.len(), max_ring);
+                let slots = build_ring(&mb, m).map_err(|source| TableError::Maglev {
+                    frontend: name.clone(),
+                    source,
+                })?;
+                ring_len = slots.len() as u32;
+                ring.extend_from_slice(&slots);
+            }
+            frontends.push(FrontendRecord {
+                addr: addr16(s.addr),
+                port: s.port,
+                proto: s.proto.ip_number(),
+                kind: s.kind as u8,
+                flags: if s.affinity_timeout_s.is_some() { FRONTEND_AFFINITY } else { 0 },
+                affinity_timeout_s: s.affinity_timeout_s.unwrap_or(0),
+                backends_start,
+                backends_len: s.backends.len() as u32,
+                ring_start,
+                ring_len,
+                reserved: 0,
+            });
+        }
+        Self::from_parts(generation, hash_seed, frontends, backends, ring)
+    }
+
+    /// Accepts flat arrays (for example from a snapshot) after checking every
+    /// range and index, and builds the frontend index.
+    ///
+    /// # Errors
+    /// The first record that is out of range, or a duplicate frontend.
+    pub fn from_parts(
+        generation: u64,
+        hash_seed: u64,
+        frontends: Vec<FrontendRecord>,
+        backends: Vec<BackendRecord>,
+        ring: Vec<u32>,
+    ) -> Result<Self, TableError> {
+        let bad = |index: usize, what: String| TableError::BadFrontend { index, what };
+        let index_seed = generation ^ 0x5851_f42d_4c95_7f2d;
+        let mut index = HashTable::with_capacity(frontends.len());
+        for (i, f) in frontends.iter().enumerate() {
+            let Some(proto) = Proto::from_ip_number(f.proto) else {
+                return Err(bad(i, format!("protocol {} is not TCP, UDP or SCTP", f.proto)));
+            };
+            if f.kind > FrontendKind::LoadBalancer as u8 {
+                return Err(bad(i, format!("kind {} is unknown", f.kind)));
+            }
+            let b_end = u64::from(f.backends_start) + u64::from(f.backends_len);
+            if b_end > backends.len() as u64 {
+                return Err(bad(i, format!("backends {}..{b_end} exceed {}", f.backends_start, backends.len())));
+            }
+            let r_end = u64::from(f.ring_start) + u64::from(f.ring_len);
+            if r_end > ring.len() as u64 {
+                return Err(bad(i, format!("ring {}..{r_end} exceeds {}", f.ring_start, ring.len())));
+            }
+            if f.ring_len > 0 && f.backends_len == 0 {
+                return Err(bad(i, "a ring without backends".to_owned()));
+            }
+            let ring_slice = &ring[f.ring_start as usize..r_end as usize];
+            if let Some(s) = ring_slice.iter().find(|&&s| s >= f.backends_len) {
+                return Err(bad(i, format!("ring slot names backend {s} of {}", f.backends_len)));
+            }
+            let v4 = crate::flow::ip_from16(f.addr).is_ipv4();
+            let own = &backends[f.backends_start as usize..b_end as usize];
+            if let Some(b) = own.iter().find(|b| crate::flow::ip_from16(b.addr).is_ipv4() != v4) {
+                return Err(TableError::FamilyMismatch {
+                    frontend: crate::flow::ip_from16(f.addr),
+                    backend: crate::flow::ip_from16(b.addr),
+                });
+            }
+            if let Some(b) = own.iter().find(|b| b.state > BackendState::Terminating as u8) {
+                return Err(bad(i, format!("backend state {} is unknown", b.state)));
+            }
+            let h = key_hash(index_seed, &f.addr, f.port, f.proto);
+            if index
+                .find(h, |&j: &u32| {
+                    let g = &frontends[j as usize];
+                    g.addr == f.addr && g.port == f.port && g.proto == f.proto
+                })
+                .is_some()
+            {
+                return Err(TableError::DuplicateFrontend {
+                    addr: crate::flow::ip_from16(f.addr),
+                    port: f.port,
+                    proto: proto.as_str(),
+                });
+            }
+            index.insert_unique(h, i as u32, |&j| {
+                let g = &frontends[j as usize];
+                key_hash(index_seed, &g.addr, g.port, g.proto)
+            });
+        }
+        Ok(Self {
+            generation,
+            hash_seed,
+            frontends,
+            backends,
+            ring,
+            index,
+            index_seed,
+        })
+    }
+
+    /// The generation this table was published as.
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The flow-hash seed of this table.
+    #[must_use]
+    pub fn hash_seed(&self) -> u64 {
+        self.hash_seed
+    }
+
+    /// All frontends.
+    #[must_use]
+    pub fn frontends(&self) -> &[FrontendRecord] {
+        &self.frontends
+    }
+
+    /// All backends.
+    #[must_use]
+    pub fn backend_records(&self) -> &[BackendRecord] {
+        &self.backends
+    }
+
+    /// All ring slots.
+    #[must_use]
+    pub fn ring_slots(&self) -> &[u32] {
+        &self.ring
+    }
+
+    /// The frontend for (address, port, protocol), by index.
+    #[inline]
+    #[must_use]
+    pub fn frontend(&self, addr: &Addr16, port: u16, proto: Proto) -> Option<u32> {
+        let p = proto.ip_number();
+        let h = key_hash(self.index_seed, addr, port, p);
+        self.index
+            .find(h, |&j| {
+                let g = &self.frontends[j as usize];
+                g.addr == *addr && g.port == port && g.proto == p
+            })
+            .copied()
+    }
+
+    /// Is there any frontend on this address (any port or protocol)?
+    /// Slow path only (ICMP errors); linear.
+    #[must_use]
+    pub fn is_frontend_addr(&self, addr: &Addr16) -> bool {
+        self.frontends.iter().any(|f| f.addr == *addr)
+    }
+
+    /// The frontend record at `index` (from [`Table::frontend`]).
+    #[inline]
+    #[must_use]
+    pub fn frontend_record(&self, index: u32) -> Option<&FrontendRecord> {
+        self.frontends.get(index as usize)
+    }
+
+    /// The backends of a frontend.
+    #[inline]
+    #[must_use]
+    pub fn backends_of(&self, f: &FrontendRecord) -> &[BackendRecord] {
+        let s = f.backends_start as usize;
+        self.backends.get(s..s + f.backends_len as usize).unwrap_or(&[])
+    }
+
+    /// Maglev pick for a new flow to frontend `f`: `ring[hash % M]`, where the
+    /// hash is [`flow_hash`] of the tuple, or [`client_hash`] of the client
+    /// address when the frontend has ClientIP affinity. `None` when no backend
+    /// takes new flows.
+    #[inline]
+    #[must_use]
+    pub fn pick(&self, f: &FrontendRecord, t: &FlowTuple) -> Option<&BackendRecord> {
+        if f.ring_len == 0 {
+            return None;
+        }
+        let h = if f.flags & FRONTEND_AFFINITY != 0 {
+            client_hash(self.hash_seed, &t.src_addr)
+        } else {
+            flow_hash(self.hash_seed, t)
+        };
+        let slot = f.ring_start as usize + (h % u64::from(f.ring_len)) as usize;
+        let local = *self.ring.get(slot)? as usize;
+        self.backends_of(f).get(local)
+    }
+
+    /// Is `(addr, port)` still a backend of frontend `f`?
+    #[inline]
+    #[must_use]
+    pub fn has_backend(&self, f: &FrontendRecord, addr: &Addr16, port: u16) -> bool {
+        self.backends_of(f).iter().any(|b| b.addr == *addr && b.port == port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn svc(vip: &str, port: u16, backends: &[&str]) -> ServiceSpec {
+        ServiceSpec::cluster_ip(
+            ip(vip),
+            port,
+            Proto::Tcp,
+            backends.iter().map(|b| BackendSpec::ready(ip(b), 8080)).collect(),
+        )
+    }
+
+    #[test]
+    fn lookup_finds_each_frontend_and_only_those() {
+        let t = Table::build(
+            1,
+            0,
+            &[
+                svc("198.19.0.10", 80, &["198.18.1.1", "198.18.1.2"]),
+                svc("198.19.0.11", 80, &["198.18.1.3"]),
+                ServiceSpec::cluster_ip(ip("198.19.0.10"), 80, Proto::Udp, vec![]),
+                svc("2001:db8::10", 443, &["2001:db8:1::1"]),
+            ],
+        )
+        .unwrap();
+        let a = addr16(ip("198.19.0.10"));
+        let tcp = t.frontend(&a, 80, Proto::Tcp).unwrap();
+        let udp = t.frontend(&a, 80, Proto::Udp).unwrap();
+        assert_ne!(tcp, udp);
+        assert_eq!(t.frontend_record(udp).unwrap().ring_len, 0);
+        assert_eq!(t.backends_of(t.frontend_record(tcp).unwrap()).len(), 2);
+        assert!(t.frontend(&a, 81, Proto::Tcp).is_none());
+        assert!(t.frontend(&a, 80, Proto::Sctp).is_none());
+        assert!(t.frontend(&addr16(ip("2001:db8::10")), 443, Proto::Tcp).is_some());
+        assert_eq!(t.frontend_record(tcp).unwrap().ring_len, 211, "smallest prime > 200");
+    }
+
+    #[test]
+    fn duplicate_frontend_is_refused() {
+        let e = Table::build(1, 0, &[svc("198.19.0.10", 80, &[]), svc("198.19.0.10", 80, &[])]).unwrap_err();
+        assert_eq!(e.to_string(), "frontend 198.19.0.10:80/TCP appears twice");
+    }
+
+    #[test]
+    fn mixed_family_is_refused() {
+        let e = Table::build(1, 0, &[svc("198.19.0.10", 80, &["2001:db8::1"])]).unwrap_err();
+        assert!(matches!(e, TableError::FamilyMismatch { .. }), "{e}");
+    }
+
+    #[test]
+    fn from_parts_checks_every_index() {
+        let good = Table::build(1, 0, &[svc("198.19.0.10", 80, &["198.18.1.1", "198.18.1.2"])]).unwrap();
+        let (f, b, r) = (good.frontends.clone(), good.backends.clone(), good.ring.clone());
+        let mut f1 = f.clone();
+        f1[0].backends_len = 3;
+        assert!(Table::from_parts(1, 0, f1, b.clone(), r.clone()).unwrap_err().to_string().contains("backends 0..3 exceed 2"));
+        let mut f2 = f.clone();
+        f2[0].ring_start = 1;
+        assert!(Table::from_parts(1, 0, f2, b.clone(), r.clone()).is_err());
+        let mut r3 = r.clone();
+        r3[5] = 2;
+        assert!(Table::from_parts(1, 0, f.clone(), b.clone(), r3).unwrap_err().to_string().contains("names backend 2 of 2"));
+        let mut f4 = f.clone();
+        f4[0].proto = 1;
+        assert!(Table::from_parts(1, 0, f4, b.clone(), r.clone()).is_err());
+        let mut b5 = b.clone();
+        b5[0].state = 9;
+        assert!(Table::from_parts(1, 0, f.clone(), b5, r.clone()).is_err());
+        assert!(Table::from_parts(1, 0, f, b, r).is_ok());
+    }
+
+    #[test]
+    fn draining_backends_take_no_new_flows() {
+        let mut s = svc("198.19.0.10", 80, &["198.18.1.1", "198.18.1.2"]);
+        s.backends[0].weight = 0;
+        let t = Table::build(1, 0, &[s]).unwrap();
+        let f = t.frontend_record(0).unwrap();
+        for p in 0..500 {
+            let tu = FlowTuple {
+                src_addr: addr16(ip("198.18.0.1")),
+                dst_addr: f.addr,
+                src_port: 1000 + p,
+                dst_port: 80,
+                proto: Proto::Tcp,
+            };
+            assert_eq!(t.pick(f, &tu).unwrap().addr, addr16(ip("198.18.1.2")));
+        }
+        assert!(t.has_backend(f, &addr16(ip("198.18.1.1")), 8080), "draining stays a backend");
+    }
+
+    #[test]
+    fn affinity_picks_by_client_address_only() {
+        let mut s = svc("198.19.0.10", 80, &["198.18.1.1", "198.18.1.2", "198.18.1.3"]);
+        s.affinity_timeout_s = Some(10800);
+        let t = Table::build(1, 0, &[s]).unwrap();
+        let f = t.frontend_record(0).unwrap();
+        let pick = |port| {
+            t.pick(
+                f,
+                &FlowTuple {
+                    src_addr: addr16(ip("198.18.0.1")),
+                    dst_addr: f.addr,
+                    src_port: port,
+                    dst_port: 80,
+                    proto: Proto::Tcp,
+                },
+            )
+            .unwrap()
+            .addr
+        };
+        let first = pick(1000);
+        assert!((1001..1100).all(|p| pick(p) == first));
+    }
+}

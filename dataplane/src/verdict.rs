@@ -1,0 +1,108 @@
+//! What the core decides about a frame, and why it drops one.
+//!
+//! Owns: [`Verdict`], [`NextHop`], [`DropReason`]. Drop reasons are a small
+//! `Copy` enum with a dense index so that per-core counters are a plain array.
+
+use crate::flow::Addr16;
+
+/// Which side of the gateway a rewritten frame goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// Towards a backend (pod endpoint): the forward direction.
+    Backend,
+    /// Towards the client: replies and rejects.
+    Client,
+}
+
+/// Where a forwarded frame goes next. The I/O layer resolves `addr` to a MAC
+/// through the neighbour table and writes it with [`crate::packet::rewrite::set_macs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NextHop {
+    /// The address to resolve (the backend for forwards, the client for replies).
+    pub addr: Addr16,
+    /// The side it lives on (picks the interface in the two-armed topology).
+    pub side: Side,
+}
+
+/// The decision for one frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The frame was rewritten in place; send its first `len` bytes to `next_hop`.
+    Forward {
+        /// Length of the rewritten frame.
+        len: usize,
+        /// Where it goes.
+        next_hop: NextHop,
+    },
+    /// The frame was rewritten in place into a TCP RST or an ICMP/ICMPv6 port
+    /// unreachable addressed to the sender, MACs swapped; send its first `len`
+    /// bytes back out the interface it came in on.
+    Reject {
+        /// Length of the reject frame.
+        len: usize,
+    },
+    /// Not service traffic: hand the frame to the kernel unchanged.
+    Pass,
+    /// Dropped, for this reason.
+    Drop(DropReason),
+}
+
+macro_rules! drop_reasons {
+    ($( $(#[$doc:meta])* $name:ident => $label:literal, )*) => {
+        /// Why a frame was dropped. Each has a counter per core.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr(u8)]
+        pub enum DropReason { $( $(#[$doc])* $name, )* }
+
+        impl DropReason {
+            /// Every reason, in index order.
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$name,)*];
+            /// Number of reasons (the length of a counter array).
+            pub const COUNT: usize = Self::ALL.len();
+
+            /// Dense index, for counter arrays.
+            #[must_use]
+            pub const fn index(self) -> usize { self as usize }
+
+            /// Stable snake_case label, used in metrics and verdict files.
+            #[must_use]
+            pub const fn label(self) -> &'static str {
+                match self { $(DropReason::$name => $label,)* }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    /// The buffer handed in is shorter than the stated frame length.
+    BadFrameLength => "bad_frame_length",
+    /// Shorter than an Ethernet header.
+    EthernetTruncated => "ethernet_truncated",
+    /// An 802.1Q tag was announced but is cut off.
+    VlanTruncated => "vlan_truncated",
+    /// IPv4 header invalid: version, IHL, total length or options.
+    Ipv4Malformed => "ipv4_malformed",
+    /// IPv6 header or extension headers invalid.
+    Ipv6Malformed => "ipv6_malformed",
+    /// The frame ends before the IP packet's stated length.
+    IpTruncated => "ip_truncated",
+    /// TCP, UDP or SCTP header cut off or inconsistent with the IP length.
+    L4Malformed => "l4_malformed",
+    /// ICMPv4 inside IPv6 or ICMPv6 inside IPv4.
+    IcmpFamilyMismatch => "icmp_family_mismatch",
+    /// An ICMP error whose checksum is wrong or whose quoted packet is unusable.
+    IcmpMalformed => "icmp_malformed",
+    /// UDP over IPv6 with a zero checksum (RFC 8200 §8.1 forbids it).
+    Udp6ZeroChecksum => "udp6_zero_checksum",
+    /// TTL or hop limit would reach zero.
+    TtlExpired => "ttl_expired",
+    /// A non-first IP fragment whose first fragment was not seen.
+    FragmentUntracked => "fragment_untracked",
+    /// The service has no endpoints and the frame cannot be answered with a
+    /// reject (it is itself a RST, an ICMP error or a non-first fragment).
+    NoEndpoints => "no_endpoints",
+    /// The connection table is full and nothing could be evicted.
+    ConntrackFull => "conntrack_full",
+    /// A reject would not fit in the frame's buffer.
+    BufferTooSmall => "buffer_too_small",
+}
