@@ -144,7 +144,9 @@ impl FlowState {
             Proto::Tcp if flags & tcp_flags::FIN != 0 => Self::TcpClosing,
             // A SYN opens a flow; anything else is a flow picked up mid-stream
             // (after a gateway restart or an ECMP change), trusted as established.
-            Proto::Tcp if flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0 => Self::TcpSynSent,
+            Proto::Tcp if flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0 => {
+                Self::TcpSynSent
+            }
             Proto::Tcp => Self::TcpEstablished,
             Proto::Udp | Proto::Sctp => Self::Unreplied,
         }
@@ -156,9 +158,13 @@ impl FlowState {
     pub fn advance(self, reply: bool, flags: u8) -> Self {
         match self {
             Self::TcpReset => Self::TcpReset,
-            _ if flags & tcp_flags::RST != 0 && self as u8 <= Self::TcpReset as u8 => Self::TcpReset,
+            _ if flags & tcp_flags::RST != 0 && self as u8 <= Self::TcpReset as u8 => {
+                Self::TcpReset
+            }
             Self::TcpClosing => Self::TcpClosing,
-            Self::TcpSynSent | Self::TcpEstablished if flags & tcp_flags::FIN != 0 => Self::TcpClosing,
+            Self::TcpSynSent | Self::TcpEstablished if flags & tcp_flags::FIN != 0 => {
+                Self::TcpClosing
+            }
             Self::TcpSynSent if reply => Self::TcpEstablished,
             Self::Unreplied if reply => Self::Replied,
             s => s,
@@ -361,12 +367,22 @@ impl<A: Ip> Tracker<A> {
     }
 
     fn fwd_of(e: &Fwd<A>) -> impl Fn(&Fwd<A>) -> bool + '_ {
-        move |x| x.client == e.client && x.vip == e.vip && x.cport == e.cport && x.vport == e.vport && x.proto == e.proto
+        move |x| {
+            x.client == e.client
+                && x.vip == e.vip
+                && x.cport == e.cport
+                && x.vport == e.vport
+                && x.proto == e.proto
+        }
     }
 
     fn rev_of(e: &Fwd<A>) -> impl Fn(&Rev<A>) -> bool + '_ {
         move |r| {
-            r.backend == e.backend && r.client == e.client && r.bport == e.bport && r.cport == e.cport && r.proto == e.proto
+            r.backend == e.backend
+                && r.client == e.client
+                && r.bport == e.bport
+                && r.cport == e.cport
+                && r.proto == e.proto
         }
     }
 
@@ -377,13 +393,28 @@ impl<A: Ip> Tracker<A> {
         }
     }
 
-    fn lookup_original(&self, now: u32, t: &FlowTuple, flags: u8, touch: bool, to: &Timeouts) -> Option<FlowHit> {
-        let (c, v, p) = (A::from16(&t.src_addr), A::from16(&t.dst_addr), t.proto.ip_number());
+    fn lookup_original(
+        &self,
+        now: u32,
+        t: &FlowTuple,
+        flags: u8,
+        touch: bool,
+        to: &Timeouts,
+    ) -> Option<FlowHit> {
+        let (c, v, p) = (
+            A::from16(&t.src_addr),
+            A::from16(&t.dst_addr),
+            t.proto.ip_number(),
+        );
         let h = self.fwd_hash(&c, &v, t.src_port, t.dst_port, p);
         let mut s = lock(self.shard(&c, t.src_port, p));
         let Shard { fwd, rev, .. } = &mut *s;
         let entry = fwd.find_entry(h, |x| {
-            x.client == c && x.vip == v && x.cport == t.src_port && x.vport == t.dst_port && x.proto == p
+            x.client == c
+                && x.vip == v
+                && x.cport == t.src_port
+                && x.vport == t.dst_port
+                && x.proto == p
         });
         let Ok(mut entry) = entry else { return None };
         let e = entry.get_mut();
@@ -409,16 +440,33 @@ impl<A: Ip> Tracker<A> {
         })
     }
 
-    fn lookup_reply(&self, now: u32, t: &FlowTuple, flags: u8, touch: bool, to: &Timeouts) -> Option<ReplyHit> {
+    fn lookup_reply(
+        &self,
+        now: u32,
+        t: &FlowTuple,
+        flags: u8,
+        touch: bool,
+        to: &Timeouts,
+    ) -> Option<ReplyHit> {
         // t: backend → client.
-        let (b, c, p) = (A::from16(&t.src_addr), A::from16(&t.dst_addr), t.proto.ip_number());
+        let (b, c, p) = (
+            A::from16(&t.src_addr),
+            A::from16(&t.dst_addr),
+            t.proto.ip_number(),
+        );
         let rh = self.rev_hash(&b, &c, t.src_port, t.dst_port, p);
         let mut s = lock(self.shard(&c, t.dst_port, p));
         let r = *s.rev.find(rh, |r| {
-            r.backend == b && r.client == c && r.bport == t.src_port && r.cport == t.dst_port && r.proto == p
+            r.backend == b
+                && r.client == c
+                && r.bport == t.src_port
+                && r.cport == t.dst_port
+                && r.proto == p
         })?;
         let fh = self.fwd_hash(&r.client, &r.vip, r.cport, r.vport, r.proto);
-        let Shard { fwd, rev, stats, .. } = &mut *s;
+        let Shard {
+            fwd, rev, stats, ..
+        } = &mut *s;
         let key = Fwd {
             client: r.client,
             vip: r.vip,
@@ -455,7 +503,14 @@ impl<A: Ip> Tracker<A> {
     }
 
     /// Binds `t` (client → vip) to a backend, replacing any previous binding.
-    fn insert(&self, now: u32, t: &FlowTuple, b: &Binding, state: FlowState, to: &Timeouts) -> Result<(), Full> {
+    fn insert(
+        &self,
+        now: u32,
+        t: &FlowTuple,
+        b: &Binding,
+        state: FlowState,
+        to: &Timeouts,
+    ) -> Result<(), Full> {
         let p = t.proto.ip_number();
         let e = Fwd {
             client: A::from16(&t.src_addr),
@@ -473,7 +528,12 @@ impl<A: Ip> Tracker<A> {
         let fh = self.fwd_hash(&e.client, &e.vip, e.cport, e.vport, p);
         let rh = self.rev_hash(&e.backend, &e.client, e.bport, e.cport, p);
         let mut s = lock(self.shard(&e.client, e.cport, p));
-        let Shard { fwd, rev, cap, stats } = &mut *s;
+        let Shard {
+            fwd,
+            rev,
+            cap,
+            stats,
+        } = &mut *s;
         if let Ok(old) = fwd.find_entry(fh, Self::fwd_of(&e)) {
             let (old, _) = old.remove();
             self.remove_rev(rev, &old);
@@ -486,7 +546,9 @@ impl<A: Ip> Tracker<A> {
             }
         }
         let hasher = &self.hasher;
-        fwd.insert_unique(fh, e, |x| hasher.hash_one((&x.client, &x.vip, x.cport, x.vport, x.proto)));
+        fwd.insert_unique(fh, e, |x| {
+            hasher.hash_one((&x.client, &x.vip, x.cport, x.vport, x.proto))
+        });
         // A stale reverse entry for the same backend tuple (its forward entry was
         // replaced under another vip) would shadow this one: drop it first.
         if let Ok(stale) = rev.find_entry(rh, Self::rev_of(&e)) {
@@ -511,7 +573,14 @@ impl<A: Ip> Tracker<A> {
 
     /// Frees at least one slot if anything can go: expired first, then
     /// unestablished, then (as a last resort) established entries.
-    fn make_room(&self, fwd: &mut HashTable<Fwd<A>>, rev: &mut HashTable<Rev<A>>, cap: usize, now: u32, stats: &mut ShardStats) {
+    fn make_room(
+        &self,
+        fwd: &mut HashTable<Fwd<A>>,
+        rev: &mut HashTable<Rev<A>>,
+        cap: usize,
+        now: u32,
+        stats: &mut ShardStats,
+    ) {
         let target = (cap / 32).max(1);
         let mut freed = 0usize;
         for pass in 0..3 {
@@ -544,11 +613,19 @@ impl<A: Ip> Tracker<A> {
 
     /// Updates the cached frontend index and epoch of a still-valid binding.
     fn revalidate(&self, t: &FlowTuple, frontend: u32, epoch: u32) {
-        let (c, v, p) = (A::from16(&t.src_addr), A::from16(&t.dst_addr), t.proto.ip_number());
+        let (c, v, p) = (
+            A::from16(&t.src_addr),
+            A::from16(&t.dst_addr),
+            t.proto.ip_number(),
+        );
         let h = self.fwd_hash(&c, &v, t.src_port, t.dst_port, p);
         let mut s = lock(self.shard(&c, t.src_port, p));
         if let Some(e) = s.fwd.find_mut(h, |x| {
-            x.client == c && x.vip == v && x.cport == t.src_port && x.vport == t.dst_port && x.proto == p
+            x.client == c
+                && x.vip == v
+                && x.cport == t.src_port
+                && x.vport == t.dst_port
+                && x.proto == p
         }) {
             e.frontend = frontend;
             e.epoch = epoch;
@@ -556,9 +633,13 @@ impl<A: Ip> Tracker<A> {
     }
 
     fn expire_shard(&self, i: usize, now: u32) -> usize {
-        let Some(m) = self.shards.get(i) else { return 0 };
+        let Some(m) = self.shards.get(i) else {
+            return 0;
+        };
         let mut s = lock(&m.0);
-        let Shard { fwd, rev, stats, .. } = &mut *s;
+        let Shard {
+            fwd, rev, stats, ..
+        } = &mut *s;
         let before = fwd.len();
         fwd.retain(|e| {
             if e.expires <= now {
@@ -629,10 +710,13 @@ pub struct ConntrackStats {
     pub refused: u64,
 }
 
+/// One shard of an [`Expiring`] map: (key, value, expiry second).
+type ExpiringShard<K, V> = Padded<Mutex<HashTable<(K, V, u32)>>>;
+
 /// A small expiring map (affinity, fragments): sharded, bounded, allocated once.
 #[derive(Debug)]
 struct Expiring<K, V> {
-    shards: Box<[Padded<Mutex<HashTable<(K, V, u32)>>>]>,
+    shards: Box<[ExpiringShard<K, V>]>,
     mask: usize,
     hasher: FixedState,
 }
@@ -642,7 +726,9 @@ impl<K: Hash + Eq + Copy, V: Copy> Expiring<K, V> {
         let n = shards.max(1).next_power_of_two();
         let per = capacity.div_ceil(n).max(8);
         Self {
-            shards: (0..n).map(|_| Padded(Mutex::new(HashTable::with_capacity(per)))).collect(),
+            shards: (0..n)
+                .map(|_| Padded(Mutex::new(HashTable::with_capacity(per))))
+                .collect(),
             mask: n - 1,
             hasher: FixedState::with_seed(0x6166_6669_6e69_7479),
         }
@@ -749,7 +835,14 @@ impl Conntrack {
     /// `flags` advance the state and the idle timer restarts.
     #[inline]
     #[must_use]
-    pub fn lookup_original(&self, now: Now, family: Family, t: &FlowTuple, flags: u8, touch: bool) -> Option<FlowHit> {
+    pub fn lookup_original(
+        &self,
+        now: Now,
+        family: Family,
+        t: &FlowTuple,
+        flags: u8,
+        touch: bool,
+    ) -> Option<FlowHit> {
         let n = now.secs32();
         match family {
             Family::V4 => self.v4.lookup_original(n, t, flags, touch, &self.timeouts),
@@ -760,7 +853,14 @@ impl Conntrack {
     /// Reply lookup of `t` (backend → client): the frontend to restore.
     #[inline]
     #[must_use]
-    pub fn lookup_reply(&self, now: Now, family: Family, t: &FlowTuple, flags: u8, touch: bool) -> Option<ReplyHit> {
+    pub fn lookup_reply(
+        &self,
+        now: Now,
+        family: Family,
+        t: &FlowTuple,
+        flags: u8,
+        touch: bool,
+    ) -> Option<ReplyHit> {
         let n = now.secs32();
         match family {
             Family::V4 => self.v4.lookup_reply(n, t, flags, touch, &self.timeouts),
@@ -772,7 +872,14 @@ impl Conntrack {
     ///
     /// # Errors
     /// [`Full`] when the shard is full and nothing could be evicted.
-    pub fn insert(&self, now: Now, family: Family, t: &FlowTuple, b: &Binding, state: FlowState) -> Result<(), Full> {
+    pub fn insert(
+        &self,
+        now: Now,
+        family: Family,
+        t: &FlowTuple,
+        b: &Binding,
+        state: FlowState,
+    ) -> Result<(), Full> {
         let n = now.secs32();
         match family {
             Family::V4 => self.v4.insert(n, t, b, state, &self.timeouts),
@@ -831,7 +938,14 @@ impl Conntrack {
 
     /// The backend a client is stuck to for a service port, if not expired.
     #[must_use]
-    pub fn affinity_get(&self, now: Now, client: &Addr16, vip: &Addr16, vport: u16, proto: Proto) -> Option<(Addr16, u16)> {
+    pub fn affinity_get(
+        &self,
+        now: Now,
+        client: &Addr16,
+        vip: &Addr16,
+        vport: u16,
+        proto: Proto,
+    ) -> Option<(Addr16, u16)> {
         let k = AffinityKey {
             client: *client,
             vip: *vip,
@@ -871,19 +985,35 @@ impl Conntrack {
     }
 
     /// Remembers the rewrite of a first fragment for the datagram's other fragments.
-    pub fn fragment_remember(&self, now: Now, src: &Addr16, dst: &Addr16, proto: Proto, id: u32, rw: FragRewrite) -> bool {
+    pub fn fragment_remember(
+        &self,
+        now: Now,
+        src: &Addr16,
+        dst: &Addr16,
+        proto: Proto,
+        id: u32,
+        rw: FragRewrite,
+    ) -> bool {
         let k = FragKey {
             src: *src,
             dst: *dst,
             id,
             proto: proto.ip_number(),
         };
-        self.fragments.set(now.secs32(), k, rw, self.timeouts.fragment)
+        self.fragments
+            .set(now.secs32(), k, rw, self.timeouts.fragment)
     }
 
     /// The rewrite remembered for a datagram's fragments.
     #[must_use]
-    pub fn fragment_lookup(&self, now: Now, src: &Addr16, dst: &Addr16, proto: Proto, id: u32) -> Option<FragRewrite> {
+    pub fn fragment_lookup(
+        &self,
+        now: Now,
+        src: &Addr16,
+        dst: &Addr16,
+        proto: Proto,
+        id: u32,
+    ) -> Option<FragRewrite> {
         let k = FragKey {
             src: *src,
             dst: *dst,
@@ -954,38 +1084,127 @@ mod tests {
         let ct = small(64);
         let to = *ct.timeouts();
         let now = Now::from_secs(100);
-        ct.insert(now, Family::V4, &t(1000), &bind(8080), FlowState::TcpSynSent).unwrap();
+        ct.insert(
+            now,
+            Family::V4,
+            &t(1000),
+            &bind(8080),
+            FlowState::TcpSynSent,
+        )
+        .unwrap();
         // SYN unanswered: gone after tcp_syn.
-        assert!(ct.lookup_original(now.plus_secs(u64::from(to.tcp_syn) - 1), Family::V4, &t(1000), 0, false).is_some());
-        assert!(ct.lookup_original(now.plus_secs(u64::from(to.tcp_syn)), Family::V4, &t(1000), 0, false).is_none());
+        assert!(ct
+            .lookup_original(
+                now.plus_secs(u64::from(to.tcp_syn) - 1),
+                Family::V4,
+                &t(1000),
+                0,
+                false
+            )
+            .is_some());
+        assert!(ct
+            .lookup_original(
+                now.plus_secs(u64::from(to.tcp_syn)),
+                Family::V4,
+                &t(1000),
+                0,
+                false
+            )
+            .is_none());
 
-        ct.insert(now, Family::V4, &t(1001), &bind(8080), FlowState::TcpSynSent).unwrap();
-        let r = ct.lookup_reply(now, Family::V4, &reply_of(1001, 8080), tcp_flags::SYN | tcp_flags::ACK, true).unwrap();
+        ct.insert(
+            now,
+            Family::V4,
+            &t(1001),
+            &bind(8080),
+            FlowState::TcpSynSent,
+        )
+        .unwrap();
+        let r = ct
+            .lookup_reply(
+                now,
+                Family::V4,
+                &reply_of(1001, 8080),
+                tcp_flags::SYN | tcp_flags::ACK,
+                true,
+            )
+            .unwrap();
         assert_eq!(r.state, FlowState::TcpEstablished);
         assert_eq!(r.vip, v4_to_16([198, 19, 0, 10]));
         assert_eq!(r.vport, 80);
         // Established lives a day.
         let later = now.plus_secs(3600);
-        let h = ct.lookup_original(later, Family::V4, &t(1001), tcp_flags::ACK, true).unwrap();
+        let h = ct
+            .lookup_original(later, Family::V4, &t(1001), tcp_flags::ACK, true)
+            .unwrap();
         assert_eq!(h.state, FlowState::TcpEstablished);
         // FIN shortens to tcp_fin.
-        let h = ct.lookup_original(later, Family::V4, &t(1001), tcp_flags::FIN | tcp_flags::ACK, true).unwrap();
+        let h = ct
+            .lookup_original(
+                later,
+                Family::V4,
+                &t(1001),
+                tcp_flags::FIN | tcp_flags::ACK,
+                true,
+            )
+            .unwrap();
         assert_eq!(h.state, FlowState::TcpClosing);
-        let h = ct.lookup_reply(later, Family::V4, &reply_of(1001, 8080), tcp_flags::ACK, true).unwrap();
-        assert_eq!(h.state, FlowState::TcpClosing, "an ACK does not reopen a closing flow");
-        assert!(ct.lookup_original(later.plus_secs(u64::from(to.tcp_fin)), Family::V4, &t(1001), 0, false).is_none());
-        assert!(ct.lookup_reply(later.plus_secs(u64::from(to.tcp_fin)), Family::V4, &reply_of(1001, 8080), 0, false).is_none());
+        let h = ct
+            .lookup_reply(
+                later,
+                Family::V4,
+                &reply_of(1001, 8080),
+                tcp_flags::ACK,
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            h.state,
+            FlowState::TcpClosing,
+            "an ACK does not reopen a closing flow"
+        );
+        assert!(ct
+            .lookup_original(
+                later.plus_secs(u64::from(to.tcp_fin)),
+                Family::V4,
+                &t(1001),
+                0,
+                false
+            )
+            .is_none());
+        assert!(ct
+            .lookup_reply(
+                later.plus_secs(u64::from(to.tcp_fin)),
+                Family::V4,
+                &reply_of(1001, 8080),
+                0,
+                false
+            )
+            .is_none());
     }
 
     #[test]
     fn rst_shortens_to_rst_timeout() {
         let ct = small(64);
         let now = Now::from_secs(10);
-        ct.insert(now, Family::V4, &t(1), &bind(8080), FlowState::TcpEstablished).unwrap();
-        let h = ct.lookup_reply(now, Family::V4, &reply_of(1, 8080), tcp_flags::RST, true).unwrap();
+        ct.insert(
+            now,
+            Family::V4,
+            &t(1),
+            &bind(8080),
+            FlowState::TcpEstablished,
+        )
+        .unwrap();
+        let h = ct
+            .lookup_reply(now, Family::V4, &reply_of(1, 8080), tcp_flags::RST, true)
+            .unwrap();
         assert_eq!(h.state, FlowState::TcpReset);
-        assert!(ct.lookup_original(now.plus_secs(9), Family::V4, &t(1), 0, false).is_some());
-        assert!(ct.lookup_original(now.plus_secs(10), Family::V4, &t(1), 0, false).is_none());
+        assert!(ct
+            .lookup_original(now.plus_secs(9), Family::V4, &t(1), 0, false)
+            .is_some());
+        assert!(ct
+            .lookup_original(now.plus_secs(10), Family::V4, &t(1), 0, false)
+            .is_none());
     }
 
     #[test]
@@ -994,12 +1213,28 @@ mod tests {
         let mut u = t(5353);
         u.proto = Proto::Udp;
         let now = Now::from_secs(0);
-        ct.insert(now, Family::V4, &u, &bind(53), FlowState::initial(Proto::Udp, 0)).unwrap();
+        ct.insert(
+            now,
+            Family::V4,
+            &u,
+            &bind(53),
+            FlowState::initial(Proto::Udp, 0),
+        )
+        .unwrap();
         let mut back = reply_of(5353, 53);
         back.proto = Proto::Udp;
-        assert_eq!(ct.lookup_reply(now, Family::V4, &back, 0, true).unwrap().state, FlowState::Replied);
-        assert!(ct.lookup_original(now.plus_secs(100), Family::V4, &u, 0, false).is_some());
-        assert!(ct.lookup_original(now.plus_secs(120), Family::V4, &u, 0, false).is_none());
+        assert_eq!(
+            ct.lookup_reply(now, Family::V4, &back, 0, true)
+                .unwrap()
+                .state,
+            FlowState::Replied
+        );
+        assert!(ct
+            .lookup_original(now.plus_secs(100), Family::V4, &u, 0, false)
+            .is_some());
+        assert!(ct
+            .lookup_original(now.plus_secs(120), Family::V4, &u, 0, false)
+            .is_none());
     }
 
     #[test]
@@ -1008,20 +1243,45 @@ mod tests {
         let cap = ct.capacity();
         let now = Now::from_secs(1);
         for i in 0..cap as u16 {
-            let st = if i % 2 == 0 { FlowState::TcpEstablished } else { FlowState::TcpSynSent };
+            let st = if i % 2 == 0 {
+                FlowState::TcpEstablished
+            } else {
+                FlowState::TcpSynSent
+            };
             ct.insert(now, Family::V4, &t(i), &bind(8080), st).unwrap();
         }
         assert_eq!(ct.len(), cap);
-        ct.insert(now, Family::V4, &t(60000), &bind(8080), FlowState::TcpSynSent).unwrap();
+        ct.insert(
+            now,
+            Family::V4,
+            &t(60000),
+            &bind(8080),
+            FlowState::TcpSynSent,
+        )
+        .unwrap();
         let s = ct.stats();
         assert!(s.evicted_unestablished >= 1);
         assert_eq!(s.evicted_established, 0);
         for i in (0..cap as u16).step_by(2) {
-            assert!(ct.lookup_original(now, Family::V4, &t(i), 0, false).is_some(), "established flow {i} survived");
+            assert!(
+                ct.lookup_original(now, Family::V4, &t(i), 0, false)
+                    .is_some(),
+                "established flow {i} survived"
+            );
         }
         // Reverse entries went with their forward entries.
-        let reverse_alive = (0..cap as u16).filter(|&i| ct.lookup_reply(now, Family::V4, &reply_of(i, 8080), 0, false).is_some()).count();
-        let forward_alive = (0..cap as u16).filter(|&i| ct.lookup_original(now, Family::V4, &t(i), 0, false).is_some()).count();
+        let reverse_alive = (0..cap as u16)
+            .filter(|&i| {
+                ct.lookup_reply(now, Family::V4, &reply_of(i, 8080), 0, false)
+                    .is_some()
+            })
+            .count();
+        let forward_alive = (0..cap as u16)
+            .filter(|&i| {
+                ct.lookup_original(now, Family::V4, &t(i), 0, false)
+                    .is_some()
+            })
+            .count();
         assert_eq!(reverse_alive, forward_alive);
     }
 
@@ -1031,11 +1291,27 @@ mod tests {
         let cap = ct.capacity();
         let now = Now::from_secs(1);
         for i in 0..cap as u16 {
-            ct.insert(now, Family::V4, &t(i), &bind(8080), FlowState::TcpEstablished).unwrap();
+            ct.insert(
+                now,
+                Family::V4,
+                &t(i),
+                &bind(8080),
+                FlowState::TcpEstablished,
+            )
+            .unwrap();
         }
-        ct.insert(now, Family::V4, &t(60000), &bind(8080), FlowState::TcpSynSent).unwrap();
+        ct.insert(
+            now,
+            Family::V4,
+            &t(60000),
+            &bind(8080),
+            FlowState::TcpSynSent,
+        )
+        .unwrap();
         assert!(ct.stats().evicted_established >= 1);
-        assert!(ct.lookup_original(now, Family::V4, &t(60000), 0, false).is_some());
+        assert!(ct
+            .lookup_original(now, Family::V4, &t(60000), 0, false)
+            .is_some());
     }
 
     #[test]
@@ -1043,7 +1319,14 @@ mod tests {
         let ct = small(8);
         let cap = ct.capacity();
         for i in 0..cap as u16 {
-            ct.insert(Now::from_secs(1), Family::V4, &t(i), &bind(8080), FlowState::TcpSynSent).unwrap();
+            ct.insert(
+                Now::from_secs(1),
+                Family::V4,
+                &t(i),
+                &bind(8080),
+                FlowState::TcpSynSent,
+            )
+            .unwrap();
         }
         let mut cursor = 0;
         assert_eq!(ct.expire(Now::from_secs(1000), &mut cursor, 1), cap);
@@ -1055,28 +1338,66 @@ mod tests {
     fn rebinding_replaces_both_directions() {
         let ct = small(64);
         let now = Now::from_secs(1);
-        ct.insert(now, Family::V4, &t(7), &bind(8080), FlowState::TcpEstablished).unwrap();
-        ct.insert(now, Family::V4, &t(7), &bind(9090), FlowState::TcpEstablished).unwrap();
+        ct.insert(
+            now,
+            Family::V4,
+            &t(7),
+            &bind(8080),
+            FlowState::TcpEstablished,
+        )
+        .unwrap();
+        ct.insert(
+            now,
+            Family::V4,
+            &t(7),
+            &bind(9090),
+            FlowState::TcpEstablished,
+        )
+        .unwrap();
         assert_eq!(ct.len(), 1);
-        assert!(ct.lookup_reply(now, Family::V4, &reply_of(7, 8080), 0, false).is_none());
-        assert!(ct.lookup_reply(now, Family::V4, &reply_of(7, 9090), 0, false).is_some());
+        assert!(ct
+            .lookup_reply(now, Family::V4, &reply_of(7, 8080), 0, false)
+            .is_none());
+        assert!(ct
+            .lookup_reply(now, Family::V4, &reply_of(7, 9090), 0, false)
+            .is_some());
     }
 
     #[test]
     fn ipv6_flows_are_tracked_apart() {
         let ct = small(64);
         let mut t6 = t(1);
-        t6.src_addr = "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
-        t6.dst_addr = "2001:db8::10".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        t6.src_addr = "2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
+        t6.dst_addr = "2001:db8::10"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets();
         let b = Binding {
-            backend: "2001:db8:1::1".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            backend: "2001:db8:1::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
             backend_port: 8080,
             frontend: 0,
             epoch: 1,
         };
-        ct.insert(Now::from_secs(1), Family::V6, &t6, &b, FlowState::TcpSynSent).unwrap();
-        assert!(ct.lookup_original(Now::from_secs(1), Family::V4, &t6, 0, false).is_none());
-        let hit = ct.lookup_original(Now::from_secs(1), Family::V6, &t6, 0, false).unwrap();
+        ct.insert(
+            Now::from_secs(1),
+            Family::V6,
+            &t6,
+            &b,
+            FlowState::TcpSynSent,
+        )
+        .unwrap();
+        assert!(ct
+            .lookup_original(Now::from_secs(1), Family::V4, &t6, 0, false)
+            .is_none());
+        let hit = ct
+            .lookup_original(Now::from_secs(1), Family::V6, &t6, 0, false)
+            .unwrap();
         assert_eq!(hit.backend, b.backend);
     }
 
@@ -1085,19 +1406,43 @@ mod tests {
         let ct = small(64);
         let c = v4_to_16([198, 18, 0, 1]);
         let v = v4_to_16([198, 19, 0, 10]);
-        assert!(ct.affinity_set(Now::from_secs(0), &c, &v, 80, Proto::Tcp, (v4_to_16([198, 18, 1, 1]), 8080), 10));
-        assert!(ct.affinity_get(Now::from_secs(9), &c, &v, 80, Proto::Tcp).is_some());
-        assert!(ct.affinity_get(Now::from_secs(9), &c, &v, 81, Proto::Tcp).is_none());
-        assert!(ct.affinity_get(Now::from_secs(10), &c, &v, 80, Proto::Tcp).is_none());
+        assert!(ct.affinity_set(
+            Now::from_secs(0),
+            &c,
+            &v,
+            80,
+            Proto::Tcp,
+            (v4_to_16([198, 18, 1, 1]), 8080),
+            10
+        ));
+        assert!(ct
+            .affinity_get(Now::from_secs(9), &c, &v, 80, Proto::Tcp)
+            .is_some());
+        assert!(ct
+            .affinity_get(Now::from_secs(9), &c, &v, 81, Proto::Tcp)
+            .is_none());
+        assert!(ct
+            .affinity_get(Now::from_secs(10), &c, &v, 80, Proto::Tcp)
+            .is_none());
     }
 
     #[test]
     fn state_machine_table() {
         use tcp_flags::*;
         let cases = [
-            (FlowState::TcpSynSent, true, SYN | ACK, FlowState::TcpEstablished),
+            (
+                FlowState::TcpSynSent,
+                true,
+                SYN | ACK,
+                FlowState::TcpEstablished,
+            ),
             (FlowState::TcpSynSent, false, SYN, FlowState::TcpSynSent),
-            (FlowState::TcpEstablished, false, FIN | ACK, FlowState::TcpClosing),
+            (
+                FlowState::TcpEstablished,
+                false,
+                FIN | ACK,
+                FlowState::TcpClosing,
+            ),
             (FlowState::TcpEstablished, true, RST, FlowState::TcpReset),
             (FlowState::TcpClosing, true, RST, FlowState::TcpReset),
             (FlowState::TcpReset, false, ACK, FlowState::TcpReset),
@@ -1106,10 +1451,17 @@ mod tests {
             (FlowState::Unreplied, false, 0, FlowState::Unreplied),
         ];
         for (from, reply, flags, to) in cases {
-            assert_eq!(from.advance(reply, flags), to, "{from:?} reply={reply} flags={flags:#x}");
+            assert_eq!(
+                from.advance(reply, flags),
+                to,
+                "{from:?} reply={reply} flags={flags:#x}"
+            );
         }
         assert_eq!(FlowState::initial(Proto::Tcp, SYN), FlowState::TcpSynSent);
-        assert_eq!(FlowState::initial(Proto::Tcp, ACK), FlowState::TcpEstablished);
+        assert_eq!(
+            FlowState::initial(Proto::Tcp, ACK),
+            FlowState::TcpEstablished
+        );
         assert_eq!(FlowState::initial(Proto::Udp, 0), FlowState::Unreplied);
     }
 }

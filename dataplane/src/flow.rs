@@ -185,6 +185,8 @@ pub fn maglev_offset_skip(addr: &Addr16, port: u16, m: u32) -> (u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+
     use super::*;
 
     fn tuple() -> FlowTuple {
@@ -205,14 +207,17 @@ mod tests {
         assert_eq!(
             t.hash_input(),
             [
-                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0,
-                0, 0, 0xff, 0xff, 198, 19, 0, 10, 0x9c, 0x40, 0, 80, 6
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 198, 18, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                0, 0xff, 0xff, 198, 19, 0, 10, 0x9c, 0x40, 0, 80, 6
             ]
         );
         assert_eq!(flow_hash(0, &t), GOLDEN_FLOW_HASH_SEED0);
         assert_eq!(flow_hash(42, &t), GOLDEN_FLOW_HASH_SEED42);
         assert_eq!(client_hash(0, &t.src_addr), GOLDEN_CLIENT_HASH_SEED0);
-        assert_eq!(maglev_offset_skip(&t.dst_addr, 8080, 65537), GOLDEN_OFFSET_SKIP);
+        assert_eq!(
+            maglev_offset_skip(&t.dst_addr, 8080, 65537),
+            GOLDEN_OFFSET_SKIP
+        );
     }
 
     const GOLDEN_FLOW_HASH_SEED0: u64 = 4_632_304_806_779_547_149;

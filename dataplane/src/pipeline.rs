@@ -173,7 +173,13 @@ impl Worker {
     }
 
     /// [`Worker::process`] over a batch; `verdicts[i]` is frame `i`'s.
-    pub fn process_batch(&mut self, now: Now, table: &Table, frames: &mut [Frame<'_>], verdicts: &mut [Verdict]) {
+    pub fn process_batch(
+        &mut self,
+        now: Now,
+        table: &Table,
+        frames: &mut [Frame<'_>],
+        verdicts: &mut [Verdict],
+    ) {
         for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
             *v = self.process(now, table, f.buf, f.len);
         }
@@ -191,7 +197,15 @@ impl Worker {
         }
     }
 
-    fn flow(&mut self, now: Now, table: &Table, buf: &mut [u8], len: usize, p: &Parsed, f: &FlowL4) -> Step {
+    fn flow(
+        &mut self,
+        now: Now,
+        table: &Table,
+        buf: &mut [u8],
+        len: usize,
+        p: &Parsed,
+        f: &FlowL4,
+    ) -> Step {
         let t = FlowTuple {
             src_addr: p.src,
             dst_addr: p.dst,
@@ -215,12 +229,27 @@ impl Worker {
                     return reject_in_place(buf, len, p, f).map(|len| Verdict::Reject { len });
                 }
             };
-            rewrite_addr(buf, p.family, p.l3, Dir::Dst, Some((f.offset, f.csum)), &backend)?;
-            rewrite::set_dst_port(buf, f.offset, f.csum, bport).map_err(|_| DropReason::L4Malformed)?;
+            rewrite_addr(
+                buf,
+                p.family,
+                p.l3,
+                Dir::Dst,
+                Some((f.offset, f.csum)),
+                &backend,
+            )?;
+            rewrite::set_dst_port(buf, f.offset, f.csum, bport)
+                .map_err(|_| DropReason::L4Malformed)?;
             finish_l4(buf, p, f)?;
             decrement_ttl(buf, p)?;
             if let Some(frag) = p.fragment {
-                self.ct.fragment_remember(now, &p.src, &p.dst, f.proto, frag.id, FragRewrite::ToBackend { backend });
+                self.ct.fragment_remember(
+                    now,
+                    &p.src,
+                    &p.dst,
+                    f.proto,
+                    frag.id,
+                    FragRewrite::ToBackend { backend },
+                );
             }
             return Ok(Verdict::Forward {
                 len,
@@ -237,12 +266,27 @@ impl Worker {
         if p.ttl <= 1 {
             return Err(DropReason::TtlExpired);
         }
-        rewrite_addr(buf, p.family, p.l3, Dir::Src, Some((f.offset, f.csum)), &r.vip)?;
-        rewrite::set_src_port(buf, f.offset, f.csum, r.vport).map_err(|_| DropReason::L4Malformed)?;
+        rewrite_addr(
+            buf,
+            p.family,
+            p.l3,
+            Dir::Src,
+            Some((f.offset, f.csum)),
+            &r.vip,
+        )?;
+        rewrite::set_src_port(buf, f.offset, f.csum, r.vport)
+            .map_err(|_| DropReason::L4Malformed)?;
         finish_l4(buf, p, f)?;
         decrement_ttl(buf, p)?;
         if let Some(frag) = p.fragment {
-            self.ct.fragment_remember(now, &p.src, &p.dst, f.proto, frag.id, FragRewrite::ToClient { vip: r.vip });
+            self.ct.fragment_remember(
+                now,
+                &p.src,
+                &p.dst,
+                f.proto,
+                frag.id,
+                FragRewrite::ToClient { vip: r.vip },
+            );
         }
         self.counters.replies += 1;
         Ok(Verdict::Forward {
@@ -299,14 +343,25 @@ impl Worker {
         Ok(Some(chosen))
     }
 
-    fn pick(&mut self, now: Now, table: &Table, fe: &FrontendRecord, t: &FlowTuple) -> Option<(Addr16, u16)> {
+    fn pick(
+        &mut self,
+        now: Now,
+        table: &Table,
+        fe: &FrontendRecord,
+        t: &FlowTuple,
+    ) -> Option<(Addr16, u16)> {
         if fe.flags & FRONTEND_AFFINITY == 0 {
             return table.pick(fe, t).map(|b| (b.addr, b.port));
         }
         let sticky = self
             .ct
             .affinity_get(now, &t.src_addr, &t.dst_addr, t.dst_port, t.proto)
-            .filter(|(a, p)| table.backends_of(fe).iter().any(|b| b.addr == *a && b.port == *p && b.weight > 0));
+            .filter(|(a, p)| {
+                table
+                    .backends_of(fe)
+                    .iter()
+                    .any(|b| b.addr == *a && b.port == *p && b.weight > 0)
+            });
         let chosen = match sticky {
             Some(b) => {
                 self.counters.affinity_hits += 1;
@@ -315,13 +370,26 @@ impl Worker {
             None => table.pick(fe, t).map(|b| (b.addr, b.port))?,
         };
         // Refreshed on every new connection, like kube-proxy's `recent` match.
-        let _ = self
-            .ct
-            .affinity_set(now, &t.src_addr, &t.dst_addr, t.dst_port, t.proto, chosen, fe.affinity_timeout_s);
+        let _ = self.ct.affinity_set(
+            now,
+            &t.src_addr,
+            &t.dst_addr,
+            t.dst_port,
+            t.proto,
+            chosen,
+            fe.affinity_timeout_s,
+        );
         Some(chosen)
     }
 
-    fn non_first_fragment(&mut self, now: Now, buf: &mut [u8], len: usize, p: &Parsed, proto: crate::flow::Proto) -> Step {
+    fn non_first_fragment(
+        &mut self,
+        now: Now,
+        buf: &mut [u8],
+        len: usize,
+        p: &Parsed,
+        proto: crate::flow::Proto,
+    ) -> Step {
         self.counters.fragments_nonfirst += 1;
         let id = p.fragment.map_or(0, |f| f.id);
         let rw = self
@@ -354,7 +422,14 @@ impl Worker {
     /// An ICMP error quoting one of our flows follows it: to the backend when it
     /// quotes a reply we sent as the frontend, to the client when it quotes a
     /// packet we sent to a backend.
-    fn icmp_error(&mut self, now: Now, buf: &mut [u8], len: usize, p: &Parsed, e: &IcmpError) -> Step {
+    fn icmp_error(
+        &mut self,
+        now: Now,
+        buf: &mut [u8],
+        len: usize,
+        p: &Parsed,
+        e: &IcmpError,
+    ) -> Step {
         let q = e.quoted;
         // The quoted packet went the other way: its reverse is the flow key.
         let key = q.tuple.reversed();
@@ -364,7 +439,14 @@ impl Worker {
             self.verify_icmp(buf, p, e)?;
             let csum = quoted_csum(p.family, &q.tuple, q.l4, q.end);
             rewrite_addr(buf, p.family, p.l3, Dir::Dst, None, &hit.backend)?;
-            rewrite_addr(buf, p.family, q.l3, Dir::Src, csum.map(|c| (q.l4, c)), &hit.backend)?;
+            rewrite_addr(
+                buf,
+                p.family,
+                q.l3,
+                Dir::Src,
+                csum.map(|c| (q.l4, c)),
+                &hit.backend,
+            )?;
             rewrite::set_src_port(buf, q.l4, csum.unwrap_or(L4Csum::None), hit.backend_port)
                 .map_err(|_| DropReason::IcmpMalformed)?;
             NextHop {
@@ -380,7 +462,14 @@ impl Worker {
             if p.src == q.tuple.dst_addr {
                 rewrite_addr(buf, p.family, p.l3, Dir::Src, None, &r.vip)?;
             }
-            rewrite_addr(buf, p.family, q.l3, Dir::Dst, csum.map(|c| (q.l4, c)), &r.vip)?;
+            rewrite_addr(
+                buf,
+                p.family,
+                q.l3,
+                Dir::Dst,
+                csum.map(|c| (q.l4, c)),
+                &r.vip,
+            )?;
             rewrite::set_dst_port(buf, q.l4, csum.unwrap_or(L4Csum::None), r.vport)
                 .map_err(|_| DropReason::IcmpMalformed)?;
             NextHop {
@@ -402,10 +491,15 @@ impl Worker {
     /// Refuses an ICMP error whose checksum is wrong: the pipeline recomputes
     /// it after the rewrite and must not launder a corrupt message.
     fn verify_icmp(&self, buf: &[u8], p: &Parsed, e: &IcmpError) -> Result<(), DropReason> {
-        let msg = buf.get(e.offset..p.ip_end).ok_or(DropReason::IcmpMalformed)?;
+        let msg = buf
+            .get(e.offset..p.ip_end)
+            .ok_or(DropReason::IcmpMalformed)?;
         let sum = match p.family {
             Family::V4 => checksum::sum_bytes(0, msg),
-            Family::V6 => checksum::sum_bytes(checksum::pseudo_header_v6(&p.src, &p.dst, 58, msg.len() as u32), msg),
+            Family::V6 => checksum::sum_bytes(
+                checksum::pseudo_header_v6(&p.src, &p.dst, 58, msg.len() as u32),
+                msg,
+            ),
         };
         if checksum::fold(sum) == 0xffff {
             Ok(())
@@ -452,10 +546,21 @@ enum Dir {
     Dst,
 }
 
-fn rewrite_addr(buf: &mut [u8], family: Family, l3: usize, dir: Dir, l4: Option<(usize, L4Csum)>, new: &Addr16) -> Result<(), DropReason> {
+fn rewrite_addr(
+    buf: &mut [u8],
+    family: Family,
+    l3: usize,
+    dir: Dir,
+    l4: Option<(usize, L4Csum)>,
+    new: &Addr16,
+) -> Result<(), DropReason> {
     let r = match (family, dir) {
-        (Family::V4, Dir::Src) => rewrite::set_ipv4_src(buf, l3, l4, [new[12], new[13], new[14], new[15]]),
-        (Family::V4, Dir::Dst) => rewrite::set_ipv4_dst(buf, l3, l4, [new[12], new[13], new[14], new[15]]),
+        (Family::V4, Dir::Src) => {
+            rewrite::set_ipv4_src(buf, l3, l4, [new[12], new[13], new[14], new[15]])
+        }
+        (Family::V4, Dir::Dst) => {
+            rewrite::set_ipv4_dst(buf, l3, l4, [new[12], new[13], new[14], new[15]])
+        }
         (Family::V6, Dir::Src) => rewrite::set_ipv6_src(buf, l3, l4, *new),
         (Family::V6, Dir::Dst) => rewrite::set_ipv6_dst(buf, l3, l4, *new),
     };

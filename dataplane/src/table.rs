@@ -226,7 +226,11 @@ impl Table {
     ///
     /// # Errors
     /// Duplicate frontends, mixed IP families, or backends Maglev refuses.
-    pub fn build(generation: u64, hash_seed: u64, services: &[ServiceSpec]) -> Result<Self, TableError> {
+    pub fn build(
+        generation: u64,
+        hash_seed: u64,
+        services: &[ServiceSpec],
+    ) -> Result<Self, TableError> {
         Self::build_with_cap(generation, hash_seed, services, DEFAULT_MAX_RING_SIZE)
     }
 
@@ -284,7 +288,11 @@ impl Table {
                 port: s.port,
                 proto: s.proto.ip_number(),
                 kind: s.kind as u8,
-                flags: if s.affinity_timeout_s.is_some() { FRONTEND_AFFINITY } else { 0 },
+                flags: if s.affinity_timeout_s.is_some() {
+                    FRONTEND_AFFINITY
+                } else {
+                    0
+                },
                 affinity_timeout_s: s.affinity_timeout_s.unwrap_or(0),
                 backends_start,
                 backends_len: s.backends.len() as u32,
@@ -313,35 +321,57 @@ impl Table {
         let mut index = HashTable::with_capacity(frontends.len());
         for (i, f) in frontends.iter().enumerate() {
             let Some(proto) = Proto::from_ip_number(f.proto) else {
-                return Err(bad(i, format!("protocol {} is not TCP, UDP or SCTP", f.proto)));
+                return Err(bad(
+                    i,
+                    format!("protocol {} is not TCP, UDP or SCTP", f.proto),
+                ));
             };
             if f.kind > FrontendKind::LoadBalancer as u8 {
                 return Err(bad(i, format!("kind {} is unknown", f.kind)));
             }
             let b_end = u64::from(f.backends_start) + u64::from(f.backends_len);
             if b_end > backends.len() as u64 {
-                return Err(bad(i, format!("backends {}..{b_end} exceed {}", f.backends_start, backends.len())));
+                return Err(bad(
+                    i,
+                    format!(
+                        "backends {}..{b_end} exceed {}",
+                        f.backends_start,
+                        backends.len()
+                    ),
+                ));
             }
             let r_end = u64::from(f.ring_start) + u64::from(f.ring_len);
             if r_end > ring.len() as u64 {
-                return Err(bad(i, format!("ring {}..{r_end} exceeds {}", f.ring_start, ring.len())));
+                return Err(bad(
+                    i,
+                    format!("ring {}..{r_end} exceeds {}", f.ring_start, ring.len()),
+                ));
             }
             if f.ring_len > 0 && f.backends_len == 0 {
                 return Err(bad(i, "a ring without backends".to_owned()));
             }
             let ring_slice = &ring[f.ring_start as usize..r_end as usize];
             if let Some(s) = ring_slice.iter().find(|&&s| s >= f.backends_len) {
-                return Err(bad(i, format!("ring slot names backend {s} of {}", f.backends_len)));
+                return Err(bad(
+                    i,
+                    format!("ring slot names backend {s} of {}", f.backends_len),
+                ));
             }
             let v4 = crate::flow::ip_from16(f.addr).is_ipv4();
             let own = &backends[f.backends_start as usize..b_end as usize];
-            if let Some(b) = own.iter().find(|b| crate::flow::ip_from16(b.addr).is_ipv4() != v4) {
+            if let Some(b) = own
+                .iter()
+                .find(|b| crate::flow::ip_from16(b.addr).is_ipv4() != v4)
+            {
                 return Err(TableError::FamilyMismatch {
                     frontend: crate::flow::ip_from16(f.addr),
                     backend: crate::flow::ip_from16(b.addr),
                 });
             }
-            if let Some(b) = own.iter().find(|b| b.state > BackendState::Terminating as u8) {
+            if let Some(b) = own
+                .iter()
+                .find(|b| b.state > BackendState::Terminating as u8)
+            {
                 return Err(bad(i, format!("backend state {} is unknown", b.state)));
             }
             let h = key_hash(index_seed, &f.addr, f.port, f.proto);
@@ -437,7 +467,9 @@ impl Table {
     #[must_use]
     pub fn backends_of(&self, f: &FrontendRecord) -> &[BackendRecord] {
         let s = f.backends_start as usize;
-        self.backends.get(s..s + f.backends_len as usize).unwrap_or(&[])
+        self.backends
+            .get(s..s + f.backends_len as usize)
+            .unwrap_or(&[])
     }
 
     /// Maglev pick for a new flow to frontend `f`: `ring[hash % M]`, where the
@@ -464,7 +496,9 @@ impl Table {
     #[inline]
     #[must_use]
     pub fn has_backend(&self, f: &FrontendRecord, addr: &Addr16, port: u16) -> bool {
-        self.backends_of(f).iter().any(|b| b.addr == *addr && b.port == port)
+        self.backends_of(f)
+            .iter()
+            .any(|b| b.addr == *addr && b.port == port)
     }
 }
 
@@ -483,7 +517,10 @@ mod tests {
             ip(vip),
             port,
             Proto::Tcp,
-            backends.iter().map(|b| BackendSpec::ready(ip(b), 8080)).collect(),
+            backends
+                .iter()
+                .map(|b| BackendSpec::ready(ip(b), 8080))
+                .collect(),
         )
     }
 
@@ -508,13 +545,24 @@ mod tests {
         assert_eq!(t.backends_of(t.frontend_record(tcp).unwrap()).len(), 2);
         assert!(t.frontend(&a, 81, Proto::Tcp).is_none());
         assert!(t.frontend(&a, 80, Proto::Sctp).is_none());
-        assert!(t.frontend(&addr16(ip("2001:db8::10")), 443, Proto::Tcp).is_some());
-        assert_eq!(t.frontend_record(tcp).unwrap().ring_len, 211, "smallest prime > 200");
+        assert!(t
+            .frontend(&addr16(ip("2001:db8::10")), 443, Proto::Tcp)
+            .is_some());
+        assert_eq!(
+            t.frontend_record(tcp).unwrap().ring_len,
+            211,
+            "smallest prime > 200"
+        );
     }
 
     #[test]
     fn duplicate_frontend_is_refused() {
-        let e = Table::build(1, 0, &[svc("198.19.0.10", 80, &[]), svc("198.19.0.10", 80, &[])]).unwrap_err();
+        let e = Table::build(
+            1,
+            0,
+            &[svc("198.19.0.10", 80, &[]), svc("198.19.0.10", 80, &[])],
+        )
+        .unwrap_err();
         assert_eq!(e.to_string(), "frontend 198.19.0.10:80/TCP appears twice");
     }
 
@@ -526,17 +574,32 @@ mod tests {
 
     #[test]
     fn from_parts_checks_every_index() {
-        let good = Table::build(1, 0, &[svc("198.19.0.10", 80, &["198.18.1.1", "198.18.1.2"])]).unwrap();
-        let (f, b, r) = (good.frontends.clone(), good.backends.clone(), good.ring.clone());
+        let good = Table::build(
+            1,
+            0,
+            &[svc("198.19.0.10", 80, &["198.18.1.1", "198.18.1.2"])],
+        )
+        .unwrap();
+        let (f, b, r) = (
+            good.frontends.clone(),
+            good.backends.clone(),
+            good.ring.clone(),
+        );
         let mut f1 = f.clone();
         f1[0].backends_len = 3;
-        assert!(Table::from_parts(1, 0, f1, b.clone(), r.clone()).unwrap_err().to_string().contains("backends 0..3 exceed 2"));
+        assert!(Table::from_parts(1, 0, f1, b.clone(), r.clone())
+            .unwrap_err()
+            .to_string()
+            .contains("backends 0..3 exceed 2"));
         let mut f2 = f.clone();
         f2[0].ring_start = 1;
         assert!(Table::from_parts(1, 0, f2, b.clone(), r.clone()).is_err());
         let mut r3 = r.clone();
         r3[5] = 2;
-        assert!(Table::from_parts(1, 0, f.clone(), b.clone(), r3).unwrap_err().to_string().contains("names backend 2 of 2"));
+        assert!(Table::from_parts(1, 0, f.clone(), b.clone(), r3)
+            .unwrap_err()
+            .to_string()
+            .contains("names backend 2 of 2"));
         let mut f4 = f.clone();
         f4[0].proto = 1;
         assert!(Table::from_parts(1, 0, f4, b.clone(), r.clone()).is_err());
@@ -562,12 +625,19 @@ mod tests {
             };
             assert_eq!(t.pick(f, &tu).unwrap().addr, addr16(ip("198.18.1.2")));
         }
-        assert!(t.has_backend(f, &addr16(ip("198.18.1.1")), 8080), "draining stays a backend");
+        assert!(
+            t.has_backend(f, &addr16(ip("198.18.1.1")), 8080),
+            "draining stays a backend"
+        );
     }
 
     #[test]
     fn affinity_picks_by_client_address_only() {
-        let mut s = svc("198.19.0.10", 80, &["198.18.1.1", "198.18.1.2", "198.18.1.3"]);
+        let mut s = svc(
+            "198.19.0.10",
+            80,
+            &["198.18.1.1", "198.18.1.2", "198.18.1.3"],
+        );
         s.affinity_timeout_s = Some(10800);
         let t = Table::build(1, 0, &[s]).unwrap();
         let f = t.frontend_record(0).unwrap();

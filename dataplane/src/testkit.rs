@@ -111,11 +111,15 @@ pub fn frame(
                 L4Spec::Tcp(f) => tcp_step(ip.tcp(sport, dport, f.seq, 64240), f)
                     .write_to_vec(&mut out, payload)
                     .expect("fixture fits"),
-                L4Spec::Udp => ip.udp(sport, dport).write_to_vec(&mut out, payload).expect("fixture fits"),
+                L4Spec::Udp => ip
+                    .udp(sport, dport)
+                    .write_to_vec(&mut out, payload)
+                    .expect("fixture fits"),
                 L4Spec::Sctp => {
                     let sctp = sctp_segment(sport, dport, payload);
                     // 132: SCTP has no builder step; write the IP layer with the raw segment.
-                    ip.write_to_vec(&mut out, etherparse::IpNumber(132), &sctp).expect("fixture fits")
+                    ip.write_to_vec(&mut out, etherparse::IpNumber(132), &sctp)
+                        .expect("fixture fits")
                 }
             }
         }};
@@ -147,7 +151,7 @@ pub fn sctp_segment(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     s.extend_from_slice(&dport.to_be_bytes());
     s.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // verification tag
     s.extend_from_slice(&[0; 4]); // checksum
-    // Chunk: type 0 (DATA) would need more fields; use a HEARTBEAT (4) chunk.
+                                  // Chunk: type 0 (DATA) would need more fields; use a HEARTBEAT (4) chunk.
     let chunk_len = 4 + payload.len();
     s.push(4);
     s.push(0);
@@ -163,8 +167,26 @@ pub fn sctp_segment(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
 
 /// A plain client → frontend frame with fixture MACs and TTL 64.
 #[must_use]
-pub fn client_frame(src: Addr16, sport: u16, dst: Addr16, dport: u16, l4: L4Spec, payload: &[u8]) -> Vec<u8> {
-    frame(CLIENT_MAC, GATEWAY_MAC, None, src, sport, dst, dport, l4, 64, payload)
+pub fn client_frame(
+    src: Addr16,
+    sport: u16,
+    dst: Addr16,
+    dport: u16,
+    l4: L4Spec,
+    payload: &[u8],
+) -> Vec<u8> {
+    frame(
+        CLIENT_MAC,
+        GATEWAY_MAC,
+        None,
+        src,
+        sport,
+        dst,
+        dport,
+        l4,
+        64,
+        payload,
+    )
 }
 
 /// An ICMP error from `from` to `to` quoting the IP packet inside `quoted_frame`
@@ -175,7 +197,13 @@ pub fn client_frame(src: Addr16, sport: u16, dst: Addr16, dport: u16, l4: L4Spec
 /// # Panics
 /// When `quoted_frame` is not an untagged IP frame (a fixture bug).
 #[must_use]
-pub fn icmp_error(from: Addr16, to: Addr16, icmp: (u8, u8, [u8; 4]), quoted_frame: &[u8], quote_len: usize) -> Vec<u8> {
+pub fn icmp_error(
+    from: Addr16,
+    to: Addr16,
+    icmp: (u8, u8, [u8; 4]),
+    quoted_frame: &[u8],
+    quote_len: usize,
+) -> Vec<u8> {
     let ip = &quoted_frame[14..];
     let quote = &ip[..quote_len.min(ip.len())];
     let eth = PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC);

@@ -29,11 +29,18 @@ const CLIENT: &str = "198.18.0.1";
 const B: [&str; 3] = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
 
 fn backends(list: &[&str], port: u16) -> Vec<BackendSpec> {
-    list.iter().map(|b| BackendSpec::ready(b.parse().unwrap(), port)).collect()
+    list.iter()
+        .map(|b| BackendSpec::ready(b.parse().unwrap(), port))
+        .collect()
 }
 
 fn services(list: &[&str]) -> Vec<ServiceSpec> {
-    let mut affinity = ServiceSpec::cluster_ip(VIP_AFFINITY.parse().unwrap(), 80, Proto::Tcp, backends(list, 8080));
+    let mut affinity = ServiceSpec::cluster_ip(
+        VIP_AFFINITY.parse().unwrap(),
+        80,
+        Proto::Tcp,
+        backends(list, 8080),
+    );
     affinity.affinity_timeout_s = Some(60);
     vec![
         ServiceSpec::cluster_ip(VIP.parse().unwrap(), 80, Proto::Tcp, backends(list, 8080)),
@@ -78,7 +85,10 @@ impl Gateway {
             _ => len,
         };
         buf.truncate(out_len);
-        Out { verdict, frame: buf }
+        Out {
+            verdict,
+            frame: buf,
+        }
     }
 }
 
@@ -99,12 +109,24 @@ fn wire(frame: &[u8]) -> Wire {
     let (src, dst, ip4) = match p.net.as_ref().unwrap() {
         NetSlice::Ipv4(v4) => {
             let h = v4.header();
-            assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum(), "IPv4 header checksum");
-            (addr16(IpAddr::V4(h.source_addr())), addr16(IpAddr::V4(h.destination_addr())), Some(h.to_header()))
+            assert_eq!(
+                h.header_checksum(),
+                h.to_header().calc_header_checksum(),
+                "IPv4 header checksum"
+            );
+            (
+                addr16(IpAddr::V4(h.source_addr())),
+                addr16(IpAddr::V4(h.destination_addr())),
+                Some(h.to_header()),
+            )
         }
         NetSlice::Ipv6(v6) => {
             let h = v6.header();
-            (addr16(IpAddr::V6(h.source_addr())), addr16(IpAddr::V6(h.destination_addr())), None)
+            (
+                addr16(IpAddr::V6(h.source_addr())),
+                addr16(IpAddr::V6(h.destination_addr())),
+                None,
+            )
         }
         NetSlice::Arp(_) => panic!("arp"),
     };
@@ -137,7 +159,11 @@ fn wire(frame: &[u8]) -> Wire {
             }
         }
         TransportSlice::Icmpv4(i) => {
-            assert_eq!(checksum::fold(checksum::sum_bytes(0, i.slice())), 0xffff, "ICMP checksum");
+            assert_eq!(
+                checksum::fold(checksum::sum_bytes(0, i.slice())),
+                0xffff,
+                "ICMP checksum"
+            );
             Wire {
                 src,
                 dst,
@@ -180,12 +206,25 @@ fn tcp_handshake_data_and_fin_with_replies_on_the_other_worker() {
     let backend = forwarded_to(&syn);
     let w = wire(&syn.frame);
     assert_eq!((w.src, w.sport), (a(CLIENT), 40000), "source preserved");
-    assert_eq!((w.dst, w.dport), (backend, 8080), "destination is the backend");
+    assert_eq!(
+        (w.dst, w.dport),
+        (backend, 8080),
+        "destination is the backend"
+    );
     assert_eq!(syn.frame[22], 63, "TTL decremented");
 
     // SYN-ACK from the backend, handled by worker 1.
-    let synack = Tcp { syn: true, ack: Some(101), seq: 5000, ..Tcp::default() };
-    let back = gw.send(1, t0, &tcp(backend_name(backend), 8080, CLIENT, 40000, synack, b""));
+    let synack = Tcp {
+        syn: true,
+        ack: Some(101),
+        seq: 5000,
+        ..Tcp::default()
+    };
+    let back = gw.send(
+        1,
+        t0,
+        &tcp(backend_name(backend), 8080, CLIENT, 40000, synack, b""),
+    );
     match back.verdict {
         Verdict::Forward { next_hop, .. } => {
             assert_eq!(next_hop.side, Side::Client);
@@ -194,28 +233,78 @@ fn tcp_handshake_data_and_fin_with_replies_on_the_other_worker() {
         v => panic!("reply not forwarded: {v:?}"),
     }
     let w = wire(&back.frame);
-    assert_eq!((w.src, w.sport), (a(VIP), 80), "reply comes from the service");
+    assert_eq!(
+        (w.src, w.sport),
+        (a(VIP), 80),
+        "reply comes from the service"
+    );
     assert_eq!((w.dst, w.dport), (a(CLIENT), 40000));
     assert_eq!(w.seq, 5000);
 
     // Data both ways, alternating workers; every segment reaches the same backend.
     for i in 0..10u32 {
-        let d = gw.send((i % 2) as usize, t0.plus_secs(u64::from(i)), &tcp(CLIENT, 40000, VIP, 80, Tcp::ack(101 + i * 5, 5001), b"hello"));
+        let d = gw.send(
+            (i % 2) as usize,
+            t0.plus_secs(u64::from(i)),
+            &tcp(
+                CLIENT,
+                40000,
+                VIP,
+                80,
+                Tcp::ack(101 + i * 5, 5001),
+                b"hello",
+            ),
+        );
         assert_eq!(forwarded_to(&d), backend);
         let w = wire(&d.frame);
         assert_eq!(w.dport, 8080);
     }
 
     // FIN from the client, FIN from the backend, last ACK.
-    let fin = Tcp { fin: true, ack: Some(5001), seq: 151, ..Tcp::default() };
-    assert_eq!(forwarded_to(&gw.send(0, t0, &tcp(CLIENT, 40000, VIP, 80, fin, b""))), backend);
-    let bfin = Tcp { fin: true, ack: Some(152), seq: 5001, ..Tcp::default() };
-    let o = gw.send(1, t0, &tcp(backend_name(backend), 8080, CLIENT, 40000, bfin, b""));
+    let fin = Tcp {
+        fin: true,
+        ack: Some(5001),
+        seq: 151,
+        ..Tcp::default()
+    };
+    assert_eq!(
+        forwarded_to(&gw.send(0, t0, &tcp(CLIENT, 40000, VIP, 80, fin, b""))),
+        backend
+    );
+    let bfin = Tcp {
+        fin: true,
+        ack: Some(152),
+        seq: 5001,
+        ..Tcp::default()
+    };
+    let o = gw.send(
+        1,
+        t0,
+        &tcp(backend_name(backend), 8080, CLIENT, 40000, bfin, b""),
+    );
     assert!(wire(&o.frame).tcp_flags.2, "FIN delivered");
-    assert_eq!(forwarded_to(&gw.send(0, t0, &tcp(CLIENT, 40000, VIP, 80, Tcp::ack(152, 5002), b""))), backend);
+    assert_eq!(
+        forwarded_to(&gw.send(
+            0,
+            t0,
+            &tcp(CLIENT, 40000, VIP, 80, Tcp::ack(152, 5002), b"")
+        )),
+        backend
+    );
 
     // After the FIN timeout the flow is gone: a late reply is not ours any more.
-    let late = gw.send(1, t0.plus_secs(121), &tcp(backend_name(backend), 8080, CLIENT, 40000, Tcp::ack(5002, 152), b""));
+    let late = gw.send(
+        1,
+        t0.plus_secs(121),
+        &tcp(
+            backend_name(backend),
+            8080,
+            CLIENT,
+            40000,
+            Tcp::ack(5002, 152),
+            b"",
+        ),
+    );
     assert_eq!(late.verdict, Verdict::Pass);
 
     let c0 = &gw.workers[0].counters;
@@ -228,15 +317,33 @@ fn tcp_handshake_data_and_fin_with_replies_on_the_other_worker() {
 fn udp_request_and_reply() {
     let mut gw = Gateway::new(Table::build(1, 0, &services(&B)).unwrap());
     let now = Now::from_secs(5);
-    let q = gw.send(0, now, &testkit::client_frame(a(CLIENT), 5000, a(VIP), 53, L4Spec::Udp, b"query"));
+    let q = gw.send(
+        0,
+        now,
+        &testkit::client_frame(a(CLIENT), 5000, a(VIP), 53, L4Spec::Udp, b"query"),
+    );
     let backend = forwarded_to(&q);
     let w = wire(&q.frame);
-    assert_eq!((w.dst, w.dport, w.src, w.sport), (backend, 5353, a(CLIENT), 5000));
-    let r = gw.send(1, now, &testkit::client_frame(backend, 5353, a(CLIENT), 5000, L4Spec::Udp, b"answer"));
+    assert_eq!(
+        (w.dst, w.dport, w.src, w.sport),
+        (backend, 5353, a(CLIENT), 5000)
+    );
+    let r = gw.send(
+        1,
+        now,
+        &testkit::client_frame(backend, 5353, a(CLIENT), 5000, L4Spec::Udp, b"answer"),
+    );
     let w = wire(&r.frame);
-    assert_eq!((w.src, w.sport, w.dst, w.dport), (a(VIP), 53, a(CLIENT), 5000));
+    assert_eq!(
+        (w.src, w.sport, w.dst, w.dport),
+        (a(VIP), 53, a(CLIENT), 5000)
+    );
     // Unreplied UDP lives 30 s; replied lives 120 s.
-    let again = gw.send(0, now.plus_secs(100), &testkit::client_frame(a(CLIENT), 5000, a(VIP), 53, L4Spec::Udp, b"q2"));
+    let again = gw.send(
+        0,
+        now.plus_secs(100),
+        &testkit::client_frame(a(CLIENT), 5000, a(VIP), 53, L4Spec::Udp, b"q2"),
+    );
     assert_eq!(forwarded_to(&again), backend);
     assert_eq!(gw.workers[0].counters.new_flows, 1);
 }
@@ -245,9 +352,29 @@ fn udp_request_and_reply() {
 fn open_flows(gw: &mut Gateway, now: Now, n: u16) -> Vec<Addr16> {
     (0..n)
         .map(|i| {
-            let o = gw.send(usize::from(i % 2), now, &tcp(CLIENT, 10000 + i, VIP, 80, Tcp::syn(1), b""));
+            let o = gw.send(
+                usize::from(i % 2),
+                now,
+                &tcp(CLIENT, 10000 + i, VIP, 80, Tcp::syn(1), b""),
+            );
             let b = forwarded_to(&o);
-            let back = gw.send(usize::from((i + 1) % 2), now, &tcp(backend_name(b), 8080, CLIENT, 10000 + i, Tcp { syn: true, ack: Some(2), seq: 9, ..Tcp::default() }, b""));
+            let back = gw.send(
+                usize::from((i + 1) % 2),
+                now,
+                &tcp(
+                    backend_name(b),
+                    8080,
+                    CLIENT,
+                    10000 + i,
+                    Tcp {
+                        syn: true,
+                        ack: Some(2),
+                        seq: 9,
+                        ..Tcp::default()
+                    },
+                    b"",
+                ),
+            );
             assert!(matches!(back.verdict, Verdict::Forward { .. }));
             b
         })
@@ -255,7 +382,11 @@ fn open_flows(gw: &mut Gateway, now: Now, n: u16) -> Vec<Addr16> {
 }
 
 fn data_backend(gw: &mut Gateway, now: Now, i: u16) -> Addr16 {
-    forwarded_to(&gw.send(usize::from(i % 2), now, &tcp(CLIENT, 10000 + i, VIP, 80, Tcp::ack(2, 10), b"x")))
+    forwarded_to(&gw.send(
+        usize::from(i % 2),
+        now,
+        &tcp(CLIENT, 10000 + i, VIP, 80, Tcp::ack(2, 10), b"x"),
+    ))
 }
 
 #[test]
@@ -267,13 +398,26 @@ fn table_swap_keeps_established_flows() {
     // new flows to it, but established flows stay where they are.
     gw.table = Table::build(2, 0, &services(&B)).unwrap();
     for i in 0..300u16 {
-        assert_eq!(data_backend(&mut gw, now, i), before[i as usize], "flow {i} kept its backend");
+        assert_eq!(
+            data_backend(&mut gw, now, i),
+            before[i as usize],
+            "flow {i} kept its backend"
+        );
     }
     // New connections do use the new backend.
     let fresh: Vec<Addr16> = (0..300u16)
-        .map(|i| forwarded_to(&gw.send(0, now, &tcp("198.18.0.2", 20000 + i, VIP, 80, Tcp::syn(1), b""))))
+        .map(|i| {
+            forwarded_to(&gw.send(
+                0,
+                now,
+                &tcp("198.18.0.2", 20000 + i, VIP, 80, Tcp::syn(1), b""),
+            ))
+        })
         .collect();
-    assert!(fresh.contains(&a(B[2])), "new flows reach the added backend");
+    assert!(
+        fresh.contains(&a(B[2])),
+        "new flows reach the added backend"
+    );
 }
 
 #[test]
@@ -291,7 +435,10 @@ fn removing_a_backend_moves_only_its_flows() {
             assert_ne!(now_b, removed, "flow {i} left the removed backend");
             moved += 1;
         } else {
-            assert_eq!(now_b, before[i as usize], "flow {i} on a surviving backend stayed");
+            assert_eq!(
+                now_b, before[i as usize],
+                "flow {i} on a surviving backend stayed"
+            );
         }
     }
     let c = gw.workers[0].counters.flows_moved + gw.workers[1].counters.flows_moved;
@@ -299,10 +446,29 @@ fn removing_a_backend_moves_only_its_flows() {
     // Replies from the new backend are reverse-NATed; the old binding is gone.
     let i = before.iter().position(|b| *b == removed).unwrap() as u16;
     let new_b = data_backend(&mut gw, now, i);
-    let r = gw.send(1, now, &tcp(backend_name(new_b), 8080, CLIENT, 10000 + i, Tcp::ack(10, 3), b""));
+    let r = gw.send(
+        1,
+        now,
+        &tcp(
+            backend_name(new_b),
+            8080,
+            CLIENT,
+            10000 + i,
+            Tcp::ack(10, 3),
+            b"",
+        ),
+    );
     assert_eq!(wire(&r.frame).src, a(VIP));
-    let stale = gw.send(1, now, &tcp(B[1], 8080, CLIENT, 10000 + i, Tcp::ack(10, 3), b""));
-    assert_eq!(stale.verdict, Verdict::Pass, "the removed backend's binding is gone");
+    let stale = gw.send(
+        1,
+        now,
+        &tcp(B[1], 8080, CLIENT, 10000 + i, Tcp::ack(10, 3), b""),
+    );
+    assert_eq!(
+        stale.verdict,
+        Verdict::Pass,
+        "the removed backend's binding is gone"
+    );
 }
 
 #[test]
@@ -316,8 +482,10 @@ fn client_ip_affinity_and_its_timeout() {
             let c = format!("198.18.0.{x}");
             let mut g1 = Gateway::new(Table::build(1, 0, &services(&B[..2])).unwrap());
             let mut g2 = Gateway::new(Table::build(2, 0, &services(&B)).unwrap());
-            let b1 = forwarded_to(&g1.send(0, Now(0), &tcp(&c, 1, VIP_AFFINITY, 80, Tcp::syn(1), b"")));
-            let b2 = forwarded_to(&g2.send(0, Now(0), &tcp(&c, 1, VIP_AFFINITY, 80, Tcp::syn(1), b"")));
+            let b1 =
+                forwarded_to(&g1.send(0, Now(0), &tcp(&c, 1, VIP_AFFINITY, 80, Tcp::syn(1), b"")));
+            let b2 =
+                forwarded_to(&g2.send(0, Now(0), &tcp(&c, 1, VIP_AFFINITY, 80, Tcp::syn(1), b"")));
             (b1 != b2).then_some((c, b1, b2))
         })
         .expect("some client's pick changes");
@@ -325,28 +493,59 @@ fn client_ip_affinity_and_its_timeout() {
     let t0 = Now::from_secs(100);
     // Every connection of this client, on either worker, goes to one backend.
     for p in 0..20u16 {
-        let o = gw.send(usize::from(p % 2), t0, &tcp(&client, 30000 + p, VIP_AFFINITY, 80, Tcp::syn(1), b""));
+        let o = gw.send(
+            usize::from(p % 2),
+            t0,
+            &tcp(&client, 30000 + p, VIP_AFFINITY, 80, Tcp::syn(1), b""),
+        );
         assert_eq!(forwarded_to(&o), first);
     }
     // The table changes; within the timeout new connections still stick.
     gw.table = t2;
-    let o = gw.send(0, t0.plus_secs(59), &tcp(&client, 31000, VIP_AFFINITY, 80, Tcp::syn(1), b""));
-    assert_eq!(forwarded_to(&o), first, "affinity holds within timeoutSeconds");
+    let o = gw.send(
+        0,
+        t0.plus_secs(59),
+        &tcp(&client, 31000, VIP_AFFINITY, 80, Tcp::syn(1), b""),
+    );
+    assert_eq!(
+        forwarded_to(&o),
+        first,
+        "affinity holds within timeoutSeconds"
+    );
     assert!(gw.workers[0].counters.affinity_hits > 0);
     // 60 s after the last new connection, affinity has expired: Maglev decides.
-    let o = gw.send(1, t0.plus_secs(59 + 60), &tcp(&client, 31001, VIP_AFFINITY, 80, Tcp::syn(1), b""));
-    assert_eq!(forwarded_to(&o), later, "after the timeout the new pick applies");
+    let o = gw.send(
+        1,
+        t0.plus_secs(59 + 60),
+        &tcp(&client, 31001, VIP_AFFINITY, 80, Tcp::syn(1), b""),
+    );
+    assert_eq!(
+        forwarded_to(&o),
+        later,
+        "after the timeout the new pick applies"
+    );
 }
 
 #[test]
 fn no_endpoints_gives_rejects() {
     let mut gw = Gateway::new(Table::build(1, 0, &services(&B)).unwrap());
     let now = Now::from_secs(1);
-    let o = gw.send(0, now, &tcp(CLIENT, 40001, VIP_EMPTY, 80, Tcp::syn(777), b""));
+    let o = gw.send(
+        0,
+        now,
+        &tcp(CLIENT, 40001, VIP_EMPTY, 80, Tcp::syn(777), b""),
+    );
     assert_eq!(o.verdict, Verdict::Reject { len: 54 });
-    assert_eq!(&o.frame[0..6], &testkit::CLIENT_MAC, "back to the sender's MAC");
+    assert_eq!(
+        &o.frame[0..6],
+        &testkit::CLIENT_MAC,
+        "back to the sender's MAC"
+    );
     let w = wire(&o.frame);
-    assert_eq!((w.src, w.sport, w.dst, w.dport), (a(VIP_EMPTY), 80, a(CLIENT), 40001));
+    assert_eq!(
+        (w.src, w.sport, w.dst, w.dport),
+        (a(VIP_EMPTY), 80, a(CLIENT), 40001)
+    );
     assert_eq!(w.tcp_flags, (false, true, false, true), "RST|ACK");
     assert_eq!((w.seq, w.ack), (0, 778));
 
@@ -355,12 +554,28 @@ fn no_endpoints_gives_rejects() {
     assert!(matches!(o.verdict, Verdict::Reject { .. }));
     let w = wire(&o.frame);
     assert_eq!((w.src, w.dst), (a(VIP_EMPTY), a(CLIENT)));
-    assert_eq!(w.seq, 3 << 8 | 3, "ICMP destination unreachable, port unreachable");
-    assert_eq!(&o.frame[14 + 28..], &udp[14..], "the whole offending packet is quoted");
+    assert_eq!(
+        w.seq,
+        3 << 8 | 3,
+        "ICMP destination unreachable, port unreachable"
+    );
+    assert_eq!(
+        &o.frame[14 + 28..],
+        &udp[14..],
+        "the whole offending packet is quoted"
+    );
 
     // A RST is never answered.
-    let rst = Tcp { rst: true, seq: 5, ..Tcp::default() };
-    assert_eq!(gw.send(0, now, &tcp(CLIENT, 40002, VIP_EMPTY, 80, rst, b"")).verdict, Verdict::Drop(DropReason::NoEndpoints));
+    let rst = Tcp {
+        rst: true,
+        seq: 5,
+        ..Tcp::default()
+    };
+    assert_eq!(
+        gw.send(0, now, &tcp(CLIENT, 40002, VIP_EMPTY, 80, rst, b""))
+            .verdict,
+        Verdict::Drop(DropReason::NoEndpoints)
+    );
 }
 
 #[test]
@@ -375,33 +590,71 @@ fn icmp_frag_needed_follows_its_flow_both_ways() {
     //    that sent the reply, quoting the packet as the backend sent it.
     let reply_as_client_saw = tcp(VIP, 80, CLIENT, 40000, Tcp::ack(9, 2), &[0u8; 1400]);
     let mtu = [0, 0, 0x05, 0x00]; // next-hop MTU 1280
-    let err = testkit::icmp_error(a("198.18.0.254"), a(VIP), (3, 4, mtu), &reply_as_client_saw, 28);
+    let err = testkit::icmp_error(
+        a("198.18.0.254"),
+        a(VIP),
+        (3, 4, mtu),
+        &reply_as_client_saw,
+        28,
+    );
     let o = gw.send(1, now, &err);
     assert_eq!(forwarded_to(&o), backend);
     let w = wire(&o.frame);
     assert_eq!((w.src, w.dst), (a("198.18.0.254"), backend));
     let quoted = &o.frame[14 + 20 + 8..];
-    assert_eq!(&quoted[12..16], &backend[12..16], "quoted source is the backend");
-    assert_eq!(u16::from_be_bytes([quoted[20], quoted[21]]), 8080, "quoted source port is the backend's");
-    assert_eq!(checksum::ipv4_header_checksum(&quoted[..20]), u16::from_be_bytes([quoted[10], quoted[11]]), "quoted IPv4 checksum");
+    assert_eq!(
+        &quoted[12..16],
+        &backend[12..16],
+        "quoted source is the backend"
+    );
+    assert_eq!(
+        u16::from_be_bytes([quoted[20], quoted[21]]),
+        8080,
+        "quoted source port is the backend's"
+    );
+    assert_eq!(
+        checksum::ipv4_header_checksum(&quoted[..20]),
+        u16::from_be_bytes([quoted[10], quoted[11]]),
+        "quoted IPv4 checksum"
+    );
     assert_eq!(&o.frame[14 + 20 + 4..14 + 20 + 8], &mtu, "MTU untouched");
 
     // 2. The backend itself cannot take a packet we forwarded (client → backend)
     //    and answers with frag-needed: the client must see it from the VIP,
     //    quoting the packet it sent to the VIP.
-    let fwd_as_backend_saw = tcp(CLIENT, 40000, backend_name(backend), 8080, Tcp::ack(2, 9), &[0u8; 1400]);
+    let fwd_as_backend_saw = tcp(
+        CLIENT,
+        40000,
+        backend_name(backend),
+        8080,
+        Tcp::ack(2, 9),
+        &[0u8; 1400],
+    );
     let err = testkit::icmp_error(backend, a(CLIENT), (3, 4, mtu), &fwd_as_backend_saw, 28);
     let o = gw.send(0, now, &err);
     match o.verdict {
-        Verdict::Forward { next_hop, .. } => assert_eq!((next_hop.side, next_hop.addr), (Side::Client, a(CLIENT))),
+        Verdict::Forward { next_hop, .. } => {
+            assert_eq!((next_hop.side, next_hop.addr), (Side::Client, a(CLIENT)))
+        }
         v => panic!("not forwarded: {v:?}"),
     }
     let w = wire(&o.frame);
-    assert_eq!((w.src, w.dst), (a(VIP), a(CLIENT)), "the error comes from the service address");
+    assert_eq!(
+        (w.src, w.dst),
+        (a(VIP), a(CLIENT)),
+        "the error comes from the service address"
+    );
     let quoted = &o.frame[14 + 20 + 8..];
-    assert_eq!(&quoted[16..20], &a(VIP)[12..16], "quoted destination is the VIP");
+    assert_eq!(
+        &quoted[16..20],
+        &a(VIP)[12..16],
+        "quoted destination is the VIP"
+    );
     assert_eq!(u16::from_be_bytes([quoted[22], quoted[23]]), 80);
-    assert_eq!(gw.workers[0].counters.icmp_errors + gw.workers[1].counters.icmp_errors, 2);
+    assert_eq!(
+        gw.workers[0].counters.icmp_errors + gw.workers[1].counters.icmp_errors,
+        2
+    );
 
     // An ICMP error about a flow we never saw goes to the kernel.
     let unknown = tcp(VIP, 80, CLIENT, 49999, Tcp::ack(9, 2), b"");
@@ -409,9 +662,18 @@ fn icmp_frag_needed_follows_its_flow_both_ways() {
     assert_eq!(gw.send(0, now, &err).verdict, Verdict::Pass);
 
     // A corrupt ICMP checksum is dropped, not laundered.
-    let mut bad = testkit::icmp_error(a("198.18.0.254"), a(VIP), (3, 4, mtu), &reply_as_client_saw, 28);
+    let mut bad = testkit::icmp_error(
+        a("198.18.0.254"),
+        a(VIP),
+        (3, 4, mtu),
+        &reply_as_client_saw,
+        28,
+    );
     bad[14 + 20 + 2] ^= 0xff;
-    assert_eq!(gw.send(0, now, &bad).verdict, Verdict::Drop(DropReason::IcmpMalformed));
+    assert_eq!(
+        gw.send(0, now, &bad).verdict,
+        Verdict::Drop(DropReason::IcmpMalformed)
+    );
 }
 
 #[test]
@@ -419,14 +681,20 @@ fn idle_flows_expire_with_the_clock() {
     let ct = Arc::new(Conntrack::new(&Config {
         capacity: 1024,
         shards: 4,
-        timeouts: Timeouts { tcp_syn: 5, ..Timeouts::default() },
+        timeouts: Timeouts {
+            tcp_syn: 5,
+            ..Timeouts::default()
+        },
         ..Config::default()
     }));
     let table = Table::build(1, 0, &services(&B)).unwrap();
     let mut w = Worker::new(Arc::clone(&ct));
     let f = tcp(CLIENT, 40000, VIP, 80, Tcp::syn(1), b"");
     let (mut buf, len) = testkit::to_buf(&f);
-    assert!(matches!(w.process(Now::from_secs(0), &table, &mut buf, len), Verdict::Forward { .. }));
+    assert!(matches!(
+        w.process(Now::from_secs(0), &table, &mut buf, len),
+        Verdict::Forward { .. }
+    ));
     assert_eq!(ct.len(), 1);
     let mut cursor = 0;
     assert_eq!(ct.expire(Now::from_secs(4), &mut cursor, 4), 0);

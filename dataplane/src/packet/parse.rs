@@ -174,7 +174,8 @@ pub fn parse(frame: &[u8]) -> Result<Option<Parsed>, DropReason> {
     let mut ether_type = eth.ether_type();
     if ether_type == EtherType::VLAN_TAGGED_FRAME {
         let rest = frame.get(l3..).ok_or(DropReason::VlanTruncated)?;
-        let vlan = SingleVlanHeaderSlice::from_slice(rest).map_err(|_| DropReason::VlanTruncated)?;
+        let vlan =
+            SingleVlanHeaderSlice::from_slice(rest).map_err(|_| DropReason::VlanTruncated)?;
         l3 += vlan.slice().len();
         ether_type = vlan.ether_type();
     }

@@ -38,7 +38,12 @@ fn is_unicast_source(p: &Parsed) -> bool {
 /// [`DropReason::NoEndpoints`] when the frame must not be answered (a RST, a
 /// non-unicast source); [`DropReason::BufferTooSmall`] when the answer does not
 /// fit in `buf`.
-pub fn reject_in_place(buf: &mut [u8], len: usize, p: &Parsed, f: &FlowL4) -> Result<usize, DropReason> {
+pub fn reject_in_place(
+    buf: &mut [u8],
+    len: usize,
+    p: &Parsed,
+    f: &FlowL4,
+) -> Result<usize, DropReason> {
     if !is_unicast_source(p) || len > buf.len() {
         return Err(DropReason::NoEndpoints);
     }
@@ -49,7 +54,8 @@ pub fn reject_in_place(buf: &mut [u8], len: usize, p: &Parsed, f: &FlowL4) -> Re
 }
 
 fn get4(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4).map_or(0, |s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(at..at + 4)
+        .map_or(0, |s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 /// RFC 9293 §3.10.7.1: the reset for a segment to a closed port.
@@ -69,7 +75,11 @@ fn tcp_rst(buf: &mut [u8], p: &Parsed, f: &FlowL4) -> Result<usize, DropReason> 
     let (rst_seq, rst_ack, flags) = if f.tcp_flags & tcp_flags::ACK != 0 {
         (ack, 0, tcp_flags::RST)
     } else {
-        (0, seq.wrapping_add(seg_len), tcp_flags::RST | tcp_flags::ACK)
+        (
+            0,
+            seq.wrapping_add(seg_len),
+            tcp_flags::RST | tcp_flags::ACK,
+        )
     };
     let ip_len = match p.family {
         Family::V4 => 20,
@@ -99,7 +109,11 @@ fn tcp_rst(buf: &mut [u8], p: &Parsed, f: &FlowL4) -> Result<usize, DropReason> 
 /// quoting as much of the offending packet as fits.
 fn port_unreachable(buf: &mut [u8], p: &Parsed) -> Result<usize, DropReason> {
     let (ip_len, max, min_quote) = match p.family {
-        Family::V4 => (20, ICMP4_MAX, usize::from(buf.get(p.l3).map_or(5, |b| b & 0x0f)) * 4 + 8),
+        Family::V4 => (
+            20,
+            ICMP4_MAX,
+            usize::from(buf.get(p.l3).map_or(5, |b| b & 0x0f)) * 4 + 8,
+        ),
         Family::V6 => (40, ICMP6_MAX, 48),
     };
     let orig = p.ip_end - p.l3;
