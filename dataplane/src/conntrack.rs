@@ -24,6 +24,7 @@
 //! locks at once.
 
 use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use foldhash::fast::FixedState;
@@ -31,6 +32,7 @@ use hashbrown::HashTable;
 
 use crate::flow::{v4_to_16, Addr16, FlowTuple, Proto};
 use crate::packet::parse::{tcp_flags, Family};
+use crate::prefetch::prefetch;
 use crate::time::Now;
 
 /// Idle timeouts in seconds, per protocol and state.
@@ -189,6 +191,8 @@ impl FlowState {
 trait Ip: Copy + Eq + Hash + Default + std::fmt::Debug {
     fn from16(a: &Addr16) -> Self;
     fn to16(&self) -> Addr16;
+    /// The address as two words for [`FlowHasher`].
+    fn words(&self) -> (u64, u64);
 }
 
 impl Ip for [u8; 4] {
@@ -199,6 +203,10 @@ impl Ip for [u8; 4] {
     #[inline]
     fn to16(&self) -> Addr16 {
         v4_to_16(*self)
+    }
+    #[inline]
+    fn words(&self) -> (u64, u64) {
+        (u64::from(u32::from_ne_bytes(*self)), 0)
     }
 }
 
@@ -211,6 +219,74 @@ impl Ip for [u8; 16] {
     fn to16(&self) -> Addr16 {
         *self
     }
+    #[inline]
+    fn words(&self) -> (u64, u64) {
+        let mut lo = [0u8; 8];
+        let mut hi = [0u8; 8];
+        lo.copy_from_slice(&self[..8]);
+        hi.copy_from_slice(&self[8..]);
+        (u64::from_ne_bytes(lo), u64::from_ne_bytes(hi))
+    }
+}
+
+/// The in-process hash of the flow tables (not an ABI: it only has to spread
+/// keys). Folded 64×64→128-bit multiplies over the key's words, as foldhash
+/// and aHash do, with keys drawn from the OS's randomness once per table, so
+/// that nobody outside can aim flows at one bucket.
+#[derive(Debug, Clone, Copy)]
+struct FlowHasher {
+    k: [u64; 4],
+}
+
+impl FlowHasher {
+    fn new(seed: u64) -> Self {
+        // splitmix64: four well-spread keys from one seed; the top bit set so
+        // that an IPv4 word (< 2^32) never cancels a key to zero.
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            (z ^ (z >> 31)) | 1 << 63
+        };
+        Self {
+            k: [next(), next(), next(), next()],
+        }
+    }
+
+    fn random() -> Self {
+        use std::hash::RandomState;
+        Self::new(RandomState::new().hash_one(0x636c_7573_7465_7267u64))
+    }
+
+    #[inline(always)]
+    fn mix(a: u64, b: u64) -> u64 {
+        let x = u128::from(a) * u128::from(b);
+        (x as u64) ^ ((x >> 64) as u64)
+    }
+
+    /// Hash of two addresses and a tail word (ports and protocol).
+    #[inline(always)]
+    fn pair<A: Ip>(&self, a: &A, b: &A, tail: u64) -> u64 {
+        let (a0, a1) = a.words();
+        let (b0, b1) = b.words();
+        let h = Self::mix(a0 ^ self.k[0], b0 ^ self.k[1]);
+        Self::mix(h ^ a1 ^ self.k[2], b1 ^ tail ^ self.k[3])
+    }
+
+    /// Hash of one address and a tail word.
+    #[inline(always)]
+    fn one<A: Ip>(&self, a: &A, tail: u64) -> u64 {
+        let (a0, a1) = a.words();
+        Self::mix(a0 ^ self.k[0], a1 ^ tail ^ self.k[1])
+    }
+}
+
+/// Ports and protocol packed into one word.
+#[inline(always)]
+fn tail(p1: u16, p2: u16, proto: u8) -> u64 {
+    u64::from(p1) << 24 | u64::from(p2) << 8 | u64::from(proto)
 }
 
 /// Forward entry: (client, vip, ports, proto) → backend, plus state.
@@ -260,6 +336,33 @@ struct Shard<A> {
     stats: ShardStats,
 }
 
+/// Where a shard's tables lie in memory, for prefetching without the lock:
+/// hashbrown keeps the control bytes at `ctrl` and bucket `i` just below it,
+/// at `ctrl - (i + 1) * size_of::<T>()`. Only a hint: a stale value costs a
+/// wasted prefetch, never a wrong lookup (see `prefetch_layout_matches_hashbrown`).
+#[derive(Debug, Default)]
+struct Geometry {
+    fwd_ctrl: AtomicUsize,
+    fwd_mask: AtomicUsize,
+    rev_ctrl: AtomicUsize,
+    rev_mask: AtomicUsize,
+}
+
+/// Control-bytes address of a table, from one of its entries.
+fn ctrl_of<T>(entry: &T, index: usize) -> usize {
+    entry as *const T as usize + (index + 1) * std::mem::size_of::<T>()
+}
+
+#[inline]
+fn prefetch_slot<T>(ctrl: usize, mask: usize, hash: u64) {
+    if ctrl == 0 {
+        return;
+    }
+    let i = hash as usize & mask;
+    prefetch(ctrl + i);
+    prefetch(ctrl.wrapping_sub((i + 1) * std::mem::size_of::<T>()));
+}
+
 /// One cache line per shard lock, so that two cores never share one.
 #[derive(Debug)]
 #[repr(align(64))]
@@ -275,8 +378,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 struct Tracker<A> {
     shards: Box<[Padded<Mutex<Shard<A>>>]>,
+    geometry: Box<[Geometry]>,
     mask: usize,
-    hasher: FixedState,
+    hasher: FlowHasher,
 }
 
 /// A hit in the forward direction.
@@ -342,28 +446,81 @@ impl<A: Ip> Tracker<A> {
             .collect();
         Self {
             shards,
+            geometry: (0..n).map(|_| Geometry::default()).collect(),
             mask: n - 1,
-            // A fixed seed: the table's layout need not agree across processes,
-            // but a fixed seed keeps tests and benches reproducible.
-            hasher: FixedState::with_seed(0x636c_7573_7465_7267),
+            hasher: FlowHasher::random(),
         }
     }
 
     #[inline]
-    fn shard(&self, client: &A, cport: u16, proto: u8) -> &Mutex<Shard<A>> {
-        let h = self.hasher.hash_one((client, cport, proto));
+    fn shard_index(&self, client: &A, cport: u16, proto: u8) -> usize {
+        let h = self.hasher.one(client, tail(cport, 0, proto));
         // Bits away from hashbrown's (low bits pick buckets, top 7 tag them).
-        &self.shards[(h >> 32) as usize & self.mask].0
+        (h >> 32) as usize & self.mask
+    }
+
+    /// Starts loading the lines a forward lookup of `t` will touch.
+    #[inline]
+    fn prefetch_original(&self, t: &FlowTuple) {
+        let (c, v, p) = (
+            A::from16(&t.src_addr),
+            A::from16(&t.dst_addr),
+            t.proto.ip_number(),
+        );
+        let g = &self.geometry[self.shard_index(&c, t.src_port, p)];
+        let h = self.fwd_hash(&c, &v, t.src_port, t.dst_port, p);
+        prefetch_slot::<Fwd<A>>(
+            g.fwd_ctrl.load(Ordering::Relaxed),
+            g.fwd_mask.load(Ordering::Relaxed),
+            h,
+        );
+    }
+
+    /// Starts loading the lines a reply lookup of `t` (backend → client) will touch.
+    #[inline]
+    fn prefetch_reply(&self, t: &FlowTuple) {
+        let (b, c, p) = (
+            A::from16(&t.src_addr),
+            A::from16(&t.dst_addr),
+            t.proto.ip_number(),
+        );
+        let g = &self.geometry[self.shard_index(&c, t.dst_port, p)];
+        let h = self.rev_hash(&b, &c, t.src_port, t.dst_port, p);
+        prefetch_slot::<Rev<A>>(
+            g.rev_ctrl.load(Ordering::Relaxed),
+            g.rev_mask.load(Ordering::Relaxed),
+            h,
+        );
+    }
+
+    /// Brings a table back to its planned size when deleted-slot markers have
+    /// used up its room: hashbrown would otherwise grow it (allocate, double).
+    /// Rare: only after many removals in a nearly full shard.
+    fn compact<T, H: Fn(&T) -> u64>(table: &mut HashTable<T>, cap: usize, hash: H) {
+        if table.len() < table.capacity() || table.len() >= cap {
+            return;
+        }
+        let mut fresh = HashTable::with_capacity(cap);
+        for e in table.drain() {
+            let h = hash(&e);
+            fresh.insert_unique(h, e, &hash);
+        }
+        *table = fresh;
+    }
+
+    #[inline]
+    fn shard(&self, client: &A, cport: u16, proto: u8) -> &Mutex<Shard<A>> {
+        &self.shards[self.shard_index(client, cport, proto)].0
     }
 
     #[inline]
     fn fwd_hash(&self, client: &A, vip: &A, cport: u16, vport: u16, proto: u8) -> u64 {
-        self.hasher.hash_one((client, vip, cport, vport, proto))
+        self.hasher.pair(client, vip, tail(cport, vport, proto))
     }
 
     #[inline]
     fn rev_hash(&self, backend: &A, client: &A, bport: u16, cport: u16, proto: u8) -> u64 {
-        self.hasher.hash_one((backend, client, bport, cport, proto))
+        self.hasher.pair(backend, client, tail(bport, cport, proto))
     }
 
     fn fwd_of(e: &Fwd<A>) -> impl Fn(&Fwd<A>) -> bool + '_ {
@@ -545,16 +702,24 @@ impl<A: Ip> Tracker<A> {
                 return Err(Full);
             }
         }
-        let hasher = &self.hasher;
-        fwd.insert_unique(fh, e, |x| {
-            hasher.hash_one((&x.client, &x.vip, x.cport, x.vport, x.proto))
-        });
+        let fwd_hasher = |x: &Fwd<A>| self.fwd_hash(&x.client, &x.vip, x.cport, x.vport, x.proto);
+        let rev_hasher =
+            |r: &Rev<A>| self.rev_hash(&r.backend, &r.client, r.bport, r.cport, r.proto);
         // A stale reverse entry for the same backend tuple (its forward entry was
         // replaced under another vip) would shadow this one: drop it first.
         if let Ok(stale) = rev.find_entry(rh, Self::rev_of(&e)) {
             stale.remove();
         }
-        rev.insert_unique(
+        Self::compact(fwd, *cap, fwd_hasher);
+        Self::compact(rev, *cap, rev_hasher);
+        let geo = &self.geometry[self.shard_index(&e.client, e.cport, p)];
+        let placed = fwd.insert_unique(fh, e, fwd_hasher);
+        let ctrl = ctrl_of(placed.get(), placed.bucket_index());
+        if geo.fwd_ctrl.load(Ordering::Relaxed) != ctrl {
+            geo.fwd_mask.store(fwd.num_buckets() - 1, Ordering::Relaxed);
+            geo.fwd_ctrl.store(ctrl, Ordering::Relaxed);
+        }
+        let placed = rev.insert_unique(
             rh,
             Rev {
                 backend: e.backend,
@@ -565,8 +730,13 @@ impl<A: Ip> Tracker<A> {
                 vport: e.vport,
                 proto: p,
             },
-            |r| hasher.hash_one((&r.backend, &r.client, r.bport, r.cport, r.proto)),
+            rev_hasher,
         );
+        let ctrl = ctrl_of(placed.get(), placed.bucket_index());
+        if geo.rev_ctrl.load(Ordering::Relaxed) != ctrl {
+            geo.rev_mask.store(rev.num_buckets() - 1, Ordering::Relaxed);
+            geo.rev_ctrl.store(ctrl, Ordering::Relaxed);
+        }
         stats.inserts += 1;
         Ok(())
     }
@@ -865,6 +1035,25 @@ impl Conntrack {
         match family {
             Family::V4 => self.v4.lookup_reply(n, t, flags, touch, &self.timeouts),
             Family::V6 => self.v6.lookup_reply(n, t, flags, touch, &self.timeouts),
+        }
+    }
+
+    /// Starts loading what [`Conntrack::lookup_original`] of `t` will touch
+    /// (batch lookups: prefetch a whole batch, then look each one up).
+    #[inline]
+    pub fn prefetch_original(&self, family: Family, t: &FlowTuple) {
+        match family {
+            Family::V4 => self.v4.prefetch_original(t),
+            Family::V6 => self.v6.prefetch_original(t),
+        }
+    }
+
+    /// Starts loading what [`Conntrack::lookup_reply`] of `t` will touch.
+    #[inline]
+    pub fn prefetch_reply(&self, family: Family, t: &FlowTuple) {
+        match family {
+            Family::V4 => self.v4.prefetch_reply(t),
+            Family::V6 => self.v6.prefetch_reply(t),
         }
     }
 
@@ -1424,6 +1613,93 @@ mod tests {
         assert!(ct
             .affinity_get(Now::from_secs(10), &c, &v, 80, Proto::Tcp)
             .is_none());
+    }
+
+    /// The prefetch hint derives bucket addresses from hashbrown's layout
+    /// (control bytes at `ctrl`, bucket `i` at `ctrl - (i + 1) * size`). If a
+    /// hashbrown upgrade changes that layout, this fails rather than the
+    /// prefetches silently turning useless.
+    #[test]
+    fn prefetch_layout_matches_hashbrown() {
+        let ct = small(4096);
+        let now = Now::from_secs(1);
+        for i in 0..2000u16 {
+            ct.insert(
+                now,
+                Family::V4,
+                &t(i),
+                &bind(8080),
+                FlowState::TcpEstablished,
+            )
+            .unwrap();
+        }
+        let tr = &ct.v4;
+        let g = &tr.geometry[0];
+        let (ctrl, mask) = (
+            g.fwd_ctrl.load(Ordering::Relaxed),
+            g.fwd_mask.load(Ordering::Relaxed),
+        );
+        let shard = lock(&tr.shards[0].0);
+        assert_eq!(mask, shard.fwd.num_buckets() - 1);
+        let size = std::mem::size_of::<Fwd<[u8; 4]>>();
+        let mut at_home = 0;
+        for e in shard.fwd.iter() {
+            let h = tr.fwd_hash(&e.client, &e.vip, e.cport, e.vport, e.proto);
+            let idx = shard
+                .fwd
+                .find_bucket_index(h, Tracker::<[u8; 4]>::fwd_of(e))
+                .unwrap();
+            assert_eq!(
+                ctrl_of(e, idx),
+                ctrl,
+                "every entry sits where the layout says"
+            );
+            if idx == (h as usize & mask) {
+                at_home += 1;
+            }
+            let _ = size;
+        }
+        // Most entries are found in the first slot probed, which is what the
+        // hint loads.
+        assert!(
+            at_home * 10 >= shard.fwd.len() * 7,
+            "{at_home} of {} at their home slot",
+            shard.fwd.len()
+        );
+    }
+
+    /// Removals leave deleted-slot markers; when they use up a full shard's
+    /// room, hashbrown would grow (allocate, double) the table on the next
+    /// insert. The shard rebuilds itself at the planned size instead.
+    #[test]
+    fn churn_never_grows_a_shard() {
+        let ct = small(512);
+        let cap = ct.capacity();
+        let buckets = |ct: &Conntrack| {
+            let s = lock(&ct.v4.shards[0].0);
+            (s.fwd.num_buckets(), s.rev.num_buckets())
+        };
+        let start = buckets(&ct);
+        let mut now = Now::from_secs(1);
+        let mut port = 0u16;
+        for round in 0..40u64 {
+            // Fill to the brim with short-lived flows, then let half expire.
+            while ct.len() < cap {
+                let st = if port % 3 == 0 {
+                    FlowState::TcpClosing
+                } else {
+                    FlowState::TcpReset
+                };
+                ct.insert(now, Family::V4, &t(port), &bind(8080), st)
+                    .unwrap();
+                port = port.wrapping_add(1);
+            }
+            now = now.plus_secs(11);
+            let mut cursor = 0;
+            ct.expire(now, &mut cursor, 1);
+            assert_eq!(buckets(&ct), start, "round {round}: a shard grew");
+        }
+        assert!(ct.stats().inserts > 10 * cap as u64);
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod flow;
 pub mod maglev;
 pub mod packet;
 pub mod pipeline;
+pub mod prefetch;
 pub mod table;
 pub mod testkit;
 pub mod time;

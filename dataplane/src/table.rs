@@ -199,18 +199,36 @@ pub struct Table {
     frontends: Vec<FrontendRecord>,
     backends: Vec<BackendRecord>,
     ring: Vec<u32>,
-    index: HashTable<u32>,
+    index: HashTable<IndexSlot>,
     index_seed: u64,
 }
 
-/// Hash for the in-process frontend index (not part of any ABI).
+/// A frontend index entry: the key inline, so a lookup reads one bucket.
+#[derive(Debug, Clone, Copy)]
+struct IndexSlot {
+    addr: Addr16,
+    port: u16,
+    proto: u8,
+    frontend: u32,
+}
+
+/// Hash for the in-process frontend index (not part of any ABI): a folded
+/// multiply over the address words, port and protocol.
 #[inline]
 fn key_hash(seed: u64, addr: &Addr16, port: u16, proto: u8) -> u64 {
-    let mut b = [0u8; 19];
-    b[..16].copy_from_slice(addr);
-    b[16..18].copy_from_slice(&port.to_be_bytes());
-    b[18] = proto;
-    xxhash_rust::xxh3::xxh3_64_with_seed(&b, seed)
+    let mut lo = [0u8; 8];
+    let mut hi = [0u8; 8];
+    lo.copy_from_slice(&addr[..8]);
+    hi.copy_from_slice(&addr[8..]);
+    let mix = |a: u64, b: u64| {
+        let x = u128::from(a) * u128::from(b);
+        (x as u64) ^ ((x >> 64) as u64)
+    };
+    let tail = u64::from(port) << 8 | u64::from(proto);
+    mix(
+        u64::from_ne_bytes(lo) ^ seed,
+        u64::from_ne_bytes(hi) ^ tail ^ 0x9e37_79b9_7f4a_7c15,
+    )
 }
 
 impl Table {
@@ -317,7 +335,7 @@ impl Table {
         ring: Vec<u32>,
     ) -> Result<Self, TableError> {
         let bad = |index: usize, what: String| TableError::BadFrontend { index, what };
-        let index_seed = generation ^ 0x5851_f42d_4c95_7f2d;
+        let index_seed = (generation ^ 0x5851_f42d_4c95_7f2d) | 1 << 63;
         let mut index = HashTable::with_capacity(frontends.len());
         for (i, f) in frontends.iter().enumerate() {
             let Some(proto) = Proto::from_ip_number(f.proto) else {
@@ -376,9 +394,8 @@ impl Table {
             }
             let h = key_hash(index_seed, &f.addr, f.port, f.proto);
             if index
-                .find(h, |&j: &u32| {
-                    let g = &frontends[j as usize];
-                    g.addr == f.addr && g.port == f.port && g.proto == f.proto
+                .find(h, |s: &IndexSlot| {
+                    s.addr == f.addr && s.port == f.port && s.proto == f.proto
                 })
                 .is_some()
             {
@@ -388,10 +405,13 @@ impl Table {
                     proto: proto.as_str(),
                 });
             }
-            index.insert_unique(h, i as u32, |&j| {
-                let g = &frontends[j as usize];
-                key_hash(index_seed, &g.addr, g.port, g.proto)
-            });
+            let slot = IndexSlot {
+                addr: f.addr,
+                port: f.port,
+                proto: f.proto,
+                frontend: i as u32,
+            };
+            index.insert_unique(h, slot, |s| key_hash(index_seed, &s.addr, s.port, s.proto));
         }
         Ok(Self {
             generation,
@@ -441,11 +461,8 @@ impl Table {
         let p = proto.ip_number();
         let h = key_hash(self.index_seed, addr, port, p);
         self.index
-            .find(h, |&j| {
-                let g = &self.frontends[j as usize];
-                g.addr == *addr && g.port == port && g.proto == p
-            })
-            .copied()
+            .find(h, |s| s.addr == *addr && s.port == port && s.proto == p)
+            .map(|s| s.frontend)
     }
 
     /// Is there any frontend on this address (any port or protocol)?

@@ -120,7 +120,17 @@ pub fn update_words_odd(csum: u16, old: &[u8], new: &[u8]) -> u16 {
 /// The field must start at an even offset of the checksummed data.
 #[must_use]
 pub fn update32(csum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
-    update_words(csum, &old, &new)
+    // Eqn. 3 applied to both 16-bit words at once: HC' = ~(~HC + ~m0 + ~m1 + m0' + m1').
+    let w = |b: [u8; 4]| {
+        (
+            u16::from_be_bytes([b[0], b[1]]),
+            u16::from_be_bytes([b[2], b[3]]),
+        )
+    };
+    let (o0, o1) = w(old);
+    let (n0, n1) = w(new);
+    let sum = u32::from(!csum) + u32::from(!o0) + u32::from(!o1) + u32::from(n0) + u32::from(n1);
+    !fold(sum)
 }
 
 /// Updates `csum` for a 16-byte field (an IPv6 address) changing from `old` to `new` (RFC 1624 eqn. 3).
