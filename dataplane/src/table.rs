@@ -626,6 +626,60 @@ mod tests {
         assert!(Table::from_parts(1, 0, f, b, r).is_ok());
     }
 
+    /// The ring size follows the backend count only in power-of-two steps, so
+    /// removing one of four backends keeps M, and new flows of the other three
+    /// keep their backends (Maglev's consistency survives endpoint changes).
+    #[test]
+    fn removal_within_a_size_step_keeps_other_picks() {
+        let four = Table::build(
+            1,
+            0,
+            &[svc(
+                "198.19.0.10",
+                80,
+                &["198.18.1.1", "198.18.1.2", "198.18.1.3", "198.18.1.4"],
+            )],
+        )
+        .unwrap();
+        let three = Table::build(
+            2,
+            0,
+            &[svc(
+                "198.19.0.10",
+                80,
+                &["198.18.1.1", "198.18.1.2", "198.18.1.3"],
+            )],
+        )
+        .unwrap();
+        let (f4, f3) = (
+            four.frontend_record(0).unwrap(),
+            three.frontend_record(0).unwrap(),
+        );
+        assert_eq!(f4.ring_len, f3.ring_len, "same ring size within a step");
+        let gone = addr16(ip("198.18.1.4"));
+        let (mut kept, mut others) = (0, 0);
+        for p in 0..20_000u16 {
+            let t = FlowTuple {
+                src_addr: addr16(ip("198.18.0.1")),
+                dst_addr: f4.addr,
+                src_port: p,
+                dst_port: 80,
+                proto: Proto::Tcp,
+            };
+            let before = four.pick(f4, &t).unwrap().addr;
+            let after = three.pick(f3, &t).unwrap().addr;
+            assert_ne!(after, gone);
+            if before != gone {
+                others += 1;
+                kept += usize::from(before == after);
+            }
+        }
+        assert!(
+            kept * 100 >= others * 95,
+            "only {kept} of {others} flows kept their backend"
+        );
+    }
+
     #[test]
     fn draining_backends_take_no_new_flows() {
         let mut s = svc("198.19.0.10", 80, &["198.18.1.1", "198.18.1.2"]);
