@@ -272,15 +272,28 @@ impl FlowHasher {
         let (a0, a1) = a.words();
         let (b0, b1) = b.words();
         let h = Self::mix(a0 ^ self.k[0], b0 ^ self.k[1]);
-        Self::mix(h ^ a1 ^ self.k[2], b1 ^ tail ^ self.k[3])
+        fmix64(Self::mix(h ^ a1 ^ self.k[2], b1 ^ tail ^ self.k[3]))
     }
 
     /// Hash of one address and a tail word.
     #[inline(always)]
     fn one<A: Ip>(&self, a: &A, tail: u64) -> u64 {
         let (a0, a1) = a.words();
-        Self::mix(a0 ^ self.k[0], a1 ^ tail ^ self.k[1])
+        fmix64(Self::mix(a0 ^ self.k[0], a1 ^ tail ^ self.k[1]))
     }
+}
+
+/// MurmurHash3's 64-bit finalizer: every input bit reaches every output bit.
+/// A folded multiply alone is nearly linear in an input that varies in a few
+/// bits (a port), which would leave hashbrown's bucket bits (the low ones)
+/// with few distinct values.
+#[inline(always)]
+pub(crate) fn fmix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 /// Ports and protocol packed into one word.

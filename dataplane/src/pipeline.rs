@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use crate::conntrack::{Binding, Conntrack, FlowState, FragRewrite};
-use crate::flow::{Addr16, FlowTuple};
+use crate::flow::{Addr16, FlowTuple, Proto};
 use crate::packet::checksum;
 use crate::packet::parse::{parse, tcp_flags, Family, FlowL4, IcmpError, Parsed, L4};
 use crate::packet::reject::reject_in_place;
@@ -311,6 +311,7 @@ impl Worker {
                     return reject_in_place(buf, len, p, f).map(|len| Verdict::Reject { len });
                 }
             };
+            sctp_fragment_guard(p, f, f.dst_port, bport)?;
             rewrite_addr(
                 buf,
                 p.family,
@@ -348,6 +349,7 @@ impl Worker {
         if p.ttl <= 1 {
             return Err(DropReason::TtlExpired);
         }
+        sctp_fragment_guard(p, f, f.src_port, r.vport)?;
         rewrite_addr(
             buf,
             p.family,
@@ -515,6 +517,23 @@ impl Worker {
         let q = e.quoted;
         // The quoted packet went the other way: its reverse is the flow key.
         let key = q.tuple.reversed();
+        if p.ttl <= 1 {
+            // Decided before any rewrite: ours and expiring → dropped like any
+            // flow packet; not ours → the kernel's.
+            let ours = self
+                .ct
+                .lookup_original(now, p.family, &key, 0, false)
+                .is_some()
+                || self
+                    .ct
+                    .lookup_reply(now, p.family, &key, 0, false)
+                    .is_some();
+            return if ours {
+                Err(DropReason::TtlExpired)
+            } else {
+                Ok(Verdict::Pass)
+            };
+        }
         let next_hop = if let Some(hit) = self.ct.lookup_original(now, p.family, &key, 0, false) {
             // Quoted: vip → client (our reply). Send to the backend as if it had
             // come from the client: outer dst and quoted src become the backend.
@@ -561,9 +580,6 @@ impl Worker {
         } else {
             return Ok(Verdict::Pass);
         };
-        if p.ttl <= 1 {
-            return Err(DropReason::TtlExpired);
-        }
         write_icmp_checksum(buf, p, e);
         decrement_ttl(buf, p)?;
         self.counters.icmp_errors += 1;
@@ -594,10 +610,10 @@ impl Worker {
 /// The quoted packet's transport checksum, when the quote holds it.
 fn quoted_csum(family: Family, t: &FlowTuple, l4: usize, end: usize) -> Option<L4Csum> {
     let (kind, at) = match (t.proto, family) {
-        (crate::flow::Proto::Tcp, _) => (L4Csum::Tcp, 16),
-        (crate::flow::Proto::Udp, Family::V4) => (L4Csum::Udp, 6),
-        (crate::flow::Proto::Udp, Family::V6) => (L4Csum::Udp6, 6),
-        (crate::flow::Proto::Sctp, _) => return None,
+        (Proto::Tcp, _) => (L4Csum::Tcp, 16),
+        (Proto::Udp, Family::V4) => (L4Csum::Udp, 6),
+        (Proto::Udp, Family::V6) => (L4Csum::Udp6, 6),
+        (Proto::Sctp, _) => return None,
     };
     (l4 + at + 2 <= end).then_some(kind)
 }
@@ -649,9 +665,23 @@ fn rewrite_addr(
     r.map_err(|_| DropReason::IpTruncated)
 }
 
+/// A fragment of an SCTP packet cannot have its port changed: the CRC32c that
+/// covers the port spans the whole reassembled packet.
+fn sctp_fragment_guard(
+    p: &Parsed,
+    f: &FlowL4,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), DropReason> {
+    if f.proto == Proto::Sctp && p.fragment.is_some() && old_port != new_port {
+        return Err(DropReason::SctpFragmentPortRewrite);
+    }
+    Ok(())
+}
+
 /// SCTP's CRC32c covers the ports: recompute it after a port rewrite.
 fn finish_l4(buf: &mut [u8], p: &Parsed, f: &FlowL4) -> Result<(), DropReason> {
-    if f.proto == crate::flow::Proto::Sctp && p.fragment.is_none() {
+    if f.proto == Proto::Sctp && p.fragment.is_none() {
         rewrite::sctp_update_crc(buf, f.offset, p.ip_end).map_err(|_| DropReason::L4Malformed)?;
     }
     Ok(())

@@ -225,10 +225,10 @@ fn key_hash(seed: u64, addr: &Addr16, port: u16, proto: u8) -> u64 {
         (x as u64) ^ ((x >> 64) as u64)
     };
     let tail = u64::from(port) << 8 | u64::from(proto);
-    mix(
+    crate::conntrack::fmix64(mix(
         u64::from_ne_bytes(lo) ^ seed,
         u64::from_ne_bytes(hi) ^ tail ^ 0x9e37_79b9_7f4a_7c15,
-    )
+    ))
 }
 
 impl Table {

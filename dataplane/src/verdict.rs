@@ -84,6 +84,9 @@ drop_reasons! {
     Ipv4Malformed => "ipv4_malformed",
     /// IPv6 header or extension headers invalid.
     Ipv6Malformed => "ipv6_malformed",
+    /// IPv6 with an IPv4-mapped source or destination (`::ffff:0:0/96`), which
+    /// RFC 4291 §2.5.5.2 keeps off the wire; never matched to IPv4 services.
+    Ipv6MappedAddress => "ipv6_mapped_address",
     /// The frame ends before the IP packet's stated length.
     IpTruncated => "ip_truncated",
     /// TCP, UDP or SCTP header cut off or inconsistent with the IP length.
@@ -94,6 +97,9 @@ drop_reasons! {
     IcmpMalformed => "icmp_malformed",
     /// UDP over IPv6 with a zero checksum (RFC 8200 §8.1 forbids it).
     Udp6ZeroChecksum => "udp6_zero_checksum",
+    /// A fragmented SCTP packet whose port must change: its CRC32c covers the
+    /// whole reassembled packet, which the gateway never sees.
+    SctpFragmentPortRewrite => "sctp_fragment_port_rewrite",
     /// TTL or hop limit would reach zero.
     TtlExpired => "ttl_expired",
     /// A non-first IP fragment whose first fragment was not seen.

@@ -46,10 +46,10 @@ const fn add_carry64(a: u64, b: u64) -> u64 {
 }
 
 /// Folds a 64-bit partial sum into 32 bits, keeping it congruent modulo 2^16 − 1.
-const fn fold64_to_32(mut acc: u64) -> u32 {
-    while acc > 0xFFFF_FFFF {
-        acc = (acc & 0xFFFF_FFFF) + (acc >> 32);
-    }
+const fn fold64_to_32(acc: u64) -> u32 {
+    // Two folds suffice for 64 bits (≤ 0x1_FFFF_FFFE, then ≤ 0xFFFF_FFFF).
+    let acc = (acc & 0xFFFF_FFFF) + (acc >> 32);
+    let acc = (acc & 0xFFFF_FFFF) + (acc >> 32);
     acc as u32
 }
 
@@ -58,10 +58,10 @@ const fn fold64_to_32(mut acc: u64) -> u32 {
 /// The result is zero only when `sum` is zero.
 #[must_use]
 pub const fn fold(sum: u32) -> u16 {
-    let mut s = sum;
-    while s > 0xFFFF {
-        s = (s & 0xFFFF) + (s >> 16);
-    }
+    // Two end-around folds always suffice for 32 bits: after the first the
+    // value is at most 0x1_FFFE, after the second at most 0xFFFF.
+    let s = (sum & 0xFFFF) + (sum >> 16);
+    let s = (s & 0xFFFF) + (s >> 16);
     s as u16
 }
 

@@ -156,6 +156,11 @@ fn offset_in(base: &[u8], sub: &[u8]) -> usize {
     (sub.as_ptr() as usize).wrapping_sub(base.as_ptr() as usize)
 }
 
+/// Is this an IPv4-mapped IPv6 address (`::ffff:0:0/96`)?
+fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+}
+
 fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
 }
@@ -234,6 +239,14 @@ fn parse_ipv6(frame: &[u8], l3: usize, ip: &[u8]) -> Result<Option<Parsed>, Drop
         _ => DropReason::Ipv6Malformed,
     })?;
     let h = v6.header();
+    if h.payload_length() == 0 {
+        // A jumbogram needs a Hop-by-Hop jumbo option (RFC 2675 §3) and cannot
+        // cross Ethernet; without it the length is simply wrong.
+        return Err(DropReason::Ipv6Malformed);
+    }
+    if is_v4_mapped(&h.source()) || is_v4_mapped(&h.destination()) {
+        return Err(DropReason::Ipv6MappedAddress);
+    }
     let mut fragment = None;
     for ext in v6.extensions().clone() {
         match ext {

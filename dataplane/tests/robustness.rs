@@ -1,0 +1,844 @@
+//! Property tests: `Worker::process` never panics and never writes where it
+//! should not, whatever the bytes.
+//!
+//! - Random byte vectors (pure noise, and noise behind plausible Ethernet /
+//!   IPv4 / IPv6 headers aimed at frontends) give some verdict; a `Forward`
+//!   keeps the frame length, a `Reject` fits the buffer, and nothing is
+//!   written past the frame (or past the reject), a `Pass` changes nothing.
+//! - Mutations of valid fixture frames (bytes flipped or set, truncated,
+//!   extended) obey the same rules, and when they are forwarded the output is
+//!   still a packet etherparse slices, its destination is the next hop, its
+//!   TTL one lower, and every checksum that was valid on input (IPv4 header,
+//!   TCP, UDP, ICMP, SCTP CRC32c; full recomputation) is valid on output: the
+//!   incremental updates keep a wrong checksum wrong, so only those are
+//!   checked. Rejects are new packets: all their checksums must be valid.
+//! - A `len` past the buffer is `Drop(BadFrameLength)`.
+//!
+//! Failure persistence is off (no regression files are written); a failure
+//! prints the minimal input.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use std::sync::{Arc, OnceLock};
+
+use clustergate_dataplane::conntrack::{Config, Conntrack};
+use clustergate_dataplane::flow::{ip_from16, v4_to_16, Addr16, Proto};
+use clustergate_dataplane::packet::checksum::sctp_crc32c;
+use clustergate_dataplane::pipeline::{DropReason, Verdict, Worker};
+use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::testkit::{
+    client_frame, frame, icmp_error, L4Spec, Tcp, BUF_LEN, CLIENT_MAC, GATEWAY_MAC,
+};
+use clustergate_dataplane::time::Now;
+use etherparse::{
+    ip_number, EtherType, Ethernet2Header, Icmpv4Header, Icmpv6Header, IpFragOffset, IpHeaders,
+    IpNumber, Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6Header, Ipv6RawExtHeader, NetSlice,
+    PacketBuilder, SlicedPacket, TransportSlice, UdpHeader,
+};
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::sample::Index;
+
+const NOW: Now = Now(1_000_000_000_000);
+
+const C4: Addr16 = v4_to_16([198, 18, 0, 1]);
+const VIP4: Addr16 = v4_to_16([198, 19, 0, 10]);
+const B1: Addr16 = v4_to_16([198, 18, 1, 1]);
+const B2: Addr16 = v4_to_16([198, 18, 1, 2]);
+const EMPTY4: Addr16 = v4_to_16([198, 19, 0, 12]);
+/// 2001:db8:2::1
+const C6: Addr16 = [0x20, 0x01, 0x0d, 0xb8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// 2001:db8::10
+const VIP6: Addr16 = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+/// 2001:db8:1::1
+const B6: Addr16 = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+/// 2001:db8::12
+const EMPTY6: Addr16 = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12,
+];
+
+const SCTP_PORT: u16 = 3868;
+
+fn svc(addr: Addr16, port: u16, proto: Proto, backends: &[(Addr16, u16)]) -> ServiceSpec {
+    ServiceSpec::cluster_ip(
+        ip_from16(addr),
+        port,
+        proto,
+        backends
+            .iter()
+            .map(|(a, p)| BackendSpec::ready(ip_from16(*a), *p))
+            .collect(),
+    )
+}
+
+fn table() -> &'static Table {
+    static T: OnceLock<Table> = OnceLock::new();
+    T.get_or_init(|| {
+        let services = [
+            svc(VIP4, 80, Proto::Tcp, &[(B1, 8080), (B2, 8080)]),
+            svc(VIP4, 53, Proto::Udp, &[(B1, 5353)]),
+            svc(VIP4, SCTP_PORT, Proto::Sctp, &[(B1, 38680)]),
+            svc(VIP6, 80, Proto::Tcp, &[(B6, 8080)]),
+            svc(VIP6, 53, Proto::Udp, &[(B6, 5353)]),
+            svc(EMPTY4, 80, Proto::Tcp, &[]),
+            svc(EMPTY4, 53, Proto::Udp, &[]),
+            svc(EMPTY4, SCTP_PORT, Proto::Sctp, &[]),
+            svc(EMPTY6, 80, Proto::Tcp, &[]),
+            svc(EMPTY6, 53, Proto::Udp, &[]),
+        ];
+        Table::build(1, 0, &services).expect("table builds")
+    })
+}
+
+fn worker() -> Worker {
+    let cfg = Config {
+        capacity: 256,
+        shards: 2,
+        affinity_capacity: 16,
+        fragment_capacity: 16,
+        ..Config::default()
+    };
+    Worker::new(Arc::new(Conntrack::new(&cfg)))
+}
+
+fn v4(a: &Addr16) -> [u8; 4] {
+    [a[12], a[13], a[14], a[15]]
+}
+
+// ---------------------------------------------------------------------------
+// Fixture frames (the seeds of the mutations)
+// ---------------------------------------------------------------------------
+
+/// A frame and the frames a worker sees before it (to set up state).
+#[derive(Debug, Clone)]
+struct Fixture {
+    name: &'static str,
+    setup: Vec<Vec<u8>>,
+    frame: Vec<u8>,
+}
+
+fn fx(name: &'static str, frame: Vec<u8>) -> Fixture {
+    Fixture {
+        name,
+        setup: Vec::new(),
+        frame,
+    }
+}
+
+fn fx_after(name: &'static str, setup: Vec<Vec<u8>>, frame: Vec<u8>) -> Fixture {
+    Fixture { name, setup, frame }
+}
+
+fn syn() -> L4Spec {
+    L4Spec::Tcp(Tcp::syn(1000))
+}
+
+fn ethernet(ether_type: EtherType) -> Vec<u8> {
+    Ethernet2Header {
+        source: CLIENT_MAC,
+        destination: GATEWAY_MAC,
+        ether_type,
+    }
+    .to_bytes()
+    .to_vec()
+}
+
+fn ipv4_raw(
+    src: Addr16,
+    dst: Addr16,
+    proto: u8,
+    id: u16,
+    frag: (u16, bool),
+    data: &[u8],
+) -> Vec<u8> {
+    let mut h =
+        Ipv4Header::new(data.len() as u16, 64, IpNumber(proto), v4(&src), v4(&dst)).unwrap();
+    h.identification = id;
+    h.dont_fragment = false;
+    h.fragment_offset = IpFragOffset::try_new(frag.0).unwrap();
+    h.more_fragments = frag.1;
+    h.header_checksum = h.calc_header_checksum();
+    let mut out = ethernet(EtherType::IPV4);
+    h.write(&mut out).unwrap();
+    out.extend_from_slice(data);
+    out
+}
+
+fn ipv6_fragment(
+    src: Addr16,
+    dst: Addr16,
+    proto: u8,
+    id: u32,
+    frag: (u16, bool),
+    data: &[u8],
+) -> Vec<u8> {
+    let h = Ipv6Header {
+        payload_length: (8 + data.len()) as u16,
+        next_header: ip_number::IPV6_FRAGMENTATION_HEADER,
+        hop_limit: 64,
+        source: src,
+        destination: dst,
+        ..Default::default()
+    };
+    let mut out = ethernet(EtherType::IPV6);
+    h.write(&mut out).unwrap();
+    out.push(proto);
+    out.push(0);
+    out.extend_from_slice(&((frag.0 << 3) | u16::from(frag.1)).to_be_bytes());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+fn udp_datagram(src: Addr16, dst: Addr16, sport: u16, dport: u16, len: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len - 8).map(|i| (i * 13 % 251) as u8).collect();
+    let mut h = UdpHeader {
+        source_port: sport,
+        destination_port: dport,
+        length: len as u16,
+        checksum: 0,
+    };
+    h.checksum = if ip_from16(src).is_ipv4() {
+        h.calc_checksum_ipv4_raw(v4(&src), v4(&dst), &payload)
+            .unwrap()
+    } else {
+        h.calc_checksum_ipv6_raw(src, dst, &payload).unwrap()
+    };
+    let mut out = h.to_bytes().to_vec();
+    out.extend_from_slice(&payload);
+    out
+}
+
+fn fixtures() -> &'static [Fixture] {
+    static F: OnceLock<Vec<Fixture>> = OnceLock::new();
+    F.get_or_init(|| {
+        let query4 = client_frame(C4, 40000, VIP4, 53, L4Spec::Udp, b"query");
+        let query6 = client_frame(C6, 40000, VIP6, 53, L4Spec::Udp, b"query");
+        // What the backends saw (the forwarded queries) and what the clients
+        // saw (the reverse-NATed answers): the packets ICMP errors quote.
+        let to_b1 = client_frame(C4, 40000, B1, 5353, L4Spec::Udp, b"query");
+        let to_b6 = client_frame(C6, 40000, B6, 5353, L4Spec::Udp, b"query");
+        let from_vip4 = frame(
+            GATEWAY_MAC,
+            CLIENT_MAC,
+            None,
+            VIP4,
+            53,
+            C4,
+            40000,
+            L4Spec::Udp,
+            63,
+            b"answer",
+        );
+        let dgram4 = udp_datagram(C4, VIP4, 40000, 53, 1600);
+        let first4 = ipv4_raw(C4, VIP4, 17, 0x77, (0, true), &dgram4[..1480]);
+        let second4 = ipv4_raw(C4, VIP4, 17, 0x77, (185, false), &dgram4[1480..]);
+        let dgram6 = udp_datagram(C6, VIP6, 40000, 53, 1600);
+        let first6 = ipv6_fragment(C6, VIP6, 17, 0x77, (0, true), &dgram6[..1232]);
+        let second6 = ipv6_fragment(C6, VIP6, 17, 0x77, (154, false), &dgram6[1232..]);
+        let options4 = {
+            let mut h = Ipv4Header::new(0, 64, ip_number::TCP, v4(&C4), v4(&VIP4)).unwrap();
+            h.options = Ipv4Options::try_from(&[0x94, 0x04, 0, 0, 1, 1, 1, 0][..]).unwrap();
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+                .ip(IpHeaders::Ipv4(h, Default::default()))
+                .tcp(40000, 80, 1000, 64240)
+                .syn()
+                .write(&mut out, b"opts")
+                .unwrap();
+            out
+        };
+        let hbh6 = {
+            let exts = Ipv6Extensions {
+                hop_by_hop_options: Some(
+                    Ipv6RawExtHeader::new_raw(ip_number::TCP, &[1, 4, 0, 0, 0, 0]).unwrap(),
+                ),
+                ..Default::default()
+            };
+            let h = Ipv6Header {
+                hop_limit: 64,
+                source: C6,
+                destination: VIP6,
+                ..Default::default()
+            };
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+                .ip(IpHeaders::Ipv6(h, exts))
+                .tcp(40000, 80, 1000, 64240)
+                .syn()
+                .write(&mut out, b"ext")
+                .unwrap();
+            out
+        };
+        let mut padded = client_frame(C4, 40000, VIP4, 53, L4Spec::Udp, b"p");
+        padded.resize(60, 0);
+        vec![
+            fx(
+                "TCP/IPv4 SYN",
+                client_frame(C4, 40000, VIP4, 80, syn(), b"hello"),
+            ),
+            fx(
+                "TCP/IPv4/802.1Q",
+                frame(
+                    CLIENT_MAC,
+                    GATEWAY_MAC,
+                    Some(100),
+                    C4,
+                    40000,
+                    VIP4,
+                    80,
+                    syn(),
+                    64,
+                    b"vlan",
+                ),
+            ),
+            fx("TCP/IPv4 with options", options4),
+            fx("UDP/IPv4", query4.clone()),
+            fx("UDP/IPv4 with padding", padded),
+            fx("UDP/IPv4 checksum 0", {
+                let mut f = query4.clone();
+                f[40..42].fill(0);
+                f
+            }),
+            fx(
+                "SCTP/IPv4",
+                client_frame(C4, 40000, VIP4, SCTP_PORT, L4Spec::Sctp, b"beat"),
+            ),
+            fx(
+                "TCP/IPv6",
+                client_frame(C6, 40000, VIP6, 80, syn(), b"hello"),
+            ),
+            fx("TCP/IPv6 hop-by-hop", hbh6),
+            fx("UDP/IPv6", query6.clone()),
+            fx(
+                "UDP/IPv6/802.1Q",
+                frame(
+                    CLIENT_MAC,
+                    GATEWAY_MAC,
+                    Some(9),
+                    C6,
+                    40000,
+                    VIP6,
+                    53,
+                    L4Spec::Udp,
+                    64,
+                    b"q",
+                ),
+            ),
+            fx(
+                "TCP/IPv4 SYN to an empty service",
+                client_frame(C4, 40000, EMPTY4, 80, syn(), b""),
+            ),
+            fx(
+                "TCP/IPv4 ACK to an empty service",
+                client_frame(C4, 40000, EMPTY4, 80, L4Spec::Tcp(Tcp::ack(5, 6)), b"data"),
+            ),
+            fx(
+                "UDP/IPv4 to an empty service",
+                client_frame(C4, 40000, EMPTY4, 53, L4Spec::Udp, b"q"),
+            ),
+            fx(
+                "SCTP/IPv4 to an empty service",
+                client_frame(C4, 40000, EMPTY4, SCTP_PORT, L4Spec::Sctp, b"q"),
+            ),
+            fx(
+                "TCP/IPv6 to an empty service",
+                client_frame(C6, 40000, EMPTY6, 80, syn(), b""),
+            ),
+            fx(
+                "UDP/IPv6 to an empty service",
+                client_frame(C6, 40000, EMPTY6, 53, L4Spec::Udp, b"q"),
+            ),
+            fx_after(
+                "UDP/IPv4 reply from the backend",
+                vec![query4.clone()],
+                frame(
+                    GATEWAY_MAC,
+                    CLIENT_MAC,
+                    None,
+                    B1,
+                    5353,
+                    C4,
+                    40000,
+                    L4Spec::Udp,
+                    64,
+                    b"answer",
+                ),
+            ),
+            fx_after(
+                "UDP/IPv6 reply from the backend",
+                vec![query6.clone()],
+                frame(
+                    GATEWAY_MAC,
+                    CLIENT_MAC,
+                    None,
+                    B6,
+                    5353,
+                    C6,
+                    40000,
+                    L4Spec::Udp,
+                    64,
+                    b"answer",
+                ),
+            ),
+            fx_after(
+                "ICMPv4 error from the backend",
+                vec![query4.clone()],
+                icmp_error(B1, C4, (3, 3, [0; 4]), &to_b1, 64),
+            ),
+            fx_after(
+                "ICMPv4 error from the client",
+                vec![query4.clone()],
+                icmp_error(C4, VIP4, (3, 4, [0, 0, 5, 0xdc]), &from_vip4, 64),
+            ),
+            fx_after(
+                "ICMPv4 error with a short quote",
+                vec![query4],
+                icmp_error(B1, C4, (11, 0, [0; 4]), &to_b1, 28),
+            ),
+            fx_after(
+                "ICMPv6 error from the backend",
+                vec![query6],
+                icmp_error(B6, C6, (1, 4, [0; 4]), &to_b6, 100),
+            ),
+            fx("IPv4 first fragment", first4.clone()),
+            fx_after("IPv4 non-first fragment", vec![first4], second4),
+            fx("IPv6 first fragment", first6.clone()),
+            fx_after("IPv6 non-first fragment", vec![first6], second6),
+        ]
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Independent checks (etherparse)
+// ---------------------------------------------------------------------------
+
+/// Offset of the IP header: after the Ethernet header and one 802.1Q tag.
+fn l3_of(f: &[u8]) -> Option<usize> {
+    match f.get(12..14)? {
+        [0x81, 0x00] => Some(18),
+        _ => Some(14),
+    }
+}
+
+/// Validity of the outer IPv4 header checksum (full recomputation), if the
+/// frame starts with an IPv4 header etherparse can read.
+fn ipv4_header_ok(f: &[u8]) -> Option<bool> {
+    let l3 = l3_of(f)?;
+    let h = etherparse::Ipv4HeaderSlice::from_slice(f.get(l3..)?).ok()?;
+    Some(h.header_checksum() == h.to_header().calc_header_checksum())
+}
+
+/// The outer IP header's (destination, TTL or hop limit), if readable.
+fn outer_dst_ttl(f: &[u8]) -> Option<(Addr16, u8)> {
+    let l3 = l3_of(f)?;
+    let ip = f.get(l3..)?;
+    match ip.first()? >> 4 {
+        4 => {
+            let h = etherparse::Ipv4HeaderSlice::from_slice(ip).ok()?;
+            Some((v4_to_16(h.destination()), h.ttl()))
+        }
+        6 => {
+            let h = etherparse::Ipv6HeaderSlice::from_slice(ip).ok()?;
+            Some((h.destination(), h.hop_limit()))
+        }
+        _ => None,
+    }
+}
+
+/// Same checksum, allowing the two one's-complement zeros.
+fn same_sum(field: u16, computed: u16) -> bool {
+    field == computed || (field | computed == 0xffff && field & computed == 0)
+}
+
+/// Validity of the transport checksum (full recomputation), if the frame
+/// slices and is not a fragment: TCP, UDP, ICMP, ICMPv6, SCTP.
+fn l4_ok(f: &[u8]) -> Option<bool> {
+    let p = SlicedPacket::from_ethernet(f).ok()?;
+    let (src, dst, v4_, payload) = match p.net.as_ref()? {
+        NetSlice::Ipv4(ip) => (
+            v4_to_16(ip.header().source()),
+            v4_to_16(ip.header().destination()),
+            true,
+            ip.payload(),
+        ),
+        NetSlice::Ipv6(ip) => (
+            ip.header().source(),
+            ip.header().destination(),
+            false,
+            ip.payload(),
+        ),
+        NetSlice::Arp(_) => return None,
+    };
+    if payload.fragmented {
+        return None;
+    }
+    Some(match p.transport.as_ref() {
+        Some(TransportSlice::Tcp(t)) => {
+            let c = if v4_ {
+                t.calc_checksum_ipv4(v4(&src), v4(&dst))
+            } else {
+                t.calc_checksum_ipv6(src, dst)
+            }
+            .ok()?;
+            same_sum(t.checksum(), c)
+        }
+        Some(TransportSlice::Udp(u)) => {
+            if v4_ && u.checksum() == 0 {
+                return Some(true);
+            }
+            let h = u.to_header();
+            let c = if v4_ {
+                h.calc_checksum_ipv4_raw(v4(&src), v4(&dst), u.payload())
+            } else {
+                h.calc_checksum_ipv6_raw(src, dst, u.payload())
+            }
+            .ok()?;
+            same_sum(u.checksum(), c)
+        }
+        Some(TransportSlice::Icmpv4(i)) => same_sum(
+            i.checksum(),
+            Icmpv4Header::with_checksum(i.icmp_type(), i.payload()).checksum,
+        ),
+        Some(TransportSlice::Icmpv6(i)) => same_sum(
+            i.checksum(),
+            Icmpv6Header::with_checksum(i.icmp_type(), src, dst, i.payload())
+                .ok()?
+                .checksum,
+        ),
+        Some(_) => return None,
+        None if payload.ip_number.0 == 132 && payload.payload.len() >= 12 => {
+            let s = payload.payload;
+            u32::from_le_bytes([s[8], s[9], s[10], s[11]]) == sctp_crc32c(s)
+        }
+        None => return None,
+    })
+}
+
+/// The rules every verdict obeys; returns the verdict.
+fn process_checked(
+    w: &mut Worker,
+    input: &[u8],
+    room: bool,
+) -> Result<(Verdict, Vec<u8>), TestCaseError> {
+    let mut buf = input.to_vec();
+    if room {
+        buf.resize(BUF_LEN.max(input.len()), 0x5a);
+    }
+    let len = input.len();
+    let before = buf.clone();
+    let v = w.process(NOW, table(), &mut buf, len);
+    match v {
+        Verdict::Forward { len: l, .. } => {
+            prop_assert_eq!(l, len, "a forward keeps the frame length");
+            prop_assert!(buf[len..] == before[len..], "forward wrote past the frame");
+        }
+        Verdict::Reject { len: l } => {
+            prop_assert!(l <= buf.len(), "reject longer than the buffer");
+            let end = l.max(len);
+            prop_assert!(buf[end..] == before[end..], "reject wrote past itself");
+        }
+        Verdict::Pass => prop_assert!(buf == before, "a passed frame must be unchanged"),
+        Verdict::Drop(_) => {
+            prop_assert!(buf[len..] == before[len..], "drop wrote past the frame");
+        }
+    }
+    let out_len = match v {
+        Verdict::Forward { len, .. } | Verdict::Reject { len } => len,
+        _ => len,
+    };
+    if let Verdict::Reject { .. } = v {
+        // A reject is a new packet: it must slice and all its checksums hold.
+        let out = &buf[..out_len];
+        prop_assert!(
+            SlicedPacket::from_ethernet(out).is_ok(),
+            "reject does not slice: {:02x?}",
+            out
+        );
+        if ipv4_header_ok(out).is_some() {
+            prop_assert_eq!(ipv4_header_ok(out), Some(true), "reject IPv4 checksum");
+        }
+        prop_assert_eq!(
+            l4_ok(out),
+            Some(true),
+            "reject transport checksum: {:02x?}",
+            out
+        );
+    }
+    buf.truncate(out_len);
+    Ok((v, buf))
+}
+
+/// Checks on a forwarded frame, given its input.
+fn check_forward(input: &[u8], v: Verdict, out: &[u8]) -> Result<(), TestCaseError> {
+    let Verdict::Forward { next_hop, .. } = v else {
+        return Ok(());
+    };
+    prop_assert!(
+        SlicedPacket::from_ethernet(out).is_ok(),
+        "forwarded frame does not slice: {:02x?}",
+        out
+    );
+    let (dst, ttl) = outer_dst_ttl(out).expect("forwarded frame has an IP header");
+    let (_, ttl_in) = outer_dst_ttl(input).expect("forwarded input has an IP header");
+    prop_assert_eq!(dst, next_hop.addr, "the destination is the next hop");
+    prop_assert_eq!(ttl, ttl_in - 1, "TTL one lower");
+    if ipv4_header_ok(input) == Some(true) {
+        prop_assert_eq!(
+            ipv4_header_ok(out),
+            Some(true),
+            "IPv4 header checksum kept valid"
+        );
+    }
+    if l4_ok(input) == Some(true) {
+        prop_assert_eq!(l4_ok(out), Some(true), "transport checksum kept valid");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Strategies
+// ---------------------------------------------------------------------------
+
+/// Noise behind an Ethernet header with an IP (or VLAN) ether type.
+fn ethernet_noise() -> impl Strategy<Value = Vec<u8>> {
+    (
+        prop::sample::select(vec![0x0800u16, 0x86dd, 0x8100, 0x0806]),
+        vec(any::<u8>(), 0..186),
+    )
+        .prop_map(|(et, rest)| {
+            let mut f = ethernet(EtherType(et));
+            f.extend_from_slice(&rest);
+            f
+        })
+}
+
+/// An IPv4 header that reads (version 4, IHL 5..=7, total length = what
+/// follows unless `bad_len`), aimed at a frontend, with noise as its payload
+/// behind a port pair that often names a service.
+fn ipv4_noise() -> impl Strategy<Value = Vec<u8>> {
+    (
+        prop::sample::select(vec![6u8, 17, 132, 1, 58, 51]),
+        prop::sample::select(vec![VIP4, EMPTY4, C4]),
+        5u8..=7,
+        any::<[u8; 4]>(), // id, flags/fragment offset
+        0u8..=3,          // TTL
+        prop::sample::select(vec![80u16, 53, SCTP_PORT, 1]),
+        vec(any::<u8>(), 0..120),
+        any::<bool>(),
+        any::<u16>(),
+    )
+        .prop_map(
+            |(proto, dst, ihl, idfrag, ttl, dport, rest, bad_len, len_noise)| {
+                let mut ip = vec![0x40 | ihl, 0, 0, 0];
+                ip.extend_from_slice(&idfrag);
+                ip.extend_from_slice(&[if ttl == 3 { 64 } else { ttl }, proto, 0, 0]);
+                ip.extend_from_slice(&v4(&C4));
+                ip.extend_from_slice(&v4(&dst));
+                ip.resize(usize::from(ihl) * 4, 1); // NOP options
+                ip.extend_from_slice(&40000u16.to_be_bytes());
+                ip.extend_from_slice(&dport.to_be_bytes());
+                ip.extend_from_slice(&rest);
+                let total = if bad_len { len_noise } else { ip.len() as u16 };
+                ip[2..4].copy_from_slice(&total.to_be_bytes());
+                let c = raw_checksum(&ip[..usize::from(ihl) * 4]);
+                ip[10..12].copy_from_slice(&c.to_be_bytes());
+                let mut f = ethernet(EtherType::IPV4);
+                f.extend_from_slice(&ip);
+                f
+            },
+        )
+}
+
+/// An IPv6 header aimed at a frontend with a next header from a small set
+/// (transports, ICMP both kinds, extension headers) and noise after it.
+fn ipv6_noise() -> impl Strategy<Value = Vec<u8>> {
+    (
+        prop::sample::select(vec![6u8, 17, 132, 58, 1, 0, 43, 44, 60, 51, 59]),
+        prop::sample::select(vec![VIP6, EMPTY6, C6]),
+        0u8..=3,
+        prop::sample::select(vec![80u16, 53, 1]),
+        vec(any::<u8>(), 0..120),
+        any::<bool>(),
+        any::<u16>(),
+    )
+        .prop_map(|(nh, dst, hl, dport, rest, bad_len, len_noise)| {
+            let mut p = Vec::new();
+            p.extend_from_slice(&40000u16.to_be_bytes());
+            p.extend_from_slice(&dport.to_be_bytes());
+            p.extend_from_slice(&rest);
+            let h = Ipv6Header {
+                payload_length: if bad_len { len_noise } else { p.len() as u16 },
+                next_header: IpNumber(nh),
+                hop_limit: if hl == 3 { 64 } else { hl },
+                source: C6,
+                destination: dst,
+                ..Default::default()
+            };
+            let mut f = ethernet(EtherType::IPV6);
+            h.write(&mut f).unwrap();
+            f.extend_from_slice(&p);
+            f
+        })
+}
+
+fn raw_checksum(h: &[u8]) -> u16 {
+    let mut s: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+/// A byte vector of any of the kinds above.
+fn random_frame() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        vec(any::<u8>(), 0..200),
+        ethernet_noise(),
+        ipv4_noise(),
+        ipv6_noise(),
+    ]
+}
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    /// XOR a byte with a non-zero mask.
+    Flip(Index, u8),
+    /// Set a byte (often to a boundary value).
+    Set(Index, u8),
+    /// Cut the frame at a point.
+    Truncate(Index),
+    /// Append bytes.
+    Extend(Vec<u8>),
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        4 => (any::<Index>(), 1u8..=255).prop_map(|(i, m)| Mutation::Flip(i, m)),
+        2 => (any::<Index>(), prop_oneof![Just(0u8), Just(1), Just(0xff), Just(0x45), Just(0x86), any::<u8>()])
+            .prop_map(|(i, b)| Mutation::Set(i, b)),
+        1 => any::<Index>().prop_map(Mutation::Truncate),
+        1 => vec(any::<u8>(), 1..64).prop_map(Mutation::Extend),
+    ]
+}
+
+fn apply(f: &mut Vec<u8>, m: &Mutation) {
+    match m {
+        Mutation::Flip(i, x) if !f.is_empty() => {
+            let at = i.index(f.len());
+            f[at] ^= x;
+        }
+        Mutation::Set(i, b) if !f.is_empty() => {
+            let at = i.index(f.len());
+            f[at] = *b;
+        }
+        Mutation::Truncate(i) => {
+            let at = i.index(f.len() + 1);
+            f.truncate(at);
+        }
+        Mutation::Extend(tail) => f.extend_from_slice(tail),
+        _ => {}
+    }
+}
+
+fn config(cases: u32) -> ProptestConfig {
+    ProptestConfig {
+        cases,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Properties
+// ---------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(config(2000))]
+
+    /// Any bytes: some verdict, no panic, no write out of place.
+    #[test]
+    fn random_bytes_never_panic(f in random_frame(), room in any::<bool>()) {
+        let mut w = worker();
+        let (v, out) = process_checked(&mut w, &f, room)?;
+        check_forward(&f, v, &out)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(config(3000))]
+
+    /// Mutated fixtures: the same rules, and forwarded outputs stay valid.
+    #[test]
+    fn mutated_fixtures_stay_sound(
+        which in any::<Index>(),
+        muts in vec(mutation(), 1..4),
+        room in any::<bool>(),
+    ) {
+        let fxs = fixtures();
+        let fxt = &fxs[which.index(fxs.len())];
+        let mut w = worker();
+        for s in &fxt.setup {
+            let (v, _) = process_checked(&mut w, s, true)?;
+            prop_assert!(matches!(v, Verdict::Forward { .. }), "setup of {}: {:?}", fxt.name, v);
+        }
+        let mut f = fxt.frame.clone();
+        for m in &muts {
+            apply(&mut f, m);
+        }
+        let (v, out) = process_checked(&mut w, &f, room)?;
+        check_forward(&f, v, &out)?;
+    }
+
+    /// `len` past the end of the buffer: `BadFrameLength`, nothing touched.
+    #[test]
+    fn length_past_the_buffer_is_bad_frame_length(
+        f in random_frame(),
+        extra in 1usize..100,
+    ) {
+        let mut w = worker();
+        let mut buf = f.clone();
+        let v = w.process(NOW, table(), &mut buf, f.len() + extra);
+        prop_assert_eq!(v, Verdict::Drop(DropReason::BadFrameLength));
+        prop_assert_eq!(buf, f);
+    }
+}
+
+/// Every unmutated fixture goes through the checks (and is what it claims).
+#[test]
+fn fixtures_themselves_are_handled() {
+    for fxt in fixtures() {
+        let mut w = worker();
+        for s in &fxt.setup {
+            let (v, _) = process_checked(&mut w, s, true).unwrap();
+            assert!(
+                matches!(v, Verdict::Forward { .. }),
+                "setup of {}",
+                fxt.name
+            );
+        }
+        let (v, out) = process_checked(&mut w, &fxt.frame, true).unwrap();
+        assert!(
+            matches!(v, Verdict::Forward { .. } | Verdict::Reject { .. }),
+            "{}: {v:?}",
+            fxt.name
+        );
+        check_forward(&fxt.frame, v, &out).unwrap();
+        if let Verdict::Forward { .. } = v {
+            if fxt.name.contains("fragment") {
+                continue;
+            }
+            assert_eq!(
+                l4_ok(&fxt.frame),
+                Some(true),
+                "{}: input checksum",
+                fxt.name
+            );
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Fuzz `Worker::process` over whole frames.
+//!
+//! Input: `[variant, frames...]`. The first byte picks a variant: bits 0..2
+//! the table (a few frontends, an empty-endpoint service, affinity, or no
+//! services at all) and whether the buffer has room for a reject; the rest is
+//! split into frames at every `0xC0 0xFF` marker, all processed by one worker
+//! (so state from one frame, a flow or a fragment, meets the next). Frames
+//! that do not start with an Ethernet header get one (gateway MACs, IPv4 or
+//! IPv6 ether type by their first nibble), so most inputs reach the IP layer.
+//!
+//! Checked: no panic; a `Forward` keeps the frame length; a `Reject` fits the
+//! buffer; nothing is written past the frame (or the reject); a `Pass` leaves
+//! the frame unchanged.
+
+#![no_main]
+
+use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
+
+use clustergate_dataplane::conntrack::{Config, Conntrack};
+use clustergate_dataplane::flow::Proto;
+use clustergate_dataplane::pipeline::{Verdict, Worker};
+use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::time::Now;
+use libfuzzer_sys::fuzz_target;
+
+const BUF_LEN: usize = 2048;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("fuzz table address")
+}
+
+fn spec(addr: &str, port: u16, proto: Proto, backends: &[(&str, u16)]) -> ServiceSpec {
+    ServiceSpec::cluster_ip(
+        ip(addr),
+        port,
+        proto,
+        backends
+            .iter()
+            .map(|(a, p)| BackendSpec::ready(ip(a), *p))
+            .collect(),
+    )
+}
+
+fn tables() -> &'static [Table] {
+    static T: OnceLock<Vec<Table>> = OnceLock::new();
+    T.get_or_init(|| {
+        let full = vec![
+            spec(
+                "198.19.0.10",
+                80,
+                Proto::Tcp,
+                &[("198.18.1.1", 8080), ("198.18.1.2", 8080)],
+            ),
+            spec("198.19.0.10", 53, Proto::Udp, &[("198.18.1.1", 5353)]),
+            spec("198.19.0.10", 3868, Proto::Sctp, &[("198.18.1.1", 38680)]),
+            spec("2001:db8::10", 80, Proto::Tcp, &[("2001:db8:1::1", 8080)]),
+            spec("2001:db8::10", 53, Proto::Udp, &[("2001:db8:1::1", 5353)]),
+            spec("198.19.0.12", 80, Proto::Tcp, &[]),
+            spec("198.19.0.12", 53, Proto::Udp, &[]),
+            spec("2001:db8::12", 53, Proto::Udp, &[]),
+        ];
+        let mut affinity = full.clone();
+        for s in &mut affinity {
+            s.affinity_timeout_s = Some(10_800);
+        }
+        // Frontends on the addresses random bytes are likeliest to carry.
+        let zeros = vec![
+            spec("0.0.0.0", 0, Proto::Tcp, &[("198.18.1.1", 1)]),
+            spec("0.0.0.0", 0, Proto::Udp, &[]),
+            spec("::", 0, Proto::Udp, &[("2001:db8:1::1", 1)]),
+            spec("::", 0, Proto::Tcp, &[]),
+        ];
+        vec![
+            Table::build(1, 0, &full).expect("full table"),
+            Table::build(2, 7, &affinity).expect("affinity table"),
+            Table::build(3, 0, &zeros).expect("zeros table"),
+            Table::empty(4),
+        ]
+    })
+}
+
+fn worker() -> Worker {
+    let cfg = Config {
+        capacity: 64,
+        shards: 2,
+        affinity_capacity: 16,
+        fragment_capacity: 16,
+        ..Config::default()
+    };
+    Worker::new(Arc::new(Conntrack::new(&cfg)))
+}
+
+/// Puts an Ethernet header in front of `f` unless it already looks like one.
+fn with_ethernet(f: &[u8]) -> Vec<u8> {
+    let et = f.get(12..14);
+    if matches!(
+        et,
+        Some([0x08, 0x00] | [0x86, 0xdd] | [0x81, 0x00] | [0x08, 0x06])
+    ) {
+        return f.to_vec();
+    }
+    let mut out = vec![0x02, 0, 0, 0, 0, 0xfe, 0x02, 0, 0, 0, 0, 0x01];
+    match f.first().map(|b| b >> 4) {
+        Some(6) => out.extend_from_slice(&[0x86, 0xdd]),
+        _ => out.extend_from_slice(&[0x08, 0x00]),
+    }
+    out.extend_from_slice(f);
+    out
+}
+
+fn split(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = data;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let at = rest.windows(2).position(|w| w == [0xc0, 0xff]);
+        let (frame, next) = match at {
+            Some(i) => (&rest[..i], &rest[i + 2..]),
+            None => (rest, &[][..]),
+        };
+        rest = next;
+        Some(frame)
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&variant, rest)) = data.split_first() else {
+        return;
+    };
+    let tables = tables();
+    let table = &tables[usize::from(variant & 0x03) % tables.len()];
+    let room = variant & 0x04 != 0;
+    let mut w = worker();
+    for (i, raw) in split(rest).take(16).enumerate() {
+        let f = with_ethernet(raw);
+        let len = f.len();
+        let mut buf = f.clone();
+        if room {
+            buf.resize(BUF_LEN.max(len), 0xa5);
+        }
+        let before = buf.clone();
+        let now = Now::from_secs(1_000 + i as u64);
+        match w.process(now, table, &mut buf, len) {
+            Verdict::Forward { len: l, .. } => {
+                assert_eq!(l, len, "a forward keeps the frame length");
+                assert!(buf[len..] == before[len..], "forward wrote past the frame");
+            }
+            Verdict::Reject { len: l } => {
+                assert!(l <= buf.len(), "reject longer than the buffer");
+                let end = l.max(len);
+                assert!(buf[end..] == before[end..], "reject wrote past itself");
+            }
+            Verdict::Pass => assert!(buf == before, "a passed frame must be unchanged"),
+            Verdict::Drop(_) => assert!(buf[len..] == before[len..], "drop wrote past the frame"),
+        }
+    }
+    // A length past the buffer is refused.
+    let mut small = [0u8; 16];
+    assert!(matches!(
+        w.process(Now::from_secs(1), table, &mut small, 17),
+        Verdict::Drop(_)
+    ));
+});
