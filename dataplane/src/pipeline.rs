@@ -224,8 +224,14 @@ impl Worker {
         if let Ok(Some(p)) = &parsed {
             if let Some(t) = p.tuple() {
                 frontend = table.frontend(&t.dst_addr, t.dst_port, t.proto);
-                if frontend.is_some() {
+                if let Some(fi) = frontend {
                     self.ct.prefetch_original(p.family, &t);
+                    // A connection opening will read its Maglev slot too.
+                    if let (L4::Flow(f), Some(fe)) = (&p.l4, table.frontend_record(fi)) {
+                        if f.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
+                            table.prefetch_pick(fe, &t);
+                        }
+                    }
                 } else {
                     self.ct.prefetch_reply(p.family, &t);
                 }

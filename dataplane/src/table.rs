@@ -496,6 +496,24 @@ impl Table {
     #[inline]
     #[must_use]
     pub fn pick(&self, f: &FrontendRecord, t: &FlowTuple) -> Option<&BackendRecord> {
+        let local = *self.ring.get(self.slot_of(f, t)?)? as usize;
+        self.backends_of(f).get(local)
+    }
+
+    /// Starts loading the ring slot [`Table::pick`] would read for `t`
+    /// (the batch's first pass does this for connection openings).
+    #[inline]
+    pub fn prefetch_pick(&self, f: &FrontendRecord, t: &FlowTuple) {
+        if let Some(slot) = self.slot_of(f, t) {
+            if let Some(r) = self.ring.get(slot) {
+                crate::prefetch::prefetch(r as *const u32 as usize);
+            }
+        }
+    }
+
+    /// Index in the ring array of the slot for `t`, or `None` without a ring.
+    #[inline]
+    fn slot_of(&self, f: &FrontendRecord, t: &FlowTuple) -> Option<usize> {
         if f.ring_len == 0 {
             return None;
         }
@@ -504,9 +522,7 @@ impl Table {
         } else {
             flow_hash(self.hash_seed, t)
         };
-        let slot = f.ring_start as usize + (h % u64::from(f.ring_len)) as usize;
-        let local = *self.ring.get(slot)? as usize;
-        self.backends_of(f).get(local)
+        Some(f.ring_start as usize + (h % u64::from(f.ring_len)) as usize)
     }
 
     /// Is `(addr, port)` still a backend of frontend `f`?
