@@ -9,6 +9,7 @@
 //!   established TCP flows (conntrack hit → DNAT), in a pseudo-random order.
 //! - `reply/1k_flows`, `reply/1m_flows`: backend → client segments of the same
 //!   flows (reverse-conntrack hit → reverse NAT).
+//! - `new_flows/syn_batch`: the same through `Worker::process_batch`.
 //! - `new_flows/syn`: every frame is the SYN of a never-seen flow (conntrack
 //!   miss → Maglev pick → conntrack insert → DNAT).
 //! - `batch/established_1m`: as `established/1m_flows`, through
@@ -540,7 +541,13 @@ impl NewFlows {
         samples: &mut Samples,
         table: &Table,
         umem: &mut [u8],
+        batched: bool,
     ) {
+        let mut frames: Vec<Frame<'_>> = umem
+            .chunks_exact_mut(BUF_LEN)
+            .map(|buf| Frame { buf, len: 0 })
+            .collect();
+        let mut verdicts = vec![Verdict::Pass; BATCH];
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             let mut left = iters;
@@ -552,7 +559,21 @@ impl NewFlows {
                 let k = left.min(room);
                 let start = Instant::now();
                 for _ in 0..k {
-                    one_by_one(&mut self.worker, table, self.now, &mut self.syn, umem);
+                    if batched {
+                        let (tmpl, recs) = self.syn.next_batch();
+                        for (f, r) in frames.iter_mut().zip(recs) {
+                            f.len = tmpl.load(f.buf, r);
+                        }
+                        self.worker
+                            .process_batch(self.now, table, &mut frames, &mut verdicts);
+                        black_box(&mut verdicts);
+                    } else {
+                        let (tmpl, recs) = self.syn.next_batch();
+                        for (buf, r) in frames.iter_mut().zip(recs) {
+                            let len = tmpl.load(buf.buf, r);
+                            black_box(self.worker.process(self.now, table, buf.buf, len));
+                        }
+                    }
                 }
                 total += start.elapsed();
                 left -= k;
@@ -653,12 +674,14 @@ fn main() {
 
     let mut g = group(&mut c, "new_flows");
     let mut new_flows: Option<NewFlows> = None;
-    bench(&mut g, "new_flows", "syn", &mut summary, |b, s| {
-        let table = table_ref();
-        let fx = new_flows.get_or_insert_with(|| NewFlows::new(table, large));
-        fx.bench(b, s, table, &mut umem);
-        assert_all_forwarded(&fx.worker, "new_flows");
-    });
+    for (name, batched) in [("syn", false), ("syn_batch", true)] {
+        bench(&mut g, "new_flows", name, &mut summary, |b, s| {
+            let table = table_ref();
+            let fx = new_flows.get_or_insert_with(|| NewFlows::new(table, large));
+            fx.bench(b, s, table, &mut umem, batched);
+            assert_all_forwarded(&fx.worker, "new_flows");
+        });
+    }
     g.finish();
     drop(new_flows);
 
