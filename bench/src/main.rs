@@ -35,15 +35,15 @@ struct Cli {
 enum Command {
     /// Packet core on established TCP flows, in process (no network).
     Pipeline {
-        /// Established flows in the connection table.
-        #[arg(long, default_value_t = 100_000)]
+        /// Established flows in the connection table, 1..=4000000.
+        #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u32).range(1..=4_000_000))]
         flows: u32,
-        /// Services (each with 10 endpoints) in the table.
-        #[arg(long, default_value_t = 10_000)]
+        /// Services (each with 10 endpoints) in the table, 1..=65000.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=65_000))]
         services: u32,
-        /// Repetitions; the median is reported.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
+        /// Repetitions, 1..=101; the median is reported.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=101))]
+        runs: u16,
     },
 }
 
@@ -53,7 +53,7 @@ fn main() -> Result<()> {
             flows,
             services,
             runs,
-        } => pipeline(flows, services, runs),
+        } => pipeline(flows, services, usize::from(runs)),
     }
 }
 

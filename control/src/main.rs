@@ -30,11 +30,11 @@ struct Cli {
 enum Command {
     /// Build one Maglev ring for N equal-weight backends and report on it.
     Maglev {
-        /// Number of backends.
-        #[arg(long, default_value_t = 1000)]
+        /// Number of backends, 1..=100000.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         backends: u32,
-        /// Cap on the ring size M.
-        #[arg(long, default_value_t = DEFAULT_MAX_RING_SIZE)]
+        /// Cap on the ring size M, at least 2.
+        #[arg(long, default_value_t = DEFAULT_MAX_RING_SIZE, value_parser = clap::value_parser!(u32).range(2..))]
         max_ring: u32,
     },
 }

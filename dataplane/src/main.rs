@@ -33,12 +33,12 @@ struct Cli {
 enum Command {
     /// Run the packet core on a built-in example and print the outcome.
     Demo {
-        /// Client connections to open (each: SYN, SYN-ACK, data, reply).
-        #[arg(long, default_value_t = 20_000)]
+        /// Client connections to open (each: SYN, SYN-ACK, data), 1..=1000000.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         flows: u32,
-        /// Worker threads (1..=64); requests and replies go to different workers.
-        #[arg(long, default_value_t = 2)]
-        workers: usize,
+        /// Worker threads, 1..=64; requests and replies go to different workers.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+        workers: u16,
     },
 }
 
@@ -50,7 +50,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Demo { flows, workers } => demo(flows, workers),
+        Command::Demo { flows, workers } => demo(flows, usize::from(workers)),
     }
 }
 
