@@ -1,0 +1,1 @@
+//! clustergate-control library: Kubernetes semantics and table building.
