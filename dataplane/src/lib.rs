@@ -22,6 +22,7 @@ pub mod maglev;
 pub mod packet;
 pub mod pipeline;
 pub mod prefetch;
+pub mod snapshot;
 pub mod table;
 pub mod testkit;
 pub mod time;

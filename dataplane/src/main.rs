@@ -1,11 +1,21 @@
 //! `clustergate`: the gateway node.
 //!
-//! This build has one subcommand, `demo`: it runs the pure packet core on a
-//! built-in example (two worker threads sharing one connection table, a table
-//! swap in the middle) and prints what happened. The AF_XDP gateway (`run`)
-//! and offline replay (`replay`) come with later issues.
+//! Subcommands in this build:
+//! - `demo`: the pure packet core on a built-in example (two worker threads
+//!   sharing one connection table, a table swap in the middle);
+//! - `replay`: every packet of a pcap through the real pipeline, with a
+//!   snapshot written by `clustergate-control`;
+//! - `watch`: follow the published snapshots in a directory, as the gateway's
+//!   workers will, and report each generation applied or refused.
+//!
+//! The AF_XDP gateway (`run`) comes with a later issue.
 
+mod replay;
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
@@ -14,6 +24,7 @@ use clap::{Parser, Subcommand};
 use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{addr16, ip_from16, Addr16, Proto};
 use clustergate_dataplane::pipeline::{Counters, DropReason, Verdict, VerdictKind, Worker};
+use clustergate_dataplane::snapshot;
 use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
 use clustergate_dataplane::testkit::{self, L4Spec, Tcp};
 use clustergate_dataplane::time::Now;
@@ -31,6 +42,39 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run every packet of a pcap through the pipeline with a snapshot's table.
+    Replay {
+        /// Snapshot file (from `clustergate-control build`, or a `gen-*.snap`).
+        #[arg(long)]
+        snapshot: PathBuf,
+        /// Input pcap of Ethernet frames; its timestamps are the clock.
+        #[arg(long)]
+        pcap: PathBuf,
+        /// Output pcap: the forwarded and rejected frames, as rewritten.
+        #[arg(long)]
+        out: PathBuf,
+        /// One line per packet: its number and verdict.
+        #[arg(long)]
+        verdicts: Option<PathBuf>,
+        /// Connection-table capacity (flows per IP family).
+        #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
+        flows: u32,
+    },
+    /// Follow the snapshots published in a directory and report each change.
+    Watch {
+        /// Snapshot directory.
+        #[arg(long, default_value = clustergate_dataplane::snapshot::DEFAULT_DIR)]
+        shm_dir: PathBuf,
+        /// Poll interval in milliseconds.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+        interval_ms: u64,
+        /// Stop after this many generations were applied (0: never).
+        #[arg(long, default_value_t = 0)]
+        generations: u64,
+        /// Stop after this many seconds (0: never).
+        #[arg(long, default_value_t = 0)]
+        timeout_s: u64,
+    },
     /// Run the packet core on a built-in example and print the outcome.
     Demo {
         /// Client connections to open (each: SYN, SYN-ACK, data), 1..=1000000.
@@ -51,6 +95,99 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Demo { flows, workers } => demo(flows, usize::from(workers)),
+        Command::Replay {
+            snapshot,
+            pcap,
+            out,
+            verdicts,
+            flows,
+        } => run_replay(&snapshot, &pcap, &out, verdicts.as_deref(), flows as usize),
+        Command::Watch {
+            shm_dir,
+            interval_ms,
+            generations,
+            timeout_s,
+        } => watch(&shm_dir, interval_ms, generations, timeout_s),
+    }
+}
+
+fn run_replay(
+    snapshot: &Path,
+    pcap: &Path,
+    out: &Path,
+    verdicts: Option<&Path>,
+    flows: usize,
+) -> Result<()> {
+    let table = snapshot::load_file(snapshot)
+        .with_context(|| format!("loading snapshot {}", snapshot.display()))?;
+    let input =
+        BufReader::new(File::open(pcap).with_context(|| format!("opening {}", pcap.display()))?);
+    let output =
+        BufWriter::new(File::create(out).with_context(|| format!("creating {}", out.display()))?);
+    let mut vfile = match verdicts {
+        Some(p) => Some(BufWriter::new(
+            File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let summary = replay::replay(
+        &table,
+        flows,
+        input,
+        output,
+        vfile.as_mut().map(|f| f as &mut dyn std::io::Write),
+    )
+    .with_context(|| format!("replaying {}", pcap.display()))?;
+    eprintln!(
+        "{} (snapshot generation {})",
+        replay::summary_line(&summary),
+        table.generation()
+    );
+    Ok(())
+}
+
+/// Follows a snapshot directory like the gateway will: every poll may apply a
+/// newer generation; a refused one is reported and the last good stays.
+/// Each applied table is checked whole: every frontend's ring names its own
+/// backends (the decode already guarantees it; this is the reader's view).
+fn watch(dir: &Path, interval_ms: u64, generations: u64, timeout_s: u64) -> Result<()> {
+    let handle = Arc::new(snapshot::TableHandle::default());
+    let mut watcher = snapshot::Watcher::new(dir, Arc::clone(&handle));
+    let started = Instant::now();
+    let mut applied = 0u64;
+    loop {
+        match watcher.poll() {
+            snapshot::PollOutcome::Applied { generation } => {
+                applied += 1;
+                let t = handle.load_full();
+                let mut ports: Vec<u16> = t.backend_records().iter().map(|b| b.port).collect();
+                ports.sort_unstable();
+                ports.dedup();
+                println!(
+                    "applied generation {generation}: {} frontends, {} backends, backend ports {ports:?}",
+                    t.frontends().len(),
+                    t.backend_records().len(),
+                );
+            }
+            snapshot::PollOutcome::Refused {
+                fault,
+                repeated: false,
+            } => {
+                println!(
+                    "refused ({fault}): {}; still forwarding generation {}",
+                    watcher.stats.last_refusal.as_deref().unwrap_or("?"),
+                    handle.generation()
+                );
+            }
+            _ => {}
+        }
+        if generations > 0 && applied >= generations {
+            return Ok(());
+        }
+        if timeout_s > 0 && started.elapsed().as_secs() >= timeout_s {
+            bail!("watch: {applied} of {generations} generations applied within {timeout_s} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(interval_ms));
     }
 }
 

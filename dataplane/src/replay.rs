@@ -1,0 +1,160 @@
+//! `clustergate replay`: runs every packet of a pcap through the real pipeline.
+//!
+//! Owns: reading an Ethernet pcap, taking the clock from its timestamps,
+//! writing the forwarded and rejected frames to another pcap, and one verdict
+//! line per packet. It tells people and tests exactly what the gateway would do
+//! with that traffic and that table. Thin I/O around the pure core: the
+//! decisions are `Worker::process`'s, nothing else.
+//!
+//! Ethernet addresses of forwarded frames are left as captured: at run time
+//! the gateway resolves the next hop through the kernel's neighbour table.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clustergate_dataplane::conntrack::{Config, Conntrack};
+use clustergate_dataplane::flow::ip_from16;
+use clustergate_dataplane::pipeline::{Counters, Side, Verdict, VerdictKind, Worker};
+use clustergate_dataplane::table::Table;
+use clustergate_dataplane::time::Now;
+use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
+use pcap_file::DataLink;
+
+/// Room a frame buffer has beyond the captured bytes, for rejects (an ICMP
+/// error quoting a short packet is longer than the packet).
+const HEADROOM: usize = 1600;
+
+/// What a replay did, for the summary line.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Packets read.
+    pub packets: u64,
+    /// Packets written to the output pcap (forwarded and rejected).
+    pub written: u64,
+    /// Captures shorter than the packet on the wire (snap length).
+    pub truncated_captures: u64,
+    /// The worker's counters.
+    pub counters: Counters,
+}
+
+/// Replays `input` (a pcap of Ethernet frames) through `table`; writes the
+/// forwarded and rejected frames to `out` and, if given, one line per packet
+/// to `verdicts`.
+///
+/// # Errors
+/// A pcap that cannot be read or is not Ethernet, or a write that fails.
+pub fn replay<R: Read, W: Write>(
+    table: &Table,
+    flows: usize,
+    input: R,
+    out: W,
+    mut verdicts: Option<&mut dyn Write>,
+) -> Result<Summary> {
+    let mut reader = PcapReader::new(input).context("reading the pcap header")?;
+    let header = reader.header();
+    if header.datalink != DataLink::ETHERNET {
+        bail!(
+            "pcap link type {:?}: only Ethernet (link type 1) is supported",
+            header.datalink
+        );
+    }
+    let mut writer = PcapWriter::with_header(
+        out,
+        PcapHeader {
+            datalink: DataLink::ETHERNET,
+            ts_resolution: header.ts_resolution,
+            snaplen: header.snaplen.max(65_535),
+            ..PcapHeader::default()
+        },
+    )
+    .context("writing the output pcap header")?;
+    let ct = Arc::new(Conntrack::new(&Config {
+        capacity: flows,
+        shards: 64,
+        ..Config::default()
+    }));
+    let mut worker = Worker::new(ct);
+    let mut summary = Summary::default();
+    let mut buf = Vec::new();
+    while let Some(packet) = reader.next_packet() {
+        let packet = packet.with_context(|| format!("reading packet {}", summary.packets + 1))?;
+        summary.packets += 1;
+        let n = summary.packets;
+        let data = &packet.data;
+        if (packet.orig_len as usize) > data.len() {
+            summary.truncated_captures += 1;
+        }
+        buf.clear();
+        buf.resize(data.len() + HEADROOM, 0);
+        buf[..data.len()].copy_from_slice(data);
+        let now = Now(u64::try_from(packet.timestamp.as_nanos()).unwrap_or(u64::MAX));
+        let verdict = worker.process(now, table, &mut buf, data.len());
+        let line = match verdict {
+            Verdict::Forward { len, next_hop } => {
+                let side = match next_hop.side {
+                    Side::Backend => "backend",
+                    Side::Client => "client",
+                };
+                write_frame(&mut writer, packet.timestamp, &buf[..len])?;
+                summary.written += 1;
+                format!(
+                    "{n} forward to={} side={side} len={len}",
+                    ip_from16(next_hop.addr)
+                )
+            }
+            Verdict::Reject { len } => {
+                write_frame(&mut writer, packet.timestamp, &buf[..len])?;
+                summary.written += 1;
+                format!("{n} reject len={len}")
+            }
+            Verdict::Pass => format!("{n} pass"),
+            Verdict::Drop(reason) => format!("{n} drop reason={}", reason.label()),
+        };
+        if let Some(v) = verdicts.as_deref_mut() {
+            writeln!(v, "{line}").context("writing the verdicts file")?;
+        }
+    }
+    if let Some(v) = verdicts {
+        v.flush().context("writing the verdicts file")?;
+    }
+    writer
+        .into_writer()
+        .flush()
+        .context("writing the output pcap")?;
+    summary.counters = worker.counters;
+    Ok(summary)
+}
+
+fn write_frame<W: Write>(
+    w: &mut PcapWriter<W>,
+    ts: std::time::Duration,
+    frame: &[u8],
+) -> Result<()> {
+    let len = u32::try_from(frame.len()).context("frame longer than 4 GiB")?;
+    w.write_packet(&PcapPacket::new(ts, len, frame))
+        .context("writing a packet to the output pcap")?;
+    Ok(())
+}
+
+/// One line for people: how many packets got which verdict.
+#[must_use]
+pub fn summary_line(s: &Summary) -> String {
+    let c = &s.counters;
+    let mut line = format!(
+        "replay: {} packets: {} forward, {} reject, {} pass, {} drop; {} written",
+        s.packets,
+        c.count(VerdictKind::Forward),
+        c.count(VerdictKind::Reject),
+        c.count(VerdictKind::Pass),
+        c.count(VerdictKind::Drop),
+        s.written
+    );
+    if s.truncated_captures > 0 {
+        line.push_str(&format!(
+            "; {} captures were cut short by the snap length",
+            s.truncated_captures
+        ));
+    }
+    line
+}

@@ -1,0 +1,216 @@
+//! `clustergate replay` end to end: a snapshot and a pcap in, rewritten
+//! frames and one verdict line per packet out, from the real binary.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // reason: tests fail loudly on purpose
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use clustergate_dataplane::flow::{addr16, Addr16, Proto};
+use clustergate_dataplane::snapshot;
+use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::testkit::{self, L4Spec, Tcp};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
+
+fn a(s: &str) -> Addr16 {
+    addr16(s.parse::<IpAddr>().unwrap())
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p =
+            std::env::temp_dir().join(format!("clustergate-replay-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tcp(src: &str, sport: u16, dst: &str, dport: u16, f: Tcp) -> Vec<u8> {
+    testkit::client_frame(a(src), sport, a(dst), dport, L4Spec::Tcp(f), b"")
+}
+
+#[test]
+fn replay_tells_what_the_gateway_would_do() {
+    let dir = TempDir::new("basic");
+    let table = Table::build(
+        7,
+        0,
+        &[
+            ServiceSpec::cluster_ip(
+                "198.19.0.10".parse().unwrap(),
+                80,
+                Proto::Tcp,
+                vec![BackendSpec::ready("198.18.1.1".parse().unwrap(), 8080)],
+            ),
+            ServiceSpec::cluster_ip("198.19.0.12".parse().unwrap(), 80, Proto::Tcp, vec![]),
+        ],
+    )
+    .unwrap();
+    let snap = dir.0.join("table.snap");
+    std::fs::write(&snap, snapshot::encode(&table)).unwrap();
+
+    // 1 SYN → forward; 2 SYN-ACK from the backend → forward to the client;
+    // 3 ARP → pass; 4 SYN to a service without endpoints → reject;
+    // 5 a frame cut inside the IPv4 header → drop.
+    let arp = {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&testkit::CLIENT_MAC);
+        f.extend_from_slice(&[0x08, 0x06]);
+        f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&[0u8; 20]);
+        f
+    };
+    let frames = vec![
+        tcp("198.18.0.1", 40000, "198.19.0.10", 80, Tcp::syn(100)),
+        tcp(
+            "198.18.1.1",
+            8080,
+            "198.18.0.1",
+            40000,
+            Tcp {
+                syn: true,
+                ack: Some(101),
+                seq: 9,
+                ..Tcp::default()
+            },
+        ),
+        arp,
+        tcp("198.18.0.1", 40001, "198.19.0.12", 80, Tcp::syn(5)),
+        tcp("198.18.0.1", 40002, "198.19.0.10", 80, Tcp::syn(5))[..20].to_vec(),
+    ];
+    let pcap = dir.0.join("in.pcap");
+    {
+        let mut w = PcapWriter::new(File::create(&pcap).unwrap()).unwrap();
+        for (i, f) in frames.iter().enumerate() {
+            let ts = Duration::from_secs(1_700_000_000 + i as u64);
+            w.write_packet(&PcapPacket::new(ts, f.len() as u32, f))
+                .unwrap();
+        }
+    }
+    let out = dir.0.join("out.pcap");
+    let verdicts = dir.0.join("verdicts.txt");
+    let run = Command::new(env!("CARGO_BIN_EXE_clustergate"))
+        .args(["replay", "--snapshot"])
+        .arg(&snap)
+        .arg("--pcap")
+        .arg(&pcap)
+        .arg("--out")
+        .arg(&out)
+        .arg("--verdicts")
+        .arg(&verdicts)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "replay failed: {stderr}");
+    assert!(
+        stderr.contains("5 packets: 2 forward, 1 reject, 1 pass, 1 drop; 3 written"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("generation 7"), "{stderr}");
+
+    let lines: Vec<String> = std::fs::read_to_string(&verdicts)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            "1 forward to=198.18.1.1 side=backend len=54",
+            "2 forward to=198.18.0.1 side=client len=54",
+            "3 pass",
+            "4 reject len=54",
+            "5 drop reason=ipv4_malformed",
+        ]
+    );
+
+    let mut r = PcapReader::new(File::open(&out).unwrap()).unwrap();
+    let mut got = Vec::new();
+    while let Some(p) = r.next_packet() {
+        let p = p.unwrap();
+        got.push((p.timestamp, p.data.to_vec()));
+    }
+    assert_eq!(got.len(), 3);
+    // Timestamps carried over from the input.
+    assert_eq!(got[0].0, Duration::from_secs(1_700_000_000));
+    assert_eq!(got[2].0, Duration::from_secs(1_700_000_003));
+    let view = |f: &[u8]| {
+        let p = SlicedPacket::from_ethernet(f).unwrap();
+        let Some(NetSlice::Ipv4(ip)) = p.net else {
+            panic!("not IPv4")
+        };
+        let Some(TransportSlice::Tcp(t)) = p.transport else {
+            panic!("not TCP")
+        };
+        let h = ip.header().to_header();
+        assert_eq!(ip.header().header_checksum(), h.calc_header_checksum());
+        assert_eq!(
+            t.checksum(),
+            t.to_header().calc_checksum_ipv4(&h, t.payload()).unwrap()
+        );
+        (
+            ip.header().destination_addr().to_string(),
+            t.destination_port(),
+            ip.header().source_addr().to_string(),
+            t.source_port(),
+            t.rst(),
+        )
+    };
+    assert_eq!(
+        view(&got[0].1),
+        ("198.18.1.1".into(), 8080, "198.18.0.1".into(), 40000, false)
+    );
+    assert_eq!(
+        view(&got[1].1),
+        ("198.18.0.1".into(), 40000, "198.19.0.10".into(), 80, false)
+    );
+    assert_eq!(
+        view(&got[2].1),
+        ("198.18.0.1".into(), 40001, "198.19.0.12".into(), 80, true)
+    );
+}
+
+#[test]
+fn replay_refuses_bad_inputs_with_clear_errors() {
+    let dir = TempDir::new("bad");
+    let snap = dir.0.join("table.snap");
+    std::fs::write(&snap, b"not a snapshot").unwrap();
+    let pcap = dir.0.join("in.pcap");
+    std::fs::write(&pcap, b"not a pcap either").unwrap();
+    let run = |snap: &PathBuf, pcap: &PathBuf| {
+        Command::new(env!("CARGO_BIN_EXE_clustergate"))
+            .args(["replay", "--snapshot"])
+            .arg(snap)
+            .arg("--pcap")
+            .arg(pcap)
+            .arg("--out")
+            .arg(dir.0.join("out.pcap"))
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    let o = run(&snap, &pcap);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("table.snap"), "the error names the file: {e}");
+
+    let good = Table::build(1, 0, &[]).unwrap();
+    std::fs::write(&snap, snapshot::encode(&good)).unwrap();
+    let o = run(&snap, &pcap);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("in.pcap"), "the error names the pcap: {e}");
+}
