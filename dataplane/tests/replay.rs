@@ -73,7 +73,7 @@ fn replay_tells_what_the_gateway_would_do() {
         f.extend_from_slice(&[0u8; 20]);
         f
     };
-    let frames = vec![
+    let frames = [
         tcp("198.18.0.1", 40000, "198.19.0.10", 80, Tcp::syn(100)),
         tcp(
             "198.18.1.1",
