@@ -1,10 +1,14 @@
 //! `clustergate-bench`: benchmark harness.
 //!
-//! This build has `pipeline`: an in-process measurement of the packet core on
-//! established flows, reported as the median over several runs and as a ratio
-//! to a baseline measured in the same run (parsing the same frames, nothing
-//! else). The netns topology, AF_XDP pktgen, sinks and the side-by-side runs
-//! against the kernel come with the benchmark issue.
+//! Subcommands in this build:
+//! - `pipeline`: an in-process measurement of the packet core on established
+//!   flows, reported as the median over several runs and as a ratio to a
+//!   baseline measured in the same run (parsing the same frames, nothing else);
+//! - `publish-latency`: the time from a manifest change to the published
+//!   snapshot, through the real `clustergate-control run`.
+//!
+//! The netns topology, AF_XDP pktgen, sinks and the side-by-side runs against
+//! the kernel come with the benchmark issue.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -45,17 +49,48 @@ enum Command {
         #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=101))]
         runs: u16,
     },
+    /// Manifest change → published snapshot, through `clustergate-control run`.
+    PublishLatency {
+        /// Services in the manifest (each a ClusterIP with one TCP port).
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=20_000))]
+        services: u32,
+        /// Endpoints per service.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
+        endpoints: u32,
+        /// Changes to time, 1..=1000; the median is reported.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        changes: u16,
+        /// How often control looks at the manifest, in milliseconds.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        poll_ms: u64,
+        /// The `clustergate-control` binary (default: next to this one).
+        #[arg(long)]
+        control: Option<std::path::PathBuf>,
+    },
 }
 
-fn main() -> Result<()> {
+fn main() {
+    clustergate_dataplane::cli::exit_on_error(real_main());
+}
+
+fn real_main() -> Result<()> {
     match Cli::parse().command {
         Command::Pipeline {
             flows,
             services,
             runs,
         } => pipeline(flows, services, usize::from(runs)),
+        Command::PublishLatency {
+            services,
+            endpoints,
+            changes,
+            poll_ms,
+            control,
+        } => publish_latency::run(services, endpoints, changes, poll_ms, control),
     }
 }
+
+mod publish_latency;
 
 fn vip(i: u32) -> Addr16 {
     addr16(IpAddr::from([198, 19, (i >> 8) as u8, i as u8]))

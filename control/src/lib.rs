@@ -1,1 +1,70 @@
 //! clustergate-control library: Kubernetes semantics and table building.
+//!
+//! - [`manifest`]: reading Services and EndpointSlices (k8s-openapi types) from
+//!   a YAML manifest (`kubectl get -o yaml` Lists, `---` documents, or one object).
+//! - [`model`]: kube-proxy's semantics, from those objects to [`Frontend`]s.
+//! - `show` (the `impl Model` blocks behind [`Model::to_json`],
+//!   [`Model::to_table`] and [`Model::service_specs`]): presenting a model and
+//!   handing its served frontends to the dataplane's table builder.
+//!
+//! The rules, and what is skipped versus refused, are in `docs/semantics.md`.
+
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+pub mod manifest;
+pub mod model;
+mod show;
+
+pub use manifest::{parse_manifest, ManifestError, Objects, Skipped};
+pub use model::{build_model, Backend, Frontend, Model, ModelError, DEFAULT_PROXY_NAME};
+
+/// Why a manifest file gave no model. Each variant names the file.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not a readable manifest.
+    #[error("{}: {source}", path.display())]
+    Manifest {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: ManifestError,
+    },
+    /// The objects are refused.
+    #[error("{}: {source}", path.display())]
+    Model {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        source: ModelError,
+    },
+}
+
+/// Reads, parses and models a manifest file.
+///
+/// # Errors
+/// The file cannot be read, or [`parse_manifest`] or [`build_model`] refuse it;
+/// the error names the file.
+pub fn load_manifest_file(path: &Path, proxy_name: &str) -> Result<Model, ControlError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ControlError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let objects = parse_manifest(&text).map_err(|source| ControlError::Manifest {
+        path: path.to_owned(),
+        source,
+    })?;
+    build_model(&objects, proxy_name).map_err(|source| ControlError::Model {
+        path: path.to_owned(),
+        source,
+    })
+}

@@ -16,6 +16,7 @@
 //! - [`pipeline`]: `process(now, frame) -> Verdict`, per-core counters.
 //! - [`testkit`]: frame fixtures built with etherparse, shared by tests and benches.
 
+pub mod cli;
 pub mod conntrack;
 pub mod flow;
 pub mod maglev;

@@ -86,7 +86,11 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
+fn main() {
+    clustergate_dataplane::cli::exit_on_error(real_main());
+}
+
+fn real_main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

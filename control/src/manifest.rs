@@ -1,0 +1,326 @@
+//! Reading a static manifest: Kubernetes objects as YAML, into k8s-openapi types.
+//!
+//! Owns: [`parse_manifest`] and [`Objects`]. A manifest is what
+//! `kubectl get services,endpointslices -A -o yaml` prints (one document whose
+//! `kind` is `List`, or any `…List` with `items`), or several documents
+//! separated by `---`, or a single object. Empty documents are fine.
+//!
+//! Only `v1` `Service` and `discovery.k8s.io/v1` `EndpointSlice` objects are
+//! kept; every other object is listed in [`Objects::skipped`] with a reason.
+//! Unknown fields (status, managedFields, …) are ignored, as k8s-openapi does.
+//!
+//! Refused (a [`ManifestError`]): text that is not YAML, a document or list item
+//! that is not a mapping, an object without `kind`, `apiVersion` or (for the two
+//! kinds we read) `metadata.name`, and a Service or EndpointSlice whose fields
+//! have the wrong type (the error names the field path, e.g.
+//! `spec.ports[0].port`). Field *values* are checked later, by
+//! [`crate::model::build_model`], and only for objects that are served.
+//!
+//! Must never: panic on any input.
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_norway::Value;
+use thiserror::Error;
+
+/// The namespace of an object whose `metadata.namespace` is absent (as
+/// `kubectl apply` would put it, without `-n`).
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// An object (or part of one) that is not used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Skipped {
+    /// `"Kind ns/name"` (`"Kind name"` for objects without a namespace).
+    pub object: String,
+    /// Why, for people.
+    pub reason: String,
+}
+
+impl Skipped {
+    /// A skip entry.
+    #[must_use]
+    pub fn new(object: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            object: object.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The objects of a manifest, in manifest order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Objects {
+    /// `v1` Services.
+    pub services: Vec<Service>,
+    /// `discovery.k8s.io/v1` EndpointSlices.
+    pub slices: Vec<EndpointSlice>,
+    /// Objects of other kinds or versions.
+    pub skipped: Vec<Skipped>,
+}
+
+/// Why a manifest was refused as a whole.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ManifestError {
+    /// The text is not YAML (the message carries line and column).
+    #[error("not valid YAML: {message}")]
+    Syntax {
+        /// The YAML parser's message, with its position.
+        message: String,
+        /// 1-based line of the error, when known.
+        line: Option<usize>,
+        /// 1-based column of the error, when known.
+        column: Option<usize>,
+    },
+    /// An object (or a document that should be one) cannot be read.
+    #[error("{object}: {message}")]
+    Object {
+        /// `"Service ns/name"`, or where it is (`"document 2, items[3]"`) when
+        /// it has no name.
+        object: String,
+        /// What is wrong, starting with the field path where there is one.
+        message: String,
+    },
+}
+
+/// Parses a manifest into Services, EndpointSlices and skipped objects.
+///
+/// # Errors
+/// See the module documentation: YAML syntax, non-object documents, objects
+/// without kind, apiVersion or name, and wrongly typed fields of Services and
+/// EndpointSlices.
+pub fn parse_manifest(text: &str) -> Result<Objects, ManifestError> {
+    let mut out = Objects::default();
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let mut value = Value::deserialize(doc).map_err(syntax)?;
+        value.apply_merge().map_err(syntax)?;
+        collect(value, &format!("document {}", i + 1), &mut out)?;
+    }
+    Ok(out)
+}
+
+fn syntax(e: serde_norway::Error) -> ManifestError {
+    let loc = e.location();
+    ManifestError::Syntax {
+        message: e.to_string(),
+        line: loc.as_ref().map(serde_norway::Location::line),
+        column: loc.as_ref().map(serde_norway::Location::column),
+    }
+}
+
+/// A YAML value's kind, for messages.
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Sequence(_) => "sequence",
+        Value::Mapping(_) => "mapping",
+        Value::Tagged(_) => "tagged value",
+    }
+}
+
+/// A string field of a mapping: `Ok(None)` when absent or null.
+fn str_field<'a>(v: &'a Value, key: &str, place: &str) -> Result<Option<&'a str>, ManifestError> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(ManifestError::Object {
+            object: place.to_owned(),
+            message: format!("{key}: expected a string, found a {}", type_name(other)),
+        }),
+    }
+}
+
+/// `"Kind ns/name"` from an untyped object, if it has a name.
+fn label_of(kind: &str, v: &Value, namespaced: bool) -> Option<String> {
+    let meta = v.get("metadata")?;
+    let name = meta.get("name")?.as_str().filter(|s| !s.is_empty())?;
+    match meta.get("namespace").and_then(Value::as_str) {
+        Some(ns) if !ns.is_empty() => Some(format!("{kind} {ns}/{name}")),
+        _ if namespaced => Some(format!("{kind} {DEFAULT_NAMESPACE}/{name}")),
+        _ => Some(format!("{kind} {name}")),
+    }
+}
+
+fn collect(value: Value, place: &str, out: &mut Objects) -> Result<(), ManifestError> {
+    let mut value = match value {
+        Value::Null => return Ok(()), // an empty document
+        Value::Mapping(_) => value,
+        other => {
+            return Err(ManifestError::Object {
+                object: place.to_owned(),
+                message: format!(
+                    "expected a Kubernetes object (a mapping), found a {}",
+                    type_name(&other)
+                ),
+            })
+        }
+    };
+    let Some(kind) = str_field(&value, "kind", place)?.filter(|k| !k.is_empty()) else {
+        return Err(ManifestError::Object {
+            object: place.to_owned(),
+            message: "kind: missing".to_owned(),
+        });
+    };
+    let kind = kind.to_owned();
+    // A list: `kind: List` as kubectl prints, or a typed list (ServiceList, …).
+    if kind == "List" || (kind.ends_with("List") && value.get("items").is_some()) {
+        let items = value.get_mut("items").map(std::mem::take);
+        return match items {
+            None | Some(Value::Null) => Ok(()),
+            Some(Value::Sequence(items)) => {
+                for (j, item) in items.into_iter().enumerate() {
+                    collect(item, &format!("{place}, items[{j}]"), out)?;
+                }
+                Ok(())
+            }
+            Some(other) => Err(ManifestError::Object {
+                object: format!("{kind} ({place})"),
+                message: format!("items: expected a sequence, found a {}", type_name(&other)),
+            }),
+        };
+    }
+    let named = |namespaced| label_of(&kind, &value, namespaced);
+    let Some(api_version) = str_field(&value, "apiVersion", place)?.filter(|a| !a.is_empty())
+    else {
+        return Err(ManifestError::Object {
+            object: named(false).unwrap_or_else(|| format!("{kind} ({place})")),
+            message: "apiVersion: missing".to_owned(),
+        });
+    };
+    match (api_version, kind.as_str()) {
+        ("v1", "Service") => {
+            let svc: Service = typed(&value, &kind, place)?;
+            out.services.push(svc);
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let slice: EndpointSlice = typed(&value, &kind, place)?;
+            out.slices.push(slice);
+        }
+        (_, "Service" | "EndpointSlice") => {
+            let object = named(true).unwrap_or_else(|| format!("{kind} ({place})"));
+            let want = if kind == "Service" {
+                "v1"
+            } else {
+                "discovery.k8s.io/v1"
+            };
+            tracing::info!(%object, api_version, "skipped: unsupported apiVersion");
+            out.skipped.push(Skipped::new(
+                object,
+                format!("apiVersion {api_version} is not read (clustergate reads {kind} {want})"),
+            ));
+        }
+        _ => {
+            let object = named(false).unwrap_or_else(|| format!("{kind} ({place})"));
+            tracing::info!(%object, "skipped: kind not read");
+            out.skipped.push(Skipped::new(
+                object,
+                format!(
+                    "kind {kind} ({api_version}) is not read (clustergate reads Service and EndpointSlice)"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Decodes a Service or EndpointSlice, naming the object and the field path on
+/// error. The object is written back to YAML text and read from there, so the
+/// YAML deserializer can report the path (`spec.ports[1].port`); the line and
+/// column it would add refer to that text, not the manifest, and are dropped.
+fn typed<T: DeserializeOwned>(value: &Value, kind: &str, place: &str) -> Result<T, ManifestError> {
+    let Some(object) = label_of(kind, value, true) else {
+        return Err(ManifestError::Object {
+            object: format!("{kind} ({place})"),
+            message: "metadata.name: missing".to_owned(),
+        });
+    };
+    let err = |message: String| ManifestError::Object {
+        object: object.clone(),
+        message,
+    };
+    let text = serde_norway::to_string(value).map_err(|e| err(e.to_string()))?;
+    serde_norway::from_str(&text).map_err(|e| {
+        let mut message = e.to_string();
+        if let Some(loc) = e.location() {
+            let suffix = format!(" at line {} column {}", loc.line(), loc.column());
+            if let Some(stripped) = message.strip_suffix(&suffix) {
+                message = stripped.to_owned();
+            }
+        }
+        err(message)
+    })
+}
+
+/// `(namespace, name)` of an object, with the default namespace filled in.
+#[must_use]
+pub fn identity(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (&str, &str) {
+    let ns = meta
+        .namespace
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .unwrap_or(DEFAULT_NAMESPACE);
+    (ns, meta.name.as_deref().unwrap_or(""))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+    use super::*;
+
+    #[test]
+    fn empty_and_comment_only_manifests_have_no_objects() {
+        for text in ["", "# nothing\n", "---\n---\n", "---\n# c\n---\n\n"] {
+            let o = parse_manifest(text).unwrap();
+            assert_eq!(o, Objects::default(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_carry_a_position() {
+        let e = parse_manifest("kind: List\nitems: [1, 2\nb: 3\n").unwrap_err();
+        match &e {
+            ManifestError::Syntax { line, .. } => assert!(line.is_some(), "{e}"),
+            ManifestError::Object { .. } => panic!("{e}"),
+        }
+        assert!(e.to_string().contains("line"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_field_path() {
+        let e = parse_manifest(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - port: 80\n  - port: eighty\n",
+        )
+        .unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.starts_with("Service default/web: spec.ports[1].port: invalid type"),
+            "{s}"
+        );
+        assert!(!s.contains(" at line "), "{s}");
+    }
+
+    #[test]
+    fn scalars_and_nameless_objects_are_refused() {
+        let e = parse_manifest("a: 1\n---\n- 1\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "document 1: kind: missing",
+            "the first problem wins"
+        );
+        let e = parse_manifest("--- 42\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "document 1: expected a Kubernetes object (a mapping), found a number"
+        );
+        let e = parse_manifest("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {namespace: x}\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Service (document 1, items[0]): metadata.name: missing"
+        );
+    }
+}

@@ -1,0 +1,889 @@
+//! Kubernetes Service semantics: from Services and EndpointSlices to frontends.
+//!
+//! Owns: [`build_model`] and the [`Model`] it returns. The rules mirror
+//! kube-proxy (`kubernetes/pkg/proxy`); `docs/semantics.md` gives each rule
+//! with the kube-proxy function it follows and the few places where we differ.
+//!
+//! In short:
+//! - Services labelled `service.kubernetes.io/service-proxy-name` with another
+//!   proxy's name, ExternalName, headless (`clusterIP: None`) and services
+//!   without a cluster IP are skipped.
+//! - EndpointSlices join their Service through the `kubernetes.io/service-name`
+//!   label in the slice's namespace; a service's slices are merged and
+//!   endpoints de-duplicated by (address, port).
+//! - Each service port (name, protocol) takes, per slice, the slice port of the
+//!   same name and protocol: named target ports resolve per slice.
+//! - One frontend per (cluster IP, port, protocol); dual-stack services get one
+//!   per family, each with the endpoints of its family only.
+//! - Ready endpoints; when there are none, serving-and-terminating ones; when
+//!   there are none either, no backends (the gateway rejects).
+//! - NodePort, external IP and load-balancer frontends are carried in the model
+//!   but not served yet: only ClusterIP frontends reach the dataplane.
+//!
+//! Refused (a [`ModelError`] naming the object and field): invalid values in a
+//! served Service or in an EndpointSlice of a served Service, the same object
+//! twice, and two services claiming one cluster IP frontend.
+//!
+//! Must never: depend on input order (the output is sorted), or panic.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use clustergate_dataplane::flow::Proto;
+use clustergate_dataplane::table::{BackendState, FrontendKind};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use thiserror::Error;
+
+use crate::manifest::{identity, Objects, Skipped};
+
+/// The proxy name clustergate answers to by default.
+pub const DEFAULT_PROXY_NAME: &str = "clustergate";
+/// Label naming the proxy that should serve a Service (absent: the default proxy).
+pub const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label joining an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label the endpoints controllers put on the endpoints of headless Services.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// ClientIP affinity timeout when the Service gives none (the API default).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// Largest ClientIP affinity timeout the API accepts (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+
+/// One backend of a frontend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// Endpoint address.
+    pub address: IpAddr,
+    /// Endpoint port (the slice's resolved target port).
+    pub port: u16,
+    /// Ready, or serving and terminating (only when no endpoint is ready).
+    pub state: BackendState,
+}
+
+/// One frontend: where a Service port is reached, and its backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frontend {
+    /// `"ns/name"` of the Service.
+    pub service: String,
+    /// The service port's name (`""` for an unnamed port).
+    pub port_name: String,
+    /// How it is exposed. Only [`FrontendKind::ClusterIp`] is served for now.
+    pub kind: FrontendKind,
+    /// The address: a cluster IP, an external or load-balancer IP, or the
+    /// unspecified address of the family (`0.0.0.0`, `::`) for a node port.
+    pub address: IpAddr,
+    /// The service port, or the node port for [`FrontendKind::NodePort`].
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Proto,
+    /// ClientIP affinity timeout, when the Service has `sessionAffinity: ClientIP`.
+    pub affinity_timeout_s: Option<u32>,
+    /// Backends sorted by (address, port); empty: traffic is rejected.
+    pub backends: Vec<Backend>,
+}
+
+impl Frontend {
+    /// Is this frontend forwarded by the dataplane today? (ClusterIP only.)
+    #[must_use]
+    pub fn is_served(&self) -> bool {
+        self.kind == FrontendKind::ClusterIp
+    }
+}
+
+/// The gateway's view of a manifest: every frontend and what was skipped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Model {
+    /// Sorted by (service, port name, address, protocol, kind, port).
+    pub frontends: Vec<Frontend>,
+    /// Objects (and parts of objects) not used, sorted by (object, reason).
+    pub skipped: Vec<Skipped>,
+}
+
+/// Why a set of objects was refused as a whole.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ModelError {
+    /// A field of a served object has an invalid value.
+    #[error("{object}: {field}: {message}")]
+    Invalid {
+        /// `"Service ns/name"` or `"EndpointSlice ns/name"`.
+        object: String,
+        /// The field path, e.g. `spec.ports[1].port`.
+        field: String,
+        /// What is wrong with its value.
+        message: String,
+    },
+    /// The same object appears twice.
+    #[error("{object}: appears more than once")]
+    Duplicate {
+        /// `"Kind ns/name"`.
+        object: String,
+    },
+    /// Two Services claim the same cluster IP, port and protocol.
+    #[error("{second}: frontend {frontend} is already a frontend of {first}")]
+    Conflict {
+        /// The Service that keeps it (first in name order).
+        first: String,
+        /// The other Service.
+        second: String,
+        /// `address:port/protocol`.
+        frontend: String,
+    },
+}
+
+fn invalid(object: &str, field: impl Into<String>, message: impl Into<String>) -> ModelError {
+    ModelError::Invalid {
+        object: object.to_owned(),
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The wire name of a kind, as `show` prints it.
+#[must_use]
+pub const fn kind_name(kind: FrontendKind) -> &'static str {
+    match kind {
+        FrontendKind::ClusterIp => "ClusterIP",
+        FrontendKind::NodePort => "NodePort",
+        FrontendKind::ExternalIp => "ExternalIP",
+        FrontendKind::LoadBalancer => "LoadBalancer",
+    }
+}
+
+/// The wire name of a backend state, as `show` prints it.
+#[must_use]
+pub const fn state_name(state: BackendState) -> &'static str {
+    match state {
+        BackendState::Ready => "ready",
+        BackendState::Terminating => "terminating",
+    }
+}
+
+/// `addr:port/PROTO`, with IPv6 addresses in brackets.
+#[must_use]
+pub fn endpoint_string(address: IpAddr, port: u16, protocol: Proto) -> String {
+    match address {
+        IpAddr::V4(a) => format!("{a}:{port}/{}", protocol.as_str()),
+        IpAddr::V6(a) => format!("[{a}]:{port}/{}", protocol.as_str()),
+    }
+}
+
+/// An address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn of(a: IpAddr) -> Self {
+        if a.is_ipv4() {
+            Self::V4
+        } else {
+            Self::V6
+        }
+    }
+
+    fn unspecified(self) -> IpAddr {
+        match self {
+            Self::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            Self::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+}
+
+/// How usable an endpoint is, worst to best.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Usable {
+    /// Not ready, and not (serving and terminating).
+    No,
+    /// Serving and terminating: a fallback when nothing is ready.
+    Terminating,
+    /// Ready.
+    Ready,
+}
+
+/// A service port after validation.
+#[derive(Debug)]
+struct SvcPort {
+    name: String,
+    port: u16,
+    protocol: Proto,
+    node_port: Option<u16>,
+}
+
+/// A slice port with a number.
+#[derive(Debug)]
+struct SlicePort {
+    name: String,
+    protocol: Proto,
+    port: u16,
+}
+
+#[derive(Debug)]
+struct SliceEndpoint {
+    address: IpAddr,
+    usable: Usable,
+}
+
+/// An EndpointSlice after validation.
+#[derive(Debug)]
+struct SliceInfo {
+    family: Family,
+    ports: Vec<SlicePort>,
+    endpoints: Vec<SliceEndpoint>,
+}
+
+/// A served Service after validation.
+#[derive(Debug)]
+struct Served {
+    /// `"ns/name"`.
+    key: String,
+    cluster_ips: Vec<IpAddr>,
+    ports: Vec<SvcPort>,
+    external_ips: Vec<IpAddr>,
+    lb_ips: Vec<IpAddr>,
+    affinity: Option<u32>,
+    slices: Vec<SliceInfo>,
+}
+
+/// Builds the model of a set of objects.
+///
+/// `proxy_name` is the value of `service.kubernetes.io/service-proxy-name` this
+/// gateway serves (normally [`DEFAULT_PROXY_NAME`]); Services without the label
+/// are served too, those with another value are skipped.
+///
+/// # Errors
+/// Invalid field values in served objects, duplicate objects, or two Services
+/// with the same cluster IP frontend; see [`ModelError`].
+pub fn build_model(objects: &Objects, proxy_name: &str) -> Result<Model, ModelError> {
+    let mut skipped = objects.skipped.clone();
+    let mut served: BTreeMap<(String, String), Served> = BTreeMap::new();
+    let mut not_served: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut seen = BTreeSet::new();
+
+    for svc in &objects.services {
+        let (ns, name) = identity(&svc.metadata);
+        let object = format!("Service {ns}/{name}");
+        if !seen.insert(object.clone()) {
+            return Err(ModelError::Duplicate { object });
+        }
+        let id = (ns.to_owned(), name.to_owned());
+        if let Some(reason) = skip_reason(svc, proxy_name) {
+            tracing::info!(%object, %reason, "service skipped");
+            skipped.push(Skipped::new(object, reason));
+            not_served.insert(id);
+            continue;
+        }
+        match validate_service(svc, &object, &mut skipped)? {
+            Some(s) => {
+                served.insert(id, s);
+            }
+            None => {
+                not_served.insert(id);
+            }
+        }
+    }
+
+    for slice in &objects.slices {
+        let (ns, name) = identity(&slice.metadata);
+        let object = format!("EndpointSlice {ns}/{name}");
+        if !seen.insert(object.clone()) {
+            return Err(ModelError::Duplicate { object });
+        }
+        let labels = slice.metadata.labels.as_ref();
+        let Some(svc_name) = labels
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .filter(|s| !s.is_empty())
+        else {
+            tracing::warn!(%object, "EndpointSlice without the {SERVICE_NAME_LABEL} label ignored");
+            skipped.push(Skipped::new(
+                object,
+                format!("no {SERVICE_NAME_LABEL} label: it belongs to no Service"),
+            ));
+            continue;
+        };
+        if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
+            skipped.push(Skipped::new(
+                object,
+                format!("labelled {HEADLESS_LABEL} (endpoints of a headless Service)"),
+            ));
+            continue;
+        }
+        let id = (ns.to_owned(), svc_name.clone());
+        let Some(svc) = served.get_mut(&id) else {
+            let reason = if not_served.contains(&id) {
+                format!("its Service {ns}/{svc_name} is skipped")
+            } else {
+                format!("no Service {ns}/{svc_name} in the manifest")
+            };
+            skipped.push(Skipped::new(object, reason));
+            continue;
+        };
+        if let Some(info) = validate_slice(slice, &object, &mut skipped)? {
+            svc.slices.push(info);
+        }
+    }
+
+    let mut frontends = Vec::new();
+    for s in served.values() {
+        frontends_of(s, &mut frontends);
+    }
+    let frontends = resolve_conflicts(frontends, &mut skipped)?;
+
+    skipped.sort();
+    skipped.dedup();
+    Ok(Model { frontends, skipped })
+}
+
+/// Why a Service is not served, if it is not (kube-proxy's informer label
+/// selector, then `ShouldSkipService` and `GetClusterIPByFamily`).
+fn skip_reason(svc: &Service, proxy_name: &str) -> Option<String> {
+    if let Some(owner) = svc
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(PROXY_NAME_LABEL))
+    {
+        if owner != proxy_name {
+            return Some(format!(
+                "{PROXY_NAME_LABEL} is {owner:?}, not {proxy_name:?}: another proxy serves it"
+            ));
+        }
+    }
+    let Some(spec) = svc.spec.as_ref() else {
+        return Some("no spec, so no cluster IP".to_owned());
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Some("type ExternalName: a DNS alias, not proxied".to_owned());
+    }
+    let first = spec
+        .cluster_ips
+        .as_ref()
+        .and_then(|ips| ips.first())
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .or(spec.cluster_ip.as_deref().filter(|s| !s.is_empty()));
+    match first {
+        Some("None") => Some("headless (clusterIP None): not proxied".to_owned()),
+        None => Some("no clusterIP".to_owned()),
+        Some(_) => None,
+    }
+}
+
+fn valid_port(n: i32) -> Option<u16> {
+    u16::try_from(n).ok().filter(|&p| p != 0)
+}
+
+fn parse_proto(p: Option<&str>) -> Option<Proto> {
+    match p {
+        None | Some("TCP") => Some(Proto::Tcp),
+        Some("UDP") => Some(Proto::Udp),
+        Some("SCTP") => Some(Proto::Sctp),
+        Some(_) => None,
+    }
+}
+
+/// Parses an IP address of any family, refusing IPv4-mapped IPv6 addresses
+/// (the dataplane's canonical form would turn them into IPv4).
+fn parse_ip(s: &str) -> Result<IpAddr, String> {
+    match s.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => {
+            Err(format!("{s:?} is an IPv4-mapped IPv6 address"))
+        }
+        Ok(ip) => Ok(ip),
+        Err(_) => Err(format!("{s:?} is not an IP address")),
+    }
+}
+
+/// Checks a Service that is to be served. `Ok(None)`: it has nothing to serve
+/// (no ports), which is noted in `skipped`.
+fn validate_service(
+    svc: &Service,
+    object: &str,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Option<Served>, ModelError> {
+    let (ns, name) = identity(&svc.metadata);
+    let Some(spec) = svc.spec.as_ref() else {
+        return Ok(None); // skip_reason has ruled this out
+    };
+
+    match spec.type_.as_deref() {
+        None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => {}
+        Some(other) => {
+            return Err(invalid(
+                object,
+                "spec.type",
+                format!("{other:?} is not ClusterIP, NodePort, LoadBalancer or ExternalName"),
+            ))
+        }
+    }
+
+    // Cluster IPs: spec.clusterIPs when given (its first entry must equal
+    // spec.clusterIP), else spec.clusterIP. At most one per family.
+    let cluster_ip = spec.cluster_ip.as_deref().filter(|s| !s.is_empty());
+    let raw: Vec<(String, &str)> = match spec.cluster_ips.as_deref() {
+        Some(list) if !list.is_empty() => {
+            if let (Some(single), Some(first)) = (cluster_ip, list.first()) {
+                if single != first {
+                    return Err(invalid(
+                        object,
+                        "spec.clusterIPs[0]",
+                        format!("{first:?} differs from spec.clusterIP {single:?}"),
+                    ));
+                }
+            }
+            list.iter()
+                .enumerate()
+                .map(|(i, s)| (format!("spec.clusterIPs[{i}]"), s.as_str()))
+                .collect()
+        }
+        _ => cluster_ip
+            .map(|s| ("spec.clusterIP".to_owned(), s))
+            .into_iter()
+            .collect(),
+    };
+    if raw.len() > 2 {
+        return Err(invalid(
+            object,
+            "spec.clusterIPs",
+            format!("{} addresses; at most one per family", raw.len()),
+        ));
+    }
+    let mut cluster_ips: Vec<IpAddr> = Vec::with_capacity(raw.len());
+    for (field, s) in &raw {
+        let ip = parse_ip(s).map_err(|m| invalid(object, field.as_str(), m))?;
+        if cluster_ips.iter().any(|c| Family::of(*c) == Family::of(ip)) {
+            return Err(invalid(
+                object,
+                field.as_str(),
+                format!("a second {} address", Family::of(ip).name()),
+            ));
+        }
+        cluster_ips.push(ip);
+    }
+    let families: Vec<Family> = cluster_ips.iter().map(|ip| Family::of(*ip)).collect();
+
+    let affinity = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => Some(DEFAULT_AFFINITY_TIMEOUT_S),
+                Some(t) => match u32::try_from(t) {
+                    Ok(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => Some(t),
+                    _ => {
+                        return Err(invalid(
+                            object,
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                            format!("{t} is not in 1..={MAX_AFFINITY_TIMEOUT_S}"),
+                        ))
+                    }
+                },
+            }
+        }
+        Some(other) => {
+            return Err(invalid(
+                object,
+                "spec.sessionAffinity",
+                format!("{other:?} is not None or ClientIP"),
+            ))
+        }
+    };
+
+    let mut ports: Vec<SvcPort> = Vec::new();
+    for (i, p) in spec.ports.iter().flatten().enumerate() {
+        let field = |f: &str| format!("spec.ports[{i}].{f}");
+        let port = valid_port(p.port).ok_or_else(|| {
+            invalid(
+                object,
+                field("port"),
+                format!("{} is not a valid port", p.port),
+            )
+        })?;
+        let protocol = parse_proto(p.protocol.as_deref()).ok_or_else(|| {
+            invalid(
+                object,
+                field("protocol"),
+                format!(
+                    "{:?} is not TCP, UDP or SCTP",
+                    p.protocol.as_deref().unwrap_or_default()
+                ),
+            )
+        })?;
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(n) => Some(valid_port(n).ok_or_else(|| {
+                invalid(
+                    object,
+                    field("nodePort"),
+                    format!("{n} is not a valid port"),
+                )
+            })?),
+        };
+        let name = p.name.clone().unwrap_or_default();
+        if let Some(j) = ports.iter().position(|q| q.name == name) {
+            return Err(invalid(
+                object,
+                field("name"),
+                format!("{name:?} is also the name of spec.ports[{j}]"),
+            ));
+        }
+        if let Some(j) = ports
+            .iter()
+            .position(|q| q.port == port && q.protocol == protocol)
+        {
+            return Err(invalid(
+                object,
+                field("port"),
+                format!("{port}/{} is also spec.ports[{j}]", protocol.as_str()),
+            ));
+        }
+        ports.push(SvcPort {
+            name,
+            port,
+            protocol,
+            node_port,
+        });
+    }
+    if ports.is_empty() {
+        skipped.push(Skipped::new(object, "no ports"));
+        return Ok(None);
+    }
+
+    // External and load-balancer IPs of a family the Service has a cluster IP
+    // of (kube-proxy's MapIPsByIPFamily per proxier family).
+    let mut external_ips = Vec::new();
+    for (i, s) in spec.external_ips.iter().flatten().enumerate() {
+        let field = format!("spec.externalIPs[{i}]");
+        let ip = parse_ip(s).map_err(|m| invalid(object, field.as_str(), m))?;
+        if families.contains(&Family::of(ip)) {
+            external_ips.push(ip);
+        } else {
+            skipped.push(Skipped::new(
+                object,
+                format!(
+                    "{field}: {ip} is {}, and the Service has no {0} cluster IP; ignored",
+                    Family::of(ip).name()
+                ),
+            ));
+        }
+    }
+    let mut lb_ips = Vec::new();
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref());
+    for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        let field = format!("status.loadBalancer.ingress[{i}]");
+        let Some(s) = ing.ip.as_deref().filter(|s| !s.is_empty()) else {
+            continue; // a hostname-only ingress has no IP to serve
+        };
+        let ip = parse_ip(s).map_err(|m| invalid(object, format!("{field}.ip"), m))?;
+        if ing.ip_mode.as_deref() == Some("Proxy") {
+            skipped.push(Skipped::new(
+                object,
+                format!("{field}: ipMode Proxy: the load balancer proxies to nodes itself; {ip} ignored"),
+            ));
+        } else if families.contains(&Family::of(ip)) {
+            lb_ips.push(ip);
+        } else {
+            skipped.push(Skipped::new(
+                object,
+                format!(
+                    "{field}: {ip} is {}, and the Service has no {0} cluster IP; ignored",
+                    Family::of(ip).name()
+                ),
+            ));
+        }
+    }
+
+    Ok(Some(Served {
+        key: format!("{ns}/{name}"),
+        cluster_ips,
+        ports,
+        external_ips,
+        lb_ips,
+        affinity,
+        slices: Vec::new(),
+    }))
+}
+
+/// Checks an EndpointSlice of a served Service. `Ok(None)`: an FQDN slice.
+fn validate_slice(
+    slice: &EndpointSlice,
+    object: &str,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Option<SliceInfo>, ModelError> {
+    let family = match slice.address_type.as_str() {
+        "IPv4" => Family::V4,
+        "IPv6" => Family::V6,
+        "FQDN" => {
+            skipped.push(Skipped::new(
+                object,
+                "addressType FQDN: no semantics for proxies (kube-proxy ignores it too)",
+            ));
+            return Ok(None);
+        }
+        other => {
+            return Err(invalid(
+                object,
+                "addressType",
+                format!("{other:?} is not IPv4, IPv6 or FQDN"),
+            ))
+        }
+    };
+
+    let mut ports: Vec<SlicePort> = Vec::new();
+    let mut names: Vec<(String, Proto, usize)> = Vec::new();
+    for (j, p) in slice.ports.iter().flatten().enumerate() {
+        let field = |f: &str| format!("ports[{j}].{f}");
+        let name = p.name.clone().unwrap_or_default();
+        let protocol = parse_proto(p.protocol.as_deref()).ok_or_else(|| {
+            invalid(
+                object,
+                field("protocol"),
+                format!(
+                    "{:?} is not TCP, UDP or SCTP",
+                    p.protocol.as_deref().unwrap_or_default()
+                ),
+            )
+        })?;
+        if let Some((_, _, k)) = names
+            .iter()
+            .find(|(n, pr, _)| *n == name && *pr == protocol)
+        {
+            return Err(invalid(
+                object,
+                field("name"),
+                format!("{name:?}/{} is also ports[{k}]", protocol.as_str()),
+            ));
+        }
+        names.push((name.clone(), protocol, j));
+        match p.port {
+            None | Some(0) => skipped.push(Skipped::new(
+                object,
+                format!("ports[{j}]: no port number; ignored"),
+            )),
+            Some(n) => {
+                let port = valid_port(n).ok_or_else(|| {
+                    invalid(object, field("port"), format!("{n} is not a valid port"))
+                })?;
+                ports.push(SlicePort {
+                    name,
+                    protocol,
+                    port,
+                });
+            }
+        }
+    }
+
+    let mut endpoints = Vec::new();
+    for (k, ep) in slice.endpoints.iter().enumerate() {
+        let mut first = None;
+        for (m, s) in ep.addresses.iter().enumerate() {
+            let field = format!("endpoints[{k}].addresses[{m}]");
+            let bad = |what: &str| invalid(object, field.as_str(), format!("{s:?} is not {what}"));
+            let ip = match family {
+                Family::V4 => {
+                    IpAddr::V4(s.parse::<Ipv4Addr>().map_err(|_| bad("an IPv4 address"))?)
+                }
+                Family::V6 => {
+                    let v6 = s.parse::<Ipv6Addr>().map_err(|_| bad("an IPv6 address"))?;
+                    if v6.to_ipv4_mapped().is_some() {
+                        return Err(invalid(
+                            object,
+                            field,
+                            format!("{s:?} is an IPv4-mapped IPv6 address"),
+                        ));
+                    }
+                    IpAddr::V6(v6)
+                }
+            };
+            first.get_or_insert(ip);
+        }
+        let Some(address) = first else {
+            skipped.push(Skipped::new(
+                object,
+                format!("endpoints[{k}]: no addresses; ignored"),
+            ));
+            continue;
+        };
+        // Nil conditions as the API documents them (EndpointConditions):
+        // ready nil = ready; serving nil = ready's value; terminating nil = false.
+        let c = ep.conditions.as_ref();
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        let usable = if ready {
+            Usable::Ready
+        } else if serving && terminating {
+            Usable::Terminating
+        } else {
+            Usable::No
+        };
+        endpoints.push(SliceEndpoint { address, usable });
+    }
+
+    Ok(Some(SliceInfo {
+        family,
+        ports,
+        endpoints,
+    }))
+}
+
+/// The backends of one service port in one family: the slice port of the same
+/// name and protocol in each slice of that family, endpoints merged by
+/// (address, port) keeping the best condition; ready ones, else serving and
+/// terminating ones, else none.
+fn backends_for(s: &Served, family: Family, port: &SvcPort) -> Vec<Backend> {
+    let mut merged: BTreeMap<(IpAddr, u16), Usable> = BTreeMap::new();
+    for slice in s.slices.iter().filter(|sl| sl.family == family) {
+        let Some(sp) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port.name && p.protocol == port.protocol)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let u = merged.entry((ep.address, sp.port)).or_insert(Usable::No);
+            *u = (*u).max(ep.usable);
+        }
+    }
+    let pick = |want: Usable, state: BackendState| -> Vec<Backend> {
+        merged
+            .iter()
+            .filter(|(_, u)| **u == want)
+            .map(|(&(address, port), _)| Backend {
+                address,
+                port,
+                state,
+            })
+            .collect()
+    };
+    let ready = pick(Usable::Ready, BackendState::Ready);
+    if ready.is_empty() {
+        pick(Usable::Terminating, BackendState::Terminating)
+    } else {
+        ready
+    }
+}
+
+fn frontends_of(s: &Served, out: &mut Vec<Frontend>) {
+    for port in &s.ports {
+        for &cip in &s.cluster_ips {
+            let family = Family::of(cip);
+            let backends = backends_for(s, family, port);
+            let mut push = |kind, address, number| {
+                out.push(Frontend {
+                    service: s.key.clone(),
+                    port_name: port.name.clone(),
+                    kind,
+                    address,
+                    port: number,
+                    protocol: port.protocol,
+                    affinity_timeout_s: s.affinity,
+                    backends: backends.clone(),
+                });
+            };
+            push(FrontendKind::ClusterIp, cip, port.port);
+            if let Some(np) = port.node_port {
+                push(FrontendKind::NodePort, family.unspecified(), np);
+            }
+            for &ip in s
+                .external_ips
+                .iter()
+                .filter(|ip| Family::of(**ip) == family)
+            {
+                push(FrontendKind::ExternalIp, ip, port.port);
+            }
+            for &ip in s.lb_ips.iter().filter(|ip| Family::of(**ip) == family) {
+                push(FrontendKind::LoadBalancer, ip, port.port);
+            }
+        }
+    }
+}
+
+/// One (address, port, protocol) has one frontend. Two cluster IP frontends
+/// on one key are an error (the API's IP allocator never allows it); otherwise
+/// the first by (kind: ClusterIP, NodePort, ExternalIP, LoadBalancer; service
+/// name) keeps it and the others are noted as skipped.
+fn resolve_conflicts(
+    mut all: Vec<Frontend>,
+    skipped: &mut Vec<Skipped>,
+) -> Result<Vec<Frontend>, ModelError> {
+    all.sort_by(|a, b| {
+        (
+            a.kind as u8,
+            &a.service,
+            &a.port_name,
+            a.address,
+            a.protocol,
+        )
+            .cmp(&(
+                b.kind as u8,
+                &b.service,
+                &b.port_name,
+                b.address,
+                b.protocol,
+            ))
+    });
+    let mut owner: HashMap<(IpAddr, u16, Proto), (FrontendKind, String)> = HashMap::new();
+    let mut kept = Vec::with_capacity(all.len());
+    for f in all {
+        let key = (f.address, f.port, f.protocol);
+        if let Some((kind, first)) = owner.get(&key) {
+            let frontend = endpoint_string(f.address, f.port, f.protocol);
+            if *kind == FrontendKind::ClusterIp && f.kind == FrontendKind::ClusterIp {
+                return Err(ModelError::Conflict {
+                    first: format!("Service {first}"),
+                    second: format!("Service {}", f.service),
+                    frontend,
+                });
+            }
+            skipped.push(Skipped::new(
+                format!("Service {}", f.service),
+                format!(
+                    "{} frontend {frontend} is already a {} frontend of {first}; ignored",
+                    kind_name(f.kind),
+                    kind_name(*kind)
+                ),
+            ));
+            continue;
+        }
+        owner.insert(key, (f.kind, f.service.clone()));
+        kept.push(f);
+    }
+    kept.sort_by(|a, b| {
+        (
+            &a.service,
+            &a.port_name,
+            a.address,
+            a.protocol,
+            a.kind as u8,
+            a.port,
+        )
+            .cmp(&(
+                &b.service,
+                &b.port_name,
+                b.address,
+                b.protocol,
+                b.kind as u8,
+                b.port,
+            ))
+    });
+    Ok(kept)
+}

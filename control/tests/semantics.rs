@@ -1,0 +1,1333 @@
+//! kube-proxy's Service semantics as clustergate-control applies them
+//! (docs/semantics.md): the fixture manifests with their exact `show` JSON, and
+//! one targeted test per rule.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clustergate_control::model::{build_model, Model};
+use clustergate_control::{load_manifest_file, parse_manifest, ControlError, DEFAULT_PROXY_NAME};
+use clustergate_dataplane::flow::{addr16, Proto};
+use clustergate_dataplane::table::{BackendState, FrontendKind, Table};
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+// ---------------------------------------------------------------- helpers
+
+fn fixture_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(fixture_path(name)).unwrap()
+}
+
+fn model_with(yaml: &str, proxy_name: &str) -> Model {
+    build_model(&parse_manifest(yaml).unwrap(), proxy_name).unwrap()
+}
+
+fn model(yaml: &str) -> Model {
+    model_with(yaml, DEFAULT_PROXY_NAME)
+}
+
+/// The error text of a manifest that is refused, by the parser or the model.
+fn refused(yaml: &str) -> String {
+    match parse_manifest(yaml) {
+        Err(e) => e.to_string(),
+        Ok(objects) => build_model(&objects, DEFAULT_PROXY_NAME)
+            .map(|m| panic!("accepted: {}", m.to_json()))
+            .unwrap_err()
+            .to_string(),
+    }
+}
+
+/// A Service document in namespace `default`; `spec` is indented two spaces.
+fn service(name: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n{spec}"
+    )
+}
+
+/// An EndpointSlice document in namespace `default` labelled for `svc`; `body`
+/// holds addressType, ports and endpoints at the top level.
+fn slice(name: &str, svc: &str, body: &str) -> String {
+    format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {svc}\n{body}"
+    )
+}
+
+fn be(address: &str, port: u16, state: &str) -> Value {
+    json!({"address": address, "port": port, "state": state})
+}
+
+fn ready(address: &str, port: u16) -> Value {
+    be(address, port, "ready")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fe(
+    service: &str,
+    port_name: &str,
+    kind: &str,
+    address: &str,
+    port: u16,
+    protocol: &str,
+    affinity: Option<u32>,
+    backends: Vec<Value>,
+) -> Value {
+    json!({
+        "service": service,
+        "port_name": port_name,
+        "kind": kind,
+        "address": address,
+        "port": port,
+        "protocol": protocol,
+        "affinity_timeout_s": affinity,
+        "backends": backends,
+    })
+}
+
+/// ClusterIP, TCP, no affinity.
+fn cip(service: &str, port_name: &str, address: &str, port: u16, backends: Vec<Value>) -> Value {
+    fe(
+        service,
+        port_name,
+        "ClusterIP",
+        address,
+        port,
+        "TCP",
+        None,
+        backends,
+    )
+}
+
+/// The `show` JSON frontends of one service.
+fn frontends_of(m: &Model, service: &str) -> Value {
+    Value::Array(
+        m.to_json()["frontends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["service"] == service)
+            .cloned()
+            .collect(),
+    )
+}
+
+fn skipped_of(m: &Model) -> Vec<(String, String)> {
+    m.skipped
+        .iter()
+        .map(|s| (s.object.clone(), s.reason.clone()))
+        .collect()
+}
+
+fn is_skipped(m: &Model, object: &str) -> bool {
+    m.skipped.iter().any(|s| s.object == object)
+}
+
+// ---------------------------------------------------------------- fixtures
+
+fn expected_fixture_frontends() -> Value {
+    let exposed = |kind, address, port| {
+        fe(
+            "default/exposed",
+            "http",
+            kind,
+            address,
+            port,
+            "TCP",
+            None,
+            vec![ready("198.18.6.1", 8080)],
+        )
+    };
+    json!([
+        cip("default/down", "http", "198.19.0.31", 80, vec![]),
+        cip(
+            "default/draining",
+            "http",
+            "198.19.0.30",
+            80,
+            vec![be("198.18.4.1", 8080, "terminating")]
+        ),
+        cip(
+            "default/dual",
+            "",
+            "198.19.0.20",
+            80,
+            vec![ready("198.18.3.1", 8080), ready("198.18.3.2", 8080)]
+        ),
+        cip(
+            "default/dual",
+            "",
+            "2001:db8:ffff::20",
+            80,
+            vec![ready("2001:db8:1::1", 8080), ready("2001:db8:1::2", 8080)]
+        ),
+        cip("default/empty", "http", "198.19.0.32", 80, vec![]),
+        exposed("NodePort", "0.0.0.0", 30080),
+        exposed("ExternalIP", "198.18.200.1", 80),
+        exposed("LoadBalancer", "198.18.201.1", 80),
+        exposed("ClusterIP", "198.19.0.50", 80),
+        cip(
+            "default/ours",
+            "",
+            "198.19.0.60",
+            80,
+            vec![ready("198.18.7.1", 80)]
+        ),
+        fe(
+            "default/sticky",
+            "http",
+            "ClusterIP",
+            "198.19.0.40",
+            80,
+            "TCP",
+            Some(10800),
+            vec![ready("198.18.5.1", 8080)]
+        ),
+        fe(
+            "default/sticky-short",
+            "http",
+            "ClusterIP",
+            "198.19.0.41",
+            80,
+            "TCP",
+            Some(600),
+            vec![ready("198.18.5.2", 8080)]
+        ),
+        cip(
+            "default/web",
+            "http",
+            "198.19.0.10",
+            80,
+            vec![
+                ready("198.18.1.1", 8080),
+                ready("198.18.1.2", 8080),
+                ready("198.18.1.4", 8081),
+                ready("198.18.1.5", 8081),
+                ready("198.18.1.6", 8080),
+            ]
+        ),
+        cip(
+            "default/web",
+            "metrics",
+            "198.19.0.10",
+            9100,
+            vec![
+                ready("198.18.1.1", 9100),
+                ready("198.18.1.2", 9100),
+                ready("198.18.1.6", 9100),
+            ]
+        ),
+        fe(
+            "kube-system/dns",
+            "dns",
+            "ClusterIP",
+            "198.19.0.53",
+            53,
+            "UDP",
+            None,
+            vec![ready("198.18.2.1", 53), ready("198.18.2.2", 53)]
+        ),
+        fe(
+            "kube-system/dns",
+            "dns-tcp",
+            "ClusterIP",
+            "198.19.0.53",
+            53,
+            "TCP",
+            None,
+            vec![ready("198.18.2.1", 53), ready("198.18.2.2", 53)]
+        ),
+    ])
+}
+
+fn expected_fixture_skipped() -> Value {
+    let not_read = |kind: &str| {
+        format!("kind {kind} (v1) is not read (clustergate reads Service and EndpointSlice)")
+    };
+    json!([
+        {"object": "ConfigMap default/settings", "reason": not_read("ConfigMap")},
+        {"object": "EndpointSlice default/dual-fqdn",
+         "reason": "addressType FQDN: no semantics for proxies (kube-proxy ignores it too)"},
+        {"object": "EndpointSlice default/ghost-1", "reason": "no Service default/ghost in the manifest"},
+        {"object": "EndpointSlice default/headless-1",
+         "reason": "labelled service.kubernetes.io/headless (endpoints of a headless Service)"},
+        {"object": "EndpointSlice default/orphan-1",
+         "reason": "no kubernetes.io/service-name label: it belongs to no Service"},
+        {"object": "EndpointSlice default/theirs-1", "reason": "its Service default/theirs is skipped"},
+        {"object": "Endpoints default/web", "reason": not_read("Endpoints")},
+        {"object": "Namespace shop", "reason": not_read("Namespace")},
+        {"object": "Service default/alias", "reason": "type ExternalName: a DNS alias, not proxied"},
+        {"object": "Service default/headless", "reason": "headless (clusterIP None): not proxied"},
+        {"object": "Service default/theirs",
+         "reason": "service.kubernetes.io/service-proxy-name is \"other-proxy\", not \"clustergate\": another proxy serves it"},
+        {"object": "Service default/unallocated", "reason": "no clusterIP"},
+    ])
+}
+
+#[test]
+fn list_fixture_show_json_is_exact() {
+    let m = model(&fixture("cluster.yaml"));
+    let got = m.to_json();
+    assert_eq!(
+        got,
+        json!({"frontends": expected_fixture_frontends(), "skipped": expected_fixture_skipped()}),
+        "{}",
+        serde_json::to_string_pretty(&got).unwrap()
+    );
+}
+
+#[test]
+fn key_services_of_the_fixture_one_by_one() {
+    // The same facts as above, per service, so a failure points at one rule.
+    let m = model(&fixture("cluster.yaml"));
+    let all = expected_fixture_frontends();
+    for svc in [
+        "default/web",
+        "kube-system/dns",
+        "default/dual",
+        "default/draining",
+        "default/down",
+        "default/empty",
+        "default/sticky",
+        "default/sticky-short",
+        "default/exposed",
+        "default/ours",
+    ] {
+        let want: Vec<Value> = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["service"] == svc)
+            .cloned()
+            .collect();
+        assert_eq!(frontends_of(&m, svc), Value::Array(want), "{svc}");
+    }
+    for svc in [
+        "default/theirs",
+        "default/headless",
+        "default/alias",
+        "default/unallocated",
+    ] {
+        assert_eq!(frontends_of(&m, svc), json!([]), "{svc} is skipped");
+    }
+}
+
+#[test]
+fn documents_fixture_gives_the_same_model_as_the_list() {
+    let list = model(&fixture("cluster.yaml"));
+    let docs = model(&fixture("cluster-docs.yaml"));
+    assert_eq!(docs, list);
+    assert_eq!(docs.to_json()["frontends"], expected_fixture_frontends());
+}
+
+#[test]
+fn fixture_feeds_the_dataplane_table_with_cluster_ips_only() {
+    let m = model(&fixture("cluster.yaml"));
+    let specs = m.service_specs();
+    assert_eq!(m.frontends.len(), 16);
+    assert_eq!(specs.len(), 13, "16 frontends, 3 not served yet");
+    assert!(specs.iter().all(|s| s.kind == FrontendKind::ClusterIp));
+    assert!(specs
+        .iter()
+        .flat_map(|s| &s.backends)
+        .all(|b| b.weight == 1));
+    let table = Table::build(1, 0, &specs).unwrap();
+    assert_eq!(table.frontends().len(), 13);
+
+    let ip = |s: &str| addr16(s.parse::<IpAddr>().unwrap());
+    let web = table.frontend(&ip("198.19.0.10"), 80, Proto::Tcp).unwrap();
+    let web = table.frontend_record(web).unwrap();
+    assert_eq!(table.backends_of(web).len(), 5);
+    assert!(table.frontend(&ip("198.19.0.53"), 53, Proto::Udp).is_some());
+    assert!(table.frontend(&ip("198.19.0.53"), 53, Proto::Tcp).is_some());
+    assert!(table
+        .frontend(&ip("2001:db8:ffff::20"), 80, Proto::Tcp)
+        .is_some());
+    // Carried but not served: node port, external IP, load-balancer IP.
+    assert!(table.frontend(&ip("0.0.0.0"), 30080, Proto::Tcp).is_none());
+    assert!(table
+        .frontend(&ip("198.18.200.1"), 80, Proto::Tcp)
+        .is_none());
+    assert!(table
+        .frontend(&ip("198.18.201.1"), 80, Proto::Tcp)
+        .is_none());
+    assert!(table.frontend(&ip("198.19.0.50"), 80, Proto::Tcp).is_some());
+    // Empty frontends exist (so traffic is rejected), with no ring.
+    let empty = table.frontend(&ip("198.19.0.32"), 80, Proto::Tcp).unwrap();
+    assert_eq!(table.frontend_record(empty).unwrap().ring_len, 0);
+    // A terminating fallback backend keeps weight 1 and its state.
+    let draining = specs
+        .iter()
+        .find(|s| s.addr == "198.19.0.30".parse::<IpAddr>().unwrap())
+        .unwrap();
+    assert_eq!(draining.backends.len(), 1);
+    assert_eq!(draining.backends[0].state, BackendState::Terminating);
+    assert_eq!(draining.backends[0].weight, 1);
+    let sticky = specs
+        .iter()
+        .find(|s| s.addr == "198.19.0.40".parse::<IpAddr>().unwrap())
+        .unwrap();
+    assert_eq!(sticky.affinity_timeout_s, Some(10800));
+}
+
+#[test]
+fn table_view_marks_frontends_not_served_yet() {
+    let t = model(&fixture("cluster.yaml")).to_table();
+    let line = |needle: &str| {
+        t.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in\n{t}"))
+            .to_owned()
+    };
+    assert!(line("0.0.0.0:30080 NodePort default/exposed:http").ends_with("(not served yet)"));
+    assert!(line("198.18.200.1:80 ExternalIP").ends_with("(not served yet)"));
+    assert!(line("198.18.201.1:80 LoadBalancer").ends_with("(not served yet)"));
+    assert!(!line("198.19.0.50:80 ClusterIP").contains("not served"));
+    assert!(line("198.19.0.40:80 ClusterIP default/sticky:http").contains("persistent 10800"));
+    assert!(t.contains("[2001:db8:ffff::20]:80 ClusterIP default/dual\n"));
+    assert!(t.contains("  -> [2001:db8:1::1]:8080"));
+    assert!(line("-> 198.18.4.1:8080").ends_with("terminating"));
+    assert!(t.contains("(no endpoints: connections are rejected)"));
+    assert!(t.contains("\nSkipped:\n  ConfigMap default/settings: kind ConfigMap"));
+}
+
+#[test]
+fn load_manifest_file_reads_and_names_the_file_on_error() {
+    let m = load_manifest_file(&fixture_path("cluster.yaml"), DEFAULT_PROXY_NAME).unwrap();
+    assert_eq!(m, model(&fixture("cluster.yaml")));
+
+    let missing = fixture_path("no-such-file.yaml");
+    let e = load_manifest_file(&missing, DEFAULT_PROXY_NAME).unwrap_err();
+    assert!(matches!(e, ControlError::Read { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}: ", missing.display())),
+        "{e}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("clustergate-control-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad_yaml = dir.join("bad.yaml");
+    std::fs::write(&bad_yaml, "kind: List\nitems: [\n").unwrap();
+    let e = load_manifest_file(&bad_yaml, DEFAULT_PROXY_NAME).unwrap_err();
+    assert!(matches!(e, ControlError::Manifest { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}: not valid YAML", bad_yaml.display())),
+        "{e}"
+    );
+
+    let bad_port = dir.join("bad-port.yaml");
+    std::fs::write(
+        &bad_port,
+        service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 0}]\n"),
+    )
+    .unwrap();
+    let e = load_manifest_file(&bad_port, DEFAULT_PROXY_NAME).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}: Service default/web: spec.ports[0].port: 0 is not a valid port",
+            bad_port.display()
+        )
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// The model does not depend on the order of objects in the manifest.
+    #[test]
+    fn model_does_not_depend_on_object_order(
+        docs in Just(split_documents(&fixture("cluster-docs.yaml"))).prop_shuffle()
+    ) {
+        let shuffled = model(&docs.join("\n---\n"));
+        prop_assert_eq!(shuffled, model(&fixture("cluster.yaml")));
+    }
+}
+
+fn split_documents(text: &str) -> Vec<String> {
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        if line == "---" || line == "..." {
+            docs.push(String::new());
+        } else if let Some(d) = docs.last_mut() {
+            d.push_str(line);
+            d.push('\n');
+        }
+    }
+    docs
+}
+
+// ---------------------------------------------------------------- skipping
+
+#[test]
+fn headless_service_is_skipped() {
+    let m = model(&service(
+        "db",
+        "  clusterIP: None\n  ports: [{name: pg, port: 5432}]\n",
+    ));
+    assert!(m.frontends.is_empty());
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/db".to_owned(),
+            "headless (clusterIP None): not proxied".to_owned()
+        )]
+    );
+    // clusterIPs [None] without clusterIP means the same.
+    let m = model(&service(
+        "db",
+        "  clusterIPs: [None]\n  ports: [{port: 5432}]\n",
+    ));
+    assert!(m.frontends.is_empty() && is_skipped(&m, "Service default/db"));
+}
+
+#[test]
+fn external_name_service_is_skipped() {
+    // Even with a cluster IP (kube-proxy's ShouldSkipService checks the type).
+    let m = model(&service(
+        "alias",
+        "  type: ExternalName\n  externalName: db.example.invalid\n  clusterIP: 198.19.0.9\n  ports: [{port: 80}]\n",
+    ));
+    assert!(m.frontends.is_empty());
+    assert_eq!(
+        m.skipped[0].reason,
+        "type ExternalName: a DNS alias, not proxied"
+    );
+}
+
+#[test]
+fn service_without_cluster_ip_is_skipped() {
+    for spec in [
+        "  ports: [{port: 80}]\n",
+        "  clusterIP: \"\"\n  ports: [{port: 80}]\n",
+        "  clusterIPs: []\n  ports: [{port: 80}]\n",
+    ] {
+        let m = model(&service("pending", spec));
+        assert!(m.frontends.is_empty(), "{spec}");
+        assert_eq!(
+            skipped_of(&m),
+            [(
+                "Service default/pending".to_owned(),
+                "no clusterIP".to_owned()
+            )]
+        );
+    }
+    // No spec at all.
+    let m = model("apiVersion: v1\nkind: Service\nmetadata: {name: bare}\n");
+    assert!(m.frontends.is_empty() && is_skipped(&m, "Service default/bare"));
+}
+
+#[test]
+fn proxy_name_label_selects_services() {
+    let with_label = |name: &str, label: Option<&str>, ip: &str| {
+        let labels = label
+            .map(|l| format!("  labels:\n    service.kubernetes.io/service-proxy-name: {l}\n"))
+            .unwrap_or_default();
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n{labels}spec:\n  clusterIP: {ip}\n  ports: [{{port: 80}}]\n"
+        )
+    };
+    let yaml = [
+        with_label("ours", Some("clustergate"), "198.19.0.1"),
+        with_label("theirs", Some("other-proxy"), "198.19.0.2"),
+        with_label("anyone", None, "198.19.0.3"),
+    ]
+    .concat();
+    let served =
+        |m: &Model| -> Vec<String> { m.frontends.iter().map(|f| f.service.clone()).collect() };
+
+    let m = model(&yaml);
+    assert_eq!(served(&m), ["default/anyone", "default/ours"]);
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/theirs".to_owned(),
+            "service.kubernetes.io/service-proxy-name is \"other-proxy\", not \"clustergate\": another proxy serves it".to_owned()
+        )]
+    );
+
+    // The proxy name is a parameter.
+    let m = model_with(&yaml, "other-proxy");
+    assert_eq!(served(&m), ["default/anyone", "default/theirs"]);
+    assert!(is_skipped(&m, "Service default/ours"));
+}
+
+#[test]
+fn slice_without_service_name_label_is_skipped_and_listed() {
+    let yaml = service("web", "  clusterIP: 198.19.0.10\n  ports: [{name: http, port: 80}]\n")
+        + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-loose\n  namespace: default\n  labels: {app: web}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [198.18.1.1]\n";
+    let m = model(&yaml);
+    assert_eq!(
+        frontends_of(&m, "default/web"),
+        json!([cip("default/web", "http", "198.19.0.10", 80, vec![])])
+    );
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "EndpointSlice default/web-loose".to_owned(),
+            "no kubernetes.io/service-name label: it belongs to no Service".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn slices_join_their_service_in_their_own_namespace() {
+    let yaml = service("web", "  clusterIP: 198.19.0.10\n  ports: [{name: http, port: 80}]\n")
+        + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-x\n  namespace: other\n  labels: {kubernetes.io/service-name: web}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [198.18.1.1]\n";
+    let m = model(&yaml);
+    assert_eq!(m.frontends[0].backends, []);
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "EndpointSlice other/web-x".to_owned(),
+            "no Service other/web in the manifest".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn unknown_kinds_and_versions_are_skipped() {
+    let yaml = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\nspec: {replicas: 3}\n---\napiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: old, namespace: shop}\naddressType: IPv4\nendpoints: []\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n";
+    let m = model(yaml);
+    assert!(m.frontends.is_empty());
+    assert_eq!(
+        skipped_of(&m),
+        [
+            (
+                "Deployment shop/web".to_owned(),
+                "kind Deployment (apps/v1) is not read (clustergate reads Service and EndpointSlice)".to_owned()
+            ),
+            (
+                "EndpointSlice shop/old".to_owned(),
+                "apiVersion discovery.k8s.io/v1beta1 is not read (clustergate reads EndpointSlice discovery.k8s.io/v1)".to_owned()
+            ),
+            (
+                "Node node-a".to_owned(),
+                "kind Node (v1) is not read (clustergate reads Service and EndpointSlice)".to_owned()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn empty_manifests_give_an_empty_model() {
+    for text in [
+        "",
+        "\n",
+        "# nothing here\n",
+        "---\n",
+        "---\n---\n...\n",
+        "apiVersion: v1\nkind: List\nitems: []\n",
+        "apiVersion: v1\nkind: List\nmetadata: {resourceVersion: \"\"}\n",
+    ] {
+        let m = model(text);
+        assert_eq!(m, Model::default(), "{text:?}");
+        assert_eq!(m.to_json(), json!({"frontends": [], "skipped": []}));
+    }
+}
+
+#[test]
+fn a_single_object_is_a_manifest() {
+    let m = model("apiVersion: v1\nkind: Service\nmetadata:\n  name: one\nspec:\n  clusterIP: 198.19.0.1\n  ports:\n  - port: 80\n");
+    assert_eq!(
+        m.to_json()["frontends"],
+        json!([cip("default/one", "", "198.19.0.1", 80, vec![])]),
+        "namespace defaults to default"
+    );
+}
+
+#[test]
+fn fqdn_slices_are_ignored() {
+    let yaml = service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n")
+        + &slice("web-dns", "web", "addressType: FQDN\nports: [{port: 80}]\nendpoints:\n- addresses: [backend.example.invalid]\n");
+    let m = model(&yaml);
+    assert_eq!(m.frontends[0].backends, []);
+    assert!(is_skipped(&m, "EndpointSlice default/web-dns"));
+}
+
+// ---------------------------------------------------------------- endpoints
+
+#[test]
+fn slices_are_merged_and_endpoints_deduplicated() {
+    let eps = |ips: &[&str]| -> String {
+        ips.iter()
+            .map(|ip| format!("- addresses: [{ip}]\n  conditions: {{ready: true}}\n"))
+            .collect()
+    };
+    let yaml = service(
+        "web",
+        "  clusterIP: 198.19.0.10\n  ports: [{name: http, port: 80}]\n",
+    ) + &slice(
+        "web-a",
+        "web",
+        &format!(
+            "addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{}",
+            eps(&["198.18.1.2", "198.18.1.1", "198.18.1.1"])
+        ),
+    ) + &slice(
+        "web-b",
+        "web",
+        &format!(
+            "addressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n{}",
+            eps(&["198.18.1.1", "198.18.1.3"])
+        ),
+    );
+    let m = model(&yaml);
+    assert_eq!(
+        frontends_of(&m, "default/web"),
+        json!([cip(
+            "default/web",
+            "http",
+            "198.19.0.10",
+            80,
+            vec![
+                ready("198.18.1.1", 8080),
+                ready("198.18.1.2", 8080),
+                ready("198.18.1.3", 8080)
+            ]
+        )])
+    );
+}
+
+#[test]
+fn a_duplicate_endpoint_keeps_its_best_condition() {
+    // The same endpoint in two slices (say, while it moves between them): ready
+    // in one, not ready in the other. It counts as ready.
+    let yaml = service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n")
+        + &slice("web-a", "web", "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.1.1]\n  conditions: {ready: false, serving: false}\n")
+        + &slice("web-b", "web", "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.1.1]\n  conditions: {ready: true}\n");
+    assert_eq!(model(&yaml).frontends[0].backends.len(), 1);
+    assert_eq!(
+        model(&yaml).frontends[0].backends[0].state,
+        BackendState::Ready
+    );
+}
+
+#[test]
+fn named_ports_resolve_per_slice() {
+    // targetPort "http" is 8080 in the pods of web-old and 9090 in those of
+    // web-new: each slice says which number the name has for its endpoints.
+    let yaml = service(
+        "web",
+        "  clusterIP: 198.19.0.10\n  ports:\n  - {name: http, port: 80, targetPort: http}\n  - {name: admin, port: 81, targetPort: admin}\n",
+    ) + &slice("web-old", "web", "addressType: IPv4\nports:\n- {name: admin, port: 7000, protocol: TCP}\n- {name: http, port: 8080, protocol: TCP}\nendpoints:\n- addresses: [198.18.1.1]\n")
+        + &slice("web-new", "web", "addressType: IPv4\nports:\n- {name: http, port: 9090, protocol: TCP}\nendpoints:\n- addresses: [198.18.1.2]\n");
+    let m = model(&yaml);
+    assert_eq!(
+        frontends_of(&m, "default/web"),
+        json!([
+            // Sorted by port name: "admin" < "http".
+            cip(
+                "default/web",
+                "admin",
+                "198.19.0.10",
+                81,
+                vec![ready("198.18.1.1", 7000)]
+            ),
+            cip(
+                "default/web",
+                "http",
+                "198.19.0.10",
+                80,
+                vec![ready("198.18.1.1", 8080), ready("198.18.1.2", 9090)]
+            ),
+        ]),
+        "web-new has no admin port, so it adds nothing to admin"
+    );
+}
+
+#[test]
+fn slice_ports_match_by_name_and_protocol() {
+    // A slice port of another protocol, or another name, contributes nothing.
+    let yaml = service("dns", "  clusterIP: 198.19.0.53\n  ports: [{name: dns, port: 53, protocol: UDP}]\n")
+        + &slice("dns-a", "dns", "addressType: IPv4\nports:\n- {name: dns, port: 53, protocol: TCP}\n- {name: domain, port: 53, protocol: UDP}\nendpoints:\n- addresses: [198.18.2.1]\n");
+    assert_eq!(model(&yaml).frontends[0].backends, []);
+    // An unnamed service port matches a slice port with an empty or absent name.
+    let yaml = service("u", "  clusterIP: 198.19.0.54\n  ports: [{port: 80}]\n")
+        + &slice("u-a", "u", "addressType: IPv4\nports: [{name: \"\", port: 8080}]\nendpoints:\n- addresses: [198.18.2.2]\n")
+        + &slice("u-b", "u", "addressType: IPv4\nports: [{port: 8081}]\nendpoints:\n- addresses: [198.18.2.3]\n");
+    assert_eq!(
+        frontends_of(&model(&yaml), "default/u"),
+        json!([cip(
+            "default/u",
+            "",
+            "198.19.0.54",
+            80,
+            vec![ready("198.18.2.2", 8080), ready("198.18.2.3", 8081)]
+        )])
+    );
+}
+
+#[test]
+fn slice_port_without_number_is_ignored_and_listed() {
+    let yaml = service(
+        "web",
+        "  clusterIP: 198.19.0.10\n  ports: [{name: http, port: 80}]\n",
+    ) + &slice(
+        "web-a",
+        "web",
+        "addressType: IPv4\nports: [{name: http}]\nendpoints:\n- addresses: [198.18.1.1]\n",
+    );
+    let m = model(&yaml);
+    assert_eq!(m.frontends[0].backends, []);
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "EndpointSlice default/web-a".to_owned(),
+            "ports[0]: no port number; ignored".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn dual_stack_gives_one_frontend_per_family_with_its_own_endpoints() {
+    let yaml = service(
+        "dual",
+        "  clusterIP: 198.19.0.20\n  clusterIPs: [198.19.0.20, \"2001:db8:ffff::20\"]\n  ipFamilies: [IPv4, IPv6]\n  ports: [{name: http, port: 80}]\n",
+    ) + &slice("dual-6", "dual", "addressType: IPv6\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [\"2001:db8:1::1\"]\n")
+        + &slice("dual-4", "dual", "addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [198.18.3.1]\n");
+    assert_eq!(
+        frontends_of(&model(&yaml), "default/dual"),
+        json!([
+            cip(
+                "default/dual",
+                "http",
+                "198.19.0.20",
+                80,
+                vec![ready("198.18.3.1", 8080)]
+            ),
+            cip(
+                "default/dual",
+                "http",
+                "2001:db8:ffff::20",
+                80,
+                vec![ready("2001:db8:1::1", 8080)]
+            ),
+        ])
+    );
+    // An IPv6-only service ignores IPv4 slices.
+    let yaml = service(
+        "six",
+        "  clusterIP: \"2001:db8:ffff::21\"\n  ports: [{port: 80}]\n",
+    ) + &slice(
+        "six-4",
+        "six",
+        "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.3.2]\n",
+    );
+    assert_eq!(model(&yaml).frontends[0].backends, []);
+}
+
+#[test]
+fn same_port_with_tcp_and_udp_gives_two_frontends() {
+    let yaml = service(
+        "dns",
+        "  clusterIP: 198.19.0.53\n  ports:\n  - {name: dns, port: 53, protocol: UDP}\n  - {name: dns-tcp, port: 53, protocol: TCP}\n",
+    ) + &slice("dns-a", "dns", "addressType: IPv4\nports:\n- {name: dns, port: 53, protocol: UDP}\n- {name: dns-tcp, port: 5353, protocol: TCP}\nendpoints:\n- addresses: [198.18.2.1]\n");
+    assert_eq!(
+        frontends_of(&model(&yaml), "default/dns"),
+        json!([
+            fe(
+                "default/dns",
+                "dns",
+                "ClusterIP",
+                "198.19.0.53",
+                53,
+                "UDP",
+                None,
+                vec![ready("198.18.2.1", 53)]
+            ),
+            fe(
+                "default/dns",
+                "dns-tcp",
+                "ClusterIP",
+                "198.19.0.53",
+                53,
+                "TCP",
+                None,
+                vec![ready("198.18.2.1", 5353)]
+            ),
+        ])
+    );
+}
+
+/// A one-port service whose single slice has the given endpoints.
+fn service_with_endpoints(endpoints: &str) -> Model {
+    model(
+        &(service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n")
+            + &slice(
+                "web-a",
+                "web",
+                &format!("addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{endpoints}"),
+            )),
+    )
+}
+
+fn backends(m: &Model) -> Value {
+    m.to_json()["frontends"][0]["backends"].clone()
+}
+
+#[test]
+fn ready_endpoints_only_when_some_are_ready() {
+    let m = service_with_endpoints(
+        "- addresses: [198.18.1.1]\n  conditions: {ready: true, serving: true, terminating: false}\n\
+         - addresses: [198.18.1.2]\n  conditions: {ready: false, serving: true, terminating: true}\n\
+         - addresses: [198.18.1.3]\n  conditions: {ready: false, serving: false, terminating: false}\n",
+    );
+    assert_eq!(backends(&m), json!([ready("198.18.1.1", 8080)]));
+}
+
+#[test]
+fn serving_terminating_endpoints_are_the_fallback() {
+    let m = service_with_endpoints(
+        "- addresses: [198.18.1.1]\n  conditions: {ready: false, serving: true, terminating: true}\n\
+         - addresses: [198.18.1.2]\n  conditions: {ready: false, serving: false, terminating: true}\n\
+         - addresses: [198.18.1.3]\n  conditions: {ready: false, serving: true, terminating: false}\n\
+         - addresses: [198.18.1.4]\n  conditions: {ready: false, serving: true, terminating: true}\n",
+    );
+    assert_eq!(
+        backends(&m),
+        json!([
+            be("198.18.1.1", 8080, "terminating"),
+            be("198.18.1.4", 8080, "terminating")
+        ])
+    );
+}
+
+#[test]
+fn no_usable_endpoints_leaves_the_frontend_without_backends() {
+    let m = service_with_endpoints(
+        "- addresses: [198.18.1.1]\n  conditions: {ready: false, serving: false, terminating: true}\n\
+         - addresses: [198.18.1.2]\n  conditions: {ready: false}\n",
+    );
+    assert_eq!(backends(&m), json!([]));
+    assert_eq!(m.service_specs().len(), 1, "the frontend stays, to reject");
+    assert!(m
+        .to_table()
+        .contains("(no endpoints: connections are rejected)"));
+    // A slice with no endpoints at all (`endpoints: null`, as the API prints it).
+    let m = model(
+        &(service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n")
+            + &slice(
+                "web-a",
+                "web",
+                "addressType: IPv4\nports: [{port: 8080}]\nendpoints: null\n",
+            )),
+    );
+    assert_eq!(backends(&m), json!([]));
+}
+
+#[test]
+fn nil_conditions_follow_the_api_documentation() {
+    // ready nil: ready. serving nil: ready's value. terminating nil: false.
+    let one = |conditions: &str| {
+        backends(&service_with_endpoints(&format!(
+            "- addresses: [198.18.1.1]\n{conditions}"
+        )))
+    };
+    assert_eq!(
+        one(""),
+        json!([ready("198.18.1.1", 8080)]),
+        "no conditions at all"
+    );
+    assert_eq!(
+        one("  conditions: {}\n"),
+        json!([ready("198.18.1.1", 8080)]),
+        "all nil"
+    );
+    assert_eq!(
+        one("  conditions: {serving: true, terminating: true}\n"),
+        json!([ready("198.18.1.1", 8080)]),
+        "ready nil is ready, even when terminating"
+    );
+    assert_eq!(
+        one("  conditions: {ready: false, terminating: true}\n"),
+        json!([]),
+        "serving nil takes ready's value (false): not a fallback"
+    );
+    assert_eq!(
+        one("  conditions: {ready: false, serving: true}\n"),
+        json!([]),
+        "terminating nil is false: serving but not terminating is no fallback"
+    );
+}
+
+#[test]
+fn endpoint_without_addresses_is_ignored_and_listed() {
+    let m = service_with_endpoints("- addresses: []\n- addresses: [198.18.1.2]\n");
+    assert_eq!(backends(&m), json!([ready("198.18.1.2", 8080)]));
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "EndpointSlice default/web-a".to_owned(),
+            "endpoints[0]: no addresses; ignored".to_owned()
+        )]
+    );
+}
+
+// ---------------------------------------------------------------- affinity
+
+#[test]
+fn client_ip_affinity_defaults_to_10800_seconds() {
+    let m = model(&service(
+        "sticky",
+        "  clusterIP: 198.19.0.40\n  sessionAffinity: ClientIP\n  ports: [{port: 80}, {name: b, port: 81}]\n",
+    ));
+    assert!(m
+        .frontends
+        .iter()
+        .all(|f| f.affinity_timeout_s == Some(10_800)));
+    let specs = m.service_specs();
+    assert!(specs.iter().all(|s| s.affinity_timeout_s == Some(10_800)));
+    // Without affinity: null.
+    let m = model(&service(
+        "plain",
+        "  clusterIP: 198.19.0.41\n  sessionAffinity: None\n  ports: [{port: 80}]\n",
+    ));
+    assert_eq!(
+        m.to_json()["frontends"][0]["affinity_timeout_s"],
+        Value::Null
+    );
+}
+
+#[test]
+fn client_ip_affinity_takes_an_explicit_timeout() {
+    for t in [1u32, 600, 86_400] {
+        let m = model(&service(
+            "sticky",
+            &format!("  clusterIP: 198.19.0.40\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {t}\n  ports: [{{port: 80}}]\n"),
+        ));
+        assert_eq!(m.to_json()["frontends"][0]["affinity_timeout_s"], json!(t));
+    }
+}
+
+#[test]
+fn affinity_timeout_out_of_range_is_refused() {
+    for t in [0i64, -5, 86_401] {
+        let e = refused(&service(
+            "sticky",
+            &format!("  clusterIP: 198.19.0.40\n  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: {t}\n  ports: [{{port: 80}}]\n"),
+        ));
+        assert_eq!(
+            e,
+            format!("Service default/sticky: spec.sessionAffinityConfig.clientIP.timeoutSeconds: {t} is not in 1..=86400")
+        );
+    }
+    assert_eq!(
+        refused(&service(
+            "s",
+            "  clusterIP: 198.19.0.40\n  sessionAffinity: Cookie\n  ports: [{port: 80}]\n"
+        )),
+        "Service default/s: spec.sessionAffinity: \"Cookie\" is not None or ClientIP"
+    );
+}
+
+// ---------------------------------------------------------------- exposure kinds
+
+#[test]
+fn node_ports_external_ips_and_load_balancers_are_carried_not_served() {
+    let yaml = service(
+        "edge",
+        "  type: LoadBalancer\n  clusterIP: 198.19.0.50\n  clusterIPs: [198.19.0.50, \"2001:db8:ffff::50\"]\n  externalIPs: [198.18.200.1, \"2001:db8:200::1\"]\n  ports: [{name: https, port: 443, nodePort: 30443}]\n",
+    ) + "status:\n  loadBalancer:\n    ingress:\n    - {ip: 198.18.201.1}\n    - {ip: 198.18.201.2, ipMode: Proxy}\n    - {hostname: lb.example.invalid}\n"
+        + &slice("edge-4", "edge", "addressType: IPv4\nports: [{name: https, port: 8443}]\nendpoints:\n- addresses: [198.18.6.1]\n")
+        + &slice("edge-6", "edge", "addressType: IPv6\nports: [{name: https, port: 8443}]\nendpoints:\n- addresses: [\"2001:db8:6::1\"]\n");
+    let m = model(&yaml);
+    let v4 = || vec![ready("198.18.6.1", 8443)];
+    let v6 = || vec![ready("2001:db8:6::1", 8443)];
+    let f =
+        |kind, address, port, b| fe("default/edge", "https", kind, address, port, "TCP", None, b);
+    assert_eq!(
+        frontends_of(&m, "default/edge"),
+        json!([
+            f("NodePort", "0.0.0.0", 30443, v4()),
+            f("ExternalIP", "198.18.200.1", 443, v4()),
+            f("LoadBalancer", "198.18.201.1", 443, v4()),
+            f("ClusterIP", "198.19.0.50", 443, v4()),
+            f("NodePort", "::", 30443, v6()),
+            f("ExternalIP", "2001:db8:200::1", 443, v6()),
+            f("ClusterIP", "2001:db8:ffff::50", 443, v6()),
+        ])
+    );
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/edge".to_owned(),
+            "status.loadBalancer.ingress[1]: ipMode Proxy: the load balancer proxies to nodes itself; 198.18.201.2 ignored".to_owned()
+        )]
+    );
+    let specs = m.service_specs();
+    assert_eq!(specs.len(), 2);
+    assert!(specs
+        .iter()
+        .all(|s| s.kind == FrontendKind::ClusterIp && s.port == 443));
+    let not_served = m
+        .to_table()
+        .lines()
+        .filter(|l| l.ends_with("(not served yet)"))
+        .count();
+    assert_eq!(not_served, 5);
+}
+
+#[test]
+fn external_ip_of_a_family_without_cluster_ip_is_ignored() {
+    let m = model(&service(
+        "edge",
+        "  clusterIP: 198.19.0.50\n  externalIPs: [\"2001:db8:200::1\"]\n  ports: [{port: 80}]\n",
+    ));
+    assert_eq!(m.frontends.len(), 1);
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/edge".to_owned(),
+            "spec.externalIPs[0]: 2001:db8:200::1 is IPv6, and the Service has no IPv6 cluster IP; ignored".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn an_external_ip_on_another_services_cluster_ip_is_ignored() {
+    // The cluster IP frontend wins; the external IP is listed as ignored.
+    let yaml = service("a", "  clusterIP: 198.19.0.1\n  ports: [{port: 80}]\n")
+        + &service(
+            "b",
+            "  clusterIP: 198.19.0.2\n  externalIPs: [198.19.0.1]\n  ports: [{port: 80}]\n",
+        );
+    let m = model(&yaml);
+    assert_eq!(m.frontends.len(), 2);
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/b".to_owned(),
+            "ExternalIP frontend 198.19.0.1:80/TCP is already a ClusterIP frontend of default/a; ignored".to_owned()
+        )]
+    );
+}
+
+// ---------------------------------------------------------------- refusals
+
+#[test]
+fn invalid_service_port_names_object_and_field() {
+    let e = refused(&service(
+        "web",
+        "  clusterIP: 198.19.0.10\n  ports:\n  - {name: http, port: 80}\n  - {name: big, port: 70000}\n",
+    ));
+    assert_eq!(
+        e,
+        "Service default/web: spec.ports[1].port: 70000 is not a valid port"
+    );
+    let e = refused(&service(
+        "web",
+        "  clusterIP: 198.19.0.10\n  ports: [{port: 80, protocol: ICMP}]\n",
+    ));
+    assert_eq!(
+        e,
+        "Service default/web: spec.ports[0].protocol: \"ICMP\" is not TCP, UDP or SCTP"
+    );
+    let e = refused(&service(
+        "web",
+        "  type: NodePort\n  clusterIP: 198.19.0.10\n  ports: [{port: 80, nodePort: 65536}]\n",
+    ));
+    assert_eq!(
+        e,
+        "Service default/web: spec.ports[0].nodePort: 65536 is not a valid port"
+    );
+    let e = refused(&service(
+        "web",
+        "  clusterIP: 198.19.0.10\n  ports: [{name: a, port: 80}, {name: a, port: 81}]\n",
+    ));
+    assert_eq!(
+        e,
+        "Service default/web: spec.ports[1].name: \"a\" is also the name of spec.ports[0]"
+    );
+    let e = refused(&service(
+        "web",
+        "  clusterIP: 198.19.0.10\n  ports: [{name: a, port: 80}, {name: b, port: 80}]\n",
+    ));
+    assert_eq!(
+        e,
+        "Service default/web: spec.ports[1].port: 80/TCP is also spec.ports[0]"
+    );
+}
+
+#[test]
+fn invalid_cluster_ips_name_object_and_field() {
+    let e = refused(&service(
+        "web",
+        "  clusterIP: 198.19.0.300\n  ports: [{port: 80}]\n",
+    ));
+    assert_eq!(
+        e,
+        "Service default/web: spec.clusterIP: \"198.19.0.300\" is not an IP address"
+    );
+    let e = refused(&service("web", "  clusterIP: 198.19.0.10\n  clusterIPs: [198.19.0.10, 198.19.0.11]\n  ports: [{port: 80}]\n"));
+    assert_eq!(
+        e,
+        "Service default/web: spec.clusterIPs[1]: a second IPv4 address"
+    );
+    let e = refused(&service(
+        "web",
+        "  clusterIP: 198.19.0.10\n  clusterIPs: [198.19.0.11]\n  ports: [{port: 80}]\n",
+    ));
+    assert_eq!(e, "Service default/web: spec.clusterIPs[0]: \"198.19.0.11\" differs from spec.clusterIP \"198.19.0.10\"");
+    let e = refused(&service(
+        "web",
+        "  clusterIP: \"::ffff:198.19.0.10\"\n  ports: [{port: 80}]\n",
+    ));
+    assert_eq!(e, "Service default/web: spec.clusterIP: \"::ffff:198.19.0.10\" is an IPv4-mapped IPv6 address");
+    let e = refused(&service(
+        "web",
+        "  type: Ingress\n  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n",
+    ));
+    assert_eq!(e, "Service default/web: spec.type: \"Ingress\" is not ClusterIP, NodePort, LoadBalancer or ExternalName");
+}
+
+#[test]
+fn bad_slice_address_names_object_and_field() {
+    let yaml = service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n")
+        + &slice(
+            "web-abc",
+            "web",
+            "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.1.1]\n- addresses: [198.18.1.2]\n- addresses: [198.18.0.x]\n",
+        );
+    assert_eq!(
+        refused(&yaml),
+        "EndpointSlice default/web-abc: endpoints[2].addresses[0]: \"198.18.0.x\" is not an IPv4 address"
+    );
+    let yaml = service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n")
+        + &slice("web-abc", "web", "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.1.1, \"2001:db8::1\"]\n");
+    assert_eq!(
+        refused(&yaml),
+        "EndpointSlice default/web-abc: endpoints[0].addresses[1]: \"2001:db8::1\" is not an IPv4 address"
+    );
+    let yaml = service(
+        "web",
+        "  clusterIP: \"2001:db8:ffff::10\"\n  ports: [{port: 80}]\n",
+    ) + &slice(
+        "web-6",
+        "web",
+        "addressType: IPv6\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.1.1]\n",
+    );
+    assert_eq!(
+        refused(&yaml),
+        "EndpointSlice default/web-6: endpoints[0].addresses[0]: \"198.18.1.1\" is not an IPv6 address"
+    );
+    let yaml = service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n")
+        + &slice("web-abc", "web", "addressType: ipv4\nendpoints: []\n");
+    assert_eq!(
+        refused(&yaml),
+        "EndpointSlice default/web-abc: addressType: \"ipv4\" is not IPv4, IPv6 or FQDN"
+    );
+    let yaml = service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n")
+        + &slice(
+            "web-abc",
+            "web",
+            "addressType: IPv4\nports: [{port: 80800}]\nendpoints: []\n",
+        );
+    assert_eq!(
+        refused(&yaml),
+        "EndpointSlice default/web-abc: ports[0].port: 80800 is not a valid port"
+    );
+}
+
+#[test]
+fn invalid_values_in_skipped_objects_are_not_errors() {
+    // A headless service's ports and an unserved service's slices are not read.
+    let yaml = service("db", "  clusterIP: None\n  ports: [{port: 70000}]\n")
+        + &slice(
+            "db-a",
+            "db",
+            "addressType: IPv4\nendpoints:\n- addresses: [not-an-ip]\n",
+        )
+        + &slice(
+            "nobody-a",
+            "nobody",
+            "addressType: IPv4\nendpoints:\n- addresses: [not-an-ip]\n",
+        );
+    let m = model(&yaml);
+    assert!(m.frontends.is_empty());
+    assert_eq!(m.skipped.len(), 3);
+}
+
+#[test]
+fn bad_yaml_is_refused_with_its_position() {
+    let e = parse_manifest(
+        "apiVersion: v1\nkind: List\nitems:\n- kind: Service\n  metadata: {name: web\n",
+    )
+    .unwrap_err();
+    let s = e.to_string();
+    assert!(s.starts_with("not valid YAML: "), "{s}");
+    assert!(s.contains("line"), "{s}");
+    assert!(
+        matches!(
+            e,
+            clustergate_control::ManifestError::Syntax { line: Some(_), .. }
+        ),
+        "{e:?}"
+    );
+    // A tab where YAML wants spaces, in a later document.
+    let e = refused("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\nkind: Service\n\tmetadata: {}\n");
+    assert!(e.starts_with("not valid YAML: "), "{e}");
+}
+
+#[test]
+fn wrongly_typed_fields_name_object_and_field() {
+    let e = refused(&service(
+        "web",
+        "  clusterIP: 198.19.0.10\n  ports:\n  - port: 80\n  - port: eighty\n",
+    ));
+    assert!(
+        e.starts_with("Service default/web: spec.ports[1].port: invalid type: string \"eighty\""),
+        "{e}"
+    );
+    let e = refused(&slice(
+        "web-a",
+        "web",
+        "addressType: IPv4\nendpoints:\n- addresses: 198.18.1.1\n",
+    ));
+    assert!(
+        e.starts_with("EndpointSlice default/web-a: endpoints[0].addresses: invalid type"),
+        "{e}"
+    );
+    let e = refused("apiVersion: v1\nkind: List\nitems:\n- 42\n");
+    assert_eq!(
+        e,
+        "document 1, items[0]: expected a Kubernetes object (a mapping), found a number"
+    );
+    let e = refused("metadata: {name: x}\n");
+    assert_eq!(e, "document 1: kind: missing");
+    let e = refused("---\n---\nkind: Service\nmetadata: {name: x, namespace: y}\n");
+    assert_eq!(e, "Service y/x: apiVersion: missing");
+}
+
+#[test]
+fn duplicates_and_conflicts_are_refused() {
+    let one = service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n");
+    assert_eq!(
+        refused(&(one.clone() + &one)),
+        "Service default/web: appears more than once"
+    );
+    let yaml = one + &service("web2", "  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n");
+    assert_eq!(
+        refused(&yaml),
+        "Service default/web2: frontend 198.19.0.10:80/TCP is already a frontend of Service default/web"
+    );
+}
+
+#[test]
+fn a_service_without_ports_serves_nothing_and_says_so() {
+    let m = model(&service("web", "  clusterIP: 198.19.0.10\n"));
+    assert!(m.frontends.is_empty());
+    assert_eq!(
+        skipped_of(&m),
+        [("Service default/web".to_owned(), "no ports".to_owned())]
+    );
+}
