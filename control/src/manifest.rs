@@ -228,9 +228,10 @@ fn collect(value: Value, place: &str, out: &mut Objects) -> Result<(), ManifestE
 }
 
 /// Decodes a Service or EndpointSlice, naming the object and the field path on
-/// error. The object is written back to YAML text and read from there, so the
-/// YAML deserializer can report the path (`spec.ports[1].port`); the line and
-/// column it would add refer to that text, not the manifest, and are dropped.
+/// error. On error the object is written back to YAML text and read from
+/// there, so the YAML deserializer can report the path (`spec.ports[1].port`);
+/// the line and column it would add refer to that text, not the manifest, and
+/// are dropped.
 fn typed<T: DeserializeOwned>(value: &Value, kind: &str, place: &str) -> Result<T, ManifestError> {
     let Some(object) = label_of(kind, value, true) else {
         return Err(ManifestError::Object {
@@ -242,6 +243,11 @@ fn typed<T: DeserializeOwned>(value: &Value, kind: &str, place: &str) -> Result<
         object: object.clone(),
         message,
     };
+    // Fast path: straight from the parsed value. Only when that fails is the
+    // object written back and read again, for an error that names the field.
+    if let Ok(t) = T::deserialize(value) {
+        return Ok(t);
+    }
     let text = serde_norway::to_string(value).map_err(|e| err(e.to_string()))?;
     serde_norway::from_str(&text).map_err(|e| {
         let mut message = e.to_string();
