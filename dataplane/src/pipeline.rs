@@ -317,36 +317,12 @@ impl Worker {
                     return reject_in_place(buf, len, p, f).map(|len| Verdict::Reject { len });
                 }
             };
-            sctp_fragment_guard(p, f, f.dst_port, bport)?;
-            rewrite_addr(
-                buf,
-                p.family,
-                p.l3,
-                Dir::Dst,
-                Some((f.offset, f.csum)),
-                &backend,
-            )?;
-            rewrite::set_dst_port(buf, f.offset, f.csum, bport)
-                .map_err(|_| DropReason::L4Malformed)?;
-            finish_l4(buf, p, f)?;
-            decrement_ttl(buf, p)?;
-            if let Some(frag) = p.fragment {
-                self.ct.fragment_remember(
-                    now,
-                    &p.src,
-                    &p.dst,
-                    f.proto,
-                    frag.id,
-                    FragRewrite::ToBackend { backend },
-                );
-            }
-            return Ok(Verdict::Forward {
-                len,
-                next_hop: NextHop {
-                    addr: backend,
-                    side: Side::Backend,
-                },
-            });
+            let next_hop = NextHop {
+                addr: backend,
+                side: Side::Backend,
+            };
+            self.nat(now, buf, p, f, Dir::Dst, (backend, bport), next_hop)?;
+            return Ok(Verdict::Forward { len, next_hop });
         }
         // Not to a frontend: a reply from a backend?
         let Some(r) = self.ct.lookup_reply(now, p.family, &t, f.tcp_flags, true) else {
@@ -355,37 +331,52 @@ impl Worker {
         if p.ttl <= 1 {
             return Err(DropReason::TtlExpired);
         }
-        sctp_fragment_guard(p, f, f.src_port, r.vport)?;
-        rewrite_addr(
-            buf,
-            p.family,
-            p.l3,
-            Dir::Src,
-            Some((f.offset, f.csum)),
-            &r.vip,
-        )?;
-        rewrite::set_src_port(buf, f.offset, f.csum, r.vport)
-            .map_err(|_| DropReason::L4Malformed)?;
+        let next_hop = NextHop {
+            addr: p.dst,
+            side: Side::Client,
+        };
+        self.nat(now, buf, p, f, Dir::Src, (r.vip, r.vport), next_hop)?;
+        self.counters.replies += 1;
+        Ok(Verdict::Forward { len, next_hop })
+    }
+
+    /// The NAT of a flow packet, either way: the destination becomes the
+    /// backend (`Dir::Dst`, forward) or the source becomes the frontend
+    /// (`Dir::Src`, reply); checksums follow, the TTL drops by one, and a
+    /// first fragment leaves its rewrite for the datagram's other fragments.
+    #[allow(clippy::too_many_arguments)] // reason: the hot path passes parsed fields, not structs it would have to build
+    fn nat(
+        &mut self,
+        now: Now,
+        buf: &mut [u8],
+        p: &Parsed,
+        f: &FlowL4,
+        dir: Dir,
+        (addr, port): (Addr16, u16),
+        next_hop: NextHop,
+    ) -> Result<(), DropReason> {
+        let old_port = match dir {
+            Dir::Dst => f.dst_port,
+            Dir::Src => f.src_port,
+        };
+        sctp_fragment_guard(p, f, old_port, port)?;
+        rewrite_addr(buf, p.family, p.l3, dir, Some((f.offset, f.csum)), &addr)?;
+        let set_port = match dir {
+            Dir::Dst => rewrite::set_dst_port,
+            Dir::Src => rewrite::set_src_port,
+        };
+        set_port(buf, f.offset, f.csum, port).map_err(|_| DropReason::L4Malformed)?;
         finish_l4(buf, p, f)?;
         decrement_ttl(buf, p)?;
         if let Some(frag) = p.fragment {
-            self.ct.fragment_remember(
-                now,
-                &p.src,
-                &p.dst,
-                f.proto,
-                frag.id,
-                FragRewrite::ToClient { vip: r.vip },
-            );
+            let rw = match next_hop.side {
+                Side::Backend => FragRewrite::ToBackend { backend: addr },
+                Side::Client => FragRewrite::ToClient { vip: addr },
+            };
+            self.ct
+                .fragment_remember(now, &p.src, &p.dst, f.proto, frag.id, rw);
         }
-        self.counters.replies += 1;
-        Ok(Verdict::Forward {
-            len,
-            next_hop: NextHop {
-                addr: p.dst,
-                side: Side::Client,
-            },
-        })
+        Ok(())
     }
 
     /// The backend for a packet to frontend `fi`: the tracked one while it is
