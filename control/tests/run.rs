@@ -121,3 +121,61 @@ fn run_follows_the_manifest_and_keeps_the_last_good_snapshot() {
     assert!(log.contains("keeping generation 1"), "{log}");
     assert!(log.contains("did not: no new generation"), "{log}");
 }
+
+/// `show --output json` prints exactly the model's JSON, and the table view
+/// lists frontends and skipped objects; `build` writes a snapshot the
+/// dataplane accepts.
+#[test]
+fn show_and_build_from_the_command_line() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cluster.yaml");
+    let bin = env!("CARGO_BIN_EXE_clustergate-control");
+    let out = Command::new(bin)
+        .args(["show", "--manifest", fixture, "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let model = clustergate_control::load_manifest_file(Path::new(fixture), "clustergate").unwrap();
+    assert_eq!(printed, model.to_json());
+    assert_eq!(
+        printed.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["frontends", "skipped"]
+    );
+
+    let out = Command::new(bin)
+        .args(["show", "--manifest", fixture, "--output", "table"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("TCP  198.19.0.10:80 ClusterIP default/web:http"),
+        "{table}"
+    );
+    assert!(table.contains("(not served yet)"), "{table}");
+    assert!(
+        table.contains("Service default/headless: headless"),
+        "{table}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("clustergate-build-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let snap = dir.join("t.snap");
+    let out = Command::new(bin)
+        .args(["build", "--manifest", fixture, "--generation", "5", "--out"])
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = snapshot::load_file(&snap).unwrap();
+    assert_eq!(table.generation(), 5);
+    assert_eq!(table.frontends().len(), model.service_specs().len());
+    let _ = std::fs::remove_dir_all(&dir);
+}
