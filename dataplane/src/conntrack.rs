@@ -296,6 +296,13 @@ pub(crate) fn fmix64(mut h: u64) -> u64 {
     h ^ (h >> 33)
 }
 
+/// How far a reply may push a flow's expiry before the forward entry must be
+/// told: a sixteenth of the state's timeout, at least a second.
+#[inline]
+fn refresh_step(state: FlowState, to: &Timeouts) -> u32 {
+    (state.timeout(to) / 16).max(1)
+}
+
 /// Ports and protocol packed into one word.
 #[inline(always)]
 fn tail(p1: u16, p2: u16, proto: u8) -> u64 {
@@ -319,17 +326,23 @@ struct Fwd<A> {
     state: u8,
 }
 
-/// Reverse entry: (backend, client, ports, proto) → vip.
+/// Reverse entry: (backend, client, ports, proto) → vip, with a copy of the
+/// flow's state and expiry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
 struct Rev<A> {
     backend: A,
     client: A,
     vip: A,
+    /// Copy of the forward entry's expiry as last synchronised: replies that
+    /// change nothing read only this entry (see `lookup_reply`).
+    expires: u32,
     bport: u16,
     cport: u16,
     vport: u16,
     proto: u8,
+    /// Copy of the forward entry's state, kept equal on every transition.
+    state: u8,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -597,9 +610,16 @@ impl<A: Ip> Tracker<A> {
         }
         let mut state = FlowState::from_u8(e.state);
         if touch {
+            let before = state;
             state = state.advance(false, flags);
             e.state = state as u8;
             e.expires = now.saturating_add(state.timeout(to));
+            if state != before {
+                // Transitions are rare (SYN answered, FIN, RST): keep the
+                // reverse entry's copy equal, so replies see the new state.
+                let f = *e;
+                self.sync_rev(rev, &f);
+            }
         }
         Some(FlowHit {
             backend: e.backend.to16(),
@@ -626,17 +646,39 @@ impl<A: Ip> Tracker<A> {
         );
         let rh = self.rev_hash(&b, &c, t.src_port, t.dst_port, p);
         let mut s = lock(self.shard(&c, t.dst_port, p));
-        let r = *s.rev.find(rh, |r| {
+        let Shard {
+            fwd, rev, stats, ..
+        } = &mut *s;
+        let Ok(mut rentry) = rev.find_entry(rh, |r| {
             r.backend == b
                 && r.client == c
                 && r.bport == t.src_port
                 && r.cport == t.dst_port
                 && r.proto == p
-        })?;
+        }) else {
+            return None;
+        };
+        let r = rentry.get_mut();
+        let cur = FlowState::from_u8(r.state);
+        let next = if touch { cur.advance(true, flags) } else { cur };
+        // Fast path: nothing changes state and the forward entry's expiry
+        // is recent enough; the reply reads this entry only. While replies
+        // flow, the forward expiry is pushed at least every `refresh_step`,
+        // so a reply-only flow never expires early.
+        let wanted = now.saturating_add(next.timeout(to));
+        if r.expires > now
+            && next == cur
+            && (!touch || wanted.saturating_sub(r.expires) < refresh_step(next, to))
+        {
+            return Some(ReplyHit {
+                vip: r.vip.to16(),
+                vport: r.vport,
+                state: cur,
+            });
+        }
+        // Slow path: the forward entry decides (it may have been refreshed by
+        // requests, or expired), and takes this reply's transition.
         let fh = self.fwd_hash(&r.client, &r.vip, r.cport, r.vport, r.proto);
-        let Shard {
-            fwd, rev, stats, ..
-        } = &mut *s;
         let key = Fwd {
             client: r.client,
             vip: r.vip,
@@ -647,16 +689,14 @@ impl<A: Ip> Tracker<A> {
         };
         let Ok(mut entry) = fwd.find_entry(fh, Self::fwd_of(&key)) else {
             // Orphan reverse entry (cannot happen: both are removed together).
+            rentry.remove();
             return None;
         };
         let e = entry.get_mut();
-        if e.expires <= now || e.backend != b || e.bport != t.src_port {
-            if e.expires <= now {
-                let old = *e;
-                entry.remove();
-                self.remove_rev(rev, &old);
-                stats.expired += 1;
-            }
+        if e.expires <= now {
+            entry.remove();
+            rentry.remove();
+            stats.expired += 1;
             return None;
         }
         let mut state = FlowState::from_u8(e.state);
@@ -665,11 +705,22 @@ impl<A: Ip> Tracker<A> {
             e.state = state as u8;
             e.expires = now.saturating_add(state.timeout(to));
         }
+        r.state = e.state;
+        r.expires = e.expires;
         Some(ReplyHit {
             vip: r.vip.to16(),
             vport: r.vport,
             state,
         })
+    }
+
+    /// Copies a forward entry's state and expiry into its reverse entry.
+    fn sync_rev(&self, rev: &mut HashTable<Rev<A>>, e: &Fwd<A>) {
+        let h = self.rev_hash(&e.backend, &e.client, e.bport, e.cport, e.proto);
+        if let Some(r) = rev.find_mut(h, Self::rev_of(e)) {
+            r.state = e.state;
+            r.expires = e.expires;
+        }
     }
 
     /// Binds `t` (client → vip) to a backend, replacing any previous binding.
@@ -738,10 +789,12 @@ impl<A: Ip> Tracker<A> {
                 backend: e.backend,
                 client: e.client,
                 vip: e.vip,
+                expires: e.expires,
                 bport: e.bport,
                 cport: e.cport,
                 vport: e.vport,
                 proto: p,
+                state: e.state,
             },
             rev_hasher,
         );
@@ -1276,9 +1329,9 @@ mod tests {
     fn entry_sizes_meet_the_memory_target() {
         // ≤ 64 bytes of entries per IPv4 flow (both directions).
         assert_eq!(std::mem::size_of::<Fwd<[u8; 4]>>(), 32);
-        assert_eq!(std::mem::size_of::<Rev<[u8; 4]>>(), 20);
+        assert_eq!(std::mem::size_of::<Rev<[u8; 4]>>(), 24);
         assert!(std::mem::size_of::<Fwd<[u8; 16]>>() <= 72);
-        assert!(std::mem::size_of::<Rev<[u8; 16]>>() <= 56);
+        assert!(std::mem::size_of::<Rev<[u8; 16]>>() <= 60);
     }
 
     #[test]
@@ -1382,6 +1435,41 @@ mod tests {
                 0,
                 false
             )
+            .is_none());
+    }
+
+    /// Replies that change nothing read only the reverse entry; the forward
+    /// entry's expiry is still pushed often enough that a flow carrying only
+    /// replies lives as long as they come, and ends one timeout after.
+    #[test]
+    fn reply_only_flow_lives_while_replies_flow() {
+        let ct = small(64);
+        let to = *ct.timeouts();
+        let mut u = t(5353);
+        u.proto = Proto::Udp;
+        let mut back = reply_of(5353, 53);
+        back.proto = Proto::Udp;
+        let start = Now::from_secs(0);
+        ct.insert(
+            start,
+            Family::V4,
+            &u,
+            &bind(53),
+            FlowState::initial(Proto::Udp, 0),
+        )
+        .unwrap();
+        // Ten minutes of replies every 5 s, the client silent.
+        let mut now = start;
+        for _ in 0..120 {
+            now = now.plus_secs(5);
+            let hit = ct.lookup_reply(now, Family::V4, &back, 0, true);
+            assert_eq!(hit.map(|h| h.state), Some(FlowState::Replied), "at {now:?}");
+        }
+        assert!(ct.lookup_original(now, Family::V4, &u, 0, false).is_some());
+        // Replies stop: gone once the replied timeout has passed.
+        let later = now.plus_secs(u64::from(to.datagram_replied));
+        assert!(ct
+            .lookup_original(later, Family::V4, &u, 0, false)
             .is_none());
     }
 
