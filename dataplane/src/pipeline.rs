@@ -18,7 +18,7 @@ use crate::flow::{Addr16, FlowTuple, Proto};
 use crate::packet::checksum;
 use crate::packet::parse::{parse, tcp_flags, Family, FlowL4, IcmpError, Parsed, L4};
 use crate::packet::reject::reject_in_place;
-use crate::packet::rewrite::{self, L4Csum};
+use crate::packet::rewrite::{self, L4Csum, NatSide};
 use crate::table::{FrontendRecord, Table, FRONTEND_AFFINITY};
 use crate::time::Now;
 pub use crate::verdict::{DropReason, NextHop, Side, Verdict};
@@ -360,14 +360,45 @@ impl Worker {
             Dir::Src => f.src_port,
         };
         sctp_fragment_guard(p, f, old_port, port)?;
-        rewrite_addr(buf, p.family, p.l3, dir, Some((f.offset, f.csum)), &addr)?;
-        let set_port = match dir {
-            Dir::Dst => rewrite::set_dst_port,
-            Dir::Src => rewrite::set_src_port,
+        let side = match dir {
+            Dir::Dst => NatSide::Dst,
+            Dir::Src => NatSide::Src,
         };
-        set_port(buf, f.offset, f.csum, port).map_err(|_| DropReason::L4Malformed)?;
-        finish_l4(buf, p, f)?;
-        decrement_ttl(buf, p)?;
+        let fused = match (p.family, f.csum) {
+            (Family::V4, L4Csum::Tcp | L4Csum::Udp) => Some(rewrite::nat_ipv4(
+                buf,
+                p.l3,
+                f.offset,
+                f.csum,
+                side,
+                [addr[12], addr[13], addr[14], addr[15]],
+                port,
+            )),
+            (Family::V6, L4Csum::Tcp | L4Csum::Udp6) => Some(rewrite::nat_ipv6(
+                buf, p.l3, f.offset, f.csum, side, &addr, port,
+            )),
+            _ => None,
+        };
+        match fused {
+            // TCP and UDP: address, port, TTL and both checksums in one pass.
+            Some(r) => {
+                r.map_err(|e| match e {
+                    rewrite::RewriteError::TtlExpired => DropReason::TtlExpired,
+                    _ => DropReason::L4Malformed,
+                })?;
+            }
+            // SCTP (and anything else): the named steps, then the CRC32c.
+            None => {
+                rewrite_addr(buf, p.family, p.l3, dir, Some((f.offset, f.csum)), &addr)?;
+                let set_port = match dir {
+                    Dir::Dst => rewrite::set_dst_port,
+                    Dir::Src => rewrite::set_src_port,
+                };
+                set_port(buf, f.offset, f.csum, port).map_err(|_| DropReason::L4Malformed)?;
+                finish_l4(buf, p, f)?;
+                decrement_ttl(buf, p)?;
+            }
+        }
         if let Some(frag) = p.fragment {
             let rw = match next_hop.side {
                 Side::Backend => FragRewrite::ToBackend { backend: addr },

@@ -622,3 +622,150 @@ mod tests {
         assert_eq!(u16::from_be_bytes([region[2], region[3]]), full(&region));
     }
 }
+
+/// Which end of a flow a one-pass NAT rewrites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatSide {
+    /// Destination address and port (forward: frontend → backend).
+    Dst,
+    /// Source address and port (reply: backend → frontend).
+    Src,
+}
+
+/// 16-bit big-endian word at `at` (bounds checked by the caller).
+#[inline(always)]
+fn word(frame: &[u8], at: usize) -> u32 {
+    u32::from(u16::from_be_bytes([frame[at], frame[at + 1]]))
+}
+
+/// Adds the RFC 1624 eqn. 3 terms of `old → new` 16-bit words to `sum`.
+#[inline(always)]
+fn add_change(sum: &mut u32, old: &[u8], new: &[u8]) {
+    for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {
+        *sum += u32::from(!u16::from_be_bytes([o[0], o[1]]))
+            + u32::from(u16::from_be_bytes([n[0], n[1]]));
+    }
+}
+
+/// Writes checksum `at` updated by the change terms in `sum` (eqn. 3), with
+/// UDP's rules: over IPv4 a zero checksum stays zero; a zero result is sent
+/// as 0xFFFF.
+#[inline(always)]
+fn apply_sum(frame: &mut [u8], at: usize, sum: u32, csum: L4Csum) {
+    let old = word(frame, at) as u16;
+    if csum == L4Csum::Udp && old == 0 {
+        return;
+    }
+    let total = sum + u32::from(!old);
+    let mut v = !super::checksum::fold(total);
+    if matches!(csum, L4Csum::Udp | L4Csum::Udp6) && v == 0 {
+        v = 0xFFFF;
+    }
+    frame[at..at + 2].copy_from_slice(&v.to_be_bytes());
+}
+
+/// One-pass NAT of an IPv4 TCP or UDP packet: the source or destination
+/// address and port become `addr`/`port`, the TTL drops by one, and the IPv4
+/// header checksum and the transport checksum are each updated once for all
+/// the changed words (RFC 1624 eqn. 3). The result is byte for byte what
+/// [`set_ipv4_src`]/[`set_ipv4_dst`], [`set_src_port`]/[`set_dst_port`] and
+/// [`decrement_ttl_ipv4`] give in sequence (a property test holds it).
+///
+/// `csum` is [`L4Csum::Tcp`] or [`L4Csum::Udp`]; anything else is refused with
+/// `NoPorts` (SCTP's CRC32c needs the general path). Returns the new TTL.
+///
+/// # Errors
+/// `OutOfBounds` if the header or the fields lie outside the frame,
+/// `TtlExpired` if the TTL is already zero, `NoPorts` for other transports;
+/// nothing is written then.
+pub fn nat_ipv4(
+    frame: &mut [u8],
+    l3: usize,
+    l4: usize,
+    csum: L4Csum,
+    side: NatSide,
+    addr: [u8; 4],
+    port: u16,
+) -> Result<u8, RewriteError> {
+    let csum_at = match csum {
+        L4Csum::Tcp | L4Csum::Udp => offset(l4, csum.field_offset().unwrap_or(0))?,
+        _ => return Err(RewriteError::NoPorts),
+    };
+    let ip_end = offset(l3, 20)?;
+    let l4_end = offset(csum_at, 2)?.max(offset(l4, 4)?);
+    if ip_end > frame.len() || l4_end > frame.len() {
+        return Err(RewriteError::OutOfBounds);
+    }
+    let ttl = frame[l3 + IPV4_TTL];
+    if ttl == 0 {
+        return Err(RewriteError::TtlExpired);
+    }
+    let (addr_at, port_at) = match side {
+        NatSide::Dst => (l3 + IPV4_DST, l4 + L4_DST_PORT),
+        NatSide::Src => (l3 + IPV4_SRC, l4 + L4_SRC_PORT),
+    };
+    let mut old_addr = [0u8; 4];
+    old_addr.copy_from_slice(&frame[addr_at..addr_at + 4]);
+    let old_port = [frame[port_at], frame[port_at + 1]];
+    let new_port = port.to_be_bytes();
+    // The address changes both checksums; the port only the transport's; the
+    // TTL (high byte of the word it shares with the protocol) only the header's.
+    let mut l4_sum = 0u32;
+    add_change(&mut l4_sum, &old_addr, &addr);
+    let mut ip_sum = l4_sum;
+    add_change(&mut l4_sum, &old_port, &new_port);
+    let proto = frame[l3 + IPV4_TTL + 1];
+    add_change(&mut ip_sum, &[ttl, proto], &[ttl - 1, proto]);
+    frame[addr_at..addr_at + 4].copy_from_slice(&addr);
+    frame[port_at..port_at + 2].copy_from_slice(&new_port);
+    frame[l3 + IPV4_TTL] = ttl - 1;
+    apply_sum(frame, l3 + IPV4_CSUM, ip_sum, L4Csum::Tcp);
+    apply_sum(frame, csum_at, l4_sum, csum);
+    Ok(ttl - 1)
+}
+
+/// One-pass NAT of an IPv6 TCP or UDP packet: as [`nat_ipv4`], with the hop
+/// limit instead of the TTL and no header checksum. `csum` is
+/// [`L4Csum::Tcp`] or [`L4Csum::Udp6`]. Returns the new hop limit.
+///
+/// # Errors
+/// As [`nat_ipv4`].
+pub fn nat_ipv6(
+    frame: &mut [u8],
+    l3: usize,
+    l4: usize,
+    csum: L4Csum,
+    side: NatSide,
+    addr: &[u8; 16],
+    port: u16,
+) -> Result<u8, RewriteError> {
+    let csum_at = match csum {
+        L4Csum::Tcp | L4Csum::Udp6 => offset(l4, csum.field_offset().unwrap_or(0))?,
+        _ => return Err(RewriteError::NoPorts),
+    };
+    let ip_end = offset(l3, 40)?;
+    let l4_end = offset(csum_at, 2)?.max(offset(l4, 4)?);
+    if ip_end > frame.len() || l4_end > frame.len() {
+        return Err(RewriteError::OutOfBounds);
+    }
+    let hops = frame[l3 + IPV6_HOP_LIMIT];
+    if hops == 0 {
+        return Err(RewriteError::TtlExpired);
+    }
+    let (addr_at, port_at) = match side {
+        NatSide::Dst => (l3 + IPV6_DST, l4 + L4_DST_PORT),
+        NatSide::Src => (l3 + IPV6_SRC, l4 + L4_SRC_PORT),
+    };
+    let mut old_addr = [0u8; 16];
+    old_addr.copy_from_slice(&frame[addr_at..addr_at + 16]);
+    let old_port = [frame[port_at], frame[port_at + 1]];
+    let new_port = port.to_be_bytes();
+    let mut l4_sum = 0u32;
+    add_change(&mut l4_sum, &old_addr, addr);
+    add_change(&mut l4_sum, &old_port, &new_port);
+    frame[addr_at..addr_at + 16].copy_from_slice(addr);
+    frame[port_at..port_at + 2].copy_from_slice(&new_port);
+    frame[l3 + IPV6_HOP_LIMIT] = hops - 1;
+    apply_sum(frame, csum_at, l4_sum, csum);
+    Ok(hops - 1)
+}
