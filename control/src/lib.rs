@@ -2,6 +2,7 @@
 //!
 //! - [`manifest`]: reading Services and EndpointSlices (k8s-openapi types) from
 //!   a YAML manifest (`kubectl get -o yaml` Lists, `---` documents, or one object).
+//! - [`kube_source`]: the same objects from a live API server (watchers).
 //! - [`model`]: kube-proxy's semantics, from those objects to [`Frontend`]s.
 //! - `show` (the `impl Model` blocks behind [`Model::to_json`],
 //!   [`Model::to_table`] and [`Model::service_specs`]): presenting a model and
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+pub mod kube_source;
 pub mod manifest;
 pub mod model;
 mod show;

@@ -1,21 +1,26 @@
 //! `clustergate-control`: the control daemon.
 //!
-//! Reads Services and EndpointSlices from a manifest (the default source when
-//! no cluster is configured), applies kube-proxy's semantics, builds one Maglev
-//! ring per frontend and publishes the table as a snapshot for the gateway.
+//! Reads Services and EndpointSlices from the Kubernetes API or from a
+//! manifest, applies kube-proxy's semantics, builds one Maglev ring per
+//! frontend and publishes the table as a snapshot for the gateway.
 //!
-//! - `run`: publish, then publish again whenever the manifest changes; a
-//!   manifest with an error keeps the last good snapshot.
+//! - `run`: publish, then publish again whenever the objects change. The
+//!   source is the API (`--in-cluster` or `--kubeconfig`, watched through
+//!   `clustergate_control::kube_source`) or a manifest file (`--manifest`,
+//!   polled). Refused objects, a broken manifest or an unreachable API keep the
+//!   last good snapshot.
 //! - `show`: print what would be programmed (JSON or a table for people).
 //! - `build`: write one snapshot file.
 //! - `maglev`: build one ring and report its size, balance and build time.
 
 use std::net::IpAddr;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use clustergate_control::kube_source::{self, FollowConfig};
 use clustergate_control::{load_manifest_file, Model};
 use clustergate_dataplane::flow::addr16;
 use clustergate_dataplane::maglev::{
@@ -46,20 +51,31 @@ enum Output {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Publish the tables for a manifest, then again whenever it changes.
+    /// Publish the tables, then again whenever the Services or EndpointSlices change.
+    #[command(group(ArgGroup::new("source").required(true).args(["manifest", "kubeconfig", "in_cluster"])))]
     Run {
-        /// YAML manifest: a `kubectl get -o yaml` List, or documents separated by `---`.
+        /// Read a YAML manifest (a `kubectl get -o yaml` List, or documents separated by `---`) and poll it.
         #[arg(long)]
-        manifest: PathBuf,
+        manifest: Option<PathBuf>,
+        /// Watch the API server of this kubeconfig file (its current context).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Watch the API server of the cluster this pod runs in (its service account).
+        #[arg(long)]
+        in_cluster: bool,
         /// Directory the snapshots are published in.
         #[arg(long, default_value = snapshot::DEFAULT_DIR)]
         shm_dir: PathBuf,
         /// Serve only services without a `service.kubernetes.io/service-proxy-name` label, or with this value.
         #[arg(long, default_value = "clustergate")]
         proxy_name: String,
-        /// How often to look at the manifest, in milliseconds.
+        /// How often to look at the manifest, in milliseconds (`--manifest` only).
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60_000))]
         poll_ms: u64,
+        /// Least time between two table builds from the API, in milliseconds
+        /// (kube-proxy's `--min-sync-period`); 0: as fast as changes come.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+        min_sync_period_ms: u64,
         /// Flow-hash seed written into every snapshot (all gateways of one ECMP group must share it).
         #[arg(long, default_value_t = 0)]
         hash_seed: u64,
@@ -129,19 +145,32 @@ fn real_main() -> Result<()> {
     match cli.command {
         Command::Run {
             manifest,
+            kubeconfig,
+            in_cluster,
             shm_dir,
             proxy_name,
             poll_ms,
+            min_sync_period_ms,
             hash_seed,
             once,
-        } => run(
-            &manifest,
-            &shm_dir,
-            &proxy_name,
-            Duration::from_millis(poll_ms),
-            hash_seed,
-            once,
-        ),
+        } => match (manifest, kubeconfig) {
+            (Some(manifest), _) => run(
+                &manifest,
+                &shm_dir,
+                &proxy_name,
+                Duration::from_millis(poll_ms),
+                hash_seed,
+                once,
+            ),
+            (None, kubeconfig) => {
+                debug_assert!(kubeconfig.is_some() != in_cluster, "clap's group");
+                let config = FollowConfig {
+                    proxy_name,
+                    min_sync: Duration::from_millis(min_sync_period_ms),
+                };
+                run_api(kubeconfig.as_deref(), &shm_dir, &config, hash_seed, once)
+            }
+        },
         Command::Show {
             manifest,
             output,
@@ -243,6 +272,74 @@ fn run(
     }
 }
 
+/// `run` with the API as the source: follows Services and EndpointSlices and
+/// publishes every model whose tables differ from the last published ones.
+fn run_api(
+    kubeconfig: Option<&Path>,
+    dir: &Path,
+    config: &FollowConfig,
+    seed: u64,
+    once: bool,
+) -> Result<()> {
+    let mut writer = Writer::open(dir)
+        .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
+    info!(dir = %dir.display(), next_generation = writer.next_generation(), "publishing snapshots");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let client = kube_client(kubeconfig).await?;
+        let mut published: Option<Published> = None;
+        kube_source::follow(client, config, |model| {
+            let started = Instant::now();
+            match publish(&model, seed, &mut writer, published.as_ref()) {
+                Ok(Some(p)) => {
+                    info!(
+                        generation = p.generation,
+                        frontends = p.specs.len(),
+                        took_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "published"
+                    );
+                    published = Some(p);
+                }
+                Ok(None) => info!("objects changed but the tables did not: no new generation"),
+                Err(e) => error!(
+                    "{e:#}; keeping generation {}",
+                    published.as_ref().map_or(0, |p| p.generation)
+                ),
+            }
+            if once && published.is_some() {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .await;
+        Ok(())
+    })
+}
+
+/// A client for the API server of `kubeconfig` (its current context), or of
+/// the cluster this pod runs in.
+async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context(
+            "in-cluster configuration (service account token and KUBERNETES_SERVICE_HOST)",
+        )?,
+    };
+    info!(server = %config.cluster_url, "watching Services and EndpointSlices");
+    kube::Client::try_from(config).context("creating the API client")
+}
+
 /// Builds and publishes the tables for `text`, unless they equal the last ones.
 fn apply(
     text: &str,
@@ -256,6 +353,16 @@ fn apply(
         .with_context(|| format!("manifest {}", manifest.display()))?;
     let model: Model = clustergate_control::build_model(&objects, proxy_name)
         .with_context(|| format!("manifest {}", manifest.display()))?;
+    publish(&model, seed, writer, last)
+}
+
+/// Builds and publishes the tables of `model`, unless they equal the last ones.
+fn publish(
+    model: &Model,
+    seed: u64,
+    writer: &mut Writer,
+    last: Option<&Published>,
+) -> Result<Option<Published>> {
     let specs = model.service_specs();
     if last.is_some_and(|p| p.specs == specs) {
         return Ok(None);

@@ -1786,7 +1786,7 @@ mod tests {
         for round in 0..40u64 {
             // Fill to the brim with short-lived flows, then let half expire.
             while ct.len() < cap {
-                let st = if port % 3 == 0 {
+                let st = if port.is_multiple_of(3) {
                     FlowState::TcpClosing
                 } else {
                     FlowState::TcpReset

@@ -74,13 +74,13 @@ pub fn is_prime(n: u32) -> bool {
     if n < 4 {
         return true;
     }
-    if n % 2 == 0 || n % 3 == 0 {
+    if n.is_multiple_of(2) || n.is_multiple_of(3) {
         return false;
     }
     let n64 = u64::from(n);
     let mut d: u64 = 5;
     while d * d <= n64 {
-        if n64 % d == 0 || n64 % (d + 2) == 0 {
+        if n64.is_multiple_of(d) || n64.is_multiple_of(d + 2) {
             return false;
         }
         d += 6;

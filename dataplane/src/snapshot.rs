@@ -182,9 +182,9 @@ const _: () = {
 
     assert!(size_of::<u32>() == RING_SLOT_LEN);
     // Sections laid out back to back stay aligned.
-    assert!(HEADER_LEN as u64 % SECTION_ALIGN == 0);
-    assert!(FRONTEND_RECORD_LEN as u64 % SECTION_ALIGN == 0);
-    assert!(BACKEND_RECORD_LEN as u64 % SECTION_ALIGN == 0);
+    assert!((HEADER_LEN as u64).is_multiple_of(SECTION_ALIGN));
+    assert!((FRONTEND_RECORD_LEN as u64).is_multiple_of(SECTION_ALIGN));
+    assert!((BACKEND_RECORD_LEN as u64).is_multiple_of(SECTION_ALIGN));
 };
 
 /// Little-endian field access at fixed offsets. Every caller passes a buffer
@@ -814,7 +814,7 @@ fn section(
             file_len,
         });
     }
-    if off % SECTION_ALIGN != 0 {
+    if !off.is_multiple_of(SECTION_ALIGN) {
         return Err(SnapshotError::SectionAlignment {
             section: name,
             offset: off,

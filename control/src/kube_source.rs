@@ -1,0 +1,299 @@
+//! The Kubernetes API source: Services and EndpointSlices from a live API server.
+//!
+//! Owns: [`follow`], which watches both kinds with kube-rs watchers and
+//! reflector stores, builds a [`Model`] with the same [`build_model`] as the
+//! manifest source, and hands each new model to a callback.
+//!
+//! - **Selectors.** Services with the field selector `spec.clusterIP!=None`
+//!   ([`SERVICE_FIELD_SELECTOR`]) and EndpointSlices with the label selector
+//!   `!service.kubernetes.io/headless` ([`SLICE_LABEL_SELECTOR`]), as
+//!   kube-proxy's informers. The proxy-name label is *not* selected on the
+//!   server: unlabelled Services and those labelled with our name are both
+//!   served, which one selector cannot express, so [`build_model`] filters it.
+//! - **Lists and watches.** kube-rs's watcher lists, then watches from the
+//!   list's resourceVersion with bookmarks. The reflector store replaces its
+//!   contents atomically when a (re)list is done (`InitDone`): objects not
+//!   listed again are gone. A watch that ends is resumed from the last
+//!   resourceVersion seen (object or bookmark); `410 Gone` relists. Errors
+//!   (API unreachable, watch failures) are retried with kube-rs's default
+//!   backoff (client-go's: 0.8 s doubling to 30 s, with jitter).
+//! - **Readiness.** No model is built before both kinds have been listed once:
+//!   services without their slices would have no backends.
+//! - **Coalescing.** Changes that arrive together are folded into one build;
+//!   builds are at least [`FollowConfig::min_sync`] apart (kube-proxy's
+//!   `minSyncPeriod`). A built model equal to the last one handed over is not
+//!   handed over again.
+//! - **Outages.** While the API is unreachable nothing changes: the last model
+//!   stays the last one handed over (and the caller keeps its snapshot).
+//!   Refused objects ([`crate::ModelError`]) are logged and keep the last model
+//!   too, as a broken manifest does.
+//!
+//! Must never: hand over a model built from a half-finished list, or panic.
+
+use std::fmt;
+use std::ops::ControlFlow;
+use std::pin::pin;
+use std::time::Duration;
+
+use futures::{stream, Stream, StreamExt};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::manifest::{identity, Objects};
+use crate::model::{build_model, Model, DEFAULT_PROXY_NAME};
+
+/// Field selector for Services: headless ones are never proxied.
+pub const SERVICE_FIELD_SELECTOR: &str = "spec.clusterIP!=None";
+/// Label selector for EndpointSlices: not those of headless Services.
+pub const SLICE_LABEL_SELECTOR: &str = "!service.kubernetes.io/headless";
+
+/// The most events folded into a build once it is due (see [`follow`]).
+const MAX_FOLD: usize = 4096;
+
+/// How [`follow`] builds models.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FollowConfig {
+    /// Our `service.kubernetes.io/service-proxy-name` (see [`build_model`]).
+    pub proxy_name: String,
+    /// The least time between two model builds; zero: build as soon as the
+    /// changes that have arrived are folded in.
+    pub min_sync: Duration,
+}
+
+impl Default for FollowConfig {
+    fn default() -> Self {
+        Self {
+            proxy_name: DEFAULT_PROXY_NAME.to_owned(),
+            min_sync: Duration::ZERO,
+        }
+    }
+}
+
+/// Which of the two watched kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Services,
+    Slices,
+}
+
+impl Kind {
+    const fn index(self) -> usize {
+        match self {
+            Self::Services => 0,
+            Self::Slices => 1,
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Services => "services",
+            Self::Slices => "endpointslices",
+        })
+    }
+}
+
+/// What one watcher event means for the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// The store changed (an object applied or deleted, or a list finished).
+    Changed,
+    /// A (re)list finished: the store holds exactly the listed objects.
+    Listed,
+    /// Nothing visible yet (a list in progress).
+    Nothing,
+}
+
+fn step_of<K>(event: &Event<K>) -> Step {
+    match event {
+        Event::Apply(_) | Event::Delete(_) => Step::Changed,
+        Event::InitDone => Step::Listed,
+        Event::Init | Event::InitApply(_) => Step::Nothing,
+    }
+}
+
+/// One kind's watch: how it is doing, for readiness and for logs.
+#[derive(Debug, Default, Clone, Copy)]
+struct Health {
+    /// Listed at least once.
+    ready: bool,
+    /// The last event was an error.
+    failing: bool,
+}
+
+/// Watches `K` with `config`, keeping `writer`'s store, with backoff on errors.
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    kind: Kind,
+) -> impl Stream<Item = (Kind, Result<Step, watcher::Error>)> + Send
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    watcher::watcher(api, config)
+        .default_backoff()
+        .reflect(writer)
+        .map(move |r| (kind, r.map(|e| step_of(&e))))
+}
+
+/// The objects in both stores, as the manifest source would give them, sorted
+/// by (namespace, name) so that errors do not depend on hash order.
+#[must_use]
+pub fn objects_of(services: &Store<Service>, slices: &Store<EndpointSlice>) -> Objects {
+    let mut services: Vec<Service> = services.state().iter().map(|s| (**s).clone()).collect();
+    services.sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
+    let mut slices: Vec<EndpointSlice> = slices.state().iter().map(|s| (**s).clone()).collect();
+    slices.sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
+    Objects {
+        services,
+        slices,
+        skipped: Vec::new(),
+    }
+}
+
+/// Follows Services and EndpointSlices through `client` and calls `on_model`
+/// with every new model (see the module documentation for when).
+///
+/// Returns when `on_model` returns [`ControlFlow::Break`]; it never returns
+/// otherwise (errors are retried with backoff and logged), so run it in a task
+/// that can be dropped or aborted.
+pub async fn follow(
+    client: Client,
+    config: &FollowConfig,
+    mut on_model: impl FnMut(Model) -> ControlFlow<()>,
+) {
+    let (services, services_writer) = reflector::store::<Service>();
+    let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+    let service_events = watch(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default().fields(SERVICE_FIELD_SELECTOR),
+        services_writer,
+        Kind::Services,
+    );
+    let slice_events = watch(
+        Api::<EndpointSlice>::all(client),
+        watcher::Config::default().labels(SLICE_LABEL_SELECTOR),
+        slices_writer,
+        Kind::Slices,
+    );
+    let mut events = pin!(stream::select(service_events, slice_events));
+
+    let mut health = [Health::default(); 2];
+    let mut dirty = false;
+    let mut last_build: Option<Instant> = None;
+    let mut last: Option<Model> = None;
+    // Events taken while a build was already due: bounded, so that a steady
+    // stream of events cannot hold a build off for ever.
+    let mut folded = 0usize;
+    loop {
+        let ready = health.iter().all(|h| h.ready);
+        let due =
+            (dirty && ready).then(|| last_build.map_or_else(Instant::now, |t| t + config.min_sync));
+        let event = match due {
+            // Events first: whatever has already arrived is folded into this build.
+            Some(at) => tokio::select! {
+                biased;
+                event = events.next(), if folded < MAX_FOLD => {
+                    if at <= Instant::now() {
+                        folded += 1;
+                    }
+                    Some(event)
+                }
+                () = tokio::time::sleep_until(at) => None,
+            },
+            None => Some(events.next().await),
+        };
+        match event {
+            Some(Some((kind, result))) => {
+                dirty |= note(kind, result, &mut health[kind.index()]);
+            }
+            Some(None) => {
+                // The watchers never end (their backoff never gives up).
+                error!("the watch streams ended; no more updates");
+                return;
+            }
+            None => {
+                dirty = false;
+                folded = 0;
+                last_build = Some(Instant::now());
+                let started = std::time::Instant::now();
+                let objects = objects_of(&services, &slices);
+                match build_model(&objects, &config.proxy_name) {
+                    Err(e) => error!(
+                        services = objects.services.len(),
+                        endpointslices = objects.slices.len(),
+                        "{e}; keeping the last model"
+                    ),
+                    Ok(model) if last.as_ref() == Some(&model) => {
+                        debug!("objects changed but the model did not");
+                    }
+                    Ok(model) => {
+                        debug!(
+                            services = objects.services.len(),
+                            endpointslices = objects.slices.len(),
+                            frontends = model.frontends.len(),
+                            took_ms = started.elapsed().as_secs_f64() * 1e3,
+                            "new model"
+                        );
+                        last = Some(model.clone());
+                        if on_model(model).is_break() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Notes one watcher result; `true` when the store changed.
+fn note(kind: Kind, result: Result<Step, watcher::Error>, health: &mut Health) -> bool {
+    match result {
+        Ok(step) => {
+            if health.failing && step != Step::Nothing {
+                info!(%kind, "watch recovered");
+                health.failing = false;
+            }
+            match step {
+                Step::Listed => {
+                    if !health.ready {
+                        info!(%kind, "listed");
+                    } else {
+                        debug!(%kind, "relisted");
+                    }
+                    health.ready = true;
+                    true
+                }
+                Step::Changed => true,
+                Step::Nothing => false,
+            }
+        }
+        Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+            info!(%kind, "watch expired ({}): relisting", status.message);
+            false
+        }
+        Err(e) => {
+            if health.failing {
+                debug!(%kind, "still failing: {e}");
+            } else {
+                warn!(%kind, "{e}; retrying with backoff, keeping the last model");
+                health.failing = true;
+            }
+            false
+        }
+    }
+}

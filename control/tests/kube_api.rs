@@ -1,0 +1,761 @@
+//! The API source (`kube_source::follow`) against a scripted API server.
+//!
+//! No kube-apiserver runs here: `support/apiserver.rs` is a small in-memory one
+//! on 127.0.0.1 speaking list and watch over real HTTP, with resourceVersions,
+//! selectors, bookmarks and 410 Gone. Each test starts its own server and
+//! follower, waits for models with a timeout of a few seconds, and stops both
+//! when it ends (they are dropped). Objects use 198.18.0.0/15 and 2001:db8::/32.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // reason: tests fail loudly on purpose
+
+mod support;
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clustergate_control::kube_source::{
+    follow, FollowConfig, SERVICE_FIELD_SELECTOR, SLICE_LABEL_SELECTOR,
+};
+use clustergate_control::model::{endpoint_string, state_name, PROXY_NAME_LABEL};
+use clustergate_control::Model;
+use serde_json::{json, Value};
+use support::apiserver::{ApiServer, Kind};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{timeout, Instant};
+
+/// The most a test waits for an expected model. Typical waits are milliseconds;
+/// reconnecting after an outage takes up to two backoffs (0.8 s doubling, with
+/// jitter) of kube-rs's default policy.
+const WAIT: Duration = Duration::from_secs(10);
+
+// ---- objects ----
+
+fn service(ns: &str, name: &str, ips: &[&str], ports: &[(&str, u16, &str)]) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto}))
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"type": "ClusterIP", "clusterIP": ips[0], "clusterIPs": ips, "ports": ports},
+    })
+}
+
+fn labelled(mut object: Value, key: &str, value: &str) -> Value {
+    object["metadata"]["labels"][key] = json!(value);
+    object
+}
+
+fn ready(address: &str) -> Value {
+    endpoint(address, true, true, false)
+}
+
+fn endpoint(address: &str, ready: bool, serving: bool, terminating: bool) -> Value {
+    json!({
+        "addresses": [address],
+        "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+    })
+}
+
+fn slice(ns: &str, name: &str, svc: &str, port: (&str, u16, &str), endpoints: &[Value]) -> Value {
+    let v6 = endpoints
+        .first()
+        .and_then(|e| e["addresses"][0].as_str())
+        .is_some_and(|a| a.contains(':'));
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": name, "namespace": ns,
+            "labels": {"kubernetes.io/service-name": svc},
+        },
+        "addressType": if v6 { "IPv6" } else { "IPv4" },
+        "ports": [{"name": port.0, "port": port.1, "protocol": port.2}],
+        "endpoints": endpoints,
+    })
+}
+
+/// `shop/web` on 198.19.0.10:80 (`http`), and its slice `web-1` with two
+/// ready endpoints on 8080.
+fn web(server: &ApiServer) {
+    server.apply(service(
+        "shop",
+        "web",
+        &["198.19.0.10"],
+        &[("http", 80, "TCP")],
+    ));
+    server.apply(slice(
+        "shop",
+        "web-1",
+        "web",
+        ("http", 8080, "TCP"),
+        &[ready("198.18.1.1"), ready("198.18.1.2")],
+    ));
+}
+
+const WEB: &str = "shop/web 198.19.0.10:80/TCP -> 198.18.1.1:8080 ready, 198.18.1.2:8080 ready";
+
+// ---- the follower ----
+
+/// `follow` in a task, handing its models to the test. Dropping it stops it.
+struct Follower {
+    models: mpsc::UnboundedReceiver<Model>,
+    task: JoinHandle<()>,
+    last: Option<Model>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Follower {
+    fn start(server: &ApiServer, min_sync: Duration) -> Self {
+        // `RUST_LOG=clustergate_control=debug,kube_runtime=debug` shows what the
+        // follower does (with `--nocapture`).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let client = server.client();
+        let (tx, models) = mpsc::unbounded_channel();
+        let config = FollowConfig {
+            min_sync,
+            ..FollowConfig::default()
+        };
+        let task = tokio::spawn(async move {
+            follow(client, &config, |m| {
+                if tx.send(m).is_ok() {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
+            })
+            .await;
+        });
+        Self {
+            models,
+            task,
+            last: None,
+        }
+    }
+
+    /// Waits until a model whose served frontends read `want` (see
+    /// [`summary`]) arrives; models on the way are skipped.
+    async fn wait_for(&mut self, want: &[&str]) -> Model {
+        self.wait_until(&format!("{want:#?}"), |m| summary(m) == want)
+            .await
+    }
+
+    /// Waits until a model for which `pred` holds arrives.
+    async fn wait_until(&mut self, what: &str, pred: impl Fn(&Model) -> bool) -> Model {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.models.recv()).await {
+                Ok(Some(m)) => {
+                    self.last = Some(m.clone());
+                    if pred(&m) {
+                        return m;
+                    }
+                }
+                Ok(None) => panic!("the follower stopped"),
+                Err(_) => panic!(
+                    "no model {what} within {WAIT:?}; the last was {:#?}",
+                    self.last.as_ref().map(|m| (summary(m), skipped(m)))
+                ),
+            }
+        }
+    }
+
+    /// Asserts that no model arrives for `d`.
+    async fn quiet(&mut self, d: Duration) {
+        if let Ok(m) = timeout(d, self.models.recv()).await {
+            panic!("unexpected model {:#?}", m.as_ref().map(summary));
+        }
+    }
+
+    /// The models that arrive within `d`.
+    async fn collect(&mut self, d: Duration) -> Vec<Model> {
+        let deadline = Instant::now() + d;
+        let mut out = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout_at(deadline, self.models.recv()).await {
+            out.push(m);
+        }
+        out
+    }
+}
+
+/// The served frontends, one line each:
+/// `ns/name addr:port/PROTO -> backend state, …` (`-> none` without backends).
+fn summary(model: &Model) -> Vec<String> {
+    model
+        .frontends
+        .iter()
+        .filter(|f| f.is_served())
+        .map(|f| {
+            let backends: Vec<String> = f
+                .backends
+                .iter()
+                .map(|b| {
+                    let e = endpoint_string(b.address, b.port, f.protocol);
+                    let hp = e.rsplit_once('/').map_or(e.as_str(), |(hp, _)| hp);
+                    format!("{hp} {}", state_name(b.state))
+                })
+                .collect();
+            let backends = if backends.is_empty() {
+                "none".to_owned()
+            } else {
+                backends.join(", ")
+            };
+            format!(
+                "{} {} -> {backends}",
+                f.service,
+                endpoint_string(f.address, f.port, f.protocol)
+            )
+        })
+        .collect()
+}
+
+fn skipped(model: &Model) -> Vec<String> {
+    model.skipped.iter().map(|s| s.object.clone()).collect()
+}
+
+// ---- tests ----
+
+/// 1. The initial list of both kinds, with kube-proxy's selectors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initial_list_gives_the_model() {
+    let server = ApiServer::start().await;
+    web(&server);
+    // Dual-stack DNS: one frontend per family, each with its family's slice.
+    server.apply(service(
+        "kube-system",
+        "dns",
+        &["198.19.0.53", "2001:db8:5::53"],
+        &[("dns", 53, "UDP")],
+    ));
+    server.apply(slice(
+        "kube-system",
+        "dns-v4",
+        "dns",
+        ("dns", 5353, "UDP"),
+        &[ready("198.18.2.1")],
+    ));
+    server.apply(slice(
+        "kube-system",
+        "dns-v6",
+        "dns",
+        ("dns", 5353, "UDP"),
+        &[ready("2001:db8:2::1")],
+    ));
+    // Headless: its Service and slice are not even listed (the selectors).
+    server.apply(service("shop", "db", &["None"], &[("pg", 5432, "TCP")]));
+    server.apply(labelled(
+        slice(
+            "shop",
+            "db-1",
+            "db",
+            ("pg", 5432, "TCP"),
+            &[ready("198.18.3.1")],
+        ),
+        "service.kubernetes.io/headless",
+        "",
+    ));
+    // Another proxy's Service: listed, and skipped by the model.
+    server.apply(labelled(
+        service("shop", "other", &["198.19.0.11"], &[("http", 80, "TCP")]),
+        PROXY_NAME_LABEL,
+        "someone-else",
+    ));
+
+    let mut f = Follower::start(&server, Duration::ZERO);
+    let m = f
+        .wait_for(&[
+            "kube-system/dns 198.19.0.53:53/UDP -> 198.18.2.1:5353 ready",
+            "kube-system/dns [2001:db8:5::53]:53/UDP -> [2001:db8:2::1]:5353 ready",
+            WEB,
+        ])
+        .await;
+    let skipped = skipped(&m);
+    assert!(
+        skipped.contains(&"Service shop/other".to_owned()),
+        "{skipped:?}"
+    );
+    assert!(
+        !skipped.iter().any(|s| s.contains("shop/db")),
+        "{skipped:?}"
+    );
+    assert_eq!(m.service_specs().len(), 3);
+
+    let requests = server.requests();
+    for kind in [Kind::Service, Kind::EndpointSlice] {
+        let of_kind: Vec<_> = requests.iter().filter(|r| r.kind == kind).collect();
+        assert!(
+            of_kind.iter().any(|r| !r.watch),
+            "no list of {kind:?}: {requests:#?}"
+        );
+        for r in &of_kind {
+            match kind {
+                Kind::Service => {
+                    assert_eq!(r.field_selector.as_deref(), Some(SERVICE_FIELD_SELECTOR));
+                    assert_eq!(
+                        r.label_selector, None,
+                        "the proxy name is filtered client-side"
+                    );
+                }
+                Kind::EndpointSlice => {
+                    assert_eq!(r.label_selector.as_deref(), Some(SLICE_LABEL_SELECTOR));
+                    assert_eq!(r.field_selector, None);
+                }
+            }
+            if r.watch {
+                assert!(r.bookmarks, "{r:?}");
+                assert!(r.resource_version.is_some(), "{r:?}");
+            }
+        }
+    }
+}
+
+/// 2. Services and slices added, modified and deleted through watch events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_events_add_modify_and_delete() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut f = Follower::start(&server, Duration::ZERO);
+    f.wait_for(&[WEB]).await;
+
+    // Add a Service, then its slice.
+    server.apply(service(
+        "shop",
+        "api",
+        &["198.19.0.20"],
+        &[("grpc", 9000, "TCP")],
+    ));
+    f.wait_for(&["shop/api 198.19.0.20:9000/TCP -> none", WEB])
+        .await;
+    server.apply(slice(
+        "shop",
+        "api-1",
+        "api",
+        ("grpc", 9090, "TCP"),
+        &[ready("198.18.4.1")],
+    ));
+    f.wait_for(&[
+        "shop/api 198.19.0.20:9000/TCP -> 198.18.4.1:9090 ready",
+        WEB,
+    ])
+    .await;
+
+    // Modify: the slice's port number, then the Service's port.
+    server.apply(slice(
+        "shop",
+        "api-1",
+        "api",
+        ("grpc", 9091, "TCP"),
+        &[ready("198.18.4.1")],
+    ));
+    f.wait_for(&[
+        "shop/api 198.19.0.20:9000/TCP -> 198.18.4.1:9091 ready",
+        WEB,
+    ])
+    .await;
+    server.apply(service(
+        "shop",
+        "api",
+        &["198.19.0.20"],
+        &[("grpc", 9001, "TCP")],
+    ));
+    f.wait_for(&[
+        "shop/api 198.19.0.20:9001/TCP -> 198.18.4.1:9091 ready",
+        WEB,
+    ])
+    .await;
+
+    // Delete the slice, then the Service.
+    server.delete(Kind::EndpointSlice, "shop", "api-1");
+    f.wait_for(&["shop/api 198.19.0.20:9001/TCP -> none", WEB])
+        .await;
+    server.delete(Kind::Service, "shop", "api");
+    f.wait_for(&[WEB]).await;
+
+    // A Service turned headless leaves the field selector: a DELETED event.
+    server.apply(service("shop", "web", &["None"], &[("http", 80, "TCP")]));
+    f.wait_for(&[]).await;
+}
+
+/// 3. A slice moving from one Service to another (its service-name label changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slice_moves_between_services() {
+    let server = ApiServer::start().await;
+    web(&server);
+    server.apply(service(
+        "shop",
+        "canary",
+        &["198.19.0.30"],
+        &[("http", 80, "TCP")],
+    ));
+    let mut f = Follower::start(&server, Duration::ZERO);
+    f.wait_for(&["shop/canary 198.19.0.30:80/TCP -> none", WEB])
+        .await;
+
+    let moved = labelled(
+        slice(
+            "shop",
+            "web-1",
+            "web",
+            ("http", 8080, "TCP"),
+            &[ready("198.18.1.1"), ready("198.18.1.2")],
+        ),
+        "kubernetes.io/service-name",
+        "canary",
+    );
+    server.apply(moved);
+    f.wait_for(&[
+        "shop/canary 198.19.0.30:80/TCP -> 198.18.1.1:8080 ready, 198.18.1.2:8080 ready",
+        "shop/web 198.19.0.10:80/TCP -> none",
+    ])
+    .await;
+
+    // And back.
+    web(&server);
+    f.wait_for(&["shop/canary 198.19.0.30:80/TCP -> none", WEB])
+        .await;
+}
+
+/// 4. Endpoint conditions: ready, not ready, and the terminating fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_conditions_change() {
+    let server = ApiServer::start().await;
+    server.apply(service(
+        "shop",
+        "web",
+        &["198.19.0.10"],
+        &[("http", 80, "TCP")],
+    ));
+    let put = |endpoints: &[Value]| {
+        server.apply(slice(
+            "shop",
+            "web-1",
+            "web",
+            ("http", 8080, "TCP"),
+            endpoints,
+        ));
+    };
+    put(&[ready("198.18.1.1"), ready("198.18.1.2")]);
+    let mut f = Follower::start(&server, Duration::ZERO);
+    f.wait_for(&[WEB]).await;
+
+    // One not ready: only the other is used.
+    put(&[
+        endpoint("198.18.1.1", false, false, false),
+        ready("198.18.1.2"),
+    ]);
+    f.wait_for(&["shop/web 198.19.0.10:80/TCP -> 198.18.1.2:8080 ready"])
+        .await;
+
+    // The ready one terminates (still serving), the other is not ready: the
+    // serving-and-terminating one is the fallback.
+    put(&[
+        endpoint("198.18.1.1", false, false, false),
+        endpoint("198.18.1.2", false, true, true),
+    ]);
+    f.wait_for(&["shop/web 198.19.0.10:80/TCP -> 198.18.1.2:8080 terminating"])
+        .await;
+
+    // A ready one comes back: the terminating one is no longer used.
+    put(&[
+        endpoint("198.18.1.1", true, true, false),
+        endpoint("198.18.1.2", false, true, true),
+    ]);
+    f.wait_for(&["shop/web 198.19.0.10:80/TCP -> 198.18.1.1:8080 ready"])
+        .await;
+
+    // Terminating and no longer serving: nothing usable, no backends.
+    put(&[
+        endpoint("198.18.1.1", false, false, true),
+        endpoint("198.18.1.2", false, false, true),
+    ]);
+    f.wait_for(&["shop/web 198.19.0.10:80/TCP -> none"]).await;
+}
+
+/// 5. A watch that expires (410 Gone) relists; what was deleted meanwhile is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_watch_relists_and_keeps_nothing_stale() {
+    let server = ApiServer::start().await;
+    web(&server);
+    server.apply(service(
+        "shop",
+        "api",
+        &["198.19.0.20"],
+        &[("grpc", 9000, "TCP")],
+    ));
+    server.apply(slice(
+        "shop",
+        "api-1",
+        "api",
+        ("grpc", 9090, "TCP"),
+        &[ready("198.18.4.1")],
+    ));
+    let mut f = Follower::start(&server, Duration::ZERO);
+    f.wait_for(&[
+        "shop/api 198.19.0.20:9000/TCP -> 198.18.4.1:9090 ready",
+        WEB,
+    ])
+    .await;
+    let lists_before = server.requests().iter().filter(|r| !r.watch).count();
+
+    // Changes the watches never see, then their history is compacted away.
+    server.delete_unseen(Kind::Service, "shop", "api");
+    server.delete_unseen(Kind::EndpointSlice, "shop", "api-1");
+    server.apply_unseen(service(
+        "shop",
+        "new",
+        &["198.19.0.40"],
+        &[("http", 80, "TCP")],
+    ));
+    server.expire_watches();
+
+    // Both kinds relist; the model is exactly what the server holds now: the
+    // deleted Service and slice leave no trace (not even in `skipped`).
+    let want = ["shop/new 198.19.0.40:80/TCP -> none", WEB];
+    f.wait_until("with new, without api", |m| {
+        summary(m) == want && m.skipped.is_empty()
+    })
+    .await;
+    let lists_after = server.requests().iter().filter(|r| !r.watch).count();
+    assert!(
+        lists_after >= lists_before + 2,
+        "both kinds relist: {lists_before} lists before, {lists_after} after"
+    );
+}
+
+/// 6. The API goes away and comes back on the same port; the follower keeps
+/// its last model meanwhile and reconnects (with backoff), resuming its watches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_goes_away_and_comes_back() {
+    let mut server = ApiServer::start().await;
+    web(&server);
+    let mut f = Follower::start(&server, Duration::ZERO);
+    f.wait_for(&[WEB]).await;
+
+    server.stop().await;
+    // Changes while the follower cannot see them (the history is kept).
+    server.apply(service(
+        "shop",
+        "api",
+        &["198.19.0.20"],
+        &[("grpc", 9000, "TCP")],
+    ));
+    server.delete(Kind::EndpointSlice, "shop", "web-1");
+    f.quiet(Duration::from_millis(500)).await;
+    let lists_before = server.requests().iter().filter(|r| !r.watch).count();
+
+    server.restart().await;
+    f.wait_for(&[
+        "shop/api 198.19.0.20:9000/TCP -> none",
+        "shop/web 198.19.0.10:80/TCP -> none",
+    ])
+    .await;
+    // Resumed from the resourceVersions it had: no relist was needed.
+    let lists_after = server.requests().iter().filter(|r| !r.watch).count();
+    assert_eq!(lists_before, lists_after, "{:#?}", server.requests());
+}
+
+/// 6b. Down, and the history compacted while down: the resumed watches get
+/// 410 and relist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_comes_back_compacted() {
+    let mut server = ApiServer::start().await;
+    web(&server);
+    server.apply(service(
+        "shop",
+        "api",
+        &["198.19.0.20"],
+        &[("grpc", 9000, "TCP")],
+    ));
+    let mut f = Follower::start(&server, Duration::ZERO);
+    f.wait_for(&["shop/api 198.19.0.20:9000/TCP -> none", WEB])
+        .await;
+
+    server.stop().await;
+    server.delete(Kind::Service, "shop", "api");
+    server.compact();
+    server.restart().await;
+    f.wait_for(&[WEB]).await;
+}
+
+/// 7. The service-proxy-name label added and removed (kube-proxy's e2e
+/// "should implement service.kubernetes.io/service-proxy-name").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_name_label_is_followed() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut f = Follower::start(&server, Duration::ZERO);
+    f.wait_for(&[WEB]).await;
+
+    let web_svc = || service("shop", "web", &["198.19.0.10"], &[("http", 80, "TCP")]);
+    server.apply(labelled(web_svc(), PROXY_NAME_LABEL, "someone-else"));
+    let m = f.wait_for(&[]).await;
+    assert!(skipped(&m).contains(&"Service shop/web".to_owned()));
+
+    server.apply(labelled(web_svc(), PROXY_NAME_LABEL, "clustergate"));
+    f.wait_for(&[WEB]).await;
+    server.apply(labelled(web_svc(), PROXY_NAME_LABEL, "someone-else"));
+    f.wait_for(&[]).await;
+    server.apply(web_svc());
+    f.wait_for(&[WEB]).await;
+}
+
+/// Bookmarks move the resourceVersion a resumed watch starts from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookmarks_are_where_watches_resume() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut f = Follower::start(&server, Duration::ZERO);
+    f.wait_for(&[WEB]).await;
+
+    server
+        .wait_request("services watch", |r| r.kind == Kind::Service && r.watch)
+        .await;
+    // Slices change, services do not: only a bookmark tells the services
+    // watch how far the resourceVersion has gone.
+    for port in [8081, 8082, 8083] {
+        server.apply(slice(
+            "shop",
+            "web-1",
+            "web",
+            ("http", port, "TCP"),
+            &[ready("198.18.1.1")],
+        ));
+    }
+    f.wait_for(&["shop/web 198.19.0.10:80/TCP -> 198.18.1.1:8083 ready"])
+        .await;
+    let rv = server.bookmark();
+    // Give the bookmark time to arrive before the watches end.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.end_watches();
+
+    let want = rv.to_string();
+    server
+        .wait_request(&format!("services watch from {rv}"), |r| {
+            r.kind == Kind::Service && r.watch && r.resource_version.as_deref() == Some(&want)
+        })
+        .await;
+    // And the follower still follows.
+    server.delete(Kind::EndpointSlice, "shop", "web-1");
+    f.wait_for(&["shop/web 198.19.0.10:80/TCP -> none"]).await;
+}
+
+/// A burst of changes within `--min-sync-period` makes one model, not one per change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_are_coalesced() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut f = Follower::start(&server, Duration::from_millis(300));
+    f.wait_for(&[WEB]).await;
+
+    for port in 9001..=9010 {
+        server.apply(slice(
+            "shop",
+            "web-1",
+            "web",
+            ("http", port, "TCP"),
+            &[ready("198.18.1.1")],
+        ));
+    }
+    let models = f.collect(Duration::from_millis(900)).await;
+    assert!(
+        (1..=2).contains(&models.len()),
+        "{} models: {:#?}",
+        models.len(),
+        models.iter().map(summary).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        models.last().map(summary),
+        Some(vec![
+            "shop/web 198.19.0.10:80/TCP -> 198.18.1.1:9010 ready".to_owned()
+        ])
+    );
+    // Nothing changes: nothing more is handed over.
+    server.bookmark();
+    f.quiet(Duration::from_millis(200)).await;
+}
+
+/// Refused objects keep the last model; fixing them goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_objects_keep_the_last_model() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut f = Follower::start(&server, Duration::ZERO);
+    f.wait_for(&[WEB]).await;
+
+    // An invalid affinity timeout: build_model refuses the whole set.
+    let mut bad = service("shop", "web", &["198.19.0.10"], &[("http", 80, "TCP")]);
+    bad["spec"]["sessionAffinity"] = json!("Sometimes");
+    server.apply(bad);
+    f.quiet(Duration::from_millis(300)).await;
+
+    server.apply(service(
+        "shop",
+        "web",
+        &["198.19.0.10"],
+        &[("http", 81, "TCP")],
+    ));
+    f.wait_for(&["shop/web 198.19.0.10:81/TCP -> 198.18.1.1:8080 ready, 198.18.1.2:8080 ready"])
+        .await;
+}
+
+/// The binary: `run --kubeconfig … --once` publishes one snapshot from the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_a_kubeconfig_publishes() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let dir = std::env::temp_dir().join(format!("clustergate-kube-api-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: \"{}\"}}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: test}}\ncurrent-context: test\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let shm: PathBuf = dir.join("shm");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_clustergate-control"))
+        .arg("run")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .arg("--shm-dir")
+        .arg(&shm)
+        .arg("--once")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("run --once did not exit within {WAIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert_eq!(
+        clustergate_dataplane::snapshot::read_current(&shm).unwrap(),
+        Some(1),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

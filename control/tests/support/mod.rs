@@ -1,0 +1,3 @@
+//! Shared test support for the API source tests.
+
+pub mod apiserver;
