@@ -2,7 +2,9 @@
 //!
 //! Owns: [`follow`], which watches both kinds with kube-rs watchers and
 //! reflector stores, builds a [`Model`] with the same [`build_model`] as the
-//! manifest source, and hands each new model to a callback.
+//! manifest source, and hands each new model to a callback;
+//! [`follow_with`] also tells [`Hooks`] what it sees (the objects of each
+//! build, watch failures and recoveries) for metrics and health.
 //!
 //! - **Selectors.** Services with the field selector `spec.clusterIP!=None`
 //!   ([`SERVICE_FIELD_SELECTOR`]) and EndpointSlices with the label selector
@@ -91,12 +93,49 @@ impl Kind {
     }
 }
 
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Kind {
+    const fn name(self) -> &'static str {
+        match self {
             Self::Services => "services",
             Self::Slices => "endpointslices",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What happened to the watch of one kind (`"services"` or
+/// `"endpointslices"`), for [`Hooks::watch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// The watch started failing (logged once per outage); it is retried.
+    Failed(&'static str),
+    /// Events flow again after a failure.
+    Recovered(&'static str),
+    /// The watch expired (`410 Gone`) and relists.
+    Expired(&'static str),
+}
+
+/// Observers of [`follow_with`] (metrics and health); all optional.
+#[derive(Default)]
+#[allow(clippy::type_complexity)] // reason: two plain callbacks
+pub struct Hooks<'a> {
+    /// Called with the objects of every build, before the model is built.
+    pub objects: Option<Box<dyn FnMut(&Objects) + Send + 'a>>,
+    /// Called when a watch fails, recovers or expires.
+    pub watch: Option<Box<dyn FnMut(WatchEvent) + Send + 'a>>,
+}
+
+impl fmt::Debug for Hooks<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hooks")
+            .field("objects", &self.objects.is_some())
+            .field("watch", &self.watch.is_some())
+            .finish()
     }
 }
 
@@ -174,6 +213,16 @@ pub fn objects_of(services: &Store<Service>, slices: &Store<EndpointSlice>) -> O
 pub async fn follow(
     client: Client,
     config: &FollowConfig,
+    on_model: impl FnMut(Model) -> ControlFlow<()>,
+) {
+    follow_with(client, config, Hooks::default(), on_model).await;
+}
+
+/// [`follow`], telling `hooks` what it sees.
+pub async fn follow_with(
+    client: Client,
+    config: &FollowConfig,
+    mut hooks: Hooks<'_>,
     mut on_model: impl FnMut(Model) -> ControlFlow<()>,
 ) {
     let (services, services_writer) = reflector::store::<Service>();
@@ -219,7 +268,20 @@ pub async fn follow(
         };
         match event {
             Some(Some((kind, result))) => {
+                let was_failing = health[kind.index()].failing;
+                let expired =
+                    matches!(&result, Err(watcher::Error::WatchError(s)) if s.code == 410);
                 dirty |= note(kind, result, &mut health[kind.index()]);
+                if let Some(hook) = hooks.watch.as_mut() {
+                    let failing = health[kind.index()].failing;
+                    if expired {
+                        hook(WatchEvent::Expired(kind.name()));
+                    } else if failing && !was_failing {
+                        hook(WatchEvent::Failed(kind.name()));
+                    } else if was_failing && !failing {
+                        hook(WatchEvent::Recovered(kind.name()));
+                    }
+                }
             }
             Some(None) => {
                 // The watchers never end (their backoff never gives up).
@@ -232,6 +294,9 @@ pub async fn follow(
                 last_build = Some(Instant::now());
                 let started = std::time::Instant::now();
                 let objects = objects_of(&services, &slices);
+                if let Some(hook) = hooks.objects.as_mut() {
+                    hook(&objects);
+                }
                 match build_model(&objects, &config.proxy_name) {
                     Err(e) => error!(
                         services = objects.services.len(),

@@ -9,26 +9,41 @@
 //!   `clustergate_control::kube_source`) or a manifest file (`--manifest`,
 //!   polled). Refused objects, a broken manifest or an unreachable API keep the
 //!   last good snapshot.
+//!   `run` serves Prometheus metrics at `--metrics` and `/healthz`, `/livez`
+//!   at `--health` (see `docs/operations.md`).
 //! - `show`: print what would be programmed (JSON or a table for people).
 //! - `build`: write one snapshot file.
 //! - `maglev`: build one ring and report its size, balance and build time.
 
-use std::net::IpAddr;
+mod health;
+mod metrics;
+mod serve;
+
+use std::net::{IpAddr, SocketAddr};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
-use clustergate_control::kube_source::{self, FollowConfig};
-use clustergate_control::{load_manifest_file, Model};
+use clustergate_control::kube_source::{self, FollowConfig, Hooks};
+use clustergate_control::{load_manifest_file, Model, Objects};
 use clustergate_dataplane::flow::addr16;
 use clustergate_dataplane::maglev::{
     build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE,
 };
 use clustergate_dataplane::snapshot::{self, Writer};
 use clustergate_dataplane::table::{ServiceSpec, Table};
-use tracing::{error, info};
+use tracing::{error, info, warn};
+
+use crate::metrics::Telemetry;
+use crate::serve::{Handler, Response};
+
+/// kube-proxy's default `--metrics-bind-address`.
+const DEFAULT_METRICS: &str = "127.0.0.1:10249";
+/// kube-proxy's default `--healthz-bind-address`.
+const DEFAULT_HEALTH: &str = "0.0.0.0:10256";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -82,6 +97,16 @@ enum Command {
         /// Publish once and exit.
         #[arg(long)]
         once: bool,
+        /// Serve Prometheus metrics at http://ADDR/metrics [default: 127.0.0.1:10249].
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
+        /// Serve `/healthz` and `/livez` at ADDR [default: 0.0.0.0:10256].
+        #[arg(long, value_name = "ADDR")]
+        health: Option<SocketAddr>,
+        /// Seconds a change may wait unpublished, or the API stay unreachable,
+        /// before `/healthz` answers 503.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        unpublished_bound_s: u64,
     },
     /// Print what would be programmed.
     Show {
@@ -153,24 +178,50 @@ fn real_main() -> Result<()> {
             min_sync_period_ms,
             hash_seed,
             once,
-        } => match (manifest, kubeconfig) {
-            (Some(manifest), _) => run(
-                &manifest,
-                &shm_dir,
-                &proxy_name,
-                Duration::from_millis(poll_ms),
-                hash_seed,
-                once,
-            ),
-            (None, kubeconfig) => {
-                debug_assert!(kubeconfig.is_some() != in_cluster, "clap's group");
-                let config = FollowConfig {
-                    proxy_name,
-                    min_sync: Duration::from_millis(min_sync_period_ms),
+            metrics,
+            health,
+            unpublished_bound_s,
+        } => {
+            let bound = Duration::from_secs(unpublished_bound_s);
+            let poll = Duration::from_millis(poll_ms);
+            // The manifest loop beats once per poll; the API loop once a second.
+            let beat_bound = bound
+                + if manifest.is_some() {
+                    poll
+                } else {
+                    Duration::ZERO
                 };
-                run_api(kubeconfig.as_deref(), &shm_dir, &config, hash_seed, once)
+            let telemetry = Arc::new(Telemetry::new(bound, beat_bound));
+            if !once {
+                serve_telemetry(metrics, health, &telemetry)?;
             }
-        },
+            match (manifest, kubeconfig) {
+                (Some(manifest), _) => run(
+                    &manifest,
+                    &shm_dir,
+                    &proxy_name,
+                    poll,
+                    hash_seed,
+                    once,
+                    &telemetry,
+                ),
+                (None, kubeconfig) => {
+                    debug_assert!(kubeconfig.is_some() != in_cluster, "clap's group");
+                    let config = FollowConfig {
+                        proxy_name,
+                        min_sync: Duration::from_millis(min_sync_period_ms),
+                    };
+                    run_api(
+                        kubeconfig.as_deref(),
+                        &shm_dir,
+                        &config,
+                        hash_seed,
+                        once,
+                        &telemetry,
+                    )
+                }
+            }
+        }
         Command::Show {
             manifest,
             output,
@@ -207,6 +258,61 @@ fn real_main() -> Result<()> {
     }
 }
 
+/// Starts the `--metrics` and `--health` servers. An address given on the
+/// command line that cannot be bound is an error; a default one is only
+/// warned about (another process, kube-proxy say, may hold it).
+fn serve_telemetry(
+    metrics: Option<SocketAddr>,
+    health: Option<SocketAddr>,
+    telemetry: &Arc<Telemetry>,
+) -> Result<()> {
+    let metrics_handler: Handler = {
+        let telemetry = Arc::clone(telemetry);
+        Arc::new(move |path: &str| match path {
+            "/metrics" => Response {
+                status: 200,
+                content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                body: telemetry.metrics.encode(),
+            },
+            _ => Response::text(404, "not found: try /metrics\n"),
+        })
+    };
+    let health_handler: Handler = {
+        let telemetry = Arc::clone(telemetry);
+        Arc::new(move |path: &str| match path {
+            "/healthz" => {
+                let (status, body) = telemetry.healthz();
+                Response {
+                    status,
+                    content_type: "application/json",
+                    body,
+                }
+            }
+            "/livez" => {
+                let (status, body) = telemetry.livez();
+                Response::text(status, body)
+            }
+            _ => Response::text(404, "not found: try /healthz or /livez\n"),
+        })
+    };
+    let mut servers = Vec::new();
+    for (flag, given, default, handler) in [
+        ("--metrics", metrics, DEFAULT_METRICS, metrics_handler),
+        ("--health", health, DEFAULT_HEALTH, health_handler),
+    ] {
+        let addr = match given {
+            Some(addr) => addr,
+            None => default.parse().context("default address")?,
+        };
+        match serve::bind(flag, addr) {
+            Ok(listener) => servers.push((listener, handler)),
+            Err(e) if given.is_some() => return Err(e),
+            Err(e) => warn!("{e:#}; serving no {flag} endpoint (choose an address with {flag})"),
+        }
+    }
+    serve::spawn(servers)
+}
+
 /// What `run` published last.
 struct Published {
     generation: u64,
@@ -220,6 +326,7 @@ fn run(
     poll: Duration,
     seed: u64,
     once: bool,
+    telemetry: &Telemetry,
 ) -> Result<()> {
     let mut writer = Writer::open(dir)
         .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
@@ -227,6 +334,7 @@ fn run(
     let mut last_text: Option<String> = None;
     let mut published: Option<Published> = None;
     loop {
+        telemetry.beat();
         match std::fs::read_to_string(manifest) {
             Err(e) => {
                 if last_text.take().is_some() || published.is_none() {
@@ -235,25 +343,31 @@ fn run(
             }
             Ok(text) if last_text.as_deref() == Some(text.as_str()) => {}
             Ok(text) => {
-                let started = Instant::now();
-                match apply(
-                    &text,
-                    manifest,
-                    proxy_name,
-                    seed,
-                    &mut writer,
-                    published.as_ref(),
-                ) {
-                    Ok(Some(p)) => {
-                        info!(
-                            generation = p.generation,
-                            frontends = p.specs.len(),
-                            took_ms = started.elapsed().as_secs_f64() * 1e3,
-                            "published"
-                        );
-                        published = Some(p);
+                match model_of(&text, manifest, proxy_name, telemetry) {
+                    Ok(model) => {
+                        telemetry.change_seen();
+                        let started = Instant::now();
+                        match publish(&model, seed, &mut writer, published.as_ref()) {
+                            Ok(Some(p)) => {
+                                telemetry.published(p.generation, started.elapsed());
+                                info!(
+                                    generation = p.generation,
+                                    frontends = p.specs.len(),
+                                    took_ms = started.elapsed().as_secs_f64() * 1e3,
+                                    "published"
+                                );
+                                published = Some(p);
+                            }
+                            Ok(None) => {
+                                telemetry.unchanged();
+                                info!("manifest changed but the tables did not: no new generation");
+                            }
+                            Err(e) => error!(
+                                "{e:#}; keeping generation {}",
+                                published.as_ref().map_or(0, |p| p.generation)
+                            ),
+                        }
                     }
-                    Ok(None) => info!("manifest changed but the tables did not: no new generation"),
                     Err(e) => error!(
                         "{e:#}; keeping generation {}",
                         published.as_ref().map_or(0, |p| p.generation)
@@ -280,6 +394,7 @@ fn run_api(
     config: &FollowConfig,
     seed: u64,
     once: bool,
+    telemetry: &Arc<Telemetry>,
 ) -> Result<()> {
     let mut writer = Writer::open(dir)
         .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
@@ -292,10 +407,27 @@ fn run_api(
     runtime.block_on(async {
         let client = kube_client(kubeconfig).await?;
         let mut published: Option<Published> = None;
-        kube_source::follow(client, config, |model| {
+        // Liveness: the runtime is turning (the callback below beats too).
+        let beating = Arc::clone(telemetry);
+        let beat = tokio::spawn(async move {
+            loop {
+                beating.beat();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        let hooks = Hooks {
+            objects: Some(Box::new(|objects: &Objects| {
+                telemetry.objects_seen(objects, true);
+            })),
+            watch: Some(Box::new(|event| telemetry.watch(event))),
+        };
+        kube_source::follow_with(client, config, hooks, |model| {
+            telemetry.beat();
+            telemetry.change_seen();
             let started = Instant::now();
             match publish(&model, seed, &mut writer, published.as_ref()) {
                 Ok(Some(p)) => {
+                    telemetry.published(p.generation, started.elapsed());
                     info!(
                         generation = p.generation,
                         frontends = p.specs.len(),
@@ -304,7 +436,10 @@ fn run_api(
                     );
                     published = Some(p);
                 }
-                Ok(None) => info!("objects changed but the tables did not: no new generation"),
+                Ok(None) => {
+                    telemetry.unchanged();
+                    info!("objects changed but the tables did not: no new generation");
+                }
                 Err(e) => error!(
                     "{e:#}; keeping generation {}",
                     published.as_ref().map_or(0, |p| p.generation)
@@ -317,6 +452,7 @@ fn run_api(
             }
         })
         .await;
+        beat.abort();
         Ok(())
     })
 }
@@ -340,20 +476,13 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
     kube::Client::try_from(config).context("creating the API client")
 }
 
-/// Builds and publishes the tables for `text`, unless they equal the last ones.
-fn apply(
-    text: &str,
-    manifest: &Path,
-    proxy_name: &str,
-    seed: u64,
-    writer: &mut Writer,
-    last: Option<&Published>,
-) -> Result<Option<Published>> {
+/// The model of the manifest `text`; counts the objects that changed.
+fn model_of(text: &str, manifest: &Path, proxy_name: &str, telemetry: &Telemetry) -> Result<Model> {
     let objects = clustergate_control::parse_manifest(text)
         .with_context(|| format!("manifest {}", manifest.display()))?;
-    let model: Model = clustergate_control::build_model(&objects, proxy_name)
-        .with_context(|| format!("manifest {}", manifest.display()))?;
-    publish(&model, seed, writer, last)
+    telemetry.objects_seen(&objects, false);
+    clustergate_control::build_model(&objects, proxy_name)
+        .with_context(|| format!("manifest {}", manifest.display()))
 }
 
 /// Builds and publishes the tables of `model`, unless they equal the last ones.

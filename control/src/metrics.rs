@@ -1,0 +1,349 @@
+//! What `run` measures: the Prometheus metrics served at `--metrics` and the
+//! health state served at `--health`, both fed by [`Telemetry`].
+//!
+//! Metric names are kube-proxy's after our prefix `clustergate_` (kube-proxy's
+//! is `kubeproxy_`) where the meaning is the same; see `docs/operations.md`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use clustergate_control::kube_source::WatchEvent;
+use clustergate_control::Objects;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::health::HealthState;
+
+/// The annotation the EndpointSlice controller sets to the time of the
+/// change (of a Pod or Service) that made it write the slice.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// The metrics; the handles are atomics shared with the registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    sync_duration: Histogram,
+    programming_duration: Histogram,
+    service_changes: Counter,
+    endpoint_changes: Counter,
+    last_sync: Gauge<f64, AtomicU64>,
+    watch_restarts: Counter,
+    generation: Gauge,
+}
+
+impl Metrics {
+    /// The metrics, registered under `clustergate_`.
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("clustergate");
+        // kube-proxy's buckets for both histograms.
+        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        let programming_duration = Histogram::new(
+            linear_buckets(0.25, 0.25, 2)
+                .chain(linear_buckets(1.0, 1.0, 59))
+                .chain(linear_buckets(60.0, 5.0, 12))
+                .chain(linear_buckets(300.0, 10.0, 12)),
+        );
+        let metrics = Self {
+            registry: Registry::default(),
+            sync_duration,
+            programming_duration,
+            service_changes: Counter::default(),
+            endpoint_changes: Counter::default(),
+            last_sync: Gauge::default(),
+            watch_restarts: Counter::default(),
+            generation: Gauge::default(),
+        };
+        registry.register(
+            "sync_proxy_rules_duration_seconds",
+            "Time to build and publish one table snapshot",
+            metrics.sync_duration.clone(),
+        );
+        registry.register(
+            "network_programming_duration_seconds",
+            "From an EndpointSlice's last-change-trigger-time to the publish that includes it",
+            metrics.programming_duration.clone(),
+        );
+        registry.register(
+            "service_changes",
+            "Services added, changed or removed, as seen by the source",
+            metrics.service_changes.clone(),
+        );
+        registry.register(
+            "endpoint_changes",
+            "EndpointSlices added, changed or removed, as seen by the source",
+            metrics.endpoint_changes.clone(),
+        );
+        registry.register(
+            "sync_proxy_rules_last_timestamp_seconds",
+            "Unix time of the last successful publish",
+            metrics.last_sync.clone(),
+        );
+        registry.register(
+            "watch_restarts",
+            "API watches that failed or expired and were restarted",
+            metrics.watch_restarts.clone(),
+        );
+        registry.register(
+            "snapshot_generation",
+            "Generation of the last published snapshot",
+            metrics.generation.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The metrics in the text exposition format (OpenMetrics).
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = encode(&mut out, &self.registry) {
+            out = format!("# encoding failed: {e}\n");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The objects of the previous look, to count what changed.
+#[derive(Debug, Default)]
+pub struct ChangeTracker {
+    services: BTreeMap<(String, String), Service>,
+    slices: BTreeMap<(String, String), EndpointSlice>,
+}
+
+fn key(meta: &ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Replaces `old` with `new` and counts the keys added, changed or removed.
+fn diff<T: PartialEq>(
+    old: &mut BTreeMap<(String, String), T>,
+    new: BTreeMap<(String, String), T>,
+) -> u64 {
+    let mut changed = old.keys().filter(|k| !new.contains_key(*k)).count() as u64;
+    changed += new.iter().filter(|(k, v)| old.get(*k) != Some(*v)).count() as u64;
+    *old = new;
+    changed
+}
+
+impl ChangeTracker {
+    /// Takes the objects of one look and returns (services, slices) changed
+    /// since the previous one.
+    pub fn observe(&mut self, objects: &Objects) -> (u64, u64) {
+        let services = objects
+            .services
+            .iter()
+            .map(|s| (key(&s.metadata), s.clone()))
+            .collect();
+        let slices = objects
+            .slices
+            .iter()
+            .map(|s| (key(&s.metadata), s.clone()))
+            .collect();
+        (
+            diff(&mut self.services, services),
+            diff(&mut self.slices, slices),
+        )
+    }
+}
+
+/// The trigger times of `slices` newer than `after` (all when `None`).
+#[must_use]
+pub fn trigger_times(slices: &[EndpointSlice], after: Option<Timestamp>) -> Vec<Timestamp> {
+    slices
+        .iter()
+        .filter_map(|s| {
+            s.metadata
+                .annotations
+                .as_ref()?
+                .get(TRIGGER_TIME_ANNOTATION)
+        })
+        .filter_map(|v| v.parse::<Timestamp>().ok())
+        .filter(|t| after.is_none_or(|a| *t > a))
+        .collect()
+}
+
+/// Metrics and health, shared by the main loop and the HTTP servers.
+#[derive(Debug)]
+pub struct Telemetry {
+    pub metrics: Metrics,
+    health: Mutex<HealthState>,
+    tracker: Mutex<ChangeTracker>,
+    /// Trigger times of the slices of the last look newer than the last publish.
+    triggers: Mutex<Vec<Timestamp>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Telemetry {
+    /// See [`HealthState::new`].
+    #[must_use]
+    pub fn new(bound: Duration, beat_bound: Duration) -> Self {
+        Self {
+            metrics: Metrics::new(),
+            health: Mutex::new(HealthState::new(bound, beat_bound, Timestamp::now())),
+            tracker: Mutex::new(ChangeTracker::default()),
+            triggers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The source looked at `objects`: counts the changes and, with
+    /// `triggers`, notes the slices' trigger times newer than the last publish.
+    pub fn objects_seen(&self, objects: &Objects, triggers: bool) {
+        let (services, slices) = lock(&self.tracker).observe(objects);
+        self.metrics.service_changes.inc_by(services);
+        self.metrics.endpoint_changes.inc_by(slices);
+        if triggers {
+            let last = lock(&self.health).last_published;
+            *lock(&self.triggers) = trigger_times(&objects.slices, last);
+        }
+    }
+
+    /// A model that may differ from the published one is about to be published.
+    pub fn change_seen(&self) {
+        lock(&self.health).change_seen(Timestamp::now());
+    }
+
+    /// `generation` was published; building and publishing it took `took`.
+    pub fn published(&self, generation: u64, took: Duration) {
+        let now = Timestamp::now();
+        self.metrics.sync_duration.observe(took.as_secs_f64());
+        self.metrics
+            .last_sync
+            .set(now.as_millisecond() as f64 / 1e3);
+        self.metrics
+            .generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        for t in lock(&self.triggers).drain(..) {
+            let latency = now.duration_since(t).as_secs_f64();
+            if latency >= 0.0 {
+                self.metrics.programming_duration.observe(latency);
+            }
+        }
+        lock(&self.health).published(now);
+    }
+
+    /// The change did not change the tables.
+    pub fn unchanged(&self) {
+        lock(&self.health).unchanged();
+    }
+
+    /// A watch of the API source failed, recovered or expired.
+    pub fn watch(&self, event: WatchEvent) {
+        let now = Timestamp::now();
+        match event {
+            WatchEvent::Failed(kind) => {
+                self.metrics.watch_restarts.inc();
+                lock(&self.health).watch_failing(kind, true, now);
+            }
+            WatchEvent::Recovered(kind) => lock(&self.health).watch_failing(kind, false, now),
+            WatchEvent::Expired(_) => {
+                self.metrics.watch_restarts.inc();
+            }
+        }
+    }
+
+    /// The main loop is alive.
+    pub fn beat(&self) {
+        lock(&self.health).beat(Timestamp::now());
+    }
+
+    /// `/healthz` now.
+    pub fn healthz(&self) -> (u16, String) {
+        lock(&self.health).healthz(Timestamp::now())
+    }
+
+    /// `/livez` now.
+    pub fn livez(&self) -> (u16, String) {
+        lock(&self.health).livez(Timestamp::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+
+    use super::*;
+
+    fn slice(name: &str, trigger: Option<&str>) -> EndpointSlice {
+        let mut s = EndpointSlice::default();
+        s.metadata.namespace = Some("ns".into());
+        s.metadata.name = Some(name.into());
+        if let Some(t) = trigger {
+            s.metadata.annotations =
+                Some([(TRIGGER_TIME_ANNOTATION.to_owned(), t.to_owned())].into());
+        }
+        s
+    }
+
+    #[test]
+    fn changes_are_counted_per_object() {
+        let mut tracker = ChangeTracker::default();
+        let mut objects = Objects {
+            services: vec![Service::default()],
+            slices: vec![slice("a", None), slice("b", None)],
+            skipped: Vec::new(),
+        };
+        assert_eq!(tracker.observe(&objects), (1, 2));
+        assert_eq!(tracker.observe(&objects), (0, 0));
+        objects.slices[1] = slice("b", Some("2026-01-01T00:00:00Z"));
+        objects.slices.remove(0);
+        assert_eq!(tracker.observe(&objects), (0, 2));
+    }
+
+    #[test]
+    fn only_newer_trigger_times() {
+        let slices = [
+            slice("a", Some("2026-01-01T00:00:00Z")),
+            slice("b", Some("2026-01-01T00:00:10Z")),
+            slice("c", Some("not a time")),
+            slice("d", None),
+        ];
+        assert_eq!(trigger_times(&slices, None).len(), 2);
+        let after: Timestamp = "2026-01-01T00:00:05Z".parse().unwrap();
+        assert_eq!(
+            trigger_times(&slices, Some(after)),
+            vec!["2026-01-01T00:00:10Z".parse::<Timestamp>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn names_carry_the_prefix() {
+        let m = Metrics::new();
+        m.generation.set(3);
+        let text = m.encode();
+        for name in [
+            "clustergate_sync_proxy_rules_duration_seconds_count",
+            "clustergate_network_programming_duration_seconds_count",
+            "clustergate_service_changes_total",
+            "clustergate_endpoint_changes_total",
+            "clustergate_sync_proxy_rules_last_timestamp_seconds",
+            "clustergate_watch_restarts_total",
+            "clustergate_snapshot_generation 3",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+}

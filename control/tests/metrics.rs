@@ -1,0 +1,366 @@
+//! `clustergate-control run --manifest` serves `--metrics` and `--health` on
+//! loopback: the metric names, the generation gauge, the sync histogram and
+//! the change counters follow the publishes, and `/healthz` and `/livez`
+//! answer 200. With the API as the source (the test API server of
+//! `support/`): network programming latency from the slices' trigger times,
+//! watch restarts, and `/healthz` answering 503 while the API is unreachable.
+//! (The other 503 cases are unit tests of the health state, with a fake clock,
+//! in `src/health.rs`.)
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // reason: tests fail loudly on purpose
+
+#[allow(dead_code)] // reason: shared with kube_api.rs, which uses more of it
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clustergate_dataplane::snapshot;
+use serde_json::{json, Value};
+use support::apiserver::ApiServer;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Daemon {
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn manifest(endpoint_port: u16, addresses: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {{name: web, namespace: shop}}\n  spec:\n    clusterIP: 198.19.0.10\n    ports: [{{name: http, port: 80, protocol: TCP}}]\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: web-1\n    namespace: shop\n    labels: {{kubernetes.io/service-name: web}}\n  addressType: IPv4\n  ports: [{{name: http, port: {endpoint_port}, protocol: TCP}}]\n  endpoints:\n  - addresses: [{addresses}]\n"
+    )
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn wait_generation(dir: &Path, g: u64) {
+    let t = Instant::now();
+    while snapshot::read_current(dir).ok().flatten().unwrap_or(0) < g {
+        assert!(t.elapsed() < WAIT, "generation {g} never came");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A loopback port nothing listens on (bound, read, released).
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// GET `path` from `addr`: (status, body); retries the connection until the
+/// daemon listens.
+fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let t = Instant::now();
+    let mut stream = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(t.elapsed() < WAIT, "{addr} never listened: {e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("a complete response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, body.to_owned())
+}
+
+/// The value of the sample `name` (exact name, no labels) in `text`.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn metrics_and_health_follow_the_publishes() {
+    let dir = std::env::temp_dir().join(format!("clustergate-metrics-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let shm = dir.join("shm");
+    let path = dir.join("manifest.yaml");
+    write_atomically(&path, &manifest(8080, "198.18.1.1"));
+    let (metrics, health) = (free_port(), free_port());
+    let mut d = Daemon {
+        dir: dir.clone(),
+        child: None,
+    };
+    d.child = Some(
+        Command::new(env!("CARGO_BIN_EXE_clustergate-control"))
+            .arg("run")
+            .arg("--manifest")
+            .arg(&path)
+            .arg("--shm-dir")
+            .arg(&shm)
+            .arg("--poll-ms")
+            .arg("5")
+            .arg("--metrics")
+            .arg(metrics.to_string())
+            .arg("--health")
+            .arg(health.to_string())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_generation(&shm, 1);
+
+    let (status, text) = get(metrics, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    for name in [
+        "clustergate_sync_proxy_rules_duration_seconds",
+        "clustergate_network_programming_duration_seconds",
+        "clustergate_service_changes_total",
+        "clustergate_endpoint_changes_total",
+        "clustergate_sync_proxy_rules_last_timestamp_seconds",
+        "clustergate_watch_restarts_total",
+        "clustergate_snapshot_generation",
+    ] {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "{name} missing from\n{text}"
+        );
+    }
+    assert_eq!(sample(&text, "clustergate_snapshot_generation"), 1.0);
+    assert!(sample(&text, "clustergate_sync_proxy_rules_duration_seconds_count") >= 1.0);
+    assert!(sample(&text, "clustergate_sync_proxy_rules_last_timestamp_seconds") > 1.0e9);
+    let services = sample(&text, "clustergate_service_changes_total");
+    let slices = sample(&text, "clustergate_endpoint_changes_total");
+    assert_eq!((services, slices), (1.0, 1.0), "the first look adds both");
+
+    // Only the slice changes: generation 2, one more endpoint change.
+    write_atomically(&path, &manifest(9090, "198.18.1.1, 198.18.1.2"));
+    wait_generation(&shm, 2);
+    let (_, text) = get(metrics, "/metrics");
+    assert_eq!(sample(&text, "clustergate_snapshot_generation"), 2.0);
+    assert!(sample(&text, "clustergate_sync_proxy_rules_duration_seconds_count") >= 2.0);
+    assert_eq!(sample(&text, "clustergate_service_changes_total"), services);
+    assert_eq!(
+        sample(&text, "clustergate_endpoint_changes_total"),
+        slices + 1.0
+    );
+
+    let (status, body) = get(health, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["nodeEligible"], true, "{body}");
+    assert!(v["lastUpdated"].is_string(), "{body}");
+    assert!(v["currentTime"].is_string(), "{body}");
+    let (status, body) = get(health, "/livez");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(get(health, "/nothing").0, 404);
+    assert_eq!(get(metrics, "/healthz").0, 404);
+}
+
+/// An address given on the command line that cannot be bound is an error
+/// naming it.
+#[test]
+fn a_taken_address_is_refused_by_name() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = std::env::temp_dir().join(format!("clustergate-metrics-bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("manifest.yaml");
+    write_atomically(&path, &manifest(8080, "198.18.1.1"));
+    let out = Command::new(env!("CARGO_BIN_EXE_clustergate-control"))
+        .arg("run")
+        .arg("--manifest")
+        .arg(&path)
+        .arg("--shm-dir")
+        .arg(dir.join("shm"))
+        .arg("--metrics")
+        .arg(addr.to_string())
+        .arg("--health")
+        .arg(free_port().to_string())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(taken);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("--metrics {addr}")), "{err}");
+}
+
+fn api_service() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "shop"},
+        "spec": {"type": "ClusterIP", "clusterIP": "198.19.0.10", "clusterIPs": ["198.19.0.10"],
+                 "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+    })
+}
+
+/// The slice of `web`, its trigger time half a second ago.
+fn api_slice(addresses: &[&str]) -> Value {
+    let trigger = jiff::Timestamp::now() - jiff::SignedDuration::from_millis(500);
+    let endpoints: Vec<Value> = addresses
+        .iter()
+        .map(|a| json!({"addresses": [a], "conditions": {"ready": true, "serving": true, "terminating": false}}))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {
+            "name": "web-1", "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": "web"},
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": trigger.to_string()},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    })
+}
+
+/// Polls `GET path` (blocking, on a helper thread) until `pred` holds.
+async fn wait_get(
+    addr: SocketAddr,
+    path: &'static str,
+    pred: impl Fn(u16, &str) -> bool,
+) -> String {
+    let t = Instant::now();
+    loop {
+        let (status, body) = tokio::task::spawn_blocking(move || get(addr, path))
+            .await
+            .unwrap();
+        if pred(status, &body) {
+            return body;
+        }
+        assert!(
+            t.elapsed() < WAIT,
+            "{path} never as expected; last {status}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_source_metrics_and_unreachable_health() {
+    let mut server = ApiServer::start().await;
+    server.apply(api_service());
+    server.apply(api_slice(&["198.18.1.1"]));
+    let dir = std::env::temp_dir().join(format!("clustergate-metrics-api-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: \"{}\"}}\nusers:\n- name: test\n  user: {{}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: test}}\ncurrent-context: test\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let shm = dir.join("shm");
+    let (metrics, health) = (free_port(), free_port());
+    let mut d = Daemon {
+        dir: dir.clone(),
+        child: None,
+    };
+    d.child = Some(
+        Command::new(env!("CARGO_BIN_EXE_clustergate-control"))
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--shm-dir")
+            .arg(&shm)
+            .arg("--metrics")
+            .arg(metrics.to_string())
+            .arg("--health")
+            .arg(health.to_string())
+            .arg("--unpublished-bound-s")
+            .arg("1")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let waiting = shm.clone();
+    tokio::task::spawn_blocking(move || wait_generation(&waiting, 1))
+        .await
+        .unwrap();
+    let text = wait_get(metrics, "/metrics", |s, _| s == 200).await;
+    assert_eq!(sample(&text, "clustergate_snapshot_generation"), 1.0);
+    assert_eq!(
+        sample(
+            &text,
+            "clustergate_network_programming_duration_seconds_count"
+        ),
+        1.0
+    );
+    assert!(
+        sample(
+            &text,
+            "clustergate_network_programming_duration_seconds_sum"
+        ) >= 0.5
+    );
+    assert!(sample(&text, "clustergate_service_changes_total") >= 1.0);
+    assert!(sample(&text, "clustergate_endpoint_changes_total") >= 1.0);
+    assert_eq!(sample(&text, "clustergate_watch_restarts_total"), 0.0);
+    wait_get(health, "/healthz", |s, _| s == 200).await;
+
+    // The API goes away: after the bound, /healthz says so.
+    server.stop().await;
+    let body = wait_get(health, "/healthz", |s, _| s == 503).await;
+    assert!(body.contains("API unreachable since"), "{body}");
+    let text = wait_get(metrics, "/metrics", |s, _| s == 200).await;
+    assert!(
+        sample(&text, "clustergate_watch_restarts_total") >= 1.0,
+        "{text}"
+    );
+    assert_eq!(wait_get(health, "/livez", |_, _| true).await, "ok\n");
+
+    // It comes back with a change: published, measured, healthy again.
+    server.restart().await;
+    server.apply(api_slice(&["198.18.1.1", "198.18.1.2"]));
+    let waiting = shm.clone();
+    tokio::task::spawn_blocking(move || wait_generation(&waiting, 2))
+        .await
+        .unwrap();
+    wait_get(health, "/healthz", |s, _| s == 200).await;
+    let text = wait_get(metrics, "/metrics", |s, _| s == 200).await;
+    assert_eq!(sample(&text, "clustergate_snapshot_generation"), 2.0);
+    assert_eq!(
+        sample(
+            &text,
+            "clustergate_network_programming_duration_seconds_count"
+        ),
+        2.0
+    );
+}
