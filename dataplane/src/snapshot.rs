@@ -1107,12 +1107,15 @@ pub fn load_current(dir: &Path) -> Result<Option<Table>, SnapshotError> {
 /// Generations only grow: [`Writer::open`] continues after the highest
 /// generation found in the directory, and [`Writer::publish`] refuses a table
 /// whose generation is not above both the writer's last one and what
-/// `current` names on disk. One writer per directory.
+/// `current` names on disk. One writer per directory: [`Writer::open`] takes
+/// an exclusive lock on `.lock` in the directory, held until the writer is
+/// dropped (the kernel releases it if the process dies).
 #[derive(Debug)]
 pub struct Writer {
     dir: PathBuf,
     next_generation: u64,
     keep: usize,
+    _lock: File,
 }
 
 impl Writer {
@@ -1129,6 +1132,26 @@ impl Writer {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, SnapshotError> {
         let dir = dir.into();
         fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+        let lock_path = dir.join(".lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_error(&lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(SnapshotError::Io {
+                    path: lock_path,
+                    source: io::Error::new(
+                        io::ErrorKind::WouldBlock,
+                        "another writer (clustergate-control) publishes in this directory",
+                    ),
+                })
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_error(&lock_path)(e)),
+        }
         let mut highest = match read_current(&dir) {
             Ok(g) => g.unwrap_or(0),
             Err(e @ SnapshotError::BadPointer { .. }) => {
@@ -1151,6 +1174,7 @@ impl Writer {
             dir,
             next_generation: highest.saturating_add(1),
             keep: DEFAULT_KEEP,
+            _lock: lock,
         })
     }
 

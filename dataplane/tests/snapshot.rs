@@ -524,6 +524,7 @@ fn an_older_generation_is_refused() {
         Some(&1)
     );
     // And the writer will not publish below what `current` names.
+    drop(w);
     let mut w = Writer::open(dir.path()).unwrap();
     assert_eq!(w.next_generation(), 4, "continues after the highest file");
     let e = w.publish(&table(3)).unwrap_err();
@@ -675,6 +676,7 @@ fn writer_keeps_the_newest_two_and_continues_after_a_restart() {
         assert_same(&load_file(&path).unwrap(), &table(g));
     }
     let expected: BTreeSet<String> = [
+        ".lock".to_owned(),
         "current".to_owned(),
         "gen-00000000000000000002.snap".to_owned(),
         "gen-00000000000000000003.snap".to_owned(),
@@ -697,15 +699,24 @@ fn writer_keeps_the_newest_two_and_continues_after_a_restart() {
     let mut w = Writer::open(dir.path()).unwrap();
     assert_eq!(w.next_generation(), 4);
 
-    // A second writer that published meanwhile: the first may not go back.
-    let mut other = Writer::open(dir.path()).unwrap();
-    other.publish(&table(4)).unwrap();
+    // A second writer on the same directory is refused while this one lives.
+    let e = Writer::open(dir.path()).unwrap_err();
+    assert!(
+        e.to_string().contains(".lock"),
+        "the refusal names the lock: {e}"
+    );
+    assert!(e.to_string().contains("another writer"), "{e}");
+
+    // Something that ignored the lock published meanwhile (a pointer written
+    // by hand stands for it): this writer may not go back.
+    fs::write(dir.path().join(CURRENT), b"5\n").unwrap();
     assert_eq!(
         w.publish(&table(4)).unwrap_err().label(),
         "stale_generation"
     );
     w.publish(&table(6)).unwrap();
     assert_eq!(read_current(dir.path()).unwrap(), Some(6));
+    drop(w);
     assert_eq!(Writer::open(dir.path()).unwrap().next_generation(), 7);
 
     // Leftover temporary files of a writer that died are cleaned up on open.
@@ -716,7 +727,9 @@ fn writer_keeps_the_newest_two_and_continues_after_a_restart() {
     .unwrap();
     let w = Writer::open(dir.path()).unwrap();
     assert_eq!(w.next_generation(), 7);
-    assert!(names(dir.path()).iter().all(|n| !n.starts_with('.')));
+    assert!(names(dir.path())
+        .iter()
+        .all(|n| n == ".lock" || !n.starts_with('.')));
 }
 
 #[test]
