@@ -231,3 +231,111 @@ pub fn to_buf(frame: &[u8]) -> (Vec<u8>, usize) {
     b[..frame.len()].copy_from_slice(frame);
     (b, frame.len())
 }
+
+/// The Ethernet header of a frame from the client to the gateway.
+#[must_use]
+pub fn ethernet(ether_type: etherparse::EtherType) -> Vec<u8> {
+    etherparse::Ethernet2Header {
+        source: CLIENT_MAC,
+        destination: GATEWAY_MAC,
+        ether_type,
+    }
+    .to_bytes()
+    .to_vec()
+}
+
+fn v4(a: &Addr16) -> [u8; 4] {
+    [a[12], a[13], a[14], a[15]]
+}
+
+/// An IPv4 packet from the client with `data` as its payload and the given
+/// fragment fields (`(offset in 8-byte units, more fragments)`), e.g. one
+/// fragment of a datagram built with [`udp_datagram`].
+///
+/// # Panics
+/// When `data` is too long for one IPv4 packet or the offset is out of range
+/// (a fixture bug).
+#[must_use]
+pub fn ipv4_raw(
+    src: Addr16,
+    dst: Addr16,
+    proto: u8,
+    id: u16,
+    frag: (u16, bool),
+    data: &[u8],
+) -> Vec<u8> {
+    let mut h = etherparse::Ipv4Header::new(
+        u16::try_from(data.len()).expect("fixture fits"),
+        64,
+        etherparse::IpNumber(proto),
+        v4(&src),
+        v4(&dst),
+    )
+    .expect("fixture fits");
+    h.identification = id;
+    h.dont_fragment = false;
+    h.fragment_offset = etherparse::IpFragOffset::try_new(frag.0).expect("fragment offset");
+    h.more_fragments = frag.1;
+    h.header_checksum = h.calc_header_checksum();
+    let mut out = ethernet(etherparse::EtherType::IPV4);
+    h.write(&mut out).expect("fixture fits");
+    out.extend_from_slice(data);
+    out
+}
+
+/// An IPv6 fragment from the client: fixed header, fragment header
+/// (`(offset in 8-byte units, more fragments)`, identification `id`), `data`.
+///
+/// # Panics
+/// When `data` is too long for one IPv6 packet (a fixture bug).
+#[must_use]
+pub fn ipv6_fragment(
+    src: Addr16,
+    dst: Addr16,
+    proto: u8,
+    id: u32,
+    frag: (u16, bool),
+    data: &[u8],
+) -> Vec<u8> {
+    let h = etherparse::Ipv6Header {
+        payload_length: u16::try_from(8 + data.len()).expect("fixture fits"),
+        next_header: etherparse::ip_number::IPV6_FRAGMENTATION_HEADER,
+        hop_limit: 64,
+        source: src,
+        destination: dst,
+        ..Default::default()
+    };
+    let mut out = ethernet(etherparse::EtherType::IPV6);
+    h.write(&mut out).expect("fixture fits");
+    out.push(proto);
+    out.push(0);
+    out.extend_from_slice(&((frag.0 << 3) | u16::from(frag.1)).to_be_bytes());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// A UDP datagram (header and a `len - 8`-byte patterned payload) with its
+/// checksum computed over the whole of it, for splitting into fragments.
+///
+/// # Panics
+/// When `len < 8` or does not fit a UDP length (a fixture bug).
+#[must_use]
+pub fn udp_datagram(src: Addr16, dst: Addr16, sport: u16, dport: u16, len: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..len - 8).map(|i| (i * 7 % 251) as u8).collect();
+    let mut h = etherparse::UdpHeader {
+        source_port: sport,
+        destination_port: dport,
+        length: u16::try_from(len).expect("fixture fits"),
+        checksum: 0,
+    };
+    h.checksum = if ip_from16(src).is_ipv4() {
+        h.calc_checksum_ipv4_raw(v4(&src), v4(&dst), &payload)
+    } else {
+        h.calc_checksum_ipv6_raw(src, dst, &payload)
+    }
+    .expect("fixture fits");
+    let mut out = h.to_bytes().to_vec();
+    out.extend_from_slice(&payload);
+    out
+}

@@ -27,13 +27,14 @@ use clustergate_dataplane::packet::checksum::sctp_crc32c;
 use clustergate_dataplane::pipeline::{DropReason, Verdict, Worker};
 use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
 use clustergate_dataplane::testkit::{
-    client_frame, frame, icmp_error, L4Spec, Tcp, BUF_LEN, CLIENT_MAC, GATEWAY_MAC,
+    client_frame, ethernet, frame, icmp_error, ipv4_raw, ipv6_fragment, udp_datagram, L4Spec, Tcp,
+    BUF_LEN, CLIENT_MAC, GATEWAY_MAC,
 };
 use clustergate_dataplane::time::Now;
 use etherparse::{
-    ip_number, EtherType, Ethernet2Header, Icmpv4Header, Icmpv6Header, IpFragOffset, IpHeaders,
-    IpNumber, Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6Header, Ipv6RawExtHeader, NetSlice,
-    PacketBuilder, SlicedPacket, TransportSlice, UdpHeader,
+    ip_number, EtherType, Icmpv4Header, Icmpv6Header, IpHeaders, IpNumber, Ipv4Header, Ipv4Options,
+    Ipv6Extensions, Ipv6Header, Ipv6RawExtHeader, NetSlice, PacketBuilder, SlicedPacket,
+    TransportSlice,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -133,82 +134,6 @@ fn fx_after(name: &'static str, setup: Vec<Vec<u8>>, frame: Vec<u8>) -> Fixture 
 
 fn syn() -> L4Spec {
     L4Spec::Tcp(Tcp::syn(1000))
-}
-
-fn ethernet(ether_type: EtherType) -> Vec<u8> {
-    Ethernet2Header {
-        source: CLIENT_MAC,
-        destination: GATEWAY_MAC,
-        ether_type,
-    }
-    .to_bytes()
-    .to_vec()
-}
-
-fn ipv4_raw(
-    src: Addr16,
-    dst: Addr16,
-    proto: u8,
-    id: u16,
-    frag: (u16, bool),
-    data: &[u8],
-) -> Vec<u8> {
-    let mut h =
-        Ipv4Header::new(data.len() as u16, 64, IpNumber(proto), v4(&src), v4(&dst)).unwrap();
-    h.identification = id;
-    h.dont_fragment = false;
-    h.fragment_offset = IpFragOffset::try_new(frag.0).unwrap();
-    h.more_fragments = frag.1;
-    h.header_checksum = h.calc_header_checksum();
-    let mut out = ethernet(EtherType::IPV4);
-    h.write(&mut out).unwrap();
-    out.extend_from_slice(data);
-    out
-}
-
-fn ipv6_fragment(
-    src: Addr16,
-    dst: Addr16,
-    proto: u8,
-    id: u32,
-    frag: (u16, bool),
-    data: &[u8],
-) -> Vec<u8> {
-    let h = Ipv6Header {
-        payload_length: (8 + data.len()) as u16,
-        next_header: ip_number::IPV6_FRAGMENTATION_HEADER,
-        hop_limit: 64,
-        source: src,
-        destination: dst,
-        ..Default::default()
-    };
-    let mut out = ethernet(EtherType::IPV6);
-    h.write(&mut out).unwrap();
-    out.push(proto);
-    out.push(0);
-    out.extend_from_slice(&((frag.0 << 3) | u16::from(frag.1)).to_be_bytes());
-    out.extend_from_slice(&id.to_be_bytes());
-    out.extend_from_slice(data);
-    out
-}
-
-fn udp_datagram(src: Addr16, dst: Addr16, sport: u16, dport: u16, len: usize) -> Vec<u8> {
-    let payload: Vec<u8> = (0..len - 8).map(|i| (i * 13 % 251) as u8).collect();
-    let mut h = UdpHeader {
-        source_port: sport,
-        destination_port: dport,
-        length: len as u16,
-        checksum: 0,
-    };
-    h.checksum = if ip_from16(src).is_ipv4() {
-        h.calc_checksum_ipv4_raw(v4(&src), v4(&dst), &payload)
-            .unwrap()
-    } else {
-        h.calc_checksum_ipv6_raw(src, dst, &payload).unwrap()
-    };
-    let mut out = h.to_bytes().to_vec();
-    out.extend_from_slice(&payload);
-    out
 }
 
 fn fixtures() -> &'static [Fixture] {
