@@ -61,7 +61,7 @@ use crate::table::{BackendRecord, FrontendRecord, Table, TableError, FRONTEND_AF
 pub const MAGIC: [u8; 8] = *b"CGSNAP\0\0";
 /// The layout version. Any change to the layout, the checksum or the flow hash
 /// bumps it; readers refuse every other version.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 /// Flow-hash function identifier: XXH3-64 (xxHash 0.8), as defined in
 /// `docs/architecture.md`, "Flow hash (ABI)". The only one known.
 pub const HASH_XXH3_64: u32 = 1;
@@ -71,8 +71,8 @@ pub const HEADER_LEN: usize = 128;
 pub const FRONTEND_RECORD_LEN: usize = 48;
 /// Size of one [`BackendRecord`] in the file.
 pub const BACKEND_RECORD_LEN: usize = 24;
-/// Size of one ring slot (`u32`) in the file.
-pub const RING_SLOT_LEN: usize = 4;
+/// Size of one ring slot (`u16`) in the file.
+pub const RING_SLOT_LEN: usize = 2;
 /// Every section starts at a multiple of this many bytes from the file start.
 pub const SECTION_ALIGN: u64 = 8;
 /// Largest snapshot file a reader maps (4 GiB).
@@ -180,7 +180,7 @@ const _: () = {
     assert!(offset_of!(BackendRecord, reserved) == 19);
     assert!(offset_of!(BackendRecord, weight) == 20);
 
-    assert!(size_of::<u32>() == RING_SLOT_LEN);
+    assert!(size_of::<u16>() == RING_SLOT_LEN);
     // Sections laid out back to back stay aligned.
     assert!((HEADER_LEN as u64).is_multiple_of(SECTION_ALIGN));
     assert!((FRONTEND_RECORD_LEN as u64).is_multiple_of(SECTION_ALIGN));
@@ -939,9 +939,9 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
         }
         backends.push(b);
     }
-    let ring: Vec<u32> = rs
+    let ring: Vec<u16> = rs
         .chunks_exact(RING_SLOT_LEN)
-        .map(|c| get_u32(c, 0))
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
         .collect();
     Ok(Table::from_parts(
         h.generation,
@@ -1532,16 +1532,16 @@ mod tests {
         let t = small();
         let b = encode(&t);
         assert_eq!(&b[0..8], b"CGSNAP\0\0");
-        assert_eq!(b[8..12], 1u32.to_le_bytes());
+        assert_eq!(b[8..12], 2u32.to_le_bytes());
         assert_eq!(b[12..16], 128u32.to_le_bytes());
         assert_eq!(b[16..24], 7u64.to_le_bytes());
         assert_eq!(b[24..32], 0x1122_3344_5566_7788u64.to_le_bytes());
         assert_eq!(b[32..36], 1u32.to_le_bytes());
         assert_eq!(b[36..40], 48u32.to_le_bytes());
         assert_eq!(b[40..44], 24u32.to_le_bytes());
-        assert_eq!(b[44..48], 4u32.to_le_bytes());
+        assert_eq!(b[44..48], 2u32.to_le_bytes());
         let ring = t.ring_slots().len() as u64;
-        let len = 128 + 48 + 24 + 4 * ring;
+        let len = 128 + 48 + 24 + RING_SLOT_LEN as u64 * ring;
         assert_eq!(b.len() as u64, len);
         assert_eq!(b[48..56], len.to_le_bytes());
         assert_eq!(b[56..64], xxh3_64(&b[128..]).to_le_bytes());
@@ -1646,7 +1646,7 @@ mod tests {
         v[8] = 3;
         assert_eq!(
             decode(&v).unwrap_err().to_string(),
-            "ABI version 3, expected 1"
+            "ABI version 3, expected 2"
         );
         let mut v = b.clone();
         let last = v.len() - 1;

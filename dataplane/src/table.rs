@@ -1,7 +1,7 @@
 //! The service table: frontends, backends and Maglev rings, immutable once built.
 //!
 //! Owns: [`Table`] and its flat records ([`FrontendRecord`], [`BackendRecord`],
-//! ring slots as `u32`). The records are `#[repr(C)]` plain integers, so the
+//! ring slots as `u16`, a backend index within the frontend). The records are `#[repr(C)]` plain integers, so the
 //! shared-memory snapshot can hold exactly these arrays; [`Table::from_parts`]
 //! validates every length and index before a table is used, whoever built it.
 //! [`Table::build`] makes a table from a plain Rust description ([`ServiceSpec`]),
@@ -17,6 +17,9 @@ use thiserror::Error;
 
 use crate::flow::{addr16, client_hash, flow_hash, Addr16, FlowTuple, Proto};
 use crate::maglev::{build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE};
+
+/// Backends one frontend can have: ring slots are two-byte indices.
+pub const MAX_BACKENDS_PER_FRONTEND: usize = 1 << 16;
 
 /// Frontend flag: ClientIP session affinity is on.
 pub const FRONTEND_AFFINITY: u32 = 1;
@@ -198,7 +201,7 @@ pub struct Table {
     hash_seed: u64,
     frontends: Vec<FrontendRecord>,
     backends: Vec<BackendRecord>,
-    ring: Vec<u32>,
+    ring: Vec<u16>,
     index: HashTable<IndexSlot>,
     index_seed: u64,
 }
@@ -290,6 +293,15 @@ impl Table {
                     weight: b.weight,
                 });
             }
+            if s.backends.len() > MAX_BACKENDS_PER_FRONTEND {
+                return Err(TableError::BadFrontend {
+                    index: frontends.len(),
+                    what: format!(
+                        "{name}: {} backends, at most {MAX_BACKENDS_PER_FRONTEND} per frontend",
+                        s.backends.len()
+                    ),
+                });
+            }
             let ring_start = ring.len() as u32;
             let mut ring_len = 0;
             if mb.iter().any(|b| b.weight > 0) {
@@ -299,7 +311,8 @@ impl Table {
                     source,
                 })?;
                 ring_len = slots.len() as u32;
-                ring.extend_from_slice(&slots);
+                // Slots are two bytes: a frontend has at most 65 536 backends.
+                ring.extend(slots.iter().map(|&b| b as u16));
             }
             frontends.push(FrontendRecord {
                 addr: addr16(s.addr),
@@ -332,7 +345,7 @@ impl Table {
         hash_seed: u64,
         frontends: Vec<FrontendRecord>,
         backends: Vec<BackendRecord>,
-        ring: Vec<u32>,
+        ring: Vec<u16>,
     ) -> Result<Self, TableError> {
         let bad = |index: usize, what: String| TableError::BadFrontend { index, what };
         let index_seed = (generation ^ 0x5851_f42d_4c95_7f2d) | 1 << 63;
@@ -369,7 +382,7 @@ impl Table {
                 return Err(bad(i, "a ring without backends".to_owned()));
             }
             let ring_slice = &ring[f.ring_start as usize..r_end as usize];
-            if let Some(s) = ring_slice.iter().find(|&&s| s >= f.backends_len) {
+            if let Some(s) = ring_slice.iter().find(|&&s| u32::from(s) >= f.backends_len) {
                 return Err(bad(
                     i,
                     format!("ring slot names backend {s} of {}", f.backends_len),
@@ -450,7 +463,7 @@ impl Table {
 
     /// All ring slots.
     #[must_use]
-    pub fn ring_slots(&self) -> &[u32] {
+    pub fn ring_slots(&self) -> &[u16] {
         &self.ring
     }
 
@@ -506,7 +519,7 @@ impl Table {
     pub fn prefetch_pick(&self, f: &FrontendRecord, t: &FlowTuple) {
         if let Some(slot) = self.slot_of(f, t) {
             if let Some(r) = self.ring.get(slot) {
-                crate::prefetch::prefetch(r as *const u32 as usize);
+                crate::prefetch::prefetch(r as *const u16 as usize);
             }
         }
     }

@@ -193,7 +193,7 @@ fn assert_consistent(t: &Table) {
         assert!(b_end <= backends.len() && r_end <= ring.len());
         assert!(ring[f.ring_start as usize..r_end]
             .iter()
-            .all(|&s| s < f.backends_len));
+            .all(|&s| u32::from(s) < f.backends_len));
         for tu in tuples_for(t, i).iter().take(20) {
             let picked = t.pick(f, tu);
             assert_eq!(picked.is_some(), f.ring_len > 0);
@@ -272,7 +272,9 @@ fn bad_cases() -> Vec<BadCase> {
     b[0] = b'X';
     v.push(case("bad magic", "bad_magic", b));
 
-    let b = with_header(good.clone(), |h| h.abi_version = 2);
+    let b = with_header(good.clone(), |h| {
+        h.abi_version = clustergate_dataplane::snapshot::ABI_VERSION + 1;
+    });
     v.push(case("foreign ABI version", "abi_version", b));
 
     v.push(case("empty file", "truncated", Vec::new()));
@@ -317,8 +319,10 @@ fn bad_cases() -> Vec<BadCase> {
     v.push(case("overlapping sections", "section_overlap", b));
 
     let mut b = with_header(good.clone(), |h| {
+        // Shifted by 4 bytes and shortened by as much, so it stays inside
+        // the body: only its alignment is wrong.
         h.ring_off += 4;
-        h.ring_count -= 1;
+        h.ring_count -= (4 / clustergate_dataplane::snapshot::RING_SLOT_LEN) as u64;
     });
     seal(&mut b);
     v.push(case("misaligned ring", "section_alignment", b));
@@ -333,7 +337,7 @@ fn bad_cases() -> Vec<BadCase> {
 
     let mut b = good.clone();
     let ring = h.ring_off as usize;
-    b[ring..ring + 4].copy_from_slice(&99u32.to_le_bytes());
+    b[ring..ring + 2].copy_from_slice(&99u16.to_le_bytes());
     seal(&mut b);
     v.push(case(
         "ring slot naming backend 99 (valid checksum)",
@@ -634,7 +638,7 @@ fn workers_never_see_a_mix_of_generations() {
                         let end = f.ring_start as usize + f.ring_len as usize;
                         assert!(t.ring_slots()[f.ring_start as usize..end]
                             .iter()
-                            .all(|&s| s < f.backends_len));
+                            .all(|&s| u32::from(s) < f.backends_len));
                     }
                     loads += 1;
                 }
@@ -806,7 +810,7 @@ fn error_messages_say_what_failed() {
     let msg = |b: &[u8]| decode(b).unwrap_err().to_string();
     assert_eq!(msg(&good[..10]), "truncated: 10 bytes, header needs 128");
     let b = with_header(good.clone(), |h| h.abi_version = 3);
-    assert_eq!(msg(&b), "ABI version 3, expected 1");
+    assert_eq!(msg(&b), "ABI version 3, expected 2");
     let mut b = with_header(good.clone(), |h| h.frontends_count = 100);
     seal(&mut b);
     assert_eq!(
