@@ -687,41 +687,73 @@ pub fn nat_ipv4(
     addr: [u8; 4],
     port: u16,
 ) -> Result<u8, RewriteError> {
-    let csum_at = match csum {
-        L4Csum::Tcp | L4Csum::Udp => offset(l4, csum.field_offset().unwrap_or(0))?,
-        _ => return Err(RewriteError::NoPorts),
-    };
-    let ip_end = offset(l3, 20)?;
-    let l4_end = offset(csum_at, 2)?.max(offset(l4, 4)?);
-    if ip_end > frame.len() || l4_end > frame.len() {
-        return Err(RewriteError::OutOfBounds);
-    }
+    let csum_at = nat_bounds(frame, l3, 20, l4, csum, L4Csum::Udp)?;
     let ttl = frame[l3 + IPV4_TTL];
     if ttl == 0 {
         return Err(RewriteError::TtlExpired);
     }
-    let (addr_at, port_at) = match side {
-        NatSide::Dst => (l3 + IPV4_DST, l4 + L4_DST_PORT),
-        NatSide::Src => (l3 + IPV4_SRC, l4 + L4_SRC_PORT),
+    let addr_at = match side {
+        NatSide::Dst => l3 + IPV4_DST,
+        NatSide::Src => l3 + IPV4_SRC,
     };
-    let mut old_addr = [0u8; 4];
-    old_addr.copy_from_slice(&frame[addr_at..addr_at + 4]);
-    let old_port = [frame[port_at], frame[port_at + 1]];
-    let new_port = port.to_be_bytes();
     // The address changes both checksums; the port only the transport's; the
     // TTL (high byte of the word it shares with the protocol) only the header's.
-    let mut l4_sum = 0u32;
-    add_change(&mut l4_sum, &old_addr, &addr);
-    let mut ip_sum = l4_sum;
-    add_change(&mut l4_sum, &old_port, &new_port);
+    let (mut ip_sum, l4_sum) = nat_rewrite(frame, addr_at, l4, side, &addr, port);
     let proto = frame[l3 + IPV4_TTL + 1];
     add_change(&mut ip_sum, &[ttl, proto], &[ttl - 1, proto]);
-    frame[addr_at..addr_at + 4].copy_from_slice(&addr);
-    frame[port_at..port_at + 2].copy_from_slice(&new_port);
     frame[l3 + IPV4_TTL] = ttl - 1;
     apply_sum(frame, l3 + IPV4_CSUM, ip_sum, L4Csum::Tcp);
     apply_sum(frame, csum_at, l4_sum, csum);
     Ok(ttl - 1)
+}
+
+/// Checks, before anything is written, that a one-pass NAT's fields lie in
+/// the frame: the IP header (`ip_len` bytes at `l3`), the ports and the
+/// transport checksum. `udp` is the UDP kind of the family. Returns the
+/// checksum's offset.
+fn nat_bounds(
+    frame: &[u8],
+    l3: usize,
+    ip_len: usize,
+    l4: usize,
+    csum: L4Csum,
+    udp: L4Csum,
+) -> Result<usize, RewriteError> {
+    if csum != L4Csum::Tcp && csum != udp {
+        return Err(RewriteError::NoPorts);
+    }
+    let csum_at = offset(l4, csum.field_offset().unwrap_or(0))?;
+    let ip_end = offset(l3, ip_len)?;
+    let l4_end = offset(csum_at, 2)?.max(offset(l4, 4)?);
+    if ip_end > frame.len() || l4_end > frame.len() {
+        return Err(RewriteError::OutOfBounds);
+    }
+    Ok(csum_at)
+}
+
+/// Writes the address at `addr_at` and the port on `side`, and returns the
+/// RFC 1624 change terms: (the address alone, the address and the port).
+/// Bounds were checked by [`nat_bounds`].
+fn nat_rewrite<const N: usize>(
+    frame: &mut [u8],
+    addr_at: usize,
+    l4: usize,
+    side: NatSide,
+    addr: &[u8; N],
+    port: u16,
+) -> (u32, u32) {
+    let port_at = match side {
+        NatSide::Dst => l4 + L4_DST_PORT,
+        NatSide::Src => l4 + L4_SRC_PORT,
+    };
+    let new_port = port.to_be_bytes();
+    let mut addr_sum = 0u32;
+    add_change(&mut addr_sum, &frame[addr_at..addr_at + N], addr);
+    let mut both = addr_sum;
+    add_change(&mut both, &frame[port_at..port_at + 2], &new_port);
+    frame[addr_at..addr_at + N].copy_from_slice(addr);
+    frame[port_at..port_at + 2].copy_from_slice(&new_port);
+    (addr_sum, both)
 }
 
 /// One-pass NAT of an IPv6 TCP or UDP packet: as [`nat_ipv4`], with the hop
@@ -739,32 +771,16 @@ pub fn nat_ipv6(
     addr: &[u8; 16],
     port: u16,
 ) -> Result<u8, RewriteError> {
-    let csum_at = match csum {
-        L4Csum::Tcp | L4Csum::Udp6 => offset(l4, csum.field_offset().unwrap_or(0))?,
-        _ => return Err(RewriteError::NoPorts),
-    };
-    let ip_end = offset(l3, 40)?;
-    let l4_end = offset(csum_at, 2)?.max(offset(l4, 4)?);
-    if ip_end > frame.len() || l4_end > frame.len() {
-        return Err(RewriteError::OutOfBounds);
-    }
+    let csum_at = nat_bounds(frame, l3, 40, l4, csum, L4Csum::Udp6)?;
     let hops = frame[l3 + IPV6_HOP_LIMIT];
     if hops == 0 {
         return Err(RewriteError::TtlExpired);
     }
-    let (addr_at, port_at) = match side {
-        NatSide::Dst => (l3 + IPV6_DST, l4 + L4_DST_PORT),
-        NatSide::Src => (l3 + IPV6_SRC, l4 + L4_SRC_PORT),
+    let addr_at = match side {
+        NatSide::Dst => l3 + IPV6_DST,
+        NatSide::Src => l3 + IPV6_SRC,
     };
-    let mut old_addr = [0u8; 16];
-    old_addr.copy_from_slice(&frame[addr_at..addr_at + 16]);
-    let old_port = [frame[port_at], frame[port_at + 1]];
-    let new_port = port.to_be_bytes();
-    let mut l4_sum = 0u32;
-    add_change(&mut l4_sum, &old_addr, addr);
-    add_change(&mut l4_sum, &old_port, &new_port);
-    frame[addr_at..addr_at + 16].copy_from_slice(addr);
-    frame[port_at..port_at + 2].copy_from_slice(&new_port);
+    let (_, l4_sum) = nat_rewrite(frame, addr_at, l4, side, addr, port);
     frame[l3 + IPV6_HOP_LIMIT] = hops - 1;
     apply_sum(frame, csum_at, l4_sum, csum);
     Ok(hops - 1)
