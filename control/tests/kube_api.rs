@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: tests fail loudly on purpose
 
+#[allow(dead_code)] // reason: shared with the other tests, which use other parts
 mod support;
 
 use std::ops::ControlFlow;

@@ -14,49 +14,19 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clustergate_dataplane::snapshot;
 use serde_json::{json, Value};
 use support::apiserver::ApiServer;
+use support::daemon::{wait_generation, write_atomically, Daemon};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-struct Daemon {
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn manifest(endpoint_port: u16, addresses: &str) -> String {
     format!(
         "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {{name: web, namespace: shop}}\n  spec:\n    clusterIP: 198.19.0.10\n    ports: [{{name: http, port: 80, protocol: TCP}}]\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: web-1\n    namespace: shop\n    labels: {{kubernetes.io/service-name: web}}\n  addressType: IPv4\n  ports: [{{name: http, port: {endpoint_port}, protocol: TCP}}]\n  endpoints:\n  - addresses: [{addresses}]\n"
     )
-}
-
-fn write_atomically(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-fn wait_generation(dir: &Path, g: u64) {
-    let t = Instant::now();
-    while snapshot::read_current(dir).ok().flatten().unwrap_or(0) < g {
-        assert!(t.elapsed() < WAIT, "generation {g} never came");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A loopback port nothing listens on (bound, read, released).

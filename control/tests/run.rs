@@ -4,49 +4,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: tests fail loudly on purpose
 
+#[allow(dead_code)] // reason: shared with the other tests, which use more of it
+mod support;
+
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use clustergate_dataplane::snapshot;
-
-struct Daemon {
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use support::daemon::{wait_generation, write_atomically, Daemon};
 
 fn service(endpoint_port: u16, extra_comment: &str) -> String {
     format!(
         "# {extra_comment}\napiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {{name: web, namespace: shop}}\n  spec:\n    clusterIP: 198.19.0.10\n    ports: [{{name: http, port: 80, protocol: TCP}}]\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: web-1\n    namespace: shop\n    labels: {{kubernetes.io/service-name: web}}\n  addressType: IPv4\n  ports: [{{name: http, port: {endpoint_port}, protocol: TCP}}]\n  endpoints:\n  - addresses: [198.18.1.1]\n"
     )
-}
-
-fn write_atomically(path: &Path, text: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-fn wait_generation(dir: &Path, g: u64) {
-    let t = Instant::now();
-    while snapshot::read_current(dir).ok().flatten().unwrap_or(0) < g {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "generation {g} never came"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]

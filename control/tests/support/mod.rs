@@ -1,3 +1,4 @@
-//! Shared test support for the API source tests.
+//! Shared test support: the scripted API server and daemon helpers.
 
 pub mod apiserver;
+pub mod daemon;
