@@ -3,7 +3,8 @@
 # nothing is fetched when everything is already there.
 set -euo pipefail
 
-packages=(clang llvm libelf-dev zlib1g-dev m4 pkg-config iproute2 nftables ethtool)
+# libpcap-dev: libxdp-sys (under xsk-rs) builds xdp-tools, whose configure requires it.
+packages=(clang llvm libelf-dev zlib1g-dev m4 pkg-config iproute2 nftables ethtool libpcap-dev)
 
 missing=()
 for p in "${packages[@]}"; do

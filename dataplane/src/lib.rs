@@ -14,11 +14,14 @@
 //!   indexes rings).
 //! - [`conntrack`]: the shared connection and affinity tables.
 //! - [`pipeline`]: `process(now, frame) -> Verdict`, per-core counters.
+//! - [`io`]: the gateway's I/O layer (AF_XDP, the XDP steering program,
+//!   netlink next hops). The only module that makes syscalls.
 //! - [`testkit`]: frame fixtures built with etherparse, shared by tests and benches.
 
 pub mod cli;
 pub mod conntrack;
 pub mod flow;
+pub mod io;
 pub mod maglev;
 pub mod packet;
 pub mod pipeline;

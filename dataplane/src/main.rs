@@ -6,10 +6,11 @@
 //! - `replay`: every packet of a pcap through the real pipeline, with a
 //!   snapshot written by `clustergate-control`;
 //! - `watch`: follow the published snapshots in a directory, as the gateway's
-//!   workers will, and report each generation applied or refused.
-//!
-//! The AF_XDP gateway (`run`) comes with a later issue.
+//!   workers will, and report each generation applied or refused;
+//! - `run`: the AF_XDP gateway (see [`gateway`]).
 
+mod gateway;
+mod gateway_http;
 mod replay;
 
 use std::fs::File;
@@ -42,6 +43,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the AF_XDP gateway on one or two interfaces.
+    Run(gateway::RunArgs),
     /// Run every packet of a pcap through the pipeline with a snapshot's table.
     Replay {
         /// Snapshot file (from `clustergate-control build`, or a `gen-*.snap`).
@@ -98,6 +101,7 @@ fn real_main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Run(args) => gateway::run(args),
         Command::Demo { flows, workers } => demo(flows, usize::from(workers)),
         Command::Replay {
             snapshot,

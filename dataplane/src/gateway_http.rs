@@ -1,0 +1,471 @@
+//! The gateway's `--metrics` address: Prometheus text at `/metrics`
+//! (prometheus-client), `/healthz` and `/livez` like kube-proxy's.
+//!
+//! Owns: a small blocking HTTP/1.1 responder on a thread of its own (GET and
+//! HEAD, one request per connection) and the metric families, built afresh
+//! from the workers' published counters at each scrape. Never on the packet
+//! path: workers hand their counters over every 50 ms.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use clustergate_dataplane::conntrack::Conntrack;
+use clustergate_dataplane::io::nexthop::Unresolved;
+use clustergate_dataplane::io::steer::SteerStats;
+use clustergate_dataplane::io::worker::WorkerStats;
+use clustergate_dataplane::pipeline::{DropReason, VerdictKind};
+use clustergate_dataplane::snapshot::SnapshotStats;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// What the management loop publishes for the endpoints.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// Last time round the management loop.
+    pub beat: Option<Instant>,
+    /// Table generation applied.
+    pub generation: u64,
+    /// When it was applied.
+    pub applied_at: Option<SystemTime>,
+    /// Snapshot counters.
+    pub snapshots: SnapshotStats,
+    /// The steering program's counters.
+    pub steer: SteerStats,
+    /// Set when a worker faulted.
+    pub fault: Option<String>,
+}
+
+/// What the endpoints read.
+#[derive(Debug)]
+pub struct Server {
+    /// `proxy_name` label.
+    pub proxy_name: String,
+    /// The management loop's status.
+    pub status: Arc<Mutex<Status>>,
+    /// (core, counters) per worker.
+    pub workers: Vec<(usize, Arc<Mutex<WorkerStats>>)>,
+    /// The connection table.
+    pub conntrack: Arc<Conntrack>,
+}
+
+/// A heartbeat older than this makes `/livez` and `/healthz` answer 503.
+const STALE: Duration = Duration::from_secs(2);
+
+/// Binds `addr` and serves it on a thread of its own.
+pub fn spawn(addr: SocketAddr, server: Server) -> Result<()> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("cannot bind {addr}"))?;
+    std::thread::Builder::new()
+        .name("cg-http".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = answer(conn, &server);
+            }
+        })
+        .context("spawning the HTTP thread")?;
+    Ok(())
+}
+
+fn answer(mut conn: TcpStream, server: &Server) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    while len < buf.len() {
+        let n = conn.read(&mut buf[len..])?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..len]);
+    let mut words = head.split_whitespace();
+    let method = words.next().unwrap_or("");
+    let path = words.next().unwrap_or("");
+    let (status, ctype, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics") => (
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics(server),
+        ),
+        ("GET" | "HEAD", "/healthz") => {
+            let (s, b) = healthz(server);
+            (s, "application/json", b)
+        }
+        ("GET" | "HEAD", "/livez") => {
+            let (s, b) = livez(server);
+            (s, "text/plain; charset=utf-8", b)
+        }
+        ("GET" | "HEAD", _) => (404, "text/plain; charset=utf-8", "not found\n".into()),
+        _ => (405, "text/plain; charset=utf-8", "GET or HEAD only\n".into()),
+    };
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Service Unavailable",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if method != "HEAD" {
+        out.push_str(&body);
+    }
+    conn.write_all(out.as_bytes())
+}
+
+/// Why the gateway is not healthy, if it is not.
+fn unhealthy(server: &Server, now: Instant) -> Option<String> {
+    let st = server.status.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(f) = &st.fault {
+        return Some(f.clone());
+    }
+    match st.beat {
+        Some(b) if now.saturating_duration_since(b) <= STALE => {}
+        _ => return Some("management loop stalled".into()),
+    }
+    for (core, w) in &server.workers {
+        let w = w.lock().unwrap_or_else(PoisonError::into_inner);
+        if w.stopped {
+            return Some(format!("worker on core {core} stopped"));
+        }
+        match w.beat {
+            Some(b) if now.saturating_duration_since(b) <= STALE => {}
+            Some(b) => {
+                return Some(format!(
+                    "worker on core {core}: no heartbeat for {:.1} s",
+                    now.saturating_duration_since(b).as_secs_f64()
+                ))
+            }
+            None => return Some(format!("worker on core {core} has not started polling")),
+        }
+    }
+    None
+}
+
+fn livez(server: &Server) -> (u16, String) {
+    match unhealthy(server, Instant::now()) {
+        None => (200, "ok\n".into()),
+        Some(why) => (503, format!("{why}\n")),
+    }
+}
+
+/// kube-proxy's `/healthz` body shape: lastUpdated, currentTime, plus our
+/// generation and, when unhealthy, the reason.
+fn healthz(server: &Server) -> (u16, String) {
+    let now = Instant::now();
+    let mut why = unhealthy(server, now);
+    let (generation, applied) = {
+        let st = server.status.lock().unwrap_or_else(PoisonError::into_inner);
+        (st.generation, st.applied_at)
+    };
+    if why.is_none() && generation == 0 {
+        why = Some("no table snapshot applied yet".into());
+    }
+    let ts = |t: SystemTime| {
+        jiff::Timestamp::try_from(t)
+            .map(|t| t.to_string())
+            .unwrap_or_default()
+    };
+    let body = serde_json::json!({
+        "lastUpdated": applied.map(ts).unwrap_or_default(),
+        "currentTime": ts(SystemTime::now()),
+        "generation": generation,
+        "reason": why.clone().unwrap_or_default(),
+    });
+    (if why.is_some() { 503 } else { 200 }, format!("{body}\n"))
+}
+
+type Labels = Vec<(String, String)>;
+
+fn counter_family(
+    reg: &mut Registry,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (Labels, u64)>,
+) {
+    let fam = Family::<Labels, Counter>::default();
+    for (l, v) in values {
+        fam.get_or_create(&l).inc_by(v);
+    }
+    reg.register(name, help, fam);
+}
+
+fn gauge_family(
+    reg: &mut Registry,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (Labels, i64)>,
+) {
+    let fam = Family::<Labels, Gauge>::default();
+    for (l, v) in values {
+        fam.get_or_create(&l).set(v);
+    }
+    reg.register(name, help, fam);
+}
+
+fn l(pairs: &[(&str, String)]) -> Labels {
+    pairs.iter().map(|(k, v)| ((*k).to_string(), v.clone())).collect()
+}
+
+/// The metrics, in the text exposition format.
+fn metrics(server: &Server) -> String {
+    let mut reg = Registry::with_prefix_and_labels(
+        "clustergate",
+        [(
+            std::borrow::Cow::Borrowed("proxy_name"),
+            std::borrow::Cow::Owned(server.proxy_name.clone()),
+        )]
+        .into_iter(),
+    );
+    let workers: Vec<(String, WorkerStats)> = server
+        .workers
+        .iter()
+        .map(|(c, w)| {
+            (
+                c.to_string(),
+                w.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+            )
+        })
+        .collect();
+
+    let mut packets = Vec::new();
+    let mut bytes = Vec::new();
+    let mut drops = Vec::new();
+    for (core, w) in &workers {
+        for k in VerdictKind::ALL {
+            let labels = l(&[("worker", core.clone()), ("verdict", k.label().into())]);
+            packets.push((labels.clone(), w.pipeline.packets[k as usize]));
+            bytes.push((labels, w.pipeline.bytes[k as usize]));
+        }
+        for r in DropReason::ALL {
+            drops.push((
+                l(&[("worker", core.clone()), ("reason", r.label().into())]),
+                w.pipeline.dropped(*r),
+            ));
+        }
+        for u in Unresolved::ALL {
+            drops.push((
+                l(&[
+                    ("worker", core.clone()),
+                    ("reason", format!("next_hop_{}", u.label())),
+                ]),
+                w.io.unresolved[u as usize],
+            ));
+        }
+        drops.push((
+            l(&[("worker", core.clone()), ("reason", "tx_ring_full".into())]),
+            w.io.tx_ring_full,
+        ));
+        drops.push((
+            l(&[
+                ("worker", core.clone()),
+                ("reason", "pass_unavailable".into()),
+            ]),
+            w.io.pass_unavailable,
+        ));
+    }
+    counter_family(
+        &mut reg,
+        "packets",
+        "Frames per worker and verdict of the packet core",
+        packets,
+    );
+    counter_family(
+        &mut reg,
+        "bytes",
+        "Bytes (frame length as received) per worker and verdict",
+        bytes,
+    );
+    counter_family(
+        &mut reg,
+        "drops",
+        "Frames dropped, per worker and reason (the core's reasons, next-hop failures, full TX rings)",
+        drops,
+    );
+    counter_family(
+        &mut reg,
+        "xsk_rx_packets",
+        "Frames taken off the AF_XDP RX rings, per worker",
+        workers
+            .iter()
+            .map(|(c, w)| (l(&[("worker", c.clone())]), w.io.rx_packets)),
+    );
+    counter_family(
+        &mut reg,
+        "xsk_tx_packets",
+        "Frames put on the AF_XDP TX rings, per worker",
+        workers
+            .iter()
+            .map(|(c, w)| (l(&[("worker", c.clone())]), w.io.tx_packets)),
+    );
+    counter_family(
+        &mut reg,
+        "next_hop_requests_dropped",
+        "Neighbour resolution requests that did not fit the resolver's queue",
+        workers
+            .iter()
+            .map(|(c, w)| (l(&[("worker", c.clone())]), w.io.trigger_dropped)),
+    );
+    let ring = |f: fn(&clustergate_dataplane::io::xsk::RingStats) -> u64| {
+        workers
+            .iter()
+            .flat_map(|(c, w)| {
+                w.ports.iter().map(move |p| {
+                    (
+                        l(&[
+                            ("worker", c.clone()),
+                            ("interface", p.ifname.clone()),
+                            ("queue", p.queue.to_string()),
+                        ]),
+                        f(&p.rings),
+                    )
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    counter_family(
+        &mut reg,
+        "xsk_rx_dropped",
+        "Frames the kernel dropped before the RX ring (XDP_STATISTICS rx_dropped)",
+        ring(|r| r.rx_dropped),
+    );
+    counter_family(
+        &mut reg,
+        "xsk_rx_ring_full",
+        "Frames dropped because the RX ring was full",
+        ring(|r| r.rx_ring_full),
+    );
+    counter_family(
+        &mut reg,
+        "xsk_fill_ring_empty",
+        "Times the kernel found the fill ring empty",
+        ring(|r| r.rx_fill_ring_empty),
+    );
+    counter_family(
+        &mut reg,
+        "xsk_tx_ring_empty",
+        "Times the kernel found the TX ring empty",
+        ring(|r| r.tx_ring_empty),
+    );
+    counter_family(
+        &mut reg,
+        "xsk_invalid_descs",
+        "Invalid RX and TX descriptors",
+        ring(|r| r.rx_invalid_descs + r.tx_invalid_descs),
+    );
+    gauge_family(
+        &mut reg,
+        "xsk_socket_info",
+        "One per AF_XDP socket: its interface, queue, worker and bind mode",
+        workers.iter().flat_map(|(c, w)| {
+            w.ports.iter().map(move |p| {
+                (
+                    l(&[
+                        ("worker", c.clone()),
+                        ("interface", p.ifname.clone()),
+                        ("queue", p.queue.to_string()),
+                        ("mode", p.mode.label().into()),
+                    ]),
+                    1,
+                )
+            })
+        }),
+    );
+
+    let ct = server.conntrack.stats();
+    let one = |v: u64| vec![(Labels::new(), v)];
+    gauge_family(
+        &mut reg,
+        "conntrack_entries",
+        "Flows in the connection table",
+        vec![(Labels::new(), ct.entries as i64)],
+    );
+    counter_family(
+        &mut reg,
+        "conntrack_inserts",
+        "Flows inserted into the connection table",
+        one(ct.inserts),
+    );
+    counter_family(
+        &mut reg,
+        "conntrack_evictions",
+        "Entries evicted under pressure, by whether they were established",
+        vec![
+            (l(&[("established", "false".into())]), ct.evicted_unestablished),
+            (l(&[("established", "true".into())]), ct.evicted_established),
+        ],
+    );
+    counter_family(
+        &mut reg,
+        "conntrack_expired",
+        "Entries removed because their timeout passed",
+        one(ct.expired),
+    );
+    counter_family(
+        &mut reg,
+        "conntrack_refused",
+        "New flows refused because the table was full of live entries",
+        one(ct.refused),
+    );
+
+    let st = server.status.lock().unwrap_or_else(PoisonError::into_inner);
+    gauge_family(
+        &mut reg,
+        "snapshot_generation",
+        "Generation of the table snapshot the workers use",
+        vec![(Labels::new(), st.generation as i64)],
+    );
+    gauge_family(
+        &mut reg,
+        "snapshot_applied_timestamp_seconds",
+        "Unix time the current snapshot was applied",
+        vec![(
+            Labels::new(),
+            st.applied_at
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs() as i64),
+        )],
+    );
+    counter_family(
+        &mut reg,
+        "snapshots_applied",
+        "Snapshots validated and applied",
+        one(st.snapshots.applied),
+    );
+    counter_family(
+        &mut reg,
+        "snapshots_refused",
+        "Snapshots refused, by fault",
+        st.snapshots
+            .refused_by_fault
+            .iter()
+            .map(|(f, n)| (l(&[("fault", (*f).to_string())]), *n)),
+    );
+    counter_family(
+        &mut reg,
+        "xdp_steered",
+        "Frames seen by the XDP steering program, by outcome",
+        vec![
+            (l(&[("outcome", "redirected".into())]), st.steer.redirected),
+            (l(&[("outcome", "passed".into())]), st.steer.passed),
+            (l(&[("outcome", "malformed".into())]), st.steer.malformed),
+        ],
+    );
+    drop(st);
+
+    let mut out = String::new();
+    if let Err(e) = encode(&mut out, &reg) {
+        out = format!("# encoding failed: {e}\n");
+    }
+    out
+}

@@ -1,0 +1,1526 @@
+//! Next-hop resolution for the frames the AF_XDP workers transmit: which
+//! interface a destination leaves through, and which Ethernet addresses the
+//! frame carries (the interface's own as source, the next hop's as
+//! destination).
+//!
+//! Owns: the `NETLINK_ROUTE` socket ([`Resolver`], one management thread),
+//! the immutable [`NextHops`] view it builds from the kernel's main routing
+//! table, its neighbour (ARP/NDP) table and the served interfaces' MACs, and
+//! the *managed* neighbour entries it asks the kernel to keep resolved for
+//! the service backends ([`Resolver::keep_resolved`]).
+//!
+//! Must never: make a syscall or allocate in [`NextHops::resolve`] (it runs
+//! per packet on the workers); shell out to `ip`; resolve anything itself (no
+//! ARP/NDP of its own: the kernel resolves, this module reads the result);
+//! touch neighbour entries it did not create, and above all never overwrite
+//! a permanent or NOARP entry (a `NLM_F_REPLACE` or `NTF_USE` request on one
+//! turns it into a dynamic entry that has lost its address — checked on
+//! kernel 6.18).
+//!
+//! What the kernel wants for a managed entry (checked with `iproute2` and raw
+//! requests on 6.18): `RTM_NEWNEIGH` with `NLM_F_CREATE | NLM_F_REPLACE`,
+//! `ndm_state = NUD_NONE` (a `NUD_PERMANENT` state with `NTF_EXT_MANAGED` is
+//! `EINVAL`), `ndm_flags = 0`, `NDA_DST` and `NDA_FLAGS_EXT = NTF_EXT_MANAGED`,
+//! no lladdr. The kernel then probes at once and keeps re-probing (the entry
+//! stays `managed` through `FAILED`). Replacing a dynamic entry this way keeps
+//! its lladdr and state. An `NTF_USE` request clears the managed flag of an
+//! existing entry, so [`Resolver::trigger`] leaves managed entries alone. The
+//! entries this module creates carry `NDA_PROTOCOL` [`NEIGHBOUR_PROTOCOL`]
+//! (`ip -d neigh` shows `proto 203`).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use foldhash::fast::FixedState;
+use hashbrown::HashMap;
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
+    NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_REQUEST,
+};
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourMessage,
+    NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteNextHopFlags,
+    RouteProtocol, RouteType, RouteVia,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+use crate::flow::{addr16, ip_from16, Addr16};
+
+/// `NDA_PROTOCOL` of the managed neighbour entries this module creates
+/// (`ip -d neigh` shows `proto 203`). An entry that is managed and carries it
+/// is clustergate's: a new [`Resolver`] adopts such entries (left by a
+/// predecessor that crashed) and removes them once they are no longer wanted.
+pub const NEIGHBOUR_PROTOCOL: u8 = 203;
+
+/// The kernel's local routing table (`local`).
+const RT_TABLE_LOCAL: u32 = 255;
+/// How often a dump the kernel marked `NLM_F_DUMP_INTR` is retried.
+const DUMP_ATTEMPTS: usize = 4;
+/// Receive buffer: the kernel fills dump datagrams up to 32 KiB.
+const RECV_BUF: usize = 64 * 1024;
+/// Neighbour states whose lladdr can be used.
+const NUD_USABLE: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
+/// Neighbour states an administrator set (never touched).
+const NUD_STATIC: u16 = 0x40 | 0x80;
+
+const NLMSG_HDR_LEN: usize = 16;
+const NLMSG_NOOP: u16 = 1;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLMSG_OVERRUN: u16 = 4;
+/// `NLM_F_CAPPED` on an error message: the request was not echoed whole.
+const NLM_F_CAPPED: u16 = 0x100;
+/// `NLM_F_ACK_TLVS` on an error message: extended-ack attributes follow.
+const NLM_F_ACK_TLVS: u16 = 0x200;
+/// `NLMSGERR_ATTR_MSG`: the kernel's error text.
+const NLMSGERR_ATTR_MSG: u16 = 1;
+const ENOENT: i32 = 2;
+const ENODEV: i32 = 19;
+
+/// One resolved next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hop {
+    /// Egress interface.
+    pub ifindex: u32,
+    /// The egress interface's own MAC (the frame's source).
+    pub src_mac: [u8; 6],
+    /// The next hop's MAC (the frame's destination).
+    pub dst_mac: [u8; 6],
+}
+
+/// Why a destination could not be resolved (each is counted by the caller as
+/// a drop reason).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unresolved {
+    /// No route for the destination (or a blackhole/unreachable/prohibit/throw route).
+    NoRoute,
+    /// The route leaves through an interface the gateway does not serve.
+    OtherInterface,
+    /// Route found, but no usable neighbour entry (incomplete/failed/absent) yet.
+    NoNeighbour,
+}
+
+impl Unresolved {
+    /// Every reason, in label order.
+    pub const ALL: [Unresolved; 3] = [
+        Unresolved::NoRoute,
+        Unresolved::OtherInterface,
+        Unresolved::NoNeighbour,
+    ];
+
+    /// Metric label.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Unresolved::NoRoute => "no_route",
+            Unresolved::OtherInterface => "other_interface",
+            Unresolved::NoNeighbour => "no_neighbour",
+        }
+    }
+}
+
+impl fmt::Display for Unresolved {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// A route as the kernel reported it (or as a test wrote it), input of
+/// [`NextHops::from_parts`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteEntry {
+    /// Destination network (IPv4 or IPv6; the family picks the table).
+    pub dst: IpAddr,
+    /// Prefix length (at most 32 for IPv4, 128 for IPv6; longer ones are ignored).
+    pub prefix_len: u8,
+    /// Route priority (`metric`); among equal prefixes the lowest wins.
+    pub metric: u32,
+    /// Where matching packets go.
+    pub target: RouteTarget,
+}
+
+/// Where a route sends packets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteTarget {
+    /// Blackhole, unreachable, prohibit or throw: [`Unresolved::NoRoute`].
+    Reject,
+    /// One next hop, or several (ECMP: the destination address picks one).
+    /// Empty means no live next hop: [`Unresolved::NoRoute`].
+    Via(Vec<Gateway>),
+}
+
+/// One next hop of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gateway {
+    /// Egress interface (0 when the kernel did not say, which no gateway serves).
+    pub ifindex: u32,
+    /// The router to send to; `None` when the destination is directly connected.
+    pub via: Option<IpAddr>,
+}
+
+/// A neighbour entry as the kernel reported it, input of
+/// [`NextHops::from_parts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NeighbourEntry {
+    /// Interface the entry belongs to.
+    pub ifindex: u32,
+    /// The neighbour's IP address.
+    pub addr: IpAddr,
+    /// NUD state; usable: reachable, stale, delay, probe, permanent, noarp.
+    pub state: NeighbourState,
+    /// Its link-layer address, when it has a 6-byte one.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// One prefix of the route tables, in the IPv4-mapped 16-byte form as a
+/// `u128` so that both families share one scan.
+#[derive(Debug, Clone, Copy)]
+struct Prefix {
+    net: u128,
+    mask: u128,
+    /// First next hop in `Routes::hops`.
+    first: u32,
+    /// Number of next hops; 0 is a reject route.
+    count: u32,
+}
+
+/// A route's next hop, in the form the scan wants.
+#[derive(Debug, Clone, Copy)]
+struct NextHop {
+    ifindex: u32,
+    via: Option<Addr16>,
+}
+
+/// The route part of a [`NextHops`], kept by the [`Resolver`] for
+/// [`Resolver::trigger`].
+#[derive(Debug, Clone, Default)]
+struct Routes {
+    /// IPv4 prefixes, longest first, then lowest metric.
+    v4: Vec<Prefix>,
+    /// IPv6 prefixes, longest first, then lowest metric.
+    v6: Vec<Prefix>,
+    hops: Vec<NextHop>,
+    /// Served interfaces and their MACs.
+    served: Vec<(u32, [u8; 6])>,
+}
+
+impl Routes {
+    fn build(served: &[(u32, [u8; 6])], routes: &[RouteEntry]) -> Self {
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        let mut hops = Vec::new();
+        for r in routes {
+            let (bits, table) = match r.dst {
+                IpAddr::V4(_) if r.prefix_len <= 32 => (96 + u32::from(r.prefix_len), &mut v4),
+                IpAddr::V6(_) if r.prefix_len <= 128 => (u32::from(r.prefix_len), &mut v6),
+                _ => continue,
+            };
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            let first = hops.len() as u32;
+            let count = match &r.target {
+                RouteTarget::Reject => 0,
+                RouteTarget::Via(gws) if gws.is_empty() => 0,
+                RouteTarget::Via(gws) => {
+                    hops.extend(gws.iter().map(|g| NextHop {
+                        ifindex: g.ifindex,
+                        via: g.via.map(addr16),
+                    }));
+                    gws.len() as u32
+                }
+            };
+            let net = u128::from_be_bytes(addr16(r.dst)) & mask;
+            table.push((
+                bits,
+                r.metric,
+                Prefix {
+                    net,
+                    mask,
+                    first,
+                    count,
+                },
+            ));
+        }
+        let finish = |mut t: Vec<(u32, u32, Prefix)>| {
+            // Stable: among equal (length, metric) the kernel's order wins.
+            t.sort_by_key(|&(bits, metric, _)| (std::cmp::Reverse(bits), metric));
+            t.into_iter().map(|(_, _, p)| p).collect::<Vec<_>>()
+        };
+        Routes {
+            v4: finish(v4),
+            v6: finish(v6),
+            hops,
+            served: served.to_vec(),
+        }
+    }
+
+    /// Longest-prefix match: the egress interface's slot in `served` and the
+    /// next-hop address.
+    #[inline]
+    fn next_hop(&self, dst: &Addr16) -> Result<(usize, u32, Addr16), Unresolved> {
+        let a = u128::from_be_bytes(*dst);
+        let table = if is_v4_mapped(dst) {
+            &self.v4
+        } else {
+            &self.v6
+        };
+        let p = table
+            .iter()
+            .find(|p| a & p.mask == p.net)
+            .ok_or(Unresolved::NoRoute)?;
+        let pick = match p.count {
+            0 => return Err(Unresolved::NoRoute),
+            1 => 0,
+            n => {
+                let x = (a ^ (a >> 64)) as u64;
+                ((x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) % u64::from(n)) as usize
+            }
+        };
+        let hop = self
+            .hops
+            .get(p.first as usize + pick)
+            .ok_or(Unresolved::NoRoute)?;
+        let slot = self
+            .served
+            .iter()
+            .position(|&(i, _)| i == hop.ifindex)
+            .ok_or(Unresolved::OtherInterface)?;
+        Ok((slot, hop.ifindex, hop.via.unwrap_or(*dst)))
+    }
+
+    fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+}
+
+#[inline]
+fn is_v4_mapped(a: &Addr16) -> bool {
+    a[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+}
+
+fn usable(state: NeighbourState) -> bool {
+    u16::from(state) & NUD_USABLE != 0
+}
+
+/// An immutable view of routes + neighbours + interface MACs, rebuilt by the
+/// [`Resolver`] and shared with workers (they hold it in an `Arc`, swapped
+/// with arc-swap).
+#[derive(Debug, Default)]
+pub struct NextHops {
+    routes: Routes,
+    /// Usable neighbours: (ifindex, address) → MAC.
+    neighbours: HashMap<(u32, Addr16), [u8; 6], FixedState>,
+}
+
+impl NextHops {
+    /// A view that resolves nothing ([`Unresolved::NoRoute`] for every address).
+    #[must_use]
+    pub fn empty() -> Self {
+        Self::default()
+    }
+
+    /// Builds a view from routes and neighbours as the kernel lists them
+    /// (tests, replay and simulations make them by hand). `served`: the
+    /// interfaces the gateway transmits on, with their MACs. Routes with an
+    /// impossible prefix length and neighbours in unusable states or without
+    /// a 6-byte lladdr are left out.
+    #[must_use]
+    pub fn from_parts(
+        served: &[(u32, [u8; 6])],
+        routes: &[RouteEntry],
+        neighbours: &[NeighbourEntry],
+    ) -> Self {
+        let mut map = HashMap::with_capacity_and_hasher(neighbours.len(), FixedState::default());
+        for n in neighbours {
+            if let (true, Some(mac)) = (usable(n.state), n.mac) {
+                map.insert((n.ifindex, addr16(n.addr)), mac);
+            }
+        }
+        NextHops {
+            routes: Routes::build(served, routes),
+            neighbours: map,
+        }
+    }
+
+    /// Longest-prefix match over the main routing table (IPv4 and IPv6), then
+    /// the neighbour entry of the next-hop address on that interface. No
+    /// allocation, no syscall.
+    #[inline]
+    pub fn resolve(&self, dst: &Addr16) -> Result<Hop, Unresolved> {
+        let (slot, ifindex, next) = self.routes.next_hop(dst)?;
+        let dst_mac = *self
+            .neighbours
+            .get(&(ifindex, next))
+            .ok_or(Unresolved::NoNeighbour)?;
+        let src_mac = self.routes.served[slot].1;
+        Ok(Hop {
+            ifindex,
+            src_mac,
+            dst_mac,
+        })
+    }
+
+    /// Number of routes (both families, reject routes included).
+    #[must_use]
+    pub fn routes(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Number of usable neighbour entries.
+    #[must_use]
+    pub fn neighbours(&self) -> usize {
+        self.neighbours.len()
+    }
+}
+
+/// What went wrong talking to the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum NextHopError {
+    /// The `NETLINK_ROUTE` socket could not be opened or set up.
+    #[error("opening a NETLINK_ROUTE socket failed: {source}")]
+    Socket {
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The kernel refused a request, or the socket failed during it.
+    #[error("netlink {op} failed: {source}{detail}")]
+    Netlink {
+        /// What was asked, with its input.
+        op: String,
+        /// The errno.
+        source: io::Error,
+        /// The kernel's extended-ack text, as `" (kernel: …)"`, or empty.
+        detail: String,
+    },
+    /// A reply could not be decoded.
+    #[error("netlink {op}: cannot decode the kernel's reply: {source}")]
+    Decode {
+        /// What was asked.
+        op: String,
+        /// The decoder's complaint.
+        source: netlink_packet_core::DecodeError,
+    },
+    /// The kernel kept interrupting a dump (the table changed during it).
+    #[error("netlink {op}: interrupted by table changes {attempts} times in a row")]
+    DumpInterrupted {
+        /// What was dumped.
+        op: String,
+        /// How often it was tried.
+        attempts: usize,
+    },
+    /// [`ifindex_by_name`]: no such interface.
+    #[error("interface {name}: not found")]
+    InterfaceNotFound {
+        /// The name asked for.
+        name: String,
+    },
+    /// A served interface is gone.
+    #[error("served interface ifindex {ifindex}: not found")]
+    ServedInterfaceGone {
+        /// Its index.
+        ifindex: u32,
+    },
+    /// A served interface has no 6-byte link-layer address.
+    #[error("served interface ifindex {ifindex}: has no Ethernet address")]
+    NotEthernet {
+        /// Its index.
+        ifindex: u32,
+    },
+    /// [`Resolver::trigger`]: the address has no usable route.
+    #[error("cannot resolve {addr}: {reason}")]
+    Unroutable {
+        /// The address.
+        addr: IpAddr,
+        /// Why (never [`Unresolved::NoNeighbour`]).
+        reason: Unresolved,
+    },
+}
+
+/// A neighbour entry with what [`Resolver::keep_resolved`] needs to know.
+#[derive(Debug, Clone, Copy)]
+struct NeighbourInfo {
+    entry: NeighbourEntry,
+    managed: bool,
+    protocol: u8,
+}
+
+impl NeighbourInfo {
+    fn is_static(&self) -> bool {
+        u16::from(self.entry.state) & NUD_STATIC != 0
+    }
+}
+
+/// The synchronous netlink request/response loop.
+#[derive(Debug)]
+struct Netlink {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+/// Why a request ended without its answer.
+enum Failure {
+    Errno(i32, String),
+    Io(io::Error),
+    Decode(netlink_packet_core::DecodeError),
+    Interrupted,
+}
+
+impl Netlink {
+    fn open() -> Result<Self, NextHopError> {
+        let setup = || -> io::Result<Socket> {
+            let mut socket = Socket::new(NETLINK_ROUTE)?;
+            socket.bind_auto()?;
+            socket.connect(&SocketAddr::new(0, 0))?;
+            // Best effort: errors are still reported without these.
+            let _ = socket.set_ext_ack(true);
+            let _ = socket.set_cap_ack(true);
+            Ok(socket)
+        };
+        let socket = setup().map_err(|source| NextHopError::Socket { source })?;
+        Ok(Netlink {
+            socket,
+            seq: 0,
+            buf: vec![0; RECV_BUF],
+        })
+    }
+
+    /// Sends `msg` and collects the kernel's messages until the dump's
+    /// `NLMSG_DONE` or the request's ack. Retries interrupted dumps.
+    fn request(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        op: &dyn Fn() -> String,
+    ) -> Result<Vec<RouteNetlinkMessage>, NextHopError> {
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let flags = NLM_F_REQUEST | flags | if dump { 0 } else { NLM_F_ACK };
+        for _ in 0..DUMP_ATTEMPTS {
+            match self.once(&msg, flags, dump, op) {
+                Ok(out) => return Ok(out),
+                Err(Failure::Interrupted) => continue,
+                Err(Failure::Errno(errno, text)) => {
+                    return Err(NextHopError::Netlink {
+                        op: op(),
+                        source: io::Error::from_raw_os_error(errno),
+                        detail: if text.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (kernel: {text})")
+                        },
+                    })
+                }
+                Err(Failure::Io(source)) => {
+                    return Err(NextHopError::Netlink {
+                        op: op(),
+                        source,
+                        detail: String::new(),
+                    })
+                }
+                Err(Failure::Decode(source)) => {
+                    return Err(NextHopError::Decode { op: op(), source })
+                }
+            }
+        }
+        Err(NextHopError::DumpInterrupted {
+            op: op(),
+            attempts: DUMP_ATTEMPTS,
+        })
+    }
+
+    fn once(
+        &mut self,
+        msg: &RouteNetlinkMessage,
+        flags: u16,
+        dump: bool,
+        op: &dyn Fn() -> String,
+    ) -> Result<Vec<RouteNetlinkMessage>, Failure> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg.clone()));
+        packet.finalize();
+        let mut out = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut out);
+        self.socket.send(&out, 0).map_err(Failure::Io)?;
+
+        let mut replies = Vec::new();
+        let mut interrupted = false;
+        let mut skipped = 0usize;
+        loop {
+            let n = loop {
+                match self.socket.recv(&mut &mut self.buf[..], 0) {
+                    Ok(n) => break n.min(self.buf.len()),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Failure::Io(e)),
+                }
+            };
+            let data = &self.buf[..n];
+            let mut off = 0;
+            while let Some(hdr) = data.get(off..off + NLMSG_HDR_LEN) {
+                let len = ne_u32(hdr, 0) as usize;
+                let ty = ne_u16(hdr, 4);
+                let fl = ne_u16(hdr, 6);
+                let mseq = ne_u32(hdr, 8);
+                let Some(whole) = data.get(off..off + len).filter(|_| len >= NLMSG_HDR_LEN) else {
+                    return Err(Failure::Decode(
+                        format!("netlink message of length {len} at offset {off} of {n}").into(),
+                    ));
+                };
+                off += (len + 3) & !3;
+                if mseq != seq {
+                    continue; // left over from an earlier request that failed half-way
+                }
+                if fl & NLM_F_DUMP_INTR != 0 {
+                    interrupted = true;
+                }
+                let payload = &whole[NLMSG_HDR_LEN..];
+                match ty {
+                    NLMSG_NOOP => {}
+                    NLMSG_DONE => {
+                        let code = payload.get(..4).map_or(0, |b| ne_u32(b, 0) as i32);
+                        if code < 0 {
+                            let text = ext_ack_text(payload.get(4..).unwrap_or_default());
+                            return Err(Failure::Errno(-code, text));
+                        }
+                        if skipped > 0 {
+                            tracing::warn!(op = %op(), skipped, "netlink dump: left out messages that could not be decoded");
+                        }
+                        return if interrupted {
+                            Err(Failure::Interrupted)
+                        } else {
+                            Ok(replies)
+                        };
+                    }
+                    NLMSG_ERROR => {
+                        let code = payload
+                            .get(..4)
+                            .map_or(-libc_eproto(), |b| ne_u32(b, 0) as i32);
+                        if code == 0 {
+                            return Ok(replies);
+                        }
+                        let text = if fl & NLM_F_ACK_TLVS != 0 {
+                            error_ext_ack(payload.get(4..).unwrap_or_default(), fl)
+                        } else {
+                            String::new()
+                        };
+                        return Err(Failure::Errno(code.saturating_neg(), text));
+                    }
+                    NLMSG_OVERRUN => {
+                        return Err(Failure::Decode("netlink overrun".into()));
+                    }
+                    _ => match NetlinkMessage::<RouteNetlinkMessage>::deserialize(whole) {
+                        Ok(m) => {
+                            if let NetlinkPayload::InnerMessage(inner) = m.payload {
+                                replies.push(inner);
+                            }
+                        }
+                        Err(e) if dump => {
+                            if skipped == 0 {
+                                tracing::debug!(op = %op(), error = %e, "netlink dump: undecodable message");
+                            }
+                            skipped += 1;
+                        }
+                        Err(e) => return Err(Failure::Decode(e)),
+                    },
+                }
+            }
+        }
+    }
+}
+
+const fn libc_eproto() -> i32 {
+    71
+}
+
+fn ne_u16(b: &[u8], at: usize) -> u16 {
+    b.get(at..at + 2)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u16::from_ne_bytes)
+}
+
+fn ne_u32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .and_then(|s| s.try_into().ok())
+        .map_or(0, u32::from_ne_bytes)
+}
+
+/// The extended-ack text of an `NLMSG_ERROR` (after its code): skip the
+/// echoed request (its header only when capped), then read the attributes.
+fn error_ext_ack(after_code: &[u8], flags: u16) -> String {
+    let echoed = if flags & NLM_F_CAPPED != 0 {
+        NLMSG_HDR_LEN
+    } else {
+        ne_u32(after_code, 0) as usize
+    };
+    ext_ack_text(after_code.get((echoed + 3) & !3..).unwrap_or_default())
+}
+
+/// `NLMSGERR_ATTR_MSG` among netlink attributes, or empty.
+fn ext_ack_text(mut attrs: &[u8]) -> String {
+    while attrs.len() >= 4 {
+        let len = usize::from(ne_u16(attrs, 0));
+        let ty = ne_u16(attrs, 2) & 0x3fff;
+        if len < 4 || len > attrs.len() {
+            break;
+        }
+        if ty == NLMSGERR_ATTR_MSG {
+            let text = &attrs[4..len];
+            let text = text.split(|&b| b == 0).next().unwrap_or_default();
+            return String::from_utf8_lossy(text).into_owned();
+        }
+        attrs = attrs.get((len + 3) & !3..).unwrap_or_default();
+    }
+    String::new()
+}
+
+fn family_of(addr: IpAddr) -> AddressFamily {
+    match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+fn via_ip(attrs: &[RouteAttribute]) -> Option<IpAddr> {
+    attrs.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(g) => route_ip(g),
+        RouteAttribute::Via(RouteVia::Inet(v4)) => Some(IpAddr::V4(*v4)),
+        RouteAttribute::Via(RouteVia::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    })
+}
+
+/// A kernel route as a [`RouteEntry`], or `None` when it is not one
+/// [`NextHops`] keeps: other tables, other families, cached clones,
+/// source-specific routes, local/broadcast/multicast/anycast types, and
+/// routes whose every next hop is dead (the kernel skips those too).
+fn parse_route(m: &RouteMessage) -> Option<RouteEntry> {
+    let h = &m.header;
+    let zero = match h.address_family {
+        AddressFamily::Inet => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    let table = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(h.table));
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) && table != RT_TABLE_LOCAL {
+        return None;
+    }
+    if h.flags.contains(RouteFlags::Cloned) || h.source_prefix_length != 0 {
+        return None;
+    }
+    let target = match h.kind {
+        RouteType::Unicast => {
+            let multipath = m.attributes.iter().find_map(|a| match a {
+                RouteAttribute::MultiPath(hops) => Some(hops),
+                _ => None,
+            });
+            let gws: Vec<Gateway> = match multipath {
+                Some(hops) => hops
+                    .iter()
+                    .filter(|nh| !nh.flags.contains(RouteNextHopFlags::Dead))
+                    .map(|nh| Gateway {
+                        ifindex: nh.interface_index,
+                        via: via_ip(&nh.attributes),
+                    })
+                    .collect(),
+                None if h.flags.contains(RouteFlags::Dead) => Vec::new(),
+                None => vec![Gateway {
+                    ifindex: m
+                        .attributes
+                        .iter()
+                        .find_map(|a| match a {
+                            RouteAttribute::Oif(i) => Some(*i),
+                            _ => None,
+                        })
+                        .unwrap_or(0),
+                    via: via_ip(&m.attributes),
+                }],
+            };
+            if gws.is_empty() {
+                return None;
+            }
+            RouteTarget::Via(gws)
+        }
+        RouteType::BlackHole | RouteType::Unreachable | RouteType::Prohibit | RouteType::Throw => {
+            RouteTarget::Reject
+        }
+        _ => return None,
+    };
+    let dst = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(d) => route_ip(d),
+            _ => None,
+        })
+        .unwrap_or(zero);
+    if family_of(dst) != h.address_family {
+        return None;
+    }
+    let metric = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0);
+    Some(RouteEntry {
+        dst,
+        prefix_len: h.destination_prefix_length,
+        metric,
+        target,
+    })
+}
+
+fn parse_neighbour(m: &NeighbourMessage) -> Option<NeighbourInfo> {
+    let h = &m.header;
+    if h.flags.contains(NeighbourFlags::Proxy) {
+        return None;
+    }
+    let mut addr = None;
+    let mut mac = None;
+    let mut managed = false;
+    let mut protocol = 0;
+    for a in &m.attributes {
+        match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                addr = Some(IpAddr::V4(*v4));
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                addr = Some(IpAddr::V6(*v6));
+            }
+            NeighbourAttribute::LinkLayerAddress(ll) => mac = <[u8; 6]>::try_from(&ll[..]).ok(),
+            NeighbourAttribute::ExtFlags(f) => managed = f.contains(NeighbourExtFlags::Managed),
+            NeighbourAttribute::Protocol(p) => protocol = u8::from(*p),
+            _ => {}
+        }
+    }
+    Some(NeighbourInfo {
+        entry: NeighbourEntry {
+            ifindex: h.ifindex,
+            addr: addr?,
+            state: h.state,
+            mac,
+        },
+        managed,
+        protocol,
+    })
+}
+
+fn neighbour_request(ifindex: u32, addr: IpAddr) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = family_of(addr);
+    m.header.ifindex = ifindex;
+    m.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::from(
+            addr,
+        )));
+    m
+}
+
+/// Owns the netlink socket. Used from one management thread only.
+#[derive(Debug)]
+pub struct Resolver {
+    nl: Netlink,
+    served: Vec<u32>,
+    /// The routes of the last snapshot, for [`Resolver::trigger`].
+    routes: Option<Routes>,
+    /// Managed entries this resolver created (or adopted): (ifindex, address).
+    owned: BTreeSet<(u32, Addr16)>,
+    /// Whether managed entries tagged [`NEIGHBOUR_PROTOCOL`] were adopted yet.
+    adopted: bool,
+}
+
+impl Resolver {
+    /// `served`: ifindexes of the interfaces the gateway transmits on.
+    pub fn new(served: &[u32]) -> Result<Self, NextHopError> {
+        let mut served = served.to_vec();
+        served.sort_unstable();
+        served.dedup();
+        Ok(Resolver {
+            nl: Netlink::open()?,
+            served,
+            routes: None,
+            owned: BTreeSet::new(),
+            adopted: false,
+        })
+    }
+
+    /// Dump links (MACs), routes (main table, both families) and neighbours;
+    /// build a fresh [`NextHops`].
+    pub fn refresh(&mut self) -> Result<NextHops, NextHopError> {
+        let (routes, neighbours) = self.snapshot()?;
+        let mut map = HashMap::with_capacity_and_hasher(neighbours.len(), FixedState::default());
+        for n in &neighbours {
+            if let (true, Some(mac)) = (usable(n.entry.state), n.entry.mac) {
+                map.insert((n.entry.ifindex, addr16(n.entry.addr)), mac);
+            }
+        }
+        Ok(NextHops {
+            routes,
+            neighbours: map,
+        })
+    }
+
+    /// Make the kernel keep these addresses resolved and fresh (the service
+    /// backends): for each address, route it, and on the egress interface
+    /// create a *managed* neighbour entry for the next-hop address, unless a
+    /// permanent/NOARP entry or someone else's managed entry already exists.
+    /// Addresses without a route through a served interface are skipped.
+    /// Managed entries this resolver created that are no longer wanted are
+    /// removed. Returns how many entries were created or removed.
+    pub fn keep_resolved(&mut self, addrs: &[IpAddr]) -> Result<usize, NextHopError> {
+        let (routes, neighbours) = self.snapshot()?;
+        let existing: std::collections::HashMap<(u32, Addr16), NeighbourInfo> = neighbours
+            .iter()
+            .map(|n| ((n.entry.ifindex, addr16(n.entry.addr)), *n))
+            .collect();
+        if !self.adopted {
+            self.adopted = true;
+            self.owned.extend(
+                existing
+                    .iter()
+                    .filter(|(_, n)| n.managed && n.protocol == NEIGHBOUR_PROTOCOL)
+                    .map(|(k, _)| *k),
+            );
+        }
+        let mut wanted = BTreeSet::new();
+        for &addr in addrs {
+            match routes.next_hop(&addr16(addr)) {
+                Ok((_, ifindex, next)) => {
+                    wanted.insert((ifindex, next));
+                }
+                Err(why) => tracing::debug!(%addr, %why, "keep_resolved: not kept resolved"),
+            }
+        }
+        let mut changed = 0;
+        for &(ifindex, next) in &wanted {
+            let ours = self.owned.contains(&(ifindex, next));
+            match existing.get(&(ifindex, next)) {
+                Some(n) if n.is_static() => {
+                    self.owned.remove(&(ifindex, next));
+                    continue;
+                }
+                Some(n) if n.managed => {
+                    if !ours {
+                        tracing::debug!(ifindex, addr = %ip_from16(next), "keep_resolved: managed by someone else");
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            self.create_managed(ifindex, ip_from16(next))?;
+            self.owned.insert((ifindex, next));
+            changed += 1;
+        }
+        let unwanted: Vec<(u32, Addr16)> = self.owned.difference(&wanted).copied().collect();
+        for key in unwanted {
+            self.owned.remove(&key);
+            // Gone, or no longer ours (replaced by a static or unmanaged
+            // entry): leave it.
+            let still_ours = existing
+                .get(&key)
+                .is_some_and(|n| n.managed && !n.is_static());
+            if still_ours && self.delete_neighbour(key.0, ip_from16(key.1))? {
+                changed += 1;
+            }
+        }
+        self.routes = Some(routes);
+        Ok(changed)
+    }
+
+    /// Ask the kernel to resolve one address now (`RTM_NEWNEIGH` with
+    /// `NTF_USE` on the next hop, as Cilium did before managed neighbours),
+    /// used when a worker met [`Unresolved::NoNeighbour`] for e.g. a client
+    /// address. Routes with the last snapshot's routes (taking one if there
+    /// is none); leaves permanent, NOARP and managed entries alone (`NTF_USE`
+    /// would strip them).
+    pub fn trigger(&mut self, dst: IpAddr) -> Result<(), NextHopError> {
+        if self.routes.is_none() {
+            let (routes, _) = self.snapshot()?;
+            self.routes = Some(routes);
+        }
+        let next_hop = self.routes.as_ref().map(|r| r.next_hop(&addr16(dst)));
+        let (ifindex, next) = match next_hop {
+            Some(Ok((_, ifindex, next))) => (ifindex, ip_from16(next)),
+            Some(Err(reason)) => return Err(NextHopError::Unroutable { addr: dst, reason }),
+            None => {
+                return Err(NextHopError::Unroutable {
+                    addr: dst,
+                    reason: Unresolved::NoRoute,
+                })
+            }
+        };
+        if let Some(n) = self.get_neighbour(ifindex, next)? {
+            if n.is_static() || n.managed {
+                return Ok(());
+            }
+        }
+        let mut m = neighbour_request(ifindex, next);
+        m.header.flags = NeighbourFlags::Use;
+        m.header.state = NeighbourState::None;
+        self.nl
+            .request(RouteNetlinkMessage::NewNeighbour(m), NLM_F_CREATE, &|| {
+                format!("resolution request (NTF_USE) for {next} on ifindex {ifindex}")
+            })?;
+        Ok(())
+    }
+
+    /// Routes (with the served interfaces' MACs) and every neighbour entry.
+    fn snapshot(&mut self) -> Result<(Routes, Vec<NeighbourInfo>), NextHopError> {
+        let mut served = Vec::with_capacity(self.served.len());
+        for &ifindex in &self.served.clone() {
+            served.push((ifindex, self.link_mac(ifindex)?));
+        }
+        let route_msgs = self.nl.request(
+            RouteNetlinkMessage::GetRoute(RouteMessage::default()),
+            NLM_F_DUMP,
+            &|| "dump of routes".to_string(),
+        )?;
+        let routes: Vec<RouteEntry> = route_msgs
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => parse_route(r),
+                _ => None,
+            })
+            .collect();
+        let neigh_msgs = self.nl.request(
+            RouteNetlinkMessage::GetNeighbour(NeighbourMessage::default()),
+            NLM_F_DUMP,
+            &|| "dump of neighbours".to_string(),
+        )?;
+        let neighbours = neigh_msgs
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) => parse_neighbour(n),
+                _ => None,
+            })
+            .collect();
+        Ok((Routes::build(&served, &routes), neighbours))
+    }
+
+    fn link_mac(&mut self, ifindex: u32) -> Result<[u8; 6], NextHopError> {
+        let mut m = LinkMessage::default();
+        m.header.index = ifindex;
+        let reply = self.nl.request(RouteNetlinkMessage::GetLink(m), 0, &|| {
+            format!("link query for served ifindex {ifindex}")
+        });
+        let msgs = match reply {
+            Err(NextHopError::Netlink { source, .. }) if source.raw_os_error() == Some(ENODEV) => {
+                return Err(NextHopError::ServedInterfaceGone { ifindex })
+            }
+            r => r?,
+        };
+        msgs.iter()
+            .find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) if l.header.index == ifindex => {
+                    l.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::Address(mac) => <[u8; 6]>::try_from(&mac[..]).ok(),
+                        _ => None,
+                    })
+                }
+                _ => None,
+            })
+            .ok_or(NextHopError::NotEthernet { ifindex })
+    }
+
+    fn get_neighbour(
+        &mut self,
+        ifindex: u32,
+        addr: IpAddr,
+    ) -> Result<Option<NeighbourInfo>, NextHopError> {
+        let reply = self.nl.request(
+            RouteNetlinkMessage::GetNeighbour(neighbour_request(ifindex, addr)),
+            0,
+            &|| format!("neighbour query for {addr} on ifindex {ifindex}"),
+        );
+        match reply {
+            Err(NextHopError::Netlink { source, .. }) if source.raw_os_error() == Some(ENOENT) => {
+                Ok(None)
+            }
+            r => Ok(r?.iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) => parse_neighbour(n),
+                _ => None,
+            })),
+        }
+    }
+
+    fn create_managed(&mut self, ifindex: u32, addr: IpAddr) -> Result<(), NextHopError> {
+        let mut m = neighbour_request(ifindex, addr);
+        m.header.state = NeighbourState::None;
+        m.attributes
+            .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        m.attributes
+            .push(NeighbourAttribute::Protocol(RouteProtocol::from(
+                NEIGHBOUR_PROTOCOL,
+            )));
+        self.nl.request(
+            RouteNetlinkMessage::NewNeighbour(m),
+            NLM_F_CREATE | NLM_F_REPLACE,
+            &|| format!("creation of a managed neighbour {addr} on ifindex {ifindex}"),
+        )?;
+        Ok(())
+    }
+
+    /// Deletes a neighbour entry; `false` when it was already gone.
+    fn delete_neighbour(&mut self, ifindex: u32, addr: IpAddr) -> Result<bool, NextHopError> {
+        let reply = self.nl.request(
+            RouteNetlinkMessage::DelNeighbour(neighbour_request(ifindex, addr)),
+            0,
+            &|| format!("removal of the managed neighbour {addr} on ifindex {ifindex}"),
+        );
+        match reply {
+            Ok(_) => Ok(true),
+            Err(NextHopError::Netlink { source, .. }) if source.raw_os_error() == Some(ENOENT) => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Read an interface's ifindex by name (netlink `RTM_GETLINK`), e.g. for
+/// `--interface eth0`.
+pub fn ifindex_by_name(name: &str) -> Result<u32, NextHopError> {
+    let mut nl = Netlink::open()?;
+    let mut m = LinkMessage::default();
+    m.attributes.push(LinkAttribute::IfName(name.to_string()));
+    let reply = nl.request(RouteNetlinkMessage::GetLink(m), 0, &|| {
+        format!("link query for interface {name:?}")
+    });
+    let msgs = match reply {
+        Err(NextHopError::Netlink { source, .. }) if source.raw_os_error() == Some(ENODEV) => {
+            return Err(NextHopError::InterfaceNotFound {
+                name: name.to_string(),
+            })
+        }
+        r => r?,
+    };
+    msgs.iter()
+        .find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(l.header.index),
+            _ => None,
+        })
+        .ok_or_else(|| NextHopError::InterfaceNotFound {
+            name: name.to_string(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
+    const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
+    const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x1];
+    const HOST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x2];
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test address")
+    }
+
+    fn a16(s: &str) -> Addr16 {
+        addr16(ip(s))
+    }
+
+    fn route(dst: &str, len: u8, ifindex: u32, via: Option<&str>) -> RouteEntry {
+        RouteEntry {
+            dst: ip(dst),
+            prefix_len: len,
+            metric: 0,
+            target: RouteTarget::Via(vec![Gateway {
+                ifindex,
+                via: via.map(ip),
+            }]),
+        }
+    }
+
+    fn neigh(ifindex: u32, addr: &str, state: NeighbourState, mac: [u8; 6]) -> NeighbourEntry {
+        NeighbourEntry {
+            ifindex,
+            addr: ip(addr),
+            state,
+            mac: Some(mac),
+        }
+    }
+
+    fn served() -> Vec<(u32, [u8; 6])> {
+        vec![(2, MAC_A), (3, MAC_B)]
+    }
+
+    #[test]
+    fn labels_are_stable() {
+        let labels: Vec<_> = Unresolved::ALL.iter().map(|u| u.label()).collect();
+        assert_eq!(labels, ["no_route", "other_interface", "no_neighbour"]);
+    }
+
+    #[test]
+    fn empty_resolves_nothing() {
+        let nh = NextHops::empty();
+        assert_eq!(nh.resolve(&a16("198.18.0.1")), Err(Unresolved::NoRoute));
+        assert_eq!(nh.resolve(&a16("2001:2::1")), Err(Unresolved::NoRoute));
+        assert_eq!((nh.routes(), nh.neighbours()), (0, 0));
+    }
+
+    #[test]
+    fn longest_prefix_wins_whatever_the_input_order() {
+        let routes = [
+            route("0.0.0.0", 0, 2, Some("198.18.0.1")),
+            route("198.18.0.0", 24, 2, None),
+            route("198.18.0.128", 25, 3, Some("198.19.0.1")),
+        ];
+        let neighbours = [
+            neigh(2, "198.18.0.1", NeighbourState::Reachable, GW_MAC),
+            neigh(2, "198.18.0.7", NeighbourState::Stale, HOST_MAC),
+            neigh(3, "198.19.0.1", NeighbourState::Delay, MAC_B),
+        ];
+        for perm in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
+            let r: Vec<_> = perm.iter().map(|&i| routes[i].clone()).collect();
+            let nh = NextHops::from_parts(&served(), &r, &neighbours);
+            // /24, directly connected: the destination's own entry.
+            assert_eq!(
+                nh.resolve(&a16("198.18.0.7")),
+                Ok(Hop {
+                    ifindex: 2,
+                    src_mac: MAC_A,
+                    dst_mac: HOST_MAC
+                })
+            );
+            // /25 through a router on ifindex 3.
+            assert_eq!(
+                nh.resolve(&a16("198.18.0.200")),
+                Ok(Hop {
+                    ifindex: 3,
+                    src_mac: MAC_B,
+                    dst_mac: MAC_B
+                })
+            );
+            // /0: the default gateway.
+            assert_eq!(
+                nh.resolve(&a16("203.0.113.9")),
+                Ok(Hop {
+                    ifindex: 2,
+                    src_mac: MAC_A,
+                    dst_mac: GW_MAC
+                })
+            );
+            // On-link but not in the neighbour table.
+            assert_eq!(nh.resolve(&a16("198.18.0.8")), Err(Unresolved::NoNeighbour));
+            assert_eq!((nh.routes(), nh.neighbours()), (3, 3));
+        }
+    }
+
+    #[test]
+    fn lower_metric_wins_among_equal_prefixes() {
+        let mut worse = route("198.18.0.0", 16, 3, Some("198.18.9.9"));
+        worse.metric = 200;
+        let mut better = route("198.18.0.0", 16, 2, Some("198.18.0.1"));
+        better.metric = 100;
+        let n = [
+            neigh(2, "198.18.0.1", NeighbourState::Reachable, GW_MAC),
+            neigh(3, "198.18.9.9", NeighbourState::Reachable, HOST_MAC),
+        ];
+        let nh = NextHops::from_parts(&served(), &[worse, better], &n);
+        assert_eq!(
+            nh.resolve(&a16("198.18.5.5")).map(|h| h.dst_mac),
+            Ok(GW_MAC)
+        );
+    }
+
+    #[test]
+    fn families_do_not_mix() {
+        // An IPv6 default route must not catch IPv4 destinations, and the
+        // reverse.
+        let routes = [
+            route("::", 0, 2, Some("fe80::1")),
+            route("0.0.0.0", 0, 3, Some("198.18.0.1")),
+        ];
+        let n = [
+            neigh(2, "fe80::1", NeighbourState::Reachable, GW_MAC),
+            neigh(3, "198.18.0.1", NeighbourState::Reachable, HOST_MAC),
+        ];
+        let nh = NextHops::from_parts(&served(), &routes, &n);
+        assert_eq!(
+            nh.resolve(&a16("2001:2::5")),
+            Ok(Hop {
+                ifindex: 2,
+                src_mac: MAC_A,
+                dst_mac: GW_MAC
+            })
+        );
+        assert_eq!(
+            nh.resolve(&a16("198.18.3.3")),
+            Ok(Hop {
+                ifindex: 3,
+                src_mac: MAC_B,
+                dst_mac: HOST_MAC
+            })
+        );
+        let v6_only = NextHops::from_parts(&served(), &routes[..1], &n);
+        assert_eq!(
+            v6_only.resolve(&a16("198.18.3.3")),
+            Err(Unresolved::NoRoute)
+        );
+        let v4_only = NextHops::from_parts(&served(), &routes[1..], &n);
+        assert_eq!(v4_only.resolve(&a16("2001:2::5")), Err(Unresolved::NoRoute));
+    }
+
+    #[test]
+    fn ipv6_longest_prefix_and_direct() {
+        let routes = [
+            route("2001:2::", 48, 2, None),
+            route("2001:2:0:1::", 64, 3, Some("fe80::99")),
+        ];
+        let n = [
+            neigh(2, "2001:2::10", NeighbourState::Probe, HOST_MAC),
+            neigh(3, "fe80::99", NeighbourState::Permanent, GW_MAC),
+            // Same address on the other interface must not be confused.
+            neigh(2, "fe80::99", NeighbourState::Reachable, MAC_A),
+        ];
+        let nh = NextHops::from_parts(&served(), &routes, &n);
+        assert_eq!(
+            nh.resolve(&a16("2001:2::10"))
+                .map(|h| (h.ifindex, h.dst_mac)),
+            Ok((2, HOST_MAC))
+        );
+        assert_eq!(
+            nh.resolve(&a16("2001:2:0:1::10"))
+                .map(|h| (h.ifindex, h.dst_mac)),
+            Ok((3, GW_MAC))
+        );
+        assert_eq!(nh.resolve(&a16("2001:3::1")), Err(Unresolved::NoRoute));
+    }
+
+    #[test]
+    fn unusable_states_give_no_neighbour() {
+        let routes = [route("198.18.0.0", 24, 2, None)];
+        for (state, ok) in [
+            (NeighbourState::Reachable, true),
+            (NeighbourState::Stale, true),
+            (NeighbourState::Delay, true),
+            (NeighbourState::Probe, true),
+            (NeighbourState::Permanent, true),
+            (NeighbourState::Noarp, true),
+            (NeighbourState::Incomplete, false),
+            (NeighbourState::Failed, false),
+            (NeighbourState::None, false),
+        ] {
+            let n = [neigh(2, "198.18.0.9", state, HOST_MAC)];
+            let nh = NextHops::from_parts(&served(), &routes, &n);
+            let want = if ok {
+                Ok(HOST_MAC)
+            } else {
+                Err(Unresolved::NoNeighbour)
+            };
+            assert_eq!(
+                nh.resolve(&a16("198.18.0.9")).map(|h| h.dst_mac),
+                want,
+                "{state:?}"
+            );
+        }
+        // A usable state without an lladdr is no better.
+        let n = [NeighbourEntry {
+            ifindex: 2,
+            addr: ip("198.18.0.9"),
+            state: NeighbourState::Reachable,
+            mac: None,
+        }];
+        let nh = NextHops::from_parts(&served(), &routes, &n);
+        assert_eq!(nh.resolve(&a16("198.18.0.9")), Err(Unresolved::NoNeighbour));
+    }
+
+    #[test]
+    fn unserved_interface_is_other_interface() {
+        let routes = [
+            route("198.18.0.0", 24, 7, None),
+            route("0.0.0.0", 0, 2, Some("198.18.1.1")),
+        ];
+        let n = [
+            neigh(7, "198.18.0.9", NeighbourState::Reachable, HOST_MAC),
+            neigh(2, "198.18.1.1", NeighbourState::Reachable, GW_MAC),
+        ];
+        let nh = NextHops::from_parts(&served(), &routes, &n);
+        // The /24 wins even though the default route would be served.
+        assert_eq!(
+            nh.resolve(&a16("198.18.0.9")),
+            Err(Unresolved::OtherInterface)
+        );
+    }
+
+    #[test]
+    fn reject_routes_shadow_shorter_prefixes() {
+        let routes = [
+            route("0.0.0.0", 0, 2, Some("198.18.0.1")),
+            RouteEntry {
+                dst: ip("198.19.0.0"),
+                prefix_len: 16,
+                metric: 0,
+                target: RouteTarget::Reject,
+            },
+            RouteEntry {
+                dst: ip("198.19.1.0"),
+                prefix_len: 24,
+                metric: 0,
+                target: RouteTarget::Via(vec![]),
+            },
+        ];
+        let n = [neigh(2, "198.18.0.1", NeighbourState::Reachable, GW_MAC)];
+        let nh = NextHops::from_parts(&served(), &routes, &n);
+        assert_eq!(nh.resolve(&a16("198.19.3.3")), Err(Unresolved::NoRoute));
+        assert_eq!(nh.resolve(&a16("198.19.1.3")), Err(Unresolved::NoRoute));
+        assert_eq!(
+            nh.resolve(&a16("198.20.0.1")).map(|h| h.dst_mac),
+            Ok(GW_MAC)
+        );
+    }
+
+    #[test]
+    fn host_routes_and_bad_prefix_lengths() {
+        let routes = [
+            route("198.18.0.5", 32, 3, Some("198.18.0.1")),
+            route("198.18.0.0", 24, 2, None),
+            route("198.18.0.0", 33, 2, None), // impossible: ignored
+            route("2001:2::", 129, 2, None),  // impossible: ignored
+        ];
+        let n = [
+            neigh(3, "198.18.0.1", NeighbourState::Reachable, GW_MAC),
+            neigh(2, "198.18.0.5", NeighbourState::Reachable, HOST_MAC),
+        ];
+        let nh = NextHops::from_parts(&served(), &routes, &n);
+        assert_eq!(nh.routes(), 2);
+        assert_eq!(
+            nh.resolve(&a16("198.18.0.5"))
+                .map(|h| (h.ifindex, h.dst_mac)),
+            Ok((3, GW_MAC))
+        );
+        assert_eq!(nh.resolve(&a16("198.18.0.6")), Err(Unresolved::NoNeighbour));
+    }
+
+    #[test]
+    fn ecmp_picks_a_live_hop_deterministically() {
+        let routes = [RouteEntry {
+            dst: ip("0.0.0.0"),
+            prefix_len: 0,
+            metric: 0,
+            target: RouteTarget::Via(vec![
+                Gateway {
+                    ifindex: 2,
+                    via: Some(ip("198.18.0.1")),
+                },
+                Gateway {
+                    ifindex: 3,
+                    via: Some(ip("198.18.1.1")),
+                },
+            ]),
+        }];
+        let n = [
+            neigh(2, "198.18.0.1", NeighbourState::Reachable, GW_MAC),
+            neigh(3, "198.18.1.1", NeighbourState::Reachable, HOST_MAC),
+        ];
+        let nh = NextHops::from_parts(&served(), &routes, &n);
+        let mut seen = BTreeSet::new();
+        for i in 0..64u8 {
+            let d = a16(&format!("203.0.{i}.{}", i.wrapping_mul(37)));
+            let h = nh.resolve(&d).expect("ecmp resolves");
+            assert_eq!(nh.resolve(&d), Ok(h));
+            seen.insert(h.ifindex);
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), [2, 3]);
+    }
+
+    #[test]
+    fn parses_kernel_route_messages() {
+        let mut m = RouteMessage::default();
+        m.header.address_family = AddressFamily::Inet;
+        m.header.destination_prefix_length = 24;
+        m.header.table = RouteHeader::RT_TABLE_MAIN;
+        m.header.kind = RouteType::Unicast;
+        m.attributes = vec![
+            RouteAttribute::Destination(RouteAddress::Inet(Ipv4Addr::new(198, 18, 7, 0))),
+            RouteAttribute::Oif(4),
+            RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(198, 18, 0, 1))),
+            RouteAttribute::Priority(50),
+        ];
+        assert_eq!(
+            parse_route(&m),
+            Some(RouteEntry {
+                dst: ip("198.18.7.0"),
+                prefix_len: 24,
+                metric: 50,
+                target: RouteTarget::Via(vec![Gateway {
+                    ifindex: 4,
+                    via: Some(ip("198.18.0.1"))
+                }]),
+            })
+        );
+        let mut other_table = m.clone();
+        other_table.attributes.push(RouteAttribute::Table(100));
+        assert_eq!(parse_route(&other_table), None);
+        let mut local = m.clone();
+        local.header.kind = RouteType::Local;
+        assert_eq!(parse_route(&local), None);
+        let mut broadcast = m.clone();
+        broadcast.header.kind = RouteType::Broadcast;
+        assert_eq!(parse_route(&broadcast), None);
+        let mut blackhole = m.clone();
+        blackhole.header.kind = RouteType::BlackHole;
+        assert_eq!(
+            parse_route(&blackhole).map(|r| r.target),
+            Some(RouteTarget::Reject)
+        );
+        let mut default = m;
+        default.header.destination_prefix_length = 0;
+        default
+            .attributes
+            .retain(|a| !matches!(a, RouteAttribute::Destination(_)));
+        assert_eq!(
+            parse_route(&default).map(|r| (r.dst, r.prefix_len)),
+            Some((ip("0.0.0.0"), 0))
+        );
+    }
+
+    #[test]
+    fn parses_extended_ack_text() {
+        // NLMSGERR_ATTR_MSG = "bad thing\0", padded.
+        let mut attrs = vec![14, 0, 1, 0];
+        attrs.extend_from_slice(b"bad thing\0");
+        attrs.extend_from_slice(&[0, 0]);
+        assert_eq!(ext_ack_text(&attrs), "bad thing");
+        let mut err = vec![0u8; NLMSG_HDR_LEN];
+        err.extend_from_slice(&attrs);
+        assert_eq!(
+            error_ext_ack(&err, NLM_F_CAPPED | NLM_F_ACK_TLVS),
+            "bad thing"
+        );
+        assert_eq!(ext_ack_text(&[1, 0]), "");
+        assert_eq!(ext_ack_text(&[200, 0, 1, 0, b'x']), "");
+    }
+}

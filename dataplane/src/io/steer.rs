@@ -1,0 +1,1055 @@
+//! The XDP steering program (`bpf/steer.c`) and its maps, through aya.
+//!
+//! Owns: loading the program, attaching it to the gateway's interfaces (driver
+//! mode, else generic), the AF_XDP socket map (`xsks`), and keeping the lookup
+//! maps equal to what the current [`Table`] needs, as a diff against a
+//! user-space mirror. The program redirects to the gateway only packets to a
+//! frontend, replies from a backend, ICMP errors about either and non-first
+//! fragments of either; everything else goes to the kernel.
+//!
+//! Must never: steer anything the table does not name (the node must stay
+//! reachable: ARP, SSH and the node's own traffic are always passed), replace
+//! an XDP program it did not attach (attaching to an interface that already
+//! has one fails instead), leave its program on an interface after
+//! [`Steering::detach`], drop or the process's death (see [`Steering::load`]),
+//! or look at packets itself (that is [`crate::pipeline`]'s job).
+//!
+//! Map and key layout (an ABI with `bpf/steer.c`):
+//!
+//! | map | type | key | value |
+//! |---|---|---|---|
+//! | `frontends` | HASH | [`SteerKey`] bytes: addr\[16\], port (network order), proto, pad 0 | `u8` 1 |
+//! | `backends` | HASH | [`SteerKey`] bytes (backend address, backend port, frontend proto) | `u8` 1 |
+//! | `vip_addrs` | HASH | `[u8; 16]` frontend address | `u8` 1 |
+//! | `backend_addrs` | HASH | `[u8; 16]` backend address | `u8` 1 |
+//! | `if_slots` | HASH | `u32` ifindex | `u32` slot (position in [`Steering::load`]'s list) |
+//! | `xsks` | XSKMAP | `u32` slot × [`MAX_QUEUES`] + rx queue | AF_XDP socket fd |
+//! | `stats` | PERCPU_ARRAY | `u32` 0..4 | `u64`: redirected, passed, malformed, no socket |
+//!
+//! Addresses are [`Addr16`] (IPv4 as `::ffff:a.b.c.d`).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::os::fd::RawFd;
+
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, XskMap};
+use aya::programs::links::{Link as _, LinkType};
+use aya::programs::{ProgramError, Xdp, XdpMode};
+use aya::{Ebpf, EbpfLoader, TestRun as _, TestRunOptions};
+use foldhash::fast::RandomState;
+use hashbrown::HashSet;
+use thiserror::Error;
+
+use crate::flow::{ip_from16, Addr16};
+use crate::table::Table;
+
+/// Rx queues per interface: `xsks` holds `slot * MAX_QUEUES + queue`.
+pub const MAX_QUEUES: u32 = 64;
+
+/// Interfaces one [`Steering`] can serve (the size of `if_slots`).
+pub const MAX_INTERFACES: usize = 256;
+
+/// Bytes of a `frontends` / `backends` key.
+pub const KEY_LEN: usize = 20;
+
+/// The compiled program (`build.rs` runs clang on `bpf/steer.c`).
+static STEER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.o"));
+
+const PROGRAM: &str = "steer";
+const MAP_FRONTENDS: &str = "frontends";
+const MAP_BACKENDS: &str = "backends";
+const MAP_VIP_ADDRS: &str = "vip_addrs";
+const MAP_BACKEND_ADDRS: &str = "backend_addrs";
+const MAP_IF_SLOTS: &str = "if_slots";
+const MAP_XSKS: &str = "xsks";
+const MAP_STATS: &str = "stats";
+
+/// Indexes of the `stats` counters (as in `bpf/steer.c`).
+const STAT_REDIRECTED: u32 = 0;
+const STAT_PASSED: u32 = 1;
+const STAT_MALFORMED: u32 = 2;
+const STAT_NO_SOCKET: u32 = 3;
+
+/// How the program is attached to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native XDP, run by the driver.
+    Driver,
+    /// Generic (SKB) XDP, run by the kernel's stack after the skb is built.
+    Generic,
+}
+
+/// Map capacities (`max_entries`), set before the maps are created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SteerConfig {
+    /// `frontends`: (address, port, protocol) of every frontend.
+    pub frontends: u32,
+    /// `backends`: (address, port, protocol) of every backend.
+    pub backends: u32,
+    /// `vip_addrs`: distinct frontend addresses.
+    pub vip_addrs: u32,
+    /// `backend_addrs`: distinct backend addresses.
+    pub backend_addrs: u32,
+}
+
+impl Default for SteerConfig {
+    fn default() -> Self {
+        Self {
+            frontends: 262_144,
+            backends: 1_048_576,
+            vip_addrs: 65_536,
+            backend_addrs: 262_144,
+        }
+    }
+}
+
+/// What failed, and with which input.
+#[derive(Debug, Error)]
+pub enum SteerError {
+    /// More interfaces than `if_slots` holds.
+    #[error("{count} interfaces given; the steering program serves at most {max}")]
+    TooManyInterfaces {
+        /// Interfaces given.
+        count: usize,
+        /// [`MAX_INTERFACES`].
+        max: usize,
+    },
+    /// The same ifindex twice in the list.
+    #[error("interface {ifname} (ifindex {ifindex}) is given twice")]
+    DuplicateInterface {
+        /// Name.
+        ifname: String,
+        /// Index.
+        ifindex: u32,
+    },
+    /// The object could not be parsed or its maps created.
+    #[error("load the XDP steering object (map sizes {config:?}): {source}")]
+    LoadObject {
+        /// The capacities asked for.
+        config: SteerConfig,
+        /// aya's error.
+        #[source]
+        source: aya::EbpfError,
+    },
+    /// The object lacks a program or map this loader needs (a build mismatch).
+    #[error("the XDP steering object has no {what} `{name}`")]
+    Missing {
+        /// "program" or "map".
+        what: &'static str,
+        /// Its name.
+        name: &'static str,
+    },
+    /// A map is not of the type or key/value size expected.
+    #[error("open map `{map}` of the XDP steering object: {source}")]
+    OpenMap {
+        /// Map name.
+        map: &'static str,
+        /// aya's error.
+        #[source]
+        source: MapError,
+    },
+    /// The kernel (verifier) refused the program.
+    #[error("load XDP program `{PROGRAM}` into the kernel: {source}")]
+    LoadProgram {
+        /// aya's error, with the verifier log.
+        #[source]
+        source: ProgramError,
+    },
+    /// Neither driver nor generic mode could be attached.
+    #[error(
+        "attach XDP program to {ifname} (ifindex {ifindex}): {source} (driver mode failed first: {driver})"
+    )]
+    Attach {
+        /// Interface name.
+        ifname: String,
+        /// Interface index.
+        ifindex: u32,
+        /// Why driver mode failed.
+        driver: String,
+        /// Why generic mode failed.
+        #[source]
+        source: ProgramError,
+    },
+    /// `if_slots` could not be written.
+    #[error("set slot {slot} for {ifname} (ifindex {ifindex}) in map `if_slots`: {source}")]
+    SetSlot {
+        /// Interface name.
+        ifname: String,
+        /// Interface index.
+        ifindex: u32,
+        /// Its slot.
+        slot: u32,
+        /// aya's error.
+        #[source]
+        source: MapError,
+    },
+    /// Slot or queue out of range.
+    #[error(
+        "AF_XDP socket at slot {slot} queue {queue}: out of range ({slots} slots, {MAX_QUEUES} queues each)"
+    )]
+    SocketOutOfRange {
+        /// Slot asked for.
+        slot: u32,
+        /// Queue asked for.
+        queue: u32,
+        /// Slots (interfaces) loaded.
+        slots: u32,
+    },
+    /// `xsks` refused the socket.
+    #[error("register AF_XDP socket fd {fd} at slot {slot} queue {queue} in map `xsks`: {source}")]
+    RegisterSocket {
+        /// Slot.
+        slot: u32,
+        /// Queue.
+        queue: u32,
+        /// The socket (-1 when unregistering).
+        fd: RawFd,
+        /// aya's error.
+        #[source]
+        source: MapError,
+    },
+    /// A lookup map refused an insert (full: see [`SteerConfig`]).
+    #[error("insert {key} into map `{map}`: {source}")]
+    MapInsert {
+        /// Map name.
+        map: &'static str,
+        /// The key, readable.
+        key: String,
+        /// aya's error.
+        #[source]
+        source: MapError,
+    },
+    /// A lookup map refused a delete.
+    #[error("delete {key} from map `{map}`: {source}")]
+    MapRemove {
+        /// Map name.
+        map: &'static str,
+        /// The key, readable.
+        key: String,
+        /// aya's error.
+        #[source]
+        source: MapError,
+    },
+    /// A map could not be read.
+    #[error("read map `{map}`: {source}")]
+    ReadMap {
+        /// Map name.
+        map: &'static str,
+        /// aya's error.
+        #[source]
+        source: MapError,
+    },
+    /// `BPF_PROG_TEST_RUN` failed.
+    #[error("run XDP program `{PROGRAM}` on a {len}-byte test frame: {source}")]
+    TestRun {
+        /// Frame length.
+        len: usize,
+        /// aya's error.
+        #[source]
+        source: ProgramError,
+    },
+    /// The program could not be detached.
+    #[error("detach XDP program from {ifname} (ifindex {ifindex}): {source}")]
+    Detach {
+        /// Interface name.
+        ifname: String,
+        /// Interface index.
+        ifindex: u32,
+        /// aya's error.
+        #[source]
+        source: ProgramError,
+    },
+}
+
+/// The program's counters, summed over CPUs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SteerStats {
+    /// Redirected to an AF_XDP socket.
+    pub redirected: u64,
+    /// Passed to the kernel: not the gateway's (ARP, node traffic, other ports).
+    pub passed: u64,
+    /// Passed to the kernel because malformed or truncated.
+    pub malformed: u64,
+    /// The gateway's, but passed to the kernel: no AF_XDP socket at
+    /// (slot, rx queue), or the interface has no slot.
+    pub no_socket: u64,
+}
+
+/// What one [`Steering::sync`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Keys in `frontends` afterwards.
+    pub frontends: usize,
+    /// Keys in `backends` afterwards.
+    pub backends: usize,
+    /// Keys inserted, over all four lookup maps.
+    pub added: usize,
+    /// Keys deleted, over all four lookup maps.
+    pub removed: usize,
+}
+
+/// What the program did with one frame in [`Steering::classify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Classified {
+    /// The gateway's: redirected, or passed for want of a socket.
+    Steered,
+    /// Not the gateway's: passed to the kernel.
+    Passed,
+    /// Malformed or truncated: passed to the kernel.
+    Malformed,
+}
+
+/// A `frontends` / `backends` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SteerKey {
+    /// Address, canonical 16-byte form.
+    pub addr: Addr16,
+    /// Port, host order (stored in network order).
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+}
+
+impl SteerKey {
+    /// The map's key bytes: addr, port big-endian, proto, a zero pad byte.
+    #[must_use]
+    pub fn to_bytes(&self) -> [u8; KEY_LEN] {
+        let mut b = [0u8; KEY_LEN];
+        b[..16].copy_from_slice(&self.addr);
+        b[16..18].copy_from_slice(&self.port.to_be_bytes());
+        b[18] = self.proto;
+        b
+    }
+
+    /// Parses the map's key bytes (the pad byte is ignored).
+    #[must_use]
+    pub fn from_bytes(b: &[u8; KEY_LEN]) -> Self {
+        let mut addr = [0u8; 16];
+        addr.copy_from_slice(&b[..16]);
+        Self {
+            addr,
+            port: u16::from_be_bytes([b[16], b[17]]),
+            proto: b[18],
+        }
+    }
+}
+
+impl fmt::Display for SteerKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.proto {
+            6 => "tcp".to_owned(),
+            17 => "udp".to_owned(),
+            132 => "sctp".to_owned(),
+            p => format!("proto {p}"),
+        };
+        match ip_from16(self.addr) {
+            std::net::IpAddr::V4(a) => write!(f, "{a}:{}/{proto}", self.port),
+            std::net::IpAddr::V6(a) => write!(f, "[{a}]:{}/{proto}", self.port),
+        }
+    }
+}
+
+/// The lookup maps' contents as read from the kernel (sorted).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MapDump {
+    /// `frontends`.
+    pub frontends: Vec<SteerKey>,
+    /// `backends`.
+    pub backends: Vec<SteerKey>,
+    /// `vip_addrs`.
+    pub vip_addrs: Vec<Addr16>,
+    /// `backend_addrs`.
+    pub backend_addrs: Vec<Addr16>,
+}
+
+type Set<K> = HashSet<K, RandomState>;
+
+/// What the maps hold (the mirror) or must hold (from a table).
+#[derive(Debug, Default)]
+struct Keys {
+    frontends: Set<SteerKey>,
+    backends: Set<SteerKey>,
+    vip_addrs: Set<Addr16>,
+    backend_addrs: Set<Addr16>,
+}
+
+impl Keys {
+    /// The keys `table` needs. Every frontend steers, with or without backends
+    /// (the core answers those with a reset or an ICMP unreachable); every
+    /// backend, draining and terminating ones included, steers its replies.
+    fn wanted(table: &Table) -> Self {
+        let mut k = Self::default();
+        for f in table.frontends() {
+            k.frontends.insert(SteerKey {
+                addr: f.addr,
+                port: f.port,
+                proto: f.proto,
+            });
+            k.vip_addrs.insert(f.addr);
+            for b in table.backends_of(f) {
+                k.backends.insert(SteerKey {
+                    addr: b.addr,
+                    port: b.port,
+                    proto: f.proto,
+                });
+                k.backend_addrs.insert(b.addr);
+            }
+        }
+        k
+    }
+}
+
+fn addr_str(a: &Addr16) -> String {
+    ip_from16(*a).to_string()
+}
+
+/// One interface the program is attached to.
+#[derive(Debug)]
+struct Attached {
+    ifname: String,
+    ifindex: u32,
+    mode: AttachMode,
+    /// A bpf_link (detached by the kernel when its last fd closes), not a
+    /// netlink attachment (which outlives the process).
+    bpf_link: bool,
+    link: aya::programs::xdp::XdpLink,
+}
+
+/// The loaded steering program, attached to the gateway's interfaces.
+///
+/// Dropping it detaches the program from every interface and frees the maps.
+pub struct Steering {
+    // Field order is drop order: the links go first.
+    attached: Vec<Attached>,
+    modes: Vec<AttachMode>,
+    frontends: HashMap<MapData, [u8; KEY_LEN], u8>,
+    backends: HashMap<MapData, [u8; KEY_LEN], u8>,
+    vip_addrs: HashMap<MapData, Addr16, u8>,
+    backend_addrs: HashMap<MapData, Addr16, u8>,
+    xsks: XskMap<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+    _if_slots: HashMap<MapData, u32, u32>,
+    mirror: Keys,
+    slots: u32,
+    ebpf: Ebpf,
+}
+
+const _: () = {
+    const fn assert_send<T: Send>() {}
+    assert_send::<Steering>();
+};
+
+impl fmt::Debug for Steering {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Steering")
+            .field("attached", &self.attached)
+            .field("slots", &self.slots)
+            .field("frontends", &self.mirror.frontends.len())
+            .field("backends", &self.mirror.backends.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SteerError> {
+    ebpf.take_map(name).ok_or(SteerError::Missing { what: "map", name })
+}
+
+fn open_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, SteerError>
+where
+    M: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    M::try_from(take_map(ebpf, name)?).map_err(|source| SteerError::OpenMap { map: name, source })
+}
+
+/// XDP links of program `prog_id` that the kernel knows of (0 on error: the
+/// count only tells bpf_link from netlink attachments).
+fn xdp_links_of(prog_id: u32) -> usize {
+    aya::programs::loaded_links()
+        .filter_map(Result::ok)
+        .filter(|l| l.program_id() == prog_id && l.link_type().ok() == Some(LinkType::Xdp))
+        .count()
+}
+
+impl Steering {
+    /// Loads the program with [`SteerConfig::default`] capacities and attaches
+    /// it to every interface of `ifaces` (name, ifindex); see [`Steering::load_with`].
+    ///
+    /// # Errors
+    /// See [`Steering::load_with`].
+    pub fn load(ifaces: &[(String, u32)]) -> Result<Self, SteerError> {
+        Self::load_with(ifaces, SteerConfig::default())
+    }
+
+    /// Loads the program, sizes the maps from `config`, and attaches it to every
+    /// interface of `ifaces` (name, ifindex; the slot of each is its position):
+    /// driver mode first, else generic (SKB) mode. Which mode each interface got
+    /// is logged and kept ([`Steering::attach_modes`]).
+    ///
+    /// Detach on death: aya's `Xdp::attach_to_if_index` (aya 0.14,
+    /// `programs/xdp.rs`) first calls `bpf_link_create(BPF_XDP)` (Linux ≥ 5.9)
+    /// and keeps the link as an `FdLink`, an owned file descriptor; it falls
+    /// back to a netlink `IFLA_XDP` attachment only when link creation fails
+    /// with `EINVAL` (older kernels). A bpf_link lives only as long as a file
+    /// descriptor refers to it: when the process exits, even by SIGKILL, the
+    /// kernel closes its descriptors, the link is released and the program
+    /// leaves the interface. A netlink attachment would outlive the process;
+    /// this is detected (the kernel's link list is counted after each attach),
+    /// logged as a warning, and reported by [`Steering::detaches_on_exit`].
+    /// No bpffs is used: nothing is pinned.
+    ///
+    /// An interface that already has an XDP program is not taken over: the
+    /// attach fails (`EBUSY`) and so does this call.
+    ///
+    /// # Errors
+    /// Too many or duplicate interfaces, an object or verifier failure, or an
+    /// interface neither mode can attach to. Interfaces attached before the
+    /// failure are detached again.
+    pub fn load_with(ifaces: &[(String, u32)], config: SteerConfig) -> Result<Self, SteerError> {
+        if ifaces.len() > MAX_INTERFACES {
+            return Err(SteerError::TooManyInterfaces {
+                count: ifaces.len(),
+                max: MAX_INTERFACES,
+            });
+        }
+        for (i, (name, idx)) in ifaces.iter().enumerate() {
+            if ifaces[..i].iter().any(|(_, j)| j == idx) {
+                return Err(SteerError::DuplicateInterface {
+                    ifname: name.clone(),
+                    ifindex: *idx,
+                });
+            }
+        }
+        let slots = ifaces.len().max(1) as u32;
+
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_FRONTENDS, config.frontends)
+            .map_max_entries(MAP_BACKENDS, config.backends)
+            .map_max_entries(MAP_VIP_ADDRS, config.vip_addrs)
+            .map_max_entries(MAP_BACKEND_ADDRS, config.backend_addrs)
+            .map_max_entries(MAP_IF_SLOTS, MAX_INTERFACES as u32)
+            .map_max_entries(MAP_XSKS, slots * MAX_QUEUES)
+            .load(STEER_OBJ)
+            .map_err(|source| SteerError::LoadObject { config, source })?;
+
+        let frontends = open_map(&mut ebpf, MAP_FRONTENDS)?;
+        let backends = open_map(&mut ebpf, MAP_BACKENDS)?;
+        let vip_addrs = open_map(&mut ebpf, MAP_VIP_ADDRS)?;
+        let backend_addrs = open_map(&mut ebpf, MAP_BACKEND_ADDRS)?;
+        let xsks = open_map(&mut ebpf, MAP_XSKS)?;
+        let stats = open_map(&mut ebpf, MAP_STATS)?;
+        let mut if_slots: HashMap<MapData, u32, u32> = open_map(&mut ebpf, MAP_IF_SLOTS)?;
+
+        // Slots first, so the first steered packet finds its socket row.
+        for (slot, (ifname, ifindex)) in ifaces.iter().enumerate() {
+            let slot = slot as u32;
+            if_slots
+                .insert(ifindex, slot, 0)
+                .map_err(|source| SteerError::SetSlot {
+                    ifname: ifname.clone(),
+                    ifindex: *ifindex,
+                    slot,
+                    source,
+                })?;
+        }
+
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM)
+            .ok_or(SteerError::Missing {
+                what: "program",
+                name: PROGRAM,
+            })?
+            .try_into()
+            .map_err(|source| SteerError::LoadProgram { source })?;
+        prog.load()
+            .map_err(|source| SteerError::LoadProgram { source })?;
+        let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
+
+        let mut attached: Vec<Attached> = Vec::with_capacity(ifaces.len());
+        for (ifname, ifindex) in ifaces {
+            let links_before = xdp_links_of(prog_id);
+            let (id, mode) = match prog.attach_to_if_index(*ifindex, XdpMode::Driver) {
+                Ok(id) => (id, AttachMode::Driver),
+                Err(driver) => {
+                    tracing::debug!(ifname, ifindex, error = %driver, "XDP driver mode refused; trying generic mode");
+                    match prog.attach_to_if_index(*ifindex, XdpMode::Skb) {
+                        Ok(id) => (id, AttachMode::Generic),
+                        Err(source) => {
+                            return Err(SteerError::Attach {
+                                ifname: ifname.clone(),
+                                ifindex: *ifindex,
+                                driver: driver.to_string(),
+                                source,
+                            })
+                        }
+                    }
+                }
+            };
+            let link = prog
+                .take_link(id)
+                .map_err(|source| SteerError::Attach {
+                    ifname: ifname.clone(),
+                    ifindex: *ifindex,
+                    driver: String::new(),
+                    source,
+                })?;
+            let bpf_link = xdp_links_of(prog_id) > links_before;
+            tracing::info!(ifname, ifindex, ?mode, bpf_link, "XDP steering program attached");
+            if !bpf_link {
+                tracing::warn!(
+                    ifname,
+                    ifindex,
+                    "XDP attached through netlink (no bpf_link on this kernel): it stays attached if the process dies without detaching"
+                );
+            }
+            attached.push(Attached {
+                ifname: ifname.clone(),
+                ifindex: *ifindex,
+                mode,
+                bpf_link,
+                link,
+            });
+        }
+
+        Ok(Self {
+            modes: attached.iter().map(|a| a.mode).collect(),
+            attached,
+            frontends,
+            backends,
+            vip_addrs,
+            backend_addrs,
+            xsks,
+            stats,
+            _if_slots: if_slots,
+            mirror: Keys::default(),
+            slots,
+            ebpf,
+        })
+    }
+
+    /// The mode each interface got, in the order given to [`Steering::load`].
+    #[must_use]
+    pub fn attach_modes(&self) -> &[AttachMode] {
+        &self.modes
+    }
+
+    /// True when every attachment is a bpf_link, so the kernel detaches the
+    /// program if this process dies without calling [`Steering::detach`].
+    #[must_use]
+    pub fn detaches_on_exit(&self) -> bool {
+        self.attached.iter().all(|a| a.bpf_link)
+    }
+
+    /// Puts an AF_XDP socket at (slot, queue) in `xsks`: frames the program
+    /// steers from interface `slot`'s rx queue `queue` go to it. The socket
+    /// must be bound to that interface and queue. The map holds its own
+    /// reference: closing `fd` later removes the entry in the kernel.
+    ///
+    /// # Errors
+    /// Slot or queue out of range, or the kernel refuses the fd (not an
+    /// AF_XDP socket, not bound).
+    pub fn register_socket(&mut self, slot: u32, queue: u32, fd: RawFd) -> Result<(), SteerError> {
+        let index = self.socket_index(slot, queue)?;
+        self.xsks
+            .set(index, fd, 0)
+            .map_err(|source| SteerError::RegisterSocket {
+                slot,
+                queue,
+                fd,
+                source,
+            })
+    }
+
+    /// Removes the socket at (slot, queue), if any.
+    ///
+    /// # Errors
+    /// Slot or queue out of range, or the kernel refuses the delete.
+    pub fn unregister_socket(&mut self, slot: u32, queue: u32) -> Result<(), SteerError> {
+        let index = self.socket_index(slot, queue)?;
+        match self.xsks.unset(index) {
+            Err(e) if is_enoent(&e) => Ok(()),
+            r => r.map_err(|source| SteerError::RegisterSocket {
+                slot,
+                queue,
+                fd: -1,
+                source,
+            }),
+        }
+    }
+
+    fn socket_index(&self, slot: u32, queue: u32) -> Result<u32, SteerError> {
+        if slot >= self.slots || queue >= MAX_QUEUES {
+            return Err(SteerError::SocketOutOfRange {
+                slot,
+                queue,
+                slots: self.slots,
+            });
+        }
+        Ok(slot * MAX_QUEUES + queue)
+    }
+
+    /// Makes the lookup maps equal to what `table` needs: inserts the new
+    /// keys of all four maps first, then deletes the stale ones, so a key that
+    /// stays is never missing in between. Only the difference with the last
+    /// successful state is written; a call that fails part-way leaves the
+    /// mirror matching the kernel, and the next call finishes the job.
+    ///
+    /// # Errors
+    /// A map refuses an insert (full: raise [`SteerConfig`]) or a delete.
+    pub fn sync(&mut self, table: &Table) -> Result<SyncStats, SteerError> {
+        let want = Keys::wanted(table);
+        let mut added = 0;
+        let mut removed = 0;
+
+        for k in &want.frontends {
+            if !self.mirror.frontends.contains(k) {
+                insert(&mut self.frontends, MAP_FRONTENDS, &k.to_bytes(), || {
+                    k.to_string()
+                })?;
+                self.mirror.frontends.insert(*k);
+                added += 1;
+            }
+        }
+        for k in &want.backends {
+            if !self.mirror.backends.contains(k) {
+                insert(&mut self.backends, MAP_BACKENDS, &k.to_bytes(), || {
+                    k.to_string()
+                })?;
+                self.mirror.backends.insert(*k);
+                added += 1;
+            }
+        }
+        for a in &want.vip_addrs {
+            if !self.mirror.vip_addrs.contains(a) {
+                insert(&mut self.vip_addrs, MAP_VIP_ADDRS, a, || addr_str(a))?;
+                self.mirror.vip_addrs.insert(*a);
+                added += 1;
+            }
+        }
+        for a in &want.backend_addrs {
+            if !self.mirror.backend_addrs.contains(a) {
+                insert(&mut self.backend_addrs, MAP_BACKEND_ADDRS, a, || {
+                    addr_str(a)
+                })?;
+                self.mirror.backend_addrs.insert(*a);
+                added += 1;
+            }
+        }
+
+        let stale: Vec<SteerKey> = self
+            .mirror
+            .frontends
+            .difference(&want.frontends)
+            .copied()
+            .collect();
+        for k in stale {
+            remove(&mut self.frontends, MAP_FRONTENDS, &k.to_bytes(), || {
+                k.to_string()
+            })?;
+            self.mirror.frontends.remove(&k);
+            removed += 1;
+        }
+        let stale: Vec<SteerKey> = self
+            .mirror
+            .backends
+            .difference(&want.backends)
+            .copied()
+            .collect();
+        for k in stale {
+            remove(&mut self.backends, MAP_BACKENDS, &k.to_bytes(), || {
+                k.to_string()
+            })?;
+            self.mirror.backends.remove(&k);
+            removed += 1;
+        }
+        let stale: Vec<Addr16> = self
+            .mirror
+            .vip_addrs
+            .difference(&want.vip_addrs)
+            .copied()
+            .collect();
+        for a in stale {
+            remove(&mut self.vip_addrs, MAP_VIP_ADDRS, &a, || addr_str(&a))?;
+            self.mirror.vip_addrs.remove(&a);
+            removed += 1;
+        }
+        let stale: Vec<Addr16> = self
+            .mirror
+            .backend_addrs
+            .difference(&want.backend_addrs)
+            .copied()
+            .collect();
+        for a in stale {
+            remove(&mut self.backend_addrs, MAP_BACKEND_ADDRS, &a, || {
+                addr_str(&a)
+            })?;
+            self.mirror.backend_addrs.remove(&a);
+            removed += 1;
+        }
+
+        Ok(SyncStats {
+            frontends: self.mirror.frontends.len(),
+            backends: self.mirror.backends.len(),
+            added,
+            removed,
+        })
+    }
+
+    /// The program's counters, summed over CPUs.
+    ///
+    /// # Errors
+    /// The kernel refuses the read.
+    pub fn stats(&self) -> Result<SteerStats, SteerError> {
+        let read = |index: u32| -> Result<u64, SteerError> {
+            let values = self
+                .stats
+                .get(&index, 0)
+                .map_err(|source| SteerError::ReadMap {
+                    map: MAP_STATS,
+                    source,
+                })?;
+            Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
+        };
+        Ok(SteerStats {
+            redirected: read(STAT_REDIRECTED)?,
+            passed: read(STAT_PASSED)?,
+            malformed: read(STAT_MALFORMED)?,
+            no_socket: read(STAT_NO_SOCKET)?,
+        })
+    }
+
+    /// The lookup maps as the kernel holds them (not the mirror), sorted:
+    /// for tests and debugging. Walks every map, so not for the hot path.
+    ///
+    /// # Errors
+    /// The kernel refuses a read.
+    pub fn dump(&self) -> Result<MapDump, SteerError> {
+        fn keys<K: aya::Pod + Ord>(
+            map: &HashMap<MapData, K, u8>,
+            name: &'static str,
+        ) -> Result<Vec<K>, SteerError> {
+            let set: Result<BTreeSet<K>, MapError> = map.keys().collect();
+            set.map(|s| s.into_iter().collect())
+                .map_err(|source| SteerError::ReadMap { map: name, source })
+        }
+        let parse = |v: Vec<[u8; KEY_LEN]>| -> Vec<SteerKey> {
+            let mut k: Vec<SteerKey> = v.iter().map(SteerKey::from_bytes).collect();
+            k.sort_unstable();
+            k
+        };
+        Ok(MapDump {
+            frontends: parse(keys(&self.frontends, MAP_FRONTENDS)?),
+            backends: parse(keys(&self.backends, MAP_BACKENDS)?),
+            vip_addrs: keys(&self.vip_addrs, MAP_VIP_ADDRS)?,
+            backend_addrs: keys(&self.backend_addrs, MAP_BACKEND_ADDRS)?,
+        })
+    }
+
+    /// Detaches the program from every interface (also done on drop); each
+    /// interface is left as it was found. All are tried; the first error is
+    /// returned.
+    ///
+    /// # Errors
+    /// The kernel refuses a detach.
+    pub fn detach(mut self) -> Result<(), SteerError> {
+        let mut first = None;
+        for a in self.attached.drain(..) {
+            let Attached {
+                ifname,
+                ifindex,
+                mode,
+                link,
+                ..
+            } = a;
+            match link.detach() {
+                Ok(()) => tracing::info!(ifname, ifindex, ?mode, "XDP steering program detached"),
+                Err(source) => {
+                    first.get_or_insert(SteerError::Detach {
+                        ifname,
+                        ifindex,
+                        source,
+                    });
+                }
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Runs the program on `frame` with `BPF_PROG_TEST_RUN` (as if received
+    /// on `lo`, which has no slot) and says which counter it bumped: for
+    /// tests and diagnostics. Exact only while no live traffic runs the
+    /// program (load it with no interface to be sure).
+    ///
+    /// # Errors
+    /// The kernel refuses the run (e.g. a frame shorter than 14 bytes) or a
+    /// counter read.
+    pub fn classify(&self, frame: &[u8]) -> Result<Classified, SteerError> {
+        let prog: &Xdp = self
+            .ebpf
+            .program(PROGRAM)
+            .ok_or(SteerError::Missing {
+                what: "program",
+                name: PROGRAM,
+            })?
+            .try_into()
+            .map_err(|source| SteerError::TestRun {
+                len: frame.len(),
+                source,
+            })?;
+        let before = self.stats()?;
+        prog.test_run(TestRunOptions {
+            data_in: Some(frame),
+            ..TestRunOptions::default()
+        })
+        .map_err(|source| SteerError::TestRun {
+            len: frame.len(),
+            source,
+        })?;
+        let after = self.stats()?;
+        Ok(if after.malformed > before.malformed {
+            Classified::Malformed
+        } else if after.redirected > before.redirected || after.no_socket > before.no_socket {
+            Classified::Steered
+        } else {
+            Classified::Passed
+        })
+    }
+
+    /// The aya object (program and any map not taken by this loader).
+    #[must_use]
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+}
+
+impl Drop for Steering {
+    fn drop(&mut self) {
+        for a in self.attached.drain(..) {
+            if let Err(e) = a.link.detach() {
+                tracing::warn!(ifname = a.ifname, ifindex = a.ifindex, error = %e, "XDP detach on drop failed");
+            }
+        }
+    }
+}
+
+fn is_enoent(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound | MapError::ElementNotFound => true,
+        MapError::SyscallError(s) => s.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+fn insert<K: aya::Pod>(
+    map: &mut HashMap<MapData, K, u8>,
+    name: &'static str,
+    key: &K,
+    show: impl FnOnce() -> String,
+) -> Result<(), SteerError> {
+    map.insert(key, 1u8, 0)
+        .map_err(|source| SteerError::MapInsert {
+            map: name,
+            key: show(),
+            source,
+        })
+}
+
+fn remove<K: aya::Pod>(
+    map: &mut HashMap<MapData, K, u8>,
+    name: &'static str,
+    key: &K,
+    show: impl FnOnce() -> String,
+) -> Result<(), SteerError> {
+    match map.remove(key) {
+        Err(e) if is_enoent(&e) => Ok(()), // already gone: the goal is reached
+        r => r.map_err(|source| SteerError::MapRemove {
+            map: name,
+            key: show(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::flow::{addr16, Proto};
+    use crate::table::{BackendSpec, ServiceSpec};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn key_bytes_round_trip_and_layout() {
+        let k = SteerKey {
+            addr: addr16(ip("198.18.211.10")),
+            port: 0x1f90,
+            proto: 17,
+        };
+        let b = k.to_bytes();
+        assert_eq!(&b[..12], &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]);
+        assert_eq!(&b[12..16], &[198, 18, 211, 10]);
+        assert_eq!(&b[16..18], &[0x1f, 0x90], "port in network order");
+        assert_eq!(b[18], 17);
+        assert_eq!(b[19], 0);
+        assert_eq!(SteerKey::from_bytes(&b), k);
+        assert_eq!(k.to_string(), "198.18.211.10:8080/udp");
+    }
+
+    #[test]
+    fn wanted_keys_cover_frontends_without_backends_and_every_backend() {
+        let table = Table::build(
+            1,
+            7,
+            &[
+                ServiceSpec::cluster_ip(
+                    ip("198.18.211.10"),
+                    80,
+                    Proto::Tcp,
+                    vec![
+                        BackendSpec::ready(ip("198.18.212.1"), 8080),
+                        BackendSpec {
+                            weight: 0,
+                            ..BackendSpec::ready(ip("198.18.212.2"), 8080)
+                        },
+                    ],
+                ),
+                ServiceSpec::cluster_ip(ip("198.18.211.10"), 53, Proto::Udp, vec![]),
+                ServiceSpec::cluster_ip(
+                    ip("2001:db8::10"),
+                    443,
+                    Proto::Tcp,
+                    vec![BackendSpec::ready(ip("2001:db8::1:1"), 8443)],
+                ),
+            ],
+        )
+        .unwrap();
+        let k = Keys::wanted(&table);
+        assert_eq!(k.frontends.len(), 3);
+        assert!(k.frontends.contains(&SteerKey {
+            addr: addr16(ip("198.18.211.10")),
+            port: 53,
+            proto: 17
+        }));
+        assert_eq!(k.backends.len(), 3, "draining backends steer their replies");
+        assert!(k.backends.contains(&SteerKey {
+            addr: addr16(ip("198.18.212.2")),
+            port: 8080,
+            proto: 6
+        }));
+        assert_eq!(k.vip_addrs.len(), 2);
+        assert_eq!(k.backend_addrs.len(), 3);
+        assert!(Keys::wanted(&Table::empty(0)).frontends.is_empty());
+    }
+
+    #[test]
+    fn steering_object_is_embedded() {
+        // An ELF object for the bpf target (EM_BPF = 247).
+        assert_eq!(&STEER_OBJ[..4], b"\x7fELF");
+        assert_eq!(u16::from_le_bytes([STEER_OBJ[18], STEER_OBJ[19]]), 247);
+    }
+}

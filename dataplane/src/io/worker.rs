@@ -1,0 +1,355 @@
+//! One gateway worker: a pinned thread that polls its AF_XDP sockets in
+//! batches, runs the pure core over each batch, writes next-hop MACs and puts
+//! the frames on the right TX ring.
+//!
+//! Owns: the poll loop, per-worker I/O counters, and the hand-off of counters
+//! to the metrics thread. It reads the clock, the table handle and the
+//! next-hop view once per batch, never per packet, and never allocates in the
+//! loop. It does not decide what happens to a packet: that is
+//! [`crate::pipeline::Worker`]'s verdict.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use xsk_rs::FrameDesc;
+
+use crate::conntrack::Conntrack;
+use crate::flow::ip_from16;
+use crate::io::nexthop::{NextHops, Unresolved};
+use crate::io::xsk::{BindMode, Iface, Ports, RingStats, XskError, XskOptions, RX_BATCH};
+use crate::packet::rewrite::set_macs;
+use crate::pipeline::{Counters, Verdict, Worker};
+use crate::snapshot::TableHandle;
+use crate::time::Now;
+
+/// Counters of the I/O around the core, per worker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IoCounters {
+    /// Frames taken off RX rings.
+    pub rx_packets: u64,
+    /// Frames put on TX rings.
+    pub tx_packets: u64,
+    /// Bytes put on TX rings.
+    pub tx_bytes: u64,
+    /// Frames dropped because a TX ring had no room.
+    pub tx_ring_full: u64,
+    /// Forwarded frames dropped because their next hop could not be resolved,
+    /// per [`Unresolved`] index.
+    pub unresolved: [u64; Unresolved::ALL.len()],
+    /// Frames the steering program sent that the core would hand to the
+    /// kernel; an AF_XDP socket cannot give them back, so they are dropped
+    /// and counted (the program and the table disagree for a moment during a
+    /// table switch).
+    pub pass_unavailable: u64,
+    /// Resolution requests that did not fit the resolver's queue.
+    pub trigger_dropped: u64,
+    /// Conntrack entries this worker expired.
+    pub expired: u64,
+}
+
+/// One socket's ring statistics, as last read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortStats {
+    /// Interface name.
+    pub ifname: String,
+    /// Queue.
+    pub queue: u32,
+    /// How it is bound.
+    pub mode: BindMode,
+    /// `XDP_STATISTICS`.
+    pub rings: RingStats,
+}
+
+/// What a worker publishes for the metrics and health endpoints.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerStats {
+    /// The core counters.
+    pub pipeline: Counters,
+    /// The I/O counters.
+    pub io: IoCounters,
+    /// Per-socket ring statistics.
+    pub ports: Vec<PortStats>,
+    /// When the worker last published (its heartbeat).
+    pub beat: Option<Instant>,
+    /// Table generation the worker used last.
+    pub generation: u64,
+    /// Set when the worker left its loop.
+    pub stopped: bool,
+}
+
+/// What every worker shares.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// The current table.
+    pub table: Arc<TableHandle>,
+    /// The current next hops.
+    pub hops: Arc<ArcSwap<NextHops>>,
+    /// The shared connection table.
+    pub conntrack: Arc<Conntrack>,
+    /// Set to stop (SIGTERM): the worker drains and returns.
+    pub stop: Arc<AtomicBool>,
+    /// Addresses to resolve (the resolver thread reads them).
+    pub resolve: SyncSender<IpAddr>,
+    /// The clock origin shared by all workers (conntrack times are relative
+    /// to it).
+    pub epoch: Instant,
+}
+
+/// One worker's sockets.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// Interfaces served (every worker serves all of them).
+    pub ifaces: Vec<Iface>,
+    /// This worker's queues on every interface.
+    pub queues: Vec<u32>,
+    /// Ring and UMEM sizes.
+    pub xsk: XskOptions,
+}
+
+/// A socket opened by a worker, for the steering program's XSKMAP.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenedSocket {
+    /// Interface slot.
+    pub slot: u32,
+    /// Queue.
+    pub queue: u32,
+    /// The socket.
+    pub fd: std::os::fd::RawFd,
+    /// How it was bound.
+    pub mode: BindMode,
+}
+
+/// How often a worker hands its counters over.
+const PUBLISH_EVERY: Duration = Duration::from_millis(50);
+/// How often it reads its sockets' ring statistics (a syscall each).
+const RING_STATS_EVERY: Duration = Duration::from_secs(1);
+/// How often it sweeps conntrack shards for expired entries.
+const EXPIRE_EVERY: Duration = Duration::from_millis(10);
+/// Shards swept per sweep (of 256 per family).
+const EXPIRE_SHARDS: usize = 2;
+/// Empty polls before the worker sleeps in `poll(2)`.
+const SPINS_BEFORE_WAIT: u32 = 512;
+/// Longest sleep when idle.
+const IDLE_WAIT_MS: i32 = 1;
+/// Longest a drain waits for TX completions.
+const DRAIN_LIMIT: Duration = Duration::from_millis(500);
+
+/// Opens the worker's sockets (call on the worker's own, pinned thread).
+///
+/// # Errors
+/// The first socket that could not be opened.
+pub fn open(spec: &WorkerSpec) -> Result<(Ports, Vec<OpenedSocket>), XskError> {
+    let ports = Ports::open(&spec.ifaces, &spec.queues, spec.xsk)?;
+    let opened = ports
+        .ports()
+        .iter()
+        .map(|p| OpenedSocket {
+            slot: p.slot,
+            queue: p.queue,
+            fd: p.fd(),
+            mode: p.mode,
+        })
+        .collect();
+    Ok((ports, opened))
+}
+
+/// Polls until `shared.stop` is set, then drains: stops receiving, sends
+/// what is in hand, and waits (bounded) for TX completions.
+pub fn run(mut ports: Ports, shared: &Shared, stats: &Mutex<WorkerStats>) {
+    let mut core = Worker::new(Arc::clone(&shared.conntrack));
+    let mut io = IoCounters::default();
+    let nports = ports.ports().len();
+    // Egress socket for (ingress socket, interface index): same queue when the
+    // interface has it, else its first socket.
+    let egress_of = |ingress: usize, ifindex: u32, ports: &Ports| -> Option<usize> {
+        let q = ports.ports().get(ingress)?.queue;
+        let all = ports.ports();
+        all.iter()
+            .position(|p| p.ifindex == ifindex && p.queue == q)
+            .or_else(|| all.iter().position(|p| p.ifindex == ifindex))
+    };
+    let mut rx = [FrameDesc::default(); RX_BATCH];
+    let mut verdicts = [Verdict::Pass; RX_BATCH];
+    let mut egress = [usize::MAX; RX_BATCH];
+    let mut pending: Vec<Vec<FrameDesc>> = (0..nports)
+        .map(|_| Vec::with_capacity(RX_BATCH))
+        .collect();
+    let mut dropped: Vec<FrameDesc> = Vec::with_capacity(RX_BATCH);
+    let mut port_stats: Vec<PortStats> = ports
+        .ports()
+        .iter()
+        .map(|p| PortStats {
+            ifname: p.ifname.clone(),
+            queue: p.queue,
+            mode: p.mode,
+            rings: RingStats::default(),
+        })
+        .collect();
+    let mut last_publish = Instant::now();
+    let mut last_rings = last_publish - RING_STATS_EVERY;
+    let mut last_expire = last_publish;
+    let mut expire_cursor = 0usize;
+    let mut spins = 0u32;
+    let mut generation = 0u64;
+
+    while !shared.stop.load(Ordering::Relaxed) {
+        ports.recycle();
+        let wall = Instant::now();
+        let now = Now(wall.saturating_duration_since(shared.epoch).as_nanos() as u64);
+        let table = shared.table.load();
+        generation = table.generation();
+        let hops = shared.hops.load();
+        let mut work = 0usize;
+        for port in 0..nports {
+            let n = ports.receive(port, &mut rx);
+            if n == 0 {
+                continue;
+            }
+            work += n;
+            io.rx_packets += n as u64;
+            ports.with_frames(&mut rx[..n], |frames, lens| {
+                core.process_batch(now, &table, frames, &mut verdicts[..n]);
+                for i in 0..n {
+                    egress[i] = usize::MAX;
+                    match verdicts[i] {
+                        Verdict::Forward { len, next_hop } => match hops.resolve(&next_hop.addr) {
+                            Ok(hop) => match egress_of(port, hop.ifindex, &ports) {
+                                Some(e) => {
+                                    // The frame is at least an Ethernet header
+                                    // long: the core parsed it.
+                                    let _ = set_macs(frames[i].buf, hop.src_mac, hop.dst_mac);
+                                    lens[i] = len;
+                                    egress[i] = e;
+                                }
+                                None => io.unresolved[Unresolved::OtherInterface as usize] += 1,
+                            },
+                            Err(why) => {
+                                io.unresolved[why as usize] += 1;
+                                if why == Unresolved::NoNeighbour
+                                    && shared.resolve.try_send(ip_from16(next_hop.addr)).is_err()
+                                {
+                                    io.trigger_dropped += 1;
+                                }
+                            }
+                        },
+                        Verdict::Reject { len } => {
+                            lens[i] = len;
+                            egress[i] = port;
+                        }
+                        Verdict::Pass => io.pass_unavailable += 1,
+                        Verdict::Drop(_) => {}
+                    }
+                }
+            });
+            for (d, &e) in rx[..n].iter().zip(&egress[..n]) {
+                match pending.get_mut(e) {
+                    Some(q) => q.push(*d),
+                    None => dropped.push(*d),
+                }
+            }
+            ports.release(&dropped);
+            dropped.clear();
+            for (e, q) in pending.iter_mut().enumerate() {
+                if q.is_empty() {
+                    continue;
+                }
+                let sent = ports.transmit(e, q);
+                io.tx_packets += sent as u64;
+                io.tx_bytes += q[..sent]
+                    .iter()
+                    .map(|d| d.lengths().data() as u64)
+                    .sum::<u64>();
+                io.tx_ring_full += (q.len() - sent) as u64;
+                q.clear();
+            }
+        }
+        drop(table);
+        drop(hops);
+
+        if wall.saturating_duration_since(last_expire) >= EXPIRE_EVERY {
+            io.expired += shared
+                .conntrack
+                .expire(now, &mut expire_cursor, EXPIRE_SHARDS) as u64;
+            last_expire = wall;
+        }
+        if wall.saturating_duration_since(last_publish) >= PUBLISH_EVERY {
+            if wall.saturating_duration_since(last_rings) >= RING_STATS_EVERY {
+                for (s, p) in port_stats.iter_mut().zip(ports.ports()) {
+                    if let Ok(r) = p.ring_stats() {
+                        s.rings = r;
+                    }
+                }
+                last_rings = wall;
+            }
+            if let Ok(mut s) = stats.try_lock() {
+                publish(&mut s, &core.counters, &io, &port_stats, generation, wall);
+                last_publish = wall;
+            }
+        }
+        if work == 0 {
+            spins += 1;
+            if spins >= SPINS_BEFORE_WAIT {
+                ports.kick();
+                ports.wait(IDLE_WAIT_MS);
+                spins = 0;
+            } else {
+                std::hint::spin_loop();
+            }
+        } else {
+            spins = 0;
+        }
+    }
+
+    // Drain: nothing more is received; what was sent gets its completions.
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    while ports.in_flight() > 0 && Instant::now() < deadline {
+        ports.kick();
+        ports.recycle();
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let mut s = stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    publish(
+        &mut s,
+        &core.counters,
+        &io,
+        &port_stats,
+        generation,
+        Instant::now(),
+    );
+    s.stopped = true;
+}
+
+fn publish(
+    s: &mut WorkerStats,
+    core: &Counters,
+    io: &IoCounters,
+    ports: &[PortStats],
+    generation: u64,
+    now: Instant,
+) {
+    s.pipeline.clone_from(core);
+    s.io.clone_from(io);
+    s.ports.clone_from_slice_or_set(ports);
+    s.generation = generation;
+    s.beat = Some(now);
+}
+
+trait CloneFromSlice<T> {
+    fn clone_from_slice_or_set(&mut self, src: &[T]);
+}
+
+impl<T: Clone> CloneFromSlice<T> for Vec<T> {
+    /// Copies in place once the lengths agree (no allocation after the first
+    /// publish).
+    fn clone_from_slice_or_set(&mut self, src: &[T]) {
+        if self.len() == src.len() {
+            self.clone_from_slice(src);
+        } else {
+            *self = src.to_vec();
+        }
+    }
+}
