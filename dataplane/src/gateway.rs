@@ -70,6 +70,9 @@ pub struct RunArgs {
     /// Exit after this many seconds (0: run until SIGTERM); for tests.
     #[arg(long, default_value_t = 0)]
     pub exit_after_s: u64,
+    /// Tests only: the first worker panics after receiving this many frames.
+    #[arg(long, hide = true)]
+    pub inject_worker_fault: Option<u64>,
 }
 
 /// A parsed `--cores`.
@@ -138,7 +141,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         let rxq = rx_queues(name);
         if let Some(n) = rxq {
             if args.queues > n {
-                bail!("--queues {} but interface {name} has {n} receive queue(s)", args.queues);
+                bail!(
+                    "--queues {} but interface {name} has {n} receive queue(s)",
+                    args.queues
+                );
             }
         }
         ifaces.push(Iface {
@@ -200,7 +206,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     let served: Vec<u32> = ifaces.iter().map(|i| i.ifindex).collect();
     let mut resolver = Resolver::new(&served).context("opening netlink for next hops")?;
     let hops = Arc::new(ArcSwap::from_pointee(
-        resolver.refresh().context("reading routes and neighbours")?,
+        resolver
+            .refresh()
+            .context("reading routes and neighbours")?,
     ));
     let table = handle.load_full();
     let synced = steering
@@ -221,6 +229,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         stop: Arc::clone(&stop),
         resolve: resolve_tx,
         epoch: started,
+        panic_after_rx: None,
     };
 
     // Workers: each pins itself, opens its sockets, reports them, drops
@@ -236,7 +245,10 @@ pub fn run(args: RunArgs) -> Result<()> {
             queues,
             xsk,
         };
-        let shared = shared.clone();
+        let mut shared = shared.clone();
+        if w == 0 {
+            shared.panic_after_rx = args.inject_worker_fault;
+        }
         let stats = Arc::new(Mutex::new(WorkerStats::default()));
         let stats2 = Arc::clone(&stats);
         let opened_tx = opened_tx.clone();
@@ -279,10 +291,12 @@ pub fn run(args: RunArgs) -> Result<()> {
                 }
             }
             Ok((w, Err(e))) => {
-                setup_error.get_or_insert_with(|| format!("worker on core {}: {e}", args.cores.0[w]));
+                setup_error
+                    .get_or_insert_with(|| format!("worker on core {}: {e}", args.cores.0[w]));
             }
             Err(_) => {
-                setup_error.get_or_insert_with(|| "a worker did not open its sockets within 10 s".into());
+                setup_error
+                    .get_or_insert_with(|| "a worker did not open its sockets within 10 s".into());
                 break;
             }
         }
@@ -315,7 +329,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             .collect(),
         conntrack: Arc::clone(&ct),
     };
-    gateway_http::spawn(args.metrics, http).with_context(|| format!("--metrics {}", args.metrics))?;
+    gateway_http::spawn(args.metrics, http)
+        .with_context(|| format!("--metrics {}", args.metrics))?;
 
     let outcome = manage(
         &args,
@@ -518,9 +533,13 @@ mod tests {
     fn core_lists() {
         assert_eq!(parse_cores("0").map(|c| c.0), Ok(vec![0]));
         assert_eq!(parse_cores("0,2-4").map(|c| c.0), Ok(vec![0, 2, 3, 4]));
-        assert!(parse_cores("1,1").unwrap_err().contains("twice"));
-        assert!(parse_cores("3-1").unwrap_err().contains("backwards"));
-        assert!(parse_cores("x").unwrap_err().contains("not a core"));
+        assert!(parse_cores("1,1").expect_err("duplicate").contains("twice"));
+        assert!(parse_cores("3-1")
+            .expect_err("backwards")
+            .contains("backwards"));
+        assert!(parse_cores("x")
+            .expect_err("not a number")
+            .contains("not a core"));
         assert!(parse_cores("").is_err());
     }
 

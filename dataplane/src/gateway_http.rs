@@ -105,7 +105,11 @@ fn answer(mut conn: TcpStream, server: &Server) -> std::io::Result<()> {
             (s, "text/plain; charset=utf-8", b)
         }
         ("GET" | "HEAD", _) => (404, "text/plain; charset=utf-8", "not found\n".into()),
-        _ => (405, "text/plain; charset=utf-8", "GET or HEAD only\n".into()),
+        _ => (
+            405,
+            "text/plain; charset=utf-8",
+            "GET or HEAD only\n".into(),
+        ),
     };
     let reason = match status {
         200 => "OK",
@@ -214,7 +218,10 @@ fn gauge_family(
 }
 
 fn l(pairs: &[(&str, String)]) -> Labels {
-    pairs.iter().map(|(k, v)| ((*k).to_string(), v.clone())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), v.clone()))
+        .collect()
 }
 
 /// The metrics, in the text exposition format.
@@ -401,7 +408,10 @@ fn metrics(server: &Server) -> String {
         "conntrack_evictions",
         "Entries evicted under pressure, by whether they were established",
         vec![
-            (l(&[("established", "false".into())]), ct.evicted_unestablished),
+            (
+                l(&[("established", "false".into())]),
+                ct.evicted_unestablished,
+            ),
             (l(&[("established", "true".into())]), ct.evicted_established),
         ],
     );

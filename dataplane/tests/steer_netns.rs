@@ -45,6 +45,8 @@ const NS_B: &str = "CGT_STEER_NS_B";
 
 const IF_A: &str = "cgst0";
 const IF_B: &str = "cgst1";
+/// A bridge in A: no native XDP, so generic mode.
+const IF_BRIDGE: &str = "cgst2";
 const ADDR_A: &str = "198.18.210.1";
 const ADDR_B: &str = "198.18.210.2";
 /// A VIP routed from B through A.
@@ -96,8 +98,18 @@ fn run(cmd: &mut Command, limit: Duration) -> String {
     let status = wait_bounded(&mut child, limit, &what);
     let mut out = String::new();
     let mut err = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(status.success(), "{what}: {status}\n{out}{err}");
     out
 }
@@ -185,6 +197,8 @@ impl Netns {
             ip_cmd(&["-n", ns, "link", "set", dev, "up"]);
         }
         ip_cmd(&["-n", b, "route", "add", VIP_NET, "via", ADDR_A]);
+        ip_cmd(&["-n", a, "link", "add", IF_BRIDGE, "type", "bridge"]);
+        ip_cmd(&["-n", a, "link", "set", IF_BRIDGE, "up"]);
         this
     }
 
@@ -428,9 +442,7 @@ fn gateway_half() {
     );
     if Command::new("ping").arg("-V").output().is_ok() {
         run(
-            Command::new("ip").args([
-                "netns", "exec", &ns_b, "ping", "-c", "2", "-W", "2", ADDR_A,
-            ]),
+            Command::new("ip").args(["netns", "exec", &ns_b, "ping", "-c", "2", "-W", "2", ADDR_A]),
             Duration::from_secs(10),
         );
         eprintln!("steer_netns: ping {ADDR_A} from B answered");
@@ -438,7 +450,10 @@ fn gateway_half() {
         eprintln!("steer_netns: no `ping` here; reachability shown with ARP and TCP");
     }
     let s0 = steer.stats().unwrap();
-    assert!(s0.passed > 0, "ARP and TCP went through the program: {s0:?}");
+    assert!(
+        s0.passed > 0,
+        "ARP and TCP went through the program: {s0:?}"
+    );
     assert_eq!(s0.redirected + s0.no_socket, 0, "{s0:?}");
 
     // (2) sync: exactly the table's keys; a second sync is a no-op; a
@@ -543,8 +558,14 @@ fn gateway_half() {
         &ns_b,
         &format!("udp:{VIP}:8080:{N};udp:{ADDR_A}:7002:{N};udp:{ADDR_A}:7003:{N}"),
     );
-    assert_eq!(on_frontend.count(N as usize, Duration::from_secs(3)), N as usize);
-    assert_eq!(on_other.count(N as usize, Duration::from_secs(3)), N as usize);
+    assert_eq!(
+        on_frontend.count(N as usize, Duration::from_secs(3)),
+        N as usize
+    );
+    assert_eq!(
+        on_other.count(N as usize, Duration::from_secs(3)),
+        N as usize
+    );
     let after = steer.stats().unwrap();
     eprintln!("steer_netns: without a socket: {before:?} -> {after:?}");
     assert_eq!(after.redirected, before.redirected);
@@ -600,7 +621,10 @@ fn gateway_half() {
         ports.release(&descs[..n]);
         ports.recycle();
     }
-    assert_eq!(on_other.count(2 * N as usize, Duration::from_secs(3)), 2 * N as usize);
+    assert_eq!(
+        on_other.count(2 * N as usize, Duration::from_secs(3)),
+        2 * N as usize
+    );
     assert_eq!(
         on_frontend.count(N as usize + 1, Duration::from_millis(300)),
         N as usize,
@@ -617,7 +641,10 @@ fn gateway_half() {
     got.sort_unstable();
     let mut want = vec![7002u16; N as usize];
     want.extend(vec![8080u16; N as usize]);
-    assert_eq!(got, want, "the socket received exactly the frontend traffic");
+    assert_eq!(
+        got, want,
+        "the socket received exactly the frontend traffic"
+    );
     steer.unregister_socket(0, 0).unwrap();
     drop(ports);
 
@@ -631,6 +658,22 @@ fn gateway_half() {
     drop(steer);
     assert!(!has_xdp(None, IF_A), "XDP still attached after drop");
     eprintln!("steer_netns: detach() and drop both left {IF_A} without XDP");
+
+    // Two interfaces: slots in order; a device without native XDP gets
+    // generic mode.
+    let steer = Steering::load(&[
+        (IF_A.to_owned(), ifx),
+        (IF_BRIDGE.to_owned(), ifindex(IF_BRIDGE)),
+    ])
+    .expect("load on veth and bridge");
+    eprintln!("steer_netns: veth + bridge: {:?}", steer.attach_modes());
+    assert_eq!(steer.attach_modes()[1], AttachMode::Generic);
+    assert!(has_xdp(None, IF_A) && has_xdp(None, IF_BRIDGE));
+    steer.detach().expect("detach both");
+    assert!(!has_xdp(None, IF_A) && !has_xdp(None, IF_BRIDGE));
+    // The same interface twice is refused before anything is loaded.
+    let dup = Steering::load(&[(IF_A.to_owned(), ifx), ("again".to_owned(), ifx)]);
+    assert!(dup.is_err());
 }
 
 // ---------------------------------------------------------------------------
@@ -743,23 +786,67 @@ fn steer_classifies_frames() {
 
     let cases: Vec<(&str, Vec<u8>, Classified)> = vec![
         ("client to frontend (udp)", to_vip.clone(), Steered),
-        ("client to another port", udp(CLIENT, 5555, VIP, 8081), Passed),
-        ("frontend without backends (tcp)", tcp(CLIENT, 5555, VIP, 80), Steered),
-        ("frontend port, other protocol", tcp(CLIENT, 5555, VIP, 8080), Passed),
+        (
+            "client to another port",
+            udp(CLIENT, 5555, VIP, 8081),
+            Passed,
+        ),
+        (
+            "frontend without backends (tcp)",
+            tcp(CLIENT, 5555, VIP, 80),
+            Steered,
+        ),
+        (
+            "frontend port, other protocol",
+            tcp(CLIENT, 5555, VIP, 8080),
+            Passed,
+        ),
         ("backend reply", reply.clone(), Steered),
-        ("backend, another port", udp(BE1, 9001, CLIENT, 5555), Passed),
-        ("node's own traffic", udp(CLIENT, 5555, "198.18.210.1", 22), Passed),
+        (
+            "backend, another port",
+            udp(BE1, 9001, CLIENT, 5555),
+            Passed,
+        ),
+        (
+            "node's own traffic",
+            udp(CLIENT, 5555, "198.18.210.1", 22),
+            Passed,
+        ),
         ("802.1Q tagged, to frontend", vlan(&to_vip, 42), Steered),
-        ("802.1Q tagged, other port", vlan(&udp(CLIENT, 1, VIP, 1), 42), Passed),
-        ("IPv4 options, to frontend", with_ipv4_options(&to_vip), Steered),
+        (
+            "802.1Q tagged, other port",
+            vlan(&udp(CLIENT, 1, VIP, 1), 42),
+            Passed,
+        ),
+        (
+            "IPv4 options, to frontend",
+            with_ipv4_options(&to_vip),
+            Steered,
+        ),
         ("sctp to frontend", sctp(CLIENT, 3868, VIP, 3868), Steered),
-        ("sctp backend reply", sctp(BE_SCTP, 3868, CLIENT, 3868), Steered),
+        (
+            "sctp backend reply",
+            sctp(BE_SCTP, 3868, CLIENT, 3868),
+            Steered,
+        ),
         ("IPv6 to frontend", to_vip6.clone(), Steered),
         ("IPv6 backend reply", tcp(BE6, 8443, CLIENT6, 5555), Steered),
         ("IPv6 other port", tcp(CLIENT6, 5555, VIP6, 444), Passed),
-        ("IPv6, 2 extension headers", with_ipv6_ext(&to_vip6, 2), Steered),
-        ("IPv6, 4 extension headers", with_ipv6_ext(&to_vip6, 4), Steered),
-        ("IPv6, 5 extension headers (beyond the walk)", with_ipv6_ext(&to_vip6, 5), Passed),
+        (
+            "IPv6, 2 extension headers",
+            with_ipv6_ext(&to_vip6, 2),
+            Steered,
+        ),
+        (
+            "IPv6, 4 extension headers",
+            with_ipv6_ext(&to_vip6, 4),
+            Steered,
+        ),
+        (
+            "IPv6, 5 extension headers (beyond the walk)",
+            with_ipv6_ext(&to_vip6, 5),
+            Passed,
+        ),
         (
             "IPv6 first fragment to frontend",
             testkit::ipv6_fragment(a16(CLIENT6), a16(VIP6), 6, 9, (0, true), &tcp_hdr6),
@@ -777,7 +864,14 @@ fn steer_classifies_frames() {
         ),
         (
             "IPv6 later fragment, unrelated",
-            testkit::ipv6_fragment(a16(CLIENT6), a16("2001:db8::99"), 6, 9, (4, false), &[0; 16]),
+            testkit::ipv6_fragment(
+                a16(CLIENT6),
+                a16("2001:db8::99"),
+                6,
+                9,
+                (4, false),
+                &[0; 16],
+            ),
             Passed,
         ),
         (
@@ -797,43 +891,92 @@ fn steer_classifies_frames() {
         ),
         (
             "IPv4 later fragment, unrelated",
-            testkit::ipv4_raw(a16(CLIENT), a16("198.18.213.9"), 17, 7, (75, false), &datagram[600..]),
+            testkit::ipv4_raw(
+                a16(CLIENT),
+                a16("198.18.213.9"),
+                17,
+                7,
+                (75, false),
+                &datagram[600..],
+            ),
             Passed,
         ),
         (
             "ICMP unreachable quoting a packet to a backend",
-            testkit::icmp_error(a16(BE1), a16(CLIENT), (3, 3, [0; 4]), &udp(CLIENT, 5555, BE1, 9000), 28),
+            testkit::icmp_error(
+                a16(BE1),
+                a16(CLIENT),
+                (3, 3, [0; 4]),
+                &udp(CLIENT, 5555, BE1, 9000),
+                28,
+            ),
             Steered,
         ),
         (
             "ICMP frag needed quoting a reply from the frontend",
-            testkit::icmp_error(a16("198.18.213.1"), a16(VIP), (3, 4, [0, 0, 5, 0xdc]), &udp(VIP, 8080, CLIENT, 5555), 28),
+            testkit::icmp_error(
+                a16("198.18.213.1"),
+                a16(VIP),
+                (3, 4, [0, 0, 5, 0xdc]),
+                &udp(VIP, 8080, CLIENT, 5555),
+                28,
+            ),
             Steered,
         ),
         (
             "ICMP time exceeded quoting a packet to the frontend",
-            testkit::icmp_error(a16("198.18.213.1"), a16(CLIENT), (11, 0, [0; 4]), &to_vip, 28),
+            testkit::icmp_error(
+                a16("198.18.213.1"),
+                a16(CLIENT),
+                (11, 0, [0; 4]),
+                &to_vip,
+                28,
+            ),
             Steered,
         ),
         (
             "ICMP error quoting unrelated traffic",
-            testkit::icmp_error(a16("198.18.213.1"), a16(CLIENT), (3, 3, [0; 4]), &udp(CLIENT, 1, "198.18.213.9", 2), 28),
+            testkit::icmp_error(
+                a16("198.18.213.1"),
+                a16(CLIENT),
+                (3, 3, [0; 4]),
+                &udp(CLIENT, 1, "198.18.213.9", 2),
+                28,
+            ),
             Passed,
         ),
         (
             "ICMP error with options in the quoted header",
-            testkit::icmp_error(a16(BE1), a16(CLIENT), (3, 3, [0; 4]), &with_ipv4_options(&udp(CLIENT, 5555, BE1, 9000)), 32),
+            testkit::icmp_error(
+                a16(BE1),
+                a16(CLIENT),
+                (3, 3, [0; 4]),
+                &with_ipv4_options(&udp(CLIENT, 5555, BE1, 9000)),
+                32,
+            ),
             Steered,
         ),
         ("ICMP echo request to a VIP", icmp_echo, Passed),
         (
             "ICMPv6 packet too big quoting a reply from the frontend",
-            testkit::icmp_error(a16("2001:db8::1"), a16(VIP6), (2, 0, 1280u32.to_be_bytes()), &tcp(VIP6, 443, CLIENT6, 5555), 48),
+            testkit::icmp_error(
+                a16("2001:db8::1"),
+                a16(VIP6),
+                (2, 0, 1280u32.to_be_bytes()),
+                &tcp(VIP6, 443, CLIENT6, 5555),
+                48,
+            ),
             Steered,
         ),
         (
             "ICMPv6 unreachable quoting a packet to a backend",
-            testkit::icmp_error(a16(BE6), a16(CLIENT6), (1, 4, [0; 4]), &tcp(CLIENT6, 5555, BE6, 8443), 48),
+            testkit::icmp_error(
+                a16(BE6),
+                a16(CLIENT6),
+                (1, 4, [0; 4]),
+                &tcp(CLIENT6, 5555, BE6, 8443),
+                48,
+            ),
             Steered,
         ),
         (
@@ -842,14 +985,36 @@ fn steer_classifies_frames() {
             Passed,
         ),
         ("ARP", arp, Passed),
-        ("truncated UDP header", to_vip[..14 + 20 + 4].to_vec(), Malformed),
-        ("truncated IPv4 header", to_vip[..14 + 10].to_vec(), Malformed),
+        (
+            "truncated UDP header",
+            to_vip[..14 + 20 + 4].to_vec(),
+            Malformed,
+        ),
+        (
+            "truncated IPv4 header",
+            to_vip[..14 + 10].to_vec(),
+            Malformed,
+        ),
         ("IPv4 IHL below 5", bad_ihl, Malformed),
-        ("truncated IPv6 header", to_vip6[..14 + 30].to_vec(), Malformed),
-        ("truncated VLAN tag", vlan(&to_vip, 1)[..16].to_vec(), Malformed),
+        (
+            "truncated IPv6 header",
+            to_vip6[..14 + 30].to_vec(),
+            Malformed,
+        ),
+        (
+            "truncated VLAN tag",
+            vlan(&to_vip, 1)[..16].to_vec(),
+            Malformed,
+        ),
         (
             "ICMP error quoting no ports",
-            testkit::icmp_error(a16(BE1), a16(CLIENT), (3, 3, [0; 4]), &udp(CLIENT, 5555, BE1, 9000), 22),
+            testkit::icmp_error(
+                a16(BE1),
+                a16(CLIENT),
+                (3, 3, [0; 4]),
+                &udp(CLIENT, 5555, BE1, 9000),
+                22,
+            ),
             Malformed,
         ),
     ];
@@ -860,7 +1025,12 @@ fn steer_classifies_frames() {
             wrong.push(format!("{what}: want {want:?}, got {got:?}"));
         }
     }
-    assert!(wrong.is_empty(), "{} wrong:\n{}", wrong.len(), wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "{} wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
 
     // Frontends with no backends keep steering; removed ones stop.
     steer.sync(&Table::empty(2)).unwrap();

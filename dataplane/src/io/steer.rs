@@ -129,7 +129,7 @@ pub enum SteerError {
         config: SteerConfig,
         /// aya's error.
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     /// The object lacks a program or map this loader needs (a build mismatch).
     #[error("the XDP steering object has no {what} `{name}`")]
@@ -146,14 +146,14 @@ pub enum SteerError {
         map: &'static str,
         /// aya's error.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// The kernel (verifier) refused the program.
     #[error("load XDP program `{PROGRAM}` into the kernel: {source}")]
     LoadProgram {
         /// aya's error, with the verifier log.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// Neither driver nor generic mode could be attached.
     #[error(
@@ -168,7 +168,7 @@ pub enum SteerError {
         driver: String,
         /// Why generic mode failed.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// `if_slots` could not be written.
     #[error("set slot {slot} for {ifname} (ifindex {ifindex}) in map `if_slots`: {source}")]
@@ -181,7 +181,7 @@ pub enum SteerError {
         slot: u32,
         /// aya's error.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// Slot or queue out of range.
     #[error(
@@ -206,7 +206,7 @@ pub enum SteerError {
         fd: RawFd,
         /// aya's error.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// A lookup map refused an insert (full: see [`SteerConfig`]).
     #[error("insert {key} into map `{map}`: {source}")]
@@ -217,7 +217,7 @@ pub enum SteerError {
         key: String,
         /// aya's error.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// A lookup map refused a delete.
     #[error("delete {key} from map `{map}`: {source}")]
@@ -228,7 +228,7 @@ pub enum SteerError {
         key: String,
         /// aya's error.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// A map could not be read.
     #[error("read map `{map}`: {source}")]
@@ -237,7 +237,7 @@ pub enum SteerError {
         map: &'static str,
         /// aya's error.
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
     /// `BPF_PROG_TEST_RUN` failed.
     #[error("run XDP program `{PROGRAM}` on a {len}-byte test frame: {source}")]
@@ -246,7 +246,7 @@ pub enum SteerError {
         len: usize,
         /// aya's error.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// The program could not be detached.
     #[error("detach XDP program from {ifname} (ifindex {ifindex}): {source}")]
@@ -257,7 +257,7 @@ pub enum SteerError {
         ifindex: u32,
         /// aya's error.
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
 }
 
@@ -451,14 +451,18 @@ impl fmt::Debug for Steering {
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SteerError> {
-    ebpf.take_map(name).ok_or(SteerError::Missing { what: "map", name })
+    ebpf.take_map(name)
+        .ok_or(SteerError::Missing { what: "map", name })
 }
 
 fn open_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, SteerError>
 where
     M: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    M::try_from(take_map(ebpf, name)?).map_err(|source| SteerError::OpenMap { map: name, source })
+    M::try_from(take_map(ebpf, name)?).map_err(|source| SteerError::OpenMap {
+        map: name,
+        source: Box::new(source),
+    })
 }
 
 /// XDP links of program `prog_id` that the kernel knows of (0 on error: the
@@ -529,7 +533,10 @@ impl Steering {
             .map_max_entries(MAP_IF_SLOTS, MAX_INTERFACES as u32)
             .map_max_entries(MAP_XSKS, slots * MAX_QUEUES)
             .load(STEER_OBJ)
-            .map_err(|source| SteerError::LoadObject { config, source })?;
+            .map_err(|source| SteerError::LoadObject {
+                config,
+                source: Box::new(source),
+            })?;
 
         let frontends = open_map(&mut ebpf, MAP_FRONTENDS)?;
         let backends = open_map(&mut ebpf, MAP_BACKENDS)?;
@@ -548,7 +555,7 @@ impl Steering {
                     ifname: ifname.clone(),
                     ifindex: *ifindex,
                     slot,
-                    source,
+                    source: Box::new(source),
                 })?;
         }
 
@@ -559,9 +566,12 @@ impl Steering {
                 name: PROGRAM,
             })?
             .try_into()
-            .map_err(|source| SteerError::LoadProgram { source })?;
-        prog.load()
-            .map_err(|source| SteerError::LoadProgram { source })?;
+            .map_err(|source| SteerError::LoadProgram {
+                source: Box::new(source),
+            })?;
+        prog.load().map_err(|source| SteerError::LoadProgram {
+            source: Box::new(source),
+        })?;
         let prog_id = prog.info().map(|i| i.id()).unwrap_or(0);
 
         let mut attached: Vec<Attached> = Vec::with_capacity(ifaces.len());
@@ -578,22 +588,26 @@ impl Steering {
                                 ifname: ifname.clone(),
                                 ifindex: *ifindex,
                                 driver: driver.to_string(),
-                                source,
+                                source: Box::new(source),
                             })
                         }
                     }
                 }
             };
-            let link = prog
-                .take_link(id)
-                .map_err(|source| SteerError::Attach {
-                    ifname: ifname.clone(),
-                    ifindex: *ifindex,
-                    driver: String::new(),
-                    source,
-                })?;
+            let link = prog.take_link(id).map_err(|source| SteerError::Attach {
+                ifname: ifname.clone(),
+                ifindex: *ifindex,
+                driver: String::new(),
+                source: Box::new(source),
+            })?;
             let bpf_link = xdp_links_of(prog_id) > links_before;
-            tracing::info!(ifname, ifindex, ?mode, bpf_link, "XDP steering program attached");
+            tracing::info!(
+                ifname,
+                ifindex,
+                ?mode,
+                bpf_link,
+                "XDP steering program attached"
+            );
             if !bpf_link {
                 tracing::warn!(
                     ifname,
@@ -655,7 +669,7 @@ impl Steering {
                 slot,
                 queue,
                 fd,
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -671,7 +685,7 @@ impl Steering {
                 slot,
                 queue,
                 fd: -1,
-                source,
+                source: Box::new(source),
             }),
         }
     }
@@ -805,7 +819,7 @@ impl Steering {
                 .get(&index, 0)
                 .map_err(|source| SteerError::ReadMap {
                     map: MAP_STATS,
-                    source,
+                    source: Box::new(source),
                 })?;
             Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
         };
@@ -829,7 +843,10 @@ impl Steering {
         ) -> Result<Vec<K>, SteerError> {
             let set: Result<BTreeSet<K>, MapError> = map.keys().collect();
             set.map(|s| s.into_iter().collect())
-                .map_err(|source| SteerError::ReadMap { map: name, source })
+                .map_err(|source| SteerError::ReadMap {
+                    map: name,
+                    source: Box::new(source),
+                })
         }
         let parse = |v: Vec<[u8; KEY_LEN]>| -> Vec<SteerKey> {
             let mut k: Vec<SteerKey> = v.iter().map(SteerKey::from_bytes).collect();
@@ -866,7 +883,7 @@ impl Steering {
                     first.get_or_insert(SteerError::Detach {
                         ifname,
                         ifindex,
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }
@@ -893,7 +910,7 @@ impl Steering {
             .try_into()
             .map_err(|source| SteerError::TestRun {
                 len: frame.len(),
-                source,
+                source: Box::new(source),
             })?;
         let before = self.stats()?;
         prog.test_run(TestRunOptions {
@@ -902,7 +919,7 @@ impl Steering {
         })
         .map_err(|source| SteerError::TestRun {
             len: frame.len(),
-            source,
+            source: Box::new(source),
         })?;
         let after = self.stats()?;
         Ok(if after.malformed > before.malformed {
@@ -949,7 +966,7 @@ fn insert<K: aya::Pod>(
         .map_err(|source| SteerError::MapInsert {
             map: name,
             key: show(),
-            source,
+            source: Box::new(source),
         })
 }
 
@@ -964,7 +981,7 @@ fn remove<K: aya::Pod>(
         r => r.map_err(|source| SteerError::MapRemove {
             map: name,
             key: show(),
-            source,
+            source: Box::new(source),
         }),
     }
 }

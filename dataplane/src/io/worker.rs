@@ -97,6 +97,9 @@ pub struct Shared {
     /// The clock origin shared by all workers (conntrack times are relative
     /// to it).
     pub epoch: Instant,
+    /// Fault injection for the tests: panic once this many frames were
+    /// received (`clustergate run --inject-worker-fault`).
+    pub panic_after_rx: Option<u64>,
 }
 
 /// One worker's sockets.
@@ -175,9 +178,8 @@ pub fn run(mut ports: Ports, shared: &Shared, stats: &Mutex<WorkerStats>) {
     let mut rx = [FrameDesc::default(); RX_BATCH];
     let mut verdicts = [Verdict::Pass; RX_BATCH];
     let mut egress = [usize::MAX; RX_BATCH];
-    let mut pending: Vec<Vec<FrameDesc>> = (0..nports)
-        .map(|_| Vec::with_capacity(RX_BATCH))
-        .collect();
+    let mut pending: Vec<Vec<FrameDesc>> =
+        (0..nports).map(|_| Vec::with_capacity(RX_BATCH)).collect();
     let mut dropped: Vec<FrameDesc> = Vec::with_capacity(RX_BATCH);
     let mut port_stats: Vec<PortStats> = ports
         .ports()
@@ -211,6 +213,15 @@ pub fn run(mut ports: Ports, shared: &Shared, stats: &Mutex<WorkerStats>) {
             }
             work += n;
             io.rx_packets += n as u64;
+            if shared
+                .panic_after_rx
+                .is_some_and(|limit| io.rx_packets >= limit)
+            {
+                panic!(
+                    "injected fault after {} received frames (--inject-worker-fault)",
+                    io.rx_packets
+                );
+            }
             ports.with_frames(&mut rx[..n], |frames, lens| {
                 core.process_batch(now, &table, frames, &mut verdicts[..n]);
                 for i in 0..n {
@@ -311,7 +322,9 @@ pub fn run(mut ports: Ports, shared: &Shared, stats: &Mutex<WorkerStats>) {
         ports.recycle();
         std::thread::sleep(Duration::from_micros(200));
     }
-    let mut s = stats.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut s = stats
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     publish(
         &mut s,
         &core.counters,

@@ -270,7 +270,9 @@ impl Ports {
                 // Sockets after the first share its UMEM and, with it, its
                 // mode: the kernel binds them the way the UMEM was bound.
                 let inherited = ports.first().map(|p: &Port| p.mode);
-                ports.push(open_port(&umem, iface, &name, queue, ring, opts, inherited)?);
+                ports.push(open_port(
+                    &umem, iface, &name, queue, ring, opts, inherited,
+                )?);
             }
         }
         let mut this = Self {
@@ -413,10 +415,10 @@ impl Ports {
         };
         let room = p.tx.nb_free(descs.len() as u32) as usize;
         let n = room.min(descs.len());
-        // SAFETY: the frames belong to this UMEM and are in our hands only;
-        // after `produce` they are the kernel's until the completion ring
-        // returns them (`recycle`).
         let done = if n > 0 {
+            // SAFETY: the frames belong to this UMEM and are in our hands
+            // only; after `produce` they are the kernel's until the
+            // completion ring returns them (`recycle`).
             unsafe { p.tx.produce(&descs[..n]) }
         } else {
             0

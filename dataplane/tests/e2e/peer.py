@@ -299,6 +299,18 @@ def capture(ifname, seconds, stop_file):
     out({"seen": seen, "bad": bad, "bad_examples": bad_examples})
 
 
+def get(url):
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            out({"status": r.status, "body": r.read().decode()})
+    except urllib.error.HTTPError as e:
+        out({"status": e.code, "body": e.read().decode()})
+    except Exception as e:  # noqa: BLE001
+        out({"status": 0, "body": repr(e)})
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "serve":
@@ -317,6 +329,8 @@ def main():
         ping(args[0], int(args[1]))
     elif cmd == "probe":
         tcp_probe(args[0], int(args[1]))
+    elif cmd == "get":
+        get(args[0])
     elif cmd == "capture":
         capture(args[0], float(args[1]), args[2])
     else:

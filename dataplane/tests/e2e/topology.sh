@@ -19,6 +19,9 @@ cmd=${1:?usage: topology.sh up|down PREFIX [two-armed|one-armed]}
 P=${2:?prefix}
 mode=${3:-two-armed}
 BACKENDS=4
+# Queues of the gateway's veth (QUEUES=2 for two workers).
+Q=${QUEUES:-1}
+qs="numtxqueues $Q numrxqueues $Q"
 
 ns() { ip netns exec "$P-$1" "${@:2}"; }
 offload_off() { ns "$1" ethtool -K "$2" tx off rx off tso off gso off gro off >/dev/null 2>&1 || true; }
@@ -44,7 +47,7 @@ ns lan ip link add br0 type bridge
 ns lan ip link set br0 up
 
 # Gateway ↔ LAN.
-ip link add g1 netns "$P-gw" type veth peer l0 netns "$P-lan"
+ip link add g1 netns "$P-gw" $qs type veth peer l0 netns "$P-lan" $qs
 ns lan ip link set l0 master br0 up
 ns gw ip addr add 198.18.2.1/24 dev g1
 ns gw ip link set g1 up
@@ -63,7 +66,7 @@ for i in $(seq 1 $BACKENDS); do
 done
 
 if [ "$mode" = two-armed ]; then
-    ip link add c0 netns "$P-cli" type veth peer g0 netns "$P-gw"
+    ip link add c0 netns "$P-cli" $qs type veth peer g0 netns "$P-gw" $qs
     ns cli ip addr add 198.18.1.2/24 dev c0
     ns gw ip addr add 198.18.1.1/24 dev g0
     ns cli ip link set c0 up
