@@ -49,7 +49,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=steer::MAX_QUEUES as i64))]
     pub queues: u32,
     /// Prometheus metrics, `/healthz` and `/livez` on this address.
-    #[arg(long, default_value = "127.0.0.1:10259")]
+    #[arg(long, default_value = "127.0.0.1:10257")]
     pub metrics: SocketAddr,
     /// The proxy name this gateway serves (control's `--proxy-name`); a label
     /// on every metric.

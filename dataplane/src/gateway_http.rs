@@ -464,11 +464,12 @@ fn metrics(server: &Server) -> String {
     counter_family(
         &mut reg,
         "xdp_steered",
-        "Frames seen by the XDP steering program, by outcome",
+        "Frames seen by the XDP steering program, by outcome (no_socket: matched, but no AF_XDP socket at its queue, so passed to the kernel)",
         vec![
             (l(&[("outcome", "redirected".into())]), st.steer.redirected),
             (l(&[("outcome", "passed".into())]), st.steer.passed),
             (l(&[("outcome", "malformed".into())]), st.steer.malformed),
+            (l(&[("outcome", "no_socket".into())]), st.steer.no_socket),
         ],
     );
     drop(st);

@@ -283,7 +283,7 @@ impl Env {
             "--queues".into(),
             queues.to_string(),
             "--metrics".into(),
-            "127.0.0.1:10259".into(),
+            "127.0.0.1:10257".into(),
             "--flows".into(),
             "65536".into(),
             "--exit-after-s".into(),
@@ -296,7 +296,7 @@ impl Env {
     }
 
     fn metrics(&self) -> String {
-        let v = self.peer("gw", &["get", "http://127.0.0.1:10259/metrics"]);
+        let v = self.peer("gw", &["get", "http://127.0.0.1:10257/metrics"]);
         v["body"].as_str().unwrap_or("").to_string()
     }
 
@@ -310,7 +310,7 @@ impl Env {
     fn wait_healthy(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let v = self.peer("gw", &["get", "http://127.0.0.1:10259/healthz"]);
+            let v = self.peer("gw", &["get", "http://127.0.0.1:10257/healthz"]);
             if v["status"] == 200 {
                 return;
             }
