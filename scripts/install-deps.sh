@@ -25,3 +25,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 command -v cargo >/dev/null || { echo "install-deps: cargo is not on PATH; install Rust first" >&2; exit 1; }
+# The gateway's end-to-end tests drive real clients and servers written in Python.
+command -v python3 >/dev/null || { echo "install-deps: python3 is not on PATH (the end-to-end tests need it)" >&2; exit 1; }

@@ -302,9 +302,11 @@ pub fn run(mut ports: Ports, shared: &Shared, stats: &Mutex<WorkerStats>) {
             }
         }
         if work == 0 {
+            // In copy mode the kernel sends at most 32 frames per kick: keep
+            // kicking while frames are in flight (no syscall otherwise).
+            ports.kick();
             spins += 1;
             if spins >= SPINS_BEFORE_WAIT {
-                ports.kick();
                 ports.wait(IDLE_WAIT_MS);
                 spins = 0;
             } else {
