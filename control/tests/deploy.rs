@@ -570,7 +570,9 @@ fn snapshot_directory_is_a_shared_memory_volume() {
         );
     }
     assert!(
-        volumes.iter().all(|v| v.host_path.as_ref().is_none_or(|h| h.path != "/sys/fs/bpf")),
+        volumes
+            .iter()
+            .all(|v| v.host_path.as_ref().is_none_or(|h| h.path != "/sys/fs/bpf")),
         "a bpffs hostPath volume nothing uses"
     );
 }
