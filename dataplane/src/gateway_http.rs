@@ -63,6 +63,10 @@ pub fn spawn(addr: SocketAddr, server: Server) -> Result<()> {
     std::thread::Builder::new()
         .name("cg-http".into())
         .spawn(move || {
+            // Capabilities are per thread: this one reads the network and
+            // needs none.
+            let _ = caps::clear(None, caps::CapSet::Effective);
+            let _ = caps::clear(None, caps::CapSet::Permitted);
             for conn in listener.incoming().flatten() {
                 let _ = answer(conn, &server);
             }
@@ -72,7 +76,8 @@ pub fn spawn(addr: SocketAddr, server: Server) -> Result<()> {
 }
 
 fn answer(mut conn: TcpStream, server: &Server) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    // Short: one connection at a time, and kubelet probes time out after 1 s.
+    conn.set_read_timeout(Some(Duration::from_millis(300)))?;
     conn.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut buf = [0u8; 4096];
     let mut len = 0;

@@ -23,6 +23,7 @@
 //! namespaces.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+#![allow(unsafe_code)] // Frames from a real AF_XDP socket (`Ports`' unsafe contract).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -609,16 +610,20 @@ fn gateway_half() {
         if n == 0 {
             continue;
         }
-        ports.with_frames(&mut descs[..n], |frames, _lens| {
-            for f in frames.iter() {
-                let b = &f.buf[..f.len];
-                // Ethernet, IPv4 without options, UDP: destination port.
-                assert_eq!(&b[12..14], &[0x08, 0x00], "an IPv4 frame");
-                let l4 = 14 + usize::from(b[14] & 0x0f) * 4;
-                got.push(u16::from_be_bytes([b[l4 + 2], b[l4 + 3]]));
-            }
-        });
-        ports.release(&descs[..n]);
+        // SAFETY: `descs[..n]` was just filled by `receive` and is in hand.
+        unsafe {
+            ports.with_frames(&mut descs[..n], |frames, _lens| {
+                for f in frames.iter() {
+                    let b = &f.buf[..f.len];
+                    // Ethernet, IPv4 without options, UDP: destination port.
+                    assert_eq!(&b[12..14], &[0x08, 0x00], "an IPv4 frame");
+                    let l4 = 14 + usize::from(b[14] & 0x0f) * 4;
+                    got.push(u16::from_be_bytes([b[l4 + 2], b[l4 + 3]]));
+                }
+            })
+        };
+        // SAFETY: the same frames, handed back once.
+        unsafe { ports.release(&descs[..n]) };
         ports.recycle();
     }
     assert_eq!(

@@ -7,6 +7,7 @@
 //! next-hop view once per batch, never per packet, and never allocates in the
 //! loop. It does not decide what happens to a packet: that is
 //! [`crate::pipeline::Worker`]'s verdict.
+#![allow(unsafe_code)] // Frames handed between the rings (`Ports`' unsafe contract).
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -222,53 +223,68 @@ pub fn run(mut ports: Ports, shared: &Shared, stats: &Mutex<WorkerStats>) {
                     io.rx_packets
                 );
             }
-            ports.with_frames(&mut rx[..n], |frames, lens| {
-                core.process_batch(now, &table, frames, &mut verdicts[..n]);
-                for i in 0..n {
-                    egress[i] = usize::MAX;
-                    match verdicts[i] {
-                        Verdict::Forward { len, next_hop } => match hops.resolve(&next_hop.addr) {
-                            Ok(hop) => match egress_of(port, hop.ifindex, &ports) {
-                                Some(e) => {
-                                    // The frame is at least an Ethernet header
-                                    // long: the core parsed it.
-                                    let _ = set_macs(frames[i].buf, hop.src_mac, hop.dst_mac);
-                                    lens[i] = len;
-                                    egress[i] = e;
-                                }
-                                None => io.unresolved[Unresolved::OtherInterface as usize] += 1,
-                            },
-                            Err(why) => {
-                                io.unresolved[why as usize] += 1;
-                                if why == Unresolved::NoNeighbour
-                                    && shared.resolve.try_send(ip_from16(next_hop.addr)).is_err()
-                                {
-                                    io.trigger_dropped += 1;
+            // SAFETY: `rx[..n]` was just filled by `receive` and is in hand.
+            unsafe {
+                ports.with_frames(&mut rx[..n], |frames, lens| {
+                    core.process_batch(now, &table, frames, &mut verdicts[..n]);
+                    for i in 0..n {
+                        egress[i] = usize::MAX;
+                        match verdicts[i] {
+                            Verdict::Forward { len, next_hop } => {
+                                match hops.resolve(&next_hop.addr) {
+                                    Ok(hop) => match egress_of(port, hop.ifindex, &ports) {
+                                        Some(e) => {
+                                            // The frame is at least an Ethernet header
+                                            // long: the core parsed it.
+                                            let _ =
+                                                set_macs(frames[i].buf, hop.src_mac, hop.dst_mac);
+                                            lens[i] = len;
+                                            egress[i] = e;
+                                        }
+                                        None => {
+                                            io.unresolved[Unresolved::OtherInterface as usize] += 1
+                                        }
+                                    },
+                                    Err(why) => {
+                                        io.unresolved[why as usize] += 1;
+                                        if why == Unresolved::NoNeighbour
+                                            && shared
+                                                .resolve
+                                                .try_send(ip_from16(next_hop.addr))
+                                                .is_err()
+                                        {
+                                            io.trigger_dropped += 1;
+                                        }
+                                    }
                                 }
                             }
-                        },
-                        Verdict::Reject { len } => {
-                            lens[i] = len;
-                            egress[i] = port;
+                            Verdict::Reject { len } => {
+                                lens[i] = len;
+                                egress[i] = port;
+                            }
+                            Verdict::Pass => io.pass_unavailable += 1,
+                            Verdict::Drop(_) => {}
                         }
-                        Verdict::Pass => io.pass_unavailable += 1,
-                        Verdict::Drop(_) => {}
                     }
-                }
-            });
+                })
+            };
             for (d, &e) in rx[..n].iter().zip(&egress[..n]) {
                 match pending.get_mut(e) {
                     Some(q) => q.push(*d),
                     None => dropped.push(*d),
                 }
             }
-            ports.release(&dropped);
+            // SAFETY: each received frame went to exactly one of `pending`
+            // and `dropped`, and neither has been handed over yet.
+            unsafe { ports.release(&dropped) };
             dropped.clear();
             for (e, q) in pending.iter_mut().enumerate() {
                 if q.is_empty() {
                     continue;
                 }
-                let sent = ports.transmit(e, q);
+                // SAFETY: see `release` above; the lengths come from the
+                // core's verdicts (a frame it rewrote, at least a header long).
+                let sent = unsafe { ports.transmit(e, q) };
                 io.tx_packets += sent as u64;
                 io.tx_bytes += q[..sent]
                     .iter()
@@ -348,23 +364,14 @@ fn publish(
 ) {
     s.pipeline.clone_from(core);
     s.io.clone_from(io);
-    s.ports.clone_from_slice_or_set(ports);
+    if s.ports.len() == ports.len() {
+        for (d, p) in s.ports.iter_mut().zip(ports) {
+            d.rings = p.rings;
+            d.mode = p.mode;
+        }
+    } else {
+        s.ports = ports.to_vec();
+    }
     s.generation = generation;
     s.beat = Some(now);
-}
-
-trait CloneFromSlice<T> {
-    fn clone_from_slice_or_set(&mut self, src: &[T]);
-}
-
-impl<T: Clone> CloneFromSlice<T> for Vec<T> {
-    /// Copies in place once the lengths agree (no allocation after the first
-    /// publish).
-    fn clone_from_slice_or_set(&mut self, src: &[T]) {
-        if self.len() == src.len() {
-            self.clone_from_slice(src);
-        } else {
-            *self = src.to_vec();
-        }
-    }
 }

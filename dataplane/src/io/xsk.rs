@@ -227,6 +227,25 @@ impl Ports {
     /// # Errors
     /// [`XskError`] naming the interface and queue that failed.
     pub fn open(ifaces: &[Iface], queues: &[u32], opts: XskOptions) -> Result<Self, XskError> {
+        match Self::open_with(ifaces, queues, opts) {
+            // One UMEM has one mode: when the first interface took zero-copy
+            // and a later one cannot, bind them all in copy mode.
+            Err(e) if opts.zero_copy == ZeroCopy::Auto => {
+                tracing::info!("{e}; binding every socket of this worker in copy mode");
+                Self::open_with(
+                    ifaces,
+                    queues,
+                    XskOptions {
+                        zero_copy: ZeroCopy::Never,
+                        ..opts
+                    },
+                )
+            }
+            r => r,
+        }
+    }
+
+    fn open_with(ifaces: &[Iface], queues: &[u32], opts: XskOptions) -> Result<Self, XskError> {
         let pairs = (ifaces.len() * queues.len()) as u32;
         let ring = queue_size("ring size", opts.ring_size)?;
         let frame_size = FrameSize::new(opts.frame_size).map_err(|e| XskError::Option {
@@ -358,7 +377,13 @@ impl Ports {
     /// whole frame, so that a reject has room to grow). `f` writes into
     /// `lens[i]` the length to send frame `i` with; after `f`, each
     /// descriptor carries that length.
-    pub fn with_frames<R>(
+    ///
+    /// # Safety
+    /// Every descriptor must have come from [`Ports::receive`] on this
+    /// `Ports`, be in the caller's hands (not passed to [`Ports::transmit`]
+    /// or [`Ports::release`] since), and appear once: otherwise two views of
+    /// one frame could exist, or one frame could sit on two rings.
+    pub unsafe fn with_frames<R>(
         &self,
         descs: &mut [FrameDesc],
         f: impl FnOnce(&mut [Frame<'_>], &mut [usize]) -> R,
@@ -368,9 +393,9 @@ impl Ports {
         let mut datas: [Option<xsk_rs::umem::frame::DataMut<'_>>; RX_BATCH] =
             [const { None }; RX_BATCH];
         for (slot, d) in datas.iter_mut().zip(descs[..n].iter_mut()) {
-            // SAFETY: every descriptor in `descs` came off one of this UMEM's
-            // RX rings and is in our hands only (not on any ring); the
-            // descriptors are distinct, so the buffers do not alias.
+            // SAFETY: by this function's contract every descriptor in `descs`
+            // came off one of this UMEM's RX rings, is in our hands only (not
+            // on any ring) and is distinct, so the buffers do not alias.
             *slot = Some(unsafe { self.umem.data_mut(d) });
         }
         let r = {
@@ -404,8 +429,16 @@ impl Ports {
 
     /// Puts `descs` on socket `port`'s TX ring and kicks the kernel when it
     /// asks for it (always, in copy mode). Frames that do not fit go back to
-    /// the pool. Returns how many were queued.
-    pub fn transmit(&mut self, port: usize, descs: &[FrameDesc]) -> usize {
+    /// the pool. Returns how many were queued. Every descriptor's length
+    /// must be in `1..=frame size` (the kernel would drop an invalid one
+    /// without completing it, losing the frame); the caller checks.
+    ///
+    /// # Safety
+    /// Every descriptor must have come from [`Ports::receive`] on this
+    /// `Ports`, be in the caller's hands (not passed to [`Ports::transmit`]
+    /// or [`Ports::release`] since), and appear once: otherwise two views of
+    /// one frame could exist, or one frame could sit on two rings.
+    pub unsafe fn transmit(&mut self, port: usize, descs: &[FrameDesc]) -> usize {
         if descs.is_empty() {
             return 0;
         }
@@ -416,9 +449,9 @@ impl Ports {
         let room = p.tx.nb_free(descs.len() as u32) as usize;
         let n = room.min(descs.len());
         let done = if n > 0 {
-            // SAFETY: the frames belong to this UMEM and are in our hands
-            // only; after `produce` they are the kernel's until the
-            // completion ring returns them (`recycle`).
+            // SAFETY: by this function's contract the frames belong to this
+            // UMEM and are in our hands only; after `produce` they are the
+            // kernel's until the completion ring returns them (`recycle`).
             unsafe { p.tx.produce(&descs[..n]) }
         } else {
             0
@@ -434,7 +467,13 @@ impl Ports {
     }
 
     /// Returns frames that are not sent to the pool.
-    pub fn release(&mut self, descs: &[FrameDesc]) {
+    ///
+    /// # Safety
+    /// Every descriptor must have come from [`Ports::receive`] on this
+    /// `Ports`, be in the caller's hands (not passed to [`Ports::transmit`]
+    /// or [`Ports::release`] since), and appear once: otherwise two views of
+    /// one frame could exist, or one frame could sit on two rings.
+    pub unsafe fn release(&mut self, descs: &[FrameDesc]) {
         self.free.extend_from_slice(descs);
     }
 
