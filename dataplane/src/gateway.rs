@@ -8,7 +8,7 @@
 //! supervises the workers and stops everything on SIGTERM/SIGINT. Workers are
 //! pinned threads running [`clustergate_dataplane::io::worker::run`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -465,13 +465,13 @@ fn report_poll(w: &Watcher, outcome: PollOutcome) {
 }
 
 fn keep_backends_resolved(resolver: &mut Resolver, table: &Table) {
-    let addrs: HashSet<IpAddr> = table
+    let mut addrs: Vec<IpAddr> = table
         .backend_records()
         .iter()
         .map(|b| ip_from16(b.addr))
         .collect();
-    let mut addrs: Vec<IpAddr> = addrs.into_iter().collect();
     addrs.sort_unstable();
+    addrs.dedup();
     if let Err(e) = resolver.keep_resolved(&addrs) {
         warn!("keeping backend neighbours resolved: {e}");
     }

@@ -20,30 +20,16 @@ use std::time::{Duration, Instant};
 use clustergate_dataplane::flow::{addr16, Proto};
 use clustergate_dataplane::snapshot;
 use serde_json::Value;
+use support::root_or_skip;
+
+mod support;
 
 /// One gateway test at a time: they share the machine's two cores.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const VIP: &str = "198.18.100.1";
 const EMPTY_VIP: &str = "198.18.100.2";
-
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY-free check: the effective uid from /proc (no libc call).
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid_root = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        == Some("0");
-    if euid_root {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test}: needs root, and CI runs as root: a skip here would hide a failure");
-    }
-    eprintln!("{test}: skipped: needs root (network namespaces, XDP, AF_XDP)");
-    false
-}
+const NEEDS: &str = "network namespaces, XDP, AF_XDP";
 
 fn e2e_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e")
@@ -416,7 +402,7 @@ fn cap_eff(status_path: &Path) -> u64 {
 
 #[test]
 fn two_armed_gateway_end_to_end() {
-    if !root_or_skip("two_armed_gateway_end_to_end") {
+    if !root_or_skip("two_armed_gateway_end_to_end", NEEDS) {
         return;
     }
     let _serial = SERIAL
@@ -650,7 +636,7 @@ fn two_armed_gateway_end_to_end() {
 
 #[test]
 fn one_armed_gateway_and_a_worker_fault() {
-    if !root_or_skip("one_armed_gateway_and_a_worker_fault") {
+    if !root_or_skip("one_armed_gateway_and_a_worker_fault", NEEDS) {
         return;
     }
     let _serial = SERIAL

@@ -18,6 +18,8 @@ use std::net::IpAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod support;
+
 use clustergate_dataplane::flow::addr16;
 use clustergate_dataplane::io::nexthop::{
     ifindex_by_name, Hop, NextHopError, NextHops, Resolver, Unresolved,
@@ -32,17 +34,6 @@ const WAIT: Duration = Duration::from_secs(3);
 
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("test address")
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
 }
 
 /// Runs `ip ARGS`, panicking with its stderr on failure.
@@ -94,12 +85,7 @@ fn nexthop_in_namespaces() {
         child();
         return;
     }
-    if !is_root() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "nexthop_netns needs root, and CI runs as root: refusing to skip there"
-        );
-        eprintln!("nexthop_in_namespaces skipped: needs root (network namespaces)");
+    if !support::root_or_skip("nexthop_in_namespaces", "network namespaces") {
         return;
     }
 

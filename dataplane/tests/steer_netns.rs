@@ -37,6 +37,11 @@ use clustergate_dataplane::io::steer::{AttachMode, Classified, SteerKey, Steerin
 use clustergate_dataplane::io::xsk::{Iface, Ports, XskOptions, ZeroCopy};
 use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
 use clustergate_dataplane::testkit::{self, L4Spec, Tcp};
+use support::root_or_skip;
+
+mod support;
+
+const NEEDS: &str = "XDP programs, network namespaces";
 
 /// Which half of `steer_netns` this process is (unset: the parent).
 const ROLE: &str = "CGT_STEER_ROLE";
@@ -60,31 +65,6 @@ fn ip(s: &str) -> IpAddr {
 
 fn a16(s: &str) -> Addr16 {
     addr16(ip(s))
-}
-
-/// Effective uid 0, from /proc/self/status.
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// True when the test may run; false (with a message) when it must skip.
-fn root_or_skip(test: &str) -> bool {
-    if is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test}: needs root, and CI is set: CI runs as root, so this skip would hide a defect"
-    );
-    eprintln!("{test}: skipped: needs root (XDP programs, network namespaces)");
-    false
 }
 
 /// Runs a command to completion within `limit`; panics on failure or timeout.
@@ -231,7 +211,7 @@ fn steer_netns() {
         Ok("hold") => return hold_half(),
         _ => {}
     }
-    if !root_or_skip("steer_netns") {
+    if !root_or_skip("steer_netns", NEEDS) {
         return;
     }
     let net = Netns::new();
@@ -743,7 +723,7 @@ fn vlan(f: &[u8], id: u16) -> Vec<u8> {
 
 #[test]
 fn steer_classifies_frames() {
-    if std::env::var_os(ROLE).is_some() || !root_or_skip("steer_classifies_frames") {
+    if std::env::var_os(ROLE).is_some() || !root_or_skip("steer_classifies_frames", NEEDS) {
         return;
     }
     // Attached nowhere: only BPF_PROG_TEST_RUN runs the program.

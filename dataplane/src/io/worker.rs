@@ -34,8 +34,6 @@ pub struct IoCounters {
     pub rx_packets: u64,
     /// Frames put on TX rings.
     pub tx_packets: u64,
-    /// Bytes put on TX rings.
-    pub tx_bytes: u64,
     /// Frames dropped because a TX ring had no room.
     pub tx_ring_full: u64,
     /// Forwarded frames dropped because their next hop could not be resolved,
@@ -167,14 +165,31 @@ pub fn run(mut ports: Ports, shared: &Shared, stats: &Mutex<WorkerStats>) {
     let mut core = Worker::new(Arc::clone(&shared.conntrack));
     let mut io = IoCounters::default();
     let nports = ports.ports().len();
-    // Egress socket for (ingress socket, interface index): same queue when the
-    // interface has it, else its first socket.
-    let egress_of = |ingress: usize, ifindex: u32, ports: &Ports| -> Option<usize> {
-        let q = ports.ports().get(ingress)?.queue;
-        let all = ports.ports();
-        all.iter()
-            .position(|p| p.ifindex == ifindex && p.queue == q)
-            .or_else(|| all.iter().position(|p| p.ifindex == ifindex))
+    // Egress socket per (ingress socket, interface index), worked out once:
+    // the same queue when the interface has it, else its first socket.
+    let egress_table: Vec<Vec<(u32, usize)>> = ports
+        .ports()
+        .iter()
+        .map(|ingress| {
+            let all = ports.ports();
+            let mut ifs: Vec<u32> = all.iter().map(|p| p.ifindex).collect();
+            ifs.dedup();
+            ifs.into_iter()
+                .filter_map(|ifindex| {
+                    all.iter()
+                        .position(|p| p.ifindex == ifindex && p.queue == ingress.queue)
+                        .or_else(|| all.iter().position(|p| p.ifindex == ifindex))
+                        .map(|e| (ifindex, e))
+                })
+                .collect()
+        })
+        .collect();
+    let egress_of = |ingress: usize, ifindex: u32| -> Option<usize> {
+        egress_table
+            .get(ingress)?
+            .iter()
+            .find(|(i, _)| *i == ifindex)
+            .map(|(_, e)| *e)
     };
     let mut rx = [FrameDesc::default(); RX_BATCH];
     let mut verdicts = [Verdict::Pass; RX_BATCH];
@@ -232,7 +247,7 @@ pub fn run(mut ports: Ports, shared: &Shared, stats: &Mutex<WorkerStats>) {
                         match verdicts[i] {
                             Verdict::Forward { len, next_hop } => {
                                 match hops.resolve(&next_hop.addr) {
-                                    Ok(hop) => match egress_of(port, hop.ifindex, &ports) {
+                                    Ok(hop) => match egress_of(port, hop.ifindex) {
                                         Some(e) => {
                                             // The frame is at least an Ethernet header
                                             // long: the core parsed it.
@@ -286,10 +301,6 @@ pub fn run(mut ports: Ports, shared: &Shared, stats: &Mutex<WorkerStats>) {
                 // core's verdicts (a frame it rewrote, at least a header long).
                 let sent = unsafe { ports.transmit(e, q) };
                 io.tx_packets += sent as u64;
-                io.tx_bytes += q[..sent]
-                    .iter()
-                    .map(|d| d.lengths().data() as u64)
-                    .sum::<u64>();
                 io.tx_ring_full += (q.len() - sent) as u64;
                 q.clear();
             }
