@@ -233,9 +233,6 @@ impl Telemetry {
         self.metrics
             .last_sync
             .set(now.as_millisecond() as f64 / 1e3);
-        self.metrics
-            .generation
-            .set(i64::try_from(generation).unwrap_or(i64::MAX));
         for t in lock(&self.triggers).drain(..) {
             let latency = now.duration_since(t).as_secs_f64();
             if latency >= 0.0 {
@@ -243,6 +240,10 @@ impl Telemetry {
             }
         }
         lock(&self.health).published(now);
+        // Last, so that a scraper that sees this generation sees all of it.
+        self.metrics
+            .generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
     }
 
     /// The change did not change the tables.

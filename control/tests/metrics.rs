@@ -71,6 +71,26 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// `/metrics` once it shows `generation`: the daemon publishes the snapshot
+/// before it updates its gauges, so a reader that saw the shared-memory
+/// generation may briefly get the previous one here.
+fn metrics_at(addr: SocketAddr, generation: f64) -> String {
+    let t = Instant::now();
+    loop {
+        let (status, text) = get(addr, "/metrics");
+        assert_eq!(status, 200, "{text}");
+        let now = sample(&text, "clustergate_snapshot_generation");
+        if now == generation {
+            return text;
+        }
+        assert!(
+            t.elapsed() < WAIT,
+            "metrics stayed at generation {now}, not {generation}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The value of the sample `name` (exact name, no labels) in `text`.
 fn sample(text: &str, name: &str) -> f64 {
     text.lines()
@@ -113,8 +133,7 @@ fn metrics_and_health_follow_the_publishes() {
     );
     wait_generation(&shm, 1);
 
-    let (status, text) = get(metrics, "/metrics");
-    assert_eq!(status, 200, "{text}");
+    let text = metrics_at(metrics, 1.0);
     for name in [
         "clustergate_sync_proxy_rules_duration_seconds",
         "clustergate_network_programming_duration_seconds",
@@ -139,7 +158,7 @@ fn metrics_and_health_follow_the_publishes() {
     // Only the slice changes: generation 2, one more endpoint change.
     write_atomically(&path, &manifest(9090, "198.18.1.1, 198.18.1.2"));
     wait_generation(&shm, 2);
-    let (_, text) = get(metrics, "/metrics");
+    let text = metrics_at(metrics, 2.0);
     assert_eq!(sample(&text, "clustergate_snapshot_generation"), 2.0);
     assert!(sample(&text, "clustergate_sync_proxy_rules_duration_seconds_count") >= 2.0);
     assert_eq!(sample(&text, "clustergate_service_changes_total"), services);
@@ -285,8 +304,10 @@ async fn api_source_metrics_and_unreachable_health() {
     tokio::task::spawn_blocking(move || wait_generation(&waiting, 1))
         .await
         .unwrap();
-    let text = wait_get(metrics, "/metrics", |s, _| s == 200).await;
-    assert_eq!(sample(&text, "clustergate_snapshot_generation"), 1.0);
+    let text = wait_get(metrics, "/metrics", |s, t| {
+        s == 200 && sample(t, "clustergate_snapshot_generation") == 1.0
+    })
+    .await;
     assert_eq!(
         sample(
             &text,
@@ -324,8 +345,10 @@ async fn api_source_metrics_and_unreachable_health() {
         .await
         .unwrap();
     wait_get(health, "/healthz", |s, _| s == 200).await;
-    let text = wait_get(metrics, "/metrics", |s, _| s == 200).await;
-    assert_eq!(sample(&text, "clustergate_snapshot_generation"), 2.0);
+    let text = wait_get(metrics, "/metrics", |s, t| {
+        s == 200 && sample(t, "clustergate_snapshot_generation") == 2.0
+    })
+    .await;
     assert_eq!(
         sample(
             &text,
