@@ -7,8 +7,12 @@
 //! - `publish-latency`: the time from a manifest change to the published
 //!   snapshot, through the real `clustergate-control run`.
 //!
-//! The netns topology, AF_XDP pktgen, sinks and the side-by-side runs against
-//! the kernel come with the benchmark issue.
+//! - `topology up|down`: the benchmark network (see [`layout`]);
+//! - `pktgen`, `sink`, `bounce`: the AF_XDP traffic generator, the checking
+//!   sinks in the backends, and the minimal AF_XDP forwarder (the ceiling);
+//! - `compare`: the same traffic through clustergate, the kernel's nftables
+//!   DNAT and the bounce forwarder, one after another;
+//! - `update-latency`: manifest write → first packet at the new backend.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -67,9 +71,26 @@ enum Command {
         #[arg(long)]
         control: Option<std::path::PathBuf>,
     },
+    /// The benchmark network: namespaces, veth, addresses, routes.
+    Topology(topology::Args),
+    /// AF_XDP traffic generator (run inside the client namespace).
+    Pktgen(pktgen::Args),
+    /// AF_XDP sink that checks every packet (run inside a backend namespace).
+    Sink(sink::Args),
+    /// Minimal AF_XDP forwarder, no lookup (run inside the gateway namespace).
+    Bounce(bounce::Args),
+    /// clustergate, kernel nftables DNAT and bounce, side by side.
+    Compare(compare::Args),
 }
 
 fn main() {
+    // Logs go to stderr; stdout carries results (tables, JSON lines).
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
     clustergate_dataplane::cli::exit_on_error(real_main());
 }
 
@@ -87,10 +108,22 @@ fn real_main() -> Result<()> {
             poll_ms,
             control,
         } => publish_latency::run(services, endpoints, changes, poll_ms, control),
+        Command::Topology(a) => topology::run(&a),
+        Command::Pktgen(a) => pktgen::run(&a),
+        Command::Sink(a) => sink::run(&a),
+        Command::Bounce(a) => bounce::run(&a),
+        Command::Compare(a) => compare::run(&a),
     }
 }
 
+mod bounce;
+mod compare;
+mod layout;
+mod pktgen;
 mod publish_latency;
+mod sink;
+mod topology;
+mod wire;
 
 fn vip(i: u32) -> Addr16 {
     addr16(IpAddr::from([198, 19, (i >> 8) as u8, i as u8]))

@@ -1,0 +1,128 @@
+//! The benchmark network's fixed layout, shared by every subcommand: names,
+//! addresses, MACs, the services' VIPs and the pktgen's flows. Everything is
+//! in 198.18.0.0/15 (RFC 2544's benchmarking range) and every MAC is locally
+//! administered, so nothing here can collide with a real network.
+//!
+//! ```text
+//!  PREFIX-cli          PREFIX-gw                 PREFIX-lan         PREFIX-bI
+//!  c0 198.18.1.2 ── g0 198.18.1.1 | g1 198.18.2.1 ── l0 [br0] lI ── e0 198.18.2.(10+I)
+//! ```
+//!
+//! VIPs are 198.19.(k / 256).(k % 256) port 80 for service k; every
+//! endpoint listens on port [`BACKEND_PORT`] (the sinks accept a range
+//! starting there, for the update-latency scenario).
+
+use std::net::Ipv4Addr;
+
+/// Most backends a topology can have.
+pub const MAX_BACKENDS: u32 = 16;
+/// Most services a scenario can have (VIPs 198.19.0.0–198.19.255.255).
+pub const MAX_SERVICES: u32 = 65_536;
+/// Most pktgen flows (source addresses × source ports).
+pub const MAX_FLOWS: u32 = 4_000_000;
+/// The service port of every VIP.
+pub const SERVICE_PORT: u16 = 80;
+/// The port every endpoint listens on (the first of the sinks' range).
+pub const BACKEND_PORT: u16 = 8080;
+/// Source ports per source address: 1024..=64999.
+pub const PORTS_PER_SOURCE: u32 = 64_000;
+/// The first source port.
+pub const FIRST_SOURCE_PORT: u16 = 1024;
+
+/// The client's address on c0.
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+/// The gateway's client-side address (g0).
+pub const GW_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// The gateway's backend-side address (g1).
+pub const GW_LAN_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+
+/// c0's MAC.
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0xcb, 0x01, 0, 0, 2];
+/// g0's MAC.
+pub const GW_CLIENT_MAC: [u8; 6] = [0x02, 0xcb, 0x01, 0, 0, 1];
+/// g1's MAC.
+pub const GW_LAN_MAC: [u8; 6] = [0x02, 0xcb, 0x02, 0, 0, 1];
+
+/// Backend `i` (1-based) address on its e0.
+#[must_use]
+pub fn backend_addr(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 2, 10 + i as u8)
+}
+
+/// Backend `i` (1-based) e0's MAC.
+#[must_use]
+pub fn backend_mac(i: u32) -> [u8; 6] {
+    [0x02, 0xcb, 0x02, 0, 0, 10 + i as u8]
+}
+
+/// The backend (1-based) that owns `addr`, if any of `backends`.
+#[must_use]
+pub fn backend_of(addr: Ipv4Addr, backends: u32) -> Option<u32> {
+    let o = addr.octets();
+    let i = u32::from(o[3]).checked_sub(10)?;
+    (o[..3] == [198, 18, 2] && (1..=backends).contains(&i)).then_some(i)
+}
+
+/// Service `k`'s VIP (k < [`MAX_SERVICES`]).
+#[must_use]
+pub fn vip(k: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, (k >> 8) as u8, k as u8)
+}
+
+/// The service a VIP belongs to, if it is one of `services`.
+#[must_use]
+pub fn service_of(addr: Ipv4Addr, services: u32) -> Option<u32> {
+    let o = addr.octets();
+    let k = (u32::from(o[2]) << 8) | u32::from(o[3]);
+    (o[..2] == [198, 19] && k < services).then_some(k)
+}
+
+/// Flow `f`'s client side: source address 198.18.1.(16 + f / 64000) and
+/// source port 1024 + f % 64000. (With [`MAX_FLOWS`] the address stays
+/// below 198.18.1.80.)
+#[must_use]
+pub fn flow_source(f: u32) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(198, 18, 1, 16 + (f / PORTS_PER_SOURCE) as u8),
+        FIRST_SOURCE_PORT + (f % PORTS_PER_SOURCE) as u16,
+    )
+}
+
+/// The flow whose source is (addr, port), if it is one of `flows`.
+#[must_use]
+pub fn flow_of(addr: Ipv4Addr, port: u16, flows: u32) -> Option<u32> {
+    let o = addr.octets();
+    let hi = u32::from(o[3]).checked_sub(16)?;
+    let lo = u32::from(port).checked_sub(u32::from(FIRST_SOURCE_PORT))?;
+    let f = hi * PORTS_PER_SOURCE + lo;
+    (o[..3] == [198, 18, 1] && lo < PORTS_PER_SOURCE && f < flows).then_some(f)
+}
+
+/// Flow `f` goes to service `f % services`.
+#[must_use]
+pub fn flow_service(f: u32, services: u32) -> u32 {
+    f % services.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flows_and_services_round_trip() {
+        for f in [0, 1, 63_999, 64_000, 1_000_000, MAX_FLOWS - 1] {
+            let (a, p) = flow_source(f);
+            assert_eq!(flow_of(a, p, MAX_FLOWS), Some(f), "{a}:{p}");
+        }
+        assert_eq!(flow_of(CLIENT_ADDR, 1024, MAX_FLOWS), None);
+        assert_eq!(flow_of(flow_source(10).0, 1024 + 10, 10), None, "beyond the flow count");
+        for k in [0, 1, 255, 256, 10_000, MAX_SERVICES - 1] {
+            assert_eq!(service_of(vip(k), MAX_SERVICES), Some(k));
+        }
+        assert_eq!(service_of(vip(5), 5), None);
+        for i in 1..=MAX_BACKENDS {
+            assert_eq!(backend_of(backend_addr(i), MAX_BACKENDS), Some(i));
+        }
+        assert_eq!(backend_of(GW_LAN_ADDR, MAX_BACKENDS), None);
+    }
+}

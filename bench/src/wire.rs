@@ -1,0 +1,1 @@
+//! Bench frames on the wire (being written).
