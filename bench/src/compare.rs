@@ -1,12 +1,1138 @@
-//! `clustergate-bench compare` (being written).
+//! `clustergate-bench compare`: the same traffic through three dataplanes,
+//! one after another, on one topology, in one invocation.
+//!
+//! - **clustergate**: `clustergate-control run` on a generated manifest of S
+//!   services × all backends, and `clustergate run` in the gateway namespace;
+//! - **kernel**: nftables DNAT as kube-proxy's nftables mode programs it (a
+//!   verdict map on VIP . proto . port, a chain per service choosing an
+//!   endpoint with `numgen random`, a chain per endpoint with the `dnat`),
+//!   with IP forwarding and conntrack;
+//! - **bounce**: `clustergate-bench bounce`, the same AF_XDP path as the
+//!   gateway with no lookup at all: the ceiling of this machine.
+//!
+//! Each repetition starts a checking sink in every backend, runs the AF_XDP
+//! pktgen in the client namespace for a fixed time, waits a grace period for
+//! the last frames, and stops the sinks. What it reports per dataplane, as
+//! the median over the repetitions with min and max: offered and forwarded
+//! pps, loss, one-way latency percentiles (merged over the sinks), CPU time
+//! per forwarded packet (all cores, user + system + irq + softirq, from
+//! /proc/stat over the run), and the spread over backends. Every sink check
+//! (rewritten destination, preserved source, checksums) must pass: a
+//! failure is printed and makes the command fail, whatever the speed.
 
-use anyhow::Result;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write as _};
+use std::net::TcpStream;
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::layout::{backend_addr, vip, BACKEND_PORT, MAX_FLOWS, MAX_SERVICES, SERVICE_PORT};
+use crate::topology::{Shape, Topology};
+
+/// A dataplane under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Dataplane {
+    /// `clustergate run` with `clustergate-control`.
+    Clustergate,
+    /// nftables DNAT + conntrack + IP forwarding.
+    Kernel,
+    /// `clustergate-bench bounce`: AF_XDP, no lookup.
+    Bounce,
+}
+
+impl Dataplane {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Clustergate => "clustergate",
+            Self::Kernel => "kernel",
+            Self::Bounce => "bounce",
+        }
+    }
+}
+
+/// L4 protocol of the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// UDP datagrams.
+    Udp,
+    /// TCP: a SYN per flow, then ACKs.
+    Tcp,
+}
+
+impl Proto {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        }
+    }
+}
 
 /// Flags of `clustergate-bench compare`.
-#[derive(Debug, clap::Args)]
-pub struct Args {}
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Namespace name prefix of the topology (built if missing, removed at the end).
+    #[arg(long, default_value = "cgb", value_parser = parse_prefix)]
+    pub prefix: String,
+    /// Backends, 1..=16.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub backends: u32,
+    /// Dataplanes to run, in this order.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "clustergate,kernel,bounce")]
+    pub dataplanes: Vec<Dataplane>,
+    /// Frame sizes in bytes (64..=1500), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "64")]
+    pub frame_sizes: Vec<u32>,
+    /// Flow counts (1..=4000000), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    pub flows: Vec<u32>,
+    /// Service counts (1..=65536), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub services: Vec<u32>,
+    /// Worker counts (1..=16; gateway workers, bounce workers and pktgen queues), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub workers: Vec<u32>,
+    /// Traffic: UDP, or TCP (a SYN per flow, then ACKs).
+    #[arg(long, value_enum, default_value = "udp")]
+    pub proto: Proto,
+    /// Offered rate in packets per second over all pktgen queues; 0: as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Seconds of traffic per repetition, 0.2..=120.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration_s: f64,
+    /// Repetitions per dataplane and scenario, 1..=20 (the median is reported).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub reps: u32,
+    /// Directory for results.json, results.md, chart.svg and the processes' logs.
+    #[arg(long, default_value = "bench-results")]
+    pub out: PathBuf,
+    /// Where `clustergate` and `clustergate-control` are (default: next to this binary).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Correctness only: one short, rate-limited repetition per dataplane
+    /// (1 s at 20 000 pps unless --duration-s / --rate say otherwise).
+    #[arg(long)]
+    pub quick: bool,
+    /// Leave the topology up at the end.
+    #[arg(long)]
+    pub keep_topology: bool,
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    if (1..=8).contains(&s.len())
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("{s:?}: 1 to 8 characters of a-z and 0-9"))
+    }
+}
+
+impl Args {
+    fn validate(&mut self) -> Result<()> {
+        if self.quick {
+            self.reps = 1;
+            if self.duration_s == 5.0 {
+                self.duration_s = 1.0;
+            }
+            if self.rate == 0 {
+                self.rate = 20_000;
+            }
+        }
+        ensure!(
+            (0.2..=120.0).contains(&self.duration_s),
+            "--duration-s {}: must be 0.2..=120",
+            self.duration_s
+        );
+        ensure!(!self.dataplanes.is_empty(), "--dataplanes: name at least one");
+        for &f in &self.frame_sizes {
+            ensure!((64..=1500).contains(&f), "--frame-sizes {f}: must be 64..=1500");
+        }
+        for &f in &self.flows {
+            ensure!((1..=MAX_FLOWS).contains(&f), "--flows {f}: must be 1..={MAX_FLOWS}");
+        }
+        for &s in &self.services {
+            ensure!(
+                (1..=MAX_SERVICES).contains(&s),
+                "--services {s}: must be 1..={MAX_SERVICES}"
+            );
+        }
+        for &w in &self.workers {
+            ensure!((1..=16).contains(&w), "--workers {w}: must be 1..=16");
+        }
+        ensure!(self.rate <= 100_000_000, "--rate {}: at most 100000000", self.rate);
+        Ok(())
+    }
+}
+
+/// One scenario: a point of the parameter grid.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Scenario {
+    /// Frame size in bytes.
+    pub frame_size: u32,
+    /// Distinct flows.
+    pub flows: u32,
+    /// Services in the table.
+    pub services: u32,
+    /// Workers (and pktgen queues).
+    pub workers: u32,
+}
+
+impl Scenario {
+    fn label(&self) -> String {
+        format!(
+            "{} B, {} flows, {} svc, {} worker{}",
+            self.frame_size,
+            human(self.flows),
+            human(self.services),
+            self.workers,
+            if self.workers == 1 { "" } else { "s" }
+        )
+    }
+}
+
+fn human(n: u32) -> String {
+    if n >= 1_000_000 && n % 1_000_000 == 0 {
+        format!("{}M", n / 1_000_000)
+    } else if n >= 1000 && n % 1000 == 0 {
+        format!("{}k", n / 1000)
+    } else {
+        n.to_string()
+    }
+}
+
+/// What one repetition measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Rep {
+    /// Frames the pktgen sent (completed by the kernel).
+    pub sent: u64,
+    /// Seconds the pktgen ran.
+    pub elapsed_s: f64,
+    /// sent ÷ elapsed.
+    pub offered_pps: f64,
+    /// Frames the sinks received (all of them, good or bad).
+    pub received: u64,
+    /// received ÷ elapsed.
+    pub forwarded_pps: f64,
+    /// 1 − received ÷ sent.
+    pub loss: f64,
+    /// One-way latency percentiles over all sinks, in microseconds.
+    pub p50_us: f64,
+    /// p99.
+    pub p99_us: f64,
+    /// p99.9.
+    pub p999_us: f64,
+    /// CPU seconds, all cores, over the run (user + nice + system + irq + softirq + steal).
+    pub cpu_s: f64,
+    /// CPU nanoseconds per received packet.
+    pub cpu_ns_per_pkt: f64,
+    /// Frames received per backend (index 0 is backend 1).
+    pub per_backend: Vec<u64>,
+    /// max ÷ min of `per_backend` (1.0 is a perfect spread).
+    pub spread: f64,
+    /// Failed sink checks, by kind, summed over the sinks.
+    pub bad: std::collections::BTreeMap<String, u64>,
+    /// Frames that arrived before an earlier frame of their flow.
+    pub reordered: u64,
+    /// Frames that arrived twice.
+    pub duplicates: u64,
+}
+
+/// Median, min and max of one figure over the repetitions.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Stat {
+    /// Median.
+    pub median: f64,
+    /// Least.
+    pub min: f64,
+    /// Most.
+    pub max: f64,
+}
+
+impl Stat {
+    fn of(v: impl Iterator<Item = f64>) -> Self {
+        let mut v: Vec<f64> = v.collect();
+        if v.is_empty() {
+            return Self::default();
+        }
+        v.sort_by(f64::total_cmp);
+        Self {
+            median: v[v.len() / 2],
+            min: v[0],
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// One dataplane in one scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// Which.
+    pub dataplane: Dataplane,
+    /// The repetitions.
+    pub reps: Vec<Rep>,
+    /// Offered pps.
+    pub offered_pps: Stat,
+    /// Forwarded pps.
+    pub forwarded_pps: Stat,
+    /// Loss fraction.
+    pub loss: Stat,
+    /// p50 µs.
+    pub p50_us: Stat,
+    /// p99 µs.
+    pub p99_us: Stat,
+    /// p99.9 µs.
+    pub p999_us: Stat,
+    /// CPU ns per forwarded packet.
+    pub cpu_ns_per_pkt: Stat,
+    /// Backend spread (max ÷ min).
+    pub spread: Stat,
+    /// Seconds to set the dataplane up (e.g. nft -f, or control's first publish).
+    pub setup_s: f64,
+    /// Gateway drop counters after the run (clustergate only): name → value.
+    pub gateway_drops: std::collections::BTreeMap<String, f64>,
+}
+
+impl Run {
+    fn new(dataplane: Dataplane, reps: Vec<Rep>, setup_s: f64) -> Self {
+        let s = |f: fn(&Rep) -> f64| Stat::of(reps.iter().map(f));
+        Self {
+            dataplane,
+            offered_pps: s(|r| r.offered_pps),
+            forwarded_pps: s(|r| r.forwarded_pps),
+            loss: s(|r| r.loss),
+            p50_us: s(|r| r.p50_us),
+            p99_us: s(|r| r.p99_us),
+            p999_us: s(|r| r.p999_us),
+            cpu_ns_per_pkt: s(|r| r.cpu_ns_per_pkt),
+            spread: s(|r| r.spread),
+            reps,
+            setup_s,
+            gateway_drops: Default::default(),
+        }
+    }
+
+    fn failures(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for (i, r) in self.reps.iter().enumerate() {
+            for (k, n) in &r.bad {
+                if *n > 0 {
+                    v.push(format!("{}: rep {}: {n} frames failed the {k} check", self.dataplane.name(), i + 1));
+                }
+            }
+            if r.received == 0 {
+                v.push(format!("{}: rep {}: no frame reached any backend", self.dataplane.name(), i + 1));
+            }
+        }
+        v
+    }
+}
+
+/// A scenario's runs and ratios.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    /// The parameters.
+    pub scenario: Scenario,
+    /// One per dataplane, in the order run.
+    pub runs: Vec<Run>,
+    /// clustergate ÷ kernel forwarded pps (medians).
+    pub clustergate_over_kernel: Option<f64>,
+    /// clustergate ÷ bounce forwarded pps (medians).
+    pub clustergate_over_bounce: Option<f64>,
+    /// clustergate ÷ kernel CPU ns per packet (medians).
+    pub cpu_clustergate_over_kernel: Option<f64>,
+}
+
+/// The whole invocation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The command line.
+    pub command: String,
+    /// Host facts: kernel, cores.
+    pub host: String,
+    /// Where each process ran.
+    pub placement: String,
+    /// Traffic protocol.
+    pub proto: Proto,
+    /// Offered rate (0: as fast as possible).
+    pub rate: u64,
+    /// Seconds per repetition.
+    pub duration_s: f64,
+    /// Repetitions.
+    pub reps: u32,
+    /// Backends.
+    pub backends: u32,
+    /// Results per scenario.
+    pub scenarios: Vec<ScenarioResult>,
+}
+
+/// A child process whose stdout carries JSON lines, read by a thread.
+struct Proc {
+    name: String,
+    child: Child,
+    lines: Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+        let err = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        cmd.stdout(Stdio::piped()).stderr(err).stdin(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        let out = child.stdout.take().context("child stdout")?;
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            lines: rx,
+        })
+    }
+
+    /// The next JSON line whose `event` is `event`, within `timeout`.
+    fn event(&mut self, event: &str, timeout: Duration, log: &Path) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        if v["event"] == event {
+                            return Ok(v);
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => bail!(
+                    "{} gave no {event} within {timeout:?} (log: {})",
+                    self.name,
+                    log.display()
+                ),
+                Err(RecvTimeoutError::Disconnected) => {
+                    let st = self.child.wait().ok();
+                    bail!(
+                        "{} ended ({}) before its {event} line; its log {}:\n{}",
+                        self.name,
+                        st.map_or_else(|| "?".into(), |s| s.to_string()),
+                        log.display(),
+                        tail(log)
+                    )
+                }
+            }
+        }
+    }
+
+    /// SIGTERM, then up to `grace` for it to exit, then SIGKILL.
+    fn terminate(&mut self, grace: Duration) {
+        if let Ok(None) = self.child.try_wait() {
+            if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(2));
+    }
+}
+
+fn tail(log: &Path) -> String {
+    let s = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// CPU time of all cores from /proc/stat, in clock ticks: (busy, total).
+fn cpu_ticks() -> Result<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = s.lines().next().context("/proc/stat is empty")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    ensure!(v.len() >= 8, "unexpected /proc/stat line {line:?}");
+    // user nice system idle iowait irq softirq steal
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+    Ok((busy, busy + v[3] + v[4]))
+}
+
+/// `GET path` from 127.0.0.1:`port` inside namespace `ns`: (status, body).
+fn http_get_in(ns: &str, port: u16, path: &str) -> Result<(u16, String)> {
+    let nsfile = format!("/run/netns/{ns}");
+    let path = path.to_owned();
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<(u16, String)> {
+            let f = File::open(&nsfile).with_context(|| format!("opening {nsfile}"))?;
+            // This thread only: it ends right after.
+            rustix::thread::move_into_link_name_space(
+                f.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .with_context(|| format!("entering {nsfile}"))?;
+            let mut st = TcpStream::connect_timeout(
+                &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_secs(1),
+            )?;
+            st.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(st, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut resp = String::new();
+            std::io::Read::read_to_string(&mut st, &mut resp)?;
+            let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+            let status = head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            Ok((status, body.to_owned()))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("HTTP thread panicked"))?
+    })
+}
+
+/// The manifest: `services` ClusterIP services, each with a UDP and a TCP
+/// port 80, every backend an endpoint on 8080.
+#[must_use]
+pub fn manifest(services: u32, backends: &[u32], target_port: u16) -> String {
+    let mut y = String::with_capacity(services as usize * (800 + 60 * backends.len()));
+    y.push_str("apiVersion: v1\nkind: List\nitems:\n");
+    let mut eps = String::new();
+    for &i in backends {
+        let _ = write!(eps, "  - addresses: [{}]\n    conditions: {{ready: true}}\n", backend_addr(i));
+    }
+    for k in 0..services {
+        let v = vip(k);
+        let _ = write!(
+            y,
+            "- apiVersion: v1\n  kind: Service\n  metadata: {{name: svc-{k}, namespace: bench}}\n  spec:\n    clusterIP: {v}\n    clusterIPs: [{v}]\n    ports:\n    - {{name: u, port: {SERVICE_PORT}, protocol: UDP, targetPort: {target_port}}}\n    - {{name: t, port: {SERVICE_PORT}, protocol: TCP, targetPort: {target_port}}}\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: svc-{k}-a\n    namespace: bench\n    labels: {{kubernetes.io/service-name: svc-{k}}}\n  addressType: IPv4\n  ports:\n  - {{name: u, port: {target_port}, protocol: UDP}}\n  - {{name: t, port: {target_port}, protocol: TCP}}\n  endpoints:\n{eps}"
+        );
+    }
+    y
+}
+
+/// kube-proxy nftables mode's shape for the same services: a verdict map
+/// on (VIP, proto, port) jumping to a chain per service port, which picks an
+/// endpoint chain with `numgen random`, which DNATs.
+#[must_use]
+pub fn nft_ruleset(services: u32, backends: &[u32], proto: Proto) -> String {
+    let p = proto.name();
+    let n = backends.len();
+    let mut r = String::with_capacity(services as usize * (200 + 120 * n));
+    r.push_str("table ip clustergate-bench {\n");
+    r.push_str("  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n");
+    if services > 0 {
+        r.push_str("    elements = {\n");
+        for k in 0..services {
+            let _ = writeln!(r, "      {} . {p} . {SERVICE_PORT} : goto service-{k},", vip(k));
+        }
+        r.push_str("    }\n");
+    }
+    r.push_str("  }\n");
+    r.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
+    r.push_str("  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n");
+    for k in 0..services {
+        let _ = write!(r, "  chain service-{k} {{\n    numgen random mod {n} vmap {{ ");
+        for (j, _) in backends.iter().enumerate() {
+            let _ = write!(r, "{j} : goto endpoint-{k}-{j}{}", if j + 1 < n { ", " } else { "" });
+        }
+        r.push_str(" }\n  }\n");
+        for (j, &i) in backends.iter().enumerate() {
+            let _ = writeln!(
+                r,
+                "  chain endpoint-{k}-{j} {{\n    meta l4proto {p} dnat to {}:{BACKEND_PORT}\n  }}",
+                backend_addr(i)
+            );
+        }
+    }
+    r.push_str("}\n");
+    r
+}
+
+struct Bins {
+    gateway: PathBuf,
+    control: PathBuf,
+    bench: PathBuf,
+}
+
+impl Bins {
+    fn find(dir: Option<&Path>) -> Result<Self> {
+        let bench = std::env::current_exe().context("locating clustergate-bench")?;
+        let dir = match dir {
+            Some(d) => d.to_path_buf(),
+            None => bench.parent().context("binary directory")?.to_path_buf(),
+        };
+        let gateway = dir.join("clustergate");
+        let control = dir.join("clustergate-control");
+        for b in [&gateway, &control] {
+            ensure!(
+                b.exists(),
+                "{} not found: build it (`cargo build --release --bins`) or pass --bin-dir",
+                b.display()
+            );
+        }
+        Ok(Self {
+            gateway,
+            control,
+            bench,
+        })
+    }
+}
+
+/// What is running for one dataplane.
+struct Running {
+    procs: Vec<Proc>,
+    /// For the kernel: the nft table to delete at the end.
+    nft: bool,
+    metrics_port: Option<u16>,
+}
+
+struct Ctx<'a> {
+    args: &'a Args,
+    topo: Topology,
+    bins: Bins,
+    out: PathBuf,
+    backends: Vec<u32>,
+}
+
+impl Ctx<'_> {
+    fn in_ns(&self, role: &str, prog: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.topo.ns(role)]).arg(prog);
+        c
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.out.join("logs").join(format!("{name}.log"))
+    }
+
+    /// Cores for `w` workers on this machine and the pktgen's (one per queue).
+    fn placement(&self, w: u32) -> (String, String) {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from) as u32;
+        // Workers on the last cores, pktgen queues on the first ones: with two
+        // cores and one worker, pktgen on cpu0 and the worker on cpu1.
+        let workers: Vec<String> = (0..w).map(|i| ((cores - 1 + cores - (i % cores)) % cores).to_string()).collect();
+        let gen: Vec<String> = (0..w).map(|i| (i % cores).to_string()).collect();
+        (workers.join(","), gen.join(","))
+    }
+
+    fn start(&self, dp: Dataplane, sc: &Scenario, tag: &str) -> Result<Running> {
+        let (worker_cores, _) = self.placement(sc.workers);
+        match dp {
+            Dataplane::Clustergate => {
+                let dir = self.out.join(format!("run-{tag}"));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir)?;
+                let m = dir.join("manifest.yaml");
+                std::fs::write(&m, manifest(sc.services, &self.backends, BACKEND_PORT))?;
+                let shm = dir.join("shm");
+                let mut c = Command::new(&self.bins.control);
+                c.arg("run")
+                    .arg("--manifest")
+                    .arg(&m)
+                    .arg("--shm-dir")
+                    .arg(&shm)
+                    .args(["--metrics", "127.0.0.1:0", "--health", "127.0.0.1:0"]);
+                let control = Proc::spawn("clustergate-control", c, &self.log(&format!("control-{tag}")))?;
+                let port = 10257;
+                let mut g = self.in_ns("gw", &self.bins.gateway);
+                g.args(["run", "--interface", "g0", "--interface", "g1", "--shm-dir"])
+                    .arg(&shm)
+                    .args(["--cores", &worker_cores, "--queues", &sc.workers.to_string()])
+                    .args(["--metrics", &format!("127.0.0.1:{port}")])
+                    .args(["--flows", &(sc.flows.max(65_536) * 2).to_string()])
+                    .args(["--zero-copy", "never", "--exit-after-s", "3600"]);
+                let gateway = Proc::spawn("clustergate", g, &self.log(&format!("gateway-{tag}")))?;
+                let mut r = Running {
+                    procs: vec![control, gateway],
+                    nft: false,
+                    metrics_port: Some(port),
+                };
+                let t = Instant::now();
+                loop {
+                    if let Ok((200, _)) = http_get_in(&self.topo.ns("gw"), port, "/healthz") {
+                        break;
+                    }
+                    if let Ok(Some(st)) = r.procs[1].child.try_wait() {
+                        bail!("clustergate exited ({st}):\n{}", tail(&self.log(&format!("gateway-{tag}"))));
+                    }
+                    ensure!(
+                        t.elapsed() < Duration::from_secs(60),
+                        "clustergate not healthy after 60 s; log {}",
+                        self.log(&format!("gateway-{tag}")).display()
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                r.nft = false;
+                Ok(r)
+            }
+            Dataplane::Kernel => {
+                let path = self.out.join(format!("nft-{tag}.nft"));
+                std::fs::write(&path, nft_ruleset(sc.services, &self.backends, self.args.proto))?;
+                let gw = self.topo.ns("gw");
+                let _ = self.topo.run("ip", &["netns", "exec", &gw, "nft", "delete", "table", "ip", "clustergate-bench"]);
+                let p = path.to_string_lossy().into_owned();
+                self.topo
+                    .run("ip", &["netns", "exec", &gw, "nft", "-f", &p])
+                    .context("loading the nftables ruleset (scripts/install-deps.sh installs nftables)")?;
+                self.topo.sysctl(&gw, "net.ipv4.ip_forward", "1")?;
+                Ok(Running {
+                    procs: Vec::new(),
+                    nft: true,
+                    metrics_port: None,
+                })
+            }
+            Dataplane::Bounce => {
+                let mut b = self.in_ns("gw", &self.bins.bench);
+                b.args(["bounce", "--in", "g0", "--out", "g1"])
+                    .args(["--queues", &sc.workers.to_string(), "--cores", &worker_cores])
+                    .args(["--backends", &self.backends.len().to_string()])
+                    .args(["--services", &sc.services.to_string(), "--exit-after-s", "3600"]);
+                let log = self.log(&format!("bounce-{tag}"));
+                let mut p = Proc::spawn("bounce", b, &log)?;
+                p.event("ready", Duration::from_secs(60), &log)?;
+                Ok(Running {
+                    procs: vec![p],
+                    nft: false,
+                    metrics_port: None,
+                })
+            }
+        }
+    }
+
+    fn stop(&self, mut r: Running) {
+        // Gateway before control (reverse order of start).
+        while let Some(mut p) = r.procs.pop() {
+            p.terminate(Duration::from_secs(5));
+        }
+        let gw = self.topo.ns("gw");
+        if r.nft {
+            let _ = self.topo.run("ip", &["netns", "exec", &gw, "nft", "delete", "table", "ip", "clustergate-bench"]);
+        }
+        let _ = self.topo.sysctl(&gw, "net.ipv4.ip_forward", "0");
+    }
+
+    /// One repetition: sinks up, pktgen for the duration, sinks down.
+    fn rep(&self, sc: &Scenario, tag: &str, duration_s: f64, rate: u64) -> Result<Rep> {
+        let mut sinks = Vec::new();
+        for &i in &self.backends {
+            let mut c = self.in_ns(&format!("b{i}"), &self.bins.bench);
+            c.args(["sink", "--iface", "e0", "--backend", &i.to_string()])
+                .args(["--ports", &BACKEND_PORT.to_string(), "--flows", &sc.flows.to_string()])
+                .args(["--duration-s", &format!("{}", (duration_s + 60.0).ceil())]);
+            let log = self.log(&format!("sink-b{i}-{tag}"));
+            sinks.push((Proc::spawn(&format!("sink b{i}"), c, &log)?, log));
+        }
+        for (p, log) in &mut sinks {
+            p.event("ready", Duration::from_secs(30), log)?;
+        }
+        let (_, gen_cores) = self.placement(sc.workers);
+        let queues: Vec<String> = (0..sc.workers).map(|q| q.to_string()).collect();
+        let mut g = self.in_ns("cli", &self.bins.bench);
+        g.args(["pktgen", "--iface", "c0", "--queues", &queues.join(","), "--cores", &gen_cores])
+            .args(["--services", &sc.services.to_string(), "--flows", &sc.flows.to_string()])
+            .args(["--proto", self.args.proto.name(), "--frame-size", &sc.frame_size.to_string()])
+            .args(["--rate", &rate.to_string(), "--duration-s", &duration_s.to_string()]);
+        let glog = self.log(&format!("pktgen-{tag}"));
+        let cpu0 = cpu_ticks()?;
+        let mut gen = Proc::spawn("pktgen", g, &glog)?;
+        let result = gen.event("result", Duration::from_secs_f64(duration_s + 30.0), &glog)?;
+        // Frames still in the gateway's rings arrive within this.
+        std::thread::sleep(Duration::from_millis(300));
+        let cpu1 = cpu_ticks()?;
+        let mut rep = Rep {
+            sent: result["sent"].as_u64().unwrap_or(0),
+            elapsed_s: result["elapsed_s"].as_f64().unwrap_or(0.0),
+            ..Rep::default()
+        };
+        let mut hist: Histogram<u64> = Histogram::new(3).context("histogram")?;
+        for (p, log) in &mut sinks {
+            p.terminate_soft();
+            let v = p.event("result", Duration::from_secs(10), log)?;
+            let n = v["received"].as_u64().unwrap_or(0);
+            rep.received += n;
+            rep.per_backend.push(n);
+            rep.reordered += v["reordered"].as_u64().unwrap_or(0);
+            rep.duplicates += v["duplicates"].as_u64().unwrap_or(0);
+            if let Some(bad) = v["bad"].as_object() {
+                for (k, n) in bad {
+                    *rep.bad.entry(k.clone()).or_default() += n.as_u64().unwrap_or(0);
+                }
+            }
+            if let Some(b) = v["latency_ns"].as_array() {
+                for pair in b {
+                    if let (Some(val), Some(cnt)) = (pair[0].as_u64(), pair[1].as_u64()) {
+                        let _ = hist.record_n(val.max(1), cnt);
+                    }
+                }
+            }
+        }
+        let secs = rep.elapsed_s.max(1e-9);
+        rep.offered_pps = rep.sent as f64 / secs;
+        rep.forwarded_pps = rep.received as f64 / secs;
+        rep.loss = if rep.sent > 0 {
+            1.0 - rep.received.min(rep.sent) as f64 / rep.sent as f64
+        } else {
+            0.0
+        };
+        if !hist.is_empty() {
+            rep.p50_us = hist.value_at_quantile(0.5) as f64 / 1e3;
+            rep.p99_us = hist.value_at_quantile(0.99) as f64 / 1e3;
+            rep.p999_us = hist.value_at_quantile(0.999) as f64 / 1e3;
+        }
+        let tick = rustix::param::clock_ticks_per_second() as f64;
+        rep.cpu_s = (cpu1.0 - cpu0.0) as f64 / tick;
+        rep.cpu_ns_per_pkt = if rep.received > 0 {
+            rep.cpu_s * 1e9 / rep.received as f64
+        } else {
+            0.0
+        };
+        let (lo, hi) = (
+            rep.per_backend.iter().copied().min().unwrap_or(0),
+            rep.per_backend.iter().copied().max().unwrap_or(0),
+        );
+        rep.spread = if lo > 0 { hi as f64 / lo as f64 } else { f64::INFINITY };
+        Ok(rep)
+    }
+
+    fn gateway_drops(&self, port: u16) -> std::collections::BTreeMap<String, f64> {
+        let mut m = std::collections::BTreeMap::new();
+        if let Ok((200, text)) = http_get_in(&self.topo.ns("gw"), port, "/metrics") {
+            for l in text.lines().filter(|l| !l.starts_with('#')) {
+                let Some((name, value)) = l.rsplit_once(' ') else { continue };
+                let base = name.split('{').next().unwrap_or(name);
+                if base.contains("drop") || base.contains("unresolved") || base.contains("tx_ring_full") {
+                    if let Ok(v) = value.parse::<f64>() {
+                        if v > 0.0 {
+                            *m.entry(name.to_owned()).or_default() += v;
+                        }
+                    }
+                }
+            }
+        }
+        m
+    }
+}
+
+impl Proc {
+    /// SIGTERM without waiting: the process prints its result and exits.
+    fn terminate_soft(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+}
 
 /// Runs `clustergate-bench compare`.
-pub fn run(_args: &Args) -> Result<()> {
-    anyhow::bail!("not yet")
+///
+/// # Errors
+/// Bad flags, not root, a dataplane that does not start, or a failed sink
+/// check (after the report is printed).
+pub fn run(args: &Args) -> Result<()> {
+    let mut args = args.clone();
+    args.validate()?;
+    ensure!(
+        rustix::process::geteuid().is_root(),
+        "clustergate-bench compare needs root (namespaces, XDP, AF_XDP)"
+    );
+    let bins = Bins::find(args.bin_dir.as_deref())?;
+    std::fs::create_dir_all(args.out.join("logs"))
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let max_workers = args.workers.iter().copied().max().unwrap_or(1);
+    let topo = Topology::new(
+        Shape {
+            prefix: args.prefix.clone(),
+            backends: args.backends,
+            workers: max_workers,
+        },
+        false,
+    );
+    progress(&format!("topology {} up ({} backends, {} queues)", args.prefix, args.backends, max_workers));
+    topo.up()?;
+    let ctx = Ctx {
+        args: &args,
+        topo,
+        bins,
+        out: args.out.clone(),
+        backends: (1..=args.backends).collect(),
+    };
+    let result = measure(&ctx);
+    if !args.keep_topology {
+        progress("topology down");
+        let _ = ctx.topo.down();
+    }
+    let report = result?;
+    let md = markdown(&report);
+    print!("{md}");
+    std::fs::write(args.out.join("results.md"), &md)?;
+    std::fs::write(args.out.join("results.json"), serde_json::to_vec_pretty(&report)?)?;
+    if let Err(e) = crate::chart::svg(&report, &args.out.join("chart.svg")) {
+        eprintln!("warning: no chart: {e:#}");
+    }
+    progress(&format!("results in {}", args.out.display()));
+    let failures: Vec<String> = report
+        .scenarios
+        .iter()
+        .flat_map(|s| s.runs.iter().flat_map(Run::failures))
+        .collect();
+    if !failures.is_empty() {
+        bail!("correctness checks failed:\n  {}", failures.join("\n  "));
+    }
+    Ok(())
+}
+
+fn progress(msg: &str) {
+    eprintln!("== {msg}");
+}
+
+fn measure(ctx: &Ctx<'_>) -> Result<Report> {
+    let args = ctx.args;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut scenarios = Vec::new();
+    for &frame_size in &args.frame_sizes {
+        for &flows in &args.flows {
+            for &services in &args.services {
+                for &workers in &args.workers {
+                    scenarios.push(Scenario {
+                        frame_size,
+                        flows,
+                        services,
+                        workers,
+                    });
+                }
+            }
+        }
+    }
+    let mut results = Vec::new();
+    for (si, sc) in scenarios.iter().enumerate() {
+        let mut runs = Vec::new();
+        for &dp in &args.dataplanes {
+            let tag = format!("s{si}-{}", dp.name());
+            progress(&format!(
+                "[{}/{}] {}: {} — starting",
+                si + 1,
+                scenarios.len(),
+                sc.label(),
+                dp.name()
+            ));
+            let t = Instant::now();
+            let running = ctx.start(dp, sc, &tag)?;
+            let setup_s = t.elapsed().as_secs_f64();
+            let measured = (|| -> Result<Vec<Rep>> {
+                // Warm-up: neighbours resolved, caches and conntrack warm.
+                ctx.rep(sc, &format!("{tag}-warmup"), 0.3, 10_000)?;
+                let mut reps = Vec::new();
+                for r in 0..args.reps {
+                    let rep = ctx.rep(sc, &format!("{tag}-r{r}"), args.duration_s, args.rate)?;
+                    progress(&format!(
+                        "    rep {}: offered {:.0} pps, forwarded {:.0} pps, loss {:.2} %, p99 {:.0} µs, {:.0} CPU ns/pkt",
+                        r + 1,
+                        rep.offered_pps,
+                        rep.forwarded_pps,
+                        rep.loss * 100.0,
+                        rep.p99_us,
+                        rep.cpu_ns_per_pkt
+                    ));
+                    reps.push(rep);
+                }
+                Ok(reps)
+            })();
+            let drops = running
+                .metrics_port
+                .map(|p| ctx.gateway_drops(p))
+                .unwrap_or_default();
+            ctx.stop(running);
+            let mut run = Run::new(dp, measured?, setup_s);
+            run.gateway_drops = drops;
+            runs.push(run);
+        }
+        let med = |d: Dataplane, f: fn(&Run) -> f64| runs.iter().find(|r| r.dataplane == d).map(f);
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let fwd = |r: &Run| r.forwarded_pps.median;
+        let cpu = |r: &Run| r.cpu_ns_per_pkt.median;
+        results.push(ScenarioResult {
+            scenario: *sc,
+            clustergate_over_kernel: ratio(med(Dataplane::Clustergate, fwd), med(Dataplane::Kernel, fwd)),
+            clustergate_over_bounce: ratio(med(Dataplane::Clustergate, fwd), med(Dataplane::Bounce, fwd)),
+            cpu_clustergate_over_kernel: ratio(med(Dataplane::Clustergate, cpu), med(Dataplane::Kernel, cpu)),
+            runs,
+        });
+    }
+    let (w1, g1) = ctx.placement(1);
+    Ok(Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        host: format!("Linux {}, {cores} cores", kernel.trim()),
+        placement: format!(
+            "1 worker: gateway/bounce worker on cpu{w1}, pktgen on cpu{g1}; sinks and softirq unpinned; with W workers, worker i and pktgen queue i on distinct cores where possible"
+        ),
+        proto: args.proto,
+        rate: args.rate,
+        duration_s: args.duration_s,
+        reps: args.reps,
+        backends: args.backends,
+        scenarios: results,
+    })
+}
+
+fn fmt_stat(s: &Stat, scale: f64, prec: usize) -> String {
+    format!(
+        "{:.prec$} ({:.prec$}–{:.prec$})",
+        s.median * scale,
+        s.min * scale,
+        s.max * scale
+    )
+}
+
+/// The report as Markdown tables.
+#[must_use]
+pub fn markdown(r: &Report) -> String {
+    let mut m = String::new();
+    let _ = writeln!(m, "\n### clustergate-bench compare\n");
+    let _ = writeln!(
+        m,
+        "{}; {} traffic, {} backends, {} s × {} repetitions, offered rate {}. Median (min–max).\n",
+        r.host,
+        r.proto.name().to_uppercase(),
+        r.backends,
+        r.duration_s,
+        r.reps,
+        if r.rate == 0 { "as fast as possible".to_owned() } else { format!("{} pps", r.rate) }
+    );
+    for s in &r.scenarios {
+        let _ = writeln!(m, "#### {}\n", s.scenario.label());
+        let _ = writeln!(m, "| dataplane | offered kpps | forwarded kpps | loss % | p50 µs | p99 µs | p99.9 µs | CPU ns/pkt | backend spread | failed checks |");
+        let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|");
+        for run in &s.runs {
+            let bad: u64 = run.reps.iter().flat_map(|r| r.bad.values()).sum();
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
+                run.dataplane.name(),
+                fmt_stat(&run.offered_pps, 1e-3, 0),
+                fmt_stat(&run.forwarded_pps, 1e-3, 0),
+                fmt_stat(&run.loss, 100.0, 2),
+                fmt_stat(&run.p50_us, 1.0, 0),
+                fmt_stat(&run.p99_us, 1.0, 0),
+                fmt_stat(&run.p999_us, 1.0, 0),
+                fmt_stat(&run.cpu_ns_per_pkt, 1.0, 0),
+                run.spread.median,
+                bad
+            );
+        }
+        let mut ratios = Vec::new();
+        if let Some(x) = s.clustergate_over_kernel {
+            ratios.push(format!("clustergate ÷ kernel forwarded pps **{x:.2}**"));
+        }
+        if let Some(x) = s.clustergate_over_bounce {
+            ratios.push(format!("clustergate ÷ bounce **{x:.2}**"));
+        }
+        if let Some(x) = s.cpu_clustergate_over_kernel {
+            ratios.push(format!("CPU/pkt clustergate ÷ kernel **{x:.2}**"));
+        }
+        if !ratios.is_empty() {
+            let _ = writeln!(m, "\n{}\n", ratios.join("; "));
+        }
+        for run in &s.runs {
+            if !run.gateway_drops.is_empty() {
+                let d: Vec<String> = run.gateway_drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                let _ = writeln!(m, "gateway drop counters: {}\n", d.join(", "));
+            }
+        }
+    }
+    let _ = writeln!(m, "Placement: {}.", r.placement);
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+
+    use super::*;
+
+    #[test]
+    fn nft_ruleset_has_kube_proxy_shape() {
+        let r = nft_ruleset(2, &[1, 2, 3], Proto::Udp);
+        assert!(r.contains("198.19.0.1 . udp . 80 : goto service-1,"), "{r}");
+        assert!(r.contains("numgen random mod 3 vmap { 0 : goto endpoint-1-0, 1 : goto endpoint-1-1, 2 : goto endpoint-1-2 }"), "{r}");
+        assert!(r.contains("meta l4proto udp dnat to 198.18.2.13:8080"), "{r}");
+        assert!(r.contains("type nat hook prerouting priority dstnat"), "{r}");
+    }
+
+    #[test]
+    fn manifest_is_what_control_reads() {
+        let m = manifest(2, &[1, 2], 8080);
+        assert_eq!(m.matches("kind: Service\n").count(), 2);
+        assert!(m.contains("clusterIP: 198.19.0.1\n"));
+        assert!(m.contains("- addresses: [198.18.2.12]"));
+    }
+
+    #[test]
+    fn stats_are_median_min_max() {
+        let s = Stat::of([3.0, 1.0, 2.0].into_iter());
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+    }
+
+    #[test]
+    fn bad_flags_are_named() {
+        let mut a = Args {
+            prefix: "cgb".into(),
+            backends: 4,
+            dataplanes: vec![Dataplane::Kernel],
+            frame_sizes: vec![40],
+            flows: vec![1000],
+            services: vec![1],
+            workers: vec![1],
+            proto: Proto::Udp,
+            rate: 0,
+            duration_s: 5.0,
+            reps: 3,
+            out: "x".into(),
+            bin_dir: None,
+            quick: false,
+            keep_topology: false,
+        };
+        assert!(a.validate().unwrap_err().to_string().contains("--frame-sizes 40"));
+        a.frame_sizes = vec![64];
+        a.flows = vec![0];
+        assert!(a.validate().unwrap_err().to_string().contains("--flows 0"));
+        a.flows = vec![1000];
+        a.duration_s = 0.0;
+        assert!(a.validate().unwrap_err().to_string().contains("--duration-s"));
+    }
 }

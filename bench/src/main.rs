@@ -117,6 +117,7 @@ fn real_main() -> Result<()> {
 }
 
 mod bounce;
+mod chart;
 mod compare;
 mod layout;
 mod pktgen;

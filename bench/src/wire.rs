@@ -1,1 +1,757 @@
-//! Bench frames on the wire (being written).
+//! The bench's frames on the wire: what `pktgen` writes and what `sink`
+//! checks.
+//!
+//! Owns: the frame format, building frames into a buffer from a template made
+//! once per run ([`Template`]), and checking a received frame against what a
+//! sink expects ([`check`]). It never allocates per frame and never reads a
+//! clock: the caller passes the timestamp in.
+//!
+//! Format: Ethernet II / IPv4 (20-byte header, DF, TTL 64, ID 0) / UDP or TCP
+//! / payload, zero-padded to the chosen frame length (64..=1500 bytes, the
+//! Ethernet frame without FCS). Both checksums are always set.
+//!
+//! | proto | L4 header | payload |
+//! |---|---|---|
+//! | UDP | ports | `CB 01`, ts u64, flow u32, seq u64 (22 bytes) |
+//! | TCP | ports, seq = low 32 bits of seq, ack = flow, SYN or ACK, window 65535 | `CB 02`, ts u64 (10 bytes) |
+//!
+//! All integers are big-endian; `ts` is `CLOCK_MONOTONIC` in ns at send.
+
+use std::net::Ipv4Addr;
+
+use clustergate_dataplane::packet::checksum::{
+    finish, ipv4_header_checksum, pseudo_header_v4, sum_bytes, udp_wire,
+};
+use etherparse::{Ipv4HeaderSlice, PacketBuilder};
+use serde::{Deserialize, Serialize};
+
+use crate::layout;
+
+/// Shortest frame: 14 + 20 + 8 + 22 (UDP) = 14 + 20 + 20 + 10 (TCP).
+pub const MIN_FRAME: usize = 64;
+/// Longest frame (a 1500-byte frame without FCS; an IP MTU of 1486).
+pub const MAX_FRAME: usize = 1500;
+/// UDP payload magic.
+pub const MAGIC_UDP: [u8; 2] = [0xCB, 0x01];
+/// TCP payload magic.
+pub const MAGIC_TCP: [u8; 2] = [0xCB, 0x02];
+
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+const TTL: u8 = 64;
+const WINDOW: u16 = 65_535;
+
+/// Byte offsets in a frame this module builds (20-byte IPv4 header).
+mod field {
+    use std::ops::Range;
+
+    /// Ethernet destination.
+    pub const ETH_DST: Range<usize> = 0..6;
+    /// Ethertype.
+    pub const ETHERTYPE: Range<usize> = 12..14;
+    /// IPv4 header start.
+    pub const L3: usize = 14;
+    /// IPv4 total length.
+    pub const IP_TOTAL_LEN: Range<usize> = 16..18;
+    /// IPv4 header checksum.
+    pub const IP_CSUM: Range<usize> = 24..26;
+    /// IPv4 source address.
+    pub const IP_SRC: Range<usize> = 26..30;
+    /// IPv4 destination address.
+    pub const IP_DST: Range<usize> = 30..34;
+    /// Transport header start.
+    pub const L4: usize = 34;
+    /// Source port.
+    pub const SRC_PORT: Range<usize> = 34..36;
+    /// Destination port.
+    pub const DST_PORT: Range<usize> = 36..38;
+    /// UDP checksum.
+    pub const UDP_CSUM: Range<usize> = 40..42;
+    /// UDP payload.
+    pub const UDP_PAYLOAD: usize = 42;
+    /// TCP sequence number.
+    pub const TCP_SEQ: Range<usize> = 38..42;
+    /// TCP acknowledgment number.
+    pub const TCP_ACK: Range<usize> = 42..46;
+    /// TCP flags.
+    pub const TCP_FLAGS: usize = 47;
+    /// TCP checksum.
+    pub const TCP_CSUM: Range<usize> = 50..52;
+    /// TCP payload.
+    pub const TCP_PAYLOAD: usize = 54;
+
+    /// Payload offsets (from the payload start).
+    pub const MAGIC: Range<usize> = 0..2;
+    /// Timestamp.
+    pub const TS: Range<usize> = 2..10;
+    /// Flow id (UDP).
+    pub const FLOW: Range<usize> = 10..14;
+    /// Sequence number (UDP).
+    pub const SEQ: Range<usize> = 14..22;
+    /// UDP payload bytes that are not padding.
+    pub const UDP_DATA: usize = 22;
+    /// TCP payload bytes that are not padding.
+    pub const TCP_DATA: usize = 10;
+}
+
+/// The transport protocol of the bench's frames.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum L4Proto {
+    /// UDP, IP protocol 17.
+    #[default]
+    Udp,
+    /// TCP, IP protocol 6.
+    Tcp,
+}
+
+impl L4Proto {
+    /// The IP protocol number.
+    #[must_use]
+    pub const fn ip_number(self) -> u8 {
+        match self {
+            Self::Udp => IPPROTO_UDP,
+            Self::Tcp => IPPROTO_TCP,
+        }
+    }
+
+    /// Transport header and non-padding payload bytes.
+    const fn data_len(self) -> usize {
+        match self {
+            Self::Udp => 8 + field::UDP_DATA,
+            Self::Tcp => 20 + field::TCP_DATA,
+        }
+    }
+}
+
+/// Why a template could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The frame length is out of range.
+    #[error("frame size {0}: must be {MIN_FRAME}..={MAX_FRAME}")]
+    FrameSize(usize),
+    /// etherparse refused to build the template.
+    #[error("building the {proto:?} frame template: {reason}")]
+    Build {
+        /// Protocol.
+        proto: L4Proto,
+        /// etherparse's error.
+        reason: String,
+    },
+}
+
+/// What varies from one frame to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fields {
+    /// Source address and port.
+    pub src: (Ipv4Addr, u16),
+    /// Destination address and port.
+    pub dst: (Ipv4Addr, u16),
+    /// Flow id.
+    pub flow: u32,
+    /// Sequence number (TCP carries its low 32 bits).
+    pub seq: u64,
+    /// `CLOCK_MONOTONIC` ns at send.
+    pub ts: u64,
+    /// TCP: SYN (the flow's first packet) rather than ACK. Ignored for UDP.
+    pub syn: bool,
+}
+
+/// A frame made once with etherparse (MACs, lengths, constant header fields,
+/// magic, zero padding), patched per frame by [`Template::write`].
+#[derive(Debug, Clone)]
+pub struct Template {
+    bytes: Vec<u8>,
+    proto: L4Proto,
+}
+
+impl Template {
+    /// A template of `len` bytes for `proto`, from `src_mac` to `dst_mac`.
+    ///
+    /// # Errors
+    /// `len` out of [`MIN_FRAME`]..=[`MAX_FRAME`].
+    pub fn new(
+        proto: L4Proto,
+        len: usize,
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+    ) -> Result<Self, WireError> {
+        if !(MIN_FRAME..=MAX_FRAME).contains(&len) {
+            return Err(WireError::FrameSize(len));
+        }
+        let ip = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4([0; 4], [0; 4], TTL);
+        let mut bytes = Vec::with_capacity(len);
+        let built = match proto {
+            L4Proto::Udp => {
+                let mut payload = vec![0u8; len - field::UDP_PAYLOAD];
+                payload[field::MAGIC].copy_from_slice(&MAGIC_UDP);
+                ip.udp(0, 0).write(&mut bytes, &payload)
+            }
+            L4Proto::Tcp => {
+                let mut payload = vec![0u8; len - field::TCP_PAYLOAD];
+                payload[field::MAGIC].copy_from_slice(&MAGIC_TCP);
+                ip.tcp(0, 0, 0, WINDOW).ack(0).write(&mut bytes, &payload)
+            }
+        };
+        built.map_err(|e| WireError::Build {
+            proto,
+            reason: e.to_string(),
+        })?;
+        if bytes.len() != len {
+            return Err(WireError::Build {
+                proto,
+                reason: format!("{} bytes built, {len} wanted", bytes.len()),
+            });
+        }
+        Ok(Self { bytes, proto })
+    }
+
+    /// Frame length in bytes.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The protocol.
+    #[must_use]
+    pub fn proto(&self) -> L4Proto {
+        self.proto
+    }
+
+    /// Writes one frame into the start of `buf` and returns its length, or 0
+    /// when `buf` is too short (nothing is written then).
+    #[must_use]
+    pub fn write(&self, buf: &mut [u8], f: &Fields) -> usize {
+        let len = self.bytes.len();
+        let Some(out) = buf.get_mut(..len) else {
+            return 0;
+        };
+        out.copy_from_slice(&self.bytes);
+        let (src, dst) = (f.src.0.octets(), f.dst.0.octets());
+        out[field::IP_SRC].copy_from_slice(&src);
+        out[field::IP_DST].copy_from_slice(&dst);
+        let ip_csum = ipv4_header_checksum(&out[field::L3..field::L4]);
+        out[field::IP_CSUM].copy_from_slice(&ip_csum.to_be_bytes());
+        out[field::SRC_PORT].copy_from_slice(&f.src.1.to_be_bytes());
+        out[field::DST_PORT].copy_from_slice(&f.dst.1.to_be_bytes());
+        let csum_at = match self.proto {
+            L4Proto::Udp => {
+                let p = &mut out[field::UDP_PAYLOAD..];
+                p[field::TS].copy_from_slice(&f.ts.to_be_bytes());
+                p[field::FLOW].copy_from_slice(&f.flow.to_be_bytes());
+                p[field::SEQ].copy_from_slice(&f.seq.to_be_bytes());
+                field::UDP_CSUM
+            }
+            L4Proto::Tcp => {
+                out[field::TCP_SEQ].copy_from_slice(&(f.seq as u32).to_be_bytes());
+                out[field::TCP_ACK].copy_from_slice(&f.flow.to_be_bytes());
+                out[field::TCP_FLAGS] = if f.syn { TCP_SYN } else { TCP_ACK };
+                out[field::TCP_PAYLOAD + field::TS.start..field::TCP_PAYLOAD + field::TS.end]
+                    .copy_from_slice(&f.ts.to_be_bytes());
+                field::TCP_CSUM
+            }
+        };
+        out[csum_at.clone()].fill(0);
+        // The padding is zeros and adds nothing to the sum: sum the headers
+        // and the data only (an even length, so word alignment holds).
+        let l4_len = (len - field::L4) as u16;
+        let pseudo = pseudo_header_v4(src, dst, self.proto.ip_number(), l4_len);
+        let data = &out[field::L4..field::L4 + self.proto.data_len()];
+        let c = finish(sum_bytes(pseudo, data));
+        let c = match self.proto {
+            L4Proto::Udp => udp_wire(c),
+            L4Proto::Tcp => c,
+        };
+        out[csum_at].copy_from_slice(&c.to_be_bytes());
+        len
+    }
+}
+
+/// What a sink accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expect {
+    /// Its own MAC.
+    pub mac: [u8; 6],
+    /// Its own address (or the one it was told to accept).
+    pub addr: Ipv4Addr,
+    /// First accepted destination port.
+    pub first_port: u16,
+    /// Last accepted destination port (inclusive).
+    pub last_port: u16,
+    /// Flows the generator sends (flow ids are below this).
+    pub flows: u32,
+}
+
+/// A frame that passed every check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// Flow id.
+    pub flow: u32,
+    /// Sequence number (TCP: only the low 32 bits travel).
+    pub seq: u64,
+    /// Send time, `CLOCK_MONOTONIC` ns.
+    pub ts: u64,
+    /// Protocol.
+    pub proto: L4Proto,
+    /// Destination port.
+    pub dst_port: u16,
+    /// TCP SYN flag set.
+    pub syn: bool,
+}
+
+/// The first check a frame failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum Bad {
+    /// Not Ethernet II / IPv4 / UDP or TCP, a fragment, inconsistent
+    /// lengths (IHL, total length, UDP length, TCP data offset), or
+    /// truncated.
+    #[error("malformed or truncated")]
+    Malformed,
+    /// The payload does not start with the protocol's magic.
+    #[error("wrong magic")]
+    Magic,
+    /// The IPv4 header checksum is wrong.
+    #[error("bad IPv4 header checksum")]
+    IpChecksum,
+    /// The TCP or UDP checksum is wrong (or UDP's is 0: the generator always
+    /// sets one).
+    #[error("bad L4 checksum")]
+    L4Checksum,
+    /// Not to the sink's address.
+    #[error("wrong destination address")]
+    DstAddr,
+    /// Not to one of the sink's ports.
+    #[error("wrong destination port")]
+    DstPort,
+    /// The source (address, port) is not that of the flow id in the payload.
+    #[error("source does not match the flow")]
+    Src,
+    /// Not to the sink's MAC.
+    #[error("wrong destination MAC")]
+    DstMac,
+}
+
+impl Bad {
+    /// Every variant, in [`Bad::index`] order.
+    pub const ALL: [Self; 8] = [
+        Self::Malformed,
+        Self::Magic,
+        Self::IpChecksum,
+        Self::L4Checksum,
+        Self::DstAddr,
+        Self::DstPort,
+        Self::Src,
+        Self::DstMac,
+    ];
+
+    /// Position in [`Bad::ALL`] (for counter arrays).
+    #[must_use]
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(w)
+}
+
+/// Checks a received frame; the checks run in this order: structure
+/// ([`Bad::Malformed`]), IPv4 then L4 checksum, magic, destination MAC,
+/// address and port, source. A rewrite with correct checksums (what a NAT
+/// does) is judged by the fields; a corrupted frame by its checksums.
+///
+/// # Errors
+/// The first check that failed.
+pub fn check(frame: &[u8], expect: &Expect) -> Result<Probe, Bad> {
+    if frame.len() < field::L3 || be16(frame, field::ETHERTYPE.start) != ETHERTYPE_IPV4 {
+        return Err(Bad::Malformed);
+    }
+    let ip = Ipv4HeaderSlice::from_slice(&frame[field::L3..]).map_err(|_| Bad::Malformed)?;
+    let ihl_len = ip.slice().len();
+    let total = usize::from(ip.total_len());
+    if total < ihl_len
+        || field::L3 + total > frame.len()
+        || ip.more_fragments()
+        || ip.fragments_offset().value() != 0
+    {
+        return Err(Bad::Malformed);
+    }
+    let proto = match ip.protocol().0 {
+        IPPROTO_UDP => L4Proto::Udp,
+        IPPROTO_TCP => L4Proto::Tcp,
+        _ => return Err(Bad::Malformed),
+    };
+    let l4 = &frame[field::L3 + ihl_len..field::L3 + total];
+    let payload_at = match proto {
+        L4Proto::Udp => {
+            if l4.len() < 8 || usize::from(be16(l4, 4)) != l4.len() {
+                return Err(Bad::Malformed);
+            }
+            8
+        }
+        L4Proto::Tcp => {
+            if l4.len() < 20 {
+                return Err(Bad::Malformed);
+            }
+            let doff = usize::from(l4[12] >> 4) * 4;
+            if doff < 20 || doff > l4.len() {
+                return Err(Bad::Malformed);
+            }
+            doff
+        }
+    };
+    let payload = &l4[payload_at..];
+    let data = match proto {
+        L4Proto::Udp => field::UDP_DATA,
+        L4Proto::Tcp => field::TCP_DATA,
+    };
+    if payload.len() < data {
+        return Err(Bad::Malformed);
+    }
+
+    if finish(sum_bytes(0, ip.slice())) != 0 {
+        return Err(Bad::IpChecksum);
+    }
+    let (src, dst) = (ip.source(), ip.destination());
+    if proto == L4Proto::Udp && be16(l4, 6) == 0 {
+        return Err(Bad::L4Checksum);
+    }
+    let pseudo = pseudo_header_v4(src, dst, proto.ip_number(), l4.len() as u16);
+    if finish(sum_bytes(pseudo, l4)) != 0 {
+        return Err(Bad::L4Checksum);
+    }
+    let magic = match proto {
+        L4Proto::Udp => MAGIC_UDP,
+        L4Proto::Tcp => MAGIC_TCP,
+    };
+    if payload[field::MAGIC] != magic {
+        return Err(Bad::Magic);
+    }
+    if frame[field::ETH_DST] != expect.mac {
+        return Err(Bad::DstMac);
+    }
+    if Ipv4Addr::from(dst) != expect.addr {
+        return Err(Bad::DstAddr);
+    }
+    let (src_port, dst_port) = (be16(l4, 0), be16(l4, 2));
+    if !(expect.first_port..=expect.last_port).contains(&dst_port) {
+        return Err(Bad::DstPort);
+    }
+    let ts = be64(payload, field::TS.start);
+    let (flow, seq, syn) = match proto {
+        L4Proto::Udp => (
+            be32(payload, field::FLOW.start),
+            be64(payload, field::SEQ.start),
+            false,
+        ),
+        L4Proto::Tcp => (
+            be32(l4, 8),
+            u64::from(be32(l4, 4)),
+            l4[13] & TCP_SYN != 0,
+        ),
+    };
+    if layout::flow_of(Ipv4Addr::from(src), src_port, expect.flows) != Some(flow) {
+        return Err(Bad::Src);
+    }
+    Ok(Probe {
+        flow,
+        seq,
+        ts,
+        proto,
+        dst_port,
+        syn,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // Tests fail loudly.
+
+    use clustergate_dataplane::packet::rewrite::{
+        adjust_checksum_at, set_dst_port, set_ipv4_dst, set_macs, set_src_port, L4Csum,
+    };
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+
+    use super::*;
+    use crate::layout::{backend_addr, backend_mac, flow_source, vip, CLIENT_MAC, GW_CLIENT_MAC};
+
+    const FLOWS: u32 = 100_000;
+
+    fn fields(flow: u32, seq: u64, syn: bool) -> Fields {
+        Fields {
+            src: flow_source(flow),
+            dst: (vip(3), 80),
+            flow,
+            seq,
+            ts: 0x0102_0304_0506_0708,
+            syn,
+        }
+    }
+
+    fn at_vip() -> Expect {
+        Expect {
+            mac: GW_CLIENT_MAC,
+            addr: vip(3),
+            first_port: 80,
+            last_port: 80,
+            flows: FLOWS,
+        }
+    }
+
+    fn build(proto: L4Proto, len: usize, f: &Fields) -> Vec<u8> {
+        let t = Template::new(proto, len, CLIENT_MAC, GW_CLIENT_MAC).unwrap();
+        let mut buf = vec![0xAAu8; 2048];
+        assert_eq!(t.write(&mut buf, f), len);
+        buf.truncate(len);
+        buf
+    }
+
+    fn l4csum(proto: L4Proto) -> L4Csum {
+        match proto {
+            L4Proto::Udp => L4Csum::Udp,
+            L4Proto::Tcp => L4Csum::Tcp,
+        }
+    }
+
+    #[test]
+    fn round_trip_udp_and_tcp_at_three_sizes() {
+        for proto in [L4Proto::Udp, L4Proto::Tcp] {
+            for len in [64, 128, 1500] {
+                for (flow, seq, syn) in [(0, 0, true), (77_777, 1 << 40 | 5, false)] {
+                    let f = fields(flow, seq, syn);
+                    let frame = build(proto, len, &f);
+                    let p = check(&frame, &at_vip()).unwrap();
+                    let want_seq = match proto {
+                        L4Proto::Udp => seq,
+                        L4Proto::Tcp => u64::from(seq as u32),
+                    };
+                    assert_eq!(
+                        p,
+                        Probe {
+                            flow,
+                            seq: want_seq,
+                            ts: f.ts,
+                            proto,
+                            dst_port: 80,
+                            syn: syn && proto == L4Proto::Tcp,
+                        },
+                        "{proto:?} {len}"
+                    );
+                    // An independent parser agrees on the headers and checksums.
+                    let s = SlicedPacket::from_ethernet(&frame).unwrap();
+                    let Some(NetSlice::Ipv4(ip)) = &s.net else {
+                        panic!("not IPv4")
+                    };
+                    let h = ip.header().to_header();
+                    assert!(h.dont_fragment);
+                    assert_eq!(h.time_to_live, 64);
+                    assert_eq!(h.header_checksum, h.calc_header_checksum());
+                    assert_eq!(usize::from(h.total_len), len - 14);
+                    match s.transport.unwrap() {
+                        TransportSlice::Udp(u) => {
+                            assert_eq!(proto, L4Proto::Udp);
+                            let uh = u.to_header();
+                            assert_eq!(
+                                uh.checksum,
+                                uh.calc_checksum_ipv4(&h, u.payload()).unwrap()
+                            );
+                        }
+                        TransportSlice::Tcp(t) => {
+                            assert_eq!(proto, L4Proto::Tcp);
+                            assert_eq!(t.syn(), syn);
+                            assert_eq!(t.ack(), !syn);
+                            assert_eq!(t.window_size(), 65_535);
+                            assert_eq!(t.acknowledgment_number(), flow);
+                            let th = t.to_header();
+                            assert_eq!(
+                                th.checksum,
+                                th.calc_checksum_ipv4(&h, t.payload()).unwrap()
+                            );
+                        }
+                        _ => panic!("not UDP or TCP"),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn frame_sizes_out_of_range_are_refused() {
+        for len in [0, 63, 1501] {
+            assert!(Template::new(L4Proto::Udp, len, CLIENT_MAC, GW_CLIENT_MAC).is_err());
+        }
+        let t = Template::new(L4Proto::Udp, 128, CLIENT_MAC, GW_CLIENT_MAC).unwrap();
+        assert_eq!(t.write(&mut [0u8; 127], &fields(0, 0, false)), 0);
+    }
+
+    /// The gateway's rewrite: dst MAC, address and port, incremental checksums.
+    fn nat_to_backend(frame: &mut [u8], proto: L4Proto) {
+        set_macs(frame, [2, 0, 0, 0, 0, 1], backend_mac(1)).unwrap();
+        set_ipv4_dst(frame, 14, Some((34, l4csum(proto))), backend_addr(1).octets()).unwrap();
+        set_dst_port(frame, 34, l4csum(proto), 8080).unwrap();
+    }
+
+    fn at_backend() -> Expect {
+        Expect {
+            mac: backend_mac(1),
+            addr: backend_addr(1),
+            first_port: 8080,
+            last_port: 8089,
+            flows: FLOWS,
+        }
+    }
+
+    #[test]
+    fn a_rewrite_with_incremental_checksums_passes() {
+        for proto in [L4Proto::Udp, L4Proto::Tcp] {
+            for len in [64, 128, 1500] {
+                let mut frame = build(proto, len, &fields(4242, 99, false));
+                assert_eq!(check(&frame, &at_backend()), Err(Bad::DstMac));
+                nat_to_backend(&mut frame, proto);
+                let p = check(&frame, &at_backend()).unwrap();
+                assert_eq!((p.flow, p.seq, p.dst_port), (4242, 99, 8080));
+            }
+        }
+    }
+
+    #[test]
+    fn every_corruption_gives_its_variant() {
+        for proto in [L4Proto::Udp, L4Proto::Tcp] {
+            let mut good = build(proto, 128, &fields(12, 34, false));
+            nat_to_backend(&mut good, proto);
+            let e = at_backend();
+            assert!(check(&good, &e).is_ok());
+            let csum_at = match proto {
+                L4Proto::Udp => 40,
+                L4Proto::Tcp => 50,
+            };
+            let payload_at = match proto {
+                L4Proto::Udp => 42,
+                L4Proto::Tcp => 54,
+            };
+
+            let mut f = good.clone();
+            f[25] ^= 0x01;
+            assert_eq!(check(&f, &e), Err(Bad::IpChecksum), "{proto:?}");
+
+            let mut f = good.clone();
+            f[csum_at + 1] ^= 0x01;
+            assert_eq!(check(&f, &e), Err(Bad::L4Checksum), "{proto:?}");
+
+            // A corrupted payload byte (no checksum fix) is a checksum error.
+            let mut f = good.clone();
+            f[100] ^= 0x40;
+            assert_eq!(check(&f, &e), Err(Bad::L4Checksum), "{proto:?}");
+
+            // A source port that is not the flow's, checksum kept right.
+            let mut f = good.clone();
+            set_src_port(&mut f, 34, l4csum(proto), 1024 + 13).unwrap();
+            assert_eq!(check(&f, &e), Err(Bad::Src), "{proto:?}");
+
+            // A flow id beyond --flows.
+            assert_eq!(
+                check(&good, &Expect { flows: 12, ..e }),
+                Err(Bad::Src),
+                "{proto:?}"
+            );
+
+            let mut f = good.clone();
+            set_ipv4_dst(&mut f, 14, Some((34, l4csum(proto))), backend_addr(2).octets())
+                .unwrap();
+            assert_eq!(check(&f, &e), Err(Bad::DstAddr), "{proto:?}");
+
+            let mut f = good.clone();
+            set_dst_port(&mut f, 34, l4csum(proto), 8090).unwrap();
+            assert_eq!(check(&f, &e), Err(Bad::DstPort), "{proto:?}");
+            set_dst_port(&mut f, 34, l4csum(proto), 8089).unwrap();
+            assert!(check(&f, &e).is_ok(), "{proto:?}: last port of the range");
+
+            let mut f = good.clone();
+            let old = [f[payload_at], f[payload_at + 1]];
+            let new = [0xCB, 0x07];
+            f[payload_at..payload_at + 2].copy_from_slice(&new);
+            adjust_checksum_at(&mut f, csum_at, &old, &new).unwrap();
+            assert_eq!(check(&f, &e), Err(Bad::Magic), "{proto:?}");
+
+            let mut f = good.clone();
+            f[5] ^= 0x01;
+            assert_eq!(check(&f, &e), Err(Bad::DstMac), "{proto:?}");
+
+            for cut in [0, 13, 14, 33, 40, 60, 127] {
+                assert_eq!(check(&good[..cut], &e), Err(Bad::Malformed), "{proto:?} {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn udp_without_checksum_is_bad() {
+        let mut f = build(L4Proto::Udp, 64, &fields(1, 1, false));
+        f[40..42].fill(0);
+        assert_eq!(check(&f, &at_vip()), Err(Bad::L4Checksum));
+    }
+
+    #[test]
+    fn ihl_and_lengths_must_agree() {
+        let good = build(L4Proto::Udp, 128, &fields(5, 6, false));
+        let fix_ip = |f: &mut Vec<u8>| {
+            f[24..26].fill(0);
+            let c = ipv4_header_checksum(&f[14..14 + usize::from(f[14] & 0xf) * 4]);
+            f[24..26].copy_from_slice(&c.to_be_bytes());
+        };
+        // IHL 6 without an option: the UDP header is read 4 bytes late, its
+        // length no longer matches.
+        let mut f = good.clone();
+        f[14] = 0x46;
+        fix_ip(&mut f);
+        assert_eq!(check(&f, &at_vip()), Err(Bad::Malformed));
+        // IHL 4.
+        let mut f = good.clone();
+        f[14] = 0x44;
+        assert_eq!(check(&f, &at_vip()), Err(Bad::Malformed));
+        // IHL 15 in a 128-byte frame with total length 20.
+        let mut f = good.clone();
+        f[14] = 0x4f;
+        f[16..18].copy_from_slice(&20u16.to_be_bytes());
+        fix_ip(&mut f);
+        assert_eq!(check(&f, &at_vip()), Err(Bad::Malformed));
+        // Total length beyond the frame.
+        let mut f = good.clone();
+        f[16..18].copy_from_slice(&200u16.to_be_bytes());
+        fix_ip(&mut f);
+        assert_eq!(check(&f, &at_vip()), Err(Bad::Malformed));
+        // A real 4-byte option (NOPs), lengths fixed: accepted.
+        let mut f = good[..34].to_vec();
+        f.extend_from_slice(&[1, 1, 1, 1]);
+        f.extend_from_slice(&good[34..]);
+        f[14] = 0x46;
+        f[16..18].copy_from_slice(&(128u16 - 14 + 4).to_be_bytes());
+        fix_ip(&mut f);
+        assert!(check(&f, &at_vip()).is_ok());
+        // Not IPv4.
+        let mut f = good;
+        f[12..14].copy_from_slice(&0x86DDu16.to_be_bytes());
+        assert_eq!(check(&f, &at_vip()), Err(Bad::Malformed));
+    }
+
+    #[test]
+    fn bad_index_matches_all() {
+        for (i, b) in Bad::ALL.iter().enumerate() {
+            assert_eq!(b.index(), i);
+        }
+    }
+}
