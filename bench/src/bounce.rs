@@ -635,6 +635,8 @@ pub fn run(args: &Args) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+
     use super::*;
     use std::net::Ipv4Addr;
 
@@ -654,6 +656,10 @@ mod tests {
     enum L4 {
         Udp,
         Tcp,
+    }
+
+    fn expected(sport: u16, backends: u32) -> u32 {
+        u32::from(sport) % backends + 1
     }
 
     /// A frame of exactly `total` bytes (Ethernet header included).
@@ -731,7 +737,7 @@ mod tests {
                     let len = buf.len();
                     buf.resize(2048, 0xee); // a UMEM frame, longer than the packet
                     let got = rewrite(&mut buf, len, backends);
-                    let want = u32::from(sport) % backends + 1;
+                    let want = expected(sport, backends);
                     assert_eq!(got, Some(want), "{l4:?} {total} {sport}");
                     check(&buf[..len], l4, want);
                     assert!(buf[len..].iter().all(|&b| b == 0xee), "wrote past len");
@@ -743,17 +749,19 @@ mod tests {
     #[test]
     fn bounce_respects_ihl_and_padding() {
         // IPv4 options (IHL 7), and Ethernet padding after a short packet.
+        let (backend_a, backend_b) = (expected(2001, 4), expected(2002, 3));
+        assert_eq!((backend_a, backend_b), (2, 2));
         for l4 in [L4::Udp, L4::Tcp] {
-            let mut buf = frame(l4, 2000, 100, &[1, 1, 1, 1, 1, 1, 1, 0]);
+            let mut buf = frame(l4, 2001, 100, &[1, 1, 1, 1, 1, 1, 1, 0]);
             let len = buf.len();
-            assert_eq!(rewrite(&mut buf, len, 4), Some(2000 % 4 + 1));
-            check(&buf, l4, 2000 % 4 + 1);
+            assert_eq!(rewrite(&mut buf, len, 4), Some(backend_a));
+            check(&buf, l4, backend_a);
 
-            let mut buf = frame(l4, 2001, if matches!(l4, L4::Udp) { 43 } else { 55 }, &[]);
+            let mut buf = frame(l4, 2002, if matches!(l4, L4::Udp) { 43 } else { 55 }, &[]);
             let ip_len = buf.len();
             buf.resize(60, 0);
-            assert_eq!(rewrite(&mut buf, 60, 3), Some(2001 % 3 + 1));
-            check(&buf, l4, 2001 % 3 + 1);
+            assert_eq!(rewrite(&mut buf, 60, 3), Some(backend_b));
+            check(&buf, l4, backend_b);
             assert!(buf[ip_len..].iter().all(|&b| b == 0), "padding untouched");
         }
     }

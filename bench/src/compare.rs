@@ -381,14 +381,14 @@ pub struct Report {
 }
 
 /// A child process whose stdout carries JSON lines, read by a thread.
-struct Proc {
+pub(crate) struct Proc {
     name: String,
     child: Child,
     lines: Receiver<String>,
 }
 
 impl Proc {
-    fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+    pub(crate) fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
         let err = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         cmd.stdout(Stdio::piped()).stderr(err).stdin(Stdio::null());
         let mut child = cmd
@@ -412,7 +412,7 @@ impl Proc {
     }
 
     /// The next JSON line whose `event` is `event`, within `timeout`.
-    fn event(&mut self, event: &str, timeout: Duration, log: &Path) -> Result<Value> {
+    pub(crate) fn event(&mut self, event: &str, timeout: Duration, log: &Path) -> Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -444,7 +444,7 @@ impl Proc {
     }
 
     /// SIGTERM, then up to `grace` for it to exit, then SIGKILL.
-    fn terminate(&mut self, grace: Duration) {
+    pub(crate) fn terminate(&mut self, grace: Duration) {
         if let Ok(None) = self.child.try_wait() {
             if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
                 let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
@@ -468,7 +468,7 @@ impl Drop for Proc {
     }
 }
 
-fn tail(log: &Path) -> String {
+pub(crate) fn tail(log: &Path) -> String {
     let s = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
@@ -490,7 +490,7 @@ fn cpu_ticks() -> Result<(u64, u64)> {
 }
 
 /// `GET path` from 127.0.0.1:`port` inside namespace `ns`: (status, body).
-fn http_get_in(ns: &str, port: u16, path: &str) -> Result<(u16, String)> {
+pub(crate) fn http_get_in(ns: &str, port: u16, path: &str) -> Result<(u16, String)> {
     let nsfile = format!("/run/netns/{ns}");
     let path = path.to_owned();
     std::thread::scope(|s| {
@@ -527,6 +527,17 @@ fn http_get_in(ns: &str, port: u16, path: &str) -> Result<(u16, String)> {
 /// port 80, every backend an endpoint on 8080.
 #[must_use]
 pub fn manifest(services: u32, backends: &[u32], target_port: u16) -> String {
+    manifest_with(services, backends, target_port, None)
+}
+
+/// [`manifest`], with service 0's only endpoint `first` (backend, port) when given.
+#[must_use]
+pub fn manifest_with(
+    services: u32,
+    backends: &[u32],
+    target_port: u16,
+    first: Option<(u32, u16)>,
+) -> String {
     let mut y = String::with_capacity(services as usize * (800 + 60 * backends.len()));
     y.push_str("apiVersion: v1\nkind: List\nitems:\n");
     let mut eps = String::new();
@@ -535,6 +546,16 @@ pub fn manifest(services: u32, backends: &[u32], target_port: u16) -> String {
     }
     for k in 0..services {
         let v = vip(k);
+        let (eps, target_port) = match first {
+            Some((b, port)) if k == 0 => (
+                format!(
+                    "  - addresses: [{}]\n    conditions: {{ready: true}}\n",
+                    backend_addr(b)
+                ),
+                port,
+            ),
+            _ => (eps.clone(), target_port),
+        };
         let _ = write!(
             y,
             "- apiVersion: v1\n  kind: Service\n  metadata: {{name: svc-{k}, namespace: bench}}\n  spec:\n    clusterIP: {v}\n    clusterIPs: [{v}]\n    ports:\n    - {{name: u, port: {SERVICE_PORT}, protocol: UDP, targetPort: {target_port}}}\n    - {{name: t, port: {SERVICE_PORT}, protocol: TCP, targetPort: {target_port}}}\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: svc-{k}-a\n    namespace: bench\n    labels: {{kubernetes.io/service-name: svc-{k}}}\n  addressType: IPv4\n  ports:\n  - {{name: u, port: {target_port}, protocol: UDP}}\n  - {{name: t, port: {target_port}, protocol: TCP}}\n  endpoints:\n{eps}"
@@ -581,14 +602,14 @@ pub fn nft_ruleset(services: u32, backends: &[u32], proto: Proto) -> String {
     r
 }
 
-struct Bins {
-    gateway: PathBuf,
-    control: PathBuf,
-    bench: PathBuf,
+pub(crate) struct Bins {
+    pub(crate) gateway: PathBuf,
+    pub(crate) control: PathBuf,
+    pub(crate) bench: PathBuf,
 }
 
 impl Bins {
-    fn find(dir: Option<&Path>) -> Result<Self> {
+    pub(crate) fn find(dir: Option<&Path>) -> Result<Self> {
         let bench = std::env::current_exe().context("locating clustergate-bench")?;
         let dir = match dir {
             Some(d) => d.to_path_buf(),
@@ -847,6 +868,11 @@ impl Ctx<'_> {
 }
 
 impl Proc {
+    /// The exit status, if it has exited.
+    pub(crate) fn child_status(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+
     /// SIGTERM without waiting: the process prints its result and exits.
     fn terminate_soft(&mut self) {
         if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
@@ -913,7 +939,7 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn progress(msg: &str) {
+pub(crate) fn progress(msg: &str) {
     eprintln!("== {msg}");
 }
 

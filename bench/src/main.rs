@@ -81,6 +81,8 @@ enum Command {
     Bounce(bounce::Args),
     /// clustergate, kernel nftables DNAT and bounce, side by side.
     Compare(compare::Args),
+    /// Manifest write → first packet at the new backend, with many services loaded.
+    UpdateLatency(update_latency::Args),
 }
 
 fn main() {
@@ -113,6 +115,7 @@ fn real_main() -> Result<()> {
         Command::Sink(a) => sink::run(&a),
         Command::Bounce(a) => bounce::run(&a),
         Command::Compare(a) => compare::run(&a),
+        Command::UpdateLatency(a) => update_latency::run(&a),
     }
 }
 
@@ -124,6 +127,7 @@ mod pktgen;
 mod publish_latency;
 mod sink;
 mod topology;
+mod update_latency;
 mod wire;
 
 fn vip(i: u32) -> Addr16 {
