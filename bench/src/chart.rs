@@ -33,8 +33,14 @@ pub fn svg(r: &Report, path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let (left, right) = root.split_horizontally(550);
-    let panels: [(_, &str, fn(&Run) -> Stat, f64); 2] = [
-        (left, "forwarded kpps (median, min–max)", |r| r.forwarded_pps, 1e-3),
+    type Pick = fn(&Run) -> Stat;
+    let panels: [(_, &str, Pick, f64); 2] = [
+        (
+            left,
+            "forwarded kpps (median, min–max)",
+            |r| r.forwarded_pps,
+            1e-3,
+        ),
         (right, "p99 one-way latency µs", |r| r.p99_us, 1.0),
     ];
     let groups = r.scenarios.len().max(1);
@@ -57,7 +63,19 @@ pub fn svg(r: &Report, path: &Path) -> Result<()> {
             .y_label_area_size(60)
             .build_cartesian_2d(0f64..groups as f64, 0f64..top * 1.2)
             .map_err(|x| e(&x))?;
-        let labels: Vec<String> = r.scenarios.iter().map(|s| format!("{} B {}f {}s {}w", s.scenario.frame_size, s.scenario.flows, s.scenario.services, s.scenario.workers)).collect();
+        let labels: Vec<String> = r
+            .scenarios
+            .iter()
+            .map(|s| {
+                format!(
+                    "{} B {}f {}s {}w",
+                    s.scenario.frame_size,
+                    s.scenario.flows,
+                    s.scenario.services,
+                    s.scenario.workers
+                )
+            })
+            .collect();
         chart
             .configure_mesh()
             .disable_x_mesh()

@@ -89,7 +89,12 @@ pub struct Args {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub backends: u32,
     /// Dataplanes to run, in this order.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "clustergate,kernel,bounce")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "clustergate,kernel,bounce"
+    )]
     pub dataplanes: Vec<Dataplane>,
     /// Frame sizes in bytes (64..=1500), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "64")]
@@ -132,8 +137,7 @@ pub struct Args {
 
 fn parse_prefix(s: &str) -> Result<String, String> {
     if (1..=8).contains(&s.len())
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     {
         Ok(s.to_owned())
@@ -158,12 +162,21 @@ impl Args {
             "--duration-s {}: must be 0.2..=120",
             self.duration_s
         );
-        ensure!(!self.dataplanes.is_empty(), "--dataplanes: name at least one");
+        ensure!(
+            !self.dataplanes.is_empty(),
+            "--dataplanes: name at least one"
+        );
         for &f in &self.frame_sizes {
-            ensure!((64..=1500).contains(&f), "--frame-sizes {f}: must be 64..=1500");
+            ensure!(
+                (64..=1500).contains(&f),
+                "--frame-sizes {f}: must be 64..=1500"
+            );
         }
         for &f in &self.flows {
-            ensure!((1..=MAX_FLOWS).contains(&f), "--flows {f}: must be 1..={MAX_FLOWS}");
+            ensure!(
+                (1..=MAX_FLOWS).contains(&f),
+                "--flows {f}: must be 1..={MAX_FLOWS}"
+            );
         }
         for &s in &self.services {
             ensure!(
@@ -174,7 +187,11 @@ impl Args {
         for &w in &self.workers {
             ensure!((1..=16).contains(&w), "--workers {w}: must be 1..=16");
         }
-        ensure!(self.rate <= 100_000_000, "--rate {}: at most 100000000", self.rate);
+        ensure!(
+            self.rate <= 100_000_000,
+            "--rate {}: at most 100000000",
+            self.rate
+        );
         Ok(())
     }
 }
@@ -206,9 +223,9 @@ impl Scenario {
 }
 
 fn human(n: u32) -> String {
-    if n >= 1_000_000 && n % 1_000_000 == 0 {
+    if n >= 1_000_000 && n.is_multiple_of(1_000_000) {
         format!("{}M", n / 1_000_000)
-    } else if n >= 1000 && n % 1000 == 0 {
+    } else if n >= 1000 && n.is_multiple_of(1000) {
         format!("{}k", n / 1000)
     } else {
         n.to_string()
@@ -331,11 +348,19 @@ impl Run {
         for (i, r) in self.reps.iter().enumerate() {
             for (k, n) in &r.bad {
                 if *n > 0 {
-                    v.push(format!("{}: rep {}: {n} frames failed the {k} check", self.dataplane.name(), i + 1));
+                    v.push(format!(
+                        "{}: rep {}: {n} frames failed the {k} check",
+                        self.dataplane.name(),
+                        i + 1
+                    ));
                 }
             }
             if r.received == 0 {
-                v.push(format!("{}: rep {}: no frame reached any backend", self.dataplane.name(), i + 1));
+                v.push(format!(
+                    "{}: rep {}: no frame reached any backend",
+                    self.dataplane.name(),
+                    i + 1
+                ));
             }
         }
         v
@@ -507,7 +532,10 @@ pub(crate) fn http_get_in(ns: &str, port: u16, path: &str) -> Result<(u16, Strin
                 Duration::from_secs(1),
             )?;
             st.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(st, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            write!(
+                st,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )?;
             let mut resp = String::new();
             std::io::Read::read_to_string(&mut st, &mut resp)?;
             let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
@@ -542,7 +570,11 @@ pub fn manifest_with(
     y.push_str("apiVersion: v1\nkind: List\nitems:\n");
     let mut eps = String::new();
     for &i in backends {
-        let _ = write!(eps, "  - addresses: [{}]\n    conditions: {{ready: true}}\n", backend_addr(i));
+        let _ = write!(
+            eps,
+            "  - addresses: [{}]\n    conditions: {{ready: true}}\n",
+            backend_addr(i)
+        );
     }
     for k in 0..services {
         let v = vip(k);
@@ -577,17 +609,30 @@ pub fn nft_ruleset(services: u32, backends: &[u32], proto: Proto) -> String {
     if services > 0 {
         r.push_str("    elements = {\n");
         for k in 0..services {
-            let _ = writeln!(r, "      {} . {p} . {SERVICE_PORT} : goto service-{k},", vip(k));
+            let _ = writeln!(
+                r,
+                "      {} . {p} . {SERVICE_PORT} : goto service-{k},",
+                vip(k)
+            );
         }
         r.push_str("    }\n");
     }
     r.push_str("  }\n");
     r.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
-    r.push_str("  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n");
+    r.push_str(
+        "  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n",
+    );
     for k in 0..services {
-        let _ = write!(r, "  chain service-{k} {{\n    numgen random mod {n} vmap {{ ");
+        let _ = write!(
+            r,
+            "  chain service-{k} {{\n    numgen random mod {n} vmap {{ "
+        );
         for (j, _) in backends.iter().enumerate() {
-            let _ = write!(r, "{j} : goto endpoint-{k}-{j}{}", if j + 1 < n { ", " } else { "" });
+            let _ = write!(
+                r,
+                "{j} : goto endpoint-{k}-{j}{}",
+                if j + 1 < n { ", " } else { "" }
+            );
         }
         r.push_str(" }\n  }\n");
         for (j, &i) in backends.iter().enumerate() {
@@ -664,7 +709,9 @@ impl Ctx<'_> {
         let cores = std::thread::available_parallelism().map_or(1, usize::from) as u32;
         // Workers on the last cores, pktgen queues on the first ones: with two
         // cores and one worker, pktgen on cpu0 and the worker on cpu1.
-        let workers: Vec<String> = (0..w).map(|i| ((cores - 1 + cores - (i % cores)) % cores).to_string()).collect();
+        let workers: Vec<String> = (0..w)
+            .map(|i| ((cores - 1 + cores - (i % cores)) % cores).to_string())
+            .collect();
         let gen: Vec<String> = (0..w).map(|i| (i % cores).to_string()).collect();
         (workers.join(","), gen.join(","))
     }
@@ -686,12 +733,21 @@ impl Ctx<'_> {
                     .arg("--shm-dir")
                     .arg(&shm)
                     .args(["--metrics", "127.0.0.1:0", "--health", "127.0.0.1:0"]);
-                let control = Proc::spawn("clustergate-control", c, &self.log(&format!("control-{tag}")))?;
+                let control = Proc::spawn(
+                    "clustergate-control",
+                    c,
+                    &self.log(&format!("control-{tag}")),
+                )?;
                 let port = 10257;
                 let mut g = self.in_ns("gw", &self.bins.gateway);
                 g.args(["run", "--interface", "g0", "--interface", "g1", "--shm-dir"])
                     .arg(&shm)
-                    .args(["--cores", &worker_cores, "--queues", &sc.workers.to_string()])
+                    .args([
+                        "--cores",
+                        &worker_cores,
+                        "--queues",
+                        &sc.workers.to_string(),
+                    ])
                     .args(["--metrics", &format!("127.0.0.1:{port}")])
                     .args(["--flows", &(sc.flows.max(65_536) * 2).to_string()])
                     .args(["--zero-copy", "never", "--exit-after-s", "3600"]);
@@ -707,7 +763,10 @@ impl Ctx<'_> {
                         break;
                     }
                     if let Ok(Some(st)) = r.procs[1].child.try_wait() {
-                        bail!("clustergate exited ({st}):\n{}", tail(&self.log(&format!("gateway-{tag}"))));
+                        bail!(
+                            "clustergate exited ({st}):\n{}",
+                            tail(&self.log(&format!("gateway-{tag}")))
+                        );
                     }
                     ensure!(
                         t.elapsed() < Duration::from_secs(60),
@@ -721,13 +780,30 @@ impl Ctx<'_> {
             }
             Dataplane::Kernel => {
                 let path = self.out.join(format!("nft-{tag}.nft"));
-                std::fs::write(&path, nft_ruleset(sc.services, &self.backends, self.args.proto))?;
+                std::fs::write(
+                    &path,
+                    nft_ruleset(sc.services, &self.backends, self.args.proto),
+                )?;
                 let gw = self.topo.ns("gw");
-                let _ = self.topo.run("ip", &["netns", "exec", &gw, "nft", "delete", "table", "ip", "clustergate-bench"]);
+                let _ = self.topo.run(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        &gw,
+                        "nft",
+                        "delete",
+                        "table",
+                        "ip",
+                        "clustergate-bench",
+                    ],
+                );
                 let p = path.to_string_lossy().into_owned();
                 self.topo
                     .run("ip", &["netns", "exec", &gw, "nft", "-f", &p])
-                    .context("loading the nftables ruleset (scripts/install-deps.sh installs nftables)")?;
+                    .context(
+                        "loading the nftables ruleset (scripts/install-deps.sh installs nftables)",
+                    )?;
                 self.topo.sysctl(&gw, "net.ipv4.ip_forward", "1")?;
                 Ok(Running {
                     procs: Vec::new(),
@@ -738,9 +814,19 @@ impl Ctx<'_> {
             Dataplane::Bounce => {
                 let mut b = self.in_ns("gw", &self.bins.bench);
                 b.args(["bounce", "--in", "g0", "--out", "g1"])
-                    .args(["--queues", &sc.workers.to_string(), "--cores", &worker_cores])
+                    .args([
+                        "--queues",
+                        &sc.workers.to_string(),
+                        "--cores",
+                        &worker_cores,
+                    ])
                     .args(["--backends", &self.backends.len().to_string()])
-                    .args(["--services", &sc.services.to_string(), "--exit-after-s", "3600"]);
+                    .args([
+                        "--services",
+                        &sc.services.to_string(),
+                        "--exit-after-s",
+                        "3600",
+                    ]);
                 let log = self.log(&format!("bounce-{tag}"));
                 let mut p = Proc::spawn("bounce", b, &log)?;
                 p.event("ready", Duration::from_secs(60), &log)?;
@@ -760,7 +846,19 @@ impl Ctx<'_> {
         }
         let gw = self.topo.ns("gw");
         if r.nft {
-            let _ = self.topo.run("ip", &["netns", "exec", &gw, "nft", "delete", "table", "ip", "clustergate-bench"]);
+            let _ = self.topo.run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &gw,
+                    "nft",
+                    "delete",
+                    "table",
+                    "ip",
+                    "clustergate-bench",
+                ],
+            );
         }
         let _ = self.topo.sysctl(&gw, "net.ipv4.ip_forward", "0");
     }
@@ -771,7 +869,12 @@ impl Ctx<'_> {
         for &i in &self.backends {
             let mut c = self.in_ns(&format!("b{i}"), &self.bins.bench);
             c.args(["sink", "--iface", "e0", "--backend", &i.to_string()])
-                .args(["--ports", &BACKEND_PORT.to_string(), "--flows", &sc.flows.to_string()])
+                .args([
+                    "--ports",
+                    &BACKEND_PORT.to_string(),
+                    "--flows",
+                    &sc.flows.to_string(),
+                ])
                 .args(["--duration-s", &format!("{}", (duration_s + 60.0).ceil())]);
             let log = self.log(&format!("sink-b{i}-{tag}"));
             sinks.push((Proc::spawn(&format!("sink b{i}"), c, &log)?, log));
@@ -782,10 +885,33 @@ impl Ctx<'_> {
         let (_, gen_cores) = self.placement(sc.workers);
         let queues: Vec<String> = (0..sc.workers).map(|q| q.to_string()).collect();
         let mut g = self.in_ns("cli", &self.bins.bench);
-        g.args(["pktgen", "--iface", "c0", "--queues", &queues.join(","), "--cores", &gen_cores])
-            .args(["--services", &sc.services.to_string(), "--flows", &sc.flows.to_string()])
-            .args(["--proto", self.args.proto.name(), "--frame-size", &sc.frame_size.to_string()])
-            .args(["--rate", &rate.to_string(), "--duration-s", &duration_s.to_string()]);
+        g.args([
+            "pktgen",
+            "--iface",
+            "c0",
+            "--queues",
+            &queues.join(","),
+            "--cores",
+            &gen_cores,
+        ])
+        .args([
+            "--services",
+            &sc.services.to_string(),
+            "--flows",
+            &sc.flows.to_string(),
+        ])
+        .args([
+            "--proto",
+            self.args.proto.name(),
+            "--frame-size",
+            &sc.frame_size.to_string(),
+        ])
+        .args([
+            "--rate",
+            &rate.to_string(),
+            "--duration-s",
+            &duration_s.to_string(),
+        ]);
         let glog = self.log(&format!("pktgen-{tag}"));
         let cpu0 = cpu_ticks()?;
         let mut gen = Proc::spawn("pktgen", g, &glog)?;
@@ -844,7 +970,11 @@ impl Ctx<'_> {
             rep.per_backend.iter().copied().min().unwrap_or(0),
             rep.per_backend.iter().copied().max().unwrap_or(0),
         );
-        rep.spread = if lo > 0 { hi as f64 / lo as f64 } else { f64::INFINITY };
+        rep.spread = if lo > 0 {
+            hi as f64 / lo as f64
+        } else {
+            f64::INFINITY
+        };
         Ok(rep)
     }
 
@@ -852,9 +982,14 @@ impl Ctx<'_> {
         let mut m = std::collections::BTreeMap::new();
         if let Ok((200, text)) = http_get_in(&self.topo.ns("gw"), port, "/metrics") {
             for l in text.lines().filter(|l| !l.starts_with('#')) {
-                let Some((name, value)) = l.rsplit_once(' ') else { continue };
+                let Some((name, value)) = l.rsplit_once(' ') else {
+                    continue;
+                };
                 let base = name.split('{').next().unwrap_or(name);
-                if base.contains("drop") || base.contains("unresolved") || base.contains("tx_ring_full") {
+                if base.contains("drop")
+                    || base.contains("unresolved")
+                    || base.contains("tx_ring_full")
+                {
                     if let Ok(v) = value.parse::<f64>() {
                         if v > 0.0 {
                             *m.entry(name.to_owned()).or_default() += v;
@@ -905,7 +1040,10 @@ pub fn run(args: &Args) -> Result<()> {
         },
         false,
     );
-    progress(&format!("topology {} up ({} backends, {} queues)", args.prefix, args.backends, max_workers));
+    progress(&format!(
+        "topology {} up ({} backends, {} queues)",
+        args.prefix, args.backends, max_workers
+    ));
     topo.up()?;
     let ctx = Ctx {
         args: &args,
@@ -923,7 +1061,10 @@ pub fn run(args: &Args) -> Result<()> {
     let md = markdown(&report);
     print!("{md}");
     std::fs::write(args.out.join("results.md"), &md)?;
-    std::fs::write(args.out.join("results.json"), serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
     if let Err(e) = crate::chart::svg(&report, &args.out.join("chart.svg")) {
         eprintln!("warning: no chart: {e:#}");
     }
@@ -1014,9 +1155,18 @@ fn measure(ctx: &Ctx<'_>) -> Result<Report> {
         let cpu = |r: &Run| r.cpu_ns_per_pkt.median;
         results.push(ScenarioResult {
             scenario: *sc,
-            clustergate_over_kernel: ratio(med(Dataplane::Clustergate, fwd), med(Dataplane::Kernel, fwd)),
-            clustergate_over_bounce: ratio(med(Dataplane::Clustergate, fwd), med(Dataplane::Bounce, fwd)),
-            cpu_clustergate_over_kernel: ratio(med(Dataplane::Clustergate, cpu), med(Dataplane::Kernel, cpu)),
+            clustergate_over_kernel: ratio(
+                med(Dataplane::Clustergate, fwd),
+                med(Dataplane::Kernel, fwd),
+            ),
+            clustergate_over_bounce: ratio(
+                med(Dataplane::Clustergate, fwd),
+                med(Dataplane::Bounce, fwd),
+            ),
+            cpu_clustergate_over_kernel: ratio(
+                med(Dataplane::Clustergate, cpu),
+                med(Dataplane::Kernel, cpu),
+            ),
             runs,
         });
     }
@@ -1050,7 +1200,8 @@ fn fmt_stat(s: &Stat, scale: f64, prec: usize) -> String {
 pub fn markdown(r: &Report) -> String {
     let mut m = String::new();
     let _ = writeln!(m, "\n### clustergate-bench compare\n");
-    let _ = writeln!(
+    let _ =
+        writeln!(
         m,
         "{}; {} traffic, {} backends, {} s × {} repetitions, offered rate {}. Median (min–max).\n",
         r.host,
@@ -1096,7 +1247,11 @@ pub fn markdown(r: &Report) -> String {
         }
         for run in &s.runs {
             if !run.gateway_drops.is_empty() {
-                let d: Vec<String> = run.gateway_drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                let d: Vec<String> = run
+                    .gateway_drops
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect();
                 let _ = writeln!(m, "gateway drop counters: {}\n", d.join(", "));
             }
         }
@@ -1116,8 +1271,14 @@ mod tests {
         let r = nft_ruleset(2, &[1, 2, 3], Proto::Udp);
         assert!(r.contains("198.19.0.1 . udp . 80 : goto service-1,"), "{r}");
         assert!(r.contains("numgen random mod 3 vmap { 0 : goto endpoint-1-0, 1 : goto endpoint-1-1, 2 : goto endpoint-1-2 }"), "{r}");
-        assert!(r.contains("meta l4proto udp dnat to 198.18.2.13:8080"), "{r}");
-        assert!(r.contains("type nat hook prerouting priority dstnat"), "{r}");
+        assert!(
+            r.contains("meta l4proto udp dnat to 198.18.2.13:8080"),
+            "{r}"
+        );
+        assert!(
+            r.contains("type nat hook prerouting priority dstnat"),
+            "{r}"
+        );
     }
 
     #[test]
@@ -1153,12 +1314,20 @@ mod tests {
             quick: false,
             keep_topology: false,
         };
-        assert!(a.validate().unwrap_err().to_string().contains("--frame-sizes 40"));
+        assert!(a
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--frame-sizes 40"));
         a.frame_sizes = vec![64];
         a.flows = vec![0];
         assert!(a.validate().unwrap_err().to_string().contains("--flows 0"));
         a.flows = vec![1000];
         a.duration_s = 0.0;
-        assert!(a.validate().unwrap_err().to_string().contains("--duration-s"));
+        assert!(a
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--duration-s"));
     }
 }

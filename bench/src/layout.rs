@@ -55,26 +55,10 @@ pub fn backend_mac(i: u32) -> [u8; 6] {
     [0x02, 0xcb, 0x02, 0, 0, 10 + i as u8]
 }
 
-/// The backend (1-based) that owns `addr`, if any of `backends`.
-#[must_use]
-pub fn backend_of(addr: Ipv4Addr, backends: u32) -> Option<u32> {
-    let o = addr.octets();
-    let i = u32::from(o[3]).checked_sub(10)?;
-    (o[..3] == [198, 18, 2] && (1..=backends).contains(&i)).then_some(i)
-}
-
 /// Service `k`'s VIP (k < [`MAX_SERVICES`]).
 #[must_use]
 pub fn vip(k: u32) -> Ipv4Addr {
     Ipv4Addr::new(198, 19, (k >> 8) as u8, k as u8)
-}
-
-/// The service a VIP belongs to, if it is one of `services`.
-#[must_use]
-pub fn service_of(addr: Ipv4Addr, services: u32) -> Option<u32> {
-    let o = addr.octets();
-    let k = (u32::from(o[2]) << 8) | u32::from(o[3]);
-    (o[..2] == [198, 19] && k < services).then_some(k)
 }
 
 /// Flow `f`'s client side: source address 198.18.1.(16 + f / 64000) and
@@ -115,14 +99,13 @@ mod tests {
             assert_eq!(flow_of(a, p, MAX_FLOWS), Some(f), "{a}:{p}");
         }
         assert_eq!(flow_of(CLIENT_ADDR, 1024, MAX_FLOWS), None);
-        assert_eq!(flow_of(flow_source(10).0, 1024 + 10, 10), None, "beyond the flow count");
-        for k in [0, 1, 255, 256, 10_000, MAX_SERVICES - 1] {
-            assert_eq!(service_of(vip(k), MAX_SERVICES), Some(k));
-        }
-        assert_eq!(service_of(vip(5), 5), None);
-        for i in 1..=MAX_BACKENDS {
-            assert_eq!(backend_of(backend_addr(i), MAX_BACKENDS), Some(i));
-        }
-        assert_eq!(backend_of(GW_LAN_ADDR, MAX_BACKENDS), None);
+        assert_eq!(
+            flow_of(flow_source(10).0, 1024 + 10, 10),
+            None,
+            "beyond the flow count"
+        );
+        assert_eq!(vip(0), Ipv4Addr::new(198, 19, 0, 0));
+        assert_eq!(vip(MAX_SERVICES - 1), Ipv4Addr::new(198, 19, 255, 255));
+        assert_eq!(backend_addr(MAX_BACKENDS), Ipv4Addr::new(198, 18, 2, 26));
     }
 }

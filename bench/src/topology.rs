@@ -31,8 +31,8 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{
-    backend_addr, backend_mac, CLIENT_ADDR, CLIENT_MAC, GW_CLIENT_ADDR, GW_CLIENT_MAC,
-    GW_LAN_ADDR, GW_LAN_MAC, MAX_BACKENDS,
+    backend_addr, backend_mac, CLIENT_ADDR, CLIENT_MAC, GW_CLIENT_ADDR, GW_CLIENT_MAC, GW_LAN_ADDR,
+    GW_LAN_MAC, MAX_BACKENDS,
 };
 
 /// Where ownership records live.
@@ -78,8 +78,7 @@ pub struct Shape {
 
 fn parse_prefix(s: &str) -> Result<String, String> {
     if (1..=8).contains(&s.len())
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     {
         Ok(s.to_owned())
@@ -257,11 +256,7 @@ impl Topology {
         self.ipn(&lan, &["link", "set", "br0", "up"])?;
 
         // Client ↔ gateway: Q queues each way.
-        self.veth(
-            (&cli, "c0", CLIENT_MAC),
-            (&gw, "g0", GW_CLIENT_MAC),
-            &q,
-        )?;
+        self.veth((&cli, "c0", CLIENT_MAC), (&gw, "g0", GW_CLIENT_MAC), &q)?;
         self.addr_up(&cli, "c0", &format!("{CLIENT_ADDR}/24"))?;
         self.addr_up(&gw, "g0", &format!("{GW_CLIENT_ADDR}/24"))?;
         self.ipn(
@@ -276,16 +271,27 @@ impl Topology {
         )?;
 
         // Gateway ↔ LAN bridge.
-        self.veth((&gw, "g1", GW_LAN_MAC), (&lan, "l0", [0x02, 0xcb, 0x03, 0, 0, 0]), &q)?;
+        self.veth(
+            (&gw, "g1", GW_LAN_MAC),
+            (&lan, "l0", [0x02, 0xcb, 0x03, 0, 0, 0]),
+            &q,
+        )?;
         self.addr_up(&gw, "g1", &format!("{GW_LAN_ADDR}/24"))?;
         self.ipn(&lan, &["link", "set", "l0", "master", "br0", "up"])?;
 
         for i in 1..=self.shape.backends {
             let b = self.ns(&format!("b{i}"));
             let l = format!("l{i}");
-            self.veth((&b, "e0", backend_mac(i)), (&lan, &l, [0x02, 0xcb, 0x03, 0, 0, i as u8]), "1")?;
+            self.veth(
+                (&b, "e0", backend_mac(i)),
+                (&lan, &l, [0x02, 0xcb, 0x03, 0, 0, i as u8]),
+                "1",
+            )?;
             self.addr_up(&b, "e0", &format!("{}/24", backend_addr(i)))?;
-            self.ipn(&b, &["route", "add", "default", "via", &GW_LAN_ADDR.to_string()])?;
+            self.ipn(
+                &b,
+                &["route", "add", "default", "via", &GW_LAN_ADDR.to_string()],
+            )?;
             self.ipn(&lan, &["link", "set", &l, "master", "br0", "up"])?;
         }
         // Only the dataplane under test forwards.
@@ -300,9 +306,29 @@ impl Topology {
         self.run(
             "ip",
             &[
-                "link", "add", a.1, "netns", a.0, "address", &ma, "numtxqueues", queues,
-                "numrxqueues", queues, "type", "veth", "peer", b.1, "netns", b.0, "address", &mb,
-                "numtxqueues", queues, "numrxqueues", queues,
+                "link",
+                "add",
+                a.1,
+                "netns",
+                a.0,
+                "address",
+                &ma,
+                "numtxqueues",
+                queues,
+                "numrxqueues",
+                queues,
+                "type",
+                "veth",
+                "peer",
+                b.1,
+                "netns",
+                b.0,
+                "address",
+                &mb,
+                "numtxqueues",
+                queues,
+                "numrxqueues",
+                queues,
             ],
         )?;
         for (ns, dev) in [(a.0, a.1), (b.0, b.1)] {
@@ -336,7 +362,14 @@ impl Topology {
     pub fn sysctl(&self, ns: &str, key: &str, value: &str) -> Result<()> {
         self.run(
             "ip",
-            &["netns", "exec", ns, "sysctl", "-qw", &format!("{key}={value}")],
+            &[
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ],
         )
     }
 

@@ -144,7 +144,10 @@ fn measure(args: &Args, bins: &Bins, topo: &Topology) -> Result<UpdateLatency> {
     };
     let path = dir.join("manifest.yaml");
     let port = |i: u32| BACKEND_PORT + 1 + i as u16;
-    write_atomically(&path, &manifest_with(args.services, &[1, 2], BACKEND_PORT, Some((1, port(0)))))?;
+    write_atomically(
+        &path,
+        &manifest_with(args.services, &[1, 2], BACKEND_PORT, Some((1, port(0)))),
+    )?;
     let shm = dir.join("shm");
     let mut c = Command::new(&bins.control);
     c.arg("run")
@@ -158,29 +161,60 @@ fn measure(args: &Args, bins: &Bins, topo: &Topology) -> Result<UpdateLatency> {
     let mut g = in_ns("gw", &bins.gateway);
     g.args(["run", "--interface", "g0", "--interface", "g1", "--shm-dir"])
         .arg(&shm)
-        .args(["--cores", "1", "--metrics", "127.0.0.1:10257", "--zero-copy", "never"])
+        .args([
+            "--cores",
+            "1",
+            "--metrics",
+            "127.0.0.1:10257",
+            "--zero-copy",
+            "never",
+        ])
         .args(["--exit-after-s", "3600"]);
     let mut gateway = Proc::spawn("clustergate", g, &log("gateway"))?;
-    progress(&format!("waiting for the gateway to apply {} services", args.services));
+    progress(&format!(
+        "waiting for the gateway to apply {} services",
+        args.services
+    ));
     let t = std::time::Instant::now();
     while !matches!(http_get_in(&topo.ns("gw"), 10257, "/healthz"), Ok((200, _))) {
         if let Ok(Some(st)) = gateway.child_status() {
             bail!("clustergate exited ({st}):\n{}", tail(&log("gateway")));
         }
-        ensure!(t.elapsed() < Duration::from_secs(120), "gateway not healthy after 120 s");
+        ensure!(
+            t.elapsed() < Duration::from_secs(120),
+            "gateway not healthy after 120 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut s = in_ns("b1", &bins.bench);
-    s.args(["sink", "--iface", "e0", "--backend", "1", "--report-first-port"])
-        .args(["--ports", &format!("{}-{}", BACKEND_PORT, port(args.changes))])
-        .args(["--flows", "4000000", "--duration-s", "3600"]);
+    s.args([
+        "sink",
+        "--iface",
+        "e0",
+        "--backend",
+        "1",
+        "--report-first-port",
+    ])
+    .args([
+        "--ports",
+        &format!("{}-{}", BACKEND_PORT, port(args.changes)),
+    ])
+    .args(["--flows", "4000000", "--duration-s", "3600"]);
     let mut sink = Proc::spawn("sink", s, &log("sink"))?;
     sink.event("ready", Duration::from_secs(30), &log("sink"))?;
     let bound = (args.changes as f64 * 5.0 + 60.0).min(600.0);
     let mut p = in_ns("cli", &bins.bench);
-    p.args(["pktgen", "--iface", "c0", "--cores", "0", "--only-service", "0"])
-        .args(["--flows", "4000000", "--rate", &args.rate.to_string()])
-        .args(["--duration-s", &bound.to_string()]);
+    p.args([
+        "pktgen",
+        "--iface",
+        "c0",
+        "--cores",
+        "0",
+        "--only-service",
+        "0",
+    ])
+    .args(["--flows", "4000000", "--rate", &args.rate.to_string()])
+    .args(["--duration-s", &bound.to_string()]);
     let _pktgen = Proc::spawn("pktgen", p, &log("pktgen"))?;
     // The first port proves the path before anything is timed.
     wait_port(&mut sink, port(0), &log("sink"))?;

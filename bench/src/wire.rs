@@ -54,8 +54,6 @@ mod field {
     pub const ETHERTYPE: Range<usize> = 12..14;
     /// IPv4 header start.
     pub const L3: usize = 14;
-    /// IPv4 total length.
-    pub const IP_TOTAL_LEN: Range<usize> = 16..18;
     /// IPv4 header checksum.
     pub const IP_CSUM: Range<usize> = 24..26;
     /// IPv4 source address.
@@ -215,12 +213,6 @@ impl Template {
     #[must_use]
     pub fn len(&self) -> usize {
         self.bytes.len()
-    }
-
-    /// The protocol.
-    #[must_use]
-    pub fn proto(&self) -> L4Proto {
-        self.proto
     }
 
     /// Writes one frame into the start of `buf` and returns its length, or 0
@@ -459,11 +451,7 @@ pub fn check(frame: &[u8], expect: &Expect) -> Result<Probe, Bad> {
             be64(payload, field::SEQ.start),
             false,
         ),
-        L4Proto::Tcp => (
-            be32(l4, 8),
-            u64::from(be32(l4, 4)),
-            l4[13] & TCP_SYN != 0,
-        ),
+        L4Proto::Tcp => (be32(l4, 8), u64::from(be32(l4, 4)), l4[13] & TCP_SYN != 0),
     };
     if layout::flow_of(Ipv4Addr::from(src), src_port, expect.flows) != Some(flow) {
         return Err(Bad::Src);
@@ -602,7 +590,13 @@ mod tests {
     /// The gateway's rewrite: dst MAC, address and port, incremental checksums.
     fn nat_to_backend(frame: &mut [u8], proto: L4Proto) {
         set_macs(frame, [2, 0, 0, 0, 0, 1], backend_mac(1)).unwrap();
-        set_ipv4_dst(frame, 14, Some((34, l4csum(proto))), backend_addr(1).octets()).unwrap();
+        set_ipv4_dst(
+            frame,
+            14,
+            Some((34, l4csum(proto))),
+            backend_addr(1).octets(),
+        )
+        .unwrap();
         set_dst_port(frame, 34, l4csum(proto), 8080).unwrap();
     }
 
@@ -671,8 +665,13 @@ mod tests {
             );
 
             let mut f = good.clone();
-            set_ipv4_dst(&mut f, 14, Some((34, l4csum(proto))), backend_addr(2).octets())
-                .unwrap();
+            set_ipv4_dst(
+                &mut f,
+                14,
+                Some((34, l4csum(proto))),
+                backend_addr(2).octets(),
+            )
+            .unwrap();
             assert_eq!(check(&f, &e), Err(Bad::DstAddr), "{proto:?}");
 
             let mut f = good.clone();
@@ -693,7 +692,11 @@ mod tests {
             assert_eq!(check(&f, &e), Err(Bad::DstMac), "{proto:?}");
 
             for cut in [0, 13, 14, 33, 40, 60, 127] {
-                assert_eq!(check(&good[..cut], &e), Err(Bad::Malformed), "{proto:?} {cut}");
+                assert_eq!(
+                    check(&good[..cut], &e),
+                    Err(Bad::Malformed),
+                    "{proto:?} {cut}"
+                );
             }
         }
     }

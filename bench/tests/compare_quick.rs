@@ -34,7 +34,10 @@ fn bin_dir() -> PathBuf {
             if dir.ends_with("release") {
                 cmd.arg("--release");
             }
-            assert!(cmd.status().expect("cargo build").success(), "building {bin}");
+            assert!(
+                cmd.status().expect("cargo build").success(),
+                "building {bin}"
+            );
         }
     }
     dir
@@ -85,11 +88,21 @@ fn quick_compare_checks_every_frame_on_all_three_dataplanes() {
     for r in runs {
         let name = r["dataplane"].as_str().unwrap();
         let rep = &r["reps"][0];
-        let (sent, received) = (rep["sent"].as_u64().unwrap(), rep["received"].as_u64().unwrap());
+        let (sent, received) = (
+            rep["sent"].as_u64().unwrap(),
+            rep["received"].as_u64().unwrap(),
+        );
         assert!(sent >= 5_000, "{name}: only {sent} frames sent");
-        assert!(received > 0 && received <= sent, "{name}: {received} of {sent} received");
+        assert!(
+            received > 0 && received <= sent,
+            "{name}: {received} of {sent} received"
+        );
         for (check, n) in rep["bad"].as_object().unwrap() {
-            assert_eq!(n.as_u64(), Some(0), "{name}: {n} frames failed the {check} check");
+            assert_eq!(
+                n.as_u64(),
+                Some(0),
+                "{name}: {n} frames failed the {check} check"
+            );
         }
         assert!(
             rep["bad"].as_object().unwrap().len() >= 6,
@@ -97,7 +110,11 @@ fn quick_compare_checks_every_frame_on_all_three_dataplanes() {
             rep["bad"]
         );
         assert_eq!(rep["duplicates"].as_u64(), Some(0), "{name}: duplicates");
-        assert_eq!(rep["reordered"].as_u64(), Some(0), "{name}: reordered within a flow");
+        assert_eq!(
+            rep["reordered"].as_u64(),
+            Some(0),
+            "{name}: reordered within a flow"
+        );
         let per: Vec<u64> = rep["per_backend"]
             .as_array()
             .unwrap()
@@ -105,11 +122,20 @@ fn quick_compare_checks_every_frame_on_all_three_dataplanes() {
             .map(|v| v.as_u64().unwrap())
             .collect();
         assert_eq!(per.len(), 3, "{name}: {per:?}");
-        assert!(per.iter().all(|&n| n > 0), "{name}: a backend got nothing: {per:?}");
-        assert!(rep["p99_us"].as_f64().unwrap() > 0.0, "{name}: no latency measured");
+        assert!(
+            per.iter().all(|&n| n > 0),
+            "{name}: a backend got nothing: {per:?}"
+        );
+        assert!(
+            rep["p99_us"].as_f64().unwrap() > 0.0,
+            "{name}: no latency measured"
+        );
     }
     assert!(stdout.contains("| clustergate |"), "{stdout}");
     let svg = std::fs::read_to_string(out.join("chart.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("clustergate"), "chart");
+    assert!(
+        svg.starts_with("<svg") && svg.contains("clustergate"),
+        "chart"
+    );
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -24,9 +24,16 @@ use thiserror::Error;
 use xsk_rs::config::{
     BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
 };
-use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+use xsk_rs::{CompQueue, FillQueue, RxQueue, Socket, TxQueue, Umem};
+
+/// A UMEM frame descriptor, as [`Ports`] hands frames out and takes them back.
+pub use xsk_rs::FrameDesc;
 
 use crate::pipeline::Frame;
+
+/// Frames the kernel transmits per `sendto` kick in copy mode
+/// (`MAX_PER_SOCKET_BUDGET` in net/xdp/xsk.c).
+pub const KICK_BUDGET: usize = 32;
 
 /// Frames handled per RX call (and the size of every per-batch array).
 pub const RX_BATCH: usize = crate::pipeline::BATCH;
@@ -362,6 +369,19 @@ impl Ports {
         }
     }
 
+    /// Takes up to `out.len()` free frames out of the pool, for the caller to
+    /// fill and [`Ports::transmit`] (a traffic generator); returns how many.
+    /// Call [`Ports::recycle`] first to take completed TX frames back. The
+    /// frames are the caller's until handed back with [`Ports::transmit`] or
+    /// [`Ports::release`]; their contents are whatever they last held.
+    pub fn alloc(&mut self, out: &mut [FrameDesc]) -> usize {
+        let n = out.len().min(self.free.len());
+        let start = self.free.len() - n;
+        out[..n].copy_from_slice(&self.free[start..]);
+        self.free.truncate(start);
+        n
+    }
+
     /// Receives up to `descs.len()` frames from socket `port`.
     pub fn receive(&mut self, port: usize, descs: &mut [FrameDesc]) -> usize {
         match self.ports.get_mut(port) {
@@ -379,8 +399,8 @@ impl Ports {
     /// descriptor carries that length.
     ///
     /// # Safety
-    /// Every descriptor must have come from [`Ports::receive`] on this
-    /// `Ports`, be in the caller's hands (not passed to [`Ports::transmit`]
+    /// Every descriptor must have come from [`Ports::receive`] or
+    /// [`Ports::alloc`] on this `Ports`, be in the caller's hands (not passed to [`Ports::transmit`]
     /// or [`Ports::release`] since), and appear once: otherwise two views of
     /// one frame could exist, or one frame could sit on two rings.
     pub unsafe fn with_frames<R>(
@@ -394,8 +414,9 @@ impl Ports {
             [const { None }; RX_BATCH];
         for (slot, d) in datas.iter_mut().zip(descs[..n].iter_mut()) {
             // SAFETY: by this function's contract every descriptor in `descs`
-            // came off one of this UMEM's RX rings, is in our hands only (not
-            // on any ring) and is distinct, so the buffers do not alias.
+            // is a frame of this UMEM (off one of its RX rings or out of its
+            // free pool), is in our hands only (not on any ring) and is
+            // distinct, so the buffers do not alias.
             *slot = Some(unsafe { self.umem.data_mut(d) });
         }
         let r = {
@@ -434,8 +455,8 @@ impl Ports {
     /// without completing it, losing the frame); the caller checks.
     ///
     /// # Safety
-    /// Every descriptor must have come from [`Ports::receive`] on this
-    /// `Ports`, be in the caller's hands (not passed to [`Ports::transmit`]
+    /// Every descriptor must have come from [`Ports::receive`] or
+    /// [`Ports::alloc`] on this `Ports`, be in the caller's hands (not passed to [`Ports::transmit`]
     /// or [`Ports::release`] since), and appear once: otherwise two views of
     /// one frame could exist, or one frame could sit on two rings.
     pub unsafe fn transmit(&mut self, port: usize, descs: &[FrameDesc]) -> usize {
@@ -458,9 +479,14 @@ impl Ports {
         };
         p.in_flight += done as u32;
         if p.tx.needs_wakeup() {
-            // ENOBUFS/EAGAIN/EBUSY are absorbed by xsk-rs; anything else
-            // would repeat and show in the TX statistics.
-            let _ = p.tx.wakeup();
+            // In copy mode one `sendto` sends at most KICK_BUDGET frames, so
+            // one kick per batch would let the ring fill under load: kick
+            // once per KICK_BUDGET frames queued. ENOBUFS/EAGAIN/EBUSY are
+            // absorbed by xsk-rs; anything else would repeat and show in the
+            // TX statistics.
+            for _ in 0..done.div_ceil(KICK_BUDGET).max(1) {
+                let _ = p.tx.wakeup();
+            }
         }
         self.free.extend_from_slice(&descs[done..]);
         done
@@ -469,8 +495,8 @@ impl Ports {
     /// Returns frames that are not sent to the pool.
     ///
     /// # Safety
-    /// Every descriptor must have come from [`Ports::receive`] on this
-    /// `Ports`, be in the caller's hands (not passed to [`Ports::transmit`]
+    /// Every descriptor must have come from [`Ports::receive`] or
+    /// [`Ports::alloc`] on this `Ports`, be in the caller's hands (not passed to [`Ports::transmit`]
     /// or [`Ports::release`] since), and appear once: otherwise two views of
     /// one frame could exist, or one frame could sit on two rings.
     pub unsafe fn release(&mut self, descs: &[FrameDesc]) {
