@@ -120,6 +120,13 @@ fn parse_ring(s: &str) -> Result<u32, String> {
 const REFRESH_HOPS: Duration = Duration::from_millis(500);
 /// The same address is asked to be resolved at most this often.
 const TRIGGER_EVERY: Duration = Duration::from_millis(500);
+/// After a new table or a resolution request, neighbours appear within
+/// milliseconds: refresh this often for [`EAGER_FOR`], not every
+/// [`REFRESH_HOPS`], so the first packets to new backends are not dropped
+/// for half a second.
+const EAGER_REFRESH: Duration = Duration::from_millis(20);
+/// How long eager refreshing lasts.
+const EAGER_FOR: Duration = Duration::from_secs(1);
 
 struct WorkerHandle {
     core: usize,
@@ -367,6 +374,7 @@ fn manage(
     started: Instant,
 ) -> Result<()> {
     let mut last_refresh = Instant::now();
+    let mut eager_until = Instant::now() + EAGER_FOR;
     let mut triggered: HashMap<IpAddr, Instant> = HashMap::new();
     let mut applied_at = (watcher.handle().generation() > 0).then(std::time::SystemTime::now);
     let poll = Duration::from_millis(args.poll_ms);
@@ -411,10 +419,13 @@ fn manage(
             }
             keep_backends_resolved(resolver, &table);
             applied_at = Some(std::time::SystemTime::now());
+            eager_until = Instant::now() + EAGER_FOR;
         }
 
         let now = Instant::now();
-        let mut refresh = now.duration_since(last_refresh) >= REFRESH_HOPS;
+        let since = now.duration_since(last_refresh);
+        let mut refresh =
+            since >= REFRESH_HOPS || (now < eager_until && since >= EAGER_REFRESH);
         while let Ok(addr) = resolve_rx.try_recv() {
             let due = triggered
                 .get(&addr)
@@ -425,6 +436,7 @@ fn manage(
                     warn!(%addr, "asking the kernel to resolve a neighbour: {e}");
                 }
                 refresh = true;
+                eager_until = now + EAGER_FOR;
             }
         }
         triggered.retain(|_, t| now.duration_since(*t) < TRIGGER_EVERY * 4);
