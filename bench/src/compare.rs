@@ -253,10 +253,18 @@ pub struct Rep {
     pub p99_us: f64,
     /// p99.9.
     pub p999_us: f64,
-    /// CPU seconds, all cores, over the run (user + nice + system + irq + softirq + steal).
+    /// CPU seconds, all cores, over the run (user + nice + system + irq + softirq).
     pub cpu_s: f64,
-    /// CPU nanoseconds per received packet.
+    /// CPU seconds of the pktgen process itself (utime + stime).
+    pub pktgen_cpu_s: f64,
+    /// (cpu_s − pktgen_cpu_s) ÷ received, in ns: the dataplane, the kernel's
+    /// veth and bridge work and the sinks, per packet.
     pub cpu_ns_per_pkt: f64,
+    /// cpu_s ÷ received, in ns (the generator included).
+    pub host_cpu_ns_per_pkt: f64,
+    /// Frames the sinks' AF_XDP rings dropped (ring full or other): loss
+    /// at the measuring end, not in the dataplane.
+    pub sink_dropped: u64,
     /// Frames received per backend (index 0 is backend 1).
     pub per_backend: Vec<u64>,
     /// max ÷ min of `per_backend` (1.0 is a perfect spread).
@@ -314,8 +322,12 @@ pub struct Run {
     pub p99_us: Stat,
     /// p99.9 µs.
     pub p999_us: Stat,
-    /// CPU ns per forwarded packet.
+    /// CPU ns per forwarded packet, the generator's own CPU excluded.
     pub cpu_ns_per_pkt: Stat,
+    /// CPU ns per forwarded packet, all of the host's.
+    pub host_cpu_ns_per_pkt: Stat,
+    /// Frames dropped by the sinks' rings.
+    pub sink_dropped: Stat,
     /// Backend spread (max ÷ min).
     pub spread: Stat,
     /// Seconds to set the dataplane up (e.g. nft -f, or control's first publish).
@@ -336,6 +348,8 @@ impl Run {
             p99_us: s(|r| r.p99_us),
             p999_us: s(|r| r.p999_us),
             cpu_ns_per_pkt: s(|r| r.cpu_ns_per_pkt),
+            host_cpu_ns_per_pkt: s(|r| r.host_cpu_ns_per_pkt),
+            sink_dropped: s(|r| r.sink_dropped as f64),
             spread: s(|r| r.spread),
             reps,
             setup_s,
@@ -378,8 +392,10 @@ pub struct ScenarioResult {
     pub clustergate_over_kernel: Option<f64>,
     /// clustergate ÷ bounce forwarded pps (medians).
     pub clustergate_over_bounce: Option<f64>,
-    /// clustergate ÷ kernel CPU ns per packet (medians).
+    /// clustergate ÷ kernel CPU ns per packet, generator excluded (medians).
     pub cpu_clustergate_over_kernel: Option<f64>,
+    /// clustergate ÷ kernel CPU ns per packet, whole host (medians).
+    pub host_cpu_clustergate_over_kernel: Option<f64>,
 }
 
 /// The whole invocation.
@@ -403,6 +419,29 @@ pub struct Report {
     pub backends: u32,
     /// Results per scenario.
     pub scenarios: Vec<ScenarioResult>,
+}
+
+/// Set by SIGINT/SIGTERM: the run stops between steps and cleans up
+/// (children stopped, nftables and sysctls put back, topology removed).
+pub(crate) static STOP: std::sync::LazyLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Routes SIGINT and SIGTERM to [`STOP`].
+pub(crate) fn catch_signals() -> Result<()> {
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, std::sync::Arc::clone(&STOP))
+            .context("installing a signal handler")?;
+    }
+    Ok(())
+}
+
+/// Fails once a stop was asked for.
+pub(crate) fn check_stop() -> Result<()> {
+    ensure!(
+        !STOP.load(std::sync::atomic::Ordering::Relaxed),
+        "interrupted: stopping and cleaning up"
+    );
+    Ok(())
 }
 
 /// A child process whose stdout carries JSON lines, read by a thread.
@@ -440,7 +479,17 @@ impl Proc {
     pub(crate) fn event(&mut self, event: &str, timeout: Duration, log: &Path) -> Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            check_stop()?;
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(200));
+            if left.is_zero() {
+                bail!(
+                    "{} gave no {event} within {timeout:?} (log: {})",
+                    self.name,
+                    log.display()
+                );
+            }
             match self.lines.recv_timeout(left) {
                 Ok(line) => {
                     if let Ok(v) = serde_json::from_str::<Value>(&line) {
@@ -449,11 +498,7 @@ impl Proc {
                         }
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => bail!(
-                    "{} gave no {event} within {timeout:?} (log: {})",
-                    self.name,
-                    log.display()
-                ),
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     let st = self.child.wait().ok();
                     bail!(
@@ -509,9 +554,21 @@ fn cpu_ticks() -> Result<(u64, u64)> {
         .filter_map(|x| x.parse().ok())
         .collect();
     ensure!(v.len() >= 8, "unexpected /proc/stat line {line:?}");
-    // user nice system idle iowait irq softirq steal
-    let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
+    // user nice system idle iowait irq softirq steal; steal is time the
+    // hypervisor took, not work done here.
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6];
     Ok((busy, busy + v[3] + v[4]))
+}
+
+/// utime + stime of process `pid`, in clock ticks (also readable while it
+/// is a zombie, before it is reaped).
+fn process_ticks(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name can hold spaces; fields after its ')' are fixed.
+    let rest = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime 15.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// `GET path` from 127.0.0.1:`port` inside namespace `ns`: (status, body).
@@ -683,7 +740,11 @@ struct Running {
     /// For the kernel: the nft table to delete at the end.
     nft: bool,
     metrics_port: Option<u16>,
+    /// nf_conntrack_max to put back at the end.
+    restore_ct_max: Option<u64>,
 }
+
+const CT_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 
 struct Ctx<'a> {
     args: &'a Args,
@@ -756,9 +817,11 @@ impl Ctx<'_> {
                     procs: vec![control, gateway],
                     nft: false,
                     metrics_port: Some(port),
+                    restore_ct_max: None,
                 };
                 let t = Instant::now();
                 loop {
+                    check_stop()?;
                     if let Ok((200, _)) = http_get_in(&self.topo.ns("gw"), port, "/healthz") {
                         break;
                     }
@@ -805,10 +868,32 @@ impl Ctx<'_> {
                         "loading the nftables ruleset (scripts/install-deps.sh installs nftables)",
                     )?;
                 self.topo.sysctl(&gw, "net.ipv4.ip_forward", "1")?;
+                // Room for every flow in conntrack (kube-proxy sizes it per core;
+                // here the kernel gets at least twice the flows, like the gateway).
+                let mut restore_ct_max = None;
+                if let Some(cur) = std::fs::read_to_string(CT_MAX)
+                    .ok()
+                    .and_then(|c| c.trim().parse::<u64>().ok())
+                {
+                    let want = u64::from(sc.flows) * 2;
+                    if cur < want {
+                        std::fs::write(CT_MAX, want.to_string())
+                            .with_context(|| format!("raising {CT_MAX} to {want}"))?;
+                        restore_ct_max = Some(cur);
+                    }
+                }
+                // veth receive runs on the core that transmitted (the
+                // generator's); RPS moves the kernel's DNAT and forwarding to
+                // the worker cores, as the AF_XDP dataplanes get theirs.
+                for (q, core) in worker_cores.split(',').enumerate() {
+                    let mask = 1u64 << core.parse::<u32>().unwrap_or(0).min(63);
+                    self.set_rps(q, &format!("{mask:x}"))?;
+                }
                 Ok(Running {
                     procs: Vec::new(),
                     nft: true,
                     metrics_port: None,
+                    restore_ct_max,
                 })
             }
             Dataplane::Bounce => {
@@ -834,9 +919,19 @@ impl Ctx<'_> {
                     procs: vec![p],
                     nft: false,
                     metrics_port: None,
+                    restore_ct_max: None,
                 })
             }
         }
+    }
+
+    /// Writes `mask` (hex) to g0's rx queue `q` rps_cpus.
+    fn set_rps(&self, q: usize, mask: &str) -> Result<()> {
+        let gw = self.topo.ns("gw");
+        let script = format!("echo {mask} > /sys/class/net/g0/queues/rx-{q}/rps_cpus");
+        self.topo
+            .run("ip", &["netns", "exec", &gw, "sh", "-c", &script])
+            .context("setting RPS for the kernel dataplane")
     }
 
     fn stop(&self, mut r: Running) {
@@ -846,6 +941,9 @@ impl Ctx<'_> {
         }
         let gw = self.topo.ns("gw");
         if r.nft {
+            for q in 0..self.topo.shape.workers as usize {
+                let _ = self.set_rps(q, "0");
+            }
             let _ = self.topo.run(
                 "ip",
                 &[
@@ -861,6 +959,9 @@ impl Ctx<'_> {
             );
         }
         let _ = self.topo.sysctl(&gw, "net.ipv4.ip_forward", "0");
+        if let Some(v) = r.restore_ct_max {
+            let _ = std::fs::write(CT_MAX, v.to_string());
+        }
     }
 
     /// One repetition: sinks up, pktgen for the duration, sinks down.
@@ -919,6 +1020,8 @@ impl Ctx<'_> {
         // Frames still in the gateway's rings arrive within this.
         std::thread::sleep(Duration::from_millis(300));
         let cpu1 = cpu_ticks()?;
+        // It has exited (or is about to) but is not reaped yet: its times stay.
+        let gen_ticks = process_ticks(gen.child.id()).unwrap_or(0);
         let mut rep = Rep {
             sent: result["sent"].as_u64().unwrap_or(0),
             elapsed_s: result["elapsed_s"].as_f64().unwrap_or(0.0),
@@ -933,6 +1036,8 @@ impl Ctx<'_> {
             rep.per_backend.push(n);
             rep.reordered += v["reordered"].as_u64().unwrap_or(0);
             rep.duplicates += v["duplicates"].as_u64().unwrap_or(0);
+            rep.sink_dropped += v["rings"]["rx_dropped"].as_u64().unwrap_or(0)
+                + v["rings"]["rx_ring_full"].as_u64().unwrap_or(0);
             if let Some(bad) = v["bad"].as_object() {
                 for (k, n) in bad {
                     *rep.bad.entry(k.clone()).or_default() += n.as_u64().unwrap_or(0);
@@ -960,12 +1065,13 @@ impl Ctx<'_> {
             rep.p999_us = hist.value_at_quantile(0.999) as f64 / 1e3;
         }
         let tick = rustix::param::clock_ticks_per_second() as f64;
-        rep.cpu_s = (cpu1.0 - cpu0.0) as f64 / tick;
-        rep.cpu_ns_per_pkt = if rep.received > 0 {
-            rep.cpu_s * 1e9 / rep.received as f64
-        } else {
-            0.0
-        };
+        rep.cpu_s = cpu1.0.saturating_sub(cpu0.0) as f64 / tick;
+        rep.pktgen_cpu_s = gen_ticks as f64 / tick;
+        if rep.received > 0 {
+            rep.cpu_ns_per_pkt =
+                (rep.cpu_s - rep.pktgen_cpu_s).max(0.0) * 1e9 / rep.received as f64;
+            rep.host_cpu_ns_per_pkt = rep.cpu_s * 1e9 / rep.received as f64;
+        }
         let (lo, hi) = (
             rep.per_backend.iter().copied().min().unwrap_or(0),
             rep.per_backend.iter().copied().max().unwrap_or(0),
@@ -1029,6 +1135,7 @@ pub fn run(args: &Args) -> Result<()> {
         "clustergate-bench compare needs root (namespaces, XDP, AF_XDP)"
     );
     let bins = Bins::find(args.bin_dir.as_deref())?;
+    catch_signals()?;
     std::fs::create_dir_all(args.out.join("logs"))
         .with_context(|| format!("creating {}", args.out.display()))?;
     let max_workers = args.workers.iter().copied().max().unwrap_or(1);
@@ -1123,6 +1230,7 @@ fn measure(ctx: &Ctx<'_>) -> Result<Report> {
                 ctx.rep(sc, &format!("{tag}-warmup"), 0.3, 10_000)?;
                 let mut reps = Vec::new();
                 for r in 0..args.reps {
+                    check_stop()?;
                     let rep = ctx.rep(sc, &format!("{tag}-r{r}"), args.duration_s, args.rate)?;
                     progress(&format!(
                         "    rep {}: offered {:.0} pps, forwarded {:.0} pps, loss {:.2} %, p99 {:.0} µs, {:.0} CPU ns/pkt",
@@ -1153,6 +1261,7 @@ fn measure(ctx: &Ctx<'_>) -> Result<Report> {
         };
         let fwd = |r: &Run| r.forwarded_pps.median;
         let cpu = |r: &Run| r.cpu_ns_per_pkt.median;
+        let host_cpu = |r: &Run| r.host_cpu_ns_per_pkt.median;
         results.push(ScenarioResult {
             scenario: *sc,
             clustergate_over_kernel: ratio(
@@ -1162,6 +1271,10 @@ fn measure(ctx: &Ctx<'_>) -> Result<Report> {
             clustergate_over_bounce: ratio(
                 med(Dataplane::Clustergate, fwd),
                 med(Dataplane::Bounce, fwd),
+            ),
+            host_cpu_clustergate_over_kernel: ratio(
+                med(Dataplane::Clustergate, host_cpu),
+                med(Dataplane::Kernel, host_cpu),
             ),
             cpu_clustergate_over_kernel: ratio(
                 med(Dataplane::Clustergate, cpu),
@@ -1213,21 +1326,23 @@ pub fn markdown(r: &Report) -> String {
     );
     for s in &r.scenarios {
         let _ = writeln!(m, "#### {}\n", s.scenario.label());
-        let _ = writeln!(m, "| dataplane | offered kpps | forwarded kpps | loss % | p50 µs | p99 µs | p99.9 µs | CPU ns/pkt | backend spread | failed checks |");
-        let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(m, "| dataplane | offered kpps | forwarded kpps | loss % | sink drops | p50 µs | p99 µs | p99.9 µs | CPU ns/pkt (w/o pktgen) | host CPU ns/pkt | backend spread | failed checks |");
+        let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|---|---|");
         for run in &s.runs {
             let bad: u64 = run.reps.iter().flat_map(|r| r.bad.values()).sum();
             let _ = writeln!(
                 m,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} | {} |",
+                "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {} |",
                 run.dataplane.name(),
                 fmt_stat(&run.offered_pps, 1e-3, 0),
                 fmt_stat(&run.forwarded_pps, 1e-3, 0),
                 fmt_stat(&run.loss, 100.0, 2),
+                run.sink_dropped.median,
                 fmt_stat(&run.p50_us, 1.0, 0),
                 fmt_stat(&run.p99_us, 1.0, 0),
                 fmt_stat(&run.p999_us, 1.0, 0),
                 fmt_stat(&run.cpu_ns_per_pkt, 1.0, 0),
+                fmt_stat(&run.host_cpu_ns_per_pkt, 1.0, 0),
                 run.spread.median,
                 bad
             );
@@ -1240,7 +1355,12 @@ pub fn markdown(r: &Report) -> String {
             ratios.push(format!("clustergate ÷ bounce **{x:.2}**"));
         }
         if let Some(x) = s.cpu_clustergate_over_kernel {
-            ratios.push(format!("CPU/pkt clustergate ÷ kernel **{x:.2}**"));
+            ratios.push(format!(
+                "CPU/pkt clustergate ÷ kernel **{x:.2}** (w/o pktgen)"
+            ));
+        }
+        if let Some(x) = s.host_cpu_clustergate_over_kernel {
+            ratios.push(format!("**{x:.2}** (whole host)"));
         }
         if !ratios.is_empty() {
             let _ = writeln!(m, "\n{}\n", ratios.join("; "));
@@ -1329,5 +1449,11 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--duration-s"));
+        a.duration_s = 5.0;
+        a.proto = Proto::Tcp;
+        let e = a.validate().unwrap_err().to_string();
+        assert!(e.contains("--proto tcp with --dataplanes kernel"), "{e}");
+        a.dataplanes = vec![Dataplane::Clustergate, Dataplane::Bounce];
+        a.validate().unwrap();
     }
 }

@@ -33,8 +33,8 @@ use crate::wire::{Fields, L4Proto, Template, MAX_FRAME, MIN_FRAME};
 
 /// Frames per TX batch.
 const BATCH: usize = 64;
-/// Descriptors the kernel takes per `sendto` in copy mode (by default).
-const PER_KICK: usize = 32;
+// `with_frames` hands over at most RX_BATCH frames per call.
+const _: () = assert!(BATCH <= clustergate_dataplane::io::xsk::RX_BATCH);
 /// Longest wait for completions at the end.
 const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 /// Sleep instead of yielding when the next token is further away than
@@ -171,6 +171,11 @@ fn plan(a: &Args) -> Result<Plan> {
     ensure!(!a.queues.is_empty(), "--queues: give at least one queue");
     for (i, q) in a.queues.iter().enumerate() {
         ensure!(
+            *q < 64,
+            "--queues {}: queue {q} is not 0..=63",
+            list(&a.queues)
+        );
+        ensure!(
             !a.queues[..i].contains(q),
             "--queues {}: queue {q} is given twice",
             list(&a.queues)
@@ -203,9 +208,10 @@ fn plan(a: &Args) -> Result<Plan> {
     );
     if let Some(k) = a.only_service {
         ensure!(
-            k < MAX_SERVICES,
-            "--only-service {k}: must be 0..={}",
-            MAX_SERVICES - 1
+            k < a.services,
+            "--only-service {k}: must be one of the --services {} (0..={})",
+            a.services,
+            a.services - 1
         );
     }
     ensure!(
@@ -580,11 +586,7 @@ fn send_loop(mut ports: Ports, plan: &Plan, flows: Flows, stop: &AtomicBool) -> 
         // SAFETY: as for `with_frames`; every length is the template's,
         // 64..=1500 bytes, within the frame.
         let sent = unsafe { ports.transmit(0, &descs[..n]) };
-        // `transmit` kicked once; the kernel takes 32 descriptors per kick
-        // in copy mode.
-        for _ in 1..sent.div_ceil(PER_KICK) {
-            ports.kick();
-        }
+        // `transmit` kicks once per 32 frames queued in copy mode.
         if sent > 0 {
             out.first_ns.get_or_insert(now);
             out.last_ns = Some(now);

@@ -76,7 +76,7 @@ pub struct Shape {
     pub workers: u32,
 }
 
-fn parse_prefix(s: &str) -> Result<String, String> {
+pub(crate) fn parse_prefix(s: &str) -> Result<String, String> {
     if (1..=8).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
@@ -93,6 +93,9 @@ struct Record {
     shape: Shape,
     /// (namespace name, nsfs inode) of each namespace created.
     namespaces: Vec<(String, u64)>,
+    /// The build ran to its end (a build cut short is rebuilt, not reused).
+    #[serde(default)]
+    complete: bool,
 }
 
 /// A built topology.
@@ -182,7 +185,7 @@ impl Topology {
         self.check_ownership(record.as_ref())?;
         if let Some(r) = &record {
             let all_there = Self::existing(&self.shape.prefix)?.len() == r.namespaces.len();
-            if r.shape == self.shape && all_there {
+            if r.shape == self.shape && all_there && r.complete {
                 eprintln!("topology {} is already up", self.shape.prefix);
                 return Ok(());
             }
@@ -228,11 +231,12 @@ impl Topology {
         }
     }
 
-    fn write_record(&self, namespaces: &[(String, u64)]) -> Result<()> {
+    fn write_record(&self, namespaces: &[(String, u64)], complete: bool) -> Result<()> {
         std::fs::create_dir_all(RECORDS).with_context(|| format!("creating {RECORDS}"))?;
         let rec = Record {
             shape: self.shape.clone(),
             namespaces: namespaces.to_vec(),
+            complete,
         };
         let path = self.record_path();
         let tmp = path.with_extension("tmp");
@@ -248,7 +252,7 @@ impl Topology {
             self.run("ip", &["netns", "add", &name])?;
             created.push((name.clone(), inode(&Path::new(NETNS_DIR).join(&name))?));
             // Recorded after each one, so a failure part-way is cleaned up.
-            self.write_record(&created)?;
+            self.write_record(&created, false)?;
             self.ipn(&name, &["link", "set", "lo", "up"])?;
         }
         let (cli, gw, lan) = (self.ns("cli"), self.ns("gw"), self.ns("lan"));
@@ -296,7 +300,7 @@ impl Topology {
         }
         // Only the dataplane under test forwards.
         self.sysctl(&gw, "net.ipv4.ip_forward", "0")?;
-        Ok(())
+        self.write_record(&created, true)
     }
 
     /// A veth pair between two namespaces with fixed MACs, `queues` each

@@ -27,7 +27,7 @@ use crate::topology::{Shape, Topology};
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Namespace name prefix of the topology (built if missing, removed at the end).
-    #[arg(long, default_value = "cgbu")]
+    #[arg(long, default_value = "cgbu", value_parser = crate::topology::parse_prefix)]
     pub prefix: String,
     /// Services in the manifest, 1..=65536.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=65_536))]
@@ -105,6 +105,7 @@ pub fn run(args: &Args) -> Result<()> {
         "clustergate-bench update-latency needs root (namespaces, XDP, AF_XDP)"
     );
     let bins = Bins::find(args.bin_dir.as_deref())?;
+    crate::compare::catch_signals()?;
     let logs = args.out.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let topo = Topology::new(
@@ -220,6 +221,7 @@ fn measure(args: &Args, bins: &Bins, topo: &Topology) -> Result<UpdateLatency> {
     wait_port(&mut sink, port(0), &log("sink"))?;
     let mut lat = Vec::with_capacity(args.changes as usize);
     for i in 1..=args.changes {
+        crate::compare::check_stop()?;
         let written = write_atomically(
             &path,
             &manifest_with(args.services, &[1, 2], BACKEND_PORT, Some((1, port(i)))),

@@ -55,11 +55,20 @@ fn quick_compare_checks_every_frame_on_all_three_dataplanes() {
     ) {
         return;
     }
-    let out = std::env::temp_dir().join(format!("cgb-quick-{}", std::process::id()));
+    // UDP through all three; then TCP (a SYN per flow, then ACKs) through
+    // the two AF_XDP dataplanes (the kernel's conntrack refuses one-way TCP,
+    // and compare says so).
+    check_run("udp", &["clustergate", "kernel", "bounce"]);
+    check_run("tcp", &["clustergate", "bounce"]);
+}
+
+fn check_run(proto: &str, dataplanes: &[&str]) {
+    let out = std::env::temp_dir().join(format!("cgb-quick-{proto}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
     let run = Command::new(env!("CARGO_BIN_EXE_clustergate-bench"))
         .args(["compare", "--quick", "--prefix", "cgbq", "--backends", "3"])
-        .args(["--services", "3", "--flows", "600"])
+        .args(["--services", "3", "--flows", "600", "--proto", proto])
+        .args(["--dataplanes", &dataplanes.join(",")])
         .arg("--out")
         .arg(&out)
         .arg("--bin-dir")
@@ -70,7 +79,7 @@ fn quick_compare_checks_every_frame_on_all_three_dataplanes() {
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(
         run.status.success(),
-        "compare failed ({}):\n{stderr}\n{stdout}",
+        "{proto}: compare failed ({}):\n{stderr}\n{stdout}",
         run.status
     );
     for ns in ["cgbq-cli", "cgbq-gw", "cgbq-lan", "cgbq-b1"] {
@@ -84,7 +93,7 @@ fn quick_compare_checks_every_frame_on_all_three_dataplanes() {
         .iter()
         .map(|r| r["dataplane"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["clustergate", "kernel", "bounce"]);
+    assert_eq!(names, dataplanes);
     for r in runs {
         let name = r["dataplane"].as_str().unwrap();
         let rep = &r["reps"][0];
@@ -92,28 +101,38 @@ fn quick_compare_checks_every_frame_on_all_three_dataplanes() {
             rep["sent"].as_u64().unwrap(),
             rep["received"].as_u64().unwrap(),
         );
-        assert!(sent >= 5_000, "{name}: only {sent} frames sent");
+        assert!(sent >= 5_000, "{proto} {name}: only {sent} frames sent");
         assert!(
-            received > 0 && received <= sent,
-            "{name}: {received} of {sent} received"
+            received <= sent,
+            "{proto} {name}: {received} of {sent} received"
+        );
+        // 20 kpps is far below what any of them forwards: nothing should be
+        // lost (a little slack for a sink descheduled on a busy machine).
+        assert!(
+            received as f64 >= sent as f64 * 0.95,
+            "{proto} {name}: only {received} of {sent} frames arrived"
         );
         for (check, n) in rep["bad"].as_object().unwrap() {
             assert_eq!(
                 n.as_u64(),
                 Some(0),
-                "{name}: {n} frames failed the {check} check"
+                "{proto} {name}: {n} frames failed the {check} check"
             );
         }
         assert!(
             rep["bad"].as_object().unwrap().len() >= 6,
-            "{name}: the sinks reported too few checks: {}",
+            "{proto} {name}: the sinks reported too few checks: {}",
             rep["bad"]
         );
-        assert_eq!(rep["duplicates"].as_u64(), Some(0), "{name}: duplicates");
+        assert_eq!(
+            rep["duplicates"].as_u64(),
+            Some(0),
+            "{proto} {name}: duplicates"
+        );
         assert_eq!(
             rep["reordered"].as_u64(),
             Some(0),
-            "{name}: reordered within a flow"
+            "{proto} {name}: reordered within a flow"
         );
         let per: Vec<u64> = rep["per_backend"]
             .as_array()
@@ -121,14 +140,10 @@ fn quick_compare_checks_every_frame_on_all_three_dataplanes() {
             .iter()
             .map(|v| v.as_u64().unwrap())
             .collect();
-        assert_eq!(per.len(), 3, "{name}: {per:?}");
+        assert_eq!(per.len(), 3, "{proto} {name}: {per:?}");
         assert!(
             per.iter().all(|&n| n > 0),
-            "{name}: a backend got nothing: {per:?}"
-        );
-        assert!(
-            rep["p99_us"].as_f64().unwrap() > 0.0,
-            "{name}: no latency measured"
+            "{proto} {name}: a backend got nothing: {per:?}"
         );
     }
     assert!(stdout.contains("| clustergate |"), "{stdout}");

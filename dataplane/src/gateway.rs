@@ -120,10 +120,11 @@ fn parse_ring(s: &str) -> Result<u32, String> {
 const REFRESH_HOPS: Duration = Duration::from_millis(500);
 /// The same address is asked to be resolved at most this often.
 const TRIGGER_EVERY: Duration = Duration::from_millis(500);
-/// After a new table or a resolution request, neighbours appear within
-/// milliseconds: refresh this often for [`EAGER_FOR`], not every
-/// [`REFRESH_HOPS`], so the first packets to new backends are not dropped
-/// for half a second.
+/// After a new table, the backends' neighbours appear within milliseconds:
+/// refresh this often for [`EAGER_FOR`], not every [`REFRESH_HOPS`], so the
+/// first packets to new backends are not dropped for half a second. (A
+/// resolution request refreshes once at once; it does not extend this, so a
+/// neighbour that never resolves cannot keep the dumps running every 20 ms.)
 const EAGER_REFRESH: Duration = Duration::from_millis(20);
 /// How long eager refreshing lasts.
 const EAGER_FOR: Duration = Duration::from_secs(1);
@@ -424,8 +425,7 @@ fn manage(
 
         let now = Instant::now();
         let since = now.duration_since(last_refresh);
-        let mut refresh =
-            since >= REFRESH_HOPS || (now < eager_until && since >= EAGER_REFRESH);
+        let mut refresh = since >= REFRESH_HOPS || (now < eager_until && since >= EAGER_REFRESH);
         while let Ok(addr) = resolve_rx.try_recv() {
             let due = triggered
                 .get(&addr)
@@ -436,7 +436,6 @@ fn manage(
                     warn!(%addr, "asking the kernel to resolve a neighbour: {e}");
                 }
                 refresh = true;
-                eager_until = now + EAGER_FOR;
             }
         }
         triggered.retain(|_, t| now.duration_since(*t) < TRIGGER_EVERY * 4);

@@ -484,7 +484,11 @@ impl Ports {
             // once per KICK_BUDGET frames queued. ENOBUFS/EAGAIN/EBUSY are
             // absorbed by xsk-rs; anything else would repeat and show in the
             // TX statistics.
-            for _ in 0..done.div_ceil(KICK_BUDGET).max(1) {
+            let kicks = match p.mode {
+                BindMode::Copy => done.div_ceil(KICK_BUDGET).max(1),
+                BindMode::ZeroCopy => 1,
+            };
+            for _ in 0..kicks {
                 let _ = p.tx.wakeup();
             }
         }
