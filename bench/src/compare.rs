@@ -166,6 +166,13 @@ impl Args {
             !self.dataplanes.is_empty(),
             "--dataplanes: name at least one"
         );
+        // The generator's TCP is one-way (SYN, then ACKs, no SYN-ACK ever):
+        // the kernel's conntrack marks those ACKs invalid and does not NAT
+        // them, which would measure the traffic, not the dataplane.
+        ensure!(
+            !(self.proto == Proto::Tcp && self.dataplanes.contains(&Dataplane::Kernel)),
+            "--proto tcp with --dataplanes kernel: the generator's one-way TCP (no SYN-ACK) is invalid to the kernel's conntrack; compare TCP with --dataplanes clustergate,bounce"
+        );
         for &f in &self.frame_sizes {
             ensure!(
                 (64..=1500).contains(&f),

@@ -708,7 +708,11 @@ mod tests {
                 "flow {flow}: {seqs:?}"
             );
         }
-        let only = plan(&args("--only-service 7 --services 3")).unwrap();
+        let only = plan(&args("--only-service 7 --services 8")).unwrap();
+        assert!(plan(&args("--only-service 7 --services 3"))
+            .unwrap_err()
+            .to_string()
+            .contains("--only-service 7"));
         assert_eq!(Flows::new(0, 1, &only).fields(5, 5).dst, (vip(7), 80));
     }
 
