@@ -49,10 +49,6 @@ use crate::layout::{
 const MAX_QUEUES: u32 = 16;
 /// Longest bounded run.
 const MAX_EXIT_AFTER_S: u64 = 3600;
-/// Empty polls before a worker sleeps in `poll(2)` (as the gateway's worker).
-const SPINS_BEFORE_WAIT: u32 = 512;
-/// Longest sleep when idle (as the gateway's worker).
-const IDLE_WAIT_MS: i32 = 1;
 /// Longest a drain waits for TX completions (as the gateway's worker).
 const DRAIN_LIMIT: Duration = Duration::from_millis(500);
 /// How long start-up waits for a worker to open its sockets.
@@ -296,7 +292,7 @@ impl Counters {
 
 /// The gateway worker's poll loop, with [`rewrite`] in place of the core:
 /// recycle, receive a batch per socket, rewrite, transmit on `out`, kick;
-/// `poll(2)` after [`SPINS_BEFORE_WAIT`] empty rounds. Then drains.
+/// `poll(2)` after [`clustergate_dataplane::io::xsk::SPINS_BEFORE_WAIT`] empty rounds. Then drains.
 fn poll_loop(mut ports: Ports, backends: u32, stop: &AtomicBool) -> Counters {
     let mut c = Counters::default();
     // `Ports` lists sockets interface by interface: slot 0 is `--in`, slot 1 `--out`.
@@ -360,29 +356,11 @@ fn poll_loop(mut ports: Ports, backends: u32, stop: &AtomicBool) -> Counters {
                 tx.clear();
             }
         }
-        if work == 0 {
-            // In copy mode the kernel sends at most 32 frames per kick: keep
-            // kicking while frames are in flight (no syscall otherwise).
-            ports.kick();
-            spins += 1;
-            if spins >= SPINS_BEFORE_WAIT {
-                ports.wait(IDLE_WAIT_MS);
-                spins = 0;
-            } else {
-                std::hint::spin_loop();
-            }
-        } else {
-            spins = 0;
-        }
+        ports.idle(work, &mut spins);
     }
 
     // Drain: nothing more is received; what was sent gets its completions.
-    let deadline = Instant::now() + DRAIN_LIMIT;
-    while ports.in_flight() > 0 && Instant::now() < deadline {
-        ports.kick();
-        ports.recycle();
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    ports.drain(DRAIN_LIMIT);
     if ports.in_flight() > 0 {
         warn!(
             in_flight = ports.in_flight(),

@@ -83,7 +83,7 @@ impl Proto {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// Namespace name prefix of the topology (built if missing, removed at the end).
-    #[arg(long, default_value = "cgb", value_parser = parse_prefix)]
+    #[arg(long, default_value = "cgb", value_parser = crate::topology::parse_prefix)]
     pub prefix: String,
     /// Backends, 1..=16.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
@@ -133,17 +133,6 @@ pub struct Args {
     /// Leave the topology up at the end.
     #[arg(long)]
     pub keep_topology: bool,
-}
-
-fn parse_prefix(s: &str) -> Result<String, String> {
-    if (1..=8).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    {
-        Ok(s.to_owned())
-    } else {
-        Err(format!("{s:?}: 1 to 8 characters of a-z and 0-9"))
-    }
 }
 
 impl Args {

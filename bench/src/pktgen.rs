@@ -19,7 +19,7 @@
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use clustergate_dataplane::io::nexthop::ifindex_by_name;
@@ -599,12 +599,7 @@ fn send_loop(mut ports: Ports, plan: &Plan, flows: Flows, stop: &AtomicBool) -> 
     }
     let end_ns = mono_ns();
     // Drain: wait (bounded) for what is on the ring to complete.
-    let drain_until = Instant::now() + DRAIN_LIMIT;
-    while ports.in_flight() > 0 && Instant::now() < drain_until {
-        ports.kick();
-        ports.recycle();
-        std::thread::sleep(Duration::from_micros(100));
-    }
+    ports.drain(DRAIN_LIMIT);
     ports.recycle();
     out.completed = queued.saturating_sub(u64::from(ports.in_flight()));
     out.end_ns = end_ns;

@@ -133,10 +133,6 @@ const RING_STATS_EVERY: Duration = Duration::from_secs(1);
 const EXPIRE_EVERY: Duration = Duration::from_millis(10);
 /// Shards swept per sweep (of 256 per family).
 const EXPIRE_SHARDS: usize = 2;
-/// Empty polls before the worker sleeps in `poll(2)`.
-const SPINS_BEFORE_WAIT: u32 = 512;
-/// Longest sleep when idle.
-const IDLE_WAIT_MS: i32 = 1;
 /// Longest a drain waits for TX completions.
 const DRAIN_LIMIT: Duration = Duration::from_millis(500);
 
@@ -328,29 +324,11 @@ pub fn run(mut ports: Ports, shared: &Shared, stats: &Mutex<WorkerStats>) {
                 last_publish = wall;
             }
         }
-        if work == 0 {
-            // In copy mode the kernel sends at most 32 frames per kick: keep
-            // kicking while frames are in flight (no syscall otherwise).
-            ports.kick();
-            spins += 1;
-            if spins >= SPINS_BEFORE_WAIT {
-                ports.wait(IDLE_WAIT_MS);
-                spins = 0;
-            } else {
-                std::hint::spin_loop();
-            }
-        } else {
-            spins = 0;
-        }
+        ports.idle(work, &mut spins);
     }
 
     // Drain: nothing more is received; what was sent gets its completions.
-    let deadline = Instant::now() + DRAIN_LIMIT;
-    while ports.in_flight() > 0 && Instant::now() < deadline {
-        ports.kick();
-        ports.recycle();
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    ports.drain(DRAIN_LIMIT);
     let mut s = stats
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -31,6 +31,11 @@ pub use xsk_rs::FrameDesc;
 
 use crate::pipeline::Frame;
 
+/// Empty poll rounds before an idle worker sleeps in `poll(2)` ([`Ports::idle`]).
+pub const SPINS_BEFORE_WAIT: u32 = 512;
+/// Longest sleep of an idle worker, in milliseconds.
+pub const IDLE_WAIT_MS: i32 = 1;
+
 /// Frames the kernel transmits per `sendto` kick in copy mode
 /// (`MAX_PER_SOCKET_BUDGET` in net/xdp/xsk.c).
 pub const KICK_BUDGET: usize = 32;
@@ -515,6 +520,37 @@ impl Ports {
                 let _ = p.tx.wakeup();
             }
         }
+    }
+
+    /// A poll loop's end of round: after a round that handled `work` frames,
+    /// resets `spins`; after an empty one, kicks the TX rings still in flight
+    /// (copy mode needs it) and spins, then sleeps in `poll(2)` for up to
+    /// [`IDLE_WAIT_MS`] once [`SPINS_BEFORE_WAIT`] empty rounds have passed.
+    pub fn idle(&mut self, work: usize, spins: &mut u32) {
+        if work > 0 {
+            *spins = 0;
+            return;
+        }
+        self.kick();
+        *spins += 1;
+        if *spins >= SPINS_BEFORE_WAIT {
+            self.wait(IDLE_WAIT_MS);
+            *spins = 0;
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Kicks and recycles until no TX frame is in flight or `limit` has
+    /// passed; returns the frames still in flight.
+    pub fn drain(&mut self, limit: std::time::Duration) -> u32 {
+        let deadline = std::time::Instant::now() + limit;
+        while self.in_flight() > 0 && std::time::Instant::now() < deadline {
+            self.kick();
+            self.recycle();
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        self.in_flight()
     }
 
     /// Waits up to `timeout_ms` for any RX ring to have frames: `poll(2)` on
