@@ -140,6 +140,7 @@ impl Model {
                 proto: f.protocol,
                 kind: f.kind,
                 affinity_timeout_s: f.affinity_timeout_s,
+                return_path: clustergate_dataplane::table::ReturnPath::Routed,
                 backends: f
                     .backends
                     .iter()

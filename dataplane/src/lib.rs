@@ -13,6 +13,8 @@
 //! - [`maglev`]: the Maglev ring builder, used by control (the dataplane only
 //!   indexes rings).
 //! - [`conntrack`]: the shared connection and affinity tables.
+//! - [`snat`]: the gateway's side of the return paths: SNAT ports, their
+//!   split between workers, and the source address of a flow.
 //! - [`pipeline`]: `process(now, frame) -> Verdict`, per-core counters.
 //! - [`io`]: the gateway's I/O layer (AF_XDP, the XDP steering program,
 //!   netlink next hops). The only module that makes syscalls.
@@ -27,6 +29,7 @@ pub mod packet;
 pub mod pipeline;
 pub mod prefetch;
 pub mod snapshot;
+pub mod snat;
 pub mod table;
 pub mod testkit;
 pub mod time;

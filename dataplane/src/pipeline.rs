@@ -19,6 +19,7 @@ use crate::packet::checksum;
 use crate::packet::parse::{parse, tcp_flags, Family, FlowL4, IcmpError, Parsed, L4};
 use crate::packet::reject::reject_in_place;
 use crate::packet::rewrite::{self, L4Csum, NatSide};
+use crate::snat::{ReturnConfig, SourceAddrs};
 use crate::table::{FrontendRecord, Table, FRONTEND_AFFINITY};
 use crate::time::Now;
 pub use crate::verdict::{DropReason, NextHop, Side, Verdict};
@@ -87,6 +88,9 @@ pub struct Counters {
     pub fragments_nonfirst: u64,
     /// ICMP errors that followed their flow.
     pub icmp_errors: u64,
+    /// DSR packets too big for the backend side once encapsulated, answered
+    /// with ICMP fragmentation needed / packet too big (a [`Verdict::Reject`]).
+    pub encap_too_big: u64,
 }
 
 impl Counters {
@@ -118,6 +122,7 @@ impl Counters {
         self.fragments_first += o.fragments_first;
         self.fragments_nonfirst += o.fragments_nonfirst;
         self.icmp_errors += o.icmp_errors;
+        self.encap_too_big += o.encap_too_big;
     }
 }
 
@@ -130,10 +135,13 @@ pub struct Frame<'a> {
     pub len: usize,
 }
 
-/// One per core: counters and the shared connection table.
+/// One per core: counters, the shared connection table, and this worker's
+/// side of the return paths (its SNAT ports, the gateway's addresses).
 #[derive(Debug)]
 pub struct Worker {
     ct: Arc<Conntrack>,
+    ret: ReturnConfig,
+    sources: Option<Arc<dyn SourceAddrs>>,
     /// This worker's counters.
     pub counters: Counters,
 }
@@ -158,13 +166,37 @@ impl Prepared {
 }
 
 impl Worker {
-    /// A worker sharing `ct` with the others.
+    /// A worker sharing `ct` with the others, with the default return-path
+    /// settings: the whole default SNAT range, no source address (source NAT
+    /// and DSR frontends drop as [`DropReason::SnatNoAddress`] until
+    /// [`Worker::set_sources`] or a [`ReturnConfig`] gives one).
     #[must_use]
     pub fn new(ct: Arc<Conntrack>) -> Self {
+        Self::with_config(ct, ReturnConfig::default())
+    }
+
+    /// A worker sharing `ct`, allocating SNAT ports from `ret.ports` (its
+    /// share of the range) and using `ret`'s `--snat-address` overrides.
+    #[must_use]
+    pub fn with_config(ct: Arc<Conntrack>, ret: ReturnConfig) -> Self {
         Self {
             ct,
+            ret,
+            sources: None,
             counters: Counters::default(),
         }
+    }
+
+    /// Where source addresses come from when no `--snat-address` of the
+    /// family is set: the I/O layer's routes, set once per batch.
+    pub fn set_sources(&mut self, sources: Option<Arc<dyn SourceAddrs>>) {
+        self.sources = sources;
+    }
+
+    /// This worker's return-path settings.
+    #[must_use]
+    pub fn return_config(&self) -> &ReturnConfig {
+        &self.ret
     }
 
     /// The shared connection table.

@@ -61,7 +61,7 @@ use crate::table::{BackendRecord, FrontendRecord, Table, TableError, FRONTEND_AF
 pub const MAGIC: [u8; 8] = *b"CGSNAP\0\0";
 /// The layout version. Any change to the layout, the checksum or the flow hash
 /// bumps it; readers refuse every other version.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 /// Flow-hash function identifier: XXH3-64 (xxHash 0.8), as defined in
 /// `docs/architecture.md`, "Flow hash (ABI)". The only one known.
 pub const HASH_XXH3_64: u32 = 1;
@@ -171,7 +171,8 @@ const _: () = {
     assert!(offset_of!(FrontendRecord, backends_len) == 32);
     assert!(offset_of!(FrontendRecord, ring_start) == 36);
     assert!(offset_of!(FrontendRecord, ring_len) == 40);
-    assert!(offset_of!(FrontendRecord, reserved) == 44);
+    assert!(offset_of!(FrontendRecord, return_path) == 44);
+    assert!(offset_of!(FrontendRecord, reserved) == 45);
 
     assert!(size_of::<BackendRecord>() == BACKEND_RECORD_LEN);
     assert!(offset_of!(BackendRecord, addr) == 0);
@@ -724,11 +725,8 @@ pub fn encode(table: &Table) -> Vec<u8> {
             offset_of!(FrontendRecord, ring_len),
             &f.ring_len.to_le_bytes(),
         );
-        put(
-            c,
-            offset_of!(FrontendRecord, reserved),
-            &f.reserved.to_le_bytes(),
-        );
+        put(c, offset_of!(FrontendRecord, return_path), &[f.return_path]);
+        put(c, offset_of!(FrontendRecord, reserved), &f.reserved);
     }
     let chunks = out[backends_off..ring_off].chunks_exact_mut(BACKEND_RECORD_LEN);
     for (c, b) in chunks.zip(backends) {
@@ -906,7 +904,8 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
             backends_len: get_u32(c, offset_of!(FrontendRecord, backends_len)),
             ring_start: get_u32(c, offset_of!(FrontendRecord, ring_start)),
             ring_len: get_u32(c, offset_of!(FrontendRecord, ring_len)),
-            reserved: get_u32(c, offset_of!(FrontendRecord, reserved)),
+            return_path: c[offset_of!(FrontendRecord, return_path)],
+            reserved: get(c, offset_of!(FrontendRecord, reserved)),
         };
         let bad = |what: String| SnapshotError::BadRecord {
             section: "frontends",
@@ -916,8 +915,8 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
         if f.flags & !FRONTEND_AFFINITY != 0 {
             return Err(bad(format!("unknown flags {:#x}", f.flags)));
         }
-        if f.reserved != 0 {
-            return Err(bad(format!("reserved is {}, expected 0", f.reserved)));
+        if f.reserved != [0; 3] {
+            return Err(bad(format!("reserved is {:?}, expected zeros", f.reserved)));
         }
         frontends.push(f);
     }
@@ -1532,7 +1531,7 @@ mod tests {
         let t = small();
         let b = encode(&t);
         assert_eq!(&b[0..8], b"CGSNAP\0\0");
-        assert_eq!(b[8..12], 2u32.to_le_bytes());
+        assert_eq!(b[8..12], 3u32.to_le_bytes());
         assert_eq!(b[12..16], 128u32.to_le_bytes());
         assert_eq!(b[16..24], 7u64.to_le_bytes());
         assert_eq!(b[24..32], 0x1122_3344_5566_7788u64.to_le_bytes());
@@ -1643,10 +1642,10 @@ mod tests {
             "truncated: 10 bytes, header needs 128"
         );
         let mut v = b.clone();
-        v[8] = 3;
+        v[8] = 2;
         assert_eq!(
             decode(&v).unwrap_err().to_string(),
-            "ABI version 3, expected 2"
+            "ABI version 2, expected 3"
         );
         let mut v = b.clone();
         let last = v.len() - 1;

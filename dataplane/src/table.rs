@@ -38,6 +38,67 @@ pub enum FrontendKind {
     LoadBalancer = 3,
 }
 
+/// How the replies of a frontend's flows come back (docs/operations.md,
+/// "Return paths").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum ReturnPath {
+    /// Source NAT: the gateway rewrites the client's address and port to its
+    /// own address and a port it allocates; replies come back to it.
+    Snat = 0,
+    /// Direct server return: the packet is encapsulated (IPIP or IPv6-in-IPv6)
+    /// to the backend, which answers the client itself from the VIP.
+    Dsr = 1,
+    /// Destination NAT only: the backends route their replies through the
+    /// gateway.
+    Routed = 2,
+}
+
+impl ReturnPath {
+    /// Every return path, in value order.
+    pub const ALL: [Self; 3] = [Self::Snat, Self::Dsr, Self::Routed];
+
+    /// The value of a `u8` in a [`FrontendRecord`], if it names one.
+    #[must_use]
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Snat),
+            1 => Some(Self::Dsr),
+            2 => Some(Self::Routed),
+            _ => None,
+        }
+    }
+
+    /// The name used by the annotation, the flags and `show`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Snat => "snat",
+            Self::Dsr => "dsr",
+            Self::Routed => "routed",
+        }
+    }
+}
+
+impl std::str::FromStr for ReturnPath {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "snat" => Ok(Self::Snat),
+            "dsr" => Ok(Self::Dsr),
+            "routed" => Ok(Self::Routed),
+            _ => Err(format!("{s:?} is not snat, dsr or routed")),
+        }
+    }
+}
+
+impl std::fmt::Display for ReturnPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One frontend: (address, port, protocol) and where its backends and ring lie.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
@@ -62,8 +123,10 @@ pub struct FrontendRecord {
     pub ring_start: u32,
     /// Ring size M (0 when no backend takes new flows).
     pub ring_len: u32,
+    /// A [`ReturnPath`] value.
+    pub return_path: u8,
     /// Reserved, zero.
-    pub reserved: u32,
+    pub reserved: [u8; 3],
 }
 
 /// Backend state as the control plane saw it.
@@ -136,12 +199,16 @@ pub struct ServiceSpec {
     pub kind: FrontendKind,
     /// ClientIP affinity timeout, if affinity is on.
     pub affinity_timeout_s: Option<u32>,
+    /// How replies come back.
+    pub return_path: ReturnPath,
     /// Backends (empty: no endpoints).
     pub backends: Vec<BackendSpec>,
 }
 
 impl ServiceSpec {
-    /// A ClusterIP frontend without affinity.
+    /// A ClusterIP frontend without affinity whose backends route their
+    /// replies through the gateway ([`ReturnPath::Routed`]). Control's default
+    /// return path is [`ReturnPath::Snat`]; it always says which it wants.
     #[must_use]
     pub fn cluster_ip(addr: IpAddr, port: u16, proto: Proto, backends: Vec<BackendSpec>) -> Self {
         Self {
@@ -150,8 +217,16 @@ impl ServiceSpec {
             proto,
             kind: FrontendKind::ClusterIp,
             affinity_timeout_s: None,
+            return_path: ReturnPath::Routed,
             backends,
         }
+    }
+
+    /// The same frontend with another return path.
+    #[must_use]
+    pub fn with_return_path(mut self, return_path: ReturnPath) -> Self {
+        self.return_path = return_path;
+        self
     }
 }
 
@@ -329,7 +404,8 @@ impl Table {
                 backends_len: s.backends.len() as u32,
                 ring_start,
                 ring_len,
-                reserved: 0,
+                return_path: s.return_path as u8,
+                reserved: [0; 3],
             });
         }
         Self::from_parts(generation, hash_seed, frontends, backends, ring)
@@ -359,6 +435,9 @@ impl Table {
             };
             if f.kind > FrontendKind::LoadBalancer as u8 {
                 return Err(bad(i, format!("kind {} is unknown", f.kind)));
+            }
+            if ReturnPath::from_u8(f.return_path).is_none() {
+                return Err(bad(i, format!("return path {} is unknown", f.return_path)));
             }
             let b_end = u64::from(f.backends_start) + u64::from(f.backends_len);
             if b_end > backends.len() as u64 {
@@ -536,6 +615,13 @@ impl Table {
             flow_hash(self.hash_seed, t)
         };
         Some(f.ring_start as usize + (h % u64::from(f.ring_len)) as usize)
+    }
+
+    /// The return path of a frontend (validated by [`Table::from_parts`]).
+    #[inline]
+    #[must_use]
+    pub fn return_path(f: &FrontendRecord) -> ReturnPath {
+        ReturnPath::from_u8(f.return_path).unwrap_or(ReturnPath::Routed)
     }
 
     /// Is `(addr, port)` still a backend of frontend `f`?

@@ -111,4 +111,11 @@ drop_reasons! {
     ConntrackFull => "conntrack_full",
     /// A reject would not fit in the frame's buffer.
     BufferTooSmall => "buffer_too_small",
+    /// Source NAT found no free port for the flow's (SNAT address, backend
+    /// address, backend port, protocol) in this worker's share of the range.
+    SnatPortsExhausted => "snat_ports_exhausted",
+    /// Source NAT or DSR needs the gateway's own address in the flow's family,
+    /// and there is none: no `--snat-address` of that family and no route
+    /// (with a source address) to the backend.
+    SnatNoAddress => "snat_no_address",
 }

@@ -365,6 +365,20 @@ fn bad_cases() -> Vec<BadCase> {
     ));
 
     let mut b = good.clone();
+    b[first + 44] = 7; // return path
+    seal(&mut b);
+    v.push(case(
+        "unknown return path (valid checksum)",
+        "invalid_table",
+        b,
+    ));
+
+    let mut b = good.clone();
+    b[first + 46] = 1; // reserved byte after the return path
+    seal(&mut b);
+    v.push(case("frontend reserved byte set", "bad_record", b));
+
+    let mut b = good.clone();
     b[h.backends_off as usize + 19] = 1;
     seal(&mut b);
     v.push(case("backend reserved byte set", "bad_record", b));
@@ -809,8 +823,8 @@ fn error_messages_say_what_failed() {
     let good = encode(&small_table(1));
     let msg = |b: &[u8]| decode(b).unwrap_err().to_string();
     assert_eq!(msg(&good[..10]), "truncated: 10 bytes, header needs 128");
-    let b = with_header(good.clone(), |h| h.abi_version = 3);
-    assert_eq!(msg(&b), "ABI version 3, expected 2");
+    let b = with_header(good.clone(), |h| h.abi_version = 2);
+    assert_eq!(msg(&b), "ABI version 2, expected 3");
     let mut b = with_header(good.clone(), |h| h.frontends_count = 100);
     seal(&mut b);
     assert_eq!(
