@@ -7,12 +7,25 @@
 //!
 //! Layout: one [`Conntrack`] is shared (`Arc`) by every worker, because a reply
 //! may arrive on another core than its request. It is split into shards, each a
-//! `Mutex` over two `hashbrown` tables. The shard of a flow is chosen from the
-//! client's (address, port, protocol), which both directions carry, so one lock
-//! covers a flow's forward and reverse entries and a reply updates the state the
-//! request sees. IPv4 and IPv6 flows live in separate tables with compact
-//! entries: an IPv4 flow costs 32 + 20 bytes of entries (see the size tests).
-//! Memory is allocated once, at construction: tables never grow.
+//! `Mutex` over two `hashbrown` tables. A forward entry lives in the shard of
+//! the client's (address, port, protocol); a reverse entry in the shard of the
+//! reply's destination (address, port, protocol). For a routed flow that is the
+//! client again, so one lock covers both entries and a reply updates the state
+//! the request sees. For a source-NATed flow the reply goes to the gateway's
+//! SNAT address and port, whose shard is usually another: each direction then
+//! takes its own shard's lock, and what must change in the other shard (a
+//! removal, a copy of the state) is done after the first lock is released, so
+//! that no thread ever holds two shard locks. DSR flows have no reverse entry.
+//! IPv4 and IPv6 flows live in separate tables: an IPv4 flow costs 40 + 32
+//! bytes of entries (see the size tests). Memory is allocated once, at
+//! construction: tables never grow.
+//!
+//! Source NAT ([`Conntrack::insert_snat`]): a port is unique per (SNAT
+//! address, backend address, backend port, protocol), the key of the reply's
+//! reverse entry. A new flow probes ports from a point its keyed hash picks
+//! and reserves the first whose reverse key is free; the reservation is the
+//! reverse entry itself, so a live tuple is never handed out twice, and a port
+//! is free again once its flow is gone (closed, reset, timed out, evicted).
 //!
 //! Expiry is driven by the `now` the caller passes: an expired entry is a miss
 //! on lookup, and [`Conntrack::expire`] sweeps a few shards per call. When a
@@ -33,7 +46,9 @@ use hashbrown::HashTable;
 use crate::flow::{v4_to_16, Addr16, FlowTuple, Proto};
 use crate::packet::parse::{tcp_flags, Family};
 use crate::prefetch::prefetch;
+use crate::snat::PortRange;
 use crate::time::Now;
+use crate::verdict::NextHop;
 
 /// Idle timeouts in seconds, per protocol and state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +145,23 @@ impl FlowState {
     #[must_use]
     pub fn is_established(self) -> bool {
         matches!(self, Self::TcpEstablished | Self::Replied)
+    }
+
+    /// The state after a client's packet with `flags` in a flow whose replies
+    /// bypass the gateway (DSR): as [`FlowState::advance`], and a client's
+    /// ACK without SYN establishes a TCP flow (the client has seen the
+    /// backend's SYN-ACK).
+    #[must_use]
+    pub fn advance_one_way(self, flags: u8) -> Self {
+        let next = self.advance(false, flags);
+        if next == Self::TcpSynSent
+            && flags & tcp_flags::ACK != 0
+            && flags & (tcp_flags::SYN | tcp_flags::RST | tcp_flags::FIN) == 0
+        {
+            Self::TcpEstablished
+        } else {
+            next
+        }
     }
 
     /// A TCP flow that is over: a new SYN on its tuple starts a new flow.
@@ -309,40 +341,286 @@ fn tail(p1: u16, p2: u16, proto: u8) -> u64 {
     u64::from(p1) << 24 | u64::from(p2) << 8 | u64::from(proto)
 }
 
-/// Forward entry: (client, vip, ports, proto) → backend, plus state.
+/// How a flow's replies come back, as the connection table keeps it for the
+/// flow's whole life: a frontend whose return path changes later does not
+/// move the flows already bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowNat {
+    /// Destination NAT only: replies come from the backend to the client.
+    Routed,
+    /// Source NAT: the flow leaves the gateway from `addr:port`, and the
+    /// backend's replies come back there.
+    Snat {
+        /// The gateway's address.
+        addr: Addr16,
+        /// The port allocated for the flow.
+        port: u16,
+    },
+    /// Encapsulated to the backend with the gateway's `outer_src` as the
+    /// outer source; replies go from the backend to the client directly.
+    Dsr {
+        /// The outer source address.
+        outer_src: Addr16,
+    },
+}
+
+/// [`Fwd::mode`] values.
+const MODE_ROUTED: u8 = 0;
+const MODE_SNAT: u8 = 1;
+const MODE_DSR: u8 = 2;
+
+/// SNAT ports probed for one new flow, per SNAT address, before it is given
+/// up as [`InsertError::PortsExhausted`] (Linux's NAT tries at most 128 too).
+pub const SNAT_PROBES: u32 = 128;
+
+/// What identifies a forward entry: the flow as the client sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FwdKey<A> {
+    client: A,
+    vip: A,
+    cport: u16,
+    vport: u16,
+    proto: u8,
+}
+
+impl<A: Ip> FwdKey<A> {
+    fn of(t: &FlowTuple) -> Self {
+        Self {
+            client: A::from16(&t.src_addr),
+            vip: A::from16(&t.dst_addr),
+            cport: t.src_port,
+            vport: t.dst_port,
+            proto: t.proto.ip_number(),
+        }
+    }
+}
+
+/// What identifies a reverse entry: a reply as the backend sends it, from
+/// (backend, bport) to (peer, pport): the client for a routed flow, the
+/// gateway's SNAT address and port for a source-NATed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RevKey<A> {
+    backend: A,
+    peer: A,
+    bport: u16,
+    pport: u16,
+    proto: u8,
+}
+
+impl<A: Ip> RevKey<A> {
+    /// The key a reply `t` (backend → peer) looks up.
+    fn of_reply(t: &FlowTuple) -> Self {
+        Self {
+            backend: A::from16(&t.src_addr),
+            peer: A::from16(&t.dst_addr),
+            bport: t.src_port,
+            pport: t.dst_port,
+            proto: t.proto.ip_number(),
+        }
+    }
+}
+
+/// Forward entry: (client, vip, ports, proto) → backend, the flow's NAT and
+/// its state. It lives in the shard of (client, cport, proto).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
 struct Fwd<A> {
     client: A,
     vip: A,
     backend: A,
+    /// The gateway's own address: the SNAT source, or DSR's outer source.
+    gw: A,
     expires: u32,
     frontend: u32,
     epoch: u32,
     cport: u16,
     vport: u16,
     bport: u16,
+    /// The SNAT port (0 unless source-NATed).
+    gport: u16,
     proto: u8,
     state: u8,
+    /// `MODE_*`.
+    mode: u8,
 }
 
-/// Reverse entry: (backend, client, ports, proto) → vip, with a copy of the
-/// flow's state and expiry.
+impl<A: Ip> Fwd<A> {
+    fn key(&self) -> FwdKey<A> {
+        FwdKey {
+            client: self.client,
+            vip: self.vip,
+            cport: self.cport,
+            vport: self.vport,
+            proto: self.proto,
+        }
+    }
+
+    /// The key of the flow's reverse entry; DSR flows have none.
+    fn rev_key(&self) -> Option<RevKey<A>> {
+        let (peer, pport) = match self.mode {
+            MODE_ROUTED => (self.client, self.cport),
+            MODE_SNAT => (self.gw, self.gport),
+            _ => return None,
+        };
+        Some(RevKey {
+            backend: self.backend,
+            peer,
+            bport: self.bport,
+            pport,
+            proto: self.proto,
+        })
+    }
+
+    fn nat(&self) -> FlowNat {
+        match self.mode {
+            MODE_SNAT => FlowNat::Snat {
+                addr: self.gw.to16(),
+                port: self.gport,
+            },
+            MODE_DSR => FlowNat::Dsr {
+                outer_src: self.gw.to16(),
+            },
+            _ => FlowNat::Routed,
+        }
+    }
+
+    fn rev(&self, key: &RevKey<A>) -> Rev<A> {
+        Rev {
+            backend: key.backend,
+            peer: key.peer,
+            client: self.client,
+            vip: self.vip,
+            expires: self.expires,
+            bport: key.bport,
+            pport: key.pport,
+            cport: self.cport,
+            vport: self.vport,
+            proto: self.proto,
+            state: self.state,
+        }
+    }
+}
+
+/// Reverse entry: a reply's (backend, peer, ports, proto) → the frontend to
+/// restore as its source and the client to restore as its destination, with
+/// a copy of the flow's state and expiry. It lives in the shard of (peer,
+/// pport, proto): for a routed flow that is its forward entry's shard, for a
+/// source-NATed one usually another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(C)]
 struct Rev<A> {
     backend: A,
+    peer: A,
     client: A,
     vip: A,
     /// Copy of the forward entry's expiry as last synchronised: replies that
     /// change nothing read only this entry (see `lookup_reply`).
     expires: u32,
     bport: u16,
+    pport: u16,
     cport: u16,
     vport: u16,
     proto: u8,
     /// Copy of the forward entry's state, kept equal on every transition.
     state: u8,
+}
+
+impl<A: Ip> Rev<A> {
+    fn key(&self) -> RevKey<A> {
+        RevKey {
+            backend: self.backend,
+            peer: self.peer,
+            bport: self.bport,
+            pport: self.pport,
+            proto: self.proto,
+        }
+    }
+
+    fn fwd_key(&self) -> FwdKey<A> {
+        FwdKey {
+            client: self.client,
+            vip: self.vip,
+            cport: self.cport,
+            vport: self.vport,
+            proto: self.proto,
+        }
+    }
+
+    fn hit(&self, state: FlowState) -> ReplyHit {
+        ReplyHit {
+            vip: self.vip.to16(),
+            vport: self.vport,
+            client: self.client.to16(),
+            client_port: self.cport,
+            state,
+        }
+    }
+}
+
+fn is_fwd<A: Ip>(k: &FwdKey<A>) -> impl Fn(&Fwd<A>) -> bool + '_ {
+    move |x| {
+        x.client == k.client
+            && x.vip == k.vip
+            && x.cport == k.cport
+            && x.vport == k.vport
+            && x.proto == k.proto
+    }
+}
+
+fn is_rev<A: Ip>(k: &RevKey<A>) -> impl Fn(&Rev<A>) -> bool + '_ {
+    move |r| {
+        r.backend == k.backend
+            && r.peer == k.peer
+            && r.bport == k.bport
+            && r.pport == k.pport
+            && r.proto == k.proto
+    }
+}
+
+/// Work on another shard that an operation holding one shard's lock leaves
+/// for after it released it, so that no thread ever holds two shard locks.
+#[derive(Debug, Clone, Copy)]
+enum Later<A> {
+    /// Remove the reverse entry `.0` if it still belongs to the flow `.1`.
+    RemoveRev(RevKey<A>, FwdKey<A>),
+    /// Remove the forward entry `.0` if its reverse entry is still `.1`
+    /// (that reverse entry was evicted).
+    RemoveFwd(FwdKey<A>, RevKey<A>),
+    /// Copy a forward entry's state and expiry into its reverse entry `.0`.
+    SyncRev(RevKey<A>, u8, u32),
+}
+
+/// Room for [`Later`] work: bulk removals (sweeps, eviction) stop taking
+/// flows whose other entry is in another shard once it is full, and carry on
+/// after it is done.
+const LATER_CAP: usize = 32;
+
+#[derive(Debug)]
+struct LaterBuf<A> {
+    ops: [Option<Later<A>>; LATER_CAP],
+    n: usize,
+}
+
+impl<A: Ip> LaterBuf<A> {
+    fn new() -> Self {
+        Self {
+            ops: [None; LATER_CAP],
+            n: 0,
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.n == LATER_CAP
+    }
+
+    /// Callers check [`LaterBuf::is_full`] first where they may meet more
+    /// than [`LATER_CAP`] entries; a single operation never does.
+    fn push(&mut self, op: Later<A>) {
+        if let Some(slot) = self.ops.get_mut(self.n) {
+            *slot = Some(op);
+            self.n += 1;
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -422,23 +700,36 @@ pub struct FlowHit {
     pub epoch: u32,
     /// State after this packet.
     pub state: FlowState,
+    /// How the flow's replies come back.
+    pub nat: FlowNat,
 }
 
-/// A hit in the reply direction: the frontend to restore as the source.
+/// A hit in the reply direction: the frontend to restore as the source, and
+/// the client to restore as the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplyHit {
     /// The frontend (virtual) address.
     pub vip: Addr16,
     /// The frontend port.
     pub vport: u16,
+    /// The client (the reply's destination already, unless source-NATed).
+    pub client: Addr16,
+    /// The client's port.
+    pub client_port: u16,
     /// State after this packet.
     pub state: FlowState,
 }
 
-/// The table is full and nothing could be evicted.
+/// Why a flow could not be inserted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("connection table full")]
-pub struct Full;
+pub enum InsertError {
+    /// The table is full and nothing could be evicted.
+    #[error("connection table full")]
+    Full,
+    /// Every SNAT port probed is in use towards this backend.
+    #[error("no free source-NAT port towards this backend")]
+    PortsExhausted,
+}
 
 /// What a new binding says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -451,6 +742,16 @@ pub struct Binding {
     pub frontend: u32,
     /// Current table epoch.
     pub epoch: u32,
+    /// How replies come back. For [`FlowNat::Snat`] the address and port
+    /// are taken as they are ([`Conntrack::insert_snat`] allocates them).
+    pub nat: FlowNat,
+}
+
+/// The outcome of one SNAT port probe.
+enum Reserve {
+    Done,
+    Taken,
+    Full,
 }
 
 impl<A: Ip> Tracker<A> {
@@ -479,43 +780,63 @@ impl<A: Ip> Tracker<A> {
     }
 
     #[inline]
-    fn shard_index(&self, client: &A, cport: u16, proto: u8) -> usize {
-        let h = self.hasher.one(client, tail(cport, 0, proto));
+    fn shard_index(&self, addr: &A, port: u16, proto: u8) -> usize {
+        let h = self.hasher.one(addr, tail(port, 0, proto));
         // Bits away from hashbrown's (low bits pick buckets, top 7 tag them).
         (h >> 32) as usize & self.mask
+    }
+
+    /// The shard of a forward entry: its client's (address, port, protocol).
+    #[inline]
+    fn fwd_shard(&self, k: &FwdKey<A>) -> usize {
+        self.shard_index(&k.client, k.cport, k.proto)
+    }
+
+    /// The shard of a reverse entry: its reply's destination (address, port,
+    /// protocol), which for a routed flow is the client's.
+    #[inline]
+    fn rev_shard(&self, k: &RevKey<A>) -> usize {
+        self.shard_index(&k.peer, k.pport, k.proto)
+    }
+
+    #[inline]
+    fn fwd_hash(&self, k: &FwdKey<A>) -> u64 {
+        self.hasher
+            .pair(&k.client, &k.vip, tail(k.cport, k.vport, k.proto))
+    }
+
+    #[inline]
+    fn rev_hash(&self, k: &RevKey<A>) -> u64 {
+        self.hasher
+            .pair(&k.backend, &k.peer, tail(k.bport, k.pport, k.proto))
+    }
+
+    #[inline]
+    fn lock(&self, i: usize) -> MutexGuard<'_, Shard<A>> {
+        lock(&self.shards[i].0)
     }
 
     /// Starts loading the lines a forward lookup of `t` will touch.
     #[inline]
     fn prefetch_original(&self, t: &FlowTuple) {
-        let (c, v, p) = (
-            A::from16(&t.src_addr),
-            A::from16(&t.dst_addr),
-            t.proto.ip_number(),
-        );
-        let g = &self.geometry[self.shard_index(&c, t.src_port, p)];
-        let h = self.fwd_hash(&c, &v, t.src_port, t.dst_port, p);
+        let k = FwdKey::of(t);
+        let g = &self.geometry[self.fwd_shard(&k)];
         prefetch_slot::<Fwd<A>>(
             g.fwd_ctrl.load(Ordering::Relaxed),
             g.fwd_mask.load(Ordering::Relaxed),
-            h,
+            self.fwd_hash(&k),
         );
     }
 
-    /// Starts loading the lines a reply lookup of `t` (backend → client) will touch.
+    /// Starts loading the lines a reply lookup of `t` (backend → peer) will touch.
     #[inline]
     fn prefetch_reply(&self, t: &FlowTuple) {
-        let (b, c, p) = (
-            A::from16(&t.src_addr),
-            A::from16(&t.dst_addr),
-            t.proto.ip_number(),
-        );
-        let g = &self.geometry[self.shard_index(&c, t.dst_port, p)];
-        let h = self.rev_hash(&b, &c, t.src_port, t.dst_port, p);
+        let k = RevKey::of_reply(t);
+        let g = &self.geometry[self.rev_shard(&k)];
         prefetch_slot::<Rev<A>>(
             g.rev_ctrl.load(Ordering::Relaxed),
             g.rev_mask.load(Ordering::Relaxed),
-            h,
+            self.rev_hash(&k),
         );
     }
 
@@ -534,45 +855,103 @@ impl<A: Ip> Tracker<A> {
         *table = fresh;
     }
 
-    #[inline]
-    fn shard(&self, client: &A, cport: u16, proto: u8) -> &Mutex<Shard<A>> {
-        &self.shards[self.shard_index(client, cport, proto)].0
-    }
-
-    #[inline]
-    fn fwd_hash(&self, client: &A, vip: &A, cport: u16, vport: u16, proto: u8) -> u64 {
-        self.hasher.pair(client, vip, tail(cport, vport, proto))
-    }
-
-    #[inline]
-    fn rev_hash(&self, backend: &A, client: &A, bport: u16, cport: u16, proto: u8) -> u64 {
-        self.hasher.pair(backend, client, tail(bport, cport, proto))
-    }
-
-    fn fwd_of(e: &Fwd<A>) -> impl Fn(&Fwd<A>) -> bool + '_ {
-        move |x| {
-            x.client == e.client
-                && x.vip == e.vip
-                && x.cport == e.cport
-                && x.vport == e.vport
-                && x.proto == e.proto
+    /// Inserts a forward entry into shard `i`'s table (room was made) and
+    /// keeps the prefetch geometry current.
+    fn place_fwd(&self, i: usize, fwd: &mut HashTable<Fwd<A>>, cap: usize, e: Fwd<A>) {
+        let hasher = |x: &Fwd<A>| self.fwd_hash(&x.key());
+        Self::compact(fwd, cap, hasher);
+        let placed = fwd.insert_unique(self.fwd_hash(&e.key()), e, hasher);
+        let ctrl = ctrl_of(placed.get(), placed.bucket_index());
+        let geo = &self.geometry[i];
+        if geo.fwd_ctrl.load(Ordering::Relaxed) != ctrl {
+            geo.fwd_mask.store(fwd.num_buckets() - 1, Ordering::Relaxed);
+            geo.fwd_ctrl.store(ctrl, Ordering::Relaxed);
         }
     }
 
-    fn rev_of(e: &Fwd<A>) -> impl Fn(&Rev<A>) -> bool + '_ {
-        move |r| {
-            r.backend == e.backend
-                && r.client == e.client
-                && r.bport == e.bport
-                && r.cport == e.cport
-                && r.proto == e.proto
+    /// Inserts a reverse entry into shard `i`'s table (room was made).
+    fn place_rev(&self, i: usize, rev: &mut HashTable<Rev<A>>, cap: usize, r: Rev<A>) {
+        let hasher = |x: &Rev<A>| self.rev_hash(&x.key());
+        Self::compact(rev, cap, hasher);
+        let placed = rev.insert_unique(self.rev_hash(&r.key()), r, hasher);
+        let ctrl = ctrl_of(placed.get(), placed.bucket_index());
+        let geo = &self.geometry[i];
+        if geo.rev_ctrl.load(Ordering::Relaxed) != ctrl {
+            geo.rev_mask.store(rev.num_buckets() - 1, Ordering::Relaxed);
+            geo.rev_ctrl.store(ctrl, Ordering::Relaxed);
         }
     }
 
-    fn remove_rev(&self, rev: &mut HashTable<Rev<A>>, e: &Fwd<A>) {
-        let h = self.rev_hash(&e.backend, &e.client, e.bport, e.cport, e.proto);
-        if let Ok(entry) = rev.find_entry(h, Self::rev_of(e)) {
-            entry.remove();
+    /// Is `e`'s reverse entry in another shard than `i`?
+    fn rev_elsewhere(&self, i: usize, e: &Fwd<A>) -> bool {
+        e.rev_key().is_some_and(|k| self.rev_shard(&k) != i)
+    }
+
+    /// Removes a removed forward entry's reverse entry: at once when it is in
+    /// this shard (`i`, whose reverse table is `rev`), else later.
+    fn unlink_rev(
+        &self,
+        i: usize,
+        rev: &mut HashTable<Rev<A>>,
+        e: &Fwd<A>,
+        later: &mut LaterBuf<A>,
+    ) {
+        let Some(k) = e.rev_key() else { return };
+        if self.rev_shard(&k) == i {
+            if let Ok(r) = rev.find_entry(self.rev_hash(&k), is_rev(&k)) {
+                r.remove();
+            }
+        } else {
+            later.push(Later::RemoveRev(k, e.key()));
+        }
+    }
+
+    /// Copies a forward entry's state and expiry into its reverse entry: at
+    /// once when it is in this shard, else later.
+    fn sync_rev(&self, i: usize, rev: &mut HashTable<Rev<A>>, e: &Fwd<A>, later: &mut LaterBuf<A>) {
+        let Some(k) = e.rev_key() else { return };
+        if self.rev_shard(&k) == i {
+            if let Some(r) = rev.find_mut(self.rev_hash(&k), is_rev(&k)) {
+                r.state = e.state;
+                r.expires = e.expires;
+            }
+        } else {
+            later.push(Later::SyncRev(k, e.state, e.expires));
+        }
+    }
+
+    /// Does the work left for after a lock, one shard lock at a time.
+    fn run_later(&self, later: &LaterBuf<A>) {
+        for op in later.ops.iter().take(later.n).flatten() {
+            match *op {
+                Later::RemoveRev(k, of) => {
+                    let mut s = self.lock(self.rev_shard(&k));
+                    if let Ok(r) = s
+                        .rev
+                        .find_entry(self.rev_hash(&k), |r| is_rev(&k)(r) && r.fwd_key() == of)
+                    {
+                        r.remove();
+                    }
+                }
+                Later::RemoveFwd(k, rk) => {
+                    let mut s = self.lock(self.fwd_shard(&k));
+                    if let Ok(e) = s.fwd.find_entry(self.fwd_hash(&k), |e| {
+                        is_fwd(&k)(e) && e.rev_key() == Some(rk)
+                    }) {
+                        e.remove();
+                    }
+                }
+                Later::SyncRev(k, state, expires) => {
+                    let mut s = self.lock(self.rev_shard(&k));
+                    if let Some(r) = s.rev.find_mut(self.rev_hash(&k), is_rev(&k)) {
+                        // Copies may arrive out of order from two workers:
+                        // a state never goes back (TCP's states and the
+                        // datagram ones each only move up).
+                        r.state = r.state.max(state);
+                        r.expires = expires;
+                    }
+                }
+            }
         }
     }
 
@@ -584,50 +963,53 @@ impl<A: Ip> Tracker<A> {
         touch: bool,
         to: &Timeouts,
     ) -> Option<FlowHit> {
-        let (c, v, p) = (
-            A::from16(&t.src_addr),
-            A::from16(&t.dst_addr),
-            t.proto.ip_number(),
-        );
-        let h = self.fwd_hash(&c, &v, t.src_port, t.dst_port, p);
-        let mut s = lock(self.shard(&c, t.src_port, p));
-        let Shard { fwd, rev, .. } = &mut *s;
-        let entry = fwd.find_entry(h, |x| {
-            x.client == c
-                && x.vip == v
-                && x.cport == t.src_port
-                && x.vport == t.dst_port
-                && x.proto == p
-        });
-        let Ok(mut entry) = entry else { return None };
-        let e = entry.get_mut();
-        if e.expires <= now {
-            let old = *e;
-            entry.remove();
-            self.remove_rev(rev, &old);
-            s.stats.expired += 1;
-            return None;
-        }
-        let mut state = FlowState::from_u8(e.state);
-        if touch {
-            let before = state;
-            state = state.advance(false, flags);
-            e.state = state as u8;
-            e.expires = now.saturating_add(state.timeout(to));
-            if state != before {
-                // Transitions are rare (SYN answered, FIN, RST): keep the
-                // reverse entry's copy equal, so replies see the new state.
-                let f = *e;
-                self.sync_rev(rev, &f);
+        let k = FwdKey::of(t);
+        let i = self.fwd_shard(&k);
+        let mut later = LaterBuf::new();
+        let hit = {
+            let mut s = self.lock(i);
+            let Shard {
+                fwd, rev, stats, ..
+            } = &mut *s;
+            let Ok(mut entry) = fwd.find_entry(self.fwd_hash(&k), is_fwd(&k)) else {
+                return None;
+            };
+            let e = entry.get_mut();
+            if e.expires <= now {
+                let (old, _) = entry.remove();
+                self.unlink_rev(i, rev, &old, &mut later);
+                stats.expired += 1;
+                None
+            } else {
+                let mut state = FlowState::from_u8(e.state);
+                if touch {
+                    let before = state;
+                    state = if e.mode == MODE_DSR {
+                        state.advance_one_way(flags)
+                    } else {
+                        state.advance(false, flags)
+                    };
+                    e.state = state as u8;
+                    e.expires = now.saturating_add(state.timeout(to));
+                    if state != before {
+                        // Transitions are rare (SYN answered, FIN, RST): keep
+                        // the reverse entry's copy equal, so replies see it.
+                        let f = *e;
+                        self.sync_rev(i, rev, &f, &mut later);
+                    }
+                }
+                Some(FlowHit {
+                    backend: e.backend.to16(),
+                    backend_port: e.bport,
+                    frontend: e.frontend,
+                    epoch: e.epoch,
+                    state,
+                    nat: e.nat(),
+                })
             }
-        }
-        Some(FlowHit {
-            backend: e.backend.to16(),
-            backend_port: e.bport,
-            frontend: e.frontend,
-            epoch: e.epoch,
-            state,
-        })
+        };
+        self.run_later(&later);
+        hit
     }
 
     fn lookup_reply(
@@ -638,92 +1020,107 @@ impl<A: Ip> Tracker<A> {
         touch: bool,
         to: &Timeouts,
     ) -> Option<ReplyHit> {
-        // t: backend → client.
-        let (b, c, p) = (
-            A::from16(&t.src_addr),
-            A::from16(&t.dst_addr),
-            t.proto.ip_number(),
-        );
-        let rh = self.rev_hash(&b, &c, t.src_port, t.dst_port, p);
-        let mut s = lock(self.shard(&c, t.dst_port, p));
-        let Shard {
-            fwd, rev, stats, ..
-        } = &mut *s;
-        let Ok(mut rentry) = rev.find_entry(rh, |r| {
-            r.backend == b
-                && r.client == c
-                && r.bport == t.src_port
-                && r.cport == t.dst_port
-                && r.proto == p
-        }) else {
-            return None;
+        // t: backend → peer.
+        let rk = RevKey::of_reply(t);
+        let j = self.rev_shard(&rk);
+        let copy = {
+            let mut s = self.lock(j);
+            let Shard {
+                fwd, rev, stats, ..
+            } = &mut *s;
+            let Ok(mut rentry) = rev.find_entry(self.rev_hash(&rk), is_rev(&rk)) else {
+                return None;
+            };
+            let r = rentry.get_mut();
+            let cur = FlowState::from_u8(r.state);
+            let next = if touch { cur.advance(true, flags) } else { cur };
+            // Fast path: nothing changes state and the forward entry's expiry
+            // is recent enough; the reply reads this entry only. While replies
+            // flow, the forward expiry is pushed at least every `refresh_step`,
+            // so a reply-only flow never expires early.
+            let wanted = now.saturating_add(next.timeout(to));
+            if r.expires > now
+                && next == cur
+                && (!touch || wanted.saturating_sub(r.expires) < refresh_step(next, to))
+            {
+                return Some(r.hit(cur));
+            }
+            // Slow path: the forward entry decides (it may have been refreshed
+            // by requests, or expired), and takes this reply's transition.
+            let fk = r.fwd_key();
+            if self.fwd_shard(&fk) != j {
+                *r
+            } else {
+                let Ok(mut entry) = fwd.find_entry(self.fwd_hash(&fk), |e| {
+                    is_fwd(&fk)(e) && e.rev_key() == Some(rk)
+                }) else {
+                    // Orphan reverse entry (cannot happen: both are removed together).
+                    rentry.remove();
+                    return None;
+                };
+                let e = entry.get_mut();
+                if e.expires <= now {
+                    entry.remove();
+                    rentry.remove();
+                    stats.expired += 1;
+                    return None;
+                }
+                let mut state = FlowState::from_u8(e.state);
+                if touch {
+                    state = state.advance(true, flags);
+                    e.state = state as u8;
+                    e.expires = now.saturating_add(state.timeout(to));
+                }
+                r.state = e.state;
+                r.expires = e.expires;
+                return Some(r.hit(state));
+            }
         };
-        let r = rentry.get_mut();
-        let cur = FlowState::from_u8(r.state);
-        let next = if touch { cur.advance(true, flags) } else { cur };
-        // Fast path: nothing changes state and the forward entry's expiry
-        // is recent enough; the reply reads this entry only. While replies
-        // flow, the forward expiry is pushed at least every `refresh_step`,
-        // so a reply-only flow never expires early.
-        let wanted = now.saturating_add(next.timeout(to));
-        if r.expires > now
-            && next == cur
-            && (!touch || wanted.saturating_sub(r.expires) < refresh_step(next, to))
-        {
-            return Some(ReplyHit {
-                vip: r.vip.to16(),
-                vport: r.vport,
-                state: cur,
-            });
-        }
-        // Slow path: the forward entry decides (it may have been refreshed by
-        // requests, or expired), and takes this reply's transition.
-        let fh = self.fwd_hash(&r.client, &r.vip, r.cport, r.vport, r.proto);
-        let key = Fwd {
-            client: r.client,
-            vip: r.vip,
-            cport: r.cport,
-            vport: r.vport,
-            proto: r.proto,
-            ..Fwd::default()
+        // The forward entry is in another shard (source NAT): decide there,
+        // then bring the copy up to date, one lock at a time.
+        let fk = copy.fwd_key();
+        let decided = {
+            let mut s = self.lock(self.fwd_shard(&fk));
+            let Shard { fwd, stats, .. } = &mut *s;
+            match fwd.find_entry(self.fwd_hash(&fk), |e| {
+                is_fwd(&fk)(e) && e.rev_key() == Some(rk)
+            }) {
+                Err(_) => None,
+                Ok(entry) if entry.get().expires <= now => {
+                    entry.remove();
+                    stats.expired += 1;
+                    None
+                }
+                Ok(mut entry) => {
+                    let e = entry.get_mut();
+                    let mut state = FlowState::from_u8(e.state);
+                    if touch {
+                        state = state.advance(true, flags);
+                        e.state = state as u8;
+                        e.expires = now.saturating_add(state.timeout(to));
+                    }
+                    Some((state, e.expires))
+                }
+            }
         };
-        let Ok(mut entry) = fwd.find_entry(fh, Self::fwd_of(&key)) else {
-            // Orphan reverse entry (cannot happen: both are removed together).
-            rentry.remove();
-            return None;
+        let mut later = LaterBuf::new();
+        let hit = match decided {
+            None => {
+                later.push(Later::RemoveRev(rk, fk));
+                None
+            }
+            Some((state, expires)) => {
+                later.push(Later::SyncRev(rk, state as u8, expires));
+                Some(copy.hit(state))
+            }
         };
-        let e = entry.get_mut();
-        if e.expires <= now {
-            entry.remove();
-            rentry.remove();
-            stats.expired += 1;
-            return None;
-        }
-        let mut state = FlowState::from_u8(e.state);
-        if touch {
-            state = state.advance(true, flags);
-            e.state = state as u8;
-            e.expires = now.saturating_add(state.timeout(to));
-        }
-        r.state = e.state;
-        r.expires = e.expires;
-        Some(ReplyHit {
-            vip: r.vip.to16(),
-            vport: r.vport,
-            state,
-        })
-    }
-
-    /// Copies a forward entry's state and expiry into its reverse entry.
-    fn sync_rev(&self, rev: &mut HashTable<Rev<A>>, e: &Fwd<A>) {
-        let h = self.rev_hash(&e.backend, &e.client, e.bport, e.cport, e.proto);
-        if let Some(r) = rev.find_mut(h, Self::rev_of(e)) {
-            r.state = e.state;
-            r.expires = e.expires;
-        }
+        self.run_later(&later);
+        hit
     }
 
     /// Binds `t` (client → vip) to a backend, replacing any previous binding.
+    /// A routed flow's reverse entry is written here too; a source-NATed
+    /// one's must have been reserved ([`Tracker::reserve`]).
     fn insert(
         &self,
         now: u32,
@@ -731,163 +1128,297 @@ impl<A: Ip> Tracker<A> {
         b: &Binding,
         state: FlowState,
         to: &Timeouts,
-    ) -> Result<(), Full> {
-        let p = t.proto.ip_number();
+    ) -> Result<(), InsertError> {
+        let (mode, gw, gport) = match b.nat {
+            FlowNat::Routed => (MODE_ROUTED, A::default(), 0),
+            FlowNat::Snat { addr, port } => (MODE_SNAT, A::from16(&addr), port),
+            FlowNat::Dsr { outer_src } => (MODE_DSR, A::from16(&outer_src), 0),
+        };
+        let k = FwdKey::<A>::of(t);
         let e = Fwd {
-            client: A::from16(&t.src_addr),
-            vip: A::from16(&t.dst_addr),
+            client: k.client,
+            vip: k.vip,
             backend: A::from16(&b.backend),
+            gw,
             expires: now.saturating_add(state.timeout(to)),
             frontend: b.frontend,
             epoch: b.epoch,
-            cport: t.src_port,
-            vport: t.dst_port,
+            cport: k.cport,
+            vport: k.vport,
             bport: b.backend_port,
-            proto: p,
+            gport,
+            proto: k.proto,
             state: state as u8,
+            mode,
         };
-        let fh = self.fwd_hash(&e.client, &e.vip, e.cport, e.vport, p);
-        let rh = self.rev_hash(&e.backend, &e.client, e.bport, e.cport, p);
-        let mut s = lock(self.shard(&e.client, e.cport, p));
-        let Shard {
-            fwd,
-            rev,
-            cap,
-            stats,
-        } = &mut *s;
-        if let Ok(old) = fwd.find_entry(fh, Self::fwd_of(&e)) {
-            let (old, _) = old.remove();
-            self.remove_rev(rev, &old);
-        }
-        if fwd.len() >= *cap || rev.len() >= *cap {
-            self.make_room(fwd, rev, *cap, now, stats);
-            if fwd.len() >= *cap || rev.len() >= *cap {
-                stats.refused += 1;
-                return Err(Full);
+        let i = self.fwd_shard(&k);
+        // The reverse entry written with the forward one (same shard).
+        let local_rev = e
+            .rev_key()
+            .filter(|rk| self.rev_shard(rk) == i && mode == MODE_ROUTED);
+        let mut later = LaterBuf::new();
+        let result = {
+            let mut s = self.lock(i);
+            let sh = &mut *s;
+            if let Ok(old) = sh.fwd.find_entry(self.fwd_hash(&k), is_fwd(&k)) {
+                let (old, _) = old.remove();
+                // The same reverse key is the new flow's: rewritten below, or
+                // (source NAT) already reserved.
+                if old.rev_key() != e.rev_key() {
+                    self.unlink_rev(i, &mut sh.rev, &old, &mut later);
+                }
             }
-        }
-        let fwd_hasher = |x: &Fwd<A>| self.fwd_hash(&x.client, &x.vip, x.cport, x.vport, x.proto);
-        let rev_hasher =
-            |r: &Rev<A>| self.rev_hash(&r.backend, &r.client, r.bport, r.cport, r.proto);
-        // A stale reverse entry for the same backend tuple (its forward entry was
-        // replaced under another vip) would shadow this one: drop it first.
-        if let Ok(stale) = rev.find_entry(rh, Self::rev_of(&e)) {
-            stale.remove();
-        }
-        Self::compact(fwd, *cap, fwd_hasher);
-        Self::compact(rev, *cap, rev_hasher);
-        let geo = &self.geometry[self.shard_index(&e.client, e.cport, p)];
-        let placed = fwd.insert_unique(fh, e, fwd_hasher);
-        let ctrl = ctrl_of(placed.get(), placed.bucket_index());
-        if geo.fwd_ctrl.load(Ordering::Relaxed) != ctrl {
-            geo.fwd_mask.store(fwd.num_buckets() - 1, Ordering::Relaxed);
-            geo.fwd_ctrl.store(ctrl, Ordering::Relaxed);
-        }
-        let placed = rev.insert_unique(
-            rh,
-            Rev {
-                backend: e.backend,
-                client: e.client,
-                vip: e.vip,
-                expires: e.expires,
-                bport: e.bport,
-                cport: e.cport,
-                vport: e.vport,
-                proto: p,
-                state: e.state,
-            },
-            rev_hasher,
-        );
-        let ctrl = ctrl_of(placed.get(), placed.bucket_index());
-        if geo.rev_ctrl.load(Ordering::Relaxed) != ctrl {
-            geo.rev_mask.store(rev.num_buckets() - 1, Ordering::Relaxed);
-            geo.rev_ctrl.store(ctrl, Ordering::Relaxed);
-        }
-        stats.inserts += 1;
-        Ok(())
+            let full = |sh: &Shard<A>| {
+                sh.fwd.len() >= sh.cap || (local_rev.is_some() && sh.rev.len() >= sh.cap)
+            };
+            if full(sh) {
+                self.make_room(i, sh, now, false, &mut later);
+            }
+            if full(sh) {
+                sh.stats.refused += 1;
+                Err(InsertError::Full)
+            } else {
+                if let Some(rk) = local_rev {
+                    // A stale reverse entry for the same backend tuple (its
+                    // forward entry was replaced under another vip) would
+                    // shadow this one: drop it first.
+                    if let Ok(stale) = sh.rev.find_entry(self.rev_hash(&rk), is_rev(&rk)) {
+                        stale.remove();
+                    }
+                    self.place_rev(i, &mut sh.rev, sh.cap, e.rev(&rk));
+                }
+                self.place_fwd(i, &mut sh.fwd, sh.cap, e);
+                sh.stats.inserts += 1;
+                Ok(())
+            }
+        };
+        self.run_later(&later);
+        result
     }
 
-    /// Frees at least one slot if anything can go: expired first, then
-    /// unestablished, then (as a last resort) established entries.
+    /// Reserves reverse key `rk` for the flow `t` will be: `Taken` when a
+    /// live flow already uses it (a live tuple is never reused), `Full` when
+    /// its shard has no room even after eviction.
+    fn reserve(
+        &self,
+        now: u32,
+        rk: &RevKey<A>,
+        t: &FlowTuple,
+        state: FlowState,
+        to: &Timeouts,
+    ) -> Reserve {
+        let j = self.rev_shard(rk);
+        let k = FwdKey::<A>::of(t);
+        let mut later = LaterBuf::new();
+        let r = {
+            let mut s = self.lock(j);
+            let sh = &mut *s;
+            if sh.rev.find(self.rev_hash(rk), is_rev(rk)).is_some() {
+                Reserve::Taken
+            } else {
+                if sh.rev.len() >= sh.cap {
+                    self.make_room(j, sh, now, true, &mut later);
+                }
+                if sh.rev.len() >= sh.cap {
+                    Reserve::Full
+                } else {
+                    let r = Rev {
+                        backend: rk.backend,
+                        peer: rk.peer,
+                        client: k.client,
+                        vip: k.vip,
+                        expires: now.saturating_add(state.timeout(to)),
+                        bport: rk.bport,
+                        pport: rk.pport,
+                        cport: k.cport,
+                        vport: k.vport,
+                        proto: rk.proto,
+                        state: state as u8,
+                    };
+                    self.place_rev(j, &mut sh.rev, sh.cap, r);
+                    Reserve::Done
+                }
+            }
+        };
+        self.run_later(&later);
+        r
+    }
+
+    /// Source NAT: finds a port for `t`'s binding to `b`'s backend on one of
+    /// `addrs` within `ports`, reserves it and inserts the flow. Ports are
+    /// probed from a point that the flow's keyed hash picks (nobody outside
+    /// can predict it), at most [`SNAT_PROBES`] per address.
+    #[allow(clippy::too_many_arguments)] // reason: the binding and the SNAT space, kept explicit
+    fn insert_snat(
+        &self,
+        now: u32,
+        t: &FlowTuple,
+        b: &Binding,
+        state: FlowState,
+        addrs: &[Addr16],
+        ports: PortRange,
+        to: &Timeouts,
+    ) -> Result<FlowNat, InsertError> {
+        let k = FwdKey::<A>::of(t);
+        let h = self.fwd_hash(&k);
+        let probes = ports.len().min(SNAT_PROBES);
+        let first = (h >> 32) as u32 % ports.len();
+        let mut full = false;
+        for a in 0..addrs.len() {
+            let addr = addrs[(h as usize).wrapping_add(a) % addrs.len()];
+            for n in 0..probes {
+                let port = ports.nth(first.wrapping_add(n));
+                let rk = RevKey {
+                    backend: A::from16(&b.backend),
+                    peer: A::from16(&addr),
+                    bport: b.backend_port,
+                    pport: port,
+                    proto: k.proto,
+                };
+                match self.reserve(now, &rk, t, state, to) {
+                    Reserve::Taken => {}
+                    Reserve::Full => full = true,
+                    Reserve::Done => {
+                        let nat = FlowNat::Snat { addr, port };
+                        let bound = Binding { nat, ..*b };
+                        return match self.insert(now, t, &bound, state, to) {
+                            Ok(()) => Ok(nat),
+                            Err(e) => {
+                                let mut later = LaterBuf::new();
+                                later.push(Later::RemoveRev(rk, k));
+                                self.run_later(&later);
+                                Err(e)
+                            }
+                        };
+                    }
+                }
+            }
+        }
+        Err(if full {
+            InsertError::Full
+        } else {
+            InsertError::PortsExhausted
+        })
+    }
+
+    /// Frees room in shard `i`'s forward table (or, with `for_rev`, its
+    /// reverse table) if anything can go: expired flows first, then
+    /// unestablished ones, then (as a last resort) established ones. A flow
+    /// whose other entry is in another shard is taken only while `later` has
+    /// room to remember that entry.
     fn make_room(
         &self,
-        fwd: &mut HashTable<Fwd<A>>,
-        rev: &mut HashTable<Rev<A>>,
-        cap: usize,
+        i: usize,
+        sh: &mut Shard<A>,
         now: u32,
-        stats: &mut ShardStats,
+        for_rev: bool,
+        later: &mut LaterBuf<A>,
     ) {
-        let target = (cap / 32).max(1);
+        let target = (sh.cap / 32).max(1);
         let mut freed = 0usize;
         for pass in 0..3 {
             if freed >= target || (pass == 2 && freed > 0) {
                 break;
             }
-            fwd.retain(|e| {
-                if freed >= target && pass > 0 {
-                    return true;
-                }
-                let st = FlowState::from_u8(e.state);
-                let go = match pass {
-                    0 => e.expires <= now,
+            let go = |state: u8, expires: u32| {
+                let st = FlowState::from_u8(state);
+                match pass {
+                    0 => expires <= now,
                     1 => !st.is_established(),
                     _ => true,
-                };
-                if go {
-                    self.remove_rev(rev, e);
-                    freed += 1;
-                    match pass {
-                        0 => stats.expired += 1,
-                        1 => stats.evicted_unestablished += 1,
-                        _ => stats.evicted_established += 1,
-                    }
                 }
-                !go
+            };
+            let Shard {
+                fwd, rev, stats, ..
+            } = sh;
+            fwd.retain(|e| {
+                if (freed >= target && pass > 0) || !go(e.state, e.expires) {
+                    return true;
+                }
+                let remote = self.rev_elsewhere(i, e);
+                // For room in the reverse table only flows whose reverse
+                // entry is here help.
+                if (for_rev && (remote || e.rev_key().is_none())) || (remote && later.is_full()) {
+                    return true;
+                }
+                freed += 1;
+                self.unlink_rev(i, rev, e, later);
+                match pass {
+                    0 => stats.expired += 1,
+                    1 => stats.evicted_unestablished += 1,
+                    _ => stats.evicted_established += 1,
+                }
+                false
+            });
+            if !for_rev {
+                continue;
+            }
+            // Reverse entries of flows whose forward entry is elsewhere
+            // (source NAT): evicted here, their forward entry later.
+            rev.retain(|r| {
+                if (freed >= target && pass > 0) || !go(r.state, r.expires) {
+                    return true;
+                }
+                let fk = r.fwd_key();
+                if self.fwd_shard(&fk) == i || later.is_full() {
+                    return true;
+                }
+                later.push(Later::RemoveFwd(fk, r.key()));
+                freed += 1;
+                match pass {
+                    0 => stats.expired += 1,
+                    1 => stats.evicted_unestablished += 1,
+                    _ => stats.evicted_established += 1,
+                }
+                false
             });
         }
     }
 
     /// Updates the cached frontend index and epoch of a still-valid binding.
     fn revalidate(&self, t: &FlowTuple, frontend: u32, epoch: u32) {
-        let (c, v, p) = (
-            A::from16(&t.src_addr),
-            A::from16(&t.dst_addr),
-            t.proto.ip_number(),
-        );
-        let h = self.fwd_hash(&c, &v, t.src_port, t.dst_port, p);
-        let mut s = lock(self.shard(&c, t.src_port, p));
-        if let Some(e) = s.fwd.find_mut(h, |x| {
-            x.client == c
-                && x.vip == v
-                && x.cport == t.src_port
-                && x.vport == t.dst_port
-                && x.proto == p
-        }) {
+        let k = FwdKey::of(t);
+        let mut s = self.lock(self.fwd_shard(&k));
+        if let Some(e) = s.fwd.find_mut(self.fwd_hash(&k), is_fwd(&k)) {
             e.frontend = frontend;
             e.epoch = epoch;
         }
     }
 
     fn expire_shard(&self, i: usize, now: u32) -> usize {
-        let Some(m) = self.shards.get(i) else {
+        if i >= self.shards.len() {
             return 0;
-        };
-        let mut s = lock(&m.0);
-        let Shard {
-            fwd, rev, stats, ..
-        } = &mut *s;
-        let before = fwd.len();
-        fwd.retain(|e| {
-            if e.expires <= now {
-                self.remove_rev(rev, e);
-                false
-            } else {
-                true
+        }
+        let mut removed = 0;
+        loop {
+            let mut later = LaterBuf::new();
+            let mut more = false;
+            {
+                let mut s = self.lock(i);
+                let Shard {
+                    fwd, rev, stats, ..
+                } = &mut *s;
+                let before = fwd.len();
+                fwd.retain(|e| {
+                    if e.expires > now {
+                        return true;
+                    }
+                    if self.rev_elsewhere(i, e) && later.is_full() {
+                        more = true;
+                        return true;
+                    }
+                    self.unlink_rev(i, rev, e, &mut later);
+                    false
+                });
+                let n = before - fwd.len();
+                stats.expired += n as u64;
+                removed += n;
             }
-        });
-        let n = before - fwd.len();
-        stats.expired += n as u64;
-        n
+            self.run_later(&later);
+            if !more {
+                return removed;
+            }
+        }
     }
 
     fn len(&self) -> usize {
@@ -907,24 +1438,6 @@ impl<A: Ip> Tracker<A> {
             into.evicted_unestablished += s.stats.evicted_unestablished;
             into.evicted_established += s.stats.evicted_established;
             into.refused += s.stats.refused;
-        }
-    }
-}
-
-impl<A: Ip> Default for Fwd<A> {
-    fn default() -> Self {
-        Self {
-            client: A::default(),
-            vip: A::default(),
-            backend: A::default(),
-            expires: 0,
-            frontend: 0,
-            epoch: 0,
-            cport: 0,
-            vport: 0,
-            bport: 0,
-            proto: 0,
-            state: 0,
         }
     }
 }
@@ -1007,18 +1520,28 @@ impl<K: Hash + Eq + Copy, V: Copy> Expiring<K, V> {
     }
 }
 
-/// Which address a remembered fragment rewrite replaces.
+/// What a first fragment's rewrite does to the other fragments of its
+/// datagram (they carry no ports, so only addresses change).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FragRewrite {
-    /// Forward direction: destination vip → backend.
-    ToBackend {
-        /// The backend address.
-        backend: Addr16,
+    /// Rewrite the source and the destination (each when given) and send to
+    /// `next_hop`.
+    Nat {
+        /// The new source address (the frontend for a reply, the SNAT
+        /// address for a source-NATed request).
+        src: Option<Addr16>,
+        /// The new destination address (the backend for a request, the
+        /// client for a source-NATed reply).
+        dst: Option<Addr16>,
+        /// Where the fragment goes.
+        next_hop: NextHop,
     },
-    /// Reply direction: source backend → vip.
-    ToClient {
-        /// The frontend address.
-        vip: Addr16,
+    /// Encapsulate from `outer_src` to `backend` (DSR).
+    Encap {
+        /// The outer source.
+        outer_src: Addr16,
+        /// The backend, the outer destination.
+        backend: Addr16,
     },
 }
 
@@ -1123,10 +1646,14 @@ impl Conntrack {
         }
     }
 
-    /// Binds flow `t` (client → vip) to a backend in `state`.
+    /// Binds flow `t` (client → vip) to a backend in `state`, routed or
+    /// DSR as `b.nat` says. (Source-NATed flows go through
+    /// [`Conntrack::insert_snat`], which allocates their port.)
     ///
     /// # Errors
-    /// [`Full`] when the shard is full and nothing could be evicted.
+    /// [`InsertError::Full`] when the shard is full and nothing could be
+    /// evicted; for a [`FlowNat::Snat`] binding, [`InsertError::PortsExhausted`]
+    /// when its address and port are in use towards that backend.
     pub fn insert(
         &self,
         now: Now,
@@ -1134,11 +1661,50 @@ impl Conntrack {
         t: &FlowTuple,
         b: &Binding,
         state: FlowState,
-    ) -> Result<(), Full> {
+    ) -> Result<(), InsertError> {
+        if let FlowNat::Snat { addr, port } = b.nat {
+            let ports = PortRange::new(port, port).ok_or(InsertError::PortsExhausted)?;
+            return self
+                .insert_snat(now, family, t, b, state, &[addr], ports)
+                .map(|_| ());
+        }
         let n = now.secs32();
         match family {
             Family::V4 => self.v4.insert(n, t, b, state, &self.timeouts),
             Family::V6 => self.v6.insert(n, t, b, state, &self.timeouts),
+        }
+    }
+
+    /// Binds flow `t` to `b`'s backend with source NAT: allocates a port in
+    /// `ports` on one of `addrs` that no live flow uses towards the same
+    /// (backend address, backend port, protocol), and returns the
+    /// [`FlowNat::Snat`] chosen. `b.nat` is ignored.
+    ///
+    /// # Errors
+    /// [`InsertError::PortsExhausted`] when every port probed is in use,
+    /// [`InsertError::Full`] when the table has no room.
+    #[allow(clippy::too_many_arguments)] // reason: the binding and the SNAT space, kept explicit
+    pub fn insert_snat(
+        &self,
+        now: Now,
+        family: Family,
+        t: &FlowTuple,
+        b: &Binding,
+        state: FlowState,
+        addrs: &[Addr16],
+        ports: PortRange,
+    ) -> Result<FlowNat, InsertError> {
+        if addrs.is_empty() {
+            return Err(InsertError::PortsExhausted);
+        }
+        let n = now.secs32();
+        match family {
+            Family::V4 => self
+                .v4
+                .insert_snat(n, t, b, state, addrs, ports, &self.timeouts),
+            Family::V6 => self
+                .v6
+                .insert_snat(n, t, b, state, addrs, ports, &self.timeouts),
         }
     }
 
@@ -1312,6 +1878,7 @@ mod tests {
             backend_port: port,
             frontend: 0,
             epoch: 1,
+            nat: FlowNat::Routed,
         }
     }
 
@@ -1327,11 +1894,12 @@ mod tests {
 
     #[test]
     fn entry_sizes_meet_the_memory_target() {
-        // ≤ 64 bytes of entries per IPv4 flow (both directions).
-        assert_eq!(std::mem::size_of::<Fwd<[u8; 4]>>(), 32);
-        assert_eq!(std::mem::size_of::<Rev<[u8; 4]>>(), 24);
-        assert!(std::mem::size_of::<Fwd<[u8; 16]>>() <= 72);
-        assert!(std::mem::size_of::<Rev<[u8; 16]>>() <= 60);
+        // 72 bytes of entries per IPv4 flow (both directions), whatever its
+        // return path (a DSR flow has no reverse entry).
+        assert_eq!(std::mem::size_of::<Fwd<[u8; 4]>>(), 40);
+        assert_eq!(std::mem::size_of::<Rev<[u8; 4]>>(), 32);
+        assert_eq!(std::mem::size_of::<Fwd<[u8; 16]>>(), 88);
+        assert_eq!(std::mem::size_of::<Rev<[u8; 16]>>(), 80);
     }
 
     #[test]
@@ -1673,6 +2241,7 @@ mod tests {
             backend_port: 8080,
             frontend: 0,
             epoch: 1,
+            nat: FlowNat::Routed,
         };
         ct.insert(
             Now::from_secs(1),
@@ -1745,11 +2314,8 @@ mod tests {
         let size = std::mem::size_of::<Fwd<[u8; 4]>>();
         let mut at_home = 0;
         for e in shard.fwd.iter() {
-            let h = tr.fwd_hash(&e.client, &e.vip, e.cport, e.vport, e.proto);
-            let idx = shard
-                .fwd
-                .find_bucket_index(h, Tracker::<[u8; 4]>::fwd_of(e))
-                .unwrap();
+            let h = tr.fwd_hash(&e.key());
+            let idx = shard.fwd.find_bucket_index(h, is_fwd(&e.key())).unwrap();
             assert_eq!(
                 ctrl_of(e, idx),
                 ctrl,

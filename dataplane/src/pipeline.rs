@@ -1,10 +1,13 @@
 //! The per-packet pipeline: `process(now, frame) -> Verdict`.
 //!
-//! Owns: [`Worker`] (one per core: its counters and a handle on the shared
-//! [`Conntrack`]) and the order of operations for a frame: parse → frontend
-//! lookup → conntrack (forward) or Maglev pick for a new flow → NAT rewrite, or
-//! conntrack (reply) → reverse NAT, or ICMP error → follow the quoted flow, or
-//! pass to the kernel.
+//! Owns: [`Worker`] (one per core: its counters, a handle on the shared
+//! [`Conntrack`], and its side of the return paths: its share of the SNAT
+//! ports and the gateway's addresses) and the order of operations for a frame:
+//! parse → frontend lookup → conntrack (forward) or Maglev pick for a new flow
+//! bound with the frontend's return path → NAT rewrite (the destination; the
+//! source too under source NAT) or IP-in-IP encapsulation (DSR), or conntrack
+//! (reply) → reverse NAT, or ICMP error → follow the quoted flow, translated
+//! as the flow is, or pass to the kernel.
 //!
 //! The table is handed in per call (the I/O layer loads the current snapshot
 //! once per batch), so a worker sees one table for a whole batch.
@@ -13,14 +16,15 @@
 
 use std::sync::Arc;
 
-use crate::conntrack::{Binding, Conntrack, FlowState, FragRewrite};
+use crate::conntrack::{Binding, Conntrack, FlowNat, FlowState, FragRewrite, InsertError};
 use crate::flow::{Addr16, FlowTuple, Proto};
 use crate::packet::checksum;
+use crate::packet::encap;
 use crate::packet::parse::{parse, tcp_flags, Family, FlowL4, IcmpError, Parsed, L4};
-use crate::packet::reject::reject_in_place;
+use crate::packet::reject::{self, reject_in_place};
 use crate::packet::rewrite::{self, L4Csum, NatSide};
 use crate::snat::{ReturnConfig, SourceAddrs};
-use crate::table::{FrontendRecord, Table, FRONTEND_AFFINITY};
+use crate::table::{FrontendRecord, ReturnPath, Table, FRONTEND_AFFINITY};
 use crate::time::Now;
 pub use crate::verdict::{DropReason, NextHop, Side, Verdict};
 
@@ -147,6 +151,22 @@ pub struct Worker {
 }
 
 type Step = Result<Verdict, DropReason>;
+
+/// A flow's backend and how its replies come back.
+#[derive(Debug, Clone, Copy)]
+struct Bound {
+    backend: Addr16,
+    backend_port: u16,
+    nat: FlowNat,
+}
+
+/// The drop reason of a refused insert.
+fn insert_drop(e: InsertError) -> DropReason {
+    match e {
+        InsertError::Full => DropReason::ConntrackFull,
+        InsertError::PortsExhausted => DropReason::SnatPortsExhausted,
+    }
+}
 
 /// Frames per chunk of [`Worker::process_batch`] (an AF_XDP batch).
 pub const BATCH: usize = 64;
@@ -343,17 +363,23 @@ impl Worker {
             if p.ttl <= 1 {
                 return Err(DropReason::TtlExpired);
             }
-            let (backend, bport) = match self.bind(now, table, fi, fe, p.family, &t, f.tcp_flags)? {
-                Some(b) => b,
-                None => {
-                    return reject_in_place(buf, len, p, f).map(|len| Verdict::Reject { len });
-                }
+            let Some(b) = self.bind(now, table, fi, fe, p.family, &t, f.tcp_flags)? else {
+                return reject_in_place(buf, len, p, f).map(|len| Verdict::Reject { len });
             };
             let next_hop = NextHop {
-                addr: backend,
+                addr: b.backend,
                 side: Side::Backend,
             };
-            self.nat(now, buf, p, f, Dir::Dst, (backend, bport), next_hop)?;
+            let to_backend = Some((b.backend, b.backend_port));
+            match b.nat {
+                FlowNat::Routed => self.nat(now, buf, p, f, None, to_backend, next_hop)?,
+                FlowNat::Snat { addr, port } => {
+                    self.nat(now, buf, p, f, Some((addr, port)), to_backend, next_hop)?;
+                }
+                FlowNat::Dsr { outer_src } => {
+                    return self.encap(now, buf, len, p, Some(f), outer_src, b.backend);
+                }
+            }
             return Ok(Verdict::Forward { len, next_hop });
         }
         // Not to a frontend: a reply from a backend?
@@ -364,18 +390,24 @@ impl Worker {
             return Err(DropReason::TtlExpired);
         }
         let next_hop = NextHop {
-            addr: p.dst,
+            addr: r.client,
             side: Side::Client,
         };
-        self.nat(now, buf, p, f, Dir::Src, (r.vip, r.vport), next_hop)?;
+        // A source-NATed reply comes to the gateway's address: the client's
+        // is restored too.
+        let to_client =
+            (r.client != p.dst || r.client_port != f.dst_port).then_some((r.client, r.client_port));
+        self.nat(now, buf, p, f, Some((r.vip, r.vport)), to_client, next_hop)?;
         self.counters.replies += 1;
         Ok(Verdict::Forward { len, next_hop })
     }
 
-    /// The NAT of a flow packet, either way: the destination becomes the
-    /// backend (`Dir::Dst`, forward) or the source becomes the frontend
-    /// (`Dir::Src`, reply); checksums follow, the TTL drops by one, and a
-    /// first fragment leaves its rewrite for the datagram's other fragments.
+    /// The NAT of a flow packet: the source becomes `src` and the destination
+    /// `dst` (each when given: a forward packet's destination becomes the
+    /// backend, and under source NAT its source the gateway; a reply's source
+    /// becomes the frontend, and under source NAT its destination the
+    /// client); checksums follow, the TTL drops by one, and a first fragment
+    /// leaves its rewrite for the datagram's other fragments.
     #[allow(clippy::too_many_arguments)] // reason: the hot path passes parsed fields, not structs it would have to build
     fn nat(
         &mut self,
@@ -383,36 +415,47 @@ impl Worker {
         buf: &mut [u8],
         p: &Parsed,
         f: &FlowL4,
-        dir: Dir,
-        (addr, port): (Addr16, u16),
+        src: Option<(Addr16, u16)>,
+        dst: Option<(Addr16, u16)>,
         next_hop: NextHop,
     ) -> Result<(), DropReason> {
-        let old_port = match dir {
-            Dir::Dst => f.dst_port,
-            Dir::Src => f.src_port,
-        };
-        sctp_fragment_guard(p, f, old_port, port)?;
-        let side = match dir {
-            Dir::Dst => NatSide::Dst,
-            Dir::Src => NatSide::Src,
-        };
-        let fused = match (p.family, f.csum) {
-            (Family::V4, L4Csum::Tcp | L4Csum::Udp) => Some(rewrite::nat_ipv4(
-                buf,
-                p.l3,
-                f.offset,
-                f.csum,
-                side,
-                [addr[12], addr[13], addr[14], addr[15]],
-                port,
-            )),
-            (Family::V6, L4Csum::Tcp | L4Csum::Udp6) => Some(rewrite::nat_ipv6(
-                buf, p.l3, f.offset, f.csum, side, &addr, port,
-            )),
+        if let Some((_, port)) = src {
+            sctp_fragment_guard(p, f, f.src_port, port)?;
+        }
+        if let Some((_, port)) = dst {
+            sctp_fragment_guard(p, f, f.dst_port, port)?;
+        }
+        let v4 = |a: &Addr16| [a[12], a[13], a[14], a[15]];
+        let fused = match (p.family, f.csum, src, dst) {
+            (Family::V4, L4Csum::Tcp | L4Csum::Udp, Some(s), Some(d)) => {
+                Some(rewrite::nat_both_ipv4(
+                    buf,
+                    p.l3,
+                    f.offset,
+                    f.csum,
+                    (v4(&s.0), s.1),
+                    (v4(&d.0), d.1),
+                ))
+            }
+            (Family::V4, L4Csum::Tcp | L4Csum::Udp, None, Some((a, port))) => Some(
+                rewrite::nat_ipv4(buf, p.l3, f.offset, f.csum, NatSide::Dst, v4(&a), port),
+            ),
+            (Family::V4, L4Csum::Tcp | L4Csum::Udp, Some((a, port)), None) => Some(
+                rewrite::nat_ipv4(buf, p.l3, f.offset, f.csum, NatSide::Src, v4(&a), port),
+            ),
+            (Family::V6, L4Csum::Tcp | L4Csum::Udp6, Some(s), Some(d)) => Some(
+                rewrite::nat_both_ipv6(buf, p.l3, f.offset, f.csum, (&s.0, s.1), (&d.0, d.1)),
+            ),
+            (Family::V6, L4Csum::Tcp | L4Csum::Udp6, None, Some((a, port))) => Some(
+                rewrite::nat_ipv6(buf, p.l3, f.offset, f.csum, NatSide::Dst, &a, port),
+            ),
+            (Family::V6, L4Csum::Tcp | L4Csum::Udp6, Some((a, port)), None) => Some(
+                rewrite::nat_ipv6(buf, p.l3, f.offset, f.csum, NatSide::Src, &a, port),
+            ),
             _ => None,
         };
         match fused {
-            // TCP and UDP: address, port, TTL and both checksums in one pass.
+            // TCP and UDP: addresses, ports, TTL and both checksums in one pass.
             Some(r) => {
                 r.map_err(|e| match e {
                     rewrite::RewriteError::TtlExpired => DropReason::TtlExpired,
@@ -421,20 +464,26 @@ impl Worker {
             }
             // SCTP (and anything else): the named steps, then the CRC32c.
             None => {
-                rewrite_addr(buf, p.family, p.l3, dir, Some((f.offset, f.csum)), &addr)?;
-                let set_port = match dir {
-                    Dir::Dst => rewrite::set_dst_port,
-                    Dir::Src => rewrite::set_src_port,
-                };
-                set_port(buf, f.offset, f.csum, port).map_err(|_| DropReason::L4Malformed)?;
+                let l4 = Some((f.offset, f.csum));
+                if let Some((a, port)) = src {
+                    rewrite_addr(buf, p.family, p.l3, Dir::Src, l4, &a)?;
+                    rewrite::set_src_port(buf, f.offset, f.csum, port)
+                        .map_err(|_| DropReason::L4Malformed)?;
+                }
+                if let Some((a, port)) = dst {
+                    rewrite_addr(buf, p.family, p.l3, Dir::Dst, l4, &a)?;
+                    rewrite::set_dst_port(buf, f.offset, f.csum, port)
+                        .map_err(|_| DropReason::L4Malformed)?;
+                }
                 finish_l4(buf, p, f)?;
                 decrement_ttl(buf, p)?;
             }
         }
         if let Some(frag) = p.fragment {
-            let rw = match next_hop.side {
-                Side::Backend => FragRewrite::ToBackend { backend: addr },
-                Side::Client => FragRewrite::ToClient { vip: addr },
+            let rw = FragRewrite::Nat {
+                src: src.map(|s| s.0),
+                dst: dst.map(|d| d.0),
+                next_hop,
             };
             self.ct
                 .fragment_remember(now, &p.src, &p.dst, f.proto, frag.id, rw);
@@ -442,9 +491,53 @@ impl Worker {
         Ok(())
     }
 
-    /// The backend for a packet to frontend `fi`: the tracked one while it is
-    /// still in the table, else a new Maglev (or affinity) pick. `None` when the
-    /// frontend takes no new flows (the caller rejects).
+    /// Direct server return: the packet goes to `backend` inside an outer
+    /// header from `outer_src`, unchanged but for its TTL. One that would
+    /// exceed the backend side's MTU once encapsulated is answered with ICMP
+    /// fragmentation needed / packet too big when it is a flow packet
+    /// (`f`), and dropped otherwise (non-first fragments, ICMP errors).
+    #[allow(clippy::too_many_arguments)] // reason: the hot path passes parsed fields, not structs it would have to build
+    fn encap(
+        &mut self,
+        now: Now,
+        buf: &mut [u8],
+        len: usize,
+        p: &Parsed,
+        f: Option<&FlowL4>,
+        outer_src: Addr16,
+        backend: Addr16,
+    ) -> Step {
+        let outer = encap::outer_len(p.family);
+        let mtu = usize::from(self.ret.encap_mtu);
+        if p.ip_end - p.l3 + outer > mtu {
+            if f.is_none() {
+                return Err(DropReason::EncapTooBig);
+            }
+            let len = reject::too_big_in_place(buf, len, p, (mtu - outer.min(mtu)) as u16)?;
+            self.counters.encap_too_big += 1;
+            return Ok(Verdict::Reject { len });
+        }
+        decrement_ttl(buf, p)?;
+        let len = encap::encapsulate(buf, p.family, p.l3, p.ip_end, &outer_src, &backend)
+            .map_err(|_| DropReason::BufferTooSmall)?;
+        if let (Some(frag), Some(f)) = (p.fragment, f) {
+            let rw = FragRewrite::Encap { outer_src, backend };
+            self.ct
+                .fragment_remember(now, &p.src, &p.dst, f.proto, frag.id, rw);
+        }
+        Ok(Verdict::Forward {
+            len,
+            next_hop: NextHop {
+                addr: backend,
+                side: Side::Backend,
+            },
+        })
+    }
+
+    /// The backend for a packet to frontend `fi`, and how its replies come
+    /// back: the tracked binding while its backend is still in the table, else
+    /// a new Maglev (or affinity) pick, bound with the frontend's return path.
+    /// `None` when the frontend takes no new flows (the caller rejects).
     #[allow(clippy::too_many_arguments)] // reason: the hot path passes parsed fields, not structs it would have to build
     fn bind(
         &mut self,
@@ -455,36 +548,84 @@ impl Worker {
         family: Family,
         t: &FlowTuple,
         flags: u8,
-    ) -> Result<Option<(Addr16, u16)>, DropReason> {
+    ) -> Result<Option<Bound>, DropReason> {
         let epoch = table.generation() as u32;
         let opening = flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0;
         if let Some(hit) = self.ct.lookup_original(now, family, t, flags, true) {
             // A new SYN on a closed tuple is a new connection: pick again.
             if !(opening && hit.state.is_closed()) {
+                let bound = Bound {
+                    backend: hit.backend,
+                    backend_port: hit.backend_port,
+                    nat: hit.nat,
+                };
                 if hit.epoch == epoch && hit.frontend == fi {
-                    return Ok(Some((hit.backend, hit.backend_port)));
+                    return Ok(Some(bound));
                 }
                 if table.has_backend(fe, &hit.backend, hit.backend_port) {
                     self.ct.revalidate(family, t, fi, epoch);
-                    return Ok(Some((hit.backend, hit.backend_port)));
+                    return Ok(Some(bound));
                 }
                 self.counters.flows_moved += 1;
             }
         }
-        let Some(chosen) = self.pick(now, table, fe, t) else {
+        let Some((backend, backend_port)) = self.pick(now, table, fe, t) else {
             return Ok(None);
         };
         let binding = Binding {
-            backend: chosen.0,
-            backend_port: chosen.1,
+            backend,
+            backend_port,
             frontend: fi,
             epoch,
+            nat: FlowNat::Routed,
         };
-        self.ct
-            .insert(now, family, t, &binding, FlowState::initial(t.proto, flags))
-            .map_err(|_| DropReason::ConntrackFull)?;
+        let state = FlowState::initial(t.proto, flags);
+        let overrides = self.ret.overrides(family == Family::V4);
+        let nat = match Table::return_path(fe) {
+            ReturnPath::Routed => {
+                self.ct
+                    .insert(now, family, t, &binding, state)
+                    .map_err(insert_drop)?;
+                FlowNat::Routed
+            }
+            ReturnPath::Dsr => {
+                let outer_src = match overrides.first() {
+                    Some(a) => *a,
+                    None => self.source_for(&backend)?,
+                };
+                let nat = FlowNat::Dsr { outer_src };
+                self.ct
+                    .insert(now, family, t, &Binding { nat, ..binding }, state)
+                    .map_err(insert_drop)?;
+                nat
+            }
+            ReturnPath::Snat => {
+                let routed;
+                let addrs = if overrides.is_empty() {
+                    routed = [self.source_for(&backend)?];
+                    &routed[..]
+                } else {
+                    overrides
+                };
+                self.ct
+                    .insert_snat(now, family, t, &binding, state, addrs, self.ret.ports)
+                    .map_err(insert_drop)?
+            }
+        };
         self.counters.new_flows += 1;
-        Ok(Some(chosen))
+        Ok(Some(Bound {
+            backend,
+            backend_port,
+            nat,
+        }))
+    }
+
+    /// The gateway's own address towards `dst`, from the I/O layer's routes.
+    fn source_for(&self, dst: &Addr16) -> Result<Addr16, DropReason> {
+        self.sources
+            .as_ref()
+            .and_then(|s| s.source_for(dst))
+            .ok_or(DropReason::SnatNoAddress)
     }
 
     fn pick(
@@ -543,29 +684,29 @@ impl Worker {
         if p.ttl <= 1 {
             return Err(DropReason::TtlExpired);
         }
-        let next_hop = match rw {
-            FragRewrite::ToBackend { backend } => {
-                rewrite_addr(buf, p.family, p.l3, Dir::Dst, None, &backend)?;
-                NextHop {
-                    addr: backend,
-                    side: Side::Backend,
+        match rw {
+            FragRewrite::Nat { src, dst, next_hop } => {
+                if let Some(a) = src {
+                    rewrite_addr(buf, p.family, p.l3, Dir::Src, None, &a)?;
                 }
-            }
-            FragRewrite::ToClient { vip } => {
-                rewrite_addr(buf, p.family, p.l3, Dir::Src, None, &vip)?;
-                NextHop {
-                    addr: p.dst,
-                    side: Side::Client,
+                if let Some(a) = dst {
+                    rewrite_addr(buf, p.family, p.l3, Dir::Dst, None, &a)?;
                 }
+                decrement_ttl(buf, p)?;
+                Ok(Verdict::Forward { len, next_hop })
             }
-        };
-        decrement_ttl(buf, p)?;
-        Ok(Verdict::Forward { len, next_hop })
+            FragRewrite::Encap { outer_src, backend } => {
+                self.encap(now, buf, len, p, None, outer_src, backend)
+            }
+        }
     }
 
-    /// An ICMP error quoting one of our flows follows it: to the backend when it
-    /// quotes a reply we sent as the frontend, to the client when it quotes a
-    /// packet we sent to a backend.
+    /// An ICMP error quoting one of our flows follows it, translated as the
+    /// flow is: to the backend when it quotes a reply we sent as the
+    /// frontend (encapsulated as it is for a DSR flow, whose backend sent
+    /// that reply itself), to the client when it quotes a packet we sent to
+    /// a backend. Under source NAT both the outer header and the quoted
+    /// packet are translated both ways.
     fn icmp_error(
         &mut self,
         now: Now,
@@ -594,47 +735,55 @@ impl Worker {
                 Ok(Verdict::Pass)
             };
         }
+        let quoted_l4 = |c: Option<L4Csum>| c.map(|c| (q.l4, c));
         let next_hop = if let Some(hit) = self.ct.lookup_original(now, p.family, &key, 0, false) {
-            // Quoted: vip → client (our reply). Send to the backend as if it had
-            // come from the client: outer dst and quoted src become the backend.
+            // Quoted: vip → client (a reply). Send it to the backend as if it
+            // had come from the client: outer dst and quoted src become the
+            // backend; under source NAT, outer src and quoted dst the gateway.
             self.verify_icmp(buf, p, e)?;
+            if let FlowNat::Dsr { outer_src } = hit.nat {
+                let v = self.encap(now, buf, len, p, None, outer_src, hit.backend)?;
+                self.counters.icmp_errors += 1;
+                return Ok(v);
+            }
             let csum = quoted_csum(p.family, &q.tuple, q.l4, q.end);
             rewrite_addr(buf, p.family, p.l3, Dir::Dst, None, &hit.backend)?;
-            rewrite_addr(
-                buf,
-                p.family,
-                q.l3,
-                Dir::Src,
-                csum.map(|c| (q.l4, c)),
-                &hit.backend,
-            )?;
+            rewrite_addr(buf, p.family, q.l3, Dir::Src, quoted_l4(csum), &hit.backend)?;
             rewrite::set_src_port(buf, q.l4, csum.unwrap_or(L4Csum::None), hit.backend_port)
                 .map_err(|_| DropReason::IcmpMalformed)?;
+            if let FlowNat::Snat { addr, port } = hit.nat {
+                rewrite_addr(buf, p.family, p.l3, Dir::Src, None, &addr)?;
+                rewrite_addr(buf, p.family, q.l3, Dir::Dst, quoted_l4(csum), &addr)?;
+                rewrite::set_dst_port(buf, q.l4, csum.unwrap_or(L4Csum::None), port)
+                    .map_err(|_| DropReason::IcmpMalformed)?;
+            }
             NextHop {
                 addr: hit.backend,
                 side: Side::Backend,
             }
         } else if let Some(r) = self.ct.lookup_reply(now, p.family, &key, 0, false) {
-            // Quoted: client → backend (our forward). Send to the client as if
-            // the frontend had sent it: quoted dst becomes the frontend, and so
-            // does the outer source when the backend itself complained.
+            // Quoted: client (or the gateway, under source NAT) → backend, a
+            // packet we sent. Send it to the client as if the frontend had
+            // sent it: quoted dst becomes the frontend, and so does the outer
+            // source when the backend itself complained; under source NAT,
+            // outer dst and quoted src become the client.
             self.verify_icmp(buf, p, e)?;
             let csum = quoted_csum(p.family, &q.tuple, q.l4, q.end);
             if p.src == q.tuple.dst_addr {
                 rewrite_addr(buf, p.family, p.l3, Dir::Src, None, &r.vip)?;
             }
-            rewrite_addr(
-                buf,
-                p.family,
-                q.l3,
-                Dir::Dst,
-                csum.map(|c| (q.l4, c)),
-                &r.vip,
-            )?;
+            let snat = r.client != q.tuple.src_addr || r.client_port != q.tuple.src_port;
+            if snat {
+                rewrite_addr(buf, p.family, p.l3, Dir::Dst, None, &r.client)?;
+                rewrite_addr(buf, p.family, q.l3, Dir::Src, quoted_l4(csum), &r.client)?;
+                rewrite::set_src_port(buf, q.l4, csum.unwrap_or(L4Csum::None), r.client_port)
+                    .map_err(|_| DropReason::IcmpMalformed)?;
+            }
+            rewrite_addr(buf, p.family, q.l3, Dir::Dst, quoted_l4(csum), &r.vip)?;
             rewrite::set_dst_port(buf, q.l4, csum.unwrap_or(L4Csum::None), r.vport)
                 .map_err(|_| DropReason::IcmpMalformed)?;
             NextHop {
-                addr: p.dst,
+                addr: if snat { r.client } else { p.dst },
                 side: Side::Client,
             }
         } else {

@@ -114,6 +114,11 @@ drop_reasons! {
     /// Source NAT found no free port for the flow's (SNAT address, backend
     /// address, backend port, protocol) in this worker's share of the range.
     SnatPortsExhausted => "snat_ports_exhausted",
+    /// A DSR packet too big for the backend side once encapsulated that
+    /// cannot be answered with ICMP (a fragment, an ICMP error, a
+    /// non-unicast source). Answerable ones are rejected with ICMP
+    /// fragmentation needed / packet too big and counted apart.
+    EncapTooBig => "encap_too_big",
     /// Source NAT or DSR needs the gateway's own address in the flow's family,
     /// and there is none: no `--snat-address` of that family and no route
     /// (with a source address) to the backend.

@@ -3,11 +3,13 @@
 //! Owns: [`parse`] (validate and slice a frame with etherparse), [`checksum`]
 //! (RFC 1071 sums and RFC 1624 incremental updates), [`rewrite`] (small named
 //! in-place rewrites of addresses, ports, MACs and TTL), and [`reject`] (TCP RST
-//! and ICMP port unreachable built in place).
+//! and ICMP port unreachable built in place, and the ICMP too-big answer), and
+//! [`encap`] (IP-in-IP for direct server return).
 //!
 //! Must never: panic on any input or allocate.
 
 pub mod checksum;
+pub mod encap;
 pub mod parse;
 pub mod reject;
 pub mod rewrite;

@@ -3,9 +3,11 @@
 //! ICMPv6) port unreachable for UDP and SCTP, from the service address back to
 //! the sender, with the Ethernet addresses swapped.
 //!
-//! Owns: [`reject_in_place`]. Must never: answer an answer (a RST, an ICMP
-//! error) or a broadcast or multicast source (RFC 1812 §4.3.2.7), or write past
-//! the buffer.
+//! Owns: [`reject_in_place`], and [`too_big_in_place`], the ICMP
+//! fragmentation needed (RFC 1191) / ICMPv6 packet too big (RFC 4443 §3.2)
+//! answer to a packet that would exceed the MTU once encapsulated for DSR.
+//! Must never: answer an answer (a RST, an ICMP error) or a broadcast or
+//! multicast source (RFC 1812 §4.3.2.7), or write past the buffer.
 
 use super::checksum;
 use super::parse::{tcp_flags, Family, FlowL4, Parsed};
@@ -49,8 +51,39 @@ pub fn reject_in_place(
     }
     match f.proto {
         Proto::Tcp => tcp_rst(buf, p, f),
-        Proto::Udp | Proto::Sctp => port_unreachable(buf, p),
+        Proto::Udp | Proto::Sctp => icmp_error(buf, p, IcmpKind::PortUnreachable),
     }
+}
+
+/// Rewrites `buf[..len]`, parsed as `p`, into an ICMP destination
+/// unreachable / fragmentation needed (type 3 code 4, next-hop MTU `mtu`,
+/// RFC 1191 §4) or an ICMPv6 packet too big (type 2, MTU `mtu`, RFC 4443
+/// §3.2), from the packet's destination back to its sender, quoting as much
+/// of it as fits. Returns the new frame length.
+///
+/// # Errors
+/// [`DropReason::EncapTooBig`] when the frame must not be answered (a
+/// non-unicast source); [`DropReason::BufferTooSmall`] when the answer does
+/// not fit in `buf`.
+pub fn too_big_in_place(
+    buf: &mut [u8],
+    len: usize,
+    p: &Parsed,
+    mtu: u16,
+) -> Result<usize, DropReason> {
+    if !is_unicast_source(p) || len > buf.len() {
+        return Err(DropReason::EncapTooBig);
+    }
+    icmp_error(buf, p, IcmpKind::TooBig(mtu))
+}
+
+/// The ICMP errors the gateway writes.
+#[derive(Clone, Copy)]
+enum IcmpKind {
+    /// Destination (port) unreachable.
+    PortUnreachable,
+    /// Fragmentation needed / packet too big, with the MTU to use.
+    TooBig(u16),
 }
 
 fn get4(b: &[u8], at: usize) -> u32 {
@@ -105,9 +138,9 @@ fn tcp_rst(buf: &mut [u8], p: &Parsed, f: &FlowL4) -> Result<usize, DropReason> 
     Ok(new_len)
 }
 
-/// RFC 792 / RFC 4443 §3.1: destination unreachable, port unreachable,
-/// quoting as much of the offending packet as fits.
-fn port_unreachable(buf: &mut [u8], p: &Parsed) -> Result<usize, DropReason> {
+/// RFC 792 / RFC 4443 §3.1, §3.2: an ICMP error of `kind` quoting as much of
+/// the offending packet as fits.
+fn icmp_error(buf: &mut [u8], p: &Parsed, kind: IcmpKind) -> Result<usize, DropReason> {
     let (ip_len, max, min_quote) = match p.family {
         Family::V4 => (
             20,
@@ -125,12 +158,20 @@ fn port_unreachable(buf: &mut [u8], p: &Parsed) -> Result<usize, DropReason> {
     let icmp = p.l3 + ip_len;
     let new_len = icmp + 8 + quote;
     buf.copy_within(p.l3..p.l3 + quote, icmp + 8);
-    let (icmp_proto, icmp_type, icmp_code) = match p.family {
-        Family::V4 => (1, 3, 3),
-        Family::V6 => (58, 1, 4),
+    let (icmp_proto, icmp_type, icmp_code, rest) = match (p.family, kind) {
+        (Family::V4, IcmpKind::PortUnreachable) => (1, 3, 3, [0; 4]),
+        (Family::V6, IcmpKind::PortUnreachable) => (58, 1, 4, [0; 4]),
+        // RFC 1191 §4: unused (16 bits), then the next-hop MTU.
+        (Family::V4, IcmpKind::TooBig(mtu)) => {
+            let m = mtu.to_be_bytes();
+            (1, 3, 4, [0, 0, m[0], m[1]])
+        }
+        // RFC 4443 §3.2: the MTU as 32 bits.
+        (Family::V6, IcmpKind::TooBig(mtu)) => (58, 2, 0, u32::from(mtu).to_be_bytes()),
     };
     write_ip_header(buf, p, ip_len, 8 + quote, icmp_proto);
-    buf[icmp..icmp + 8].copy_from_slice(&[icmp_type, icmp_code, 0, 0, 0, 0, 0, 0]);
+    buf[icmp..icmp + 4].copy_from_slice(&[icmp_type, icmp_code, 0, 0]);
+    buf[icmp + 4..icmp + 8].copy_from_slice(&rest);
     let c = match p.family {
         Family::V4 => checksum::finish(checksum::sum_bytes(0, &buf[icmp..new_len])),
         Family::V6 => l4_checksum(buf, p, icmp, new_len, 58),

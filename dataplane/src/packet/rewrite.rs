@@ -785,3 +785,65 @@ pub fn nat_ipv6(
     apply_sum(frame, csum_at, l4_sum, csum);
     Ok(hops - 1)
 }
+
+/// One-pass NAT of both ends of an IPv4 TCP or UDP packet (source NAT and
+/// destination NAT at once, or their reverse): the source address and port
+/// become `src`, the destination address and port `dst`, the TTL drops by
+/// one, and both checksums are updated once for all the changed words
+/// (RFC 1624 eqn. 3). Byte for byte what [`set_ipv4_src`], [`set_src_port`],
+/// [`set_ipv4_dst`], [`set_dst_port`] and [`decrement_ttl_ipv4`] give in
+/// sequence (a property test holds it). Returns the new TTL.
+///
+/// # Errors
+/// As [`nat_ipv4`]; nothing is written then.
+pub fn nat_both_ipv4(
+    frame: &mut [u8],
+    l3: usize,
+    l4: usize,
+    csum: L4Csum,
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+) -> Result<u8, RewriteError> {
+    let csum_at = nat_bounds(frame, l3, 20, l4, csum, L4Csum::Udp)?;
+    let ttl = frame[l3 + IPV4_TTL];
+    if ttl == 0 {
+        return Err(RewriteError::TtlExpired);
+    }
+    let (mut ip_sum, mut l4_sum) =
+        nat_rewrite(frame, l3 + IPV4_SRC, l4, NatSide::Src, &src.0, src.1);
+    let (ip_dst, l4_dst) = nat_rewrite(frame, l3 + IPV4_DST, l4, NatSide::Dst, &dst.0, dst.1);
+    ip_sum += ip_dst;
+    l4_sum += l4_dst;
+    let proto = frame[l3 + IPV4_TTL + 1];
+    add_change(&mut ip_sum, &[ttl, proto], &[ttl - 1, proto]);
+    frame[l3 + IPV4_TTL] = ttl - 1;
+    apply_sum(frame, l3 + IPV4_CSUM, ip_sum, L4Csum::Tcp);
+    apply_sum(frame, csum_at, l4_sum, csum);
+    Ok(ttl - 1)
+}
+
+/// One-pass NAT of both ends of an IPv6 TCP or UDP packet: as
+/// [`nat_both_ipv4`], with the hop limit and no header checksum. Returns the
+/// new hop limit.
+///
+/// # Errors
+/// As [`nat_ipv6`]; nothing is written then.
+pub fn nat_both_ipv6(
+    frame: &mut [u8],
+    l3: usize,
+    l4: usize,
+    csum: L4Csum,
+    src: (&[u8; 16], u16),
+    dst: (&[u8; 16], u16),
+) -> Result<u8, RewriteError> {
+    let csum_at = nat_bounds(frame, l3, 40, l4, csum, L4Csum::Udp6)?;
+    let hops = frame[l3 + IPV6_HOP_LIMIT];
+    if hops == 0 {
+        return Err(RewriteError::TtlExpired);
+    }
+    let (_, l4_src) = nat_rewrite(frame, l3 + IPV6_SRC, l4, NatSide::Src, src.0, src.1);
+    let (_, l4_dst) = nat_rewrite(frame, l3 + IPV6_DST, l4, NatSide::Dst, dst.0, dst.1);
+    frame[l3 + IPV6_HOP_LIMIT] = hops - 1;
+    apply_sum(frame, csum_at, l4_src + l4_dst, csum);
+    Ok(hops - 1)
+}
