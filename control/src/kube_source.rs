@@ -48,7 +48,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::manifest::{identity, Objects};
-use crate::model::{build_model, Model, DEFAULT_PROXY_NAME};
+use crate::model::{build_model, Model, ModelOptions};
 
 /// Field selector for Services: headless ones are never proxied.
 pub const SERVICE_FIELD_SELECTOR: &str = "spec.clusterIP!=None";
@@ -59,22 +59,13 @@ pub const SLICE_LABEL_SELECTOR: &str = "!service.kubernetes.io/headless";
 const MAX_FOLD: usize = 4096;
 
 /// How [`follow`] builds models.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FollowConfig {
-    /// Our `service.kubernetes.io/service-proxy-name` (see [`build_model`]).
-    pub proxy_name: String,
-    /// The least time between two model builds; zero: build as soon as the
-    /// changes that have arrived are folded in.
+    /// Our proxy name and default return path (see [`build_model`]).
+    pub model: ModelOptions,
+    /// The least time between two model builds; zero (the default): build as
+    /// soon as the changes that have arrived are folded in.
     pub min_sync: Duration,
-}
-
-impl Default for FollowConfig {
-    fn default() -> Self {
-        Self {
-            proxy_name: DEFAULT_PROXY_NAME.to_owned(),
-            min_sync: Duration::ZERO,
-        }
-    }
 }
 
 /// Which of the two watched kinds.
@@ -297,7 +288,7 @@ pub async fn follow_with(
                 if let Some(hook) = hooks.objects.as_mut() {
                     hook(&objects);
                 }
-                match build_model(&objects, &config.proxy_name) {
+                match build_model(&objects, &config.model) {
                     Err(e) => error!(
                         services = objects.services.len(),
                         endpointslices = objects.slices.len(),

@@ -20,7 +20,10 @@ pub mod model;
 mod show;
 
 pub use manifest::{parse_manifest, ManifestError, Objects, Skipped};
-pub use model::{build_model, Backend, Frontend, Model, ModelError, DEFAULT_PROXY_NAME};
+pub use model::{
+    build_model, Backend, Frontend, Model, ModelError, ModelOptions, DEFAULT_PROXY_NAME,
+    DEFAULT_RETURN_PATH, RETURN_PATH_ANNOTATION,
+};
 
 /// Why a manifest file gave no model. Each variant names the file.
 #[derive(Debug, Error)]
@@ -51,12 +54,12 @@ pub enum ControlError {
     },
 }
 
-/// Reads, parses and models a manifest file.
+/// Reads, parses and models a manifest file with `options` (see [`build_model`]).
 ///
 /// # Errors
 /// The file cannot be read, or [`parse_manifest`] or [`build_model`] refuse it;
 /// the error names the file.
-pub fn load_manifest_file(path: &Path, proxy_name: &str) -> Result<Model, ControlError> {
+pub fn load_manifest_file(path: &Path, options: &ModelOptions) -> Result<Model, ControlError> {
     let text = std::fs::read_to_string(path).map_err(|source| ControlError::Read {
         path: path.to_owned(),
         source,
@@ -65,7 +68,7 @@ pub fn load_manifest_file(path: &Path, proxy_name: &str) -> Result<Model, Contro
         path: path.to_owned(),
         source,
     })?;
-    build_model(&objects, proxy_name).map_err(|source| ControlError::Model {
+    build_model(&objects, options).map_err(|source| ControlError::Model {
         path: path.to_owned(),
         source,
     })

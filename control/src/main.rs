@@ -13,6 +13,10 @@
 //!   at `--health` (see `docs/operations.md`).
 //! - `show`: print what would be programmed (JSON or a table for people).
 //! - `build`: write one snapshot file.
+//!
+//! `run`, `show` and `build` take `--proxy-name` and `--return-path` (the
+//! return path of Services without the `clustergate.io/return-path`
+//! annotation; default `snat`), see `docs/semantics.md`.
 //! - `maglev`: build one ring and report its size, balance and build time.
 
 mod health;
@@ -26,15 +30,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use clustergate_control::kube_source::{self, FollowConfig, Hooks};
-use clustergate_control::{load_manifest_file, Model, Objects};
+use clustergate_control::{
+    load_manifest_file, Model, ModelOptions, Objects, Skipped, DEFAULT_PROXY_NAME,
+    DEFAULT_RETURN_PATH,
+};
 use clustergate_dataplane::flow::addr16;
 use clustergate_dataplane::maglev::{
     build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE,
 };
 use clustergate_dataplane::snapshot::{self, Writer};
-use clustergate_dataplane::table::{ServiceSpec, Table};
+use clustergate_dataplane::table::{ReturnPath, ServiceSpec, Table};
 use tracing::{error, info, warn};
 
 use crate::metrics::Telemetry;
@@ -56,9 +64,44 @@ struct Cli {
     command: Command,
 }
 
+/// How Services become frontends: the options of every command that builds a model.
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// Serve only Services without a `service.kubernetes.io/service-proxy-name` label, or with this value.
+    #[arg(long, default_value = DEFAULT_PROXY_NAME)]
+    proxy_name: String,
+    /// Return path of Services without a `clustergate.io/return-path` annotation.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_RETURN_PATH.as_str(), value_parser = return_path_parser())]
+    return_path: ReturnPath,
+}
+
+impl ModelArgs {
+    fn options(self) -> ModelOptions {
+        ModelOptions {
+            proxy_name: self.proxy_name,
+            return_path: self.return_path,
+        }
+    }
+}
+
+/// `--return-path`: one of the names of [`ReturnPath`], listed in `--help`
+/// and in the error for any other value.
+fn return_path_parser() -> impl TypedValueParser<Value = ReturnPath> {
+    PossibleValuesParser::new(ReturnPath::ALL.map(|p| {
+        PossibleValue::new(p.as_str()).help(match p {
+            ReturnPath::Snat => "the gateway replaces the client's address and port with its own",
+            ReturnPath::Dsr => {
+                "backends get the client's packet encapsulated and answer it directly"
+            }
+            ReturnPath::Routed => "backends route their replies back through the gateway",
+        })
+    }))
+    .try_map(|s| s.parse::<ReturnPath>())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
-    /// `{"frontends": [...], "skipped": [...]}`.
+    /// `{"frontends": [...], "skipped": [...], "notes": [...]}`.
     Json,
     /// For people, like `ipvsadm -Ln`.
     Table,
@@ -81,9 +124,8 @@ enum Command {
         /// Directory the snapshots are published in.
         #[arg(long, default_value = snapshot::DEFAULT_DIR)]
         shm_dir: PathBuf,
-        /// Serve only services without a `service.kubernetes.io/service-proxy-name` label, or with this value.
-        #[arg(long, default_value = "clustergate")]
-        proxy_name: String,
+        #[command(flatten)]
+        model: ModelArgs,
         /// How often to look at the manifest, in milliseconds (`--manifest` only).
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60_000))]
         poll_ms: u64,
@@ -116,9 +158,8 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
-        /// Proxy name (see `run`).
-        #[arg(long, default_value = "clustergate")]
-        proxy_name: String,
+        #[command(flatten)]
+        model: ModelArgs,
     },
     /// Write one snapshot file.
     Build {
@@ -128,9 +169,8 @@ enum Command {
         /// Snapshot file to write.
         #[arg(long)]
         out: PathBuf,
-        /// Proxy name (see `run`).
-        #[arg(long, default_value = "clustergate")]
-        proxy_name: String,
+        #[command(flatten)]
+        model: ModelArgs,
         /// Generation recorded in the snapshot.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         generation: u64,
@@ -173,7 +213,7 @@ fn real_main() -> Result<()> {
             kubeconfig,
             in_cluster,
             shm_dir,
-            proxy_name,
+            model,
             poll_ms,
             min_sync_period_ms,
             hash_seed,
@@ -195,20 +235,20 @@ fn real_main() -> Result<()> {
             if !once {
                 serve_telemetry(metrics, health, &telemetry)?;
             }
+            let options = model.options();
+            info!(
+                proxy_name = %options.proxy_name,
+                default_return_path = %options.return_path,
+                "Services without the clustergate.io/return-path annotation use the default return path"
+            );
             match (manifest, kubeconfig) {
                 (Some(manifest), _) => run(
-                    &manifest,
-                    &shm_dir,
-                    &proxy_name,
-                    poll,
-                    hash_seed,
-                    once,
-                    &telemetry,
+                    &manifest, &shm_dir, &options, poll, hash_seed, once, &telemetry,
                 ),
                 (None, kubeconfig) => {
                     debug_assert!(kubeconfig.is_some() != in_cluster, "clap's group");
                     let config = FollowConfig {
-                        proxy_name,
+                        model: options,
                         min_sync: Duration::from_millis(min_sync_period_ms),
                     };
                     run_api(
@@ -225,9 +265,9 @@ fn real_main() -> Result<()> {
         Command::Show {
             manifest,
             output,
-            proxy_name,
+            model,
         } => {
-            let model = load_manifest_file(&manifest, &proxy_name)?;
+            let model = load_manifest_file(&manifest, &model.options())?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&model.to_json())?),
                 Output::Table => print!("{}", model.to_table()),
@@ -237,11 +277,11 @@ fn real_main() -> Result<()> {
         Command::Build {
             manifest,
             out,
-            proxy_name,
+            model,
             generation,
             hash_seed,
         } => {
-            let model = load_manifest_file(&manifest, &proxy_name)?;
+            let model = load_manifest_file(&manifest, &model.options())?;
             let table = Table::build(generation, hash_seed, &model.service_specs())
                 .with_context(|| format!("building the table for {}", manifest.display()))?;
             std::fs::write(&out, snapshot::encode(&table))
@@ -319,10 +359,21 @@ struct Published {
     specs: Vec<ServiceSpec>,
 }
 
+/// Logs the notes of `model` as warnings, unless they are the ones logged last.
+fn warn_notes(model: &Model, last: &mut Option<Vec<Skipped>>) {
+    if last.as_ref() == Some(&model.notes) {
+        return;
+    }
+    for note in &model.notes {
+        warn!(object = %note.object, "{}", note.reason);
+    }
+    *last = Some(model.notes.clone());
+}
+
 fn run(
     manifest: &Path,
     dir: &Path,
-    proxy_name: &str,
+    options: &ModelOptions,
     poll: Duration,
     seed: u64,
     once: bool,
@@ -333,6 +384,7 @@ fn run(
     info!(dir = %dir.display(), next_generation = writer.next_generation(), "publishing snapshots");
     let mut last_text: Option<String> = None;
     let mut published: Option<Published> = None;
+    let mut notes: Option<Vec<Skipped>> = None;
     loop {
         telemetry.beat();
         match std::fs::read_to_string(manifest) {
@@ -343,8 +395,9 @@ fn run(
             }
             Ok(text) if last_text.as_deref() == Some(text.as_str()) => {}
             Ok(text) => {
-                match model_of(&text, manifest, proxy_name, telemetry) {
+                match model_of(&text, manifest, options, telemetry) {
                     Ok(model) => {
+                        warn_notes(&model, &mut notes);
                         telemetry.change_seen();
                         let started = Instant::now();
                         match publish(&model, seed, &mut writer, published.as_ref()) {
@@ -407,6 +460,7 @@ fn run_api(
     runtime.block_on(async {
         let client = kube_client(kubeconfig).await?;
         let mut published: Option<Published> = None;
+        let mut notes: Option<Vec<Skipped>> = None;
         // Liveness: the runtime is turning (the callback below beats too).
         let beating = Arc::clone(telemetry);
         let beat = tokio::spawn(async move {
@@ -422,6 +476,7 @@ fn run_api(
             watch: Some(Box::new(|event| telemetry.watch(event))),
         };
         kube_source::follow_with(client, config, hooks, |model| {
+            warn_notes(&model, &mut notes);
             telemetry.beat();
             telemetry.change_seen();
             let started = Instant::now();
@@ -477,11 +532,16 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
 }
 
 /// The model of the manifest `text`; counts the objects that changed.
-fn model_of(text: &str, manifest: &Path, proxy_name: &str, telemetry: &Telemetry) -> Result<Model> {
+fn model_of(
+    text: &str,
+    manifest: &Path,
+    options: &ModelOptions,
+    telemetry: &Telemetry,
+) -> Result<Model> {
     let objects = clustergate_control::parse_manifest(text)
         .with_context(|| format!("manifest {}", manifest.display()))?;
     telemetry.objects_seen(&objects, false);
-    clustergate_control::build_model(&objects, proxy_name)
+    clustergate_control::build_model(&objects, options)
         .with_context(|| format!("manifest {}", manifest.display()))
 }
 

@@ -1,8 +1,9 @@
 //! Kubernetes Service semantics: from Services and EndpointSlices to frontends.
 //!
-//! Owns: [`build_model`] and the [`Model`] it returns. The rules mirror
-//! kube-proxy (`kubernetes/pkg/proxy`); `docs/semantics.md` gives each rule
-//! with the kube-proxy function it follows and the few places where we differ.
+//! Owns: [`build_model`], the [`ModelOptions`] it takes and the [`Model`] it
+//! returns. The rules mirror kube-proxy (`kubernetes/pkg/proxy`);
+//! `docs/semantics.md` gives each rule with the kube-proxy function it follows
+//! and the few places where we differ.
 //!
 //! In short:
 //! - Services labelled `service.kubernetes.io/service-proxy-name` with another
@@ -19,10 +20,20 @@
 //!   there are none either, no backends (the gateway rejects).
 //! - NodePort, external IP and load-balancer frontends are carried in the model
 //!   but not served yet: only ClusterIP frontends reach the dataplane.
+//! - Each frontend has a return path: the Service's
+//!   `clustergate.io/return-path` annotation, else [`ModelOptions::return_path`]
+//!   (`--return-path`, default `snat`). The external frontends (node port,
+//!   external IP, load balancer) of a Service with `externalTrafficPolicy:
+//!   Local` never get `snat`, which would hide the client's address: they get
+//!   `routed` instead.
+//! - [`Model::notes`] lists what is used but may not work as the user expects:
+//!   `dsr` with a backend port that is not the frontend's, and an annotated
+//!   `snat` that `externalTrafficPolicy: Local` overrides.
 //!
 //! Refused (a [`ModelError`] naming the object and field): invalid values in a
-//! served Service or in an EndpointSlice of a served Service, the same object
-//! twice, and two services claiming one cluster IP frontend.
+//! served Service (its return-path annotation included) or in an EndpointSlice
+//! of a served Service, the same object twice, and two services claiming one
+//! cluster IP frontend.
 //!
 //! Must never: depend on input order (the output is sorted), or panic.
 
@@ -30,7 +41,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use clustergate_dataplane::flow::Proto;
-use clustergate_dataplane::table::{BackendState, FrontendKind};
+use clustergate_dataplane::table::{BackendState, FrontendKind, ReturnPath};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use thiserror::Error;
@@ -49,6 +60,32 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// Largest ClientIP affinity timeout the API accepts (one day).
 pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
+/// Annotation choosing a Service's return path: `snat`, `dsr` or `routed`.
+pub const RETURN_PATH_ANNOTATION: &str = "clustergate.io/return-path";
+/// The return path of Services without [`RETURN_PATH_ANNOTATION`], unless
+/// [`ModelOptions::return_path`] (`--return-path`) chooses another.
+pub const DEFAULT_RETURN_PATH: ReturnPath = ReturnPath::Snat;
+
+/// What the command line decides for [`build_model`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelOptions {
+    /// The value of `service.kubernetes.io/service-proxy-name` this gateway
+    /// serves (normally [`DEFAULT_PROXY_NAME`]): Services without the label are
+    /// served too, those with another value are skipped.
+    pub proxy_name: String,
+    /// The return path of Services without [`RETURN_PATH_ANNOTATION`]
+    /// (normally [`DEFAULT_RETURN_PATH`]).
+    pub return_path: ReturnPath,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self {
+            proxy_name: DEFAULT_PROXY_NAME.to_owned(),
+            return_path: DEFAULT_RETURN_PATH,
+        }
+    }
+}
 
 /// One backend of a frontend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,6 +116,10 @@ pub struct Frontend {
     pub protocol: Proto,
     /// ClientIP affinity timeout, when the Service has `sessionAffinity: ClientIP`.
     pub affinity_timeout_s: Option<u32>,
+    /// How replies come back: the Service's annotation, else the default of
+    /// [`ModelOptions`]; never [`ReturnPath::Snat`] on an external frontend of a
+    /// Service with `externalTrafficPolicy: Local`.
+    pub return_path: ReturnPath,
     /// Backends sorted by (address, port); empty: traffic is rejected.
     pub backends: Vec<Backend>,
 }
@@ -91,13 +132,18 @@ impl Frontend {
     }
 }
 
-/// The gateway's view of a manifest: every frontend and what was skipped.
+/// The gateway's view of a manifest: every frontend, what was skipped, and
+/// caveats about what is used.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Model {
     /// Sorted by (service, port name, address, protocol, kind, port).
     pub frontends: Vec<Frontend>,
     /// Objects (and parts of objects) not used, sorted by (object, reason).
     pub skipped: Vec<Skipped>,
+    /// Things used that may not work as the user expects (a `dsr` frontend
+    /// whose backends listen on another port; an annotated `snat` replaced by
+    /// `routed`), sorted by (object, reason). `run` logs them as warnings.
+    pub notes: Vec<Skipped>,
 }
 
 /// Why a set of objects was refused as a whole.
@@ -251,19 +297,41 @@ struct Served {
     external_ips: Vec<IpAddr>,
     lb_ips: Vec<IpAddr>,
     affinity: Option<u32>,
+    /// The annotation's return path, or the default.
+    return_path: ReturnPath,
+    /// The annotation said `snat` (for the note when Local overrides it).
+    annotated_snat: bool,
+    /// kube-proxy's `ExternalPolicyLocal`: externally accessible, and
+    /// `externalTrafficPolicy: Local`.
+    external_local: bool,
     slices: Vec<SliceInfo>,
+}
+
+impl Served {
+    /// The return path of a frontend of `kind`: the Service's, except `snat`
+    /// on an external frontend with `externalTrafficPolicy: Local`.
+    fn return_path(&self, kind: FrontendKind) -> ReturnPath {
+        if self.external_local
+            && kind != FrontendKind::ClusterIp
+            && self.return_path == ReturnPath::Snat
+        {
+            ReturnPath::Routed
+        } else {
+            self.return_path
+        }
+    }
 }
 
 /// Builds the model of a set of objects.
 ///
-/// `proxy_name` is the value of `service.kubernetes.io/service-proxy-name` this
-/// gateway serves (normally [`DEFAULT_PROXY_NAME`]); Services without the label
-/// are served too, those with another value are skipped.
+/// `options.proxy_name` selects the Services served (see [`ModelOptions`]);
+/// `options.return_path` is the return path of Services without the
+/// [`RETURN_PATH_ANNOTATION`].
 ///
 /// # Errors
 /// Invalid field values in served objects, duplicate objects, or two Services
 /// with the same cluster IP frontend; see [`ModelError`].
-pub fn build_model(objects: &Objects, proxy_name: &str) -> Result<Model, ModelError> {
+pub fn build_model(objects: &Objects, options: &ModelOptions) -> Result<Model, ModelError> {
     let mut skipped = objects.skipped.clone();
     let mut served: BTreeMap<(String, String), Served> = BTreeMap::new();
     let mut not_served: BTreeSet<(String, String)> = BTreeSet::new();
@@ -276,13 +344,13 @@ pub fn build_model(objects: &Objects, proxy_name: &str) -> Result<Model, ModelEr
             return Err(ModelError::Duplicate { object });
         }
         let id = (ns.to_owned(), name.to_owned());
-        if let Some(reason) = skip_reason(svc, proxy_name) {
+        if let Some(reason) = skip_reason(svc, &options.proxy_name) {
             tracing::info!(%object, %reason, "service skipped");
             skipped.push(Skipped::new(object, reason));
             not_served.insert(id);
             continue;
         }
-        match validate_service(svc, &object, &mut skipped)? {
+        match validate_service(svc, &object, options.return_path, &mut skipped)? {
             Some(s) => {
                 served.insert(id, s);
             }
@@ -337,10 +405,17 @@ pub fn build_model(objects: &Objects, proxy_name: &str) -> Result<Model, ModelEr
         frontends_of(s, &mut frontends);
     }
     let frontends = resolve_conflicts(frontends, &mut skipped)?;
+    let mut notes = notes_of(served.values(), &frontends);
 
     skipped.sort();
     skipped.dedup();
-    Ok(Model { frontends, skipped })
+    notes.sort();
+    notes.dedup();
+    Ok(Model {
+        frontends,
+        skipped,
+        notes,
+    })
 }
 
 /// Why a Service is not served, if it is not (kube-proxy's informer label
@@ -404,10 +479,12 @@ fn parse_ip(s: &str) -> Result<IpAddr, String> {
 }
 
 /// Checks a Service that is to be served. `Ok(None)`: it has nothing to serve
-/// (no ports), which is noted in `skipped`.
+/// (no ports), which is noted in `skipped`. `default_return_path` applies
+/// unless the Service is annotated.
 fn validate_service(
     svc: &Service,
     object: &str,
+    default_return_path: ReturnPath,
     skipped: &mut Vec<Skipped>,
 ) -> Result<Option<Served>, ModelError> {
     let (ns, name) = identity(&svc.metadata);
@@ -500,6 +577,44 @@ fn validate_service(
                 format!("{other:?} is not None or ClientIP"),
             ))
         }
+    };
+
+    let annotated = match svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(RETURN_PATH_ANNOTATION))
+    {
+        None => None,
+        Some(v) => Some(v.parse::<ReturnPath>().map_err(|m| {
+            invalid(
+                object,
+                format!("metadata.annotations[{RETURN_PATH_ANNOTATION:?}]"),
+                m,
+            )
+        })?),
+    };
+
+    // kube-proxy's ExternalPolicyLocal: Local counts only for a Service that is
+    // externally accessible (NodePort, LoadBalancer, or ClusterIP with
+    // external IPs). Empty is what the API stores for the others.
+    let local = match spec.external_traffic_policy.as_deref() {
+        None | Some("" | "Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            return Err(invalid(
+                object,
+                "spec.externalTrafficPolicy",
+                format!("{other:?} is not Cluster or Local"),
+            ))
+        }
+    };
+    let externally_accessible = match spec.type_.as_deref() {
+        Some("NodePort" | "LoadBalancer") => true,
+        _ => spec
+            .external_ips
+            .as_ref()
+            .is_some_and(|ips| !ips.is_empty()),
     };
 
     let mut ports: Vec<SvcPort> = Vec::new();
@@ -617,6 +732,9 @@ fn validate_service(
         external_ips,
         lb_ips,
         affinity,
+        return_path: annotated.unwrap_or(default_return_path),
+        annotated_snat: annotated == Some(ReturnPath::Snat),
+        external_local: local && externally_accessible,
         slices: Vec::new(),
     }))
 }
@@ -796,6 +914,7 @@ fn frontends_of(s: &Served, out: &mut Vec<Frontend>) {
                     port: number,
                     protocol: port.protocol,
                     affinity_timeout_s: s.affinity,
+                    return_path: s.return_path(kind),
                     backends: backends.clone(),
                 });
             };
@@ -886,4 +1005,63 @@ fn resolve_conflicts(
             ))
     });
     Ok(kept)
+}
+
+/// The caveats about the kept frontends (see [`Model::notes`]).
+fn notes_of<'a>(served: impl Iterator<Item = &'a Served>, frontends: &[Frontend]) -> Vec<Skipped> {
+    let mut notes = Vec::new();
+    for s in served.filter(|s| s.annotated_snat && s.external_local) {
+        // In kind order: NodePort, ExternalIP, LoadBalancer.
+        let external: BTreeSet<(u8, &str)> = frontends
+            .iter()
+            .filter(|f| f.service == s.key && f.kind != FrontendKind::ClusterIp)
+            .map(|f| (f.kind as u8, kind_name(f.kind)))
+            .collect();
+        if external.is_empty() {
+            continue;
+        }
+        notes.push(Skipped::new(
+            format!("Service {}", s.key),
+            format!(
+                "{RETURN_PATH_ANNOTATION} is snat, but spec.externalTrafficPolicy is Local, \
+                 which keeps the client's address: its {} frontends use routed",
+                external
+                    .into_iter()
+                    .map(|(_, name)| name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    for f in frontends
+        .iter()
+        .filter(|f| f.return_path == ReturnPath::Dsr)
+    {
+        let other: BTreeSet<u16> = f
+            .backends
+            .iter()
+            .map(|b| b.port)
+            .filter(|&p| p != f.port)
+            .collect();
+        if other.is_empty() {
+            continue;
+        }
+        let ports = other
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        notes.push(Skipped::new(
+            format!("Service {}", f.service),
+            format!(
+                "dsr: {} frontend {} delivers the client's packets unchanged, to port {}, \
+                 but backends listen on port{} {ports}: they must also accept port {2}",
+                kind_name(f.kind),
+                endpoint_string(f.address, f.port, f.protocol),
+                f.port,
+                if other.len() == 1 { "" } else { "s" },
+            ),
+        ));
+    }
+    notes
 }

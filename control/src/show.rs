@@ -3,7 +3,7 @@
 //! Owns: [`Model::to_json`] (a stable shape, see `docs/semantics.md`),
 //! [`Model::to_table`] (for people, like `ipvsadm -Ln`) and
 //! [`Model::service_specs`] (what [`clustergate_dataplane::table::Table::build`]
-//! takes: ClusterIP frontends only, for now).
+//! takes: ClusterIP frontends only, for now, each with its return path).
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -11,6 +11,7 @@ use std::net::IpAddr;
 use clustergate_dataplane::table::{BackendSpec, ServiceSpec};
 use serde_json::{json, Value};
 
+use crate::manifest::Skipped;
 use crate::model::{kind_name, state_name, Frontend, Model};
 
 /// `addr:port`, with IPv6 addresses in brackets.
@@ -31,11 +32,12 @@ fn service_port_name(f: &Frontend) -> String {
 }
 
 impl Model {
-    /// `show`'s JSON: `{"frontends": [...], "skipped": [...]}`.
+    /// `show`'s JSON: `{"frontends": [...], "skipped": [...], "notes": [...]}`.
     ///
     /// Each frontend is `{"service", "port_name", "kind", "address", "port",
-    /// "protocol", "affinity_timeout_s", "backends": [{"address", "port",
-    /// "state"}]}`; each skipped entry is `{"object", "reason"}`.
+    /// "protocol", "affinity_timeout_s", "return_path", "backends":
+    /// [{"address", "port", "state"}]}`; each skipped entry and each note is
+    /// `{"object", "reason"}`.
     #[must_use]
     pub fn to_json(&self) -> Value {
         let frontends: Vec<Value> = self
@@ -61,42 +63,49 @@ impl Model {
                     "port": f.port,
                     "protocol": f.protocol.as_str(),
                     "affinity_timeout_s": f.affinity_timeout_s,
+                    "return_path": f.return_path.as_str(),
                     "backends": backends,
                 })
             })
             .collect();
-        let skipped: Vec<Value> = self
-            .skipped
-            .iter()
-            .map(|s| json!({"object": s.object, "reason": s.reason}))
-            .collect();
-        json!({"frontends": frontends, "skipped": skipped})
+        let entries = |list: &[Skipped]| -> Vec<Value> {
+            list.iter()
+                .map(|s| json!({"object": s.object, "reason": s.reason}))
+                .collect()
+        };
+        json!({
+            "frontends": frontends,
+            "skipped": entries(&self.skipped),
+            "notes": entries(&self.notes),
+        })
     }
 
     /// A table for people, in the manner of `ipvsadm -Ln`:
     ///
     /// ```text
-    /// Prot LocalAddress:Port Kind Service
+    /// Prot LocalAddress:Port Kind Service ReturnPath
     ///   -> RemoteAddress:Port           State
-    /// TCP  198.19.0.10:80 ClusterIP default/web:http
+    /// TCP  198.19.0.10:80 ClusterIP default/web:http snat
     ///   -> 198.18.1.1:8080              ready
     /// ```
     ///
     /// Frontends that are not forwarded yet are marked `(not served yet)`;
-    /// ClientIP affinity shows as `persistent <seconds>`; skipped objects follow.
+    /// ClientIP affinity shows as `persistent <seconds>`; skipped objects
+    /// follow under `Skipped:`, then the model's notes under `Notes:`.
     #[must_use]
     pub fn to_table(&self) -> String {
         let mut out = String::new();
-        out.push_str("Prot LocalAddress:Port Kind Service\n");
+        out.push_str("Prot LocalAddress:Port Kind Service ReturnPath\n");
         out.push_str("  -> RemoteAddress:Port           State\n");
         for f in &self.frontends {
             let _ = write!(
                 out,
-                "{:<4} {} {} {}",
+                "{:<4} {} {} {} {}",
                 f.protocol.as_str(),
                 host_port(f.address, f.port),
                 kind_name(f.kind),
-                service_port_name(f)
+                service_port_name(f),
+                f.return_path
             );
             if let Some(t) = f.affinity_timeout_s {
                 let _ = write!(out, " persistent {t}");
@@ -117,18 +126,21 @@ impl Model {
                 );
             }
         }
-        if !self.skipped.is_empty() {
-            out.push_str("\nSkipped:\n");
-            for s in &self.skipped {
-                let _ = writeln!(out, "  {}: {}", s.object, s.reason);
+        for (heading, list) in [("Skipped", &self.skipped), ("Notes", &self.notes)] {
+            if !list.is_empty() {
+                let _ = writeln!(out, "\n{heading}:");
+                for s in list {
+                    let _ = writeln!(out, "  {}: {}", s.object, s.reason);
+                }
             }
         }
         out
     }
 
     /// The served frontends (ClusterIP only, for now) as the dataplane's
-    /// [`ServiceSpec`]s. Every backend has weight 1: terminating backends are
-    /// present only when no backend is ready, so they carry the traffic.
+    /// [`ServiceSpec`]s, each with its frontend's return path. Every backend
+    /// has weight 1: terminating backends are present only when no backend is
+    /// ready, so they carry the traffic.
     #[must_use]
     pub fn service_specs(&self) -> Vec<ServiceSpec> {
         self.frontends
@@ -140,7 +152,7 @@ impl Model {
                 proto: f.protocol,
                 kind: f.kind,
                 affinity_timeout_s: f.affinity_timeout_s,
-                return_path: clustergate_dataplane::table::ReturnPath::Routed,
+                return_path: f.return_path,
                 backends: f
                     .backends
                     .iter()

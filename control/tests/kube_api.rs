@@ -18,8 +18,11 @@ use std::time::Duration;
 use clustergate_control::kube_source::{
     follow, FollowConfig, SERVICE_FIELD_SELECTOR, SLICE_LABEL_SELECTOR,
 };
-use clustergate_control::model::{endpoint_string, state_name, PROXY_NAME_LABEL};
-use clustergate_control::Model;
+use clustergate_control::model::{
+    endpoint_string, state_name, PROXY_NAME_LABEL, RETURN_PATH_ANNOTATION,
+};
+use clustergate_control::{Model, ModelOptions};
+use clustergate_dataplane::table::{ReturnPath, Table};
 use serde_json::{json, Value};
 use support::apiserver::{ApiServer, Kind};
 use tokio::sync::mpsc;
@@ -115,6 +118,16 @@ impl Drop for Follower {
 
 impl Follower {
     fn start(server: &ApiServer, min_sync: Duration) -> Self {
+        Self::start_with(
+            server,
+            FollowConfig {
+                min_sync,
+                ..FollowConfig::default()
+            },
+        )
+    }
+
+    fn start_with(server: &ApiServer, config: FollowConfig) -> Self {
         // `RUST_LOG=clustergate_control=debug,kube_runtime=debug` shows what the
         // follower does (with `--nocapture`).
         let _ = tracing_subscriber::fmt()
@@ -123,10 +136,6 @@ impl Follower {
             .try_init();
         let client = server.client();
         let (tx, models) = mpsc::unbounded_channel();
-        let config = FollowConfig {
-            min_sync,
-            ..FollowConfig::default()
-        };
         let task = tokio::spawn(async move {
             follow(client, &config, |m| {
                 if tx.send(m).is_ok() {
@@ -610,6 +619,51 @@ async fn the_proxy_name_label_is_followed() {
     f.wait_for(&[WEB]).await;
 }
 
+/// The return-path annotation is followed, over the default of the config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_return_path_annotation_is_followed() {
+    let server = ApiServer::start().await;
+    web(&server);
+    let mut f = Follower::start_with(
+        &server,
+        FollowConfig {
+            model: ModelOptions {
+                return_path: ReturnPath::Routed,
+                ..ModelOptions::default()
+            },
+            ..FollowConfig::default()
+        },
+    );
+    let paths =
+        |m: &Model| -> Vec<ReturnPath> { m.frontends.iter().map(|f| f.return_path).collect() };
+    let m = f.wait_for(&[WEB]).await;
+    assert_eq!(paths(&m), [ReturnPath::Routed]);
+
+    let mut annotated = service("shop", "web", &["198.19.0.10"], &[("http", 80, "TCP")]);
+    annotated["metadata"]["annotations"][RETURN_PATH_ANNOTATION] = json!("dsr");
+    server.apply(annotated.clone());
+    let m = f
+        .wait_until("with dsr", |m| paths(m) == [ReturnPath::Dsr])
+        .await;
+    // 80 -> 8080 with dsr: noted.
+    assert_eq!(m.notes.len(), 1, "{:?}", m.notes);
+    assert_eq!(m.notes[0].object, "Service shop/web");
+
+    // An invalid value refuses the objects: the last model stays.
+    annotated["metadata"]["annotations"][RETURN_PATH_ANNOTATION] = json!("direct");
+    server.apply(annotated);
+    f.quiet(Duration::from_millis(300)).await;
+
+    server.apply(service(
+        "shop",
+        "web",
+        &["198.19.0.10"],
+        &[("http", 80, "TCP")],
+    ));
+    f.wait_until("back to the default", |m| paths(m) == [ReturnPath::Routed])
+        .await;
+}
+
 /// Bookmarks move the resourceVersion a resumed watch starts from.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bookmarks_are_where_watches_resume() {
@@ -734,6 +788,7 @@ async fn run_with_a_kubeconfig_publishes() {
         .arg("--shm-dir")
         .arg(&shm)
         .arg("--once")
+        .args(["--return-path", "routed"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -757,6 +812,15 @@ async fn run_with_a_kubeconfig_publishes() {
         clustergate_dataplane::snapshot::read_current(&shm).unwrap(),
         Some(1),
         "{stderr}"
+    );
+    let table = clustergate_dataplane::snapshot::load_current(&shm)
+        .unwrap()
+        .unwrap();
+    let paths: Vec<ReturnPath> = table.frontends().iter().map(Table::return_path).collect();
+    assert_eq!(
+        paths,
+        [ReturnPath::Routed],
+        "--return-path reaches the snapshot"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -12,7 +12,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use clustergate_control::ModelOptions;
+use clustergate_dataplane::flow::{addr16, Proto};
 use clustergate_dataplane::snapshot;
+use clustergate_dataplane::table::{ReturnPath, Table};
 use support::daemon::{wait_generation, write_atomically, Daemon};
 
 fn service(endpoint_port: u16, extra_comment: &str) -> String {
@@ -94,9 +97,18 @@ fn run_follows_the_manifest_and_keeps_the_last_good_snapshot() {
     assert!(log.contains("did not: no new generation"), "{log}");
 }
 
+/// The return path of the frontend `addr:port/TCP` in a snapshot file.
+fn return_path_in(snap: &Path, addr: &str, port: u16) -> ReturnPath {
+    let table = snapshot::load_file(snap).unwrap();
+    let f = table
+        .frontend(&addr16(addr.parse().unwrap()), port, Proto::Tcp)
+        .unwrap();
+    Table::return_path(table.frontend_record(f).unwrap())
+}
+
 /// `show --output json` prints exactly the model's JSON, and the table view
-/// lists frontends and skipped objects; `build` writes a snapshot the
-/// dataplane accepts.
+/// lists frontends (with their return paths) and skipped objects; `build`
+/// writes a snapshot the dataplane accepts, with the return paths.
 #[test]
 fn show_and_build_from_the_command_line() {
     let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/cluster.yaml");
@@ -111,12 +123,18 @@ fn show_and_build_from_the_command_line() {
         String::from_utf8_lossy(&out.stderr)
     );
     let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let model = clustergate_control::load_manifest_file(Path::new(fixture), "clustergate").unwrap();
+    let model =
+        clustergate_control::load_manifest_file(Path::new(fixture), &ModelOptions::default())
+            .unwrap();
     assert_eq!(printed, model.to_json());
-    assert_eq!(
-        printed.as_object().unwrap().keys().collect::<Vec<_>>(),
-        ["frontends", "skipped"]
-    );
+    let mut keys: Vec<&String> = printed.as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["frontends", "notes", "skipped"]);
+    assert!(printed["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|f| f["return_path"] == "snat"));
 
     let out = Command::new(bin)
         .args(["show", "--manifest", fixture, "--output", "table"])
@@ -124,7 +142,7 @@ fn show_and_build_from_the_command_line() {
         .unwrap();
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(
-        table.contains("TCP  198.19.0.10:80 ClusterIP default/web:http"),
+        table.contains("TCP  198.19.0.10:80 ClusterIP default/web:http snat\n"),
         "{table}"
     );
     assert!(table.contains("(not served yet)"), "{table}");
@@ -149,5 +167,190 @@ fn show_and_build_from_the_command_line() {
     let table = snapshot::load_file(&snap).unwrap();
     assert_eq!(table.generation(), 5);
     assert_eq!(table.frontends().len(), model.service_specs().len());
+    assert!(table
+        .frontends()
+        .iter()
+        .all(|f| f.return_path == ReturnPath::Snat as u8));
+    assert_eq!(return_path_in(&snap, "198.19.0.10", 80), ReturnPath::Snat);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--return-path` on `show` and `build`: the default of Services without the
+/// annotation; an annotated Service keeps its own; other values are refused.
+#[test]
+fn the_return_path_flag_from_the_command_line() {
+    let bin = env!("CARGO_BIN_EXE_clustergate-control");
+    let dir = std::env::temp_dir().join(format!("clustergate-return-path-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = dir.join("m.yaml");
+    std::fs::write(&manifest, two_services()).unwrap();
+
+    let out = Command::new(bin)
+        .args([
+            "show",
+            "--output",
+            "table",
+            "--return-path",
+            "routed",
+            "--manifest",
+        ])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        table.contains("TCP  198.19.0.10:80 ClusterIP shop/web:http routed\n"),
+        "{table}"
+    );
+    assert!(
+        table.contains("TCP  198.19.0.20:80 ClusterIP shop/direct:http dsr\n"),
+        "{table}"
+    );
+    assert!(
+        table.contains(
+            "\nNotes:\n  Service shop/direct: dsr: ClusterIP frontend 198.19.0.20:80/TCP"
+        ),
+        "{table}"
+    );
+
+    let out = Command::new(bin)
+        .args([
+            "show",
+            "--output",
+            "json",
+            "--return-path",
+            "dsr",
+            "--manifest",
+        ])
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let paths: Vec<&str> = printed["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["return_path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["dsr", "dsr"]);
+    assert_eq!(printed["notes"].as_array().unwrap().len(), 2, "{printed}");
+
+    for (flag, web) in [
+        (None, ReturnPath::Snat),
+        (Some("routed"), ReturnPath::Routed),
+        (Some("snat"), ReturnPath::Snat),
+    ] {
+        let snap = dir.join("t.snap");
+        let mut cmd = Command::new(bin);
+        cmd.args(["build", "--manifest"])
+            .arg(&manifest)
+            .arg("--out")
+            .arg(&snap);
+        if let Some(flag) = flag {
+            cmd.args(["--return-path", flag]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(return_path_in(&snap, "198.19.0.10", 80), web, "{flag:?}");
+        assert_eq!(
+            return_path_in(&snap, "198.19.0.20", 80),
+            ReturnPath::Dsr,
+            "annotated, {flag:?}"
+        );
+    }
+
+    for args in [
+        &["show", "--return-path", "bogus", "--manifest"][..],
+        &[
+            "build",
+            "--out",
+            "/nonexistent/t.snap",
+            "--return-path",
+            "bogus",
+            "--manifest",
+        ][..],
+        &["run", "--once", "--return-path", "bogus", "--manifest"][..],
+    ] {
+        let out = Command::new(bin)
+            .args(args)
+            .arg(&manifest)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("invalid value 'bogus' for '--return-path <PATH>'")
+                && stderr.contains("[possible values: snat, dsr, routed]"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `shop/web` (no annotation, 80 -> 8080) and `shop/direct` (annotated dsr,
+/// 80 -> 8080, so noted).
+fn two_services() -> String {
+    let svc = |name: &str, ip: &str, annotations: &str| {
+        format!("- apiVersion: v1\n  kind: Service\n  metadata: {{name: {name}, namespace: shop{annotations}}}\n  spec:\n    clusterIP: {ip}\n    ports: [{{name: http, port: 80, protocol: TCP}}]\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: {name}-1\n    namespace: shop\n    labels: {{kubernetes.io/service-name: {name}}}\n  addressType: IPv4\n  ports: [{{name: http, port: 8080, protocol: TCP}}]\n  endpoints:\n  - addresses: [198.18.1.1]\n")
+    };
+    format!(
+        "apiVersion: v1\nkind: List\nitems:\n{}{}",
+        svc("web", "198.19.0.10", ""),
+        svc(
+            "direct",
+            "198.19.0.20",
+            ", annotations: {clustergate.io/return-path: dsr}"
+        )
+    )
+}
+
+/// `run --return-path` publishes the chosen return paths and logs the notes
+/// as warnings.
+#[test]
+fn run_publishes_return_paths_and_warns_of_notes() {
+    let dir = std::env::temp_dir().join(format!("clustergate-run-rp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let shm = dir.join("shm");
+    let manifest = dir.join("manifest.yaml");
+    std::fs::write(&manifest, two_services()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_clustergate-control"))
+        .args(["run", "--once", "--return-path", "routed", "--manifest"])
+        .arg(&manifest)
+        .arg("--shm-dir")
+        .arg(&shm)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let table = snapshot::load_current(&shm).unwrap().unwrap();
+    let path = |addr: &str| {
+        let f = table
+            .frontend(&addr16(addr.parse().unwrap()), 80, Proto::Tcp)
+            .unwrap();
+        Table::return_path(table.frontend_record(f).unwrap())
+    };
+    assert_eq!(path("198.19.0.10"), ReturnPath::Routed);
+    assert_eq!(path("198.19.0.20"), ReturnPath::Dsr);
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("Service shop/direct"))
+        .unwrap_or_else(|| panic!("no warning for the note in {log}"));
+    assert!(
+        warning.contains(
+            "dsr: ClusterIP frontend 198.19.0.20:80/TCP delivers the client's packets unchanged"
+        ),
+        "{warning}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,10 +7,10 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use clustergate_control::model::{build_model, Model};
-use clustergate_control::{load_manifest_file, parse_manifest, ControlError, DEFAULT_PROXY_NAME};
+use clustergate_control::model::{build_model, Model, ModelOptions};
+use clustergate_control::{load_manifest_file, parse_manifest, ControlError};
 use clustergate_dataplane::flow::{addr16, Proto};
-use clustergate_dataplane::table::{BackendState, FrontendKind, Table};
+use clustergate_dataplane::table::{BackendState, FrontendKind, ReturnPath, Table};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
@@ -26,19 +26,30 @@ fn fixture(name: &str) -> String {
     std::fs::read_to_string(fixture_path(name)).unwrap()
 }
 
-fn model_with(yaml: &str, proxy_name: &str) -> Model {
-    build_model(&parse_manifest(yaml).unwrap(), proxy_name).unwrap()
+fn model_with(yaml: &str, options: &ModelOptions) -> Model {
+    build_model(&parse_manifest(yaml).unwrap(), options).unwrap()
 }
 
 fn model(yaml: &str) -> Model {
-    model_with(yaml, DEFAULT_PROXY_NAME)
+    model_with(yaml, &ModelOptions::default())
+}
+
+/// The model with `--return-path` set to `return_path`.
+fn model_returning(yaml: &str, return_path: ReturnPath) -> Model {
+    model_with(
+        yaml,
+        &ModelOptions {
+            return_path,
+            ..ModelOptions::default()
+        },
+    )
 }
 
 /// The error text of a manifest that is refused, by the parser or the model.
 fn refused(yaml: &str) -> String {
     match parse_manifest(yaml) {
         Err(e) => e.to_string(),
-        Ok(objects) => build_model(&objects, DEFAULT_PROXY_NAME)
+        Ok(objects) => build_model(&objects, &ModelOptions::default())
             .map(|m| panic!("accepted: {}", m.to_json()))
             .unwrap_err()
             .to_string(),
@@ -87,6 +98,7 @@ fn fe(
         "port": port,
         "protocol": protocol,
         "affinity_timeout_s": affinity,
+        "return_path": "snat",
         "backends": backends,
     })
 }
@@ -276,7 +288,11 @@ fn list_fixture_show_json_is_exact() {
     let got = m.to_json();
     assert_eq!(
         got,
-        json!({"frontends": expected_fixture_frontends(), "skipped": expected_fixture_skipped()}),
+        json!({
+            "frontends": expected_fixture_frontends(),
+            "skipped": expected_fixture_skipped(),
+            "notes": [],
+        }),
         "{}",
         serde_json::to_string_pretty(&got).unwrap()
     );
@@ -333,6 +349,7 @@ fn fixture_feeds_the_dataplane_table_with_cluster_ips_only() {
     assert_eq!(m.frontends.len(), 16);
     assert_eq!(specs.len(), 13, "16 frontends, 3 not served yet");
     assert!(specs.iter().all(|s| s.kind == FrontendKind::ClusterIp));
+    assert!(specs.iter().all(|s| s.return_path == ReturnPath::Snat));
     assert!(specs
         .iter()
         .flat_map(|s| &s.backends)
@@ -390,20 +407,21 @@ fn table_view_marks_frontends_not_served_yet() {
     assert!(line("198.18.201.1:80 LoadBalancer").ends_with("(not served yet)"));
     assert!(!line("198.19.0.50:80 ClusterIP").contains("not served"));
     assert!(line("198.19.0.40:80 ClusterIP default/sticky:http").contains("persistent 10800"));
-    assert!(t.contains("[2001:db8:ffff::20]:80 ClusterIP default/dual\n"));
+    assert!(t.contains("[2001:db8:ffff::20]:80 ClusterIP default/dual snat\n"));
     assert!(t.contains("  -> [2001:db8:1::1]:8080"));
     assert!(line("-> 198.18.4.1:8080").ends_with("terminating"));
     assert!(t.contains("(no endpoints: connections are rejected)"));
     assert!(t.contains("\nSkipped:\n  ConfigMap default/settings: kind ConfigMap"));
+    assert!(!t.contains("Notes:"), "the fixture has no notes:\n{t}");
 }
 
 #[test]
 fn load_manifest_file_reads_and_names_the_file_on_error() {
-    let m = load_manifest_file(&fixture_path("cluster.yaml"), DEFAULT_PROXY_NAME).unwrap();
+    let m = load_manifest_file(&fixture_path("cluster.yaml"), &ModelOptions::default()).unwrap();
     assert_eq!(m, model(&fixture("cluster.yaml")));
 
     let missing = fixture_path("no-such-file.yaml");
-    let e = load_manifest_file(&missing, DEFAULT_PROXY_NAME).unwrap_err();
+    let e = load_manifest_file(&missing, &ModelOptions::default()).unwrap_err();
     assert!(matches!(e, ControlError::Read { .. }), "{e}");
     assert!(
         e.to_string()
@@ -415,7 +433,7 @@ fn load_manifest_file_reads_and_names_the_file_on_error() {
     std::fs::create_dir_all(&dir).unwrap();
     let bad_yaml = dir.join("bad.yaml");
     std::fs::write(&bad_yaml, "kind: List\nitems: [\n").unwrap();
-    let e = load_manifest_file(&bad_yaml, DEFAULT_PROXY_NAME).unwrap_err();
+    let e = load_manifest_file(&bad_yaml, &ModelOptions::default()).unwrap_err();
     assert!(matches!(e, ControlError::Manifest { .. }), "{e}");
     assert!(
         e.to_string()
@@ -429,7 +447,7 @@ fn load_manifest_file_reads_and_names_the_file_on_error() {
         service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 0}]\n"),
     )
     .unwrap();
-    let e = load_manifest_file(&bad_port, DEFAULT_PROXY_NAME).unwrap_err();
+    let e = load_manifest_file(&bad_port, &ModelOptions::default()).unwrap_err();
     assert_eq!(
         e.to_string(),
         format!(
@@ -556,7 +574,13 @@ fn proxy_name_label_selects_services() {
     );
 
     // The proxy name is a parameter.
-    let m = model_with(&yaml, "other-proxy");
+    let m = model_with(
+        &yaml,
+        &ModelOptions {
+            proxy_name: "other-proxy".to_owned(),
+            ..ModelOptions::default()
+        },
+    );
     assert_eq!(served(&m), ["default/anyone", "default/theirs"]);
     assert!(is_skipped(&m, "Service default/ours"));
 }
@@ -631,7 +655,10 @@ fn empty_manifests_give_an_empty_model() {
     ] {
         let m = model(text);
         assert_eq!(m, Model::default(), "{text:?}");
-        assert_eq!(m.to_json(), json!({"frontends": [], "skipped": []}));
+        assert_eq!(
+            m.to_json(),
+            json!({"frontends": [], "skipped": [], "notes": []})
+        );
     }
 }
 
@@ -1330,4 +1357,474 @@ fn a_service_without_ports_serves_nothing_and_says_so() {
         skipped_of(&m),
         [("Service default/web".to_owned(), "no ports".to_owned())]
     );
+}
+
+// ---------------------------------------------------------------- return paths
+
+/// A Service document in `default` with `annotations` (`key: value` lines,
+/// indented four spaces) and `spec` (indented two).
+fn annotated(name: &str, annotations: &str, spec: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n  annotations:\n{annotations}spec:\n{spec}"
+    )
+}
+
+fn return_path_annotation(value: &str) -> String {
+    format!("    clustergate.io/return-path: {value}\n")
+}
+
+/// `default/edge`: a LoadBalancer with a node port, an external IP and an
+/// ingress IP; its pods listen on the service port (443), so only the node
+/// port differs from the backends' port. `extra_spec` goes into the spec,
+/// `annotation` (a value, or none) onto the Service.
+fn edge(annotation: Option<&str>, extra_spec: &str) -> String {
+    let spec = format!(
+        "  type: LoadBalancer\n  clusterIP: 198.19.0.50\n  externalIPs: [198.18.200.1]\n  ports: [{{name: https, port: 443, nodePort: 30443}}]\n{extra_spec}"
+    );
+    let svc = match annotation {
+        Some(v) => annotated("edge", &return_path_annotation(v), &spec),
+        None => service("edge", &spec),
+    };
+    svc + "status:\n  loadBalancer:\n    ingress:\n    - {ip: 198.18.201.1}\n"
+        + &slice(
+            "edge-1",
+            "edge",
+            "addressType: IPv4\nports: [{name: https, port: 443}]\nendpoints:\n- addresses: [198.18.6.1]\n",
+        )
+}
+
+/// `default/<name>` on `ip`:80 (`http`), with one backend on `target`.
+fn plain(name: &str, annotation: Option<&str>, ip: &str, target: u16) -> String {
+    let spec = format!("  clusterIP: {ip}\n  ports: [{{name: http, port: 80}}]\n");
+    let svc = match annotation {
+        Some(v) => annotated(name, &return_path_annotation(v), &spec),
+        None => service(name, &spec),
+    };
+    svc + &slice(
+        &format!("{name}-1"),
+        name,
+        &format!(
+            "addressType: IPv4\nports: [{{name: http, port: {target}}}]\nendpoints:\n- addresses: [198.18.1.1]\n"
+        ),
+    )
+}
+
+/// `(kind, address:port, return path)` of each frontend of `service`, in model order.
+fn return_paths(m: &Model, service: &str) -> Vec<(String, String, String)> {
+    m.to_json()["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["service"] == service)
+        .map(|f| {
+            (
+                f["kind"].as_str().unwrap().to_owned(),
+                format!("{}:{}", f["address"].as_str().unwrap(), f["port"]),
+                f["return_path"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The edge Service's frontends with their return paths: node port, external
+/// IP, load balancer, cluster IP (the model's order).
+fn edge_paths(
+    node_port: &str,
+    external: &str,
+    lb: &str,
+    cluster: &str,
+) -> Vec<(String, String, String)> {
+    [
+        ("NodePort", "0.0.0.0:30443", node_port),
+        ("ExternalIP", "198.18.200.1:443", external),
+        ("LoadBalancer", "198.18.201.1:443", lb),
+        ("ClusterIP", "198.19.0.50:443", cluster),
+    ]
+    .iter()
+    .map(|(k, a, p)| ((*k).to_owned(), (*a).to_owned(), (*p).to_owned()))
+    .collect()
+}
+
+fn notes_of(m: &Model) -> Vec<(String, String)> {
+    m.notes
+        .iter()
+        .map(|s| (s.object.clone(), s.reason.clone()))
+        .collect()
+}
+
+const NODE_PORT_DSR_NOTE: &str = "dsr: NodePort frontend 0.0.0.0:30443/TCP delivers the client's packets unchanged, to port 30443, but backends listen on port 443: they must also accept port 30443";
+
+#[test]
+fn return_path_defaults_to_snat_on_every_frontend() {
+    let yaml = plain("web", None, "198.19.0.10", 8080) + &edge(None, "");
+    let m = model(&yaml);
+    assert_eq!(
+        return_paths(&m, "default/web"),
+        [(
+            "ClusterIP".to_owned(),
+            "198.19.0.10:80".to_owned(),
+            "snat".to_owned()
+        )]
+    );
+    assert_eq!(
+        return_paths(&m, "default/edge"),
+        edge_paths("snat", "snat", "snat", "snat")
+    );
+    assert!(m
+        .frontends
+        .iter()
+        .all(|f| f.return_path == ReturnPath::Snat));
+    assert!(m.notes.is_empty(), "{:?}", m.notes);
+    assert_eq!(
+        m,
+        model_returning(&yaml, ReturnPath::Snat),
+        "snat is the default"
+    );
+}
+
+#[test]
+fn the_flag_sets_the_return_path_of_services_without_the_annotation() {
+    let yaml = plain("web", None, "198.19.0.10", 80) + &edge(None, "");
+    for (flag, name) in [(ReturnPath::Routed, "routed"), (ReturnPath::Dsr, "dsr")] {
+        let m = model_returning(&yaml, flag);
+        assert_eq!(
+            return_paths(&m, "default/web"),
+            [(
+                "ClusterIP".to_owned(),
+                "198.19.0.10:80".to_owned(),
+                name.to_owned()
+            )]
+        );
+        assert_eq!(
+            return_paths(&m, "default/edge"),
+            edge_paths(name, name, name, name),
+            "{flag}"
+        );
+        assert!(m.service_specs().iter().all(|s| s.return_path == flag));
+    }
+}
+
+#[test]
+fn the_annotation_overrides_the_flag_for_its_service_only() {
+    let yaml = plain("a-dsr", Some("dsr"), "198.19.0.1", 80)
+        + &plain("b-routed", Some("routed"), "198.19.0.2", 80)
+        + &plain("c-snat", Some("snat"), "198.19.0.3", 80)
+        + &plain("d-none", None, "198.19.0.4", 80)
+        + &edge(Some("routed"), "");
+    let path = |m: &Model, svc: &str| -> Vec<String> {
+        return_paths(m, svc)
+            .into_iter()
+            .map(|(_, _, p)| p)
+            .collect()
+    };
+    for (flag, unannotated) in [
+        (ReturnPath::Snat, "snat"),
+        (ReturnPath::Routed, "routed"),
+        (ReturnPath::Dsr, "dsr"),
+    ] {
+        let m = model_returning(&yaml, flag);
+        assert_eq!(path(&m, "default/a-dsr"), ["dsr"], "{flag}");
+        assert_eq!(path(&m, "default/b-routed"), ["routed"], "{flag}");
+        assert_eq!(path(&m, "default/c-snat"), ["snat"], "{flag}");
+        assert_eq!(path(&m, "default/d-none"), [unannotated], "{flag}");
+        // Every frontend of the annotated Service, whatever its kind.
+        assert_eq!(
+            return_paths(&m, "default/edge"),
+            edge_paths("routed", "routed", "routed", "routed"),
+            "{flag}"
+        );
+    }
+}
+
+#[test]
+fn an_invalid_return_path_annotation_is_refused() {
+    for value in ["direct", "SNAT", "\"\"", "ipvs-dr"] {
+        let yaml = plain("web", Some(value), "198.19.0.10", 80);
+        let shown = value.trim_matches('"');
+        assert_eq!(
+            refused(&yaml),
+            format!(
+                "Service default/web: metadata.annotations[\"clustergate.io/return-path\"]: {shown:?} is not snat, dsr or routed"
+            )
+        );
+    }
+    // Objects that are skipped are not read, their annotations included.
+    let theirs = "---\napiVersion: v1\nkind: Service\nmetadata:\n  name: theirs\n  namespace: default\n  labels: {service.kubernetes.io/service-proxy-name: other-proxy}\n  annotations: {clustergate.io/return-path: direct}\nspec:\n  clusterIP: 198.19.0.2\n  ports: [{port: 80}]\n";
+    let m = model(theirs);
+    assert!(m.frontends.is_empty() && is_skipped(&m, "Service default/theirs"));
+}
+
+#[test]
+fn external_traffic_policy_local_never_gets_snat_on_external_frontends() {
+    let yaml =
+        edge(None, "  externalTrafficPolicy: Local\n") + &plain("web", None, "198.19.0.10", 80);
+    let m = model(&yaml);
+    // The client's address is kept on the node port, external and
+    // load-balancer frontends; the cluster IP keeps the Service's choice.
+    assert_eq!(
+        return_paths(&m, "default/edge"),
+        edge_paths("routed", "routed", "routed", "snat")
+    );
+    assert_eq!(
+        return_paths(&m, "default/web")[0].2,
+        "snat",
+        "other Services are unaffected"
+    );
+    assert!(
+        m.notes.is_empty(),
+        "the default is not the user's choice: {:?}",
+        m.notes
+    );
+    let specs = m.service_specs();
+    let edge_spec = specs
+        .iter()
+        .find(|s| s.addr == "198.19.0.50".parse::<IpAddr>().unwrap())
+        .unwrap();
+    assert_eq!(edge_spec.return_path, ReturnPath::Snat);
+
+    // `Cluster`, absent or empty: the Service's choice everywhere.
+    for policy in [
+        "  externalTrafficPolicy: Cluster\n",
+        "",
+        "  externalTrafficPolicy: \"\"\n",
+    ] {
+        let m = model(&edge(None, policy));
+        assert_eq!(
+            return_paths(&m, "default/edge"),
+            edge_paths("snat", "snat", "snat", "snat"),
+            "{policy:?}"
+        );
+    }
+    // A flag default that keeps the client's address stays.
+    let m = model_returning(
+        &edge(None, "  externalTrafficPolicy: Local\n"),
+        ReturnPath::Dsr,
+    );
+    assert_eq!(
+        return_paths(&m, "default/edge"),
+        edge_paths("dsr", "dsr", "dsr", "dsr")
+    );
+    let m = model_returning(
+        &edge(None, "  externalTrafficPolicy: Local\n"),
+        ReturnPath::Routed,
+    );
+    assert_eq!(
+        return_paths(&m, "default/edge"),
+        edge_paths("routed", "routed", "routed", "routed")
+    );
+}
+
+#[test]
+fn external_traffic_policy_local_applies_to_externally_accessible_services_only() {
+    // kube-proxy's ExternalPolicyLocal: NodePort, LoadBalancer, or ClusterIP
+    // with external IPs. A ClusterIP Service with a node port (which the API
+    // would not accept) is not externally accessible: Local does nothing.
+    let spec = |extra: &str| {
+        format!("  type: ClusterIP\n  clusterIP: 198.19.0.70\n  externalTrafficPolicy: Local\n  ports: [{{port: 80, nodePort: 30070}}]\n{extra}")
+    };
+    let m = model(&service("odd", &spec("")));
+    assert_eq!(
+        return_paths(&m, "default/odd"),
+        [
+            (
+                "NodePort".to_owned(),
+                "0.0.0.0:30070".to_owned(),
+                "snat".to_owned()
+            ),
+            (
+                "ClusterIP".to_owned(),
+                "198.19.0.70:80".to_owned(),
+                "snat".to_owned()
+            ),
+        ]
+    );
+    let m = model(&service("odd", &spec("  externalIPs: [198.18.200.7]\n")));
+    assert_eq!(
+        return_paths(&m, "default/odd"),
+        [
+            (
+                "NodePort".to_owned(),
+                "0.0.0.0:30070".to_owned(),
+                "routed".to_owned()
+            ),
+            (
+                "ExternalIP".to_owned(),
+                "198.18.200.7:80".to_owned(),
+                "routed".to_owned()
+            ),
+            (
+                "ClusterIP".to_owned(),
+                "198.19.0.70:80".to_owned(),
+                "snat".to_owned()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn external_traffic_policy_local_with_dsr_is_dsr_everywhere() {
+    let m = model(&edge(Some("dsr"), "  externalTrafficPolicy: Local\n"));
+    assert_eq!(
+        return_paths(&m, "default/edge"),
+        edge_paths("dsr", "dsr", "dsr", "dsr")
+    );
+    // The node port is not the backends' port: that is worth a note.
+    assert_eq!(
+        notes_of(&m),
+        [(
+            "Service default/edge".to_owned(),
+            NODE_PORT_DSR_NOTE.to_owned()
+        )]
+    );
+}
+
+#[test]
+fn external_traffic_policy_local_overrides_an_annotated_snat_with_a_note() {
+    let m = model_returning(
+        &edge(Some("snat"), "  externalTrafficPolicy: Local\n"),
+        ReturnPath::Dsr,
+    );
+    assert_eq!(
+        return_paths(&m, "default/edge"),
+        edge_paths("routed", "routed", "routed", "snat")
+    );
+    assert_eq!(
+        notes_of(&m),
+        [(
+            "Service default/edge".to_owned(),
+            "clustergate.io/return-path is snat, but spec.externalTrafficPolicy is Local, which keeps the client's address: its NodePort, ExternalIP, LoadBalancer frontends use routed".to_owned()
+        )]
+    );
+    // A Service with nothing external has nothing to override and no note.
+    let m = model(&annotated(
+        "inside",
+        &return_path_annotation("snat"),
+        "  type: ClusterIP\n  clusterIP: 198.19.0.71\n  externalTrafficPolicy: Local\n  ports: [{port: 80}]\n",
+    ));
+    assert_eq!(return_paths(&m, "default/inside")[0].2, "snat");
+    assert!(m.notes.is_empty(), "{:?}", m.notes);
+}
+
+#[test]
+fn an_invalid_external_traffic_policy_is_refused() {
+    for policy in ["Global", "local", "OnlyLocal"] {
+        assert_eq!(
+            refused(&edge(None, &format!("  externalTrafficPolicy: {policy}\n"))),
+            format!("Service default/edge: spec.externalTrafficPolicy: {policy:?} is not Cluster or Local")
+        );
+    }
+}
+
+#[test]
+fn dsr_to_another_port_gives_a_note() {
+    // web: 80 -> 8080 gets a note; same: 80 -> 80 does not.
+    let yaml = plain("web", Some("dsr"), "198.19.0.10", 8080)
+        + &plain("same", Some("dsr"), "198.19.0.11", 80);
+    let m = model(&yaml);
+    assert_eq!(
+        notes_of(&m),
+        [(
+            "Service default/web".to_owned(),
+            "dsr: ClusterIP frontend 198.19.0.10:80/TCP delivers the client's packets unchanged, to port 80, but backends listen on port 8080: they must also accept port 80".to_owned()
+        )]
+    );
+    assert_eq!(
+        return_paths(&m, "default/web")[0].2,
+        "dsr",
+        "noted, not refused"
+    );
+    assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+
+    // The same ports with snat or routed: nothing to note.
+    for flag in [ReturnPath::Snat, ReturnPath::Routed] {
+        let m = model_returning(&plain("web", None, "198.19.0.10", 8080), flag);
+        assert!(m.notes.is_empty(), "{flag}: {:?}", m.notes);
+    }
+
+    // Named ports resolve per slice: only the numbers that differ are listed.
+    let yaml = annotated("mixed", &return_path_annotation("dsr"), "  clusterIP: 198.19.0.12\n  ports: [{name: http, port: 80, targetPort: http}]\n")
+        + &slice("mixed-a", "mixed", "addressType: IPv4\nports: [{name: http, port: 80}]\nendpoints:\n- addresses: [198.18.2.1]\n")
+        + &slice("mixed-b", "mixed", "addressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- addresses: [198.18.2.2]\n")
+        + &slice("mixed-c", "mixed", "addressType: IPv4\nports: [{name: http, port: 9090}]\nendpoints:\n- addresses: [198.18.2.3]\n");
+    let m = model(&yaml);
+    assert_eq!(
+        notes_of(&m),
+        [(
+            "Service default/mixed".to_owned(),
+            "dsr: ClusterIP frontend 198.19.0.12:80/TCP delivers the client's packets unchanged, to port 80, but backends listen on ports 8080, 9090: they must also accept port 80".to_owned()
+        )]
+    );
+
+    // No backends, nothing to note.
+    let m = model(&annotated(
+        "lonely",
+        &return_path_annotation("dsr"),
+        "  clusterIP: 198.19.0.13\n  ports: [{port: 80}]\n",
+    ));
+    assert!(m.notes.is_empty(), "{:?}", m.notes);
+}
+
+#[test]
+fn show_prints_return_paths_and_notes() {
+    let yaml = plain("web", Some("dsr"), "198.19.0.10", 8080)
+        + &edge(None, "  externalTrafficPolicy: Local\n");
+    let m = model(&yaml);
+
+    let json = m.to_json();
+    let web = &frontends_of(&m, "default/web")[0];
+    assert_eq!(web["return_path"], "dsr");
+    assert_eq!(
+        json["notes"],
+        json!([{
+            "object": "Service default/web",
+            "reason": "dsr: ClusterIP frontend 198.19.0.10:80/TCP delivers the client's packets unchanged, to port 80, but backends listen on port 8080: they must also accept port 80",
+        }])
+    );
+
+    let t = m.to_table();
+    let line = |needle: &str| {
+        t.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in\n{t}"))
+            .to_owned()
+    };
+    assert!(
+        t.starts_with("Prot LocalAddress:Port Kind Service ReturnPath\n"),
+        "{t}"
+    );
+    assert_eq!(
+        line("198.19.0.10:80"),
+        "TCP  198.19.0.10:80 ClusterIP default/web:http dsr"
+    );
+    assert_eq!(
+        line("198.19.0.50:443"),
+        "TCP  198.19.0.50:443 ClusterIP default/edge:https snat"
+    );
+    assert_eq!(
+        line("0.0.0.0:30443"),
+        "TCP  0.0.0.0:30443 NodePort default/edge:https routed (not served yet)"
+    );
+    assert!(
+        t.ends_with("\nNotes:\n  Service default/web: dsr: ClusterIP frontend 198.19.0.10:80/TCP delivers the client's packets unchanged, to port 80, but backends listen on port 8080: they must also accept port 80\n"),
+        "{t}"
+    );
+}
+
+#[test]
+fn the_dataplane_table_carries_each_frontends_return_path() {
+    let yaml = plain("a", Some("dsr"), "198.19.0.1", 80)
+        + &plain("b", Some("routed"), "198.19.0.2", 80)
+        + &plain("c", None, "198.19.0.3", 80);
+    let table = Table::build(1, 0, &model(&yaml).service_specs()).unwrap();
+    let ip = |s: &str| addr16(s.parse::<IpAddr>().unwrap());
+    for (addr, want) in [
+        ("198.19.0.1", ReturnPath::Dsr),
+        ("198.19.0.2", ReturnPath::Routed),
+        ("198.19.0.3", ReturnPath::Snat),
+    ] {
+        let f = table.frontend(&ip(addr), 80, Proto::Tcp).unwrap();
+        let record = table.frontend_record(f).unwrap();
+        assert_eq!(Table::return_path(record), want, "{addr}");
+        assert_eq!(record.return_path, want as u8, "{addr}");
+    }
 }
