@@ -4,7 +4,12 @@
 //
 // Redirects to the gateway's AF_XDP sockets only the frames the gateway owns:
 //   - packets to a frontend: (dst addr, dst port, proto) in `frontends`;
-//   - replies from a backend: (src addr, src port, proto) in `backends`;
+//   - replies from a backend: (src addr, src port, proto) in `backends`; when
+//     the destination address is one of the gateway's own source-NAT
+//     addresses (`snat_addrs`), only if the destination port is in the SNAT
+//     range (`snat_ports`), so a backend pod's own connection to the node
+//     (sshd, a metrics port) from a port that happens to be a backend port
+//     reaches the kernel;
 //   - ICMP/ICMPv6 errors (unreachable, time exceeded, packet too big, parameter
 //     problem) whose quoted packet names a frontend or a backend, as source
 //     or destination, in either map;
@@ -101,6 +106,29 @@ struct {
 	__type(key, __u8[16]);
 	__type(value, __u8);
 } backend_addrs SEC(".maps");
+
+// The gateway's source-NAT addresses (IPv4 as ::ffff:a.b.c.d).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u8[16]);
+	__type(value, __u8);
+} snat_addrs SEC(".maps");
+
+// The SNAT port range, inclusive, in host byte order; lo == 0: none set.
+struct port_range {
+	__u16 lo;
+	__u16 hi;
+};
+
+_Static_assert(sizeof(struct port_range) == 4, "struct port_range is 4 bytes");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct port_range);
+} snat_ports SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -259,6 +287,17 @@ INLINE int addr_in_map(void *map, const __u8 *addr)
 	return bpf_map_lookup_elem(map, k) != 0;
 }
 
+// Is `port` (network order) in the SNAT range?
+INLINE int in_snat_ports(__u16 port)
+{
+	__u32 zero = 0;
+	struct port_range *r = bpf_map_lookup_elem(&snat_ports, &zero);
+	if (!r || r->lo == 0)
+		return 0;
+	__u16 p = HTONS(port); // the same swap converts back
+	return r->lo <= p && p <= r->hi;
+}
+
 // Is this ICMP(v6) type an error that quotes a packet?
 INLINE int icmp4_is_error(__u8 type)
 {
@@ -365,8 +404,15 @@ INLINE int classify(void *data, void *end)
 		return 0;
 	}
 
-	return in_map(&frontends, t.dst, t.dport, t.proto) ||
-	       in_map(&backends, t.src, t.sport, t.proto);
+	if (in_map(&frontends, t.dst, t.dport, t.proto))
+		return 1;
+	if (!in_map(&backends, t.src, t.sport, t.proto))
+		return 0;
+	// From a backend. To one of the gateway's SNAT addresses it is a reply
+	// only on a SNAT port; to anything else (a client), a reply as before.
+	if (addr_in_map(&snat_addrs, t.dst))
+		return in_snat_ports(t.dport);
+	return 1;
 }
 
 SEC("xdp")

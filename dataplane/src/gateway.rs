@@ -7,9 +7,16 @@
 //! refreshes the next hops, answers resolution requests from the workers,
 //! supervises the workers and stops everything on SIGTERM/SIGINT. Workers are
 //! pinned threads running [`clustergate_dataplane::io::worker::run`].
+//!
+//! The return-path settings (`--snat-address`, `--snat-ports`,
+//! `--encap-mtu`) are checked here too: the SNAT range against the node's
+//! `ip_local_port_range`, then split between the workers; the steering
+//! program learns the SNAT addresses and range, and the management loop
+//! keeps the addresses in step with the node's when no `--snat-address`
+//! names them.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -21,12 +28,16 @@ use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
 use clap::Args;
 use clustergate_dataplane::conntrack::{self, Conntrack};
-use clustergate_dataplane::flow::ip_from16;
+use clustergate_dataplane::flow::{addr16, ip_from16, Addr16};
 use clustergate_dataplane::io::nexthop::{self, NextHops, Resolver};
 use clustergate_dataplane::io::steer::{self, Steering};
 use clustergate_dataplane::io::worker::{self, OpenedSocket, Shared, WorkerSpec, WorkerStats};
 use clustergate_dataplane::io::xsk::{Iface, XskOptions, ZeroCopy};
 use clustergate_dataplane::snapshot::{self, PollOutcome, TableHandle, Watcher};
+use clustergate_dataplane::snat::{
+    self, parse_local_port_range, PortRange, ReturnConfig, LINUX_LOCAL_PORTS, MAX_SNAT_ADDRS,
+    NODE_PORTS,
+};
 use clustergate_dataplane::table::Table;
 use tracing::{error, info, warn};
 
@@ -67,6 +78,36 @@ pub struct RunArgs {
     /// Snapshot poll interval in milliseconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub poll_ms: u64,
+    /// The gateway's own address for source NAT and as the outer source of
+    /// DSR's encapsulation. Repeat it: once per family, or several times per
+    /// family (at most 16) to multiply the SNAT ports. Without it, a flow
+    /// leaves with the address the kernel would choose for the route to its
+    /// backend.
+    #[arg(long = "snat-address", value_name = "ADDR", value_parser = parse_snat_address)]
+    pub snat_addresses: Vec<IpAddr>,
+    /// Source NAT ports, `LO-HI`, split between the workers. Default: the
+    /// longest run in 1024-65535 outside the node's ip_local_port_range and
+    /// the NodePort range 30000-32767 (1024-29999 with Linux's defaults).
+    #[arg(long, value_name = "LO-HI", value_parser = parse_port_range)]
+    pub snat_ports: Option<PortRange>,
+    /// Largest IP packet towards the backends once encapsulated for DSR
+    /// (576..=9216); bigger ones are answered with ICMP fragmentation
+    /// needed / packet too big. Default: the smallest MTU of the interfaces.
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(576..=9216))]
+    pub encap_mtu: Option<u16>,
+    /// Idle timeout of an established TCP flow (kube-proxy's flag): seconds,
+    /// or a number with s, m or h.
+    #[arg(long, value_name = "DURATION", default_value = "86400", value_parser = parse_timeout)]
+    pub conntrack_tcp_timeout_established: u32,
+    /// Idle timeout of a TCP flow after a FIN (kube-proxy's flag).
+    #[arg(long, value_name = "DURATION", default_value = "120", value_parser = parse_timeout)]
+    pub conntrack_tcp_timeout_close_wait: u32,
+    /// Idle timeout of a UDP (and SCTP) flow the backend has not answered.
+    #[arg(long, value_name = "DURATION", default_value = "30", value_parser = parse_timeout)]
+    pub conntrack_udp_timeout: u32,
+    /// Idle timeout of a UDP (and SCTP) flow the backend has answered.
+    #[arg(long, value_name = "DURATION", default_value = "120", value_parser = parse_timeout)]
+    pub conntrack_udp_timeout_stream: u32,
     /// Exit after this many seconds (0: run until SIGTERM); for tests.
     #[arg(long, default_value_t = 0)]
     pub exit_after_s: u64,
@@ -114,6 +155,262 @@ fn parse_ring(s: &str) -> Result<u32, String> {
         return Err(format!("{v} is not a power of two in 64..=16384"));
     }
     Ok(v)
+}
+
+/// Where the node's ephemeral ports are configured (per network namespace).
+const LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// Longest conntrack timeout the flags take: 30 days.
+const MAX_TIMEOUT_S: u64 = 30 * 86_400;
+
+/// `--snat-address`: an address the gateway can put on the wire as its own.
+pub fn parse_snat_address(s: &str) -> Result<IpAddr, String> {
+    let a: IpAddr = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IPv4 or IPv6 address"))?;
+    let why = match a {
+        _ if a.is_unspecified() => Some("unspecified"),
+        _ if a.is_multicast() => Some("multicast"),
+        _ if a.is_loopback() => Some("loopback"),
+        IpAddr::V4(v4) if v4 == Ipv4Addr::BROADCAST => Some("the broadcast address"),
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            Some("IPv4-mapped (give the IPv4 address itself)")
+        }
+        _ => None,
+    };
+    match why {
+        Some(w) => Err(format!(
+            "{a} is {w}: a source address must be one of the node's unicast addresses"
+        )),
+        None => Ok(a),
+    }
+}
+
+/// `--snat-ports`.
+pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
+    s.parse()
+}
+
+/// A conntrack timeout: seconds, or a number with `s`, `m` or `h`
+/// (`30`, `90s`, `2m`, `24h`), from 1 s to 30 days.
+pub fn parse_timeout(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let mult: u64 = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => {
+            return Err(format!(
+                "{s:?} is not a timeout: give seconds (30) or a number with s, m or h (24h)"
+            ))
+        }
+    };
+    let n: u64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a timeout: give seconds (30) or a number with s, m or h (24h)")
+    })?;
+    let secs = n.saturating_mul(mult);
+    if !(1..=MAX_TIMEOUT_S).contains(&secs) {
+        return Err(format!(
+            "{s:?} is {secs} s: a timeout must be from 1 s to {MAX_TIMEOUT_S} s (30 days)"
+        ));
+    }
+    Ok(secs as u32)
+}
+
+/// The `--snat-address` overrides per family (IPv4, IPv6), refusing
+/// repeats and more than [`MAX_SNAT_ADDRS`] in a family.
+pub fn snat_overrides(addrs: &[IpAddr]) -> Result<(Vec<Addr16>, Vec<Addr16>), String> {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for &a in addrs {
+        let (list, family) = if a.is_ipv4() {
+            (&mut v4, "IPv4")
+        } else {
+            (&mut v6, "IPv6")
+        };
+        if list.contains(&addr16(a)) {
+            return Err(format!("--snat-address {a} is given twice"));
+        }
+        if list.len() == MAX_SNAT_ADDRS {
+            return Err(format!(
+                "--snat-address: more than {MAX_SNAT_ADDRS} {family} addresses (at {a})"
+            ));
+        }
+        list.push(addr16(a));
+    }
+    Ok((v4, v6))
+}
+
+/// The node's `ip_local_port_range`, or Linux's default (said so) when it
+/// cannot be read.
+fn node_local_ports() -> PortRange {
+    match std::fs::read_to_string(LOCAL_PORT_RANGE) {
+        Ok(text) => match parse_local_port_range(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("{LOCAL_PORT_RANGE}: {e}; assuming Linux's default {LINUX_LOCAL_PORTS}");
+                LINUX_LOCAL_PORTS
+            }
+        },
+        Err(e) => {
+            warn!(
+                "cannot read {LOCAL_PORT_RANGE}: {e}; assuming Linux's default {LINUX_LOCAL_PORTS}"
+            );
+            LINUX_LOCAL_PORTS
+        }
+    }
+}
+
+/// The SNAT range: `flag`, refused when it overlaps the node's ephemeral
+/// ports `local`, or the default around them. The second value is a warning
+/// to log (an explicit range over the NodePorts).
+pub fn choose_snat_ports(
+    flag: Option<PortRange>,
+    local: PortRange,
+) -> Result<(PortRange, Option<String>), String> {
+    let Some(r) = flag else {
+        let d = snat::default_range(local);
+        if d.overlaps(&local) {
+            return Err(format!(
+                "the node's ip_local_port_range {local} leaves no default SNAT range: give --snat-ports"
+            ));
+        }
+        return Ok((d, None));
+    };
+    if r.overlaps(&local) {
+        return Err(format!(
+            "--snat-ports {r} overlaps the node's ip_local_port_range {local} \
+             (net.ipv4.ip_local_port_range): replies to the node's own connections would be taken \
+             for source-NAT replies; choose a range outside it (the default here is {})",
+            snat::default_range(local)
+        ));
+    }
+    let warning = r.overlaps(&NODE_PORTS).then(|| {
+        format!(
+            "--snat-ports {r} overlaps the NodePort range {NODE_PORTS}: a source-NAT port that is \
+             also a NodePort of a Service makes replies and new connections indistinguishable"
+        )
+    });
+    Ok((r, warning))
+}
+
+/// The return-path settings of every worker, from the flags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReturnPlan {
+    /// `--snat-address` for IPv4.
+    pub v4: Vec<Addr16>,
+    /// `--snat-address` for IPv6.
+    pub v6: Vec<Addr16>,
+    /// The whole SNAT range.
+    pub range: PortRange,
+    /// Worker w's share: `shares[w]`.
+    pub shares: Vec<PortRange>,
+    /// The DSR encapsulation MTU.
+    pub encap_mtu: u16,
+}
+
+impl ReturnPlan {
+    /// Worker `w`'s [`ReturnConfig`].
+    #[must_use]
+    pub fn worker(&self, w: usize) -> ReturnConfig {
+        ReturnConfig {
+            snat_v4: self.v4.clone(),
+            snat_v6: self.v6.clone(),
+            ports: self.shares[w],
+            encap_mtu: self.encap_mtu,
+        }
+    }
+
+    /// The addresses the steering program takes for SNAT addresses: per
+    /// family the `--snat-address` overrides, or else every address of the
+    /// served interfaces (and the preferred sources of their routes).
+    #[must_use]
+    pub fn steered_addrs(&self, hops: &NextHops) -> Vec<Addr16> {
+        let mut out: Vec<Addr16> = Vec::new();
+        for (overrides, v4) in [(&self.v4, true), (&self.v6, false)] {
+            if overrides.is_empty() {
+                out.extend(
+                    hops.local_addrs()
+                        .iter()
+                        .filter(|a| ip_from16(**a).is_ipv4() == v4),
+                );
+            } else {
+                out.extend_from_slice(overrides);
+            }
+        }
+        out
+    }
+}
+
+/// Checks the return-path flags (before anything on the node changes).
+fn plan_returns(args: &RunArgs, ifaces: &[Iface], workers: usize) -> Result<ReturnPlan> {
+    let (v4, v6) = snat_overrides(&args.snat_addresses).map_err(anyhow::Error::msg)?;
+    let local = node_local_ports();
+    let (range, warning) = choose_snat_ports(args.snat_ports, local).map_err(anyhow::Error::msg)?;
+    if let Some(w) = warning {
+        warn!("{w}");
+    }
+    let shares = range
+        .split(workers)
+        .map_err(|e| anyhow::anyhow!("--snat-ports {range}: {e}"))?;
+    let encap_mtu = match args.encap_mtu {
+        Some(m) => m,
+        None => {
+            let mut smallest: Option<(u32, &str)> = None;
+            for i in ifaces {
+                let mtu = nexthop::mtu_by_index(i.ifindex)
+                    .with_context(|| format!("reading the MTU of --interface {}", i.name))?;
+                if smallest.is_none_or(|(m, _)| mtu < m) {
+                    smallest = Some((mtu, &i.name));
+                }
+            }
+            let (mtu, name) = smallest.context("no interface to read an MTU from")?;
+            info!(
+                interface = name,
+                mtu, "DSR encapsulation MTU: the smallest of the served interfaces (--encap-mtu)"
+            );
+            u16::try_from(mtu).unwrap_or(u16::MAX)
+        }
+    };
+    info!(
+        range = %range,
+        shares = %shares.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        local_port_range = %local,
+        "SNAT ports (worker shares in --cores order)"
+    );
+    if !v4.is_empty() || !v6.is_empty() {
+        info!(
+            addresses = ?args.snat_addresses,
+            "SNAT addresses (--snat-address)"
+        );
+    }
+    Ok(ReturnPlan {
+        v4,
+        v6,
+        range,
+        shares,
+        encap_mtu,
+    })
+}
+
+/// Brings the steering program's SNAT addresses to `plan` and `hops`.
+fn steer_snat(steering: &mut Steering, plan: &ReturnPlan, hops: &NextHops) {
+    let addrs = plan.steered_addrs(hops);
+    match steering.set_snat(&addrs, Some(plan.range)) {
+        Ok(s) if s.added > 0 || s.removed > 0 => info!(
+            addresses = %addrs.iter().map(|a| ip_from16(*a).to_string()).collect::<Vec<_>>().join(", "),
+            added = s.added,
+            removed = s.removed,
+            "steering: SNAT addresses updated"
+        ),
+        Ok(_) => {}
+        Err(e) => error!("updating the steering program's SNAT addresses: {e}"),
+    }
 }
 
 /// How often the next hops are re-read from the kernel.
@@ -178,6 +475,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             args.queues
         );
     }
+    let plan = plan_returns(&args, &ifaces, workers as usize)?;
     let xsk = XskOptions {
         ring_size: args.ring_size,
         zero_copy: if args.zero_copy == "never" {
@@ -203,6 +501,13 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     let ct = Arc::new(Conntrack::new(&conntrack::Config {
         capacity: args.flows as usize,
+        timeouts: conntrack::Timeouts {
+            tcp_established: args.conntrack_tcp_timeout_established,
+            tcp_fin: args.conntrack_tcp_timeout_close_wait,
+            datagram: args.conntrack_udp_timeout,
+            datagram_replied: args.conntrack_udp_timeout_stream,
+            ..conntrack::Timeouts::default()
+        },
         ..conntrack::Config::default()
     }));
 
@@ -228,6 +533,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         "steering maps filled"
     );
     keep_backends_resolved(&mut resolver, &table);
+    steer_snat(&mut steering, &plan, &hops.load());
 
     let (resolve_tx, resolve_rx) = sync_channel::<IpAddr>(1024);
     let shared = Shared {
@@ -252,6 +558,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             ifaces: ifaces.clone(),
             queues,
             xsk,
+            ret: plan.worker(w),
         };
         let mut shared = shared.clone();
         if w == 0 {
@@ -273,7 +580,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                         if let Err(e) = drop_all_caps() {
                             warn!(core, "could not drop the worker's capabilities: {e}");
                         }
-                        worker::run(ports, &shared, &stats2);
+                        worker::run(ports, &spec, &shared, &stats2);
                     }
                     Err(e) => {
                         let _ = opened_tx.send((w, Err(e.to_string())));
@@ -336,6 +643,13 @@ pub fn run(args: RunArgs) -> Result<()> {
             .map(|h| (h.core, Arc::clone(&h.stats)))
             .collect(),
         conntrack: Arc::clone(&ct),
+        snat_ports: args
+            .cores
+            .0
+            .iter()
+            .copied()
+            .zip(plan.shares.clone())
+            .collect(),
     };
     gateway_http::spawn(args.metrics, http)
         .with_context(|| format!("--metrics {}", args.metrics))?;
@@ -347,6 +661,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         &mut steering,
         &mut resolver,
         &hops,
+        &plan,
         &resolve_rx,
         &mut handles,
         &status,
@@ -369,6 +684,7 @@ fn manage(
     steering: &mut Steering,
     resolver: &mut Resolver,
     hops: &ArcSwap<NextHops>,
+    plan: &ReturnPlan,
     resolve_rx: &Receiver<IpAddr>,
     handles: &mut [WorkerHandle],
     status: &Mutex<Status>,
@@ -441,7 +757,11 @@ fn manage(
         triggered.retain(|_, t| now.duration_since(*t) < TRIGGER_EVERY * 4);
         if refresh {
             match resolver.refresh() {
-                Ok(h) => hops.store(Arc::new(h)),
+                Ok(h) => {
+                    // The node's addresses may have changed with the routes.
+                    steer_snat(steering, plan, &h);
+                    hops.store(Arc::new(h));
+                }
                 Err(e) => warn!("reading routes and neighbours: {e}"),
             }
             last_refresh = now;
@@ -552,6 +872,125 @@ mod tests {
             .expect_err("not a number")
             .contains("not a core"));
         assert!(parse_cores("").is_err());
+    }
+
+    #[test]
+    fn snat_addresses_are_checked() {
+        assert_eq!(parse_snat_address("198.18.0.1"), Ok(ip("198.18.0.1")));
+        assert_eq!(parse_snat_address("2001:2::1"), Ok(ip("2001:2::1")));
+        for (bad, why) in [
+            ("0.0.0.0", "unspecified"),
+            ("::", "unspecified"),
+            ("224.0.0.1", "multicast"),
+            ("ff02::1", "multicast"),
+            ("::ffff:198.18.0.1", "IPv4-mapped"),
+            ("127.0.0.1", "loopback"),
+            ("255.255.255.255", "broadcast"),
+            ("198.18.0", "not an IPv4 or IPv6 address"),
+        ] {
+            let e = parse_snat_address(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let many: Vec<IpAddr> = (1..=17).map(|i| ip(&format!("198.18.0.{i}"))).collect();
+        let (v4, v6) = snat_overrides(&many[..16]).expect("16 IPv4");
+        assert_eq!((v4.len(), v6.len()), (16, 0));
+        let e = snat_overrides(&many).expect_err("17 IPv4");
+        assert!(e.contains("more than 16 IPv4"), "{e}");
+        // 16 of each family is fine.
+        let mut both = many[..16].to_vec();
+        both.extend((1..=16).map(|i| ip(&format!("2001:2::{i}"))));
+        assert!(snat_overrides(&both).is_ok());
+        let e = snat_overrides(&[ip("198.18.0.1"), ip("198.18.0.1")]).expect_err("twice");
+        assert!(e.contains("given twice"), "{e}");
+    }
+
+    #[test]
+    fn snat_ports_avoid_the_node_ports() {
+        let local = LINUX_LOCAL_PORTS;
+        assert_eq!(
+            choose_snat_ports(None, local),
+            Ok((PortRange::new(1024, 29_999).expect("range"), None))
+        );
+        let e = choose_snat_ports(Some(PortRange::new(40_000, 40_100).expect("range")), local)
+            .expect_err("overlaps");
+        assert!(
+            e.contains("40000-40100") && e.contains("32768-60999"),
+            "names both ranges: {e}"
+        );
+        let (r, warning) =
+            choose_snat_ports(Some(PortRange::new(20_000, 30_500).expect("range")), local)
+                .expect("only a warning");
+        assert_eq!(r.hi(), 30_500);
+        assert!(warning.is_some_and(|w| w.contains("30000-32767")));
+        let e = choose_snat_ports(None, PortRange::new(1, 65_535).expect("range"))
+            .expect_err("no room");
+        assert!(e.contains("give --snat-ports"), "{e}");
+    }
+
+    #[test]
+    fn timeouts() {
+        assert_eq!(parse_timeout("30"), Ok(30));
+        assert_eq!(parse_timeout("90s"), Ok(90));
+        assert_eq!(parse_timeout("2m"), Ok(120));
+        assert_eq!(parse_timeout("24h"), Ok(86_400));
+        assert!(parse_timeout("0").expect_err("zero").contains("from 1 s"));
+        assert!(parse_timeout("31d")
+            .expect_err("unit")
+            .contains("not a timeout"));
+        assert!(parse_timeout("-5")
+            .expect_err("sign")
+            .contains("not a timeout"));
+        assert!(parse_timeout("721h").expect_err("long").contains("30 days"));
+    }
+
+    #[test]
+    fn return_plan_per_worker_and_for_the_steering_program() {
+        let plan = ReturnPlan {
+            v4: vec![addr16(ip("198.18.0.1"))],
+            v6: vec![],
+            range: PortRange::new(1024, 29_999).expect("range"),
+            shares: PortRange::new(1024, 29_999)
+                .expect("range")
+                .split(2)
+                .expect("split"),
+            encap_mtu: 1500,
+        };
+        let w1 = plan.worker(1);
+        assert_eq!(w1.ports, plan.shares[1]);
+        assert_eq!(w1.snat_v4, plan.v4);
+        assert_eq!(w1.encap_mtu, 1500);
+        // IPv4 from the flag; IPv6 from the served interfaces.
+        let hops = NextHops::from_parts(
+            &[(2, [2, 0, 0, 0, 0, 1])],
+            &[],
+            &[],
+            &[
+                address(2, "198.18.5.5", 24),
+                address(2, "2001:2::5", 64),
+                address(9, "2001:9::5", 64),
+            ],
+        );
+        let mut got: Vec<IpAddr> = plan
+            .steered_addrs(&hops)
+            .into_iter()
+            .map(ip_from16)
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, [ip("198.18.0.1"), ip("2001:2::5")]);
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("test address")
+    }
+
+    fn address(ifindex: u32, a: &str, prefix_len: u8) -> nexthop::AddressEntry {
+        nexthop::AddressEntry {
+            ifindex,
+            addr: ip(a),
+            prefix_len,
+            scope: netlink_packet_route::address::AddressScope::Universe,
+            flags: netlink_packet_route::address::AddressFlags::empty(),
+        }
     }
 
     #[test]

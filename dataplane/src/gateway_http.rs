@@ -18,6 +18,7 @@ use clustergate_dataplane::io::steer::SteerStats;
 use clustergate_dataplane::io::worker::WorkerStats;
 use clustergate_dataplane::pipeline::{DropReason, VerdictKind};
 use clustergate_dataplane::snapshot::SnapshotStats;
+use clustergate_dataplane::snat::PortRange;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -52,6 +53,8 @@ pub struct Server {
     pub workers: Vec<(usize, Arc<Mutex<WorkerStats>>)>,
     /// The connection table.
     pub conntrack: Arc<Conntrack>,
+    /// (core, its share of the SNAT ports) per worker.
+    pub snat_ports: Vec<(usize, PortRange)>,
 }
 
 /// A heartbeat older than this makes `/livez` and `/healthz` answer 503.
@@ -306,6 +309,29 @@ fn metrics(server: &Server) -> String {
     );
     counter_family(
         &mut reg,
+        "encap_too_big",
+        "DSR packets answered with ICMP fragmentation needed/packet too big, per worker",
+        workers
+            .iter()
+            .map(|(c, w)| (l(&[("worker", c.clone())]), w.pipeline.encap_too_big)),
+    );
+    gauge_family(
+        &mut reg,
+        "snat_ports",
+        "Source-NAT ports of each worker's share of --snat-ports (labels: first and last port)",
+        server.snat_ports.iter().map(|(core, r)| {
+            (
+                l(&[
+                    ("worker", core.to_string()),
+                    ("lo", r.lo().to_string()),
+                    ("hi", r.hi().to_string()),
+                ]),
+                i64::from(r.len()),
+            )
+        }),
+    );
+    counter_family(
+        &mut reg,
         "xsk_rx_packets",
         "Frames taken off the AF_XDP RX rings, per worker",
         workers
@@ -484,4 +510,55 @@ fn metrics(server: &Server) -> String {
         out = format!("# encoding failed: {e}\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clustergate_dataplane::conntrack::Config;
+
+    fn server() -> Server {
+        let mut w = WorkerStats::default();
+        w.pipeline.encap_too_big = 3;
+        w.pipeline.drops[DropReason::SnatNoAddress.index()] = 2;
+        w.pipeline.drops[DropReason::SnatPortsExhausted.index()] = 5;
+        Server {
+            proxy_name: "cg".into(),
+            status: Arc::new(Mutex::new(Status::default())),
+            workers: vec![
+                (2, Arc::new(Mutex::new(w))),
+                (3, Arc::new(Mutex::new(WorkerStats::default()))),
+            ],
+            conntrack: Arc::new(Conntrack::new(&Config {
+                capacity: 1024,
+                shards: 4,
+                affinity_capacity: 16,
+                fragment_capacity: 16,
+                ..Config::default()
+            })),
+            snat_ports: vec![
+                (2, PortRange::new(1024, 15_511).expect("range")),
+                (3, PortRange::new(15_512, 29_999).expect("range")),
+            ],
+        }
+    }
+
+    #[test]
+    fn return_path_metrics_are_exported() {
+        let text = metrics(&server());
+        for want in [
+            r#"clustergate_drops_total{proxy_name="cg",worker="2",reason="snat_no_address"} 2"#,
+            r#"clustergate_drops_total{proxy_name="cg",worker="2",reason="snat_ports_exhausted"} 5"#,
+            r#"clustergate_drops_total{proxy_name="cg",worker="3",reason="snat_ports_exhausted"} 0"#,
+            "# HELP clustergate_encap_too_big DSR packets answered with ICMP fragmentation needed/packet too big",
+            "# TYPE clustergate_encap_too_big counter",
+            r#"clustergate_encap_too_big_total{proxy_name="cg",worker="2"} 3"#,
+            r#"clustergate_encap_too_big_total{proxy_name="cg",worker="3"} 0"#,
+            "# TYPE clustergate_snat_ports gauge",
+            r#"clustergate_snat_ports{proxy_name="cg",worker="2",lo="1024",hi="15511"} 14488"#,
+            r#"clustergate_snat_ports{proxy_name="cg",worker="3",lo="15512",hi="29999"} 14488"#,
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+    }
 }

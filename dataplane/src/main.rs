@@ -26,6 +26,7 @@ use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{addr16, ip_from16, Addr16, Proto};
 use clustergate_dataplane::pipeline::{Counters, DropReason, Verdict, VerdictKind, Worker};
 use clustergate_dataplane::snapshot;
+use clustergate_dataplane::snat::{default_range, PortRange, ReturnConfig, LINUX_LOCAL_PORTS};
 use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
 use clustergate_dataplane::testkit::{self, L4Spec, Tcp};
 use clustergate_dataplane::time::Now;
@@ -62,6 +63,19 @@ enum Command {
         /// Connection-table capacity (flows per IP family).
         #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
         flows: u32,
+        /// The gateway's own address for source NAT and DSR (repeat: per
+        /// family, up to 16 each). Replay has no routes: the first of each
+        /// family also stands in for the route's source.
+        #[arg(long = "snat-address", value_name = "ADDR", value_parser = gateway::parse_snat_address)]
+        snat_addresses: Vec<IpAddr>,
+        /// Source NAT ports, `LO-HI` (the one replay worker has them all).
+        /// Default: the gateway's default with Linux's ip_local_port_range,
+        /// 1024-29999 (the node is not read).
+        #[arg(long, value_name = "LO-HI", value_parser = gateway::parse_port_range)]
+        snat_ports: Option<PortRange>,
+        /// Largest IP packet towards the backends once encapsulated for DSR.
+        #[arg(long, value_name = "BYTES", default_value_t = 1500, value_parser = clap::value_parser!(u16).range(576..=9216))]
+        encap_mtu: u16,
     },
     /// Follow the snapshots published in a directory and report each change.
     Watch {
@@ -109,7 +123,27 @@ fn real_main() -> Result<()> {
             out,
             verdicts,
             flows,
-        } => run_replay(&snapshot, &pcap, &out, verdicts.as_deref(), flows as usize),
+            snat_addresses,
+            snat_ports,
+            encap_mtu,
+        } => {
+            let (snat_v4, snat_v6) =
+                gateway::snat_overrides(&snat_addresses).map_err(anyhow::Error::msg)?;
+            let ret = ReturnConfig {
+                snat_v4,
+                snat_v6,
+                ports: snat_ports.unwrap_or_else(|| default_range(LINUX_LOCAL_PORTS)),
+                encap_mtu,
+            };
+            run_replay(
+                &snapshot,
+                &pcap,
+                &out,
+                verdicts.as_deref(),
+                flows as usize,
+                ret,
+            )
+        }
         Command::Watch {
             shm_dir,
             interval_ms,
@@ -125,6 +159,7 @@ fn run_replay(
     out: &Path,
     verdicts: Option<&Path>,
     flows: usize,
+    ret: ReturnConfig,
 ) -> Result<()> {
     let table = snapshot::load_file(snapshot)
         .with_context(|| format!("loading snapshot {}", snapshot.display()))?;
@@ -141,6 +176,7 @@ fn run_replay(
     let summary = replay::replay(
         &table,
         flows,
+        ret,
         input,
         output,
         vfile.as_mut().map(|f| f as &mut dyn std::io::Write),

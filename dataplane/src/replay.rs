@@ -8,6 +8,11 @@
 //!
 //! Ethernet addresses of forwarded frames are left as captured: at run time
 //! the gateway resolves the next hop through the kernel's neighbour table.
+//!
+//! Return paths: the one replay worker has the whole SNAT range and the
+//! `--snat-address` overrides; with no routes to ask, the gateway's own
+//! address for a flow is the first `--snat-address` of its family (source
+//! NAT and DSR frontends drop as `snat_no_address` without one).
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -16,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::ip_from16;
 use clustergate_dataplane::pipeline::{Counters, Side, Verdict, VerdictKind, Worker};
+use clustergate_dataplane::snat::{FixedSources, ReturnConfig};
 use clustergate_dataplane::table::Table;
 use clustergate_dataplane::time::Now;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
@@ -38,15 +44,16 @@ pub struct Summary {
     pub counters: Counters,
 }
 
-/// Replays `input` (a pcap of Ethernet frames) through `table`; writes the
-/// forwarded and rejected frames to `out` and, if given, one line per packet
-/// to `verdicts`.
+/// Replays `input` (a pcap of Ethernet frames) through `table` with one
+/// worker configured by `ret`; writes the forwarded and rejected frames to
+/// `out` and, if given, one line per packet to `verdicts`.
 ///
 /// # Errors
 /// A pcap that cannot be read or is not Ethernet, or a write that fails.
 pub fn replay<R: Read, W: Write>(
     table: &Table,
     flows: usize,
+    ret: ReturnConfig,
     input: R,
     out: W,
     mut verdicts: Option<&mut dyn Write>,
@@ -74,7 +81,12 @@ pub fn replay<R: Read, W: Write>(
         shards: 64,
         ..Config::default()
     }));
-    let mut worker = Worker::new(ct);
+    let sources = FixedSources {
+        v4: ret.snat_v4.first().copied(),
+        v6: ret.snat_v6.first().copied(),
+    };
+    let mut worker = Worker::with_config(ct, ret);
+    worker.set_sources(Some(Arc::new(sources)));
     let mut summary = Summary::default();
     let mut buf = Vec::new();
     while let Some(packet) = reader.next_packet() {

@@ -739,16 +739,113 @@ fn run_refuses_bad_flags() {
             "given twice",
         ),
         (&["run", "--interface", "lo", "--queues", "0"], "--queues"),
+        (
+            &["run", "--interface", "lo", "--snat-ports", "20-10"],
+            "backwards",
+        ),
+        (
+            &["run", "--interface", "lo", "--snat-ports", "0-100"],
+            "port 0",
+        ),
+        (
+            &["run", "--interface", "lo", "--snat-address", "224.0.0.1"],
+            "multicast",
+        ),
+        (
+            &[
+                "run",
+                "--interface",
+                "lo",
+                "--snat-address",
+                "::ffff:198.18.0.1",
+            ],
+            "IPv4-mapped",
+        ),
+        (
+            &["run", "--interface", "lo", "--snat-address", "0.0.0.0"],
+            "unspecified",
+        ),
+        (
+            &[
+                "run",
+                "--interface",
+                "lo",
+                "--snat-address",
+                "198.18.0.1",
+                "--snat-address",
+                "198.18.0.1",
+            ],
+            "given twice",
+        ),
+        (
+            &["run", "--interface", "lo", "--encap-mtu", "100"],
+            "--encap-mtu",
+        ),
+        (
+            &["run", "--interface", "lo", "--conntrack-udp-timeout", "0"],
+            "from 1 s",
+        ),
+        (
+            &[
+                "run",
+                "--interface",
+                "lo",
+                "--conntrack-tcp-timeout-established",
+                "1d",
+            ],
+            "not a timeout",
+        ),
+        (
+            &[
+                "run",
+                "--interface",
+                "lo",
+                "--conntrack-tcp-timeout-close-wait=-1",
+            ],
+            "not a timeout",
+        ),
+        (
+            &[
+                "run",
+                "--interface",
+                "lo",
+                "--conntrack-udp-timeout-stream",
+                "721h",
+            ],
+            "30 days",
+        ),
     ];
-    for (args, needle) in cases {
-        let out = Command::new(&bin)
-            .args(*args)
-            .output()
-            .expect("clustergate");
+    let mut cases: Vec<(Vec<String>, String)> = cases
+        .iter()
+        .map(|(a, n)| (a.iter().map(|s| (*s).to_owned()).collect(), (*n).to_owned()))
+        .collect();
+    // 17 IPv4 SNAT addresses: at most 16 per family.
+    let mut many = vec!["run".to_owned(), "--interface".into(), "lo".into()];
+    for i in 1..=17 {
+        many.extend(["--snat-address".to_owned(), format!("198.18.0.{i}")]);
+    }
+    cases.push((many, "more than 16 IPv4".into()));
+    // A SNAT range inside this namespace's ip_local_port_range: refused,
+    // naming both ranges.
+    let local = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .expect("reading ip_local_port_range");
+    let mut ends = local
+        .split_whitespace()
+        .map(|p| p.parse::<u16>().expect("port"));
+    let (lo, hi) = (ends.next().expect("lo"), ends.next().expect("hi"));
+    let inside = format!("{lo}-{}", lo.saturating_add(10).min(hi));
+    cases.push((
+        ["run", "--interface", "lo", "--snat-ports", inside.as_str()]
+            .map(str::to_owned)
+            .to_vec(),
+        format!("--snat-ports {inside} overlaps the node's ip_local_port_range {lo}-{hi}"),
+    ));
+    for (args, needle) in &cases {
+        let out = Command::new(&bin).args(args).output().expect("clustergate");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(
-            err.contains(needle),
+            err.contains(needle.as_str()),
             "{args:?}: {err:?} does not name {needle:?}"
         );
     }

@@ -5,10 +5,17 @@
 //!
 //! ```text
 //!  gateway ns "…-g"                          peer ns "…-p"
-//!   ga 198.18.200.1/24, 2001:2:0:200::1/64 ── pa 198.18.200.2/24 (+ .3), 2001:2:0:200::2/64
+//!   ga 198.18.200.1/24 (+ .9 secondary),   ── pa 198.18.200.2/24 (+ .3), 2001:2:0:200::2/64
+//!      198.18.203.1/24, 2001:2:0:200::1/64
 //!   gb 198.18.201.1/24 (not served)       ── ob in ns "…-o" 198.18.201.2/24
 //!   198.18.210.0/24 via 198.18.200.2, blackhole 198.18.220.0/24, no default route
+//!   198.18.230.0/24 via 198.18.200.2 src 198.18.203.1, 198.18.231.0/24 via 198.18.203.2
 //! ```
+//!
+//! Besides next hops and managed neighbours, it checks the gateway's source
+//! address per destination ([`NextHops::source_for`]) against the kernel's own
+//! choice (`ip route get`): a route's `src`, else the egress interface's
+//! primary address (the one whose subnet holds the next hop).
 //!
 //! The parent process builds the namespaces and runs this same test binary
 //! inside the gateway namespace (`ip netns exec`), marked by an environment
@@ -20,7 +27,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use clustergate_dataplane::flow::addr16;
+use clustergate_dataplane::flow::{addr16, ip_from16};
 use clustergate_dataplane::io::nexthop::{
     ifindex_by_name, Hop, NextHopError, NextHops, Resolver, Unresolved,
 };
@@ -108,7 +115,16 @@ fn nexthop_in_namespaces() {
         "-n", &g, "link", "add", "gb", "type", "veth", "peer", "name", "ob", "netns", &o,
     ]);
     for (ns, dev, addrs) in [
-        (&g, "ga", &["198.18.200.1/24", "2001:2:0:200::1/64"][..]),
+        (
+            &g,
+            "ga",
+            &[
+                "198.18.200.1/24",
+                "198.18.200.9/24",
+                "198.18.203.1/24",
+                "2001:2:0:200::1/64",
+            ][..],
+        ),
         (
             &p,
             "pa",
@@ -136,6 +152,26 @@ fn nexthop_in_namespaces() {
         "198.18.200.2",
     ]);
     ip_cmd(&["-n", &g, "route", "add", "blackhole", "198.18.220.0/24"]);
+    ip_cmd(&[
+        "-n",
+        &g,
+        "route",
+        "add",
+        "198.18.230.0/24",
+        "via",
+        "198.18.200.2",
+        "src",
+        "198.18.203.1",
+    ]);
+    ip_cmd(&[
+        "-n",
+        &g,
+        "route",
+        "add",
+        "198.18.231.0/24",
+        "via",
+        "198.18.203.2",
+    ]);
 
     let exe = std::env::current_exe().expect("test binary path");
     let out = Command::new("ip")
@@ -170,6 +206,13 @@ fn wait_resolved(r: &mut Resolver, dst: &str) -> Result<Hop, Unresolved> {
     }
 }
 
+/// The kernel's source address for `dst` (`ip -j route get`'s `prefsrc`).
+fn kernel_source(dst: &str) -> Option<IpAddr> {
+    let json = ip_cmd(&["-j", "route", "get", dst]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("ip -j route get");
+    v.get(0)?.get("prefsrc")?.as_str().map(ip)
+}
+
 fn neigh_line(addr: &str, dev: &str) -> String {
     ip_cmd(&["-d", "neigh", "show", addr, "dev", dev])
 }
@@ -202,6 +245,40 @@ fn child() {
     assert_eq!(resolve(&nh, "198.19.250.1"), Err(Unresolved::NoRoute));
     assert_eq!(resolve(&nh, "198.18.220.1"), Err(Unresolved::NoRoute));
     assert_eq!(resolve(&nh, "2001:2:1::1"), Err(Unresolved::NoRoute));
+
+    // The gateway's own address per destination, as the kernel chooses it.
+    let source = |nh: &NextHops, a: &str| nh.source_for(&addr16(ip(a))).map(ip_from16);
+    for (dst, want) in [
+        // The kernel's prefix route carries src 198.18.200.1 (not .9, secondary).
+        ("198.18.200.2", "198.18.200.1"),
+        // No src on the route: the primary address whose subnet holds the
+        // router (198.18.200.2), or the router 198.18.203.2.
+        ("198.18.210.5", "198.18.200.1"),
+        ("198.18.231.5", "198.18.203.1"),
+        // The route's src, although its router is in the other subnet.
+        ("198.18.230.5", "198.18.203.1"),
+        // IPv6 routes carry no src: the interface's global address.
+        ("2001:2:0:200::2", "2001:2:0:200::1"),
+        // Through the interface the gateway does not serve.
+        ("198.18.201.2", "198.18.201.1"),
+    ] {
+        assert_eq!(source(&nh, dst), Some(ip(want)), "source for {dst}");
+        assert_eq!(kernel_source(dst), Some(ip(want)), "ip route get {dst}");
+    }
+    assert_eq!(source(&nh, "198.19.250.1"), None);
+    assert_eq!(source(&nh, "198.18.220.1"), None);
+    // The steering program's SNAT addresses without --snat-address: the
+    // served interface's, not the other one's.
+    let local: Vec<IpAddr> = nh.local_addrs().iter().map(|a| ip_from16(*a)).collect();
+    for want in [
+        "198.18.200.1",
+        "198.18.200.9",
+        "198.18.203.1",
+        "2001:2:0:200::1",
+    ] {
+        assert!(local.contains(&ip(want)), "{want} in {local:?}");
+    }
+    assert!(!local.contains(&ip("198.18.201.1")), "{local:?}");
 
     // Managed entries: 198.18.200.2 (direct, and the gateway of .210.5) and
     // the peer's IPv6 address; the unserved and unroutable ones are skipped.

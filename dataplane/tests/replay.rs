@@ -214,3 +214,96 @@ fn replay_refuses_bad_inputs_with_clear_errors() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("in.pcap"), "the error names the pcap: {e}");
 }
+
+#[test]
+fn replay_takes_and_checks_the_return_path_flags() {
+    let dir = TempDir::new("flags");
+    let table = Table::build(
+        3,
+        0,
+        &[ServiceSpec::cluster_ip(
+            "198.19.0.10".parse().unwrap(),
+            80,
+            Proto::Tcp,
+            vec![BackendSpec::ready("198.18.1.1".parse().unwrap(), 8080)],
+        )],
+    )
+    .unwrap();
+    let snap = dir.0.join("table.snap");
+    std::fs::write(&snap, snapshot::encode(&table)).unwrap();
+    let pcap = dir.0.join("in.pcap");
+    {
+        let syn = tcp("198.18.0.1", 40000, "198.19.0.10", 80, Tcp::syn(1));
+        let mut w = PcapWriter::new(File::create(&pcap).unwrap()).unwrap();
+        w.write_packet(&PcapPacket::new(
+            Duration::from_secs(1_700_000_000),
+            syn.len() as u32,
+            &syn,
+        ))
+        .unwrap();
+    }
+    let run = |flags: &[String]| {
+        Command::new(env!("CARGO_BIN_EXE_clustergate"))
+            .args(["replay", "--snapshot"])
+            .arg(&snap)
+            .arg("--pcap")
+            .arg(&pcap)
+            .arg("--out")
+            .arg(dir.0.join("out.pcap"))
+            .args(flags)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    let flags = |f: &[&str]| f.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+
+    // Accepted: a routed frontend forwards as without them.
+    let o = run(&flags(&[
+        "--snat-address",
+        "198.18.0.100",
+        "--snat-address",
+        "2001:2::100",
+        "--snat-ports",
+        "20000-20999",
+        "--encap-mtu",
+        "1400",
+    ]));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("1 packets: 1 forward"), "{e}");
+
+    let seventeen: Vec<String> = (1..=17)
+        .flat_map(|i| ["--snat-address".to_owned(), format!("198.18.0.{i}")])
+        .collect();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (flags(&["--snat-ports", "0-10"]), "port 0"),
+        (flags(&["--snat-ports", "20-10"]), "backwards"),
+        (
+            flags(&["--snat-ports", "1024-70000"]),
+            "\"70000\" is not a port",
+        ),
+        (flags(&["--snat-address", "224.0.0.1"]), "multicast"),
+        (flags(&["--snat-address", "0.0.0.0"]), "unspecified"),
+        (
+            flags(&["--snat-address", "::ffff:198.18.0.1"]),
+            "IPv4-mapped",
+        ),
+        (
+            flags(&["--snat-address", "198.18.0"]),
+            "not an IPv4 or IPv6",
+        ),
+        (seventeen, "more than 16 IPv4"),
+        (
+            flags(&["--snat-address", "2001:2::1", "--snat-address", "2001:2::1"]),
+            "given twice",
+        ),
+        (flags(&["--encap-mtu", "100"]), "--encap-mtu"),
+        (flags(&["--encap-mtu", "9217"]), "576..=9216"),
+    ];
+    for (f, needle) in cases {
+        let o = run(&f);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{f:?} succeeded");
+        assert!(e.contains(needle), "{f:?}: {e:?} does not say {needle:?}");
+    }
+}

@@ -5,6 +5,11 @@
 //!   with `BPF_PROG_TEST_RUN` on fixture frames: frontends, backend replies,
 //!   VLAN tags, IPv4 options, IPv6 extension headers, fragments, ICMP and
 //!   ICMPv6 errors, ARP, other ports and malformed frames.
+//! - `steer_snat_replies_only_on_snat_ports`: the same, with the gateway's
+//!   SNAT addresses and range set ([`Steering::set_snat`]): a backend's
+//!   packet to a SNAT address is steered only on a SNAT port (a reply), and
+//!   reaches the kernel on any other (the pod's own connection to the node);
+//!   a backend's reply to a client is steered as before.
 //! - `steer_netns`: two namespaces of our own joined by a veth pair
 //!   (198.18.210.1/24 and .2, from the benchmarking range 198.18.0.0/15). The
 //!   test re-runs itself inside namespace A (`ip netns exec A <this binary>
@@ -33,8 +38,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clustergate_dataplane::flow::{addr16, Addr16, Proto};
-use clustergate_dataplane::io::steer::{AttachMode, Classified, SteerKey, Steering};
+use clustergate_dataplane::io::steer::{AttachMode, Classified, SnatSync, SteerKey, Steering};
 use clustergate_dataplane::io::xsk::{Iface, Ports, XskOptions, ZeroCopy};
+use clustergate_dataplane::snat::PortRange;
 use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
 use clustergate_dataplane::testkit::{self, L4Spec, Tcp};
 use support::root_or_skip;
@@ -1022,4 +1028,201 @@ fn steer_classifies_frames() {
     assert_eq!(steer.classify(&to_vip).unwrap(), Passed);
     assert_eq!(steer.classify(&reply).unwrap(), Passed);
     assert_eq!(steer.dump().unwrap(), Default::default());
+}
+
+#[test]
+fn steer_snat_replies_only_on_snat_ports() {
+    if std::env::var_os(ROLE).is_some()
+        || !root_or_skip("steer_snat_replies_only_on_snat_ports", NEEDS)
+    {
+        return;
+    }
+    // The gateway's own addresses (what --snat-address gives, or the served
+    // interfaces' addresses).
+    const SNAT: &str = "198.18.210.1";
+    const SNAT2: &str = "198.18.210.3";
+    const SNAT6: &str = "2001:db8::ff";
+    let mut steer = Steering::load(&[]).expect("load");
+    steer
+        .sync(&table(
+            1,
+            &[
+                ServiceSpec::cluster_ip(
+                    ip(VIP),
+                    8080,
+                    Proto::Udp,
+                    vec![BackendSpec::ready(ip(BE1), 9000)],
+                ),
+                ServiceSpec::cluster_ip(
+                    ip(VIP),
+                    80,
+                    Proto::Tcp,
+                    vec![BackendSpec::ready(ip(BE1), 8080)],
+                ),
+                ServiceSpec::cluster_ip(
+                    ip(VIP6),
+                    443,
+                    Proto::Tcp,
+                    vec![BackendSpec::ready(ip(BE6), 8443)],
+                ),
+            ],
+        ))
+        .unwrap();
+    use Classified::{Passed, Steered};
+    let reply_in_range = udp(BE1, 9000, SNAT, 25_000);
+    let pod_to_sshd = tcp(BE1, 8080, SNAT, 22);
+    let pod_to_metrics = udp(BE1, 9000, SNAT, 9100);
+    let reply_to_client = udp(BE1, 9000, CLIENT, 5555);
+
+    // Before any SNAT address is set: today's rule, every packet from a
+    // backend's (address, port) is the gateway's.
+    for f in [
+        &reply_in_range,
+        &pod_to_sshd,
+        &pod_to_metrics,
+        &reply_to_client,
+    ] {
+        assert_eq!(steer.classify(f).unwrap(), Steered);
+    }
+
+    let range = PortRange::new(20_000, 29_999).unwrap();
+    let set = steer
+        .set_snat(&[a16(SNAT), a16(SNAT2), a16(SNAT6)], Some(range))
+        .unwrap();
+    assert_eq!(
+        set,
+        SnatSync {
+            addrs: 3,
+            added: 3,
+            removed: 0,
+            ports_changed: true
+        }
+    );
+    let dump = steer.dump().unwrap();
+    assert_eq!(dump.snat_ports, Some(range));
+    assert_eq!(dump.snat_addrs.len(), 3);
+    assert!(dump.snat_addrs.contains(&a16(SNAT6)));
+
+    let cases: Vec<(&str, Vec<u8>, Classified)> = vec![
+        (
+            "backend reply to a SNAT port",
+            reply_in_range.clone(),
+            Steered,
+        ),
+        (
+            "to the lowest SNAT port",
+            udp(BE1, 9000, SNAT, 20_000),
+            Steered,
+        ),
+        (
+            "to the highest SNAT port",
+            udp(BE1, 9000, SNAT, 29_999),
+            Steered,
+        ),
+        ("just above the range", udp(BE1, 9000, SNAT, 30_000), Passed),
+        ("just below the range", udp(BE1, 9000, SNAT, 19_999), Passed),
+        (
+            "a pod's TCP to the node's sshd",
+            pod_to_sshd.clone(),
+            Passed,
+        ),
+        (
+            "a pod's UDP to the node exporter",
+            pod_to_metrics.clone(),
+            Passed,
+        ),
+        (
+            "reply to the second SNAT address",
+            tcp(BE1, 8080, SNAT2, 24_242),
+            Steered,
+        ),
+        (
+            "backend reply to a client",
+            reply_to_client.clone(),
+            Steered,
+        ),
+        (
+            "not from a backend, to a SNAT port",
+            udp(CLIENT, 9000, SNAT, 25_000),
+            Passed,
+        ),
+        (
+            "a client to the frontend",
+            udp(CLIENT, 5555, VIP, 8080),
+            Steered,
+        ),
+        (
+            "IPv6 reply to a SNAT port",
+            tcp(BE6, 8443, SNAT6, 22_000),
+            Steered,
+        ),
+        ("IPv6 to the node's sshd", tcp(BE6, 8443, SNAT6, 22), Passed),
+        (
+            "IPv6 reply to a client",
+            tcp(BE6, 8443, CLIENT6, 22),
+            Steered,
+        ),
+        (
+            "ICMP error about a packet to a backend, to a SNAT address",
+            testkit::icmp_error(
+                a16(BE1),
+                a16(SNAT),
+                (3, 3, [0; 4]),
+                &udp(SNAT, 22, BE1, 9000),
+                28,
+            ),
+            Steered,
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (what, frame, want) in &cases {
+        let got = steer.classify(frame).unwrap();
+        if got != *want {
+            wrong.push(format!("{what}: want {want:?}, got {got:?}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+
+    // Setting the same again writes nothing.
+    let again = steer
+        .set_snat(&[a16(SNAT6), a16(SNAT), a16(SNAT2)], Some(range))
+        .unwrap();
+    assert_eq!(
+        (again.added, again.removed, again.ports_changed),
+        (0, 0, false)
+    );
+
+    // An address that leaves the set (the node lost it) is a client again:
+    // today's rule; the range moves with the flag.
+    let moved = PortRange::new(40_000, 40_100).unwrap();
+    let set = steer.set_snat(&[a16(SNAT2)], Some(moved)).unwrap();
+    assert_eq!((set.addrs, set.added, set.removed), (1, 0, 2));
+    assert_eq!(steer.classify(&pod_to_sshd).unwrap(), Steered);
+    assert_eq!(
+        steer.classify(&tcp(BE1, 8080, SNAT2, 24_242)).unwrap(),
+        Passed
+    );
+    assert_eq!(
+        steer.classify(&tcp(BE1, 8080, SNAT2, 40_000)).unwrap(),
+        Steered
+    );
+
+    // No range: nothing to a SNAT address is a reply.
+    steer.set_snat(&[a16(SNAT2)], None).unwrap();
+    assert_eq!(
+        steer.classify(&tcp(BE1, 8080, SNAT2, 40_000)).unwrap(),
+        Passed
+    );
+    steer.set_snat(&[], None).unwrap();
+    let dump = steer.dump().unwrap();
+    assert!(dump.snat_addrs.is_empty() && dump.snat_ports.is_none());
+    assert_eq!(
+        steer.classify(&tcp(BE1, 8080, SNAT2, 40_000)).unwrap(),
+        Steered
+    );
 }

@@ -7,10 +7,14 @@
 //! the immutable [`NextHops`] view it builds from the kernel's main routing
 //! table, its neighbour (ARP/NDP) table and the served interfaces' MACs, and
 //! the *managed* neighbour entries it asks the kernel to keep resolved for
-//! the service backends ([`Resolver::keep_resolved`]).
+//! the service backends ([`Resolver::keep_resolved`]), and the gateway's own
+//! source address for a destination ([`NextHops`] implements
+//! [`SourceAddrs`]: the route's preferred source, else the egress
+//! interface's primary address, see [`NextHops::source_for`]).
 //!
-//! Must never: make a syscall or allocate in [`NextHops::resolve`] (it runs
-//! per packet on the workers); shell out to `ip`; resolve anything itself (no
+//! Must never: make a syscall or allocate in [`NextHops::resolve`] or
+//! [`NextHops::source_for`] (they run per packet and per new flow on the
+//! workers); shell out to `ip`; resolve anything itself (no
 //! ARP/NDP of its own: the kernel resolves, this module reads the result);
 //! touch neighbour entries it did not create, and above all never overwrite
 //! a permanent or NOARP entry (a `NLM_F_REPLACE` or `NTF_USE` request on one
@@ -39,6 +43,7 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP,
     NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_REQUEST,
 };
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourMessage,
@@ -52,6 +57,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use crate::flow::{addr16, ip_from16, Addr16};
+use crate::snat::SourceAddrs;
 
 /// `NDA_PROTOCOL` of the managed neighbour entries this module creates
 /// (`ip -d neigh` shows `proto 203`). An entry that is managed and carries it
@@ -144,6 +150,9 @@ pub struct RouteEntry {
     pub metric: u32,
     /// Where matching packets go.
     pub target: RouteTarget,
+    /// The route's preferred source (`RTA_PREFSRC`, `ip route … src ADDR`):
+    /// the gateway's own address for destinations it matches.
+    pub prefsrc: Option<IpAddr>,
 }
 
 /// Where a route sends packets.
@@ -163,6 +172,37 @@ pub struct Gateway {
     pub ifindex: u32,
     /// The router to send to; `None` when the destination is directly connected.
     pub via: Option<IpAddr>,
+}
+
+/// An interface address as the kernel reported it (`RTM_NEWADDR`), input of
+/// [`NextHops::from_parts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressEntry {
+    /// Interface the address is on.
+    pub ifindex: u32,
+    /// The address (`IFA_LOCAL`, else `IFA_ADDRESS`).
+    pub addr: IpAddr,
+    /// Prefix length of its subnet.
+    pub prefix_len: u8,
+    /// Scope (`global` is [`AddressScope::Universe`]).
+    pub scope: AddressScope,
+    /// `IFA_F_*` flags (`IFA_FLAGS`, else the header's 8 bits).
+    pub flags: AddressFlags,
+}
+
+impl AddressEntry {
+    /// May this address be the source of a flow leaving through its
+    /// interface? Global scope, and not secondary (for IPv6: temporary),
+    /// tentative, deprecated or failed duplicate address detection.
+    fn candidate(&self) -> bool {
+        self.scope == AddressScope::Universe
+            && !self.flags.intersects(
+                AddressFlags::Secondary
+                    | AddressFlags::Tentative
+                    | AddressFlags::Deprecated
+                    | AddressFlags::Dadfailed,
+            )
+    }
 }
 
 /// A neighbour entry as the kernel reported it, input of
@@ -189,6 +229,8 @@ struct Prefix {
     first: u32,
     /// Number of next hops; 0 is a reject route.
     count: u32,
+    /// The route's preferred source.
+    prefsrc: Option<Addr16>,
 }
 
 /// A route's next hop, in the form the scan wants.
@@ -240,6 +282,11 @@ impl Routes {
                 }
             };
             let net = u128::from_be_bytes(addr16(r.dst)) & mask;
+            // A preferred source of the other family is not one.
+            let prefsrc = r
+                .prefsrc
+                .filter(|s| s.is_ipv4() == r.dst.is_ipv4())
+                .map(addr16);
             table.push((
                 bits,
                 r.metric,
@@ -248,6 +295,7 @@ impl Routes {
                     mask,
                     first,
                     count,
+                    prefsrc,
                 },
             ));
         }
@@ -264,10 +312,9 @@ impl Routes {
         }
     }
 
-    /// Longest-prefix match: the egress interface's slot in `served` and the
-    /// next-hop address.
+    /// Longest-prefix match: the route and the next hop it picks for `dst`.
     #[inline]
-    fn next_hop(&self, dst: &Addr16) -> Result<(usize, u32, Addr16), Unresolved> {
+    fn route(&self, dst: &Addr16) -> Result<(&Prefix, &NextHop), Unresolved> {
         let a = u128::from_be_bytes(*dst);
         let table = if is_v4_mapped(dst) {
             &self.v4
@@ -290,6 +337,14 @@ impl Routes {
             .hops
             .get(p.first as usize + pick)
             .ok_or(Unresolved::NoRoute)?;
+        Ok((p, hop))
+    }
+
+    /// Longest-prefix match: the egress interface's slot in `served` and the
+    /// next-hop address.
+    #[inline]
+    fn next_hop(&self, dst: &Addr16) -> Result<(usize, u32, Addr16), Unresolved> {
+        let (_, hop) = self.route(dst)?;
         let slot = self
             .served
             .iter()
@@ -312,14 +367,89 @@ fn usable(state: NeighbourState) -> bool {
     u16::from(state) & NUD_USABLE != 0
 }
 
-/// An immutable view of routes + neighbours + interface MACs, rebuilt by the
-/// [`Resolver`] and shared with workers (they hold it in an `Arc`, swapped
-/// with arc-swap).
+/// A candidate source address on one interface, in the form the scan wants.
+#[derive(Debug, Clone, Copy)]
+struct SourceAddr {
+    ifindex: u32,
+    addr: Addr16,
+    /// Its subnet, in the IPv4-mapped 16-byte form as a `u128`.
+    net: u128,
+    mask: u128,
+}
+
+/// The interface addresses a [`NextHops`] answers [`NextHops::source_for`]
+/// from, and every address of the served interfaces (for the steering
+/// program).
+#[derive(Debug, Clone, Default)]
+struct Sources {
+    /// IPv4 candidates, sorted by ifindex, each interface's in the kernel's
+    /// order (primary addresses in the order `inet_select_addr` walks them).
+    v4: Vec<SourceAddr>,
+    /// IPv6 candidates, sorted by ifindex, each interface's in the kernel's order.
+    v6: Vec<SourceAddr>,
+    /// Every address of a served interface and every preferred source of a
+    /// route through one, sorted, without repeats.
+    local: Vec<Addr16>,
+}
+
+impl Sources {
+    fn build(routes: &Routes, addresses: &[AddressEntry]) -> Self {
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        let mut local = Vec::new();
+        let served = |ifindex: u32| routes.served.iter().any(|&(i, _)| i == ifindex);
+        for a in addresses {
+            let (bits, list) = match a.addr {
+                IpAddr::V4(_) if a.prefix_len <= 32 => (96 + u32::from(a.prefix_len), &mut v4),
+                IpAddr::V6(_) if a.prefix_len <= 128 => (u32::from(a.prefix_len), &mut v6),
+                _ => continue,
+            };
+            let addr = addr16(a.addr);
+            if served(a.ifindex) {
+                local.push(addr);
+            }
+            if !a.candidate() {
+                continue;
+            }
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            list.push(SourceAddr {
+                ifindex: a.ifindex,
+                addr,
+                net: u128::from_be_bytes(addr) & mask,
+                mask,
+            });
+        }
+        for p in routes.v4.iter().chain(&routes.v6) {
+            let hops = routes
+                .hops
+                .get(p.first as usize..(p.first + p.count) as usize)
+                .unwrap_or_default();
+            if let Some(src) = p.prefsrc.filter(|_| hops.iter().any(|h| served(h.ifindex))) {
+                local.push(src);
+            }
+        }
+        // Stable: each interface's addresses keep the kernel's order.
+        v4.sort_by_key(|s| s.ifindex);
+        v6.sort_by_key(|s| s.ifindex);
+        local.sort_unstable();
+        local.dedup();
+        Sources { v4, v6, local }
+    }
+}
+
+/// An immutable view of routes + neighbours + interface MACs + interface
+/// addresses, rebuilt by the [`Resolver`] and shared with workers (they hold
+/// it in an `Arc`, swapped with arc-swap).
 #[derive(Debug, Default)]
 pub struct NextHops {
     routes: Routes,
     /// Usable neighbours: (ifindex, address) → MAC.
     neighbours: HashMap<(u32, Addr16), [u8; 6], FixedState>,
+    sources: Sources,
 }
 
 impl NextHops {
@@ -329,16 +459,18 @@ impl NextHops {
         Self::default()
     }
 
-    /// Builds a view from routes and neighbours as the kernel lists them
-    /// (tests, replay and simulations make them by hand). `served`: the
-    /// interfaces the gateway transmits on, with their MACs. Routes with an
-    /// impossible prefix length and neighbours in unusable states or without
-    /// a 6-byte lladdr are left out.
+    /// Builds a view from routes, neighbours and interface addresses as the
+    /// kernel lists them (tests, replay and simulations make them by hand).
+    /// `served`: the interfaces the gateway transmits on, with their MACs.
+    /// Routes with an impossible prefix length and neighbours in unusable
+    /// states or without a 6-byte lladdr are left out; `addresses` in the
+    /// kernel's order (it decides which address is primary).
     #[must_use]
     pub fn from_parts(
         served: &[(u32, [u8; 6])],
         routes: &[RouteEntry],
         neighbours: &[NeighbourEntry],
+        addresses: &[AddressEntry],
     ) -> Self {
         let mut map = HashMap::with_capacity_and_hasher(neighbours.len(), FixedState::default());
         for n in neighbours {
@@ -346,9 +478,12 @@ impl NextHops {
                 map.insert((n.ifindex, addr16(n.addr)), mac);
             }
         }
+        let routes = Routes::build(served, routes);
+        let sources = Sources::build(&routes, addresses);
         NextHops {
-            routes: Routes::build(served, routes),
+            routes,
             neighbours: map,
+            sources,
         }
     }
 
@@ -370,6 +505,64 @@ impl NextHops {
         })
     }
 
+    /// The gateway's own address for packets to `dst`, as the kernel would
+    /// choose it for the route to `dst` (`None` without a route or an
+    /// address). No allocation, no syscall.
+    ///
+    /// - The route's preferred source (`ip route … src ADDR`), if it has one.
+    /// - IPv4, else: the egress interface's addresses as `inet_select_addr`
+    ///   (what MASQUERADE uses) walks them: primary (not secondary) addresses
+    ///   of global scope, in the kernel's order; the first whose subnet holds
+    ///   the next hop (the route's gateway, or `dst` when on-link), else the
+    ///   first. Unlike the kernel, no address of another interface is taken
+    ///   when the egress interface has none.
+    /// - IPv6, else: the first global address of the egress interface that is
+    ///   neither tentative, deprecated, temporary nor failed DAD. (The
+    ///   kernel's RFC 6724 selection weighs more; a gateway has one global
+    ///   address per interface, or gives `--snat-address`.)
+    ///
+    /// The route is the one [`NextHops::resolve`] takes, ECMP pick included;
+    /// it may leave through an interface the gateway does not serve.
+    #[inline]
+    #[must_use]
+    pub fn source_for(&self, dst: &Addr16) -> Option<Addr16> {
+        let (route, hop) = self.routes.route(dst).ok()?;
+        if route.prefsrc.is_some() {
+            return route.prefsrc;
+        }
+        let v4 = is_v4_mapped(dst);
+        let list = if v4 {
+            &self.sources.v4
+        } else {
+            &self.sources.v6
+        };
+        let start = list.partition_point(|s| s.ifindex < hop.ifindex);
+        let mut on_if = list[start..]
+            .iter()
+            .take_while(|s| s.ifindex == hop.ifindex);
+        if !v4 {
+            return on_if.next().map(|s| s.addr);
+        }
+        let next = u128::from_be_bytes(hop.via.unwrap_or(*dst));
+        let mut first = None;
+        for s in on_if {
+            if next & s.mask == s.net {
+                return Some(s.addr);
+            }
+            first.get_or_insert(s.addr);
+        }
+        first
+    }
+
+    /// Every address of the served interfaces (any scope or state) and every
+    /// preferred source of a route through one, sorted: the addresses
+    /// replies to source NAT can come back to when no `--snat-address` is
+    /// given (the steering program's `snat_addrs`).
+    #[must_use]
+    pub fn local_addrs(&self) -> &[Addr16] {
+        &self.sources.local
+    }
+
     /// Number of routes (both families, reject routes included).
     #[must_use]
     pub fn routes(&self) -> usize {
@@ -380,6 +573,13 @@ impl NextHops {
     #[must_use]
     pub fn neighbours(&self) -> usize {
         self.neighbours.len()
+    }
+}
+
+impl SourceAddrs for NextHops {
+    #[inline]
+    fn source_for(&self, dst: &Addr16) -> Option<Addr16> {
+        NextHops::source_for(self, dst)
     }
 }
 
@@ -792,11 +992,46 @@ fn parse_route(m: &RouteMessage) -> Option<RouteEntry> {
             _ => None,
         })
         .unwrap_or(0);
+    let prefsrc = m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::PrefSource(s) => route_ip(s),
+        _ => None,
+    });
     Some(RouteEntry {
         dst,
         prefix_len: h.destination_prefix_length,
         metric,
         target,
+        prefsrc,
+    })
+}
+
+/// A kernel address as an [`AddressEntry`], or `None` for other families.
+fn parse_address(m: &AddressMessage) -> Option<AddressEntry> {
+    let h = &m.header;
+    if h.family != AddressFamily::Inet && h.family != AddressFamily::Inet6 {
+        return None;
+    }
+    let mut local = None;
+    let mut address = None;
+    let mut flags = None;
+    for a in &m.attributes {
+        match a {
+            AddressAttribute::Local(l) => local = Some(*l),
+            AddressAttribute::Address(x) => address = Some(*x),
+            AddressAttribute::Flags(f) => flags = Some(*f),
+            _ => {}
+        }
+    }
+    let addr = local.or(address)?;
+    if family_of(addr) != h.family {
+        return None;
+    }
+    Some(AddressEntry {
+        ifindex: h.index,
+        addr,
+        prefix_len: h.prefix_len,
+        scope: h.scope,
+        flags: flags.unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(h.flags.bits()))),
     })
 }
 
@@ -874,20 +1109,40 @@ impl Resolver {
         })
     }
 
-    /// Dump links (MACs), routes (main table, both families) and neighbours;
-    /// build a fresh [`NextHops`].
+    /// Dump links (MACs), routes (main table, both families), neighbours
+    /// and interface addresses; build a fresh [`NextHops`].
     pub fn refresh(&mut self) -> Result<NextHops, NextHopError> {
         let (routes, neighbours) = self.snapshot()?;
+        let addresses = self.addresses()?;
         let mut map = HashMap::with_capacity_and_hasher(neighbours.len(), FixedState::default());
         for n in &neighbours {
             if let (true, Some(mac)) = (usable(n.entry.state), n.entry.mac) {
                 map.insert((n.entry.ifindex, addr16(n.entry.addr)), mac);
             }
         }
+        let sources = Sources::build(&routes, &addresses);
         Ok(NextHops {
             routes,
             neighbours: map,
+            sources,
         })
+    }
+
+    /// Every interface address (`RTM_GETADDR` dump, both families), in the
+    /// kernel's order.
+    fn addresses(&mut self) -> Result<Vec<AddressEntry>, NextHopError> {
+        let msgs = self.nl.request(
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            NLM_F_DUMP,
+            &|| "dump of interface addresses".to_string(),
+        )?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => parse_address(a),
+                _ => None,
+            })
+            .collect())
     }
 
     /// Make the kernel keep these addresses resolved and fresh (the service
@@ -1107,6 +1362,34 @@ impl Resolver {
     }
 }
 
+/// Read an interface's MTU by index (netlink `RTM_GETLINK`, in the calling
+/// thread's network namespace), e.g. for the default `--encap-mtu`.
+pub fn mtu_by_index(ifindex: u32) -> Result<u32, NextHopError> {
+    let mut nl = Netlink::open()?;
+    let mut m = LinkMessage::default();
+    m.header.index = ifindex;
+    let reply = nl.request(RouteNetlinkMessage::GetLink(m), 0, &|| {
+        format!("link query for ifindex {ifindex}")
+    });
+    let msgs = match reply {
+        Err(NextHopError::Netlink { source, .. }) if source.raw_os_error() == Some(ENODEV) => {
+            return Err(NextHopError::ServedInterfaceGone { ifindex })
+        }
+        r => r?,
+    };
+    msgs.iter()
+        .find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) if l.header.index == ifindex => {
+                l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::Mtu(mtu) => Some(*mtu),
+                    _ => None,
+                })
+            }
+            _ => None,
+        })
+        .ok_or(NextHopError::ServedInterfaceGone { ifindex })
+}
+
 /// Read an interface's ifindex by name (netlink `RTM_GETLINK`), e.g. for
 /// `--interface eth0`.
 pub fn ifindex_by_name(name: &str) -> Result<u32, NextHopError> {
@@ -1137,6 +1420,7 @@ pub fn ifindex_by_name(name: &str) -> Result<u32, NextHopError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use netlink_packet_route::address::AddressHeaderFlags;
 
     const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
     const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 0xb];
@@ -1160,6 +1444,7 @@ mod tests {
                 ifindex,
                 via: via.map(ip),
             }]),
+            prefsrc: None,
         }
     }
 
@@ -1204,7 +1489,7 @@ mod tests {
         ];
         for perm in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
             let r: Vec<_> = perm.iter().map(|&i| routes[i].clone()).collect();
-            let nh = NextHops::from_parts(&served(), &r, &neighbours);
+            let nh = NextHops::from_parts(&served(), &r, &neighbours, &[]);
             // /24, directly connected: the destination's own entry.
             assert_eq!(
                 nh.resolve(&a16("198.18.0.7")),
@@ -1248,7 +1533,7 @@ mod tests {
             neigh(2, "198.18.0.1", NeighbourState::Reachable, GW_MAC),
             neigh(3, "198.18.9.9", NeighbourState::Reachable, HOST_MAC),
         ];
-        let nh = NextHops::from_parts(&served(), &[worse, better], &n);
+        let nh = NextHops::from_parts(&served(), &[worse, better], &n, &[]);
         assert_eq!(
             nh.resolve(&a16("198.18.5.5")).map(|h| h.dst_mac),
             Ok(GW_MAC)
@@ -1267,7 +1552,7 @@ mod tests {
             neigh(2, "fe80::1", NeighbourState::Reachable, GW_MAC),
             neigh(3, "198.18.0.1", NeighbourState::Reachable, HOST_MAC),
         ];
-        let nh = NextHops::from_parts(&served(), &routes, &n);
+        let nh = NextHops::from_parts(&served(), &routes, &n, &[]);
         assert_eq!(
             nh.resolve(&a16("2001:2::5")),
             Ok(Hop {
@@ -1284,12 +1569,12 @@ mod tests {
                 dst_mac: HOST_MAC
             })
         );
-        let v6_only = NextHops::from_parts(&served(), &routes[..1], &n);
+        let v6_only = NextHops::from_parts(&served(), &routes[..1], &n, &[]);
         assert_eq!(
             v6_only.resolve(&a16("198.18.3.3")),
             Err(Unresolved::NoRoute)
         );
-        let v4_only = NextHops::from_parts(&served(), &routes[1..], &n);
+        let v4_only = NextHops::from_parts(&served(), &routes[1..], &n, &[]);
         assert_eq!(v4_only.resolve(&a16("2001:2::5")), Err(Unresolved::NoRoute));
     }
 
@@ -1305,7 +1590,7 @@ mod tests {
             // Same address on the other interface must not be confused.
             neigh(2, "fe80::99", NeighbourState::Reachable, MAC_A),
         ];
-        let nh = NextHops::from_parts(&served(), &routes, &n);
+        let nh = NextHops::from_parts(&served(), &routes, &n, &[]);
         assert_eq!(
             nh.resolve(&a16("2001:2::10"))
                 .map(|h| (h.ifindex, h.dst_mac)),
@@ -1334,7 +1619,7 @@ mod tests {
             (NeighbourState::None, false),
         ] {
             let n = [neigh(2, "198.18.0.9", state, HOST_MAC)];
-            let nh = NextHops::from_parts(&served(), &routes, &n);
+            let nh = NextHops::from_parts(&served(), &routes, &n, &[]);
             let want = if ok {
                 Ok(HOST_MAC)
             } else {
@@ -1353,7 +1638,7 @@ mod tests {
             state: NeighbourState::Reachable,
             mac: None,
         }];
-        let nh = NextHops::from_parts(&served(), &routes, &n);
+        let nh = NextHops::from_parts(&served(), &routes, &n, &[]);
         assert_eq!(nh.resolve(&a16("198.18.0.9")), Err(Unresolved::NoNeighbour));
     }
 
@@ -1367,7 +1652,7 @@ mod tests {
             neigh(7, "198.18.0.9", NeighbourState::Reachable, HOST_MAC),
             neigh(2, "198.18.1.1", NeighbourState::Reachable, GW_MAC),
         ];
-        let nh = NextHops::from_parts(&served(), &routes, &n);
+        let nh = NextHops::from_parts(&served(), &routes, &n, &[]);
         // The /24 wins even though the default route would be served.
         assert_eq!(
             nh.resolve(&a16("198.18.0.9")),
@@ -1384,16 +1669,18 @@ mod tests {
                 prefix_len: 16,
                 metric: 0,
                 target: RouteTarget::Reject,
+                prefsrc: None,
             },
             RouteEntry {
                 dst: ip("198.19.1.0"),
                 prefix_len: 24,
                 metric: 0,
                 target: RouteTarget::Via(vec![]),
+                prefsrc: None,
             },
         ];
         let n = [neigh(2, "198.18.0.1", NeighbourState::Reachable, GW_MAC)];
-        let nh = NextHops::from_parts(&served(), &routes, &n);
+        let nh = NextHops::from_parts(&served(), &routes, &n, &[]);
         assert_eq!(nh.resolve(&a16("198.19.3.3")), Err(Unresolved::NoRoute));
         assert_eq!(nh.resolve(&a16("198.19.1.3")), Err(Unresolved::NoRoute));
         assert_eq!(
@@ -1414,7 +1701,7 @@ mod tests {
             neigh(3, "198.18.0.1", NeighbourState::Reachable, GW_MAC),
             neigh(2, "198.18.0.5", NeighbourState::Reachable, HOST_MAC),
         ];
-        let nh = NextHops::from_parts(&served(), &routes, &n);
+        let nh = NextHops::from_parts(&served(), &routes, &n, &[]);
         assert_eq!(nh.routes(), 2);
         assert_eq!(
             nh.resolve(&a16("198.18.0.5"))
@@ -1440,12 +1727,13 @@ mod tests {
                     via: Some(ip("198.18.1.1")),
                 },
             ]),
+            prefsrc: None,
         }];
         let n = [
             neigh(2, "198.18.0.1", NeighbourState::Reachable, GW_MAC),
             neigh(3, "198.18.1.1", NeighbourState::Reachable, HOST_MAC),
         ];
-        let nh = NextHops::from_parts(&served(), &routes, &n);
+        let nh = NextHops::from_parts(&served(), &routes, &n, &[]);
         let mut seen = BTreeSet::new();
         for i in 0..64u8 {
             let d = a16(&format!("203.0.{i}.{}", i.wrapping_mul(37)));
@@ -1479,7 +1767,18 @@ mod tests {
                     ifindex: 4,
                     via: Some(ip("198.18.0.1"))
                 }]),
+                prefsrc: None,
             })
+        );
+        let mut with_src = m.clone();
+        with_src
+            .attributes
+            .push(RouteAttribute::PrefSource(RouteAddress::Inet(
+                Ipv4Addr::new(198, 18, 0, 9),
+            )));
+        assert_eq!(
+            parse_route(&with_src).and_then(|r| r.prefsrc),
+            Some(ip("198.18.0.9"))
         );
         let mut other_table = m.clone();
         other_table.attributes.push(RouteAttribute::Table(100));
@@ -1505,6 +1804,177 @@ mod tests {
             parse_route(&default).map(|r| (r.dst, r.prefix_len)),
             Some((ip("0.0.0.0"), 0))
         );
+    }
+
+    #[test]
+    fn parses_kernel_address_messages() {
+        let mut m = AddressMessage::default();
+        m.header.family = AddressFamily::Inet;
+        m.header.prefix_len = 24;
+        m.header.index = 4;
+        m.header.scope = AddressScope::Universe;
+        m.header.flags = AddressHeaderFlags::Permanent;
+        // A point-to-point address: IFA_ADDRESS is the peer, IFA_LOCAL ours.
+        m.attributes = vec![
+            AddressAttribute::Address(ip("198.18.7.2")),
+            AddressAttribute::Local(ip("198.18.7.1")),
+        ];
+        assert_eq!(
+            parse_address(&m),
+            Some(AddressEntry {
+                ifindex: 4,
+                addr: ip("198.18.7.1"),
+                prefix_len: 24,
+                scope: AddressScope::Universe,
+                flags: AddressFlags::Permanent,
+            })
+        );
+        // IFA_FLAGS (32 bits) wins over the header's 8.
+        let mut flagged = m.clone();
+        flagged.attributes.push(AddressAttribute::Flags(
+            AddressFlags::Secondary | AddressFlags::Noprefixroute,
+        ));
+        assert_eq!(
+            parse_address(&flagged).map(|a| a.flags),
+            Some(AddressFlags::Secondary | AddressFlags::Noprefixroute)
+        );
+        // IPv6 has IFA_ADDRESS only.
+        let mut v6 = AddressMessage::default();
+        v6.header.family = AddressFamily::Inet6;
+        v6.header.prefix_len = 64;
+        v6.header.index = 5;
+        v6.header.scope = AddressScope::Link;
+        v6.header.flags = AddressHeaderFlags::Tentative;
+        v6.attributes = vec![AddressAttribute::Address(ip("fe80::1"))];
+        assert_eq!(
+            parse_address(&v6),
+            Some(AddressEntry {
+                ifindex: 5,
+                addr: ip("fe80::1"),
+                prefix_len: 64,
+                scope: AddressScope::Link,
+                flags: AddressFlags::Tentative,
+            })
+        );
+        let mut mismatched = v6.clone();
+        mismatched.header.family = AddressFamily::Inet;
+        assert_eq!(parse_address(&mismatched), None);
+        let mut other = v6;
+        other.header.family = AddressFamily::Packet;
+        assert_eq!(parse_address(&other), None);
+        assert_eq!(parse_address(&AddressMessage::default()), None);
+    }
+
+    fn address(ifindex: u32, cidr: &str, scope: AddressScope, flags: AddressFlags) -> AddressEntry {
+        let (a, len) = cidr.split_once('/').expect("ADDR/LEN");
+        AddressEntry {
+            ifindex,
+            addr: ip(a),
+            prefix_len: len.parse().expect("prefix length"),
+            scope,
+            flags,
+        }
+    }
+
+    #[test]
+    fn source_is_the_prefsrc_else_the_egress_primary() {
+        use AddressScope::{Host, Link, Universe};
+        let none = AddressFlags::empty();
+        let addresses = [
+            address(2, "198.18.5.1/24", Universe, AddressFlags::Permanent),
+            address(2, "198.18.0.10/24", Universe, none),
+            address(2, "198.18.0.11/24", Universe, AddressFlags::Secondary),
+            address(2, "127.0.0.5/8", Host, none),
+            address(3, "198.18.1.10/24", Universe, none),
+            address(7, "198.18.50.1/24", Universe, none),
+            address(2, "fe80::1/64", Link, none),
+            address(2, "2001:2::9/64", Universe, AddressFlags::Tentative),
+            address(2, "2001:2::10/64", Universe, none),
+            address(3, "2001:2:1::10/64", Universe, AddressFlags::Deprecated),
+            address(3, "2001:2:1::12/64", Universe, AddressFlags::Dadfailed),
+            address(3, "2001:2:1::11/64", Universe, none),
+        ];
+        let mut with_src = route("198.18.40.0", 24, 2, None);
+        with_src.prefsrc = Some(ip("198.18.99.99"));
+        let mut wrong_family_src = route("198.18.41.0", 24, 2, None);
+        wrong_family_src.prefsrc = Some(ip("2001:2::99"));
+        let routes = [
+            route("198.18.0.0", 24, 2, None),
+            route("198.18.7.0", 24, 2, Some("198.18.0.1")),
+            route("203.0.113.0", 24, 2, Some("198.18.5.254")),
+            route("0.0.0.0", 0, 2, Some("198.19.9.9")),
+            with_src,
+            wrong_family_src,
+            route("198.18.1.0", 24, 3, None),
+            route("198.18.50.0", 24, 7, None),
+            route("198.18.51.0", 24, 8, None),
+            RouteEntry {
+                dst: ip("198.18.60.0"),
+                prefix_len: 24,
+                metric: 0,
+                target: RouteTarget::Reject,
+                prefsrc: Some(ip("198.18.0.10")),
+            },
+            route("2001:2::", 64, 2, None),
+            route("2001:2:1::", 64, 3, None),
+        ];
+        let nh = NextHops::from_parts(&served(), &routes, &[], &addresses);
+        let src = |d: &str| nh.source_for(&a16(d)).map(ip_from16);
+        for (dst, want) in [
+            // On-link: the primary address whose subnet holds the destination,
+            // not the first primary, nor a secondary.
+            ("198.18.0.7", Some("198.18.0.10")),
+            // Through a router: the subnet that holds the router.
+            ("198.18.7.7", Some("198.18.0.10")),
+            ("203.0.113.9", Some("198.18.5.1")),
+            // A router in no subnet of the interface: the first primary.
+            ("198.51.100.1", Some("198.18.5.1")),
+            // The route's own source wins; one of the other family does not count.
+            ("198.18.40.3", Some("198.18.99.99")),
+            ("198.18.41.3", Some("198.18.5.1")),
+            ("198.18.1.20", Some("198.18.1.10")),
+            // An interface the gateway does not serve still has its source.
+            ("198.18.50.5", Some("198.18.50.1")),
+            // An interface without addresses, a reject route: none.
+            ("198.18.51.5", None),
+            ("198.18.60.5", None),
+            // IPv6: the first global one that is neither tentative,
+            // deprecated nor failed.
+            ("2001:2::77", Some("2001:2::10")),
+            ("2001:2:1::77", Some("2001:2:1::11")),
+            ("2001:3::1", None),
+        ] {
+            assert_eq!(src(dst), want.map(ip), "source for {dst}");
+        }
+        // Through the trait, as the workers hand it to the core.
+        let dyn_sources: &dyn SourceAddrs = &nh;
+        assert_eq!(
+            dyn_sources.source_for(&a16("198.18.1.20")),
+            Some(a16("198.18.1.10"))
+        );
+        assert_eq!(NextHops::empty().source_for(&a16("198.18.1.20")), None);
+
+        // The steering program's view: every address of a served interface
+        // and the preferred sources of routes through one.
+        let local: Vec<IpAddr> = nh.local_addrs().iter().map(|a| ip_from16(*a)).collect();
+        for want in [
+            "198.18.5.1",
+            "198.18.0.11",
+            "127.0.0.5",
+            "198.18.1.10",
+            "198.18.99.99",
+            "fe80::1",
+            "2001:2::9",
+            "2001:2:1::11",
+        ] {
+            assert!(local.contains(&ip(want)), "{want} in {local:?}");
+        }
+        assert!(!local.contains(&ip("198.18.50.1")), "{local:?}");
+        assert!(!local.contains(&ip("2001:2::99")), "{local:?}");
+        let mut sorted = local.clone();
+        sorted.sort_unstable_by_key(|a| addr16(*a));
+        sorted.dedup();
+        assert_eq!(sorted, local);
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! Owns: loading the program, attaching it to the gateway's interfaces (driver
 //! mode, else generic), the AF_XDP socket map (`xsks`), and keeping the lookup
 //! maps equal to what the current [`Table`] needs, as a diff against a
-//! user-space mirror. The program redirects to the gateway only packets to a
-//! frontend, replies from a backend, ICMP errors about either and non-first
-//! fragments of either; everything else goes to the kernel.
+//! user-space mirror, and the gateway's source-NAT addresses and port range
+//! ([`Steering::set_snat`]). The program redirects to the gateway only
+//! packets to a frontend, replies from a backend (to one of the gateway's
+//! SNAT addresses: only on a SNAT port), ICMP errors about either and
+//! non-first fragments of either; everything else goes to the kernel.
 //!
 //! Must never: steer anything the table does not name (the node must stay
 //! reachable: ARP, SSH and the node's own traffic are always passed), replace
@@ -22,6 +24,8 @@
 //! | `backends` | HASH | [`SteerKey`] bytes (backend address, backend port, frontend proto) | `u8` 1 |
 //! | `vip_addrs` | HASH | `[u8; 16]` frontend address | `u8` 1 |
 //! | `backend_addrs` | HASH | `[u8; 16]` backend address | `u8` 1 |
+//! | `snat_addrs` | HASH | `[u8; 16]` one of the gateway's SNAT addresses | `u8` 1 |
+//! | `snat_ports` | ARRAY (1 entry) | `u32` 0 | `[u16; 2]` lo, hi: the SNAT range, inclusive, **host order**; lo 0: none |
 //! | `if_slots` | HASH | `u32` ifindex | `u32` slot (position in [`Steering::load`]'s list) |
 //! | `xsks` | XSKMAP | `u32` slot × [`MAX_QUEUES`] + rx queue | AF_XDP socket fd |
 //! | `stats` | PERCPU_ARRAY | `u32` 0..4 | `u64`: redirected, passed, malformed, no socket |
@@ -32,7 +36,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::os::fd::RawFd;
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, XskMap};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, XskMap};
 use aya::programs::links::{Link as _, LinkType};
 use aya::programs::{ProgramError, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader, TestRun as _, TestRunOptions};
@@ -41,6 +45,7 @@ use hashbrown::HashSet;
 use thiserror::Error;
 
 use crate::flow::{ip_from16, Addr16};
+use crate::snat::PortRange;
 use crate::table::Table;
 
 /// Rx queues per interface: `xsks` holds `slot * MAX_QUEUES + queue`.
@@ -52,6 +57,10 @@ pub const MAX_INTERFACES: usize = 256;
 /// Bytes of a `frontends` / `backends` key.
 pub const KEY_LEN: usize = 20;
 
+/// Capacity of `snat_addrs`: the `--snat-address` overrides, or every
+/// address of the served interfaces.
+pub const MAX_SNAT_STEER_ADDRS: u32 = 4096;
+
 /// The compiled program (`build.rs` runs clang on `bpf/steer.c`).
 static STEER_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.o"));
 
@@ -60,6 +69,8 @@ const MAP_FRONTENDS: &str = "frontends";
 const MAP_BACKENDS: &str = "backends";
 const MAP_VIP_ADDRS: &str = "vip_addrs";
 const MAP_BACKEND_ADDRS: &str = "backend_addrs";
+const MAP_SNAT_ADDRS: &str = "snat_addrs";
+const MAP_SNAT_PORTS: &str = "snat_ports";
 const MAP_IF_SLOTS: &str = "if_slots";
 const MAP_XSKS: &str = "xsks";
 const MAP_STATS: &str = "stats";
@@ -288,6 +299,19 @@ pub struct SyncStats {
     pub removed: usize,
 }
 
+/// What one [`Steering::set_snat`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SnatSync {
+    /// Addresses in `snat_addrs` afterwards.
+    pub addrs: usize,
+    /// Addresses inserted.
+    pub added: usize,
+    /// Addresses deleted.
+    pub removed: usize,
+    /// Whether `snat_ports` was written.
+    pub ports_changed: bool,
+}
+
 /// What the program did with one frame in [`Steering::classify`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Classified {
@@ -360,6 +384,10 @@ pub struct MapDump {
     pub vip_addrs: Vec<Addr16>,
     /// `backend_addrs`.
     pub backend_addrs: Vec<Addr16>,
+    /// `snat_addrs`.
+    pub snat_addrs: Vec<Addr16>,
+    /// `snat_ports` (`None` while unset).
+    pub snat_ports: Option<PortRange>,
 }
 
 type Set<K> = HashSet<K, RandomState>;
@@ -426,10 +454,16 @@ pub struct Steering {
     backends: HashMap<MapData, [u8; KEY_LEN], u8>,
     vip_addrs: HashMap<MapData, Addr16, u8>,
     backend_addrs: HashMap<MapData, Addr16, u8>,
+    snat_addrs: HashMap<MapData, Addr16, u8>,
+    snat_ports: Array<MapData, [u16; 2]>,
     xsks: XskMap<MapData>,
     stats: PerCpuArray<MapData, u64>,
     _if_slots: HashMap<MapData, u32, u32>,
     mirror: Keys,
+    /// What `snat_addrs` holds.
+    snat_mirror: Set<Addr16>,
+    /// What `snat_ports` holds.
+    snat_range: Option<PortRange>,
     slots: u32,
     ebpf: Ebpf,
 }
@@ -530,6 +564,7 @@ impl Steering {
             .map_max_entries(MAP_BACKENDS, config.backends)
             .map_max_entries(MAP_VIP_ADDRS, config.vip_addrs)
             .map_max_entries(MAP_BACKEND_ADDRS, config.backend_addrs)
+            .map_max_entries(MAP_SNAT_ADDRS, MAX_SNAT_STEER_ADDRS)
             .map_max_entries(MAP_IF_SLOTS, MAX_INTERFACES as u32)
             .map_max_entries(MAP_XSKS, slots * MAX_QUEUES)
             .load(STEER_OBJ)
@@ -542,6 +577,8 @@ impl Steering {
         let backends = open_map(&mut ebpf, MAP_BACKENDS)?;
         let vip_addrs = open_map(&mut ebpf, MAP_VIP_ADDRS)?;
         let backend_addrs = open_map(&mut ebpf, MAP_BACKEND_ADDRS)?;
+        let snat_addrs = open_map(&mut ebpf, MAP_SNAT_ADDRS)?;
+        let snat_ports = open_map(&mut ebpf, MAP_SNAT_PORTS)?;
         let xsks = open_map(&mut ebpf, MAP_XSKS)?;
         let stats = open_map(&mut ebpf, MAP_STATS)?;
         let mut if_slots: HashMap<MapData, u32, u32> = open_map(&mut ebpf, MAP_IF_SLOTS)?;
@@ -631,10 +668,14 @@ impl Steering {
             backends,
             vip_addrs,
             backend_addrs,
+            snat_addrs,
+            snat_ports,
             xsks,
             stats,
             _if_slots: if_slots,
             mirror: Keys::default(),
+            snat_mirror: Set::default(),
+            snat_range: None,
             slots,
             ebpf,
         })
@@ -808,6 +849,54 @@ impl Steering {
         })
     }
 
+    /// Makes `snat_addrs` hold exactly `addrs` (the gateway's source-NAT
+    /// addresses: the `--snat-address` overrides, or every address of the
+    /// served interfaces) and `snat_ports` the range `ports` (the whole
+    /// range, every worker's share). A reply from a backend to one of these
+    /// addresses is then steered only when its destination port is in the
+    /// range; to other addresses, as before. The range is written first, then
+    /// new addresses inserted, then stale ones deleted; only what changed
+    /// since the last successful call is written (a diff against a mirror,
+    /// as [`Steering::sync`]), so calling it on every refresh is cheap.
+    ///
+    /// # Errors
+    /// A map refuses a write (`snat_addrs` holds [`MAX_SNAT_STEER_ADDRS`]).
+    pub fn set_snat(
+        &mut self,
+        addrs: &[Addr16],
+        ports: Option<PortRange>,
+    ) -> Result<SnatSync, SteerError> {
+        let mut out = SnatSync::default();
+        if ports != self.snat_range {
+            let value = ports.map_or([0, 0], |r| [r.lo(), r.hi()]);
+            self.snat_ports
+                .set(0, value, 0)
+                .map_err(|source| SteerError::MapInsert {
+                    map: MAP_SNAT_PORTS,
+                    key: ports.map_or_else(|| "no range".to_owned(), |r| r.to_string()),
+                    source: Box::new(source),
+                })?;
+            self.snat_range = ports;
+            out.ports_changed = true;
+        }
+        let want: Set<Addr16> = addrs.iter().copied().collect();
+        for a in &want {
+            if !self.snat_mirror.contains(a) {
+                insert(&mut self.snat_addrs, MAP_SNAT_ADDRS, a, || addr_str(a))?;
+                self.snat_mirror.insert(*a);
+                out.added += 1;
+            }
+        }
+        let stale: Vec<Addr16> = self.snat_mirror.difference(&want).copied().collect();
+        for a in stale {
+            remove(&mut self.snat_addrs, MAP_SNAT_ADDRS, &a, || addr_str(&a))?;
+            self.snat_mirror.remove(&a);
+            out.removed += 1;
+        }
+        out.addrs = self.snat_mirror.len();
+        Ok(out)
+    }
+
     /// The program's counters, summed over CPUs.
     ///
     /// # Errors
@@ -858,6 +947,15 @@ impl Steering {
             backends: parse(keys(&self.backends, MAP_BACKENDS)?),
             vip_addrs: keys(&self.vip_addrs, MAP_VIP_ADDRS)?,
             backend_addrs: keys(&self.backend_addrs, MAP_BACKEND_ADDRS)?,
+            snat_addrs: keys(&self.snat_addrs, MAP_SNAT_ADDRS)?,
+            snat_ports: self
+                .snat_ports
+                .get(&0, 0)
+                .map_err(|source| SteerError::ReadMap {
+                    map: MAP_SNAT_PORTS,
+                    source: Box::new(source),
+                })
+                .map(|[lo, hi]| PortRange::new(lo, hi))?,
         })
     }
 

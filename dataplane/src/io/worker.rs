@@ -4,9 +4,10 @@
 //!
 //! Owns: the poll loop, per-worker I/O counters, and the hand-off of counters
 //! to the metrics thread. It reads the clock, the table handle and the
-//! next-hop view once per batch, never per packet, and never allocates in the
-//! loop. It does not decide what happens to a packet: that is
-//! [`crate::pipeline::Worker`]'s verdict.
+//! next-hop view once per batch, never per packet (the next-hop view is also
+//! handed to the core then, as the source of the gateway's own addresses),
+//! and never allocates in the loop. It does not decide what happens to a
+//! packet: that is [`crate::pipeline::Worker`]'s verdict.
 #![allow(unsafe_code)] // Frames handed between the rings (`Ports`' unsafe contract).
 
 use std::net::IpAddr;
@@ -25,6 +26,7 @@ use crate::io::xsk::{BindMode, Iface, Ports, RingStats, XskError, XskOptions, RX
 use crate::packet::rewrite::set_macs;
 use crate::pipeline::{Counters, Verdict, Worker};
 use crate::snapshot::TableHandle;
+use crate::snat::{ReturnConfig, SourceAddrs};
 use crate::time::Now;
 
 /// Counters of the I/O around the core, per worker.
@@ -110,6 +112,9 @@ pub struct WorkerSpec {
     pub queues: Vec<u32>,
     /// Ring and UMEM sizes.
     pub xsk: XskOptions,
+    /// This worker's return-path settings: its share of the SNAT ports, the
+    /// `--snat-address` overrides, the DSR encapsulation MTU.
+    pub ret: ReturnConfig,
 }
 
 /// A socket opened by a worker, for the steering program's XSKMAP.
@@ -156,9 +161,11 @@ pub fn open(spec: &WorkerSpec) -> Result<(Ports, Vec<OpenedSocket>), XskError> {
 }
 
 /// Polls until `shared.stop` is set, then drains: stops receiving, sends
-/// what is in hand, and waits (bounded) for TX completions.
-pub fn run(mut ports: Ports, shared: &Shared, stats: &Mutex<WorkerStats>) {
-    let mut core = Worker::new(Arc::clone(&shared.conntrack));
+/// what is in hand, and waits (bounded) for TX completions. `spec`: the
+/// worker's own settings (its sockets are already open in `ports`).
+pub fn run(mut ports: Ports, spec: &WorkerSpec, shared: &Shared, stats: &Mutex<WorkerStats>) {
+    let mut core = Worker::with_config(Arc::clone(&shared.conntrack), spec.ret.clone());
+    let mut sources: Option<Arc<NextHops>> = None;
     let mut io = IoCounters::default();
     let nports = ports.ports().len();
     // Egress socket per (ingress socket, interface index), worked out once:
@@ -217,6 +224,16 @@ pub fn run(mut ports: Ports, shared: &Shared, stats: &Mutex<WorkerStats>) {
         let table = shared.table.load();
         generation = table.generation();
         let hops = shared.hops.load();
+        // The same view gives new flows the gateway's own address, through
+        // the core. Handed over when the management loop swapped in a new
+        // one (every 500 ms or so), not on every round: a reference count
+        // taken per round by every worker would bounce one cache line
+        // between the worker cores.
+        if !sources.as_ref().is_some_and(|s| Arc::ptr_eq(s, &hops)) {
+            let view = Arc::clone(&hops);
+            core.set_sources(Some(Arc::clone(&view) as Arc<dyn SourceAddrs>));
+            sources = Some(view);
+        }
         let mut work = 0usize;
         for port in 0..nports {
             let n = ports.receive(port, &mut rx);
