@@ -1851,6 +1851,7 @@ mod tests {
 
     use super::*;
     use crate::flow::v4_to_16;
+    use std::sync::Arc;
 
     fn small(capacity: usize) -> Conntrack {
         Conntrack::new(&Config {
@@ -2367,6 +2368,220 @@ mod tests {
             assert_eq!(buckets(&ct), start, "round {round}: a shard grew");
         }
         assert!(ct.stats().inserts > 10 * cap as u64);
+    }
+
+    /// (forward entries, reverse entries) of the IPv4 tables.
+    fn entries(ct: &Conntrack) -> (usize, usize) {
+        ct.v4.shards.iter().fold((0, 0), |(f, r), m| {
+            let s = lock(&m.0);
+            (f + s.fwd.len(), r + s.rev.len())
+        })
+    }
+
+    fn client(i: u32) -> FlowTuple {
+        FlowTuple {
+            src_addr: v4_to_16([198, 18, 100 + (i >> 16) as u8, (i >> 8) as u8]),
+            dst_addr: v4_to_16([198, 19, 0, 10]),
+            src_port: 1000 + (i & 0xff) as u16,
+            dst_port: 80,
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn snat_reply(nat: FlowNat, bport: u16) -> FlowTuple {
+        let FlowNat::Snat { addr, port } = nat else {
+            panic!("not source-NATed: {nat:?}")
+        };
+        FlowTuple {
+            src_addr: v4_to_16([198, 18, 1, 1]),
+            dst_addr: addr,
+            src_port: bport,
+            dst_port: port,
+            proto: Proto::Tcp,
+        }
+    }
+
+    /// Under eviction pressure from source-NATed flows alone (whose reverse
+    /// entries mostly live in other shards than their forward ones), every
+    /// flow keeps exactly one reverse entry, and every reverse entry belongs
+    /// to a live flow: a reply either finds its own client or nothing.
+    #[test]
+    fn snat_reverse_entries_go_with_their_flows_under_pressure() {
+        let ct = Conntrack::new(&Config {
+            capacity: 256,
+            shards: 8,
+            affinity_capacity: 8,
+            fragment_capacity: 8,
+            timeouts: Timeouts::default(),
+        });
+        let gw = [v4_to_16([198, 18, 2, 1])];
+        let ports = PortRange::new(1024, 65_535).unwrap();
+        let now = Now::from_secs(5);
+        let mut bound = Vec::new();
+        for i in 0..3000u32 {
+            let st = if i % 3 == 0 {
+                FlowState::TcpEstablished
+            } else {
+                FlowState::TcpSynSent
+            };
+            let nat = ct
+                .insert_snat(now, Family::V4, &client(i), &bind(8080), st, &gw, ports)
+                .unwrap();
+            bound.push((i, nat));
+            let (f, r) = entries(&ct);
+            assert_eq!(f, r, "after flow {i}: {f} forward, {r} reverse entries");
+        }
+        let s = ct.stats();
+        assert!(s.evicted_unestablished > 0, "{s:?}");
+        let (mut found, mut gone) = (0, 0);
+        for (i, nat) in bound {
+            let fwd = ct.lookup_original(now, Family::V4, &client(i), 0, false);
+            let hit = ct.lookup_reply(now, Family::V4, &snat_reply(nat, 8080), 0, false);
+            if fwd.is_some_and(|f| f.nat == nat) {
+                // Live: its reply reaches it.
+                found += 1;
+                let h = hit.expect("a live flow's reply is found");
+                assert_eq!(
+                    (h.client, h.client_port),
+                    (client(i).src_addr, client(i).src_port)
+                );
+            } else {
+                // Gone: its port may serve a newer flow, never this one.
+                gone += 1;
+                assert!(hit.is_none_or(
+                    |h| h.client_port != client(i).src_port || h.client != client(i).src_addr
+                ));
+            }
+        }
+        assert!(found > 100 && gone > 1000, "{found} found, {gone} gone");
+    }
+
+    /// Two threads open, answer, close and sweep source-NATed and routed
+    /// flows in the same shards at once: nothing deadlocks (no thread ever
+    /// holds two shard locks), and once they stop, forward and reverse
+    /// entries are in step.
+    #[test]
+    fn concurrent_churn_keeps_both_directions_in_step() {
+        let ct = Arc::new(Conntrack::new(&Config {
+            capacity: 512,
+            shards: 4,
+            affinity_capacity: 8,
+            fragment_capacity: 8,
+            timeouts: Timeouts {
+                tcp_rst: 1,
+                tcp_syn: 3,
+                ..Timeouts::default()
+            },
+        }));
+        let threads: Vec<_> = (0..2u32)
+            .map(|w| {
+                let ct = Arc::clone(&ct);
+                std::thread::spawn(move || {
+                    let gw = [v4_to_16([198, 18, 2, 1])];
+                    let ports =
+                        PortRange::new(20_000 + w as u16 * 100, 20_099 + w as u16 * 100).unwrap();
+                    let mut cursor = 0;
+                    for n in 0..20_000u32 {
+                        let now = Now::from_secs(u64::from(n / 2000));
+                        let i = (n * 7919 + w) % 1500;
+                        let t = client(i);
+                        match n % 5 {
+                            0 | 1 => {
+                                let _ = if i % 2 == 0 {
+                                    ct.insert_snat(
+                                        now,
+                                        Family::V4,
+                                        &t,
+                                        &bind(8080),
+                                        FlowState::TcpSynSent,
+                                        &gw,
+                                        ports,
+                                    )
+                                    .map(|_| ())
+                                } else {
+                                    ct.insert(
+                                        now,
+                                        Family::V4,
+                                        &t,
+                                        &bind(8080),
+                                        FlowState::TcpSynSent,
+                                    )
+                                };
+                            }
+                            2 => {
+                                if let Some(h) = ct.lookup_original(now, Family::V4, &t, 0, false) {
+                                    let back = match h.nat {
+                                        FlowNat::Snat { .. } => snat_reply(h.nat, 8080),
+                                        _ => reply_of(t.src_port, 8080),
+                                    };
+                                    let mut back = back;
+                                    if !matches!(h.nat, FlowNat::Snat { .. }) {
+                                        back.dst_addr = t.src_addr;
+                                    }
+                                    let _ = ct.lookup_reply(
+                                        now,
+                                        Family::V4,
+                                        &back,
+                                        tcp_flags::SYN | tcp_flags::ACK,
+                                        true,
+                                    );
+                                }
+                            }
+                            3 => {
+                                let _ =
+                                    ct.lookup_original(now, Family::V4, &t, tcp_flags::RST, true);
+                            }
+                            _ => {
+                                ct.expire(now, &mut cursor, 1);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let (f, r) = entries(&ct);
+        assert_eq!(f, r, "{f} forward, {r} reverse entries");
+        let mut cursor = 0;
+        ct.expire(Now::from_secs(1_000_000), &mut cursor, 4);
+        assert_eq!(entries(&ct), (0, 0), "everything expires, both ways");
+    }
+
+    /// DSR flows keep no reverse entry, and their TCP state comes from the
+    /// client's flags alone.
+    #[test]
+    fn dsr_flows_are_one_way() {
+        let ct = small(64);
+        let now = Now::from_secs(1);
+        let b = Binding {
+            nat: FlowNat::Dsr {
+                outer_src: v4_to_16([198, 18, 2, 1]),
+            },
+            ..bind(8080)
+        };
+        ct.insert(now, Family::V4, &t(9), &b, FlowState::TcpSynSent)
+            .unwrap();
+        assert_eq!(entries(&ct), (1, 0));
+        let h = ct
+            .lookup_original(now, Family::V4, &t(9), tcp_flags::ACK, true)
+            .unwrap();
+        assert_eq!(h.state, FlowState::TcpEstablished);
+        assert_eq!(h.nat, b.nat);
+        let h = ct
+            .lookup_original(
+                now,
+                Family::V4,
+                &t(9),
+                tcp_flags::FIN | tcp_flags::ACK,
+                true,
+            )
+            .unwrap();
+        assert_eq!(h.state, FlowState::TcpClosing);
+        assert!(ct
+            .lookup_reply(now, Family::V4, &reply_of(9, 8080), 0, false)
+            .is_none());
     }
 
     #[test]

@@ -339,3 +339,181 @@ pub fn udp_datagram(src: Addr16, dst: Addr16, sport: u16, dport: u16, len: usize
     out.extend_from_slice(&payload);
     out
 }
+
+/// What a test sees of a frame on the wire, once every checksum was verified
+/// in full ([`wire`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wire {
+    /// Source address (of the inner packet, for IP in IP).
+    pub src: Addr16,
+    /// Destination address (of the inner packet, for IP in IP).
+    pub dst: Addr16,
+    /// Source port (0 for ICMP).
+    pub sport: u16,
+    /// Destination port (0 for ICMP).
+    pub dport: u16,
+    /// TTL or hop limit (of the inner packet, for IP in IP).
+    pub ttl: u8,
+    /// TCP flags: SYN, ACK, FIN, RST.
+    pub tcp_flags: (bool, bool, bool, bool),
+    /// TCP sequence number; for ICMP, `type << 8 | code`.
+    pub seq: u32,
+    /// TCP acknowledgment number.
+    pub ack: u32,
+    /// ICMP: the four bytes after the checksum (the MTU of a too-big error).
+    pub icmp_rest: [u8; 4],
+    /// For IP in IP: the outer (source, destination, TTL).
+    pub outer: Option<(Addr16, Addr16, u8)>,
+    /// Transport payload (for ICMP errors, the quoted packet; for SCTP, the
+    /// first chunk's value).
+    pub payload: Vec<u8>,
+}
+
+/// Parses `frame` (Ethernet; IPv4 or IPv6; TCP, UDP, SCTP or ICMP; possibly
+/// IPv4-in-IPv4 or IPv6-in-IPv6) and checks every checksum in full: the IPv4
+/// header checksums (outer and inner), TCP and UDP over their pseudo-headers,
+/// ICMP and ICMPv6, SCTP's CRC32c. Panics naming the first one that is wrong.
+#[must_use]
+pub fn wire(frame: &[u8]) -> Wire {
+    use etherparse::{IpSlice, LinkSlice, NetSlice, SlicedPacket};
+    let p = SlicedPacket::from_ethernet(frame).expect("the frame parses");
+    assert!(
+        matches!(p.link, Some(LinkSlice::Ethernet2(_))),
+        "an Ethernet II frame"
+    );
+    let (src, dst, ttl, proto, payload) = ip_parts(p.net.as_ref().expect("an IP packet"));
+    if proto == 4 || proto == 41 {
+        let inner = IpSlice::from_slice(payload).expect("the inner packet parses");
+        let inner_net: NetSlice<'_> = match inner {
+            IpSlice::Ipv4(v) => NetSlice::Ipv4(v),
+            IpSlice::Ipv6(v) => NetSlice::Ipv6(v),
+        };
+        let mut w = transport(&inner_net);
+        w.outer = Some((src, dst, ttl));
+        return w;
+    }
+    transport(p.net.as_ref().expect("an IP packet"))
+}
+
+/// Addresses, TTL, protocol and payload of an IP layer; checks an IPv4
+/// header's checksum.
+fn ip_parts<'a>(net: &etherparse::NetSlice<'a>) -> (Addr16, Addr16, u8, u8, &'a [u8]) {
+    use etherparse::NetSlice;
+    match net {
+        NetSlice::Ipv4(v) => {
+            let h = v.header();
+            assert_eq!(
+                h.header_checksum(),
+                h.to_header().calc_header_checksum(),
+                "IPv4 header checksum"
+            );
+            (
+                crate::flow::v4_to_16(h.source()),
+                crate::flow::v4_to_16(h.destination()),
+                h.ttl(),
+                v.payload().ip_number.0,
+                v.payload().payload,
+            )
+        }
+        NetSlice::Ipv6(v) => {
+            let h = v.header();
+            (
+                h.source(),
+                h.destination(),
+                h.hop_limit(),
+                v.payload().ip_number.0,
+                v.payload().payload,
+            )
+        }
+        NetSlice::Arp(_) => panic!("ARP, not IP"),
+    }
+}
+
+/// The transport of an IP layer, every checksum verified.
+fn transport(net: &etherparse::NetSlice<'_>) -> Wire {
+    let (src, dst, ttl, proto, l4) = ip_parts(net);
+    let v4 = ip_from16(src).is_ipv4();
+    let s4 = [src[12], src[13], src[14], src[15]];
+    let d4 = [dst[12], dst[13], dst[14], dst[15]];
+    let pseudo = |n: u8| {
+        if v4 {
+            checksum::pseudo_header_v4(s4, d4, n, l4.len() as u16)
+        } else {
+            checksum::pseudo_header_v6(&src, &dst, n, l4.len() as u32)
+        }
+    };
+    let mut w = Wire {
+        src,
+        dst,
+        sport: 0,
+        dport: 0,
+        ttl,
+        tcp_flags: (false, false, false, false),
+        seq: 0,
+        ack: 0,
+        icmp_rest: [0; 4],
+        outer: None,
+        payload: Vec::new(),
+    };
+    let be16 = |at: usize| u16::from_be_bytes([l4[at], l4[at + 1]]);
+    let be32 = |at: usize| u32::from_be_bytes([l4[at], l4[at + 1], l4[at + 2], l4[at + 3]]);
+    match proto {
+        6 => {
+            assert_eq!(
+                checksum::fold(checksum::sum_bytes(pseudo(6), l4)),
+                0xffff,
+                "TCP checksum"
+            );
+            let flags = l4[13];
+            w.sport = be16(0);
+            w.dport = be16(2);
+            w.seq = be32(4);
+            w.ack = be32(8);
+            w.tcp_flags = (
+                flags & 0x02 != 0,
+                flags & 0x10 != 0,
+                flags & 0x01 != 0,
+                flags & 0x04 != 0,
+            );
+            w.payload = l4[usize::from(l4[12] >> 4) * 4..].to_vec();
+        }
+        17 => {
+            if !(v4 && be16(6) == 0) {
+                assert_eq!(
+                    checksum::fold(checksum::sum_bytes(pseudo(17), l4)),
+                    0xffff,
+                    "UDP checksum"
+                );
+            }
+            w.sport = be16(0);
+            w.dport = be16(2);
+            w.payload = l4[8..].to_vec();
+        }
+        132 => {
+            let mut copy = l4.to_vec();
+            copy[8..12].fill(0);
+            assert_eq!(
+                u32::from_le_bytes([l4[8], l4[9], l4[10], l4[11]]),
+                checksum::sctp_crc32c(&copy),
+                "SCTP CRC32c"
+            );
+            w.sport = be16(0);
+            w.dport = be16(2);
+            // The value of the first chunk (the fixtures send one).
+            w.payload = l4.get(16..).unwrap_or_default().to_vec();
+        }
+        1 | 58 => {
+            let start = if proto == 58 { pseudo(58) } else { 0 };
+            assert_eq!(
+                checksum::fold(checksum::sum_bytes(start, l4)),
+                0xffff,
+                "ICMP checksum"
+            );
+            w.seq = u32::from(l4[0]) << 8 | u32::from(l4[1]);
+            w.icmp_rest.copy_from_slice(&l4[4..8]);
+            w.payload = l4[8..].to_vec();
+        }
+        other => panic!("unexpected IP protocol {other}"),
+    }
+    w
+}

@@ -14,9 +14,8 @@ use clustergate_dataplane::flow::{addr16, Addr16, Proto};
 use clustergate_dataplane::packet::checksum;
 use clustergate_dataplane::pipeline::{DropReason, Side, Verdict, Worker};
 use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
-use clustergate_dataplane::testkit::{self, L4Spec, Tcp};
+use clustergate_dataplane::testkit::{self, wire, L4Spec, Tcp};
 use clustergate_dataplane::time::Now;
-use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
 fn a(s: &str) -> Addr16 {
     addr16(s.parse::<IpAddr>().unwrap())
@@ -89,92 +88,6 @@ impl Gateway {
             verdict,
             frame: buf,
         }
-    }
-}
-
-/// Parsed view of an output frame, with every checksum verified in full.
-#[derive(Debug, PartialEq, Eq)]
-struct Wire {
-    src: Addr16,
-    dst: Addr16,
-    sport: u16,
-    dport: u16,
-    tcp_flags: (bool, bool, bool, bool), // syn, ack, fin, rst
-    seq: u32,
-    ack: u32,
-}
-
-fn wire(frame: &[u8]) -> Wire {
-    let p = SlicedPacket::from_ethernet(frame).expect("output parses");
-    let (src, dst, ip4) = match p.net.as_ref().unwrap() {
-        NetSlice::Ipv4(v4) => {
-            let h = v4.header();
-            assert_eq!(
-                h.header_checksum(),
-                h.to_header().calc_header_checksum(),
-                "IPv4 header checksum"
-            );
-            (
-                addr16(IpAddr::V4(h.source_addr())),
-                addr16(IpAddr::V4(h.destination_addr())),
-                Some(h.to_header()),
-            )
-        }
-        NetSlice::Ipv6(v6) => {
-            let h = v6.header();
-            (
-                addr16(IpAddr::V6(h.source_addr())),
-                addr16(IpAddr::V6(h.destination_addr())),
-                None,
-            )
-        }
-        NetSlice::Arp(_) => panic!("arp"),
-    };
-    let ip4 = ip4.expect("these tests use IPv4");
-    match p.transport.unwrap() {
-        TransportSlice::Tcp(t) => {
-            let want = t.to_header().calc_checksum_ipv4(&ip4, t.payload()).unwrap();
-            assert_eq!(t.checksum(), want, "TCP checksum");
-            Wire {
-                src,
-                dst,
-                sport: t.source_port(),
-                dport: t.destination_port(),
-                tcp_flags: (t.syn(), t.ack(), t.fin(), t.rst()),
-                seq: t.sequence_number(),
-                ack: t.acknowledgment_number(),
-            }
-        }
-        TransportSlice::Udp(u) => {
-            let want = u.to_header().calc_checksum_ipv4(&ip4, u.payload()).unwrap();
-            assert_eq!(u.checksum(), want, "UDP checksum");
-            Wire {
-                src,
-                dst,
-                sport: u.source_port(),
-                dport: u.destination_port(),
-                tcp_flags: (false, false, false, false),
-                seq: 0,
-                ack: 0,
-            }
-        }
-        TransportSlice::Icmpv4(i) => {
-            assert_eq!(
-                checksum::fold(checksum::sum_bytes(0, i.slice())),
-                0xffff,
-                "ICMP checksum"
-            );
-            Wire {
-                src,
-                dst,
-                sport: 0,
-                dport: 0,
-                tcp_flags: (false, false, false, false),
-                seq: u32::from(i.type_u8()) << 8 | u32::from(i.code_u8()),
-                ack: 0,
-            }
-        }
-        other => panic!("unexpected transport {other:?}"),
     }
 }
 
