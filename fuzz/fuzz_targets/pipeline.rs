@@ -1,16 +1,20 @@
 //! Fuzz `Worker::process` over whole frames.
 //!
-//! Input: `[variant, frames...]`. The first byte picks a variant: bits 0..2
-//! the table (a few frontends, an empty-endpoint service, affinity, or no
-//! services at all) and whether the buffer has room for a reject; the rest is
+//! Input: `[variant, frames...]`. The first byte picks a variant: bits 0..3
+//! the table (a few frontends, an empty-endpoint service, affinity, no
+//! services at all, or the frontends with source NAT or DSR), bit 3 whether
+//! the buffer has room for a reject (or an encapsulation), bit 4 a small
+//! encapsulation MTU (576: ICMP too-big answers); the rest is
 //! split into frames at every `0xC0 0xFF` marker, all processed by one worker
 //! (so state from one frame, a flow or a fragment, meets the next). Frames
 //! that do not start with an Ethernet header get one (gateway MACs, IPv4 or
 //! IPv6 ether type by their first nibble), so most inputs reach the IP layer.
 //!
-//! Checked: no panic; a `Forward` keeps the frame length; a `Reject` fits the
-//! buffer; nothing is written past the frame (or the reject); a `Pass` leaves
-//! the frame unchanged.
+//! Checked: no panic; a `Forward` keeps the frame length, or (DSR) grows it
+//! by at most an outer IPv6 header within the buffer; a `Reject` fits the
+//! buffer; nothing is written past the frame (or the reject, or the
+//! encapsulated frame); a `Pass` leaves the frame unchanged. The SNAT range is
+//! eight ports, so exhaustion and port reuse are reached too.
 
 #![no_main]
 
@@ -18,9 +22,10 @@ use std::net::IpAddr;
 use std::sync::{Arc, OnceLock};
 
 use clustergate_dataplane::conntrack::{Config, Conntrack};
-use clustergate_dataplane::flow::Proto;
+use clustergate_dataplane::flow::{addr16, Proto};
 use clustergate_dataplane::pipeline::{Verdict, Worker};
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::snat::{FixedSources, PortRange, ReturnConfig};
+use clustergate_dataplane::table::{BackendSpec, ReturnPath, ServiceSpec, Table};
 use clustergate_dataplane::time::Now;
 use libfuzzer_sys::fuzz_target;
 
@@ -71,16 +76,26 @@ fn tables() -> &'static [Table] {
             spec("::", 0, Proto::Udp, &[("2001:db8:1::1", 1)]),
             spec("::", 0, Proto::Tcp, &[]),
         ];
+        let with = |rp: ReturnPath, specs: &[ServiceSpec]| -> Vec<ServiceSpec> {
+            specs
+                .iter()
+                .map(|s| s.clone().with_return_path(rp))
+                .collect()
+        };
         vec![
             Table::build(1, 0, &full).expect("full table"),
             Table::build(2, 7, &affinity).expect("affinity table"),
             Table::build(3, 0, &zeros).expect("zeros table"),
             Table::empty(4),
+            Table::build(5, 0, &with(ReturnPath::Snat, &full)).expect("snat table"),
+            Table::build(6, 0, &with(ReturnPath::Dsr, &full)).expect("dsr table"),
+            Table::build(7, 3, &with(ReturnPath::Snat, &affinity)).expect("snat affinity"),
+            Table::build(8, 0, &with(ReturnPath::Dsr, &zeros)).expect("dsr zeros"),
         ]
     })
 }
 
-fn worker() -> Worker {
+fn worker(encap_mtu: u16) -> Worker {
     let cfg = Config {
         capacity: 64,
         shards: 2,
@@ -88,7 +103,19 @@ fn worker() -> Worker {
         fragment_capacity: 16,
         ..Config::default()
     };
-    Worker::new(Arc::new(Conntrack::new(&cfg)))
+    let mut w = Worker::with_config(
+        Arc::new(Conntrack::new(&cfg)),
+        ReturnConfig {
+            ports: PortRange::new(20_000, 20_007).expect("fuzz SNAT range"),
+            encap_mtu,
+            ..ReturnConfig::default()
+        },
+    );
+    w.set_sources(Some(Arc::new(FixedSources {
+        v4: Some(addr16(ip("198.18.2.1"))),
+        v6: Some(addr16(ip("2001:db8:2::1"))),
+    })));
+    w
 }
 
 /// Puts an Ethernet header in front of `f` unless it already looks like one.
@@ -130,9 +157,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let tables = tables();
-    let table = &tables[usize::from(variant & 0x03) % tables.len()];
-    let room = variant & 0x04 != 0;
-    let mut w = worker();
+    let table = &tables[usize::from(variant & 0x07) % tables.len()];
+    let room = variant & 0x08 != 0;
+    let mut w = worker(if variant & 0x10 != 0 { 576 } else { 1500 });
     for (i, raw) in split(rest).take(16).enumerate() {
         let f = with_ethernet(raw);
         let len = f.len();
@@ -144,8 +171,14 @@ fuzz_target!(|data: &[u8]| {
         let now = Now::from_secs(1_000 + i as u64);
         match w.process(now, table, &mut buf, len) {
             Verdict::Forward { len: l, .. } => {
-                assert_eq!(l, len, "a forward keeps the frame length");
-                assert!(buf[len..] == before[len..], "forward wrote past the frame");
+                // DSR: an outer header of 20 or 40 bytes in front (Ethernet
+                // padding dropped).
+                assert!(
+                    l == len || (l <= len + 40 && l <= buf.len()),
+                    "a forward keeps the frame length or encapsulates: {len} → {l}"
+                );
+                let end = l.max(len);
+                assert!(buf[end..] == before[end..], "forward wrote past the frame");
             }
             Verdict::Reject { len: l } => {
                 assert!(l <= buf.len(), "reject longer than the buffer");
