@@ -595,22 +595,25 @@ enum Later<A> {
 /// after it is done.
 const LATER_CAP: usize = 32;
 
+/// Up to `N` [`Later`] operations, on the stack. A single lookup leaves at
+/// most one (so its buffer costs nothing to set up); sweeps and eviction
+/// take [`LATER_CAP`].
 #[derive(Debug)]
-struct LaterBuf<A> {
-    ops: [Option<Later<A>>; LATER_CAP],
+struct LaterBuf<A, const N: usize> {
+    ops: [Option<Later<A>>; N],
     n: usize,
 }
 
-impl<A: Ip> LaterBuf<A> {
+impl<A: Ip, const N: usize> LaterBuf<A, N> {
     fn new() -> Self {
         Self {
-            ops: [None; LATER_CAP],
+            ops: [None; N],
             n: 0,
         }
     }
 
     fn is_full(&self) -> bool {
-        self.n == LATER_CAP
+        self.n == N
     }
 
     /// Callers check [`LaterBuf::is_full`] first where they may meet more
@@ -889,12 +892,12 @@ impl<A: Ip> Tracker<A> {
 
     /// Removes a removed forward entry's reverse entry: at once when it is in
     /// this shard (`i`, whose reverse table is `rev`), else later.
-    fn unlink_rev(
+    fn unlink_rev<const N: usize>(
         &self,
         i: usize,
         rev: &mut HashTable<Rev<A>>,
         e: &Fwd<A>,
-        later: &mut LaterBuf<A>,
+        later: &mut LaterBuf<A, N>,
     ) {
         let Some(k) = e.rev_key() else { return };
         if self.rev_shard(&k) == i {
@@ -908,7 +911,13 @@ impl<A: Ip> Tracker<A> {
 
     /// Copies a forward entry's state and expiry into its reverse entry: at
     /// once when it is in this shard, else later.
-    fn sync_rev(&self, i: usize, rev: &mut HashTable<Rev<A>>, e: &Fwd<A>, later: &mut LaterBuf<A>) {
+    fn sync_rev<const N: usize>(
+        &self,
+        i: usize,
+        rev: &mut HashTable<Rev<A>>,
+        e: &Fwd<A>,
+        later: &mut LaterBuf<A, N>,
+    ) {
         let Some(k) = e.rev_key() else { return };
         if self.rev_shard(&k) == i {
             if let Some(r) = rev.find_mut(self.rev_hash(&k), is_rev(&k)) {
@@ -921,7 +930,7 @@ impl<A: Ip> Tracker<A> {
     }
 
     /// Does the work left for after a lock, one shard lock at a time.
-    fn run_later(&self, later: &LaterBuf<A>) {
+    fn run_later<const N: usize>(&self, later: &LaterBuf<A, N>) {
         for op in later.ops.iter().take(later.n).flatten() {
             match *op {
                 Later::RemoveRev(k, of) => {
@@ -965,7 +974,7 @@ impl<A: Ip> Tracker<A> {
     ) -> Option<FlowHit> {
         let k = FwdKey::of(t);
         let i = self.fwd_shard(&k);
-        let mut later = LaterBuf::new();
+        let mut later = LaterBuf::<A, 1>::new();
         let hit = {
             let mut s = self.lock(i);
             let Shard {
@@ -1103,7 +1112,7 @@ impl<A: Ip> Tracker<A> {
                 }
             }
         };
-        let mut later = LaterBuf::new();
+        let mut later = LaterBuf::<A, 1>::new();
         let hit = match decided {
             None => {
                 later.push(Later::RemoveRev(rk, fk));
@@ -1156,7 +1165,9 @@ impl<A: Ip> Tracker<A> {
         let local_rev = e
             .rev_key()
             .filter(|rk| self.rev_shard(rk) == i && mode == MODE_ROUTED);
-        let mut later = LaterBuf::new();
+        let mut later = LaterBuf::<A, 1>::new();
+        // Room for eviction's work, set up only when a shard is full.
+        let mut bulk = None;
         let result = {
             let mut s = self.lock(i);
             let sh = &mut *s;
@@ -1172,7 +1183,7 @@ impl<A: Ip> Tracker<A> {
                 sh.fwd.len() >= sh.cap || (local_rev.is_some() && sh.rev.len() >= sh.cap)
             };
             if full(sh) {
-                self.make_room(i, sh, now, false, &mut later);
+                self.make_room(i, sh, now, false, bulk.insert(LaterBuf::new()));
             }
             if full(sh) {
                 sh.stats.refused += 1;
@@ -1193,6 +1204,9 @@ impl<A: Ip> Tracker<A> {
             }
         };
         self.run_later(&later);
+        if let Some(b) = &bulk {
+            self.run_later(b);
+        }
         result
     }
 
@@ -1209,7 +1223,7 @@ impl<A: Ip> Tracker<A> {
     ) -> Reserve {
         let j = self.rev_shard(rk);
         let k = FwdKey::<A>::of(t);
-        let mut later = LaterBuf::new();
+        let mut bulk = None;
         let r = {
             let mut s = self.lock(j);
             let sh = &mut *s;
@@ -1217,7 +1231,7 @@ impl<A: Ip> Tracker<A> {
                 Reserve::Taken
             } else {
                 if sh.rev.len() >= sh.cap {
-                    self.make_room(j, sh, now, true, &mut later);
+                    self.make_room(j, sh, now, true, bulk.insert(LaterBuf::new()));
                 }
                 if sh.rev.len() >= sh.cap {
                     Reserve::Full
@@ -1240,7 +1254,9 @@ impl<A: Ip> Tracker<A> {
                 }
             }
         };
-        self.run_later(&later);
+        if let Some(b) = &bulk {
+            self.run_later(b);
+        }
         r
     }
 
@@ -1284,7 +1300,7 @@ impl<A: Ip> Tracker<A> {
                         return match self.insert(now, t, &bound, state, to) {
                             Ok(()) => Ok(nat),
                             Err(e) => {
-                                let mut later = LaterBuf::new();
+                                let mut later = LaterBuf::<A, 1>::new();
                                 later.push(Later::RemoveRev(rk, k));
                                 self.run_later(&later);
                                 Err(e)
@@ -1312,7 +1328,7 @@ impl<A: Ip> Tracker<A> {
         sh: &mut Shard<A>,
         now: u32,
         for_rev: bool,
-        later: &mut LaterBuf<A>,
+        later: &mut LaterBuf<A, LATER_CAP>,
     ) {
         let target = (sh.cap / 32).max(1);
         let mut freed = 0usize;
@@ -1391,7 +1407,7 @@ impl<A: Ip> Tracker<A> {
         }
         let mut removed = 0;
         loop {
-            let mut later = LaterBuf::new();
+            let mut later = LaterBuf::<A, LATER_CAP>::new();
             let mut more = false;
             {
                 let mut s = self.lock(i);
