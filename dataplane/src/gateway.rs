@@ -398,6 +398,20 @@ fn plan_returns(args: &RunArgs, ifaces: &[Iface], workers: usize) -> Result<Retu
     })
 }
 
+/// Warns about each `--snat-address` that is not an address of this node:
+/// the backends' replies to it reach the gateway only if something routes
+/// it here (the kernel does not answer ARP or NDP for it).
+fn warn_foreign_snat(plan: &ReturnPlan, hops: &NextHops) {
+    for a in plan.v4.iter().chain(&plan.v6) {
+        if !hops.local_addrs().contains(a) {
+            warn!(
+                address = %ip_from16(*a),
+                "--snat-address is not an address of the served interfaces: replies to it come back only if it is routed to this node"
+            );
+        }
+    }
+}
+
 /// Brings the steering program's SNAT addresses to `plan` and `hops`.
 fn steer_snat(steering: &mut Steering, plan: &ReturnPlan, hops: &NextHops) {
     let addrs = plan.steered_addrs(hops);
@@ -533,6 +547,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         "steering maps filled"
     );
     keep_backends_resolved(&mut resolver, &table);
+    warn_foreign_snat(&plan, &hops.load());
     steer_snat(&mut steering, &plan, &hops.load());
 
     let (resolve_tx, resolve_rx) = sync_channel::<IpAddr>(1024);
