@@ -42,6 +42,58 @@ fn tcp(src: &str, sport: u16, dst: &str, dport: u16, f: Tcp) -> Vec<u8> {
     testkit::client_frame(a(src), sport, a(dst), dport, L4Spec::Tcp(f), b"")
 }
 
+/// Writes `frames` to a pcap, one second apart from 1 700 000 000 s.
+fn write_pcap(path: &std::path::Path, frames: &[Vec<u8>]) {
+    let mut w = PcapWriter::new(File::create(path).unwrap()).unwrap();
+    for (i, f) in frames.iter().enumerate() {
+        let ts = Duration::from_secs(1_700_000_000 + i as u64);
+        w.write_packet(&PcapPacket::new(ts, f.len() as u32, f))
+            .unwrap();
+    }
+}
+
+/// Every packet of a pcap, with its timestamp.
+fn read_pcap(path: &std::path::Path) -> Vec<(Duration, Vec<u8>)> {
+    let mut r = PcapReader::new(File::open(path).unwrap()).unwrap();
+    let mut got = Vec::new();
+    while let Some(p) = r.next_packet() {
+        let p = p.unwrap();
+        got.push((p.timestamp, p.data.to_vec()));
+    }
+    got
+}
+
+/// `clustergate replay` of `pcap` with `snap` into `dir/out.pcap` and
+/// `dir/verdicts.txt`, with `extra` flags.
+fn replay(
+    dir: &std::path::Path,
+    snap: &std::path::Path,
+    pcap: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_clustergate"))
+        .args(["replay", "--snapshot"])
+        .arg(snap)
+        .arg("--pcap")
+        .arg(pcap)
+        .arg("--out")
+        .arg(dir.join("out.pcap"))
+        .arg("--verdicts")
+        .arg(dir.join("verdicts.txt"))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// The lines of `dir/verdicts.txt`.
+fn verdict_lines(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("verdicts.txt"))
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
 #[test]
 fn replay_tells_what_the_gateway_would_do() {
     let dir = TempDir::new("basic");
@@ -92,27 +144,8 @@ fn replay_tells_what_the_gateway_would_do() {
         tcp("198.18.0.1", 40002, "198.19.0.10", 80, Tcp::syn(5))[..20].to_vec(),
     ];
     let pcap = dir.0.join("in.pcap");
-    {
-        let mut w = PcapWriter::new(File::create(&pcap).unwrap()).unwrap();
-        for (i, f) in frames.iter().enumerate() {
-            let ts = Duration::from_secs(1_700_000_000 + i as u64);
-            w.write_packet(&PcapPacket::new(ts, f.len() as u32, f))
-                .unwrap();
-        }
-    }
-    let out = dir.0.join("out.pcap");
-    let verdicts = dir.0.join("verdicts.txt");
-    let run = Command::new(env!("CARGO_BIN_EXE_clustergate"))
-        .args(["replay", "--snapshot"])
-        .arg(&snap)
-        .arg("--pcap")
-        .arg(&pcap)
-        .arg("--out")
-        .arg(&out)
-        .arg("--verdicts")
-        .arg(&verdicts)
-        .output()
-        .unwrap();
+    write_pcap(&pcap, &frames);
+    let run = replay(&dir.0, &snap, &pcap, &[]);
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "replay failed: {stderr}");
     assert!(
@@ -121,13 +154,8 @@ fn replay_tells_what_the_gateway_would_do() {
     );
     assert!(stderr.contains("generation 7"), "{stderr}");
 
-    let lines: Vec<String> = std::fs::read_to_string(&verdicts)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
     assert_eq!(
-        lines,
+        verdict_lines(&dir.0),
         [
             "1 forward to=198.18.1.1 side=backend len=54",
             "2 forward to=198.18.0.1 side=client len=54",
@@ -137,12 +165,7 @@ fn replay_tells_what_the_gateway_would_do() {
         ]
     );
 
-    let mut r = PcapReader::new(File::open(&out).unwrap()).unwrap();
-    let mut got = Vec::new();
-    while let Some(p) = r.next_packet() {
-        let p = p.unwrap();
-        got.push((p.timestamp, p.data.to_vec()));
-    }
+    let got = read_pcap(&dir.0.join("out.pcap"));
     assert_eq!(got.len(), 3);
     // Timestamps carried over from the input.
     assert_eq!(got[0].0, Duration::from_secs(1_700_000_000));
@@ -344,42 +367,22 @@ fn replay_honours_the_return_paths() {
         tcp("198.18.0.1", 40002, "198.19.0.11", 80, Tcp::syn(1)),
     ];
     let pcap = dir.0.join("in.pcap");
-    {
-        let mut w = PcapWriter::new(File::create(&pcap).unwrap()).unwrap();
-        for (i, f) in frames.iter().enumerate() {
-            let ts = Duration::from_secs(1_700_000_000 + i as u64);
-            w.write_packet(&PcapPacket::new(ts, f.len() as u32, f))
-                .unwrap();
-        }
-    }
-    let out = dir.0.join("out.pcap");
-    let verdicts = dir.0.join("verdicts.txt");
-    let run = Command::new(env!("CARGO_BIN_EXE_clustergate"))
-        .args(["replay", "--snapshot"])
-        .arg(&snap)
-        .arg("--pcap")
-        .arg(&pcap)
-        .arg("--out")
-        .arg(&out)
-        .arg("--verdicts")
-        .arg(&verdicts)
-        .args([
+    write_pcap(&pcap, &frames);
+    let run = replay(
+        &dir.0,
+        &snap,
+        &pcap,
+        &[
             "--snat-address",
             "198.18.0.100",
             "--snat-ports",
             "20000-20000",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "replay failed: {stderr}");
-    let lines: Vec<String> = std::fs::read_to_string(&verdicts)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect();
     assert_eq!(
-        lines,
+        verdict_lines(&dir.0),
         [
             "1 forward to=198.18.1.1 side=backend len=54",
             "2 forward to=198.18.0.1 side=client len=54",
@@ -387,11 +390,10 @@ fn replay_honours_the_return_paths() {
             "4 forward to=198.18.1.1 side=backend len=74",
         ]
     );
-    let mut r = PcapReader::new(File::open(&out).unwrap()).unwrap();
-    let mut got = Vec::new();
-    while let Some(p) = r.next_packet() {
-        got.push(testkit::wire(&p.unwrap().data));
-    }
+    let got: Vec<testkit::Wire> = read_pcap(&dir.0.join("out.pcap"))
+        .iter()
+        .map(|(_, f)| testkit::wire(f))
+        .collect();
     assert_eq!(got.len(), 3);
     let t = |w: &testkit::Wire| (w.src, w.sport, w.dst, w.dport);
     assert_eq!(
