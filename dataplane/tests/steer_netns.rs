@@ -1009,19 +1009,7 @@ fn steer_classifies_frames() {
             Malformed,
         ),
     ];
-    let mut wrong = Vec::new();
-    for (what, frame, want) in &cases {
-        let got = steer.classify(frame).unwrap();
-        if got != *want {
-            wrong.push(format!("{what}: want {want:?}, got {got:?}"));
-        }
-    }
-    assert!(
-        wrong.is_empty(),
-        "{} wrong:\n{}",
-        wrong.len(),
-        wrong.join("\n")
-    );
+    assert_classified(&steer, &cases);
 
     // Frontends with no backends keep steering; removed ones stop.
     steer.sync(&Table::empty(2)).unwrap();
@@ -1174,19 +1162,7 @@ fn steer_snat_replies_only_on_snat_ports() {
             Steered,
         ),
     ];
-    let mut wrong = Vec::new();
-    for (what, frame, want) in &cases {
-        let got = steer.classify(frame).unwrap();
-        if got != *want {
-            wrong.push(format!("{what}: want {want:?}, got {got:?}"));
-        }
-    }
-    assert!(
-        wrong.is_empty(),
-        "{} wrong:\n{}",
-        wrong.len(),
-        wrong.join("\n")
-    );
+    assert_classified(&steer, &cases);
 
     // Setting the same again writes nothing.
     let again = steer
@@ -1224,5 +1200,23 @@ fn steer_snat_replies_only_on_snat_ports() {
     assert_eq!(
         steer.classify(&tcp(BE1, 8080, SNAT2, 40_000)).unwrap(),
         Steered
+    );
+}
+
+/// Runs every case through the program and fails listing each frame the
+/// program classified otherwise than expected.
+fn assert_classified(steer: &Steering, cases: &[(&str, Vec<u8>, Classified)]) {
+    let mut wrong = Vec::new();
+    for (what, frame, want) in cases {
+        let got = steer.classify(frame).unwrap();
+        if got != *want {
+            wrong.push(format!("{what}: want {want:?}, got {got:?}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} wrong:\n{}",
+        wrong.len(),
+        wrong.join("\n")
     );
 }
