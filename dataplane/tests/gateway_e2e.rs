@@ -1,19 +1,24 @@
 //! End to end: `clustergate run` between real clients and real servers.
 //!
 //! Each test builds its own namespaces (tests/e2e/topology.sh: a client, the
-//! gateway, a bridged LAN and four backends, all in 198.18.0.0/15), starts
-//! `clustergate-control` on a manifest and `clustergate run` in the gateway
-//! namespace, and drives real sockets from tests/e2e/peer.py: HTTP and a
-//! streaming echo over TCP, a UDP echo, raw ICMP, and an AF_PACKET capture in
-//! every backend that checks every frame's checksums. Everything is bounded in
-//! time and count, and the namespaces are deleted even when a test fails.
+//! gateway, a bridged LAN and four backends, all in 198.18.0.0/15; for a pod
+//! network also a router that knows no clients; for DSR the backends'
+//! decapsulation and the VIP on lo), starts `clustergate-control` on a
+//! manifest and `clustergate run` in the gateway namespace, and drives real
+//! sockets from tests/e2e/peer.py: HTTP and a streaming echo over TCP (both
+//! report the peer the backend saw), a UDP echo, raw ICMP, a path-MTU probe,
+//! held connections, and an AF_PACKET capture in every backend that checks
+//! every frame's checksums. The return paths: `routed` in the two-armed
+//! test, `snat` (control's default) in a pod network, where `routed` fails,
+//! `dsr`, and SNAT ports running out. Everything is bounded in time and
+//! count, and the namespaces are deleted even when a test fails.
 //!
 //! Root only. CI runs as root, so there a missing root is a failure, not a skip.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -29,6 +34,10 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 const VIP: &str = "198.18.100.1";
 const EMPTY_VIP: &str = "198.18.100.2";
+/// Ports of `web` where no backend listens: the backends answer with ICMP
+/// port unreachable (UDP) and a reset (TCP).
+const CLOSED_UDP: u16 = 9002;
+const CLOSED_TCP: u16 = 9003;
 const NEEDS: &str = "network namespaces, XDP, AF_XDP";
 
 fn e2e_dir() -> PathBuf {
@@ -63,23 +72,33 @@ fn control_bin() -> PathBuf {
     bin
 }
 
-fn manifest(backends: &[u8]) -> String {
+/// The Service `web` (HTTP, a streaming echo, a UDP echo) on `backends`
+/// (backend-N is 198.18.2.1N), with its `clustergate.io/return-path`
+/// annotation when `return_path` is given; HTTP is served on port
+/// `http_port` (8080 for DSR, whose backends must accept the frontend's
+/// port) and the Service `empty` without endpoints.
+fn manifest(backends: &[u8], return_path: Option<&str>, http_port: u16) -> String {
     let mut eps = String::new();
     for b in backends {
         eps.push_str(&format!(
             "- addresses: [198.18.2.1{b}]\n  conditions: {{ready: true}}\n"
         ));
     }
+    let annotations = return_path.map_or(String::new(), |p| {
+        format!(", annotations: {{clustergate.io/return-path: {p}}}")
+    });
     format!(
         r"apiVersion: v1
 kind: Service
-metadata: {{name: web, namespace: default}}
+metadata: {{name: web, namespace: default{annotations}}}
 spec:
   clusterIP: {VIP}
   ports:
-  - {{name: http, port: 80, protocol: TCP, targetPort: 8080}}
+  - {{name: http, port: {http_port}, protocol: TCP, targetPort: 8080}}
   - {{name: stream, port: 9000, protocol: TCP, targetPort: 9000}}
   - {{name: echo, port: 9001, protocol: UDP, targetPort: 9001}}
+  - {{name: closed-udp, port: {CLOSED_UDP}, protocol: UDP, targetPort: {CLOSED_UDP}}}
+  - {{name: closed-tcp, port: {CLOSED_TCP}, protocol: TCP, targetPort: {CLOSED_TCP}}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -92,6 +111,8 @@ ports:
 - {{name: http, port: 8080, protocol: TCP}}
 - {{name: stream, port: 9000, protocol: TCP}}
 - {{name: echo, port: 9001, protocol: UDP}}
+- {{name: closed-udp, port: {CLOSED_UDP}, protocol: UDP}}
+- {{name: closed-tcp, port: {CLOSED_TCP}, protocol: TCP}}
 endpoints:
 {eps}---
 apiVersion: v1
@@ -111,9 +132,19 @@ struct Env {
     prefix: String,
     dir: PathBuf,
     children: Vec<(String, Child)>,
+    /// The topology has the backends' side of DSR (the VIP on lo, a tunnel).
+    dsr: bool,
+    /// The `web` Service's return-path annotation (none: control's default).
+    return_path: Option<&'static str>,
+    /// The `web` Service's HTTP port (80; 8080 for DSR).
+    http_port: u16,
+    /// Extra flags of every `clustergate-control run` of this test.
+    control_args: Vec<&'static str>,
 }
 
 impl Env {
+    /// The namespaces of `topology.sh up PREFIX MODE…`: `mode` is its words,
+    /// e.g. `two-armed`, `two-armed pod-network`, `one-armed pod-network dsr`.
     fn up(tag: &str, mode: &str, queues: u32) -> Self {
         let prefix = format!("cg{tag}{}", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(format!("{prefix}-e2e"));
@@ -123,10 +154,15 @@ impl Env {
             prefix,
             dir,
             children: Vec::new(),
+            dsr: mode.split_whitespace().any(|w| w == "dsr"),
+            return_path: None,
+            http_port: 80,
+            control_args: Vec::new(),
         };
         let st = Command::new("bash")
             .arg(e2e_dir().join("topology.sh"))
-            .args(["up", &env.prefix, mode])
+            .args(["up", &env.prefix])
+            .args(mode.split_whitespace())
             .env("QUEUES", queues.to_string())
             .status()
             .expect("running topology.sh");
@@ -188,39 +224,72 @@ impl Env {
 
     fn write_manifest(&self, backends: &[u8]) {
         let tmp = self.dir.join("manifest.yaml.tmp");
-        std::fs::write(&tmp, manifest(backends)).expect("manifest");
+        std::fs::write(&tmp, manifest(backends, self.return_path, self.http_port))
+            .expect("manifest");
         std::fs::rename(&tmp, self.dir.join("manifest.yaml")).expect("manifest rename");
     }
 
+    /// The servers of peer.py in every backend, on the backend's address
+    /// (and on the VIP too where the backends take DSR); with DSR and no
+    /// IPIP in the kernel, the userspace decapsulation as well.
     fn start_backends(&mut self) {
+        let decap = self.dsr
+            && Command::new("ip")
+                .args(["-n", &self.ns("b1"), "link", "show", "tun0"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
         for b in 1..=4u8 {
             let ns = format!("b{b}");
+            let mut addrs = format!("198.18.2.1{b}");
+            if self.dsr {
+                addrs.push(',');
+                addrs.push_str(VIP);
+            }
             let mut cmd = self.in_ns(&ns, Path::new("python3"), &[]);
             cmd.arg(e2e_dir().join("peer.py")).args([
                 "serve",
                 &format!("backend-{b}"),
-                &format!("198.18.2.1{b}"),
+                &addrs,
                 "170",
             ]);
             self.spawn(&format!("backend-{b}"), cmd, true);
+            if decap {
+                let mut cmd = self.in_ns(&ns, Path::new("python3"), &[]);
+                cmd.arg(e2e_dir().join("peer.py"))
+                    .args(["decap", "tun0", "170"]);
+                self.spawn(&format!("decap-{b}"), cmd, true);
+            }
         }
-        for b in 1..=4u8 {
+        if self.dsr {
+            eprintln!(
+                "DSR decapsulation on the backends: {}",
+                if decap {
+                    "userspace (peer.py decap into tun0)"
+                } else {
+                    "the kernel's ipip0"
+                }
+            );
+        }
+        let mut names: Vec<String> = (1..=4).map(|b| format!("backend-{b}")).collect();
+        if decap {
+            names.extend((1..=4).map(|b| format!("decap-{b}")));
+        }
+        for name in names {
             let mut line = String::new();
-            let out = self
-                .child(&format!("backend-{b}"))
-                .stdout
-                .take()
-                .expect("stdout");
+            let out = self.child(&name).stdout.take().expect("stdout");
             BufReader::new(out).read_line(&mut line).expect("backend");
             assert!(
-                line.contains("serving"),
-                "backend {b} did not start: {line}"
+                line.contains("serving") || line.contains("decap"),
+                "{name} did not start: {line}\n{}",
+                self.log(&name)
             );
         }
     }
 
     fn start_control(&mut self) {
-        let cmd = self.in_ns(
+        let mut cmd = self.in_ns(
             "gw",
             &control_bin(),
             &[
@@ -237,6 +306,7 @@ impl Env {
                 "127.0.0.1:10256",
             ],
         );
+        cmd.args(&self.control_args);
         self.spawn("control", cmd, true);
     }
 
@@ -291,6 +361,32 @@ impl Env {
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+
+    /// The sum of the samples of `name` whose labels contain `label`.
+    fn metric_where(&self, text: &str, name: &str, label: &str) -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Polls the connection table until it is empty (every flow expired),
+    /// for at most `secs`; returns how long that took.
+    fn wait_conntrack_empty(&self, secs: u64) -> Duration {
+        let start = Instant::now();
+        loop {
+            let m = self.metrics();
+            let n = self.metric(&m, "clustergate_conntrack_entries");
+            if n == 0.0 && m.contains("clustergate_conntrack_entries") {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "{n} flows still in the connection table after {secs} s:\n{m}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     fn wait_healthy(&self) {
@@ -380,6 +476,87 @@ fn ring_shares(shm: &Path) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// A long TCP stream through the VIP (peer.py stream: a counter pattern
+/// echoed back, every byte checked), started in the client's namespace.
+struct Stream {
+    reader: BufReader<ChildStdout>,
+    /// The backend it landed on (N of backend-N).
+    backend: u8,
+    /// The peer address and port that backend saw.
+    peer: String,
+}
+
+impl Stream {
+    fn start(env: &mut Env, port: &str, secs: u32, chunk: u32) -> Self {
+        let mut cmd = env.in_ns("cli", Path::new("python3"), &[]);
+        cmd.arg(e2e_dir().join("peer.py")).args([
+            "stream",
+            VIP,
+            port,
+            &secs.to_string(),
+            &chunk.to_string(),
+        ]);
+        env.spawn("stream", cmd, true);
+        let out = env.child("stream").stdout.take().expect("stdout");
+        let mut reader = BufReader::new(out);
+        let mut first = String::new();
+        reader.read_line(&mut first).expect("stream greeting");
+        let first: Value = serde_json::from_str(&first)
+            .unwrap_or_else(|e| panic!("stream greeting {first:?}: {e}\n{}", env.log("stream")));
+        let backend: u8 = first["backend"]
+            .as_str()
+            .and_then(|s| s.strip_prefix("backend-"))
+            .and_then(|s| s.parse().ok())
+            .expect("stream backend");
+        let peer = first["peer"].as_str().unwrap_or("").to_string();
+        Self {
+            reader,
+            backend,
+            peer,
+        }
+    }
+
+    /// A table change that leaves this stream's backend alone: one of
+    /// `serving` other than the stream's removed, backend-4 added. Returns
+    /// the removed backend and the new list.
+    fn table_change(&self, serving: &[u8]) -> (u8, Vec<u8>) {
+        let removed = serving
+            .iter()
+            .copied()
+            .find(|b| *b != self.backend)
+            .expect("another backend");
+        let mut keep: Vec<u8> = serving
+            .iter()
+            .copied()
+            .chain([4])
+            .filter(|b| *b != removed)
+            .collect();
+        keep.sort_unstable();
+        keep.dedup();
+        (removed, keep)
+    }
+
+    /// Waits for the stream's end and asserts that every byte came back,
+    /// in order, and that more than `min_bytes` moved.
+    fn finish(mut self, min_bytes: u64) -> Value {
+        let mut last = String::new();
+        self.reader.read_line(&mut last).expect("stream result");
+        let r: Value = serde_json::from_str(&last).expect("stream result json");
+        assert_eq!(r["error"], Value::Null, "stream: {r}");
+        assert_eq!(
+            r["mismatch"],
+            Value::Null,
+            "stream bytes out of order or lost: {r}"
+        );
+        assert_eq!(r["sent"], r["received"], "every byte echoed: {r}");
+        assert!(
+            r["sent"].as_u64().unwrap_or(0) > min_bytes,
+            "the stream moved data: {r}"
+        );
+        r
+    }
+}
+
 fn counts(v: &Value) -> BTreeMap<String, u64> {
     v["counts"]
         .as_object()
@@ -389,6 +566,36 @@ fn counts(v: &Value) -> BTreeMap<String, u64> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Per backend, the peer addresses it reported and, per address, the ports.
+fn peers(v: &Value) -> BTreeMap<String, BTreeMap<String, Vec<u64>>> {
+    let mut out = BTreeMap::new();
+    for (name, addrs) in v["peers"].as_object().into_iter().flatten() {
+        let mut per = BTreeMap::new();
+        for (addr, ports) in addrs.as_object().into_iter().flatten() {
+            let ports: Vec<u64> = ports
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_u64)
+                .collect();
+            per.insert(addr.clone(), ports);
+        }
+        out.insert(name.clone(), per);
+    }
+    out
+}
+
+/// `ADDR:PORT` split.
+fn addr_port(s: &str) -> (String, u16) {
+    let (a, p) = s
+        .rsplit_once(':')
+        .unwrap_or_else(|| panic!("{s:?} is not ADDR:PORT"));
+    (
+        a.to_string(),
+        p.parse().unwrap_or_else(|_| panic!("{s:?}: bad port")),
+    )
 }
 
 /// CapEff of a task, from /proc.
@@ -409,6 +616,9 @@ fn two_armed_gateway_end_to_end() {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut env = Env::up("a", "two-armed", 2);
+    // This test covers the `routed` return path (the backends' default route
+    // is the gateway): control's default is `snat`, the flag changes it.
+    env.control_args = vec!["--return-path", "routed"];
     env.start_backends();
     env.write_manifest(&[1, 2, 3]);
     env.start_control();
@@ -492,6 +702,15 @@ fn two_armed_gateway_end_to_end() {
         );
     }
     assert_eq!(got.len(), 3, "every backend answered: {got:?}");
+    // Routed: destination NAT only, every backend saw the client itself.
+    assert_eq!(peers(&v).len(), 3, "every backend reported its peer: {v}");
+    for (name, addrs) in peers(&v) {
+        assert_eq!(
+            addrs.keys().collect::<Vec<_>>(),
+            ["198.18.1.2"],
+            "{name}: routed keeps the client's address"
+        );
+    }
 
     // 3. UDP request/response through the VIP.
     let v = env.peer("cli", &["udp", VIP, "9001", "200"]);
@@ -504,30 +723,8 @@ fn two_armed_gateway_end_to_end() {
 
     // 2 and 6. A long-lived stream survives a backend added, another removed,
     // and control killed and restarted.
-    let mut stream = env.in_ns("cli", Path::new("python3"), &[]);
-    stream
-        .arg(e2e_dir().join("peer.py"))
-        .args(["stream", VIP, "9000", "8", "1024"]);
-    env.spawn("stream", stream, true);
-    let out = env.child("stream").stdout.take().expect("stdout");
-    let mut reader = BufReader::new(out);
-    let mut first = String::new();
-    reader.read_line(&mut first).expect("stream greeting");
-    let first: Value = serde_json::from_str(&first).expect("stream greeting json");
-    let own: u8 = first["backend"]
-        .as_str()
-        .and_then(|s| s.strip_prefix("backend-"))
-        .and_then(|s| s.parse().ok())
-        .expect("stream backend");
-    let removed = [1u8, 2, 3]
-        .into_iter()
-        .find(|b| *b != own)
-        .expect("another backend");
-    let mut keep: Vec<u8> = [1u8, 2, 3, 4]
-        .into_iter()
-        .filter(|b| *b != removed)
-        .collect();
-    keep.sort_unstable();
+    let stream = Stream::start(&mut env, "9000", 8, 1024);
+    let (removed, keep) = stream.table_change(&[1, 2, 3]);
     let g0 = env.generation();
     std::thread::sleep(Duration::from_secs(1));
     env.write_manifest(&keep);
@@ -555,20 +752,7 @@ fn two_armed_gateway_end_to_end() {
             > env.metric(&before, "clustergate_packets_total{"),
         "the stream kept flowing through the restart"
     );
-    let mut last = String::new();
-    reader.read_line(&mut last).expect("stream result");
-    let r: Value = serde_json::from_str(&last).expect("stream result json");
-    assert_eq!(r["error"], Value::Null, "stream: {r}");
-    assert_eq!(
-        r["mismatch"],
-        Value::Null,
-        "stream bytes out of order or lost: {r}"
-    );
-    assert_eq!(r["sent"], r["received"], "every byte echoed: {r}");
-    assert!(
-        r["sent"].as_u64().unwrap_or(0) > 100_000,
-        "the stream moved data: {r}"
-    );
+    stream.finish(100_000);
 
     // New connections now reach the added backend and never the removed one.
     let v = env.peer("cli", &["http", VIP, "80", "200"]);
@@ -686,7 +870,8 @@ fn one_armed_gateway_and_a_worker_fault() {
 
     // The injected fault: the worker panics once 3000 frames came in. The
     // process reports it, detaches and exits non-zero instead of hanging.
-    let _ = env.peer("cli", &["http", VIP, "80", "600"]);
+    // (Connections fail from then on: stop after 5 failures of 1 s each.)
+    let _ = env.peer("cli", &["http", VIP, "80", "600", "1", "5"]);
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(s) = env.child("gateway").try_wait().expect("wait") {
@@ -707,6 +892,401 @@ fn one_armed_gateway_and_a_worker_fault() {
         !env.xdp_attached("gw", "g1"),
         "XDP left on g1 after the fault"
     );
+}
+
+/// The workers' shares of the SNAT range, as the gateway exports them
+/// (`clustergate_snat_ports`, labels `lo` and `hi`), lowest first.
+fn snat_shares(metrics: &str) -> Vec<(u16, u16)> {
+    let mut shares: Vec<(u16, u16)> = metrics
+        .lines()
+        .filter(|l| l.starts_with("clustergate_snat_ports{"))
+        .map(|line| {
+            let label = |k: &str| -> u16 {
+                let at = line.find(&format!("{k}=\"")).expect("label") + k.len() + 2;
+                line[at..]
+                    .split('"')
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("port label")
+            };
+            (label("lo"), label("hi"))
+        })
+        .collect();
+    assert!(!shares.is_empty(), "no clustergate_snat_ports:\n{metrics}");
+    shares.sort_unstable();
+    shares
+}
+
+/// The whole SNAT range: from the first share's first port to the last's last.
+fn snat_range(metrics: &str) -> (u16, u16) {
+    let shares = snat_shares(metrics);
+    (shares[0].0, shares[shares.len() - 1].1)
+}
+
+/// Errors of a peer.py answer.
+fn errors(v: &Value) -> Vec<String> {
+    v["errors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn snat_in_a_pod_network() {
+    if !root_or_skip("snat_in_a_pod_network", NEEDS) {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // The backends' default route is a router that knows no clients: a reply
+    // to the client's own address dies there.
+    let mut env = Env::up("c", "two-armed pod-network", 2);
+    env.start_backends();
+    env.write_manifest(&[1, 2, 3]);
+    // No --return-path and no annotation: control's default, source NAT.
+    env.start_control();
+    // Two workers: the SNAT range is split between them.
+    env.start_gateway(&["g0", "g1"], "0,1", 2, &[]);
+    env.wait_healthy();
+    let shares = snat_shares(&env.metrics());
+    assert_eq!(shares.len(), 2, "one share per worker: {shares:?}");
+    assert!(shares[0].1 < shares[1].0, "shares overlap: {shares:?}");
+    let (lo, hi) = (shares[0].0, shares[1].1);
+
+    // HTTP through the VIP: every backend answers, and every backend saw the
+    // gateway's address, never the client's, from a port of the SNAT range;
+    // two connections to one backend never share a port.
+    let v = env.peer("cli", &["http", VIP, "80", "300"]);
+    assert_eq!(errors(&v), Vec::<String>::new(), "HTTP errors: {v}");
+    let got = counts(&v);
+    assert_eq!(got.values().sum::<u64>(), 300, "{v}");
+    assert_eq!(got.len(), 3, "every backend answered: {got:?}");
+    let seen = peers(&v);
+    assert_eq!(seen.len(), 3, "every backend reported its peer: {v}");
+    for (name, addrs) in &seen {
+        assert_eq!(
+            addrs.keys().collect::<Vec<_>>(),
+            ["198.18.2.1"],
+            "{name} saw other peers than the gateway's address"
+        );
+        let mut ports = addrs["198.18.2.1"].clone();
+        assert!(
+            ports
+                .iter()
+                .all(|p| (u64::from(lo)..=u64::from(hi)).contains(p)),
+            "{name}: ports outside the SNAT range {lo}-{hi}: {ports:?}"
+        );
+        let n = ports.len();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), n, "{name}: a SNAT port used twice");
+    }
+    // Connections spread over both queues, so both workers allocated ports,
+    // each from its own share.
+    for (w, (a, b)) in shares.iter().enumerate() {
+        let used = seen
+            .values()
+            .flat_map(|addrs| addrs.values().flatten())
+            .filter(|p| (u64::from(*a)..=u64::from(*b)).contains(p))
+            .count();
+        assert!(
+            used > 0,
+            "no port of worker {w}'s share {a}-{b} was used: {seen:?}"
+        );
+    }
+
+    // UDP request/response: the answers come back from the VIP.
+    let v = env.peer("cli", &["udp", VIP, "9001", "100"]);
+    assert_eq!(v["answered"], 100, "UDP echo: {v}");
+
+    // A backend's reset and ICMP port unreachable reach the client too, the
+    // ICMP error translated back (its quoted packet names the gateway).
+    let v = env.peer(
+        "cli",
+        &[
+            "reject",
+            VIP,
+            &CLOSED_TCP.to_string(),
+            &CLOSED_UDP.to_string(),
+        ],
+    );
+    assert_eq!(v["tcp"], "refused", "backend's RST: {v}");
+    assert_eq!(
+        v["udp"], "unreachable",
+        "backend's ICMP port unreachable: {v}"
+    );
+
+    // A long stream survives a backend added and another removed.
+    let stream = Stream::start(&mut env, "9000", 8, 1024);
+    assert_eq!(addr_port(&stream.peer).0, "198.18.2.1", "stream's peer");
+    let (removed, keep) = stream.table_change(&[1, 2, 3]);
+    let g0 = env.generation();
+    std::thread::sleep(Duration::from_secs(1));
+    env.write_manifest(&keep);
+    env.wait_generation_above(g0);
+    stream.finish(100_000);
+    let v = env.peer("cli", &["http", VIP, "80", "100"]);
+    assert_eq!(errors(&v), Vec::<String>::new(), "HTTP errors: {v}");
+    let got = counts(&v);
+    assert!(got.contains_key("backend-4"), "added backend: {got:?}");
+    assert!(
+        !got.contains_key(&format!("backend-{removed}")),
+        "removed backend-{removed} still gets new flows: {got:?}"
+    );
+
+    // The same Service `routed`: the backends get the connections but their
+    // replies go to the router, which has no route to the client. This is
+    // what source NAT is for (and shows the checks above can fail).
+    env.return_path = Some("routed");
+    let g = env.generation();
+    env.write_manifest(&keep);
+    env.wait_generation_above(g);
+    let forwarded = |m: &str| env.metric_where(m, "clustergate_packets_total{", "\"forward\"");
+    let before = forwarded(&env.metrics());
+    let v = env.peer("cli", &["http", VIP, "80", "4", "1", "4"]);
+    assert_eq!(counts(&v).len(), 0, "routed answered in a pod network: {v}");
+    let errs = errors(&v);
+    assert_eq!(errs.len(), 4, "{v}");
+    assert!(
+        errs.iter().all(|e| e.contains("timed out")),
+        "routed connections time out: {v}"
+    );
+    let v = env.peer("cli", &["udp", VIP, "9001", "2", "1"]);
+    assert_eq!(
+        v["answered"], 0,
+        "routed UDP answered in a pod network: {v}"
+    );
+    assert!(
+        forwarded(&env.metrics()) >= before + 4.0,
+        "the gateway forwarded the connections to the backends"
+    );
+}
+
+#[test]
+fn dsr_backends_answer_the_client_directly() {
+    if !root_or_skip("dsr_backends_answer_the_client_directly", NEEDS) {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // One-armed: the client is on the backends' LAN, and the backends reach
+    // it through an on-link route, not through the gateway (their default
+    // route is the router, which knows no clients). They decapsulate IPIP
+    // and hold the VIP on lo.
+    let mut env = Env::up("d", "one-armed pod-network dsr", 1);
+    env.return_path = Some("dsr");
+    // DSR delivers the client's packet unchanged: port == targetPort.
+    env.http_port = 8080;
+    env.start_backends();
+    env.write_manifest(&[1, 2, 3]);
+    env.start_control();
+    env.start_gateway(&["g1"], "0", 1, &[]);
+    env.wait_healthy();
+
+    // TCP completes only if the backends answer from the VIP; each saw the
+    // client's own address.
+    let v = env.peer("cli", &["http", VIP, "8080", "200"]);
+    assert_eq!(errors(&v), Vec::<String>::new(), "HTTP errors: {v}");
+    let got = counts(&v);
+    assert_eq!(got.len(), 3, "every backend answered: {got:?}");
+    assert_eq!(peers(&v).len(), 3, "every backend reported its peer: {v}");
+    for (name, addrs) in peers(&v) {
+        assert_eq!(
+            addrs.keys().collect::<Vec<_>>(),
+            ["198.18.3.2"],
+            "{name}: DSR keeps the client's address"
+        );
+    }
+    // UDP: peer.py counts an answer only from (VIP, 9001).
+    let v = env.peer("cli", &["udp", VIP, "9001", "50"]);
+    assert_eq!(v["answered"], 50, "UDP echo from the VIP: {v}");
+
+    // Too big once encapsulated: a DF datagram of 1500 bytes (1472 of
+    // payload) is answered with fragmentation needed, MTU 1500 − 20.
+    let too_big = |env: &Env| env.metric(&env.metrics(), "clustergate_encap_too_big_total");
+    let t0 = too_big(&env);
+    let v = env.peer("cli", &["pmtu", VIP, "9001", "1472", "3"]);
+    assert_eq!(v["mtu_before"], 1500, "{v}");
+    assert_eq!(v["mtu"], 1480, "path MTU the client learnt: {v}");
+    let t1 = too_big(&env);
+    assert!(t1 > t0, "clustergate_encap_too_big_total did not grow");
+
+    // TCP with full-sized segments finds the path MTU the same way and loses
+    // nothing (the learnt MTU is forgotten first).
+    let st = Command::new("ip")
+        .args(["-n", &env.ns("cli"), "route", "flush", "cache"])
+        .status()
+        .expect("ip route flush cache");
+    assert!(st.success());
+    let stream = Stream::start(&mut env, "9000", 5, 16384);
+    assert_eq!(addr_port(&stream.peer).0, "198.18.3.2", "stream's peer");
+    stream.finish(1_000_000);
+    assert!(
+        too_big(&env) > t1,
+        "the stream's full-sized segments were not answered with fragmentation needed"
+    );
+}
+
+/// peer.py hold: `n` connections to the stream port; returns what each got
+/// and the reader that reports their close once `stop` exists.
+fn hold(env: &mut Env, name: &str, n: u32, stop: &Path) -> (Vec<Value>, BufReader<ChildStdout>) {
+    let mut cmd = env.in_ns("cli", Path::new("python3"), &[]);
+    cmd.arg(e2e_dir().join("peer.py")).args([
+        "hold",
+        VIP,
+        "9000",
+        &n.to_string(),
+        "3",
+        stop.to_str().expect("utf-8"),
+        "60",
+    ]);
+    env.spawn(name, cmd, true);
+    let out = env.child(name).stdout.take().expect("stdout");
+    let mut reader = BufReader::new(out);
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("hold");
+    let v: Value = serde_json::from_str(&line)
+        .unwrap_or_else(|e| panic!("{name}: {line:?}: {e}\n{}", env.log(name)));
+    let held = v["held"].as_array().cloned().expect("held");
+    (held, reader)
+}
+
+/// The SNAT ports of `answers` (`{"peer": "ADDR:PORT"}`), asserting that
+/// each came from `addr` and a port in `lo..=hi`, and that none repeats.
+fn distinct_ports(answers: &[Value], addr: &str, lo: u16, hi: u16) -> Vec<u16> {
+    let mut ports = Vec::new();
+    for a in answers {
+        let peer = a["peer"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no answer: {a}"));
+        let (got, port) = addr_port(peer);
+        assert_eq!(got, addr, "{a}");
+        assert!((lo..=hi).contains(&port), "{a}: outside {lo}-{hi}");
+        assert!(
+            !ports.contains(&port),
+            "port {port} used twice: {answers:?}"
+        );
+        ports.push(port);
+    }
+    ports
+}
+
+#[test]
+fn snat_ports_run_out_and_come_back() {
+    if !root_or_skip("snat_ports_run_out_and_come_back", NEEDS) {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut env = Env::up("e", "two-armed pod-network", 1);
+    // Four ports, outside the gateway namespace's ephemeral ports.
+    let (lo, hi) = (20_000u16, 20_003u16);
+    let out = env
+        .in_ns(
+            "gw",
+            Path::new("cat"),
+            &["/proc/sys/net/ipv4/ip_local_port_range"],
+        )
+        .output()
+        .expect("ip_local_port_range");
+    let local: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert!(
+        local.len() == 2 && (hi < local[0] || lo > local[1]),
+        "{lo}-{hi} overlaps ip_local_port_range {local:?}"
+    );
+    env.start_backends();
+    // One backend: every flow wants a port of the same (address, backend,
+    // port, protocol).
+    env.write_manifest(&[1]);
+    env.start_control();
+    let range = format!("{lo}-{hi}");
+    env.start_gateway(
+        &["g0", "g1"],
+        "0",
+        1,
+        &[
+            "--snat-ports",
+            &range,
+            "--conntrack-tcp-timeout-close-wait",
+            "2",
+            "--conntrack-udp-timeout",
+            "2",
+            "--conntrack-udp-timeout-stream",
+            "2",
+        ],
+    );
+    env.wait_healthy();
+    assert_eq!(snat_range(&env.metrics()), (lo, hi));
+    let exhausted = |env: &Env| {
+        env.metric_where(
+            &env.metrics(),
+            "clustergate_drops_total{",
+            "reason=\"snat_ports_exhausted\"",
+        )
+    };
+
+    // TCP: four connections held open take the four ports; the fifth gets
+    // no port and times out.
+    let stop = env.dir.join("stop-hold");
+    let (held, mut reader) = hold(&mut env, "hold-1", 5, &stop);
+    let ports = distinct_ports(&held[..4], "198.18.2.1", lo, hi);
+    assert_eq!(ports.len(), 4);
+    let fifth = held[4]["error"].as_str().unwrap_or("");
+    assert!(
+        fifth.contains("timed out"),
+        "fifth connection: {:?}",
+        held[4]
+    );
+    assert!(
+        exhausted(&env) > 0.0,
+        "no snat_ports_exhausted drop counted"
+    );
+    // Closed, they free their ports after close-wait (2 s) and a sweep.
+    std::fs::write(&stop, b"").expect("stop file");
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("hold closed");
+    assert!(line.contains("\"closed\": 4"), "{line}");
+    env.wait_conntrack_empty(15);
+    std::fs::remove_file(&stop).expect("stop file");
+    let (held, mut reader) = hold(&mut env, "hold-2", 4, &stop);
+    distinct_ports(&held, "198.18.2.1", lo, hi);
+    // Reset instead of closed: the ports come back after the 10 s a reset
+    // flow lingers.
+    std::fs::write(&stop, b"rst").expect("stop file");
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("hold closed");
+    assert!(line.contains("\"closed\": 4, \"with\": \"rst\""), "{line}");
+    env.wait_conntrack_empty(20);
+    std::fs::write(&stop, b"fin").expect("stop file");
+    let (held, _) = hold(&mut env, "hold-3", 4, &stop);
+    distinct_ports(&held, "198.18.2.1", lo, hi);
+    env.wait_conntrack_empty(15);
+
+    // UDP: six flows (six source ports); four get the ports and an answer,
+    // two are dropped. Once the four expire, four new ones get through.
+    let before = exhausted(&env);
+    let v = env.peer("cli", &["whoami", VIP, "9001", "6", "2"]);
+    let answers = v["answers"].as_array().cloned().expect("answers");
+    distinct_ports(&answers[..4], "198.18.2.1", lo, hi);
+    for a in &answers[4..] {
+        assert!(
+            a["error"].as_str().unwrap_or("").contains("timed out"),
+            "{v}"
+        );
+    }
+    assert!(exhausted(&env) >= before + 2.0, "UDP drops not counted");
+    env.wait_conntrack_empty(15);
+    let v = env.peer("cli", &["whoami", VIP, "9001", "4", "2"]);
+    let answers = v["answers"].as_array().cloned().expect("answers");
+    distinct_ports(&answers, "198.18.2.1", lo, hi);
 }
 
 #[test]

@@ -1,33 +1,68 @@
 #!/usr/bin/env bash
-# The end-to-end tests' network: namespaces PREFIX-{cli,gw,lan,b1..b4}, veth,
-# a bridge for the backends' LAN, addresses in 198.18.0.0/15 only.
+# The end-to-end tests' network: namespaces PREFIX-{cli,gw,lan,b1..b4} (and
+# PREFIX-rt for a pod network), veth, a bridge for the backends' LAN,
+# addresses in 198.18.0.0/15 only.
 #
-#   topology.sh up PREFIX two-armed|one-armed
+#   topology.sh up PREFIX two-armed|one-armed [pod-network] [dsr]
 #   topology.sh down PREFIX
 #
 # two-armed: cli c0 198.18.1.2 ── g0 198.18.1.1 [gw] g1 198.18.2.1 ── l0 [lan br0] lN ── bN e0 198.18.2.1N
 # one-armed: cli c0 198.18.3.2 ── lc [lan br0]; gw g1 198.18.2.1 + 198.18.3.1 on the same LAN
-# VIPs (198.18.100.0/24) are routed by the client to the gateway; backends
-# route everything else through the gateway, so replies come back through it.
+# VIPs (198.18.100.0/24) are routed by the client to the gateway. Without
+# pod-network, backends route everything else through the gateway, so
+# replies come back through it (the `routed` return path).
+#
+# pod-network: a router PREFIX-rt (r0 198.18.2.254 on the LAN, forwarding on)
+# is the backends' default route, and it has no route to the clients' network:
+# a reply a backend sends to a client's address dies there, as in a pod
+# network that routes pod to pod only. Replies reach the client only when
+# they go to the gateway's own address (source NAT) or straight to the
+# client (DSR).
+#
+# dsr (one-armed only): what a backend needs for direct server return. The
+# gateway sends it the client's packet inside IPv4-in-IPv4 (protocol 4);
+# the backend decapsulates it, holds the VIPs ($DSR_VIPS, default
+# 198.18.100.1) on lo and answers the client straight from the VIP, through
+# an on-link route to the clients' subnet 198.18.3.0/24 (not through the
+# gateway). Decapsulation: an `ipip external` device ipip0 where the kernel
+# has IPIP (CONFIG_NET_IPIP); else a tun device tun0 that `peer.py decap`
+# feeds from a raw protocol-4 socket (the test starts it when tun0 exists);
+# DECAP=kernel or DECAP=user forces one.
+# rp_filter is off (the inner source arrives on the tunnel device, its route
+# is e0), arp_ignore=1 / arp_announce=2 keep the backends from answering
+# ARP for the VIP.
 #
 # Checksum and segmentation offloads are turned off on every veth: a frame
 # that reaches an AF_XDP socket carries the checksum its sender wrote, and
 # veth would otherwise hand over partial checksums and 64 KB segments.
 set -euo pipefail
 
-cmd=${1:?usage: topology.sh up|down PREFIX [two-armed|one-armed]}
+cmd=${1:?usage: topology.sh up|down PREFIX [two-armed|one-armed] [pod-network] [dsr]}
 P=${2:?prefix}
 mode=${3:-two-armed}
+pod=0
+dsr=0
+for opt in "${@:4}"; do
+    case "$opt" in
+    pod-network) pod=1 ;;
+    dsr) dsr=1 ;;
+    *) echo "unknown option $opt" >&2; exit 2 ;;
+    esac
+done
 BACKENDS=4
 # Queues of the gateway's veth (QUEUES=2 for two workers).
 Q=${QUEUES:-1}
 qs="numtxqueues $Q numrxqueues $Q"
+DSR_VIPS=${DSR_VIPS:-198.18.100.1}
+# DSR decapsulation: auto (the kernel's ipip if it has one, else userspace),
+# kernel or user.
+DECAP=${DECAP:-auto}
 
 ns() { ip netns exec "$P-$1" "${@:2}"; }
 offload_off() { ns "$1" ethtool -K "$2" tx off rx off tso off gso off gro off >/dev/null 2>&1 || true; }
 
 down() {
-    for n in cli gw lan $(seq -f 'b%g' 1 $BACKENDS); do
+    for n in cli gw lan rt $(seq -f 'b%g' 1 $BACKENDS); do
         ip netns del "$P-$n" 2>/dev/null || true
     done
 }
@@ -37,9 +72,16 @@ if [ "$cmd" = down ]; then
     exit 0
 fi
 [ "$cmd" = up ] || { echo "unknown command $cmd" >&2; exit 2; }
+case "$mode" in two-armed | one-armed) ;; *) echo "unknown mode $mode" >&2; exit 2 ;; esac
+if [ $dsr = 1 ] && [ "$mode" != one-armed ]; then
+    echo "dsr needs one-armed: the backends answer the client on their LAN" >&2
+    exit 2
+fi
 down
 
-for n in cli gw lan $(seq -f 'b%g' 1 $BACKENDS); do
+names="cli gw lan $(seq -f 'b%g' 1 $BACKENDS)"
+if [ $pod = 1 ]; then names="$names rt"; fi
+for n in $names; do
     ip netns add "$P-$n"
     ns "$n" ip link set lo up
 done
@@ -54,13 +96,27 @@ ns gw ip link set g1 up
 offload_off gw g1
 offload_off lan l0
 
+# The pod network's router: forwards, but knows no clients.
+if [ $pod = 1 ]; then
+    ip link add r0 netns "$P-rt" type veth peer lr netns "$P-lan"
+    ns lan ip link set lr master br0 up
+    ns rt ip addr add 198.18.2.254/24 dev r0
+    ns rt ip link set r0 up
+    ns rt sysctl -qw net.ipv4.ip_forward=1
+    offload_off rt r0
+    offload_off lan lr
+    gw_of_backends=198.18.2.254
+else
+    gw_of_backends=198.18.2.1
+fi
+
 # Backends on the LAN.
 for i in $(seq 1 $BACKENDS); do
     ip link add e0 netns "$P-b$i" type veth peer "l$i" netns "$P-lan"
     ns lan ip link set "l$i" master br0 up
     ns "b$i" ip addr add "198.18.2.1$i/24" dev e0
     ns "b$i" ip link set e0 up
-    ns "b$i" ip route add default via 198.18.2.1
+    ns "b$i" ip route add default via $gw_of_backends
     offload_off "b$i" e0
     offload_off lan "l$i"
 done
@@ -83,6 +139,31 @@ else
     ns cli ip route add 198.18.100.0/24 via 198.18.3.1
     offload_off cli c0
     offload_off lan lc
+fi
+
+# Direct server return on the backends.
+if [ $dsr = 1 ]; then
+    for i in $(seq 1 $BACKENDS); do
+        b="b$i"
+        if [ "$DECAP" != user ] && ns $b ip link add name ipip0 type ipip external 2>/dev/null; then
+            tun=ipip0
+        elif [ "$DECAP" = kernel ]; then
+            echo "DECAP=kernel: cannot create an ipip device (no CONFIG_NET_IPIP?)" >&2
+            exit 1
+        else
+            ns $b ip tuntap add dev tun0 mode tun
+            tun=tun0
+        fi
+        ns $b ip link set $tun up
+        for v in $DSR_VIPS; do
+            ns $b ip addr add "$v/32" dev lo
+        done
+        ns $b ip route add 198.18.3.0/24 dev e0
+        for c in all default e0 $tun; do
+            ns $b sysctl -qw "net.ipv4.conf.$c.rp_filter=0"
+        done
+        ns $b sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.arp_announce=2
+    done
 fi
 # The gateway does not route in the kernel: only clustergate forwards.
 ns gw sysctl -qw net.ipv4.ip_forward=0
