@@ -24,10 +24,11 @@
 # the backend decapsulates it, holds the VIPs ($DSR_VIPS, default
 # 198.18.100.1) on lo and answers the client straight from the VIP, through
 # an on-link route to the clients' subnet 198.18.3.0/24 (not through the
-# gateway). Decapsulation: an `ipip external` device ipip0 where the kernel
-# has IPIP (CONFIG_NET_IPIP); else a tun device tun0 that `peer.py decap`
-# feeds from a raw protocol-4 socket (the test starts it when tun0 exists);
-# DECAP=kernel or DECAP=user forces one.
+# gateway). Decapsulation: by default a tun device tun0 that `peer.py decap`
+# feeds from a raw protocol-4 socket (the test starts it when tun0 exists),
+# the same on every machine (the kernels these tests run on here have no
+# CONFIG_NET_IPIP); DECAP=kernel uses an `ipip external` device ipip0
+# instead, and DECAP=auto the kernel's where it has IPIP.
 # rp_filter is off (the inner source arrives on the tunnel device, its route
 # is e0), arp_ignore=1 / arp_announce=2 keep the backends from answering
 # ARP for the VIP.
@@ -56,7 +57,7 @@ qs="numtxqueues $Q numrxqueues $Q"
 DSR_VIPS=${DSR_VIPS:-198.18.100.1}
 # DSR decapsulation: auto (the kernel's ipip if it has one, else userspace),
 # kernel or user.
-DECAP=${DECAP:-auto}
+DECAP=${DECAP:-user}
 
 ns() { ip netns exec "$P-$1" "${@:2}"; }
 offload_off() { ns "$1" ethtool -K "$2" tx off rx off tso off gso off gro off >/dev/null 2>&1 || true; }
