@@ -442,6 +442,9 @@ struct Fwd<A> {
     state: u8,
     /// `MODE_*`.
     mode: u8,
+    /// The second the flow was bound, modulo 256: enough to tell a flow of
+    /// the last two seconds ([`Fwd::timeout`]).
+    born: u8,
 }
 
 impl<A: Ip> Fwd<A> {
@@ -469,6 +472,18 @@ impl<A: Ip> Fwd<A> {
             pport,
             proto: self.proto,
         })
+    }
+
+    /// The idle timeout of this flow in `state` at `now`. As in Linux's
+    /// conntrack, a datagram flow takes the long "stream" timeout only once
+    /// it has been answered *and* is two seconds old: a single request and
+    /// reply (DNS) keeps the short one, and frees its SNAT port as soon.
+    fn timeout(&self, state: FlowState, now: u32, to: &Timeouts) -> u32 {
+        if state == FlowState::Replied && (now as u8).wrapping_sub(self.born) < 2 {
+            to.datagram
+        } else {
+            state.timeout(to)
+        }
     }
 
     fn nat(&self) -> FlowNat {
@@ -999,7 +1014,7 @@ impl<A: Ip> Tracker<A> {
                         state.advance(false, flags)
                     };
                     e.state = state as u8;
-                    e.expires = now.saturating_add(state.timeout(to));
+                    e.expires = now.saturating_add(e.timeout(state, now, to));
                     if state != before {
                         // Transitions are rare (SYN answered, FIN, RST): keep
                         // the reverse entry's copy equal, so replies see it.
@@ -1078,7 +1093,7 @@ impl<A: Ip> Tracker<A> {
                 if touch {
                     state = state.advance(true, flags);
                     e.state = state as u8;
-                    e.expires = now.saturating_add(state.timeout(to));
+                    e.expires = now.saturating_add(e.timeout(state, now, to));
                 }
                 r.state = e.state;
                 r.expires = e.expires;
@@ -1106,7 +1121,7 @@ impl<A: Ip> Tracker<A> {
                     if touch {
                         state = state.advance(true, flags);
                         e.state = state as u8;
-                        e.expires = now.saturating_add(state.timeout(to));
+                        e.expires = now.saturating_add(e.timeout(state, now, to));
                     }
                     Some((state, e.expires))
                 }
@@ -1159,6 +1174,7 @@ impl<A: Ip> Tracker<A> {
             proto: k.proto,
             state: state as u8,
             mode,
+            born: now as u8,
         };
         let i = self.fwd_shard(&k);
         // The reverse entry written with the forward one (same shard).
@@ -2085,31 +2101,49 @@ mod tests {
     #[test]
     fn udp_reply_extends_life() {
         let ct = small(64);
-        let mut u = t(5353);
-        u.proto = Proto::Udp;
-        let now = Now::from_secs(0);
-        ct.insert(
-            now,
-            Family::V4,
-            &u,
-            &bind(53),
-            FlowState::initial(Proto::Udp, 0),
-        )
-        .unwrap();
-        let mut back = reply_of(5353, 53);
-        back.proto = Proto::Udp;
-        assert_eq!(
-            ct.lookup_reply(now, Family::V4, &back, 0, true)
-                .unwrap()
-                .state,
-            FlowState::Replied
-        );
+        let to = *ct.timeouts();
+        let udp = |cport| FlowTuple {
+            proto: Proto::Udp,
+            ..t(cport)
+        };
+        let back = |cport| FlowTuple {
+            proto: Proto::Udp,
+            ..reply_of(cport, 53)
+        };
+        let start = Now::from_secs(0);
+        for cport in [5353, 5354] {
+            ct.insert(
+                start,
+                Family::V4,
+                &udp(cport),
+                &bind(53),
+                FlowState::initial(Proto::Udp, 0),
+            )
+            .unwrap();
+        }
+        // 5353: one request, one reply at once (DNS): still the short
+        // timeout, as in Linux, so its port is free again as soon.
+        let h = ct.lookup_reply(start, Family::V4, &back(5353), 0, true);
+        assert_eq!(h.unwrap().state, FlowState::Replied);
+        let alive = |cport, at: u32| {
+            ct.lookup_original(
+                start.plus_secs(u64::from(at)),
+                Family::V4,
+                &udp(cport),
+                0,
+                false,
+            )
+            .is_some()
+        };
+        assert!(alive(5353, to.datagram - 1));
+        // 5354: answered, and still talking two seconds in: a stream.
+        let later = start.plus_secs(2);
         assert!(ct
-            .lookup_original(now.plus_secs(100), Family::V4, &u, 0, false)
+            .lookup_reply(later, Family::V4, &back(5354), 0, true)
             .is_some());
-        assert!(ct
-            .lookup_original(now.plus_secs(120), Family::V4, &u, 0, false)
-            .is_none());
+        assert!(alive(5354, 2 + to.datagram_replied - 1));
+        assert!(!alive(5354, 2 + to.datagram_replied));
+        assert!(!alive(5353, to.datagram));
     }
 
     #[test]
