@@ -1454,7 +1454,7 @@ impl Proc {
     }
 
     /// SIGTERM without waiting: the process prints its result and exits.
-    fn terminate_soft(&mut self) {
+    pub(crate) fn terminate_soft(&mut self) {
         if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
@@ -1737,7 +1737,12 @@ pub fn markdown(r: &Report) -> String {
                     .iter()
                     .map(|(k, v)| format!("{k} {v}"))
                     .collect();
-                let _ = writeln!(m, "gateway drop counters: {}\n", d.join(", "));
+                let _ = writeln!(
+                    m,
+                    "{} gateway drop counters: {}\n",
+                    run.dataplane.name(),
+                    d.join(", ")
+                );
             }
         }
     }

@@ -73,6 +73,8 @@ pub struct UpdateLatency {
     pub rate: u64,
     /// The services' return path.
     pub return_path: ReturnPath,
+    /// Frames the sink received and checked (all passed).
+    pub frames_checked: u64,
     /// Each change's latency, ms.
     pub latencies_ms: Vec<f64>,
     /// Median, ms.
@@ -260,9 +262,25 @@ fn measure(args: &Args, bins: &Bins, topo: &Topology) -> Result<UpdateLatency> {
             progress(&format!("    change {i}/{}: {ms:.1} ms", args.changes));
         }
     }
+    // Every frame the sink saw must have passed its checks (a frame that
+    // failed is never a first packet, so it would only show as a timeout).
+    sink.terminate_soft();
+    let v = sink.event("result", Duration::from_secs(10), &log("sink"))?;
+    let received = v["received"].as_u64().unwrap_or(0);
+    let bad: u64 = v["bad"]
+        .as_object()
+        .map(|m| m.values().filter_map(serde_json::Value::as_u64).sum())
+        .unwrap_or(0);
+    ensure!(
+        bad == 0,
+        "{bad} of {received} frames failed the sink's {} checks: {}",
+        args.return_path.name(),
+        v["bad"]
+    );
     let mut sorted = lat.clone();
     sorted.sort_by(f64::total_cmp);
     Ok(UpdateLatency {
+        frames_checked: received,
         services: args.services,
         changes: args.changes,
         poll_ms: args.poll_ms,
