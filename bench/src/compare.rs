@@ -220,6 +220,12 @@ pub struct Args {
     /// Leave the topology up at the end.
     #[arg(long)]
     pub keep_topology: bool,
+    /// Rounds instead of runs: each round starts every dataplane in turn
+    /// for one repetition (warm-up included), so that a burst of load on a
+    /// shared machine falls on every dataplane rather than on one; --reps
+    /// rounds.
+    #[arg(long)]
+    pub interleave: bool,
 }
 
 impl Args {
@@ -539,6 +545,8 @@ pub struct Report {
     pub duration_s: f64,
     /// Repetitions.
     pub reps: u32,
+    /// Repetitions taken in rounds over the dataplanes (--interleave).
+    pub interleave: bool,
     /// Backends.
     pub backends: u32,
     /// Results per scenario.
@@ -1051,6 +1059,54 @@ impl Ctx<'_> {
         (workers.join(","), gen.join(","))
     }
 
+    /// Starts `dp`, warms it up, measures repetitions `first..first + n`,
+    /// stops it: (repetitions, seconds to start, gateway drop counters).
+    fn session(
+        &self,
+        dp: Dataplane,
+        sc: &Scenario,
+        tag: &str,
+        first: u32,
+        n: u32,
+    ) -> Result<(Vec<Rep>, f64, std::collections::BTreeMap<String, f64>)> {
+        let args = self.args;
+        let t = Instant::now();
+        let running = self.start(dp, sc, tag)?;
+        let setup_s = t.elapsed().as_secs_f64();
+        let measured = (|| -> Result<Vec<Rep>> {
+            // Warm-up: neighbours resolved, caches and conntrack warm.
+            self.rep(sc, &running, &format!("{tag}-warmup"), 0.3, 10_000)?;
+            let mut reps = Vec::new();
+            for r in first..first + n {
+                check_stop()?;
+                let rep = self.rep(
+                    sc,
+                    &running,
+                    &format!("{tag}-r{r}"),
+                    args.duration_s,
+                    args.rate,
+                )?;
+                progress(&format!(
+                    "    rep {}: offered {:.0} pps, forwarded {:.0} pps, loss {:.2} %, p99 {:.0} µs, {:.0} CPU ns/pkt",
+                    r + 1,
+                    rep.offered_pps,
+                    rep.forwarded_pps,
+                    rep.loss * 100.0,
+                    rep.p99_us,
+                    rep.cpu_ns_per_pkt
+                ));
+                reps.push(rep);
+            }
+            Ok(reps)
+        })();
+        let drops = running
+            .metrics_port
+            .map(|p| self.gateway_drops(p))
+            .unwrap_or_default();
+        self.stop(running);
+        Ok((measured?, setup_s, drops))
+    }
+
     /// Why `dp` cannot run scenario `sc`, if it cannot: a source-NAT
     /// dataplane has one address, so a port space per backend.
     fn cannot_carry(&self, dp: Dataplane, sc: &Scenario) -> Result<Option<String>> {
@@ -1551,8 +1607,8 @@ fn measure(ctx: &Ctx<'_>) -> Result<Report> {
     }
     let mut results = Vec::new();
     for (si, sc) in scenarios.iter().enumerate() {
-        let mut runs = Vec::new();
         let mut skipped = Vec::new();
+        let mut order = Vec::new();
         for &dp in &args.dataplanes {
             if let Some(why) = ctx.cannot_carry(dp, sc)? {
                 progress(&format!(
@@ -1563,53 +1619,54 @@ fn measure(ctx: &Ctx<'_>) -> Result<Report> {
                     dp.name()
                 ));
                 skipped.push((dp, why));
-                continue;
+            } else {
+                order.push(dp);
             }
-            let tag = format!("s{si}-{}", dp.name());
-            progress(&format!(
-                "[{}/{}] {}: {} — starting",
-                si + 1,
-                scenarios.len(),
-                sc.label(),
-                dp.name()
-            ));
-            let t = Instant::now();
-            let running = ctx.start(dp, sc, &tag)?;
-            let setup_s = t.elapsed().as_secs_f64();
-            let measured = (|| -> Result<Vec<Rep>> {
-                // Warm-up: neighbours resolved, caches and conntrack warm.
-                ctx.rep(sc, &running, &format!("{tag}-warmup"), 0.3, 10_000)?;
-                let mut reps = Vec::new();
-                for r in 0..args.reps {
-                    check_stop()?;
-                    let rep = ctx.rep(
-                        sc,
-                        &running,
-                        &format!("{tag}-r{r}"),
-                        args.duration_s,
-                        args.rate,
-                    )?;
-                    progress(&format!(
-                        "    rep {}: offered {:.0} pps, forwarded {:.0} pps, loss {:.2} %, p99 {:.0} µs, {:.0} CPU ns/pkt",
-                        r + 1,
-                        rep.offered_pps,
-                        rep.forwarded_pps,
-                        rep.loss * 100.0,
-                        rep.p99_us,
-                        rep.cpu_ns_per_pkt
-                    ));
-                    reps.push(rep);
+        }
+        // Without --interleave, each dataplane runs all its repetitions in
+        // one go; with it, each round runs every dataplane for one.
+        let (rounds, per_round) = if args.interleave {
+            (args.reps, 1)
+        } else {
+            (1, args.reps)
+        };
+        let mut runs: Vec<Run> = Vec::new();
+        for round in 0..rounds {
+            for &dp in &order {
+                let tag = if args.interleave {
+                    format!("s{si}-{}-round{round}", dp.name())
+                } else {
+                    format!("s{si}-{}", dp.name())
+                };
+                progress(&format!(
+                    "[{}/{}] {}: {} — starting{}",
+                    si + 1,
+                    scenarios.len(),
+                    sc.label(),
+                    dp.name(),
+                    if args.interleave {
+                        format!(" (round {}/{rounds})", round + 1)
+                    } else {
+                        String::new()
+                    }
+                ));
+                let first = round * per_round;
+                let (reps, setup_s, drops) = ctx.session(dp, sc, &tag, first, per_round)?;
+                match runs.iter_mut().find(|r| r.dataplane == dp) {
+                    Some(run) => {
+                        let mut all = std::mem::take(&mut run.reps);
+                        all.extend(reps);
+                        let setup = run.setup_s;
+                        *run = Run::new(dp, all, setup);
+                        run.gateway_drops = drops;
+                    }
+                    None => {
+                        let mut run = Run::new(dp, reps, setup_s);
+                        run.gateway_drops = drops;
+                        runs.push(run);
+                    }
                 }
-                Ok(reps)
-            })();
-            let drops = running
-                .metrics_port
-                .map(|p| ctx.gateway_drops(p))
-                .unwrap_or_default();
-            ctx.stop(running);
-            let mut run = Run::new(dp, measured?, setup_s);
-            run.gateway_drops = drops;
-            runs.push(run);
+            }
         }
         let ratios = ratios_of(&runs);
         results.push(ScenarioResult {
@@ -1630,6 +1687,7 @@ fn measure(ctx: &Ctx<'_>) -> Result<Report> {
         rate: args.rate,
         duration_s: args.duration_s,
         reps: args.reps,
+        interleave: args.interleave,
         backends: args.backends,
         scenarios: results,
     })
@@ -1677,12 +1735,13 @@ pub fn markdown(r: &Report) -> String {
     let _ =
         writeln!(
         m,
-        "{}; {} traffic, {} backends, {} s × {} repetitions, offered rate {}. Median (min–max).\n",
+        "{}; {} traffic, {} backends, {} s × {} repetitions{}, offered rate {}. Median (min–max).\n",
         r.host,
         r.proto.name().to_uppercase(),
         r.backends,
         r.duration_s,
         r.reps,
+        if r.interleave { " (in rounds over the dataplanes)" } else { "" },
         if r.rate == 0 { "as fast as possible".to_owned() } else { format!("{} pps", r.rate) }
     );
     for s in &r.scenarios {
@@ -1892,6 +1951,7 @@ mod tests {
             bin_dir: None,
             quick: false,
             keep_topology: false,
+            interleave: false,
         };
         assert!(a
             .validate()
