@@ -446,7 +446,8 @@ pub struct Run {
     pub spread: Stat,
     /// Seconds to set the dataplane up (e.g. nft -f, or control's first publish).
     pub setup_s: f64,
-    /// Gateway drop counters after the run (clustergate only): name → value.
+    /// Gateway drop counters after the run (clustergate only; summed over
+    /// the rounds with --interleave): name → value.
     pub gateway_drops: std::collections::BTreeMap<String, f64>,
 }
 
@@ -1107,6 +1108,40 @@ impl Ctx<'_> {
         Ok((measured?, setup_s, drops))
     }
 
+    /// Waits (at most 10 s) until the gateway namespace has a link-layer
+    /// address for every backend on g1.
+    fn wait_neighbours(&self) -> Result<()> {
+        let gw = self.topo.ns("gw");
+        let t = Instant::now();
+        loop {
+            check_stop()?;
+            let out = Command::new("ip")
+                .args(["-n", &gw, "-4", "neigh", "show", "dev", "g1"])
+                .output()
+                .context("listing the gateway's neighbours")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let missing: Vec<String> = self
+                .backends
+                .iter()
+                .map(|&i| backend_addr(i).to_string())
+                .filter(|a| {
+                    !text.lines().any(|l| {
+                        l.split_whitespace().next() == Some(a.as_str()) && l.contains(" lladdr ")
+                    })
+                })
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "the gateway namespace has no neighbour entry for {} after 10 s:\n{text}",
+                missing.join(", ")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Why `dp` cannot run scenario `sc`, if it cannot: a source-NAT
     /// dataplane has one address, so a port space per backend.
     fn cannot_carry(&self, dp: Dataplane, sc: &Scenario) -> Result<Option<String>> {
@@ -1221,6 +1256,11 @@ impl Ctx<'_> {
                         .context("the gateway's /metrics has no clustergate_snat_ports")?;
                     r.set_snat_ports(lo, hi);
                 }
+                // The gateway asks the kernel to resolve its backends when a
+                // table arrives; that took up to about 1 s here (an ARP
+                // retransmit), longer than the warm-up, and the first
+                // repetition then lost frames as next_hop_no_neighbour.
+                self.wait_neighbours()?;
                 Ok(run)
             }
             Dataplane::Kernel | Dataplane::KernelMasq => {
@@ -1656,9 +1696,13 @@ fn measure(ctx: &Ctx<'_>) -> Result<Report> {
                     Some(run) => {
                         let mut all = std::mem::take(&mut run.reps);
                         all.extend(reps);
-                        let setup = run.setup_s;
+                        let (setup, mut sum) =
+                            (run.setup_s, std::mem::take(&mut run.gateway_drops));
+                        for (k, v) in drops {
+                            *sum.entry(k).or_default() += v;
+                        }
                         *run = Run::new(dp, all, setup);
-                        run.gateway_drops = drops;
+                        run.gateway_drops = sum;
                     }
                     None => {
                         let mut run = Run::new(dp, reps, setup_s);
