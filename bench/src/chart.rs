@@ -10,16 +10,22 @@ use crate::compare::{Dataplane, Report, Run, Stat};
 
 fn color(d: Dataplane) -> RGBColor {
     match d {
-        Dataplane::Clustergate => RGBColor(0x1f, 0x77, 0xb4),
+        Dataplane::ClustergateSnat => RGBColor(0x1f, 0x77, 0xb4),
+        Dataplane::ClustergateRouted => RGBColor(0x2c, 0xa0, 0x2c),
+        Dataplane::ClustergateDsr => RGBColor(0x94, 0x67, 0xbd),
         Dataplane::Kernel => RGBColor(0xd6, 0x27, 0x28),
+        Dataplane::KernelMasq => RGBColor(0xff, 0x7f, 0x0e),
         Dataplane::Bounce => RGBColor(0x7f, 0x7f, 0x7f),
     }
 }
 
 fn name(d: Dataplane) -> &'static str {
     match d {
-        Dataplane::Clustergate => "clustergate",
+        Dataplane::ClustergateSnat => "clustergate snat",
+        Dataplane::ClustergateRouted => "clustergate routed",
+        Dataplane::ClustergateDsr => "clustergate dsr",
         Dataplane::Kernel => "kernel (nftables DNAT)",
+        Dataplane::KernelMasq => "kernel (DNAT + masquerade)",
         Dataplane::Bounce => "bounce (AF_XDP, no lookup)",
     }
 }
@@ -44,11 +50,17 @@ pub fn svg(r: &Report, path: &Path) -> Result<()> {
         (right, "p99 one-way latency µs", |r| r.p99_us, 1.0),
     ];
     let groups = r.scenarios.len().max(1);
-    let dps: Vec<Dataplane> = r
+    // Every dataplane run in some scenario (one may skip some), in order.
+    let mut dps: Vec<Dataplane> = Vec::new();
+    for d in r
         .scenarios
-        .first()
-        .map(|s| s.runs.iter().map(|x| x.dataplane).collect())
-        .unwrap_or_default();
+        .iter()
+        .flat_map(|s| s.runs.iter().map(|x| x.dataplane))
+    {
+        if !dps.contains(&d) {
+            dps.push(d);
+        }
+    }
     let per = dps.len().max(1) as f64;
     for (area, title, pick, scale) in panels {
         let top = r

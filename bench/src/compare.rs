@@ -1,12 +1,18 @@
-//! `clustergate-bench compare`: the same traffic through three dataplanes,
-//! one after another, on one topology, in one invocation.
+//! `clustergate-bench compare`: the same traffic through several
+//! dataplanes, one after another, on one topology, in one invocation.
 //!
-//! - **clustergate**: `clustergate-control run` on a generated manifest of S
-//!   services × all backends, and `clustergate run` in the gateway namespace;
+//! - **clustergate-snat**, **clustergate-routed**, **clustergate-dsr**:
+//!   `clustergate-control run --return-path P` on a generated manifest of S
+//!   services × all backends, and `clustergate run` in the gateway namespace
+//!   (`clustergate` alone is snat, control's default);
 //! - **kernel**: nftables DNAT as kube-proxy's nftables mode programs it (a
 //!   verdict map on VIP . proto . port, a chain per service choosing an
 //!   endpoint with `numgen random`, a chain per endpoint with the `dnat`),
-//!   with IP forwarding and conntrack;
+//!   with IP forwarding and conntrack: the baseline of routed and dsr;
+//! - **kernel-masq**: the same plus kube-proxy's masquerading (the service
+//!   chain jumps to `mark-for-masquerade` for traffic from outside the
+//!   cluster, a postrouting chain `masquerade fully-random`s marked
+//!   packets): the baseline of snat;
 //! - **bounce**: `clustergate-bench bounce`, the same AF_XDP path as the
 //!   gateway with no lookup at all: the ceiling of this machine.
 //!
@@ -16,9 +22,12 @@
 //! the median over the repetitions with min and max: offered and forwarded
 //! pps, loss, one-way latency percentiles (merged over the sinks), CPU time
 //! per forwarded packet (all cores, user + system + irq + softirq, from
-//! /proc/stat over the run), and the spread over backends. Every sink check
-//! (rewritten destination, preserved source, checksums) must pass: a
-//! failure is printed and makes the command fail, whatever the speed.
+//! /proc/stat over the run), and the spread over backends; then each
+//! dataplane's ratios to its kernel baseline and to bounce. Every sink check
+//! for the dataplane's return path (rewritten destination; the flow's
+//! source, or the gateway's with a stable SNAT port, or IP-in-IP around the
+//! client's packet; checksums) must pass: a failure is printed and makes
+//! the command fail, whatever the speed.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -35,29 +44,105 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::layout::{backend_addr, vip, BACKEND_PORT, MAX_FLOWS, MAX_SERVICES, SERVICE_PORT};
+use crate::layout::{
+    backend_addr, vip, BACKEND_PORT, GW_LAN_ADDR, LAN_MTU, MAX_FLOWS, MAX_SERVICES, SERVICE_PORT,
+};
+use crate::sink::ReturnPath;
 use crate::topology::{Shape, Topology};
 
 /// A dataplane under test.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
 pub enum Dataplane {
-    /// `clustergate run` with `clustergate-control`.
-    Clustergate,
-    /// nftables DNAT + conntrack + IP forwarding.
+    /// `clustergate run` with `clustergate-control --return-path snat`
+    /// (control's default; also named `clustergate`).
+    #[value(name = "clustergate-snat", alias = "clustergate")]
+    #[serde(rename = "clustergate-snat")]
+    ClustergateSnat,
+    /// `clustergate run` with `clustergate-control --return-path routed`.
+    #[value(name = "clustergate-routed")]
+    #[serde(rename = "clustergate-routed")]
+    ClustergateRouted,
+    /// `clustergate run` with `clustergate-control --return-path dsr`.
+    #[value(name = "clustergate-dsr")]
+    #[serde(rename = "clustergate-dsr")]
+    ClustergateDsr,
+    /// nftables DNAT + conntrack + IP forwarding (the routed and dsr baseline).
+    #[value(name = "kernel")]
+    #[serde(rename = "kernel")]
     Kernel,
+    /// The same plus kube-proxy's masquerade (the snat baseline).
+    #[value(name = "kernel-masq")]
+    #[serde(rename = "kernel-masq")]
+    KernelMasq,
     /// `clustergate-bench bounce`: AF_XDP, no lookup.
+    #[value(name = "bounce")]
+    #[serde(rename = "bounce")]
     Bounce,
 }
 
 impl Dataplane {
-    fn name(self) -> &'static str {
+    /// Its name on the command line and in reports.
+    #[must_use]
+    pub fn name(self) -> &'static str {
         match self {
-            Self::Clustergate => "clustergate",
+            Self::ClustergateSnat => "clustergate-snat",
+            Self::ClustergateRouted => "clustergate-routed",
+            Self::ClustergateDsr => "clustergate-dsr",
             Self::Kernel => "kernel",
+            Self::KernelMasq => "kernel-masq",
             Self::Bounce => "bounce",
         }
     }
+
+    /// The return path clustergate is told (`--return-path`), if it is one
+    /// of clustergate's.
+    #[must_use]
+    pub fn clustergate_path(self) -> Option<ReturnPath> {
+        match self {
+            Self::ClustergateSnat => Some(ReturnPath::Snat),
+            Self::ClustergateRouted => Some(ReturnPath::Routed),
+            Self::ClustergateDsr => Some(ReturnPath::Dsr),
+            _ => None,
+        }
+    }
+
+    /// What the sinks check.
+    #[must_use]
+    pub fn sink_path(self) -> ReturnPath {
+        match self {
+            Self::ClustergateSnat | Self::KernelMasq => ReturnPath::Snat,
+            Self::ClustergateDsr => ReturnPath::Dsr,
+            Self::ClustergateRouted | Self::Kernel | Self::Bounce => ReturnPath::Routed,
+        }
+    }
+
+    /// The kernel dataplane a clustergate return path is compared with.
+    #[must_use]
+    pub fn baseline(self) -> Option<Self> {
+        match self {
+            Self::ClustergateSnat => Some(Self::KernelMasq),
+            Self::ClustergateRouted | Self::ClustergateDsr => Some(Self::Kernel),
+            _ => None,
+        }
+    }
+
+    fn is_kernel(self) -> bool {
+        matches!(self, Self::Kernel | Self::KernelMasq)
+    }
+}
+
+/// The kernel's masquerade ports: `nf_nat` picks a source port for a client
+/// port ≥ 1024 in 1024-65535 (no `--to-ports`; `fully-random` as kube-proxy
+/// asks).
+pub const KERNEL_MASQ_PORTS: (u16, u16) = (1024, 65_535);
+
+/// Most flows a source-NAT dataplane with `ports` ports per (SNAT address,
+/// backend) can carry to `backends` backends with room to spare: three
+/// quarters of the port space (the spread over backends is not even, and
+/// port choice probes a bounded number of ports).
+#[must_use]
+pub fn snat_capacity(backends: u32, ports: u32) -> u64 {
+    u64::from(backends) * u64::from(ports) * 3 / 4
 }
 
 /// L4 protocol of the traffic.
@@ -88,12 +173,14 @@ pub struct Args {
     /// Backends, 1..=16.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=16))]
     pub backends: u32,
-    /// Dataplanes to run, in this order.
+    /// Dataplanes to run, in this order: clustergate-snat (alias
+    /// clustergate), clustergate-routed, clustergate-dsr, kernel (nftables
+    /// DNAT), kernel-masq (DNAT + masquerade), bounce.
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "clustergate,kernel,bounce"
+        default_value = "clustergate-snat,kernel-masq,clustergate-routed,kernel,clustergate-dsr,bounce"
     )]
     pub dataplanes: Vec<Dataplane>,
     /// Frame sizes in bytes (64..=1500), comma-separated.
@@ -133,6 +220,12 @@ pub struct Args {
     /// Leave the topology up at the end.
     #[arg(long)]
     pub keep_topology: bool,
+    /// Rounds instead of runs: each round starts every dataplane in turn
+    /// for one repetition (warm-up included), so that a burst of load on a
+    /// shared machine falls on every dataplane rather than on one; --reps
+    /// rounds.
+    #[arg(long)]
+    pub interleave: bool,
 }
 
 impl Args {
@@ -159,9 +252,34 @@ impl Args {
         // the kernel's conntrack marks those ACKs invalid and does not NAT
         // them, which would measure the traffic, not the dataplane.
         ensure!(
-            !(self.proto == Proto::Tcp && self.dataplanes.contains(&Dataplane::Kernel)),
-            "--proto tcp with --dataplanes kernel: the generator's one-way TCP (no SYN-ACK) is invalid to the kernel's conntrack; compare TCP with --dataplanes clustergate,bounce"
+            !(self.proto == Proto::Tcp && self.dataplanes.iter().any(|d| d.is_kernel())),
+            "--proto tcp with --dataplanes kernel or kernel-masq: the generator's one-way TCP (no SYN-ACK) is invalid to the kernel's conntrack; compare TCP with --dataplanes clustergate-snat,clustergate-routed,clustergate-dsr,bounce"
         );
+        for (i, d) in self.dataplanes.iter().enumerate() {
+            ensure!(
+                !self.dataplanes[..i].contains(d),
+                "--dataplanes: {} is given twice",
+                d.name()
+            );
+        }
+        // A SNAT port must stay the flow's for the whole repetition, which
+        // holds while every flow is refreshed within the UDP timeout (30 s,
+        // the gateway's and the kernel's): at a fixed rate, a round over the
+        // flows must be shorter.
+        if self.rate > 0
+            && self
+                .dataplanes
+                .iter()
+                .any(|d| d.sink_path() == ReturnPath::Snat)
+        {
+            for &f in &self.flows {
+                ensure!(
+                    u64::from(f) <= self.rate * 20,
+                    "--flows {f} at --rate {}: each flow would be sent less than every 20 s, and a source-NAT flow idle for the 30 s UDP timeout may come back with another port; raise --rate or lower --flows",
+                    self.rate
+                );
+            }
+        }
         for &f in &self.frame_sizes {
             ensure!(
                 (64..=1500).contains(&f),
@@ -328,7 +446,8 @@ pub struct Run {
     pub spread: Stat,
     /// Seconds to set the dataplane up (e.g. nft -f, or control's first publish).
     pub setup_s: f64,
-    /// Gateway drop counters after the run (clustergate only): name → value.
+    /// Gateway drop counters after the run (clustergate only; summed over
+    /// the rounds with --interleave): name → value.
     pub gateway_drops: std::collections::BTreeMap<String, f64>,
 }
 
@@ -377,6 +496,26 @@ impl Run {
     }
 }
 
+/// One clustergate return path against its kernel baseline and bounce,
+/// from the medians of the same scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratios {
+    /// The clustergate dataplane.
+    pub dataplane: Dataplane,
+    /// Its kernel baseline (kernel-masq for snat, kernel for routed and dsr).
+    pub baseline: Dataplane,
+    /// Forwarded pps ÷ the baseline's.
+    pub pps_over_baseline: Option<f64>,
+    /// CPU ns per packet (generator excluded) ÷ the baseline's.
+    pub cpu_over_baseline: Option<f64>,
+    /// CPU ns per packet (whole host) ÷ the baseline's.
+    pub host_cpu_over_baseline: Option<f64>,
+    /// Forwarded pps ÷ bounce's.
+    pub pps_over_bounce: Option<f64>,
+    /// CPU ns per packet (generator excluded) ÷ bounce's.
+    pub cpu_over_bounce: Option<f64>,
+}
+
 /// A scenario's runs and ratios.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioResult {
@@ -384,14 +523,10 @@ pub struct ScenarioResult {
     pub scenario: Scenario,
     /// One per dataplane, in the order run.
     pub runs: Vec<Run>,
-    /// clustergate ÷ kernel forwarded pps (medians).
-    pub clustergate_over_kernel: Option<f64>,
-    /// clustergate ÷ bounce forwarded pps (medians).
-    pub clustergate_over_bounce: Option<f64>,
-    /// clustergate ÷ kernel CPU ns per packet, generator excluded (medians).
-    pub cpu_clustergate_over_kernel: Option<f64>,
-    /// clustergate ÷ kernel CPU ns per packet, whole host (medians).
-    pub host_cpu_clustergate_over_kernel: Option<f64>,
+    /// Dataplanes not run in this scenario, and why.
+    pub skipped: Vec<(Dataplane, String)>,
+    /// Per clustergate dataplane run.
+    pub ratios: Vec<Ratios>,
 }
 
 /// The whole invocation.
@@ -411,6 +546,8 @@ pub struct Report {
     pub duration_s: f64,
     /// Repetitions.
     pub reps: u32,
+    /// Repetitions taken in rounds over the dataplanes (--interleave).
+    pub interleave: bool,
     /// Backends.
     pub backends: u32,
     /// Results per scenario.
@@ -604,6 +741,81 @@ pub(crate) fn http_get_in(ns: &str, port: u16, path: &str) -> Result<(u16, Strin
     })
 }
 
+/// Empties the connection-tracking table of namespace `ns`: ctnetlink's
+/// `IPCTNL_MSG_CT_DELETE` with no attribute, what `conntrack -F` sends.
+/// Deleting an nftables table leaves its NAT bindings in conntrack, so the
+/// next dataplane would forward the same flows with the previous one's NAT
+/// (e.g. the kernel's DNAT-only run with kernel-masq's source NAT).
+///
+/// # Errors
+/// The namespace cannot be entered, or the kernel refuses or does not
+/// answer within 5 s.
+pub(crate) fn flush_conntrack_in(ns: &str) -> Result<()> {
+    use rustix::net::{netlink, sockopt, AddressFamily, RecvFlags, SendFlags, SocketType};
+    // <linux/netfilter/nfnetlink.h>, <linux/netfilter/nfnetlink_conntrack.h>.
+    const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+    const IPCTNL_MSG_CT_DELETE: u16 = 2;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+    const NLMSG_ERROR: u16 = 2;
+    const AF_INET: u8 = 2;
+    let nsfile = format!("/run/netns/{ns}");
+    std::thread::scope(|s| {
+        s.spawn(|| -> Result<()> {
+            let f = File::open(&nsfile).with_context(|| format!("opening {nsfile}"))?;
+            // This thread only: it ends right after.
+            rustix::thread::move_into_link_name_space(
+                f.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .with_context(|| format!("entering {nsfile}"))?;
+            let fd = rustix::net::socket(
+                AddressFamily::NETLINK,
+                SocketType::RAW,
+                Some(netlink::NETFILTER),
+            )
+            .context("opening a netfilter netlink socket")?;
+            sockopt::set_socket_timeout(&fd, sockopt::Timeout::Recv, Some(Duration::from_secs(5)))?;
+            // nlmsghdr (len, type, flags, seq, pid), then nfgenmsg (family,
+            // version, res_id).
+            let mut msg = Vec::with_capacity(20);
+            msg.extend_from_slice(&20u32.to_ne_bytes());
+            msg.extend_from_slice(
+                &((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE).to_ne_bytes(),
+            );
+            msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+            msg.extend_from_slice(&1u32.to_ne_bytes());
+            msg.extend_from_slice(&0u32.to_ne_bytes());
+            msg.extend_from_slice(&[AF_INET, 0, 0, 0]);
+            rustix::net::sendto(
+                &fd,
+                &msg,
+                SendFlags::empty(),
+                &netlink::SocketAddrNetlink::new(0, 0),
+            )
+            .context("asking the kernel to flush conntrack")?;
+            let mut buf = [0u8; 512];
+            let (n, _) = rustix::net::recv(&fd, &mut buf[..], RecvFlags::empty())
+                .context("waiting for the conntrack flush's answer")?;
+            ensure!(n >= 20, "short netlink answer ({n} bytes)");
+            let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+            ensure!(
+                kind == NLMSG_ERROR,
+                "netlink answer of type {kind}, not an ack"
+            );
+            let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+            ensure!(
+                err == 0,
+                "flushing conntrack: {}",
+                std::io::Error::from_raw_os_error(-err)
+            );
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("conntrack flush thread panicked"))?
+    })
+}
+
 /// The manifest: `services` ClusterIP services, each with a UDP and a TCP
 /// port 80, every backend an endpoint on 8080.
 #[must_use]
@@ -649,14 +861,27 @@ pub fn manifest_with(
     y
 }
 
+/// kube-proxy's masquerade mark (`--masquerade-bit` 14).
+const MASQ_MARK: &str = "0x00004000";
+/// The "cluster CIDR" of the masquerade rule: the backends' subnet (the
+/// pods), so the client's traffic is from outside the cluster.
+const CLUSTER_CIDR: &str = "198.18.2.0/24";
+
 /// kube-proxy nftables mode's shape for the same services: a verdict map
 /// on (VIP, proto, port) jumping to a chain per service port, which picks an
 /// endpoint chain with `numgen random`, which DNATs.
+///
+/// With `masquerade`, also what kube-proxy programs to source-NAT traffic
+/// from outside the cluster (pkg/proxy/nftables/proxier.go): the service
+/// chain first jumps to `mark-for-masquerade` (`meta mark` |= 0x4000) when
+/// `ip saddr != <cluster CIDR>`, and the `masquerading` chain, jumped to
+/// from a `nat-postrouting` base chain (priority srcnat), clears the mark and
+/// `masquerade fully-random`s marked packets.
 #[must_use]
-pub fn nft_ruleset(services: u32, backends: &[u32], proto: Proto) -> String {
+pub fn nft_ruleset(services: u32, backends: &[u32], proto: Proto, masquerade: bool) -> String {
     let p = proto.name();
     let n = backends.len();
-    let mut r = String::with_capacity(services as usize * (200 + 120 * n));
+    let mut r = String::with_capacity(services as usize * (300 + 120 * n));
     r.push_str("table ip clustergate-bench {\n");
     r.push_str("  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n");
     if services > 0 {
@@ -672,14 +897,30 @@ pub fn nft_ruleset(services: u32, backends: &[u32], proto: Proto) -> String {
     }
     r.push_str("  }\n");
     r.push_str("  chain nat-prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n    jump services\n  }\n");
+    if masquerade {
+        r.push_str("  chain nat-postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    jump masquerading\n  }\n");
+        let _ = writeln!(
+            r,
+            "  chain mark-for-masquerade {{\n    meta mark set meta mark | {MASQ_MARK}\n  }}"
+        );
+        let _ = writeln!(
+            r,
+            "  chain masquerading {{\n    meta mark & {MASQ_MARK} == 0 return\n    meta mark set meta mark ^ {MASQ_MARK}\n    masquerade fully-random\n  }}"
+        );
+    }
     r.push_str(
         "  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n",
     );
     for k in 0..services {
-        let _ = write!(
-            r,
-            "  chain service-{k} {{\n    numgen random mod {n} vmap {{ "
-        );
+        let _ = writeln!(r, "  chain service-{k} {{");
+        if masquerade {
+            let _ = writeln!(
+                r,
+                "    ip daddr {} {p} dport {SERVICE_PORT} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
+                vip(k)
+            );
+        }
+        let _ = write!(r, "    numgen random mod {n} vmap {{ ");
         for (j, _) in backends.iter().enumerate() {
             let _ = write!(
                 r,
@@ -738,6 +979,52 @@ struct Running {
     metrics_port: Option<u16>,
     /// nf_conntrack_max to put back at the end.
     restore_ct_max: Option<u64>,
+    /// What the sinks are told to check (`--return-path` and its details).
+    sink_args: Vec<String>,
+}
+
+impl Running {
+    fn new(dp: Dataplane, services: u32) -> Self {
+        let path = dp.sink_path();
+        let mut sink_args = vec!["--return-path".to_owned(), path.name().to_owned()];
+        match path {
+            ReturnPath::Snat => {
+                let (lo, hi) = KERNEL_MASQ_PORTS;
+                sink_args.extend(["--snat-ports".to_owned(), format!("{lo}-{hi}")]);
+            }
+            ReturnPath::Dsr => {
+                sink_args.extend(["--services".to_owned(), services.to_string()]);
+            }
+            ReturnPath::Routed => {}
+        }
+        Self {
+            procs: Vec::new(),
+            nft: false,
+            metrics_port: None,
+            restore_ct_max: None,
+            sink_args,
+        }
+    }
+
+    /// The sinks check source ports against `lo..=hi`.
+    fn set_snat_ports(&mut self, lo: u16, hi: u16) {
+        if let Some(i) = self.sink_args.iter().position(|a| a == "--snat-ports") {
+            self.sink_args[i + 1] = format!("{lo}-{hi}");
+        }
+    }
+}
+
+/// The gateway's SNAT range as its `/metrics` says (the union of the
+/// workers' shares): `clustergate_snat_ports{…,lo="A",hi="B"}` lines.
+pub(crate) fn snat_range_from_metrics(text: &str) -> Option<(u16, u16)> {
+    let label = |l: &str, k: &str| -> Option<u16> {
+        let at = l.find(&format!("{k}=\""))? + k.len() + 2;
+        l[at..].split('"').next()?.parse().ok()
+    };
+    text.lines()
+        .filter(|l| l.starts_with("clustergate_snat_ports{"))
+        .filter_map(|l| Some((label(l, "lo")?, label(l, "hi")?)))
+        .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1)))
 }
 
 const CT_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
@@ -773,10 +1060,133 @@ impl Ctx<'_> {
         (workers.join(","), gen.join(","))
     }
 
+    /// Starts `dp`, warms it up, measures repetitions `first..first + n`,
+    /// stops it: (repetitions, seconds to start, gateway drop counters).
+    fn session(
+        &self,
+        dp: Dataplane,
+        sc: &Scenario,
+        tag: &str,
+        first: u32,
+        n: u32,
+    ) -> Result<(Vec<Rep>, f64, std::collections::BTreeMap<String, f64>)> {
+        let args = self.args;
+        let t = Instant::now();
+        let running = self.start(dp, sc, tag)?;
+        let setup_s = t.elapsed().as_secs_f64();
+        let measured = (|| -> Result<Vec<Rep>> {
+            // Warm-up: neighbours resolved, caches and conntrack warm.
+            self.rep(sc, &running, &format!("{tag}-warmup"), 0.3, 10_000)?;
+            let mut reps = Vec::new();
+            for r in first..first + n {
+                check_stop()?;
+                let rep = self.rep(
+                    sc,
+                    &running,
+                    &format!("{tag}-r{r}"),
+                    args.duration_s,
+                    args.rate,
+                )?;
+                progress(&format!(
+                    "    rep {}: offered {:.0} pps, forwarded {:.0} pps, loss {:.2} %, p99 {:.0} µs, {:.0} CPU ns/pkt",
+                    r + 1,
+                    rep.offered_pps,
+                    rep.forwarded_pps,
+                    rep.loss * 100.0,
+                    rep.p99_us,
+                    rep.cpu_ns_per_pkt
+                ));
+                reps.push(rep);
+            }
+            Ok(reps)
+        })();
+        let drops = running
+            .metrics_port
+            .map(|p| self.gateway_drops(p))
+            .unwrap_or_default();
+        self.stop(running);
+        Ok((measured?, setup_s, drops))
+    }
+
+    /// Waits (at most 10 s) until the gateway namespace has a link-layer
+    /// address for every backend on g1.
+    fn wait_neighbours(&self) -> Result<()> {
+        let gw = self.topo.ns("gw");
+        let t = Instant::now();
+        loop {
+            check_stop()?;
+            let out = Command::new("ip")
+                .args(["-n", &gw, "-4", "neigh", "show", "dev", "g1"])
+                .output()
+                .context("listing the gateway's neighbours")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let missing: Vec<String> = self
+                .backends
+                .iter()
+                .map(|&i| backend_addr(i).to_string())
+                .filter(|a| {
+                    !text.lines().any(|l| {
+                        l.split_whitespace().next() == Some(a.as_str()) && l.contains(" lladdr ")
+                    })
+                })
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "the gateway namespace has no neighbour entry for {} after 10 s:\n{text}",
+                missing.join(", ")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Why `dp` cannot run scenario `sc`, if it cannot: a source-NAT
+    /// dataplane has one address, so a port space per backend.
+    fn cannot_carry(&self, dp: Dataplane, sc: &Scenario) -> Result<Option<String>> {
+        let ports = match dp {
+            Dataplane::KernelMasq => u32::from(KERNEL_MASQ_PORTS.1 - KERNEL_MASQ_PORTS.0) + 1,
+            Dataplane::ClustergateSnat => {
+                let local = self.gw_local_ports()?;
+                clustergate_dataplane::snat::default_range(local).len()
+            }
+            _ => return Ok(None),
+        };
+        let cap = snat_capacity(self.args.backends, ports);
+        Ok((u64::from(sc.flows) > cap).then(|| {
+            format!(
+                "{} flows do not fit one SNAT address's ports ({} backends × {ports} ports, of which three quarters: {cap} flows)",
+                sc.flows, self.args.backends
+            )
+        }))
+    }
+
+    /// The gateway namespace's `ip_local_port_range`, from which
+    /// `clustergate run` chooses its default SNAT range.
+    fn gw_local_ports(&self) -> Result<clustergate_dataplane::snat::PortRange> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.topo.ns("gw"), "cat"])
+            .arg("/proc/sys/net/ipv4/ip_local_port_range")
+            .output()
+            .context("reading the gateway namespace's ip_local_port_range")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut it = text.split_whitespace().map(str::parse::<u16>);
+        match (it.next(), it.next()) {
+            (Some(Ok(lo)), Some(Ok(hi))) => clustergate_dataplane::snat::PortRange::new(lo, hi)
+                .with_context(|| format!("ip_local_port_range {lo} {hi}")),
+            _ => bail!("ip_local_port_range: unexpected {text:?}"),
+        }
+    }
+
     fn start(&self, dp: Dataplane, sc: &Scenario, tag: &str) -> Result<Running> {
         let (worker_cores, _) = self.placement(sc.workers);
+        let mut run = Running::new(dp, sc.services);
         match dp {
-            Dataplane::Clustergate => {
+            Dataplane::ClustergateSnat
+            | Dataplane::ClustergateRouted
+            | Dataplane::ClustergateDsr => {
+                let path = dp.clustergate_path().unwrap_or(ReturnPath::Snat);
                 let dir = self.out.join(format!("run-{tag}"));
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::create_dir_all(&dir)?;
@@ -789,6 +1199,7 @@ impl Ctx<'_> {
                     .arg(&m)
                     .arg("--shm-dir")
                     .arg(&shm)
+                    .args(["--return-path", path.name()])
                     .args(["--metrics", "127.0.0.1:0", "--health", "127.0.0.1:0"]);
                 let control = Proc::spawn(
                     "clustergate-control",
@@ -808,13 +1219,15 @@ impl Ctx<'_> {
                     .args(["--metrics", &format!("127.0.0.1:{port}")])
                     .args(["--flows", &(sc.flows.max(65_536) * 2).to_string()])
                     .args(["--zero-copy", "never", "--exit-after-s", "3600"]);
+                if path == ReturnPath::Dsr {
+                    // The backend LAN has room for the outer header (the
+                    // default would be the smaller client side's MTU).
+                    g.args(["--encap-mtu", &LAN_MTU.to_string()]);
+                }
                 let gateway = Proc::spawn("clustergate", g, &self.log(&format!("gateway-{tag}")))?;
-                let mut r = Running {
-                    procs: vec![control, gateway],
-                    nft: false,
-                    metrics_port: Some(port),
-                    restore_ct_max: None,
-                };
+                run.procs = vec![control, gateway];
+                run.metrics_port = Some(port);
+                let r = &mut run;
                 let t = Instant::now();
                 loop {
                     check_stop()?;
@@ -834,14 +1247,32 @@ impl Ctx<'_> {
                     );
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                r.nft = false;
-                Ok(r)
+                if path == ReturnPath::Snat {
+                    // The range the gateway chose (its default, from the
+                    // namespace's ip_local_port_range), as it exports it.
+                    let (status, text) = http_get_in(&self.topo.ns("gw"), port, "/metrics")?;
+                    let (lo, hi) = snat_range_from_metrics(&text)
+                        .filter(|_| status == 200)
+                        .context("the gateway's /metrics has no clustergate_snat_ports")?;
+                    r.set_snat_ports(lo, hi);
+                }
+                // The gateway asks the kernel to resolve its backends when a
+                // table arrives; that took up to about 1 s here (an ARP
+                // retransmit), longer than the warm-up, and the first
+                // repetition then lost frames as next_hop_no_neighbour.
+                self.wait_neighbours()?;
+                Ok(run)
             }
-            Dataplane::Kernel => {
+            Dataplane::Kernel | Dataplane::KernelMasq => {
                 let path = self.out.join(format!("nft-{tag}.nft"));
                 std::fs::write(
                     &path,
-                    nft_ruleset(sc.services, &self.backends, self.args.proto),
+                    nft_ruleset(
+                        sc.services,
+                        &self.backends,
+                        self.args.proto,
+                        dp == Dataplane::KernelMasq,
+                    ),
                 )?;
                 let gw = self.topo.ns("gw");
                 let _ = self.topo.run(
@@ -857,6 +1288,8 @@ impl Ctx<'_> {
                         "clustergate-bench",
                     ],
                 );
+                // No NAT binding of an earlier run may apply to this one's flows.
+                flush_conntrack_in(&gw)?;
                 let p = path.to_string_lossy().into_owned();
                 self.topo
                     .run("ip", &["netns", "exec", &gw, "nft", "-f", &p])
@@ -885,12 +1318,9 @@ impl Ctx<'_> {
                     let mask = 1u64 << core.parse::<u32>().unwrap_or(0).min(63);
                     self.set_rps(q, &format!("{mask:x}"))?;
                 }
-                Ok(Running {
-                    procs: Vec::new(),
-                    nft: true,
-                    metrics_port: None,
-                    restore_ct_max,
-                })
+                run.nft = true;
+                run.restore_ct_max = restore_ct_max;
+                Ok(run)
             }
             Dataplane::Bounce => {
                 let mut b = self.in_ns("gw", &self.bins.bench);
@@ -911,12 +1341,8 @@ impl Ctx<'_> {
                 let log = self.log(&format!("bounce-{tag}"));
                 let mut p = Proc::spawn("bounce", b, &log)?;
                 p.event("ready", Duration::from_secs(60), &log)?;
-                Ok(Running {
-                    procs: vec![p],
-                    nft: false,
-                    metrics_port: None,
-                    restore_ct_max: None,
-                })
+                run.procs = vec![p];
+                Ok(run)
             }
         }
     }
@@ -953,6 +1379,10 @@ impl Ctx<'_> {
                     "clustergate-bench",
                 ],
             );
+            // Its NAT bindings would outlive the table.
+            if let Err(e) = flush_conntrack_in(&gw) {
+                eprintln!("warning: {e:#}");
+            }
         }
         let _ = self.topo.sysctl(&gw, "net.ipv4.ip_forward", "0");
         if let Some(v) = r.restore_ct_max {
@@ -961,11 +1391,20 @@ impl Ctx<'_> {
     }
 
     /// One repetition: sinks up, pktgen for the duration, sinks down.
-    fn rep(&self, sc: &Scenario, tag: &str, duration_s: f64, rate: u64) -> Result<Rep> {
+    fn rep(
+        &self,
+        sc: &Scenario,
+        running: &Running,
+        tag: &str,
+        duration_s: f64,
+        rate: u64,
+    ) -> Result<Rep> {
         let mut sinks = Vec::new();
         for &i in &self.backends {
             let mut c = self.in_ns(&format!("b{i}"), &self.bins.bench);
             c.args(["sink", "--iface", "e0", "--backend", &i.to_string()])
+                .args(&running.sink_args)
+                .args(["--gateway-addr", &GW_LAN_ADDR.to_string()])
                 .args([
                     "--ports",
                     &BACKEND_PORT.to_string(),
@@ -1111,7 +1550,7 @@ impl Proc {
     }
 
     /// SIGTERM without waiting: the process prints its result and exits.
-    fn terminate_soft(&mut self) {
+    pub(crate) fn terminate_soft(&mut self) {
         if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
@@ -1208,75 +1647,77 @@ fn measure(ctx: &Ctx<'_>) -> Result<Report> {
     }
     let mut results = Vec::new();
     for (si, sc) in scenarios.iter().enumerate() {
-        let mut runs = Vec::new();
+        let mut skipped = Vec::new();
+        let mut order = Vec::new();
         for &dp in &args.dataplanes {
-            let tag = format!("s{si}-{}", dp.name());
-            progress(&format!(
-                "[{}/{}] {}: {} — starting",
-                si + 1,
-                scenarios.len(),
-                sc.label(),
-                dp.name()
-            ));
-            let t = Instant::now();
-            let running = ctx.start(dp, sc, &tag)?;
-            let setup_s = t.elapsed().as_secs_f64();
-            let measured = (|| -> Result<Vec<Rep>> {
-                // Warm-up: neighbours resolved, caches and conntrack warm.
-                ctx.rep(sc, &format!("{tag}-warmup"), 0.3, 10_000)?;
-                let mut reps = Vec::new();
-                for r in 0..args.reps {
-                    check_stop()?;
-                    let rep = ctx.rep(sc, &format!("{tag}-r{r}"), args.duration_s, args.rate)?;
-                    progress(&format!(
-                        "    rep {}: offered {:.0} pps, forwarded {:.0} pps, loss {:.2} %, p99 {:.0} µs, {:.0} CPU ns/pkt",
-                        r + 1,
-                        rep.offered_pps,
-                        rep.forwarded_pps,
-                        rep.loss * 100.0,
-                        rep.p99_us,
-                        rep.cpu_ns_per_pkt
-                    ));
-                    reps.push(rep);
-                }
-                Ok(reps)
-            })();
-            let drops = running
-                .metrics_port
-                .map(|p| ctx.gateway_drops(p))
-                .unwrap_or_default();
-            ctx.stop(running);
-            let mut run = Run::new(dp, measured?, setup_s);
-            run.gateway_drops = drops;
-            runs.push(run);
+            if let Some(why) = ctx.cannot_carry(dp, sc)? {
+                progress(&format!(
+                    "[{}/{}] {}: {} — skipped: {why}",
+                    si + 1,
+                    scenarios.len(),
+                    sc.label(),
+                    dp.name()
+                ));
+                skipped.push((dp, why));
+            } else {
+                order.push(dp);
+            }
         }
-        let med = |d: Dataplane, f: fn(&Run) -> f64| runs.iter().find(|r| r.dataplane == d).map(f);
-        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-            _ => None,
+        // Without --interleave, each dataplane runs all its repetitions in
+        // one go; with it, each round runs every dataplane for one.
+        let (rounds, per_round) = if args.interleave {
+            (args.reps, 1)
+        } else {
+            (1, args.reps)
         };
-        let fwd = |r: &Run| r.forwarded_pps.median;
-        let cpu = |r: &Run| r.cpu_ns_per_pkt.median;
-        let host_cpu = |r: &Run| r.host_cpu_ns_per_pkt.median;
+        let mut runs: Vec<Run> = Vec::new();
+        for round in 0..rounds {
+            for &dp in &order {
+                let tag = if args.interleave {
+                    format!("s{si}-{}-round{round}", dp.name())
+                } else {
+                    format!("s{si}-{}", dp.name())
+                };
+                progress(&format!(
+                    "[{}/{}] {}: {} — starting{}",
+                    si + 1,
+                    scenarios.len(),
+                    sc.label(),
+                    dp.name(),
+                    if args.interleave {
+                        format!(" (round {}/{rounds})", round + 1)
+                    } else {
+                        String::new()
+                    }
+                ));
+                let first = round * per_round;
+                let (reps, setup_s, drops) = ctx.session(dp, sc, &tag, first, per_round)?;
+                match runs.iter_mut().find(|r| r.dataplane == dp) {
+                    Some(run) => {
+                        let mut all = std::mem::take(&mut run.reps);
+                        all.extend(reps);
+                        let (setup, mut sum) =
+                            (run.setup_s, std::mem::take(&mut run.gateway_drops));
+                        for (k, v) in drops {
+                            *sum.entry(k).or_default() += v;
+                        }
+                        *run = Run::new(dp, all, setup);
+                        run.gateway_drops = sum;
+                    }
+                    None => {
+                        let mut run = Run::new(dp, reps, setup_s);
+                        run.gateway_drops = drops;
+                        runs.push(run);
+                    }
+                }
+            }
+        }
+        let ratios = ratios_of(&runs);
         results.push(ScenarioResult {
             scenario: *sc,
-            clustergate_over_kernel: ratio(
-                med(Dataplane::Clustergate, fwd),
-                med(Dataplane::Kernel, fwd),
-            ),
-            clustergate_over_bounce: ratio(
-                med(Dataplane::Clustergate, fwd),
-                med(Dataplane::Bounce, fwd),
-            ),
-            host_cpu_clustergate_over_kernel: ratio(
-                med(Dataplane::Clustergate, host_cpu),
-                med(Dataplane::Kernel, host_cpu),
-            ),
-            cpu_clustergate_over_kernel: ratio(
-                med(Dataplane::Clustergate, cpu),
-                med(Dataplane::Kernel, cpu),
-            ),
             runs,
+            skipped,
+            ratios,
         });
     }
     let (w1, g1) = ctx.placement(1);
@@ -1290,9 +1731,35 @@ fn measure(ctx: &Ctx<'_>) -> Result<Report> {
         rate: args.rate,
         duration_s: args.duration_s,
         reps: args.reps,
+        interleave: args.interleave,
         backends: args.backends,
         scenarios: results,
     })
+}
+
+/// Each clustergate run's ratios to its kernel baseline and to bounce (the
+/// medians of the same scenario; `None` where the other was not run).
+fn ratios_of(runs: &[Run]) -> Vec<Ratios> {
+    let med = |d: Dataplane, f: fn(&Run) -> f64| runs.iter().find(|r| r.dataplane == d).map(f);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let fwd = |r: &Run| r.forwarded_pps.median;
+    let cpu = |r: &Run| r.cpu_ns_per_pkt.median;
+    let host_cpu = |r: &Run| r.host_cpu_ns_per_pkt.median;
+    runs.iter()
+        .filter_map(|r| Some((r.dataplane, r.dataplane.baseline()?)))
+        .map(|(d, b)| Ratios {
+            dataplane: d,
+            baseline: b,
+            pps_over_baseline: ratio(med(d, fwd), med(b, fwd)),
+            cpu_over_baseline: ratio(med(d, cpu), med(b, cpu)),
+            host_cpu_over_baseline: ratio(med(d, host_cpu), med(b, host_cpu)),
+            pps_over_bounce: ratio(med(d, fwd), med(Dataplane::Bounce, fwd)),
+            cpu_over_bounce: ratio(med(d, cpu), med(Dataplane::Bounce, cpu)),
+        })
+        .collect()
 }
 
 fn fmt_stat(s: &Stat, scale: f64, prec: usize) -> String {
@@ -1312,12 +1779,13 @@ pub fn markdown(r: &Report) -> String {
     let _ =
         writeln!(
         m,
-        "{}; {} traffic, {} backends, {} s × {} repetitions, offered rate {}. Median (min–max).\n",
+        "{}; {} traffic, {} backends, {} s × {} repetitions{}, offered rate {}. Median (min–max).\n",
         r.host,
         r.proto.name().to_uppercase(),
         r.backends,
         r.duration_s,
         r.reps,
+        if r.interleave { " (in rounds over the dataplanes)" } else { "" },
         if r.rate == 0 { "as fast as possible".to_owned() } else { format!("{} pps", r.rate) }
     );
     for s in &r.scenarios {
@@ -1343,24 +1811,28 @@ pub fn markdown(r: &Report) -> String {
                 bad
             );
         }
-        let mut ratios = Vec::new();
-        if let Some(x) = s.clustergate_over_kernel {
-            ratios.push(format!("clustergate ÷ kernel forwarded pps **{x:.2}**"));
+        for (d, why) in &s.skipped {
+            let _ = writeln!(m, "\n{} not run: {why}", d.name());
         }
-        if let Some(x) = s.clustergate_over_bounce {
-            ratios.push(format!("clustergate ÷ bounce **{x:.2}**"));
+        if !s.ratios.is_empty() {
+            let x = |v: Option<f64>| v.map_or_else(|| "—".to_owned(), |v| format!("{v:.2}"));
+            let _ = writeln!(m, "\n| ratios (medians) | baseline | pps ÷ baseline | CPU/pkt ÷ baseline (w/o pktgen / host) | pps ÷ bounce | CPU/pkt ÷ bounce (w/o pktgen) |");
+            let _ = writeln!(m, "|---|---|---|---|---|---|");
+            for r in &s.ratios {
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | **{}** | **{}** / {} | {} | {} |",
+                    r.dataplane.name(),
+                    r.baseline.name(),
+                    x(r.pps_over_baseline),
+                    x(r.cpu_over_baseline),
+                    x(r.host_cpu_over_baseline),
+                    x(r.pps_over_bounce),
+                    x(r.cpu_over_bounce),
+                );
+            }
         }
-        if let Some(x) = s.cpu_clustergate_over_kernel {
-            ratios.push(format!(
-                "CPU/pkt clustergate ÷ kernel **{x:.2}** (w/o pktgen)"
-            ));
-        }
-        if let Some(x) = s.host_cpu_clustergate_over_kernel {
-            ratios.push(format!("**{x:.2}** (whole host)"));
-        }
-        if !ratios.is_empty() {
-            let _ = writeln!(m, "\n{}\n", ratios.join("; "));
-        }
+        let _ = writeln!(m);
         for run in &s.runs {
             if !run.gateway_drops.is_empty() {
                 let d: Vec<String> = run
@@ -1368,7 +1840,12 @@ pub fn markdown(r: &Report) -> String {
                     .iter()
                     .map(|(k, v)| format!("{k} {v}"))
                     .collect();
-                let _ = writeln!(m, "gateway drop counters: {}\n", d.join(", "));
+                let _ = writeln!(
+                    m,
+                    "{} gateway drop counters: {}\n",
+                    run.dataplane.name(),
+                    d.join(", ")
+                );
             }
         }
     }
@@ -1384,7 +1861,7 @@ mod tests {
 
     #[test]
     fn nft_ruleset_has_kube_proxy_shape() {
-        let r = nft_ruleset(2, &[1, 2, 3], Proto::Udp);
+        let r = nft_ruleset(2, &[1, 2, 3], Proto::Udp, false);
         assert!(r.contains("198.19.0.1 . udp . 80 : goto service-1,"), "{r}");
         assert!(r.contains("numgen random mod 3 vmap { 0 : goto endpoint-1-0, 1 : goto endpoint-1-1, 2 : goto endpoint-1-2 }"), "{r}");
         assert!(
@@ -1398,11 +1875,100 @@ mod tests {
     }
 
     #[test]
+    fn masquerade_is_what_kube_proxy_programs() {
+        let r = nft_ruleset(2, &[1, 2], Proto::Udp, true);
+        for want in [
+            "type nat hook postrouting priority srcnat",
+            "jump masquerading",
+            "meta mark set meta mark | 0x00004000",
+            "meta mark & 0x00004000 == 0 return",
+            "meta mark set meta mark ^ 0x00004000",
+            "masquerade fully-random",
+            "ip daddr 198.19.0.1 udp dport 80 ip saddr != 198.18.2.0/24 jump mark-for-masquerade",
+        ] {
+            assert!(r.contains(want), "{want:?} missing:\n{r}");
+        }
+        // The mark comes before the endpoint pick, as in kube-proxy.
+        let svc = &r[r.find("chain service-1 {").unwrap()..];
+        assert!(svc.find("mark-for-masquerade").unwrap() < svc.find("numgen").unwrap());
+        let plain = nft_ruleset(2, &[1, 2], Proto::Udp, false);
+        assert!(!plain.contains("masquerade") && !plain.contains("postrouting"));
+    }
+
+    #[test]
+    fn every_clustergate_path_has_its_baseline() {
+        use Dataplane as D;
+        assert_eq!(D::ClustergateSnat.baseline(), Some(D::KernelMasq));
+        assert_eq!(D::ClustergateRouted.baseline(), Some(D::Kernel));
+        assert_eq!(D::ClustergateDsr.baseline(), Some(D::Kernel));
+        assert_eq!(D::Bounce.baseline(), None);
+        assert_eq!(D::KernelMasq.sink_path(), ReturnPath::Snat);
+        assert_eq!(D::ClustergateDsr.sink_path(), ReturnPath::Dsr);
+        assert_eq!(D::Bounce.sink_path(), ReturnPath::Routed);
+        let run = |d: D, pps: f64, cpu: f64| {
+            let mut r = Run::new(d, Vec::new(), 0.0);
+            r.forwarded_pps.median = pps;
+            r.cpu_ns_per_pkt.median = cpu;
+            r.host_cpu_ns_per_pkt.median = cpu;
+            r
+        };
+        let runs = [
+            run(D::ClustergateSnat, 200.0, 300.0),
+            run(D::KernelMasq, 100.0, 600.0),
+            run(D::ClustergateDsr, 300.0, 100.0),
+            run(D::Bounce, 400.0, 50.0),
+        ];
+        let r = ratios_of(&runs);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].dataplane, D::ClustergateSnat);
+        assert_eq!(r[0].pps_over_baseline, Some(2.0));
+        assert_eq!(r[0].cpu_over_baseline, Some(0.5));
+        assert_eq!(r[0].pps_over_bounce, Some(0.5));
+        assert_eq!(r[0].cpu_over_bounce, Some(6.0));
+        assert_eq!((r[1].baseline, r[1].pps_over_baseline), (D::Kernel, None));
+        assert_eq!(r[1].pps_over_bounce, Some(0.75));
+    }
+
+    #[test]
+    fn snat_range_is_read_from_the_gateways_metrics() {
+        let text = "# TYPE clustergate_snat_ports gauge\n\
+            clustergate_snat_ports{proxy_name=\"cg\",worker=\"1\",lo=\"15512\",hi=\"29999\"} 14488\n\
+            clustergate_snat_ports{proxy_name=\"cg\",worker=\"0\",lo=\"1024\",hi=\"15511\"} 14488\n\
+            clustergate_snat_ports_other 3\n";
+        assert_eq!(snat_range_from_metrics(text), Some((1024, 29_999)));
+        assert_eq!(snat_range_from_metrics("x 1\n"), None);
+        assert_eq!(snat_capacity(4, 28_976), 86_928);
+    }
+
+    #[test]
     fn manifest_is_what_control_reads() {
         let m = manifest(2, &[1, 2], 8080);
         assert_eq!(m.matches("kind: Service\n").count(), 2);
         assert!(m.contains("clusterIP: 198.19.0.1\n"));
         assert!(m.contains("- addresses: [198.18.2.12]"));
+    }
+
+    #[test]
+    fn dataplane_names_parse_with_the_old_aliases() {
+        use clap::ValueEnum as _;
+        for d in [
+            Dataplane::ClustergateSnat,
+            Dataplane::ClustergateRouted,
+            Dataplane::ClustergateDsr,
+            Dataplane::Kernel,
+            Dataplane::KernelMasq,
+            Dataplane::Bounce,
+        ] {
+            assert_eq!(Dataplane::from_str(d.name(), false), Ok(d));
+            assert_eq!(
+                serde_json::to_value(d).unwrap(),
+                serde_json::Value::from(d.name())
+            );
+        }
+        assert_eq!(
+            Dataplane::from_str("clustergate", false),
+            Ok(Dataplane::ClustergateSnat)
+        );
     }
 
     #[test]
@@ -1429,6 +1995,7 @@ mod tests {
             bin_dir: None,
             quick: false,
             keep_topology: false,
+            interleave: false,
         };
         assert!(a
             .validate()
@@ -1449,7 +2016,19 @@ mod tests {
         a.proto = Proto::Tcp;
         let e = a.validate().unwrap_err().to_string();
         assert!(e.contains("--proto tcp with --dataplanes kernel"), "{e}");
-        a.dataplanes = vec![Dataplane::Clustergate, Dataplane::Bounce];
+        a.dataplanes = vec![Dataplane::KernelMasq];
+        let e = a.validate().unwrap_err().to_string();
+        assert!(e.contains("--proto tcp with --dataplanes kernel"), "{e}");
+        a.dataplanes = vec![Dataplane::ClustergateSnat, Dataplane::Bounce];
+        a.validate().unwrap();
+        a.dataplanes = vec![Dataplane::Bounce, Dataplane::Bounce];
+        assert!(a.validate().unwrap_err().to_string().contains("twice"));
+        a.dataplanes = vec![Dataplane::ClustergateSnat];
+        a.rate = 1000;
+        a.flows = vec![100_000];
+        let e = a.validate().unwrap_err().to_string();
+        assert!(e.contains("--flows 100000 at --rate 1000"), "{e}");
+        a.dataplanes = vec![Dataplane::ClustergateRouted];
         a.validate().unwrap();
     }
 }

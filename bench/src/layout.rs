@@ -36,6 +36,11 @@ pub const GW_CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 /// The gateway's backend-side address (g1).
 pub const GW_LAN_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
 
+/// MTU of the backend LAN (g1, the bridge, the backends' e0): room for a
+/// 1500-byte packet and DSR's 20-byte outer header. The client side (c0, g0)
+/// keeps 1500.
+pub const LAN_MTU: u16 = 1520;
+
 /// c0's MAC.
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0xcb, 0x01, 0, 0, 2];
 /// g0's MAC.

@@ -129,6 +129,7 @@ mod sink;
 mod topology;
 mod update_latency;
 mod wire;
+mod xdp_sink;
 
 fn vip(i: u32) -> Addr16 {
     addr16(IpAddr::from([198, 19, (i >> 8) as u8, i as u8]))

@@ -1,35 +1,37 @@
 //! `clustergate-bench sink`: the checking sink in a backend namespace.
 //!
-//! Owns: the gateway's XDP steering program on the sink's interface, loaded
-//! with a table whose frontends are exactly what the sink accepts (its
-//! address, each accepted port, UDP and TCP), so those packets come to its
-//! AF_XDP sockets and everything else (ARP above all) still goes to the
-//! kernel; one thread per queue that checks every frame with
-//! [`wire::check`], measures one-way latency on the shared
-//! `CLOCK_MONOTONIC`, counts reordering and duplicates per flow, and hands
-//! the frames back (it never transmits). One JSON result line at the end.
+//! Owns: the sink's own XDP program on its interface ([`crate::xdp_sink`]:
+//! every unicast IPv4 frame, and IPv6 but ICMPv6, to the AF_XDP socket of
+//! its queue; ARP, neighbour discovery and multicast to the kernel), so it
+//! sees whatever the dataplane under test sent it, IP-in-IP included; one
+//! thread per queue that checks every frame with [`wire::check`] for the
+//! return path it was told (`--return-path`), keeps per flow the SNAT port
+//! (which must not change within a flow nor be shared by two flows to the
+//! same port), measures one-way latency on the shared `CLOCK_MONOTONIC`,
+//! counts reordering and duplicates per flow, and hands the frames back (it
+//! never transmits). One JSON result line at the end.
 //!
 //! It never allocates per packet, reads the clock once per RX batch, and
 //! sleeps in `poll(2)` when idle.
 #![allow(unsafe_code)] // UMEM frames are handed to and from the kernel (`Ports`' unsafe contract).
 
 use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
 
 use anyhow::{ensure, Context as _, Result};
-use clustergate_dataplane::flow::Proto;
 use clustergate_dataplane::io::nexthop::ifindex_by_name;
-use clustergate_dataplane::io::steer::{SteerStats, Steering, MAX_QUEUES};
 use clustergate_dataplane::io::xsk::{FrameDesc, Iface, Ports, XskOptions, ZeroCopy, RX_BATCH};
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{backend_addr, backend_mac, MAX_BACKENDS, MAX_FLOWS};
+use crate::layout::{
+    backend_addr, backend_mac, GW_LAN_ADDR, MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES,
+};
 use crate::pktgen::mono_ns;
-use crate::wire::{self, Bad, Expect};
+use crate::wire::{self, Bad, Expect, PathExpect};
+use crate::xdp_sink::{self, SinkProg, MAX_QUEUES};
 
 /// Most accepted ports.
 pub const MAX_PORTS: u32 = 1024;
@@ -70,12 +72,73 @@ pub struct Args {
     /// test without a gateway: pktgen straight into the sink).
     #[arg(long, value_name = "A.B.C.D")]
     pub accept_dst: Option<Ipv4Addr>,
+    /// How the frames come: `routed` (destination NAT only: the source is
+    /// the flow's), `snat` (the source is `--gateway-addr` and a port of
+    /// `--snat-ports`, stable within a flow and not shared), `dsr` (IP-in-IP
+    /// from `--gateway-addr`; inside, the client's packet to the VIP of the
+    /// flow's service of `--services`, TTL one lower).
+    #[arg(long, value_enum, default_value = "routed")]
+    pub return_path: ReturnPath,
+    /// The gateway's address: the SNAT source, or the DSR outer source.
+    #[arg(long, value_name = "A.B.C.D", default_value_t = GW_LAN_ADDR)]
+    pub gateway_addr: Ipv4Addr,
+    /// The SNAT ports a source port must be in, `LO-HI` (`--return-path snat`).
+    #[arg(long, value_name = "LO-HI", value_parser = parse_port_span, default_value = "1024-29999")]
+    pub snat_ports: (u16, u16),
+    /// Services the generator spreads the flows over (`--return-path dsr`
+    /// checks the inner destination: the VIP of service flow mod S).
+    #[arg(long, default_value_t = 1)]
+    pub services: u32,
     /// Keep polling an empty RX ring this long (µs, 0..=10000; yielding
     /// the core in between) before sleeping in `poll(2)`. On a VM this
     /// avoids the vCPU wake-up on every packet (p99 latency ÷10 measured),
     /// at the price of CPU. Default 0: sleep at once.
     #[arg(long, default_value_t = 0, value_name = "US")]
     pub busy_poll_us: u64,
+}
+
+/// The return path a sink checks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReturnPath {
+    /// Destination NAT only.
+    Routed,
+    /// Source NAT as well.
+    Snat,
+    /// IP-in-IP encapsulation (direct server return).
+    Dsr,
+}
+
+impl ReturnPath {
+    /// The name control's `--return-path` takes.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Routed => "routed",
+            Self::Snat => "snat",
+            Self::Dsr => "dsr",
+        }
+    }
+}
+
+/// Parses `LO-HI` (1 ≤ LO ≤ HI).
+///
+/// # Errors
+/// Not two ports, 0, or LO > HI.
+pub fn parse_port_span(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: not a range LO-HI"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|_| format!("{s:?}: {p:?} is not a port"))
+    };
+    let (lo, hi) = (port(a)?, port(b)?);
+    if lo == 0 || lo > hi {
+        return Err(format!("{s:?}: need 1 <= LO <= HI"));
+    }
+    Ok((lo, hi))
 }
 
 /// Accepted destination ports, inclusive.
@@ -143,6 +206,22 @@ pub struct BadCounts {
     pub src: u64,
     /// [`Bad::DstMac`].
     pub dst_mac: u64,
+    /// [`Bad::SnatAddr`].
+    pub snat_addr: u64,
+    /// [`Bad::SnatPort`].
+    pub snat_port: u64,
+    /// [`Bad::SnatUnstable`].
+    pub snat_unstable: u64,
+    /// [`Bad::SnatShared`].
+    pub snat_shared: u64,
+    /// [`Bad::OuterChecksum`].
+    pub outer_checksum: u64,
+    /// [`Bad::OuterAddr`].
+    pub outer_addr: u64,
+    /// [`Bad::OuterHeader`].
+    pub outer_header: u64,
+    /// [`Bad::Ttl`].
+    pub ttl: u64,
 }
 
 impl BadCounts {
@@ -157,6 +236,14 @@ impl BadCounts {
             dst_port: c(Bad::DstPort),
             src: c(Bad::Src),
             dst_mac: c(Bad::DstMac),
+            snat_addr: c(Bad::SnatAddr),
+            snat_port: c(Bad::SnatPort),
+            snat_unstable: c(Bad::SnatUnstable),
+            snat_shared: c(Bad::SnatShared),
+            outer_checksum: c(Bad::OuterChecksum),
+            outer_addr: c(Bad::OuterAddr),
+            outer_header: c(Bad::OuterHeader),
+            ttl: c(Bad::Ttl),
         }
     }
 
@@ -171,28 +258,33 @@ impl BadCounts {
             + self.dst_port
             + self.src
             + self.dst_mac
+            + self.snat_addr
+            + self.snat_port
+            + self.snat_unstable
+            + self.snat_shared
+            + self.outer_checksum
+            + self.outer_addr
+            + self.outer_header
+            + self.ttl
     }
 }
 
-/// The steering program's counters at the end (summed over CPUs).
+/// The XDP program's counters at the end (summed over CPUs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SteerCounts {
     /// Redirected to the sink's sockets.
     pub redirected: u64,
-    /// Passed to the kernel (ARP, anything not accepted).
+    /// Passed to the kernel (ARP, neighbour discovery, multicast).
     pub passed: u64,
-    /// Passed to the kernel as malformed.
-    pub malformed: u64,
-    /// Accepted, but no socket on the rx queue it arrived on.
+    /// An IP frame on an rx queue with no socket (passed to the kernel).
     pub no_socket: u64,
 }
 
-impl From<SteerStats> for SteerCounts {
-    fn from(s: SteerStats) -> Self {
+impl From<xdp_sink::Stats> for SteerCounts {
+    fn from(s: xdp_sink::Stats) -> Self {
         Self {
             redirected: s.redirected,
             passed: s.passed,
-            malformed: s.malformed,
             no_socket: s.no_socket,
         }
     }
@@ -235,7 +327,7 @@ pub struct SinkResult {
     pub latency_ns: Vec<(u64, u64)>,
     /// OK frames per destination port: `[port, count]`, ports seen only.
     pub by_port: Vec<(u16, u64)>,
-    /// The steering program's counters.
+    /// The XDP program's counters.
     pub steer: SteerCounts,
     /// The sockets' ring statistics.
     pub rings: RingCounts,
@@ -311,12 +403,32 @@ fn plan(a: &Args) -> Result<Plan> {
         "--busy-poll-us {}: must be 0..=10000",
         a.busy_poll_us
     );
+    let bench_range = |d: Ipv4Addr| d.octets()[0] == 198 && (d.octets()[1] & 0xfe) == 18;
     if let Some(d) = a.accept_dst {
-        ensure!(
-            d.octets()[0] == 198 && (d.octets()[1] & 0xfe) == 18,
-            "--accept-dst {d}: must be in 198.18.0.0/15"
-        );
+        ensure!(bench_range(d), "--accept-dst {d}: must be in 198.18.0.0/15");
     }
+    ensure!(
+        bench_range(a.gateway_addr),
+        "--gateway-addr {}: must be in 198.18.0.0/15",
+        a.gateway_addr
+    );
+    ensure!(
+        (1..=MAX_SERVICES).contains(&a.services),
+        "--services {}: must be 1..={MAX_SERVICES}",
+        a.services
+    );
+    let path = match a.return_path {
+        ReturnPath::Routed => PathExpect::Routed,
+        ReturnPath::Snat => PathExpect::Snat {
+            addr: a.gateway_addr,
+            lo: a.snat_ports.0,
+            hi: a.snat_ports.1,
+        },
+        ReturnPath::Dsr => PathExpect::Dsr {
+            gateway: a.gateway_addr,
+            services: a.services,
+        },
+    };
     Ok(Plan {
         queues: a.queues.clone(),
         expect: Expect {
@@ -325,28 +437,12 @@ fn plan(a: &Args) -> Result<Plan> {
             first_port: a.ports.first,
             last_port: a.ports.last,
             flows: a.flows,
+            path,
         },
         duration_ns: (a.duration_s * 1e9) as u64,
         busy_poll_ns: a.busy_poll_us * 1_000,
         report_first_port: a.report_first_port,
     })
-}
-
-/// The steering table: (address, port, UDP and TCP) for every accepted port,
-/// each with one backend, the sink itself.
-fn table(addr: Ipv4Addr, own: Ipv4Addr, ports: PortRange) -> Result<Table> {
-    let mut specs = Vec::with_capacity(2 * ports.len() as usize);
-    for port in ports.first..=ports.last {
-        for proto in [Proto::Udp, Proto::Tcp] {
-            specs.push(ServiceSpec::cluster_ip(
-                IpAddr::V4(addr),
-                port,
-                proto,
-                vec![BackendSpec::ready(IpAddr::V4(own), port)],
-            ));
-        }
-    }
-    Table::build(1, 0, &specs).context("building the sink's steering table")
 }
 
 /// What one queue's thread counted.
@@ -410,10 +506,55 @@ impl Counts {
     }
 }
 
-/// Per-flow order: the last sequence number + 1 (0: none yet).
+/// Per-flow state: the last sequence number + 1 (0: none yet) and, under
+/// source NAT, the flow's SNAT port.
 #[derive(Debug)]
 struct Order {
     last: Vec<u64>,
+    snat: Option<SnatTrack>,
+}
+
+/// Under source NAT: each flow's port, and which flow holds each port.
+#[derive(Debug)]
+struct SnatTrack {
+    /// Per flow: the source port of its first frame (0: not seen yet).
+    port_of: Vec<u16>,
+    /// Per source port: `(destination port << 32) | (flow + 1)` of the last
+    /// flow seen with it (0: none). Two flows to the same destination port
+    /// must not share a source port; flows to different destination ports
+    /// may (the gateway's ports are unique per backend port). Only the last
+    /// holder is kept, so with several destination ports in turn a clash
+    /// can go unseen; with one (compare) none can.
+    holder: Vec<u64>,
+}
+
+impl SnatTrack {
+    fn new(flows: u32) -> Self {
+        Self {
+            port_of: vec![0; flows as usize],
+            holder: vec![0; 1 << 16],
+        }
+    }
+
+    fn see(&mut self, flow: u32, src_port: u16, dst_port: u16) -> Result<(), Bad> {
+        let Some(port) = self.port_of.get_mut(flow as usize) else {
+            return Ok(());
+        };
+        if *port == 0 {
+            let mine = (u64::from(dst_port) << 32) | u64::from(flow + 1);
+            let h = &mut self.holder[usize::from(src_port)];
+            if *h != 0 && *h >> 32 == u64::from(dst_port) && *h != mine {
+                return Err(Bad::SnatShared);
+            }
+            *h = mine;
+            *port = src_port;
+            Ok(())
+        } else if *port == src_port {
+            Ok(())
+        } else {
+            Err(Bad::SnatUnstable)
+        }
+    }
 }
 
 /// What [`Order::see`] found.
@@ -425,9 +566,10 @@ enum Seen {
 }
 
 impl Order {
-    fn new(flows: u32) -> Self {
+    fn new(flows: u32, snat: bool) -> Self {
         Self {
             last: vec![0; flows as usize],
+            snat: snat.then(|| SnatTrack::new(flows)),
         }
     }
 
@@ -462,6 +604,12 @@ fn account(
             None
         }
         Ok(p) => {
+            if let Some(t) = &mut order.snat {
+                if let Err(b) = t.see(p.flow, p.src_port, p.dst_port) {
+                    c.bad[b.index()] += 1;
+                    return None;
+                }
+            }
             c.ok += 1;
             c.syn += u64::from(p.syn);
             c.latency.saturating_record(now.saturating_sub(p.ts));
@@ -470,7 +618,10 @@ fn account(
                 Seen::Reordered => c.reordered += 1,
                 Seen::Duplicate => c.duplicates += 1,
             }
-            let slot = c.by_port.get_mut(usize::from(p.dst_port - first_port))?;
+            // Under DSR the destination is the service port, not one of ours.
+            let slot = c
+                .by_port
+                .get_mut(usize::from(p.dst_port.checked_sub(first_port)?))?;
             *slot += 1;
             (*slot == 1).then_some(p.dst_port)
         }
@@ -493,16 +644,14 @@ pub fn run(args: &Args) -> Result<()> {
     let plan = plan(args)?;
     let ifindex =
         ifindex_by_name(&args.iface).with_context(|| format!("--iface {}", args.iface))?;
-    let table = table(plan.expect.addr, backend_addr(args.backend), args.ports)?;
-    let mut steering = Steering::load(&[(args.iface.clone(), ifindex)])
-        .with_context(|| format!("loading the XDP steering program on {}", args.iface))?;
-    steering.sync(&table).context("filling the steering maps")?;
+    let mut prog = SinkProg::attach(&args.iface, ifindex)?;
     tracing::info!(
         iface = args.iface,
-        modes = ?steering.attach_modes(),
+        mode = prog.mode,
         addr = %plan.expect.addr,
         ports = ?args.ports,
-        "steering program attached"
+        return_path = args.return_path.name(),
+        "sink XDP program attached"
     );
 
     let shared = Arc::new(Shared {
@@ -576,11 +725,7 @@ pub fn run(args: &Args) -> Result<()> {
             .recv()
             .map_err(|_| anyhow::anyhow!("a sink thread died while opening"))
             .and_then(|r| r)
-            .and_then(|(queue, fd)| {
-                steering
-                    .register_socket(0, queue, fd)
-                    .with_context(|| format!("registering the socket of queue {queue}"))
-            });
+            .and_then(|(queue, fd)| prog.register_socket(queue, fd));
         if let Err(e) = registered {
             first_err.get_or_insert(e);
         }
@@ -610,10 +755,9 @@ pub fn run(args: &Args) -> Result<()> {
             }
         }
     }
-    let steer = steering.stats().map(SteerCounts::from).unwrap_or_default();
-    steering
-        .detach()
-        .with_context(|| format!("detaching the steering program from {}", args.iface))?;
+    let steer = prog.stats().map(SteerCounts::from).unwrap_or_default();
+    prog.detach()
+        .with_context(|| format!("detaching the sink's XDP program from {}", args.iface))?;
     if let Some(e) = first_err {
         return Err(e);
     }
@@ -661,7 +805,7 @@ fn receive_loop(
     let plan = &shared.plan;
     let expect = plan.expect;
     let deadline = shared.deadline_ns.get().copied().unwrap_or(0);
-    let mut order = Order::new(expect.flows);
+    let mut order = Order::new(expect.flows, matches!(expect.path, PathExpect::Snat { .. }));
     let mut rx = [FrameDesc::default(); RX_BATCH];
     // Ports seen for the first time in a batch, reported after it.
     let mut fresh = [0u16; RX_BATCH];
@@ -772,27 +916,112 @@ mod tests {
         assert!(args("--backend 1 --ports 8080-9104").is_err());
         assert!(args("--backend 1 --ports x").is_err());
         assert!(args("").is_err(), "--backend is required");
+        assert!(err("--backend 1 --services 0").starts_with("--services 0"));
+        assert!(err("--backend 1 --gateway-addr 10.0.0.1").starts_with("--gateway-addr 10.0.0.1"));
+        assert!(args("--backend 1 --snat-ports 0-10").is_err());
+        assert!(args("--backend 1 --snat-ports 20-10").is_err());
+        assert!(args("--backend 1 --snat-ports 20").is_err());
+        assert!(args("--backend 1 --return-path other").is_err());
+        assert_eq!(p.expect.path, PathExpect::Routed, "routed by default");
+        let p =
+            plan(&args("--backend 1 --return-path snat --snat-ports 1024-65535").unwrap()).unwrap();
+        assert_eq!(
+            p.expect.path,
+            PathExpect::Snat {
+                addr: GW_LAN_ADDR,
+                lo: 1024,
+                hi: 65_535
+            }
+        );
+        let p = plan(
+            &args("--backend 1 --return-path dsr --services 7 --gateway-addr 198.18.2.9").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            p.expect.path,
+            PathExpect::Dsr {
+                gateway: Ipv4Addr::new(198, 18, 2, 9),
+                services: 7
+            }
+        );
         let a = args("--backend 2 --ports 8080-9103 --accept-dst 198.19.0.0").unwrap();
         assert_eq!(a.ports.len(), 1024);
         assert_eq!(plan(&a).unwrap().expect.addr, Ipv4Addr::new(198, 19, 0, 0));
     }
 
     #[test]
-    fn the_steering_table_builds_with_one_self_backend_per_frontend() {
-        let ports = parse_ports("8080-9103").unwrap();
-        let t = table(backend_addr(1), backend_addr(1), ports).unwrap();
-        assert_eq!(t.frontends().len(), 2048);
-        let a = clustergate_dataplane::flow::addr16(IpAddr::V4(backend_addr(1)));
-        assert!(t.frontend(&a, 9103, Proto::Tcp).is_some());
-        assert!(t.frontend(&a, 8080, Proto::Udp).is_some());
-        assert!(t.frontend(&a, 9104, Proto::Udp).is_none());
-        let f = t.frontend_record(0).unwrap();
-        assert_eq!(t.backends_of(f).len(), 1);
+    fn snat_ports_must_stay_with_their_flow_and_not_be_shared() {
+        let mut t = SnatTrack::new(10);
+        assert_eq!(t.see(1, 5000, 8080), Ok(()));
+        assert_eq!(t.see(1, 5000, 8080), Ok(()));
+        assert_eq!(t.see(1, 5001, 8080), Err(Bad::SnatUnstable));
+        // Another flow to the same destination port with the same port.
+        assert_eq!(t.see(2, 5000, 8080), Err(Bad::SnatShared));
+        // To another destination port it may.
+        assert_eq!(t.see(3, 5000, 8081), Ok(()));
+        assert_eq!(t.see(2, 5002, 8080), Ok(()));
+        assert_eq!(t.see(2, 5002, 8080), Ok(()));
+        // Beyond --flows: the wire check refuses those; nothing kept.
+        assert_eq!(t.see(10, 5000, 8080), Ok(()));
+    }
+
+    #[test]
+    fn snat_accounting_counts_unstable_ports_as_bad() {
+        let e = Expect {
+            mac: backend_mac(1),
+            addr: backend_addr(1),
+            first_port: 8080,
+            last_port: 8080,
+            flows: 10,
+            path: PathExpect::Snat {
+                addr: GW_LAN_ADDR,
+                lo: 1024,
+                hi: 29_999,
+            },
+        };
+        let t = Template::new(L4Proto::Udp, 64, CLIENT_MAC, backend_mac(1)).unwrap();
+        let mut c = Counts::new(1).unwrap();
+        let mut o = Order::new(10, true);
+        let mut buf = [0u8; 64];
+        for (seq, port) in [(0, 2000), (1, 2000), (2, 2001), (3, 2000)] {
+            let f = Fields {
+                src: (GW_LAN_ADDR, port),
+                dst: (backend_addr(1), 8080),
+                flow: 7,
+                seq,
+                ts: 1_000,
+                syn: false,
+            };
+            assert_eq!(t.write(&mut buf, &f), 64);
+            account(&mut c, &mut o, wire::check(&buf, &e), 1_500, 8080);
+        }
+        let r = result(1, &c, SteerCounts::default(), 8080);
+        assert_eq!((r.received, r.ok, r.bad.snat_unstable), (4, 3, 1));
+        assert_eq!(r.bad.total(), 1);
+        assert_eq!(r.by_port, vec![(8080, 3)]);
+    }
+
+    #[test]
+    fn dsr_frames_are_not_counted_by_backend_port() {
+        let mut c = Counts::new(1).unwrap();
+        let mut o = Order::new(10, false);
+        let p = wire::Probe {
+            flow: 1,
+            seq: 0,
+            ts: 0,
+            proto: L4Proto::Udp,
+            src_port: 1025,
+            dst_port: 80,
+            syn: false,
+        };
+        assert_eq!(account(&mut c, &mut o, Ok(p), 10, 8080), None);
+        assert_eq!((c.received, c.ok), (1, 1));
+        assert_eq!(c.by_port, vec![0]);
     }
 
     #[test]
     fn order_counts_reordering_and_duplicates() {
-        let mut o = Order::new(4);
+        let mut o = Order::new(4, false);
         assert_eq!(o.see(1, 0), Seen::InOrder);
         assert_eq!(o.see(1, 5), Seen::InOrder);
         assert_eq!(o.see(1, 5), Seen::Duplicate);
@@ -811,10 +1040,11 @@ mod tests {
             first_port: 8080,
             last_port: 8081,
             flows: 10,
+            path: PathExpect::Routed,
         };
         let t = Template::new(L4Proto::Tcp, 64, CLIENT_MAC, backend_mac(1)).unwrap();
         let mut c = Counts::new(2).unwrap();
-        let mut o = Order::new(10);
+        let mut o = Order::new(10, false);
         let mut buf = [0u8; 64];
         let mut first = Vec::new();
         for (seq, port, syn) in [
@@ -858,7 +1088,7 @@ mod tests {
         assert_eq!(r.by_port, vec![(8080, 2), (8081, 3)]);
         let line = serde_json::to_string(&SinkEvent::Result(r.clone())).unwrap();
         assert!(line.starts_with(
-            r#"{"event":"result","backend":1,"received":6,"ok":5,"bad":{"malformed":0,"magic":0,"ip_checksum":0,"l4_checksum":0,"dst_addr":0,"dst_port":0,"src":1,"dst_mac":0},"reordered":1,"duplicates":1,"syn":1,"first_mono_ns":1500,"last_mono_ns":2000,"latency_ns":[[0,1],[500,4]],"#
+            r#"{"event":"result","backend":1,"received":6,"ok":5,"bad":{"malformed":0,"magic":0,"ip_checksum":0,"l4_checksum":0,"dst_addr":0,"dst_port":0,"src":1,"dst_mac":0,"snat_addr":0,"snat_port":0,"snat_unstable":0,"snat_shared":0,"outer_checksum":0,"outer_addr":0,"outer_header":0,"ttl":0},"reordered":1,"duplicates":1,"syn":1,"first_mono_ns":1500,"last_mono_ns":2000,"latency_ns":[[0,1],[500,4]],"#
         ), "{line}");
         assert_eq!(
             serde_json::from_str::<SinkEvent>(&line).unwrap(),

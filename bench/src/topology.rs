@@ -8,7 +8,10 @@
 //!   so replies come back through it. With more than one worker the client
 //!   and gateway veths get that many queues (one AF_XDP socket per queue).
 //!   Checksum and segmentation offloads are off on every veth, so the frames
-//!   carry the checksums their senders wrote. The gateway does not forward in
+//!   carry the checksums their senders wrote. The backend LAN (g1, the
+//!   bridge, every e0) has an MTU of [`LAN_MTU`] (1520): room for a
+//!   1500-byte packet inside DSR's outer header; the client side keeps 1500.
+//!   The gateway does not forward in
 //!   the kernel (ip_forward 0) until a dataplane that needs it turns it on.
 //! - It is idempotent: `up` on a topology it built with the same shape does
 //!   nothing; with another shape it rebuilds it. `down` removes what it built.
@@ -32,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layout::{
     backend_addr, backend_mac, CLIENT_ADDR, CLIENT_MAC, GW_CLIENT_ADDR, GW_CLIENT_MAC, GW_LAN_ADDR,
-    GW_LAN_MAC, MAX_BACKENDS,
+    GW_LAN_MAC, LAN_MTU, MAX_BACKENDS,
 };
 
 /// Where ownership records live.
@@ -96,6 +99,10 @@ struct Record {
     /// The build ran to its end (a build cut short is rebuilt, not reused).
     #[serde(default)]
     complete: bool,
+    /// The backend LAN's MTU it was built with (0: before there was one; a
+    /// topology built otherwise is rebuilt, not reused).
+    #[serde(default)]
+    lan_mtu: u16,
 }
 
 /// A built topology.
@@ -185,7 +192,7 @@ impl Topology {
         self.check_ownership(record.as_ref())?;
         if let Some(r) = &record {
             let all_there = Self::existing(&self.shape.prefix)?.len() == r.namespaces.len();
-            if r.shape == self.shape && all_there && r.complete {
+            if r.shape == self.shape && all_there && r.complete && r.lan_mtu == LAN_MTU {
                 eprintln!("topology {} is already up", self.shape.prefix);
                 return Ok(());
             }
@@ -237,6 +244,7 @@ impl Topology {
             shape: self.shape.clone(),
             namespaces: namespaces.to_vec(),
             complete,
+            lan_mtu: LAN_MTU,
         };
         let path = self.record_path();
         let tmp = path.with_extension("tmp");
@@ -280,6 +288,9 @@ impl Topology {
             (&lan, "l0", [0x02, 0xcb, 0x03, 0, 0, 0]),
             &q,
         )?;
+        let mtu = LAN_MTU.to_string();
+        self.ipn(&gw, &["link", "set", "g1", "mtu", &mtu])?;
+        self.ipn(&lan, &["link", "set", "l0", "mtu", &mtu])?;
         self.addr_up(&gw, "g1", &format!("{GW_LAN_ADDR}/24"))?;
         self.ipn(&lan, &["link", "set", "l0", "master", "br0", "up"])?;
 
@@ -291,6 +302,8 @@ impl Topology {
                 (&lan, &l, [0x02, 0xcb, 0x03, 0, 0, i as u8]),
                 "1",
             )?;
+            self.ipn(&b, &["link", "set", "e0", "mtu", &mtu])?;
+            self.ipn(&lan, &["link", "set", &l, "mtu", &mtu])?;
             self.addr_up(&b, "e0", &format!("{}/24", backend_addr(i)))?;
             self.ipn(
                 &b,
@@ -298,6 +311,7 @@ impl Topology {
             )?;
             self.ipn(&lan, &["link", "set", &l, "master", "br0", "up"])?;
         }
+        self.ipn(&lan, &["link", "set", "br0", "mtu", &mtu])?;
         // Only the dataplane under test forwards.
         self.sysctl(&gw, "net.ipv4.ip_forward", "0")?;
         self.write_record(&created, true)

@@ -11,6 +11,11 @@
 //! to that first packet at the new port (the same clock, read by the sink per
 //! received batch). The pktgen's period bounds the resolution (200 µs at the
 //! default 5000 pps).
+//!
+//! The return path is control's default, `snat` (`--return-path routed`
+//! measures the other path that rewrites the destination port; `dsr` leaves
+//! the service port on the wire, so a target port change cannot be seen and
+//! is refused): the sink checks every frame for it, SNAT ports included.
 
 use std::path::Path;
 use std::process::Command;
@@ -19,8 +24,11 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 
-use crate::compare::{http_get_in, manifest_with, progress, tail, Bins, Proc};
+use crate::compare::{
+    http_get_in, manifest_with, progress, snat_range_from_metrics, tail, Bins, Proc,
+};
 use crate::layout::BACKEND_PORT;
+use crate::sink::ReturnPath;
 use crate::topology::{Shape, Topology};
 
 /// Flags of `clustergate-bench update-latency`.
@@ -41,6 +49,9 @@ pub struct Args {
     /// How often control looks at the manifest, in milliseconds, 1..=1000.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub poll_ms: u64,
+    /// Return path of the services: snat (control's default) or routed.
+    #[arg(long, value_enum, default_value = "snat")]
+    pub return_path: ReturnPath,
     /// Directory for results and logs.
     #[arg(long, default_value = "bench-results")]
     pub out: std::path::PathBuf,
@@ -60,6 +71,10 @@ pub struct UpdateLatency {
     pub poll_ms: u64,
     /// Pktgen rate (pps).
     pub rate: u64,
+    /// The services' return path.
+    pub return_path: ReturnPath,
+    /// Frames the sink received and checked (all passed).
+    pub frames_checked: u64,
     /// Each change's latency, ms.
     pub latencies_ms: Vec<f64>,
     /// Median, ms.
@@ -101,6 +116,10 @@ fn quantile(v: &[f64], q: f64) -> f64 {
 /// the backend within 60 s.
 pub fn run(args: &Args) -> Result<()> {
     ensure!(
+        args.return_path != ReturnPath::Dsr,
+        "--return-path dsr: the client's packet reaches the backend unchanged (service port 80), so a change of target port cannot be seen; measure snat or routed"
+    );
+    ensure!(
         rustix::process::geteuid().is_root(),
         "clustergate-bench update-latency needs root (namespaces, XDP, AF_XDP)"
     );
@@ -123,8 +142,8 @@ pub fn run(args: &Args) -> Result<()> {
     let _ = topo.down();
     let res = r?;
     println!(
-        "\nupdate latency (manifest write → first packet at the new backend port), {} services, {} changes, control --poll-ms {}, probes at {} pps:\n\n| p50 ms | p99 ms | min ms | max ms |\n|---|---|---|---|\n| {:.1} | {:.1} | {:.1} | {:.1} |",
-        res.services, res.changes, res.poll_ms, res.rate, res.p50_ms, res.p99_ms, res.min_ms, res.max_ms
+        "\nupdate latency (manifest write → first packet at the new backend port), {} services, return path {}, {} changes, control --poll-ms {}, probes at {} pps:\n\n| p50 ms | p99 ms | min ms | max ms |\n|---|---|---|---|\n| {:.1} | {:.1} | {:.1} | {:.1} |",
+        res.services, res.return_path.name(), res.changes, res.poll_ms, res.rate, res.p50_ms, res.p99_ms, res.min_ms, res.max_ms
     );
     std::fs::write(
         args.out.join("update-latency.json"),
@@ -157,6 +176,7 @@ fn measure(args: &Args, bins: &Bins, topo: &Topology) -> Result<UpdateLatency> {
         .arg("--shm-dir")
         .arg(&shm)
         .args(["--poll-ms", &args.poll_ms.to_string()])
+        .args(["--return-path", args.return_path.name()])
         .args(["--metrics", "127.0.0.1:0", "--health", "127.0.0.1:0"]);
     let _control = Proc::spawn("clustergate-control", c, &log("control"))?;
     let mut g = in_ns("gw", &bins.gateway);
@@ -196,7 +216,16 @@ fn measure(args: &Args, bins: &Bins, topo: &Topology) -> Result<UpdateLatency> {
         "1",
         "--report-first-port",
     ])
-    .args([
+    .args(["--return-path", args.return_path.name()]);
+    if args.return_path == ReturnPath::Snat {
+        // The range the gateway chose, as it exports it.
+        let (lo, hi) = http_get_in(&topo.ns("gw"), 10257, "/metrics")
+            .ok()
+            .and_then(|(_, text)| snat_range_from_metrics(&text))
+            .context("the gateway's /metrics has no clustergate_snat_ports")?;
+        s.args(["--snat-ports", &format!("{lo}-{hi}")]);
+    }
+    s.args([
         "--ports",
         &format!("{}-{}", BACKEND_PORT, port(args.changes)),
     ])
@@ -233,13 +262,30 @@ fn measure(args: &Args, bins: &Bins, topo: &Topology) -> Result<UpdateLatency> {
             progress(&format!("    change {i}/{}: {ms:.1} ms", args.changes));
         }
     }
+    // Every frame the sink saw must have passed its checks (a frame that
+    // failed is never a first packet, so it would only show as a timeout).
+    sink.terminate_soft();
+    let v = sink.event("result", Duration::from_secs(10), &log("sink"))?;
+    let received = v["received"].as_u64().unwrap_or(0);
+    let bad: u64 = v["bad"]
+        .as_object()
+        .map(|m| m.values().filter_map(serde_json::Value::as_u64).sum())
+        .unwrap_or(0);
+    ensure!(
+        bad == 0,
+        "{bad} of {received} frames failed the sink's {} checks: {}",
+        args.return_path.name(),
+        v["bad"]
+    );
     let mut sorted = lat.clone();
     sorted.sort_by(f64::total_cmp);
     Ok(UpdateLatency {
+        frames_checked: received,
         services: args.services,
         changes: args.changes,
         poll_ms: args.poll_ms,
         rate: args.rate,
+        return_path: args.return_path,
         p50_ms: quantile(&sorted, 0.5),
         p99_ms: quantile(&sorted, 0.99),
         min_ms: sorted.first().copied().unwrap_or(0.0),

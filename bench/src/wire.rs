@@ -269,15 +269,57 @@ impl Template {
 pub struct Expect {
     /// Its own MAC.
     pub mac: [u8; 6],
-    /// Its own address (or the one it was told to accept).
+    /// Its own address (or the one it was told to accept): the destination,
+    /// or under DSR the outer destination.
     pub addr: Ipv4Addr,
-    /// First accepted destination port.
+    /// First accepted destination port (not DSR: the port stays the service's).
     pub first_port: u16,
     /// Last accepted destination port (inclusive).
     pub last_port: u16,
     /// Flows the generator sends (flow ids are below this).
     pub flows: u32,
+    /// How the dataplane under test delivers the client's packets.
+    pub path: PathExpect,
 }
+
+/// What the return path does to the client's packet on its way to the
+/// backend, as a sink checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathExpect {
+    /// Destination NAT only: the source is the flow's (client address and
+    /// port).
+    Routed,
+    /// Source NAT as well: the source address is `addr` (the gateway's) and
+    /// the source port one of `lo..=hi`; the flow id comes from the payload.
+    /// (That the port stays the same within a flow, and differs between
+    /// flows, is the sink's to check: [`Probe::src_port`].)
+    Snat {
+        /// The gateway's SNAT address.
+        addr: Ipv4Addr,
+        /// First SNAT port.
+        lo: u16,
+        /// Last SNAT port (inclusive).
+        hi: u16,
+    },
+    /// Direct server return: IPv4 in IPv4 (RFC 2003) from `gateway` to the
+    /// sink's address, outer TTL [`OUTER_TTL`], TOS, ID and DF copied from
+    /// the inner header, no options; the inner packet is the client's
+    /// (source: the flow's, destination: the VIP of the flow's service of
+    /// `services`, port [`layout::SERVICE_PORT`]) with its TTL one lower
+    /// than sent.
+    Dsr {
+        /// The gateway's address (the outer source).
+        gateway: Ipv4Addr,
+        /// Services the generator spreads the flows over (flow f goes to
+        /// service f mod services).
+        services: u32,
+    },
+}
+
+/// TTL of a DSR outer header (what the gateway writes: Linux's default).
+pub const OUTER_TTL: u8 = 64;
+/// IP protocol number of IPv4 in IPv4.
+const IPPROTO_IPIP: u8 = 4;
 
 /// A frame that passed every check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,7 +332,9 @@ pub struct Probe {
     pub ts: u64,
     /// Protocol.
     pub proto: L4Proto,
-    /// Destination port.
+    /// Source port on the wire (under source NAT, the gateway's port).
+    pub src_port: u16,
+    /// Destination port (under DSR, the service port).
     pub dst_port: u16,
     /// TCP SYN flag set.
     pub syn: bool,
@@ -299,38 +343,68 @@ pub struct Probe {
 /// The first check a frame failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum Bad {
-    /// Not Ethernet II / IPv4 / UDP or TCP, a fragment, inconsistent
-    /// lengths (IHL, total length, UDP length, TCP data offset), or
-    /// truncated.
+    /// Not Ethernet II / IPv4 / UDP or TCP (under DSR: IPv4 / IPv4 / UDP or
+    /// TCP), a fragment, inconsistent lengths (IHL, total length, UDP
+    /// length, TCP data offset), or truncated.
     #[error("malformed or truncated")]
     Malformed,
     /// The payload does not start with the protocol's magic.
     #[error("wrong magic")]
     Magic,
-    /// The IPv4 header checksum is wrong.
+    /// The IPv4 header checksum is wrong (under DSR: the inner header's).
     #[error("bad IPv4 header checksum")]
     IpChecksum,
     /// The TCP or UDP checksum is wrong (or UDP's is 0: the generator always
     /// sets one).
     #[error("bad L4 checksum")]
     L4Checksum,
-    /// Not to the sink's address.
+    /// Not to the sink's address (under DSR: the inner destination is not
+    /// the VIP of the flow's service).
     #[error("wrong destination address")]
     DstAddr,
-    /// Not to one of the sink's ports.
+    /// Not to one of the sink's ports (under DSR: not the service port).
     #[error("wrong destination port")]
     DstPort,
-    /// The source (address, port) is not that of the flow id in the payload.
+    /// The source (address, port) is not that of the flow id in the payload
+    /// (under source NAT: the flow id is not one the generator sends).
     #[error("source does not match the flow")]
     Src,
     /// Not to the sink's MAC.
     #[error("wrong destination MAC")]
     DstMac,
+    /// Source NAT: the source address is not the gateway's.
+    #[error("source is not the SNAT address")]
+    SnatAddr,
+    /// Source NAT: the source port is outside the SNAT range.
+    #[error("source port outside the SNAT range")]
+    SnatPort,
+    /// Source NAT: the source port differs from the one earlier frames of
+    /// the same flow had (counted by the sink, which remembers them).
+    #[error("SNAT port changed within a flow")]
+    SnatUnstable,
+    /// Source NAT: another flow already came with this (destination port,
+    /// source port) (counted by the sink).
+    #[error("SNAT port shared by two flows")]
+    SnatShared,
+    /// DSR: the outer IPv4 header checksum is wrong.
+    #[error("bad outer IPv4 header checksum")]
+    OuterChecksum,
+    /// DSR: the outer source is not the gateway or the outer destination not
+    /// the sink.
+    #[error("wrong outer source or destination")]
+    OuterAddr,
+    /// DSR: not IP-in-IP (protocol 4), or an outer field is wrong (options,
+    /// TTL, TOS, ID or DF not copied, total length).
+    #[error("not IP-in-IP, or a wrong outer header field")]
+    OuterHeader,
+    /// DSR: the inner TTL is not one lower than sent.
+    #[error("inner TTL not decremented once")]
+    Ttl,
 }
 
 impl Bad {
     /// Every variant, in [`Bad::index`] order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 16] = [
         Self::Malformed,
         Self::Magic,
         Self::IpChecksum,
@@ -339,6 +413,14 @@ impl Bad {
         Self::DstPort,
         Self::Src,
         Self::DstMac,
+        Self::SnatAddr,
+        Self::SnatPort,
+        Self::SnatUnstable,
+        Self::SnatShared,
+        Self::OuterChecksum,
+        Self::OuterAddr,
+        Self::OuterHeader,
+        Self::Ttl,
     ];
 
     /// Position in [`Bad::ALL`] (for counter arrays).
@@ -362,10 +444,140 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(w)
 }
 
-/// Checks a received frame; the checks run in this order: structure
-/// ([`Bad::Malformed`]), IPv4 then L4 checksum, magic, destination MAC,
-/// address and port, source. A rewrite with correct checksums (what a NAT
-/// does) is judged by the fields; a corrupted frame by its checksums.
+/// One IPv4 packet of the bench's, taken apart (structure checked, checksums
+/// not yet).
+struct Ip<'a> {
+    header: Ipv4HeaderSlice<'a>,
+    proto: L4Proto,
+    /// The transport header and payload (up to the total length).
+    l4: &'a [u8],
+    /// The transport payload.
+    payload: &'a [u8],
+}
+
+impl<'a> Ip<'a> {
+    /// `b` starts at the IPv4 header; bytes past its total length are
+    /// padding.
+    fn parse(b: &'a [u8]) -> Result<Self, Bad> {
+        let header = Ipv4HeaderSlice::from_slice(b).map_err(|_| Bad::Malformed)?;
+        let ihl_len = header.slice().len();
+        let total = usize::from(header.total_len());
+        if total < ihl_len
+            || total > b.len()
+            || header.more_fragments()
+            || header.fragments_offset().value() != 0
+        {
+            return Err(Bad::Malformed);
+        }
+        let proto = match header.protocol().0 {
+            IPPROTO_UDP => L4Proto::Udp,
+            IPPROTO_TCP => L4Proto::Tcp,
+            _ => return Err(Bad::Malformed),
+        };
+        let l4 = &b[ihl_len..total];
+        let payload_at = match proto {
+            L4Proto::Udp => {
+                if l4.len() < 8 || usize::from(be16(l4, 4)) != l4.len() {
+                    return Err(Bad::Malformed);
+                }
+                8
+            }
+            L4Proto::Tcp => {
+                if l4.len() < 20 {
+                    return Err(Bad::Malformed);
+                }
+                let doff = usize::from(l4[12] >> 4) * 4;
+                if doff < 20 || doff > l4.len() {
+                    return Err(Bad::Malformed);
+                }
+                doff
+            }
+        };
+        let payload = &l4[payload_at..];
+        let data = match proto {
+            L4Proto::Udp => field::UDP_DATA,
+            L4Proto::Tcp => field::TCP_DATA,
+        };
+        if payload.len() < data {
+            return Err(Bad::Malformed);
+        }
+        Ok(Self {
+            header,
+            proto,
+            l4,
+            payload,
+        })
+    }
+
+    /// The IPv4 header checksum, then the L4 checksum.
+    fn checksums(&self) -> Result<(), Bad> {
+        if finish(sum_bytes(0, self.header.slice())) != 0 {
+            return Err(Bad::IpChecksum);
+        }
+        if self.proto == L4Proto::Udp && be16(self.l4, 6) == 0 {
+            return Err(Bad::L4Checksum);
+        }
+        let pseudo = pseudo_header_v4(
+            self.header.source(),
+            self.header.destination(),
+            self.proto.ip_number(),
+            self.l4.len() as u16,
+        );
+        if finish(sum_bytes(pseudo, self.l4)) != 0 {
+            return Err(Bad::L4Checksum);
+        }
+        Ok(())
+    }
+
+    fn magic(&self) -> Result<(), Bad> {
+        let magic = match self.proto {
+            L4Proto::Udp => MAGIC_UDP,
+            L4Proto::Tcp => MAGIC_TCP,
+        };
+        if self.payload[field::MAGIC] == magic {
+            Ok(())
+        } else {
+            Err(Bad::Magic)
+        }
+    }
+
+    fn probe(&self) -> Probe {
+        let (l4, payload) = (self.l4, self.payload);
+        let (flow, seq, syn) = match self.proto {
+            L4Proto::Udp => (
+                be32(payload, field::FLOW.start),
+                be64(payload, field::SEQ.start),
+                false,
+            ),
+            L4Proto::Tcp => (be32(l4, 8), u64::from(be32(l4, 4)), l4[13] & TCP_SYN != 0),
+        };
+        Probe {
+            flow,
+            seq,
+            ts: be64(payload, field::TS.start),
+            proto: self.proto,
+            src_port: be16(l4, 0),
+            dst_port: be16(l4, 2),
+            syn,
+        }
+    }
+
+    fn src(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.header.source())
+    }
+
+    fn dst(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.header.destination())
+    }
+}
+
+/// Checks a received frame against `expect`; the checks run in this order:
+/// structure ([`Bad::Malformed`]), checksums (under DSR the outer header's
+/// first), magic, destination MAC, then the fields of the return path
+/// (under DSR the outer header's first). A rewrite with correct checksums
+/// (what a NAT does) is judged by the fields; a corrupted frame by its
+/// checksums. Per-flow state (a SNAT port that must not change within a
+/// flow nor be shared by two) is the caller's: [`Probe::src_port`].
 ///
 /// # Errors
 /// The first check that failed.
@@ -373,105 +585,119 @@ pub fn check(frame: &[u8], expect: &Expect) -> Result<Probe, Bad> {
     if frame.len() < field::L3 || be16(frame, field::ETHERTYPE.start) != ETHERTYPE_IPV4 {
         return Err(Bad::Malformed);
     }
-    let ip = Ipv4HeaderSlice::from_slice(&frame[field::L3..]).map_err(|_| Bad::Malformed)?;
-    let ihl_len = ip.slice().len();
-    let total = usize::from(ip.total_len());
-    if total < ihl_len
-        || field::L3 + total > frame.len()
-        || ip.more_fragments()
-        || ip.fragments_offset().value() != 0
-    {
-        return Err(Bad::Malformed);
+    if let PathExpect::Dsr { gateway, services } = expect.path {
+        return check_dsr(frame, expect, gateway, services);
     }
-    let proto = match ip.protocol().0 {
-        IPPROTO_UDP => L4Proto::Udp,
-        IPPROTO_TCP => L4Proto::Tcp,
-        _ => return Err(Bad::Malformed),
-    };
-    let l4 = &frame[field::L3 + ihl_len..field::L3 + total];
-    let payload_at = match proto {
-        L4Proto::Udp => {
-            if l4.len() < 8 || usize::from(be16(l4, 4)) != l4.len() {
-                return Err(Bad::Malformed);
-            }
-            8
-        }
-        L4Proto::Tcp => {
-            if l4.len() < 20 {
-                return Err(Bad::Malformed);
-            }
-            let doff = usize::from(l4[12] >> 4) * 4;
-            if doff < 20 || doff > l4.len() {
-                return Err(Bad::Malformed);
-            }
-            doff
-        }
-    };
-    let payload = &l4[payload_at..];
-    let data = match proto {
-        L4Proto::Udp => field::UDP_DATA,
-        L4Proto::Tcp => field::TCP_DATA,
-    };
-    if payload.len() < data {
-        return Err(Bad::Malformed);
-    }
-
-    if finish(sum_bytes(0, ip.slice())) != 0 {
-        return Err(Bad::IpChecksum);
-    }
-    let (src, dst) = (ip.source(), ip.destination());
-    if proto == L4Proto::Udp && be16(l4, 6) == 0 {
-        return Err(Bad::L4Checksum);
-    }
-    let pseudo = pseudo_header_v4(src, dst, proto.ip_number(), l4.len() as u16);
-    if finish(sum_bytes(pseudo, l4)) != 0 {
-        return Err(Bad::L4Checksum);
-    }
-    let magic = match proto {
-        L4Proto::Udp => MAGIC_UDP,
-        L4Proto::Tcp => MAGIC_TCP,
-    };
-    if payload[field::MAGIC] != magic {
-        return Err(Bad::Magic);
-    }
+    let ip = Ip::parse(&frame[field::L3..])?;
+    ip.checksums()?;
+    ip.magic()?;
     if frame[field::ETH_DST] != expect.mac {
         return Err(Bad::DstMac);
     }
-    if Ipv4Addr::from(dst) != expect.addr {
+    if ip.dst() != expect.addr {
         return Err(Bad::DstAddr);
     }
-    let (src_port, dst_port) = (be16(l4, 0), be16(l4, 2));
-    if !(expect.first_port..=expect.last_port).contains(&dst_port) {
+    let p = ip.probe();
+    if !(expect.first_port..=expect.last_port).contains(&p.dst_port) {
         return Err(Bad::DstPort);
     }
-    let ts = be64(payload, field::TS.start);
-    let (flow, seq, syn) = match proto {
-        L4Proto::Udp => (
-            be32(payload, field::FLOW.start),
-            be64(payload, field::SEQ.start),
-            false,
-        ),
-        L4Proto::Tcp => (be32(l4, 8), u64::from(be32(l4, 4)), l4[13] & TCP_SYN != 0),
-    };
-    if layout::flow_of(Ipv4Addr::from(src), src_port, expect.flows) != Some(flow) {
+    match expect.path {
+        PathExpect::Snat { addr, lo, hi } => {
+            if ip.src() != addr {
+                return Err(Bad::SnatAddr);
+            }
+            if !(lo..=hi).contains(&p.src_port) {
+                return Err(Bad::SnatPort);
+            }
+            if p.flow >= expect.flows {
+                return Err(Bad::Src);
+            }
+        }
+        _ => {
+            if layout::flow_of(ip.src(), p.src_port, expect.flows) != Some(p.flow) {
+                return Err(Bad::Src);
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// [`check`] under DSR.
+fn check_dsr(
+    frame: &[u8],
+    expect: &Expect,
+    gateway: Ipv4Addr,
+    services: u32,
+) -> Result<Probe, Bad> {
+    let outer = Ipv4HeaderSlice::from_slice(&frame[field::L3..]).map_err(|_| Bad::Malformed)?;
+    let olen = outer.slice().len();
+    let ototal = usize::from(outer.total_len());
+    if ototal < olen
+        || field::L3 + ototal > frame.len()
+        || outer.more_fragments()
+        || outer.fragments_offset().value() != 0
+    {
+        return Err(Bad::Malformed);
+    }
+    if outer.protocol().0 != IPPROTO_IPIP {
+        return Err(Bad::OuterHeader);
+    }
+    let inner = Ip::parse(&frame[field::L3 + olen..field::L3 + ototal])?;
+    if finish(sum_bytes(0, outer.slice())) != 0 {
+        return Err(Bad::OuterChecksum);
+    }
+    inner.checksums()?;
+    inner.magic()?;
+    if frame[field::ETH_DST] != expect.mac {
+        return Err(Bad::DstMac);
+    }
+    if Ipv4Addr::from(outer.source()) != gateway
+        || Ipv4Addr::from(outer.destination()) != expect.addr
+    {
+        return Err(Bad::OuterAddr);
+    }
+    let ih = &inner.header;
+    if olen != 20
+        || outer.ttl() != OUTER_TTL
+        || outer.dcp().value() != ih.dcp().value()
+        || outer.ecn().value() != ih.ecn().value()
+        || outer.identification() != ih.identification()
+        || outer.dont_fragment() != ih.dont_fragment()
+        || ototal != olen + usize::from(ih.total_len())
+    {
+        return Err(Bad::OuterHeader);
+    }
+    if ih.ttl() != TTL - 1 {
+        return Err(Bad::Ttl);
+    }
+    let p = inner.probe();
+    if p.flow >= expect.flows {
         return Err(Bad::Src);
     }
-    Ok(Probe {
-        flow,
-        seq,
-        ts,
-        proto,
-        dst_port,
-        syn,
-    })
+    if inner.dst() != layout::vip(layout::flow_service(p.flow, services)) {
+        return Err(Bad::DstAddr);
+    }
+    if p.dst_port != layout::SERVICE_PORT {
+        return Err(Bad::DstPort);
+    }
+    if layout::flow_of(inner.src(), p.src_port, expect.flows) != Some(p.flow) {
+        return Err(Bad::Src);
+    }
+    Ok(p)
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)] // Tests fail loudly.
 
+    use std::net::IpAddr;
+
+    use clustergate_dataplane::flow::addr16;
+    use clustergate_dataplane::packet::encap::encapsulate;
+    use clustergate_dataplane::packet::parse::Family;
     use clustergate_dataplane::packet::rewrite::{
-        adjust_checksum_at, set_dst_port, set_ipv4_dst, set_macs, set_src_port, L4Csum,
+        adjust_checksum_at, decrement_ttl_ipv4, set_dst_port, set_ipv4_dst, set_ipv4_src, set_macs,
+        set_src_port, L4Csum,
     };
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
@@ -498,6 +724,7 @@ mod tests {
             first_port: 80,
             last_port: 80,
             flows: FLOWS,
+            path: PathExpect::Routed,
         }
     }
 
@@ -535,6 +762,7 @@ mod tests {
                             seq: want_seq,
                             ts: f.ts,
                             proto,
+                            src_port: flow_source(flow).1,
                             dst_port: 80,
                             syn: syn && proto == L4Proto::Tcp,
                         },
@@ -607,6 +835,7 @@ mod tests {
             first_port: 8080,
             last_port: 8089,
             flows: FLOWS,
+            path: PathExpect::Routed,
         }
     }
 
@@ -749,6 +978,181 @@ mod tests {
         let mut f = good;
         f[12..14].copy_from_slice(&0x86DDu16.to_be_bytes());
         assert_eq!(check(&f, &at_vip()), Err(Bad::Malformed));
+    }
+
+    const GW: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
+
+    fn at_backend_snat() -> Expect {
+        Expect {
+            path: PathExpect::Snat {
+                addr: GW,
+                lo: 1024,
+                hi: 29_999,
+            },
+            ..at_backend()
+        }
+    }
+
+    /// The gateway's source NAT on top of `nat_to_backend`.
+    fn snat(frame: &mut [u8], proto: L4Proto, addr: Ipv4Addr, port: u16) {
+        set_ipv4_src(frame, 14, Some((34, l4csum(proto))), addr.octets()).unwrap();
+        set_src_port(frame, 34, l4csum(proto), port).unwrap();
+    }
+
+    #[test]
+    fn source_nat_is_checked_by_address_range_and_payload_flow() {
+        for proto in [L4Proto::Udp, L4Proto::Tcp] {
+            let mut good = build(proto, 128, &fields(4242, 99, false));
+            nat_to_backend(&mut good, proto);
+            let e = at_backend_snat();
+            // Unchanged source: not the gateway's.
+            assert_eq!(check(&good, &e), Err(Bad::SnatAddr), "{proto:?}");
+            snat(&mut good, proto, GW, 20_000);
+            let p = check(&good, &e).unwrap();
+            assert_eq!(
+                (p.flow, p.seq, p.src_port, p.dst_port),
+                (4242, 99, 20_000, 8080),
+                "{proto:?}"
+            );
+            // The routed check would refuse it: the source is not the flow's.
+            assert_eq!(check(&good, &at_backend()), Err(Bad::Src), "{proto:?}");
+
+            let mut f = good.clone();
+            snat(&mut f, proto, Ipv4Addr::new(198, 18, 2, 2), 20_000);
+            assert_eq!(check(&f, &e), Err(Bad::SnatAddr), "{proto:?}");
+            for port in [1023, 30_000] {
+                let mut f = good.clone();
+                snat(&mut f, proto, GW, port);
+                assert_eq!(check(&f, &e), Err(Bad::SnatPort), "{proto:?} {port}");
+            }
+            for port in [1024, 29_999] {
+                let mut f = good.clone();
+                snat(&mut f, proto, GW, port);
+                assert!(check(&f, &e).is_ok(), "{proto:?} {port}");
+            }
+            // A flow id the generator does not send.
+            assert_eq!(
+                check(&good, &Expect { flows: 4242, ..e }),
+                Err(Bad::Src),
+                "{proto:?}"
+            );
+            // Destination and checksums are still checked.
+            let mut f = good.clone();
+            set_dst_port(&mut f, 34, l4csum(proto), 8090).unwrap();
+            assert_eq!(check(&f, &e), Err(Bad::DstPort), "{proto:?}");
+            let mut f = good.clone();
+            f[100] ^= 1;
+            assert_eq!(check(&f, &e), Err(Bad::L4Checksum), "{proto:?}");
+        }
+    }
+
+    fn at_backend_dsr(services: u32) -> Expect {
+        Expect {
+            path: PathExpect::Dsr {
+                gateway: GW,
+                services,
+            },
+            ..at_backend()
+        }
+    }
+
+    /// The gateway's DSR: MACs, TTL − 1, then the product's own encapsulation.
+    fn dsr(frame: &[u8]) -> Vec<u8> {
+        let mut buf = frame.to_vec();
+        buf.resize(frame.len() + 64, 0);
+        set_macs(&mut buf, [2, 0, 0, 0, 0, 1], backend_mac(1)).unwrap();
+        assert_eq!(decrement_ttl_ipv4(&mut buf, 14).unwrap(), TTL - 1);
+        let a16 = |a: Ipv4Addr| addr16(IpAddr::V4(a));
+        let len = encapsulate(
+            &mut buf,
+            Family::V4,
+            14,
+            frame.len(),
+            &a16(GW),
+            &a16(backend_addr(1)),
+        )
+        .unwrap();
+        buf.truncate(len);
+        buf
+    }
+
+    /// Rewrites the outer header's byte `at` (from the IP header) and fixes
+    /// its checksum.
+    fn outer_set(f: &mut [u8], at: usize, v: u8) {
+        f[14 + at] = v;
+        f[24..26].fill(0);
+        let c = ipv4_header_checksum(&f[14..34]);
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+    }
+
+    #[test]
+    fn dsr_is_checked_outside_and_inside() {
+        for proto in [L4Proto::Udp, L4Proto::Tcp] {
+            for len in [64, 1480] {
+                // Flow 4243 goes to service 4243 % 8 = 3, the VIP `fields` uses.
+                let plain = build(proto, len, &fields(4243, 7, true));
+                let good = dsr(&plain);
+                assert_eq!(good.len(), len + 20);
+                let e = at_backend_dsr(8);
+                let p = check(&good, &e).unwrap();
+                assert_eq!(
+                    (p.flow, p.seq, p.src_port, p.dst_port, p.syn),
+                    (4243, 7, flow_source(4243).1, 80, proto == L4Proto::Tcp),
+                    "{proto:?} {len}"
+                );
+                // Not encapsulated at all.
+                let mut routed = plain.clone();
+                nat_to_backend(&mut routed, proto);
+                assert_eq!(check(&routed, &e), Err(Bad::OuterHeader), "{proto:?}");
+                // The flow's service is another VIP.
+                assert_eq!(
+                    check(&good, &at_backend_dsr(7)),
+                    Err(Bad::DstAddr),
+                    "{proto:?}"
+                );
+
+                let mut f = good.clone();
+                f[25] ^= 1;
+                assert_eq!(check(&f, &e), Err(Bad::OuterChecksum), "{proto:?}");
+                let mut f = good.clone();
+                f[45] ^= 1;
+                assert_eq!(check(&f, &e), Err(Bad::IpChecksum), "{proto:?}");
+                let mut f = good.clone();
+                f[len] ^= 0x40;
+                assert_eq!(check(&f, &e), Err(Bad::L4Checksum), "{proto:?}");
+                // Outer source and destination.
+                let mut f = good.clone();
+                outer_set(&mut f, 15, 2);
+                assert_eq!(check(&f, &e), Err(Bad::OuterAddr), "{proto:?}");
+                let mut f = good.clone();
+                outer_set(&mut f, 19, 12);
+                assert_eq!(check(&f, &e), Err(Bad::OuterAddr), "{proto:?}");
+                // TTL, TOS, ID, DF.
+                for (at, v) in [(8, 63), (1, 4), (5, 1), (6, 0)] {
+                    let mut f = good.clone();
+                    outer_set(&mut f, at, v);
+                    assert_eq!(check(&f, &e), Err(Bad::OuterHeader), "{proto:?} {at}");
+                }
+                // Another protocol number.
+                let mut f = good.clone();
+                outer_set(&mut f, 9, 41);
+                assert_eq!(check(&f, &e), Err(Bad::OuterHeader), "{proto:?}");
+                // The inner TTL as sent, checksum kept right.
+                let mut f = good.clone();
+                f[34 + 8] = TTL;
+                f[44..46].fill(0);
+                let c = ipv4_header_checksum(&f[34..54]);
+                f[44..46].copy_from_slice(&c.to_be_bytes());
+                assert_eq!(check(&f, &e), Err(Bad::Ttl), "{proto:?}");
+                // MAC.
+                let mut f = good.clone();
+                f[0] ^= 2;
+                assert_eq!(check(&f, &e), Err(Bad::DstMac), "{proto:?}");
+                for cut in [14, 33, 40, 53, 60] {
+                    assert_eq!(check(&good[..cut], &e), Err(Bad::Malformed), "{cut}");
+                }
+            }
+        }
     }
 
     #[test]

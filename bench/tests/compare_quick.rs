@@ -1,9 +1,14 @@
-//! `clustergate-bench compare --quick` end to end: its own topology, the
-//! three dataplanes one after another, rate-limited traffic, and every sink
-//! check. Asserts correctness only, never speed: every frame that reached a
-//! backend was rewritten to that backend with its source preserved and valid
-//! checksums, arrived once and in order within its flow, and every backend
-//! got a share of the flows. Then the topology is gone.
+//! `clustergate-bench compare --quick` end to end: its own topology, every
+//! dataplane one after another (clustergate with each return path, snat,
+//! routed and dsr; the kernel's nftables DNAT with and without kube-proxy's
+//! masquerade; bounce), rate-limited traffic, and every sink check. Asserts
+//! correctness only, never speed: every frame that reached a backend was
+//! what its return path promises (rewritten to that backend with the flow's
+//! source; or with the gateway's source and a SNAT port in range, the same
+//! for every frame of the flow and no other flow's; or IP-in-IP from the
+//! gateway around the client's packet, TTL one lower) with valid checksums,
+//! arrived once and in order within its flow, and every backend got a share
+//! of the flows. Then the topology is gone.
 //!
 //! Root only; CI runs as root, so there a missing root fails instead of
 //! skipping.
@@ -47,19 +52,33 @@ fn netns_exists(name: &str) -> bool {
     Path::new("/run/netns").join(name).exists()
 }
 
+const ALL: [&str; 6] = [
+    "clustergate-snat",
+    "kernel-masq",
+    "clustergate-routed",
+    "kernel",
+    "clustergate-dsr",
+    "bounce",
+];
+
 #[test]
-fn quick_compare_checks_every_frame_on_all_three_dataplanes() {
+fn quick_compare_checks_every_frame_on_every_dataplane() {
     if !support::root_or_skip(
-        "quick_compare_checks_every_frame_on_all_three_dataplanes",
+        "quick_compare_checks_every_frame_on_every_dataplane",
         "network namespaces, XDP, AF_XDP, nftables",
     ) {
         return;
     }
-    // UDP through all three; then TCP (a SYN per flow, then ACKs) through
-    // the two AF_XDP dataplanes (the kernel's conntrack refuses one-way TCP,
-    // and compare says so).
-    check_run("udp", &["clustergate", "kernel", "bounce"]);
-    check_run("tcp", &["clustergate", "bounce"]);
+    // UDP through all six; then TCP (a SYN per flow, then ACKs) through
+    // clustergate's source NAT and DSR (the kernel's conntrack refuses
+    // one-way TCP, and compare says so; routed TCP rewrites as routed UDP).
+    let t = std::time::Instant::now();
+    check_run("udp", &ALL);
+    check_run("tcp", &["clustergate-snat", "clustergate-dsr"]);
+    eprintln!(
+        "compare --quick, UDP and TCP: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 }
 
 fn check_run(proto: &str, dataplanes: &[&str]) {
@@ -120,7 +139,7 @@ fn check_run(proto: &str, dataplanes: &[&str]) {
             );
         }
         assert!(
-            rep["bad"].as_object().unwrap().len() >= 6,
+            rep["bad"].as_object().unwrap().len() >= 16,
             "{proto} {name}: the sinks reported too few checks: {}",
             rep["bad"]
         );
@@ -146,7 +165,33 @@ fn check_run(proto: &str, dataplanes: &[&str]) {
             "{proto} {name}: a backend got nothing: {per:?}"
         );
     }
-    assert!(stdout.contains("| clustergate |"), "{stdout}");
+    for d in dataplanes {
+        assert!(stdout.contains(&format!("| {d} |")), "{d}: {stdout}");
+    }
+    // Each clustergate return path has its ratios to its own baseline.
+    let ratios = report["scenarios"][0]["ratios"].as_array().unwrap();
+    for r in ratios {
+        let (d, b) = (
+            r["dataplane"].as_str().unwrap(),
+            r["baseline"].as_str().unwrap(),
+        );
+        let want = if d == "clustergate-snat" {
+            "kernel-masq"
+        } else {
+            "kernel"
+        };
+        assert_eq!(b, want, "{d}");
+        if dataplanes.contains(&want) {
+            assert!(r["pps_over_baseline"].as_f64().unwrap() > 0.0, "{r}");
+        }
+    }
+    assert_eq!(
+        ratios.len(),
+        dataplanes
+            .iter()
+            .filter(|d| d.starts_with("clustergate"))
+            .count()
+    );
     let svg = std::fs::read_to_string(out.join("chart.svg")).unwrap();
     assert!(
         svg.starts_with("<svg") && svg.contains("clustergate"),
