@@ -208,15 +208,10 @@ impl Worker {
     }
 
     /// Where source addresses come from when no `--snat-address` of the
-    /// family is set: the I/O layer's routes, set once per batch.
+    /// family is set: the I/O layer's routes, handed over between batches
+    /// whenever they change (never per packet).
     pub fn set_sources(&mut self, sources: Option<Arc<dyn SourceAddrs>>) {
         self.sources = sources;
-    }
-
-    /// This worker's return-path settings.
-    #[must_use]
-    pub fn return_config(&self) -> &ReturnConfig {
-        &self.ret
     }
 
     /// The shared connection table.
