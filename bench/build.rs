@@ -6,5 +6,6 @@ include!("../dataplane/bpf/compile.rs");
 
 fn main() {
     println!("cargo:rerun-if-changed=../dataplane/bpf/compile.rs");
+    println!("cargo:rerun-if-changed=../dataplane/bpf/xdp.h");
     compile_bpf("bpf/sink.c", "sink.o");
 }

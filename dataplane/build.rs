@@ -5,5 +5,6 @@ include!("bpf/compile.rs");
 
 fn main() {
     println!("cargo:rerun-if-changed=bpf/compile.rs");
+    println!("cargo:rerun-if-changed=bpf/xdp.h");
     compile_bpf("bpf/steer.c", "steer.o");
 }

@@ -25,21 +25,8 @@
 #include <linux/ipv6.h>
 #include <linux/in.h>
 
-#define SEC(name) __attribute__((section(name), used))
-#define __uint(name, val) int (*name)[val]
-#define __type(name, val) typeof(val) *name
-#define INLINE static inline __attribute__((always_inline))
+#include "../../dataplane/bpf/xdp.h"
 
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-#define HTONS(x) ((__u16)__builtin_bswap16((__u16)(x)))
-#else
-#define HTONS(x) ((__u16)(x))
-#endif
-
-static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
-static long (*bpf_redirect_map)(void *map, __u64 key, __u64 flags) = (void *)51;
-
-#define MAX_QUEUES 64
 
 // Counter indexes in `stats` (bench/src/xdp_sink.rs reads the same ones).
 #define STAT_REDIRECTED 0

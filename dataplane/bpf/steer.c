@@ -34,19 +34,7 @@
 #include <linux/udp.h>
 #include <linux/tcp.h>
 
-#define SEC(name) __attribute__((section(name), used))
-#define __uint(name, val) int (*name)[val]
-#define __type(name, val) typeof(val) *name
-#define INLINE static inline __attribute__((always_inline))
-
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-#define HTONS(x) ((__u16)__builtin_bswap16((__u16)(x)))
-#else
-#define HTONS(x) ((__u16)(x))
-#endif
-
-static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
-static long (*bpf_redirect_map)(void *map, __u64 key, __u64 flags) = (void *)51;
+#include "xdp.h"
 
 // <linux/icmp.h> pulls in libc's <sys/socket.h> (through <linux/if.h>), which
 // does not build for the bpf target; the ICMPv4 header is 8 bytes with the
@@ -56,7 +44,6 @@ static long (*bpf_redirect_map)(void *map, __u64 key, __u64 flags) = (void *)51;
 #define ICMP4_PARAMETERPROB 12
 #define ICMP4_HDR_LEN 8
 
-#define MAX_QUEUES 64
 #define MAX_EXT_HEADERS 4
 #define PROTO_SCTP 132
 #define ETH_P_8021Q_ 0x8100
