@@ -687,18 +687,36 @@ pub fn nat_ipv4(
     addr: [u8; 4],
     port: u16,
 ) -> Result<u8, RewriteError> {
+    nat_v4_ends(frame, l3, l4, csum, &[(side, addr, port)])
+}
+
+/// The one-pass IPv4 NAT of [`nat_ipv4`] and [`nat_both_ipv4`]: each end in
+/// `ends` gets its address and port, the TTL drops by one, and each checksum
+/// is updated once for all the changed words.
+fn nat_v4_ends(
+    frame: &mut [u8],
+    l3: usize,
+    l4: usize,
+    csum: L4Csum,
+    ends: &[(NatSide, [u8; 4], u16)],
+) -> Result<u8, RewriteError> {
     let csum_at = nat_bounds(frame, l3, 20, l4, csum, L4Csum::Udp)?;
     let ttl = frame[l3 + IPV4_TTL];
     if ttl == 0 {
         return Err(RewriteError::TtlExpired);
     }
-    let addr_at = match side {
-        NatSide::Dst => l3 + IPV4_DST,
-        NatSide::Src => l3 + IPV4_SRC,
-    };
-    // The address changes both checksums; the port only the transport's; the
+    // An address changes both checksums; a port only the transport's; the
     // TTL (high byte of the word it shares with the protocol) only the header's.
-    let (mut ip_sum, l4_sum) = nat_rewrite(frame, addr_at, l4, side, &addr, port);
+    let (mut ip_sum, mut l4_sum) = (0u32, 0u32);
+    for (side, addr, port) in ends {
+        let addr_at = match side {
+            NatSide::Dst => l3 + IPV4_DST,
+            NatSide::Src => l3 + IPV4_SRC,
+        };
+        let (ip, l4s) = nat_rewrite(frame, addr_at, l4, *side, addr, *port);
+        ip_sum += ip;
+        l4_sum += l4s;
+    }
     let proto = frame[l3 + IPV4_TTL + 1];
     add_change(&mut ip_sum, &[ttl, proto], &[ttl - 1, proto]);
     frame[l3 + IPV4_TTL] = ttl - 1;
@@ -771,16 +789,31 @@ pub fn nat_ipv6(
     addr: &[u8; 16],
     port: u16,
 ) -> Result<u8, RewriteError> {
+    nat_v6_ends(frame, l3, l4, csum, &[(side, addr, port)])
+}
+
+/// The one-pass IPv6 NAT of [`nat_ipv6`] and [`nat_both_ipv6`]: as
+/// [`nat_v4_ends`], with the hop limit and no header checksum.
+fn nat_v6_ends(
+    frame: &mut [u8],
+    l3: usize,
+    l4: usize,
+    csum: L4Csum,
+    ends: &[(NatSide, &[u8; 16], u16)],
+) -> Result<u8, RewriteError> {
     let csum_at = nat_bounds(frame, l3, 40, l4, csum, L4Csum::Udp6)?;
     let hops = frame[l3 + IPV6_HOP_LIMIT];
     if hops == 0 {
         return Err(RewriteError::TtlExpired);
     }
-    let addr_at = match side {
-        NatSide::Dst => l3 + IPV6_DST,
-        NatSide::Src => l3 + IPV6_SRC,
-    };
-    let (_, l4_sum) = nat_rewrite(frame, addr_at, l4, side, addr, port);
+    let mut l4_sum = 0u32;
+    for (side, addr, port) in ends {
+        let addr_at = match side {
+            NatSide::Dst => l3 + IPV6_DST,
+            NatSide::Src => l3 + IPV6_SRC,
+        };
+        l4_sum += nat_rewrite(frame, addr_at, l4, *side, addr, *port).1;
+    }
     frame[l3 + IPV6_HOP_LIMIT] = hops - 1;
     apply_sum(frame, csum_at, l4_sum, csum);
     Ok(hops - 1)
@@ -804,22 +837,13 @@ pub fn nat_both_ipv4(
     src: ([u8; 4], u16),
     dst: ([u8; 4], u16),
 ) -> Result<u8, RewriteError> {
-    let csum_at = nat_bounds(frame, l3, 20, l4, csum, L4Csum::Udp)?;
-    let ttl = frame[l3 + IPV4_TTL];
-    if ttl == 0 {
-        return Err(RewriteError::TtlExpired);
-    }
-    let (mut ip_sum, mut l4_sum) =
-        nat_rewrite(frame, l3 + IPV4_SRC, l4, NatSide::Src, &src.0, src.1);
-    let (ip_dst, l4_dst) = nat_rewrite(frame, l3 + IPV4_DST, l4, NatSide::Dst, &dst.0, dst.1);
-    ip_sum += ip_dst;
-    l4_sum += l4_dst;
-    let proto = frame[l3 + IPV4_TTL + 1];
-    add_change(&mut ip_sum, &[ttl, proto], &[ttl - 1, proto]);
-    frame[l3 + IPV4_TTL] = ttl - 1;
-    apply_sum(frame, l3 + IPV4_CSUM, ip_sum, L4Csum::Tcp);
-    apply_sum(frame, csum_at, l4_sum, csum);
-    Ok(ttl - 1)
+    nat_v4_ends(
+        frame,
+        l3,
+        l4,
+        csum,
+        &[(NatSide::Src, src.0, src.1), (NatSide::Dst, dst.0, dst.1)],
+    )
 }
 
 /// One-pass NAT of both ends of an IPv6 TCP or UDP packet: as
@@ -836,14 +860,11 @@ pub fn nat_both_ipv6(
     src: (&[u8; 16], u16),
     dst: (&[u8; 16], u16),
 ) -> Result<u8, RewriteError> {
-    let csum_at = nat_bounds(frame, l3, 40, l4, csum, L4Csum::Udp6)?;
-    let hops = frame[l3 + IPV6_HOP_LIMIT];
-    if hops == 0 {
-        return Err(RewriteError::TtlExpired);
-    }
-    let (_, l4_src) = nat_rewrite(frame, l3 + IPV6_SRC, l4, NatSide::Src, src.0, src.1);
-    let (_, l4_dst) = nat_rewrite(frame, l3 + IPV6_DST, l4, NatSide::Dst, dst.0, dst.1);
-    frame[l3 + IPV6_HOP_LIMIT] = hops - 1;
-    apply_sum(frame, csum_at, l4_src + l4_dst, csum);
-    Ok(hops - 1)
+    nat_v6_ends(
+        frame,
+        l3,
+        l4,
+        csum,
+        &[(NatSide::Src, src.0, src.1), (NatSide::Dst, dst.0, dst.1)],
+    )
 }

@@ -164,16 +164,23 @@ def http_spread(vip, port, n, timeout=3.0, max_errors=20):
     out({"counts": counts, "errors": errors, "peers": peers})
 
 
-def stream(vip, port, seconds, chunk):
-    """One long-lived connection: send a counter pattern, read the echo, check
-    every byte; report the backend first, then the totals."""
-    c = socket.create_connection((vip, port), timeout=5)
+def read_greeting(c):
+    """The backend's one-line greeting on a new connection (`backend-N from
+    ADDR:PORT\n`), as bytes; shorter if the connection closes first."""
     greeting = b""
     while not greeting.endswith(b"\n"):
         b = c.recv(1)
         if not b:
             break
         greeting += b
+    return greeting
+
+
+def stream(vip, port, seconds, chunk):
+    """One long-lived connection: send a counter pattern, read the echo, check
+    every byte; report the backend first, then the totals."""
+    c = socket.create_connection((vip, port), timeout=5)
+    greeting = read_greeting(c)
     words = greeting.decode().split()
     backend = words[0] if words else ""
     out({"backend": backend, "peer": words[2] if len(words) == 3 else None})
@@ -281,12 +288,7 @@ def hold(vip, port, n, connect_timeout, stop_file, seconds):
     for i in range(n):
         try:
             c = socket.create_connection((vip, port), timeout=connect_timeout)
-            greeting = b""
-            while not greeting.endswith(b"\n"):
-                b = c.recv(1)
-                if not b:
-                    break
-                greeting += b
+            greeting = read_greeting(c)
             words = greeting.decode().split()
             if len(words) != 3:
                 raise OSError(f"greeting {greeting!r}")
