@@ -161,8 +161,11 @@ impl Model {
                         port: b.port,
                         weight: 1,
                         state: b.state,
+                        node: None,
                     })
                     .collect(),
+                source_ranges: None,
+                node_local: false,
             })
             .collect()
     }

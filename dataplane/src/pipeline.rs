@@ -24,7 +24,7 @@ use crate::packet::parse::{parse, tcp_flags, Family, FlowL4, IcmpError, Parsed, 
 use crate::packet::reject::{self, reject_in_place};
 use crate::packet::rewrite::{self, L4Csum, NatSide};
 use crate::snat::{ReturnConfig, SourceAddrs};
-use crate::table::{FrontendRecord, ReturnPath, Table, FRONTEND_AFFINITY};
+use crate::table::{FrontendRecord, ReturnPath, Table, FRONTEND_AFFINITY, FRONTEND_NODE_LOCAL};
 use crate::time::Now;
 pub use crate::verdict::{DropReason, NextHop, Side, Verdict};
 
@@ -139,6 +139,14 @@ pub struct Frame<'a> {
     pub len: usize,
 }
 
+/// The node's own addresses, as the I/O layer knows them: node ports are
+/// served only on these (and only within the table's node-port addresses,
+/// `--nodeport-addresses`).
+pub trait NodeAddrs: Send + Sync + std::fmt::Debug {
+    /// Is `addr` one of this node's addresses?
+    fn is_node_addr(&self, addr: &Addr16) -> bool;
+}
+
 /// One per core: counters, the shared connection table, and this worker's
 /// side of the return paths (its SNAT ports, the gateway's addresses).
 #[derive(Debug)]
@@ -146,6 +154,7 @@ pub struct Worker {
     ct: Arc<Conntrack>,
     ret: ReturnConfig,
     sources: Option<Arc<dyn SourceAddrs>>,
+    node_addrs: Option<Arc<dyn NodeAddrs>>,
     /// This worker's counters.
     pub counters: Counters,
 }
@@ -203,6 +212,7 @@ impl Worker {
             ct,
             ret,
             sources: None,
+            node_addrs: None,
             counters: Counters::default(),
         }
     }
@@ -212,6 +222,28 @@ impl Worker {
     /// whenever they change (never per packet).
     pub fn set_sources(&mut self, sources: Option<Arc<dyn SourceAddrs>>) {
         self.sources = sources;
+    }
+
+    /// Which addresses are the node's, for node ports: the I/O layer's, handed
+    /// over between batches whenever they change (never per packet). `None`
+    /// (the default, as in `replay`): every address within the table's
+    /// node-port addresses is taken as the node's.
+    pub fn set_node_addrs(&mut self, node_addrs: Option<Arc<dyn NodeAddrs>>) {
+        self.node_addrs = node_addrs;
+    }
+
+    /// The frontend of a packet to `t`: its (address, port, protocol), else a
+    /// node port when the address is the node's.
+    #[inline]
+    fn frontend_of(&self, table: &Table, t: &FlowTuple) -> Option<u32> {
+        if let Some(fi) = table.frontend(&t.dst_addr, t.dst_port, t.proto) {
+            return Some(fi);
+        }
+        let fi = table.node_port(&t.dst_addr, t.dst_port, t.proto)?;
+        match &self.node_addrs {
+            Some(n) if !n.is_node_addr(&t.dst_addr) => None,
+            _ => Some(fi),
+        }
     }
 
     /// The shared connection table.
@@ -270,7 +302,7 @@ impl Worker {
         let mut frontend = None;
         if let Ok(Some(p)) = &parsed {
             if let Some(t) = p.tuple() {
-                frontend = table.frontend(&t.dst_addr, t.dst_port, t.proto);
+                frontend = self.frontend_of(table, &t);
                 if let Some(fi) = frontend {
                     self.ct.prefetch_original(p.family, &t);
                     // A connection opening will read its Maglev slot too.
@@ -564,7 +596,14 @@ impl Worker {
                 self.counters.flows_moved += 1;
             }
         }
+        if !table.source_allowed(fe, &t.src_addr) {
+            return Err(DropReason::SourceRange);
+        }
         let Some((backend, backend_port)) = self.pick(now, table, fe, t) else {
+            if fe.flags & FRONTEND_NODE_LOCAL != 0 && fe.ring_len > 0 {
+                // Endpoints elsewhere, none on the client's node.
+                return Err(DropReason::NoLocalEndpoint);
+            }
             return Ok(None);
         };
         let binding = Binding {

@@ -55,7 +55,7 @@ use memmap2::Mmap;
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::table::{BackendRecord, FrontendRecord, Table, TableError, FRONTEND_AFFINITY};
+use crate::table::{BackendRecord, FrontendRecord, Table, TableError, FRONTEND_FLAGS};
 
 /// The first 8 bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"CGSNAP\0\0";
@@ -68,7 +68,7 @@ pub const HASH_XXH3_64: u32 = 1;
 /// Size of the [`Header`] in bytes.
 pub const HEADER_LEN: usize = 128;
 /// Size of one [`FrontendRecord`] in the file.
-pub const FRONTEND_RECORD_LEN: usize = 48;
+pub const FRONTEND_RECORD_LEN: usize = 64;
 /// Size of one [`BackendRecord`] in the file.
 pub const BACKEND_RECORD_LEN: usize = 24;
 /// Size of one ring slot (`u16`) in the file.
@@ -173,6 +173,10 @@ const _: () = {
     assert!(offset_of!(FrontendRecord, ring_len) == 40);
     assert!(offset_of!(FrontendRecord, return_path) == 44);
     assert!(offset_of!(FrontendRecord, reserved) == 45);
+    assert!(offset_of!(FrontendRecord, ranges_start) == 48);
+    assert!(offset_of!(FrontendRecord, ranges_len) == 52);
+    assert!(offset_of!(FrontendRecord, locals_start) == 56);
+    assert!(offset_of!(FrontendRecord, locals_len) == 60);
 
     assert!(size_of::<BackendRecord>() == BACKEND_RECORD_LEN);
     assert!(offset_of!(BackendRecord, addr) == 0);
@@ -727,6 +731,14 @@ pub fn encode(table: &Table) -> Vec<u8> {
         );
         put(c, offset_of!(FrontendRecord, return_path), &[f.return_path]);
         put(c, offset_of!(FrontendRecord, reserved), &f.reserved);
+        for (at, v) in [
+            (offset_of!(FrontendRecord, ranges_start), f.ranges_start),
+            (offset_of!(FrontendRecord, ranges_len), f.ranges_len),
+            (offset_of!(FrontendRecord, locals_start), f.locals_start),
+            (offset_of!(FrontendRecord, locals_len), f.locals_len),
+        ] {
+            put(c, at, &v.to_le_bytes());
+        }
     }
     let chunks = out[backends_off..ring_off].chunks_exact_mut(BACKEND_RECORD_LEN);
     for (c, b) in chunks.zip(backends) {
@@ -906,13 +918,17 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
             ring_len: get_u32(c, offset_of!(FrontendRecord, ring_len)),
             return_path: c[offset_of!(FrontendRecord, return_path)],
             reserved: get(c, offset_of!(FrontendRecord, reserved)),
+            ranges_start: get_u32(c, offset_of!(FrontendRecord, ranges_start)),
+            ranges_len: get_u32(c, offset_of!(FrontendRecord, ranges_len)),
+            locals_start: get_u32(c, offset_of!(FrontendRecord, locals_start)),
+            locals_len: get_u32(c, offset_of!(FrontendRecord, locals_len)),
         };
         let bad = |what: String| SnapshotError::BadRecord {
             section: "frontends",
             index: i as u64,
             what,
         };
-        if f.flags & !FRONTEND_AFFINITY != 0 {
+        if f.flags & !FRONTEND_FLAGS != 0 {
             return Err(bad(format!("unknown flags {:#x}", f.flags)));
         }
         if f.reserved != [0; 3] {

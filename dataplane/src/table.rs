@@ -12,10 +12,11 @@
 
 use std::net::IpAddr;
 
-use hashbrown::HashTable;
+use hashbrown::{HashMap, HashTable};
+use ipnet::IpNet;
 use thiserror::Error;
 
-use crate::flow::{addr16, client_hash, flow_hash, Addr16, FlowTuple, Proto};
+use crate::flow::{addr16, client_hash, flow_hash, ip_from16, Addr16, FlowTuple, Proto};
 use crate::maglev::{build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE};
 
 /// Backends one frontend can have: ring slots are two-byte indices.
@@ -23,6 +24,15 @@ pub const MAX_BACKENDS_PER_FRONTEND: usize = 1 << 16;
 
 /// Frontend flag: ClientIP session affinity is on.
 pub const FRONTEND_AFFINITY: u32 = 1;
+/// Frontend flag: `internalTrafficPolicy: Local`. New flows go only to the
+/// backends on the client's own node (the frontend's [`LocalRecord`]s); a
+/// client whose node has none is dropped.
+pub const FRONTEND_NODE_LOCAL: u32 = 2;
+/// Frontend flag: `loadBalancerSourceRanges` apply. New flows are accepted
+/// only from the frontend's source ranges (none of its family: from nowhere).
+pub const FRONTEND_SOURCE_RANGES: u32 = 4;
+/// Every frontend flag a reader knows.
+pub const FRONTEND_FLAGS: u32 = FRONTEND_AFFINITY | FRONTEND_NODE_LOCAL | FRONTEND_SOURCE_RANGES;
 
 /// Service kinds a frontend can come from (Kubernetes' exposure types).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -127,6 +137,107 @@ pub struct FrontendRecord {
     pub return_path: u8,
     /// Reserved, zero.
     pub reserved: [u8; 3],
+    /// First of its source ranges in the source-range array
+    /// ([`FRONTEND_SOURCE_RANGES`]).
+    pub ranges_start: u32,
+    /// Number of source ranges (0 without [`FRONTEND_SOURCE_RANGES`]).
+    pub ranges_len: u32,
+    /// First of its per-node rings in the local array ([`FRONTEND_NODE_LOCAL`]).
+    pub locals_start: u32,
+    /// Number of per-node rings (0 without [`FRONTEND_NODE_LOCAL`]).
+    pub locals_len: u32,
+}
+
+/// An address prefix (CIDR): a source range, a node-port address range, or a
+/// node's pod CIDR or address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct PrefixRecord {
+    /// The network address, canonical 16-byte form, host bits zero.
+    pub addr: Addr16,
+    /// Prefix length within its family (0..=32 for IPv4, 0..=128 for IPv6).
+    pub len: u8,
+    /// Reserved, zero.
+    pub reserved: [u8; 3],
+    /// The node it belongs to (node prefixes); zero elsewhere.
+    pub node: u32,
+}
+
+impl PrefixRecord {
+    /// The record of a prefix (host bits cleared), with `node`.
+    #[must_use]
+    pub fn new(net: IpNet, node: u32) -> Self {
+        Self {
+            addr: addr16(net.trunc().addr()),
+            len: net.prefix_len(),
+            reserved: [0; 3],
+            node,
+        }
+    }
+
+    /// The prefix as an [`IpNet`].
+    #[must_use]
+    pub fn net(&self) -> IpNet {
+        IpNet::new_assert(ip_from16(self.addr), self.len.min(max_len(&self.addr)))
+    }
+
+    /// The prefix length counted over the 16-byte canonical form.
+    #[inline]
+    fn canonical_len(&self) -> u8 {
+        if is_v4_mapped(&self.addr) {
+            self.len.saturating_add(96)
+        } else {
+            self.len
+        }
+    }
+
+    /// Does the canonical address `a` lie in this prefix (same family only)?
+    #[inline]
+    #[must_use]
+    pub fn contains(&self, a: &Addr16) -> bool {
+        is_v4_mapped(&self.addr) == is_v4_mapped(a)
+            && masked(a, self.canonical_len()) == self.addr
+    }
+}
+
+/// One node's share of an `internalTrafficPolicy: Local` frontend: a Maglev
+/// ring over the frontend's backends on that node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C)]
+pub struct LocalRecord {
+    /// The node (as in the node prefixes).
+    pub node: u32,
+    /// First slot of this node's ring in the ring array. Its slots name
+    /// backends local to the frontend, as the frontend's own ring does.
+    pub ring_start: u32,
+    /// Ring size (0: the node's backends take no new flows).
+    pub ring_len: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// Is `a` an IPv4 address in canonical form (`::ffff:a.b.c.d`)?
+#[inline]
+fn is_v4_mapped(a: &Addr16) -> bool {
+    a[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
+}
+
+/// The longest prefix of the family of `a`.
+fn max_len(a: &Addr16) -> u8 {
+    if is_v4_mapped(a) {
+        32
+    } else {
+        128
+    }
+}
+
+/// `a` with every bit after the first `bits` cleared.
+#[inline]
+fn masked(a: &Addr16, bits: u8) -> Addr16 {
+    let bits = u32::from(bits.min(128));
+    let v = u128::from_be_bytes(*a);
+    let m = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+    (v & m).to_be_bytes()
 }
 
 /// Backend state as the control plane saw it.
@@ -156,8 +267,10 @@ pub struct BackendRecord {
 }
 
 const _: () = {
-    assert!(std::mem::size_of::<FrontendRecord>() == 48);
+    assert!(std::mem::size_of::<FrontendRecord>() == 64);
     assert!(std::mem::size_of::<BackendRecord>() == 24);
+    assert!(std::mem::size_of::<PrefixRecord>() == 24);
+    assert!(std::mem::size_of::<LocalRecord>() == 16);
 };
 
 /// A backend in a [`ServiceSpec`].
@@ -171,10 +284,13 @@ pub struct BackendSpec {
     pub weight: u32,
     /// Ready or terminating.
     pub state: BackendState,
+    /// The node it runs on (a node of [`TableSpec::nodes`]), when known: only
+    /// for `internalTrafficPolicy: Local` frontends.
+    pub node: Option<u32>,
 }
 
 impl BackendSpec {
-    /// A ready backend of weight 1.
+    /// A ready backend of weight 1, on no known node.
     #[must_use]
     pub fn ready(addr: IpAddr, port: u16) -> Self {
         Self {
@@ -182,7 +298,15 @@ impl BackendSpec {
             port,
             weight: 1,
             state: BackendState::Ready,
+            node: None,
         }
+    }
+
+    /// The same backend on `node`.
+    #[must_use]
+    pub fn on_node(mut self, node: u32) -> Self {
+        self.node = Some(node);
+        self
     }
 }
 
@@ -203,6 +327,12 @@ pub struct ServiceSpec {
     pub return_path: ReturnPath,
     /// Backends (empty: no endpoints).
     pub backends: Vec<BackendSpec>,
+    /// `loadBalancerSourceRanges` of the frontend's family: `None` lets every
+    /// source in; `Some` only sources in these (an empty list: none).
+    pub source_ranges: Option<Vec<IpNet>>,
+    /// `internalTrafficPolicy: Local`: a new flow goes only to a backend on
+    /// the client's node ([`BackendSpec::node`], [`TableSpec::nodes`]).
+    pub node_local: bool,
 }
 
 impl ServiceSpec {
@@ -219,7 +349,18 @@ impl ServiceSpec {
             affinity_timeout_s: None,
             return_path: ReturnPath::Routed,
             backends,
+            source_ranges: None,
+            node_local: false,
         }
+    }
+
+    /// The same frontend as another kind, on `addr` (the unspecified address
+    /// of the family for [`FrontendKind::NodePort`]).
+    #[must_use]
+    pub fn with_kind(mut self, kind: FrontendKind, addr: IpAddr) -> Self {
+        self.kind = kind;
+        self.addr = addr;
+        self
     }
 
     /// The same frontend with another return path.
@@ -228,6 +369,20 @@ impl ServiceSpec {
         self.return_path = return_path;
         self
     }
+}
+
+/// Everything a table is built from: the frontends, and what the cluster's
+/// nodes look like to the gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableSpec {
+    /// The frontends.
+    pub services: Vec<ServiceSpec>,
+    /// Each node's pod CIDRs and addresses (as host prefixes), with its
+    /// number: how `internalTrafficPolicy: Local` finds a client's node.
+    pub nodes: Vec<(IpNet, u32)>,
+    /// `--nodeport-addresses`: node-port frontends are served on the node's
+    /// addresses within these (`0.0.0.0/0` and `::/0`: on every one).
+    pub node_port_addresses: Vec<IpNet>,
 }
 
 /// Why a table could not be built or accepted.
@@ -259,6 +414,16 @@ pub enum TableError {
         /// What is wrong.
         what: String,
     },
+    /// A prefix record holds a value out of range, or a node prefix repeats.
+    #[error("{section} #{index}: {what}")]
+    BadPrefix {
+        /// `"source range"`, `"node prefix"` or `"node-port address"`.
+        section: &'static str,
+        /// Index in its array.
+        index: usize,
+        /// What is wrong.
+        what: String,
+    },
     /// The Maglev builder refused the backends.
     #[error("frontend {frontend}: {source}")]
     Maglev {
@@ -277,8 +442,39 @@ pub struct Table {
     frontends: Vec<FrontendRecord>,
     backends: Vec<BackendRecord>,
     ring: Vec<u16>,
+    source_ranges: Vec<PrefixRecord>,
+    locals: Vec<LocalRecord>,
+    node_prefixes: Vec<PrefixRecord>,
+    node_port_prefixes: Vec<PrefixRecord>,
     index: HashTable<IndexSlot>,
     index_seed: u64,
+    /// Some frontend is a node port.
+    has_node_ports: bool,
+    /// Node prefixes by (IPv4, canonical length, network): the longest match
+    /// is the client's node.
+    nodes: HashMap<(bool, u8, Addr16), u32>,
+    /// The canonical lengths in `nodes`, longest first.
+    node_lens: Vec<(bool, u8)>,
+}
+
+/// The arrays of a [`Table`], as a snapshot carries them; see
+/// [`Table::assemble`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableParts {
+    /// Frontend records.
+    pub frontends: Vec<FrontendRecord>,
+    /// Backend records.
+    pub backends: Vec<BackendRecord>,
+    /// Ring slots (the frontends' rings, then the per-node rings).
+    pub ring: Vec<u16>,
+    /// Source ranges ([`FRONTEND_SOURCE_RANGES`]).
+    pub source_ranges: Vec<PrefixRecord>,
+    /// Per-node rings ([`FRONTEND_NODE_LOCAL`]).
+    pub locals: Vec<LocalRecord>,
+    /// Node prefixes, each naming its node.
+    pub node_prefixes: Vec<PrefixRecord>,
+    /// Node-port address ranges.
+    pub node_port_prefixes: Vec<PrefixRecord>,
 }
 
 /// A frontend index entry: the key inline, so a lookup reads one bucket.
@@ -288,6 +484,39 @@ struct IndexSlot {
     port: u16,
     proto: u8,
     frontend: u32,
+}
+
+/// Checks a prefix record: length within its family, host bits zero,
+/// reserved bytes zero.
+fn check_prefix(p: &PrefixRecord) -> Result<(), String> {
+    let max = max_len(&p.addr);
+    if p.len > max {
+        return Err(format!(
+            "prefix length {} is longer than {max} ({})",
+            p.len,
+            ip_from16(p.addr)
+        ));
+    }
+    if masked(&p.addr, p.canonical_len()) != p.addr {
+        return Err(format!(
+            "{}/{} has host bits set",
+            ip_from16(p.addr),
+            p.len
+        ));
+    }
+    if p.reserved != [0; 3] {
+        return Err("reserved bytes are not zero".to_owned());
+    }
+    Ok(())
+}
+
+/// The unspecified address of a family: where node ports live in the table.
+fn unspecified(v4: bool) -> IpAddr {
+    if v4 {
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    }
 }
 
 /// Hash for the in-process frontend index (not part of any ABI): a folded
@@ -340,14 +569,44 @@ impl Table {
         services: &[ServiceSpec],
         max_ring: u32,
     ) -> Result<Self, TableError> {
-        let mut frontends = Vec::with_capacity(services.len());
-        let mut backends = Vec::new();
-        let mut ring = Vec::new();
+        let spec = TableSpec {
+            services: services.to_vec(),
+            ..TableSpec::default()
+        };
+        Self::build_full(generation, hash_seed, &spec, max_ring)
+    }
+
+    /// Builds a table from a whole [`TableSpec`]: frontends of every kind,
+    /// with their source ranges and per-node rings, the nodes' prefixes and
+    /// the node-port addresses.
+    ///
+    /// # Errors
+    /// As [`Table::build`]; also a source range of another family than its
+    /// frontend, a backend on a node that has no prefix, or a node prefix
+    /// given twice.
+    pub fn build_full(
+        generation: u64,
+        hash_seed: u64,
+        spec: &TableSpec,
+        max_ring: u32,
+    ) -> Result<Self, TableError> {
+        let mut parts = TableParts::default();
         let mut mb = Vec::new();
-        for s in services {
+        let known_nodes: std::collections::BTreeSet<u32> =
+            spec.nodes.iter().map(|(_, n)| *n).collect();
+        for s in &spec.services {
+            let index = parts.frontends.len();
             let name = format!("{}:{}/{}", s.addr, s.port, s.proto.as_str());
-            let backends_start = backends.len() as u32;
-            mb.clear();
+            let backends_start = parts.backends.len() as u32;
+            if s.backends.len() > MAX_BACKENDS_PER_FRONTEND {
+                return Err(TableError::BadFrontend {
+                    index,
+                    what: format!(
+                        "{name}: {} backends, at most {MAX_BACKENDS_PER_FRONTEND} per frontend",
+                        s.backends.len()
+                    ),
+                });
+            }
             for b in &s.backends {
                 if b.addr.is_ipv4() != s.addr.is_ipv4() {
                     return Err(TableError::FamilyMismatch {
@@ -355,50 +614,90 @@ impl Table {
                         backend: b.addr,
                     });
                 }
-                backends.push(BackendRecord {
+                parts.backends.push(BackendRecord {
                     addr: addr16(b.addr),
                     port: b.port,
                     state: b.state as u8,
                     reserved: 0,
                     weight: b.weight,
                 });
-                mb.push(MaglevBackend {
-                    addr: addr16(b.addr),
-                    port: b.port,
-                    weight: b.weight,
-                });
             }
-            if s.backends.len() > MAX_BACKENDS_PER_FRONTEND {
-                return Err(TableError::BadFrontend {
-                    index: frontends.len(),
-                    what: format!(
-                        "{name}: {} backends, at most {MAX_BACKENDS_PER_FRONTEND} per frontend",
-                        s.backends.len()
-                    ),
-                });
-            }
-            let ring_start = ring.len() as u32;
-            let mut ring_len = 0;
-            if mb.iter().any(|b| b.weight > 0) {
+            let mut ring_for = |members: &[usize]| -> Result<(u32, u32), TableError> {
+                mb.clear();
+                mb.extend(members.iter().map(|&i| {
+                    let b = &s.backends[i];
+                    MaglevBackend {
+                        addr: addr16(b.addr),
+                        port: b.port,
+                        weight: b.weight,
+                    }
+                }));
+                let start = parts.ring.len() as u32;
+                if !mb.iter().any(|b| b.weight > 0) {
+                    return Ok((start, 0));
+                }
                 let m = ring_size_for(mb.len(), max_ring);
                 let slots = build_ring(&mb, m).map_err(|source| TableError::Maglev {
                     frontend: name.clone(),
                     source,
                 })?;
-                ring_len = slots.len() as u32;
                 // Slots are two bytes: a frontend has at most 65 536 backends.
-                ring.extend(slots.iter().map(|&b| b as u16));
+                parts
+                    .ring
+                    .extend(slots.iter().map(|&b| members[b as usize] as u16));
+                Ok((start, slots.len() as u32))
+            };
+            let all: Vec<usize> = (0..s.backends.len()).collect();
+            let (ring_start, ring_len) = ring_for(&all)?;
+            let mut flags = 0;
+            if s.affinity_timeout_s.is_some() {
+                flags |= FRONTEND_AFFINITY;
             }
-            frontends.push(FrontendRecord {
+            let locals_start = parts.locals.len() as u32;
+            if s.node_local {
+                flags |= FRONTEND_NODE_LOCAL;
+                let mut by_node: std::collections::BTreeMap<u32, Vec<usize>> =
+                    std::collections::BTreeMap::new();
+                for (i, b) in s.backends.iter().enumerate() {
+                    if let Some(n) = b.node {
+                        if !known_nodes.contains(&n) {
+                            return Err(TableError::BadFrontend {
+                                index,
+                                what: format!("{name}: backend {} is on node {n}, which has no prefix", b.addr),
+                            });
+                        }
+                        by_node.entry(n).or_default().push(i);
+                    }
+                }
+                for (node, members) in by_node {
+                    let (ring_start, ring_len) = ring_for(&members)?;
+                    parts.locals.push(LocalRecord {
+                        node,
+                        ring_start,
+                        ring_len,
+                        reserved: 0,
+                    });
+                }
+            }
+            let ranges_start = parts.source_ranges.len() as u32;
+            if let Some(ranges) = &s.source_ranges {
+                flags |= FRONTEND_SOURCE_RANGES;
+                for r in ranges {
+                    if r.addr().is_ipv4() != s.addr.is_ipv4() {
+                        return Err(TableError::BadFrontend {
+                            index,
+                            what: format!("{name}: source range {r} is of another IP family"),
+                        });
+                    }
+                    parts.source_ranges.push(PrefixRecord::new(*r, 0));
+                }
+            }
+            parts.frontends.push(FrontendRecord {
                 addr: addr16(s.addr),
                 port: s.port,
                 proto: s.proto.ip_number(),
                 kind: s.kind as u8,
-                flags: if s.affinity_timeout_s.is_some() {
-                    FRONTEND_AFFINITY
-                } else {
-                    0
-                },
+                flags,
                 affinity_timeout_s: s.affinity_timeout_s.unwrap_or(0),
                 backends_start,
                 backends_len: s.backends.len() as u32,
@@ -406,16 +705,30 @@ impl Table {
                 ring_len,
                 return_path: s.return_path as u8,
                 reserved: [0; 3],
+                ranges_start,
+                ranges_len: parts.source_ranges.len() as u32 - ranges_start,
+                locals_start,
+                locals_len: parts.locals.len() as u32 - locals_start,
             });
         }
-        Self::from_parts(generation, hash_seed, frontends, backends, ring)
+        parts.node_prefixes = spec
+            .nodes
+            .iter()
+            .map(|(net, node)| PrefixRecord::new(*net, *node))
+            .collect();
+        parts.node_port_prefixes = spec
+            .node_port_addresses
+            .iter()
+            .map(|net| PrefixRecord::new(*net, 0))
+            .collect();
+        Self::assemble(generation, hash_seed, parts)
     }
 
-    /// Accepts flat arrays (for example from a snapshot) after checking every
-    /// range and index, and builds the frontend index.
+    /// Accepts the three frontend arrays alone (no source ranges, per-node
+    /// rings, node prefixes or node-port addresses); see [`Table::assemble`].
     ///
     /// # Errors
-    /// The first record that is out of range, or a duplicate frontend.
+    /// As [`Table::assemble`].
     pub fn from_parts(
         generation: u64,
         hash_seed: u64,
@@ -423,9 +736,71 @@ impl Table {
         backends: Vec<BackendRecord>,
         ring: Vec<u16>,
     ) -> Result<Self, TableError> {
+        Self::assemble(
+            generation,
+            hash_seed,
+            TableParts {
+                frontends,
+                backends,
+                ring,
+                ..TableParts::default()
+            },
+        )
+    }
+
+    /// Accepts flat arrays (for example from a snapshot) after checking every
+    /// range and index, and builds the frontend and node indexes.
+    ///
+    /// # Errors
+    /// The first record that is out of range, a duplicate frontend, or a
+    /// duplicate node prefix.
+    pub fn assemble(generation: u64, hash_seed: u64, parts: TableParts) -> Result<Self, TableError> {
+        let TableParts {
+            frontends,
+            backends,
+            ring,
+            source_ranges,
+            locals,
+            node_prefixes,
+            node_port_prefixes,
+        } = parts;
         let bad = |index: usize, what: String| TableError::BadFrontend { index, what };
+        for (section, list) in [
+            ("source range", &source_ranges),
+            ("node prefix", &node_prefixes),
+            ("node-port address", &node_port_prefixes),
+        ] {
+            for (index, p) in list.iter().enumerate() {
+                check_prefix(p).map_err(|what| TableError::BadPrefix {
+                    section,
+                    index,
+                    what,
+                })?;
+            }
+        }
+        let check_ring = |i: usize, what: &str, start: u32, len: u32, backends_len: u32| {
+            let r_end = u64::from(start) + u64::from(len);
+            if r_end > ring.len() as u64 {
+                return Err(bad(
+                    i,
+                    format!("{what} {start}..{r_end} exceeds {}", ring.len()),
+                ));
+            }
+            if len > 0 && backends_len == 0 {
+                return Err(bad(i, format!("a {what} without backends")));
+            }
+            let slots = &ring[start as usize..r_end as usize];
+            if let Some(s) = slots.iter().find(|&&s| u32::from(s) >= backends_len) {
+                return Err(bad(
+                    i,
+                    format!("{what} slot names backend {s} of {backends_len}"),
+                ));
+            }
+            Ok(())
+        };
         let index_seed = (generation ^ 0x5851_f42d_4c95_7f2d) | 1 << 63;
         let mut index = HashTable::with_capacity(frontends.len());
+        let mut has_node_ports = false;
         for (i, f) in frontends.iter().enumerate() {
             let Some(proto) = Proto::from_ip_number(f.proto) else {
                 return Err(bad(
@@ -436,8 +811,27 @@ impl Table {
             if f.kind > FrontendKind::LoadBalancer as u8 {
                 return Err(bad(i, format!("kind {} is unknown", f.kind)));
             }
+            let v4 = ip_from16(f.addr).is_ipv4();
+            if f.kind == FrontendKind::NodePort as u8 {
+                if ip_from16(f.addr) != unspecified(v4) {
+                    return Err(bad(
+                        i,
+                        format!(
+                            "a node port on {} (node ports are on 0.0.0.0 or ::)",
+                            ip_from16(f.addr)
+                        ),
+                    ));
+                }
+                has_node_ports = true;
+            }
+            if f.flags & !FRONTEND_FLAGS != 0 {
+                return Err(bad(i, format!("flags {:#x} name unknown bits", f.flags)));
+            }
             if ReturnPath::from_u8(f.return_path).is_none() {
                 return Err(bad(i, format!("return path {} is unknown", f.return_path)));
+            }
+            if f.reserved != [0; 3] {
+                return Err(bad(i, "reserved bytes are not zero".to_owned()));
             }
             let b_end = u64::from(f.backends_start) + u64::from(f.backends_len);
             if b_end > backends.len() as u64 {
@@ -450,32 +844,12 @@ impl Table {
                     ),
                 ));
             }
-            let r_end = u64::from(f.ring_start) + u64::from(f.ring_len);
-            if r_end > ring.len() as u64 {
-                return Err(bad(
-                    i,
-                    format!("ring {}..{r_end} exceeds {}", f.ring_start, ring.len()),
-                ));
-            }
-            if f.ring_len > 0 && f.backends_len == 0 {
-                return Err(bad(i, "a ring without backends".to_owned()));
-            }
-            let ring_slice = &ring[f.ring_start as usize..r_end as usize];
-            if let Some(s) = ring_slice.iter().find(|&&s| u32::from(s) >= f.backends_len) {
-                return Err(bad(
-                    i,
-                    format!("ring slot names backend {s} of {}", f.backends_len),
-                ));
-            }
-            let v4 = crate::flow::ip_from16(f.addr).is_ipv4();
+            check_ring(i, "ring", f.ring_start, f.ring_len, f.backends_len)?;
             let own = &backends[f.backends_start as usize..b_end as usize];
-            if let Some(b) = own
-                .iter()
-                .find(|b| crate::flow::ip_from16(b.addr).is_ipv4() != v4)
-            {
+            if let Some(b) = own.iter().find(|b| ip_from16(b.addr).is_ipv4() != v4) {
                 return Err(TableError::FamilyMismatch {
-                    frontend: crate::flow::ip_from16(f.addr),
-                    backend: crate::flow::ip_from16(b.addr),
+                    frontend: ip_from16(f.addr),
+                    backend: ip_from16(b.addr),
                 });
             }
             if let Some(b) = own
@@ -483,6 +857,53 @@ impl Table {
                 .find(|b| b.state > BackendState::Terminating as u8)
             {
                 return Err(bad(i, format!("backend state {} is unknown", b.state)));
+            }
+            // Source ranges: only with the flag, within the array, same family.
+            let g_end = u64::from(f.ranges_start) + u64::from(f.ranges_len);
+            if f.flags & FRONTEND_SOURCE_RANGES == 0 && f.ranges_len > 0 {
+                return Err(bad(i, "source ranges without the source-range flag".to_owned()));
+            }
+            if g_end > source_ranges.len() as u64 {
+                return Err(bad(
+                    i,
+                    format!(
+                        "source ranges {}..{g_end} exceed {}",
+                        f.ranges_start,
+                        source_ranges.len()
+                    ),
+                ));
+            }
+            if let Some(r) = source_ranges[f.ranges_start as usize..g_end as usize]
+                .iter()
+                .find(|r| is_v4_mapped(&r.addr) != v4)
+            {
+                return Err(bad(
+                    i,
+                    format!("source range {} is of another IP family", r.net()),
+                ));
+            }
+            // Per-node rings: only with the flag, within the array, sorted
+            // by node, each ring within the ring array.
+            let l_end = u64::from(f.locals_start) + u64::from(f.locals_len);
+            if f.flags & FRONTEND_NODE_LOCAL == 0 && f.locals_len > 0 {
+                return Err(bad(i, "per-node rings without the node-local flag".to_owned()));
+            }
+            if l_end > locals.len() as u64 {
+                return Err(bad(
+                    i,
+                    format!(
+                        "per-node rings {}..{l_end} exceed {}",
+                        f.locals_start,
+                        locals.len()
+                    ),
+                ));
+            }
+            let mine = &locals[f.locals_start as usize..l_end as usize];
+            if mine.windows(2).any(|w| w[0].node >= w[1].node) {
+                return Err(bad(i, "per-node rings are not sorted by node".to_owned()));
+            }
+            for l in mine {
+                check_ring(i, "per-node ring", l.ring_start, l.ring_len, f.backends_len)?;
             }
             let h = key_hash(index_seed, &f.addr, f.port, f.proto);
             if index
@@ -492,7 +913,7 @@ impl Table {
                 .is_some()
             {
                 return Err(TableError::DuplicateFrontend {
-                    addr: crate::flow::ip_from16(f.addr),
+                    addr: ip_from16(f.addr),
                     port: f.port,
                     proto: proto.as_str(),
                 });
@@ -505,14 +926,41 @@ impl Table {
             };
             index.insert_unique(h, slot, |s| key_hash(index_seed, &s.addr, s.port, s.proto));
         }
+        let mut nodes = HashMap::with_capacity(node_prefixes.len());
+        let mut node_lens = Vec::new();
+        for (i, p) in node_prefixes.iter().enumerate() {
+            let key = (is_v4_mapped(&p.addr), p.canonical_len(), p.addr);
+            if let Some(other) = nodes.insert(key, p.node) {
+                return Err(TableError::BadPrefix {
+                    section: "node prefix",
+                    index: i,
+                    what: format!(
+                        "{} is already a prefix of node {other} (now node {})",
+                        p.net(),
+                        p.node
+                    ),
+                });
+            }
+            if !node_lens.contains(&(key.0, key.1)) {
+                node_lens.push((key.0, key.1));
+            }
+        }
+        node_lens.sort_by(|a, b| b.1.cmp(&a.1));
         Ok(Self {
             generation,
             hash_seed,
             frontends,
             backends,
             ring,
+            source_ranges,
+            locals,
+            node_prefixes,
+            node_port_prefixes,
             index,
             index_seed,
+            has_node_ports,
+            nodes,
+            node_lens,
         })
     }
 
@@ -544,6 +992,97 @@ impl Table {
     #[must_use]
     pub fn ring_slots(&self) -> &[u16] {
         &self.ring
+    }
+
+    /// All source ranges.
+    #[must_use]
+    pub fn source_range_records(&self) -> &[PrefixRecord] {
+        &self.source_ranges
+    }
+
+    /// All per-node rings.
+    #[must_use]
+    pub fn local_records(&self) -> &[LocalRecord] {
+        &self.locals
+    }
+
+    /// All node prefixes.
+    #[must_use]
+    pub fn node_prefix_records(&self) -> &[PrefixRecord] {
+        &self.node_prefixes
+    }
+
+    /// All node-port address ranges.
+    #[must_use]
+    pub fn node_port_prefix_records(&self) -> &[PrefixRecord] {
+        &self.node_port_prefixes
+    }
+
+    /// Does some frontend listen on a node port?
+    #[inline]
+    #[must_use]
+    pub fn has_node_ports(&self) -> bool {
+        self.has_node_ports
+    }
+
+    /// Is `addr` within the node-port addresses (`--nodeport-addresses`)?
+    /// Whether it is one of this node's own addresses is the caller's
+    /// question (the gateway knows them; `replay` takes every address).
+    #[inline]
+    #[must_use]
+    pub fn selects_node_port_address(&self, addr: &Addr16) -> bool {
+        self.node_port_prefixes.iter().any(|p| p.contains(addr))
+    }
+
+    /// The node-port frontend for a packet to `addr:port`: the frontend on
+    /// the unspecified address of `addr`'s family, when `addr` is within the
+    /// node-port addresses. The caller has checked that `addr` is the node's.
+    #[inline]
+    #[must_use]
+    pub fn node_port(&self, addr: &Addr16, port: u16, proto: Proto) -> Option<u32> {
+        if !self.has_node_ports {
+            return None;
+        }
+        let any = addr16(unspecified(is_v4_mapped(addr)));
+        let fi = self.frontend(&any, port, proto)?;
+        (self.frontends.get(fi as usize)?.kind == FrontendKind::NodePort as u8
+            && self.selects_node_port_address(addr))
+        .then_some(fi)
+    }
+
+    /// Does frontend `f` take new flows from `src`? Always, unless it has
+    /// source ranges ([`FRONTEND_SOURCE_RANGES`]) and none holds `src`.
+    #[inline]
+    #[must_use]
+    pub fn source_allowed(&self, f: &FrontendRecord, src: &Addr16) -> bool {
+        if f.flags & FRONTEND_SOURCE_RANGES == 0 {
+            return true;
+        }
+        let s = f.ranges_start as usize;
+        self.source_ranges
+            .get(s..s + f.ranges_len as usize)
+            .unwrap_or(&[])
+            .iter()
+            .any(|r| r.contains(src))
+    }
+
+    /// The node of a client address: the node with the longest prefix (pod
+    /// CIDR or address) holding it.
+    #[inline]
+    #[must_use]
+    pub fn client_node(&self, src: &Addr16) -> Option<u32> {
+        let v4 = is_v4_mapped(src);
+        self.node_lens
+            .iter()
+            .filter(|(f, _)| *f == v4)
+            .find_map(|&(f, len)| self.nodes.get(&(f, len, masked(src, len))).copied())
+    }
+
+    /// The per-node rings of frontend `f`.
+    #[must_use]
+    pub fn locals_of(&self, f: &FrontendRecord) -> &[LocalRecord] {
+        let s = f.locals_start as usize;
+        self.locals.get(s..s + f.locals_len as usize).unwrap_or(&[])
     }
 
     /// The frontend for (address, port, protocol), by index.
@@ -583,8 +1122,9 @@ impl Table {
 
     /// Maglev pick for a new flow to frontend `f`: `ring[hash % M]`, where the
     /// hash is [`flow_hash`] of the tuple, or [`client_hash`] of the client
-    /// address when the frontend has ClientIP affinity. `None` when no backend
-    /// takes new flows.
+    /// address when the frontend has ClientIP affinity. The ring is the
+    /// frontend's, or with [`FRONTEND_NODE_LOCAL`] the client's node's. `None`
+    /// when no backend (of the client's node) takes new flows.
     #[inline]
     #[must_use]
     pub fn pick(&self, f: &FrontendRecord, t: &FlowTuple) -> Option<&BackendRecord> {
@@ -603,10 +1143,24 @@ impl Table {
         }
     }
 
-    /// Index in the ring array of the slot for `t`, or `None` without a ring.
+    /// Index in the ring array of the slot for `t`, or `None` without a ring:
+    /// the frontend's ring, or for a [`FRONTEND_NODE_LOCAL`] frontend the
+    /// ring of the client's node (`None` when the client's node is unknown
+    /// or has none of the frontend's backends).
     #[inline]
     fn slot_of(&self, f: &FrontendRecord, t: &FlowTuple) -> Option<usize> {
-        if f.ring_len == 0 {
+        let (start, len) = if f.flags & FRONTEND_NODE_LOCAL == 0 {
+            (f.ring_start, f.ring_len)
+        } else {
+            let node = self.client_node(&t.src_addr)?;
+            let mine = self.locals_of(f);
+            let l = mine
+                .binary_search_by_key(&node, |l| l.node)
+                .ok()
+                .and_then(|i| mine.get(i))?;
+            (l.ring_start, l.ring_len)
+        };
+        if len == 0 {
             return None;
         }
         let h = if f.flags & FRONTEND_AFFINITY != 0 {
@@ -614,7 +1168,7 @@ impl Table {
         } else {
             flow_hash(self.hash_seed, t)
         };
-        Some(f.ring_start as usize + (h % u64::from(f.ring_len)) as usize)
+        Some(start as usize + (h % u64::from(len)) as usize)
     }
 
     /// The return path of a frontend (validated by [`Table::from_parts`]).

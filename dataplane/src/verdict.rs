@@ -123,4 +123,11 @@ drop_reasons! {
     /// and there is none: no `--snat-address` of that family and no route
     /// (with a source address) to the backend.
     SnatNoAddress => "snat_no_address",
+    /// A new flow to a load-balancer IP from a source outside the Service's
+    /// `loadBalancerSourceRanges`.
+    SourceRange => "source_range",
+    /// A new flow to an `internalTrafficPolicy: Local` frontend from a client
+    /// whose node has none of its endpoints (or is not a known node), as
+    /// kube-proxy drops it.
+    NoLocalEndpoint => "no_local_endpoint",
 }

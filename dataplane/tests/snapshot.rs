@@ -82,6 +82,7 @@ fn services(marker: u16) -> Vec<ServiceSpec> {
         port: marker,
         weight,
         state,
+        node: None,
     };
     let mut weighted = ServiceSpec::cluster_ip(
         ip("198.19.0.10"),
