@@ -195,8 +195,7 @@ impl PrefixRecord {
     #[inline]
     #[must_use]
     pub fn contains(&self, a: &Addr16) -> bool {
-        is_v4_mapped(&self.addr) == is_v4_mapped(a)
-            && masked(a, self.canonical_len()) == self.addr
+        is_v4_mapped(&self.addr) == is_v4_mapped(a) && masked(a, self.canonical_len()) == self.addr
     }
 }
 
@@ -236,7 +235,11 @@ fn max_len(a: &Addr16) -> u8 {
 fn masked(a: &Addr16, bits: u8) -> Addr16 {
     let bits = u32::from(bits.min(128));
     let v = u128::from_be_bytes(*a);
-    let m = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+    let m = if bits == 0 {
+        0
+    } else {
+        u128::MAX << (128 - bits)
+    };
     (v & m).to_be_bytes()
 }
 
@@ -498,11 +501,7 @@ fn check_prefix(p: &PrefixRecord) -> Result<(), String> {
         ));
     }
     if masked(&p.addr, p.canonical_len()) != p.addr {
-        return Err(format!(
-            "{}/{} has host bits set",
-            ip_from16(p.addr),
-            p.len
-        ));
+        return Err(format!("{}/{} has host bits set", ip_from16(p.addr), p.len));
     }
     if p.reserved != [0; 3] {
         return Err("reserved bytes are not zero".to_owned());
@@ -663,7 +662,10 @@ impl Table {
                         if !known_nodes.contains(&n) {
                             return Err(TableError::BadFrontend {
                                 index,
-                                what: format!("{name}: backend {} is on node {n}, which has no prefix", b.addr),
+                                what: format!(
+                                    "{name}: backend {} is on node {n}, which has no prefix",
+                                    b.addr
+                                ),
                             });
                         }
                         by_node.entry(n).or_default().push(i);
@@ -754,7 +756,11 @@ impl Table {
     /// # Errors
     /// The first record that is out of range, a duplicate frontend, or a
     /// duplicate node prefix.
-    pub fn assemble(generation: u64, hash_seed: u64, parts: TableParts) -> Result<Self, TableError> {
+    pub fn assemble(
+        generation: u64,
+        hash_seed: u64,
+        parts: TableParts,
+    ) -> Result<Self, TableError> {
         let TableParts {
             frontends,
             backends,
@@ -861,7 +867,10 @@ impl Table {
             // Source ranges: only with the flag, within the array, same family.
             let g_end = u64::from(f.ranges_start) + u64::from(f.ranges_len);
             if f.flags & FRONTEND_SOURCE_RANGES == 0 && f.ranges_len > 0 {
-                return Err(bad(i, "source ranges without the source-range flag".to_owned()));
+                return Err(bad(
+                    i,
+                    "source ranges without the source-range flag".to_owned(),
+                ));
             }
             if g_end > source_ranges.len() as u64 {
                 return Err(bad(
@@ -886,7 +895,10 @@ impl Table {
             // by node, each ring within the ring array.
             let l_end = u64::from(f.locals_start) + u64::from(f.locals_len);
             if f.flags & FRONTEND_NODE_LOCAL == 0 && f.locals_len > 0 {
-                return Err(bad(i, "per-node rings without the node-local flag".to_owned()));
+                return Err(bad(
+                    i,
+                    "per-node rings without the node-local flag".to_owned(),
+                ));
             }
             if l_end > locals.len() as u64 {
                 return Err(bad(

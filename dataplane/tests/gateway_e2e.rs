@@ -222,6 +222,13 @@ impl Env {
         })
     }
 
+    /// Writes `text` as the manifest control follows.
+    fn write_manifest_text(&self, text: &str) {
+        let tmp = self.dir.join("manifest.yaml.tmp");
+        std::fs::write(&tmp, text).expect("manifest");
+        std::fs::rename(&tmp, self.dir.join("manifest.yaml")).expect("manifest rename");
+    }
+
     fn write_manifest(&self, backends: &[u8]) {
         let tmp = self.dir.join("manifest.yaml.tmp");
         std::fs::write(&tmp, manifest(backends, self.return_path, self.http_port))
@@ -1429,4 +1436,200 @@ fn run_refuses_bad_flags() {
             "{args:?}: {err:?} does not name {needle:?}"
         );
     }
+}
+
+/// Node port, external IP and load-balancer IP of `web` (source NAT, source
+/// ranges), and two `externalTrafficPolicy: Local` Services with health-check
+/// node ports, one with endpoints (`local`) and one without (`gone`).
+fn every_way_manifest() -> String {
+    let slice = |name: &str, svc: &str, backends: &[u8]| {
+        let mut eps = String::new();
+        for b in backends {
+            eps.push_str(&format!(
+                "- addresses: [198.18.2.1{b}]\n  conditions: {{ready: true}}\n"
+            ));
+        }
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: {svc}}}}}\n\
+             addressType: IPv4\nports:\n- {{name: http, port: 8080, protocol: TCP}}\nendpoints:\n{eps}"
+        )
+    };
+    format!(
+        r"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: {VIP}
+  externalIPs: [198.18.101.1]
+  loadBalancerSourceRanges: [198.18.1.2/32]
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}}
+status:
+  loadBalancer:
+    ingress: [{{ip: 198.18.102.1}}]
+---
+{}---
+apiVersion: v1
+kind: Service
+metadata: {{name: local, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.18.100.3
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30999
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30081}}
+status:
+  loadBalancer:
+    ingress: [{{ip: 198.18.102.3}}]
+---
+{}---
+apiVersion: v1
+kind: Service
+metadata: {{name: gone, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 198.18.100.4
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30998
+  ports:
+  - {{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30082}}
+",
+        slice("web-1", "web", &[1, 2]),
+        slice("local-1", "local", &[3, 4])
+    )
+}
+
+/// The backends that answered `v` (an `http` result) and the one peer
+/// address each reported; every request answered.
+fn answered_from(v: &Value, n: usize) -> (Vec<String>, Vec<String>) {
+    assert_eq!(errors(v), Vec::<String>::new(), "HTTP errors: {v}");
+    assert_eq!(counts(v).values().sum::<u64>(), n as u64, "{v}");
+    let backends = counts(v).keys().cloned().collect();
+    let mut addrs: Vec<String> = peers(v).values().flat_map(|a| a.keys().cloned()).collect();
+    addrs.sort();
+    addrs.dedup();
+    (backends, addrs)
+}
+
+#[test]
+fn every_way_into_a_service() {
+    if !root_or_skip("every_way_into_a_service", NEEDS) {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Two-armed: the backends route through the gateway, so `routed` (what
+    // externalTrafficPolicy: Local gets) works as well as source NAT.
+    let mut env = Env::up("e", "two-armed", 1);
+    let ip = |args: &[&str]| {
+        let st = Command::new("ip")
+            .args(["-n", &env.ns("cli")])
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(st.success(), "ip {args:?}");
+    };
+    // The client routes the external and load-balancer IPs to the gateway,
+    // and has a second address outside `web`'s source ranges.
+    ip(&["route", "add", "198.18.101.0/24", "via", "198.18.1.1"]);
+    ip(&["route", "add", "198.18.102.0/24", "via", "198.18.1.1"]);
+    ip(&["addr", "add", "198.18.1.3/24", "dev", "c0"]);
+    env.start_backends();
+    env.write_manifest_text(&every_way_manifest());
+    env.start_control();
+    env.start_gateway(&["g0", "g1"], "0", 1, &[]);
+    env.wait_healthy();
+    let backends = |names: &[&str]| names.iter().map(|s| (*s).to_string()).collect::<Vec<_>>();
+
+    // A node port on the gateway's own address, an external IP and a
+    // load-balancer IP: each served by `web`'s backends, through source NAT
+    // (the backends see the gateway's address on their side).
+    for (addr, port) in [
+        ("198.18.1.1", "30080"),
+        ("198.18.101.1", "80"),
+        ("198.18.102.1", "80"),
+        (VIP, "80"),
+    ] {
+        let v = env.peer("cli", &["http", addr, port, "20"]);
+        let (who, seen) = answered_from(&v, 20);
+        assert_eq!(
+            who,
+            backends(&["backend-1", "backend-2"]),
+            "{addr}:{port}: {v}"
+        );
+        assert_eq!(seen, ["198.18.2.1"], "{addr}:{port}: source NAT: {v}");
+    }
+
+    // loadBalancerSourceRanges: a client outside is dropped on the
+    // load-balancer IP only; the cluster IP and the node port stay open to it.
+    let outside = |addr: &str, port: &str, n: &str, timeout: &str| {
+        let out = env
+            .in_ns("cli", Path::new("python3"), &[])
+            .env("BIND", "198.18.1.3")
+            .arg(e2e_dir().join("peer.py"))
+            .args(["http", addr, port, n, timeout])
+            .output()
+            .expect("peer.py");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        serde_json::from_str::<Value>(text.lines().last().unwrap_or(""))
+            .unwrap_or_else(|e| panic!("peer.py: {e}: {text}"))
+    };
+    let before = env.metric_where(&env.metrics(), "clustergate_drops_total", "source_range");
+    let v = outside("198.18.102.1", "80", "3", "1");
+    assert_eq!(
+        counts(&v).values().sum::<u64>(),
+        0,
+        "outside client served: {v}"
+    );
+    assert_eq!(errors(&v).len(), 3, "{v}");
+    let after = env.metric_where(&env.metrics(), "clustergate_drops_total", "source_range");
+    assert!(
+        after >= before + 3.0,
+        "source_range drops {before} → {after}"
+    );
+    for (addr, port) in [(VIP, "80"), ("198.18.1.1", "30080")] {
+        let v = outside(addr, port, "5", "3");
+        assert_eq!(
+            counts(&v).values().sum::<u64>(),
+            5,
+            "{addr}:{port} refused a client outside the source ranges: {v}"
+        );
+    }
+
+    // externalTrafficPolicy: Local keeps the client's address (no source NAT)
+    // on the node port and the load-balancer IP.
+    for (addr, port) in [("198.18.1.1", "30081"), ("198.18.102.3", "80")] {
+        let v = env.peer("cli", &["http", addr, port, "20"]);
+        let (who, seen) = answered_from(&v, 20);
+        assert_eq!(
+            who,
+            backends(&["backend-3", "backend-4"]),
+            "{addr}:{port}: {v}"
+        );
+        assert_eq!(
+            seen,
+            ["198.18.1.2"],
+            "{addr}:{port}: the client's own address: {v}"
+        );
+    }
+
+    // healthCheckNodePort: 200 with endpoints, 503 without, kube-proxy's body.
+    let v = env.peer("cli", &["get", "http://198.18.1.1:30999/"]);
+    assert_eq!(v["status"], 200, "health check of `local`: {v}");
+    let body: Value = serde_json::from_str(v["body"].as_str().unwrap_or("")).expect("json body");
+    assert_eq!(body["service"]["namespace"], "default", "{body}");
+    assert_eq!(body["service"]["name"], "local", "{body}");
+    assert_eq!(body["localEndpoints"], 2, "{body}");
+    let v = env.peer("cli", &["get", "http://198.18.1.1:30998/"]);
+    assert_eq!(v["status"], 503, "health check of `gone`: {v}");
+    let body: Value = serde_json::from_str(v["body"].as_str().unwrap_or("")).expect("json body");
+    assert_eq!(body["localEndpoints"], 0, "{body}");
+
+    // `gone` has no endpoints: its node port rejects like its cluster IP.
+    let v = env.peer("cli", &["reject", "198.18.1.1", "30082", "30082"]);
+    assert_eq!(v["tcp"], "refused", "{v}");
 }

@@ -139,11 +139,14 @@ def listen(addr, port, seconds):
 
 def http_spread(vip, port, n, timeout=3.0, max_errors=20):
     """`n` HTTP/1.0 requests, one connection each: answers per backend, and
-    per backend the peer addresses and ports it reported."""
+    per backend the peer addresses and ports it reported. With $BIND set,
+    the connections come from that local address."""
     counts, errors, peers = {}, [], {}
+    source = (os.environ["BIND"], 0) if os.environ.get("BIND") else None
     for i in range(n):
         try:
-            with socket.create_connection((vip, port), timeout=timeout) as c:
+            with socket.create_connection((vip, port), timeout=timeout,
+                                          source_address=source) as c:
                 c.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
                 data = b""
                 while True:
