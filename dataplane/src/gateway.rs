@@ -439,19 +439,26 @@ fn steer_snat(steering: &mut Steering, plan: &ReturnPlan, hops: &NextHops) {
 }
 
 /// Makes the steering maps match `table` (and the node addresses last set),
-/// logging what changed; `why` says what prompted it.
-fn sync_steering(steering: &mut Steering, table: &Table, why: &str) {
+/// logging what changed; `why` says what prompted it. False when it failed
+/// (the caller tries again at the next refresh).
+fn sync_steering(steering: &mut Steering, table: &Table, why: &str) -> bool {
     match steering.sync(table) {
-        Ok(s) => info!(
-            generation = table.generation(),
-            frontends = s.frontends,
-            node_port_keys = s.node_port_keys,
-            backends = s.backends,
-            added = s.added,
-            removed = s.removed,
-            "steering maps updated ({why})"
-        ),
-        Err(e) => error!("updating the steering maps ({why}): {e}"),
+        Ok(s) => {
+            info!(
+                generation = table.generation(),
+                frontends = s.frontends,
+                node_port_keys = s.node_port_keys,
+                backends = s.backends,
+                added = s.added,
+                removed = s.removed,
+                "steering maps updated ({why})"
+            );
+            true
+        }
+        Err(e) => {
+            error!("updating the steering maps ({why}): {e}");
+            false
+        }
     }
 }
 
@@ -797,6 +804,8 @@ fn manage(
     let mut applied_at = (watcher.handle().generation() > 0).then(std::time::SystemTime::now);
     let mut node = Arc::clone(hops.load().node_addrs());
     let mut table_st = None;
+    // A steering sync failed: retried at each refresh until it succeeds.
+    let mut resync = false;
     let poll = Duration::from_millis(args.poll_ms);
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -826,7 +835,7 @@ fn manage(
         report_poll(watcher, outcome);
         if let PollOutcome::Applied { .. } = outcome {
             let table = watcher.handle().load_full();
-            sync_steering(steering, &table, "new table");
+            resync = !sync_steering(steering, &table, "new table");
             table_st = Some(table_status(&table, plan));
             keep_backends_resolved(resolver, &table);
             applied_at = Some(std::time::SystemTime::now());
@@ -859,9 +868,16 @@ fn manage(
                     if !Arc::ptr_eq(&node, h.node_addrs()) {
                         node = Arc::clone(h.node_addrs());
                         if steer_node_addrs(steering, &node) {
-                            let table = watcher.handle().load_full();
-                            sync_steering(steering, &table, "the node's addresses changed");
+                            resync = true;
                         }
+                    }
+                    if resync {
+                        let table = watcher.handle().load_full();
+                        resync = !sync_steering(
+                            steering,
+                            &table,
+                            "the node's addresses changed, or a retry",
+                        );
                     }
                     hops.store(Arc::new(h));
                 }
