@@ -3,8 +3,11 @@
 //!
 //! Owns: a small blocking HTTP/1.1 responder on a thread of its own (GET and
 //! HEAD, one request per connection) and the metric families, built afresh
-//! from the workers' published counters at each scrape. Never on the packet
-//! path: workers hand their counters over every 50 ms.
+//! at each scrape from the workers' published counters and the management
+//! loop's [`Status`] (which also carries what the current table holds,
+//! [`TableStatus`]: frontends per kind, node ports inside the SNAT range,
+//! worked out once per generation). Never on the packet path: workers hand
+//! their counters over every 50 ms.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
