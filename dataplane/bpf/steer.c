@@ -3,7 +3,10 @@
 // clustergate's XDP steering program.
 //
 // Redirects to the gateway's AF_XDP sockets only the frames the gateway owns:
-//   - packets to a frontend: (dst addr, dst port, proto) in `frontends`;
+//   - packets to a frontend: (dst addr, dst port, proto) in `frontends`; a
+//     node port is there once per node address it is served on (user space
+//     expands it; never the unspecified address, and node addresses are not
+//     in `vip_addrs`, so non-first fragments to the node reach the kernel);
 //   - replies from a backend: (src addr, src port, proto) in `backends`; when
 //     the destination address is one of the gateway's own source-NAT
 //     addresses (`snat_addrs`), only if the destination port is in the SNAT

@@ -14,6 +14,16 @@
 //! program learns the SNAT addresses and range, and the management loop
 //! keeps the addresses in step with the node's when no `--snat-address`
 //! names them.
+//!
+//! Node ports: the node's own addresses (every interface's, both families,
+//! [`clustergate_dataplane::io::node_addrs`]) come with each next-hop
+//! refresh. The workers hand them to the core when they change; the
+//! management loop then re-syncs the steering program, whose `frontends`
+//! map holds each node port once per node address the table's node-port
+//! addresses select. A table whose node ports fall inside the SNAT range is
+//! served, with one warning per generation naming them and the gauge
+//! `clustergate_node_ports_in_snat_range`: a backend's reply to a SNAT port
+//! that is also a node port cannot be told from a new node-port connection.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -30,6 +40,7 @@ use clap::Args;
 use clustergate_dataplane::conntrack::{self, Conntrack};
 use clustergate_dataplane::flow::{addr16, ip_from16, Addr16};
 use clustergate_dataplane::io::nexthop::{self, NextHops, Resolver};
+use clustergate_dataplane::io::node_addrs::NodeAddrSet;
 use clustergate_dataplane::io::steer::{self, Steering};
 use clustergate_dataplane::io::worker::{self, OpenedSocket, Shared, WorkerSpec, WorkerStats};
 use clustergate_dataplane::io::xsk::{Iface, XskOptions, ZeroCopy};
@@ -38,10 +49,10 @@ use clustergate_dataplane::snat::{
     self, parse_local_port_range, PortRange, ReturnConfig, LINUX_LOCAL_PORTS, MAX_SNAT_ADDRS,
     NODE_PORTS,
 };
-use clustergate_dataplane::table::Table;
+use clustergate_dataplane::table::{FrontendKind, Table};
 use tracing::{error, info, warn};
 
-use crate::gateway_http::{self, Status};
+use crate::gateway_http::{self, Status, TableStatus};
 
 /// Flags of `clustergate run`.
 #[derive(Debug, Args)]
@@ -427,6 +438,82 @@ fn steer_snat(steering: &mut Steering, plan: &ReturnPlan, hops: &NextHops) {
     }
 }
 
+/// Makes the steering maps match `table` (and the node addresses last set),
+/// logging what changed; `why` says what prompted it. False when it failed
+/// (the caller tries again at the next refresh).
+fn sync_steering(steering: &mut Steering, table: &Table, why: &str) -> bool {
+    match steering.sync(table) {
+        Ok(s) => {
+            info!(
+                generation = table.generation(),
+                frontends = s.frontends,
+                node_port_keys = s.node_port_keys,
+                backends = s.backends,
+                added = s.added,
+                removed = s.removed,
+                "steering maps updated ({why})"
+            );
+            true
+        }
+        Err(e) => {
+            error!("updating the steering maps ({why}): {e}");
+            false
+        }
+    }
+}
+
+/// Hands the node's addresses to the steering program; true when they
+/// changed (the caller then syncs it).
+fn steer_node_addrs(steering: &mut Steering, node: &NodeAddrSet) -> bool {
+    let changed = steering.set_node_addrs(node.addrs());
+    if changed {
+        info!(
+            addresses = %node.addrs().iter().map(|a| ip_from16(*a).to_string()).collect::<Vec<_>>().join(", "),
+            "the node's addresses (node ports are served on those --nodeport-addresses selects)"
+        );
+    }
+    changed
+}
+
+/// The node-port frontends of `table` whose port lies in the SNAT range,
+/// as `0.0.0.0:30080/tcp`.
+pub fn node_ports_in_snat_range(table: &Table, range: PortRange) -> Vec<String> {
+    if !table.has_node_ports() {
+        return Vec::new();
+    }
+    table
+        .frontends()
+        .iter()
+        .filter(|f| f.kind == FrontendKind::NodePort as u8 && range.contains(f.port))
+        .map(|f| {
+            steer::SteerKey {
+                addr: f.addr,
+                port: f.port,
+                proto: f.proto,
+            }
+            .to_string()
+        })
+        .collect()
+}
+
+/// What the endpoints show of `table`, warning (once: call it once per
+/// generation) about node ports inside the SNAT range.
+fn table_status(table: &Table, plan: &ReturnPlan) -> TableStatus {
+    let overlap = node_ports_in_snat_range(table, plan.range);
+    if !overlap.is_empty() {
+        warn!(
+            generation = table.generation(),
+            snat_ports = %plan.range,
+            frontends = %overlap.join(", "),
+            "{} node port(s) inside the SNAT range (--snat-ports): a backend's reply to such a \
+             port cannot be told from a new node-port connection; move the SNAT range or the \
+             node ports",
+            overlap.len()
+        );
+    }
+    TableStatus::of(table, overlap.len())
+}
+
 /// How often the next hops are re-read from the kernel.
 const REFRESH_HOPS: Duration = Duration::from_millis(500);
 /// The same address is asked to be resolved at most this often.
@@ -538,14 +625,17 @@ pub fn run(args: RunArgs) -> Result<()> {
             .context("reading routes and neighbours")?,
     ));
     let table = handle.load_full();
+    steer_node_addrs(&mut steering, hops.load().node_addrs());
     let synced = steering
         .sync(&table)
         .context("filling the steering maps from the table")?;
     info!(
         frontends = synced.frontends,
+        node_port_keys = synced.node_port_keys,
         backends = synced.backends,
         "steering maps filled"
     );
+    let first_table = table_status(&table, &plan);
     keep_backends_resolved(&mut resolver, &table);
     warn_foreign_snat(&plan, &hops.load());
     steer_snat(&mut steering, &plan, &hops.load());
@@ -649,7 +739,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         "gateway running"
     );
 
-    let status = Arc::new(Mutex::new(Status::default()));
+    let status = Arc::new(Mutex::new(Status {
+        table: first_table,
+        ..Status::default()
+    }));
     let http = gateway_http::Server {
         proxy_name: args.proxy_name.clone(),
         status: Arc::clone(&status),
@@ -709,6 +802,10 @@ fn manage(
     let mut eager_until = Instant::now() + EAGER_FOR;
     let mut triggered: HashMap<IpAddr, Instant> = HashMap::new();
     let mut applied_at = (watcher.handle().generation() > 0).then(std::time::SystemTime::now);
+    let mut node = Arc::clone(hops.load().node_addrs());
+    let mut table_st = None;
+    // A steering sync failed: retried at each refresh until it succeeds.
+    let mut resync = false;
     let poll = Duration::from_millis(args.poll_ms);
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -738,17 +835,8 @@ fn manage(
         report_poll(watcher, outcome);
         if let PollOutcome::Applied { .. } = outcome {
             let table = watcher.handle().load_full();
-            match steering.sync(&table) {
-                Ok(s) => info!(
-                    generation = table.generation(),
-                    frontends = s.frontends,
-                    backends = s.backends,
-                    added = s.added,
-                    removed = s.removed,
-                    "steering maps updated"
-                ),
-                Err(e) => error!("updating the steering maps: {e}"),
-            }
+            resync = !sync_steering(steering, &table, "new table");
+            table_st = Some(table_status(&table, plan));
             keep_backends_resolved(resolver, &table);
             applied_at = Some(std::time::SystemTime::now());
             eager_until = Instant::now() + EAGER_FOR;
@@ -775,6 +863,22 @@ fn manage(
                 Ok(h) => {
                     // The node's addresses may have changed with the routes.
                     steer_snat(steering, plan, &h);
+                    // Node ports follow the node's addresses (the resolver
+                    // keeps the same set while they do not change).
+                    if !Arc::ptr_eq(&node, h.node_addrs()) {
+                        node = Arc::clone(h.node_addrs());
+                        if steer_node_addrs(steering, &node) {
+                            resync = true;
+                        }
+                    }
+                    if resync {
+                        let table = watcher.handle().load_full();
+                        resync = !sync_steering(
+                            steering,
+                            &table,
+                            "the node's addresses changed, or a retry",
+                        );
+                    }
                     hops.store(Arc::new(h));
                 }
                 Err(e) => warn!("reading routes and neighbours: {e}"),
@@ -787,6 +891,9 @@ fn manage(
             s.generation = watcher.handle().generation();
             s.applied_at = applied_at;
             s.snapshots = watcher.stats.clone();
+            if let Some(t) = table_st.take() {
+                s.table = t;
+            }
             if let Ok(st) = steering.stats() {
                 s.steer = st;
             }
@@ -1006,6 +1113,46 @@ mod tests {
             scope: netlink_packet_route::address::AddressScope::Universe,
             flags: netlink_packet_route::address::AddressFlags::empty(),
         }
+    }
+
+    #[test]
+    fn node_ports_in_the_snat_range_are_named() {
+        use clustergate_dataplane::flow::Proto;
+        use clustergate_dataplane::table::{ServiceSpec, TableSpec};
+        let np = |addr: &str, port, proto| {
+            ServiceSpec::cluster_ip(ip(addr), port, proto, vec![])
+                .with_kind(FrontendKind::NodePort, ip(addr))
+        };
+        let spec = TableSpec {
+            services: vec![
+                np("0.0.0.0", 30_080, Proto::Tcp),
+                np("::", 30_500, Proto::Udp),
+                np("0.0.0.0", 32_000, Proto::Tcp),
+                // A cluster IP on a port in the range is no node port.
+                ServiceSpec::cluster_ip(ip("198.18.211.10"), 30_100, Proto::Tcp, vec![]),
+            ],
+            ..TableSpec::default()
+        };
+        let table = Table::build_full(1, 1, &spec, 65_537).expect("table");
+        let range = PortRange::new(20_000, 30_500).expect("range");
+        assert_eq!(
+            node_ports_in_snat_range(&table, range),
+            ["0.0.0.0:30080/tcp", "[::]:30500/udp"]
+        );
+        // The default range (below the NodePort range) never overlaps.
+        let default = PortRange::new(1024, 29_999).expect("range");
+        assert!(node_ports_in_snat_range(&table, default).is_empty());
+        assert!(node_ports_in_snat_range(&Table::empty(0), range).is_empty());
+        let plan = ReturnPlan {
+            v4: vec![],
+            v6: vec![],
+            range,
+            shares: vec![range],
+            encap_mtu: 1500,
+        };
+        let st = table_status(&table, &plan);
+        assert_eq!(st.node_ports_in_snat_range, 2);
+        assert_eq!(st.frontends, [1, 3, 0, 0]);
     }
 
     #[test]

@@ -3,8 +3,11 @@
 //!
 //! Owns: a small blocking HTTP/1.1 responder on a thread of its own (GET and
 //! HEAD, one request per connection) and the metric families, built afresh
-//! from the workers' published counters at each scrape. Never on the packet
-//! path: workers hand their counters over every 50 ms.
+//! at each scrape from the workers' published counters and the management
+//! loop's [`Status`] (which also carries what the current table holds,
+//! [`TableStatus`]: frontends per kind, node ports inside the SNAT range,
+//! worked out once per generation). Never on the packet path: workers hand
+//! their counters over every 50 ms.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -19,6 +22,7 @@ use clustergate_dataplane::io::worker::WorkerStats;
 use clustergate_dataplane::pipeline::{DropReason, VerdictKind};
 use clustergate_dataplane::snapshot::SnapshotStats;
 use clustergate_dataplane::snat::PortRange;
+use clustergate_dataplane::table::{FrontendKind, Table};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -40,6 +44,45 @@ pub struct Status {
     pub steer: SteerStats,
     /// Set when a worker faulted.
     pub fault: Option<String>,
+    /// What the current table holds.
+    pub table: TableStatus,
+}
+
+/// The frontend kinds, in [`FrontendKind`] value order, with the label of
+/// `clustergate_frontends` (the Service field each comes from).
+pub const FRONTEND_KINDS: [(FrontendKind, &str); 4] = [
+    (FrontendKind::ClusterIp, "clusterIP"),
+    (FrontendKind::NodePort, "nodePort"),
+    (FrontendKind::ExternalIp, "externalIP"),
+    (FrontendKind::LoadBalancer, "loadBalancer"),
+];
+
+/// What the metrics show of the current table, worked out by the management
+/// loop once per generation (never at scrape time).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TableStatus {
+    /// Frontends per kind, indexed by [`FrontendKind`] value.
+    pub frontends: [u64; 4],
+    /// Node-port frontends whose port lies in the SNAT range.
+    pub node_ports_in_snat_range: u64,
+}
+
+impl TableStatus {
+    /// Counts `table`'s frontends per kind; `in_snat_range`: its node ports
+    /// inside the SNAT range.
+    #[must_use]
+    pub fn of(table: &Table, in_snat_range: usize) -> Self {
+        let mut frontends = [0u64; 4];
+        for f in table.frontends() {
+            if let Some(n) = frontends.get_mut(usize::from(f.kind)) {
+                *n += 1;
+            }
+        }
+        Self {
+            frontends,
+            node_ports_in_snat_range: in_snat_range as u64,
+        }
+    }
 }
 
 /// What the endpoints read.
@@ -492,6 +535,23 @@ fn metrics(server: &Server) -> String {
             .iter()
             .map(|(f, n)| (l(&[("fault", (*f).to_string())]), *n)),
     );
+    gauge_family(
+        &mut reg,
+        "frontends",
+        "Frontends of the current table, by kind (the Service field each comes from; a node port counts once, whatever the node's addresses)",
+        FRONTEND_KINDS.iter().map(|(k, label)| {
+            (
+                l(&[("kind", (*label).to_string())]),
+                st.table.frontends[*k as usize] as i64,
+            )
+        }),
+    );
+    gauge_family(
+        &mut reg,
+        "node_ports_in_snat_range",
+        "Node-port frontends of the current table whose port lies in the SNAT range (--snat-ports): replies to such a port and new connections to it are ambiguous",
+        vec![(Labels::new(), st.table.node_ports_in_snat_range as i64)],
+    );
     counter_family(
         &mut reg,
         "xdp_steered",
@@ -522,9 +582,17 @@ mod tests {
         w.pipeline.encap_too_big = 3;
         w.pipeline.drops[DropReason::SnatNoAddress.index()] = 2;
         w.pipeline.drops[DropReason::SnatPortsExhausted.index()] = 5;
+        w.pipeline.drops[DropReason::SourceRange.index()] = 7;
+        w.pipeline.drops[DropReason::NoLocalEndpoint.index()] = 11;
         Server {
             proxy_name: "cg".into(),
-            status: Arc::new(Mutex::new(Status::default())),
+            status: Arc::new(Mutex::new(Status {
+                table: TableStatus {
+                    frontends: [4, 3, 2, 1],
+                    node_ports_in_snat_range: 1,
+                },
+                ..Status::default()
+            })),
             workers: vec![
                 (2, Arc::new(Mutex::new(w))),
                 (3, Arc::new(Mutex::new(WorkerStats::default()))),
@@ -559,6 +627,58 @@ mod tests {
             r#"clustergate_snat_ports{proxy_name="cg",worker="3",lo="15512",hi="29999"} 14488"#,
         ] {
             assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn service_exposure_metrics_are_exported() {
+        let text = metrics(&server());
+        for want in [
+            r#"clustergate_drops_total{proxy_name="cg",worker="2",reason="source_range"} 7"#,
+            r#"clustergate_drops_total{proxy_name="cg",worker="2",reason="no_local_endpoint"} 11"#,
+            r#"clustergate_drops_total{proxy_name="cg",worker="3",reason="no_local_endpoint"} 0"#,
+            "# TYPE clustergate_frontends gauge",
+            r#"clustergate_frontends{proxy_name="cg",kind="clusterIP"} 4"#,
+            r#"clustergate_frontends{proxy_name="cg",kind="nodePort"} 3"#,
+            r#"clustergate_frontends{proxy_name="cg",kind="externalIP"} 2"#,
+            r#"clustergate_frontends{proxy_name="cg",kind="loadBalancer"} 1"#,
+            "# TYPE clustergate_node_ports_in_snat_range gauge",
+            r#"clustergate_node_ports_in_snat_range{proxy_name="cg"} 1"#,
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+        // Every drop reason of the core has its series.
+        for r in DropReason::ALL {
+            let series = format!(r#"worker="3",reason="{}"}}"#, r.label());
+            assert!(text.contains(&series), "{series} missing");
+        }
+    }
+
+    #[test]
+    fn frontends_are_counted_by_kind() {
+        use clustergate_dataplane::flow::Proto;
+        use clustergate_dataplane::table::{ServiceSpec, TableSpec};
+        let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("address") };
+        let fe = |kind, addr: &str, port| {
+            ServiceSpec::cluster_ip(ip(addr), port, Proto::Tcp, vec![]).with_kind(kind, ip(addr))
+        };
+        let spec = TableSpec {
+            services: vec![
+                fe(FrontendKind::ClusterIp, "198.18.211.10", 80),
+                fe(FrontendKind::ClusterIp, "2001:2::10", 80),
+                fe(FrontendKind::NodePort, "0.0.0.0", 30080),
+                fe(FrontendKind::NodePort, "::", 30080),
+                fe(FrontendKind::NodePort, "0.0.0.0", 30081),
+                fe(FrontendKind::LoadBalancer, "198.18.213.1", 80),
+            ],
+            ..TableSpec::default()
+        };
+        let table = Table::build_full(3, 1, &spec, 65_537).expect("table");
+        let st = TableStatus::of(&table, 2);
+        assert_eq!(st.frontends, [2, 3, 0, 1]);
+        assert_eq!(st.node_ports_in_snat_range, 2);
+        for (k, _) in FRONTEND_KINDS {
+            assert!((k as usize) < st.frontends.len());
         }
     }
 }

@@ -15,7 +15,9 @@
 //! Besides next hops and managed neighbours, it checks the gateway's source
 //! address per destination ([`NextHops::source_for`]) against the kernel's own
 //! choice (`ip route get`): a route's `src`, else the egress interface's
-//! primary address (the one whose subnet holds the next hop).
+//! primary address (the one whose subnet holds the next hop), and the node's
+//! own addresses ([`NextHops::node_addrs`]: every interface's, kept as the
+//! same set while unchanged).
 //!
 //! The parent process builds the namespaces and runs this same test binary
 //! inside the gateway namespace (`ip netns exec`), marked by an environment
@@ -279,6 +281,39 @@ fn child() {
         assert!(local.contains(&ip(want)), "{want} in {local:?}");
     }
     assert!(!local.contains(&ip("198.18.201.1")), "{local:?}");
+
+    // The node's own addresses, for node ports: every interface's, served or
+    // not, both families; no loopback address.
+    let node: Vec<IpAddr> = nh
+        .node_addrs()
+        .addrs()
+        .iter()
+        .map(|a| ip_from16(*a))
+        .collect();
+    for want in [
+        "198.18.200.1",
+        "198.18.200.9",
+        "198.18.203.1",
+        "198.18.201.1",
+        "2001:2:0:200::1",
+    ] {
+        assert!(node.contains(&ip(want)), "{want} in {node:?}");
+    }
+    for not in ["127.0.0.1", "::1", "198.18.200.2"] {
+        assert!(!node.contains(&ip(not)), "{not} in {node:?}");
+    }
+    // The same set (the same `Arc`) while nothing changes; a new one when an
+    // address comes or goes.
+    let again = r.refresh().expect("refresh again");
+    assert!(std::sync::Arc::ptr_eq(nh.node_addrs(), again.node_addrs()));
+    ip_cmd(&["addr", "add", "198.18.201.77/32", "dev", "gb"]);
+    let added = r.refresh().expect("refresh with a new address");
+    assert!(!std::sync::Arc::ptr_eq(nh.node_addrs(), added.node_addrs()));
+    assert!(added.node_addrs().contains(&addr16(ip("198.18.201.77"))));
+    ip_cmd(&["addr", "del", "198.18.201.77/32", "dev", "gb"]);
+    let removed = r.refresh().expect("refresh without it");
+    assert!(!removed.node_addrs().contains(&addr16(ip("198.18.201.77"))));
+    assert_eq!(**removed.node_addrs(), **nh.node_addrs());
 
     // Managed entries: 198.18.200.2 (direct, and the gateway of .210.5) and
     // the peer's IPv6 address; the unserved and unroutable ones are skipped.

@@ -10,6 +10,13 @@
 //!   packet to a SNAT address is steered only on a SNAT port (a reply), and
 //!   reaches the kernel on any other (the pod's own connection to the node);
 //!   a backend's reply to a client is steered as before.
+//! - `steer_node_ports`: node ports, kept in the table on `0.0.0.0` / `::`,
+//!   are steered on the node's addresses ([`Steering::set_node_addrs`]) that
+//!   the table's node-port addresses select, and nowhere else: not on
+//!   another address, not on another port or protocol, never on the
+//!   unspecified address; ICMP errors quoting a node-port flow are steered;
+//!   the keys follow the node's addresses and the table; node addresses
+//!   never become VIPs (their non-first fragments reach the kernel).
 //! - `steer_netns`: two namespaces of our own joined by a veth pair
 //!   (198.18.210.1/24 and .2, from the benchmarking range 198.18.0.0/15). The
 //!   test re-runs itself inside namespace A (`ip netns exec A <this binary>
@@ -41,7 +48,7 @@ use clustergate_dataplane::flow::{addr16, Addr16, Proto};
 use clustergate_dataplane::io::steer::{AttachMode, Classified, SnatSync, SteerKey, Steering};
 use clustergate_dataplane::io::xsk::{Iface, Ports, XskOptions, ZeroCopy};
 use clustergate_dataplane::snat::PortRange;
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::table::{BackendSpec, FrontendKind, ServiceSpec, Table, TableSpec};
 use clustergate_dataplane::testkit::{self, L4Spec, Tcp};
 use support::root_or_skip;
 
@@ -1201,6 +1208,228 @@ fn steer_snat_replies_only_on_snat_ports() {
         steer.classify(&tcp(BE1, 8080, SNAT2, 40_000)).unwrap(),
         Steered
     );
+}
+
+#[test]
+fn steer_node_ports() {
+    if std::env::var_os(ROLE).is_some() || !root_or_skip("steer_node_ports", NEEDS) {
+        return;
+    }
+    // The node's addresses (what the gateway reads over netlink).
+    const NODE: &str = "198.18.210.1";
+    const NODE2: &str = "198.18.214.1";
+    const NODE6: &str = "2001:2::1";
+    const OTHER: &str = "198.18.210.9";
+    const OTHER6: &str = "2001:2::9";
+    const CLIENT_V6: &str = "2001:2:0:1::7";
+    const BE_V6: &str = "2001:2:0:2::1";
+    let node_table = |generation, node_port_addresses: &[&str], port: u16| {
+        let np = |addr: &str, port, proto, backends| {
+            ServiceSpec::cluster_ip(ip(addr), port, proto, backends)
+                .with_kind(FrontendKind::NodePort, ip(addr))
+        };
+        let spec = TableSpec {
+            services: vec![
+                np(
+                    "0.0.0.0",
+                    port,
+                    Proto::Tcp,
+                    vec![BackendSpec::ready(ip(BE1), 8080)],
+                ),
+                np("0.0.0.0", 30053, Proto::Udp, vec![]),
+                np(
+                    "::",
+                    port,
+                    Proto::Tcp,
+                    vec![BackendSpec::ready(ip(BE_V6), 8080)],
+                ),
+                ServiceSpec::cluster_ip(
+                    ip(VIP),
+                    80,
+                    Proto::Tcp,
+                    vec![BackendSpec::ready(ip(BE1), 8080)],
+                ),
+            ],
+            nodes: vec![],
+            node_port_addresses: node_port_addresses
+                .iter()
+                .map(|n| n.parse().unwrap())
+                .collect(),
+        };
+        Table::build_full(generation, 1, &spec, 65_537).unwrap()
+    };
+    let mut steer = Steering::load(&[]).expect("load");
+    assert!(steer.set_node_addrs(&[a16(NODE), a16(NODE2), a16(NODE6), a16("0.0.0.0")]));
+    assert!(!steer.set_node_addrs(&[a16(NODE6), a16(NODE2), a16(NODE)]));
+    let st = steer
+        .sync(&node_table(1, &["0.0.0.0/0", "::/0"], 30080))
+        .unwrap();
+    assert_eq!((st.node_port_keys, st.frontends), (5, 6));
+    let dump = steer.dump().unwrap();
+    assert!(
+        dump.frontends
+            .iter()
+            .all(|k| !ip_from(k.addr).is_unspecified()),
+        "{:?}",
+        dump.frontends
+    );
+    assert_eq!(dump.vip_addrs, [a16(VIP)], "node addresses are no VIPs");
+    assert!(dump.frontends.contains(&key(NODE2, 30053, Proto::Udp)));
+
+    use Classified::{Passed, Steered};
+    let to_node = tcp(CLIENT, 5555, NODE, 30080);
+    let cases: Vec<(&str, Vec<u8>, Classified)> = vec![
+        ("a node address on a node port", to_node.clone(), Steered),
+        (
+            "another node address on a node port",
+            tcp(CLIENT, 5555, NODE2, 30080),
+            Steered,
+        ),
+        (
+            "a UDP node port without endpoints",
+            udp(CLIENT, 5555, NODE, 30053),
+            Steered,
+        ),
+        (
+            "IPv6: a node address on a node port",
+            tcp(CLIENT_V6, 5555, NODE6, 30080),
+            Steered,
+        ),
+        (
+            "not a node address, on a node port",
+            tcp(CLIENT, 5555, OTHER, 30080),
+            Passed,
+        ),
+        (
+            "IPv6: not a node address",
+            tcp(CLIENT_V6, 5555, OTHER6, 30080),
+            Passed,
+        ),
+        (
+            "a node address, not a node port (sshd)",
+            tcp(CLIENT, 5555, NODE, 22),
+            Passed,
+        ),
+        (
+            "a node address, the next port",
+            tcp(CLIENT, 5555, NODE, 30081),
+            Passed,
+        ),
+        (
+            "a node port of another protocol",
+            udp(CLIENT, 5555, NODE, 30080),
+            Passed,
+        ),
+        (
+            "to the unspecified address",
+            tcp(CLIENT, 5555, "0.0.0.0", 30080),
+            Passed,
+        ),
+        (
+            "a cluster IP on the node port's port",
+            tcp(CLIENT, 5555, VIP, 30080),
+            Passed,
+        ),
+        ("the cluster IP still", tcp(CLIENT, 5555, VIP, 80), Steered),
+        (
+            "a node-port backend's reply",
+            tcp(BE1, 8080, CLIENT, 5555),
+            Steered,
+        ),
+        (
+            "ICMP error quoting a packet to a node port",
+            testkit::icmp_error(
+                a16("198.18.213.1"),
+                a16(CLIENT),
+                (11, 0, [0; 4]),
+                &to_node,
+                28,
+            ),
+            Steered,
+        ),
+        (
+            "ICMP frag needed quoting a reply from a node port",
+            testkit::icmp_error(
+                a16("198.18.213.1"),
+                a16(NODE),
+                (3, 4, [0, 0, 5, 0xdc]),
+                &tcp(NODE, 30080, CLIENT, 5555),
+                28,
+            ),
+            Steered,
+        ),
+        (
+            "ICMP error quoting the node's own traffic",
+            testkit::icmp_error(
+                a16("198.18.213.1"),
+                a16(NODE),
+                (3, 3, [0; 4]),
+                &tcp(NODE, 22, CLIENT, 5555),
+                28,
+            ),
+            Passed,
+        ),
+        (
+            "a later fragment to a node address (no VIP: the kernel's)",
+            testkit::ipv4_raw(a16(CLIENT), a16(NODE), 17, 7, (75, false), &[0; 64]),
+            Passed,
+        ),
+    ];
+    assert_classified(&steer, &cases);
+
+    // --nodeport-addresses narrows the node addresses served.
+    let st = steer
+        .sync(&node_table(2, &["198.18.214.0/24"], 30080))
+        .unwrap();
+    assert_eq!(st.node_port_keys, 2);
+    assert_classified(
+        &steer,
+        &[
+            ("selected", tcp(CLIENT, 5555, NODE2, 30080), Steered),
+            ("not selected", to_node.clone(), Passed),
+            (
+                "not selected, IPv6",
+                tcp(CLIENT_V6, 5555, NODE6, 30080),
+                Passed,
+            ),
+        ],
+    );
+
+    // The node's addresses change: the keys follow at the next sync; so
+    // they do when the node port moves.
+    let t3 = node_table(3, &["0.0.0.0/0", "::/0"], 30090);
+    assert!(steer.set_node_addrs(&[a16(NODE2), a16(OTHER)]));
+    let st = steer.sync(&t3).unwrap();
+    assert_eq!(st.node_port_keys, 4);
+    assert_classified(
+        &steer,
+        &[
+            (
+                "a new node address",
+                tcp(CLIENT, 5555, OTHER, 30090),
+                Steered,
+            ),
+            (
+                "a lost node address",
+                tcp(CLIENT, 5555, NODE, 30090),
+                Passed,
+            ),
+            ("the old node port", tcp(CLIENT, 5555, NODE2, 30080), Passed),
+            (
+                "no IPv6 node address left",
+                tcp(CLIENT_V6, 5555, NODE6, 30090),
+                Passed,
+            ),
+        ],
+    );
+    // No node ports: no key on a node address.
+    let st = steer.sync(&table(4, &[])).unwrap();
+    assert_eq!((st.node_port_keys, st.frontends), (0, 0));
+    assert!(steer.dump().unwrap().frontends.is_empty());
+}
+
+fn ip_from(a: Addr16) -> IpAddr {
+    clustergate_dataplane::flow::ip_from16(a)
 }
 
 /// Runs every case through the program and fails listing each frame the

@@ -1,6 +1,6 @@
 //! The gateway's thin I/O layer around the pure core: AF_XDP sockets and
-//! rings, the XDP steering program and its maps, and next-hop resolution
-//! through netlink.
+//! rings, the XDP steering program and its maps, next-hop resolution
+//! through netlink, and the node's own addresses (for node ports).
 //!
 //! Owns: everything that makes a syscall on the packet path's behalf. It must
 //! never decide what happens to a packet (that is [`crate::pipeline`]'s job),
@@ -8,6 +8,7 @@
 //! where the UMEM and rings are shared with the kernel.
 
 pub mod nexthop;
+pub mod node_addrs;
 pub mod steer;
 pub mod worker;
 pub mod xsk;

@@ -10,7 +10,10 @@
 //! the service backends ([`Resolver::keep_resolved`]), and the gateway's own
 //! source address for a destination ([`NextHops`] implements
 //! [`SourceAddrs`]: the route's preferred source, else the egress
-//! interface's primary address, see [`NextHops::source_for`]).
+//! interface's primary address, see [`NextHops::source_for`]), and the
+//! node's own addresses for node ports ([`NextHops::node_addrs`], a
+//! [`NodeAddrSet`] over every interface's addresses, the same `Arc` from one
+//! refresh to the next while they do not change).
 //!
 //! Must never: make a syscall or allocate in [`NextHops::resolve`] or
 //! [`NextHops::source_for`] (they run per packet and per new flow on the
@@ -36,6 +39,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use foldhash::fast::FixedState;
 use hashbrown::HashMap;
@@ -57,6 +61,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use crate::flow::{addr16, ip_from16, Addr16};
+use crate::io::node_addrs::NodeAddrSet;
 use crate::snat::SourceAddrs;
 
 /// `NDA_PROTOCOL` of the managed neighbour entries this module creates
@@ -450,6 +455,8 @@ pub struct NextHops {
     /// Usable neighbours: (ifindex, address) → MAC.
     neighbours: HashMap<(u32, Addr16), [u8; 6], FixedState>,
     sources: Sources,
+    /// The node's addresses (every interface's), for node ports.
+    node: Arc<NodeAddrSet>,
 }
 
 impl NextHops {
@@ -484,6 +491,7 @@ impl NextHops {
             routes,
             neighbours: map,
             sources,
+            node: Arc::new(NodeAddrSet::from_entries(addresses)),
         }
     }
 
@@ -561,6 +569,15 @@ impl NextHops {
     #[must_use]
     pub fn local_addrs(&self) -> &[Addr16] {
         &self.sources.local
+    }
+
+    /// The node's own addresses (every interface's, see
+    /// [`crate::io::node_addrs`]): where node ports are served. The
+    /// [`Resolver`] hands out the same `Arc` until they change, so
+    /// `Arc::ptr_eq` with the previous view's tells whether they did.
+    #[must_use]
+    pub fn node_addrs(&self) -> &Arc<NodeAddrSet> {
+        &self.node
     }
 
     /// Number of routes (both families, reject routes included).
@@ -1092,6 +1109,8 @@ pub struct Resolver {
     owned: BTreeSet<(u32, Addr16)>,
     /// Whether managed entries tagged [`NEIGHBOUR_PROTOCOL`] were adopted yet.
     adopted: bool,
+    /// The node's addresses of the last refresh (kept while unchanged).
+    node: Arc<NodeAddrSet>,
 }
 
 impl Resolver {
@@ -1106,11 +1125,14 @@ impl Resolver {
             routes: None,
             owned: BTreeSet::new(),
             adopted: false,
+            node: Arc::default(),
         })
     }
 
     /// Dump links (MACs), routes (main table, both families), neighbours
-    /// and interface addresses; build a fresh [`NextHops`].
+    /// and interface addresses; build a fresh [`NextHops`]. Its
+    /// [`NextHops::node_addrs`] is the previous refresh's `Arc` when the
+    /// node's addresses did not change.
     pub fn refresh(&mut self) -> Result<NextHops, NextHopError> {
         let (routes, neighbours) = self.snapshot()?;
         let addresses = self.addresses()?;
@@ -1121,10 +1143,15 @@ impl Resolver {
             }
         }
         let sources = Sources::build(&routes, &addresses);
+        let node = NodeAddrSet::from_entries(&addresses);
+        if *self.node != node {
+            self.node = Arc::new(node);
+        }
         Ok(NextHops {
             routes,
             neighbours: map,
             sources,
+            node: Arc::clone(&self.node),
         })
     }
 
@@ -1975,6 +2002,18 @@ mod tests {
         sorted.sort_unstable_by_key(|a| addr16(*a));
         sorted.dedup();
         assert_eq!(sorted, local);
+
+        // The node's addresses, for node ports: every interface's, served
+        // or not, but no loopback or unusable IPv6 address, and no
+        // route's preferred source that no interface holds.
+        let node = nh.node_addrs();
+        for want in ["198.18.50.1", "198.18.0.11", "fe80::1", "2001:2:1::10"] {
+            assert!(node.contains(&a16(want)), "{want} in {node:?}");
+        }
+        for not in ["127.0.0.5", "2001:2::9", "2001:2:1::12", "198.18.99.99"] {
+            assert!(!node.contains(&a16(not)), "{not} in {node:?}");
+        }
+        assert!(NextHops::empty().node_addrs().is_empty());
     }
 
     #[test]

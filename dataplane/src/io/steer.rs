@@ -9,6 +9,21 @@
 //! SNAT addresses: only on a SNAT port), ICMP errors about either and
 //! non-first fragments of either; everything else goes to the kernel.
 //!
+//! Node ports: the table keeps a node-port frontend on the unspecified
+//! address of its family (`0.0.0.0`, `::`), which is never put in a map.
+//! Instead `frontends` gets one key (node address, node port, protocol) for
+//! every node address ([`Steering::set_node_addrs`], the node's own
+//! addresses of [`crate::io::node_addrs`]) of the frontend's family that the
+//! table's node-port addresses select ([`Table::selects_node_port_address`],
+//! control's `--nodeport-addresses`). A packet to one is then steered like a
+//! packet to any frontend, and so is an ICMP error quoting such a flow. Node
+//! addresses are *not* put in `vip_addrs`: that would steer every non-first
+//! fragment to the node itself; so the non-first fragments of a node-port
+//! flow reach the kernel (a node port that needs fragments, e.g. large UDP
+//! datagrams, is better served through an external or load-balancer IP).
+//! The keys follow both the table ([`Steering::sync`]) and the node's
+//! addresses (set them, then sync again).
+//!
 //! Must never: steer anything the table does not name (the node must stay
 //! reachable: ARP, SSH and the node's own traffic are always passed), replace
 //! an XDP program it did not attach (attaching to an interface that already
@@ -20,9 +35,9 @@
 //!
 //! | map | type | key | value |
 //! |---|---|---|---|
-//! | `frontends` | HASH | [`SteerKey`] bytes: addr\[16\], port (network order), proto, pad 0 | `u8` 1 |
+//! | `frontends` | HASH | [`SteerKey`] bytes: addr\[16\], port (network order), proto, pad 0; a node port once per selected node address | `u8` 1 |
 //! | `backends` | HASH | [`SteerKey`] bytes (backend address, backend port, frontend proto) | `u8` 1 |
-//! | `vip_addrs` | HASH | `[u8; 16]` frontend address | `u8` 1 |
+//! | `vip_addrs` | HASH | `[u8; 16]` frontend address (never a node port's, never unspecified) | `u8` 1 |
 //! | `backend_addrs` | HASH | `[u8; 16]` backend address | `u8` 1 |
 //! | `snat_addrs` | HASH | `[u8; 16]` one of the gateway's SNAT addresses | `u8` 1 |
 //! | `snat_ports` | ARRAY (1 entry) | `u32` 0 | `[u16; 2]` lo, hi: the SNAT range, inclusive, **host order**; lo 0: none |
@@ -46,7 +61,7 @@ use thiserror::Error;
 
 use crate::flow::{ip_from16, Addr16};
 use crate::snat::PortRange;
-use crate::table::Table;
+use crate::table::{FrontendKind, Table};
 
 /// Rx queues per interface: `xsks` holds `slot * MAX_QUEUES + queue`.
 pub const MAX_QUEUES: u32 = 64;
@@ -93,7 +108,8 @@ pub enum AttachMode {
 /// Map capacities (`max_entries`), set before the maps are created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SteerConfig {
-    /// `frontends`: (address, port, protocol) of every frontend.
+    /// `frontends`: (address, port, protocol) of every frontend, and of
+    /// every node port on every selected node address.
     pub frontends: u32,
     /// `backends`: (address, port, protocol) of every backend.
     pub backends: u32,
@@ -291,6 +307,8 @@ pub struct SteerStats {
 pub struct SyncStats {
     /// Keys in `frontends` afterwards.
     pub frontends: usize,
+    /// Of them, (node address, node port, protocol) keys.
+    pub node_port_keys: usize,
     /// Keys in `backends` afterwards.
     pub backends: usize,
     /// Keys inserted, over all four lookup maps.
@@ -402,18 +420,46 @@ struct Keys {
 }
 
 impl Keys {
-    /// The keys `table` needs. Every frontend steers, with or without backends
-    /// (the core answers those with a reset or an ICMP unreachable); every
-    /// backend, draining and terminating ones included, steers its replies.
-    fn wanted(table: &Table) -> Self {
+    /// The keys `table` needs on a node with addresses `node_addrs`. Every
+    /// frontend steers, with or without backends (the core answers those
+    /// with a reset or an ICMP unreachable); a node port on each node
+    /// address of its family that the table's node-port addresses select
+    /// (never on the unspecified address it is kept at, and its addresses
+    /// are not VIPs); every backend, draining and terminating ones included,
+    /// steers its replies. Also returns how many node-port keys there are.
+    fn wanted(table: &Table, node_addrs: &BTreeSet<Addr16>) -> (Self, usize) {
         let mut k = Self::default();
+        // The node addresses each family's node ports are steered on.
+        let selected: Vec<Addr16> = if table.has_node_ports() {
+            node_addrs
+                .iter()
+                .filter(|a| !ip_from16(**a).is_unspecified())
+                .filter(|a| table.selects_node_port_address(a))
+                .copied()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut node_port_keys = 0;
         for f in table.frontends() {
-            k.frontends.insert(SteerKey {
-                addr: f.addr,
-                port: f.port,
-                proto: f.proto,
-            });
-            k.vip_addrs.insert(f.addr);
+            let v4 = ip_from16(f.addr).is_ipv4();
+            if f.kind == FrontendKind::NodePort as u8 {
+                for a in selected.iter().filter(|a| ip_from16(**a).is_ipv4() == v4) {
+                    let new = k.frontends.insert(SteerKey {
+                        addr: *a,
+                        port: f.port,
+                        proto: f.proto,
+                    });
+                    node_port_keys += usize::from(new);
+                }
+            } else if !ip_from16(f.addr).is_unspecified() {
+                k.frontends.insert(SteerKey {
+                    addr: f.addr,
+                    port: f.port,
+                    proto: f.proto,
+                });
+                k.vip_addrs.insert(f.addr);
+            }
             for b in table.backends_of(f) {
                 k.backends.insert(SteerKey {
                     addr: b.addr,
@@ -423,7 +469,7 @@ impl Keys {
                 k.backend_addrs.insert(b.addr);
             }
         }
-        k
+        (k, node_port_keys)
     }
 }
 
@@ -464,6 +510,8 @@ pub struct Steering {
     snat_mirror: Set<Addr16>,
     /// What `snat_ports` holds.
     snat_range: Option<PortRange>,
+    /// The node's addresses node ports are steered on (from the next sync).
+    node_addrs: BTreeSet<Addr16>,
     slots: u32,
     ebpf: Ebpf,
 }
@@ -676,6 +724,7 @@ impl Steering {
             mirror: Keys::default(),
             snat_mirror: Set::default(),
             snat_range: None,
+            node_addrs: BTreeSet::new(),
             slots,
             ebpf,
         })
@@ -742,16 +791,36 @@ impl Steering {
         Ok(slot * MAX_QUEUES + queue)
     }
 
-    /// Makes the lookup maps equal to what `table` needs: inserts the new
-    /// keys of all four maps first, then deletes the stale ones, so a key that
-    /// stays is never missing in between. Only the difference with the last
-    /// successful state is written; a call that fails part-way leaves the
-    /// mirror matching the kernel, and the next call finishes the job.
+    /// Sets the node's addresses (every interface's,
+    /// [`crate::io::node_addrs::NodeAddrSet`]): node ports are steered on
+    /// those the table selects, from the next [`Steering::sync`] on. Call
+    /// `sync` again when this says they changed. The unspecified address is
+    /// never taken.
+    pub fn set_node_addrs(&mut self, addrs: &[Addr16]) -> bool {
+        let want: BTreeSet<Addr16> = addrs
+            .iter()
+            .filter(|a| !ip_from16(**a).is_unspecified())
+            .copied()
+            .collect();
+        if want == self.node_addrs {
+            return false;
+        }
+        self.node_addrs = want;
+        true
+    }
+
+    /// Makes the lookup maps equal to what `table` needs on this node (its
+    /// node ports on the addresses of [`Steering::set_node_addrs`]): inserts
+    /// the new keys of all four maps first, then deletes the stale ones, so a
+    /// key that stays is never missing in between. Only the difference with
+    /// the last successful state is written; a call that fails part-way
+    /// leaves the mirror matching the kernel, and the next call finishes the
+    /// job.
     ///
     /// # Errors
     /// A map refuses an insert (full: raise [`SteerConfig`]) or a delete.
     pub fn sync(&mut self, table: &Table) -> Result<SyncStats, SteerError> {
-        let want = Keys::wanted(table);
+        let (want, node_port_keys) = Keys::wanted(table, &self.node_addrs);
         let mut added = 0;
         let mut removed = 0;
 
@@ -843,6 +912,7 @@ impl Steering {
 
         Ok(SyncStats {
             frontends: self.mirror.frontends.len(),
+            node_port_keys,
             backends: self.mirror.backends.len(),
             added,
             removed,
@@ -1092,7 +1162,7 @@ mod tests {
 
     use super::*;
     use crate::flow::{addr16, Proto};
-    use crate::table::{BackendSpec, ServiceSpec};
+    use crate::table::{BackendSpec, ServiceSpec, TableSpec};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -1143,7 +1213,8 @@ mod tests {
             ],
         )
         .unwrap();
-        let k = Keys::wanted(&table);
+        let (k, node_port_keys) = Keys::wanted(&table, &BTreeSet::new());
+        assert_eq!(node_port_keys, 0);
         assert_eq!(k.frontends.len(), 3);
         assert!(k.frontends.contains(&SteerKey {
             addr: addr16(ip("198.18.211.10")),
@@ -1158,7 +1229,89 @@ mod tests {
         }));
         assert_eq!(k.vip_addrs.len(), 2);
         assert_eq!(k.backend_addrs.len(), 3);
-        assert!(Keys::wanted(&Table::empty(0)).frontends.is_empty());
+        assert!(Keys::wanted(&Table::empty(0), &BTreeSet::new())
+            .0
+            .frontends
+            .is_empty());
+    }
+
+    fn net(s: &str) -> ipnet::IpNet {
+        s.parse().unwrap()
+    }
+
+    fn node_port_table(node_port_addresses: &[&str]) -> Table {
+        let be = vec![BackendSpec::ready(ip("198.18.212.1"), 8080)];
+        let be6 = vec![BackendSpec::ready(ip("2001:2::1:1"), 8080)];
+        let spec = TableSpec {
+            services: vec![
+                ServiceSpec::cluster_ip(ip("198.18.211.10"), 80, Proto::Tcp, be.clone()),
+                ServiceSpec::cluster_ip(ip("0.0.0.0"), 30080, Proto::Tcp, be.clone())
+                    .with_kind(FrontendKind::NodePort, ip("0.0.0.0")),
+                ServiceSpec::cluster_ip(ip("0.0.0.0"), 30053, Proto::Udp, vec![])
+                    .with_kind(FrontendKind::NodePort, ip("0.0.0.0")),
+                ServiceSpec::cluster_ip(ip("::"), 30080, Proto::Tcp, be6)
+                    .with_kind(FrontendKind::NodePort, ip("::")),
+                ServiceSpec::cluster_ip(ip("198.18.213.1"), 443, Proto::Tcp, be)
+                    .with_kind(FrontendKind::LoadBalancer, ip("198.18.213.1")),
+            ],
+            nodes: vec![],
+            node_port_addresses: node_port_addresses.iter().map(|n| net(n)).collect(),
+        };
+        Table::build_full(1, 7, &spec, crate::maglev::DEFAULT_MAX_RING_SIZE).unwrap()
+    }
+
+    #[test]
+    fn node_ports_are_steered_on_the_selected_node_addresses_only() {
+        let node: BTreeSet<Addr16> = ["198.18.0.10", "198.18.1.10", "2001:2::10", "fe80::1"]
+            .iter()
+            .map(|a| addr16(ip(a)))
+            .collect();
+        let key = |a: &str, port, proto| SteerKey {
+            addr: addr16(ip(a)),
+            port,
+            proto,
+        };
+        // Every node address (the default --nodeport-addresses).
+        let (k, n) = Keys::wanted(&node_port_table(&["0.0.0.0/0", "::/0"]), &node);
+        assert_eq!(
+            n,
+            2 * 2 + 2,
+            "two IPv4 node ports on two addresses, one IPv6 on two"
+        );
+        assert_eq!(k.frontends.len(), n + 2);
+        for want in [
+            key("198.18.0.10", 30080, 6),
+            key("198.18.1.10", 30080, 6),
+            key("198.18.0.10", 30053, 17),
+            key("198.18.1.10", 30053, 17),
+            key("2001:2::10", 30080, 6),
+            key("fe80::1", 30080, 6),
+            key("198.18.211.10", 80, 6),
+            key("198.18.213.1", 443, 6),
+        ] {
+            assert!(k.frontends.contains(&want), "{want}");
+        }
+        // Never the unspecified address, and node addresses are no VIPs.
+        assert!(k
+            .frontends
+            .iter()
+            .all(|f| !ip_from16(f.addr).is_unspecified()));
+        let mut vips: Vec<IpAddr> = k.vip_addrs.iter().map(|a| ip_from16(*a)).collect();
+        vips.sort_unstable();
+        assert_eq!(vips, [ip("198.18.211.10"), ip("198.18.213.1")]);
+        // Node-port backends steer their replies as any.
+        assert!(k.backends.contains(&key("2001:2::1:1", 8080, 6)));
+
+        // --nodeport-addresses 198.18.1.0/24: one IPv4 address, no IPv6.
+        let (k, n) = Keys::wanted(&node_port_table(&["198.18.1.0/24"]), &node);
+        assert_eq!(n, 2);
+        assert!(k.frontends.contains(&key("198.18.1.10", 30080, 6)));
+        assert!(!k.frontends.contains(&key("198.18.0.10", 30080, 6)));
+        assert!(!k.frontends.contains(&key("2001:2::10", 30080, 6)));
+
+        // No node address known: no node-port key.
+        let (k, n) = Keys::wanted(&node_port_table(&["0.0.0.0/0", "::/0"]), &BTreeSet::new());
+        assert_eq!((n, k.frontends.len()), (0, 2));
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! Owns: the poll loop, per-worker I/O counters, and the hand-off of counters
 //! to the metrics thread. It reads the clock, the table handle and the
 //! next-hop view once per batch, never per packet (the next-hop view is also
-//! handed to the core then, as the source of the gateway's own addresses),
-//! and never allocates in the loop. It does not decide what happens to a
+//! handed to the core then, as the source of the gateway's own addresses,
+//! and so are the node's addresses it carries, for node ports, when they
+//! changed), and never allocates in the loop. It does not decide what happens to a
 //! packet: that is [`crate::pipeline::Worker`]'s verdict.
 #![allow(unsafe_code)] // Frames handed between the rings (`Ports`' unsafe contract).
 
@@ -22,9 +23,10 @@ use xsk_rs::FrameDesc;
 use crate::conntrack::Conntrack;
 use crate::flow::ip_from16;
 use crate::io::nexthop::{NextHops, Unresolved};
+use crate::io::node_addrs::NodeAddrSet;
 use crate::io::xsk::{BindMode, Iface, Ports, RingStats, XskError, XskOptions, RX_BATCH};
 use crate::packet::rewrite::set_macs;
-use crate::pipeline::{Counters, Verdict, Worker};
+use crate::pipeline::{Counters, NodeAddrs, Verdict, Worker};
 use crate::snapshot::TableHandle;
 use crate::snat::{ReturnConfig, SourceAddrs};
 use crate::time::Now;
@@ -166,6 +168,7 @@ pub fn open(spec: &WorkerSpec) -> Result<(Ports, Vec<OpenedSocket>), XskError> {
 pub fn run(mut ports: Ports, spec: &WorkerSpec, shared: &Shared, stats: &Mutex<WorkerStats>) {
     let mut core = Worker::with_config(Arc::clone(&shared.conntrack), spec.ret.clone());
     let mut sources: Option<Arc<NextHops>> = None;
+    let mut node_addrs: Option<Arc<NodeAddrSet>> = None;
     let mut io = IoCounters::default();
     let nports = ports.ports().len();
     // Egress socket per (ingress socket, interface index), worked out once:
@@ -233,6 +236,14 @@ pub fn run(mut ports: Ports, spec: &WorkerSpec, shared: &Shared, stats: &Mutex<W
             let view = Arc::clone(&hops);
             core.set_sources(Some(Arc::clone(&view) as Arc<dyn SourceAddrs>));
             sources = Some(view);
+            // The node's addresses (node ports): the resolver keeps the same
+            // `Arc` while they do not change, so this hands them over only
+            // when they did.
+            let node = hops.node_addrs();
+            if !node_addrs.as_ref().is_some_and(|n| Arc::ptr_eq(n, node)) {
+                core.set_node_addrs(Some(Arc::clone(node) as Arc<dyn NodeAddrs>));
+                node_addrs = Some(Arc::clone(node));
+            }
         }
         let mut work = 0usize;
         for port in 0..nports {
