@@ -22,7 +22,7 @@ use clustergate_control::model::{
     endpoint_string, state_name, PROXY_NAME_LABEL, RETURN_PATH_ANNOTATION,
 };
 use clustergate_control::{Model, ModelOptions};
-use clustergate_dataplane::table::{ReturnPath, Table};
+use clustergate_dataplane::table::{FrontendKind, ReturnPath, Table};
 use serde_json::{json, Value};
 use support::apiserver::{ApiServer, Kind};
 use tokio::sync::mpsc;
@@ -198,13 +198,13 @@ impl Follower {
     }
 }
 
-/// The served frontends, one line each:
+/// The ClusterIP frontends, one line each:
 /// `ns/name addr:port/PROTO -> backend state, …` (`-> none` without backends).
 fn summary(model: &Model) -> Vec<String> {
     model
         .frontends
         .iter()
-        .filter(|f| f.is_served())
+        .filter(|f| f.kind == FrontendKind::ClusterIp)
         .map(|f| {
             let backends: Vec<String> = f
                 .backends
@@ -235,7 +235,7 @@ fn skipped(model: &Model) -> Vec<String> {
 
 // ---- tests ----
 
-/// 1. The initial list of both kinds, with kube-proxy's selectors.
+/// 1. The initial list of the three kinds, with kube-proxy's selectors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_list_gives_the_model() {
     let server = ApiServer::start().await;
@@ -301,7 +301,7 @@ async fn initial_list_gives_the_model() {
     assert_eq!(m.service_specs().len(), 3);
 
     let requests = server.requests();
-    for kind in [Kind::Service, Kind::EndpointSlice] {
+    for kind in [Kind::Service, Kind::EndpointSlice, Kind::Node] {
         let of_kind: Vec<_> = requests.iter().filter(|r| r.kind == kind).collect();
         assert!(
             of_kind.iter().any(|r| !r.watch),
@@ -318,6 +318,10 @@ async fn initial_list_gives_the_model() {
                 }
                 Kind::EndpointSlice => {
                     assert_eq!(r.label_selector.as_deref(), Some(SLICE_LABEL_SELECTOR));
+                    assert_eq!(r.field_selector, None);
+                }
+                Kind::Node => {
+                    assert_eq!(r.label_selector, None, "every Node");
                     assert_eq!(r.field_selector, None);
                 }
             }
