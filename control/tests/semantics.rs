@@ -7,9 +7,10 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use clustergate_control::model::{build_model, Model, ModelOptions};
+use clustergate_control::model::{build_model, default_node_port_addresses, Model, ModelOptions};
 use clustergate_control::{load_manifest_file, parse_manifest, ControlError};
 use clustergate_dataplane::flow::{addr16, Proto};
+use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
 use clustergate_dataplane::table::{BackendState, FrontendKind, ReturnPath, Table};
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -72,7 +73,7 @@ fn slice(name: &str, svc: &str, body: &str) -> String {
 }
 
 fn be(address: &str, port: u16, state: &str) -> Value {
-    json!({"address": address, "port": port, "state": state})
+    json!({"address": address, "port": port, "state": state, "node": null})
 }
 
 fn ready(address: &str, port: u16) -> Value {
@@ -99,6 +100,8 @@ fn fe(
         "protocol": protocol,
         "affinity_timeout_s": affinity,
         "return_path": "snat",
+        "source_ranges": null,
+        "node_local": false,
         "backends": backends,
     })
 }
@@ -260,7 +263,7 @@ fn expected_fixture_frontends() -> Value {
 
 fn expected_fixture_skipped() -> Value {
     let not_read = |kind: &str| {
-        format!("kind {kind} (v1) is not read (clustergate reads Service and EndpointSlice)")
+        format!("kind {kind} (v1) is not read (clustergate reads Service, EndpointSlice and Node)")
     };
     json!([
         {"object": "ConfigMap default/settings", "reason": not_read("ConfigMap")},
@@ -292,6 +295,9 @@ fn list_fixture_show_json_is_exact() {
             "frontends": expected_fixture_frontends(),
             "skipped": expected_fixture_skipped(),
             "notes": [],
+            "nodes": [],
+            "node_port_addresses": ["0.0.0.0/0", "::/0"],
+            "health_checks": [],
         }),
         "{}",
         serde_json::to_string_pretty(&got).unwrap()
@@ -343,19 +349,25 @@ fn documents_fixture_gives_the_same_model_as_the_list() {
 }
 
 #[test]
-fn fixture_feeds_the_dataplane_table_with_cluster_ips_only() {
+fn fixture_feeds_the_dataplane_table_with_every_frontend() {
     let m = model(&fixture("cluster.yaml"));
     let specs = m.service_specs();
     assert_eq!(m.frontends.len(), 16);
-    assert_eq!(specs.len(), 13, "16 frontends, 3 not served yet");
-    assert!(specs.iter().all(|s| s.kind == FrontendKind::ClusterIp));
+    assert_eq!(specs.len(), 16, "every frontend is served");
+    assert_eq!(
+        specs
+            .iter()
+            .filter(|s| s.kind == FrontendKind::ClusterIp)
+            .count(),
+        13
+    );
     assert!(specs.iter().all(|s| s.return_path == ReturnPath::Snat));
     assert!(specs
         .iter()
         .flat_map(|s| &s.backends)
         .all(|b| b.weight == 1));
-    let table = Table::build(1, 0, &specs).unwrap();
-    assert_eq!(table.frontends().len(), 13);
+    let table = Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+    assert_eq!(table.frontends().len(), 16);
 
     let ip = |s: &str| addr16(s.parse::<IpAddr>().unwrap());
     let web = table.frontend(&ip("198.19.0.10"), 80, Proto::Tcp).unwrap();
@@ -366,14 +378,14 @@ fn fixture_feeds_the_dataplane_table_with_cluster_ips_only() {
     assert!(table
         .frontend(&ip("2001:db8:ffff::20"), 80, Proto::Tcp)
         .is_some());
-    // Carried but not served: node port, external IP, load-balancer IP.
-    assert!(table.frontend(&ip("0.0.0.0"), 30080, Proto::Tcp).is_none());
+    // Served: node port, external IP, load-balancer IP.
+    assert!(table.frontend(&ip("0.0.0.0"), 30080, Proto::Tcp).is_some());
     assert!(table
         .frontend(&ip("198.18.200.1"), 80, Proto::Tcp)
-        .is_none());
+        .is_some());
     assert!(table
         .frontend(&ip("198.18.201.1"), 80, Proto::Tcp)
-        .is_none());
+        .is_some());
     assert!(table.frontend(&ip("198.19.0.50"), 80, Proto::Tcp).is_some());
     // Empty frontends exist (so traffic is rejected), with no ring.
     let empty = table.frontend(&ip("198.19.0.32"), 80, Proto::Tcp).unwrap();
@@ -394,7 +406,7 @@ fn fixture_feeds_the_dataplane_table_with_cluster_ips_only() {
 }
 
 #[test]
-fn table_view_marks_frontends_not_served_yet() {
+fn table_view_lists_every_kind_as_served() {
     let t = model(&fixture("cluster.yaml")).to_table();
     let line = |needle: &str| {
         t.lines()
@@ -402,10 +414,17 @@ fn table_view_marks_frontends_not_served_yet() {
             .unwrap_or_else(|| panic!("no line with {needle:?} in\n{t}"))
             .to_owned()
     };
-    assert!(line("0.0.0.0:30080 NodePort default/exposed:http").ends_with("(not served yet)"));
-    assert!(line("198.18.200.1:80 ExternalIP").ends_with("(not served yet)"));
-    assert!(line("198.18.201.1:80 LoadBalancer").ends_with("(not served yet)"));
-    assert!(!line("198.19.0.50:80 ClusterIP").contains("not served"));
+    assert!(line("0.0.0.0:30080 NodePort default/exposed:http")
+        .ends_with(" on node addresses in 0.0.0.0/0"));
+    assert_eq!(
+        line("198.18.200.1:80 ExternalIP"),
+        "TCP  198.18.200.1:80 ExternalIP default/exposed:http snat"
+    );
+    assert_eq!(
+        line("198.18.201.1:80 LoadBalancer"),
+        "TCP  198.18.201.1:80 LoadBalancer default/exposed:http snat"
+    );
+    assert!(!t.contains("not served"));
     assert!(line("198.19.0.40:80 ClusterIP default/sticky:http").contains("persistent 10800"));
     assert!(t.contains("[2001:db8:ffff::20]:80 ClusterIP default/dual snat\n"));
     assert!(t.contains("  -> [2001:db8:1::1]:8080"));
@@ -620,7 +639,7 @@ fn slices_join_their_service_in_their_own_namespace() {
 
 #[test]
 fn unknown_kinds_and_versions_are_skipped() {
-    let yaml = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\nspec: {replicas: 3}\n---\napiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: old, namespace: shop}\naddressType: IPv4\nendpoints: []\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n";
+    let yaml = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\nspec: {replicas: 3}\n---\napiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: old, namespace: shop}\naddressType: IPv4\nendpoints: []\n---\napiVersion: v1\nkind: PersistentVolume\nmetadata: {name: node-a}\n";
     let m = model(yaml);
     assert!(m.frontends.is_empty());
     assert_eq!(
@@ -628,15 +647,15 @@ fn unknown_kinds_and_versions_are_skipped() {
         [
             (
                 "Deployment shop/web".to_owned(),
-                "kind Deployment (apps/v1) is not read (clustergate reads Service and EndpointSlice)".to_owned()
+                "kind Deployment (apps/v1) is not read (clustergate reads Service, EndpointSlice and Node)".to_owned()
             ),
             (
                 "EndpointSlice shop/old".to_owned(),
                 "apiVersion discovery.k8s.io/v1beta1 is not read (clustergate reads EndpointSlice discovery.k8s.io/v1)".to_owned()
             ),
             (
-                "Node node-a".to_owned(),
-                "kind Node (v1) is not read (clustergate reads Service and EndpointSlice)".to_owned()
+                "PersistentVolume node-a".to_owned(),
+                "kind PersistentVolume (v1) is not read (clustergate reads Service, EndpointSlice and Node)".to_owned()
             ),
         ]
     );
@@ -654,10 +673,18 @@ fn empty_manifests_give_an_empty_model() {
         "apiVersion: v1\nkind: List\nmetadata: {resourceVersion: \"\"}\n",
     ] {
         let m = model(text);
-        assert_eq!(m, Model::default(), "{text:?}");
+        assert_eq!(
+            m,
+            Model {
+                node_port_addresses: default_node_port_addresses(),
+                ..Model::default()
+            },
+            "{text:?}"
+        );
         assert_eq!(
             m.to_json(),
-            json!({"frontends": [], "skipped": [], "notes": []})
+            json!({"frontends": [], "skipped": [], "notes": [], "nodes": [],
+                "node_port_addresses": ["0.0.0.0/0", "::/0"], "health_checks": []})
         );
     }
 }
@@ -1060,7 +1087,7 @@ fn affinity_timeout_out_of_range_is_refused() {
 // ---------------------------------------------------------------- exposure kinds
 
 #[test]
-fn node_ports_external_ips_and_load_balancers_are_carried_not_served() {
+fn node_ports_external_ips_and_load_balancers_are_served() {
     let yaml = service(
         "edge",
         "  type: LoadBalancer\n  clusterIP: 198.19.0.50\n  clusterIPs: [198.19.0.50, \"2001:db8:ffff::50\"]\n  externalIPs: [198.18.200.1, \"2001:db8:200::1\"]\n  ports: [{name: https, port: 443, nodePort: 30443}]\n",
@@ -1092,16 +1119,32 @@ fn node_ports_external_ips_and_load_balancers_are_carried_not_served() {
         )]
     );
     let specs = m.service_specs();
-    assert_eq!(specs.len(), 2);
+    assert_eq!(specs.len(), 7, "every frontend is served");
+    let kinds = |k| specs.iter().filter(|s| s.kind == k).count();
+    assert_eq!(kinds(FrontendKind::ClusterIp), 2);
+    assert_eq!(kinds(FrontendKind::NodePort), 2);
+    assert_eq!(kinds(FrontendKind::ExternalIp), 2);
+    assert_eq!(kinds(FrontendKind::LoadBalancer), 1);
     assert!(specs
         .iter()
-        .all(|s| s.kind == FrontendKind::ClusterIp && s.port == 443));
-    let not_served = m
-        .to_table()
-        .lines()
-        .filter(|l| l.ends_with("(not served yet)"))
-        .count();
-    assert_eq!(not_served, 5);
+        .all(|s| s.source_ranges.is_none() && !s.node_local));
+    assert!(!m.to_table().contains("not served"));
+    // The dataplane takes them all: node ports on the unspecified address.
+    let table = Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+    assert_eq!(table.frontends().len(), 7);
+    let ip = |s: &str| addr16(s.parse::<IpAddr>().unwrap());
+    for (addr, port) in [
+        ("0.0.0.0", 30443),
+        ("::", 30443),
+        ("198.18.200.1", 443),
+        ("2001:db8:200::1", 443),
+        ("198.18.201.1", 443),
+    ] {
+        assert!(
+            table.frontend(&ip(addr), port, Proto::Tcp).is_some(),
+            "{addr}:{port}"
+        );
+    }
 }
 
 #[test]
@@ -1134,7 +1177,8 @@ fn an_external_ip_on_another_services_cluster_ip_is_ignored() {
         skipped_of(&m),
         [(
             "Service default/b".to_owned(),
-            "ExternalIP frontend 198.19.0.1:80/TCP is already a ClusterIP frontend of default/a; ignored".to_owned()
+            "spec.externalIPs[0]: 198.19.0.1 is the cluster IP of Service default/a; not served"
+                .to_owned()
         )]
     );
 }
@@ -1158,14 +1202,6 @@ fn invalid_service_port_names_object_and_field() {
     assert_eq!(
         e,
         "Service default/web: spec.ports[0].protocol: \"ICMP\" is not TCP, UDP or SCTP"
-    );
-    let e = refused(&service(
-        "web",
-        "  type: NodePort\n  clusterIP: 198.19.0.10\n  ports: [{port: 80, nodePort: 65536}]\n",
-    ));
-    assert_eq!(
-        e,
-        "Service default/web: spec.ports[0].nodePort: 65536 is not a valid port"
     );
     let e = refused(&service(
         "web",
@@ -1802,7 +1838,7 @@ fn show_prints_return_paths_and_notes() {
     );
     assert_eq!(
         line("0.0.0.0:30443"),
-        "TCP  0.0.0.0:30443 NodePort default/edge:https routed (not served yet)"
+        "TCP  0.0.0.0:30443 NodePort default/edge:https routed on node addresses in 0.0.0.0/0"
     );
     assert!(
         t.ends_with("\nNotes:\n  Service default/web: dsr: ClusterIP frontend 198.19.0.10:80/TCP delivers the client's packets unchanged, to port 80, but backends listen on port 8080: they must also accept port 80\n"),
