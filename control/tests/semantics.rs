@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
@@ -1863,4 +1864,579 @@ fn the_dataplane_table_carries_each_frontends_return_path() {
         assert_eq!(Table::return_path(record), want, "{addr}");
         assert_eq!(record.return_path, want as u8, "{addr}");
     }
+}
+
+// ---------------------------------------------------------------- every way in (issue 11)
+
+/// A Node document: `pod_cidrs` and `addresses` (type, address) as given.
+fn node(name: &str, pod_cidrs: &[&str], addresses: &[(&str, &str)]) -> String {
+    let cidrs: Vec<String> = pod_cidrs.iter().map(|c| format!("\"{c}\"")).collect();
+    let addrs: Vec<String> = addresses
+        .iter()
+        .map(|(t, a)| format!("{{type: {t}, address: \"{a}\"}}"))
+        .collect();
+    format!(
+        "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nspec:\n  podCIDRs: [{}]\nstatus:\n  addresses: [{}]\n",
+        cidrs.join(", "),
+        addrs.join(", ")
+    )
+}
+
+/// A dual-stack LoadBalancer Service `default/lb` on 80 (node port 30080),
+/// with `extra` spec lines and LB ingress IPs `ingress`, and a ready
+/// endpoint per family.
+fn lb(extra: &str, ingress: &[&str]) -> String {
+    let ing: Vec<String> = ingress.iter().map(|i| format!("{{ip: \"{i}\"}}")).collect();
+    service(
+        "lb",
+        &format!("  type: LoadBalancer\n  clusterIPs: [198.19.0.80, \"2001:db8:ffff::80\"]\n  ports: [{{port: 80, nodePort: 30080}}]\n{extra}"),
+    ) + &format!("status:\n  loadBalancer:\n    ingress: [{}]\n", ing.join(", "))
+        + &slice("lb-4", "lb", "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.8.1]\n")
+        + &slice("lb-6", "lb", "addressType: IPv6\nports: [{port: 8080}]\nendpoints:\n- addresses: [\"2001:db8:8::1\"]\n")
+}
+
+/// (kind, address, port, source ranges, node-local) of each frontend of `svc`.
+fn shapes(m: &Model, svc: &str) -> Vec<(String, String, u64, Value, bool)> {
+    frontends_of(m, svc)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["kind"].as_str().unwrap().to_owned(),
+                f["address"].as_str().unwrap().to_owned(),
+                f["port"].as_u64().unwrap(),
+                f["source_ranges"].clone(),
+                f["node_local"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn shape(
+    kind: &str,
+    address: &str,
+    port: u64,
+    ranges: Value,
+    local: bool,
+) -> (String, String, u64, Value, bool) {
+    (kind.to_owned(), address.to_owned(), port, ranges, local)
+}
+
+#[test]
+fn node_ports_are_served_per_family_on_the_unspecified_address() {
+    let m = model(&lb("", &[]));
+    let nodeports: Vec<_> = shapes(&m, "default/lb")
+        .into_iter()
+        .filter(|s| s.0 == "NodePort")
+        .collect();
+    assert_eq!(
+        nodeports,
+        [
+            shape("NodePort", "0.0.0.0", 30080, Value::Null, false),
+            shape("NodePort", "::", 30080, Value::Null, false),
+        ]
+    );
+    // Default --nodeport-addresses: every address of the node.
+    let spec = m.table_spec();
+    assert_eq!(
+        spec.node_port_addresses,
+        ["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()] as [ipnet::IpNet; 2]
+    );
+}
+
+#[test]
+fn nodeport_addresses_reach_the_table_spec() {
+    let options = ModelOptions {
+        node_port_addresses: vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8:1::/64".parse().unwrap(),
+        ],
+        ..ModelOptions::default()
+    };
+    let m = model_with(&lb("", &[]), &options);
+    assert_eq!(
+        m.table_spec().node_port_addresses,
+        options.node_port_addresses
+    );
+    assert_eq!(
+        m.to_json()["node_port_addresses"],
+        json!(["10.0.0.0/8", "2001:db8:1::/64"])
+    );
+    let table = Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+    assert_eq!(
+        table.frontends().len(),
+        4,
+        "a ClusterIP and a NodePort per family"
+    );
+}
+
+#[test]
+fn a_node_port_outside_the_range_is_skipped_with_its_field() {
+    for (node_port, range, served) in [
+        (30080, 30000..=32767, true),
+        (30000, 30000..=32767, true),
+        (32767, 30000..=32767, true),
+        (29999, 30000..=32767, false),
+        (32768, 30000..=32767, false),
+        (65536, 30000..=32767, false),
+        (8080, 30000..=32767, false),
+        (8080, 8000..=9000, true),
+    ] {
+        let yaml = service(
+            "np",
+            &format!("  type: NodePort\n  clusterIP: 198.19.0.81\n  ports: [{{port: 80, nodePort: {node_port}}}]\n"),
+        );
+        let m = model_with(
+            &yaml,
+            &ModelOptions {
+                node_port_range: range.clone(),
+                ..ModelOptions::default()
+            },
+        );
+        let kinds: Vec<_> = m.frontends.iter().map(|f| (f.kind, f.port)).collect();
+        if served {
+            assert_eq!(
+                kinds,
+                [
+                    (FrontendKind::NodePort, node_port as u16),
+                    (FrontendKind::ClusterIp, 80)
+                ],
+                "{node_port} in {range:?}"
+            );
+            assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+        } else {
+            assert_eq!(
+                kinds,
+                [(FrontendKind::ClusterIp, 80)],
+                "{node_port} in {range:?}"
+            );
+            assert_eq!(
+                skipped_of(&m),
+                [(
+                    "Service default/np".to_owned(),
+                    format!(
+                        "spec.ports[0].nodePort: {node_port} is outside the node port range {}-{} (--service-node-port-range); its NodePort frontends are not served",
+                        range.start(),
+                        range.end()
+                    )
+                )]
+            );
+        }
+    }
+}
+
+#[test]
+fn two_services_on_one_node_port_the_second_is_skipped() {
+    let yaml = service(
+        "a",
+        "  type: NodePort\n  clusterIP: 198.19.0.1\n  ports: [{port: 80, nodePort: 30001}]\n",
+    ) + &service(
+        "b",
+        "  type: NodePort\n  clusterIP: 198.19.0.2\n  ports: [{port: 80, nodePort: 30001}, {name: dns, port: 53, protocol: UDP, nodePort: 30001}]\n",
+    );
+    let m = model(&yaml);
+    let np: Vec<_> = m
+        .frontends
+        .iter()
+        .filter(|f| f.kind == FrontendKind::NodePort)
+        .map(|f| (f.service.as_str(), f.port, f.protocol))
+        .collect();
+    // The same number with another protocol is another frontend.
+    assert_eq!(
+        np,
+        [
+            ("default/a", 30001, Proto::Tcp),
+            ("default/b", 30001, Proto::Udp)
+        ]
+    );
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/b".to_owned(),
+            "spec.ports[].nodePort: NodePort frontend 0.0.0.0:30001/TCP is already a NodePort frontend of default/a; ignored".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn two_services_on_one_load_balancer_ip_the_second_is_skipped() {
+    let yaml = lb("", &["198.18.210.1"])
+        + &service(
+            "other",
+            "  type: LoadBalancer\n  clusterIP: 198.19.0.82\n  ports: [{port: 80, nodePort: 30082}]\n",
+        )
+        + "status:\n  loadBalancer:\n    ingress: [{ip: 198.18.210.1}]\n";
+    let m = model(&yaml);
+    let lbs: Vec<_> = m
+        .frontends
+        .iter()
+        .filter(|f| f.kind == FrontendKind::LoadBalancer)
+        .map(|f| f.service.as_str())
+        .collect();
+    assert_eq!(lbs, ["default/lb"]);
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/other".to_owned(),
+            "status.loadBalancer.ingress[].ip: LoadBalancer frontend 198.18.210.1:80/TCP is already a LoadBalancer frontend of default/lb; ignored".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn an_external_ip_that_is_a_cluster_ip_on_another_port_is_skipped_too() {
+    let yaml = service("a", "  clusterIP: 198.19.0.1\n  ports: [{port: 443}]\n")
+        + &service(
+            "b",
+            "  clusterIP: 198.19.0.2\n  externalIPs: [198.19.0.1, 198.18.200.9]\n  ports: [{port: 80}]\n",
+        );
+    let m = model(&yaml);
+    let ext: Vec<_> = m
+        .frontends
+        .iter()
+        .filter(|f| f.kind == FrontendKind::ExternalIp)
+        .map(|f| f.address.to_string())
+        .collect();
+    assert_eq!(ext, ["198.18.200.9"], "the other external IP is served");
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/b".to_owned(),
+            "spec.externalIPs[0]: 198.19.0.1 is the cluster IP of Service default/a; not served"
+                .to_owned()
+        )]
+    );
+}
+
+#[test]
+fn external_and_load_balancer_ips_are_served_per_family() {
+    let m = model(&lb(
+        "  externalIPs: [198.18.200.8, \"2001:db8:200::8\"]\n",
+        &["198.18.210.8", "2001:db8:210::8"],
+    ));
+    let got: Vec<_> = shapes(&m, "default/lb")
+        .into_iter()
+        .map(|s| (s.0, s.1))
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("NodePort", "0.0.0.0"),
+        ("ExternalIP", "198.18.200.8"),
+        ("LoadBalancer", "198.18.210.8"),
+        ("ClusterIP", "198.19.0.80"),
+        ("NodePort", "::"),
+        ("ExternalIP", "2001:db8:200::8"),
+        ("LoadBalancer", "2001:db8:210::8"),
+        ("ClusterIP", "2001:db8:ffff::80"),
+    ]
+    .iter()
+    .map(|(k, a)| ((*k).to_owned(), (*a).to_owned()))
+    .collect();
+    assert_eq!(got, want);
+    // Each with the endpoints of its own family.
+    for f in &m.frontends {
+        assert!(f
+            .backends
+            .iter()
+            .all(|b| b.address.is_ipv4() == f.address.is_ipv4()));
+        assert_eq!(f.backends.len(), 1);
+    }
+    let table = Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+    assert_eq!(table.frontends().len(), 8);
+}
+
+#[test]
+fn load_balancer_source_ranges_close_only_the_load_balancer_frontends() {
+    // Dual-stack Service, IPv4 ranges only (one padded, one with host bits).
+    let m = model(&lb(
+        "  externalIPs: [198.18.200.8]\n  loadBalancerSourceRanges: [\" 203.0.113.0/24 \", 198.51.100.7/16]\n",
+        &["198.18.210.8", "2001:db8:210::8"],
+    ));
+    let got = shapes(&m, "default/lb");
+    let ranges = |kind: &str, addr: &str| {
+        got.iter()
+            .find(|s| s.0 == kind && s.1 == addr)
+            .unwrap_or_else(|| panic!("no {kind} {addr} in {got:?}"))
+            .3
+            .clone()
+    };
+    assert_eq!(
+        ranges("LoadBalancer", "198.18.210.8"),
+        json!(["203.0.113.0/24", "198.51.0.0/16"])
+    );
+    // No IPv6 range: the IPv6 LB IP takes no source (deviation: kube-proxy
+    // leaves it open).
+    assert_eq!(ranges("LoadBalancer", "2001:db8:210::8"), json!([]));
+    // ClusterIP, NodePort and external IPs stay open, as in kube-proxy.
+    for (k, a) in [
+        ("ClusterIP", "198.19.0.80"),
+        ("ClusterIP", "2001:db8:ffff::80"),
+        ("NodePort", "0.0.0.0"),
+        ("NodePort", "::"),
+        ("ExternalIP", "198.18.200.8"),
+    ] {
+        assert_eq!(ranges(k, a), Value::Null, "{k} {a}");
+    }
+    assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+    // The dataplane takes them (ranges of the frontend's family only).
+    Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+    let t = m.to_table();
+    assert!(
+        t.contains(
+            "198.18.210.8:80 LoadBalancer default/lb snat from 203.0.113.0/24,198.51.0.0/16\n"
+        ),
+        "{t}"
+    );
+    assert!(
+        t.contains("[2001:db8:210::8]:80 LoadBalancer default/lb snat from nowhere\n"),
+        "{t}"
+    );
+}
+
+#[test]
+fn a_source_range_that_is_not_a_cidr_closes_the_load_balancer_frontends() {
+    let m = model(&lb(
+        "  loadBalancerSourceRanges: [203.0.113.0/24, 203.0.113.300/24]\n",
+        &["198.18.210.8"],
+    ));
+    let kinds: BTreeSet<String> = shapes(&m, "default/lb").into_iter().map(|s| s.0).collect();
+    assert_eq!(
+        kinds,
+        ["ClusterIP", "NodePort"].map(str::to_owned).into(),
+        "fail closed: no LoadBalancer frontend, the rest served"
+    );
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/lb".to_owned(),
+            "spec.loadBalancerSourceRanges[1]: \"203.0.113.300/24\" is not a CIDR; its LoadBalancer frontends are not served (fail closed)".to_owned()
+        )]
+    );
+}
+
+/// Two nodes (dual-stack pod CIDRs and addresses) and a Service with
+/// `internalTrafficPolicy: Local` whose endpoints are on node-a, node-b, an
+/// unknown node and no node.
+fn node_local_manifest(policy: &str) -> String {
+    node(
+        "node-a",
+        &["10.244.1.0/24", "fd00:1::/64"],
+        &[("InternalIP", "192.168.0.1"), ("ExternalIP", "203.0.113.1"), ("Hostname", "node-a")],
+    ) + &node(
+        "node-b",
+        &["10.244.2.0/24"],
+        &[("InternalIP", "192.168.0.2"), ("InternalIP", "2001:db8:99::2")],
+    ) + &service(
+        "local",
+        &format!("  clusterIP: 198.19.0.90\n  internalTrafficPolicy: {policy}\n  externalIPs: [198.18.200.90]\n  ports: [{{port: 80}}]\n"),
+    ) + &slice(
+        "local-1",
+        "local",
+        "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- {addresses: [10.244.1.5], nodeName: node-a}\n- {addresses: [10.244.2.5], nodeName: node-b}\n- {addresses: [10.244.3.5], nodeName: node-gone}\n- {addresses: [10.244.4.5]}\n",
+    )
+}
+
+#[test]
+fn internal_traffic_policy_local_makes_cluster_ip_frontends_node_local() {
+    let m = model(&node_local_manifest("Local"));
+    let got = shapes(&m, "default/local");
+    assert_eq!(
+        got,
+        [
+            shape("ExternalIP", "198.18.200.90", 80, Value::Null, false),
+            shape("ClusterIP", "198.19.0.90", 80, Value::Null, true),
+        ],
+        "only the ClusterIP frontend is internal traffic"
+    );
+    let cip = m
+        .frontends
+        .iter()
+        .find(|f| f.kind == FrontendKind::ClusterIp)
+        .unwrap();
+    let nodes: Vec<_> = cip
+        .backends
+        .iter()
+        .map(|b| (b.address.to_string(), b.node))
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            ("10.244.1.5".to_owned(), Some(1)),
+            ("10.244.2.5".to_owned(), Some(2)),
+            ("10.244.3.5".to_owned(), None),
+            ("10.244.4.5".to_owned(), None),
+        ],
+        "unknown node and no nodeName: never local"
+    );
+    assert_eq!(
+        m.to_json()["nodes"],
+        json!([
+            {"name": "node-a", "number": 1,
+             "prefixes": ["10.244.1.0/24", "fd00:1::/64", "192.168.0.1/32", "203.0.113.1/32"]},
+            {"name": "node-b", "number": 2,
+             "prefixes": ["10.244.2.0/24", "192.168.0.2/32", "2001:db8:99::2/128"]},
+        ])
+    );
+    let spec = m.table_spec();
+    assert_eq!(spec.nodes.len(), 7);
+    let cip_spec = spec.services.iter().find(|s| s.node_local).unwrap();
+    assert_eq!(
+        cip_spec.backends.iter().map(|b| b.node).collect::<Vec<_>>(),
+        [Some(1), Some(2), None, None]
+    );
+    assert!(
+        spec.services
+            .iter()
+            .filter(|s| !s.node_local)
+            .all(|s| s.backends.iter().all(|b| b.node.is_none())),
+        "nodes only where they are used"
+    );
+    // The dataplane builds a ring per node.
+    let table = Table::build_full(1, 0, &spec, DEFAULT_MAX_RING_SIZE).unwrap();
+    assert_eq!(table.frontends().len(), 2);
+    assert!(m
+        .to_table()
+        .contains("198.19.0.90:80 ClusterIP default/local snat node-local\n"));
+    assert!(
+        m.to_table()
+            .contains("  -> 10.244.1.5:8080              ready node node-a\n"),
+        "{}",
+        m.to_table()
+    );
+
+    // Cluster (and the default): no node-local frontend.
+    for policy in ["Cluster", "\"\""] {
+        let m = model(&node_local_manifest(policy));
+        assert!(m.frontends.iter().all(|f| !f.node_local), "{policy}");
+    }
+}
+
+#[test]
+fn an_invalid_internal_traffic_policy_skips_the_service() {
+    let m = model(&node_local_manifest("Nearby"));
+    assert!(frontends_of(&m, "default/local")
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(skipped_of(&m).contains(&(
+        "Service default/local".to_owned(),
+        "spec.internalTrafficPolicy: \"Nearby\" is not Cluster or Local; not served".to_owned()
+    )));
+}
+
+#[test]
+fn a_bad_node_is_skipped_and_its_endpoints_are_never_local() {
+    let yaml = node_local_manifest("Local").replace("\"10.244.2.0/24\"", "\"10.244.2.0/33\"");
+    let m = model(&yaml);
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Node node-b".to_owned(),
+            "spec.podCIDRs[0]: \"10.244.2.0/33\" is not a CIDR; the Node is ignored (its endpoints are never node-local)".to_owned()
+        )]
+    );
+    assert_eq!(m.nodes.len(), 1);
+    let cip = m
+        .frontends
+        .iter()
+        .find(|f| f.kind == FrontendKind::ClusterIp)
+        .unwrap();
+    assert_eq!(
+        cip.backends.iter().map(|b| b.node).collect::<Vec<_>>(),
+        [Some(1), None, None, None]
+    );
+    Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+}
+
+#[test]
+fn a_prefix_of_two_nodes_stays_with_the_first() {
+    let yaml = node(
+        "node-a",
+        &["10.244.1.0/24"],
+        &[("InternalIP", "192.168.0.1")],
+    ) + &node("node-b", &["10.244.1.0/24", "10.244.2.0/24"], &[]);
+    let m = model(&yaml);
+    assert_eq!(
+        m.to_json()["nodes"],
+        json!([
+            {"name": "node-a", "number": 1, "prefixes": ["10.244.1.0/24", "192.168.0.1/32"]},
+            {"name": "node-b", "number": 2, "prefixes": ["10.244.2.0/24"]},
+        ])
+    );
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Node node-b".to_owned(),
+            "10.244.1.0/24 is already a prefix of Node node-a; left out".to_owned()
+        )]
+    );
+    Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+}
+
+#[test]
+fn health_checks_of_local_load_balancers() {
+    // Dual-stack: one endpoint per family, two endpoints in all.
+    let m = model(&lb(
+        "  externalTrafficPolicy: Local\n  healthCheckNodePort: 31000\n",
+        &["198.18.210.8"],
+    ));
+    assert_eq!(
+        m.to_json()["health_checks"],
+        json!([{"service": "default/lb", "port": 31000, "endpoints": 2}])
+    );
+    // externalTrafficPolicy Local keeps the client's address on the external
+    // frontends, and uses every ready endpoint.
+    for f in &m.frontends {
+        let want = if f.kind == FrontendKind::ClusterIp {
+            ReturnPath::Snat
+        } else {
+            ReturnPath::Routed
+        };
+        assert_eq!(f.return_path, want, "{:?}", f.kind);
+        assert_eq!(f.backends.len(), 1);
+    }
+
+    // No endpoints: a health check with none (it answers 503).
+    let yaml = service(
+        "lb",
+        "  type: LoadBalancer\n  clusterIP: 198.19.0.80\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 31000\n  ports: [{port: 80, nodePort: 30080}]\n",
+    );
+    assert_eq!(
+        model(&yaml).to_json()["health_checks"],
+        json!([{"service": "default/lb", "port": 31000, "endpoints": 0}])
+    );
+    // Cluster policy: no health check (the API allocates none either).
+    let m = model(&lb(
+        "  externalTrafficPolicy: Cluster\n  healthCheckNodePort: 31000\n",
+        &[],
+    ));
+    assert_eq!(m.to_json()["health_checks"], json!([]));
+    // Outside the range: skipped, the frontends still served.
+    let m = model(&lb(
+        "  externalTrafficPolicy: Local\n  healthCheckNodePort: 1000\n",
+        &[],
+    ));
+    assert_eq!(m.to_json()["health_checks"], json!([]));
+    assert_eq!(m.frontends.len(), 4);
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/lb".to_owned(),
+            "spec.healthCheckNodePort: 1000 is outside the node port range 30000-32767 (--service-node-port-range); no health check is answered".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn nodes_in_a_list_manifest_are_read() {
+    let yaml = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Node\n  metadata: {name: n1}\n  spec: {podCIDR: 10.244.7.0/24}\n";
+    let m = model(yaml);
+    assert_eq!(
+        m.to_json()["nodes"],
+        json!([{"name": "n1", "number": 1, "prefixes": ["10.244.7.0/24"]}])
+    );
+    assert!(m.skipped.is_empty());
+    // A Node with a wrongly typed field is refused, naming it.
+    let e = refused("apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDRs: 5}\n");
+    assert!(e.starts_with("Node n1: spec.podCIDRs: invalid type"), "{e}");
 }
