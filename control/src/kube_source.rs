@@ -1,6 +1,7 @@
-//! The Kubernetes API source: Services and EndpointSlices from a live API server.
+//! The Kubernetes API source: Services, EndpointSlices and Nodes from a live
+//! API server.
 //!
-//! Owns: [`follow`], which watches both kinds with kube-rs watchers and
+//! Owns: [`follow`], which watches the three kinds with kube-rs watchers and
 //! reflector stores, builds a [`Model`] with the same [`build_model`] as the
 //! manifest source, and hands each new model to a callback;
 //! [`follow_with`] also tells [`Hooks`] what it sees (the objects of each
@@ -12,6 +13,8 @@
 //!   kube-proxy's informers. The proxy-name label is *not* selected on the
 //!   server: unlabelled Services and those labelled with our name are both
 //!   served, which one selector cannot express, so [`build_model`] filters it.
+//!   Nodes are all watched (their pod CIDRs and addresses place clients on
+//!   nodes for `internalTrafficPolicy: Local`).
 //! - **Lists and watches.** kube-rs's watcher lists, then watches from the
 //!   list's resourceVersion with bookmarks. The reflector store replaces its
 //!   contents atomically when a (re)list is done (`InitDone`): objects not
@@ -19,7 +22,7 @@
 //!   resourceVersion seen (object or bookmark); `410 Gone` relists. Errors
 //!   (API unreachable, watch failures) are retried with kube-rs's default
 //!   backoff (client-go's: 0.8 s doubling to 30 s, with jitter).
-//! - **Readiness.** No model is built before both kinds have been listed once:
+//! - **Readiness.** No model is built before every kind has been listed once:
 //!   services without their slices would have no backends.
 //! - **Coalescing.** Changes that arrive together are folded into one build;
 //!   builds are at least [`FollowConfig::min_sync`] apart (kube-proxy's
@@ -38,7 +41,7 @@ use std::pin::pin;
 use std::time::Duration;
 
 use futures::{stream, Stream, StreamExt};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
@@ -68,11 +71,12 @@ pub struct FollowConfig {
     pub min_sync: Duration,
 }
 
-/// Which of the two watched kinds.
+/// Which of the three watched kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Services,
     Slices,
+    Nodes,
 }
 
 impl Kind {
@@ -80,6 +84,7 @@ impl Kind {
         match self {
             Self::Services => 0,
             Self::Slices => 1,
+            Self::Nodes => 2,
         }
     }
 }
@@ -89,6 +94,7 @@ impl Kind {
         match self {
             Self::Services => "services",
             Self::Slices => "endpointslices",
+            Self::Nodes => "nodes",
         }
     }
 }
@@ -99,8 +105,8 @@ impl fmt::Display for Kind {
     }
 }
 
-/// What happened to the watch of one kind (`"services"` or
-/// `"endpointslices"`), for [`Hooks::watch`].
+/// What happened to the watch of one kind (`"services"`, `"endpointslices"`
+/// or `"nodes"`), for [`Hooks::watch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WatchEvent {
     /// The watch started failing (logged once per outage); it is retried.
@@ -180,17 +186,24 @@ where
         .map(move |r| (kind, r.map(|e| step_of(&e))))
 }
 
-/// The objects in both stores, as the manifest source would give them, sorted
+/// The objects in the stores, as the manifest source would give them, sorted
 /// by (namespace, name) so that errors do not depend on hash order.
 #[must_use]
-pub fn objects_of(services: &Store<Service>, slices: &Store<EndpointSlice>) -> Objects {
+pub fn objects_of(
+    services: &Store<Service>,
+    slices: &Store<EndpointSlice>,
+    nodes: &Store<Node>,
+) -> Objects {
     let mut services: Vec<Service> = services.state().iter().map(|s| (**s).clone()).collect();
     services.sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
     let mut slices: Vec<EndpointSlice> = slices.state().iter().map(|s| (**s).clone()).collect();
     slices.sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
+    let mut nodes: Vec<Node> = nodes.state().iter().map(|s| (**s).clone()).collect();
+    nodes.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     Objects {
         services,
         slices,
+        nodes,
         skipped: Vec::new(),
     }
 }
@@ -224,15 +237,25 @@ pub async fn follow_with(
         services_writer,
         Kind::Services,
     );
+    let (nodes, nodes_writer) = reflector::store::<Node>();
     let slice_events = watch(
-        Api::<EndpointSlice>::all(client),
+        Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(SLICE_LABEL_SELECTOR),
         slices_writer,
         Kind::Slices,
     );
-    let mut events = pin!(stream::select(service_events, slice_events));
+    let node_events = watch(
+        Api::<Node>::all(client),
+        watcher::Config::default(),
+        nodes_writer,
+        Kind::Nodes,
+    );
+    let mut events = pin!(stream::select(
+        stream::select(service_events, slice_events),
+        node_events
+    ));
 
-    let mut health = [Health::default(); 2];
+    let mut health = [Health::default(); 3];
     let mut dirty = false;
     let mut last_build: Option<Instant> = None;
     let mut last: Option<Model> = None;
@@ -284,7 +307,7 @@ pub async fn follow_with(
                 folded = 0;
                 last_build = Some(Instant::now());
                 let started = std::time::Instant::now();
-                let objects = objects_of(&services, &slices);
+                let objects = objects_of(&services, &slices, &nodes);
                 if let Some(hook) = hooks.objects.as_mut() {
                     hook(&objects);
                 }

@@ -14,12 +14,17 @@
 //! - `show`: print what would be programmed (JSON or a table for people).
 //! - `build`: write one snapshot file.
 //!
-//! `run`, `show` and `build` take `--proxy-name` and `--return-path` (the
+//! `run`, `show` and `build` take `--proxy-name`, `--return-path` (the
 //! return path of Services without the `clustergate.io/return-path`
-//! annotation; default `snat`), see `docs/semantics.md`.
+//! annotation; default `snat`), `--nodeport-addresses` (where node ports are
+//! served; default every address of the node) and `--service-node-port-range`
+//! (node ports outside it are skipped; default 30000-32767), see
+//! `docs/semantics.md`. `run` also answers each `healthCheckNodePort` of the
+//! published model (`health_check.rs`).
 //! - `maglev`: build one ring and report its size, balance and build time.
 
 mod health;
+mod health_check;
 mod metrics;
 mod serve;
 
@@ -33,6 +38,7 @@ use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use clustergate_control::kube_source::{self, FollowConfig, Hooks};
+use clustergate_control::model::default_node_port_addresses;
 use clustergate_control::{
     load_manifest_file, Model, ModelOptions, Objects, Skipped, DEFAULT_PROXY_NAME,
     DEFAULT_RETURN_PATH,
@@ -42,9 +48,11 @@ use clustergate_dataplane::maglev::{
     build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE,
 };
 use clustergate_dataplane::snapshot::{self, Writer};
-use clustergate_dataplane::table::{ReturnPath, ServiceSpec, Table};
+use clustergate_dataplane::table::{ReturnPath, Table, TableSpec};
+use ipnet::IpNet;
 use tracing::{error, info, warn};
 
+use crate::health_check::HealthChecks;
 use crate::metrics::Telemetry;
 use crate::serve::{Handler, Response};
 
@@ -73,15 +81,49 @@ struct ModelArgs {
     /// Return path of Services without a `clustergate.io/return-path` annotation.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_RETURN_PATH.as_str(), value_parser = return_path_parser())]
     return_path: ReturnPath,
+    /// Serve node ports on the node's addresses within these CIDRs (kube-proxy's flag)
+    /// [default: every address: 0.0.0.0/0,::/0].
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_cidr)]
+    nodeport_addresses: Vec<IpNet>,
+    /// Node ports (and health-check node ports) outside this range are skipped (the API server's flag).
+    #[arg(long, value_name = "FIRST-LAST", default_value = "30000-32767", value_parser = parse_port_range)]
+    service_node_port_range: (u16, u16),
 }
 
 impl ModelArgs {
     fn options(self) -> ModelOptions {
+        let (first, last) = self.service_node_port_range;
         ModelOptions {
             proxy_name: self.proxy_name,
             return_path: self.return_path,
+            node_port_range: first..=last,
+            node_port_addresses: if self.nodeport_addresses.is_empty() {
+                default_node_port_addresses()
+            } else {
+                self.nodeport_addresses
+            },
         }
     }
+}
+
+/// One `--nodeport-addresses` entry: a CIDR (host bits are cleared).
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    s.trim()
+        .parse::<IpNet>()
+        .map(|n| n.trunc())
+        .map_err(|_| format!("{s:?} is not a CIDR (e.g. 10.0.0.0/8 or 2001:db8::/64)"))
+}
+
+/// `--service-node-port-range`: `FIRST-LAST`, both ports, FIRST <= LAST.
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("{s:?} is not a port range FIRST-LAST (e.g. 30000-32767)");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let first = a.trim().parse::<u16>().map_err(|_| bad())?;
+    let last = b.trim().parse::<u16>().map_err(|_| bad())?;
+    if first == 0 || first > last {
+        return Err(bad());
+    }
+    Ok((first, last))
 }
 
 /// `--return-path`: one of the names of [`ReturnPath`], listed in `--help`
@@ -232,8 +274,10 @@ fn real_main() -> Result<()> {
                     Duration::ZERO
                 };
             let telemetry = Arc::new(Telemetry::new(bound, beat_bound));
+            let mut checks = None;
             if !once {
                 serve_telemetry(metrics, health, &telemetry)?;
+                checks = Some(HealthChecks::start(Arc::clone(&telemetry))?);
             }
             let options = model.options();
             info!(
@@ -243,7 +287,14 @@ fn real_main() -> Result<()> {
             );
             match (manifest, kubeconfig) {
                 (Some(manifest), _) => run(
-                    &manifest, &shm_dir, &options, poll, hash_seed, once, &telemetry,
+                    &manifest,
+                    &shm_dir,
+                    &options,
+                    poll,
+                    hash_seed,
+                    once,
+                    &telemetry,
+                    checks.as_mut(),
                 ),
                 (None, kubeconfig) => {
                     debug_assert!(kubeconfig.is_some() != in_cluster, "clap's group");
@@ -258,6 +309,7 @@ fn real_main() -> Result<()> {
                         hash_seed,
                         once,
                         &telemetry,
+                        checks.as_mut(),
                     )
                 }
             }
@@ -282,8 +334,13 @@ fn real_main() -> Result<()> {
             hash_seed,
         } => {
             let model = load_manifest_file(&manifest, &model.options())?;
-            let table = Table::build(generation, hash_seed, &model.service_specs())
-                .with_context(|| format!("building the table for {}", manifest.display()))?;
+            let table = Table::build_full(
+                generation,
+                hash_seed,
+                &model.table_spec(),
+                DEFAULT_MAX_RING_SIZE,
+            )
+            .with_context(|| format!("building the table for {}", manifest.display()))?;
             std::fs::write(&out, snapshot::encode(&table))
                 .with_context(|| format!("writing {}", out.display()))?;
             eprintln!(
@@ -312,6 +369,7 @@ fn serve_telemetry(
             "/metrics" => Response {
                 status: 200,
                 content_type: "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                headers: Vec::new(),
                 body: telemetry.metrics.encode(),
             },
             _ => Response::text(404, "not found: try /metrics\n"),
@@ -325,6 +383,7 @@ fn serve_telemetry(
                 Response {
                     status,
                     content_type: "application/json",
+                    headers: Vec::new(),
                     body,
                 }
             }
@@ -356,7 +415,7 @@ fn serve_telemetry(
 /// What `run` published last.
 struct Published {
     generation: u64,
-    specs: Vec<ServiceSpec>,
+    spec: TableSpec,
 }
 
 /// Logs the notes of `model` as warnings, unless they are the ones logged last.
@@ -370,6 +429,7 @@ fn warn_notes(model: &Model, last: &mut Option<Vec<Skipped>>) {
     *last = Some(model.notes.clone());
 }
 
+#[allow(clippy::too_many_arguments)] // reason: the command's flags, one by one
 fn run(
     manifest: &Path,
     dir: &Path,
@@ -378,6 +438,7 @@ fn run(
     seed: u64,
     once: bool,
     telemetry: &Telemetry,
+    mut checks: Option<&mut HealthChecks>,
 ) -> Result<()> {
     let mut writer = Writer::open(dir)
         .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
@@ -400,12 +461,19 @@ fn run(
                         warn_notes(&model, &mut notes);
                         telemetry.change_seen();
                         let started = Instant::now();
-                        match publish(&model, seed, &mut writer, published.as_ref()) {
+                        let result = publish(&model, seed, &mut writer, published.as_ref());
+                        if result.is_ok() {
+                            telemetry.frontends(&model);
+                            if let Some(checks) = checks.as_deref_mut() {
+                                checks.sync(&model.health_checks);
+                            }
+                        }
+                        match result {
                             Ok(Some(p)) => {
                                 telemetry.published(p.generation, started.elapsed());
                                 info!(
                                     generation = p.generation,
-                                    frontends = p.specs.len(),
+                                    frontends = p.spec.services.len(),
                                     took_ms = started.elapsed().as_secs_f64() * 1e3,
                                     "published"
                                 );
@@ -448,6 +516,7 @@ fn run_api(
     seed: u64,
     once: bool,
     telemetry: &Arc<Telemetry>,
+    mut checks: Option<&mut HealthChecks>,
 ) -> Result<()> {
     let mut writer = Writer::open(dir)
         .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
@@ -480,12 +549,19 @@ fn run_api(
             telemetry.beat();
             telemetry.change_seen();
             let started = Instant::now();
-            match publish(&model, seed, &mut writer, published.as_ref()) {
+            let result = publish(&model, seed, &mut writer, published.as_ref());
+            if result.is_ok() {
+                telemetry.frontends(&model);
+                if let Some(checks) = checks.as_deref_mut() {
+                    checks.sync(&model.health_checks);
+                }
+            }
+            match result {
                 Ok(Some(p)) => {
                     telemetry.published(p.generation, started.elapsed());
                     info!(
                         generation = p.generation,
-                        frontends = p.specs.len(),
+                        frontends = p.spec.services.len(),
                         took_ms = started.elapsed().as_secs_f64() * 1e3,
                         "published"
                     );
@@ -527,7 +603,7 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
             "in-cluster configuration (service account token and KUBERNETES_SERVICE_HOST)",
         )?,
     };
-    info!(server = %config.cluster_url, "watching Services and EndpointSlices");
+    info!(server = %config.cluster_url, "watching Services, EndpointSlices and Nodes");
     kube::Client::try_from(config).context("creating the API client")
 }
 
@@ -552,14 +628,15 @@ fn publish(
     writer: &mut Writer,
     last: Option<&Published>,
 ) -> Result<Option<Published>> {
-    let specs = model.service_specs();
-    if last.is_some_and(|p| p.specs == specs) {
+    let spec = model.table_spec();
+    if last.is_some_and(|p| p.spec == spec) {
         return Ok(None);
     }
     let generation = writer.next_generation();
-    let table = Table::build(generation, seed, &specs).context("building the table")?;
+    let table = Table::build_full(generation, seed, &spec, DEFAULT_MAX_RING_SIZE)
+        .context("building the table")?;
     writer.publish(&table).context("publishing the snapshot")?;
-    Ok(Some(Published { generation, specs }))
+    Ok(Some(Published { generation, spec }))
 }
 
 fn maglev(n: u32, cap: u32) -> Result<()> {

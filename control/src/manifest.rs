@@ -5,20 +5,21 @@
 //! `kind` is `List`, or any `…List` with `items`), or several documents
 //! separated by `---`, or a single object. Empty documents are fine.
 //!
-//! Only `v1` `Service` and `discovery.k8s.io/v1` `EndpointSlice` objects are
-//! kept; every other object is listed in [`Objects::skipped`] with a reason.
+//! Only `v1` `Service`, `discovery.k8s.io/v1` `EndpointSlice` and `v1` `Node`
+//! objects are kept; every other object is listed in [`Objects::skipped`] with
+//! a reason.
 //! Unknown fields (status, managedFields, …) are ignored, as k8s-openapi does.
 //!
 //! Refused (a [`ManifestError`]): text that is not YAML, a document or list item
-//! that is not a mapping, an object without `kind`, `apiVersion` or (for the two
-//! kinds we read) `metadata.name`, and a Service or EndpointSlice whose fields
+//! that is not a mapping, an object without `kind`, `apiVersion` or (for the
+//! kinds we read) `metadata.name`, and a Service, EndpointSlice or Node whose fields
 //! have the wrong type (the error names the field path, e.g.
 //! `spec.ports[0].port`). Field *values* are checked later, by
 //! [`crate::model::build_model`], and only for objects that are served.
 //!
 //! Must never: panic on any input.
 
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -56,6 +57,9 @@ pub struct Objects {
     pub services: Vec<Service>,
     /// `discovery.k8s.io/v1` EndpointSlices.
     pub slices: Vec<EndpointSlice>,
+    /// `v1` Nodes (for `internalTrafficPolicy: Local`: their pod CIDRs and
+    /// addresses say which node a client is on).
+    pub nodes: Vec<Node>,
     /// Objects of other kinds or versions.
     pub skipped: Vec<Skipped>,
 }
@@ -200,12 +204,16 @@ fn collect(value: Value, place: &str, out: &mut Objects) -> Result<(), ManifestE
             let slice: EndpointSlice = typed(&value, &kind, place)?;
             out.slices.push(slice);
         }
-        (_, "Service" | "EndpointSlice") => {
-            let object = named(true).unwrap_or_else(|| format!("{kind} ({place})"));
-            let want = if kind == "Service" {
-                "v1"
-            } else {
+        ("v1", "Node") => {
+            let node: Node = typed_as(&value, &kind, place, false)?;
+            out.nodes.push(node);
+        }
+        (_, "Service" | "EndpointSlice" | "Node") => {
+            let object = named(kind != "Node").unwrap_or_else(|| format!("{kind} ({place})"));
+            let want = if kind == "EndpointSlice" {
                 "discovery.k8s.io/v1"
+            } else {
+                "v1"
             };
             tracing::info!(%object, api_version, "skipped: unsupported apiVersion");
             out.skipped.push(Skipped::new(
@@ -219,7 +227,7 @@ fn collect(value: Value, place: &str, out: &mut Objects) -> Result<(), ManifestE
             out.skipped.push(Skipped::new(
                 object,
                 format!(
-                    "kind {kind} ({api_version}) is not read (clustergate reads Service and EndpointSlice)"
+                    "kind {kind} ({api_version}) is not read (clustergate reads Service, EndpointSlice and Node)"
                 ),
             ));
         }
@@ -233,7 +241,17 @@ fn collect(value: Value, place: &str, out: &mut Objects) -> Result<(), ManifestE
 /// the line and column it would add refer to that text, not the manifest, and
 /// are dropped.
 fn typed<T: DeserializeOwned>(value: &Value, kind: &str, place: &str) -> Result<T, ManifestError> {
-    let Some(object) = label_of(kind, value, true) else {
+    typed_as(value, kind, place, true)
+}
+
+/// [`typed`] for a namespaced object or (`namespaced` false) a cluster-scoped one.
+fn typed_as<T: DeserializeOwned>(
+    value: &Value,
+    kind: &str,
+    place: &str,
+    namespaced: bool,
+) -> Result<T, ManifestError> {
+    let Some(object) = label_of(kind, value, namespaced) else {
         return Err(ManifestError::Object {
             object: format!("{kind} ({place})"),
             message: "metadata.name: missing".to_owned(),

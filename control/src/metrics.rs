@@ -10,13 +10,15 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use clustergate_control::kube_source::WatchEvent;
-use clustergate_control::Objects;
+use clustergate_control::model::{kind_label, KINDS};
+use clustergate_control::{Model, Objects};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -38,6 +40,7 @@ pub struct Metrics {
     last_sync: Gauge<f64, AtomicU64>,
     watch_restarts: Counter,
     generation: Gauge,
+    frontends: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Metrics {
@@ -62,6 +65,7 @@ impl Metrics {
             last_sync: Gauge::default(),
             watch_restarts: Counter::default(),
             generation: Gauge::default(),
+            frontends: Family::default(),
         };
         registry.register(
             "sync_proxy_rules_duration_seconds",
@@ -92,6 +96,11 @@ impl Metrics {
             "watch_restarts",
             "API watches that failed or expired and were restarted",
             metrics.watch_restarts.clone(),
+        );
+        registry.register(
+            "frontends",
+            "Frontends of the last model published, by kind (clusterIP, nodePort, externalIP, loadBalancer)",
+            metrics.frontends.clone(),
         );
         registry.register(
             "snapshot_generation",
@@ -246,6 +255,17 @@ impl Telemetry {
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
     }
 
+    /// The frontends of `model`, just published (or unchanged), by kind.
+    pub fn frontends(&self, model: &Model) {
+        for kind in KINDS {
+            let n = model.frontends.iter().filter(|f| f.kind == kind).count();
+            self.metrics
+                .frontends
+                .get_or_create(&vec![("kind".to_owned(), kind_label(kind).to_owned())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
     /// The change did not change the tables.
     pub fn unchanged(&self) {
         lock(&self.health).unchanged();
@@ -305,6 +325,7 @@ mod tests {
         let mut objects = Objects {
             services: vec![Service::default()],
             slices: vec![slice("a", None), slice("b", None)],
+            nodes: Vec::new(),
             skipped: Vec::new(),
         };
         assert_eq!(tracker.observe(&objects), (1, 2));

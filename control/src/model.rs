@@ -18,8 +18,21 @@
 //!   per family, each with the endpoints of its family only.
 //! - Ready endpoints; when there are none, serving-and-terminating ones; when
 //!   there are none either, no backends (the gateway rejects).
-//! - NodePort, external IP and load-balancer frontends are carried in the model
-//!   but not served yet: only ClusterIP frontends reach the dataplane.
+//! - Every kind is served: ClusterIP, NodePort (a `nodePort` within
+//!   [`ModelOptions::node_port_range`], on the unspecified address of its
+//!   family; the gateway serves it on its addresses within
+//!   [`ModelOptions::node_port_addresses`]), ExternalIP (`spec.externalIPs`)
+//!   and LoadBalancer (`status.loadBalancer.ingress[].ip`, not `ipMode: Proxy`).
+//! - `loadBalancerSourceRanges` restrict the LoadBalancer frontends only; a
+//!   family without a range of its own is closed; a range that is not a CIDR
+//!   closes the Service's LoadBalancer frontends (skipped, fail closed).
+//! - `internalTrafficPolicy: Local`: the ClusterIP frontends are node-local;
+//!   backends carry their endpoint's node (`nodeName`), and Nodes
+//!   ([`Model::nodes`]) give each node's pod CIDRs and addresses.
+//! - `externalTrafficPolicy: Local` with a `healthCheckNodePort`: a
+//!   [`HealthCheck`] in [`Model::health_checks`].
+//! - Bad or clashing parts of objects (a node port out of range, an external
+//!   IP that is a cluster IP, a bad Node) are skipped, naming the field.
 //! - Each frontend has a return path: the Service's
 //!   `clustergate.io/return-path` annotation, else [`ModelOptions::return_path`]
 //!   (`--return-path`, default `snat`). The external frontends (node port,
@@ -40,9 +53,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use std::ops::RangeInclusive;
+
 use clustergate_dataplane::flow::Proto;
 use clustergate_dataplane::table::{BackendState, FrontendKind, ReturnPath};
-use k8s_openapi::api::core::v1::Service;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use thiserror::Error;
 
@@ -65,6 +81,17 @@ pub const RETURN_PATH_ANNOTATION: &str = "clustergate.io/return-path";
 /// The return path of Services without [`RETURN_PATH_ANNOTATION`], unless
 /// [`ModelOptions::return_path`] (`--return-path`) chooses another.
 pub const DEFAULT_RETURN_PATH: ReturnPath = ReturnPath::Snat;
+/// The API server's default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: RangeInclusive<u16> = 30000..=32767;
+
+/// kube-proxy's default node-port addresses: every address of the node.
+#[must_use]
+pub fn default_node_port_addresses() -> Vec<IpNet> {
+    vec![
+        IpNet::new_assert(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        IpNet::new_assert(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+    ]
+}
 
 /// What the command line decides for [`build_model`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +103,12 @@ pub struct ModelOptions {
     /// The return path of Services without [`RETURN_PATH_ANNOTATION`]
     /// (normally [`DEFAULT_RETURN_PATH`]).
     pub return_path: ReturnPath,
+    /// `--service-node-port-range`: node ports (and health-check node ports)
+    /// outside it are skipped (normally [`DEFAULT_NODE_PORT_RANGE`]).
+    pub node_port_range: RangeInclusive<u16>,
+    /// `--nodeport-addresses`: node ports are served on the node's addresses
+    /// within these (normally [`default_node_port_addresses`]: all of them).
+    pub node_port_addresses: Vec<IpNet>,
 }
 
 impl Default for ModelOptions {
@@ -83,6 +116,8 @@ impl Default for ModelOptions {
         Self {
             proxy_name: DEFAULT_PROXY_NAME.to_owned(),
             return_path: DEFAULT_RETURN_PATH,
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+            node_port_addresses: default_node_port_addresses(),
         }
     }
 }
@@ -96,6 +131,9 @@ pub struct Backend {
     pub port: u16,
     /// Ready, or serving and terminating (only when no endpoint is ready).
     pub state: BackendState,
+    /// The number of the node it runs on ([`Model::nodes`]), when its
+    /// endpoint names a known node (`nodeName`).
+    pub node: Option<u32>,
 }
 
 /// One frontend: where a Service port is reached, and its backends.
@@ -105,7 +143,7 @@ pub struct Frontend {
     pub service: String,
     /// The service port's name (`""` for an unnamed port).
     pub port_name: String,
-    /// How it is exposed. Only [`FrontendKind::ClusterIp`] is served for now.
+    /// How it is exposed.
     pub kind: FrontendKind,
     /// The address: a cluster IP, an external or load-balancer IP, or the
     /// unspecified address of the family (`0.0.0.0`, `::`) for a node port.
@@ -122,14 +160,40 @@ pub struct Frontend {
     pub return_path: ReturnPath,
     /// Backends sorted by (address, port); empty: traffic is rejected.
     pub backends: Vec<Backend>,
+    /// `loadBalancerSourceRanges` of its family (LoadBalancer frontends of a
+    /// Service with ranges only): sources outside are dropped; an empty list
+    /// lets no source in. `None`: open.
+    pub source_ranges: Option<Vec<IpNet>>,
+    /// `internalTrafficPolicy: Local` (ClusterIP frontends only): a client is
+    /// served only by the backends on its own node.
+    pub node_local: bool,
 }
 
-impl Frontend {
-    /// Is this frontend forwarded by the dataplane today? (ClusterIP only.)
-    #[must_use]
-    pub fn is_served(&self) -> bool {
-        self.kind == FrontendKind::ClusterIp
-    }
+/// A Node as the gateway sees it: which client addresses are on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// `metadata.name`.
+    pub name: String,
+    /// Its number in the table (1, 2, … in name order).
+    pub number: u32,
+    /// Its pod CIDRs, then its InternalIP and ExternalIP addresses as host
+    /// prefixes; none of them is another node's.
+    pub prefixes: Vec<IpNet>,
+}
+
+/// A `healthCheckNodePort` the gateway answers on (kube-proxy's service health
+/// server).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HealthCheck {
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// `spec.healthCheckNodePort`.
+    pub port: u16,
+    /// The endpoints the gateway uses for the Service: distinct backend
+    /// addresses over all its frontends (kube-proxy's `localEndpoints`).
+    pub endpoints: usize,
 }
 
 /// The gateway's view of a manifest: every frontend, what was skipped, and
@@ -144,6 +208,12 @@ pub struct Model {
     /// whose backends listen on another port; an annotated `snat` replaced by
     /// `routed`), sorted by (object, reason). `run` logs them as warnings.
     pub notes: Vec<Skipped>,
+    /// The Nodes with at least one prefix, in name order (numbered from 1).
+    pub nodes: Vec<NodeInfo>,
+    /// Where node ports are served ([`ModelOptions::node_port_addresses`]).
+    pub node_port_addresses: Vec<IpNet>,
+    /// Health-check node ports, sorted by (namespace, name).
+    pub health_checks: Vec<HealthCheck>,
 }
 
 /// Why a set of objects was refused as a whole.
@@ -193,6 +263,36 @@ pub const fn kind_name(kind: FrontendKind) -> &'static str {
         FrontendKind::NodePort => "NodePort",
         FrontendKind::ExternalIp => "ExternalIP",
         FrontendKind::LoadBalancer => "LoadBalancer",
+    }
+}
+
+/// The metric label of a kind (`clusterIP`, `nodePort`, `externalIP`,
+/// `loadBalancer`).
+#[must_use]
+pub const fn kind_label(kind: FrontendKind) -> &'static str {
+    match kind {
+        FrontendKind::ClusterIp => "clusterIP",
+        FrontendKind::NodePort => "nodePort",
+        FrontendKind::ExternalIp => "externalIP",
+        FrontendKind::LoadBalancer => "loadBalancer",
+    }
+}
+
+/// Every kind, in kind order.
+pub const KINDS: [FrontendKind; 4] = [
+    FrontendKind::ClusterIp,
+    FrontendKind::NodePort,
+    FrontendKind::ExternalIp,
+    FrontendKind::LoadBalancer,
+];
+
+/// The field a frontend of `kind` comes from, for skip reasons.
+const fn kind_field(kind: FrontendKind) -> &'static str {
+    match kind {
+        FrontendKind::ClusterIp => "spec.clusterIPs",
+        FrontendKind::NodePort => "spec.ports[].nodePort",
+        FrontendKind::ExternalIp => "spec.externalIPs",
+        FrontendKind::LoadBalancer => "status.loadBalancer.ingress[].ip",
     }
 }
 
@@ -277,6 +377,8 @@ struct SlicePort {
 struct SliceEndpoint {
     address: IpAddr,
     usable: Usable,
+    /// `nodeName`.
+    node: Option<String>,
 }
 
 /// An EndpointSlice after validation.
@@ -294,8 +396,18 @@ struct Served {
     key: String,
     cluster_ips: Vec<IpAddr>,
     ports: Vec<SvcPort>,
-    external_ips: Vec<IpAddr>,
-    lb_ips: Vec<IpAddr>,
+    /// With the field each comes from.
+    external_ips: Vec<(String, IpAddr)>,
+    /// With the field each comes from.
+    lb_ips: Vec<(String, IpAddr)>,
+    /// `loadBalancerSourceRanges`, when there are any.
+    lb_ranges: Option<Vec<IpNet>>,
+    /// A source range is not a CIDR: no LoadBalancer frontends (fail closed).
+    lb_closed: bool,
+    /// `internalTrafficPolicy: Local`.
+    internal_local: bool,
+    /// `healthCheckNodePort`, when `external_local` and within the range.
+    health_check_port: Option<u16>,
     affinity: Option<u32>,
     /// The annotation's return path, or the default.
     return_path: ReturnPath,
@@ -350,7 +462,7 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Result<Model, M
             not_served.insert(id);
             continue;
         }
-        match validate_service(svc, &object, options.return_path, &mut skipped)? {
+        match validate_service(svc, &object, options, &mut skipped)? {
             Some(s) => {
                 served.insert(id, s);
             }
@@ -400,9 +512,43 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Result<Model, M
         }
     }
 
-    let mut frontends = Vec::new();
+    let (nodes, node_numbers) = nodes_of(&objects.nodes, &mut skipped);
+
+    // Every cluster IP and its Service: an external or load-balancer IP that
+    // is one is not served (it would take over another Service's address).
+    let mut cluster_ips: HashMap<IpAddr, &str> = HashMap::new();
     for s in served.values() {
-        frontends_of(s, &mut frontends);
+        for &ip in &s.cluster_ips {
+            cluster_ips.entry(ip).or_insert(s.key.as_str());
+        }
+    }
+
+    let mut frontends = Vec::new();
+    let mut health_checks = Vec::new();
+    let mut health_ports: BTreeMap<u16, &str> = BTreeMap::new();
+    for s in served.values() {
+        let object = format!("Service {}", s.key);
+        let endpoints = frontends_of(s, &cluster_ips, &node_numbers, &mut frontends, &mut skipped);
+        if let Some(port) = s.health_check_port {
+            if let Some(first) = health_ports.get(&port) {
+                skipped.push(Skipped::new(
+                    object,
+                    format!(
+                        "spec.healthCheckNodePort: {port} is already the health check node port \
+                         of Service {first}; no health check is answered"
+                    ),
+                ));
+            } else {
+                health_ports.insert(port, s.key.as_str());
+                let (ns, name) = s.key.split_once('/').unwrap_or(("", s.key.as_str()));
+                health_checks.push(HealthCheck {
+                    namespace: ns.to_owned(),
+                    name: name.to_owned(),
+                    port,
+                    endpoints,
+                });
+            }
+        }
     }
     let frontends = resolve_conflicts(frontends, &mut skipped)?;
     let mut notes = notes_of(served.values(), &frontends);
@@ -411,11 +557,114 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Result<Model, M
     skipped.dedup();
     notes.sort();
     notes.dedup();
+    health_checks.sort();
     Ok(Model {
         frontends,
         skipped,
         notes,
+        nodes,
+        node_port_addresses: options.node_port_addresses.clone(),
+        health_checks,
     })
+}
+
+/// The Nodes with their prefixes and numbers, and the number of each node
+/// name. A Node with an invalid pod CIDR or address, or seen twice, is
+/// skipped (its endpoints are on no known node: never local); a prefix that
+/// an earlier Node (in name order) has is left out of the later one.
+fn nodes_of(nodes: &[Node], skipped: &mut Vec<Skipped>) -> (Vec<NodeInfo>, HashMap<String, u32>) {
+    let mut sorted: Vec<&Node> = nodes.iter().collect();
+    sorted.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    let mut owner: HashMap<IpNet, String> = HashMap::new();
+    let mut out: Vec<NodeInfo> = Vec::new();
+    let mut seen = BTreeSet::new();
+    'nodes: for node in sorted {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let object = format!("Node {name}");
+        if !seen.insert(name.clone()) {
+            skipped.push(Skipped::new(object, "appears more than once; ignored"));
+            continue;
+        }
+        let mut prefixes: Vec<IpNet> = Vec::new();
+        let spec = node.spec.as_ref();
+        let cidrs: Vec<(String, &str)> = match spec.and_then(|s| s.pod_cidrs.as_deref()) {
+            Some(list) if !list.is_empty() => list
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("spec.podCIDRs[{i}]"), c.as_str()))
+                .collect(),
+            _ => spec
+                .and_then(|s| s.pod_cidr.as_deref())
+                .filter(|c| !c.is_empty())
+                .map(|c| ("spec.podCIDR".to_owned(), c))
+                .into_iter()
+                .collect(),
+        };
+        for (field, c) in cidrs {
+            let net = match c.parse::<IpNet>() {
+                Ok(net) if !is_mapped(net.addr()) => net.trunc(),
+                _ => {
+                    skipped.push(Skipped::new(
+                        object,
+                        format!("{field}: {c:?} is not a CIDR; the Node is ignored (its endpoints are never node-local)"),
+                    ));
+                    continue 'nodes;
+                }
+            };
+            prefixes.push(net);
+        }
+        let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+        for (i, a) in addresses.into_iter().flatten().enumerate() {
+            if !matches!(a.type_.as_str(), "InternalIP" | "ExternalIP") {
+                continue;
+            }
+            match parse_ip(&a.address) {
+                Ok(ip) => prefixes.push(IpNet::from(ip)),
+                Err(m) => {
+                    skipped.push(Skipped::new(
+                        object,
+                        format!("status.addresses[{i}].address: {m}; the Node is ignored (its endpoints are never node-local)"),
+                    ));
+                    continue 'nodes;
+                }
+            }
+        }
+        let mut kept = Vec::new();
+        for net in prefixes {
+            if kept.contains(&net) {
+                continue;
+            }
+            if let Some(first) = owner.get(&net) {
+                skipped.push(Skipped::new(
+                    object.clone(),
+                    format!("{net} is already a prefix of Node {first}; left out"),
+                ));
+                continue;
+            }
+            kept.push(net);
+        }
+        if kept.is_empty() {
+            continue;
+        }
+        for net in &kept {
+            owner.insert(*net, name.clone());
+        }
+        out.push(NodeInfo {
+            name,
+            number: 0,
+            prefixes: kept,
+        });
+    }
+    let mut numbers = HashMap::new();
+    for (i, n) in out.iter_mut().enumerate() {
+        n.number = u32::try_from(i + 1).unwrap_or(u32::MAX);
+        numbers.insert(n.name.clone(), n.number);
+    }
+    (out, numbers)
+}
+
+fn is_mapped(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some())
 }
 
 /// Why a Service is not served, if it is not (kube-proxy's informer label
@@ -484,9 +733,11 @@ fn parse_ip(s: &str) -> Result<IpAddr, String> {
 fn validate_service(
     svc: &Service,
     object: &str,
-    default_return_path: ReturnPath,
+    options: &ModelOptions,
     skipped: &mut Vec<Skipped>,
 ) -> Result<Option<Served>, ModelError> {
+    let default_return_path = options.return_path;
+    let node_port_range = &options.node_port_range;
     let (ns, name) = identity(&svc.metadata);
     let Some(spec) = svc.spec.as_ref() else {
         return Ok(None); // skip_reason has ruled this out
@@ -639,13 +890,25 @@ fn validate_service(
         })?;
         let node_port = match p.node_port {
             None | Some(0) => None,
-            Some(n) => Some(valid_port(n).ok_or_else(|| {
-                invalid(
-                    object,
-                    field("nodePort"),
-                    format!("{n} is not a valid port"),
-                )
-            })?),
+            Some(n) => match u16::try_from(n)
+                .ok()
+                .filter(|n| node_port_range.contains(n))
+            {
+                Some(n) => Some(n),
+                None => {
+                    skipped.push(Skipped::new(
+                        object,
+                        format!(
+                            "{}: {n} is outside the node port range {}-{} \
+                             (--service-node-port-range); its NodePort frontends are not served",
+                            field("nodePort"),
+                            node_port_range.start(),
+                            node_port_range.end()
+                        ),
+                    ));
+                    None
+                }
+            },
         };
         let name = p.name.clone().unwrap_or_default();
         if let Some(j) = ports.iter().position(|q| q.name == name) {
@@ -684,7 +947,7 @@ fn validate_service(
         let field = format!("spec.externalIPs[{i}]");
         let ip = parse_ip(s).map_err(|m| invalid(object, field.as_str(), m))?;
         if families.contains(&Family::of(ip)) {
-            external_ips.push(ip);
+            external_ips.push((field, ip));
         } else {
             skipped.push(Skipped::new(
                 object,
@@ -713,7 +976,7 @@ fn validate_service(
                 format!("{field}: ipMode Proxy: the load balancer proxies to nodes itself; {ip} ignored"),
             ));
         } else if families.contains(&Family::of(ip)) {
-            lb_ips.push(ip);
+            lb_ips.push((format!("{field}.ip"), ip));
         } else {
             skipped.push(Skipped::new(
                 object,
@@ -725,12 +988,82 @@ fn validate_service(
         }
     }
 
+    // loadBalancerSourceRanges, trimmed as kube-proxy does (the API's
+    // validation lets whitespace through). One that is not a CIDR closes the
+    // LoadBalancer frontends: serving them open would let in sources the user
+    // meant to keep out.
+    let mut lb_ranges = Vec::new();
+    let mut lb_closed = false;
+    for (i, r) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
+        match r.trim().parse::<IpNet>() {
+            Ok(net) => lb_ranges.push(net.trunc()),
+            Err(_) => {
+                lb_closed = true;
+                skipped.push(Skipped::new(
+                    object,
+                    format!(
+                        "spec.loadBalancerSourceRanges[{i}]: {r:?} is not a CIDR; \
+                         its LoadBalancer frontends are not served (fail closed)"
+                    ),
+                ));
+            }
+        }
+    }
+
+    // internalTrafficPolicy: Cluster (or empty, the API's default) or Local.
+    let internal_local = match spec.internal_traffic_policy.as_deref() {
+        None | Some("" | "Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            skipped.push(Skipped::new(
+                object,
+                format!(
+                    "spec.internalTrafficPolicy: {other:?} is not Cluster or Local; not served"
+                ),
+            ));
+            return Ok(None);
+        }
+    };
+
+    // healthCheckNodePort: kube-proxy's NeedsHealthCheck (type LoadBalancer
+    // and ExternalPolicyLocal); elsewhere the API does not allocate one.
+    let mut health_check_port = None;
+    if local && spec.type_.as_deref() == Some("LoadBalancer") {
+        match spec.health_check_node_port {
+            None | Some(0) => {}
+            Some(n) => match u16::try_from(n)
+                .ok()
+                .filter(|n| node_port_range.contains(n))
+            {
+                Some(n) => health_check_port = Some(n),
+                None => skipped.push(Skipped::new(
+                    object,
+                    format!(
+                        "spec.healthCheckNodePort: {n} is outside the node port range {}-{} \
+                         (--service-node-port-range); no health check is answered",
+                        node_port_range.start(),
+                        node_port_range.end()
+                    ),
+                )),
+            },
+        }
+    }
+
     Ok(Some(Served {
         key: format!("{ns}/{name}"),
         cluster_ips,
         ports,
         external_ips,
         lb_ips,
+        lb_ranges: (!lb_ranges.is_empty()).then_some(lb_ranges),
+        lb_closed,
+        internal_local,
+        health_check_port,
         affinity,
         return_path: annotated.unwrap_or(default_return_path),
         annotated_snat: annotated == Some(ReturnPath::Snat),
@@ -852,7 +1185,12 @@ fn validate_slice(
         } else {
             Usable::No
         };
-        endpoints.push(SliceEndpoint { address, usable });
+        let node = ep.node_name.clone().filter(|n| !n.is_empty());
+        endpoints.push(SliceEndpoint {
+            address,
+            usable,
+            node,
+        });
     }
 
     Ok(Some(SliceInfo {
@@ -866,8 +1204,13 @@ fn validate_slice(
 /// name and protocol in each slice of that family, endpoints merged by
 /// (address, port) keeping the best condition; ready ones, else serving and
 /// terminating ones, else none.
-fn backends_for(s: &Served, family: Family, port: &SvcPort) -> Vec<Backend> {
-    let mut merged: BTreeMap<(IpAddr, u16), Usable> = BTreeMap::new();
+fn backends_for(
+    s: &Served,
+    family: Family,
+    port: &SvcPort,
+    nodes: &HashMap<String, u32>,
+) -> Vec<Backend> {
+    let mut merged: BTreeMap<(IpAddr, u16), (Usable, Option<u32>)> = BTreeMap::new();
     for slice in s.slices.iter().filter(|sl| sl.family == family) {
         let Some(sp) = slice
             .ports
@@ -877,18 +1220,26 @@ fn backends_for(s: &Served, family: Family, port: &SvcPort) -> Vec<Backend> {
             continue;
         };
         for ep in &slice.endpoints {
-            let u = merged.entry((ep.address, sp.port)).or_insert(Usable::No);
+            let node = ep.node.as_ref().and_then(|n| nodes.get(n)).copied();
+            let (u, n) = merged
+                .entry((ep.address, sp.port))
+                .or_insert((Usable::No, None));
+            // The best copy's node; among equals, the first known one.
+            if ep.usable > *u || n.is_none() {
+                *n = node.or(*n);
+            }
             *u = (*u).max(ep.usable);
         }
     }
     let pick = |want: Usable, state: BackendState| -> Vec<Backend> {
         merged
             .iter()
-            .filter(|(_, u)| **u == want)
-            .map(|(&(address, port), _)| Backend {
+            .filter(|(_, (u, _))| *u == want)
+            .map(|(&(address, port), &(_, node))| Backend {
                 address,
                 port,
                 state,
+                node,
             })
             .collect()
     };
@@ -900,11 +1251,49 @@ fn backends_for(s: &Served, family: Family, port: &SvcPort) -> Vec<Backend> {
     }
 }
 
-fn frontends_of(s: &Served, out: &mut Vec<Frontend>) {
+/// The frontends of one Service (into `out`), and the number of distinct
+/// endpoint addresses they use (for its health check).
+fn frontends_of(
+    s: &Served,
+    cluster_ips: &HashMap<IpAddr, &str>,
+    nodes: &HashMap<String, u32>,
+    out: &mut Vec<Frontend>,
+    skipped: &mut Vec<Skipped>,
+) -> usize {
+    let object = format!("Service {}", s.key);
+    // External and load-balancer IPs that are a cluster IP are not served.
+    let usable = |list: &[(String, IpAddr)], skipped: &mut Vec<Skipped>| -> Vec<IpAddr> {
+        let mut kept = Vec::new();
+        for (field, ip) in list {
+            if let Some(owner) = cluster_ips.get(ip) {
+                skipped.push(Skipped::new(
+                    object.clone(),
+                    format!("{field}: {ip} is the cluster IP of Service {owner}; not served"),
+                ));
+            } else {
+                kept.push(*ip);
+            }
+        }
+        kept
+    };
+    let external_ips = usable(&s.external_ips, skipped);
+    let lb_ips = if s.lb_closed {
+        Vec::new()
+    } else {
+        usable(&s.lb_ips, skipped)
+    };
+    let mut addresses = BTreeSet::new();
     for port in &s.ports {
         for &cip in &s.cluster_ips {
             let family = Family::of(cip);
-            let backends = backends_for(s, family, port);
+            let backends = backends_for(s, family, port, nodes);
+            addresses.extend(backends.iter().map(|b| b.address));
+            let ranges: Option<Vec<IpNet>> = s.lb_ranges.as_ref().map(|r| {
+                r.iter()
+                    .filter(|n| Family::of(n.addr()) == family)
+                    .copied()
+                    .collect()
+            });
             let mut push = |kind, address, number| {
                 out.push(Frontend {
                     service: s.key.clone(),
@@ -916,24 +1305,27 @@ fn frontends_of(s: &Served, out: &mut Vec<Frontend>) {
                     affinity_timeout_s: s.affinity,
                     return_path: s.return_path(kind),
                     backends: backends.clone(),
+                    source_ranges: if kind == FrontendKind::LoadBalancer {
+                        ranges.clone()
+                    } else {
+                        None
+                    },
+                    node_local: kind == FrontendKind::ClusterIp && s.internal_local,
                 });
             };
             push(FrontendKind::ClusterIp, cip, port.port);
             if let Some(np) = port.node_port {
                 push(FrontendKind::NodePort, family.unspecified(), np);
             }
-            for &ip in s
-                .external_ips
-                .iter()
-                .filter(|ip| Family::of(**ip) == family)
-            {
+            for &ip in external_ips.iter().filter(|ip| Family::of(**ip) == family) {
                 push(FrontendKind::ExternalIp, ip, port.port);
             }
-            for &ip in s.lb_ips.iter().filter(|ip| Family::of(**ip) == family) {
+            for &ip in lb_ips.iter().filter(|ip| Family::of(**ip) == family) {
                 push(FrontendKind::LoadBalancer, ip, port.port);
             }
         }
     }
+    addresses.len()
 }
 
 /// One (address, port, protocol) has one frontend. Two cluster IP frontends
@@ -976,7 +1368,8 @@ fn resolve_conflicts(
             skipped.push(Skipped::new(
                 format!("Service {}", f.service),
                 format!(
-                    "{} frontend {frontend} is already a {} frontend of {first}; ignored",
+                    "{}: {} frontend {frontend} is already a {} frontend of {first}; ignored",
+                    kind_field(f.kind),
                     kind_name(f.kind),
                     kind_name(*kind)
                 ),

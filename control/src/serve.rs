@@ -1,10 +1,14 @@
-//! A minimal HTTP/1.1 responder for `--metrics` and `--health`: GET (and
-//! HEAD) only, one request per connection, `Connection: close`. It runs on a
-//! thread of its own with a single-threaded tokio runtime, so it answers in
-//! both `run` modes and whatever the main loop is doing.
+//! A minimal HTTP/1.1 responder for `--metrics`, `--health` and the
+//! health-check node ports: GET (and HEAD) only, one request per connection,
+//! `Connection: close`. It runs on a thread of its own with a single-threaded
+//! tokio runtime, so it answers in both `run` modes and whatever the main loop
+//! is doing. [`spawn`] serves a fixed set of listeners; [`Dynamic`] opens and
+//! closes listeners while running (kube-proxy's service health server).
 
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdListener};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -22,6 +26,8 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
+    /// More header fields, after `Content-Type`.
+    pub headers: Vec<(&'static str, String)>,
     pub body: String,
 }
 
@@ -31,6 +37,7 @@ impl Response {
         Self {
             status,
             content_type: "text/plain; charset=utf-8",
+            headers: Vec::new(),
             body: body.into(),
         }
     }
@@ -77,6 +84,93 @@ pub fn spawn(servers: Vec<(StdListener, Handler)>) -> Result<()> {
         })
         .context("starting the HTTP thread")?;
     Ok(())
+}
+
+/// Listeners opened and closed while running, by port, each served on a
+/// runtime thread of its own.
+#[derive(Debug)]
+pub struct Dynamic {
+    handle: tokio::runtime::Handle,
+    open: Mutex<BTreeMap<u16, Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Dynamic {
+    /// Starts the thread that serves the listeners (none yet).
+    pub fn start() -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the health-check HTTP runtime")?;
+        let handle = runtime.handle().clone();
+        std::thread::Builder::new()
+            .name("http-dynamic".to_owned())
+            .spawn(move || runtime.block_on(std::future::pending::<()>()))
+            .context("starting the health-check HTTP thread")?;
+        Ok(Self {
+            handle,
+            open: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Listens on `port` of every address, IPv6 and IPv4, and answers with
+    /// `handler`. An IPv6 socket that also takes IPv4 (the Linux default) is
+    /// enough; a host without IPv6 gets the IPv4 one alone.
+    ///
+    /// # Errors
+    /// Neither family could be bound (the port is taken, say).
+    pub fn open(&self, port: u16, handler: &Handler) -> Result<()> {
+        self.close(port);
+        let mut listeners = Vec::new();
+        let v6 = StdListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)));
+        let v6_taken = matches!(&v6, Err(e) if e.kind() == ErrorKind::AddrInUse);
+        let v6_err = v6.as_ref().err().map(ToString::to_string);
+        if let Ok(l) = v6 {
+            listeners.push(l);
+        }
+        if v6_taken {
+            anyhow::bail!("cannot bind [::]:{port}: {}", v6_err.unwrap_or_default());
+        }
+        match StdListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))) {
+            Ok(l) => listeners.push(l),
+            // The IPv6 socket takes IPv4 too.
+            Err(e) if e.kind() == ErrorKind::AddrInUse && !listeners.is_empty() => {}
+            Err(e) if listeners.is_empty() => {
+                anyhow::bail!(
+                    "cannot bind [::]:{port} ({}) or 0.0.0.0:{port} ({e})",
+                    v6_err.unwrap_or_default()
+                );
+            }
+            Err(e) => warn!(port, "IPv4 listener: {e}; serving IPv6 only"),
+        }
+        let mut tasks = Vec::new();
+        for listener in listeners {
+            listener
+                .set_nonblocking(true)
+                .with_context(|| format!("port {port}: non-blocking mode"))?;
+            let handler = Arc::clone(handler);
+            let _guard = self.handle.enter();
+            let listener = TcpListener::from_std(listener)
+                .with_context(|| format!("port {port}: registering the listener"))?;
+            tasks.push(self.handle.spawn(accept(listener, handler)).abort_handle());
+        }
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(port, tasks);
+        Ok(())
+    }
+
+    /// Stops listening on `port` (nothing if it is not open).
+    pub fn close(&self, port: u16) {
+        let tasks = self
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&port);
+        for t in tasks.into_iter().flatten() {
+            t.abort();
+        }
+    }
 }
 
 async fn accept(listener: TcpListener, handler: Handler) {
@@ -130,8 +224,12 @@ async fn answer(mut stream: TcpStream, handler: &Handler) -> std::io::Result<()>
         (_, Some(_)) => Response::text(405, "method not allowed\n"),
         _ => Response::text(400, "bad request\n"),
     };
+    let mut extra = String::new();
+    for (name, value) in &response.headers {
+        extra.push_str(&format!("{name}: {value}\r\n"));
+    }
     let header = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
         response.status,
         reason(response.status),
         response.content_type,

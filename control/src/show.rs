@@ -2,13 +2,13 @@
 //!
 //! Owns: [`Model::to_json`] (a stable shape, see `docs/semantics.md`),
 //! [`Model::to_table`] (for people, like `ipvsadm -Ln`) and
-//! [`Model::service_specs`] (what [`clustergate_dataplane::table::Table::build`]
-//! takes: ClusterIP frontends only, for now, each with its return path).
+//! [`Model::table_spec`] (what [`clustergate_dataplane::table::Table::build_full`]
+//! takes: every frontend, the nodes' prefixes and the node-port addresses).
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec};
+use clustergate_dataplane::table::{BackendSpec, ServiceSpec, TableSpec};
 use serde_json::{json, Value};
 
 use crate::manifest::Skipped;
@@ -35,9 +35,11 @@ impl Model {
     /// `show`'s JSON: `{"frontends": [...], "skipped": [...], "notes": [...]}`.
     ///
     /// Each frontend is `{"service", "port_name", "kind", "address", "port",
-    /// "protocol", "affinity_timeout_s", "return_path", "backends":
-    /// [{"address", "port", "state"}]}`; each skipped entry and each note is
-    /// `{"object", "reason"}`.
+    /// "protocol", "affinity_timeout_s", "return_path", "source_ranges",
+    /// "node_local", "backends": [{"address", "port", "state", "node"}]}`;
+    /// each skipped entry and each note is `{"object", "reason"}`; `nodes`
+    /// is `[{"name", "number", "prefixes"}]`, `node_port_addresses` a list of
+    /// CIDRs and `health_checks` `[{"service", "port", "endpoints"}]`.
     #[must_use]
     pub fn to_json(&self) -> Value {
         let frontends: Vec<Value> = self
@@ -52,6 +54,7 @@ impl Model {
                             "address": b.address.to_string(),
                             "port": b.port,
                             "state": state_name(b.state),
+                            "node": b.node.and_then(|n| self.node_name(n)),
                         })
                     })
                     .collect();
@@ -64,6 +67,10 @@ impl Model {
                     "protocol": f.protocol.as_str(),
                     "affinity_timeout_s": f.affinity_timeout_s,
                     "return_path": f.return_path.as_str(),
+                    "source_ranges": f.source_ranges.as_ref().map(|r| {
+                        r.iter().map(ToString::to_string).collect::<Vec<_>>()
+                    }),
+                    "node_local": f.node_local,
                     "backends": backends,
                 })
             })
@@ -73,11 +80,48 @@ impl Model {
                 .map(|s| json!({"object": s.object, "reason": s.reason}))
                 .collect()
         };
+        let nodes: Vec<Value> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({
+                    "name": n.name,
+                    "number": n.number,
+                    "prefixes": n.prefixes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let health_checks: Vec<Value> = self
+            .health_checks
+            .iter()
+            .map(|h| {
+                json!({
+                    "service": format!("{}/{}", h.namespace, h.name),
+                    "port": h.port,
+                    "endpoints": h.endpoints,
+                })
+            })
+            .collect();
         json!({
             "frontends": frontends,
             "skipped": entries(&self.skipped),
             "notes": entries(&self.notes),
+            "nodes": nodes,
+            "node_port_addresses": self
+                .node_port_addresses
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            "health_checks": health_checks,
         })
+    }
+
+    /// The name of node `number`.
+    fn node_name(&self, number: u32) -> Option<&str> {
+        self.nodes
+            .iter()
+            .find(|n| n.number == number)
+            .map(|n| n.name.as_str())
     }
 
     /// A table for people, in the manner of `ipvsadm -Ln`:
@@ -89,9 +133,12 @@ impl Model {
     ///   -> 198.18.1.1:8080              ready
     /// ```
     ///
-    /// Frontends that are not forwarded yet are marked `(not served yet)`;
-    /// ClientIP affinity shows as `persistent <seconds>`; skipped objects
-    /// follow under `Skipped:`, then the model's notes under `Notes:`.
+    /// ClientIP affinity shows as `persistent <seconds>`, source ranges as
+    /// `from <cidr>,…` (`from nowhere` when none is of the frontend's family),
+    /// `internalTrafficPolicy: Local` as `node-local` (and each backend's
+    /// node); node ports are followed by where they are served; health-check
+    /// node ports follow under `Health checks:`, skipped objects under
+    /// `Skipped:`, then the model's notes under `Notes:`.
     #[must_use]
     pub fn to_table(&self) -> String {
         let mut out = String::new();
@@ -110,19 +157,64 @@ impl Model {
             if let Some(t) = f.affinity_timeout_s {
                 let _ = write!(out, " persistent {t}");
             }
-            if !f.is_served() {
-                out.push_str(" (not served yet)");
+            match &f.source_ranges {
+                Some(r) if r.is_empty() => out.push_str(" from nowhere"),
+                Some(r) => {
+                    let list: Vec<String> = r.iter().map(ToString::to_string).collect();
+                    let _ = write!(out, " from {}", list.join(","));
+                }
+                None => {}
+            }
+            if f.node_local {
+                out.push_str(" node-local");
+            }
+            if f.kind == clustergate_dataplane::table::FrontendKind::NodePort {
+                let on: Vec<String> = self
+                    .node_port_addresses
+                    .iter()
+                    .filter(|n| n.addr().is_ipv4() == f.address.is_ipv4())
+                    .map(ToString::to_string)
+                    .collect();
+                let _ = write!(
+                    out,
+                    " on node addresses in {}",
+                    if on.is_empty() {
+                        "(none)".to_owned()
+                    } else {
+                        on.join(",")
+                    }
+                );
             }
             out.push('\n');
             if f.backends.is_empty() {
                 out.push_str("  (no endpoints: connections are rejected)\n");
             }
             for b in &f.backends {
-                let _ = writeln!(
+                let _ = write!(
                     out,
                     "  -> {:<28} {}",
                     host_port(b.address, b.port),
                     state_name(b.state)
+                );
+                if f.node_local {
+                    let _ = write!(
+                        out,
+                        " node {}",
+                        b.node
+                            .and_then(|n| self.node_name(n))
+                            .unwrap_or("(unknown)")
+                    );
+                }
+                out.push('\n');
+            }
+        }
+        if !self.health_checks.is_empty() {
+            out.push_str("\nHealth checks:\n");
+            for h in &self.health_checks {
+                let _ = writeln!(
+                    out,
+                    "  :{} {}/{} endpoints {}",
+                    h.port, h.namespace, h.name, h.endpoints
                 );
             }
         }
@@ -137,15 +229,30 @@ impl Model {
         out
     }
 
-    /// The served frontends (ClusterIP only, for now) as the dataplane's
-    /// [`ServiceSpec`]s, each with its frontend's return path. Every backend
+    /// What the dataplane's table is built from: [`Model::service_specs`],
+    /// each node's prefixes with its number, and the node-port addresses.
+    #[must_use]
+    pub fn table_spec(&self) -> TableSpec {
+        TableSpec {
+            services: self.service_specs(),
+            nodes: self
+                .nodes
+                .iter()
+                .flat_map(|n| n.prefixes.iter().map(move |p| (*p, n.number)))
+                .collect(),
+            node_port_addresses: self.node_port_addresses.clone(),
+        }
+    }
+
+    /// Every frontend as the dataplane's [`ServiceSpec`]s, each with its
+    /// frontend's return path, source ranges and node-locality. Every backend
     /// has weight 1: terminating backends are present only when no backend is
-    /// ready, so they carry the traffic.
+    /// ready, so they carry the traffic. Backends carry their node only on
+    /// node-local frontends (the only ones that use it).
     #[must_use]
     pub fn service_specs(&self) -> Vec<ServiceSpec> {
         self.frontends
             .iter()
-            .filter(|f| f.is_served())
             .map(|f| ServiceSpec {
                 addr: f.address,
                 port: f.port,
@@ -161,11 +268,11 @@ impl Model {
                         port: b.port,
                         weight: 1,
                         state: b.state,
-                        node: None,
+                        node: if f.node_local { b.node } else { None },
                     })
                     .collect(),
-                source_ranges: None,
-                node_local: false,
+                source_ranges: f.source_ranges.clone(),
+                node_local: f.node_local,
             })
             .collect()
     }

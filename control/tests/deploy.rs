@@ -291,7 +291,7 @@ fn namespaced_objects_live_in_clustergate_system() {
 }
 
 #[test]
-fn cluster_role_grants_only_get_list_watch_on_services_and_endpointslices() {
+fn cluster_role_grants_only_get_list_watch_on_services_endpointslices_and_nodes() {
     let role = deploy().cluster_role;
     assert!(
         role.aggregation_rule.is_none(),
@@ -333,10 +333,11 @@ fn cluster_role_grants_only_get_list_watch_on_services_and_endpointslices() {
     let expected: BTreeSet<(String, String)> = [
         (String::new(), "services".to_owned()),
         ("discovery.k8s.io".to_owned(), "endpointslices".to_owned()),
+        (String::new(), "nodes".to_owned()),
     ]
     .into();
     assert_eq!(seen, expected);
-    assert_eq!(rules.len(), 2);
+    assert_eq!(rules.len(), 3);
 }
 
 #[test]

@@ -22,7 +22,7 @@ use clustergate_control::model::{
     endpoint_string, state_name, PROXY_NAME_LABEL, RETURN_PATH_ANNOTATION,
 };
 use clustergate_control::{Model, ModelOptions};
-use clustergate_dataplane::table::{ReturnPath, Table};
+use clustergate_dataplane::table::{FrontendKind, ReturnPath, Table};
 use serde_json::{json, Value};
 use support::apiserver::{ApiServer, Kind};
 use tokio::sync::mpsc;
@@ -198,13 +198,13 @@ impl Follower {
     }
 }
 
-/// The served frontends, one line each:
+/// The ClusterIP frontends, one line each:
 /// `ns/name addr:port/PROTO -> backend state, …` (`-> none` without backends).
 fn summary(model: &Model) -> Vec<String> {
     model
         .frontends
         .iter()
-        .filter(|f| f.is_served())
+        .filter(|f| f.kind == FrontendKind::ClusterIp)
         .map(|f| {
             let backends: Vec<String> = f
                 .backends
@@ -235,7 +235,7 @@ fn skipped(model: &Model) -> Vec<String> {
 
 // ---- tests ----
 
-/// 1. The initial list of both kinds, with kube-proxy's selectors.
+/// 1. The initial list of the three kinds, with kube-proxy's selectors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_list_gives_the_model() {
     let server = ApiServer::start().await;
@@ -301,7 +301,7 @@ async fn initial_list_gives_the_model() {
     assert_eq!(m.service_specs().len(), 3);
 
     let requests = server.requests();
-    for kind in [Kind::Service, Kind::EndpointSlice] {
+    for kind in [Kind::Service, Kind::EndpointSlice, Kind::Node] {
         let of_kind: Vec<_> = requests.iter().filter(|r| r.kind == kind).collect();
         assert!(
             of_kind.iter().any(|r| !r.watch),
@@ -318,6 +318,10 @@ async fn initial_list_gives_the_model() {
                 }
                 Kind::EndpointSlice => {
                     assert_eq!(r.label_selector.as_deref(), Some(SLICE_LABEL_SELECTOR));
+                    assert_eq!(r.field_selector, None);
+                }
+                Kind::Node => {
+                    assert_eq!(r.label_selector, None, "every Node");
                     assert_eq!(r.field_selector, None);
                 }
             }
@@ -823,4 +827,161 @@ async fn run_with_a_kubeconfig_publishes() {
         "--return-path reaches the snapshot"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---- every way in (issue 11): Nodes and the new fields through watch events ----
+
+fn node(name: &str, pod_cidr: &str, internal_ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name},
+        "spec": {"podCIDR": pod_cidr, "podCIDRs": [pod_cidr]},
+        "status": {"addresses": [
+            {"type": "InternalIP", "address": internal_ip},
+            {"type": "Hostname", "address": name},
+        ]},
+    })
+}
+
+/// The node the dataplane table of `model` puts client `ip` on, by name.
+fn client_node(model: &Model, ip: &str) -> Option<String> {
+    let table = Table::build_full(
+        1,
+        0,
+        &model.table_spec(),
+        clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE,
+    )
+    .unwrap();
+    let n = table.client_node(&clustergate_dataplane::flow::addr16(ip.parse().unwrap()))?;
+    model
+        .nodes
+        .iter()
+        .find(|x| x.number == n)
+        .map(|x| x.name.clone())
+}
+
+/// 14. A Node's pod CIDR change moves its clients; endpoints follow their
+/// `nodeName` onto node-local frontends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_are_followed_through_watch_events() {
+    let server = ApiServer::start().await;
+    server.apply(node("node-a", "10.244.1.0/24", "192.168.0.1"));
+    server.apply(node("node-b", "10.244.2.0/24", "192.168.0.2"));
+    let mut svc = service("shop", "local", &["198.19.0.90"], &[("http", 80, "TCP")]);
+    svc["spec"]["internalTrafficPolicy"] = json!("Local");
+    server.apply(svc);
+    let mut ep = ready("10.244.1.5");
+    ep["nodeName"] = json!("node-a");
+    server.apply(slice(
+        "shop",
+        "local-1",
+        "local",
+        ("http", 8080, "TCP"),
+        &[ep],
+    ));
+
+    let mut f = Follower::start(&server, Duration::ZERO);
+    let m = f
+        .wait_until("two nodes and a node-local frontend", |m| {
+            m.nodes.len() == 2 && m.frontends.iter().any(|f| f.node_local)
+        })
+        .await;
+    let fe = m.frontends.iter().find(|f| f.node_local).unwrap();
+    assert_eq!(fe.backends[0].node, Some(1), "node-a is node 1");
+    assert_eq!(client_node(&m, "10.244.1.7").as_deref(), Some("node-a"));
+    assert_eq!(client_node(&m, "192.168.0.2").as_deref(), Some("node-b"));
+    assert_eq!(client_node(&m, "10.244.9.7"), None);
+
+    // node-a's pod CIDR moves: its clients move with it.
+    server.apply(node("node-a", "10.244.9.0/24", "192.168.0.1"));
+    let m = f
+        .wait_until("node-a on 10.244.9.0/24", |m| {
+            client_node(m, "10.244.9.7").as_deref() == Some("node-a")
+        })
+        .await;
+    assert_eq!(client_node(&m, "10.244.1.7"), None);
+
+    // node-a goes: its endpoint is on no known node.
+    server.delete(Kind::Node, "", "node-a");
+    let m = f.wait_until("node-a gone", |m| m.nodes.len() == 1).await;
+    let fe = m.frontends.iter().find(|f| f.node_local).unwrap();
+    assert_eq!(fe.backends[0].node, None);
+    assert_eq!(
+        client_node(&m, "192.168.0.2").as_deref(),
+        Some("node-b"),
+        "renumbered"
+    );
+}
+
+/// 15. A load-balancer IP appearing in status adds a frontend; `ipMode:
+/// Proxy` and a change of source ranges are followed too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balancer_status_and_source_ranges_are_followed() {
+    let server = ApiServer::start().await;
+    let mut svc = service("shop", "edge", &["198.19.0.50"], &[("http", 80, "TCP")]);
+    svc["spec"]["type"] = json!("LoadBalancer");
+    svc["spec"]["ports"][0]["nodePort"] = json!(30080);
+    server.apply(svc.clone());
+    server.apply(slice(
+        "shop",
+        "edge-1",
+        "edge",
+        ("http", 8080, "TCP"),
+        &[ready("198.18.6.1")],
+    ));
+    let mut f = Follower::start(&server, Duration::ZERO);
+    let kinds = |m: &Model| -> Vec<(FrontendKind, String)> {
+        m.frontends
+            .iter()
+            .map(|f| (f.kind, f.address.to_string()))
+            .collect()
+    };
+    f.wait_until("ClusterIP and NodePort", |m| {
+        kinds(m)
+            == [
+                (FrontendKind::NodePort, "0.0.0.0".to_owned()),
+                (FrontendKind::ClusterIp, "198.19.0.50".to_owned()),
+            ]
+    })
+    .await;
+
+    // The load balancer controller writes status: a LoadBalancer frontend.
+    svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.18.201.1"}]}});
+    server.apply(svc.clone());
+    let m = f
+        .wait_until("the LB IP", |m| {
+            kinds(m).contains(&(FrontendKind::LoadBalancer, "198.18.201.1".to_owned()))
+        })
+        .await;
+    let lb = m
+        .frontends
+        .iter()
+        .find(|f| f.kind == FrontendKind::LoadBalancer)
+        .unwrap();
+    assert_eq!(lb.source_ranges, None);
+    assert_eq!(lb.backends.len(), 1);
+
+    // Source ranges: only the LB frontend is restricted.
+    svc["spec"]["loadBalancerSourceRanges"] = json!(["203.0.113.0/24"]);
+    server.apply(svc.clone());
+    let m = f
+        .wait_until("source ranges", |m| {
+            m.frontends.iter().any(|f| f.source_ranges.is_some())
+        })
+        .await;
+    for fe in &m.frontends {
+        let want = (fe.kind == FrontendKind::LoadBalancer)
+            .then(|| vec!["203.0.113.0/24".parse().unwrap()]);
+        assert_eq!(fe.source_ranges, want, "{:?}", fe.kind);
+    }
+
+    // ipMode Proxy: the load balancer proxies itself; the frontend goes.
+    svc["status"]["loadBalancer"]["ingress"][0]["ipMode"] = json!("Proxy");
+    server.apply(svc);
+    f.wait_until("no LB frontend", |m| {
+        !m.frontends
+            .iter()
+            .any(|f| f.kind == FrontendKind::LoadBalancer)
+    })
+    .await;
 }

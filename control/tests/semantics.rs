@@ -4,12 +4,14 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use clustergate_control::model::{build_model, Model, ModelOptions};
+use clustergate_control::model::{build_model, default_node_port_addresses, Model, ModelOptions};
 use clustergate_control::{load_manifest_file, parse_manifest, ControlError};
 use clustergate_dataplane::flow::{addr16, Proto};
+use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
 use clustergate_dataplane::table::{BackendState, FrontendKind, ReturnPath, Table};
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -72,7 +74,7 @@ fn slice(name: &str, svc: &str, body: &str) -> String {
 }
 
 fn be(address: &str, port: u16, state: &str) -> Value {
-    json!({"address": address, "port": port, "state": state})
+    json!({"address": address, "port": port, "state": state, "node": null})
 }
 
 fn ready(address: &str, port: u16) -> Value {
@@ -99,6 +101,8 @@ fn fe(
         "protocol": protocol,
         "affinity_timeout_s": affinity,
         "return_path": "snat",
+        "source_ranges": null,
+        "node_local": false,
         "backends": backends,
     })
 }
@@ -260,7 +264,7 @@ fn expected_fixture_frontends() -> Value {
 
 fn expected_fixture_skipped() -> Value {
     let not_read = |kind: &str| {
-        format!("kind {kind} (v1) is not read (clustergate reads Service and EndpointSlice)")
+        format!("kind {kind} (v1) is not read (clustergate reads Service, EndpointSlice and Node)")
     };
     json!([
         {"object": "ConfigMap default/settings", "reason": not_read("ConfigMap")},
@@ -292,6 +296,9 @@ fn list_fixture_show_json_is_exact() {
             "frontends": expected_fixture_frontends(),
             "skipped": expected_fixture_skipped(),
             "notes": [],
+            "nodes": [],
+            "node_port_addresses": ["0.0.0.0/0", "::/0"],
+            "health_checks": [],
         }),
         "{}",
         serde_json::to_string_pretty(&got).unwrap()
@@ -343,19 +350,25 @@ fn documents_fixture_gives_the_same_model_as_the_list() {
 }
 
 #[test]
-fn fixture_feeds_the_dataplane_table_with_cluster_ips_only() {
+fn fixture_feeds_the_dataplane_table_with_every_frontend() {
     let m = model(&fixture("cluster.yaml"));
     let specs = m.service_specs();
     assert_eq!(m.frontends.len(), 16);
-    assert_eq!(specs.len(), 13, "16 frontends, 3 not served yet");
-    assert!(specs.iter().all(|s| s.kind == FrontendKind::ClusterIp));
+    assert_eq!(specs.len(), 16, "every frontend is served");
+    assert_eq!(
+        specs
+            .iter()
+            .filter(|s| s.kind == FrontendKind::ClusterIp)
+            .count(),
+        13
+    );
     assert!(specs.iter().all(|s| s.return_path == ReturnPath::Snat));
     assert!(specs
         .iter()
         .flat_map(|s| &s.backends)
         .all(|b| b.weight == 1));
-    let table = Table::build(1, 0, &specs).unwrap();
-    assert_eq!(table.frontends().len(), 13);
+    let table = Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+    assert_eq!(table.frontends().len(), 16);
 
     let ip = |s: &str| addr16(s.parse::<IpAddr>().unwrap());
     let web = table.frontend(&ip("198.19.0.10"), 80, Proto::Tcp).unwrap();
@@ -366,14 +379,14 @@ fn fixture_feeds_the_dataplane_table_with_cluster_ips_only() {
     assert!(table
         .frontend(&ip("2001:db8:ffff::20"), 80, Proto::Tcp)
         .is_some());
-    // Carried but not served: node port, external IP, load-balancer IP.
-    assert!(table.frontend(&ip("0.0.0.0"), 30080, Proto::Tcp).is_none());
+    // Served: node port, external IP, load-balancer IP.
+    assert!(table.frontend(&ip("0.0.0.0"), 30080, Proto::Tcp).is_some());
     assert!(table
         .frontend(&ip("198.18.200.1"), 80, Proto::Tcp)
-        .is_none());
+        .is_some());
     assert!(table
         .frontend(&ip("198.18.201.1"), 80, Proto::Tcp)
-        .is_none());
+        .is_some());
     assert!(table.frontend(&ip("198.19.0.50"), 80, Proto::Tcp).is_some());
     // Empty frontends exist (so traffic is rejected), with no ring.
     let empty = table.frontend(&ip("198.19.0.32"), 80, Proto::Tcp).unwrap();
@@ -394,7 +407,7 @@ fn fixture_feeds_the_dataplane_table_with_cluster_ips_only() {
 }
 
 #[test]
-fn table_view_marks_frontends_not_served_yet() {
+fn table_view_lists_every_kind_as_served() {
     let t = model(&fixture("cluster.yaml")).to_table();
     let line = |needle: &str| {
         t.lines()
@@ -402,10 +415,17 @@ fn table_view_marks_frontends_not_served_yet() {
             .unwrap_or_else(|| panic!("no line with {needle:?} in\n{t}"))
             .to_owned()
     };
-    assert!(line("0.0.0.0:30080 NodePort default/exposed:http").ends_with("(not served yet)"));
-    assert!(line("198.18.200.1:80 ExternalIP").ends_with("(not served yet)"));
-    assert!(line("198.18.201.1:80 LoadBalancer").ends_with("(not served yet)"));
-    assert!(!line("198.19.0.50:80 ClusterIP").contains("not served"));
+    assert!(line("0.0.0.0:30080 NodePort default/exposed:http")
+        .ends_with(" on node addresses in 0.0.0.0/0"));
+    assert_eq!(
+        line("198.18.200.1:80 ExternalIP"),
+        "TCP  198.18.200.1:80 ExternalIP default/exposed:http snat"
+    );
+    assert_eq!(
+        line("198.18.201.1:80 LoadBalancer"),
+        "TCP  198.18.201.1:80 LoadBalancer default/exposed:http snat"
+    );
+    assert!(!t.contains("not served"));
     assert!(line("198.19.0.40:80 ClusterIP default/sticky:http").contains("persistent 10800"));
     assert!(t.contains("[2001:db8:ffff::20]:80 ClusterIP default/dual snat\n"));
     assert!(t.contains("  -> [2001:db8:1::1]:8080"));
@@ -620,7 +640,7 @@ fn slices_join_their_service_in_their_own_namespace() {
 
 #[test]
 fn unknown_kinds_and_versions_are_skipped() {
-    let yaml = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\nspec: {replicas: 3}\n---\napiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: old, namespace: shop}\naddressType: IPv4\nendpoints: []\n---\napiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n";
+    let yaml = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: shop}\nspec: {replicas: 3}\n---\napiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: old, namespace: shop}\naddressType: IPv4\nendpoints: []\n---\napiVersion: v1\nkind: PersistentVolume\nmetadata: {name: node-a}\n";
     let m = model(yaml);
     assert!(m.frontends.is_empty());
     assert_eq!(
@@ -628,15 +648,15 @@ fn unknown_kinds_and_versions_are_skipped() {
         [
             (
                 "Deployment shop/web".to_owned(),
-                "kind Deployment (apps/v1) is not read (clustergate reads Service and EndpointSlice)".to_owned()
+                "kind Deployment (apps/v1) is not read (clustergate reads Service, EndpointSlice and Node)".to_owned()
             ),
             (
                 "EndpointSlice shop/old".to_owned(),
                 "apiVersion discovery.k8s.io/v1beta1 is not read (clustergate reads EndpointSlice discovery.k8s.io/v1)".to_owned()
             ),
             (
-                "Node node-a".to_owned(),
-                "kind Node (v1) is not read (clustergate reads Service and EndpointSlice)".to_owned()
+                "PersistentVolume node-a".to_owned(),
+                "kind PersistentVolume (v1) is not read (clustergate reads Service, EndpointSlice and Node)".to_owned()
             ),
         ]
     );
@@ -654,10 +674,18 @@ fn empty_manifests_give_an_empty_model() {
         "apiVersion: v1\nkind: List\nmetadata: {resourceVersion: \"\"}\n",
     ] {
         let m = model(text);
-        assert_eq!(m, Model::default(), "{text:?}");
+        assert_eq!(
+            m,
+            Model {
+                node_port_addresses: default_node_port_addresses(),
+                ..Model::default()
+            },
+            "{text:?}"
+        );
         assert_eq!(
             m.to_json(),
-            json!({"frontends": [], "skipped": [], "notes": []})
+            json!({"frontends": [], "skipped": [], "notes": [], "nodes": [],
+                "node_port_addresses": ["0.0.0.0/0", "::/0"], "health_checks": []})
         );
     }
 }
@@ -1060,7 +1088,7 @@ fn affinity_timeout_out_of_range_is_refused() {
 // ---------------------------------------------------------------- exposure kinds
 
 #[test]
-fn node_ports_external_ips_and_load_balancers_are_carried_not_served() {
+fn node_ports_external_ips_and_load_balancers_are_served() {
     let yaml = service(
         "edge",
         "  type: LoadBalancer\n  clusterIP: 198.19.0.50\n  clusterIPs: [198.19.0.50, \"2001:db8:ffff::50\"]\n  externalIPs: [198.18.200.1, \"2001:db8:200::1\"]\n  ports: [{name: https, port: 443, nodePort: 30443}]\n",
@@ -1092,16 +1120,32 @@ fn node_ports_external_ips_and_load_balancers_are_carried_not_served() {
         )]
     );
     let specs = m.service_specs();
-    assert_eq!(specs.len(), 2);
+    assert_eq!(specs.len(), 7, "every frontend is served");
+    let kinds = |k| specs.iter().filter(|s| s.kind == k).count();
+    assert_eq!(kinds(FrontendKind::ClusterIp), 2);
+    assert_eq!(kinds(FrontendKind::NodePort), 2);
+    assert_eq!(kinds(FrontendKind::ExternalIp), 2);
+    assert_eq!(kinds(FrontendKind::LoadBalancer), 1);
     assert!(specs
         .iter()
-        .all(|s| s.kind == FrontendKind::ClusterIp && s.port == 443));
-    let not_served = m
-        .to_table()
-        .lines()
-        .filter(|l| l.ends_with("(not served yet)"))
-        .count();
-    assert_eq!(not_served, 5);
+        .all(|s| s.source_ranges.is_none() && !s.node_local));
+    assert!(!m.to_table().contains("not served"));
+    // The dataplane takes them all: node ports on the unspecified address.
+    let table = Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+    assert_eq!(table.frontends().len(), 7);
+    let ip = |s: &str| addr16(s.parse::<IpAddr>().unwrap());
+    for (addr, port) in [
+        ("0.0.0.0", 30443),
+        ("::", 30443),
+        ("198.18.200.1", 443),
+        ("2001:db8:200::1", 443),
+        ("198.18.201.1", 443),
+    ] {
+        assert!(
+            table.frontend(&ip(addr), port, Proto::Tcp).is_some(),
+            "{addr}:{port}"
+        );
+    }
 }
 
 #[test]
@@ -1134,7 +1178,8 @@ fn an_external_ip_on_another_services_cluster_ip_is_ignored() {
         skipped_of(&m),
         [(
             "Service default/b".to_owned(),
-            "ExternalIP frontend 198.19.0.1:80/TCP is already a ClusterIP frontend of default/a; ignored".to_owned()
+            "spec.externalIPs[0]: 198.19.0.1 is the cluster IP of Service default/a; not served"
+                .to_owned()
         )]
     );
 }
@@ -1158,14 +1203,6 @@ fn invalid_service_port_names_object_and_field() {
     assert_eq!(
         e,
         "Service default/web: spec.ports[0].protocol: \"ICMP\" is not TCP, UDP or SCTP"
-    );
-    let e = refused(&service(
-        "web",
-        "  type: NodePort\n  clusterIP: 198.19.0.10\n  ports: [{port: 80, nodePort: 65536}]\n",
-    ));
-    assert_eq!(
-        e,
-        "Service default/web: spec.ports[0].nodePort: 65536 is not a valid port"
     );
     let e = refused(&service(
         "web",
@@ -1802,7 +1839,7 @@ fn show_prints_return_paths_and_notes() {
     );
     assert_eq!(
         line("0.0.0.0:30443"),
-        "TCP  0.0.0.0:30443 NodePort default/edge:https routed (not served yet)"
+        "TCP  0.0.0.0:30443 NodePort default/edge:https routed on node addresses in 0.0.0.0/0"
     );
     assert!(
         t.ends_with("\nNotes:\n  Service default/web: dsr: ClusterIP frontend 198.19.0.10:80/TCP delivers the client's packets unchanged, to port 80, but backends listen on port 8080: they must also accept port 80\n"),
@@ -1827,4 +1864,579 @@ fn the_dataplane_table_carries_each_frontends_return_path() {
         assert_eq!(Table::return_path(record), want, "{addr}");
         assert_eq!(record.return_path, want as u8, "{addr}");
     }
+}
+
+// ---------------------------------------------------------------- every way in (issue 11)
+
+/// A Node document: `pod_cidrs` and `addresses` (type, address) as given.
+fn node(name: &str, pod_cidrs: &[&str], addresses: &[(&str, &str)]) -> String {
+    let cidrs: Vec<String> = pod_cidrs.iter().map(|c| format!("\"{c}\"")).collect();
+    let addrs: Vec<String> = addresses
+        .iter()
+        .map(|(t, a)| format!("{{type: {t}, address: \"{a}\"}}"))
+        .collect();
+    format!(
+        "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\nspec:\n  podCIDRs: [{}]\nstatus:\n  addresses: [{}]\n",
+        cidrs.join(", "),
+        addrs.join(", ")
+    )
+}
+
+/// A dual-stack LoadBalancer Service `default/lb` on 80 (node port 30080),
+/// with `extra` spec lines and LB ingress IPs `ingress`, and a ready
+/// endpoint per family.
+fn lb(extra: &str, ingress: &[&str]) -> String {
+    let ing: Vec<String> = ingress.iter().map(|i| format!("{{ip: \"{i}\"}}")).collect();
+    service(
+        "lb",
+        &format!("  type: LoadBalancer\n  clusterIPs: [198.19.0.80, \"2001:db8:ffff::80\"]\n  ports: [{{port: 80, nodePort: 30080}}]\n{extra}"),
+    ) + &format!("status:\n  loadBalancer:\n    ingress: [{}]\n", ing.join(", "))
+        + &slice("lb-4", "lb", "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.8.1]\n")
+        + &slice("lb-6", "lb", "addressType: IPv6\nports: [{port: 8080}]\nendpoints:\n- addresses: [\"2001:db8:8::1\"]\n")
+}
+
+/// (kind, address, port, source ranges, node-local) of each frontend of `svc`.
+fn shapes(m: &Model, svc: &str) -> Vec<(String, String, u64, Value, bool)> {
+    frontends_of(m, svc)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["kind"].as_str().unwrap().to_owned(),
+                f["address"].as_str().unwrap().to_owned(),
+                f["port"].as_u64().unwrap(),
+                f["source_ranges"].clone(),
+                f["node_local"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn shape(
+    kind: &str,
+    address: &str,
+    port: u64,
+    ranges: Value,
+    local: bool,
+) -> (String, String, u64, Value, bool) {
+    (kind.to_owned(), address.to_owned(), port, ranges, local)
+}
+
+#[test]
+fn node_ports_are_served_per_family_on_the_unspecified_address() {
+    let m = model(&lb("", &[]));
+    let nodeports: Vec<_> = shapes(&m, "default/lb")
+        .into_iter()
+        .filter(|s| s.0 == "NodePort")
+        .collect();
+    assert_eq!(
+        nodeports,
+        [
+            shape("NodePort", "0.0.0.0", 30080, Value::Null, false),
+            shape("NodePort", "::", 30080, Value::Null, false),
+        ]
+    );
+    // Default --nodeport-addresses: every address of the node.
+    let spec = m.table_spec();
+    assert_eq!(
+        spec.node_port_addresses,
+        ["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()] as [ipnet::IpNet; 2]
+    );
+}
+
+#[test]
+fn nodeport_addresses_reach_the_table_spec() {
+    let options = ModelOptions {
+        node_port_addresses: vec![
+            "10.0.0.0/8".parse().unwrap(),
+            "2001:db8:1::/64".parse().unwrap(),
+        ],
+        ..ModelOptions::default()
+    };
+    let m = model_with(&lb("", &[]), &options);
+    assert_eq!(
+        m.table_spec().node_port_addresses,
+        options.node_port_addresses
+    );
+    assert_eq!(
+        m.to_json()["node_port_addresses"],
+        json!(["10.0.0.0/8", "2001:db8:1::/64"])
+    );
+    let table = Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+    assert_eq!(
+        table.frontends().len(),
+        4,
+        "a ClusterIP and a NodePort per family"
+    );
+}
+
+#[test]
+fn a_node_port_outside_the_range_is_skipped_with_its_field() {
+    for (node_port, range, served) in [
+        (30080, 30000..=32767, true),
+        (30000, 30000..=32767, true),
+        (32767, 30000..=32767, true),
+        (29999, 30000..=32767, false),
+        (32768, 30000..=32767, false),
+        (65536, 30000..=32767, false),
+        (8080, 30000..=32767, false),
+        (8080, 8000..=9000, true),
+    ] {
+        let yaml = service(
+            "np",
+            &format!("  type: NodePort\n  clusterIP: 198.19.0.81\n  ports: [{{port: 80, nodePort: {node_port}}}]\n"),
+        );
+        let m = model_with(
+            &yaml,
+            &ModelOptions {
+                node_port_range: range.clone(),
+                ..ModelOptions::default()
+            },
+        );
+        let kinds: Vec<_> = m.frontends.iter().map(|f| (f.kind, f.port)).collect();
+        if served {
+            assert_eq!(
+                kinds,
+                [
+                    (FrontendKind::NodePort, node_port as u16),
+                    (FrontendKind::ClusterIp, 80)
+                ],
+                "{node_port} in {range:?}"
+            );
+            assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+        } else {
+            assert_eq!(
+                kinds,
+                [(FrontendKind::ClusterIp, 80)],
+                "{node_port} in {range:?}"
+            );
+            assert_eq!(
+                skipped_of(&m),
+                [(
+                    "Service default/np".to_owned(),
+                    format!(
+                        "spec.ports[0].nodePort: {node_port} is outside the node port range {}-{} (--service-node-port-range); its NodePort frontends are not served",
+                        range.start(),
+                        range.end()
+                    )
+                )]
+            );
+        }
+    }
+}
+
+#[test]
+fn two_services_on_one_node_port_the_second_is_skipped() {
+    let yaml = service(
+        "a",
+        "  type: NodePort\n  clusterIP: 198.19.0.1\n  ports: [{port: 80, nodePort: 30001}]\n",
+    ) + &service(
+        "b",
+        "  type: NodePort\n  clusterIP: 198.19.0.2\n  ports: [{port: 80, nodePort: 30001}, {name: dns, port: 53, protocol: UDP, nodePort: 30001}]\n",
+    );
+    let m = model(&yaml);
+    let np: Vec<_> = m
+        .frontends
+        .iter()
+        .filter(|f| f.kind == FrontendKind::NodePort)
+        .map(|f| (f.service.as_str(), f.port, f.protocol))
+        .collect();
+    // The same number with another protocol is another frontend.
+    assert_eq!(
+        np,
+        [
+            ("default/a", 30001, Proto::Tcp),
+            ("default/b", 30001, Proto::Udp)
+        ]
+    );
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/b".to_owned(),
+            "spec.ports[].nodePort: NodePort frontend 0.0.0.0:30001/TCP is already a NodePort frontend of default/a; ignored".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn two_services_on_one_load_balancer_ip_the_second_is_skipped() {
+    let yaml = lb("", &["198.18.210.1"])
+        + &service(
+            "other",
+            "  type: LoadBalancer\n  clusterIP: 198.19.0.82\n  ports: [{port: 80, nodePort: 30082}]\n",
+        )
+        + "status:\n  loadBalancer:\n    ingress: [{ip: 198.18.210.1}]\n";
+    let m = model(&yaml);
+    let lbs: Vec<_> = m
+        .frontends
+        .iter()
+        .filter(|f| f.kind == FrontendKind::LoadBalancer)
+        .map(|f| f.service.as_str())
+        .collect();
+    assert_eq!(lbs, ["default/lb"]);
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/other".to_owned(),
+            "status.loadBalancer.ingress[].ip: LoadBalancer frontend 198.18.210.1:80/TCP is already a LoadBalancer frontend of default/lb; ignored".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn an_external_ip_that_is_a_cluster_ip_on_another_port_is_skipped_too() {
+    let yaml = service("a", "  clusterIP: 198.19.0.1\n  ports: [{port: 443}]\n")
+        + &service(
+            "b",
+            "  clusterIP: 198.19.0.2\n  externalIPs: [198.19.0.1, 198.18.200.9]\n  ports: [{port: 80}]\n",
+        );
+    let m = model(&yaml);
+    let ext: Vec<_> = m
+        .frontends
+        .iter()
+        .filter(|f| f.kind == FrontendKind::ExternalIp)
+        .map(|f| f.address.to_string())
+        .collect();
+    assert_eq!(ext, ["198.18.200.9"], "the other external IP is served");
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/b".to_owned(),
+            "spec.externalIPs[0]: 198.19.0.1 is the cluster IP of Service default/a; not served"
+                .to_owned()
+        )]
+    );
+}
+
+#[test]
+fn external_and_load_balancer_ips_are_served_per_family() {
+    let m = model(&lb(
+        "  externalIPs: [198.18.200.8, \"2001:db8:200::8\"]\n",
+        &["198.18.210.8", "2001:db8:210::8"],
+    ));
+    let got: Vec<_> = shapes(&m, "default/lb")
+        .into_iter()
+        .map(|s| (s.0, s.1))
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("NodePort", "0.0.0.0"),
+        ("ExternalIP", "198.18.200.8"),
+        ("LoadBalancer", "198.18.210.8"),
+        ("ClusterIP", "198.19.0.80"),
+        ("NodePort", "::"),
+        ("ExternalIP", "2001:db8:200::8"),
+        ("LoadBalancer", "2001:db8:210::8"),
+        ("ClusterIP", "2001:db8:ffff::80"),
+    ]
+    .iter()
+    .map(|(k, a)| ((*k).to_owned(), (*a).to_owned()))
+    .collect();
+    assert_eq!(got, want);
+    // Each with the endpoints of its own family.
+    for f in &m.frontends {
+        assert!(f
+            .backends
+            .iter()
+            .all(|b| b.address.is_ipv4() == f.address.is_ipv4()));
+        assert_eq!(f.backends.len(), 1);
+    }
+    let table = Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+    assert_eq!(table.frontends().len(), 8);
+}
+
+#[test]
+fn load_balancer_source_ranges_close_only_the_load_balancer_frontends() {
+    // Dual-stack Service, IPv4 ranges only (one padded, one with host bits).
+    let m = model(&lb(
+        "  externalIPs: [198.18.200.8]\n  loadBalancerSourceRanges: [\" 203.0.113.0/24 \", 198.51.100.7/16]\n",
+        &["198.18.210.8", "2001:db8:210::8"],
+    ));
+    let got = shapes(&m, "default/lb");
+    let ranges = |kind: &str, addr: &str| {
+        got.iter()
+            .find(|s| s.0 == kind && s.1 == addr)
+            .unwrap_or_else(|| panic!("no {kind} {addr} in {got:?}"))
+            .3
+            .clone()
+    };
+    assert_eq!(
+        ranges("LoadBalancer", "198.18.210.8"),
+        json!(["203.0.113.0/24", "198.51.0.0/16"])
+    );
+    // No IPv6 range: the IPv6 LB IP takes no source (deviation: kube-proxy
+    // leaves it open).
+    assert_eq!(ranges("LoadBalancer", "2001:db8:210::8"), json!([]));
+    // ClusterIP, NodePort and external IPs stay open, as in kube-proxy.
+    for (k, a) in [
+        ("ClusterIP", "198.19.0.80"),
+        ("ClusterIP", "2001:db8:ffff::80"),
+        ("NodePort", "0.0.0.0"),
+        ("NodePort", "::"),
+        ("ExternalIP", "198.18.200.8"),
+    ] {
+        assert_eq!(ranges(k, a), Value::Null, "{k} {a}");
+    }
+    assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+    // The dataplane takes them (ranges of the frontend's family only).
+    Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+    let t = m.to_table();
+    assert!(
+        t.contains(
+            "198.18.210.8:80 LoadBalancer default/lb snat from 203.0.113.0/24,198.51.0.0/16\n"
+        ),
+        "{t}"
+    );
+    assert!(
+        t.contains("[2001:db8:210::8]:80 LoadBalancer default/lb snat from nowhere\n"),
+        "{t}"
+    );
+}
+
+#[test]
+fn a_source_range_that_is_not_a_cidr_closes_the_load_balancer_frontends() {
+    let m = model(&lb(
+        "  loadBalancerSourceRanges: [203.0.113.0/24, 203.0.113.300/24]\n",
+        &["198.18.210.8"],
+    ));
+    let kinds: BTreeSet<String> = shapes(&m, "default/lb").into_iter().map(|s| s.0).collect();
+    assert_eq!(
+        kinds,
+        ["ClusterIP", "NodePort"].map(str::to_owned).into(),
+        "fail closed: no LoadBalancer frontend, the rest served"
+    );
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/lb".to_owned(),
+            "spec.loadBalancerSourceRanges[1]: \"203.0.113.300/24\" is not a CIDR; its LoadBalancer frontends are not served (fail closed)".to_owned()
+        )]
+    );
+}
+
+/// Two nodes (dual-stack pod CIDRs and addresses) and a Service with
+/// `internalTrafficPolicy: Local` whose endpoints are on node-a, node-b, an
+/// unknown node and no node.
+fn node_local_manifest(policy: &str) -> String {
+    node(
+        "node-a",
+        &["10.244.1.0/24", "fd00:1::/64"],
+        &[("InternalIP", "192.168.0.1"), ("ExternalIP", "203.0.113.1"), ("Hostname", "node-a")],
+    ) + &node(
+        "node-b",
+        &["10.244.2.0/24"],
+        &[("InternalIP", "192.168.0.2"), ("InternalIP", "2001:db8:99::2")],
+    ) + &service(
+        "local",
+        &format!("  clusterIP: 198.19.0.90\n  internalTrafficPolicy: {policy}\n  externalIPs: [198.18.200.90]\n  ports: [{{port: 80}}]\n"),
+    ) + &slice(
+        "local-1",
+        "local",
+        "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- {addresses: [10.244.1.5], nodeName: node-a}\n- {addresses: [10.244.2.5], nodeName: node-b}\n- {addresses: [10.244.3.5], nodeName: node-gone}\n- {addresses: [10.244.4.5]}\n",
+    )
+}
+
+#[test]
+fn internal_traffic_policy_local_makes_cluster_ip_frontends_node_local() {
+    let m = model(&node_local_manifest("Local"));
+    let got = shapes(&m, "default/local");
+    assert_eq!(
+        got,
+        [
+            shape("ExternalIP", "198.18.200.90", 80, Value::Null, false),
+            shape("ClusterIP", "198.19.0.90", 80, Value::Null, true),
+        ],
+        "only the ClusterIP frontend is internal traffic"
+    );
+    let cip = m
+        .frontends
+        .iter()
+        .find(|f| f.kind == FrontendKind::ClusterIp)
+        .unwrap();
+    let nodes: Vec<_> = cip
+        .backends
+        .iter()
+        .map(|b| (b.address.to_string(), b.node))
+        .collect();
+    assert_eq!(
+        nodes,
+        [
+            ("10.244.1.5".to_owned(), Some(1)),
+            ("10.244.2.5".to_owned(), Some(2)),
+            ("10.244.3.5".to_owned(), None),
+            ("10.244.4.5".to_owned(), None),
+        ],
+        "unknown node and no nodeName: never local"
+    );
+    assert_eq!(
+        m.to_json()["nodes"],
+        json!([
+            {"name": "node-a", "number": 1,
+             "prefixes": ["10.244.1.0/24", "fd00:1::/64", "192.168.0.1/32", "203.0.113.1/32"]},
+            {"name": "node-b", "number": 2,
+             "prefixes": ["10.244.2.0/24", "192.168.0.2/32", "2001:db8:99::2/128"]},
+        ])
+    );
+    let spec = m.table_spec();
+    assert_eq!(spec.nodes.len(), 7);
+    let cip_spec = spec.services.iter().find(|s| s.node_local).unwrap();
+    assert_eq!(
+        cip_spec.backends.iter().map(|b| b.node).collect::<Vec<_>>(),
+        [Some(1), Some(2), None, None]
+    );
+    assert!(
+        spec.services
+            .iter()
+            .filter(|s| !s.node_local)
+            .all(|s| s.backends.iter().all(|b| b.node.is_none())),
+        "nodes only where they are used"
+    );
+    // The dataplane builds a ring per node.
+    let table = Table::build_full(1, 0, &spec, DEFAULT_MAX_RING_SIZE).unwrap();
+    assert_eq!(table.frontends().len(), 2);
+    assert!(m
+        .to_table()
+        .contains("198.19.0.90:80 ClusterIP default/local snat node-local\n"));
+    assert!(
+        m.to_table()
+            .contains("  -> 10.244.1.5:8080              ready node node-a\n"),
+        "{}",
+        m.to_table()
+    );
+
+    // Cluster (and the default): no node-local frontend.
+    for policy in ["Cluster", "\"\""] {
+        let m = model(&node_local_manifest(policy));
+        assert!(m.frontends.iter().all(|f| !f.node_local), "{policy}");
+    }
+}
+
+#[test]
+fn an_invalid_internal_traffic_policy_skips_the_service() {
+    let m = model(&node_local_manifest("Nearby"));
+    assert!(frontends_of(&m, "default/local")
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(skipped_of(&m).contains(&(
+        "Service default/local".to_owned(),
+        "spec.internalTrafficPolicy: \"Nearby\" is not Cluster or Local; not served".to_owned()
+    )));
+}
+
+#[test]
+fn a_bad_node_is_skipped_and_its_endpoints_are_never_local() {
+    let yaml = node_local_manifest("Local").replace("\"10.244.2.0/24\"", "\"10.244.2.0/33\"");
+    let m = model(&yaml);
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Node node-b".to_owned(),
+            "spec.podCIDRs[0]: \"10.244.2.0/33\" is not a CIDR; the Node is ignored (its endpoints are never node-local)".to_owned()
+        )]
+    );
+    assert_eq!(m.nodes.len(), 1);
+    let cip = m
+        .frontends
+        .iter()
+        .find(|f| f.kind == FrontendKind::ClusterIp)
+        .unwrap();
+    assert_eq!(
+        cip.backends.iter().map(|b| b.node).collect::<Vec<_>>(),
+        [Some(1), None, None, None]
+    );
+    Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+}
+
+#[test]
+fn a_prefix_of_two_nodes_stays_with_the_first() {
+    let yaml = node(
+        "node-a",
+        &["10.244.1.0/24"],
+        &[("InternalIP", "192.168.0.1")],
+    ) + &node("node-b", &["10.244.1.0/24", "10.244.2.0/24"], &[]);
+    let m = model(&yaml);
+    assert_eq!(
+        m.to_json()["nodes"],
+        json!([
+            {"name": "node-a", "number": 1, "prefixes": ["10.244.1.0/24", "192.168.0.1/32"]},
+            {"name": "node-b", "number": 2, "prefixes": ["10.244.2.0/24"]},
+        ])
+    );
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Node node-b".to_owned(),
+            "10.244.1.0/24 is already a prefix of Node node-a; left out".to_owned()
+        )]
+    );
+    Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+}
+
+#[test]
+fn health_checks_of_local_load_balancers() {
+    // Dual-stack: one endpoint per family, two endpoints in all.
+    let m = model(&lb(
+        "  externalTrafficPolicy: Local\n  healthCheckNodePort: 31000\n",
+        &["198.18.210.8"],
+    ));
+    assert_eq!(
+        m.to_json()["health_checks"],
+        json!([{"service": "default/lb", "port": 31000, "endpoints": 2}])
+    );
+    // externalTrafficPolicy Local keeps the client's address on the external
+    // frontends, and uses every ready endpoint.
+    for f in &m.frontends {
+        let want = if f.kind == FrontendKind::ClusterIp {
+            ReturnPath::Snat
+        } else {
+            ReturnPath::Routed
+        };
+        assert_eq!(f.return_path, want, "{:?}", f.kind);
+        assert_eq!(f.backends.len(), 1);
+    }
+
+    // No endpoints: a health check with none (it answers 503).
+    let yaml = service(
+        "lb",
+        "  type: LoadBalancer\n  clusterIP: 198.19.0.80\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 31000\n  ports: [{port: 80, nodePort: 30080}]\n",
+    );
+    assert_eq!(
+        model(&yaml).to_json()["health_checks"],
+        json!([{"service": "default/lb", "port": 31000, "endpoints": 0}])
+    );
+    // Cluster policy: no health check (the API allocates none either).
+    let m = model(&lb(
+        "  externalTrafficPolicy: Cluster\n  healthCheckNodePort: 31000\n",
+        &[],
+    ));
+    assert_eq!(m.to_json()["health_checks"], json!([]));
+    // Outside the range: skipped, the frontends still served.
+    let m = model(&lb(
+        "  externalTrafficPolicy: Local\n  healthCheckNodePort: 1000\n",
+        &[],
+    ));
+    assert_eq!(m.to_json()["health_checks"], json!([]));
+    assert_eq!(m.frontends.len(), 4);
+    assert_eq!(
+        skipped_of(&m),
+        [(
+            "Service default/lb".to_owned(),
+            "spec.healthCheckNodePort: 1000 is outside the node port range 30000-32767 (--service-node-port-range); no health check is answered".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn nodes_in_a_list_manifest_are_read() {
+    let yaml = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Node\n  metadata: {name: n1}\n  spec: {podCIDR: 10.244.7.0/24}\n";
+    let m = model(yaml);
+    assert_eq!(
+        m.to_json()["nodes"],
+        json!([{"name": "n1", "number": 1, "prefixes": ["10.244.7.0/24"]}])
+    );
+    assert!(m.skipped.is_empty());
+    // A Node with a wrongly typed field is refused, naming it.
+    let e = refused("apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDRs: 5}\n");
+    assert!(e.starts_with("Node n1: spec.podCIDRs: invalid type"), "{e}");
 }

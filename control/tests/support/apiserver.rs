@@ -2,7 +2,7 @@
 //!
 //! It serves what `kube_source` uses, and only that: list and watch of
 //! `/api/v1/services` and `/apis/discovery.k8s.io/v1/endpointslices` across
-//! all namespaces, with
+//! all namespaces, and of `/api/v1/nodes` (cluster-scoped), with
 //!
 //! - one global resourceVersion, bumped by every write, set on the object;
 //! - lists that return the current objects and the current resourceVersion;
@@ -32,13 +32,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, oneshot};
 use tokio::task::{JoinHandle, JoinSet};
 
-/// The two kinds served.
+/// The kinds served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     /// `v1` Service.
     Service,
     /// `discovery.k8s.io/v1` EndpointSlice.
     EndpointSlice,
+    /// `v1` Node (cluster-scoped: its namespace is `""`).
+    Node,
 }
 
 impl Kind {
@@ -46,6 +48,7 @@ impl Kind {
         match object["kind"].as_str() {
             Some("Service") => Self::Service,
             Some("EndpointSlice") => Self::EndpointSlice,
+            Some("Node") => Self::Node,
             other => panic!("the test API server has no kind {other:?}"),
         }
     }
@@ -54,6 +57,7 @@ impl Kind {
         match path {
             "/api/v1/services" => Some(Self::Service),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Self::EndpointSlice),
+            "/api/v1/nodes" => Some(Self::Node),
             _ => None,
         }
     }
@@ -62,6 +66,7 @@ impl Kind {
         match self {
             Self::Service => ("v1", "ServiceList"),
             Self::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSliceList"),
+            Self::Node => ("v1", "NodeList"),
         }
     }
 
@@ -69,6 +74,7 @@ impl Kind {
         match self {
             Self::Service => ("v1", "Service"),
             Self::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSlice"),
+            Self::Node => ("v1", "Node"),
         }
     }
 }
@@ -319,7 +325,11 @@ impl ApiServer {
 
 fn key_of(kind: Kind, object: &Value) -> Key {
     let meta = &object["metadata"];
-    let ns = meta["namespace"].as_str().unwrap_or("default").to_owned();
+    let ns = if kind == Kind::Node {
+        String::new()
+    } else {
+        meta["namespace"].as_str().unwrap_or("default").to_owned()
+    };
     let name = meta["name"].as_str().expect("metadata.name").to_owned();
     (kind, ns, name)
 }
