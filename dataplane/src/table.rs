@@ -195,8 +195,7 @@ impl PrefixRecord {
     #[inline]
     #[must_use]
     pub fn contains(&self, a: &Addr16) -> bool {
-        is_v4_mapped(&self.addr) == is_v4_mapped(a)
-            && masked(a, self.canonical_len()) == self.addr
+        is_v4_mapped(&self.addr) == is_v4_mapped(a) && masked(a, self.canonical_len()) == self.addr
     }
 }
 
@@ -236,7 +235,11 @@ fn max_len(a: &Addr16) -> u8 {
 fn masked(a: &Addr16, bits: u8) -> Addr16 {
     let bits = u32::from(bits.min(128));
     let v = u128::from_be_bytes(*a);
-    let m = if bits == 0 { 0 } else { u128::MAX << (128 - bits) };
+    let m = if bits == 0 {
+        0
+    } else {
+        u128::MAX << (128 - bits)
+    };
     (v & m).to_be_bytes()
 }
 
@@ -424,6 +427,14 @@ pub enum TableError {
         /// What is wrong.
         what: String,
     },
+    /// A per-node ring record holds a value out of range.
+    #[error("per-node ring #{index}: {what}")]
+    BadLocal {
+        /// Index in the per-node ring array.
+        index: usize,
+        /// What is wrong.
+        what: String,
+    },
     /// The Maglev builder refused the backends.
     #[error("frontend {frontend}: {source}")]
     Maglev {
@@ -498,11 +509,7 @@ fn check_prefix(p: &PrefixRecord) -> Result<(), String> {
         ));
     }
     if masked(&p.addr, p.canonical_len()) != p.addr {
-        return Err(format!(
-            "{}/{} has host bits set",
-            ip_from16(p.addr),
-            p.len
-        ));
+        return Err(format!("{}/{} has host bits set", ip_from16(p.addr), p.len));
     }
     if p.reserved != [0; 3] {
         return Err("reserved bytes are not zero".to_owned());
@@ -663,7 +670,10 @@ impl Table {
                         if !known_nodes.contains(&n) {
                             return Err(TableError::BadFrontend {
                                 index,
-                                what: format!("{name}: backend {} is on node {n}, which has no prefix", b.addr),
+                                what: format!(
+                                    "{name}: backend {} is on node {n}, which has no prefix",
+                                    b.addr
+                                ),
                             });
                         }
                         by_node.entry(n).or_default().push(i);
@@ -754,7 +764,11 @@ impl Table {
     /// # Errors
     /// The first record that is out of range, a duplicate frontend, or a
     /// duplicate node prefix.
-    pub fn assemble(generation: u64, hash_seed: u64, parts: TableParts) -> Result<Self, TableError> {
+    pub fn assemble(
+        generation: u64,
+        hash_seed: u64,
+        parts: TableParts,
+    ) -> Result<Self, TableError> {
         let TableParts {
             frontends,
             backends,
@@ -765,18 +779,31 @@ impl Table {
             node_port_prefixes,
         } = parts;
         let bad = |index: usize, what: String| TableError::BadFrontend { index, what };
-        for (section, list) in [
-            ("source range", &source_ranges),
-            ("node prefix", &node_prefixes),
-            ("node-port address", &node_port_prefixes),
+        for (section, list, names_nodes) in [
+            ("source range", &source_ranges, false),
+            ("node prefix", &node_prefixes, true),
+            ("node-port address", &node_port_prefixes, false),
         ] {
             for (index, p) in list.iter().enumerate() {
-                check_prefix(p).map_err(|what| TableError::BadPrefix {
+                let bad_prefix = |what| TableError::BadPrefix {
                     section,
                     index,
                     what,
-                })?;
+                };
+                check_prefix(p).map_err(bad_prefix)?;
+                if !names_nodes && p.node != 0 {
+                    return Err(bad_prefix(format!(
+                        "names node {} (only node prefixes name one)",
+                        p.node
+                    )));
+                }
             }
+        }
+        if let Some((index, l)) = locals.iter().enumerate().find(|(_, l)| l.reserved != 0) {
+            return Err(TableError::BadLocal {
+                index,
+                what: format!("reserved is {}, expected 0", l.reserved),
+            });
         }
         let check_ring = |i: usize, what: &str, start: u32, len: u32, backends_len: u32| {
             let r_end = u64::from(start) + u64::from(len);
@@ -861,7 +888,10 @@ impl Table {
             // Source ranges: only with the flag, within the array, same family.
             let g_end = u64::from(f.ranges_start) + u64::from(f.ranges_len);
             if f.flags & FRONTEND_SOURCE_RANGES == 0 && f.ranges_len > 0 {
-                return Err(bad(i, "source ranges without the source-range flag".to_owned()));
+                return Err(bad(
+                    i,
+                    "source ranges without the source-range flag".to_owned(),
+                ));
             }
             if g_end > source_ranges.len() as u64 {
                 return Err(bad(
@@ -886,7 +916,10 @@ impl Table {
             // by node, each ring within the ring array.
             let l_end = u64::from(f.locals_start) + u64::from(f.locals_len);
             if f.flags & FRONTEND_NODE_LOCAL == 0 && f.locals_len > 0 {
-                return Err(bad(i, "per-node rings without the node-local flag".to_owned()));
+                return Err(bad(
+                    i,
+                    "per-node rings without the node-local flag".to_owned(),
+                ));
             }
             if l_end > locals.len() as u64 {
                 return Err(bad(
@@ -930,7 +963,9 @@ impl Table {
         let mut node_lens = Vec::new();
         for (i, p) in node_prefixes.iter().enumerate() {
             let key = (is_v4_mapped(&p.addr), p.canonical_len(), p.addr);
-            if let Some(other) = nodes.insert(key, p.node) {
+            // The same prefix twice for one node is harmless; for two nodes
+            // it would make the client's node a matter of order.
+            if let Some(other) = nodes.insert(key, p.node).filter(|&o| o != p.node) {
                 return Err(TableError::BadPrefix {
                     section: "node prefix",
                     index: i,
@@ -945,7 +980,7 @@ impl Table {
                 node_lens.push((key.0, key.1));
             }
         }
-        node_lens.sort_by(|a, b| b.1.cmp(&a.1));
+        node_lens.sort_by_key(|&(_, len)| std::cmp::Reverse(len));
         Ok(Self {
             generation,
             hash_seed,
