@@ -1,14 +1,19 @@
 //! The service table: frontends, backends and Maglev rings, immutable once built.
 //!
 //! Owns: [`Table`] and its flat records ([`FrontendRecord`], [`BackendRecord`],
-//! ring slots as `u16`, a backend index within the frontend). The records are `#[repr(C)]` plain integers, so the
-//! shared-memory snapshot can hold exactly these arrays; [`Table::from_parts`]
-//! validates every length and index before a table is used, whoever built it.
-//! [`Table::build`] makes a table from a plain Rust description ([`ServiceSpec`]),
-//! computing the Maglev rings (tests, benches, and control).
+//! ring slots as `u16`, a backend index within the frontend; [`PrefixRecord`]s
+//! for source ranges, node prefixes and node-port addresses; [`LocalRecord`]s,
+//! the per-node rings of `internalTrafficPolicy: Local` frontends). The
+//! records are `#[repr(C)]` plain integers, so the shared-memory snapshot can
+//! hold exactly these arrays; [`Table::assemble`] validates every length,
+//! index and prefix before a table is used, whoever built it.
+//! [`Table::build`] and [`Table::build_full`] make a table from a plain Rust
+//! description ([`ServiceSpec`], [`TableSpec`]), computing the Maglev rings
+//! (tests, benches, and control).
 //!
 //! Must never: change after construction, or panic on lookup. The lookup side
-//! ([`Table::frontend`], [`Table::pick`]) does not allocate.
+//! ([`Table::frontend`], [`Table::node_port`], [`Table::source_allowed`],
+//! [`Table::client_node`], [`Table::pick`]) does not allocate.
 
 use std::net::IpAddr;
 
