@@ -30,6 +30,7 @@ use clustergate_dataplane::snat::{default_range, PortRange, ReturnConfig, LINUX_
 use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
 use clustergate_dataplane::testkit::{self, L4Spec, Tcp};
 use clustergate_dataplane::time::Now;
+use ipnet::IpNet;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -76,6 +77,12 @@ enum Command {
         /// Largest IP packet towards the backends once encapsulated for DSR.
         #[arg(long, value_name = "BYTES", default_value_t = 1500, value_parser = clap::value_parser!(u16).range(576..=9216))]
         encap_mtu: u16,
+        /// The node's addresses for node ports, as kube-proxy's flag:
+        /// `CIDR[,CIDR...]`; every address within them is taken as the
+        /// node's. Default: every address within the snapshot's node-port
+        /// addresses.
+        #[arg(long, value_name = "CIDR[,CIDR...]", value_delimiter = ',', value_parser = parse_cidr)]
+        nodeport_addresses: Option<Vec<IpNet>>,
     },
     /// Follow the snapshots published in a directory and report each change.
     Watch {
@@ -126,6 +133,7 @@ fn real_main() -> Result<()> {
             snat_addresses,
             snat_ports,
             encap_mtu,
+            nodeport_addresses,
         } => {
             let (snat_v4, snat_v6) =
                 gateway::snat_overrides(&snat_addresses).map_err(anyhow::Error::msg)?;
@@ -142,6 +150,7 @@ fn real_main() -> Result<()> {
                 verdicts.as_deref(),
                 flows as usize,
                 ret,
+                nodeport_addresses.map(replay::PrefixNodeAddrs),
             )
         }
         Command::Watch {
@@ -153,6 +162,13 @@ fn real_main() -> Result<()> {
     }
 }
 
+/// One CIDR of `--nodeport-addresses`.
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    s.trim()
+        .parse()
+        .map_err(|e| format!("{s:?} is not a CIDR (ADDRESS/LENGTH, like 198.18.0.0/24): {e}"))
+}
+
 fn run_replay(
     snapshot: &Path,
     pcap: &Path,
@@ -160,6 +176,7 @@ fn run_replay(
     verdicts: Option<&Path>,
     flows: usize,
     ret: ReturnConfig,
+    node_addrs: Option<replay::PrefixNodeAddrs>,
 ) -> Result<()> {
     let table = snapshot::load_file(snapshot)
         .with_context(|| format!("loading snapshot {}", snapshot.display()))?;
@@ -177,6 +194,7 @@ fn run_replay(
         &table,
         flows,
         ret,
+        node_addrs,
         input,
         output,
         vfile.as_mut().map(|f| f as &mut dyn std::io::Write),

@@ -9,6 +9,10 @@
 //! Ethernet addresses of forwarded frames are left as captured: at run time
 //! the gateway resolves the next hop through the kernel's neighbour table.
 //!
+//! Node ports: with `--nodeport-addresses`, every address within those
+//! prefixes is taken as the node's ([`PrefixNodeAddrs`]); without, every
+//! address within the snapshot's node-port addresses is.
+//!
 //! Return paths: the one replay worker has the whole SNAT range and the
 //! `--snat-address` overrides; with no routes to ask, the gateway's own
 //! address for a flow is the first `--snat-address` of its family (source
@@ -19,17 +23,30 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clustergate_dataplane::conntrack::{Config, Conntrack};
-use clustergate_dataplane::flow::ip_from16;
-use clustergate_dataplane::pipeline::{Counters, Side, Verdict, VerdictKind, Worker};
+use clustergate_dataplane::flow::{ip_from16, Addr16};
+use clustergate_dataplane::pipeline::{Counters, NodeAddrs, Side, Verdict, VerdictKind, Worker};
 use clustergate_dataplane::snat::{FixedSources, ReturnConfig};
 use clustergate_dataplane::table::Table;
 use clustergate_dataplane::time::Now;
+use ipnet::IpNet;
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
 use pcap_file::DataLink;
 
 /// Room a frame buffer has beyond the captured bytes, for rejects (an ICMP
 /// error quoting a short packet is longer than the packet).
 const HEADROOM: usize = 1600;
+
+/// The node's addresses as replay sees them: every address within some
+/// prefixes (`--nodeport-addresses`, as kube-proxy takes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefixNodeAddrs(pub Vec<IpNet>);
+
+impl NodeAddrs for PrefixNodeAddrs {
+    fn is_node_addr(&self, addr: &Addr16) -> bool {
+        let ip = ip_from16(*addr);
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+}
 
 /// What a replay did, for the summary line.
 #[derive(Debug, Default)]
@@ -46,7 +63,9 @@ pub struct Summary {
 
 /// Replays `input` (a pcap of Ethernet frames) through `table` with one
 /// worker configured by `ret`; writes the forwarded and rejected frames to
-/// `out` and, if given, one line per packet to `verdicts`.
+/// `out` and, if given, one line per packet to `verdicts`. `node_addrs`:
+/// the node's addresses for node ports (`None`: every address within the
+/// table's node-port addresses).
 ///
 /// # Errors
 /// A pcap that cannot be read or is not Ethernet, or a write that fails.
@@ -54,6 +73,7 @@ pub fn replay<R: Read, W: Write>(
     table: &Table,
     flows: usize,
     ret: ReturnConfig,
+    node_addrs: Option<PrefixNodeAddrs>,
     input: R,
     out: W,
     mut verdicts: Option<&mut dyn Write>,
@@ -87,6 +107,7 @@ pub fn replay<R: Read, W: Write>(
     };
     let mut worker = Worker::with_config(ct, ret);
     worker.set_sources(Some(Arc::new(sources)));
+    worker.set_node_addrs(node_addrs.map(|n| Arc::new(n) as Arc<dyn NodeAddrs>));
     let mut summary = Summary::default();
     let mut buf = Vec::new();
     while let Some(packet) = reader.next_packet() {

@@ -2,7 +2,8 @@
 //! reader (dataplane).
 //!
 //! Owns: the snapshot file format ([`Header`] followed by the flat
-//! [`FrontendRecord`], [`BackendRecord`] and ring-slot arrays, little-endian;
+//! [`FrontendRecord`], [`BackendRecord`], ring-slot, [`PrefixRecord`] and
+//! [`LocalRecord`] arrays, little-endian;
 //! `docs/shm-abi.md` is its reference), [`encode`] and [`decode`], the
 //! publish protocol ([`Writer`]: one file per generation, written under a
 //! temporary name, fsynced and renamed, then named by the `current` pointer
@@ -12,7 +13,7 @@
 //!
 //! Must never: use a snapshot before every byte of it has been validated
 //! (magic, ABI version, header checksum, lengths, offsets, body checksum, then
-//! every index through [`Table::from_parts`]); reinterpret bytes as structs
+//! every index through [`Table::assemble`]); reinterpret bytes as structs
 //! (each field is decoded with `from_le_bytes`); go back to an older
 //! generation; or let a refused snapshot replace the last good table.
 //!
@@ -55,24 +56,32 @@ use memmap2::Mmap;
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::table::{BackendRecord, FrontendRecord, Table, TableError, FRONTEND_FLAGS};
+use crate::table::{
+    BackendRecord, FrontendRecord, LocalRecord, PrefixRecord, Table, TableError, TableParts,
+    FRONTEND_FLAGS,
+};
 
 /// The first 8 bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"CGSNAP\0\0";
 /// The layout version. Any change to the layout, the checksum or the flow hash
 /// bumps it; readers refuse every other version.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 /// Flow-hash function identifier: XXH3-64 (xxHash 0.8), as defined in
 /// `docs/architecture.md`, "Flow hash (ABI)". The only one known.
 pub const HASH_XXH3_64: u32 = 1;
 /// Size of the [`Header`] in bytes.
-pub const HEADER_LEN: usize = 128;
+pub const HEADER_LEN: usize = 192;
 /// Size of one [`FrontendRecord`] in the file.
 pub const FRONTEND_RECORD_LEN: usize = 64;
 /// Size of one [`BackendRecord`] in the file.
 pub const BACKEND_RECORD_LEN: usize = 24;
 /// Size of one ring slot (`u16`) in the file.
 pub const RING_SLOT_LEN: usize = 2;
+/// Size of one [`PrefixRecord`] in the file (source ranges, node prefixes,
+/// node-port addresses).
+pub const PREFIX_RECORD_LEN: usize = 24;
+/// Size of one [`LocalRecord`] in the file.
+pub const LOCAL_RECORD_LEN: usize = 16;
 /// Every section starts at a multiple of this many bytes from the file start.
 pub const SECTION_ALIGN: u64 = 8;
 /// Largest snapshot file a reader maps (4 GiB).
@@ -130,9 +139,27 @@ pub struct Header {
     pub ring_off: u64,
     /// Number of ring slots.
     pub ring_count: u64,
-    /// Reserved, zero.
-    pub reserved: u64,
-    /// XXH3-64 (seed 0) of header bytes `0..120` (everything before this field).
+    /// [`PREFIX_RECORD_LEN`].
+    pub prefix_record_len: u32,
+    /// [`LOCAL_RECORD_LEN`].
+    pub local_record_len: u32,
+    /// Offset of the source-range array (prefix records).
+    pub source_ranges_off: u64,
+    /// Number of source ranges.
+    pub source_ranges_count: u64,
+    /// Offset of the per-node ring array (local records).
+    pub locals_off: u64,
+    /// Number of per-node rings.
+    pub locals_count: u64,
+    /// Offset of the node-prefix array (prefix records).
+    pub node_prefixes_off: u64,
+    /// Number of node prefixes.
+    pub node_prefixes_count: u64,
+    /// Offset of the node-port address array (prefix records).
+    pub node_port_prefixes_off: u64,
+    /// Number of node-port address ranges.
+    pub node_port_prefixes_count: u64,
+    /// XXH3-64 (seed 0) of header bytes `0..184` (everything before this field).
     pub header_checksum: u64,
 }
 
@@ -157,8 +184,17 @@ const _: () = {
     assert!(offset_of!(Header, backends_count) == 88);
     assert!(offset_of!(Header, ring_off) == 96);
     assert!(offset_of!(Header, ring_count) == 104);
-    assert!(offset_of!(Header, reserved) == 112);
-    assert!(offset_of!(Header, header_checksum) == 120);
+    assert!(offset_of!(Header, prefix_record_len) == 112);
+    assert!(offset_of!(Header, local_record_len) == 116);
+    assert!(offset_of!(Header, source_ranges_off) == 120);
+    assert!(offset_of!(Header, source_ranges_count) == 128);
+    assert!(offset_of!(Header, locals_off) == 136);
+    assert!(offset_of!(Header, locals_count) == 144);
+    assert!(offset_of!(Header, node_prefixes_off) == 152);
+    assert!(offset_of!(Header, node_prefixes_count) == 160);
+    assert!(offset_of!(Header, node_port_prefixes_off) == 168);
+    assert!(offset_of!(Header, node_port_prefixes_count) == 176);
+    assert!(offset_of!(Header, header_checksum) == 184);
 
     assert!(size_of::<FrontendRecord>() == FRONTEND_RECORD_LEN);
     assert!(offset_of!(FrontendRecord, addr) == 0);
@@ -185,11 +221,25 @@ const _: () = {
     assert!(offset_of!(BackendRecord, reserved) == 19);
     assert!(offset_of!(BackendRecord, weight) == 20);
 
+    assert!(size_of::<PrefixRecord>() == PREFIX_RECORD_LEN);
+    assert!(offset_of!(PrefixRecord, addr) == 0);
+    assert!(offset_of!(PrefixRecord, len) == 16);
+    assert!(offset_of!(PrefixRecord, reserved) == 17);
+    assert!(offset_of!(PrefixRecord, node) == 20);
+
+    assert!(size_of::<LocalRecord>() == LOCAL_RECORD_LEN);
+    assert!(offset_of!(LocalRecord, node) == 0);
+    assert!(offset_of!(LocalRecord, ring_start) == 4);
+    assert!(offset_of!(LocalRecord, ring_len) == 8);
+    assert!(offset_of!(LocalRecord, reserved) == 12);
+
     assert!(size_of::<u16>() == RING_SLOT_LEN);
     // Sections laid out back to back stay aligned.
     assert!((HEADER_LEN as u64).is_multiple_of(SECTION_ALIGN));
     assert!((FRONTEND_RECORD_LEN as u64).is_multiple_of(SECTION_ALIGN));
     assert!((BACKEND_RECORD_LEN as u64).is_multiple_of(SECTION_ALIGN));
+    assert!((PREFIX_RECORD_LEN as u64).is_multiple_of(SECTION_ALIGN));
+    assert!((LOCAL_RECORD_LEN as u64).is_multiple_of(SECTION_ALIGN));
 };
 
 /// Little-endian field access at fixed offsets. Every caller passes a buffer
@@ -239,7 +289,16 @@ impl Header {
             backends_count: get_u64(b, offset_of!(Self, backends_count)),
             ring_off: get_u64(b, offset_of!(Self, ring_off)),
             ring_count: get_u64(b, offset_of!(Self, ring_count)),
-            reserved: get_u64(b, offset_of!(Self, reserved)),
+            prefix_record_len: get_u32(b, offset_of!(Self, prefix_record_len)),
+            local_record_len: get_u32(b, offset_of!(Self, local_record_len)),
+            source_ranges_off: get_u64(b, offset_of!(Self, source_ranges_off)),
+            source_ranges_count: get_u64(b, offset_of!(Self, source_ranges_count)),
+            locals_off: get_u64(b, offset_of!(Self, locals_off)),
+            locals_count: get_u64(b, offset_of!(Self, locals_count)),
+            node_prefixes_off: get_u64(b, offset_of!(Self, node_prefixes_off)),
+            node_prefixes_count: get_u64(b, offset_of!(Self, node_prefixes_count)),
+            node_port_prefixes_off: get_u64(b, offset_of!(Self, node_port_prefixes_off)),
+            node_port_prefixes_count: get_u64(b, offset_of!(Self, node_port_prefixes_count)),
             header_checksum: get_u64(b, offset_of!(Self, header_checksum)),
         }
     }
@@ -249,96 +308,59 @@ impl Header {
     pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         put(&mut b, offset_of!(Self, magic), &self.magic);
-        put(
-            &mut b,
-            offset_of!(Self, abi_version),
-            &self.abi_version.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, header_len),
-            &self.header_len.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, generation),
-            &self.generation.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, hash_seed),
-            &self.hash_seed.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, hash_id),
-            &self.hash_id.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, frontend_record_len),
-            &self.frontend_record_len.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, backend_record_len),
-            &self.backend_record_len.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, ring_slot_len),
-            &self.ring_slot_len.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, file_len),
-            &self.file_len.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, body_checksum),
-            &self.body_checksum.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, frontends_off),
-            &self.frontends_off.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, frontends_count),
-            &self.frontends_count.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, backends_off),
-            &self.backends_off.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, backends_count),
-            &self.backends_count.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, ring_off),
-            &self.ring_off.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, ring_count),
-            &self.ring_count.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, reserved),
-            &self.reserved.to_le_bytes(),
-        );
-        put(
-            &mut b,
-            offset_of!(Self, header_checksum),
-            &self.header_checksum.to_le_bytes(),
-        );
+        for (at, v) in [
+            (offset_of!(Self, abi_version), self.abi_version),
+            (offset_of!(Self, header_len), self.header_len),
+            (offset_of!(Self, hash_id), self.hash_id),
+            (
+                offset_of!(Self, frontend_record_len),
+                self.frontend_record_len,
+            ),
+            (
+                offset_of!(Self, backend_record_len),
+                self.backend_record_len,
+            ),
+            (offset_of!(Self, ring_slot_len), self.ring_slot_len),
+            (offset_of!(Self, prefix_record_len), self.prefix_record_len),
+            (offset_of!(Self, local_record_len), self.local_record_len),
+        ] {
+            put(&mut b, at, &v.to_le_bytes());
+        }
+        for (at, v) in [
+            (offset_of!(Self, generation), self.generation),
+            (offset_of!(Self, hash_seed), self.hash_seed),
+            (offset_of!(Self, file_len), self.file_len),
+            (offset_of!(Self, body_checksum), self.body_checksum),
+            (offset_of!(Self, frontends_off), self.frontends_off),
+            (offset_of!(Self, frontends_count), self.frontends_count),
+            (offset_of!(Self, backends_off), self.backends_off),
+            (offset_of!(Self, backends_count), self.backends_count),
+            (offset_of!(Self, ring_off), self.ring_off),
+            (offset_of!(Self, ring_count), self.ring_count),
+            (offset_of!(Self, source_ranges_off), self.source_ranges_off),
+            (
+                offset_of!(Self, source_ranges_count),
+                self.source_ranges_count,
+            ),
+            (offset_of!(Self, locals_off), self.locals_off),
+            (offset_of!(Self, locals_count), self.locals_count),
+            (offset_of!(Self, node_prefixes_off), self.node_prefixes_off),
+            (
+                offset_of!(Self, node_prefixes_count),
+                self.node_prefixes_count,
+            ),
+            (
+                offset_of!(Self, node_port_prefixes_off),
+                self.node_port_prefixes_off,
+            ),
+            (
+                offset_of!(Self, node_port_prefixes_count),
+                self.node_port_prefixes_count,
+            ),
+            (offset_of!(Self, header_checksum), self.header_checksum),
+        ] {
+            put(&mut b, at, &v.to_le_bytes());
+        }
         b
     }
 
@@ -351,7 +373,7 @@ impl Header {
 
     /// Reads and checks the header at the start of `bytes`: length, magic,
     /// version, header checksum, and the fixed fields (header and record
-    /// lengths, hash function, reserved). Lengths and offsets against the
+    /// lengths, hash function). Lengths and offsets against the
     /// file are [`decode`]'s business.
     ///
     /// # Errors
@@ -388,7 +410,7 @@ impl Header {
                 expected: h.header_checksum,
             });
         }
-        let fixed: [(&'static str, u64, u64); 5] = [
+        let fixed: [(&'static str, u64, u64); 6] = [
             ("header_len", h.header_len.into(), HEADER_LEN as u64),
             (
                 "frontend_record_len",
@@ -405,7 +427,16 @@ impl Header {
                 h.ring_slot_len.into(),
                 RING_SLOT_LEN as u64,
             ),
-            ("reserved", h.reserved, 0),
+            (
+                "prefix_record_len",
+                h.prefix_record_len.into(),
+                PREFIX_RECORD_LEN as u64,
+            ),
+            (
+                "local_record_len",
+                h.local_record_len.into(),
+                LOCAL_RECORD_LEN as u64,
+            ),
         ];
         if let Some(&(field, value, expected)) = fixed.iter().find(|(_, v, e)| v != e) {
             return Err(SnapshotError::BadHeader {
@@ -500,7 +531,8 @@ pub enum SnapshotError {
     /// A section lies (partly) outside the body.
     #[error("{section} section {start}..{end} lies outside the body {body_start}..{file_len}")]
     SectionBounds {
-        /// `frontends`, `backends` or `ring`.
+        /// `frontends`, `backends`, `ring`, `source_ranges`, `locals`,
+        /// `node_prefixes` or `node_port_prefixes`.
         section: &'static str,
         /// First byte.
         start: u128,
@@ -514,7 +546,7 @@ pub enum SnapshotError {
     /// A section does not start at a multiple of [`SECTION_ALIGN`].
     #[error("{section} section at offset {offset} is not {SECTION_ALIGN}-byte aligned")]
     SectionAlignment {
-        /// `frontends`, `backends` or `ring`.
+        /// The section's name (as in [`SnapshotError::SectionBounds`]).
         section: &'static str,
         /// Its offset.
         offset: u64,
@@ -546,7 +578,8 @@ pub enum SnapshotError {
     /// A record holds a value this version does not define.
     #[error("{section} record #{index}: {what}")]
     BadRecord {
-        /// `frontends` or `backends`.
+        /// `frontends`, `backends`, `source_ranges`, `locals`,
+        /// `node_prefixes` or `node_port_prefixes`.
         section: &'static str,
         /// Index in its array.
         index: u64,
@@ -684,17 +717,45 @@ pub fn body_checksum(body: &[u8]) -> u64 {
     xxh3_64(body)
 }
 
-/// Serializes a table: header, then frontends, backends and ring slots back
-/// to back (all little-endian), with both checksums filled in.
+/// Where [`encode`] places a section of `count` records of `record_len`
+/// bytes after `*at`: the next multiple of [`SECTION_ALIGN`]; moves `*at` past it.
+fn place(at: &mut usize, count: usize, record_len: usize) -> usize {
+    let off = at.next_multiple_of(SECTION_ALIGN as usize);
+    *at = off + count * record_len;
+    off
+}
+
+fn put_prefixes(out: &mut [u8], prefixes: &[PrefixRecord]) {
+    for (c, p) in out.chunks_exact_mut(PREFIX_RECORD_LEN).zip(prefixes) {
+        put(c, offset_of!(PrefixRecord, addr), &p.addr);
+        put(c, offset_of!(PrefixRecord, len), &[p.len]);
+        put(c, offset_of!(PrefixRecord, reserved), &p.reserved);
+        put(c, offset_of!(PrefixRecord, node), &p.node.to_le_bytes());
+    }
+}
+
+/// Serializes a table: header, then frontends, backends, ring slots, source
+/// ranges, per-node rings, node prefixes and node-port addresses back to back
+/// (each section starting at a multiple of [`SECTION_ALIGN`]: zero padding
+/// after the ring), all little-endian, with both checksums filled in.
 #[must_use]
 pub fn encode(table: &Table) -> Vec<u8> {
     let frontends = table.frontends();
     let backends = table.backend_records();
     let ring = table.ring_slots();
-    let frontends_off = HEADER_LEN;
-    let backends_off = frontends_off + frontends.len() * FRONTEND_RECORD_LEN;
-    let ring_off = backends_off + backends.len() * BACKEND_RECORD_LEN;
-    let file_len = ring_off + ring.len() * RING_SLOT_LEN;
+    let ranges = table.source_range_records();
+    let locals = table.local_records();
+    let node_prefixes = table.node_prefix_records();
+    let np_prefixes = table.node_port_prefix_records();
+    let mut at = HEADER_LEN;
+    let frontends_off = place(&mut at, frontends.len(), FRONTEND_RECORD_LEN);
+    let backends_off = place(&mut at, backends.len(), BACKEND_RECORD_LEN);
+    let ring_off = place(&mut at, ring.len(), RING_SLOT_LEN);
+    let ranges_off = place(&mut at, ranges.len(), PREFIX_RECORD_LEN);
+    let locals_off = place(&mut at, locals.len(), LOCAL_RECORD_LEN);
+    let node_prefixes_off = place(&mut at, node_prefixes.len(), PREFIX_RECORD_LEN);
+    let np_prefixes_off = place(&mut at, np_prefixes.len(), PREFIX_RECORD_LEN);
+    let file_len = at;
     let mut out = vec![0u8; file_len];
 
     let chunks = out[frontends_off..backends_off].chunks_exact_mut(FRONTEND_RECORD_LEN);
@@ -703,35 +764,18 @@ pub fn encode(table: &Table) -> Vec<u8> {
         put(c, offset_of!(FrontendRecord, port), &f.port.to_le_bytes());
         put(c, offset_of!(FrontendRecord, proto), &[f.proto]);
         put(c, offset_of!(FrontendRecord, kind), &[f.kind]);
-        put(c, offset_of!(FrontendRecord, flags), &f.flags.to_le_bytes());
-        put(
-            c,
-            offset_of!(FrontendRecord, affinity_timeout_s),
-            &f.affinity_timeout_s.to_le_bytes(),
-        );
-        put(
-            c,
-            offset_of!(FrontendRecord, backends_start),
-            &f.backends_start.to_le_bytes(),
-        );
-        put(
-            c,
-            offset_of!(FrontendRecord, backends_len),
-            &f.backends_len.to_le_bytes(),
-        );
-        put(
-            c,
-            offset_of!(FrontendRecord, ring_start),
-            &f.ring_start.to_le_bytes(),
-        );
-        put(
-            c,
-            offset_of!(FrontendRecord, ring_len),
-            &f.ring_len.to_le_bytes(),
-        );
         put(c, offset_of!(FrontendRecord, return_path), &[f.return_path]);
         put(c, offset_of!(FrontendRecord, reserved), &f.reserved);
         for (at, v) in [
+            (offset_of!(FrontendRecord, flags), f.flags),
+            (
+                offset_of!(FrontendRecord, affinity_timeout_s),
+                f.affinity_timeout_s,
+            ),
+            (offset_of!(FrontendRecord, backends_start), f.backends_start),
+            (offset_of!(FrontendRecord, backends_len), f.backends_len),
+            (offset_of!(FrontendRecord, ring_start), f.ring_start),
+            (offset_of!(FrontendRecord, ring_len), f.ring_len),
             (offset_of!(FrontendRecord, ranges_start), f.ranges_start),
             (offset_of!(FrontendRecord, ranges_len), f.ranges_len),
             (offset_of!(FrontendRecord, locals_start), f.locals_start),
@@ -740,7 +784,7 @@ pub fn encode(table: &Table) -> Vec<u8> {
             put(c, at, &v.to_le_bytes());
         }
     }
-    let chunks = out[backends_off..ring_off].chunks_exact_mut(BACKEND_RECORD_LEN);
+    let chunks = out[backends_off..].chunks_exact_mut(BACKEND_RECORD_LEN);
     for (c, b) in chunks.zip(backends) {
         put(c, offset_of!(BackendRecord, addr), &b.addr);
         put(c, offset_of!(BackendRecord, port), &b.port.to_le_bytes());
@@ -752,10 +796,24 @@ pub fn encode(table: &Table) -> Vec<u8> {
             &b.weight.to_le_bytes(),
         );
     }
-    let chunks = out[ring_off..file_len].chunks_exact_mut(RING_SLOT_LEN);
+    let chunks = out[ring_off..].chunks_exact_mut(RING_SLOT_LEN);
     for (c, s) in chunks.zip(ring) {
         c.copy_from_slice(&s.to_le_bytes());
     }
+    put_prefixes(&mut out[ranges_off..], ranges);
+    let chunks = out[locals_off..].chunks_exact_mut(LOCAL_RECORD_LEN);
+    for (c, l) in chunks.zip(locals) {
+        for (at, v) in [
+            (offset_of!(LocalRecord, node), l.node),
+            (offset_of!(LocalRecord, ring_start), l.ring_start),
+            (offset_of!(LocalRecord, ring_len), l.ring_len),
+            (offset_of!(LocalRecord, reserved), l.reserved),
+        ] {
+            put(c, at, &v.to_le_bytes());
+        }
+    }
+    put_prefixes(&mut out[node_prefixes_off..], node_prefixes);
+    put_prefixes(&mut out[np_prefixes_off..], np_prefixes);
 
     let mut header = Header {
         magic: MAGIC,
@@ -775,7 +833,16 @@ pub fn encode(table: &Table) -> Vec<u8> {
         backends_count: backends.len() as u64,
         ring_off: ring_off as u64,
         ring_count: ring.len() as u64,
-        reserved: 0,
+        prefix_record_len: PREFIX_RECORD_LEN as u32,
+        local_record_len: LOCAL_RECORD_LEN as u32,
+        source_ranges_off: ranges_off as u64,
+        source_ranges_count: ranges.len() as u64,
+        locals_off: locals_off as u64,
+        locals_count: locals.len() as u64,
+        node_prefixes_off: node_prefixes_off as u64,
+        node_prefixes_count: node_prefixes.len() as u64,
+        node_port_prefixes_off: np_prefixes_off as u64,
+        node_port_prefixes_count: np_prefixes.len() as u64,
         header_checksum: 0,
     };
     header.header_checksum = header.compute_checksum();
@@ -838,9 +905,32 @@ fn section(
     })
 }
 
+/// Decodes the prefix records of section `name`, refusing set reserved bytes.
+fn get_prefixes(name: &'static str, bytes: &[u8]) -> Result<Vec<PrefixRecord>, SnapshotError> {
+    let mut v = Vec::with_capacity(bytes.len() / PREFIX_RECORD_LEN);
+    for (i, c) in bytes.chunks_exact(PREFIX_RECORD_LEN).enumerate() {
+        let p = PrefixRecord {
+            addr: get(c, offset_of!(PrefixRecord, addr)),
+            len: c[offset_of!(PrefixRecord, len)],
+            reserved: get(c, offset_of!(PrefixRecord, reserved)),
+            node: get_u32(c, offset_of!(PrefixRecord, node)),
+        };
+        if p.reserved != [0; 3] {
+            return Err(SnapshotError::BadRecord {
+                section: name,
+                index: i as u64,
+                what: format!("reserved is {:?}, expected zeros", p.reserved),
+            });
+        }
+        v.push(p);
+    }
+    Ok(v)
+}
+
 /// Decodes and validates a snapshot image: header ([`Header::parse`]), file
 /// length, section bounds, alignment and overlap, body checksum, reserved
-/// fields and flags, then every index through [`Table::from_parts`].
+/// fields and flags, then every index and prefix through
+/// [`Table::assemble`].
 ///
 /// Never panics, whatever the bytes; allocates at most in proportion to
 /// `bytes.len()`.
@@ -878,6 +968,34 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
             len,
         )?,
         section("ring", h.ring_off, h.ring_count, RING_SLOT_LEN, len)?,
+        section(
+            "source_ranges",
+            h.source_ranges_off,
+            h.source_ranges_count,
+            PREFIX_RECORD_LEN,
+            len,
+        )?,
+        section(
+            "locals",
+            h.locals_off,
+            h.locals_count,
+            LOCAL_RECORD_LEN,
+            len,
+        )?,
+        section(
+            "node_prefixes",
+            h.node_prefixes_off,
+            h.node_prefixes_count,
+            PREFIX_RECORD_LEN,
+            len,
+        )?,
+        section(
+            "node_port_prefixes",
+            h.node_port_prefixes_off,
+            h.node_port_prefixes_count,
+            PREFIX_RECORD_LEN,
+            len,
+        )?,
     ];
     for (i, a) in sections.iter().enumerate() {
         for b in &sections[i + 1..] {
@@ -901,9 +1019,9 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
         });
     }
     // In bounds: checked above against len == bytes.len().
-    let [fs, bs, rs] = sections.map(|s| &bytes[s.start as usize..s.end as usize]);
+    let [fs, bs, rs, gs, ls, ns, ps] = sections.map(|s| &bytes[s.start as usize..s.end as usize]);
 
-    let mut frontends = Vec::with_capacity(h.frontends_count as usize);
+    let mut frontends = Vec::with_capacity(fs.len() / FRONTEND_RECORD_LEN);
     for (i, c) in fs.chunks_exact(FRONTEND_RECORD_LEN).enumerate() {
         let f = FrontendRecord {
             addr: get(c, offset_of!(FrontendRecord, addr)),
@@ -936,7 +1054,7 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
         }
         frontends.push(f);
     }
-    let mut backends = Vec::with_capacity(h.backends_count as usize);
+    let mut backends = Vec::with_capacity(bs.len() / BACKEND_RECORD_LEN);
     for (i, c) in bs.chunks_exact(BACKEND_RECORD_LEN).enumerate() {
         let b = BackendRecord {
             addr: get(c, offset_of!(BackendRecord, addr)),
@@ -958,12 +1076,38 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
         .chunks_exact(RING_SLOT_LEN)
         .map(|c| u16::from_le_bytes([c[0], c[1]]))
         .collect();
-    Ok(Table::from_parts(
+    let source_ranges = get_prefixes("source_ranges", gs)?;
+    let mut locals = Vec::with_capacity(ls.len() / LOCAL_RECORD_LEN);
+    for (i, c) in ls.chunks_exact(LOCAL_RECORD_LEN).enumerate() {
+        let l = LocalRecord {
+            node: get_u32(c, offset_of!(LocalRecord, node)),
+            ring_start: get_u32(c, offset_of!(LocalRecord, ring_start)),
+            ring_len: get_u32(c, offset_of!(LocalRecord, ring_len)),
+            reserved: get_u32(c, offset_of!(LocalRecord, reserved)),
+        };
+        if l.reserved != 0 {
+            return Err(SnapshotError::BadRecord {
+                section: "locals",
+                index: i as u64,
+                what: format!("reserved is {}, expected 0", l.reserved),
+            });
+        }
+        locals.push(l);
+    }
+    let node_prefixes = get_prefixes("node_prefixes", ns)?;
+    let node_port_prefixes = get_prefixes("node_port_prefixes", ps)?;
+    Ok(Table::assemble(
         h.generation,
         h.hash_seed,
-        frontends,
-        backends,
-        ring,
+        TableParts {
+            frontends,
+            backends,
+            ring,
+            source_ranges,
+            locals,
+            node_prefixes,
+            node_port_prefixes,
+        },
     )?)
 }
 
@@ -1524,9 +1668,20 @@ impl Watcher {
 mod tests {
     #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use ipnet::IpNet;
+
     use super::*;
-    use crate::flow::Proto;
-    use crate::table::{BackendSpec, ServiceSpec};
+    use crate::flow::{addr16, Proto};
+    use crate::table::{
+        BackendSpec, FrontendKind, ReturnPath, ServiceSpec, TableSpec, FRONTEND_NODE_LOCAL,
+        FRONTEND_SOURCE_RANGES,
+    };
+
+    fn ip4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    }
 
     fn small() -> Table {
         Table::build(
@@ -1542,40 +1697,335 @@ mod tests {
         .unwrap()
     }
 
+    /// A table with every section: a ClusterIP, a node port, an external
+    /// IP, a load-balancer IP with source ranges (IPv4 and IPv6) and a
+    /// node-local frontend, node prefixes and node-port addresses.
+    fn full() -> Table {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let net = |s: &str| -> IpNet { s.parse().unwrap() };
+        let backends = vec![
+            BackendSpec::ready(ip("198.18.1.1"), 8080).on_node(1),
+            BackendSpec::ready(ip("198.18.1.2"), 8080).on_node(2),
+            BackendSpec::ready(ip("198.18.1.3"), 8080).on_node(2),
+        ];
+        let base = ServiceSpec::cluster_ip(ip("198.19.0.10"), 80, Proto::Tcp, backends);
+        let mut lb = base
+            .clone()
+            .with_kind(FrontendKind::LoadBalancer, ip("198.19.9.1"));
+        lb.source_ranges = Some(vec![net("198.18.0.0/16"), net("198.19.128.0/17")]);
+        let mut local = base.clone();
+        local.port = 81;
+        local.node_local = true;
+        let mut lb6 = ServiceSpec::cluster_ip(
+            ip("2001:2::10"),
+            443,
+            Proto::Tcp,
+            vec![BackendSpec::ready(ip("2001:2:1::1"), 8443)],
+        )
+        .with_kind(FrontendKind::LoadBalancer, ip("2001:2::99"));
+        lb6.source_ranges = Some(vec![net("2001:2:ff::/56")]);
+        let spec = TableSpec {
+            services: vec![
+                base.clone(),
+                base.clone()
+                    .with_kind(FrontendKind::NodePort, ip("0.0.0.0"))
+                    .with_return_path(ReturnPath::Snat),
+                base.with_kind(FrontendKind::ExternalIp, ip("198.19.8.1")),
+                lb,
+                local,
+                lb6,
+            ],
+            nodes: vec![
+                (net("198.18.64.0/24"), 1),
+                (net("198.18.0.11/32"), 1),
+                (net("198.18.65.0/24"), 2),
+                (net("2001:2:0:1::/64"), 2),
+            ],
+            node_port_addresses: vec![net("198.18.0.0/16"), net("2001:2::/48")],
+        };
+        Table::build_full(9, 0x0102_0304_0506_0708, &spec, 1031).unwrap()
+    }
+
     #[test]
     fn header_bytes_are_where_the_abi_says() {
         let t = small();
         let b = encode(&t);
         assert_eq!(&b[0..8], b"CGSNAP\0\0");
-        assert_eq!(b[8..12], 3u32.to_le_bytes());
-        assert_eq!(b[12..16], 128u32.to_le_bytes());
+        assert_eq!(b[8..12], 4u32.to_le_bytes());
+        assert_eq!(b[12..16], 192u32.to_le_bytes());
         assert_eq!(b[16..24], 7u64.to_le_bytes());
         assert_eq!(b[24..32], 0x1122_3344_5566_7788u64.to_le_bytes());
         assert_eq!(b[32..36], 1u32.to_le_bytes());
-        assert_eq!(b[36..40], 48u32.to_le_bytes());
+        assert_eq!(b[36..40], 64u32.to_le_bytes());
         assert_eq!(b[40..44], 24u32.to_le_bytes());
         assert_eq!(b[44..48], 2u32.to_le_bytes());
         let ring = t.ring_slots().len() as u64;
-        let len = 128 + 48 + 24 + RING_SLOT_LEN as u64 * ring;
+        // Frontend at 192, backend at 256, ring at 280, then padding to 8.
+        let ring_end = 280 + RING_SLOT_LEN as u64 * ring;
+        let len = ring_end.next_multiple_of(8);
         assert_eq!(b.len() as u64, len);
         assert_eq!(b[48..56], len.to_le_bytes());
-        assert_eq!(b[56..64], xxh3_64(&b[128..]).to_le_bytes());
-        assert_eq!(b[64..72], 128u64.to_le_bytes());
+        assert_eq!(b[56..64], xxh3_64(&b[192..]).to_le_bytes());
+        assert_eq!(b[64..72], 192u64.to_le_bytes());
         assert_eq!(b[72..80], 1u64.to_le_bytes());
-        assert_eq!(b[80..88], 176u64.to_le_bytes());
+        assert_eq!(b[80..88], 256u64.to_le_bytes());
         assert_eq!(b[88..96], 1u64.to_le_bytes());
-        assert_eq!(b[96..104], 200u64.to_le_bytes());
+        assert_eq!(b[96..104], 280u64.to_le_bytes());
         assert_eq!(b[104..112], ring.to_le_bytes());
-        assert_eq!(b[112..120], [0; 8]);
-        assert_eq!(b[120..128], xxh3_64(&b[..120]).to_le_bytes());
+        assert_eq!(b[112..116], 24u32.to_le_bytes());
+        assert_eq!(b[116..120], 16u32.to_le_bytes());
+        // The four new sections are empty, at the end of the file.
+        for at in [120, 136, 152, 168] {
+            assert_eq!(b[at..at + 8], len.to_le_bytes(), "offset at {at}");
+            assert_eq!(b[at + 8..at + 16], [0; 8], "count at {}", at + 8);
+        }
+        assert_eq!(b[184..192], xxh3_64(&b[..184]).to_le_bytes());
         // The frontend record: address, then port 80 little-endian, TCP.
-        assert_eq!(b[128 + 12..128 + 16], [198, 19, 0, 10]);
-        assert_eq!(b[128 + 16..128 + 20], [80, 0, 6, 0]);
+        assert_eq!(b[192 + 12..192 + 16], [198, 19, 0, 10]);
+        assert_eq!(b[192 + 16..192 + 20], [80, 0, 6, 0]);
+        assert_eq!(b[192 + 48..192 + 64], [0; 16], "no ranges, no locals");
         // The backend: port 8080 little-endian, weight 1.
-        assert_eq!(b[176 + 16..176 + 18], 8080u16.to_le_bytes());
-        assert_eq!(b[176 + 20..176 + 24], 1u32.to_le_bytes());
+        assert_eq!(b[256 + 16..256 + 18], 8080u16.to_le_bytes());
+        assert_eq!(b[256 + 20..256 + 24], 1u32.to_le_bytes());
+        assert!(b[ring_end as usize..].iter().all(|&x| x == 0), "padding");
         let back = decode(&b).unwrap();
         assert_eq!(back.frontends(), t.frontends());
+    }
+
+    /// Every new section, byte by byte where it is, and back.
+    #[test]
+    fn new_sections_are_where_the_abi_says() {
+        let t = full();
+        let b = encode(&t);
+        let h = Header::parse(&b).unwrap();
+        let ring_end = h.ring_off + 2 * h.ring_count;
+        assert_eq!(h.source_ranges_off, ring_end.next_multiple_of(8));
+        assert_eq!(h.source_ranges_count, 3);
+        assert_eq!(h.locals_off, h.source_ranges_off + 3 * 24);
+        assert_eq!(h.locals_count, 2);
+        assert_eq!(h.node_prefixes_off, h.locals_off + 2 * 16);
+        assert_eq!(h.node_prefixes_count, 4);
+        assert_eq!(h.node_port_prefixes_off, h.node_prefixes_off + 4 * 24);
+        assert_eq!(h.node_port_prefixes_count, 2);
+        assert_eq!(h.file_len, h.node_port_prefixes_off + 2 * 24);
+        // Source range 1: 198.19.128.0/17, node 0.
+        let r = h.source_ranges_off as usize + 24;
+        assert_eq!(b[r..r + 16], addr16(ip4(198, 19, 128, 0)));
+        assert_eq!(b[r + 16..r + 24], [17, 0, 0, 0, 0, 0, 0, 0]);
+        // IPv6 source range: 2001:2:ff::/56, family-relative length.
+        let r = h.source_ranges_off as usize + 48;
+        assert_eq!(b[r..r + 4], [0x20, 0x01, 0x00, 0x02]);
+        assert_eq!(b[r + 16], 56);
+        // The node-local frontend's two rings: nodes 1 and 2, in order.
+        let l = h.locals_off as usize;
+        assert_eq!(b[l..l + 4], 1u32.to_le_bytes());
+        assert_eq!(b[l + 16..l + 20], 2u32.to_le_bytes());
+        let lr = t.local_records();
+        assert_eq!(b[l + 4..l + 8], lr[0].ring_start.to_le_bytes());
+        assert_eq!(b[l + 8..l + 12], lr[0].ring_len.to_le_bytes());
+        assert_eq!(b[l + 12..l + 16], [0; 4]);
+        // Node prefix 1: 198.18.0.11/32 of node 1.
+        let n = h.node_prefixes_off as usize + 24;
+        assert_eq!(b[n..n + 16], addr16(ip4(198, 18, 0, 11)));
+        assert_eq!(b[n + 16], 32);
+        assert_eq!(b[n + 20..n + 24], 1u32.to_le_bytes());
+        // Node-port address 1: 2001:2::/48.
+        let p = h.node_port_prefixes_off as usize + 24;
+        assert_eq!(b[p + 16], 48);
+        // The load-balancer frontend (#3) points at ranges 0..2.
+        let f = h.frontends_off as usize + 3 * 64;
+        assert_eq!(b[f + 19], FrontendKind::LoadBalancer as u8);
+        assert_eq!(b[f + 20..f + 24], FRONTEND_SOURCE_RANGES.to_le_bytes());
+        assert_eq!(b[f + 48..f + 56], [0, 0, 0, 0, 2, 0, 0, 0]);
+        // The node-local frontend (#4) points at locals 0..2.
+        let f = h.frontends_off as usize + 4 * 64;
+        assert_eq!(b[f + 20..f + 24], FRONTEND_NODE_LOCAL.to_le_bytes());
+        assert_eq!(b[f + 56..f + 64], [0, 0, 0, 0, 2, 0, 0, 0]);
+    }
+
+    #[test]
+    fn every_section_round_trips() {
+        let t = full();
+        let b = encode(&t);
+        let back = decode(&b).unwrap();
+        assert_eq!(back.frontends(), t.frontends());
+        assert_eq!(back.backend_records(), t.backend_records());
+        assert_eq!(back.ring_slots(), t.ring_slots());
+        assert_eq!(back.source_range_records(), t.source_range_records());
+        assert_eq!(back.local_records(), t.local_records());
+        assert_eq!(back.node_prefix_records(), t.node_prefix_records());
+        assert_eq!(
+            back.node_port_prefix_records(),
+            t.node_port_prefix_records()
+        );
+        assert!(back.has_node_ports());
+        assert_eq!(encode(&back), b, "encoding is deterministic");
+        // The lookups work the same on the decoded table.
+        let client = addr16(ip4(198, 18, 65, 7));
+        assert_eq!(back.client_node(&client), Some(2));
+        let np = back.node_port(&addr16(ip4(198, 18, 0, 11)), 80, Proto::Tcp);
+        assert_eq!(np, Some(1));
+        assert_eq!(
+            back.node_port(&addr16(ip4(198, 19, 0, 11)), 80, Proto::Tcp),
+            None
+        );
+        let lb = back.frontend_record(3).unwrap();
+        assert!(back.source_allowed(lb, &client));
+        assert!(!back.source_allowed(lb, &addr16(ip4(198, 19, 0, 1))));
+        assert!(back.source_allowed(lb, &addr16(ip4(198, 19, 200, 1))));
+    }
+
+    /// A copy of `full()`'s image with `edit` applied to its bytes (given the
+    /// header), resealed.
+    fn edited(edit: impl FnOnce(&Header, &mut [u8])) -> Vec<u8> {
+        let mut b = encode(&full());
+        let h = Header::parse(&b).unwrap();
+        edit(&h, &mut b);
+        seal(&mut b);
+        b
+    }
+
+    fn refusal(b: &[u8]) -> (String, &'static str) {
+        let e = decode(b).unwrap_err();
+        (e.to_string(), e.label())
+    }
+
+    #[test]
+    fn bad_new_records_are_refused() {
+        // Prefix length 33 on an IPv4 source range.
+        let (m, l) = refusal(&edited(|h, b| b[h.source_ranges_off as usize + 16] = 33));
+        assert_eq!(l, "invalid_table");
+        assert!(
+            m.contains("source range #0") && m.contains("prefix length 33"),
+            "{m}"
+        );
+        // Host bits: 198.18.0.1/16 as a node-port address.
+        let (m, l) = refusal(&edited(|h, b| {
+            b[h.node_port_prefixes_off as usize + 15] = 1
+        }));
+        assert_eq!(l, "invalid_table");
+        assert!(
+            m.contains("node-port address #0") && m.contains("host bits"),
+            "{m}"
+        );
+        // Host bits on an IPv6 node prefix (2001:2:0:1::1/64).
+        let (m, l) = refusal(&edited(|h, b| {
+            b[h.node_prefixes_off as usize + 3 * 24 + 15] = 1
+        }));
+        assert_eq!(l, "invalid_table");
+        assert!(
+            m.contains("node prefix #3") && m.contains("host bits"),
+            "{m}"
+        );
+        // IPv6 prefix length 129.
+        let (m, _) = refusal(&edited(|h, b| {
+            b[h.node_prefixes_off as usize + 3 * 24 + 16] = 129
+        }));
+        assert!(m.contains("prefix length 129 is longer than 128"), "{m}");
+        // Per-node rings out of order (node 2 before node 1).
+        let (m, l) = refusal(&edited(|h, b| {
+            let l = h.locals_off as usize;
+            b[l..l + 4].copy_from_slice(&3u32.to_le_bytes());
+        }));
+        assert_eq!(l, "invalid_table");
+        assert!(m.contains("not sorted by node"), "{m}");
+        // A per-node ring slot naming backend 3 of 3.
+        let (m, l) = refusal(&edited(|h, b| {
+            let l = h.locals_off as usize;
+            let start = u32::from_le_bytes(b[l + 4..l + 8].try_into().unwrap()) as usize;
+            let at = h.ring_off as usize + 2 * start;
+            b[at..at + 2].copy_from_slice(&3u16.to_le_bytes());
+        }));
+        assert_eq!(l, "invalid_table");
+        assert!(m.contains("per-node ring slot names backend 3 of 3"), "{m}");
+        // A per-node ring past the ring array.
+        let (m, _) = refusal(&edited(|h, b| {
+            let l = h.locals_off as usize;
+            b[l + 4..l + 8].copy_from_slice(&u32::MAX.to_le_bytes());
+        }));
+        assert!(m.contains("per-node ring 4294967295.."), "{m}");
+        // Source ranges without the flag (the LB frontend, #3).
+        let (m, l) = refusal(&edited(|h, b| {
+            let f = h.frontends_off as usize + 3 * 64;
+            b[f + 20..f + 24].copy_from_slice(&0u32.to_le_bytes());
+        }));
+        assert_eq!(l, "invalid_table");
+        assert!(m.contains("frontend #3: source ranges without"), "{m}");
+        // Per-node rings without the flag (#4).
+        let (m, _) = refusal(&edited(|h, b| {
+            let f = h.frontends_off as usize + 4 * 64;
+            b[f + 20..f + 24].copy_from_slice(&0u32.to_le_bytes());
+        }));
+        assert!(m.contains("frontend #4: per-node rings without"), "{m}");
+        // Source ranges past their array.
+        let (m, _) = refusal(&edited(|h, b| {
+            let f = h.frontends_off as usize + 3 * 64;
+            b[f + 52..f + 56].copy_from_slice(&4u32.to_le_bytes());
+        }));
+        assert!(m.contains("source ranges 0..4 exceed 3"), "{m}");
+        // An unknown flag bit.
+        let (m, l) = refusal(&edited(|h, b| {
+            let f = h.frontends_off as usize;
+            b[f + 20..f + 24].copy_from_slice(&8u32.to_le_bytes());
+        }));
+        assert_eq!(l, "bad_record");
+        assert!(m.contains("unknown flags 0x8"), "{m}");
+        // Reserved bytes of the new records.
+        let (m, l) = refusal(&edited(|h, b| b[h.source_ranges_off as usize + 18] = 1));
+        assert_eq!(l, "bad_record");
+        assert!(m.starts_with("source_ranges record #0: reserved"), "{m}");
+        let (m, l) = refusal(&edited(|h, b| b[h.locals_off as usize + 16 + 12] = 1));
+        assert_eq!(l, "bad_record");
+        assert!(m.starts_with("locals record #1: reserved"), "{m}");
+        // A node port not on the unspecified address.
+        let (m, _) = refusal(&edited(|h, b| b[h.frontends_off as usize + 64 + 15] = 1));
+        assert!(m.contains("node ports are on 0.0.0.0 or ::"), "{m}");
+        // A source range of the other family.
+        let (m, _) = refusal(&edited(|h, b| {
+            let (from, to) = (
+                h.source_ranges_off as usize + 48,
+                h.source_ranges_off as usize,
+            );
+            b.copy_within(from..from + 24, to);
+        }));
+        assert!(m.contains("another IP family"), "{m}");
+        // A source range naming a node.
+        let (m, _) = refusal(&edited(|h, b| b[h.source_ranges_off as usize + 20] = 1));
+        assert!(m.contains("source range #0") && m.contains("node"), "{m}");
+    }
+
+    #[test]
+    fn new_sections_are_bounds_and_overlap_checked() {
+        let (m, l) = refusal(&edited(|h, b| {
+            let mut h = *h;
+            h.locals_count = 1000;
+            b[..HEADER_LEN].copy_from_slice(&h.to_bytes());
+        }));
+        assert_eq!(l, "section_bounds", "{m}");
+        let (m, l) = refusal(&edited(|h, b| {
+            let mut h = *h;
+            h.node_prefixes_off = h.source_ranges_off;
+            b[..HEADER_LEN].copy_from_slice(&h.to_bytes());
+        }));
+        assert_eq!(l, "section_overlap", "{m}");
+        assert!(
+            m.contains("source_ranges section") && m.contains("node_prefixes section"),
+            "{m}"
+        );
+        let (m, l) = refusal(&edited(|h, b| {
+            let mut h = *h;
+            h.node_port_prefixes_off += 4;
+            h.node_port_prefixes_count -= 1;
+            b[..HEADER_LEN].copy_from_slice(&h.to_bytes());
+        }));
+        assert_eq!(l, "section_alignment", "{m}");
+        let (m, l) = refusal(&edited(|h, b| {
+            let mut h = *h;
+            h.local_record_len = 24;
+            b[..HEADER_LEN].copy_from_slice(&h.to_bytes());
+        }));
+        assert_eq!(l, "bad_header", "{m}");
+        assert_eq!(m, "header field local_record_len is 24, expected 16");
     }
 
     /// The empty table's image is frozen: a change here is an ABI change.
@@ -1655,13 +2105,13 @@ mod tests {
         let b = encode(&small());
         assert_eq!(
             decode(&b[..10]).unwrap_err().to_string(),
-            "truncated: 10 bytes, header needs 128"
+            "truncated: 10 bytes, header needs 192"
         );
         let mut v = b.clone();
         v[8] = 2;
         assert_eq!(
             decode(&v).unwrap_err().to_string(),
-            "ABI version 2, expected 3"
+            "ABI version 2, expected 4"
         );
         let mut v = b.clone();
         let last = v.len() - 1;

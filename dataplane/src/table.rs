@@ -1,14 +1,19 @@
 //! The service table: frontends, backends and Maglev rings, immutable once built.
 //!
 //! Owns: [`Table`] and its flat records ([`FrontendRecord`], [`BackendRecord`],
-//! ring slots as `u16`, a backend index within the frontend). The records are `#[repr(C)]` plain integers, so the
-//! shared-memory snapshot can hold exactly these arrays; [`Table::from_parts`]
-//! validates every length and index before a table is used, whoever built it.
-//! [`Table::build`] makes a table from a plain Rust description ([`ServiceSpec`]),
-//! computing the Maglev rings (tests, benches, and control).
+//! ring slots as `u16`, a backend index within the frontend; [`PrefixRecord`]s
+//! for source ranges, node prefixes and node-port addresses; [`LocalRecord`]s,
+//! the per-node rings of `internalTrafficPolicy: Local` frontends). The
+//! records are `#[repr(C)]` plain integers, so the shared-memory snapshot can
+//! hold exactly these arrays; [`Table::assemble`] validates every length,
+//! index and prefix before a table is used, whoever built it.
+//! [`Table::build`] and [`Table::build_full`] make a table from a plain Rust
+//! description ([`ServiceSpec`], [`TableSpec`]), computing the Maglev rings
+//! (tests, benches, and control).
 //!
 //! Must never: change after construction, or panic on lookup. The lookup side
-//! ([`Table::frontend`], [`Table::pick`]) does not allocate.
+//! ([`Table::frontend`], [`Table::node_port`], [`Table::source_allowed`],
+//! [`Table::client_node`], [`Table::pick`]) does not allocate.
 
 use std::net::IpAddr;
 
@@ -427,6 +432,14 @@ pub enum TableError {
         /// What is wrong.
         what: String,
     },
+    /// A per-node ring record holds a value out of range.
+    #[error("per-node ring #{index}: {what}")]
+    BadLocal {
+        /// Index in the per-node ring array.
+        index: usize,
+        /// What is wrong.
+        what: String,
+    },
     /// The Maglev builder refused the backends.
     #[error("frontend {frontend}: {source}")]
     Maglev {
@@ -771,18 +784,31 @@ impl Table {
             node_port_prefixes,
         } = parts;
         let bad = |index: usize, what: String| TableError::BadFrontend { index, what };
-        for (section, list) in [
-            ("source range", &source_ranges),
-            ("node prefix", &node_prefixes),
-            ("node-port address", &node_port_prefixes),
+        for (section, list, names_nodes) in [
+            ("source range", &source_ranges, false),
+            ("node prefix", &node_prefixes, true),
+            ("node-port address", &node_port_prefixes, false),
         ] {
             for (index, p) in list.iter().enumerate() {
-                check_prefix(p).map_err(|what| TableError::BadPrefix {
+                let bad_prefix = |what| TableError::BadPrefix {
                     section,
                     index,
                     what,
-                })?;
+                };
+                check_prefix(p).map_err(bad_prefix)?;
+                if !names_nodes && p.node != 0 {
+                    return Err(bad_prefix(format!(
+                        "names node {} (only node prefixes name one)",
+                        p.node
+                    )));
+                }
             }
+        }
+        if let Some((index, l)) = locals.iter().enumerate().find(|(_, l)| l.reserved != 0) {
+            return Err(TableError::BadLocal {
+                index,
+                what: format!("reserved is {}, expected 0", l.reserved),
+            });
         }
         let check_ring = |i: usize, what: &str, start: u32, len: u32, backends_len: u32| {
             let r_end = u64::from(start) + u64::from(len);
@@ -942,7 +968,9 @@ impl Table {
         let mut node_lens = Vec::new();
         for (i, p) in node_prefixes.iter().enumerate() {
             let key = (is_v4_mapped(&p.addr), p.canonical_len(), p.addr);
-            if let Some(other) = nodes.insert(key, p.node) {
+            // The same prefix twice for one node is harmless; for two nodes
+            // it would make the client's node a matter of order.
+            if let Some(other) = nodes.insert(key, p.node).filter(|&o| o != p.node) {
                 return Err(TableError::BadPrefix {
                     section: "node prefix",
                     index: i,
@@ -957,7 +985,7 @@ impl Table {
                 node_lens.push((key.0, key.1));
             }
         }
-        node_lens.sort_by(|a, b| b.1.cmp(&a.1));
+        node_lens.sort_by_key(|&(_, len)| std::cmp::Reverse(len));
         Ok(Self {
             generation,
             hash_seed,
@@ -1409,5 +1437,440 @@ mod tests {
         };
         let first = pick(1000);
         assert!((1001..1100).all(|p| pick(p) == first));
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn tuple(src: &str, dst: &str, sport: u16, dport: u16) -> FlowTuple {
+        FlowTuple {
+            src_addr: addr16(ip(src)),
+            dst_addr: addr16(ip(dst)),
+            src_port: sport,
+            dst_port: dport,
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn full(spec: TableSpec) -> Table {
+        Table::build_full(1, 0, &spec, DEFAULT_MAX_RING_SIZE).unwrap()
+    }
+
+    fn parts_of(t: &Table) -> TableParts {
+        TableParts {
+            frontends: t.frontends.clone(),
+            backends: t.backends.clone(),
+            ring: t.ring.clone(),
+            source_ranges: t.source_ranges.clone(),
+            locals: t.locals.clone(),
+            node_prefixes: t.node_prefixes.clone(),
+            node_port_prefixes: t.node_port_prefixes.clone(),
+        }
+    }
+
+    #[test]
+    fn node_port_lookup_honours_node_port_addresses_and_kind() {
+        let np =
+            svc("0.0.0.0", 30080, &["198.18.1.1"]).with_kind(FrontendKind::NodePort, ip("0.0.0.0"));
+        let np6 = ServiceSpec::cluster_ip(
+            ip("::"),
+            30080,
+            Proto::Udp,
+            vec![BackendSpec::ready(ip("2001:2:1::1"), 53)],
+        )
+        .with_kind(FrontendKind::NodePort, ip("::"));
+        // A ClusterIP that happens to sit on the unspecified address is no
+        // node port.
+        let cip6 = ServiceSpec::cluster_ip(ip("::"), 30081, Proto::Tcp, vec![]);
+        let t = full(TableSpec {
+            services: vec![svc("198.19.0.10", 80, &["198.18.1.1"]), np, np6, cip6],
+            nodes: vec![],
+            node_port_addresses: vec![
+                net("198.18.0.0/24"),
+                net("198.18.7.7/32"),
+                net("2001:2::/48"),
+            ],
+        });
+        assert!(t.has_node_ports());
+        let a = |s: &str| addr16(ip(s));
+        assert_eq!(t.node_port(&a("198.18.0.11"), 30080, Proto::Tcp), Some(1));
+        assert_eq!(t.node_port(&a("198.18.7.7"), 30080, Proto::Tcp), Some(1));
+        assert_eq!(
+            t.node_port(&a("198.18.7.8"), 30080, Proto::Tcp),
+            None,
+            "outside the addresses"
+        );
+        assert_eq!(
+            t.node_port(&a("198.18.0.11"), 30081, Proto::Tcp),
+            None,
+            "other port"
+        );
+        assert_eq!(
+            t.node_port(&a("198.18.0.11"), 30080, Proto::Udp),
+            None,
+            "other protocol"
+        );
+        assert_eq!(t.node_port(&a("2001:2::5"), 30080, Proto::Udp), Some(2));
+        assert_eq!(t.node_port(&a("2001:2::5"), 30080, Proto::Tcp), None);
+        assert_eq!(t.node_port(&a("2001:3::5"), 30080, Proto::Udp), None);
+        assert_eq!(
+            t.node_port(&a("2001:2::5"), 30081, Proto::Tcp),
+            None,
+            "a ClusterIP on ::"
+        );
+        assert!(t.selects_node_port_address(&a("198.18.0.200")));
+        assert!(!t.selects_node_port_address(&a("198.18.1.1")));
+        // No node-port addresses: node ports are served nowhere.
+        let t = full(TableSpec {
+            services: vec![svc("0.0.0.0", 30080, &["198.18.1.1"])
+                .with_kind(FrontendKind::NodePort, ip("0.0.0.0"))],
+            ..TableSpec::default()
+        });
+        assert!(t.has_node_ports());
+        assert_eq!(t.node_port(&a("198.18.0.11"), 30080, Proto::Tcp), None);
+        // No node ports at all.
+        let t = full(TableSpec {
+            services: vec![svc("198.19.0.10", 30080, &["198.18.1.1"])],
+            nodes: vec![],
+            node_port_addresses: vec![net("0.0.0.0/0")],
+        });
+        assert!(!t.has_node_ports());
+        assert_eq!(t.node_port(&a("198.18.0.11"), 30080, Proto::Tcp), None);
+        // A node port elsewhere than on the unspecified address is refused.
+        let e = Table::build(
+            1,
+            0,
+            &[svc("198.19.0.10", 30080, &[]).with_kind(FrontendKind::NodePort, ip("198.19.0.10"))],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("node ports are on 0.0.0.0 or ::"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn source_ranges_open_close_and_keep_families_apart() {
+        let mut open = svc("198.19.0.10", 80, &["198.18.1.1"]);
+        open.kind = FrontendKind::LoadBalancer;
+        let mut closed = open.clone();
+        closed.port = 81;
+        closed.source_ranges = Some(vec![]);
+        let mut some = open.clone();
+        some.port = 82;
+        some.source_ranges = Some(vec![net("198.18.0.0/24"), net("198.18.9.9/32")]);
+        let mut all4 = open.clone();
+        all4.port = 83;
+        all4.source_ranges = Some(vec![net("0.0.0.0/0")]);
+        let mut six = ServiceSpec::cluster_ip(ip("2001:2::10"), 80, Proto::Tcp, vec![]);
+        six.source_ranges = Some(vec![net("::/0")]);
+        let t = Table::build(1, 0, &[open, closed, some, all4, six]).unwrap();
+        let f = |i| t.frontend_record(i).unwrap();
+        let a = |s: &str| addr16(ip(s));
+        assert_eq!(f(0).flags & FRONTEND_SOURCE_RANGES, 0);
+        assert!(t.source_allowed(f(0), &a("203.0.113.1")), "None: open");
+        assert_eq!(f(1).flags & FRONTEND_SOURCE_RANGES, FRONTEND_SOURCE_RANGES);
+        assert_eq!(f(1).ranges_len, 0);
+        assert!(
+            !t.source_allowed(f(1), &a("198.18.0.1")),
+            "Some(empty): closed"
+        );
+        assert!(t.source_allowed(f(2), &a("198.18.0.255")));
+        assert!(t.source_allowed(f(2), &a("198.18.9.9")));
+        assert!(!t.source_allowed(f(2), &a("198.18.9.8")));
+        assert!(!t.source_allowed(f(2), &a("198.18.1.0")));
+        assert_eq!((f(2).ranges_start, f(2).ranges_len), (0, 2));
+        assert!(t.source_allowed(f(3), &a("198.19.255.255")));
+        // 0.0.0.0/0 holds no IPv6 source, ::/0 no IPv4 source.
+        assert!(!t.source_allowed(f(3), &a("2001:2::1")));
+        assert!(t.source_allowed(f(4), &a("2001:2::1")));
+        assert!(!t.source_allowed(f(4), &a("198.18.0.1")));
+        // A range of the other family is refused when building.
+        let mut bad = svc("198.19.0.10", 80, &[]);
+        bad.source_ranges = Some(vec![net("2001:2::/48")]);
+        let e = Table::build(1, 0, &[bad]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("source range 2001:2::/48 is of another IP family"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn client_node_is_the_longest_prefix_of_the_family() {
+        let t = full(TableSpec {
+            services: vec![],
+            nodes: vec![
+                (net("198.18.0.0/16"), 1),
+                (net("198.18.5.0/24"), 2),
+                (net("198.18.5.7/32"), 3),
+                (net("::/0"), 4),
+                (net("2001:2:0:5::/64"), 5),
+                (net("2001:2:0:5::7/128"), 6),
+            ],
+            node_port_addresses: vec![],
+        });
+        let n = |s: &str| t.client_node(&addr16(ip(s)));
+        assert_eq!(n("198.18.5.7"), Some(3));
+        assert_eq!(n("198.18.5.8"), Some(2));
+        assert_eq!(n("198.18.6.1"), Some(1));
+        assert_eq!(n("198.19.0.1"), None, "::/0 does not hold IPv4 clients");
+        assert_eq!(n("2001:2:0:5::7"), Some(6));
+        assert_eq!(n("2001:2:0:5::8"), Some(5));
+        assert_eq!(n("2001:2:0:6::1"), Some(4));
+        // 0.0.0.0/0 does not hold IPv6 clients either.
+        let t = full(TableSpec {
+            nodes: vec![(net("0.0.0.0/0"), 7), (net("2001:2::/48"), 8)],
+            ..TableSpec::default()
+        });
+        let n = |s: &str| t.client_node(&addr16(ip(s)));
+        assert_eq!(n("198.19.0.1"), Some(7));
+        assert_eq!(n("2001:2::1"), Some(8));
+        assert_eq!(n("2001:3::1"), None);
+        // Host bits are cleared when building.
+        let t = full(TableSpec {
+            nodes: vec![(net("198.18.5.9/24"), 2)],
+            ..TableSpec::default()
+        });
+        assert_eq!(t.node_prefix_records()[0].net(), net("198.18.5.0/24"));
+        assert_eq!(t.client_node(&addr16(ip("198.18.5.200"))), Some(2));
+        // One prefix, two nodes: refused. One prefix twice for one node: fine.
+        let e = Table::build_full(
+            1,
+            0,
+            &TableSpec {
+                nodes: vec![(net("198.18.5.0/24"), 2), (net("198.18.5.0/24"), 3)],
+                ..TableSpec::default()
+            },
+            DEFAULT_MAX_RING_SIZE,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("already a prefix of node 2 (now node 3)"),
+            "{e}"
+        );
+        let t = full(TableSpec {
+            nodes: vec![(net("198.18.5.0/24"), 2), (net("198.18.5.0/24"), 2)],
+            ..TableSpec::default()
+        });
+        assert_eq!(t.client_node(&addr16(ip("198.18.5.1"))), Some(2));
+    }
+
+    /// A node-local frontend: nodes 1 (two backends), 2 (three), 3 (one,
+    /// draining) and one backend on no known node.
+    fn local_spec(backends: &[(&str, Option<u32>, u32)]) -> TableSpec {
+        let mut s = svc("198.19.0.10", 80, &[]);
+        s.backends = backends
+            .iter()
+            .map(|&(a, node, weight)| BackendSpec {
+                node,
+                weight,
+                ..BackendSpec::ready(ip(a), 8080)
+            })
+            .collect();
+        s.node_local = true;
+        TableSpec {
+            services: vec![s],
+            nodes: vec![
+                (net("198.18.64.0/24"), 1),
+                (net("198.18.0.1/32"), 1),
+                (net("198.18.65.0/24"), 2),
+                (net("198.18.66.0/24"), 3),
+                (net("198.18.67.0/24"), 4),
+            ],
+            node_port_addresses: vec![],
+        }
+    }
+
+    const LOCAL_BACKENDS: [(&str, Option<u32>, u32); 7] = [
+        ("198.18.1.1", Some(1), 1),
+        ("198.18.1.2", Some(1), 1),
+        ("198.18.1.3", Some(2), 1),
+        ("198.18.1.4", Some(2), 1),
+        ("198.18.1.5", Some(2), 1),
+        ("198.18.1.6", Some(3), 0),
+        ("198.18.1.7", None, 1),
+    ];
+
+    #[test]
+    fn per_node_rings_pick_only_the_clients_nodes_backends() {
+        let t = full(local_spec(&LOCAL_BACKENDS));
+        let f = t.frontend_record(0).unwrap();
+        assert_eq!(f.flags, FRONTEND_NODE_LOCAL);
+        let nodes: Vec<(u32, u32)> = t
+            .locals_of(f)
+            .iter()
+            .map(|l| (l.node, l.ring_len))
+            .collect();
+        assert_eq!(nodes.len(), 3);
+        assert_eq!((nodes[0].0, nodes[1].0, nodes[2].0), (1, 2, 3));
+        assert_eq!(nodes[2].1, 0, "node 3's only backend is draining");
+        let picks = |client: &str| -> std::collections::BTreeSet<String> {
+            (0..2000u16)
+                .map(|p| t.pick(f, &tuple(client, "198.19.0.10", 1024 + p, 80)))
+                .map(|b| b.map_or("none".to_owned(), |b| ip_from16(b.addr).to_string()))
+                .collect()
+        };
+        let set = |v: &[&str]| {
+            v.iter()
+                .map(|s| (*s).to_owned())
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        assert_eq!(picks("198.18.64.9"), set(&["198.18.1.1", "198.18.1.2"]));
+        assert_eq!(
+            picks("198.18.0.1"),
+            set(&["198.18.1.1", "198.18.1.2"]),
+            "by node address"
+        );
+        assert_eq!(
+            picks("198.18.65.9"),
+            set(&["198.18.1.3", "198.18.1.4", "198.18.1.5"])
+        );
+        assert_eq!(
+            picks("198.18.66.9"),
+            set(&["none"]),
+            "only draining backends"
+        );
+        assert_eq!(
+            picks("198.18.67.9"),
+            set(&["none"]),
+            "a node without backends"
+        );
+        assert_eq!(picks("198.18.99.9"), set(&["none"]), "an unknown node");
+        // The frontend's own ring still covers every backend taking flows.
+        let all: std::collections::BTreeSet<u16> = t.ring_slots()
+            [f.ring_start as usize..(f.ring_start + f.ring_len) as usize]
+            .iter()
+            .copied()
+            .collect();
+        assert_eq!(all, [0, 1, 2, 3, 4, 6].into_iter().collect());
+    }
+
+    /// Removing one of node 2's four backends (its ring keeps its size, as
+    /// a frontend's does within a power-of-two step) leaves node 1's picks
+    /// exactly as they were and keeps most of node 2's other flows where
+    /// they were.
+    #[test]
+    fn per_node_rings_stay_consistent() {
+        let mut more = LOCAL_BACKENDS.to_vec();
+        more.push(("198.18.1.8", Some(2), 1));
+        let before = full(local_spec(&more));
+        more.remove(4); // 198.18.1.5, node 2
+        let after = full(local_spec(&more));
+        assert_eq!(before.locals[1].ring_len, after.locals[1].ring_len);
+        let (fb, fa) = (
+            before.frontend_record(0).unwrap(),
+            after.frontend_record(0).unwrap(),
+        );
+        let addr = |t: &Table, f: &FrontendRecord, c: &str, p: u16| {
+            t.pick(f, &tuple(c, "198.19.0.10", p, 80)).map(|b| b.addr)
+        };
+        for p in 0..3000u16 {
+            assert_eq!(
+                addr(&before, fb, "198.18.64.3", p),
+                addr(&after, fa, "198.18.64.3", p)
+            );
+        }
+        let gone = addr16(ip("198.18.1.5"));
+        let (mut kept, mut others) = (0, 0);
+        for p in 0..3000u16 {
+            let b = addr(&before, fb, "198.18.65.3", p).unwrap();
+            let a = addr(&after, fa, "198.18.65.3", p).unwrap();
+            assert_ne!(a, gone);
+            if b != gone {
+                others += 1;
+                kept += usize::from(a == b);
+            }
+        }
+        assert!(kept * 100 >= others * 95, "only {kept} of {others} kept");
+    }
+
+    #[test]
+    fn a_backend_on_a_node_without_prefix_is_refused() {
+        let mut spec = local_spec(&LOCAL_BACKENDS);
+        spec.services[0].backends[0].node = Some(9);
+        let e = Table::build_full(1, 0, &spec, DEFAULT_MAX_RING_SIZE).unwrap_err();
+        assert!(
+            e.to_string().contains("is on node 9, which has no prefix"),
+            "{e}"
+        );
+        // Not node-local: the node is not looked at.
+        spec.services[0].node_local = false;
+        assert!(Table::build_full(1, 0, &spec, DEFAULT_MAX_RING_SIZE).is_ok());
+    }
+
+    #[test]
+    fn assemble_refuses_bad_records() {
+        let mut spec = local_spec(&LOCAL_BACKENDS);
+        let mut lb = svc("198.19.0.11", 80, &["198.18.1.9"])
+            .with_kind(FrontendKind::LoadBalancer, ip("198.19.0.11"));
+        lb.source_ranges = Some(vec![net("198.18.0.0/16")]);
+        spec.services.push(lb);
+        spec.node_port_addresses = vec![net("198.18.0.0/16")];
+        let good = full(spec);
+        let base = parts_of(&good);
+        assert!(Table::assemble(1, 0, base.clone()).is_ok());
+        let refused = |edit: &dyn Fn(&mut TableParts)| {
+            let mut p = base.clone();
+            edit(&mut p);
+            Table::assemble(1, 0, p).unwrap_err().to_string()
+        };
+        type Edit<'a> = &'a dyn Fn(&mut TableParts);
+        let cases: [(&str, Edit); 14] = [
+            ("prefix length 33 is longer than 32", &|p| {
+                p.source_ranges[0].len = 33
+            }),
+            ("has host bits set", &|p| p.node_prefixes[0].addr[15] = 1),
+            ("node-port address #0: reserved", &|p| {
+                p.node_port_prefixes[0].reserved[1] = 1
+            }),
+            ("names node 5", &|p| p.node_port_prefixes[0].node = 5),
+            ("source range #0: names node 1", &|p| {
+                p.source_ranges[0].node = 1
+            }),
+            ("not sorted by node", &|p| p.locals.swap(0, 1)),
+            ("not sorted by node", &|p| p.locals[1].node = 1),
+            ("per-node ring slot names backend 7 of 7", &|p| {
+                let at = p.locals[1].ring_start as usize;
+                p.ring[at] = 7;
+            }),
+            ("per-node ring 4294967295..", &|p| {
+                p.locals[0].ring_start = u32::MAX
+            }),
+            ("per-node ring #2: reserved is 1", &|p| {
+                p.locals[2].reserved = 1
+            }),
+            ("source ranges without the source-range flag", &|p| {
+                p.frontends[1].flags = 0
+            }),
+            ("per-node rings without the node-local flag", &|p| {
+                p.frontends[0].flags = 0
+            }),
+            ("source ranges 0..2 exceed 1", &|p| {
+                p.frontends[1].ranges_len = 2
+            }),
+            ("per-node rings 0..4 exceed 3", &|p| {
+                p.frontends[0].locals_len = 4
+            }),
+        ];
+        for (want, edit) in cases {
+            let m = refused(edit);
+            assert!(m.contains(want), "want {want:?}, got {m:?}");
+        }
+        let m = refused(&|p| p.frontends[0].flags = 8);
+        assert!(m.contains("flags 0x8 name unknown bits"), "{m}");
+        let m = refused(&|p| p.frontends[0].kind = 4);
+        assert!(m.contains("kind 4 is unknown"), "{m}");
+        let m = refused(&|p| p.frontends[1].kind = FrontendKind::NodePort as u8);
+        assert!(m.contains("a node port on 198.19.0.11"), "{m}");
+        let m = refused(&|p| {
+            p.source_ranges[0] = PrefixRecord::new(net("2001:2::/48"), 0);
+        });
+        assert!(
+            m.contains("source range 2001:2::/48 is of another IP family"),
+            "{m}"
+        );
     }
 }

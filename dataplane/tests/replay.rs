@@ -408,3 +408,162 @@ fn replay_honours_the_return_paths() {
         "DSR: encapsulated from the SNAT address to the backend"
     );
 }
+
+/// A snapshot with every kind of frontend: Service "web" (one backend) on its
+/// cluster IP, node port 30080, an external IP and a load-balancer IP with
+/// source ranges; Service "local" (`internalTrafficPolicy: Local`, one
+/// backend on node 1, one on node 2). Node-port addresses 198.18.0.0/24.
+fn every_kind_table() -> Table {
+    use clustergate_dataplane::table::{FrontendKind, TableSpec};
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let net = |s: &str| -> ipnet::IpNet { s.parse().unwrap() };
+    let web = ServiceSpec::cluster_ip(
+        ip("198.19.0.10"),
+        80,
+        Proto::Tcp,
+        vec![BackendSpec::ready(ip("198.18.64.21"), 8080)],
+    );
+    let mut node_port = web.clone().with_kind(FrontendKind::NodePort, ip("0.0.0.0"));
+    node_port.port = 30080;
+    let mut lb = web
+        .clone()
+        .with_kind(FrontendKind::LoadBalancer, ip("198.19.9.1"));
+    lb.source_ranges = Some(vec![net("198.18.100.0/24")]);
+    let mut local = ServiceSpec::cluster_ip(
+        ip("198.19.0.20"),
+        80,
+        Proto::Tcp,
+        vec![
+            BackendSpec::ready(ip("198.18.64.31"), 8080).on_node(1),
+            BackendSpec::ready(ip("198.18.65.32"), 8080).on_node(2),
+        ],
+    );
+    local.node_local = true;
+    let spec = TableSpec {
+        services: vec![
+            web.clone(),
+            node_port,
+            web.with_kind(FrontendKind::ExternalIp, ip("198.19.8.1")),
+            lb,
+            local,
+        ],
+        nodes: vec![
+            (net("198.18.64.0/24"), 1),
+            (net("198.18.0.11/32"), 1),
+            (net("198.18.65.0/24"), 2),
+        ],
+        node_port_addresses: vec![net("198.18.0.0/24")],
+    };
+    Table::build_full(
+        11,
+        0,
+        &spec,
+        clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE,
+    )
+    .unwrap()
+}
+
+/// Every way into a Service through the binary: node port (and its reply),
+/// load-balancer IP with source ranges, external IP, cluster IP, and a
+/// node-local Service; `--nodeport-addresses` narrows which addresses are
+/// the node's, and a bad CIDR is refused naming it.
+#[test]
+fn replay_serves_every_kind_of_frontend() {
+    let dir = TempDir::new("kinds");
+    let snap = dir.0.join("table.snap");
+    std::fs::write(&snap, snapshot::encode(&every_kind_table())).unwrap();
+    let synack = Tcp {
+        syn: true,
+        ack: Some(101),
+        seq: 9,
+        ..Tcp::default()
+    };
+    let frames = [
+        tcp("198.18.200.1", 40000, "198.18.0.11", 30080, Tcp::syn(100)),
+        tcp("198.18.64.21", 8080, "198.18.200.1", 40000, synack),
+        tcp("198.18.200.1", 40001, "198.19.9.1", 80, Tcp::syn(100)),
+        tcp("198.18.100.7", 40002, "198.19.9.1", 80, Tcp::syn(100)),
+        tcp("198.18.200.1", 40003, "198.19.8.1", 80, Tcp::syn(100)),
+        tcp("198.18.200.1", 40004, "198.19.0.10", 80, Tcp::syn(100)),
+        tcp("198.18.65.9", 40005, "198.19.0.20", 80, Tcp::syn(100)),
+        tcp("198.18.0.11", 40006, "198.19.0.20", 80, Tcp::syn(100)),
+        tcp("198.18.200.1", 40007, "198.19.0.20", 80, Tcp::syn(100)),
+        tcp("198.18.200.1", 40008, "198.18.0.99", 30080, Tcp::syn(100)),
+        tcp("198.18.200.1", 40009, "198.18.7.7", 30080, Tcp::syn(100)),
+    ];
+    let pcap = dir.0.join("in.pcap");
+    write_pcap(&pcap, &frames);
+    let common = [
+        "1 forward to=198.18.64.21 side=backend len=54",
+        "2 forward to=198.18.200.1 side=client len=54",
+        "3 drop reason=source_range",
+        "4 forward to=198.18.64.21 side=backend len=54",
+        "5 forward to=198.18.64.21 side=backend len=54",
+        "6 forward to=198.18.64.21 side=backend len=54",
+        "7 forward to=198.18.65.32 side=backend len=54",
+        "8 forward to=198.18.64.31 side=backend len=54",
+        "9 drop reason=no_local_endpoint",
+    ];
+
+    // Without --nodeport-addresses: every address in 198.18.0.0/24 is the
+    // node's, 198.18.0.99 included; 198.18.7.7 is outside.
+    let run = replay(&dir.0, &snap, &pcap, &[]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "replay failed: {stderr}");
+    let mut want: Vec<String> = common.iter().map(|s| (*s).to_owned()).collect();
+    want.push("10 forward to=198.18.64.21 side=backend len=54".into());
+    want.push("11 pass".into());
+    assert_eq!(verdict_lines(&dir.0), want);
+    assert!(
+        stderr.contains("11 packets: 8 forward, 0 reject, 1 pass, 2 drop; 8 written"),
+        "{stderr}"
+    );
+    let got = read_pcap(&dir.0.join("out.pcap"));
+    assert_eq!(got.len(), 8);
+    let w = |f: &[u8]| {
+        let w = testkit::wire(f); // every checksum verified
+        (w.src, w.sport, w.dst, w.dport)
+    };
+    assert_eq!(
+        w(&got[0].1),
+        (a("198.18.200.1"), 40000, a("198.18.64.21"), 8080),
+        "the node port's SYN reaches the backend"
+    );
+    assert_eq!(
+        w(&got[1].1),
+        (a("198.18.0.11"), 30080, a("198.18.200.1"), 40000),
+        "the reply comes from the node port"
+    );
+    assert_eq!(
+        w(&got[5].1),
+        (a("198.18.65.9"), 40005, a("198.18.65.32"), 8080),
+        "node 2's client reaches node 2's backend"
+    );
+
+    // With it: only 198.18.0.11 is the node's.
+    let run = replay(
+        &dir.0,
+        &snap,
+        &pcap,
+        &["--nodeport-addresses", "198.18.0.11/32,2001:2::11/128"],
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "replay failed: {stderr}");
+    let mut want: Vec<String> = common.iter().map(|s| (*s).to_owned()).collect();
+    want.push("10 pass".into());
+    want.push("11 pass".into());
+    assert_eq!(verdict_lines(&dir.0), want);
+
+    // A bad CIDR: a clear error naming it.
+    for bad in ["198.18.0.0/33", "198.18.0.11/32,node"] {
+        let run = replay(&dir.0, &snap, &pcap, &["--nodeport-addresses", bad]);
+        assert!(!run.status.success());
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        let value = bad.rsplit(',').next().unwrap();
+        assert!(
+            stderr.contains("--nodeport-addresses")
+                && stderr.contains(&format!("{value:?} is not a CIDR")),
+            "{stderr}"
+        );
+    }
+}

@@ -1,7 +1,8 @@
 //! Snapshot ABI, publish protocol and hand-over to workers.
 //!
-//! - Round trip: `Table::build` → `encode` → `decode` keeps every record, the
-//!   generation, the seed and every pick.
+//! - Round trip: `Table::build_full` → `encode` → `decode` keeps every record
+//!   (source ranges, per-node rings, node and node-port prefixes included),
+//!   the generation, the seed and every pick.
 //! - Every kind of bad snapshot (bad magic, foreign version, truncated,
 //!   half-written, checksum mismatch, bounds, overlap, alignment, bad indexes
 //!   with valid checksums, bad pointers, missing files, older generations) is
@@ -31,11 +32,16 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use clustergate_dataplane::flow::{addr16, FlowTuple, Proto};
+use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
 use clustergate_dataplane::snapshot::{
     decode, encode, load_current, load_file, read_current, seal, snapshot_path, Header,
     PollOutcome, SnapshotError, TableHandle, Watcher, Writer, CURRENT, FAULT_LABELS, HEADER_LEN,
 };
-use clustergate_dataplane::table::{BackendSpec, BackendState, FrontendKind, ServiceSpec, Table};
+use clustergate_dataplane::table::{
+    BackendSpec, BackendState, FrontendKind, ReturnPath, ServiceSpec, Table, TableSpec,
+    FRONTEND_NODE_LOCAL,
+};
+use ipnet::IpNet;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
@@ -125,9 +131,67 @@ fn services(marker: u16) -> Vec<ServiceSpec> {
     ]
 }
 
-/// Generation `g`'s table: every backend has port `g` (the generation marker).
+/// Frontends of the other kinds, backends with port `marker`: a node port,
+/// an external IP, load-balancer IPs with source ranges (IPv4, IPv6) and a
+/// node-local (`internalTrafficPolicy: Local`) frontend.
+fn other_kinds(marker: u16) -> Vec<ServiceSpec> {
+    let b = |a: &str, node: u32| BackendSpec::ready(ip(a), marker).on_node(node);
+    let backends = vec![b("198.18.2.1", 1), b("198.18.2.2", 2), b("198.18.2.3", 2)];
+    let base = ServiceSpec::cluster_ip(ip("198.19.0.20"), 80, Proto::Tcp, backends);
+    let mut lb = base
+        .clone()
+        .with_kind(FrontendKind::LoadBalancer, ip("198.19.9.1"));
+    lb.source_ranges = Some(vec![net("198.18.0.0/24"), net("198.19.128.0/17")]);
+    let mut closed = base
+        .clone()
+        .with_kind(FrontendKind::LoadBalancer, ip("198.19.9.2"));
+    closed.source_ranges = Some(vec![]);
+    let mut local = base.clone();
+    local.port = 81;
+    local.node_local = true;
+    let mut lb6 = ServiceSpec::cluster_ip(
+        ip("2001:db8::20"),
+        443,
+        Proto::Tcp,
+        vec![BackendSpec::ready(ip("2001:db8:1::9"), marker).on_node(2)],
+    )
+    .with_kind(FrontendKind::LoadBalancer, ip("2001:db8::99"));
+    lb6.source_ranges = Some(vec![net("2001:db8:ff::/48")]);
+    lb6.node_local = true;
+    vec![
+        base.clone()
+            .with_kind(FrontendKind::NodePort, ip("0.0.0.0"))
+            .with_return_path(ReturnPath::Snat),
+        base.clone()
+            .with_kind(FrontendKind::ExternalIp, ip("198.19.8.1")),
+        lb,
+        closed,
+        local,
+        lb6,
+    ]
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+/// Generation `g`'s table: every backend has port `g` (the generation
+/// marker). It has every section: source ranges, per-node rings, node
+/// prefixes and node-port addresses.
 fn table(g: u64) -> Table {
-    Table::build(g, 0x5eed_0000 + g, &services(g as u16)).unwrap()
+    let mut services = services(g as u16);
+    services.extend(other_kinds(g as u16));
+    let spec = TableSpec {
+        services,
+        nodes: vec![
+            (net("198.18.0.0/24"), 1),
+            (net("198.18.0.11/32"), 1),
+            (net("198.18.1.0/24"), 2),
+            (net("2001:db8:ff::/64"), 2),
+        ],
+        node_port_addresses: vec![net("198.18.0.0/16"), net("2001:db8::/32")],
+    };
+    Table::build_full(g, 0x5eed_0000 + g, &spec, DEFAULT_MAX_RING_SIZE).unwrap()
 }
 
 /// A small snapshot (one service, one backend) for exhaustive truncation.
@@ -170,6 +234,11 @@ fn assert_same(a: &Table, b: &Table) {
     assert_eq!(a.frontends(), b.frontends());
     assert_eq!(a.backend_records(), b.backend_records());
     assert_eq!(a.ring_slots(), b.ring_slots());
+    assert_eq!(a.source_range_records(), b.source_range_records());
+    assert_eq!(a.local_records(), b.local_records());
+    assert_eq!(a.node_prefix_records(), b.node_prefix_records());
+    assert_eq!(a.node_port_prefix_records(), b.node_port_prefix_records());
+    assert_eq!(a.has_node_ports(), b.has_node_ports());
     for (i, f) in a.frontends().iter().enumerate() {
         let proto = Proto::from_ip_number(f.proto).unwrap();
         assert_eq!(a.frontend(&f.addr, f.port, proto), Some(i as u32));
@@ -195,8 +264,28 @@ fn assert_consistent(t: &Table) {
         assert!(ring[f.ring_start as usize..r_end]
             .iter()
             .all(|&s| u32::from(s) < f.backends_len));
+        let g_end = f.ranges_start as usize + f.ranges_len as usize;
+        assert!(g_end <= t.source_range_records().len());
+        let l_end = f.locals_start as usize + f.locals_len as usize;
+        assert!(l_end <= t.local_records().len());
+        for l in t.locals_of(f) {
+            let end = l.ring_start as usize + l.ring_len as usize;
+            assert!(end <= ring.len());
+            assert!(ring[l.ring_start as usize..end]
+                .iter()
+                .all(|&s| u32::from(s) < f.backends_len));
+        }
         for tu in tuples_for(t, i).iter().take(20) {
             let picked = t.pick(f, tu);
+            let _ = (
+                t.source_allowed(f, &tu.src_addr),
+                t.client_node(&tu.src_addr),
+            );
+            let _ = t.node_port(&tu.dst_addr, tu.dst_port, tu.proto);
+            if f.flags & FRONTEND_NODE_LOCAL != 0 {
+                assert!(picked.is_none() || f.ring_len > 0);
+                continue;
+            }
             assert_eq!(picked.is_some(), f.ring_len > 0);
         }
     }
@@ -232,12 +321,17 @@ fn abi_round_trip_keeps_every_record_and_pick() {
         .backend_records()
         .iter()
         .any(|b| b.state == BackendState::Terminating as u8));
+    assert_eq!(t.source_range_records().len(), 3);
+    assert_eq!(t.local_records().len(), 3, "two nodes, then one");
+    assert_eq!(t.node_prefix_records().len(), 4);
+    assert_eq!(t.node_port_prefix_records().len(), 2);
+    assert!(t.has_node_ports());
 }
 
 #[test]
 fn truncation_at_every_length_is_refused() {
     let bytes = encode(&small_table(1));
-    assert!(bytes.len() > HEADER_LEN + 48 + 24);
+    assert!(bytes.len() > HEADER_LEN + 64 + 24);
     for len in 0..bytes.len() {
         let e = decode(&bytes[..len]).expect_err("a truncated snapshot must be refused");
         assert_eq!(e.label(), "truncated", "at {len}: {e}");
@@ -388,6 +482,38 @@ fn bad_cases() -> Vec<BadCase> {
     b[first + 20] = 0x80; // unknown flag
     seal(&mut b);
     v.push(case("unknown frontend flag", "bad_record", b));
+
+    let mut b = good.clone();
+    b[h.source_ranges_off as usize + 15] = 1; // 198.18.0.1/24
+    seal(&mut b);
+    v.push(case(
+        "source range with host bits (valid checksum)",
+        "invalid_table",
+        b,
+    ));
+
+    let mut b = good.clone();
+    let l = h.locals_off as usize;
+    b[l..l + 4].copy_from_slice(&7u32.to_le_bytes()); // nodes 7, 2
+    seal(&mut b);
+    v.push(case(
+        "per-node rings out of order (valid checksum)",
+        "invalid_table",
+        b,
+    ));
+
+    let mut b = good.clone();
+    b[h.node_prefixes_off as usize + 19] = 1;
+    seal(&mut b);
+    v.push(case("node prefix reserved byte set", "bad_record", b));
+
+    let mut b = with_header(good.clone(), |h| h.node_port_prefixes_off = h.locals_off);
+    seal(&mut b);
+    v.push(case(
+        "node-port addresses over the per-node rings",
+        "section_overlap",
+        b,
+    ));
 
     v.push(case(
         "file holds another generation",
@@ -608,9 +734,17 @@ proptest! {
         let mut b = bytes.clone();
         // Half the mutations land in the header and records (the ring is most
         // of the file, and a bad slot is the easiest fault to find).
-        let records_end = header_of(bytes).ring_off as usize + 16;
+        // So do the sections after the ring (prefixes and per-node rings).
+        let h = header_of(bytes);
+        let records_end = h.ring_off as usize + 16;
+        let tail = h.source_ranges_off as usize;
         for (at, v, front) in &muts {
-            let i = if *front { at.index(records_end) } else { at.index(b.len()) };
+            let i = if *front {
+                let j = at.index(records_end + (b.len() - tail));
+                if j < records_end { j } else { tail + (j - records_end) }
+            } else {
+                at.index(b.len())
+            };
             b[i] = *v;
         }
         seal(&mut b);
@@ -643,7 +777,7 @@ fn workers_never_see_a_mix_of_generations() {
                     assert!(g >= last, "generation went back from {last} to {g}");
                     last = g;
                     seen.insert(g);
-                    assert_eq!(t.frontends().len(), 5);
+                    assert_eq!(t.frontends().len(), 11);
                     assert_eq!(t.hash_seed(), 0x5eed_0000 + g);
                     assert!(
                         t.backend_records().iter().all(|b| b.port == g as u16),
@@ -823,16 +957,16 @@ fn restarts_of_either_side_pick_up_where_they_were() {
 fn error_messages_say_what_failed() {
     let good = encode(&small_table(1));
     let msg = |b: &[u8]| decode(b).unwrap_err().to_string();
-    assert_eq!(msg(&good[..10]), "truncated: 10 bytes, header needs 128");
+    assert_eq!(msg(&good[..10]), "truncated: 10 bytes, header needs 192");
     let b = with_header(good.clone(), |h| h.abi_version = 2);
-    assert_eq!(msg(&b), "ABI version 2, expected 3");
+    assert_eq!(msg(&b), "ABI version 2, expected 4");
     let mut b = with_header(good.clone(), |h| h.frontends_count = 100);
     seal(&mut b);
     assert_eq!(
         msg(&b),
         format!(
-            "frontends section 128..{} lies outside the body 128..{}",
-            128 + 100 * 48,
+            "frontends section 192..{} lies outside the body 192..{}",
+            192 + 100 * 64,
             good.len()
         )
     );

@@ -2,9 +2,13 @@
 //!
 //! Input: `[variant, frames...]`. The first byte picks a variant: bits 0..3
 //! the table (a few frontends, an empty-endpoint service, affinity, no
-//! services at all, or the frontends with source NAT or DSR), bit 3 whether
-//! the buffer has room for a reject (or an encapsulation), bit 4 a small
-//! encapsulation MTU (576: ICMP too-big answers); the rest is
+//! services at all, or the frontends with source NAT or DSR; the tables with
+//! the few frontends also have node ports on every address, a
+//! load-balancer IP with source ranges and a node-local frontend), bit 3
+//! whether the buffer has room for a reject (or an encapsulation), bit 4 a
+//! small encapsulation MTU (576: ICMP too-big answers), bit 5 whether the
+//! worker knows the node's addresses (one IPv4, one IPv6) or takes every
+//! address within the node-port addresses; the rest is
 //! split into frames at every `0xC0 0xFF` marker, all processed by one worker
 //! (so state from one frame, a flow or a fragment, meets the next). Frames
 //! that do not start with an Ethernet header get one (gateway MACs, IPv4 or
@@ -23,9 +27,14 @@ use std::sync::{Arc, OnceLock};
 
 use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{addr16, Proto};
-use clustergate_dataplane::pipeline::{Verdict, Worker};
+use clustergate_dataplane::flow::Addr16;
+use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
+use clustergate_dataplane::pipeline::{NodeAddrs, Verdict, Worker};
 use clustergate_dataplane::snat::{FixedSources, PortRange, ReturnConfig};
-use clustergate_dataplane::table::{BackendSpec, ReturnPath, ServiceSpec, Table};
+use clustergate_dataplane::table::{
+    BackendSpec, FrontendKind, ReturnPath, ServiceSpec, Table, TableSpec,
+};
+use ipnet::IpNet;
 use clustergate_dataplane::time::Now;
 use libfuzzer_sys::fuzz_target;
 
@@ -82,20 +91,83 @@ fn tables() -> &'static [Table] {
                 .map(|s| s.clone().with_return_path(rp))
                 .collect()
         };
+        // The other kinds: node ports (IPv4 TCP, IPv6 UDP), a
+        // load-balancer IP open to 198.18.0.0/24 only, and a node-local
+        // frontend with a backend on each of two nodes (and none on a
+        // third), on top of `specs`.
+        let every_kind = |g: u64, seed: u64, specs: &[ServiceSpec]| -> Table {
+            let net = |s: &str| -> IpNet { s.parse().expect("fuzz prefix") };
+            let mut services = specs.to_vec();
+            let rp = specs.first().map_or(ReturnPath::Routed, |s| s.return_path);
+            let np = |s: ServiceSpec, any: &str| {
+                let mut s = s.with_kind(FrontendKind::NodePort, ip(any));
+                s.port = 30_080;
+                s.with_return_path(rp)
+            };
+            services.push(np(
+                spec("198.19.0.10", 0, Proto::Tcp, &[("198.18.1.1", 8080)]),
+                "0.0.0.0",
+            ));
+            services.push(np(
+                spec("2001:db8::10", 0, Proto::Udp, &[("2001:db8:1::1", 5353)]),
+                "::",
+            ));
+            let mut lb = spec("198.19.9.1", 80, Proto::Tcp, &[("198.18.1.2", 8080)])
+                .with_kind(FrontendKind::LoadBalancer, ip("198.19.9.1"))
+                .with_return_path(rp);
+            lb.source_ranges = Some(vec![net("198.18.0.0/24")]);
+            lb.affinity_timeout_s = specs.first().and_then(|s| s.affinity_timeout_s);
+            services.push(lb);
+            let mut local = ServiceSpec::cluster_ip(
+                ip("198.19.0.20"),
+                80,
+                Proto::Tcp,
+                vec![
+                    BackendSpec::ready(ip("198.18.1.1"), 8080).on_node(1),
+                    BackendSpec::ready(ip("198.18.1.2"), 8080).on_node(2),
+                ],
+            )
+            .with_return_path(rp);
+            local.node_local = true;
+            local.affinity_timeout_s = specs.first().and_then(|s| s.affinity_timeout_s);
+            services.push(local);
+            let spec = TableSpec {
+                services,
+                nodes: vec![
+                    (net("198.18.0.0/24"), 1),
+                    (net("198.18.0.11/32"), 2),
+                    (net("198.18.1.0/24"), 2),
+                    (net("10.0.0.0/8"), 3),
+                    (net("2001:db8::/32"), 1),
+                ],
+                node_port_addresses: vec![net("0.0.0.0/0"), net("::/0")],
+            };
+            Table::build_full(g, seed, &spec, DEFAULT_MAX_RING_SIZE).expect("every-kind table")
+        };
         vec![
-            Table::build(1, 0, &full).expect("full table"),
-            Table::build(2, 7, &affinity).expect("affinity table"),
+            every_kind(1, 0, &full),
+            every_kind(2, 7, &affinity),
             Table::build(3, 0, &zeros).expect("zeros table"),
             Table::empty(4),
-            Table::build(5, 0, &with(ReturnPath::Snat, &full)).expect("snat table"),
-            Table::build(6, 0, &with(ReturnPath::Dsr, &full)).expect("dsr table"),
-            Table::build(7, 3, &with(ReturnPath::Snat, &affinity)).expect("snat affinity"),
+            every_kind(5, 0, &with(ReturnPath::Snat, &full)),
+            every_kind(6, 0, &with(ReturnPath::Dsr, &full)),
+            every_kind(7, 3, &with(ReturnPath::Snat, &affinity)),
             Table::build(8, 0, &with(ReturnPath::Dsr, &zeros)).expect("dsr zeros"),
         ]
     })
 }
 
-fn worker(encap_mtu: u16) -> Worker {
+/// The node's own addresses, when the worker is told them.
+#[derive(Debug)]
+struct Node;
+
+impl NodeAddrs for Node {
+    fn is_node_addr(&self, addr: &Addr16) -> bool {
+        *addr == addr16(ip("198.18.0.11")) || *addr == addr16(ip("2001:db8::11"))
+    }
+}
+
+fn worker(encap_mtu: u16, node_addrs: bool) -> Worker {
     let cfg = Config {
         capacity: 64,
         shards: 2,
@@ -115,6 +187,9 @@ fn worker(encap_mtu: u16) -> Worker {
         v4: Some(addr16(ip("198.18.2.1"))),
         v6: Some(addr16(ip("2001:db8:2::1"))),
     })));
+    if node_addrs {
+        w.set_node_addrs(Some(Arc::new(Node)));
+    }
     w
 }
 
@@ -159,7 +234,10 @@ fuzz_target!(|data: &[u8]| {
     let tables = tables();
     let table = &tables[usize::from(variant & 0x07) % tables.len()];
     let room = variant & 0x08 != 0;
-    let mut w = worker(if variant & 0x10 != 0 { 576 } else { 1500 });
+    let mut w = worker(
+        if variant & 0x10 != 0 { 576 } else { 1500 },
+        variant & 0x20 != 0,
+    );
     for (i, raw) in split(rest).take(16).enumerate() {
         let f = with_ethernet(raw);
         let len = f.len();
