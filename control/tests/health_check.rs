@@ -11,11 +11,11 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::daemon::{wait_generation, write_atomically, Daemon};
+use support::daemon::{run_on_manifest, wait_generation, write_atomically, Daemon};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -99,14 +99,7 @@ fn health_check_node_port_answers_like_kube_proxy() {
         child: None,
     };
     d.child = Some(
-        Command::new(env!("CARGO_BIN_EXE_clustergate-control"))
-            .arg("run")
-            .arg("--manifest")
-            .arg(&path)
-            .arg("--shm-dir")
-            .arg(&shm)
-            .arg("--poll-ms")
-            .arg("5")
+        run_on_manifest(&path, &shm)
             .arg("--health")
             .arg(health.to_string())
             .arg("--metrics")
@@ -114,7 +107,6 @@ fn health_check_node_port_answers_like_kube_proxy() {
             // The test's port is wherever the kernel had one free.
             .arg("--service-node-port-range")
             .arg("1024-65535")
-            .env("RUST_LOG", "info")
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
@@ -213,21 +205,13 @@ fn a_taken_health_check_port_is_logged_not_fatal() {
         child: None,
     };
     d.child = Some(
-        Command::new(env!("CARGO_BIN_EXE_clustergate-control"))
-            .arg("run")
-            .arg("--manifest")
-            .arg(&path)
-            .arg("--shm-dir")
-            .arg(&shm)
-            .arg("--poll-ms")
-            .arg("5")
+        run_on_manifest(&path, &shm)
             .arg("--health")
             .arg(free_port().to_string())
             .arg("--metrics")
             .arg(free_port().to_string())
             .arg("--service-node-port-range")
             .arg("1024-65535")
-            .env("RUST_LOG", "info")
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap(),

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::apiserver::ApiServer;
-use support::daemon::{wait_generation, write_atomically, Daemon};
+use support::daemon::{run_on_manifest, wait_generation, write_atomically, Daemon};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -115,14 +115,7 @@ fn metrics_and_health_follow_the_publishes() {
         child: None,
     };
     d.child = Some(
-        Command::new(env!("CARGO_BIN_EXE_clustergate-control"))
-            .arg("run")
-            .arg("--manifest")
-            .arg(&path)
-            .arg("--shm-dir")
-            .arg(&shm)
-            .arg("--poll-ms")
-            .arg("5")
+        run_on_manifest(&path, &shm)
             .arg("--metrics")
             .arg(metrics.to_string())
             .arg("--health")

@@ -16,7 +16,7 @@ use clustergate_control::ModelOptions;
 use clustergate_dataplane::flow::{addr16, Proto};
 use clustergate_dataplane::snapshot;
 use clustergate_dataplane::table::{ReturnPath, Table};
-use support::daemon::{wait_generation, write_atomically, Daemon};
+use support::daemon::{run_on_manifest, wait_generation, write_atomically, Daemon};
 
 fn service(endpoint_port: u16, extra_comment: &str) -> String {
     format!(
@@ -37,15 +37,7 @@ fn run_follows_the_manifest_and_keeps_the_last_good_snapshot() {
         child: None,
     };
     d.child = Some(
-        Command::new(env!("CARGO_BIN_EXE_clustergate-control"))
-            .arg("run")
-            .arg("--manifest")
-            .arg(&manifest)
-            .arg("--shm-dir")
-            .arg(&shm)
-            .arg("--poll-ms")
-            .arg("5")
-            .env("RUST_LOG", "info")
+        run_on_manifest(&manifest, &shm)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),

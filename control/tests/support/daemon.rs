@@ -3,7 +3,7 @@
 //! atomically; generations are awaited with a bound.
 
 use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use clustergate_dataplane::snapshot;
@@ -42,4 +42,20 @@ pub fn wait_generation(dir: &Path, g: u64) {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// `clustergate-control run` on the manifest at `manifest`, publishing into
+/// `shm`, polling every 5 ms, logging at `info`: add flags, then spawn.
+#[allow(dead_code)] // reason: not every test crate runs the daemon on a manifest
+pub fn run_on_manifest(manifest: &Path, shm: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clustergate-control"));
+    c.arg("run")
+        .arg("--manifest")
+        .arg(manifest)
+        .arg("--shm-dir")
+        .arg(shm)
+        .arg("--poll-ms")
+        .arg("5")
+        .env("RUST_LOG", "info");
+    c
 }
