@@ -35,19 +35,64 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub struct Skipped {
     /// `"Kind ns/name"` (`"Kind name"` for objects without a namespace).
     pub object: String,
-    /// Why, for people.
+    /// Why, for people: the field first where there is one
+    /// (`spec.clusterIP: "10.0.0.x" is not an IP address; …`).
     pub reason: String,
+    /// Why, as a short stable label (one of [`label`]): the `reason` label of
+    /// the `clustergate_control_objects_skipped` gauge.
+    pub label: &'static str,
 }
 
 impl Skipped {
-    /// A skip entry.
+    /// A skip entry: `label` is one of [`label`].
     #[must_use]
-    pub fn new(object: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub fn new(object: impl Into<String>, label: &'static str, reason: impl Into<String>) -> Self {
         Self {
             object: object.into(),
             reason: reason.into(),
+            label,
         }
     }
+
+    /// The object's kind: the first word of [`Skipped::object`].
+    #[must_use]
+    pub fn kind(&self) -> &str {
+        self.object
+            .split_once(' ')
+            .map_or(self.object.as_str(), |(k, _)| k)
+    }
+}
+
+/// The labels of [`Skipped::label`], stable for metrics and alerts.
+pub mod label {
+    /// A kind or apiVersion clustergate does not read.
+    pub const UNSUPPORTED: &str = "unsupported";
+    /// Labelled for another proxy (`service.kubernetes.io/service-proxy-name`).
+    pub const OTHER_PROXY: &str = "other_proxy";
+    /// Nothing to proxy, as kube-proxy decides too: ExternalName, headless,
+    /// no cluster IP, no ports, FQDN slices, `ipMode: Proxy`.
+    pub const NOT_PROXIED: &str = "not_proxied";
+    /// An EndpointSlice with no Service served (no label, no such Service, or
+    /// the Service is skipped).
+    pub const NO_SERVICE: &str = "no_service";
+    /// An endpoint without addresses, a slice port without a number.
+    pub const EMPTY: &str = "empty";
+    /// An address or CIDR that does not parse (even as kube-proxy's sloppy
+    /// parser reads it), or an IPv4-mapped IPv6 address.
+    pub const INVALID_ADDRESS: &str = "invalid_address";
+    /// Any other value that cannot be used (a port, protocol, type, policy,
+    /// annotation…).
+    pub const INVALID_VALUE: &str = "invalid_value";
+    /// An address of a family the Service has no cluster IP of.
+    pub const WRONG_FAMILY: &str = "wrong_family";
+    /// A node port or health-check node port outside `--service-node-port-range`.
+    pub const OUT_OF_RANGE: &str = "out_of_range";
+    /// The same object a second time (the first is used).
+    pub const DUPLICATE: &str = "duplicate";
+    /// An address, port or prefix another object has first.
+    pub const CONFLICT: &str = "conflict";
+    /// Not skipped: a caveat about something used ([`crate::Model::notes`]).
+    pub const NOTE: &str = "note";
 }
 
 /// The objects of a manifest, in manifest order.
@@ -215,17 +260,17 @@ fn collect(value: Value, place: &str, out: &mut Objects) -> Result<(), ManifestE
             } else {
                 "v1"
             };
-            tracing::info!(%object, api_version, "skipped: unsupported apiVersion");
             out.skipped.push(Skipped::new(
                 object,
+                label::UNSUPPORTED,
                 format!("apiVersion {api_version} is not read (clustergate reads {kind} {want})"),
             ));
         }
         _ => {
             let object = named(false).unwrap_or_else(|| format!("{kind} ({place})"));
-            tracing::info!(%object, "skipped: kind not read");
             out.skipped.push(Skipped::new(
                 object,
+                label::UNSUPPORTED,
                 format!(
                     "kind {kind} ({api_version}) is not read (clustergate reads Service, EndpointSlice and Node)"
                 ),

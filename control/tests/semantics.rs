@@ -9,7 +9,9 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clustergate_control::model::{build_model, default_node_port_addresses, Model, ModelOptions};
-use clustergate_control::{load_manifest_file, parse_manifest, ControlError};
+use clustergate_control::{
+    load_manifest_file, load_manifest_file_strict, parse_manifest, ControlError,
+};
 use clustergate_dataplane::flow::{addr16, Proto};
 use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
 use clustergate_dataplane::table::{BackendState, FrontendKind, ReturnPath, Table};
@@ -29,7 +31,7 @@ fn fixture(name: &str) -> String {
 }
 
 fn model_with(yaml: &str, options: &ModelOptions) -> Model {
-    build_model(&parse_manifest(yaml).unwrap(), options).unwrap()
+    build_model(&parse_manifest(yaml).unwrap(), options)
 }
 
 fn model(yaml: &str) -> Model {
@@ -47,11 +49,13 @@ fn model_returning(yaml: &str, return_path: ReturnPath) -> Model {
     )
 }
 
-/// The error text of a manifest that is refused, by the parser or the model.
+/// The error text of a manifest that is refused, by the parser or (as
+/// `--strict` refuses it) the model.
 fn refused(yaml: &str) -> String {
     match parse_manifest(yaml) {
         Err(e) => e.to_string(),
         Ok(objects) => build_model(&objects, &ModelOptions::default())
+            .strict()
             .map(|m| panic!("accepted: {}", m.to_json()))
             .unwrap_err()
             .to_string(),
@@ -467,7 +471,11 @@ fn load_manifest_file_reads_and_names_the_file_on_error() {
         service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 0}]\n"),
     )
     .unwrap();
-    let e = load_manifest_file(&bad_port, &ModelOptions::default()).unwrap_err();
+    let m = load_manifest_file(&bad_port, &ModelOptions::default()).unwrap();
+    assert!(m.frontends.is_empty(), "{:?}", m.frontends);
+    assert_eq!(m.errors.len(), 1, "{:?}", m.errors);
+    let e = load_manifest_file_strict(&bad_port, &ModelOptions::default()).unwrap_err();
+    assert!(matches!(e, ControlError::Model { .. }), "{e}");
     assert_eq!(
         e.to_string(),
         format!(
@@ -1266,12 +1274,12 @@ fn bad_slice_address_names_object_and_field() {
         refused(&yaml),
         "EndpointSlice default/web-abc: endpoints[2].addresses[0]: \"198.18.0.x\" is not an IPv4 address"
     );
+    // kube-proxy uses an endpoint's first address only: the others are not read.
     let yaml = service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n")
         + &slice("web-abc", "web", "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.1.1, \"2001:db8::1\"]\n");
-    assert_eq!(
-        refused(&yaml),
-        "EndpointSlice default/web-abc: endpoints[0].addresses[1]: \"2001:db8::1\" is not an IPv4 address"
-    );
+    let m = model(&yaml);
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    assert_eq!(backends(&m), json!([ready("198.18.1.1", 8080)]));
     let yaml = service(
         "web",
         "  clusterIP: \"2001:db8:ffff::10\"\n  ports: [{port: 80}]\n",
