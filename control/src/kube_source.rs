@@ -198,18 +198,10 @@ where
 /// and asks for a relist, which starts at once (unless the previous 410 came
 /// less than [`WatchBackoff::EXPIRED_AGAIN`] before: then it backs off, so a
 /// server that keeps expiring is not hammered).
+#[derive(Default)]
 pub struct WatchBackoff {
     backoff: watcher::DefaultBackoff,
     last_expired: Option<Instant>,
-}
-
-impl Default for WatchBackoff {
-    fn default() -> Self {
-        Self {
-            backoff: watcher::DefaultBackoff::default(),
-            last_expired: None,
-        }
-    }
 }
 
 impl fmt::Debug for WatchBackoff {
@@ -297,6 +289,7 @@ pub fn objects_of(
         slices,
         nodes,
         skipped: Vec::new(),
+        errors: Vec::new(),
     }
 }
 
@@ -462,5 +455,50 @@ fn note(kind: Kind, result: Result<Step, watcher::Error>, health: &mut Health) -
             }
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expired() -> Result<(), watcher::Error> {
+        Err(watcher::Error::WatchError(Box::new(kube::core::Status {
+            code: 410,
+            ..kube::core::Status::default()
+        })))
+    }
+
+    fn refused() -> Result<(), watcher::Error> {
+        Err(watcher::Error::NoResourceVersion)
+    }
+
+    #[test]
+    fn a_410_after_an_outage_relists_at_once() {
+        let mut b = WatchBackoff::default();
+        let now = Instant::now();
+        // The API is down: each refused connection backs off longer.
+        let waits: Vec<Duration> = (0..6).filter_map(|_| b.after(&refused(), now)).collect();
+        assert_eq!(waits.len(), 6);
+        assert!(waits[5] >= Duration::from_secs(25), "{waits:?}");
+        // It is back and answers the resumed watch with 410: relist now.
+        assert_eq!(b.after(&expired(), now), None);
+        // The backoff starts again from its first step.
+        let next = b.after(&refused(), now).unwrap();
+        assert!(next < Duration::from_secs(2), "{next:?}");
+        // A 410 right after a 410 backs off (from the first step again).
+        let later = now + Duration::from_secs(5);
+        assert_eq!(b.after(&expired(), later), None);
+        let again = b.after(&expired(), later + Duration::from_millis(100));
+        assert!(
+            again.is_some_and(|d| d < Duration::from_secs(2)),
+            "{again:?}"
+        );
+        // Any successful event resets it.
+        for _ in 0..5 {
+            b.after(&refused(), later);
+        }
+        assert_eq!(b.after(&Ok(()), later), None);
+        assert!(b.after(&refused(), later).unwrap() < Duration::from_secs(2));
     }
 }

@@ -21,7 +21,7 @@ pub mod manifest;
 pub mod model;
 mod show;
 
-pub use manifest::{label, parse_manifest, ManifestError, Objects, Skipped};
+pub use manifest::{label, parse_manifest, parse_manifest_strict, ManifestError, Objects, Skipped};
 pub use model::{
     build_model, Backend, Frontend, Model, ModelError, ModelOptions, DEFAULT_PROXY_NAME,
     DEFAULT_RETURN_PATH, RETURN_PATH_ANNOTATION,

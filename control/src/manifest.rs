@@ -10,12 +10,14 @@
 //! a reason.
 //! Unknown fields (status, managedFields, …) are ignored, as k8s-openapi does.
 //!
-//! Refused (a [`ManifestError`]): text that is not YAML, a document or list item
-//! that is not a mapping, an object without `kind`, `apiVersion` or (for the
-//! kinds we read) `metadata.name`, and a Service, EndpointSlice or Node whose fields
-//! have the wrong type (the error names the field path, e.g.
-//! `spec.ports[0].port`). Field *values* are checked later, by
-//! [`crate::model::build_model`], and only for objects that are served.
+//! Refused (a [`ManifestError::Syntax`]): text that is not YAML. Skipped, one
+//! by one (in [`Objects::skipped`], and as errors in [`Objects::errors`],
+//! which `--strict` refuses): a document or list item that is not a mapping,
+//! an object without `kind`, `apiVersion` or (for the kinds we read)
+//! `metadata.name`, and a Service, EndpointSlice or Node whose fields have the
+//! wrong type (the reason names the field path, e.g. `spec.ports[0].port`).
+//! Field *values* are checked later, by [`crate::model::build_model`], and
+//! only for objects that are served.
 //!
 //! Must never: panic on any input.
 
@@ -54,12 +56,19 @@ impl Skipped {
         }
     }
 
-    /// The object's kind: the first word of [`Skipped::object`].
+    /// The object's kind: the first word of [`Skipped::object`], or
+    /// `"unknown"` for a document without one (`"document 2: …"`).
     #[must_use]
     pub fn kind(&self) -> &str {
-        self.object
+        let first = self
+            .object
             .split_once(' ')
-            .map_or(self.object.as_str(), |(k, _)| k)
+            .map_or(self.object.as_str(), |(k, _)| k);
+        if first.starts_with(|c: char| c.is_ascii_uppercase()) {
+            first
+        } else {
+            "unknown"
+        }
     }
 }
 
@@ -105,8 +114,11 @@ pub struct Objects {
     /// `v1` Nodes (for `internalTrafficPolicy: Local`: their pod CIDRs and
     /// addresses say which node a client is on).
     pub nodes: Vec<Node>,
-    /// Objects of other kinds or versions.
+    /// Objects of other kinds or versions, and objects that cannot be read.
     pub skipped: Vec<Skipped>,
+    /// Why objects could not be read (each is also in `skipped`), in
+    /// manifest order; `--strict` refuses the manifest for the first.
+    pub errors: Vec<ManifestError>,
 }
 
 /// Why a manifest was refused as a whole.
@@ -133,20 +145,46 @@ pub enum ManifestError {
     },
 }
 
-/// Parses a manifest into Services, EndpointSlices and skipped objects.
+/// Parses a manifest into Services, EndpointSlices, Nodes and skipped objects.
 ///
 /// # Errors
-/// See the module documentation: YAML syntax, non-object documents, objects
-/// without kind, apiVersion or name, and wrongly typed fields of Services and
-/// EndpointSlices.
+/// Text that is not YAML. Objects that cannot be read are skipped (see the
+/// module documentation).
 pub fn parse_manifest(text: &str) -> Result<Objects, ManifestError> {
     let mut out = Objects::default();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let mut value = Value::deserialize(doc).map_err(syntax)?;
         value.apply_merge().map_err(syntax)?;
-        collect(value, &format!("document {}", i + 1), &mut out)?;
+        collect_or_skip(value, &format!("document {}", i + 1), &mut out);
     }
     Ok(out)
+}
+
+/// [`parse_manifest`], refusing the manifest for the first object that
+/// cannot be read (`--strict`).
+///
+/// # Errors
+/// YAML syntax, and the first of [`Objects::errors`].
+pub fn parse_manifest_strict(text: &str) -> Result<Objects, ManifestError> {
+    let objects = parse_manifest(text)?;
+    match objects.errors.first() {
+        Some(e) => Err(e.clone()),
+        None => Ok(objects),
+    }
+}
+
+/// [`collect`], skipping (and noting) what cannot be read.
+fn collect_or_skip(value: Value, place: &str, out: &mut Objects) {
+    if let Err(e) = collect(value, place, out) {
+        if let ManifestError::Object { object, message } = &e {
+            out.skipped.push(Skipped::new(
+                object.clone(),
+                label::INVALID_VALUE,
+                format!("{message}; the object is skipped"),
+            ));
+        }
+        out.errors.push(e);
+    }
 }
 
 fn syntax(e: serde_norway::Error) -> ManifestError {
@@ -222,7 +260,7 @@ fn collect(value: Value, place: &str, out: &mut Objects) -> Result<(), ManifestE
             None | Some(Value::Null) => Ok(()),
             Some(Value::Sequence(items)) => {
                 for (j, item) in items.into_iter().enumerate() {
-                    collect(item, &format!("{place}, items[{j}]"), out)?;
+                    collect_or_skip(item, &format!("{place}, items[{j}]"), out);
                 }
                 Ok(())
             }
@@ -349,6 +387,22 @@ mod tests {
         }
     }
 
+    /// The error of the first object that cannot be read.
+    fn first_error(text: &str) -> ManifestError {
+        let objects = parse_manifest(text).unwrap();
+        assert_eq!(
+            objects.skipped.len(),
+            objects.errors.len()
+                + objects
+                    .skipped
+                    .iter()
+                    .filter(|s| s.label == label::UNSUPPORTED)
+                    .count(),
+            "each error is skipped: {objects:?}"
+        );
+        parse_manifest_strict(text).unwrap_err()
+    }
+
     #[test]
     fn syntax_errors_carry_a_position() {
         let e = parse_manifest("kind: List\nitems: [1, 2\nb: 3\n").unwrap_err();
@@ -361,10 +415,9 @@ mod tests {
 
     #[test]
     fn wrong_types_name_the_field_path() {
-        let e = parse_manifest(
+        let e = first_error(
             "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - port: 80\n  - port: eighty\n",
-        )
-        .unwrap_err();
+        );
         let s = e.to_string();
         assert!(
             s.starts_with("Service default/web: spec.ports[1].port: invalid type"),
@@ -375,21 +428,58 @@ mod tests {
 
     #[test]
     fn scalars_and_nameless_objects_are_refused() {
-        let e = parse_manifest("a: 1\n---\n- 1\n").unwrap_err();
+        let e = first_error("a: 1\n---\n- 1\n");
         assert_eq!(
             e.to_string(),
             "document 1: kind: missing",
             "the first problem wins"
         );
-        let e = parse_manifest("--- 42\n").unwrap_err();
+        let e = first_error("--- 42\n");
         assert_eq!(
             e.to_string(),
             "document 1: expected a Kubernetes object (a mapping), found a number"
         );
-        let e = parse_manifest("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {namespace: x}\n").unwrap_err();
+        let e = first_error("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {namespace: x}\n");
         assert_eq!(
             e.to_string(),
             "Service (document 1, items[0]): metadata.name: missing"
         );
+    }
+
+    #[test]
+    fn one_unreadable_object_skips_only_itself() {
+        let objects = parse_manifest(
+            "apiVersion: v1\nkind: List\nitems:\n\
+             - {apiVersion: v1, kind: Service, metadata: {name: bad}, spec: {ports: [{port: eighty}]}}\n\
+             - {apiVersion: v1, kind: Service, metadata: {name: good}, spec: {clusterIP: 198.19.0.1}}\n\
+             ---\n42\n",
+        )
+        .unwrap();
+        let names: Vec<_> = objects
+            .services
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["good"]);
+        let skipped: Vec<(&str, &str, &str)> = objects
+            .skipped
+            .iter()
+            .map(|s| (s.kind(), s.object.as_str(), s.label))
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                ("Service", "Service default/bad", "invalid_value"),
+                ("unknown", "document 2", "invalid_value"),
+            ]
+        );
+        assert!(
+            objects.skipped[0]
+                .reason
+                .starts_with("spec.ports[0].port: invalid type"),
+            "{:?}",
+            objects.skipped
+        );
+        assert_eq!(objects.errors.len(), 2);
     }
 }

@@ -365,6 +365,7 @@ mod tests {
             slices: vec![slice("a", None), slice("b", None)],
             nodes: Vec::new(),
             skipped: Vec::new(),
+            errors: Vec::new(),
         };
         assert_eq!(tracker.observe(&objects), (1, 2));
         assert_eq!(tracker.observe(&objects), (0, 0));
@@ -402,9 +403,44 @@ mod tests {
             "clustergate_sync_proxy_rules_last_timestamp_seconds",
             "clustergate_watch_restarts_total",
             "clustergate_snapshot_generation 3",
-            "# TYPE clustergate_control_objects_skipped gauge",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn skipped_objects_are_a_gauge_that_falls_back() {
+        use clustergate_control::{label, Skipped};
+        let t = Telemetry::new(Duration::from_secs(10), Duration::from_secs(10));
+        let mut model = Model::default();
+        model.skipped = vec![
+            Skipped::new("Service a/b", label::INVALID_ADDRESS, "spec.clusterIP: x"),
+            Skipped::new("Service a/c", label::INVALID_ADDRESS, "spec.clusterIP: y"),
+            Skipped::new(
+                "EndpointSlice a/d",
+                label::DUPLICATE,
+                "appears more than once",
+            ),
+        ];
+        t.skipped(&model);
+        let text = t.metrics.encode();
+        for line in [
+            "# TYPE clustergate_control_objects_skipped gauge",
+            "clustergate_control_objects_skipped{kind=\"Service\",reason=\"invalid_address\"} 2",
+            "clustergate_control_objects_skipped{kind=\"EndpointSlice\",reason=\"duplicate\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        model.skipped.truncate(1);
+        t.skipped(&model);
+        let text = t.metrics.encode();
+        for line in [
+            "clustergate_control_objects_skipped{kind=\"Service\",reason=\"invalid_address\"} 1",
+            "clustergate_control_objects_skipped{kind=\"EndpointSlice\",reason=\"duplicate\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        let body = t.healthz().1;
+        assert!(body.contains("\"skipped\":1"), "{body}");
     }
 }

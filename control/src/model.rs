@@ -68,7 +68,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use thiserror::Error;
 
 use crate::ip::{parse_cidr_sloppy, parse_ip_sloppy};
-use crate::manifest::{identity, label, Objects, Skipped};
+use crate::manifest::{identity, label, ManifestError, Objects, Skipped};
 
 /// The proxy name clustergate answers to by default.
 pub const DEFAULT_PROXY_NAME: &str = "clustergate";
@@ -259,6 +259,9 @@ pub enum ModelError {
         /// `"Kind ns/name"`.
         object: String,
     },
+    /// An object of the manifest cannot be read (see [`crate::manifest`]).
+    #[error(transparent)]
+    Unreadable(#[from] ManifestError),
     /// Two Services claim the same cluster IP, port and protocol.
     #[error("{second}: frontend {frontend} is already a frontend of {first}")]
     Conflict {
@@ -278,6 +281,8 @@ impl ModelError {
         match self {
             Self::Invalid { object, .. } | Self::Duplicate { object } => object,
             Self::Conflict { second, .. } => second,
+            Self::Unreadable(ManifestError::Object { object, .. }) => object,
+            Self::Unreadable(ManifestError::Syntax { .. }) => "manifest",
         }
     }
 
@@ -286,6 +291,8 @@ impl ModelError {
         match self {
             Self::Invalid { field, message, .. } => format!("{field}: {message}"),
             Self::Duplicate { .. } => "appears more than once".to_owned(),
+            Self::Unreadable(ManifestError::Object { message, .. }) => message.clone(),
+            Self::Unreadable(e @ ManifestError::Syntax { .. }) => e.to_string(),
             Self::Conflict {
                 first, frontend, ..
             } => format!("spec.clusterIPs: frontend {frontend} is already a frontend of {first}"),
@@ -529,7 +536,12 @@ impl Served {
 pub fn build_model(objects: &Objects, options: &ModelOptions) -> Model {
     let mut skips = Skips {
         list: objects.skipped.clone(),
-        errors: Vec::new(),
+        errors: objects
+            .errors
+            .iter()
+            .cloned()
+            .map(ModelError::Unreadable)
+            .collect(),
     };
     let mut served: BTreeMap<(String, String), Served> = BTreeMap::new();
     let mut not_served: BTreeSet<(String, String)> = BTreeSet::new();
