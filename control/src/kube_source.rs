@@ -460,6 +460,8 @@ fn note(kind: Kind, result: Result<Step, watcher::Error>, health: &mut Health) -
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+
     use super::*;
 
     fn expired() -> Result<(), watcher::Error> {
