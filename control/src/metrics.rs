@@ -412,16 +412,18 @@ mod tests {
     fn skipped_objects_are_a_gauge_that_falls_back() {
         use clustergate_control::{label, Skipped};
         let t = Telemetry::new(Duration::from_secs(10), Duration::from_secs(10));
-        let mut model = Model::default();
-        model.skipped = vec![
-            Skipped::new("Service a/b", label::INVALID_ADDRESS, "spec.clusterIP: x"),
-            Skipped::new("Service a/c", label::INVALID_ADDRESS, "spec.clusterIP: y"),
-            Skipped::new(
-                "EndpointSlice a/d",
-                label::DUPLICATE,
-                "appears more than once",
-            ),
-        ];
+        let mut model = Model {
+            skipped: vec![
+                Skipped::new("Service a/b", label::INVALID_ADDRESS, "spec.clusterIP: x"),
+                Skipped::new("Service a/c", label::INVALID_ADDRESS, "spec.clusterIP: y"),
+                Skipped::new(
+                    "EndpointSlice a/d",
+                    label::DUPLICATE,
+                    "appears more than once",
+                ),
+            ],
+            ..Model::default()
+        };
         t.skipped(&model);
         let text = t.metrics.encode();
         for line in [

@@ -2506,7 +2506,8 @@ fn one_bad_object_or_field_is_skipped_and_the_rest_served() {
     let bad_svc = |spec: &str| service("bad", spec);
     let ep = "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.1.1]\n";
     // (case, bad objects, what of them is still served, skipped entry (object, label, reason))
-    let cases: Vec<(&str, String, Vec<&str>, (&str, &str, &str))> = vec![
+    type Case<'a> = (&'a str, String, Vec<&'a str>, (&'a str, &'a str, &'a str));
+    let cases: Vec<Case> = vec![
         (
             "an unparsable clusterIP skips the Service (and so its slices)",
             bad_svc("  clusterIP: 198.19.0.x\n  ports: [{port: 80}]\n") + &bad_slice(ep),
