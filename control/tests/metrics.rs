@@ -497,4 +497,29 @@ async fn api_source_metrics_and_unreachable_health() {
         ),
         2.0
     );
+
+    // A bad object (issue 18): counted and skipped, the rest stays served and
+    // /healthz healthy; deleted, the gauge falls back to 0.
+    let mut bad = api_service();
+    bad["metadata"]["name"] = json!("bad");
+    bad["spec"]["clusterIP"] = json!("198.19.0.x");
+    bad["spec"]["clusterIPs"] = json!(["198.19.0.x"]);
+    server.apply(bad);
+    let skipped = format!("{SKIPPED_BAD_IP} 1");
+    wait_get(metrics, "/metrics", |s, t| {
+        s == 200 && t.lines().any(|l| l == skipped)
+    })
+    .await;
+    let body = wait_get(health, "/healthz", |s, _| s == 200).await;
+    assert!(body.contains("\"skipped\":1"), "{body}");
+    assert_eq!(
+        snapshot_frontends(&shm),
+        [("198.19.0.10".to_owned(), 80, vec![8080, 8080])]
+    );
+    server.delete(support::apiserver::Kind::Service, "shop", "bad");
+    let cleared = format!("{SKIPPED_BAD_IP} 0");
+    wait_get(metrics, "/metrics", |s, t| {
+        s == 200 && t.lines().any(|l| l == cleared)
+    })
+    .await;
 }
