@@ -6,7 +6,10 @@
 //!   pending for longer than the bound, when the API has been unreachable for
 //!   longer than the bound, or before the first publish. The body is JSON like
 //!   kube-proxy's: `{"lastUpdated": …, "currentTime": …, "nodeEligible": true}`
-//!   plus `"healthy"` and, when unhealthy, `"reason"`.
+//!   plus `"healthy"`, `"skipped"` (the entries the last model skips: objects
+//!   and parts of objects), `"invalid"` (how many of those are invalid values,
+//!   duplicates or clashes) and, when unhealthy, `"reason"`. Skipped objects
+//!   never make it unhealthy: the rest is served.
 //! - `/livez` (liveness): 200 while the main loop beats; 503 when it has not
 //!   beaten for longer than its bound.
 
@@ -32,6 +35,10 @@ pub struct HealthState {
     pub failing: Vec<String>,
     /// The main loop's last beat.
     pub last_beat: Timestamp,
+    /// Entries the last model skips.
+    pub skipped: usize,
+    /// Errors of the last model (what `--strict` would refuse).
+    pub invalid: usize,
 }
 
 impl HealthState {
@@ -46,6 +53,8 @@ impl HealthState {
             unreachable_since: None,
             failing: Vec::new(),
             last_beat: now,
+            skipped: 0,
+            invalid: 0,
         }
     }
 
@@ -82,6 +91,12 @@ impl HealthState {
         }
     }
 
+    /// The last model skips `skipped` entries, `invalid` of them for errors.
+    pub fn skipped(&mut self, skipped: usize, invalid: usize) {
+        self.skipped = skipped;
+        self.invalid = invalid;
+    }
+
     /// The main loop is alive at `now`.
     pub fn beat(&mut self, now: Timestamp) {
         self.last_beat = now;
@@ -114,6 +129,8 @@ impl HealthState {
             "currentTime": now.to_string(),
             "nodeEligible": true,
             "healthy": reason.is_none(),
+            "skipped": self.skipped,
+            "invalid": self.invalid,
         });
         if let (Some(reason), Some(map)) = (&reason, body.as_object_mut()) {
             map.insert("reason".to_owned(), reason.clone().into());
@@ -180,6 +197,22 @@ mod tests {
         assert_eq!(v["currentTime"], at(100).to_string());
         assert_eq!(v["nodeEligible"], true);
         assert_eq!(v["healthy"], true);
+        assert_eq!(v["skipped"], 0);
+    }
+
+    #[test]
+    fn skipped_objects_are_counted_but_stay_healthy() {
+        let mut s = state();
+        s.published(at(1));
+        s.skipped(3, 1);
+        let (code, body) = s.healthz(at(2));
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["skipped"], 3, "{body}");
+        assert_eq!(v["invalid"], 1, "{body}");
+        s.skipped(0, 0);
+        let v: serde_json::Value = serde_json::from_str(&s.healthz(at(3)).1).unwrap();
+        assert_eq!(v["skipped"], 0);
     }
 
     #[test]

@@ -19,9 +19,9 @@
 //!   list's resourceVersion with bookmarks. The reflector store replaces its
 //!   contents atomically when a (re)list is done (`InitDone`): objects not
 //!   listed again are gone. A watch that ends is resumed from the last
-//!   resourceVersion seen (object or bookmark); `410 Gone` relists. Errors
-//!   (API unreachable, watch failures) are retried with kube-rs's default
-//!   backoff (client-go's: 0.8 s doubling to 30 s, with jitter).
+//!   resourceVersion seen (object or bookmark); `410 Gone` relists at once.
+//!   Errors (API unreachable, watch failures) are retried with backoff
+//!   ([`WatchBackoff`]).
 //! - **Readiness.** No model is built before every kind has been listed once:
 //!   services without their slices would have no backends.
 //! - **Coalescing.** Changes that arrive together are folded into one build;
@@ -30,8 +30,14 @@
 //!   handed over again.
 //! - **Outages.** While the API is unreachable nothing changes: the last model
 //!   stays the last one handed over (and the caller keeps its snapshot).
-//!   Refused objects ([`crate::ModelError`]) are logged and keep the last model
-//!   too, as a broken manifest does.
+//!   Retries back off as client-go's reflector does (0.8 s doubling to 30 s,
+//!   with jitter), but the backoff is reset by any answer from the server,
+//!   a `410 Gone` included: after an API-server restart the relist starts at
+//!   once instead of waiting out a backoff escalated by the refused
+//!   connections ([`WatchBackoff`]).
+//! - **Bad objects.** An object that cannot be used is skipped, alone
+//!   ([`crate::model`]); the others are served and later changes flow. Each
+//!   skip is logged once, when it appears and when it goes away.
 //!
 //! Must never: hand over a model built from a half-finished list, or panic.
 
@@ -44,6 +50,7 @@ use futures::{stream, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
+use kube::runtime::utils::Backoff as _;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
@@ -51,7 +58,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::manifest::{identity, Objects};
-use crate::model::{build_model, Model, ModelOptions};
+use crate::model::{build_model, Model, ModelOptions, SkipLog};
 
 /// Field selector for Services: headless ones are never proxied.
 pub const SERVICE_FIELD_SELECTOR: &str = "spec.clusterIP!=None";
@@ -180,10 +187,87 @@ where
         + Sync
         + 'static,
 {
-    watcher::watcher(api, config)
-        .default_backoff()
+    with_backoff(watcher::watcher(api, config), WatchBackoff::default())
         .reflect(writer)
         .map(move |r| (kind, r.map(|e| step_of(&e))))
+}
+
+/// The retry policy of the watchers: kube-rs's [`watcher::DefaultBackoff`]
+/// (client-go's: 0.8 s doubling to 30 s, with jitter) after each error, reset
+/// by every successful response, `410 Gone` included: the server has answered
+/// and asks for a relist, which starts at once (unless the previous 410 came
+/// less than [`WatchBackoff::EXPIRED_AGAIN`] before: then it backs off, so a
+/// server that keeps expiring is not hammered).
+#[derive(Default)]
+pub struct WatchBackoff {
+    backoff: watcher::DefaultBackoff,
+    last_expired: Option<Instant>,
+}
+
+impl fmt::Debug for WatchBackoff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WatchBackoff")
+            .field("last_expired", &self.last_expired)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WatchBackoff {
+    /// Two 410s closer than this: the second one backs off.
+    pub const EXPIRED_AGAIN: Duration = Duration::from_secs(1);
+
+    /// How long to wait before polling the watcher again after `result`
+    /// (`None`: at once).
+    pub fn after<T>(
+        &mut self,
+        result: &Result<T, watcher::Error>,
+        now: Instant,
+    ) -> Option<Duration> {
+        match result {
+            Ok(_) => {
+                self.backoff.reset();
+                None
+            }
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                self.backoff.reset();
+                let again = self
+                    .last_expired
+                    .is_some_and(|t| now.saturating_duration_since(t) < Self::EXPIRED_AGAIN);
+                self.last_expired = Some(now);
+                if again {
+                    self.backoff.next()
+                } else {
+                    None
+                }
+            }
+            Err(_) => self.backoff.next(),
+        }
+    }
+}
+
+/// `stream` (a watcher), paused after each error as `backoff` says. Unlike
+/// kube-rs's `StreamBackoff`, which resets only on `Ok`, a 410 resets too.
+fn with_backoff<S, T>(
+    stream: S,
+    backoff: WatchBackoff,
+) -> impl Stream<Item = Result<T, watcher::Error>> + Send
+where
+    S: Stream<Item = Result<T, watcher::Error>> + Send,
+    T: Send,
+{
+    let stream = Box::pin(stream);
+    stream::unfold(
+        (stream, backoff, None::<Duration>),
+        |(mut stream, mut backoff, wait)| async move {
+            if let Some(d) = wait {
+                debug!(?d, "backing off");
+                tokio::time::sleep(d).await;
+            }
+            let item = stream.next().await?;
+            let wait = backoff.after(&item, Instant::now());
+            Some((item, (stream, backoff, wait)))
+        },
+    )
 }
 
 /// The objects in the stores, as the manifest source would give them, sorted
@@ -205,6 +289,7 @@ pub fn objects_of(
         slices,
         nodes,
         skipped: Vec::new(),
+        errors: Vec::new(),
     }
 }
 
@@ -259,6 +344,7 @@ pub async fn follow_with(
     let mut dirty = false;
     let mut last_build: Option<Instant> = None;
     let mut last: Option<Model> = None;
+    let mut skip_log = SkipLog::default();
     // Events taken while a build was already due: bounded, so that a steady
     // stream of events cannot hold a build off for ever.
     let mut folded = 0usize;
@@ -311,27 +397,22 @@ pub async fn follow_with(
                 if let Some(hook) = hooks.objects.as_mut() {
                     hook(&objects);
                 }
-                match build_model(&objects, &config.model) {
-                    Err(e) => error!(
+                let model = build_model(&objects, &config.model);
+                skip_log.log(&model);
+                if last.as_ref() == Some(&model) {
+                    debug!("objects changed but the model did not");
+                } else {
+                    debug!(
                         services = objects.services.len(),
                         endpointslices = objects.slices.len(),
-                        "{e}; keeping the last model"
-                    ),
-                    Ok(model) if last.as_ref() == Some(&model) => {
-                        debug!("objects changed but the model did not");
-                    }
-                    Ok(model) => {
-                        debug!(
-                            services = objects.services.len(),
-                            endpointslices = objects.slices.len(),
-                            frontends = model.frontends.len(),
-                            took_ms = started.elapsed().as_secs_f64() * 1e3,
-                            "new model"
-                        );
-                        last = Some(model.clone());
-                        if on_model(model).is_break() {
-                            return;
-                        }
+                        frontends = model.frontends.len(),
+                        skipped = model.skipped.len(),
+                        took_ms = started.elapsed().as_secs_f64() * 1e3,
+                        "new model"
+                    );
+                    last = Some(model.clone());
+                    if on_model(model).is_break() {
+                        return;
                     }
                 }
             }
@@ -374,5 +455,52 @@ fn note(kind: Kind, result: Result<Step, watcher::Error>, health: &mut Health) -
             }
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
+
+    use super::*;
+
+    fn expired() -> Result<(), watcher::Error> {
+        Err(watcher::Error::WatchError(Box::new(kube::core::Status {
+            code: 410,
+            ..kube::core::Status::default()
+        })))
+    }
+
+    fn refused() -> Result<(), watcher::Error> {
+        Err(watcher::Error::NoResourceVersion)
+    }
+
+    #[test]
+    fn a_410_after_an_outage_relists_at_once() {
+        let mut b = WatchBackoff::default();
+        let now = Instant::now();
+        // The API is down: each refused connection backs off longer.
+        let waits: Vec<Duration> = (0..6).filter_map(|_| b.after(&refused(), now)).collect();
+        assert_eq!(waits.len(), 6);
+        assert!(waits[5] >= Duration::from_secs(25), "{waits:?}");
+        // It is back and answers the resumed watch with 410: relist now.
+        assert_eq!(b.after(&expired(), now), None);
+        // The backoff starts again from its first step.
+        let next = b.after(&refused(), now).unwrap();
+        assert!(next < Duration::from_secs(2), "{next:?}");
+        // A 410 right after a 410 backs off (from the first step again).
+        let later = now + Duration::from_secs(5);
+        assert_eq!(b.after(&expired(), later), None);
+        let again = b.after(&expired(), later + Duration::from_millis(100));
+        assert!(
+            again.is_some_and(|d| d < Duration::from_secs(2)),
+            "{again:?}"
+        );
+        // Any successful event resets it.
+        for _ in 0..5 {
+            b.after(&refused(), later);
+        }
+        assert_eq!(b.after(&Ok(()), later), None);
+        assert!(b.after(&refused(), later).unwrap() < Duration::from_secs(2));
     }
 }

@@ -4,6 +4,7 @@
 //!   a YAML manifest (`kubectl get -o yaml` Lists, `---` documents, or one object).
 //! - [`kube_source`]: the same objects from a live API server (watchers).
 //! - [`model`]: kube-proxy's semantics, from those objects to [`Frontend`]s.
+//! - [`ip`]: addresses and CIDRs read as kube-proxy reads them (sloppily).
 //! - `show` (the `impl Model` blocks behind [`Model::to_json`],
 //!   [`Model::to_table`] and [`Model::service_specs`]): presenting a model and
 //!   handing its served frontends to the dataplane's table builder.
@@ -14,12 +15,13 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+pub mod ip;
 pub mod kube_source;
 pub mod manifest;
 pub mod model;
 mod show;
 
-pub use manifest::{parse_manifest, ManifestError, Objects, Skipped};
+pub use manifest::{label, parse_manifest, parse_manifest_strict, ManifestError, Objects, Skipped};
 pub use model::{
     build_model, Backend, Frontend, Model, ModelError, ModelOptions, DEFAULT_PROXY_NAME,
     DEFAULT_RETURN_PATH, RETURN_PATH_ANNOTATION,
@@ -44,7 +46,7 @@ pub enum ControlError {
         /// What is wrong.
         source: ManifestError,
     },
-    /// The objects are refused.
+    /// The objects are refused (`--strict` only).
     #[error("{}: {source}", path.display())]
     Model {
         /// The file.
@@ -54,11 +56,13 @@ pub enum ControlError {
     },
 }
 
-/// Reads, parses and models a manifest file with `options` (see [`build_model`]).
+/// Reads, parses and models a manifest file with `options` (see
+/// [`build_model`]): objects that cannot be used are skipped
+/// ([`Model::skipped`], [`Model::errors`]).
 ///
 /// # Errors
-/// The file cannot be read, or [`parse_manifest`] or [`build_model`] refuse it;
-/// the error names the file.
+/// The file cannot be read, or [`parse_manifest`] refuses it; the error
+/// names the file.
 pub fn load_manifest_file(path: &Path, options: &ModelOptions) -> Result<Model, ControlError> {
     let text = std::fs::read_to_string(path).map_err(|source| ControlError::Read {
         path: path.to_owned(),
@@ -68,8 +72,22 @@ pub fn load_manifest_file(path: &Path, options: &ModelOptions) -> Result<Model, 
         path: path.to_owned(),
         source,
     })?;
-    build_model(&objects, options).map_err(|source| ControlError::Model {
-        path: path.to_owned(),
-        source,
-    })
+    Ok(build_model(&objects, options))
+}
+
+/// [`load_manifest_file`], refusing the whole file for any error of
+/// [`Model::errors`] (`--strict`).
+///
+/// # Errors
+/// As [`load_manifest_file`], and the first of [`Model::errors`].
+pub fn load_manifest_file_strict(
+    path: &Path,
+    options: &ModelOptions,
+) -> Result<Model, ControlError> {
+    load_manifest_file(path, options)?
+        .strict()
+        .map_err(|source| ControlError::Model {
+            path: path.to_owned(),
+            source,
+        })
 }

@@ -7,12 +7,18 @@
 //! - `run`: publish, then publish again whenever the objects change. The
 //!   source is the API (`--in-cluster` or `--kubeconfig`, watched through
 //!   `clustergate_control::kube_source`) or a manifest file (`--manifest`,
-//!   polled). Refused objects, a broken manifest or an unreachable API keep the
-//!   last good snapshot.
+//!   polled). An object that cannot be used is skipped alone (logged once,
+//!   counted in `clustergate_control_objects_skipped`); a broken manifest or
+//!   an unreachable API keep the last good snapshot.
 //!   `run` serves Prometheus metrics at `--metrics` and `/healthz`, `/livez`
 //!   at `--health` (see `docs/operations.md`).
 //! - `show`: print what would be programmed (JSON or a table for people).
 //! - `build`: write one snapshot file.
+//!
+//! `show` and `build` exit with [`EXIT_SKIPPED`] (3) when the manifest has an
+//! object that cannot be used (an invalid value, a duplicate, a clash: see
+//! [`Model::errors`]) after printing or building the rest; with `--strict`
+//! such a manifest is refused (exit 1, nothing printed or written).
 //!
 //! `run`, `show` and `build` take `--proxy-name`, `--return-path` (the
 //! return path of Services without the `clustergate.io/return-path`
@@ -38,10 +44,10 @@ use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use clustergate_control::kube_source::{self, FollowConfig, Hooks};
-use clustergate_control::model::default_node_port_addresses;
+use clustergate_control::model::{default_node_port_addresses, SkipLog};
 use clustergate_control::{
-    load_manifest_file, Model, ModelOptions, Objects, Skipped, DEFAULT_PROXY_NAME,
-    DEFAULT_RETURN_PATH,
+    load_manifest_file, load_manifest_file_strict, Model, ModelOptions, Objects, Skipped,
+    DEFAULT_PROXY_NAME, DEFAULT_RETURN_PATH,
 };
 use clustergate_dataplane::flow::addr16;
 use clustergate_dataplane::maglev::{
@@ -55,6 +61,15 @@ use tracing::{error, info, warn};
 use crate::health_check::HealthChecks;
 use crate::metrics::Telemetry;
 use crate::serve::{Handler, Response};
+
+/// The exit status of `show` and `build` when objects were skipped as invalid
+/// (what `--strict` refuses): the rest was printed or built.
+const EXIT_SKIPPED: i32 = 3;
+
+/// `show` and `build`: the exit statuses, for `--help`.
+const EXIT_STATUS_HELP: &str = "Exit status: 0 all objects usable (some may be skipped as kube-proxy skips them, e.g. \
+ExternalName); 3 the rest was printed/built but some objects or fields are invalid and were skipped \
+(listed under Skipped); 1 error (unreadable manifest, or with --strict an invalid object); 2 bad usage.";
 
 /// kube-proxy's default `--metrics-bind-address`.
 const DEFAULT_METRICS: &str = "127.0.0.1:10249";
@@ -193,10 +208,14 @@ enum Command {
         unpublished_bound_s: u64,
     },
     /// Print what would be programmed.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Show {
         /// YAML manifest.
         #[arg(long)]
         manifest: PathBuf,
+        /// Refuse the whole manifest (exit 1, print nothing) if any object is invalid.
+        #[arg(long)]
+        strict: bool,
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -204,10 +223,14 @@ enum Command {
         model: ModelArgs,
     },
     /// Write one snapshot file.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Build {
         /// YAML manifest.
         #[arg(long)]
         manifest: PathBuf,
+        /// Refuse the whole manifest (exit 1, write nothing) if any object is invalid.
+        #[arg(long)]
+        strict: bool,
         /// Snapshot file to write.
         #[arg(long)]
         out: PathBuf,
@@ -232,10 +255,35 @@ enum Command {
 }
 
 fn main() {
-    clustergate_dataplane::cli::exit_on_error(real_main());
+    match real_main() {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(e) => clustergate_dataplane::cli::exit_on_error(Err(e)),
+    }
 }
 
-fn real_main() -> Result<()> {
+/// The model of a manifest for `show` and `build`: with `strict`, refused
+/// when anything is invalid; else with every skip logged once.
+fn one_shot_model(manifest: &Path, options: &ModelOptions, strict: bool) -> Result<Model> {
+    if strict {
+        return Ok(load_manifest_file_strict(manifest, options)?);
+    }
+    let model = load_manifest_file(manifest, options)?;
+    SkipLog::default().log(&model);
+    Ok(model)
+}
+
+/// [`EXIT_SKIPPED`] when `model` has invalid objects, else 0.
+fn exit_status(model: &Model) -> i32 {
+    if model.errors.is_empty() {
+        0
+    } else {
+        EXIT_SKIPPED
+    }
+}
+
+/// The command; `Ok` holds the exit status.
+fn real_main() -> Result<i32> {
     let cli = Cli::parse();
     // The daemon says what it publishes; one-shot commands only warn.
     let default_level = match cli.command {
@@ -285,7 +333,7 @@ fn real_main() -> Result<()> {
                 default_return_path = %options.return_path,
                 "Services without the clustergate.io/return-path annotation use the default return path"
             );
-            match (manifest, kubeconfig) {
+            let result = match (manifest, kubeconfig) {
                 (Some(manifest), _) => run(
                     &manifest,
                     &shm_dir,
@@ -312,28 +360,31 @@ fn real_main() -> Result<()> {
                         checks.as_mut(),
                     )
                 }
-            }
+            };
+            result.map(|()| 0)
         }
         Command::Show {
             manifest,
+            strict,
             output,
             model,
         } => {
-            let model = load_manifest_file(&manifest, &model.options())?;
+            let model = one_shot_model(&manifest, &model.options(), strict)?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&model.to_json())?),
                 Output::Table => print!("{}", model.to_table()),
             }
-            Ok(())
+            Ok(exit_status(&model))
         }
         Command::Build {
             manifest,
+            strict,
             out,
             model,
             generation,
             hash_seed,
         } => {
-            let model = load_manifest_file(&manifest, &model.options())?;
+            let model = one_shot_model(&manifest, &model.options(), strict)?;
             let table = Table::build_full(
                 generation,
                 hash_seed,
@@ -349,9 +400,17 @@ fn real_main() -> Result<()> {
                 table.frontends().len(),
                 table.backend_records().len()
             );
-            Ok(())
+            if !model.errors.is_empty() {
+                let n = model.errors.len();
+                eprintln!(
+                    "skipped {n} invalid object{} or field{0} (see the warnings above, or `show`); \
+                     exit status {EXIT_SKIPPED}",
+                    if n == 1 { "" } else { "s" },
+                );
+            }
+            Ok(exit_status(&model))
         }
-        Command::Maglev { backends, max_ring } => maglev(backends, max_ring),
+        Command::Maglev { backends, max_ring } => maglev(backends, max_ring).map(|()| 0),
     }
 }
 
@@ -446,6 +505,7 @@ fn run(
     let mut last_text: Option<String> = None;
     let mut published: Option<Published> = None;
     let mut notes: Option<Vec<Skipped>> = None;
+    let mut skip_log = SkipLog::default();
     loop {
         telemetry.beat();
         match std::fs::read_to_string(manifest) {
@@ -458,6 +518,8 @@ fn run(
             Ok(text) => {
                 match model_of(&text, manifest, options, telemetry) {
                     Ok(model) => {
+                        skip_log.log(&model);
+                        telemetry.skipped(&model);
                         warn_notes(&model, &mut notes);
                         telemetry.change_seen();
                         let started = Instant::now();
@@ -545,6 +607,7 @@ fn run_api(
             watch: Some(Box::new(|event| telemetry.watch(event))),
         };
         kube_source::follow_with(client, config, hooks, |model| {
+            telemetry.skipped(&model);
             warn_notes(&model, &mut notes);
             telemetry.beat();
             telemetry.change_seen();
@@ -617,8 +680,7 @@ fn model_of(
     let objects = clustergate_control::parse_manifest(text)
         .with_context(|| format!("manifest {}", manifest.display()))?;
     telemetry.objects_seen(&objects, false);
-    clustergate_control::build_model(&objects, options)
-        .with_context(|| format!("manifest {}", manifest.display()))
+    Ok(clustergate_control::build_model(&objects, options))
 }
 
 /// Builds and publishes the tables of `model`, unless they equal the last ones.

@@ -10,12 +10,14 @@
 //! a reason.
 //! Unknown fields (status, managedFields, …) are ignored, as k8s-openapi does.
 //!
-//! Refused (a [`ManifestError`]): text that is not YAML, a document or list item
-//! that is not a mapping, an object without `kind`, `apiVersion` or (for the
-//! kinds we read) `metadata.name`, and a Service, EndpointSlice or Node whose fields
-//! have the wrong type (the error names the field path, e.g.
-//! `spec.ports[0].port`). Field *values* are checked later, by
-//! [`crate::model::build_model`], and only for objects that are served.
+//! Refused (a [`ManifestError::Syntax`]): text that is not YAML. Skipped, one
+//! by one (in [`Objects::skipped`], and as errors in [`Objects::errors`],
+//! which `--strict` refuses): a document or list item that is not a mapping,
+//! an object without `kind`, `apiVersion` or (for the kinds we read)
+//! `metadata.name`, and a Service, EndpointSlice or Node whose fields have the
+//! wrong type (the reason names the field path, e.g. `spec.ports[0].port`).
+//! Field *values* are checked later, by [`crate::model::build_model`], and
+//! only for objects that are served.
 //!
 //! Must never: panic on any input.
 
@@ -35,19 +37,71 @@ pub const DEFAULT_NAMESPACE: &str = "default";
 pub struct Skipped {
     /// `"Kind ns/name"` (`"Kind name"` for objects without a namespace).
     pub object: String,
-    /// Why, for people.
+    /// Why, for people: the field first where there is one
+    /// (`spec.clusterIP: "10.0.0.x" is not an IP address; …`).
     pub reason: String,
+    /// Why, as a short stable label (one of [`label`]): the `reason` label of
+    /// the `clustergate_control_objects_skipped` gauge.
+    pub label: &'static str,
 }
 
 impl Skipped {
-    /// A skip entry.
+    /// A skip entry: `label` is one of [`label`].
     #[must_use]
-    pub fn new(object: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub fn new(object: impl Into<String>, label: &'static str, reason: impl Into<String>) -> Self {
         Self {
             object: object.into(),
             reason: reason.into(),
+            label,
         }
     }
+
+    /// The object's kind: the first word of [`Skipped::object`], or
+    /// `"unknown"` for a document without one (`"document 2: …"`).
+    #[must_use]
+    pub fn kind(&self) -> &str {
+        let first = self
+            .object
+            .split_once(' ')
+            .map_or(self.object.as_str(), |(k, _)| k);
+        if first.starts_with(|c: char| c.is_ascii_uppercase()) {
+            first
+        } else {
+            "unknown"
+        }
+    }
+}
+
+/// The labels of [`Skipped::label`], stable for metrics and alerts.
+pub mod label {
+    /// A kind or apiVersion clustergate does not read.
+    pub const UNSUPPORTED: &str = "unsupported";
+    /// Labelled for another proxy (`service.kubernetes.io/service-proxy-name`).
+    pub const OTHER_PROXY: &str = "other_proxy";
+    /// Nothing to proxy, as kube-proxy decides too: ExternalName, headless,
+    /// no cluster IP, no ports, FQDN slices, `ipMode: Proxy`.
+    pub const NOT_PROXIED: &str = "not_proxied";
+    /// An EndpointSlice with no Service served (no label, no such Service, or
+    /// the Service is skipped).
+    pub const NO_SERVICE: &str = "no_service";
+    /// An endpoint without addresses, a slice port without a number.
+    pub const EMPTY: &str = "empty";
+    /// An address or CIDR that does not parse (even as kube-proxy's sloppy
+    /// parser reads it), or an IPv4-mapped IPv6 address.
+    pub const INVALID_ADDRESS: &str = "invalid_address";
+    /// Any other value that cannot be used (a port, protocol, type, policy,
+    /// annotation…).
+    pub const INVALID_VALUE: &str = "invalid_value";
+    /// An address of a family the Service has no cluster IP of.
+    pub const WRONG_FAMILY: &str = "wrong_family";
+    /// A node port or health-check node port outside `--service-node-port-range`.
+    pub const OUT_OF_RANGE: &str = "out_of_range";
+    /// The same object a second time (the first is used).
+    pub const DUPLICATE: &str = "duplicate";
+    /// An address, port or prefix another object has first.
+    pub const CONFLICT: &str = "conflict";
+    /// Not skipped: a caveat about something used ([`crate::Model::notes`]).
+    pub const NOTE: &str = "note";
 }
 
 /// The objects of a manifest, in manifest order.
@@ -60,8 +114,11 @@ pub struct Objects {
     /// `v1` Nodes (for `internalTrafficPolicy: Local`: their pod CIDRs and
     /// addresses say which node a client is on).
     pub nodes: Vec<Node>,
-    /// Objects of other kinds or versions.
+    /// Objects of other kinds or versions, and objects that cannot be read.
     pub skipped: Vec<Skipped>,
+    /// Why objects could not be read (each is also in `skipped`), in
+    /// manifest order; `--strict` refuses the manifest for the first.
+    pub errors: Vec<ManifestError>,
 }
 
 /// Why a manifest was refused as a whole.
@@ -88,20 +145,46 @@ pub enum ManifestError {
     },
 }
 
-/// Parses a manifest into Services, EndpointSlices and skipped objects.
+/// Parses a manifest into Services, EndpointSlices, Nodes and skipped objects.
 ///
 /// # Errors
-/// See the module documentation: YAML syntax, non-object documents, objects
-/// without kind, apiVersion or name, and wrongly typed fields of Services and
-/// EndpointSlices.
+/// Text that is not YAML. Objects that cannot be read are skipped (see the
+/// module documentation).
 pub fn parse_manifest(text: &str) -> Result<Objects, ManifestError> {
     let mut out = Objects::default();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let mut value = Value::deserialize(doc).map_err(syntax)?;
         value.apply_merge().map_err(syntax)?;
-        collect(value, &format!("document {}", i + 1), &mut out)?;
+        collect_or_skip(value, &format!("document {}", i + 1), &mut out);
     }
     Ok(out)
+}
+
+/// [`parse_manifest`], refusing the manifest for the first object that
+/// cannot be read (`--strict`).
+///
+/// # Errors
+/// YAML syntax, and the first of [`Objects::errors`].
+pub fn parse_manifest_strict(text: &str) -> Result<Objects, ManifestError> {
+    let objects = parse_manifest(text)?;
+    match objects.errors.first() {
+        Some(e) => Err(e.clone()),
+        None => Ok(objects),
+    }
+}
+
+/// [`collect`], skipping (and noting) what cannot be read.
+fn collect_or_skip(value: Value, place: &str, out: &mut Objects) {
+    if let Err(e) = collect(value, place, out) {
+        if let ManifestError::Object { object, message } = &e {
+            out.skipped.push(Skipped::new(
+                object.clone(),
+                label::INVALID_VALUE,
+                format!("{message}; the object is skipped"),
+            ));
+        }
+        out.errors.push(e);
+    }
 }
 
 fn syntax(e: serde_norway::Error) -> ManifestError {
@@ -177,7 +260,7 @@ fn collect(value: Value, place: &str, out: &mut Objects) -> Result<(), ManifestE
             None | Some(Value::Null) => Ok(()),
             Some(Value::Sequence(items)) => {
                 for (j, item) in items.into_iter().enumerate() {
-                    collect(item, &format!("{place}, items[{j}]"), out)?;
+                    collect_or_skip(item, &format!("{place}, items[{j}]"), out);
                 }
                 Ok(())
             }
@@ -215,17 +298,17 @@ fn collect(value: Value, place: &str, out: &mut Objects) -> Result<(), ManifestE
             } else {
                 "v1"
             };
-            tracing::info!(%object, api_version, "skipped: unsupported apiVersion");
             out.skipped.push(Skipped::new(
                 object,
+                label::UNSUPPORTED,
                 format!("apiVersion {api_version} is not read (clustergate reads {kind} {want})"),
             ));
         }
         _ => {
             let object = named(false).unwrap_or_else(|| format!("{kind} ({place})"));
-            tracing::info!(%object, "skipped: kind not read");
             out.skipped.push(Skipped::new(
                 object,
+                label::UNSUPPORTED,
                 format!(
                     "kind {kind} ({api_version}) is not read (clustergate reads Service, EndpointSlice and Node)"
                 ),
@@ -304,6 +387,22 @@ mod tests {
         }
     }
 
+    /// The error of the first object that cannot be read.
+    fn first_error(text: &str) -> ManifestError {
+        let objects = parse_manifest(text).unwrap();
+        assert_eq!(
+            objects.skipped.len(),
+            objects.errors.len()
+                + objects
+                    .skipped
+                    .iter()
+                    .filter(|s| s.label == label::UNSUPPORTED)
+                    .count(),
+            "each error is skipped: {objects:?}"
+        );
+        parse_manifest_strict(text).unwrap_err()
+    }
+
     #[test]
     fn syntax_errors_carry_a_position() {
         let e = parse_manifest("kind: List\nitems: [1, 2\nb: 3\n").unwrap_err();
@@ -316,10 +415,9 @@ mod tests {
 
     #[test]
     fn wrong_types_name_the_field_path() {
-        let e = parse_manifest(
+        let e = first_error(
             "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - port: 80\n  - port: eighty\n",
-        )
-        .unwrap_err();
+        );
         let s = e.to_string();
         assert!(
             s.starts_with("Service default/web: spec.ports[1].port: invalid type"),
@@ -330,21 +428,58 @@ mod tests {
 
     #[test]
     fn scalars_and_nameless_objects_are_refused() {
-        let e = parse_manifest("a: 1\n---\n- 1\n").unwrap_err();
+        let e = first_error("a: 1\n---\n- 1\n");
         assert_eq!(
             e.to_string(),
             "document 1: kind: missing",
             "the first problem wins"
         );
-        let e = parse_manifest("--- 42\n").unwrap_err();
+        let e = first_error("--- 42\n");
         assert_eq!(
             e.to_string(),
             "document 1: expected a Kubernetes object (a mapping), found a number"
         );
-        let e = parse_manifest("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {namespace: x}\n").unwrap_err();
+        let e = first_error("apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {namespace: x}\n");
         assert_eq!(
             e.to_string(),
             "Service (document 1, items[0]): metadata.name: missing"
         );
+    }
+
+    #[test]
+    fn one_unreadable_object_skips_only_itself() {
+        let objects = parse_manifest(
+            "apiVersion: v1\nkind: List\nitems:\n\
+             - {apiVersion: v1, kind: Service, metadata: {name: bad}, spec: {ports: [{port: eighty}]}}\n\
+             - {apiVersion: v1, kind: Service, metadata: {name: good}, spec: {clusterIP: 198.19.0.1}}\n\
+             ---\n42\n",
+        )
+        .unwrap();
+        let names: Vec<_> = objects
+            .services
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["good"]);
+        let skipped: Vec<(&str, &str, &str)> = objects
+            .skipped
+            .iter()
+            .map(|s| (s.kind(), s.object.as_str(), s.label))
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                ("Service", "Service default/bad", "invalid_value"),
+                ("unknown", "document 2", "invalid_value"),
+            ]
+        );
+        assert!(
+            objects.skipped[0]
+                .reason
+                .starts_with("spec.ports[0].port: invalid type"),
+            "{:?}",
+            objects.skipped
+        );
+        assert_eq!(objects.errors.len(), 2);
     }
 }

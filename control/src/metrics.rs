@@ -41,6 +41,7 @@ pub struct Metrics {
     watch_restarts: Counter,
     generation: Gauge,
     frontends: Family<Vec<(String, String)>, Gauge>,
+    skipped: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Metrics {
@@ -66,6 +67,7 @@ impl Metrics {
             watch_restarts: Counter::default(),
             generation: Gauge::default(),
             frontends: Family::default(),
+            skipped: Family::default(),
         };
         registry.register(
             "sync_proxy_rules_duration_seconds",
@@ -101,6 +103,13 @@ impl Metrics {
             "frontends",
             "Frontends of the last model published, by kind (clusterIP, nodePort, externalIP, loadBalancer)",
             metrics.frontends.clone(),
+        );
+        registry.register(
+            "control_objects_skipped",
+            "Objects and parts of objects skipped by the last model built, by kind (Service, \
+             EndpointSlice, Node, …) and reason (a short label: invalid_address, invalid_value, \
+             duplicate, conflict, not_proxied, …)",
+            metrics.skipped.clone(),
         );
         registry.register(
             "snapshot_generation",
@@ -200,6 +209,8 @@ pub struct Telemetry {
     tracker: Mutex<ChangeTracker>,
     /// Trigger times of the slices of the last look newer than the last publish.
     triggers: Mutex<Vec<Timestamp>>,
+    /// Every (kind, reason) of `clustergate_control_objects_skipped` set so far.
+    skipped_labels: Mutex<std::collections::BTreeSet<(String, String)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -215,6 +226,7 @@ impl Telemetry {
             health: Mutex::new(HealthState::new(bound, beat_bound, Timestamp::now())),
             tracker: Mutex::new(ChangeTracker::default()),
             triggers: Mutex::new(Vec::new()),
+            skipped_labels: Mutex::new(std::collections::BTreeSet::new()),
         }
     }
 
@@ -264,6 +276,32 @@ impl Telemetry {
                 .get_or_create(&vec![("kind".to_owned(), kind_label(kind).to_owned())])
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
+    }
+
+    /// What the last model built skips, by (kind, reason label); a pair no
+    /// longer skipped falls to 0. Also tells `/healthz`.
+    pub fn skipped(&self, model: &Model) {
+        let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for s in &model.skipped {
+            *counts
+                .entry((s.kind().to_owned(), s.label.to_owned()))
+                .or_default() += 1;
+        }
+        let mut known = lock(&self.skipped_labels);
+        for key in known.iter() {
+            counts.entry(key.clone()).or_default();
+        }
+        for ((kind, reason), n) in &counts {
+            self.metrics
+                .skipped
+                .get_or_create(&vec![
+                    ("kind".to_owned(), kind.clone()),
+                    ("reason".to_owned(), reason.clone()),
+                ])
+                .set(*n);
+        }
+        known.extend(counts.into_keys());
+        lock(&self.health).skipped(model.skipped.len(), model.errors.len());
     }
 
     /// The change did not change the tables.
@@ -327,6 +365,7 @@ mod tests {
             slices: vec![slice("a", None), slice("b", None)],
             nodes: Vec::new(),
             skipped: Vec::new(),
+            errors: Vec::new(),
         };
         assert_eq!(tracker.observe(&objects), (1, 2));
         assert_eq!(tracker.observe(&objects), (0, 0));
@@ -367,5 +406,43 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn skipped_objects_are_a_gauge_that_falls_back() {
+        use clustergate_control::{label, Skipped};
+        let t = Telemetry::new(Duration::from_secs(10), Duration::from_secs(10));
+        let mut model = Model {
+            skipped: vec![
+                Skipped::new("Service a/b", label::INVALID_ADDRESS, "spec.clusterIP: x"),
+                Skipped::new("Service a/c", label::INVALID_ADDRESS, "spec.clusterIP: y"),
+                Skipped::new(
+                    "EndpointSlice a/d",
+                    label::DUPLICATE,
+                    "appears more than once",
+                ),
+            ],
+            ..Model::default()
+        };
+        t.skipped(&model);
+        let text = t.metrics.encode();
+        for line in [
+            "# TYPE clustergate_control_objects_skipped gauge",
+            "clustergate_control_objects_skipped{kind=\"Service\",reason=\"invalid_address\"} 2",
+            "clustergate_control_objects_skipped{kind=\"EndpointSlice\",reason=\"duplicate\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        model.skipped.truncate(1);
+        t.skipped(&model);
+        let text = t.metrics.encode();
+        for line in [
+            "clustergate_control_objects_skipped{kind=\"Service\",reason=\"invalid_address\"} 1",
+            "clustergate_control_objects_skipped{kind=\"EndpointSlice\",reason=\"duplicate\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        let body = t.healthz().1;
+        assert!(body.contains("\"skipped\":1"), "{body}");
     }
 }

@@ -43,10 +43,15 @@
 //!   `dsr` with a backend port that is not the frontend's, and an annotated
 //!   `snat` that `externalTrafficPolicy: Local` overrides.
 //!
-//! Refused (a [`ModelError`] naming the object and field): invalid values in a
-//! served Service (its return-path annotation included) or in an EndpointSlice
-//! of a served Service, the same object twice, and two services claiming one
-//! cluster IP frontend.
+//! One bad object never stops the others (kube-proxy's way): an invalid value
+//! in a served Service (its return-path annotation included) or in an
+//! EndpointSlice of a served Service, the same object twice, or a second
+//! Service claiming a cluster IP frontend skips that object, or only the
+//! field, port or endpoint concerned, into [`Model::skipped`]; the rest is
+//! served. Each such case is also a [`ModelError`] in [`Model::errors`], which
+//! [`Model::strict`] (`--strict`) turns back into a refusal of the whole set.
+//! Addresses and CIDRs are read as kube-proxy reads them ([`crate::ip`]:
+//! leading zeros are decimal).
 //!
 //! Must never: depend on input order (the output is sorted), or panic.
 
@@ -62,7 +67,8 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use thiserror::Error;
 
-use crate::manifest::{identity, Objects, Skipped};
+use crate::ip::{parse_cidr_sloppy, parse_ip_sloppy};
+use crate::manifest::{identity, label, ManifestError, Objects, Skipped};
 
 /// The proxy name clustergate answers to by default.
 pub const DEFAULT_PROXY_NAME: &str = "clustergate";
@@ -214,6 +220,24 @@ pub struct Model {
     pub node_port_addresses: Vec<IpNet>,
     /// Health-check node ports, sorted by (namespace, name).
     pub health_checks: Vec<HealthCheck>,
+    /// What `--strict` refuses, in the order found: invalid values, duplicate
+    /// objects, clashing cluster IP frontends. Each is also in
+    /// [`Model::skipped`], with what was skipped because of it.
+    pub errors: Vec<ModelError>,
+}
+
+impl Model {
+    /// The model, or (`--strict`) the first of [`Model::errors`]: any invalid
+    /// object refuses the whole set, as before issue 18.
+    ///
+    /// # Errors
+    /// The first of [`Model::errors`].
+    pub fn strict(self) -> Result<Self, ModelError> {
+        match self.errors.first() {
+            Some(e) => Err(e.clone()),
+            None => Ok(self),
+        }
+    }
 }
 
 /// Why a set of objects was refused as a whole.
@@ -235,6 +259,9 @@ pub enum ModelError {
         /// `"Kind ns/name"`.
         object: String,
     },
+    /// An object of the manifest cannot be read (see [`crate::manifest`]).
+    #[error(transparent)]
+    Unreadable(#[from] ManifestError),
     /// Two Services claim the same cluster IP, port and protocol.
     #[error("{second}: frontend {frontend} is already a frontend of {first}")]
     Conflict {
@@ -247,6 +274,32 @@ pub enum ModelError {
     },
 }
 
+impl ModelError {
+    /// The object skipped because of it (for a conflict, the second Service).
+    #[must_use]
+    pub fn object(&self) -> &str {
+        match self {
+            Self::Invalid { object, .. } | Self::Duplicate { object } => object,
+            Self::Conflict { second, .. } => second,
+            Self::Unreadable(ManifestError::Object { object, .. }) => object,
+            Self::Unreadable(ManifestError::Syntax { .. }) => "manifest",
+        }
+    }
+
+    /// The message without the object.
+    fn detail(&self) -> String {
+        match self {
+            Self::Invalid { field, message, .. } => format!("{field}: {message}"),
+            Self::Duplicate { .. } => "appears more than once".to_owned(),
+            Self::Unreadable(ManifestError::Object { message, .. }) => message.clone(),
+            Self::Unreadable(e @ ManifestError::Syntax { .. }) => e.to_string(),
+            Self::Conflict {
+                first, frontend, ..
+            } => format!("spec.clusterIPs: frontend {frontend} is already a frontend of {first}"),
+        }
+    }
+}
+
 fn invalid(object: &str, field: impl Into<String>, message: impl Into<String>) -> ModelError {
     ModelError::Invalid {
         object: object.to_owned(),
@@ -254,6 +307,40 @@ fn invalid(object: &str, field: impl Into<String>, message: impl Into<String>) -
         message: message.into(),
     }
 }
+
+/// What a build skips, and the errors `--strict` would refuse.
+#[derive(Debug, Default)]
+struct Skips {
+    list: Vec<Skipped>,
+    errors: Vec<ModelError>,
+}
+
+impl Skips {
+    /// Skips something kube-proxy would skip too (not an error).
+    fn skip(&mut self, object: impl Into<String>, label: &'static str, reason: impl Into<String>) {
+        self.list.push(Skipped::new(object, label, reason));
+    }
+
+    /// Skips what `error` makes unusable; `then` says what (`"the Service is
+    /// skipped"`, `"the endpoint is skipped"`, …).
+    fn refuse(&mut self, error: ModelError, label: &'static str, then: &str) {
+        self.list.push(Skipped::new(
+            error.object(),
+            label,
+            format!("{}; {then}", error.detail()),
+        ));
+        self.errors.push(error);
+    }
+}
+
+/// Label of an invalid address or CIDR.
+const BAD_ADDRESS: &str = label::INVALID_ADDRESS;
+/// Label of another invalid value.
+const BAD_VALUE: &str = label::INVALID_VALUE;
+/// Consequence of an error that skips a whole Service.
+const SKIP_SERVICE: &str = "the Service is skipped";
+/// Consequence of an error that skips a whole EndpointSlice.
+const SKIP_SLICE: &str = "the EndpointSlice is skipped";
 
 /// The wire name of a kind, as `show` prints it.
 #[must_use]
@@ -359,6 +446,8 @@ enum Usable {
 /// A service port after validation.
 #[derive(Debug)]
 struct SvcPort {
+    /// Its index in `spec.ports`.
+    index: usize,
     name: String,
     port: u16,
     protocol: Proto,
@@ -440,11 +529,20 @@ impl Served {
 /// `options.return_path` is the return path of Services without the
 /// [`RETURN_PATH_ANNOTATION`].
 ///
-/// # Errors
-/// Invalid field values in served objects, duplicate objects, or two Services
-/// with the same cluster IP frontend; see [`ModelError`].
-pub fn build_model(objects: &Objects, options: &ModelOptions) -> Result<Model, ModelError> {
-    let mut skipped = objects.skipped.clone();
+/// Never refuses: an object, or the part of one, that cannot be used is
+/// skipped ([`Model::skipped`]) and, when it is an invalid value, a duplicate
+/// or a clash, noted in [`Model::errors`] (see [`Model::strict`]).
+#[must_use]
+pub fn build_model(objects: &Objects, options: &ModelOptions) -> Model {
+    let mut skips = Skips {
+        list: objects.skipped.clone(),
+        errors: objects
+            .errors
+            .iter()
+            .cloned()
+            .map(ModelError::Unreadable)
+            .collect(),
+    };
     let mut served: BTreeMap<(String, String), Served> = BTreeMap::new();
     let mut not_served: BTreeSet<(String, String)> = BTreeSet::new();
     let mut seen = BTreeSet::new();
@@ -453,16 +551,20 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Result<Model, M
         let (ns, name) = identity(&svc.metadata);
         let object = format!("Service {ns}/{name}");
         if !seen.insert(object.clone()) {
-            return Err(ModelError::Duplicate { object });
+            skips.refuse(
+                ModelError::Duplicate { object },
+                label::DUPLICATE,
+                "this copy is ignored (the first is used)",
+            );
+            continue;
         }
         let id = (ns.to_owned(), name.to_owned());
-        if let Some(reason) = skip_reason(svc, &options.proxy_name) {
-            tracing::info!(%object, %reason, "service skipped");
-            skipped.push(Skipped::new(object, reason));
+        if let Some((label, reason)) = skip_reason(svc, &options.proxy_name) {
+            skips.skip(object, label, reason);
             not_served.insert(id);
             continue;
         }
-        match validate_service(svc, &object, options, &mut skipped)? {
+        match validate_service(svc, &object, options, &mut skips) {
             Some(s) => {
                 served.insert(id, s);
             }
@@ -476,25 +578,31 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Result<Model, M
         let (ns, name) = identity(&slice.metadata);
         let object = format!("EndpointSlice {ns}/{name}");
         if !seen.insert(object.clone()) {
-            return Err(ModelError::Duplicate { object });
+            skips.refuse(
+                ModelError::Duplicate { object },
+                label::DUPLICATE,
+                "this copy is ignored (the first is used)",
+            );
+            continue;
         }
         let labels = slice.metadata.labels.as_ref();
         let Some(svc_name) = labels
             .and_then(|l| l.get(SERVICE_NAME_LABEL))
             .filter(|s| !s.is_empty())
         else {
-            tracing::warn!(%object, "EndpointSlice without the {SERVICE_NAME_LABEL} label ignored");
-            skipped.push(Skipped::new(
+            skips.skip(
                 object,
+                label::NO_SERVICE,
                 format!("no {SERVICE_NAME_LABEL} label: it belongs to no Service"),
-            ));
+            );
             continue;
         };
         if labels.is_some_and(|l| l.contains_key(HEADLESS_LABEL)) {
-            skipped.push(Skipped::new(
+            skips.skip(
                 object,
+                label::NOT_PROXIED,
                 format!("labelled {HEADLESS_LABEL} (endpoints of a headless Service)"),
-            ));
+            );
             continue;
         }
         let id = (ns.to_owned(), svc_name.clone());
@@ -504,15 +612,15 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Result<Model, M
             } else {
                 format!("no Service {ns}/{svc_name} in the manifest")
             };
-            skipped.push(Skipped::new(object, reason));
+            skips.skip(object, label::NO_SERVICE, reason);
             continue;
         };
-        if let Some(info) = validate_slice(slice, &object, &mut skipped)? {
+        if let Some(info) = validate_slice(slice, &object, &mut skips) {
             svc.slices.push(info);
         }
     }
 
-    let (nodes, node_numbers) = nodes_of(&objects.nodes, &mut skipped);
+    let (nodes, node_numbers) = nodes_of(&objects.nodes, &mut skips);
 
     // Every cluster IP and its Service: an external or load-balancer IP that
     // is one is not served (it would take over another Service's address).
@@ -528,16 +636,17 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Result<Model, M
     let mut health_ports: BTreeMap<u16, &str> = BTreeMap::new();
     for s in served.values() {
         let object = format!("Service {}", s.key);
-        let endpoints = frontends_of(s, &cluster_ips, &node_numbers, &mut frontends, &mut skipped);
+        let endpoints = frontends_of(s, &cluster_ips, &node_numbers, &mut frontends, &mut skips);
         if let Some(port) = s.health_check_port {
             if let Some(first) = health_ports.get(&port) {
-                skipped.push(Skipped::new(
+                skips.skip(
                     object,
+                    label::CONFLICT,
                     format!(
                         "spec.healthCheckNodePort: {port} is already the health check node port \
                          of Service {first}; no health check is answered"
                     ),
-                ));
+                );
             } else {
                 health_ports.insert(port, s.key.as_str());
                 let (ns, name) = s.key.split_once('/').unwrap_or(("", s.key.as_str()));
@@ -550,29 +659,34 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Result<Model, M
             }
         }
     }
-    let frontends = resolve_conflicts(frontends, &mut skipped)?;
+    let frontends = resolve_conflicts(frontends, &mut skips);
     let mut notes = notes_of(served.values(), &frontends);
 
+    let Skips {
+        list: mut skipped,
+        errors,
+    } = skips;
     skipped.sort();
     skipped.dedup();
     notes.sort();
     notes.dedup();
     health_checks.sort();
-    Ok(Model {
+    Model {
         frontends,
         skipped,
         notes,
         nodes,
         node_port_addresses: options.node_port_addresses.clone(),
         health_checks,
-    })
+        errors,
+    }
 }
 
 /// The Nodes with their prefixes and numbers, and the number of each node
 /// name. A Node with an invalid pod CIDR or address, or seen twice, is
 /// skipped (its endpoints are on no known node: never local); a prefix that
 /// an earlier Node (in name order) has is left out of the later one.
-fn nodes_of(nodes: &[Node], skipped: &mut Vec<Skipped>) -> (Vec<NodeInfo>, HashMap<String, u32>) {
+fn nodes_of(nodes: &[Node], skips: &mut Skips) -> (Vec<NodeInfo>, HashMap<String, u32>) {
     let mut sorted: Vec<&Node> = nodes.iter().collect();
     sorted.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let mut owner: HashMap<IpNet, String> = HashMap::new();
@@ -582,7 +696,7 @@ fn nodes_of(nodes: &[Node], skipped: &mut Vec<Skipped>) -> (Vec<NodeInfo>, HashM
         let name = node.metadata.name.clone().unwrap_or_default();
         let object = format!("Node {name}");
         if !seen.insert(name.clone()) {
-            skipped.push(Skipped::new(object, "appears more than once; ignored"));
+            skips.skip(object, label::DUPLICATE, "appears more than once; ignored");
             continue;
         }
         let mut prefixes: Vec<IpNet> = Vec::new();
@@ -601,13 +715,14 @@ fn nodes_of(nodes: &[Node], skipped: &mut Vec<Skipped>) -> (Vec<NodeInfo>, HashM
                 .collect(),
         };
         for (field, c) in cidrs {
-            let net = match c.parse::<IpNet>() {
-                Ok(net) if !is_mapped(net.addr()) => net.trunc(),
+            let net = match parse_cidr_sloppy(c) {
+                Some(net) if !is_mapped(net.addr()) => net.trunc(),
                 _ => {
-                    skipped.push(Skipped::new(
+                    skips.skip(
                         object,
+                        BAD_ADDRESS,
                         format!("{field}: {c:?} is not a CIDR; the Node is ignored (its endpoints are never node-local)"),
-                    ));
+                    );
                     continue 'nodes;
                 }
             };
@@ -621,10 +736,11 @@ fn nodes_of(nodes: &[Node], skipped: &mut Vec<Skipped>) -> (Vec<NodeInfo>, HashM
             match parse_ip(&a.address) {
                 Ok(ip) => prefixes.push(IpNet::from(ip)),
                 Err(m) => {
-                    skipped.push(Skipped::new(
+                    skips.skip(
                         object,
+                        BAD_ADDRESS,
                         format!("status.addresses[{i}].address: {m}; the Node is ignored (its endpoints are never node-local)"),
-                    ));
+                    );
                     continue 'nodes;
                 }
             }
@@ -635,10 +751,11 @@ fn nodes_of(nodes: &[Node], skipped: &mut Vec<Skipped>) -> (Vec<NodeInfo>, HashM
                 continue;
             }
             if let Some(first) = owner.get(&net) {
-                skipped.push(Skipped::new(
+                skips.skip(
                     object.clone(),
+                    label::CONFLICT,
                     format!("{net} is already a prefix of Node {first}; left out"),
-                ));
+                );
                 continue;
             }
             kept.push(net);
@@ -669,7 +786,7 @@ fn is_mapped(ip: IpAddr) -> bool {
 
 /// Why a Service is not served, if it is not (kube-proxy's informer label
 /// selector, then `ShouldSkipService` and `GetClusterIPByFamily`).
-fn skip_reason(svc: &Service, proxy_name: &str) -> Option<String> {
+fn skip_reason(svc: &Service, proxy_name: &str) -> Option<(&'static str, String)> {
     if let Some(owner) = svc
         .metadata
         .labels
@@ -677,16 +794,22 @@ fn skip_reason(svc: &Service, proxy_name: &str) -> Option<String> {
         .and_then(|l| l.get(PROXY_NAME_LABEL))
     {
         if owner != proxy_name {
-            return Some(format!(
-                "{PROXY_NAME_LABEL} is {owner:?}, not {proxy_name:?}: another proxy serves it"
+            return Some((
+                label::OTHER_PROXY,
+                format!(
+                    "{PROXY_NAME_LABEL} is {owner:?}, not {proxy_name:?}: another proxy serves it"
+                ),
             ));
         }
     }
     let Some(spec) = svc.spec.as_ref() else {
-        return Some("no spec, so no cluster IP".to_owned());
+        return Some((label::NOT_PROXIED, "no spec, so no cluster IP".to_owned()));
     };
     if spec.type_.as_deref() == Some("ExternalName") {
-        return Some("type ExternalName: a DNS alias, not proxied".to_owned());
+        return Some((
+            label::NOT_PROXIED,
+            "type ExternalName: a DNS alias, not proxied".to_owned(),
+        ));
     }
     let first = spec
         .cluster_ips
@@ -696,8 +819,11 @@ fn skip_reason(svc: &Service, proxy_name: &str) -> Option<String> {
         .filter(|s| !s.is_empty())
         .or(spec.cluster_ip.as_deref().filter(|s| !s.is_empty()));
     match first {
-        Some("None") => Some("headless (clusterIP None): not proxied".to_owned()),
-        None => Some("no clusterIP".to_owned()),
+        Some("None") => Some((
+            label::NOT_PROXIED,
+            "headless (clusterIP None): not proxied".to_owned(),
+        )),
+        None => Some((label::NOT_PROXIED, "no clusterIP".to_owned())),
         Some(_) => None,
     }
 }
@@ -717,40 +843,52 @@ fn parse_proto(p: Option<&str>) -> Option<Proto> {
 
 /// Parses an IP address of any family, refusing IPv4-mapped IPv6 addresses
 /// (the dataplane's canonical form would turn them into IPv4).
+///
+/// Read as kube-proxy reads it ([`parse_ip_sloppy`]: IPv4 parts with leading
+/// zeros are decimal).
 fn parse_ip(s: &str) -> Result<IpAddr, String> {
-    match s.parse::<IpAddr>() {
-        Ok(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => {
+    match parse_ip_sloppy(s) {
+        Some(IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => {
             Err(format!("{s:?} is an IPv4-mapped IPv6 address"))
         }
-        Ok(ip) => Ok(ip),
-        Err(_) => Err(format!("{s:?} is not an IP address")),
+        Some(ip) => Ok(ip),
+        None => Err(format!("{s:?} is not an IP address")),
     }
 }
 
-/// Checks a Service that is to be served. `Ok(None)`: it has nothing to serve
-/// (no ports), which is noted in `skipped`. `default_return_path` applies
-/// unless the Service is annotated.
+/// Checks a Service that is to be served. `None`: it has nothing to serve
+/// (no usable ports), or a value that decides how all of it is served is
+/// invalid; either is noted in `skips`. An invalid port, external IP or
+/// load-balancer IP skips only itself. `default_return_path` applies unless
+/// the Service is annotated.
+#[allow(clippy::too_many_lines)] // reason: one Service, field by field
 fn validate_service(
     svc: &Service,
     object: &str,
     options: &ModelOptions,
-    skipped: &mut Vec<Skipped>,
-) -> Result<Option<Served>, ModelError> {
+    skips: &mut Skips,
+) -> Option<Served> {
     let default_return_path = options.return_path;
     let node_port_range = &options.node_port_range;
     let (ns, name) = identity(&svc.metadata);
     let Some(spec) = svc.spec.as_ref() else {
-        return Ok(None); // skip_reason has ruled this out
+        return None; // skip_reason has ruled this out
+    };
+    // An invalid value that decides how the whole Service is served skips it.
+    let refuse = |skips: &mut Skips, field: &str, label: &'static str, message: String| {
+        skips.refuse(invalid(object, field, message), label, SKIP_SERVICE);
     };
 
     match spec.type_.as_deref() {
         None | Some("ClusterIP" | "NodePort" | "LoadBalancer") => {}
         Some(other) => {
-            return Err(invalid(
-                object,
+            refuse(
+                skips,
                 "spec.type",
+                BAD_VALUE,
                 format!("{other:?} is not ClusterIP, NodePort, LoadBalancer or ExternalName"),
-            ))
+            );
+            return None;
         }
     }
 
@@ -761,11 +899,13 @@ fn validate_service(
         Some(list) if !list.is_empty() => {
             if let (Some(single), Some(first)) = (cluster_ip, list.first()) {
                 if single != first {
-                    return Err(invalid(
-                        object,
+                    refuse(
+                        skips,
                         "spec.clusterIPs[0]",
+                        BAD_VALUE,
                         format!("{first:?} differs from spec.clusterIP {single:?}"),
-                    ));
+                    );
+                    return None;
                 }
             }
             list.iter()
@@ -779,21 +919,31 @@ fn validate_service(
             .collect(),
     };
     if raw.len() > 2 {
-        return Err(invalid(
-            object,
+        refuse(
+            skips,
             "spec.clusterIPs",
+            BAD_VALUE,
             format!("{} addresses; at most one per family", raw.len()),
-        ));
+        );
+        return None;
     }
     let mut cluster_ips: Vec<IpAddr> = Vec::with_capacity(raw.len());
     for (field, s) in &raw {
-        let ip = parse_ip(s).map_err(|m| invalid(object, field.as_str(), m))?;
+        let ip = match parse_ip(s) {
+            Ok(ip) => ip,
+            Err(m) => {
+                refuse(skips, field, BAD_ADDRESS, m);
+                return None;
+            }
+        };
         if cluster_ips.iter().any(|c| Family::of(*c) == Family::of(ip)) {
-            return Err(invalid(
-                object,
-                field.as_str(),
+            refuse(
+                skips,
+                field,
+                BAD_VALUE,
                 format!("a second {} address", Family::of(ip).name()),
-            ));
+            );
+            return None;
         }
         cluster_ips.push(ip);
     }
@@ -812,21 +962,25 @@ fn validate_service(
                 Some(t) => match u32::try_from(t) {
                     Ok(t) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => Some(t),
                     _ => {
-                        return Err(invalid(
-                            object,
+                        refuse(
+                            skips,
                             "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                            BAD_VALUE,
                             format!("{t} is not in 1..={MAX_AFFINITY_TIMEOUT_S}"),
-                        ))
+                        );
+                        return None;
                     }
                 },
             }
         }
         Some(other) => {
-            return Err(invalid(
-                object,
+            refuse(
+                skips,
                 "spec.sessionAffinity",
+                BAD_VALUE,
                 format!("{other:?} is not None or ClientIP"),
-            ))
+            );
+            return None;
         }
     };
 
@@ -837,13 +991,18 @@ fn validate_service(
         .and_then(|a| a.get(RETURN_PATH_ANNOTATION))
     {
         None => None,
-        Some(v) => Some(v.parse::<ReturnPath>().map_err(|m| {
-            invalid(
-                object,
-                format!("metadata.annotations[{RETURN_PATH_ANNOTATION:?}]"),
-                m,
-            )
-        })?),
+        Some(v) => match v.parse::<ReturnPath>() {
+            Ok(p) => Some(p),
+            Err(m) => {
+                refuse(
+                    skips,
+                    &format!("metadata.annotations[{RETURN_PATH_ANNOTATION:?}]"),
+                    BAD_VALUE,
+                    m,
+                );
+                return None;
+            }
+        },
     };
 
     // kube-proxy's ExternalPolicyLocal: Local counts only for a Service that is
@@ -853,11 +1012,13 @@ fn validate_service(
         None | Some("" | "Cluster") => false,
         Some("Local") => true,
         Some(other) => {
-            return Err(invalid(
-                object,
+            refuse(
+                skips,
                 "spec.externalTrafficPolicy",
+                BAD_VALUE,
                 format!("{other:?} is not Cluster or Local"),
-            ))
+            );
+            return None;
         }
     };
     let externally_accessible = match spec.type_.as_deref() {
@@ -871,23 +1032,29 @@ fn validate_service(
     let mut ports: Vec<SvcPort> = Vec::new();
     for (i, p) in spec.ports.iter().flatten().enumerate() {
         let field = |f: &str| format!("spec.ports[{i}].{f}");
-        let port = valid_port(p.port).ok_or_else(|| {
-            invalid(
-                object,
-                field("port"),
-                format!("{} is not a valid port", p.port),
-            )
-        })?;
-        let protocol = parse_proto(p.protocol.as_deref()).ok_or_else(|| {
-            invalid(
-                object,
-                field("protocol"),
+        // An invalid port skips that port (kube-proxy keys ports by name).
+        let skip_port = |skips: &mut Skips, f: &str, message: String| {
+            skips.refuse(
+                invalid(object, field(f), message),
+                BAD_VALUE,
+                "the port is skipped",
+            );
+        };
+        let Some(port) = valid_port(p.port) else {
+            skip_port(skips, "port", format!("{} is not a valid port", p.port));
+            continue;
+        };
+        let Some(protocol) = parse_proto(p.protocol.as_deref()) else {
+            skip_port(
+                skips,
+                "protocol",
                 format!(
                     "{:?} is not TCP, UDP or SCTP",
                     p.protocol.as_deref().unwrap_or_default()
                 ),
-            )
-        })?;
+            );
+            continue;
+        };
         let node_port = match p.node_port {
             None | Some(0) => None,
             Some(n) => match u16::try_from(n)
@@ -896,8 +1063,9 @@ fn validate_service(
             {
                 Some(n) => Some(n),
                 None => {
-                    skipped.push(Skipped::new(
+                    skips.skip(
                         object,
+                        label::OUT_OF_RANGE,
                         format!(
                             "{}: {n} is outside the node port range {}-{} \
                              (--service-node-port-range); its NodePort frontends are not served",
@@ -905,30 +1073,35 @@ fn validate_service(
                             node_port_range.start(),
                             node_port_range.end()
                         ),
-                    ));
+                    );
                     None
                 }
             },
         };
         let name = p.name.clone().unwrap_or_default();
-        if let Some(j) = ports.iter().position(|q| q.name == name) {
-            return Err(invalid(
-                object,
-                field("name"),
+        if let Some(q) = ports.iter().find(|q| q.name == name) {
+            let j = q.index;
+            skip_port(
+                skips,
+                "name",
                 format!("{name:?} is also the name of spec.ports[{j}]"),
-            ));
+            );
+            continue;
         }
-        if let Some(j) = ports
+        if let Some(q) = ports
             .iter()
-            .position(|q| q.port == port && q.protocol == protocol)
+            .find(|q| q.port == port && q.protocol == protocol)
         {
-            return Err(invalid(
-                object,
-                field("port"),
+            let j = q.index;
+            skip_port(
+                skips,
+                "port",
                 format!("{port}/{} is also spec.ports[{j}]", protocol.as_str()),
-            ));
+            );
+            continue;
         }
         ports.push(SvcPort {
+            index: i,
             name,
             port,
             protocol,
@@ -936,8 +1109,13 @@ fn validate_service(
         });
     }
     if ports.is_empty() {
-        skipped.push(Skipped::new(object, "no ports"));
-        return Ok(None);
+        let reason = if spec.ports.as_ref().is_some_and(|p| !p.is_empty()) {
+            "no usable ports"
+        } else {
+            "no ports"
+        };
+        skips.skip(object, label::NOT_PROXIED, reason);
+        return None;
     }
 
     // External and load-balancer IPs of a family the Service has a cluster IP
@@ -945,17 +1123,29 @@ fn validate_service(
     let mut external_ips = Vec::new();
     for (i, s) in spec.external_ips.iter().flatten().enumerate() {
         let field = format!("spec.externalIPs[{i}]");
-        let ip = parse_ip(s).map_err(|m| invalid(object, field.as_str(), m))?;
+        // kube-proxy's MapIPsByIPFamily skips an invalid IP, and only it.
+        let ip = match parse_ip(s) {
+            Ok(ip) => ip,
+            Err(m) => {
+                skips.refuse(
+                    invalid(object, field, m),
+                    BAD_ADDRESS,
+                    "that external IP is not served",
+                );
+                continue;
+            }
+        };
         if families.contains(&Family::of(ip)) {
             external_ips.push((field, ip));
         } else {
-            skipped.push(Skipped::new(
+            skips.skip(
                 object,
+                label::WRONG_FAMILY,
                 format!(
                     "{field}: {ip} is {}, and the Service has no {0} cluster IP; ignored",
                     Family::of(ip).name()
                 ),
-            ));
+            );
         }
     }
     let mut lb_ips = Vec::new();
@@ -969,22 +1159,34 @@ fn validate_service(
         let Some(s) = ing.ip.as_deref().filter(|s| !s.is_empty()) else {
             continue; // a hostname-only ingress has no IP to serve
         };
-        let ip = parse_ip(s).map_err(|m| invalid(object, format!("{field}.ip"), m))?;
+        let ip = match parse_ip(s) {
+            Ok(ip) => ip,
+            Err(m) => {
+                skips.refuse(
+                    invalid(object, format!("{field}.ip"), m),
+                    BAD_ADDRESS,
+                    "that load-balancer IP is not served",
+                );
+                continue;
+            }
+        };
         if ing.ip_mode.as_deref() == Some("Proxy") {
-            skipped.push(Skipped::new(
+            skips.skip(
                 object,
+                label::NOT_PROXIED,
                 format!("{field}: ipMode Proxy: the load balancer proxies to nodes itself; {ip} ignored"),
-            ));
+            );
         } else if families.contains(&Family::of(ip)) {
             lb_ips.push((format!("{field}.ip"), ip));
         } else {
-            skipped.push(Skipped::new(
+            skips.skip(
                 object,
+                label::WRONG_FAMILY,
                 format!(
                     "{field}: {ip} is {}, and the Service has no {0} cluster IP; ignored",
                     Family::of(ip).name()
                 ),
-            ));
+            );
         }
     }
 
@@ -1000,17 +1202,18 @@ fn validate_service(
         .flatten()
         .enumerate()
     {
-        match r.trim().parse::<IpNet>() {
-            Ok(net) => lb_ranges.push(net.trunc()),
-            Err(_) => {
+        match parse_cidr_sloppy(r.trim()) {
+            Some(net) => lb_ranges.push(net.trunc()),
+            None => {
                 lb_closed = true;
-                skipped.push(Skipped::new(
+                skips.skip(
                     object,
+                    BAD_ADDRESS,
                     format!(
                         "spec.loadBalancerSourceRanges[{i}]: {r:?} is not a CIDR; \
                          its LoadBalancer frontends are not served (fail closed)"
                     ),
-                ));
+                );
             }
         }
     }
@@ -1020,13 +1223,14 @@ fn validate_service(
         None | Some("" | "Cluster") => false,
         Some("Local") => true,
         Some(other) => {
-            skipped.push(Skipped::new(
+            skips.skip(
                 object,
+                BAD_VALUE,
                 format!(
                     "spec.internalTrafficPolicy: {other:?} is not Cluster or Local; not served"
                 ),
-            ));
-            return Ok(None);
+            );
+            return None;
         }
     };
 
@@ -1041,20 +1245,21 @@ fn validate_service(
                 .filter(|n| node_port_range.contains(n))
             {
                 Some(n) => health_check_port = Some(n),
-                None => skipped.push(Skipped::new(
+                None => skips.skip(
                     object,
+                    label::OUT_OF_RANGE,
                     format!(
                         "spec.healthCheckNodePort: {n} is outside the node port range {}-{} \
                          (--service-node-port-range); no health check is answered",
                         node_port_range.start(),
                         node_port_range.end()
                     ),
-                )),
+                ),
             },
         }
     }
 
-    Ok(Some(Served {
+    Some(Served {
         key: format!("{ns}/{name}"),
         cluster_ips,
         ports,
@@ -1069,31 +1274,36 @@ fn validate_service(
         annotated_snat: annotated == Some(ReturnPath::Snat),
         external_local: local && externally_accessible,
         slices: Vec::new(),
-    }))
+    })
 }
 
-/// Checks an EndpointSlice of a served Service. `Ok(None)`: an FQDN slice.
-fn validate_slice(
-    slice: &EndpointSlice,
-    object: &str,
-    skipped: &mut Vec<Skipped>,
-) -> Result<Option<SliceInfo>, ModelError> {
+/// Checks an EndpointSlice of a served Service. `None`: an FQDN slice, or one
+/// whose address type is invalid. An invalid port skips that port; an
+/// endpoint whose address (its first, the one kube-proxy uses) is invalid
+/// skips that endpoint.
+fn validate_slice(slice: &EndpointSlice, object: &str, skips: &mut Skips) -> Option<SliceInfo> {
     let family = match slice.address_type.as_str() {
         "IPv4" => Family::V4,
         "IPv6" => Family::V6,
         "FQDN" => {
-            skipped.push(Skipped::new(
+            skips.skip(
                 object,
+                label::NOT_PROXIED,
                 "addressType FQDN: no semantics for proxies (kube-proxy ignores it too)",
-            ));
-            return Ok(None);
+            );
+            return None;
         }
         other => {
-            return Err(invalid(
-                object,
-                "addressType",
-                format!("{other:?} is not IPv4, IPv6 or FQDN"),
-            ))
+            skips.refuse(
+                invalid(
+                    object,
+                    "addressType",
+                    format!("{other:?} is not IPv4, IPv6 or FQDN"),
+                ),
+                BAD_VALUE,
+                SKIP_SLICE,
+            );
+            return None;
         }
     };
 
@@ -1101,37 +1311,48 @@ fn validate_slice(
     let mut names: Vec<(String, Proto, usize)> = Vec::new();
     for (j, p) in slice.ports.iter().flatten().enumerate() {
         let field = |f: &str| format!("ports[{j}].{f}");
+        let skip_port = |skips: &mut Skips, f: &str, message: String| {
+            skips.refuse(
+                invalid(object, field(f), message),
+                BAD_VALUE,
+                "the port is skipped",
+            );
+        };
         let name = p.name.clone().unwrap_or_default();
-        let protocol = parse_proto(p.protocol.as_deref()).ok_or_else(|| {
-            invalid(
-                object,
-                field("protocol"),
+        let Some(protocol) = parse_proto(p.protocol.as_deref()) else {
+            skip_port(
+                skips,
+                "protocol",
                 format!(
                     "{:?} is not TCP, UDP or SCTP",
                     p.protocol.as_deref().unwrap_or_default()
                 ),
-            )
-        })?;
+            );
+            continue;
+        };
         if let Some((_, _, k)) = names
             .iter()
             .find(|(n, pr, _)| *n == name && *pr == protocol)
         {
-            return Err(invalid(
-                object,
-                field("name"),
+            skip_port(
+                skips,
+                "name",
                 format!("{name:?}/{} is also ports[{k}]", protocol.as_str()),
-            ));
+            );
+            continue;
         }
         names.push((name.clone(), protocol, j));
         match p.port {
-            None | Some(0) => skipped.push(Skipped::new(
+            None | Some(0) => skips.skip(
                 object,
+                label::EMPTY,
                 format!("ports[{j}]: no port number; ignored"),
-            )),
+            ),
             Some(n) => {
-                let port = valid_port(n).ok_or_else(|| {
-                    invalid(object, field("port"), format!("{n} is not a valid port"))
-                })?;
+                let Some(port) = valid_port(n) else {
+                    skip_port(skips, "port", format!("{n} is not a valid port"));
+                    continue;
+                };
                 ports.push(SlicePort {
                     name,
                     protocol,
@@ -1143,34 +1364,30 @@ fn validate_slice(
 
     let mut endpoints = Vec::new();
     for (k, ep) in slice.endpoints.iter().enumerate() {
-        let mut first = None;
-        for (m, s) in ep.addresses.iter().enumerate() {
-            let field = format!("endpoints[{k}].addresses[{m}]");
-            let bad = |what: &str| invalid(object, field.as_str(), format!("{s:?} is not {what}"));
-            let ip = match family {
-                Family::V4 => {
-                    IpAddr::V4(s.parse::<Ipv4Addr>().map_err(|_| bad("an IPv4 address"))?)
-                }
-                Family::V6 => {
-                    let v6 = s.parse::<Ipv6Addr>().map_err(|_| bad("an IPv6 address"))?;
-                    if v6.to_ipv4_mapped().is_some() {
-                        return Err(invalid(
-                            object,
-                            field,
-                            format!("{s:?} is an IPv4-mapped IPv6 address"),
-                        ));
-                    }
-                    IpAddr::V6(v6)
-                }
-            };
-            first.get_or_insert(ip);
-        }
-        let Some(address) = first else {
-            skipped.push(Skipped::new(
+        // kube-proxy uses an endpoint's first address only.
+        let Some(s) = ep.addresses.first() else {
+            skips.skip(
                 object,
+                label::EMPTY,
                 format!("endpoints[{k}]: no addresses; ignored"),
-            ));
+            );
             continue;
+        };
+        let field = format!("endpoints[{k}].addresses[0]");
+        let address = match parse_ip(s) {
+            Ok(ip) if Family::of(ip) == family => ip,
+            other => {
+                let message = match other {
+                    Err(m) if family == Family::V6 && m.contains("IPv4-mapped") => m,
+                    _ => format!("{s:?} is not an {} address", family.name()),
+                };
+                skips.refuse(
+                    invalid(object, field.as_str(), message),
+                    BAD_ADDRESS,
+                    "the endpoint is skipped",
+                );
+                continue;
+            }
         };
         // Nil conditions as the API documents them (EndpointConditions):
         // ready nil = ready; serving nil = ready's value; terminating nil = false.
@@ -1193,11 +1410,11 @@ fn validate_slice(
         });
     }
 
-    Ok(Some(SliceInfo {
+    Some(SliceInfo {
         family,
         ports,
         endpoints,
-    }))
+    })
 }
 
 /// The backends of one service port in one family: the slice port of the same
@@ -1258,29 +1475,30 @@ fn frontends_of(
     cluster_ips: &HashMap<IpAddr, &str>,
     nodes: &HashMap<String, u32>,
     out: &mut Vec<Frontend>,
-    skipped: &mut Vec<Skipped>,
+    skips: &mut Skips,
 ) -> usize {
     let object = format!("Service {}", s.key);
     // External and load-balancer IPs that are a cluster IP are not served.
-    let usable = |list: &[(String, IpAddr)], skipped: &mut Vec<Skipped>| -> Vec<IpAddr> {
+    let usable = |list: &[(String, IpAddr)], skips: &mut Skips| -> Vec<IpAddr> {
         let mut kept = Vec::new();
         for (field, ip) in list {
             if let Some(owner) = cluster_ips.get(ip) {
-                skipped.push(Skipped::new(
+                skips.skip(
                     object.clone(),
+                    label::CONFLICT,
                     format!("{field}: {ip} is the cluster IP of Service {owner}; not served"),
-                ));
+                );
             } else {
                 kept.push(*ip);
             }
         }
         kept
     };
-    let external_ips = usable(&s.external_ips, skipped);
+    let external_ips = usable(&s.external_ips, skips);
     let lb_ips = if s.lb_closed {
         Vec::new()
     } else {
-        usable(&s.lb_ips, skipped)
+        usable(&s.lb_ips, skips)
     };
     let mut addresses = BTreeSet::new();
     for port in &s.ports {
@@ -1328,14 +1546,11 @@ fn frontends_of(
     addresses.len()
 }
 
-/// One (address, port, protocol) has one frontend. Two cluster IP frontends
-/// on one key are an error (the API's IP allocator never allows it); otherwise
-/// the first by (kind: ClusterIP, NodePort, ExternalIP, LoadBalancer; service
-/// name) keeps it and the others are noted as skipped.
-fn resolve_conflicts(
-    mut all: Vec<Frontend>,
-    skipped: &mut Vec<Skipped>,
-) -> Result<Vec<Frontend>, ModelError> {
+/// One (address, port, protocol) has one frontend: the first by (kind:
+/// ClusterIP, NodePort, ExternalIP, LoadBalancer; service name) keeps it and
+/// the others are skipped. Two cluster IP frontends on one key are also an
+/// error for `--strict` (the API's IP allocator never allows it).
+fn resolve_conflicts(mut all: Vec<Frontend>, skips: &mut Skips) -> Vec<Frontend> {
     all.sort_by(|a, b| {
         (
             a.kind as u8,
@@ -1359,21 +1574,27 @@ fn resolve_conflicts(
         if let Some((kind, first)) = owner.get(&key) {
             let frontend = endpoint_string(f.address, f.port, f.protocol);
             if *kind == FrontendKind::ClusterIp && f.kind == FrontendKind::ClusterIp {
-                return Err(ModelError::Conflict {
-                    first: format!("Service {first}"),
-                    second: format!("Service {}", f.service),
-                    frontend,
-                });
+                skips.refuse(
+                    ModelError::Conflict {
+                        first: format!("Service {first}"),
+                        second: format!("Service {}", f.service),
+                        frontend,
+                    },
+                    label::CONFLICT,
+                    "that frontend is not served",
+                );
+                continue;
             }
-            skipped.push(Skipped::new(
+            skips.skip(
                 format!("Service {}", f.service),
+                label::CONFLICT,
                 format!(
                     "{}: {} frontend {frontend} is already a {} frontend of {first}; ignored",
                     kind_field(f.kind),
                     kind_name(f.kind),
                     kind_name(*kind)
                 ),
-            ));
+            );
             continue;
         }
         owner.insert(key, (f.kind, f.service.clone()));
@@ -1397,7 +1618,7 @@ fn resolve_conflicts(
                 b.port,
             ))
     });
-    Ok(kept)
+    kept
 }
 
 /// The caveats about the kept frontends (see [`Model::notes`]).
@@ -1415,6 +1636,7 @@ fn notes_of<'a>(served: impl Iterator<Item = &'a Served>, frontends: &[Frontend]
         }
         notes.push(Skipped::new(
             format!("Service {}", s.key),
+            label::NOTE,
             format!(
                 "{RETURN_PATH_ANNOTATION} is snat, but spec.externalTrafficPolicy is Local, \
                  which keeps the client's address: its {} frontends use routed",
@@ -1446,6 +1668,7 @@ fn notes_of<'a>(served: impl Iterator<Item = &'a Served>, frontends: &[Frontend]
             .join(", ");
         notes.push(Skipped::new(
             format!("Service {}", f.service),
+            label::NOTE,
             format!(
                 "dsr: {} frontend {} delivers the client's packets unchanged, to port {}, \
                  but backends listen on port{} {ports}: they must also accept port {2}",
@@ -1457,4 +1680,45 @@ fn notes_of<'a>(served: impl Iterator<Item = &'a Served>, frontends: &[Frontend]
         ));
     }
     notes
+}
+
+/// Whether a skip label means something is wrong with the object (an invalid
+/// value, a duplicate, a clash), rather than something not meant for us.
+#[must_use]
+pub fn is_problem(label: &str) -> bool {
+    matches!(
+        label,
+        label::INVALID_ADDRESS
+            | label::INVALID_VALUE
+            | label::DUPLICATE
+            | label::CONFLICT
+            | label::WRONG_FAMILY
+            | label::OUT_OF_RANGE
+    )
+}
+
+/// Logs each skipped entry once: when it first appears (a warning for a
+/// [problem](is_problem), else info) and when it goes away.
+#[derive(Debug, Default)]
+pub struct SkipLog {
+    last: BTreeSet<Skipped>,
+}
+
+impl SkipLog {
+    /// Logs the entries of `model.skipped` new since the last call, and
+    /// those gone.
+    pub fn log(&mut self, model: &Model) {
+        let now: BTreeSet<Skipped> = model.skipped.iter().cloned().collect();
+        for s in now.difference(&self.last) {
+            if is_problem(s.label) {
+                tracing::warn!(object = %s.object, reason = s.label, "skipped: {}", s.reason);
+            } else {
+                tracing::info!(object = %s.object, reason = s.label, "skipped: {}", s.reason);
+            }
+        }
+        for s in self.last.difference(&now) {
+            tracing::info!(object = %s.object, reason = s.label, "no longer skipped: {}", s.reason);
+        }
+        self.last = now;
+    }
 }

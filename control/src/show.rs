@@ -37,7 +37,9 @@ impl Model {
     /// Each frontend is `{"service", "port_name", "kind", "address", "port",
     /// "protocol", "affinity_timeout_s", "return_path", "source_ranges",
     /// "node_local", "backends": [{"address", "port", "state", "node"}]}`;
-    /// each skipped entry and each note is `{"object", "reason"}`; `nodes`
+    /// each skipped entry is `{"object", "reason", "label"}` (`label`: the
+    /// short reason of [`crate::label`], as in the metric), each note
+    /// `{"object", "reason"}`; `nodes`
     /// is `[{"name", "number", "prefixes"}]`, `node_port_addresses` a list of
     /// CIDRs and `health_checks` `[{"service", "port", "endpoints"}]`.
     #[must_use]
@@ -80,6 +82,11 @@ impl Model {
                 .map(|s| json!({"object": s.object, "reason": s.reason}))
                 .collect()
         };
+        let skipped: Vec<Value> = self
+            .skipped
+            .iter()
+            .map(|s| json!({"object": s.object, "reason": s.reason, "label": s.label}))
+            .collect();
         let nodes: Vec<Value> = self
             .nodes
             .iter()
@@ -104,7 +111,7 @@ impl Model {
             .collect();
         json!({
             "frontends": frontends,
-            "skipped": entries(&self.skipped),
+            "skipped": skipped,
             "notes": entries(&self.notes),
             "nodes": nodes,
             "node_port_addresses": self

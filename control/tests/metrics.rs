@@ -172,6 +172,154 @@ fn metrics_and_health_follow_the_publishes() {
     assert_eq!(get(metrics, "/healthz").0, 404);
 }
 
+/// `manifest(port, "198.18.1.1")` and, when given, a Service `shop/bad`
+/// with `cluster_ip`.
+fn with_bad(endpoint_port: u16, cluster_ip: Option<&str>) -> String {
+    manifest(endpoint_port, "198.18.1.1")
+        + &cluster_ip
+            .map(|ip| {
+                format!(
+                    "- apiVersion: v1\n  kind: Service\n  metadata: {{name: bad, namespace: shop}}\n  spec:\n    clusterIP: {ip}\n    ports: [{{port: 81, protocol: TCP}}]\n"
+                )
+            })
+            .unwrap_or_default()
+}
+
+const SKIPPED_BAD_IP: &str =
+    "clustergate_control_objects_skipped{kind=\"Service\",reason=\"invalid_address\"}";
+
+/// `/metrics` once the sample `name` reads `value`.
+fn metrics_when(addr: SocketAddr, name: &str, value: f64) -> String {
+    let t = Instant::now();
+    loop {
+        let text = get(addr, "/metrics").1;
+        if text
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            == Some(value)
+        {
+            return text;
+        }
+        assert!(t.elapsed() < WAIT, "{name} never read {value}:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The frontends of the current snapshot in `shm`: (address, port, backend ports).
+fn snapshot_frontends(shm: &std::path::Path) -> Vec<(String, u16, Vec<u16>)> {
+    let t = clustergate_dataplane::snapshot::load_current(shm)
+        .unwrap()
+        .unwrap();
+    let mut out: Vec<(String, u16, Vec<u16>)> = t
+        .frontends()
+        .iter()
+        .map(|f| {
+            let ports = t.backends_of(f).iter().map(|b| b.port).collect();
+            (
+                clustergate_dataplane::flow::ip_from16(f.addr).to_string(),
+                f.port,
+                ports,
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Issue 18 with the manifest source: a bad object among good ones is
+/// skipped (gauge, `/healthz` body, one log line), the rest published; an
+/// unrelated change is published; fixing it (with a leading-zero address)
+/// serves it; deleting it brings the gauge back to 0.
+#[test]
+fn a_bad_object_in_the_manifest_is_skipped_and_counted() {
+    let dir = std::env::temp_dir().join(format!("clustergate-skipped-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let shm = dir.join("shm");
+    let path = dir.join("manifest.yaml");
+    write_atomically(&path, &with_bad(8080, Some("198.19.0.x")));
+    let (metrics, health) = (free_port(), free_port());
+    let log = dir.join("log");
+    let mut d = Daemon {
+        dir: dir.clone(),
+        child: None,
+    };
+    d.child = Some(
+        run_on_manifest(&path, &shm)
+            .arg("--metrics")
+            .arg(metrics.to_string())
+            .arg("--health")
+            .arg(health.to_string())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_generation(&shm, 1);
+    assert_eq!(
+        snapshot_frontends(&shm),
+        [("198.19.0.10".to_owned(), 80, vec![8080])]
+    );
+    metrics_at(metrics, 1.0);
+    metrics_when(metrics, SKIPPED_BAD_IP, 1.0);
+    let (status, body) = get(health, "/healthz");
+    assert_eq!(
+        status, 200,
+        "skipped objects do not make it unhealthy: {body}"
+    );
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["skipped"].clone(), v["invalid"].clone()),
+        (json!(1), json!(1)),
+        "{body}"
+    );
+
+    // An unrelated change while it is there: published.
+    write_atomically(&path, &with_bad(9090, Some("198.19.0.x")));
+    wait_generation(&shm, 2);
+    assert_eq!(
+        snapshot_frontends(&shm),
+        [("198.19.0.10".to_owned(), 80, vec![9090])]
+    );
+
+    // Fixed, with a legacy leading-zero address: served, the gauge falls.
+    write_atomically(&path, &with_bad(9090, Some("198.19.0.011")));
+    wait_generation(&shm, 3);
+    assert_eq!(
+        snapshot_frontends(&shm),
+        [
+            ("198.19.0.10".to_owned(), 80, vec![9090]),
+            ("198.19.0.11".to_owned(), 81, vec![]),
+        ]
+    );
+    metrics_when(metrics, SKIPPED_BAD_IP, 0.0);
+
+    // Bad again, then deleted: the gauge rises and falls back.
+    write_atomically(&path, &with_bad(9090, Some("198.19.0.x")));
+    wait_generation(&shm, 4);
+    metrics_when(metrics, SKIPPED_BAD_IP, 1.0);
+    write_atomically(&path, &with_bad(9090, None));
+    metrics_when(metrics, SKIPPED_BAD_IP, 0.0);
+    let v: Value = serde_json::from_str(&get(health, "/healthz").1).unwrap();
+    assert_eq!(v["skipped"], 0, "{v}");
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("skipped: spec.clusterIP") && !l.contains("no longer"))
+        .collect();
+    assert_eq!(lines.len(), 2, "logged once each time it appears:\n{text}");
+    assert!(
+        lines[0].contains("WARN")
+            && lines[0].contains("Service shop/bad")
+            && lines[0].contains("invalid_address")
+            && lines[0].contains("\"198.19.0.x\" is not an IP address"),
+        "{}",
+        lines[0]
+    );
+    assert!(text.contains("no longer skipped"), "{text}");
+}
+
 /// An address given on the command line that cannot be bound is an error
 /// naming it.
 #[test]
@@ -349,4 +497,29 @@ async fn api_source_metrics_and_unreachable_health() {
         ),
         2.0
     );
+
+    // A bad object (issue 18): counted and skipped, the rest stays served and
+    // /healthz healthy; deleted, the gauge falls back to 0.
+    let mut bad = api_service();
+    bad["metadata"]["name"] = json!("bad");
+    bad["spec"]["clusterIP"] = json!("198.19.0.x");
+    bad["spec"]["clusterIPs"] = json!(["198.19.0.x"]);
+    server.apply(bad);
+    let skipped = format!("{SKIPPED_BAD_IP} 1");
+    wait_get(metrics, "/metrics", |s, t| {
+        s == 200 && t.lines().any(|l| l == skipped)
+    })
+    .await;
+    let body = wait_get(health, "/healthz", |s, _| s == 200).await;
+    assert!(body.contains("\"skipped\":1"), "{body}");
+    assert_eq!(
+        snapshot_frontends(&shm),
+        [("198.19.0.10".to_owned(), 80, vec![8080, 8080])]
+    );
+    server.delete(support::apiserver::Kind::Service, "shop", "bad");
+    let cleared = format!("{SKIPPED_BAD_IP} 0");
+    wait_get(metrics, "/metrics", |s, t| {
+        s == 200 && t.lines().any(|l| l == cleared)
+    })
+    .await;
 }

@@ -1,6 +1,8 @@
 //! `clustergate-control run` as a daemon: publishes, follows the manifest,
 //! keeps the last good snapshot through a broken manifest, and publishes
-//! nothing new when the tables did not change.
+//! nothing new when the tables did not change. `show` and `build` on the
+//! command line, with a bad object among good ones (exit 3, or 1 with
+//! `--strict`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: tests fail loudly on purpose
 
@@ -49,11 +51,8 @@ fn run_follows_the_manifest_and_keeps_the_last_good_snapshot() {
     };
     assert_eq!(port_of(&shm), (1, 8080));
 
-    // A broken manifest: the snapshot stays, the error names object and field.
-    write_atomically(
-        &manifest,
-        &service(8080, "broken").replace("port: 80,", "port: 70000,"),
-    );
+    // A broken manifest (not YAML): the snapshot stays, the error says where.
+    write_atomically(&manifest, &(service(8080, "broken") + "  - [\n"));
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(port_of(&shm), (1, 8080), "the last good snapshot stays");
 
@@ -82,8 +81,8 @@ fn run_follows_the_manifest_and_keeps_the_last_good_snapshot() {
         .read_to_string(&mut log)
         .unwrap();
     assert!(
-        log.contains("Service shop/web: spec.ports[0].port: 70000 is not a valid port"),
-        "the error names the object and the field: {log}"
+        log.contains("not valid YAML") && log.contains("line"),
+        "the error says where: {log}"
     );
     assert!(log.contains("keeping generation 1"), "{log}");
     assert!(log.contains("did not: no new generation"), "{log}");
@@ -435,4 +434,119 @@ fn node_port_flags_from_the_command_line() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(flag) && err.contains(value), "{err}");
     }
+}
+
+/// `shop/web` (good, its slice's address written with a leading zero as old
+/// objects may have it) and `shop/bad`, whose clusterIP does not parse.
+const WITH_A_BAD_OBJECT: &str = "apiVersion: v1\nkind: List\nitems:\n\
+- apiVersion: v1\n  kind: Service\n  metadata: {name: web, namespace: shop}\n  spec:\n    clusterIP: 198.19.0.10\n    ports: [{name: http, port: 80}]\n\
+- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: web-1\n    namespace: shop\n    labels: {kubernetes.io/service-name: web}\n  addressType: IPv4\n  ports: [{name: http, port: 8080}]\n  endpoints:\n  - addresses: [198.18.001.1]\n\
+- apiVersion: v1\n  kind: Service\n  metadata: {name: bad, namespace: shop}\n  spec:\n    clusterIP: 198.19.0.x\n    ports: [{port: 81}]\n";
+
+const BAD_REASON: &str =
+    "spec.clusterIP: \"198.19.0.x\" is not an IP address; the Service is skipped";
+
+/// Issue 18: `show` and `build` print and build the good objects, list the bad
+/// one under Skipped, and exit 3; `--strict` refuses (exit 1, nothing out).
+#[test]
+fn show_and_build_skip_a_bad_object_and_exit_3() {
+    let dir = std::env::temp_dir().join(format!("clustergate-bad-object-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let manifest = dir.join("manifest.yaml");
+    std::fs::write(&manifest, WITH_A_BAD_OBJECT).unwrap();
+    let bin = env!("CARGO_BIN_EXE_clustergate-control");
+    let run = |args: &[&str]| {
+        let out = Command::new(bin)
+            .args(args)
+            .arg("--manifest")
+            .arg(&manifest)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+
+    let (code, stdout, stderr) = run(&["show", "--output", "json"]);
+    assert_eq!(code, Some(3), "{stderr}");
+    let printed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let frontends: Vec<String> = printed["frontends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            format!(
+                "{} {}:{} -> {}",
+                f["service"].as_str().unwrap(),
+                f["address"].as_str().unwrap(),
+                f["port"],
+                f["backends"][0]["address"].as_str().unwrap_or("none")
+            )
+        })
+        .collect();
+    assert_eq!(frontends, ["shop/web 198.19.0.10:80 -> 198.18.1.1"]);
+    assert_eq!(
+        printed["skipped"],
+        serde_json::json!([{"object": "Service shop/bad", "reason": BAD_REASON, "label": "invalid_address"}])
+    );
+    assert!(
+        stderr.contains("Service shop/bad")
+            && stderr.contains(BAD_REASON.split(';').next().unwrap()),
+        "one log line names the object, the field and the reason: {stderr}"
+    );
+
+    let (code, stdout, stderr) = run(&["show"]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(
+        stdout.contains("TCP  198.19.0.10:80 ClusterIP shop/web:http snat\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("\nSkipped:\n  Service shop/bad: {BAD_REASON}\n")),
+        "{stdout}"
+    );
+
+    let snap = dir.join("snap");
+    let (code, _, stderr) = run(&["build", "--out", snap.to_str().unwrap()]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stderr.contains("exit status 3"), "{stderr}");
+    let table = snapshot::load_file(&snap).unwrap();
+    assert_eq!(table.frontends().len(), 1, "the good Service is built");
+    assert!(table
+        .frontend(&addr16("198.19.0.10".parse().unwrap()), 80, Proto::Tcp)
+        .is_some());
+
+    // --strict: today's refusal, naming the object and field; nothing out.
+    let (code, stdout, stderr) = run(&["show", "--strict"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert!(
+        stderr.contains("Service shop/bad: spec.clusterIP: \"198.19.0.x\" is not an IP address"),
+        "{stderr}"
+    );
+    let strict_snap = dir.join("strict-snap");
+    let (code, _, stderr) = run(&["build", "--strict", "--out", strict_snap.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(!strict_snap.exists(), "nothing is written");
+
+    // Without the bad object: exit 0, with or without --strict.
+    std::fs::write(
+        &manifest,
+        WITH_A_BAD_OBJECT
+            .split("- apiVersion: v1\n  kind: Service\n  metadata: {name: bad")
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    for args in [&["show"][..], &["show", "--strict"][..]] {
+        let (code, stdout, stderr) = run(args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        assert!(!stdout.contains("Skipped:"), "{stdout}");
+    }
+    let help = Command::new(bin).args(["show", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("3 the rest was printed/built"));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -9,7 +9,9 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clustergate_control::model::{build_model, default_node_port_addresses, Model, ModelOptions};
-use clustergate_control::{load_manifest_file, parse_manifest, ControlError};
+use clustergate_control::{
+    load_manifest_file, load_manifest_file_strict, parse_manifest, ControlError,
+};
 use clustergate_dataplane::flow::{addr16, Proto};
 use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
 use clustergate_dataplane::table::{BackendState, FrontendKind, ReturnPath, Table};
@@ -29,7 +31,7 @@ fn fixture(name: &str) -> String {
 }
 
 fn model_with(yaml: &str, options: &ModelOptions) -> Model {
-    build_model(&parse_manifest(yaml).unwrap(), options).unwrap()
+    build_model(&parse_manifest(yaml).unwrap(), options)
 }
 
 fn model(yaml: &str) -> Model {
@@ -47,11 +49,13 @@ fn model_returning(yaml: &str, return_path: ReturnPath) -> Model {
     )
 }
 
-/// The error text of a manifest that is refused, by the parser or the model.
+/// The error text of a manifest that is refused, by the parser or (as
+/// `--strict` refuses it) the model.
 fn refused(yaml: &str) -> String {
     match parse_manifest(yaml) {
         Err(e) => e.to_string(),
         Ok(objects) => build_model(&objects, &ModelOptions::default())
+            .strict()
             .map(|m| panic!("accepted: {}", m.to_json()))
             .unwrap_err()
             .to_string(),
@@ -267,22 +271,30 @@ fn expected_fixture_skipped() -> Value {
         format!("kind {kind} (v1) is not read (clustergate reads Service, EndpointSlice and Node)")
     };
     json!([
-        {"object": "ConfigMap default/settings", "reason": not_read("ConfigMap")},
+        {"object": "ConfigMap default/settings", "reason": not_read("ConfigMap"), "label": "unsupported"},
         {"object": "EndpointSlice default/dual-fqdn",
-         "reason": "addressType FQDN: no semantics for proxies (kube-proxy ignores it too)"},
-        {"object": "EndpointSlice default/ghost-1", "reason": "no Service default/ghost in the manifest"},
+         "reason": "addressType FQDN: no semantics for proxies (kube-proxy ignores it too)",
+         "label": "not_proxied"},
+        {"object": "EndpointSlice default/ghost-1", "reason": "no Service default/ghost in the manifest",
+         "label": "no_service"},
         {"object": "EndpointSlice default/headless-1",
-         "reason": "labelled service.kubernetes.io/headless (endpoints of a headless Service)"},
+         "reason": "labelled service.kubernetes.io/headless (endpoints of a headless Service)",
+         "label": "not_proxied"},
         {"object": "EndpointSlice default/orphan-1",
-         "reason": "no kubernetes.io/service-name label: it belongs to no Service"},
-        {"object": "EndpointSlice default/theirs-1", "reason": "its Service default/theirs is skipped"},
-        {"object": "Endpoints default/web", "reason": not_read("Endpoints")},
-        {"object": "Namespace shop", "reason": not_read("Namespace")},
-        {"object": "Service default/alias", "reason": "type ExternalName: a DNS alias, not proxied"},
-        {"object": "Service default/headless", "reason": "headless (clusterIP None): not proxied"},
+         "reason": "no kubernetes.io/service-name label: it belongs to no Service",
+         "label": "no_service"},
+        {"object": "EndpointSlice default/theirs-1", "reason": "its Service default/theirs is skipped",
+         "label": "no_service"},
+        {"object": "Endpoints default/web", "reason": not_read("Endpoints"), "label": "unsupported"},
+        {"object": "Namespace shop", "reason": not_read("Namespace"), "label": "unsupported"},
+        {"object": "Service default/alias", "reason": "type ExternalName: a DNS alias, not proxied",
+         "label": "not_proxied"},
+        {"object": "Service default/headless", "reason": "headless (clusterIP None): not proxied",
+         "label": "not_proxied"},
         {"object": "Service default/theirs",
-         "reason": "service.kubernetes.io/service-proxy-name is \"other-proxy\", not \"clustergate\": another proxy serves it"},
-        {"object": "Service default/unallocated", "reason": "no clusterIP"},
+         "reason": "service.kubernetes.io/service-proxy-name is \"other-proxy\", not \"clustergate\": another proxy serves it",
+         "label": "other_proxy"},
+        {"object": "Service default/unallocated", "reason": "no clusterIP", "label": "not_proxied"},
     ])
 }
 
@@ -467,7 +479,11 @@ fn load_manifest_file_reads_and_names_the_file_on_error() {
         service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 0}]\n"),
     )
     .unwrap();
-    let e = load_manifest_file(&bad_port, &ModelOptions::default()).unwrap_err();
+    let m = load_manifest_file(&bad_port, &ModelOptions::default()).unwrap();
+    assert!(m.frontends.is_empty(), "{:?}", m.frontends);
+    assert_eq!(m.errors.len(), 1, "{:?}", m.errors);
+    let e = load_manifest_file_strict(&bad_port, &ModelOptions::default()).unwrap_err();
+    assert!(matches!(e, ControlError::Model { .. }), "{e}");
     assert_eq!(
         e.to_string(),
         format!(
@@ -1266,12 +1282,12 @@ fn bad_slice_address_names_object_and_field() {
         refused(&yaml),
         "EndpointSlice default/web-abc: endpoints[2].addresses[0]: \"198.18.0.x\" is not an IPv4 address"
     );
+    // kube-proxy uses an endpoint's first address only: the others are not read.
     let yaml = service("web", "  clusterIP: 198.19.0.10\n  ports: [{port: 80}]\n")
         + &slice("web-abc", "web", "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.1.1, \"2001:db8::1\"]\n");
-    assert_eq!(
-        refused(&yaml),
-        "EndpointSlice default/web-abc: endpoints[0].addresses[1]: \"2001:db8::1\" is not an IPv4 address"
-    );
+    let m = model(&yaml);
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    assert_eq!(backends(&m), json!([ready("198.18.1.1", 8080)]));
     let yaml = service(
         "web",
         "  clusterIP: \"2001:db8:ffff::10\"\n  ports: [{port: 80}]\n",
@@ -2439,4 +2455,204 @@ fn nodes_in_a_list_manifest_are_read() {
     // A Node with a wrongly typed field is refused, naming it.
     let e = refused("apiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDRs: 5}\n");
     assert!(e.starts_with("Node n1: spec.podCIDRs: invalid type"), "{e}");
+}
+
+// ---------------------------------------------------------------- one bad object (issue 18)
+
+/// The served frontends, one line each: `service kind addr:port/PROTO -> backends`.
+fn served(m: &Model) -> Vec<String> {
+    m.frontends
+        .iter()
+        .map(|f| {
+            let backends: Vec<String> = f
+                .backends
+                .iter()
+                .map(|b| format!("{}:{}", b.address, b.port))
+                .collect();
+            format!(
+                "{} {} {}:{}/{} -> {}",
+                f.service,
+                clustergate_control::model::kind_name(f.kind),
+                f.address,
+                f.port,
+                f.protocol.as_str(),
+                backends.join(",")
+            )
+        })
+        .collect()
+}
+
+/// `(object, label, reason)` of each skipped entry.
+fn skipped_with_labels(m: &Model) -> Vec<(String, String, String)> {
+    m.skipped
+        .iter()
+        .map(|s| (s.object.clone(), s.label.to_owned(), s.reason.clone()))
+        .collect()
+}
+
+/// A good Service `ok` with one backend, then `bad`: the good one is always
+/// served, the bad object or field is skipped with its label and reason, and
+/// it is one error for `--strict`, which names it.
+#[test]
+fn one_bad_object_or_field_is_skipped_and_the_rest_served() {
+    let good = service("ok", "  clusterIP: 198.19.0.1\n  ports: [{port: 80}]\n")
+        + &slice(
+            "ok-a",
+            "ok",
+            "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.9.1]\n",
+        );
+    let ok = "default/ok ClusterIP 198.19.0.1:80/TCP -> 198.18.9.1:8080";
+    let bad_slice = |body: &str| slice("bad-a", "bad", body);
+    let bad_svc = |spec: &str| service("bad", spec);
+    let ep = "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.1.1]\n";
+    // (case, bad objects, what of them is still served, skipped entry (object, label, reason))
+    type Case<'a> = (&'a str, String, Vec<&'a str>, (&'a str, &'a str, &'a str));
+    let cases: Vec<Case> = vec![
+        (
+            "an unparsable clusterIP skips the Service (and so its slices)",
+            bad_svc("  clusterIP: 198.19.0.x\n  ports: [{port: 80}]\n") + &bad_slice(ep),
+            vec![],
+            ("Service default/bad", "invalid_address",
+             "spec.clusterIP: \"198.19.0.x\" is not an IP address; the Service is skipped"),
+        ),
+        (
+            "an invalid port skips that port",
+            bad_svc("  clusterIP: 198.19.0.2\n  ports: [{name: a, port: 80}, {name: b, port: 70000}]\n")
+                + &slice("bad-a", "bad", "addressType: IPv4\nports: [{name: a, port: 8080}]\nendpoints:\n- addresses: [198.18.1.1]\n"),
+            vec!["default/bad ClusterIP 198.19.0.2:80/TCP -> 198.18.1.1:8080"],
+            ("Service default/bad", "invalid_value",
+             "spec.ports[1].port: 70000 is not a valid port; the port is skipped"),
+        ),
+        (
+            "a second port of the same name skips the second",
+            bad_svc("  clusterIP: 198.19.0.2\n  ports: [{name: a, port: 80}, {name: a, port: 81}]\n"),
+            vec!["default/bad ClusterIP 198.19.0.2:80/TCP -> "],
+            ("Service default/bad", "invalid_value",
+             "spec.ports[1].name: \"a\" is also the name of spec.ports[0]; the port is skipped"),
+        ),
+        (
+            "an invalid affinity skips the Service",
+            bad_svc("  clusterIP: 198.19.0.2\n  sessionAffinity: Sometimes\n  ports: [{port: 80}]\n"),
+            vec![],
+            ("Service default/bad", "invalid_value",
+             "spec.sessionAffinity: \"Sometimes\" is not None or ClientIP; the Service is skipped"),
+        ),
+        (
+            "an invalid external IP skips that address",
+            bad_svc("  clusterIP: 198.19.0.2\n  externalIPs: [198.19.9.x, 198.19.9.2]\n  ports: [{port: 80}]\n"),
+            vec![
+                "default/bad ClusterIP 198.19.0.2:80/TCP -> ",
+                "default/bad ExternalIP 198.19.9.2:80/TCP -> ",
+            ],
+            ("Service default/bad", "invalid_address",
+             "spec.externalIPs[0]: \"198.19.9.x\" is not an IP address; that external IP is not served"),
+        ),
+        (
+            "an invalid endpoint address skips that endpoint",
+            bad_svc("  clusterIP: 198.19.0.2\n  ports: [{port: 80}]\n")
+                + &bad_slice("addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.1.1]\n- addresses: [198.18.1.x]\n"),
+            vec!["default/bad ClusterIP 198.19.0.2:80/TCP -> 198.18.1.1:8080"],
+            ("EndpointSlice default/bad-a", "invalid_address",
+             "endpoints[1].addresses[0]: \"198.18.1.x\" is not an IPv4 address; the endpoint is skipped"),
+        ),
+        (
+            "an invalid address type skips the slice",
+            bad_svc("  clusterIP: 198.19.0.2\n  ports: [{port: 80}]\n")
+                + &bad_slice("addressType: ipv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.1.1]\n"),
+            vec!["default/bad ClusterIP 198.19.0.2:80/TCP -> "],
+            ("EndpointSlice default/bad-a", "invalid_value",
+             "addressType: \"ipv4\" is not IPv4, IPv6 or FQDN; the EndpointSlice is skipped"),
+        ),
+        (
+            "a duplicate keeps the first copy",
+            bad_svc("  clusterIP: 198.19.0.2\n  ports: [{port: 80}]\n")
+                + &bad_svc("  clusterIP: 198.19.0.3\n  ports: [{port: 80}]\n"),
+            vec!["default/bad ClusterIP 198.19.0.2:80/TCP -> "],
+            ("Service default/bad", "duplicate",
+             "appears more than once; this copy is ignored (the first is used)"),
+        ),
+        (
+            "a second Service on a cluster IP frontend loses that frontend",
+            service("zz", "  clusterIP: 198.19.0.1\n  ports: [{port: 80}, {name: b, port: 81}]\n"),
+            vec!["default/zz ClusterIP 198.19.0.1:81/TCP -> "],
+            ("Service default/zz", "conflict",
+             "spec.clusterIPs: frontend 198.19.0.1:80/TCP is already a frontend of Service default/ok; that frontend is not served"),
+        ),
+        (
+            "a wrongly typed field skips the object",
+            bad_svc("  clusterIP: 198.19.0.2\n  ports: [{port: eighty}]\n"),
+            vec![],
+            ("Service default/bad", "invalid_value",
+             "spec.ports[0].port: invalid type: string \"eighty\", expected i32; the object is skipped"),
+        ),
+    ];
+    for (case, bad, still, (object, label, reason)) in cases {
+        let yaml = good.clone() + &bad;
+        let m = model(&yaml);
+        let mut want: Vec<String> = still.iter().map(|s| (*s).to_owned()).collect();
+        want.push(ok.to_owned());
+        want.sort();
+        let mut got = served(&m);
+        got.sort();
+        assert_eq!(got, want, "{case}");
+        let entry = (object.to_owned(), label.to_owned(), reason.to_owned());
+        assert!(
+            skipped_with_labels(&m).contains(&entry),
+            "{case}: {entry:?} not in {:#?}",
+            skipped_with_labels(&m)
+        );
+        assert_eq!(m.errors.len(), 1, "{case}: {:?}", m.errors);
+        // --strict refuses the whole set, naming the object.
+        let e = refused(&yaml);
+        assert!(e.starts_with(object), "{case}: {e}");
+        // Fixing it (dropping the bad part) clears the skip.
+        let fixed = model(&good);
+        assert!(
+            fixed.errors.is_empty() && fixed.skipped.is_empty(),
+            "{case}"
+        );
+    }
+}
+
+/// Addresses with leading zeros (legacy values the API server still stores)
+/// are read as kube-proxy reads them: decimal.
+#[test]
+fn legacy_leading_zero_addresses_are_served_as_kube_proxy_serves_them() {
+    let yaml = service(
+        "web",
+        "  type: LoadBalancer\n  clusterIP: 198.019.000.010\n  externalIPs: [198.019.9.001]\n  \
+         loadBalancerSourceRanges: [010.0.0.0/08]\n  ports: [{port: 80}]\n",
+    ) + "status:\n  loadBalancer:\n    ingress: [{ip: 198.018.200.01}]\n"
+        + &slice(
+            "web-a",
+            "web",
+            "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n- addresses: [198.18.002.7]\n",
+        )
+        + "---\napiVersion: v1\nkind: Node\nmetadata: {name: n1}\nspec: {podCIDRs: [10.244.001.0/24]}\n\
+           status: {addresses: [{type: InternalIP, address: 192.168.000.011}]}\n";
+    let m = model(&yaml);
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    let mut got = served(&m);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "default/web ClusterIP 198.19.0.10:80/TCP -> 198.18.2.7:8080",
+            "default/web ExternalIP 198.19.9.1:80/TCP -> 198.18.2.7:8080",
+            "default/web LoadBalancer 198.18.200.1:80/TCP -> 198.18.2.7:8080",
+        ]
+    );
+    let lb = m
+        .frontends
+        .iter()
+        .find(|f| f.kind == FrontendKind::LoadBalancer)
+        .unwrap();
+    assert_eq!(lb.source_ranges, Some(vec!["10.0.0.0/8".parse().unwrap()]));
+    assert_eq!(m.nodes.len(), 1);
+    let prefixes: Vec<String> = m.nodes[0]
+        .prefixes
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(prefixes, ["10.244.1.0/24", "192.168.0.11/32"]);
 }
