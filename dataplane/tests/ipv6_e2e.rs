@@ -250,6 +250,7 @@ fn assert_http(v: &Value, n: u64, who: &[&str], peer: &str, what: &str) -> Vec<u
 /// `need6` saw IPv6 frames.
 fn assert_captures(caps: &BTreeMap<u8, Value>, need6: &[u8]) {
     for (b, v) in caps {
+        eprintln!("backend-{b} capture: {v}");
         assert_eq!(v["bad"], 0, "backend-{b}: frames with bad checksums: {v}");
     }
     for b in need6 {
@@ -259,6 +260,19 @@ fn assert_captures(caps: &BTreeMap<u8, Value>, need6: &[u8]) {
             caps[b]
         );
     }
+}
+
+/// The datagrams with a destination options header and the fragmented
+/// ones reached the backends as such: the steering program and the core
+/// took those IPv6 paths with live traffic.
+fn assert_ext_and_fragments(caps: &BTreeMap<u8, Value>) {
+    let sum = |k: &str| {
+        caps.values()
+            .map(|v| v[k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    assert!(sum("ext6") >= 20, "destination options datagrams: {caps:?}");
+    assert!(sum("frag6") >= 40, "IPv6 fragments: {caps:?}");
 }
 
 /// The steering program redirected frames and found none malformed; the
@@ -442,6 +456,7 @@ fn ipv6_routed_cluster_ip_and_node_port() {
 
     let caps = env.finish_captures(&[1, 2, 3, 4, 5]);
     assert_captures(&caps, &[1, 2, 3, 5]);
+    assert_ext_and_fragments(&caps);
     assert_eq!(
         caps[&4]["seen"], 0,
         "backend-4 serves nothing: {}",
@@ -498,6 +513,7 @@ fn ipv6_snat_in_a_pod_network() {
 
     let caps = env.finish_captures(&[1, 2, 3, 5]);
     assert_captures(&caps, &[1, 2, 3, 5]);
+    assert_ext_and_fragments(&caps);
     assert_steering(&env);
 
     // The same Services `routed`: the backends' answers go to the router,

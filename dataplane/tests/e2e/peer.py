@@ -483,10 +483,11 @@ def l4_ok(family_, src, dst, proto, l4):
 
 def inspect_ip(ip, depth=0):
     """What an IP packet to a service port is: None when it is not one (not
-    TCP/UDP, or another port), else (family, checksums right). IPv4 (in IPv4)
-    and IPv6 (in IPv6), as DSR delivers them, are looked into once. IPv6
-    extension headers (hop-by-hop, routing, destination options) are
-    skipped; a fragment is not looked into."""
+    TCP/UDP, or another port), else (family, checksums right, what came
+    between the IPv6 header and the transport: "" none, "ext" extension
+    headers, "frag" a fragment, not looked into). IPv4 (in IPv4) and IPv6 (in
+    IPv6), as DSR delivers them, are looked into once. IPv6 extension headers
+    (hop-by-hop, routing, destination options) are skipped."""
     if len(ip) < 20:
         return None
     if ip[0] >> 4 == 4:
@@ -501,7 +502,7 @@ def inspect_ip(ip, depth=0):
         if len(l4) < 8 or struct.unpack("!H", l4[2:4])[0] not in (HTTP_PORT, STREAM_PORT, UDP_PORT):
             return None
         ok = checksum(ip[:ihl]) == 0xFFFF and l4_ok(4, ip[12:16], ip[16:20], proto, l4)
-        return (4, ok)
+        return (4, ok, "")
     if ip[0] >> 4 == 6 and len(ip) >= 40:
         end = 40 + struct.unpack("!H", ip[4:6])[0]
         nh, off = ip[6], 40
@@ -509,12 +510,14 @@ def inspect_ip(ip, depth=0):
             nh, off = ip[off], off + 8 * (ip[off + 1] + 1)
         if nh in (4, 41) and depth == 0:
             return inspect_ip(ip[off:end], 1)
+        if nh == 44 and off + 8 <= end and ip[off] == 17:
+            return (6, True, "frag")
         if nh not in (6, 17):
             return None
         l4 = ip[off:end]
         if len(l4) < 8 or struct.unpack("!H", l4[2:4])[0] not in (HTTP_PORT, STREAM_PORT, UDP_PORT):
             return None
-        return (6, l4_ok(6, ip[8:24], ip[24:40], nh, l4))
+        return (6, l4_ok(6, ip[8:24], ip[24:40], nh, l4), "ext" if off > 40 else "")
     return None
 
 
@@ -522,12 +525,15 @@ def capture(ifname, seconds, stop_file):
     """Every IPv4 and IPv6 TCP/UDP frame arriving on `ifname` for the
     service ports (inside IP-in-IP too): check the IPv4 header checksum and
     the L4 checksum (over the IPv6 pseudo-header for IPv6). Counts per
-    family (`seen4`, `seen6`)."""
+    family (`seen4`, `seen6`), and the IPv6 frames with extension headers
+    before the transport header (`ext6`) and the IPv6 UDP fragments
+    (`frag6`, whose checksums are not checked)."""
     ETH_P_ALL = 0x0003
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     s.bind((ifname, 0))
     s.settimeout(0.1)
     seen = {4: 0, 6: 0}
+    extra = {"ext": 0, "frag": 0}
     bad = 0
     bad_examples = []
     end = time.time() + seconds
@@ -543,13 +549,16 @@ def capture(ifname, seconds, stop_file):
         what = inspect_ip(frame[14:])
         if what is None:
             continue
-        fam, ok = what
+        fam, ok, between = what
         seen[fam] += 1
+        if between:
+            extra[between] += 1
         if not ok:
             bad += 1
             if len(bad_examples) < 5:
                 bad_examples.append(frame[:96].hex())
-    out({"seen": seen[4] + seen[6], "seen4": seen[4], "seen6": seen[6], "bad": bad,
+    out({"seen": seen[4] + seen[6], "seen4": seen[4], "seen6": seen[6],
+         "ext6": extra["ext"], "frag6": extra["frag"], "bad": bad,
          "bad_examples": bad_examples})
 
 
