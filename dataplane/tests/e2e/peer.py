@@ -4,15 +4,17 @@
 Each subcommand runs inside a network namespace the test made (the test starts
 it with `ip netns exec`), prints one JSON line with what it saw (the streaming
 client prints its backend first, `hold` what it holds before it closes), and
-is bounded in time and count. Addresses are the test's, all in 198.18.0.0/15.
-The servers name the peer they saw (`backend-N from ADDR:PORT`), so a test
-can tell source NAT (the gateway's address) from DSR and routed (the
-client's).
+is bounded in time and count. Addresses are the test's, all in 198.18.0.0/15
+or 2001:2::/48; every command takes either family, told by the address
+(IPv6 has a colon). The servers name the peer they saw (`backend-N from
+ADDR:PORT`, ADDR without brackets), so a test can tell source NAT (the
+gateway's address) from DSR and routed (the client's).
 """
 import json
 import os
 import select
 import socket
+import socketserver
 import struct
 import sys
 import threading
@@ -24,6 +26,11 @@ HTTP_PORT, STREAM_PORT, UDP_PORT = 8080, 9000, 9001
 
 def out(obj):
     print(json.dumps(obj), flush=True)
+
+
+def family(addr):
+    """AF_INET6 for an IPv6 address, else AF_INET."""
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
 # --- servers (backend namespaces) -------------------------------------------
@@ -47,8 +54,18 @@ def serve(name, addrs, seconds):
         def log_message(self, *args):
             pass
 
-    ThreadingHTTPServer.allow_reuse_address = True
-    ThreadingHTTPServer.daemon_threads = True
+    class Http(ThreadingHTTPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+        def server_bind(self):
+            # HTTPServer's own looks the name of the address up (getfqdn):
+            # seconds without a resolver in the namespace.
+            socketserver.TCPServer.server_bind(self)
+            self.server_name, self.server_port = "peer", self.server_address[1]
+
+    class Http6(Http):
+        address_family = socket.AF_INET6
 
     # Stream: greet with our name and the peer, then echo everything back.
     def echo(conn, peer):
@@ -74,53 +91,71 @@ def serve(name, addrs, seconds):
             udp.sendto(name.encode() + b":" + data, peer)
 
     for addr in addrs.split(","):
-        http = ThreadingHTTPServer((addr, HTTP_PORT), Handler)
+        http = (Http6 if family(addr) == socket.AF_INET6 else Http)(
+            (addr, HTTP_PORT), Handler)
         threading.Thread(target=http.serve_forever, daemon=True).start()
-        lst = socket.socket()
+        lst = socket.socket(family(addr))
         lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lst.bind((addr, STREAM_PORT))
         lst.listen(64)
         threading.Thread(target=accept, args=(lst,), daemon=True).start()
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp = socket.socket(family(addr), socket.SOCK_DGRAM)
         udp.bind((addr, UDP_PORT))
         threading.Thread(target=udp_echo, args=(udp,), daemon=True).start()
     out({"serving": name})
     time.sleep(seconds)
 
 
-def decap(tun, seconds):
-    """Userspace IPv4-in-IPv4 decapsulation for DSR where the kernel has no
-    IPIP: every protocol-4 packet to this namespace (a raw socket gets a copy;
-    with no IPIP handler the kernel drops its own) goes, without its outer
-    header, into the tun device `tun`, so the kernel receives the client's
-    packet as an ipip device would hand it over."""
+def decap(tun, seconds, families="4,6"):
+    """Userspace IP-in-IP decapsulation for DSR where the kernel has no
+    tunnel device: every IPv4-in-IPv4 (protocol 4) and IPv6-in-IPv6 (next
+    header 41) packet to this namespace (a raw socket gets a copy; with no
+    handler the kernel drops its own) goes, without its outer header, into
+    the tun device `tun`, so the kernel receives the client's packet as an
+    ipip or ip6tnl device would hand it over. `families` (`4`, `6` or `4,6`)
+    says which: a family the kernel decapsulates itself is left to it. A raw
+    IPv4 socket reads the outer header too; a raw IPv6 socket reads only
+    what follows it, the inner packet."""
     TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
     import fcntl
     fd = os.open("/dev/net/tun", os.O_RDWR)
     fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", tun.encode(), IFF_TUN | IFF_NO_PI))
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
-    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    out({"decap": tun})
-    n = bad = 0
+    socks = {}
+    for f in families.split(","):
+        if f == "4":
+            raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, 4)
+        elif f == "6":
+            raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 41)
+        else:
+            sys.exit(f"decap: unknown family {f}")
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        socks[raw] = int(f)
+    out({"decap": tun, "families": sorted(socks.values())})
+    n = {4: 0, 6: 0}
+    bad = 0
     end = time.time() + seconds
     while time.time() < end:
-        r, _, _ = select.select([raw], [], [], 0.2)
-        if not r:
-            continue
-        pkt = raw.recv(65536)
-        ihl = (pkt[0] & 0xF) * 4
-        inner = pkt[ihl:]
-        if len(inner) < 20 or inner[0] >> 4 != 4:
-            bad += 1
-            continue
-        os.write(fd, inner)
-        n += 1
-    out({"decapsulated": n, "bad": bad})
+        r, _, _ = select.select(list(socks), [], [], 0.2)
+        for raw in r:
+            f = socks[raw]
+            pkt = raw.recv(65536)
+            if f == 4:
+                inner = pkt[(pkt[0] & 0xF) * 4:]
+                ok = len(inner) >= 20 and inner[0] >> 4 == 4
+            else:
+                inner = pkt
+                ok = len(inner) >= 40 and inner[0] >> 4 == 6
+            if not ok:
+                bad += 1
+                continue
+            os.write(fd, inner)
+            n[f] += 1
+    out({"decapsulated": n[4] + n[6], "v4": n[4], "v6": n[6], "bad": bad})
 
 
 def listen(addr, port, seconds):
     """A plain TCP listener on the gateway's own address (test 5)."""
-    s = socket.socket()
+    s = socket.socket(family(addr))
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind((addr, port))
     s.listen(16)
@@ -226,15 +261,24 @@ def stream(vip, port, seconds, chunk):
     out({"sent": sent, "received": received, "mismatch": mismatch, "error": error})
 
 
-def udp(vip, port, n, timeout=3.0):
+def udp(vip, port, n, timeout=3.0, size=0):
     """`n` request/response exchanges from one socket, one at a time. Each
     waits up to `timeout` for its own answer (`backend:payload` from
     (vip, port)); a late answer to an earlier request is counted as late and
-    skipped, so one slow answer does not shift all the others."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    skipped, so one slow answer does not shift all the others. With `size`,
+    each payload is padded to `size` bytes (larger than the MTU: the kernel
+    fragments the datagram, and the backend's answer too). With $DSTOPTS set
+    (IPv6), every datagram carries a destination options header (a PadN
+    option) between the IPv6 header and UDP."""
+    s = socket.socket(family(vip), socket.SOCK_DGRAM)
+    if os.environ.get("DSTOPTS") and family(vip) == socket.AF_INET6:
+        # Next header (filled in by the kernel), length 0 (8 bytes), PadN of 4.
+        IPV6_DSTOPTS = 59
+        s.setsockopt(socket.IPPROTO_IPV6, IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
     answered, late, names, errors = 0, 0, {}, []
     for i in range(n):
-        payload = f"ping-{i}".encode()
+        payload = f"ping-{i}-".encode()
+        payload += b"p" * max(size - len(payload), 0)
         s.sendto(payload, (vip, port))
         end = time.time() + timeout
         try:
@@ -242,6 +286,7 @@ def udp(vip, port, n, timeout=3.0):
                 s.settimeout(max(end - time.time(), 0.001))
                 data, peer = s.recvfrom(65536)
                 name, _, echo = data.partition(b":")
+                peer = peer[:2]
                 if echo == payload and peer == (vip, port):
                     answered += 1
                     names[name.decode()] = names.get(name.decode(), 0) + 1
@@ -249,7 +294,7 @@ def udp(vip, port, n, timeout=3.0):
                 if echo.startswith(b"ping-") and peer == (vip, port):
                     late += 1
                     continue
-                errors.append(f"{i}: unexpected {data!r} from {peer}")
+                errors.append(f"{i}: unexpected {data[:40]!r} from {peer}")
                 break
         except Exception as e:  # noqa: BLE001
             errors.append(f"{i}: {e!r}")
@@ -258,13 +303,20 @@ def udp(vip, port, n, timeout=3.0):
 
 def pmtu(vip, port, size, seconds):
     """Path MTU discovery as a DF sender sees it: a connected UDP socket with
-    IP_PMTUDISC_DO sends `size`-byte payloads until the kernel's path MTU to
-    `vip` drops (an ICMP fragmentation needed came back) or `seconds` pass."""
-    IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU = 10, 2, 14
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+    IP_PMTUDISC_DO (IPv6: IPV6_PMTUDISC_DO, never fragmenting) sends
+    `size`-byte payloads until the kernel's path MTU to `vip` drops (an ICMP
+    fragmentation needed or ICMPv6 packet too big came back) or `seconds`
+    pass."""
+    if family(vip) == socket.AF_INET6:
+        # IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO, IPV6_MTU
+        level, opt_disc, opt_mtu = socket.IPPROTO_IPV6, 23, 24
+    else:
+        # IP_MTU_DISCOVER, IP_PMTUDISC_DO, IP_MTU
+        level, opt_disc, opt_mtu = socket.IPPROTO_IP, 10, 14
+    s = socket.socket(family(vip), socket.SOCK_DGRAM)
+    s.setsockopt(level, opt_disc, 2)
     s.connect((vip, port))
-    before = s.getsockopt(socket.IPPROTO_IP, IP_MTU)
+    before = s.getsockopt(level, opt_mtu)
     mtu, sent, refused, errors = before, 0, 0, []
     end = time.time() + seconds
     while time.time() < end and mtu >= before:
@@ -277,7 +329,7 @@ def pmtu(vip, port, size, seconds):
             if len(errors) < 3:
                 errors.append(repr(e))
         time.sleep(0.2)
-        mtu = s.getsockopt(socket.IPPROTO_IP, IP_MTU)
+        mtu = s.getsockopt(level, opt_mtu)
     out({"mtu_before": before, "mtu": mtu, "sent": sent, "refused": refused, "errors": errors})
 
 
@@ -322,7 +374,7 @@ def udp_whoami(vip, port, n, timeout):
     with the peer the backend saw, or a timeout `timeout` after the last send."""
     socks = []
     for i in range(n):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(family(vip), socket.SOCK_DGRAM)
         s.sendto(b"whoami", (vip, port))
         socks.append(s)
     answers = [None] * n
@@ -355,7 +407,7 @@ def reject(vip, tcp_port, udp_port):
     except Exception as e:  # noqa: BLE001
         res["tcp"] = repr(e)
     res["tcp_ms"] = round((time.time() - t0) * 1000)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(family(vip), socket.SOCK_DGRAM)
     s.settimeout(2)
     s.connect((vip, udp_port))
     try:
@@ -379,21 +431,29 @@ def checksum(data):
 
 
 def ping(addr, n):
-    """ICMP echo over a raw socket (no ping binary needed)."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    """ICMP echo over a raw socket (no ping binary needed); ICMPv6 echo for
+    an IPv6 address (the kernel fills in its checksum)."""
+    v6 = family(addr) == socket.AF_INET6
+    if v6:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    request, reply = (128, 129) if v6 else (8, 0)
     s.settimeout(1)
     ok = 0
     for seq in range(n):
-        body = struct.pack("!BBHHH", 8, 0, 0, 0x4347, seq) + b"clustergate"
-        csum = 0xFFFF - checksum(body)
-        body = body[:2] + struct.pack("!H", csum) + body[4:]
+        body = struct.pack("!BBHHH", request, 0, 0, 0x4347, seq) + b"clustergate"
+        if not v6:
+            csum = 0xFFFF - checksum(body)
+            body = body[:2] + struct.pack("!H", csum) + body[4:]
         s.sendto(body, (addr, 0))
         try:
             end = time.time() + 1
             while time.time() < end:
                 data, peer = s.recvfrom(1500)
-                ihl = (data[0] & 0xF) * 4
-                if peer[0] == addr and data[ihl] == 0 and data[ihl + 6: ihl + 8] == struct.pack("!H", seq):
+                # A raw IPv4 socket reads the IP header, a raw IPv6 one not.
+                ihl = 0 if v6 else (data[0] & 0xF) * 4
+                if peer[0] == addr and data[ihl] == reply and data[ihl + 6: ihl + 8] == struct.pack("!H", seq):
                     ok += 1
                     break
         except socket.timeout:
@@ -409,13 +469,72 @@ def tcp_probe(addr, port):
         out({"error": repr(e)})
 
 
+def l4_ok(family_, src, dst, proto, l4):
+    """The transport checksum of `l4` over the pseudo-header of `family_`
+    (4 or 6); a UDP checksum 0 means none in IPv4, and is wrong in IPv6."""
+    if proto == 17 and struct.unpack("!H", l4[6:8])[0] == 0:
+        return family_ == 4
+    if family_ == 4:
+        pseudo = src + dst + struct.pack("!BBH", 0, proto, len(l4))
+    else:
+        pseudo = src + dst + struct.pack("!IxxxB", len(l4), proto)
+    return checksum(pseudo + l4) == 0xFFFF
+
+
+def inspect_ip(ip, depth=0):
+    """What an IP packet to a service port is: None when it is not one (not
+    TCP/UDP, or another port), else (family, checksums right, what came
+    between the IPv6 header and the transport: "" none, "ext" extension
+    headers, "frag" a fragment, not looked into). IPv4 (in IPv4) and IPv6 (in
+    IPv6), as DSR delivers them, are looked into once. IPv6 extension headers
+    (hop-by-hop, routing, destination options) are skipped."""
+    if len(ip) < 20:
+        return None
+    if ip[0] >> 4 == 4:
+        ihl = (ip[0] & 0xF) * 4
+        total = struct.unpack("!H", ip[2:4])[0]
+        proto = ip[9]
+        if proto in (4, 41) and depth == 0:
+            return inspect_ip(ip[ihl:total], 1)
+        if proto not in (6, 17) or struct.unpack("!H", ip[6:8])[0] & 0x3FFF:
+            return None
+        l4 = ip[ihl:total]
+        if len(l4) < 8 or struct.unpack("!H", l4[2:4])[0] not in (HTTP_PORT, STREAM_PORT, UDP_PORT):
+            return None
+        ok = checksum(ip[:ihl]) == 0xFFFF and l4_ok(4, ip[12:16], ip[16:20], proto, l4)
+        return (4, ok, "")
+    if ip[0] >> 4 == 6 and len(ip) >= 40:
+        end = 40 + struct.unpack("!H", ip[4:6])[0]
+        nh, off = ip[6], 40
+        while nh in (0, 43, 60) and off + 8 <= end:
+            nh, off = ip[off], off + 8 * (ip[off + 1] + 1)
+        if nh in (4, 41) and depth == 0:
+            return inspect_ip(ip[off:end], 1)
+        if nh == 44 and off + 8 <= end and ip[off] == 17:
+            return (6, True, "frag")
+        if nh not in (6, 17):
+            return None
+        l4 = ip[off:end]
+        if len(l4) < 8 or struct.unpack("!H", l4[2:4])[0] not in (HTTP_PORT, STREAM_PORT, UDP_PORT):
+            return None
+        return (6, l4_ok(6, ip[8:24], ip[24:40], nh, l4), "ext" if off > 40 else "")
+    return None
+
+
 def capture(ifname, seconds, stop_file):
-    """Every IPv4 TCP/UDP frame arriving on `ifname` for the service ports:
-    check the IPv4 header checksum and the L4 checksum."""
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+    """Every IPv4 and IPv6 TCP/UDP frame arriving on `ifname` for the
+    service ports (inside IP-in-IP too): check the IPv4 header checksum and
+    the L4 checksum (over the IPv6 pseudo-header for IPv6). Counts per
+    family (`seen4`, `seen6`), and the IPv6 frames with extension headers
+    before the transport header (`ext6`) and the IPv6 UDP fragments
+    (`frag6`, whose checksums are not checked)."""
+    ETH_P_ALL = 0x0003
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     s.bind((ifname, 0))
     s.settimeout(0.1)
-    seen = bad = 0
+    seen = {4: 0, 6: 0}
+    extra = {"ext": 0, "frag": 0}
+    bad = 0
     bad_examples = []
     end = time.time() + seconds
     while time.time() < end and not os.path.exists(stop_file):
@@ -425,30 +544,22 @@ def capture(ifname, seconds, stop_file):
             continue
         if meta[2] == socket.PACKET_OUTGOING:
             continue
-        ip = frame[14:]
-        if len(ip) < 20 or ip[0] >> 4 != 4:
+        if frame[12:14] not in (b"\x08\x00", b"\x86\xdd"):
             continue
-        ihl = (ip[0] & 0xF) * 4
-        total = struct.unpack("!H", ip[2:4])[0]
-        proto = ip[9]
-        if proto not in (6, 17):
+        what = inspect_ip(frame[14:])
+        if what is None:
             continue
-        l4 = ip[ihl:total]
-        dport = struct.unpack("!H", l4[2:4])[0]
-        if dport not in (HTTP_PORT, STREAM_PORT, UDP_PORT):
-            continue
-        seen += 1
-        ok_ip = checksum(ip[:ihl]) == 0xFFFF
-        pseudo = ip[12:20] + struct.pack("!BBH", 0, proto, len(l4))
-        if proto == 17 and struct.unpack("!H", l4[6:8])[0] == 0:
-            ok_l4 = True
-        else:
-            ok_l4 = checksum(pseudo + l4) == 0xFFFF
-        if not (ok_ip and ok_l4):
+        fam, ok, between = what
+        seen[fam] += 1
+        if between:
+            extra[between] += 1
+        if not ok:
             bad += 1
             if len(bad_examples) < 5:
-                bad_examples.append(frame[:64].hex())
-    out({"seen": seen, "bad": bad, "bad_examples": bad_examples})
+                bad_examples.append(frame[:96].hex())
+    out({"seen": seen[4] + seen[6], "seen4": seen[4], "seen6": seen[6],
+         "ext6": extra["ext"], "frag6": extra["frag"], "bad": bad,
+         "bad_examples": bad_examples})
 
 
 def get(url):
@@ -468,7 +579,8 @@ def main():
     if cmd == "serve":
         serve(args[0], args[1], float(args[2]))
     elif cmd == "decap":
-        decap(args[0], float(args[1]))
+        # decap TUN SECONDS [FAMILIES]
+        decap(args[0], float(args[1]), args[2] if len(args) > 2 else "4,6")
     elif cmd == "listen":
         listen(args[0], int(args[1]), float(args[2]))
     elif cmd == "http":
@@ -479,8 +591,9 @@ def main():
     elif cmd == "stream":
         stream(args[0], int(args[1]), float(args[2]), int(args[3]))
     elif cmd == "udp":
-        # udp VIP PORT N [TIMEOUT_S]
-        udp(args[0], int(args[1]), int(args[2]), float(args[3]) if len(args) > 3 else 3.0)
+        # udp VIP PORT N [TIMEOUT_S [SIZE]]
+        udp(args[0], int(args[1]), int(args[2]), float(args[3]) if len(args) > 3 else 3.0,
+            int(args[4]) if len(args) > 4 else 0)
     elif cmd == "pmtu":
         pmtu(args[0], int(args[1]), int(args[2]), float(args[3]))
     elif cmd == "hold":
