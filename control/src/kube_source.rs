@@ -4,8 +4,9 @@
 //! Owns: [`follow`], which watches the three kinds with kube-rs watchers and
 //! reflector stores, builds a [`Model`] with the same [`build_model`] as the
 //! manifest source, and hands each new model to a callback;
-//! [`follow_with`] also tells [`Hooks`] what it sees (the objects of each
-//! build, watch failures and recoveries) for metrics and health.
+//! [`follow_with`] also tells [`Hooks`] what it sees (the first change of
+//! each build, its objects, watch failures and recoveries) for metrics and
+//! health; [`list_objects`] lists the same objects once (for `show`).
 //!
 //! - **Selectors.** Services with the field selector `spec.clusterIP!=None`
 //!   ([`SERVICE_FIELD_SELECTOR`]) and EndpointSlices with the label selector

@@ -12,7 +12,14 @@
 //!   an unreachable API keep the last good snapshot.
 //!   `run` serves Prometheus metrics at `--metrics` and `/healthz`, `/livez`
 //!   at `--health` (see `docs/operations.md`).
-//! - `show`: print what would be programmed (JSON or a table for people).
+//! - `show`: print what would be programmed (JSON or a table for people),
+//!   from a manifest or from the API (`--kubeconfig`, `--in-cluster`: listed
+//!   once through `kube_source::list_objects`, then the same model and output).
+//!
+//! `run` stops on SIGTERM or SIGINT between two publishes, logs it and exits
+//! 0 (`stop.rs`). Every command logs to stderr as `--log-format` says (text,
+//! in colour only on a terminal, or one JSON object per line); `--version`
+//! names the git commit (`build.rs`), the snapshot ABI and the flow hash.
 //! - `build`: write one snapshot file.
 //!
 //! `show` and `build` exit with [`EXIT_SKIPPED`] (3) when the manifest has an
