@@ -4,8 +4,9 @@
 //! Owns: [`follow`], which watches the three kinds with kube-rs watchers and
 //! reflector stores, builds a [`Model`] with the same [`build_model`] as the
 //! manifest source, and hands each new model to a callback;
-//! [`follow_with`] also tells [`Hooks`] what it sees (the objects of each
-//! build, watch failures and recoveries) for metrics and health.
+//! [`follow_with`] also tells [`Hooks`] what it sees (the first change of
+//! each build, its objects, watch failures and recoveries) for metrics and
+//! health; [`list_objects`] lists the same objects once (for `show`).
 //!
 //! - **Selectors.** Services with the field selector `spec.clusterIP!=None`
 //!   ([`SERVICE_FIELD_SELECTOR`]) and EndpointSlices with the label selector
@@ -49,6 +50,7 @@ use std::time::Duration;
 use futures::{stream, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::ListParams;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::utils::Backoff as _;
 use kube::runtime::watcher::{self, Event};
@@ -126,8 +128,11 @@ pub enum WatchEvent {
 
 /// Observers of [`follow_with`] (metrics and health); all optional.
 #[derive(Default)]
-#[allow(clippy::type_complexity)] // reason: two plain callbacks
+#[allow(clippy::type_complexity)] // reason: three plain callbacks
 pub struct Hooks<'a> {
+    /// Called when a store changes while no build is pending: the first change
+    /// the next build will include (where its sync latency starts).
+    pub changed: Option<Box<dyn FnMut() + Send + 'a>>,
     /// Called with the objects of every build, before the model is built.
     pub objects: Option<Box<dyn FnMut(&Objects) + Send + 'a>>,
     /// Called when a watch fails, recovers or expires.
@@ -137,6 +142,7 @@ pub struct Hooks<'a> {
 impl fmt::Debug for Hooks<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hooks")
+            .field("changed", &self.changed.is_some())
             .field("objects", &self.objects.is_some())
             .field("watch", &self.watch.is_some())
             .finish()
@@ -278,11 +284,21 @@ pub fn objects_of(
     slices: &Store<EndpointSlice>,
     nodes: &Store<Node>,
 ) -> Objects {
-    let mut services: Vec<Service> = services.state().iter().map(|s| (**s).clone()).collect();
+    sorted_objects(
+        services.state().iter().map(|s| (**s).clone()).collect(),
+        slices.state().iter().map(|s| (**s).clone()).collect(),
+        nodes.state().iter().map(|s| (**s).clone()).collect(),
+    )
+}
+
+/// The objects, sorted by (namespace, name) as [`objects_of`] sorts them.
+fn sorted_objects(
+    mut services: Vec<Service>,
+    mut slices: Vec<EndpointSlice>,
+    mut nodes: Vec<Node>,
+) -> Objects {
     services.sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
-    let mut slices: Vec<EndpointSlice> = slices.state().iter().map(|s| (**s).clone()).collect();
     slices.sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
-    let mut nodes: Vec<Node> = nodes.state().iter().map(|s| (**s).clone()).collect();
     nodes.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     Objects {
         services,
@@ -291,6 +307,25 @@ pub fn objects_of(
         skipped: Vec::new(),
         errors: Vec::new(),
     }
+}
+
+/// Lists Services, EndpointSlices and Nodes once through `client`, with the
+/// selectors of [`follow`], and returns them as [`objects_of`] would
+/// (`clustergate-control show --kubeconfig`/`--in-cluster`).
+///
+/// # Errors
+/// The first list that fails (the API unreachable, access denied, …); no retry.
+pub async fn list_objects(client: Client) -> Result<Objects, kube::Error> {
+    let services = Api::<Service>::all(client.clone())
+        .list(&ListParams::default().fields(SERVICE_FIELD_SELECTOR))
+        .await?;
+    let slices = Api::<EndpointSlice>::all(client.clone())
+        .list(&ListParams::default().labels(SLICE_LABEL_SELECTOR))
+        .await?;
+    let nodes = Api::<Node>::all(client)
+        .list(&ListParams::default())
+        .await?;
+    Ok(sorted_objects(services.items, slices.items, nodes.items))
 }
 
 /// Follows Services and EndpointSlices through `client` and calls `on_model`
@@ -371,7 +406,14 @@ pub async fn follow_with(
                 let was_failing = health[kind.index()].failing;
                 let expired =
                     matches!(&result, Err(watcher::Error::WatchError(s)) if s.code == 410);
-                dirty |= note(kind, result, &mut health[kind.index()]);
+                if note(kind, result, &mut health[kind.index()]) {
+                    if !dirty {
+                        if let Some(hook) = hooks.changed.as_mut() {
+                            hook();
+                        }
+                    }
+                    dirty = true;
+                }
                 if let Some(hook) = hooks.watch.as_mut() {
                     let failing = health[kind.index()].failing;
                     if expired {

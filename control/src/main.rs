@@ -12,7 +12,14 @@
 //!   an unreachable API keep the last good snapshot.
 //!   `run` serves Prometheus metrics at `--metrics` and `/healthz`, `/livez`
 //!   at `--health` (see `docs/operations.md`).
-//! - `show`: print what would be programmed (JSON or a table for people).
+//! - `show`: print what would be programmed (JSON or a table for people),
+//!   from a manifest or from the API (`--kubeconfig`, `--in-cluster`: listed
+//!   once through `kube_source::list_objects`, then the same model and output).
+//!
+//! `run` stops on SIGTERM or SIGINT between two publishes, logs it and exits
+//! 0 (`stop.rs`). Every command logs to stderr as `--log-format` says (text,
+//! in colour only on a terminal, or one JSON object per line); `--version`
+//! names the git commit (`build.rs`), the snapshot ABI and the flow hash.
 //! - `build`: write one snapshot file.
 //!
 //! `show` and `build` exit with [`EXIT_SKIPPED`] (3) when the manifest has an
@@ -33,7 +40,9 @@ mod health;
 mod health_check;
 mod metrics;
 mod serve;
+mod stop;
 
+use std::io::IsTerminal;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -42,7 +51,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
-use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use clustergate_control::kube_source::{self, FollowConfig, Hooks};
 use clustergate_control::model::{default_node_port_addresses, SkipLog};
 use clustergate_control::{
@@ -61,6 +70,7 @@ use tracing::{error, info, warn};
 use crate::health_check::HealthChecks;
 use crate::metrics::Telemetry;
 use crate::serve::{Handler, Response};
+use crate::stop::Stop;
 
 /// The exit status of `show` and `build` when objects were skipped as invalid
 /// (what `--strict` refuses): the rest was printed or built.
@@ -83,8 +93,57 @@ const DEFAULT_HEALTH: &str = "0.0.0.0:10256";
     about = "clustergate control daemon"
 )]
 struct Cli {
+    /// Log format on stderr: `text` for people (no colour unless stderr is a
+    /// terminal), `json` one object per line for log collectors.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// `2026-01-01T12:00:00.123456Z  INFO target: message field=value`.
+    Text,
+    /// `{"timestamp":…,"level":"INFO","message":…,FIELD:…,"target":…}`, one object per line.
+    Json,
+}
+
+/// What `--version` prints after the name: the crate's version, the git
+/// commit it was built from (`unknown` outside a repository), and the
+/// snapshot ABI and flow hash it publishes, which the gateway must share.
+fn long_version() -> String {
+    format!(
+        "{} (commit {}, snapshot ABI {}, flow hash {} = {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("CLUSTERGATE_GIT_COMMIT"),
+        snapshot::ABI_VERSION,
+        snapshot::HASH_XXH3_64,
+        hash_name(snapshot::HASH_XXH3_64),
+    )
+}
+
+/// The name of a flow-hash id of the snapshot header.
+fn hash_name(id: u32) -> &'static str {
+    if id == snapshot::HASH_XXH3_64 {
+        "XXH3-64"
+    } else {
+        "unknown"
+    }
+}
+
+/// Installs the global subscriber: `format` on stderr, ANSI colour only on a
+/// terminal, `RUST_LOG` or else `default_level`.
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_level.into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_ansi(false).init(),
+    }
 }
 
 /// How Services become frontends: the options of every command that builds a model.
@@ -207,13 +266,22 @@ enum Command {
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         unpublished_bound_s: u64,
     },
-    /// Print what would be programmed.
-    #[command(after_help = EXIT_STATUS_HELP)]
+    /// Print what would be programmed, from a manifest or from the API (listed once).
+    #[command(
+        after_help = EXIT_STATUS_HELP,
+        group(ArgGroup::new("source").required(true).args(["manifest", "kubeconfig", "in_cluster"]))
+    )]
     Show {
         /// YAML manifest.
         #[arg(long)]
-        manifest: PathBuf,
-        /// Refuse the whole manifest (exit 1, print nothing) if any object is invalid.
+        manifest: Option<PathBuf>,
+        /// List Services, EndpointSlices and Nodes from the API server of this kubeconfig file (its current context).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// List them from the API server of the cluster this pod runs in (its service account).
+        #[arg(long)]
+        in_cluster: bool,
+        /// Refuse the whole manifest or listing (exit 1, print nothing) if any object is invalid.
         #[arg(long)]
         strict: bool,
         /// Output format.
@@ -273,6 +341,28 @@ fn one_shot_model(manifest: &Path, options: &ModelOptions, strict: bool) -> Resu
     Ok(model)
 }
 
+/// The model of the objects the API server of `kubeconfig` (or of this
+/// pod's cluster) lists now, for `show`: with `strict`, refused when anything
+/// is invalid; else with every skip logged once.
+fn api_model(kubeconfig: Option<&Path>, options: &ModelOptions, strict: bool) -> Result<Model> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let client = kube_client(kubeconfig, "listing").await?;
+        let objects = kube_source::list_objects(client)
+            .await
+            .context("listing Services, EndpointSlices and Nodes")?;
+        let model = clustergate_control::build_model(&objects, options);
+        if strict {
+            return model.strict().context("the objects listed (--strict)");
+        }
+        SkipLog::default().log(&model);
+        Ok(model)
+    })
+}
+
 /// [`EXIT_SKIPPED`] when `model` has invalid objects, else 0.
 fn exit_status(model: &Model) -> i32 {
     if model.errors.is_empty() {
@@ -284,19 +374,15 @@ fn exit_status(model: &Model) -> i32 {
 
 /// The command; `Ok` holds the exit status.
 fn real_main() -> Result<i32> {
-    let cli = Cli::parse();
+    // `String::leak`: clap keeps `&'static str`s; this runs once.
+    let command = Cli::command().version(long_version().leak() as &str);
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
     // The daemon says what it publishes; one-shot commands only warn.
     let default_level = match cli.command {
         Command::Run { .. } => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(cli.log_format, default_level);
     match cli.command {
         Command::Run {
             manifest,
@@ -321,7 +407,12 @@ fn real_main() -> Result<i32> {
                 } else {
                     Duration::ZERO
                 };
-            let telemetry = Arc::new(Telemetry::new(bound, beat_bound));
+            let source = if manifest.is_some() {
+                "manifest"
+            } else {
+                "api"
+            };
+            let telemetry = Arc::new(Telemetry::new(bound, beat_bound, source));
             let mut checks = None;
             if !once {
                 serve_telemetry(metrics, health, &telemetry)?;
@@ -365,11 +456,20 @@ fn real_main() -> Result<i32> {
         }
         Command::Show {
             manifest,
+            kubeconfig,
+            in_cluster,
             strict,
             output,
             model,
         } => {
-            let model = one_shot_model(&manifest, &model.options(), strict)?;
+            let options = model.options();
+            let model = match manifest {
+                Some(manifest) => one_shot_model(&manifest, &options, strict)?,
+                None => {
+                    debug_assert!(kubeconfig.is_some() != in_cluster, "clap's group");
+                    api_model(kubeconfig.as_deref(), &options, strict)?
+                }
+            };
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&model.to_json())?),
                 Output::Table => print!("{}", model.to_table()),
@@ -499,6 +599,15 @@ fn run(
     telemetry: &Telemetry,
     mut checks: Option<&mut HealthChecks>,
 ) -> Result<()> {
+    // Only for SIGTERM and SIGINT: the loop sleeps in it between two looks.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut stop = {
+        let _entered = runtime.enter();
+        Stop::install()?
+    };
     let mut writer = Writer::open(dir)
         .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
     info!(dir = %dir.display(), next_generation = writer.next_generation(), "publishing snapshots");
@@ -516,6 +625,7 @@ fn run(
             }
             Ok(text) if last_text.as_deref() == Some(text.as_str()) => {}
             Ok(text) => {
+                telemetry.source_changed();
                 match model_of(&text, manifest, options, telemetry) {
                     Ok(model) => {
                         skip_log.log(&model);
@@ -565,7 +675,16 @@ fn run(
                 None => anyhow::bail!("nothing was published from {}", manifest.display()),
             };
         }
-        std::thread::sleep(poll);
+        let stopped = runtime.block_on(async {
+            tokio::select! {
+                () = tokio::time::sleep(poll) => false,
+                _ = stop.wait() => true,
+            }
+        });
+        if stopped {
+            log_stopped(published.as_ref());
+            return Ok(());
+        }
     }
 }
 
@@ -589,7 +708,8 @@ fn run_api(
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let client = kube_client(kubeconfig).await?;
+        let mut stop = Stop::install()?;
+        let client = kube_client(kubeconfig, "watching").await?;
         let mut published: Option<Published> = None;
         let mut notes: Option<Vec<Skipped>> = None;
         // Liveness: the runtime is turning (the callback below beats too).
@@ -601,12 +721,13 @@ fn run_api(
             }
         });
         let hooks = Hooks {
+            changed: Some(Box::new(|| telemetry.source_changed())),
             objects: Some(Box::new(|objects: &Objects| {
                 telemetry.objects_seen(objects, true);
             })),
             watch: Some(Box::new(|event| telemetry.watch(event))),
         };
-        kube_source::follow_with(client, config, hooks, |model| {
+        let follow = kube_source::follow_with(client, config, hooks, |model| {
             telemetry.skipped(&model);
             warn_notes(&model, &mut notes);
             telemetry.beat();
@@ -644,16 +765,35 @@ fn run_api(
             } else {
                 ControlFlow::Continue(())
             }
-        })
-        .await;
+        });
+        // A publish runs inside the callback, without an await point: the
+        // signal drops `follow` between two publishes, never during one.
+        let stopped = tokio::select! {
+            () = follow => false,
+            _ = stop.wait() => true,
+        };
         beat.abort();
+        if stopped {
+            log_stopped(published.as_ref());
+        }
         Ok(())
     })
 }
 
+/// The last line of `run` after SIGTERM or SIGINT.
+fn log_stopped(published: Option<&Published>) {
+    match published {
+        Some(p) => info!(
+            generation = p.generation,
+            "stopped; generation {} stays published", p.generation
+        ),
+        None => info!("stopped before anything was published"),
+    }
+}
+
 /// A client for the API server of `kubeconfig` (its current context), or of
 /// the cluster this pod runs in.
-async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+async fn kube_client(kubeconfig: Option<&Path>, doing: &str) -> Result<kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
@@ -666,7 +806,7 @@ async fn kube_client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
             "in-cluster configuration (service account token and KUBERNETES_SERVICE_HOST)",
         )?,
     };
-    info!(server = %config.cluster_url, "watching Services, EndpointSlices and Nodes");
+    info!(server = %config.cluster_url, "{doing} Services, EndpointSlices and Nodes");
     kube::Client::try_from(config).context("creating the API client")
 }
 

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clustergate_control::kube_source::WatchEvent;
 use clustergate_control::model::{kind_label, KINDS};
@@ -29,11 +29,15 @@ use crate::health::HealthState;
 /// change (of a Pod or Service) that made it write the slice.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
+/// Histograms by label set, all with the same buckets.
+type HistogramFamily = Family<Vec<(String, String)>, Histogram, fn() -> Histogram>;
+
 /// The metrics; the handles are atomics shared with the registry.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     sync_duration: Histogram,
+    sync_latency: HistogramFamily,
     programming_duration: Histogram,
     service_changes: Counter,
     endpoint_changes: Counter,
@@ -60,6 +64,7 @@ impl Metrics {
         let metrics = Self {
             registry: Registry::default(),
             sync_duration,
+            sync_latency: Family::new_with_constructor(sync_latency_histogram),
             programming_duration,
             service_changes: Counter::default(),
             endpoint_changes: Counter::default(),
@@ -73,6 +78,12 @@ impl Metrics {
             "sync_proxy_rules_duration_seconds",
             "Time to build and publish one table snapshot",
             metrics.sync_duration.clone(),
+        );
+        registry.register(
+            "control_sync_latency_seconds",
+            "From the source reporting a change (the manifest read changed, or the first API \
+             watch event after a build) to the publish that includes it, by source (manifest, api)",
+            metrics.sync_latency.clone(),
         );
         registry.register(
             "network_programming_duration_seconds",
@@ -131,6 +142,13 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The buckets of `clustergate_control_sync_latency_seconds`: 1 ms doubling
+/// to about 16 s, as `sync_proxy_rules_duration_seconds`, since a latency
+/// includes `--min-sync-period-ms` and the coalescing of bursts.
+fn sync_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
 }
 
 impl Default for Metrics {
@@ -211,6 +229,16 @@ pub struct Telemetry {
     triggers: Mutex<Vec<Timestamp>>,
     /// Every (kind, reason) of `clustergate_control_objects_skipped` set so far.
     skipped_labels: Mutex<std::collections::BTreeSet<(String, String)>>,
+    /// The `source` label of `clustergate_control_sync_latency_seconds`.
+    source: &'static str,
+    /// When the source reported the first change not yet in a build.
+    change_pending: Mutex<Option<Instant>>,
+    /// When the source reported the first change of the build in progress.
+    sync_started: Mutex<Option<Instant>>,
+}
+
+fn source_label(source: &str) -> Vec<(String, String)> {
+    vec![("source".to_owned(), source.to_owned())]
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -218,11 +246,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Telemetry {
-    /// See [`HealthState::new`].
+    /// See [`HealthState::new`]; `source` (`manifest` or `api`) labels the
+    /// sync latency, whose series exists from the start.
     #[must_use]
-    pub fn new(bound: Duration, beat_bound: Duration) -> Self {
+    pub fn new(bound: Duration, beat_bound: Duration, source: &'static str) -> Self {
+        let metrics = Metrics::new();
+        drop(metrics.sync_latency.get_or_create(&source_label(source)));
         Self {
-            metrics: Metrics::new(),
+            metrics,
+            source,
+            change_pending: Mutex::new(None),
+            sync_started: Mutex::new(None),
             health: Mutex::new(HealthState::new(bound, beat_bound, Timestamp::now())),
             tracker: Mutex::new(ChangeTracker::default()),
             triggers: Mutex::new(Vec::new()),
@@ -230,9 +264,17 @@ impl Telemetry {
         }
     }
 
-    /// The source looked at `objects`: counts the changes and, with
+    /// The source reported a change: the sync latency of the publish that
+    /// includes it starts now, unless an earlier change is still pending.
+    pub fn source_changed(&self) {
+        lock(&self.change_pending).get_or_insert_with(Instant::now);
+    }
+
+    /// The source looked at `objects` (a build starts): counts the changes and, with
     /// `triggers`, notes the slices' trigger times newer than the last publish.
     pub fn objects_seen(&self, objects: &Objects, triggers: bool) {
+        let pending = lock(&self.change_pending).take();
+        *lock(&self.sync_started) = Some(pending.unwrap_or_else(Instant::now));
         let (services, slices) = lock(&self.tracker).observe(objects);
         self.metrics.service_changes.inc_by(services);
         self.metrics.endpoint_changes.inc_by(slices);
@@ -251,6 +293,12 @@ impl Telemetry {
     pub fn published(&self, generation: u64, took: Duration) {
         let now = Timestamp::now();
         self.metrics.sync_duration.observe(took.as_secs_f64());
+        if let Some(t) = lock(&self.sync_started).take() {
+            self.metrics
+                .sync_latency
+                .get_or_create(&source_label(self.source))
+                .observe(t.elapsed().as_secs_f64());
+        }
         self.metrics
             .last_sync
             .set(now.as_millisecond() as f64 / 1e3);
@@ -409,9 +457,39 @@ mod tests {
     }
 
     #[test]
+    fn sync_latency_runs_from_the_first_change_to_the_publish() {
+        let t = Telemetry::new(Duration::from_secs(10), Duration::from_secs(10), "api");
+        let text = t.metrics.encode();
+        assert!(
+            text.contains("clustergate_control_sync_latency_seconds_count{source=\"api\"} 0"),
+            "the series exists before the first publish:\n{text}"
+        );
+        t.source_changed();
+        std::thread::sleep(Duration::from_millis(30));
+        t.source_changed(); // a later change of the same build: not a new start
+        t.objects_seen(&Objects::default(), false);
+        t.published(1, Duration::from_millis(1));
+        // A publish without a new build observes nothing more.
+        t.published(2, Duration::from_millis(1));
+        let text = t.metrics.encode();
+        assert!(
+            text.contains("clustergate_control_sync_latency_seconds_count{source=\"api\"} 1"),
+            "{text}"
+        );
+        let sum = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("clustergate_control_sync_latency_seconds_sum{source=\"api\"} ")
+            })
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap();
+        assert!((0.03..5.0).contains(&sum), "{sum}");
+    }
+
+    #[test]
     fn skipped_objects_are_a_gauge_that_falls_back() {
         use clustergate_control::{label, Skipped};
-        let t = Telemetry::new(Duration::from_secs(10), Duration::from_secs(10));
+        let t = Telemetry::new(Duration::from_secs(10), Duration::from_secs(10), "manifest");
         let mut model = Model {
             skipped: vec![
                 Skipped::new("Service a/b", label::INVALID_ADDRESS, "spec.clusterIP: x"),

@@ -12,6 +12,7 @@
 #[allow(dead_code)] // reason: shared with kube_api.rs, which uses more of it
 mod support;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
@@ -497,6 +498,16 @@ async fn api_source_metrics_and_unreachable_health() {
         ),
         2.0
     );
+    let families = check_exposition(&text).unwrap_or_else(|e| panic!("{e}\nin\n{text}"));
+    assert!(
+        sample_with(
+            &families,
+            "clustergate_control_sync_latency_seconds_count",
+            &[("source", "api")]
+        ) >= 2.0,
+        "{text}"
+    );
+    promtool_check(&text, &families);
 
     // A bad object (issue 18): counted and skipped, the rest stays served and
     // /healthz healthy; deleted, the gauge falls back to 0.
@@ -522,4 +533,489 @@ async fn api_source_metrics_and_unreachable_health() {
         s == 200 && t.lines().any(|l| l == cleared)
     })
     .await;
+}
+
+// ---- the whole exposition, parsed strictly (issue 16) ----
+
+/// Labels, in order.
+type Labels = Vec<(String, String)>;
+
+/// One sample: its name, labels and value.
+type Sample = (String, Labels, f64);
+
+/// Per label set of a histogram: the (le, count) buckets, `_count`, a `_sum` seen.
+type HistogramSeries = BTreeMap<Labels, (Vec<(f64, f64)>, Option<f64>, bool)>;
+
+/// One metric family of an OpenMetrics text exposition.
+#[derive(Debug, Default)]
+struct Family {
+    kind: String,
+    help: bool,
+    /// (sample name, labels, value), in order.
+    samples: Vec<Sample>,
+}
+
+fn is_metric_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn is_label_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !s.starts_with("__")
+}
+
+/// `{a="x",b="y"}` (the braces removed): the pairs, escapes resolved.
+fn parse_labels(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut rest = s;
+    while !rest.is_empty() {
+        let (name, after) = rest
+            .split_once("=\"")
+            .ok_or_else(|| format!("no =\" in labels {s:?}"))?;
+        if !is_label_name(name) {
+            return Err(format!("bad label name {name:?}"));
+        }
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(format!("label {name:?} twice"));
+        }
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next() {
+                None => return Err(format!("unterminated label value in {s:?}")),
+                Some((i, '"')) => break i,
+                Some((_, '\\')) => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, c @ ('\\' | '"'))) => value.push(c),
+                    other => return Err(format!("bad escape {other:?} in {s:?}")),
+                },
+                Some((_, '\n')) => return Err("newline in a label value".into()),
+                Some((_, c)) => value.push(c),
+            }
+        };
+        out.push((name.to_owned(), value));
+        rest = &after[end + 1..];
+        if let Some(r) = rest.strip_prefix(',') {
+            rest = r;
+            if rest.is_empty() {
+                return Err(format!("trailing comma in {s:?}"));
+            }
+        } else if !rest.is_empty() {
+            return Err(format!("junk {rest:?} after a label in {s:?}"));
+        }
+    }
+    Ok(out)
+}
+
+fn parse_value(s: &str) -> Result<f64, String> {
+    match s {
+        "+Inf" => Ok(f64::INFINITY),
+        "-Inf" => Ok(f64::NEG_INFINITY),
+        "NaN" => Ok(f64::NAN),
+        _ if s.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+') => {
+            s.parse().map_err(|_| format!("bad value {s:?}"))
+        }
+        _ => Err(format!("bad value {s:?}")),
+    }
+}
+
+/// The sample suffixes each type allows after its family name.
+fn suffixes(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "counter" => &["_total", "_created"],
+        "gauge" | "unknown" => &[""],
+        "histogram" => &["_bucket", "_count", "_sum", "_created"],
+        "summary" => &["", "_count", "_sum", "_created"],
+        "info" => &["_info"],
+        "stateset" => &[""],
+        _ => &[],
+    }
+}
+
+/// Parses an OpenMetrics 1.0 text exposition strictly, as Prometheus would
+/// refuse it, plus Prometheus's naming conventions: every line well formed;
+/// `# EOF` last; HELP and TYPE at most once per family and before its
+/// samples; samples of a family together, named by the family and a suffix
+/// of its type; no series twice; histograms with increasing `le` ending in
+/// `+Inf`, cumulative buckets, `_count` equal to the `+Inf` bucket and a
+/// `_sum`; counters not negative; every name with our prefix, in base units
+/// (`_seconds`, never `_ms`/`_milliseconds`), counters' samples in `_total`.
+fn check_exposition(text: &str) -> Result<BTreeMap<String, Family>, String> {
+    let body = text
+        .strip_suffix("# EOF\n")
+        .ok_or("the exposition does not end with `# EOF`")?;
+    let mut families: BTreeMap<String, Family> = BTreeMap::new();
+    let mut order: Vec<String> = Vec::new();
+    let mut series = BTreeSet::new();
+    for (n, line) in body.lines().enumerate() {
+        let at = |e: String| format!("line {}: {e}: {line:?}", n + 1);
+        if line.is_empty() {
+            return Err(at("empty line".into()));
+        }
+        if let Some(meta) = line.strip_prefix("# ") {
+            let mut parts = meta.splitn(3, ' ');
+            let (what, name, rest) = (parts.next(), parts.next(), parts.next());
+            let (Some(what), Some(name), Some(rest)) = (what, name, rest) else {
+                return Err(at("short metadata line".into()));
+            };
+            if !is_metric_name(name) {
+                return Err(at(format!("bad family name {name:?}")));
+            }
+            if order.last().map(String::as_str) != Some(name) {
+                if families.contains_key(name) {
+                    return Err(at(format!("family {name} is split")));
+                }
+                order.push(name.to_owned());
+            }
+            let family = families.entry(name.to_owned()).or_default();
+            if !family.samples.is_empty() {
+                return Err(at("metadata after samples".into()));
+            }
+            match what {
+                "TYPE" => {
+                    if !family.kind.is_empty() || suffixes(rest).is_empty() {
+                        return Err(at(format!("TYPE twice or unknown type {rest:?}")));
+                    }
+                    family.kind = rest.to_owned();
+                }
+                "HELP" => {
+                    if family.help || rest.is_empty() {
+                        return Err(at("HELP twice or empty".into()));
+                    }
+                    family.help = true;
+                }
+                "UNIT" => {
+                    if !name.ends_with(&format!("_{rest}")) {
+                        return Err(at(format!("unit {rest} not the name's suffix")));
+                    }
+                }
+                _ => return Err(at(format!("unknown metadata {what}"))),
+            }
+            continue;
+        }
+        if line.starts_with('#') {
+            return Err(at("a comment".into()));
+        }
+        let (series_part, value) = line.rsplit_once(' ').ok_or_else(|| at("no value".into()))?;
+        let value = parse_value(value).map_err(at)?;
+        let (name, labels) = match series_part.split_once('{') {
+            Some((name, labels)) => {
+                let labels = labels
+                    .strip_suffix('}')
+                    .ok_or_else(|| at("unclosed labels".into()))?;
+                (name, parse_labels(labels).map_err(at)?)
+            }
+            None => (series_part, Vec::new()),
+        };
+        if !is_metric_name(name) {
+            return Err(at(format!("bad sample name {name:?}")));
+        }
+        let family_name = order
+            .last()
+            .ok_or_else(|| at("a sample before any TYPE".into()))?;
+        let family = families.get_mut(family_name).expect("in order");
+        let suffix = name
+            .strip_prefix(family_name.as_str())
+            .filter(|s| suffixes(&family.kind).contains(s))
+            .ok_or_else(|| {
+                at(format!(
+                    "sample {name} does not belong to the {} {family_name}",
+                    family.kind
+                ))
+            })?;
+        if (suffix == "_bucket") != labels.iter().any(|(n, _)| n == "le") {
+            return Err(at("`le` on a bucket, and only there".into()));
+        }
+        if !series.insert(format!("{name}{labels:?}")) {
+            return Err(at("the same series twice".into()));
+        }
+        family.samples.push((name.to_owned(), labels, value));
+    }
+    for (name, family) in &families {
+        let fail = |e: &str| Err(format!("{name}: {e}"));
+        if family.kind.is_empty() || !family.help {
+            return fail("no TYPE or no HELP");
+        }
+        if !name.starts_with("clustergate_") {
+            return fail("not under our prefix clustergate_");
+        }
+        if [
+            "_ms",
+            "_milliseconds",
+            "_microseconds",
+            "_minutes",
+            "_hours",
+        ]
+        .iter()
+        .any(|u| name.ends_with(u) || name.contains(&format!("{u}_")))
+        {
+            return fail("not in base units");
+        }
+        if family.samples.is_empty() && family.kind != "histogram" {
+            return fail("no samples");
+        }
+        if name.ends_with("_total") {
+            return fail("a family name ending in _total (the sample has it)");
+        }
+        if family.kind == "counter" && family.samples.iter().any(|s| s.2.is_nan() || s.2 < 0.0) {
+            return fail("a negative counter");
+        }
+        if family.kind == "histogram" {
+            check_histogram(name, family)?;
+        }
+    }
+    Ok(families)
+}
+
+/// The buckets, `_count` and `_sum` of each label set of a histogram.
+fn check_histogram(name: &str, family: &Family) -> Result<(), String> {
+    let mut sets: HistogramSeries = BTreeMap::new();
+    for (sample, labels, value) in &family.samples {
+        let mut key = labels.clone();
+        let le = key
+            .iter()
+            .position(|(n, _)| n == "le")
+            .map(|i| key.remove(i).1);
+        let entry = sets.entry(key).or_default();
+        match (sample.strip_prefix(name), le) {
+            (Some("_bucket"), Some(le)) => entry.0.push((parse_value(&le)?, *value)),
+            (Some("_count"), None) => entry.1 = Some(*value),
+            (Some("_sum"), None) => entry.2 = true,
+            _ => {}
+        }
+    }
+    for (labels, (buckets, count, sum)) in sets {
+        let fail = |e: &str| Err(format!("{name}{labels:?}: {e}"));
+        if buckets.is_empty() || !sum {
+            return fail("no buckets or no _sum");
+        }
+        if buckets.windows(2).any(|w| {
+            w[0].0.partial_cmp(&w[1].0) != Some(std::cmp::Ordering::Less) || w[0].1 > w[1].1
+        }) {
+            return fail("`le` not increasing or buckets not cumulative");
+        }
+        let last = buckets.last().expect("not empty");
+        if last.0 != f64::INFINITY || Some(last.1) != count {
+            return fail("the last bucket is not +Inf, or it differs from _count");
+        }
+    }
+    Ok(())
+}
+
+/// The sample `name` with exactly `labels`.
+fn sample_with(families: &BTreeMap<String, Family>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    families
+        .values()
+        .flat_map(|f| &f.samples)
+        .find(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .unwrap_or_else(|| panic!("no {name}{labels:?}"))
+        .2
+}
+
+/// `promtool check metrics` (Prometheus's linter: naming conventions) on the
+/// text, when promtool is installed (`scripts/install-deps.sh` installs
+/// Debian's `prometheus`; required when `CI` is set). promtool 2.42 reads
+/// the Prometheus text format 0.0.4, whose counter families carry the
+/// `_total` of their samples: the OpenMetrics HELP and TYPE lines of
+/// counters are renamed so, and `# EOF` dropped; nothing else changes.
+fn promtool_check(text: &str, families: &BTreeMap<String, Family>) {
+    let mut v004 = String::new();
+    for line in text.lines().filter(|l| *l != "# EOF") {
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            (families.get(name)?.kind == "counter").then(|| format!("{p}{name}_total {tail}"))
+        });
+        v004.push_str(renamed.as_deref().unwrap_or(line));
+        v004.push('\n');
+    }
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "promtool is required in CI (scripts/install-deps.sh): {e}"
+            );
+            eprintln!("promtool not run ({e}); the strict parser alone checked /metrics");
+            return;
+        }
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(v004.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}\n{}{}\non\n{v004}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_parser_refuses_what_it_should() {
+    let good = "# HELP clustergate_x_seconds X.\n# TYPE clustergate_x_seconds histogram\nclustergate_x_seconds_sum{source=\"api\"} 0.5\nclustergate_x_seconds_count{source=\"api\"} 2\nclustergate_x_seconds_bucket{le=\"0.1\",source=\"api\"} 1\nclustergate_x_seconds_bucket{le=\"+Inf\",source=\"api\"} 2\n# HELP clustergate_n N.\n# TYPE clustergate_n counter\nclustergate_n_total 3\n# EOF\n";
+    let families = check_exposition(good).unwrap();
+    assert_eq!(
+        sample_with(
+            &families,
+            "clustergate_x_seconds_count",
+            &[("source", "api")]
+        ),
+        2.0
+    );
+    for (bad, why) in [
+        (good.replace("# EOF\n", ""), "no EOF"),
+        (
+            good.replace(
+                "le=\"+Inf\",source=\"api\"} 2",
+                "le=\"+Inf\",source=\"api\"} 3",
+            ),
+            "+Inf != count",
+        ),
+        (
+            good.replace(
+                "le=\"0.1\",source=\"api\"} 1",
+                "le=\"0.1\",source=\"api\"} 5",
+            ),
+            "not cumulative",
+        ),
+        (good.replace("le=\"+Inf\"", "le=\"9\""), "no +Inf"),
+        (
+            good.replace("clustergate_n_total", "clustergate_n"),
+            "counter without _total",
+        ),
+        (
+            good.replace("clustergate_n", "clustergate_n_ms"),
+            "not a base unit",
+        ),
+        (good.replace("clustergate_n", "other_n"), "not our prefix"),
+        (good.replace("# HELP clustergate_n N.\n", ""), "no HELP"),
+        (
+            good.replace("source=\"api\"} 0.5", "source=\"api} 0.5"),
+            "unterminated label",
+        ),
+        (good.replace("} 0.5", "} x"), "bad value"),
+        (
+            good.replace("_total 3", "_total 3\nclustergate_n_total 4"),
+            "the same series twice",
+        ),
+        (good.replace("_total 3", "_total -1"), "a negative counter"),
+        (
+            good.replace(
+                "# TYPE clustergate_n counter\n",
+                "# TYPE clustergate_n counter\n\n",
+            ),
+            "empty line",
+        ),
+    ] {
+        assert!(check_exposition(&bad).is_err(), "accepted ({why}):\n{bad}");
+    }
+}
+
+/// `/metrics` of a daemon on a manifest, after two publishes and with a
+/// skipped object, is a valid exposition: every line, both parsers; the sync
+/// latency histogram counts the publishes under `source="manifest"`.
+#[test]
+fn the_whole_exposition_parses() {
+    let dir =
+        std::env::temp_dir().join(format!("clustergate-metrics-parse-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let shm = dir.join("shm");
+    let path = dir.join("manifest.yaml");
+    write_atomically(&path, &with_bad(8080, Some("198.19.0.x")));
+    let metrics = free_port();
+    let mut d = Daemon {
+        dir: dir.clone(),
+        child: None,
+    };
+    d.child = Some(
+        run_on_manifest(&path, &shm)
+            .arg("--metrics")
+            .arg(metrics.to_string())
+            .arg("--health")
+            .arg(free_port().to_string())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_generation(&shm, 1);
+    let text = metrics_at(metrics, 1.0);
+    let families = check_exposition(&text).unwrap_or_else(|e| panic!("{e}\nin\n{text}"));
+    assert_eq!(
+        families["clustergate_control_sync_latency_seconds"].kind,
+        "histogram"
+    );
+    assert_eq!(
+        sample_with(
+            &families,
+            "clustergate_control_sync_latency_seconds_count",
+            &[("source", "manifest")]
+        ),
+        1.0
+    );
+    write_atomically(&path, &with_bad(9090, Some("198.19.0.x")));
+    wait_generation(&shm, 2);
+    let text = metrics_at(metrics, 2.0);
+    let families = check_exposition(&text).unwrap_or_else(|e| panic!("{e}\nin\n{text}"));
+    assert_eq!(
+        sample_with(
+            &families,
+            "clustergate_control_sync_latency_seconds_count",
+            &[("source", "manifest")]
+        ),
+        2.0
+    );
+    assert!(
+        sample_with(
+            &families,
+            "clustergate_control_sync_latency_seconds_sum",
+            &[("source", "manifest")]
+        ) > 0.0
+    );
+    assert_eq!(
+        sample_with(
+            &families,
+            "clustergate_control_objects_skipped",
+            &[("kind", "Service"), ("reason", "invalid_address")]
+        ),
+        1.0
+    );
+    for family in [
+        "clustergate_sync_proxy_rules_duration_seconds",
+        "clustergate_network_programming_duration_seconds",
+        "clustergate_service_changes",
+        "clustergate_endpoint_changes",
+        "clustergate_watch_restarts",
+        "clustergate_frontends",
+        "clustergate_snapshot_generation",
+    ] {
+        assert!(families.contains_key(family), "{family} missing");
+    }
+    promtool_check(&text, &families);
 }
