@@ -4,7 +4,8 @@
 set -euo pipefail
 
 # libpcap-dev: libxdp-sys (under xsk-rs) builds xdp-tools, whose configure requires it.
-packages=(clang llvm libelf-dev zlib1g-dev m4 pkg-config iproute2 nftables ethtool libpcap-dev)
+# prometheus: its promtool checks the gateway's /metrics in a unit test.
+packages=(clang llvm libelf-dev zlib1g-dev m4 pkg-config iproute2 nftables ethtool libpcap-dev prometheus)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -5,6 +5,11 @@
 //! Not used by the packet core.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set by [`init_logging`] for `--log-format json`: the final error is then
+/// a JSON log line too, so that every line on stderr parses.
+static JSON_LOGS: AtomicBool = AtomicBool::new(false);
 
 /// `--log-format`: how log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -29,11 +34,14 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.with_ansi(use_colour()).init(),
-        LogFormat::Json => builder
-            .json()
-            .with_ansi(false)
-            .with_current_span(false)
-            .init(),
+        LogFormat::Json => {
+            JSON_LOGS.store(true, Ordering::Relaxed);
+            builder
+                .json()
+                .with_ansi(false)
+                .with_current_span(false)
+                .init();
+        }
     }
 }
 
@@ -59,10 +67,15 @@ pub fn long_version() -> &'static str {
 
 /// Prints `error: …` with the error's chain, each cause once (a cause whose
 /// text its parent already shows is not repeated), and exits with status 1.
+/// Under `--log-format json` the error is an error-level JSON log line.
 /// No backtrace: a person gets the message; developers can debug with logs.
 pub fn exit_on_error(result: anyhow::Result<()>) {
     if let Err(e) = result {
-        eprintln!("error: {}", describe(&e));
+        if JSON_LOGS.load(Ordering::Relaxed) {
+            tracing::error!("{}", describe(&e));
+        } else {
+            eprintln!("error: {}", describe(&e));
+        }
         std::process::exit(1);
     }
 }

@@ -841,6 +841,125 @@ mod tests {
     }
 
     #[test]
+    fn core_counters_and_per_frontend_metrics_are_exported() {
+        use clustergate_dataplane::flow::Proto;
+        use clustergate_dataplane::table::{BackendSpec, ServiceSpec};
+        let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("address") };
+        let table = Table::build(
+            7,
+            0,
+            &[
+                ServiceSpec::cluster_ip(
+                    ip("198.18.211.10"),
+                    80,
+                    Proto::Tcp,
+                    vec![
+                        BackendSpec::ready(ip("198.18.1.1"), 8080),
+                        BackendSpec::ready(ip("198.18.1.2"), 8080),
+                    ],
+                ),
+                ServiceSpec::cluster_ip(ip("2001:2::10"), 53, Proto::Udp, vec![]),
+            ],
+        )
+        .expect("table");
+        let mut s = server();
+        s.table = Arc::new(TableHandle::new(table));
+        let table = s.table.load_full();
+        {
+            let mut w = s.workers[0].1.lock().expect("stats");
+            w.pipeline.new_flows = 5;
+            w.pipeline.flows_moved = 1;
+            w.pipeline.affinity_hits = 2;
+            w.pipeline.icmp_errors = 3;
+            w.pipeline.replies = 9;
+            w.pipeline.packets[VerdictKind::Reject as usize] = 4;
+            w.backends.follow(&table);
+            w.backends.counts[0] = BackendCount {
+                new_flows: 3,
+                packets: 30,
+                bytes: 3000,
+            };
+            w.backends.counts[1] = BackendCount {
+                new_flows: 2,
+                packets: 20,
+                bytes: 2000,
+            };
+        }
+        let text = metrics(&s);
+        for want in [
+            r#"clustergate_new_flows_total{proxy_name="cg",worker="2"} 5"#,
+            r#"clustergate_flows_moved_total{proxy_name="cg",worker="2"} 1"#,
+            r#"clustergate_affinity_hits_total{proxy_name="cg",worker="2"} 2"#,
+            r#"clustergate_icmp_errors_translated_total{proxy_name="cg",worker="2"} 3"#,
+            r#"clustergate_replies_total{proxy_name="cg",worker="2"} 9"#,
+            r#"clustergate_rejects_sent_total{proxy_name="cg",worker="2"} 4"#,
+            r#"clustergate_rejects_sent_total{proxy_name="cg",worker="3"} 0"#,
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+        assert!(
+            !text.contains("clustergate_frontend_"),
+            "per-frontend is off by default"
+        );
+        s.per_frontend = true;
+        let text = metrics(&s);
+        for want in [
+            r#"clustergate_frontend_packets_total{proxy_name="cg",frontend="198.18.211.10:80",protocol="tcp",kind="clusterIP"} 50"#,
+            r#"clustergate_frontend_bytes_total{proxy_name="cg",frontend="198.18.211.10:80",protocol="tcp",kind="clusterIP"} 5000"#,
+            r#"clustergate_frontend_new_flows_total{proxy_name="cg",frontend="198.18.211.10:80",protocol="tcp",kind="clusterIP"} 5"#,
+            r#"clustergate_frontend_packets_total{proxy_name="cg",frontend="[2001:2::10]:53",protocol="udp",kind="clusterIP"} 0"#,
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+        promtool_check(&text);
+    }
+
+    /// `promtool check metrics` (Debian's `prometheus` package, installed by
+    /// scripts/install-deps.sh): the text parses, and follows Prometheus'
+    /// naming conventions (counters end in `_total`, units, case).
+    fn promtool_check(text: &str) {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (scripts/install-deps.sh installs Debian's prometheus package)");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("writing to promtool");
+        let out = child.wait_with_output().expect("promtool");
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // promtool reads the Prometheus text format, where a counter's HELP
+        // names the sample (`x_total`); OpenMetrics names the family (`x`).
+        // That one finding is expected for each counter, and only when its
+        // family has its HELP; anything else (a parse error, a naming or unit
+        // lint) fails.
+        let unexpected: Vec<&str> = report
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter(|l| {
+                let family = l
+                    .strip_suffix(" no help text")
+                    .and_then(|m| m.strip_suffix("_total"));
+                family.is_none_or(|f| !text.contains(&format!("# HELP {f} ")))
+            })
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "promtool check metrics: {unexpected:?}\n{report}"
+        );
+    }
+
+    #[test]
     fn frontends_are_counted_by_kind() {
         use clustergate_dataplane::flow::Proto;
         use clustergate_dataplane::table::{ServiceSpec, TableSpec};
