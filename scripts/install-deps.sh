@@ -4,7 +4,7 @@
 set -euo pipefail
 
 # libpcap-dev: libxdp-sys (under xsk-rs) builds xdp-tools, whose configure requires it.
-# prometheus: its promtool lints control's /metrics (control/tests/metrics.rs).
+# prometheus: its promtool checks control's and the gateway's /metrics in tests.
 packages=(clang llvm libelf-dev zlib1g-dev m4 pkg-config iproute2 nftables ethtool libpcap-dev prometheus)
 
 missing=()

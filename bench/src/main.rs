@@ -32,9 +32,13 @@ use clustergate_dataplane::time::Now;
 #[command(
     name = "clustergate-bench",
     version,
+    long_version = clustergate_dataplane::cli::long_version(),
     about = "clustergate benchmark harness"
 )]
 struct Cli {
+    /// Log lines on stderr: `text` (coloured only on a terminal) or `json`.
+    #[arg(long, global = true, value_enum, default_value_t = clustergate_dataplane::cli::LogFormat::Text)]
+    log_format: clustergate_dataplane::cli::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -86,18 +90,14 @@ enum Command {
 }
 
 fn main() {
-    // Logs go to stderr; stdout carries results (tables, JSON lines).
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
     clustergate_dataplane::cli::exit_on_error(real_main());
 }
 
 fn real_main() -> Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    // Logs go to stderr; stdout carries results (tables, JSON lines).
+    clustergate_dataplane::cli::init_logging(cli.log_format, "warn");
+    match cli.command {
         Command::Pipeline {
             flows,
             services,

@@ -14,6 +14,13 @@
 //!   miss → Maglev pick → conntrack insert → DNAT).
 //! - `batch/established_1m`: as `established/1m_flows`, through
 //!   `Worker::process_batch` (all 64 frames loaded, then processed).
+//! - `batch/established_1m_while_inspecting`: the same while another thread
+//!   takes flow snapshots back to back (`Conntrack::snapshot_flows`, 100 000
+//!   flows each, what `clustergate inspect flows --limit 100000` asks for, in
+//!   a loop): the cost to a worker of an operator reading the table.
+//!
+//! The workers' per-backend counters are on, as in the gateway
+//! (`Worker::follow_table` once per fixture).
 //!
 //! Setup: 10 000 TCP ClusterIP services (198.19.x.y:80, 10 ready endpoints
 //! each in 198.18.0.0/17, port 8080); clients in 198.18.128.0/17. Flows are
@@ -345,6 +352,8 @@ impl Established {
         let t0 = Instant::now();
         let now = Now::from_secs(1_000);
         let mut w = Worker::new(conntrack());
+        // Per-backend counters, as the gateway's workers keep them.
+        w.follow_table(table);
         let syn = syn_template();
         let synack = Template::new(
             Tcp {
@@ -722,6 +731,55 @@ fn main() {
         });
         assert_all_forwarded(&fx.worker, "batch");
     });
+    // The same, while flow snapshots run back to back on another core.
+    bench(
+        &mut g,
+        "batch",
+        "established_1m_while_inspecting",
+        &mut summary,
+        |b, s| {
+            let table = table_ref();
+            let fx = big.get_or_insert_with(|| Established::new(table, large));
+            let mut frames: Vec<Frame<'_>> = umem
+                .chunks_exact_mut(BUF_LEN)
+                .map(|buf| Frame { buf, len: 0 })
+                .collect();
+            let mut verdicts = vec![Verdict::Pass; BATCH];
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let ct = Arc::clone(fx.worker.conntrack());
+            let now = fx.now;
+            let reader = {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut out = Vec::with_capacity(100_000);
+                    let mut snapshots = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        out.clear();
+                        ct.snapshot_flows(now, 100_000, &|_| true, &mut out);
+                        snapshots += 1;
+                    }
+                    snapshots
+                })
+            };
+            let t0 = Instant::now();
+            s.time(b, || {
+                let (tmpl, recs) = fx.fwd.next_batch();
+                for (f, r) in frames.iter_mut().zip(recs) {
+                    f.len = tmpl.load(f.buf, r);
+                }
+                fx.worker
+                    .process_batch(fx.now, table, &mut frames, &mut verdicts);
+                black_box(&mut verdicts);
+            });
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let snapshots = reader.join().expect("snapshot thread");
+            eprintln!(
+                "while inspecting: {snapshots} snapshots of 100000 flows in {:.2?}",
+                t0.elapsed()
+            );
+            assert_all_forwarded(&fx.worker, "batch while inspecting");
+        },
+    );
     g.finish();
     drop(big);
 

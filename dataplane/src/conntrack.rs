@@ -16,7 +16,7 @@
 //! takes its own shard's lock, and what must change in the other shard (a
 //! removal, a copy of the state) is done after the first lock is released, so
 //! that no thread ever holds two shard locks. DSR flows have no reverse entry.
-//! IPv4 and IPv6 flows live in separate tables: an IPv4 flow costs 40 + 32
+//! IPv4 and IPv6 flows live in separate tables: an IPv4 flow costs 48 + 32
 //! bytes of entries (see the size tests). Memory is allocated once, at
 //! construction: tables never grow.
 //!
@@ -433,6 +433,12 @@ struct Fwd<A> {
     expires: u32,
     frontend: u32,
     epoch: u32,
+    /// The second the flow was bound: its age for `inspect flows`, and
+    /// whether it is younger than two seconds ([`Fwd::timeout`]).
+    born: u32,
+    /// The backend's index in the backend array of the table of `epoch`
+    /// (the workers' per-backend counters).
+    backend_index: u32,
     cport: u16,
     vport: u16,
     bport: u16,
@@ -442,9 +448,6 @@ struct Fwd<A> {
     state: u8,
     /// `MODE_*`.
     mode: u8,
-    /// The second the flow was bound, modulo 256: enough to tell a flow of
-    /// the last two seconds ([`Fwd::timeout`]).
-    born: u8,
 }
 
 impl<A: Ip> Fwd<A> {
@@ -479,10 +482,36 @@ impl<A: Ip> Fwd<A> {
     /// it has been answered *and* is two seconds old: a single request and
     /// reply (DNS) keeps the short one, and frees its SNAT port as soon.
     fn timeout(&self, state: FlowState, now: u32, to: &Timeouts) -> u32 {
-        if state == FlowState::Replied && (now as u8).wrapping_sub(self.born) < 2 {
+        if state == FlowState::Replied && now.saturating_sub(self.born) < 2 {
             to.datagram
         } else {
             state.timeout(to)
+        }
+    }
+
+    /// The flow as `inspect flows` shows it at `now`.
+    fn info(&self, now: u32, to: &Timeouts) -> FlowInfo {
+        let state = FlowState::from_u8(self.state);
+        // The last packet restarted the idle timer: `expires` is then plus
+        // the timeout of the state it left (the short one for a datagram
+        // flow answered within its first two seconds).
+        let mut last = self.expires.saturating_sub(state.timeout(to));
+        if last < self.born && state == FlowState::Replied {
+            last = self.expires.saturating_sub(to.datagram);
+        }
+        let last = last.max(self.born);
+        FlowInfo {
+            client: self.client.to16(),
+            client_port: self.cport,
+            frontend: self.vip.to16(),
+            frontend_port: self.vport,
+            backend: self.backend.to16(),
+            backend_port: self.bport,
+            proto: Proto::from_ip_number(self.proto).unwrap_or(Proto::Tcp),
+            nat: self.nat(),
+            state,
+            age_s: now.saturating_sub(self.born),
+            idle_s: now.saturating_sub(last),
         }
     }
 
@@ -716,6 +745,8 @@ pub struct FlowHit {
     pub frontend: u32,
     /// The table epoch (low 32 bits of its generation) the binding was checked in.
     pub epoch: u32,
+    /// The backend's index in the backend array of the table of `epoch`.
+    pub backend_index: u32,
     /// State after this packet.
     pub state: FlowState,
     /// How the flow's replies come back.
@@ -736,6 +767,33 @@ pub struct ReplyHit {
     pub client_port: u16,
     /// State after this packet.
     pub state: FlowState,
+}
+
+/// One tracked flow, as [`Conntrack::snapshot_flows`] copies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowInfo {
+    /// The client's address.
+    pub client: Addr16,
+    /// The client's port.
+    pub client_port: u16,
+    /// The frontend (virtual) address the client sent to.
+    pub frontend: Addr16,
+    /// The frontend port.
+    pub frontend_port: u16,
+    /// The backend the flow is bound to.
+    pub backend: Addr16,
+    /// Its port.
+    pub backend_port: u16,
+    /// The protocol.
+    pub proto: Proto,
+    /// How the flow's replies come back (the SNAT address and port, if any).
+    pub nat: FlowNat,
+    /// Its state.
+    pub state: FlowState,
+    /// Seconds since it was bound.
+    pub age_s: u32,
+    /// Seconds since its last packet that restarted the idle timer.
+    pub idle_s: u32,
 }
 
 /// Why a flow could not be inserted.
@@ -760,6 +818,8 @@ pub struct Binding {
     pub frontend: u32,
     /// Current table epoch.
     pub epoch: u32,
+    /// The backend's index in the current table's backend array.
+    pub backend_index: u32,
     /// How replies come back. For [`FlowNat::Snat`] the address and port
     /// are taken as they are ([`Conntrack::insert_snat`] allocates them).
     pub nat: FlowNat,
@@ -1027,6 +1087,7 @@ impl<A: Ip> Tracker<A> {
                     backend_port: e.bport,
                     frontend: e.frontend,
                     epoch: e.epoch,
+                    backend_index: e.backend_index,
                     state,
                     nat: e.nat(),
                 })
@@ -1167,6 +1228,8 @@ impl<A: Ip> Tracker<A> {
             expires: now.saturating_add(state.timeout(to)),
             frontend: b.frontend,
             epoch: b.epoch,
+            born: now,
+            backend_index: b.backend_index,
             cport: k.cport,
             vport: k.vport,
             bport: b.backend_port,
@@ -1174,7 +1237,6 @@ impl<A: Ip> Tracker<A> {
             proto: k.proto,
             state: state as u8,
             mode,
-            born: now as u8,
         };
         let i = self.fwd_shard(&k);
         // The reverse entry written with the forward one (same shard).
@@ -1408,12 +1470,13 @@ impl<A: Ip> Tracker<A> {
     }
 
     /// Updates the cached frontend index and epoch of a still-valid binding.
-    fn revalidate(&self, t: &FlowTuple, frontend: u32, epoch: u32) {
+    fn revalidate(&self, t: &FlowTuple, frontend: u32, epoch: u32, backend_index: u32) {
         let k = FwdKey::of(t);
         let mut s = self.lock(self.fwd_shard(&k));
         if let Some(e) = s.fwd.find_mut(self.fwd_hash(&k), is_fwd(&k)) {
             e.frontend = frontend;
             e.epoch = epoch;
+            e.backend_index = backend_index;
         }
     }
 
@@ -1455,6 +1518,35 @@ impl<A: Ip> Tracker<A> {
 
     fn len(&self) -> usize {
         self.shards.iter().map(|m| lock(&m.0).fwd.len()).sum()
+    }
+
+    /// [`Conntrack::snapshot_flows`] for one family.
+    fn snapshot(
+        &self,
+        now: u32,
+        to: &Timeouts,
+        limit: usize,
+        keep: &dyn Fn(&FlowInfo) -> bool,
+        out: &mut Vec<FlowInfo>,
+    ) {
+        for m in self.shards.iter() {
+            if out.len() >= limit {
+                return;
+            }
+            let s = lock(&m.0);
+            for e in s.fwd.iter() {
+                if e.expires <= now {
+                    continue;
+                }
+                let info = e.info(now, to);
+                if keep(&info) {
+                    out.push(info);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     fn capacity(&self) -> usize {
@@ -1740,12 +1832,40 @@ impl Conntrack {
         }
     }
 
-    /// Records that flow `t`'s backend is still valid in table `epoch`.
-    pub fn revalidate(&self, family: Family, t: &FlowTuple, frontend: u32, epoch: u32) {
+    /// Records that flow `t`'s backend is still valid in table `epoch`,
+    /// as frontend `frontend`'s backend `backend_index` (both indices in that
+    /// table).
+    pub fn revalidate(
+        &self,
+        family: Family,
+        t: &FlowTuple,
+        frontend: u32,
+        epoch: u32,
+        backend_index: u32,
+    ) {
         match family {
-            Family::V4 => self.v4.revalidate(t, frontend, epoch),
-            Family::V6 => self.v6.revalidate(t, frontend, epoch),
+            Family::V4 => self.v4.revalidate(t, frontend, epoch, backend_index),
+            Family::V6 => self.v6.revalidate(t, frontend, epoch, backend_index),
         }
+    }
+
+    /// Copies the live flows that `keep` accepts into `out`, until it holds
+    /// `limit` (IPv4 first, then IPv6). For `inspect flows`: one shard lock
+    /// at a time, each held only to copy that shard's matches (at most what
+    /// `limit` leaves room for), never the whole table's. `out` is reserved
+    /// up front, so nothing is allocated under a lock. Not on the packet
+    /// path: it walks whole shards.
+    pub fn snapshot_flows(
+        &self,
+        now: Now,
+        limit: usize,
+        keep: &dyn Fn(&FlowInfo) -> bool,
+        out: &mut Vec<FlowInfo>,
+    ) {
+        out.reserve(limit.saturating_sub(out.len()));
+        let n = now.secs32();
+        self.v4.snapshot(n, &self.timeouts, limit, keep, out);
+        self.v6.snapshot(n, &self.timeouts, limit, keep, out);
     }
 
     /// Sweeps `shards` shards (of each family) for expired entries, continuing
@@ -1911,6 +2031,7 @@ mod tests {
             backend_port: port,
             frontend: 0,
             epoch: 1,
+            backend_index: 0,
             nat: FlowNat::Routed,
         }
     }
@@ -1927,11 +2048,11 @@ mod tests {
 
     #[test]
     fn entry_sizes_meet_the_memory_target() {
-        // 72 bytes of entries per IPv4 flow (both directions), whatever its
+        // 80 bytes of entries per IPv4 flow (both directions), whatever its
         // return path (a DSR flow has no reverse entry).
-        assert_eq!(std::mem::size_of::<Fwd<[u8; 4]>>(), 40);
+        assert_eq!(std::mem::size_of::<Fwd<[u8; 4]>>(), 48);
         assert_eq!(std::mem::size_of::<Rev<[u8; 4]>>(), 32);
-        assert_eq!(std::mem::size_of::<Fwd<[u8; 16]>>(), 88);
+        assert_eq!(std::mem::size_of::<Fwd<[u8; 16]>>(), 96);
         assert_eq!(std::mem::size_of::<Rev<[u8; 16]>>(), 80);
     }
 
@@ -2292,6 +2413,7 @@ mod tests {
             backend_port: 8080,
             frontend: 0,
             epoch: 1,
+            backend_index: 0,
             nat: FlowNat::Routed,
         };
         ct.insert(
@@ -2671,5 +2793,139 @@ mod tests {
             FlowState::TcpEstablished
         );
         assert_eq!(FlowState::initial(Proto::Udp, 0), FlowState::Unreplied);
+    }
+
+    #[test]
+    fn a_flow_snapshot_is_bounded_filtered_and_shard_by_shard() {
+        let ct = Conntrack::new(&Config {
+            capacity: 4096,
+            shards: 16,
+            affinity_capacity: 64,
+            fragment_capacity: 64,
+            timeouts: Timeouts::default(),
+        });
+        let t0 = Now::from_secs(100);
+        for i in 0..200u16 {
+            let b = Binding {
+                backend_port: if i % 2 == 0 { 8080 } else { 9090 },
+                backend_index: u32::from(i % 2),
+                ..bind(8080)
+            };
+            ct.insert(t0, Family::V4, &t(1000 + i), &b, FlowState::TcpSynSent)
+                .unwrap();
+        }
+        // One source-NATed IPv6 flow.
+        let v6 = FlowTuple {
+            src_addr: "2001:2::1".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            dst_addr: "2001:2::10".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            src_port: 5555,
+            dst_port: 80,
+            proto: Proto::Udp,
+        };
+        let gw = "2001:2::99".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let nat = ct
+            .insert_snat(
+                t0,
+                Family::V6,
+                &v6,
+                &bind(53),
+                FlowState::Unreplied,
+                &[gw],
+                PortRange::new(2000, 2100).unwrap(),
+            )
+            .unwrap();
+        // Ten seconds on, the first flow sees a packet.
+        let t1 = Now::from_secs(110);
+        ct.lookup_original(t1, Family::V4, &t(1000), tcp_flags::ACK, true)
+            .unwrap();
+        let t2 = Now::from_secs(115);
+
+        let mut all = Vec::new();
+        ct.snapshot_flows(t2, 10_000, &|_| true, &mut all);
+        assert_eq!(all.len(), 201);
+        let first = all.iter().find(|f| f.client_port == 1000).unwrap();
+        assert_eq!((first.age_s, first.idle_s), (15, 5));
+        assert_eq!(first.frontend, v4_to_16([198, 19, 0, 10]));
+        assert_eq!(first.frontend_port, 80);
+        assert_eq!(first.backend, v4_to_16([198, 18, 1, 1]));
+        assert_eq!(first.nat, FlowNat::Routed);
+        let other = all.iter().find(|f| f.client_port == 1001).unwrap();
+        assert_eq!((other.age_s, other.idle_s), (15, 15));
+        assert_eq!(other.state, FlowState::TcpSynSent);
+        let last = all.last().unwrap();
+        assert_eq!(
+            (last.proto, last.nat, last.state),
+            (Proto::Udp, nat, FlowState::Unreplied)
+        );
+        assert_eq!(last.client, v6.src_addr);
+
+        // A limit stops the walk; a filter keeps only what it accepts.
+        let mut some = Vec::new();
+        ct.snapshot_flows(t2, 7, &|_| true, &mut some);
+        assert_eq!(some.len(), 7);
+        let mut nines = Vec::new();
+        ct.snapshot_flows(t2, 1000, &|f| f.backend_port == 9090, &mut nines);
+        assert_eq!(nines.len(), 100);
+        assert!(nines.iter().all(|f| f.client_port % 2 == 1));
+
+        // Expired flows are not shown (SYN sent: 60 s).
+        let mut later = Vec::new();
+        ct.snapshot_flows(Now::from_secs(165), 1000, &|_| true, &mut later);
+        assert_eq!(later.len(), 1, "{later:?}");
+        assert_eq!(later[0].client_port, 1000, "the flow touched at 110 s");
+    }
+
+    #[test]
+    fn a_flow_snapshot_never_stops_the_workers() {
+        // A worker keeps inserting and looking up while snapshots run: each
+        // snapshot holds one shard at a time, so the worker never waits for a
+        // whole walk, and it finishes its work while snapshots go on.
+        let ct = std::sync::Arc::new(Conntrack::new(&Config {
+            capacity: 1 << 14,
+            shards: 64,
+            affinity_capacity: 64,
+            fragment_capacity: 64,
+            timeouts: Timeouts::default(),
+        }));
+        let now = Now::from_secs(1);
+        for i in 0..8000u16 {
+            ct.insert(
+                now,
+                Family::V4,
+                &t(i),
+                &bind(8080),
+                FlowState::TcpEstablished,
+            )
+            .unwrap();
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let walker = {
+            let (ct, stop) = (std::sync::Arc::clone(&ct), std::sync::Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut walks = 0u32;
+                let mut out = Vec::with_capacity(10_000);
+                while !stop.load(Ordering::Relaxed) {
+                    out.clear();
+                    ct.snapshot_flows(now, 10_000, &|_| true, &mut out);
+                    walks += 1;
+                }
+                walks
+            })
+        };
+        let mut hits = 0u32;
+        for round in 0..20u16 {
+            for i in 0..8000u16 {
+                if ct
+                    .lookup_original(now, Family::V4, &t(i), tcp_flags::ACK, round % 2 == 0)
+                    .is_some()
+                {
+                    hits += 1;
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        let walks = walker.join().unwrap();
+        assert_eq!(hits, 20 * 8000);
+        assert!(walks > 0);
     }
 }

@@ -70,9 +70,15 @@ pub struct RunArgs {
     /// Queues per interface (0..N); worker `w` polls queues w, w+W, ….
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=steer::MAX_QUEUES as i64))]
     pub queues: u32,
-    /// Prometheus metrics, `/healthz` and `/livez` on this address.
+    /// Prometheus metrics, `/healthz`, `/livez` and the inspection API
+    /// (`/api/v1/*`, `clustergate inspect`) on this address.
     #[arg(long, default_value = "127.0.0.1:10257")]
     pub metrics: SocketAddr,
+    /// Also export packets, bytes and new flows per frontend
+    /// (`clustergate_frontend_*`): one series per frontend and metric, so
+    /// off by default.
+    #[arg(long)]
+    pub metrics_per_frontend: bool,
     /// The proxy name this gateway serves (control's `--proxy-name`); a label
     /// on every metric.
     #[arg(long, default_value = "clustergate")]
@@ -758,6 +764,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             .copied()
             .zip(plan.shares.clone())
             .collect(),
+        table: Arc::clone(&handle),
+        epoch: started,
+        per_frontend: args.metrics_per_frontend,
     };
     gateway_http::spawn(args.metrics, http)
         .with_context(|| format!("--metrics {}", args.metrics))?;

@@ -1,5 +1,7 @@
 //! The gateway's `--metrics` address: Prometheus text at `/metrics`
-//! (prometheus-client), `/healthz` and `/livez` like kube-proxy's.
+//! (prometheus-client), `/healthz` and `/livez` like kube-proxy's, and the
+//! inspection API at `/api/v1/services`, `/api/v1/flows` and
+//! `/api/v1/summary` (JSON, [`crate::inspect`]).
 //!
 //! Owns: a small blocking HTTP/1.1 responder on a thread of its own (GET and
 //! HEAD, one request per connection) and the metric families, built afresh
@@ -19,10 +21,12 @@ use clustergate_dataplane::conntrack::Conntrack;
 use clustergate_dataplane::io::nexthop::Unresolved;
 use clustergate_dataplane::io::steer::SteerStats;
 use clustergate_dataplane::io::worker::WorkerStats;
+use clustergate_dataplane::pipeline::{BackendCount, BackendKey};
 use clustergate_dataplane::pipeline::{DropReason, VerdictKind};
-use clustergate_dataplane::snapshot::SnapshotStats;
+use clustergate_dataplane::snapshot::{SnapshotStats, TableHandle};
 use clustergate_dataplane::snat::PortRange;
 use clustergate_dataplane::table::{FrontendKind, Table};
+use clustergate_dataplane::time::Now;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -98,6 +102,12 @@ pub struct Server {
     pub conntrack: Arc<Conntrack>,
     /// (core, its share of the SNAT ports) per worker.
     pub snat_ports: Vec<(usize, PortRange)>,
+    /// The table the workers use (the inspection API reads it).
+    pub table: Arc<TableHandle>,
+    /// The workers' clock origin: conntrack times are relative to it.
+    pub epoch: Instant,
+    /// `--metrics-per-frontend`: packets, bytes and new flows per frontend.
+    pub per_frontend: bool,
 }
 
 /// A heartbeat older than this makes `/livez` and `/healthz` answer 503.
@@ -140,8 +150,13 @@ fn answer(mut conn: TcpStream, server: &Server) -> std::io::Result<()> {
     let head = String::from_utf8_lossy(&buf[..len]);
     let mut words = head.split_whitespace();
     let method = words.next().unwrap_or("");
-    let path = words.next().unwrap_or("");
+    let target = words.next().unwrap_or("");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let (status, ctype, body) = match (method, path) {
+        ("GET" | "HEAD", p) if p.starts_with("/api/") => {
+            let (s, b) = api(server, p, query);
+            (s, "application/json", b)
+        }
         ("GET" | "HEAD", "/metrics") => (
             200,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -164,6 +179,7 @@ fn answer(mut conn: TcpStream, server: &Server) -> std::io::Result<()> {
     };
     let reason = match status {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         _ => "Service Unavailable",
@@ -176,6 +192,72 @@ fn answer(mut conn: TcpStream, server: &Server) -> std::io::Result<()> {
         out.push_str(&body);
     }
     conn.write_all(out.as_bytes())
+}
+
+/// A copy of every worker's published counters, with its core.
+fn worker_stats(server: &Server) -> Vec<(usize, WorkerStats)> {
+    server
+        .workers
+        .iter()
+        .map(|(c, w)| (*c, w.lock().unwrap_or_else(PoisonError::into_inner).clone()))
+        .collect()
+}
+
+/// `/api/v1/*`: (status, JSON body). The flows come from a bounded,
+/// shard-by-shard conntrack snapshot: the workers are never stopped.
+fn api(server: &Server, path: &str, query: &str) -> (u16, String) {
+    let json = |v: serde_json::Result<String>| match v {
+        Ok(s) => (200, s + "\n"),
+        Err(e) => (500, error_json(&format!("encoding: {e}"))),
+    };
+    match path.strip_prefix(crate::inspect::API) {
+        Some("/services") => {
+            let table = server.table.load_full();
+            let workers: Vec<WorkerStats> =
+                worker_stats(server).into_iter().map(|(_, w)| w).collect();
+            json(serde_json::to_string(&crate::inspect::services(
+                &table, &workers,
+            )))
+        }
+        Some("/flows") => match crate::inspect::FlowQuery::parse(query) {
+            Ok(q) => {
+                let now = Now(Instant::now()
+                    .saturating_duration_since(server.epoch)
+                    .as_nanos() as u64);
+                json(serde_json::to_string(&crate::inspect::flows(
+                    &server.conntrack,
+                    now,
+                    &q,
+                )))
+            }
+            Err(e) => (400, error_json(&e)),
+        },
+        Some("/summary") => {
+            let table = server.table.load_full();
+            let generation = server
+                .status
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .generation;
+            json(serde_json::to_string(&crate::inspect::summary(
+                generation,
+                &table,
+                &server.conntrack,
+                &worker_stats(server),
+            )))
+        }
+        _ => (
+            404,
+            error_json(&format!(
+                "no such API path {path:?}: {api}/services, {api}/flows, {api}/summary",
+                api = crate::inspect::API
+            )),
+        ),
+    }
+}
+
+fn error_json(msg: &str) -> String {
+    format!("{}\n", serde_json::json!({ "error": msg }))
 }
 
 /// Why the gateway is not healthy, if it is not.
@@ -275,6 +357,62 @@ fn l(pairs: &[(&str, String)]) -> Labels {
         .collect()
 }
 
+/// `--metrics-per-frontend`: each frontend of the current table with the
+/// packets, bytes and new flows forwarded to its backends (summed over the
+/// workers, counted against the table each used). One series per frontend
+/// and metric: off by default, as a large table makes many.
+fn per_frontend(reg: &mut Registry, server: &Server, workers: &[(String, WorkerStats)]) {
+    let mut sums: std::collections::HashMap<BackendKey, BackendCount> =
+        std::collections::HashMap::new();
+    for (_, w) in workers {
+        for (k, c) in w.backends.keys.iter().zip(&w.backends.counts) {
+            sums.entry(*k).or_default().add(c);
+        }
+    }
+    let table = server.table.load_full();
+    let keys = BackendKey::all_of(&table);
+    let mut rows: Vec<(Labels, BackendCount)> = Vec::new();
+    for f in table.frontends() {
+        let start = f.backends_start as usize;
+        let mut total = BackendCount::default();
+        for i in 0..f.backends_len as usize {
+            if let Some(c) = keys.get(start + i).and_then(|k| sums.get(k)) {
+                total.add(c);
+            }
+        }
+        let kind = FRONTEND_KINDS
+            .iter()
+            .find(|(k, _)| *k as u8 == f.kind)
+            .map_or("unknown", |(_, l)| l);
+        rows.push((
+            l(&[
+                ("frontend", crate::inspect::endpoint(&f.addr, f.port)),
+                ("protocol", crate::inspect::proto_name(f.proto)),
+                ("kind", (*kind).into()),
+            ]),
+            total,
+        ));
+    }
+    counter_family(
+        reg,
+        "frontend_packets",
+        "Frames forwarded to a frontend's backends (--metrics-per-frontend)",
+        rows.iter().map(|(l, c)| (l.clone(), c.packets)),
+    );
+    counter_family(
+        reg,
+        "frontend_bytes",
+        "Bytes, as received, of the frames forwarded to a frontend's backends (--metrics-per-frontend)",
+        rows.iter().map(|(l, c)| (l.clone(), c.bytes)),
+    );
+    counter_family(
+        reg,
+        "frontend_new_flows",
+        "New flows bound to a frontend's backends (--metrics-per-frontend)",
+        rows.iter().map(|(l, c)| (l.clone(), c.new_flows)),
+    );
+}
+
 /// The metrics, in the text exposition format.
 fn metrics(server: &Server) -> String {
     let mut reg = Registry::with_prefix_and_labels(
@@ -358,6 +496,51 @@ fn metrics(server: &Server) -> String {
             .iter()
             .map(|(c, w)| (l(&[("worker", c.clone())]), w.pipeline.encap_too_big)),
     );
+    let per_worker = |f: fn(&WorkerStats) -> u64| {
+        workers
+            .iter()
+            .map(|(c, w)| (l(&[("worker", c.clone())]), f(w)))
+            .collect::<Vec<_>>()
+    };
+    counter_family(
+        &mut reg,
+        "new_flows",
+        "New flows bound to a backend, per worker",
+        per_worker(|w| w.pipeline.new_flows),
+    );
+    counter_family(
+        &mut reg,
+        "flows_moved",
+        "Tracked flows whose backend left the table and that were bound anew, per worker",
+        per_worker(|w| w.pipeline.flows_moved),
+    );
+    counter_family(
+        &mut reg,
+        "affinity_hits",
+        "New flows sent to their ClientIP-affinity backend, per worker",
+        per_worker(|w| w.pipeline.affinity_hits),
+    );
+    counter_family(
+        &mut reg,
+        "icmp_errors_translated",
+        "ICMP errors that followed their flow, translated as the flow is, per worker",
+        per_worker(|w| w.pipeline.icmp_errors),
+    );
+    counter_family(
+        &mut reg,
+        "replies",
+        "Backend replies reverse-NATed, per worker",
+        per_worker(|w| w.pipeline.replies),
+    );
+    counter_family(
+        &mut reg,
+        "rejects_sent",
+        "Rejects sent back to clients (TCP RST or ICMP unreachable for a frontend without endpoints, and ICMP too big for DSR), per worker",
+        per_worker(|w| w.pipeline.count(VerdictKind::Reject)),
+    );
+    if server.per_frontend {
+        per_frontend(&mut reg, server, &workers);
+    }
     gauge_family(
         &mut reg,
         "snat_ports",
@@ -608,6 +791,9 @@ mod tests {
                 (2, PortRange::new(1024, 15_511).expect("range")),
                 (3, PortRange::new(15_512, 29_999).expect("range")),
             ],
+            table: Arc::new(TableHandle::default()),
+            epoch: Instant::now(),
+            per_frontend: false,
         }
     }
 
@@ -652,6 +838,125 @@ mod tests {
             let series = format!(r#"worker="3",reason="{}"}}"#, r.label());
             assert!(text.contains(&series), "{series} missing");
         }
+    }
+
+    #[test]
+    fn core_counters_and_per_frontend_metrics_are_exported() {
+        use clustergate_dataplane::flow::Proto;
+        use clustergate_dataplane::table::{BackendSpec, ServiceSpec};
+        let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("address") };
+        let table = Table::build(
+            7,
+            0,
+            &[
+                ServiceSpec::cluster_ip(
+                    ip("198.18.211.10"),
+                    80,
+                    Proto::Tcp,
+                    vec![
+                        BackendSpec::ready(ip("198.18.1.1"), 8080),
+                        BackendSpec::ready(ip("198.18.1.2"), 8080),
+                    ],
+                ),
+                ServiceSpec::cluster_ip(ip("2001:2::10"), 53, Proto::Udp, vec![]),
+            ],
+        )
+        .expect("table");
+        let mut s = server();
+        s.table = Arc::new(TableHandle::new(table));
+        let table = s.table.load_full();
+        {
+            let mut w = s.workers[0].1.lock().expect("stats");
+            w.pipeline.new_flows = 5;
+            w.pipeline.flows_moved = 1;
+            w.pipeline.affinity_hits = 2;
+            w.pipeline.icmp_errors = 3;
+            w.pipeline.replies = 9;
+            w.pipeline.packets[VerdictKind::Reject as usize] = 4;
+            w.backends.follow(&table);
+            w.backends.counts[0] = BackendCount {
+                new_flows: 3,
+                packets: 30,
+                bytes: 3000,
+            };
+            w.backends.counts[1] = BackendCount {
+                new_flows: 2,
+                packets: 20,
+                bytes: 2000,
+            };
+        }
+        let text = metrics(&s);
+        for want in [
+            r#"clustergate_new_flows_total{proxy_name="cg",worker="2"} 5"#,
+            r#"clustergate_flows_moved_total{proxy_name="cg",worker="2"} 1"#,
+            r#"clustergate_affinity_hits_total{proxy_name="cg",worker="2"} 2"#,
+            r#"clustergate_icmp_errors_translated_total{proxy_name="cg",worker="2"} 3"#,
+            r#"clustergate_replies_total{proxy_name="cg",worker="2"} 9"#,
+            r#"clustergate_rejects_sent_total{proxy_name="cg",worker="2"} 4"#,
+            r#"clustergate_rejects_sent_total{proxy_name="cg",worker="3"} 0"#,
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+        assert!(
+            !text.contains("clustergate_frontend_"),
+            "per-frontend is off by default"
+        );
+        s.per_frontend = true;
+        let text = metrics(&s);
+        for want in [
+            r#"clustergate_frontend_packets_total{proxy_name="cg",frontend="198.18.211.10:80",protocol="tcp",kind="clusterIP"} 50"#,
+            r#"clustergate_frontend_bytes_total{proxy_name="cg",frontend="198.18.211.10:80",protocol="tcp",kind="clusterIP"} 5000"#,
+            r#"clustergate_frontend_new_flows_total{proxy_name="cg",frontend="198.18.211.10:80",protocol="tcp",kind="clusterIP"} 5"#,
+            r#"clustergate_frontend_packets_total{proxy_name="cg",frontend="[2001:2::10]:53",protocol="udp",kind="clusterIP"} 0"#,
+        ] {
+            assert!(text.contains(want), "{want:?} missing from:\n{text}");
+        }
+        promtool_check(&text);
+    }
+
+    /// `promtool check metrics` (Debian's `prometheus` package, installed by
+    /// scripts/install-deps.sh): the text parses, and follows Prometheus'
+    /// naming conventions (counters end in `_total`, units, case).
+    fn promtool_check(text: &str) {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool (scripts/install-deps.sh installs Debian's prometheus package)");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(text.as_bytes())
+            .expect("writing to promtool");
+        let out = child.wait_with_output().expect("promtool");
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // promtool reads the Prometheus text format, where a counter's HELP
+        // names the sample (`x_total`); OpenMetrics names the family (`x`).
+        // That one finding is expected for each counter, and only when its
+        // family has its HELP; anything else (a parse error, a naming or unit
+        // lint) fails.
+        let unexpected: Vec<&str> = report
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .filter(|l| {
+                let family = l
+                    .strip_suffix(" no help text")
+                    .and_then(|m| m.strip_suffix("_total"));
+                family.is_none_or(|f| !text.contains(&format!("# HELP {f} ")))
+            })
+            .collect();
+        assert!(
+            unexpected.is_empty(),
+            "promtool check metrics: {unexpected:?}\n{report}"
+        );
     }
 
     #[test]

@@ -7,10 +7,13 @@
 //!   snapshot written by `clustergate-control`;
 //! - `watch`: follow the published snapshots in a directory, as the gateway's
 //!   workers will, and report each generation applied or refused;
-//! - `run`: the AF_XDP gateway (see [`gateway`]).
+//! - `run`: the AF_XDP gateway (see [`gateway`]);
+//! - `inspect`: a running gateway's services, flows and summary, from its
+//!   `/api/v1/*` (see [`inspect`]).
 
 mod gateway;
 mod gateway_http;
+mod inspect;
 mod replay;
 
 use std::fs::File;
@@ -22,6 +25,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use clustergate_dataplane::cli::LogFormat;
 use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{addr16, ip_from16, Addr16, Proto};
 use clustergate_dataplane::pipeline::{Counters, DropReason, Verdict, VerdictKind, Worker};
@@ -36,9 +40,14 @@ use ipnet::IpNet;
 #[command(
     name = "clustergate",
     version,
+    long_version = clustergate_dataplane::cli::long_version(),
     about = "Kubernetes Service gateway (AF_XDP dataplane)"
 )]
 struct Cli {
+    /// Log lines on stderr: `text` (coloured only on a terminal) or `json`
+    /// (one object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,6 +56,9 @@ struct Cli {
 enum Command {
     /// Run the AF_XDP gateway on one or two interfaces.
     Run(gateway::RunArgs),
+    /// Show a running gateway's services, flows or summary (from its
+    /// `--metrics` address, `/api/v1/*`).
+    Inspect(inspect::InspectArgs),
     /// Run every packet of a pcap through the pipeline with a snapshot's table.
     Replay {
         /// Snapshot file (from `clustergate-control build`, or a `gen-*.snap`).
@@ -115,14 +127,11 @@ fn main() {
 }
 
 fn real_main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    clustergate_dataplane::cli::init_logging(cli.log_format, "info");
+    match cli.command {
         Command::Run(args) => gateway::run(args),
+        Command::Inspect(args) => inspect::run(&args),
         Command::Demo { flows, workers } => demo(flows, usize::from(workers)),
         Command::Replay {
             snapshot,

@@ -130,6 +130,121 @@ impl Counters {
     }
 }
 
+/// One backend's counters in one worker: flows bound to it, and the frames
+/// (and their bytes, as received) forwarded to it, client to backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendCount {
+    /// New flows bound to it.
+    pub new_flows: u64,
+    /// Frames forwarded to it.
+    pub packets: u64,
+    /// Their bytes, as received.
+    pub bytes: u64,
+}
+
+impl BackendCount {
+    /// Adds another count (totals over workers).
+    pub fn add(&mut self, o: &Self) {
+        self.new_flows += o.new_flows;
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+    }
+}
+
+/// What names a backend of a frontend across table generations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    /// The frontend's address.
+    pub frontend: Addr16,
+    /// Its port.
+    pub frontend_port: u16,
+    /// Its protocol number.
+    pub proto: u8,
+    /// Its [`crate::table::FrontendKind`] value.
+    pub kind: u8,
+    /// The backend's address.
+    pub backend: Addr16,
+    /// Its port.
+    pub backend_port: u16,
+}
+
+impl BackendKey {
+    /// The key of every backend of `table`, in backend-array order.
+    #[must_use]
+    pub fn all_of(table: &Table) -> Vec<Self> {
+        let mut keys = vec![Self::default_for_len(); table.backend_records().len()];
+        for f in table.frontends() {
+            let start = f.backends_start as usize;
+            for (i, b) in table.backends_of(f).iter().enumerate() {
+                if let Some(k) = keys.get_mut(start + i) {
+                    *k = Self {
+                        frontend: f.addr,
+                        frontend_port: f.port,
+                        proto: f.proto,
+                        kind: f.kind,
+                        backend: b.addr,
+                        backend_port: b.port,
+                    };
+                }
+            }
+        }
+        keys
+    }
+
+    const fn default_for_len() -> Self {
+        Self {
+            frontend: [0; 16],
+            frontend_port: 0,
+            proto: 0,
+            kind: 0,
+            backend: [0; 16],
+            backend_port: 0,
+        }
+    }
+}
+
+/// A worker's per-backend counters, indexed like the backend array of the
+/// table of `generation` ([`Table::backend_records`]). Plain integers: each
+/// worker owns its own, and readers sum them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendCounters {
+    /// The table generation the indices refer to.
+    pub generation: u64,
+    /// Counts per backend index.
+    pub counts: Vec<BackendCount>,
+    /// What each index names ([`BackendKey::all_of`] of that table).
+    pub keys: Vec<BackendKey>,
+}
+
+impl BackendCounters {
+    /// Re-indexes the counts for `table` when it is another generation: a
+    /// backend that is still there (same frontend, same address and port)
+    /// keeps its counts; those of removed backends are dropped. Allocates:
+    /// call it between batches (the I/O layer does, once per batch; it only
+    /// compares generations unless the table changed). True when it did.
+    pub fn follow(&mut self, table: &Table) -> bool {
+        if self.generation == table.generation()
+            && self.counts.len() == table.backend_records().len()
+        {
+            return false;
+        }
+        let keys = BackendKey::all_of(table);
+        let old: hashbrown::HashMap<BackendKey, BackendCount, foldhash::fast::FixedState> = self
+            .keys
+            .iter()
+            .copied()
+            .zip(self.counts.iter().copied())
+            .collect();
+        self.counts = keys
+            .iter()
+            .map(|k| old.get(k).copied().unwrap_or_default())
+            .collect();
+        self.keys = keys;
+        self.generation = table.generation();
+        true
+    }
+}
+
 /// A frame in a batch: a buffer (with room for a reject) and its length.
 #[derive(Debug)]
 pub struct Frame<'a> {
@@ -157,6 +272,9 @@ pub struct Worker {
     node_addrs: Option<Arc<dyn NodeAddrs>>,
     /// This worker's counters.
     pub counters: Counters,
+    /// This worker's per-backend counters: kept only once
+    /// [`Worker::follow_table`] sized them for the table in use.
+    pub backends: BackendCounters,
 }
 
 type Step = Result<Verdict, DropReason>;
@@ -166,6 +284,8 @@ type Step = Result<Verdict, DropReason>;
 struct Bound {
     backend: Addr16,
     backend_port: u16,
+    /// Its index in the table's backend array.
+    backend_index: u32,
     nat: FlowNat,
 }
 
@@ -214,6 +334,30 @@ impl Worker {
             sources: None,
             node_addrs: None,
             counters: Counters::default(),
+            backends: BackendCounters::default(),
+        }
+    }
+
+    /// Sizes the per-backend counters for `table` (re-indexing them when its
+    /// generation is new). Between batches only: it allocates when the table
+    /// changed. Until it is called, no per-backend counts are kept.
+    pub fn follow_table(&mut self, table: &Table) {
+        self.backends.follow(table);
+    }
+
+    /// Counts a frame of `len` bytes forwarded to backend `index` of `table`.
+    #[inline]
+    fn count_backend(&mut self, table: &Table, index: u32, len: usize, new_flow: bool) {
+        if self.backends.generation != table.generation() {
+            return;
+        }
+        if let Some(c) = self.backends.counts.get_mut(index as usize) {
+            if new_flow {
+                c.new_flows += 1;
+            } else {
+                c.packets += 1;
+                c.bytes += len as u64;
+            }
         }
     }
 
@@ -404,9 +548,14 @@ impl Worker {
                     self.nat(now, buf, p, f, Some((addr, port)), to_backend, next_hop)?;
                 }
                 FlowNat::Dsr { outer_src } => {
-                    return self.encap(now, buf, len, p, Some(f), outer_src, b.backend);
+                    let v = self.encap(now, buf, len, p, Some(f), outer_src, b.backend)?;
+                    if matches!(v, Verdict::Forward { .. }) {
+                        self.count_backend(table, b.backend_index, len, false);
+                    }
+                    return Ok(v);
                 }
             }
+            self.count_backend(table, b.backend_index, len, false);
             return Ok(Verdict::Forward { len, next_hop });
         }
         // Not to a frontend: a reply from a backend?
@@ -584,14 +733,19 @@ impl Worker {
                 let bound = Bound {
                     backend: hit.backend,
                     backend_port: hit.backend_port,
+                    backend_index: hit.backend_index,
                     nat: hit.nat,
                 };
                 if hit.epoch == epoch && hit.frontend == fi {
                     return Ok(Some(bound));
                 }
-                if table.has_backend(fe, &hit.backend, hit.backend_port) {
-                    self.ct.revalidate(family, t, fi, epoch);
-                    return Ok(Some(bound));
+                if let Some(backend_index) = table.backend_index(fe, &hit.backend, hit.backend_port)
+                {
+                    self.ct.revalidate(family, t, fi, epoch, backend_index);
+                    return Ok(Some(Bound {
+                        backend_index,
+                        ..bound
+                    }));
                 }
                 self.counters.flows_moved += 1;
             }
@@ -599,7 +753,7 @@ impl Worker {
         if !table.source_allowed(fe, &t.src_addr) {
             return Err(DropReason::SourceRange);
         }
-        let Some((backend, backend_port)) = self.pick(now, table, fe, t) else {
+        let Some((backend_index, backend, backend_port)) = self.pick(now, table, fe, t) else {
             if fe.flags & FRONTEND_NODE_LOCAL != 0 && fe.ring_len > 0 {
                 // Endpoints elsewhere, none on the client's node.
                 return Err(DropReason::NoLocalEndpoint);
@@ -611,6 +765,7 @@ impl Worker {
             backend_port,
             frontend: fi,
             epoch,
+            backend_index,
             nat: FlowNat::Routed,
         };
         let state = FlowState::initial(t.proto, flags);
@@ -647,9 +802,11 @@ impl Worker {
             }
         };
         self.counters.new_flows += 1;
+        self.count_backend(table, backend_index, 0, true);
         Ok(Some(Bound {
             backend,
             backend_port,
+            backend_index,
             nat,
         }))
     }
@@ -668,25 +825,26 @@ impl Worker {
         table: &Table,
         fe: &FrontendRecord,
         t: &FlowTuple,
-    ) -> Option<(Addr16, u16)> {
+    ) -> Option<(u32, Addr16, u16)> {
         if fe.flags & FRONTEND_AFFINITY == 0 {
-            return table.pick(fe, t).map(|b| (b.addr, b.port));
+            return table.pick_index(fe, t).map(|(i, b)| (i, b.addr, b.port));
         }
         let sticky = self
             .ct
             .affinity_get(now, &t.src_addr, &t.dst_addr, t.dst_port, t.proto)
-            .filter(|(a, p)| {
+            .and_then(|(a, p)| {
                 table
                     .backends_of(fe)
                     .iter()
-                    .any(|b| b.addr == *a && b.port == *p && b.weight > 0)
+                    .position(|b| b.addr == a && b.port == p && b.weight > 0)
+                    .map(|i| (fe.backends_start + i as u32, a, p))
             });
         let chosen = match sticky {
             Some(b) => {
                 self.counters.affinity_hits += 1;
                 b
             }
-            None => table.pick(fe, t).map(|b| (b.addr, b.port))?,
+            None => table.pick_index(fe, t).map(|(i, b)| (i, b.addr, b.port))?,
         };
         // Refreshed on every new connection, like kube-proxy's `recent` match.
         let _ = self.ct.affinity_set(
@@ -695,7 +853,7 @@ impl Worker {
             &t.dst_addr,
             t.dst_port,
             t.proto,
-            chosen,
+            (chosen.1, chosen.2),
             fe.affinity_timeout_s,
         );
         Some(chosen)

@@ -1168,8 +1168,17 @@ impl Table {
     #[inline]
     #[must_use]
     pub fn pick(&self, f: &FrontendRecord, t: &FlowTuple) -> Option<&BackendRecord> {
+        self.pick_index(f, t).map(|(_, b)| b)
+    }
+
+    /// [`Table::pick`], with the backend's index in the backend array
+    /// ([`Table::backend_records`]).
+    #[inline]
+    #[must_use]
+    pub fn pick_index(&self, f: &FrontendRecord, t: &FlowTuple) -> Option<(u32, &BackendRecord)> {
         let local = *self.ring.get(self.slot_of(f, t)?)? as usize;
-        self.backends_of(f).get(local)
+        let b = self.backends_of(f).get(local)?;
+        Some((f.backends_start + local as u32, b))
     }
 
     /// Starts loading the ring slot [`Table::pick`] would read for `t`
@@ -1222,9 +1231,18 @@ impl Table {
     #[inline]
     #[must_use]
     pub fn has_backend(&self, f: &FrontendRecord, addr: &Addr16, port: u16) -> bool {
+        self.backend_index(f, addr, port).is_some()
+    }
+
+    /// The index in the backend array ([`Table::backend_records`]) of
+    /// `(addr, port)` among frontend `f`'s backends, if it is one.
+    #[inline]
+    #[must_use]
+    pub fn backend_index(&self, f: &FrontendRecord, addr: &Addr16, port: u16) -> Option<u32> {
         self.backends_of(f)
             .iter()
-            .any(|b| b.addr == *addr && b.port == port)
+            .position(|b| b.addr == *addr && b.port == port)
+            .map(|i| f.backends_start + i as u32)
     }
 }
 

@@ -1051,3 +1051,221 @@ fn every_way_into_a_service() {
     let v = env.peer("cli", &["reject", "198.18.1.1", "30082", "30082"]);
     assert_eq!(v["tcp"], "refused", "{v}");
 }
+
+/// `clustergate inspect` against a running gateway (in its namespace).
+fn inspect(env: &Env, args: &[&str]) -> String {
+    let mut all = vec!["inspect", "--server", "127.0.0.1:10257"];
+    all.extend_from_slice(args);
+    let out = env
+        .in_ns("gw", &gateway_bin(), &all)
+        .output()
+        .expect("clustergate inspect");
+    assert!(
+        out.status.success(),
+        "clustergate {all:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn inspect_json(env: &Env, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["--output", "json"]);
+    let text = inspect(env, &all);
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("inspect {args:?}: {e}: {text}"))
+}
+
+/// The `web` HTTP frontend's backends from `inspect services`: address →
+/// (new_flows, packets, bytes).
+fn web_backends(services: &Value) -> BTreeMap<String, (u64, u64, u64)> {
+    let web = services["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .find(|s| s["frontend"] == format!("{VIP}:80") && s["protocol"] == "tcp")
+        .unwrap_or_else(|| panic!("no {VIP}:80 in {services}"));
+    web["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .map(|b| {
+            let n = |k: &str| b[k].as_u64().unwrap_or_else(|| panic!("{k} in {b}"));
+            (
+                b["address"].as_str().expect("address").to_owned(),
+                (n("new_flows"), n("packets"), n("bytes")),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn inspect_a_running_gateway() {
+    if !root_or_skip("inspect_a_running_gateway", NEEDS) {
+        return;
+    }
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut env = Env::up("i", "one-armed", 1);
+    env.start_backends();
+    env.write_manifest(&[1, 2, 3]);
+    env.start_control();
+    env.start_gateway(
+        &["g1"],
+        "0",
+        1,
+        &["--metrics-per-frontend", "--log-format", "json"],
+    );
+    env.wait_healthy();
+
+    let before = inspect_json(&env, &["services"]);
+    assert!(before["generation"].as_u64().unwrap_or(0) > 0, "{before}");
+    let m0 = env.metrics();
+
+    // 100 HTTP connections through the VIP (control's default return path:
+    // source NAT, so each flow has a SNAT address and port).
+    let v = env.peer("cli", &["http", VIP, "80", "100"]);
+    assert_eq!(
+        v["errors"].as_array().map(Vec::len),
+        Some(0),
+        "HTTP errors: {v}"
+    );
+    let answered = counts(&v);
+    assert_eq!(answered.values().sum::<u64>(), 100, "{v}");
+    let seen_by = peers(&v);
+
+    // flows: every connection, to its backend, with the SNAT port that
+    // backend saw.
+    let flows = inspect_json(&env, &["flows", "--limit", "5000"]);
+    let list = flows["flows"].as_array().expect("flows");
+    let web: Vec<&Value> = list
+        .iter()
+        .filter(|f| f["frontend"] == format!("{VIP}:80"))
+        .collect();
+    assert_eq!(web.len(), 100, "{flows}");
+    assert_eq!(flows["truncated"], false);
+    let mut per_backend: BTreeMap<String, u64> = BTreeMap::new();
+    for f in &web {
+        for k in ["client", "frontend", "backend", "protocol", "state"] {
+            assert!(f[k].is_string(), "{k} in {f}");
+        }
+        assert!(f["age_s"].is_u64() && f["idle_s"].is_u64(), "{f}");
+        assert_eq!(f["protocol"], "tcp");
+        assert_eq!(f["return_path"], "snat");
+        let (backend, port) = addr_port(f["backend"].as_str().expect("backend"));
+        assert_eq!(port, 8080, "{f}");
+        let b: u8 = backend
+            .strip_prefix("198.18.2.1")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("backend {backend}"));
+        let name = format!("backend-{b}");
+        *per_backend.entry(name.clone()).or_default() += 1;
+        let (snat_addr, snat_port) = addr_port(f["snat"].as_str().expect("snat"));
+        assert!(
+            seen_by
+                .get(&name)
+                .and_then(|a| a.get(&snat_addr))
+                .is_some_and(|ports| ports.contains(&u64::from(snat_port))),
+            "{name} never saw {snat_addr}:{snat_port}: {f}"
+        );
+    }
+    assert_eq!(per_backend, answered, "flows per backend as answered");
+    // Filters: one backend, and a frontend; the limit truncates.
+    let one = inspect_json(&env, &["flows", "--backend", "198.18.2.11"]);
+    let n = one["flows"].as_array().expect("flows").len() as u64;
+    assert_eq!(n, answered.get("backend-1").copied().unwrap_or(0), "{one}");
+    let few = inspect_json(
+        &env,
+        &["flows", "--service", &format!("{VIP}:80"), "--limit", "7"],
+    );
+    assert_eq!(few["flows"].as_array().map(Vec::len), Some(7));
+    assert_eq!(few["truncated"], true);
+    let text = inspect(&env, &["flows", "--limit", "3"]);
+    assert!(text.starts_with("PROTO  CLIENT"), "{text}");
+    eprintln!("inspect flows --limit 3:\n{text}");
+
+    // services: the counters grew by what was sent.
+    let after = inspect_json(&env, &["services"]);
+    let (b0, b1) = (web_backends(&before), web_backends(&after));
+    let mut new_flows = 0;
+    for (addr, &(nf, pk, by)) in &b1 {
+        let (nf0, pk0, by0) = b0.get(addr).copied().unwrap_or_default();
+        let name = format!(
+            "backend-{}",
+            addr.trim_start_matches("198.18.2.1")
+                .trim_end_matches(":8080")
+        );
+        let want = answered.get(&name).copied().unwrap_or(0);
+        assert_eq!(nf - nf0, want, "{addr}: new flows");
+        // A connection sends at least SYN, the request, ACKs and FIN.
+        assert!(pk - pk0 >= 4 * want, "{addr}: packets {pk0} -> {pk}");
+        assert!(by > by0 || want == 0, "{addr}: bytes {by0} -> {by}");
+        new_flows += nf - nf0;
+    }
+    assert_eq!(new_flows, 100);
+    let text = inspect(&env, &["services"]);
+    eprintln!("inspect services:\n{text}");
+    assert!(text.contains(&format!("{VIP}:80/tcp")), "{text}");
+    let text = inspect(&env, &["summary"]);
+    eprintln!("inspect summary:\n{text}");
+    assert!(text.starts_with("table generation "), "{text}");
+    let summary = inspect_json(&env, &["summary"]);
+    assert_eq!(summary["workers"].as_array().map(Vec::len), Some(1));
+    assert!(summary["conntrack_entries"].as_u64().unwrap_or(0) >= 100);
+
+    // The API answers bad requests plainly.
+    let v = env.peer(
+        "gw",
+        &["get", "http://127.0.0.1:10257/api/v1/flows?limit=0"],
+    );
+    assert_eq!(v["status"], 400, "{v}");
+    let v = env.peer("gw", &["get", "http://127.0.0.1:10257/api/v2/flows"]);
+    assert_eq!(v["status"], 404, "{v}");
+
+    // Metrics: the core's counters and the per-frontend ones grew.
+    let m1 = env.metrics();
+    let grew = |name: &str| env.metric(&m1, name) - env.metric(&m0, name);
+    assert!(grew("clustergate_new_flows_total") >= 100.0, "{m1}");
+    let label = format!("frontend=\"{VIP}:80\"");
+    let fe = |m: &str, name: &str| env.metric_where(m, name, &label);
+    assert!(
+        fe(&m1, "clustergate_frontend_new_flows_total")
+            - fe(&m0, "clustergate_frontend_new_flows_total")
+            >= 100.0,
+        "{m1}"
+    );
+    assert!(
+        fe(&m1, "clustergate_frontend_packets_total")
+            > fe(&m0, "clustergate_frontend_packets_total"),
+        "{m1}"
+    );
+    for name in [
+        "clustergate_flows_moved_total",
+        "clustergate_affinity_hits_total",
+        "clustergate_icmp_errors_translated_total",
+        "clustergate_rejects_sent_total",
+    ] {
+        assert!(m1.contains(name), "{name} missing:\n{m1}");
+    }
+    // A SYN to the Service without endpoints is rejected, and counted.
+    let v = env.peer("cli", &["probe", EMPTY_VIP, "80"]);
+    eprintln!("probe of the empty service: {v}");
+    let m2 = env.metrics();
+    assert!(
+        env.metric(&m2, "clustergate_rejects_sent_total")
+            > env.metric(&m1, "clustergate_rejects_sent_total"),
+        "{m2}"
+    );
+
+    // --log-format json: every line of the gateway's log is a JSON object.
+    let log = env.log("gateway");
+    assert!(log.lines().count() > 3, "{log}");
+    for line in log.lines() {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+}

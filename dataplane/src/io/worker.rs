@@ -26,7 +26,7 @@ use crate::io::nexthop::{NextHops, Unresolved};
 use crate::io::node_addrs::NodeAddrSet;
 use crate::io::xsk::{BindMode, Iface, Ports, RingStats, XskError, XskOptions, RX_BATCH};
 use crate::packet::rewrite::set_macs;
-use crate::pipeline::{Counters, NodeAddrs, Verdict, Worker};
+use crate::pipeline::{BackendCounters, Counters, NodeAddrs, Verdict, Worker};
 use crate::snapshot::TableHandle;
 use crate::snat::{ReturnConfig, SourceAddrs};
 use crate::time::Now;
@@ -72,6 +72,9 @@ pub struct PortStats {
 pub struct WorkerStats {
     /// The core counters.
     pub pipeline: Counters,
+    /// The core's per-backend counters (indexed by the backend array of the
+    /// table of their generation).
+    pub backends: BackendCounters,
     /// The I/O counters.
     pub io: IoCounters,
     /// Per-socket ring statistics.
@@ -226,6 +229,9 @@ pub fn run(mut ports: Ports, spec: &WorkerSpec, shared: &Shared, stats: &Mutex<W
         let now = Now(wall.saturating_duration_since(shared.epoch).as_nanos() as u64);
         let table = shared.table.load();
         generation = table.generation();
+        // Per-backend counters follow the table: a generation compare, and
+        // a re-index (allocating) only when the table changed.
+        core.follow_table(&table);
         let hops = shared.hops.load();
         // The same view gives new flows the gateway's own address, through
         // the core. Handed over when the management loop swapped in a new
@@ -348,7 +354,7 @@ pub fn run(mut ports: Ports, spec: &WorkerSpec, shared: &Shared, stats: &Mutex<W
                 last_rings = wall;
             }
             if let Ok(mut s) = stats.try_lock() {
-                publish(&mut s, &core.counters, &io, &port_stats, generation, wall);
+                publish(&mut s, &core, &io, &port_stats, generation, wall);
                 last_publish = wall;
             }
         }
@@ -360,26 +366,20 @@ pub fn run(mut ports: Ports, spec: &WorkerSpec, shared: &Shared, stats: &Mutex<W
     let mut s = stats
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    publish(
-        &mut s,
-        &core.counters,
-        &io,
-        &port_stats,
-        generation,
-        Instant::now(),
-    );
+    publish(&mut s, &core, &io, &port_stats, generation, Instant::now());
     s.stopped = true;
 }
 
 fn publish(
     s: &mut WorkerStats,
-    core: &Counters,
+    core: &Worker,
     io: &IoCounters,
     ports: &[PortStats],
     generation: u64,
     now: Instant,
 ) {
-    s.pipeline.clone_from(core);
+    s.pipeline.clone_from(&core.counters);
+    s.backends.clone_from(&core.backends);
     s.io.clone_from(io);
     if s.ports.len() == ports.len() {
         for (d, p) in s.ports.iter_mut().zip(ports) {
