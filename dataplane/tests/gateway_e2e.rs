@@ -15,6 +15,7 @@
 //!
 //! Root only. CI runs as root, so there a missing root is a failure, not a skip.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{ChildStdout, Command};
