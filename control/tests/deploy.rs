@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Probe, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, PodSpec, Probe, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
@@ -129,6 +129,7 @@ fn typed<T: DeserializeOwned + Serialize>(doc: &Doc) -> T {
 /// The objects of `deploy/`, one of each kind.
 struct Deploy {
     namespace: Namespace,
+    config_map: ConfigMap,
     service_account: ServiceAccount,
     cluster_role: ClusterRole,
     binding: ClusterRoleBinding,
@@ -137,6 +138,7 @@ struct Deploy {
 
 fn deploy() -> Deploy {
     let mut namespace = Vec::new();
+    let mut config_map = Vec::new();
     let mut service_account = Vec::new();
     let mut cluster_role = Vec::new();
     let mut binding = Vec::new();
@@ -145,6 +147,7 @@ fn deploy() -> Deploy {
         let (api_version, kind) = doc.kind();
         match (api_version.as_str(), kind.as_str()) {
             ("v1", "Namespace") => namespace.push(typed(&doc)),
+            ("v1", "ConfigMap") => config_map.push(typed(&doc)),
             ("v1", "ServiceAccount") => service_account.push(typed(&doc)),
             ("rbac.authorization.k8s.io/v1", "ClusterRole") => cluster_role.push(typed(&doc)),
             ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => binding.push(typed(&doc)),
@@ -161,6 +164,7 @@ fn deploy() -> Deploy {
     }
     Deploy {
         namespace: one(namespace, "Namespace"),
+        config_map: one(config_map, "ConfigMap"),
         service_account: one(service_account, "ServiceAccount"),
         cluster_role: one(cluster_role, "ClusterRole"),
         binding: one(binding, "ClusterRoleBinding"),
@@ -253,8 +257,8 @@ fn every_manifest_parses_into_k8s_openapi_without_losing_a_field() {
     let _ = deploy();
     assert_eq!(
         documents().len(),
-        5,
-        "one Namespace, ServiceAccount, ClusterRole, ClusterRoleBinding, DaemonSet"
+        6,
+        "one Namespace, ConfigMap, ServiceAccount, ClusterRole, ClusterRoleBinding, DaemonSet"
     );
 }
 
@@ -285,6 +289,7 @@ fn namespaced_objects_live_in_clustergate_system() {
         Some(NAMESPACE)
     );
     assert_eq!(d.daemon_set.metadata.namespace.as_deref(), Some(NAMESPACE));
+    assert_eq!(d.config_map.metadata.namespace.as_deref(), Some(NAMESPACE));
     // Cluster-scoped objects carry no namespace.
     assert_eq!(d.cluster_role.metadata.namespace, None);
     assert_eq!(d.binding.metadata.namespace, None);
@@ -442,7 +447,31 @@ fn gateway_capabilities_are_exactly_those_documented() {
         gateway.args.as_deref().unwrap().first().map(String::as_str),
         Some("run")
     );
-    assert_eq!(flag(gateway, "--interface"), "eth0");
+    // The interface is the operator's: a ConfigMap key, through an
+    // environment variable the kubelet expands in the args.
+    assert_eq!(flag(gateway, "--interface"), "$(CLUSTERGATE_INTERFACE)");
+    let d = deploy();
+    let env = gateway
+        .env
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .find(|e| e.name == "CLUSTERGATE_INTERFACE")
+        .expect("the gateway's CLUSTERGATE_INTERFACE variable");
+    let key = env
+        .value_from
+        .as_ref()
+        .and_then(|v| v.config_map_key_ref.as_ref())
+        .expect("CLUSTERGATE_INTERFACE comes from a ConfigMap");
+    assert_eq!(key.name, d.config_map.metadata.name.clone().unwrap());
+    assert_ne!(key.optional, Some(true), "no interface, no gateway");
+    let value = d
+        .config_map
+        .data
+        .as_ref()
+        .and_then(|m| m.get(&key.key))
+        .unwrap_or_else(|| panic!("the ConfigMap has no key {:?}", key.key));
+    assert!(!value.trim().is_empty(), "an empty interface");
     let sc = gateway.security_context.as_ref().unwrap();
     assert_ne!(sc.privileged, Some(true), "the gateway is not privileged");
     assert_eq!(sc.allow_privilege_escalation, Some(false));
@@ -601,5 +630,31 @@ fn containers_request_resources_and_limit_memory() {
             c.name
         );
         assert!(c.image.is_some(), "{}: image", c.name);
+    }
+}
+
+/// Every flag the DaemonSet gives control is one `clustergate-control run`
+/// knows, so the manifest cannot drift from the binary; both daemons log
+/// JSON for the cluster's log collector.
+#[test]
+fn control_flags_are_those_of_the_binary_and_logs_are_json() {
+    let ds = deploy().daemon_set;
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_clustergate-control"))
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    let control = container(&ds, "control");
+    for a in control.args.as_deref().unwrap_or_default() {
+        if a.starts_with("--") && a != "--log-format" {
+            assert!(
+                help.contains(a.as_str()),
+                "control's DaemonSet flag {a} is not in `clustergate-control run --help`"
+            );
+        }
+    }
+    for name in ["control", "gateway"] {
+        assert_eq!(flag(container(&ds, name), "--log-format"), "json", "{name}");
     }
 }
