@@ -22,7 +22,8 @@ fn host_port(address: IpAddr, port: u16) -> String {
     }
 }
 
-/// kube-proxy's `ServicePortName` string: `ns/name` or `ns/name:port`.
+/// kube-proxy's `ServicePortName` string: `ns/name` or `ns/name:port`; the
+/// frontend's name in the snapshot (`Table::frontend_name`).
 fn service_port_name(f: &Frontend) -> String {
     if f.port_name.is_empty() {
         f.service.clone()
@@ -252,7 +253,8 @@ impl Model {
     }
 
     /// Every frontend as the dataplane's [`ServiceSpec`]s, each with its
-    /// frontend's return path, source ranges and node-locality. Every backend
+    /// `ServicePortName` (`ns/name` or `ns/name:port`, which `inspect`
+    /// shows), return path, source ranges and node-locality. Every backend
     /// has weight 1: terminating backends are present only when no backend is
     /// ready, so they carry the traffic. Backends carry their node only on
     /// node-local frontends (the only ones that use it).
@@ -280,6 +282,7 @@ impl Model {
                     .collect(),
                 source_ranges: f.source_ranges.clone(),
                 node_local: f.node_local,
+                name: Some(service_port_name(f)),
             })
             .collect()
     }

@@ -224,11 +224,11 @@ fn api(server: &Server, path: &str, query: &str) -> (u16, String) {
                 let now = Now(Instant::now()
                     .saturating_duration_since(server.epoch)
                     .as_nanos() as u64);
-                json(serde_json::to_string(&crate::inspect::flows(
-                    &server.conntrack,
-                    now,
-                    &q,
-                )))
+                let table = server.table.load_full();
+                match crate::inspect::flows(&server.conntrack, now, &q, &table) {
+                    Ok(doc) => json(serde_json::to_string(&doc)),
+                    Err(e) => (404, error_json(&e)),
+                }
             }
             Err(e) => (400, error_json(&e)),
         },
@@ -838,6 +838,63 @@ mod tests {
             let series = format!(r#"worker="3",reason="{}"}}"#, r.label());
             assert!(text.contains(&series), "{series} missing");
         }
+    }
+
+    #[test]
+    fn the_api_names_each_frontends_service() {
+        use clustergate_dataplane::flow::Proto;
+        use clustergate_dataplane::table::{BackendSpec, FrontendKind, ServiceSpec};
+        let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("address") };
+        let web = ServiceSpec::cluster_ip(
+            ip("198.18.211.10"),
+            80,
+            Proto::Tcp,
+            vec![BackendSpec::ready(ip("198.18.1.1"), 8080)],
+        )
+        .with_name("default/web:http");
+        let node_port = web
+            .clone()
+            .with_kind(FrontendKind::NodePort, ip("0.0.0.0"))
+            .with_name("default/web:http");
+        let anon = ServiceSpec::cluster_ip(ip("198.18.211.11"), 53, Proto::Udp, vec![]);
+        let dns = ServiceSpec::cluster_ip(ip("198.18.211.12"), 53, Proto::Udp, vec![])
+            .with_name("kube-system/dns");
+        let table = Table::build(4, 0, &[web, node_port, anon, dns]).expect("table");
+        let mut s = server();
+        s.table = Arc::new(TableHandle::new(table));
+        let (code, body) = api(&s, "/api/v1/services", "");
+        assert_eq!(code, 200, "{body}");
+        let doc: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let names: Vec<(serde_json::Value, serde_json::Value)> = doc["services"]
+            .as_array()
+            .expect("services")
+            .iter()
+            .map(|s| (s["service"].clone(), s["port_name"].clone()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (serde_json::json!("default/web"), serde_json::json!("http")),
+                (serde_json::json!("default/web"), serde_json::json!("http")),
+                (serde_json::Value::Null, serde_json::Value::Null),
+                (
+                    serde_json::json!("kube-system/dns"),
+                    serde_json::Value::Null
+                ),
+            ]
+        );
+        // Flows by Service: none yet, but the Service is known.
+        let (code, body) = api(&s, "/api/v1/flows", "service=default%2Fweb");
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains(r#""flows":[]"#), "{body}");
+        let (code, body) = api(&s, "/api/v1/flows", "service=default/nope");
+        assert_eq!(code, 404, "{body}");
+        assert!(
+            body.contains("Service default/nope has no frontend in table generation 4"),
+            "{body}"
+        );
+        let (code, body) = api(&s, "/api/v1/flows", "service=nope");
+        assert_eq!(code, 400, "{body}");
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! ([`services`], [`flows`], [`summary`]), and the command's side: one GET
 //! to the gateway ([`get`]) and the table rendering.
 //!
-//! Names: the snapshot carries frontends, not Service names, so `service`
-//! is `null` in the gateway's documents; `clustergate-control show` maps
-//! names to frontends. `--service` takes a frontend (`IP:PORT`).
+//! Names: the snapshot (ABI 5) carries each frontend's name as control
+//! wrote it, `ns/name` or `ns/name:port-name` ([`Table::frontend_name`]);
+//! the documents split it into `service` and `port_name` (both `null` for a
+//! frontend without a name). `--service` takes a Service (`NS/NAME`) or a
+//! frontend (`IP:PORT`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -52,8 +54,12 @@ pub struct ServicesDoc {
 /// One frontend and its backends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
-    /// `"namespace/name"`; `null` from the gateway (its table has no names).
+    /// `"namespace/name"`; `null` when the table has no name for the
+    /// frontend.
     pub service: Option<String>,
+    /// The Service port's name; `null` for an unnamed port (or no name).
+    #[serde(default)]
+    pub port_name: Option<String>,
     /// `"IP:PORT"` (IPv6 in brackets; a node port's address is `0.0.0.0`
     /// or `::`, every node address the table selects).
     pub frontend: String,
@@ -98,6 +104,10 @@ pub struct FlowsDoc {
 /// One tracked flow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
+    /// `"namespace/name"` of the frontend's Service in the current table;
+    /// `null` when unknown (no name, or the frontend has left the table).
+    #[serde(default)]
+    pub service: Option<String>,
     /// `"IP:PORT"` of the client.
     pub client: String,
     /// `"IP:PORT"` the client sent to.
@@ -203,6 +213,26 @@ fn state_name(s: FlowState) -> &'static str {
     }
 }
 
+/// A frontend name ([`Table::frontend_name`]) split into the Service
+/// (`ns/name`) and the port's name, if any. Neither a namespace nor a
+/// Service name holds a `:`.
+#[must_use]
+pub fn split_name(name: &str) -> (String, Option<String>) {
+    match name.split_once(':') {
+        Some((service, port)) => (
+            service.to_owned(),
+            Some(port.to_owned()).filter(|p| !p.is_empty()),
+        ),
+        None => (name.to_owned(), None),
+    }
+}
+
+/// The Service (`ns/name`) of frontend `index`, when the table names it.
+fn service_of(table: &Table, index: u32) -> Option<&str> {
+    let name = table.frontend_name(index)?;
+    Some(name.split_once(':').map_or(name, |(s, _)| s))
+}
+
 /// The services document: `table`'s frontends, with each backend's counters
 /// summed over `workers` (each counted against the table it used, matched by
 /// frontend and backend).
@@ -218,7 +248,8 @@ pub fn services(table: &Table, workers: &[WorkerStats]) -> ServicesDoc {
     let services = table
         .frontends()
         .iter()
-        .map(|f| {
+        .enumerate()
+        .map(|(index, f)| {
             let start = f.backends_start as usize;
             let backends = table
                 .backends_of(f)
@@ -247,8 +278,13 @@ pub fn services(table: &Table, workers: &[WorkerStats]) -> ServicesDoc {
                     }
                 })
                 .collect();
+            let (service, port_name) = table
+                .frontend_name(index as u32)
+                .map(split_name)
+                .map_or((None, None), |(s, p)| (Some(s), p));
             Service {
-                service: None,
+                service,
+                port_name,
                 frontend: endpoint(&f.addr, f.port),
                 protocol: proto_name(f.proto),
                 kind: FRONTEND_KINDS
@@ -268,8 +304,11 @@ pub fn services(table: &Table, workers: &[WorkerStats]) -> ServicesDoc {
 }
 
 /// Which flows `GET /api/v1/flows` returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlowQuery {
+    /// Only flows to a frontend of this Service (`ns/name`) in the current
+    /// table.
+    pub service: Option<String>,
     /// The frontend sent to (any port when `None`).
     pub frontend: Option<(Addr16, Option<u16>)>,
     /// The backend (any port when `None`).
@@ -279,19 +318,22 @@ pub struct FlowQuery {
 }
 
 impl FlowQuery {
-    /// From a query string: `frontend=IP[:PORT]`, `backend=IP[:PORT]`,
-    /// `limit=N` (default [`DEFAULT_FLOW_LIMIT`], at most [`MAX_FLOW_LIMIT`]).
+    /// From a query string: `service=NS/NAME`, `frontend=IP[:PORT]`,
+    /// `backend=IP[:PORT]`, `limit=N` (default [`DEFAULT_FLOW_LIMIT`], at
+    /// most [`MAX_FLOW_LIMIT`]).
     ///
     /// # Errors
     /// An unknown key or a value that does not parse.
     pub fn parse(query: &str) -> Result<Self, String> {
         let mut q = Self {
+            service: None,
             frontend: None,
             backend: None,
             limit: DEFAULT_FLOW_LIMIT,
         };
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
             match &*k {
+                "service" => q.service = Some(parse_service(&v)?),
                 "frontend" => q.frontend = Some(parse_addr_port(&v)?),
                 "backend" => q.backend = Some(parse_addr_port(&v)?),
                 "limit" => {
@@ -315,6 +357,9 @@ impl FlowQuery {
             Some(p) => endpoint(&a, p),
             None => ip_from16(a).to_string(),
         };
+        if let Some(svc) = &self.service {
+            s.append_pair("service", svc);
+        }
         if let Some(f) = self.frontend {
             s.append_pair("frontend", &show(f));
         }
@@ -325,12 +370,43 @@ impl FlowQuery {
         s.finish()
     }
 
-    fn keeps(&self, f: &FlowInfo) -> bool {
+    /// `services`: the frontends of [`FlowQuery::service`], when it is given
+    /// (a node port's address is the unspecified one of its family).
+    fn keeps(&self, services: Option<&[(Addr16, u16, u8)]>, f: &FlowInfo) -> bool {
         let m = |want: Option<(Addr16, Option<u16>)>, a: &Addr16, p: u16| {
             want.is_none_or(|(wa, wp)| wa == *a && wp.is_none_or(|wp| wp == p))
         };
+        let of_service = || {
+            services.is_none_or(|keys| {
+                let any = addr16(if ip_from16(f.frontend).is_ipv4() {
+                    IpAddr::from([0, 0, 0, 0])
+                } else {
+                    IpAddr::from([0u16; 8])
+                });
+                let proto = f.proto.ip_number();
+                keys.iter().any(|&(a, p, pr)| {
+                    p == f.frontend_port && pr == proto && (a == f.frontend || a == any)
+                })
+            })
+        };
         m(self.frontend, &f.frontend, f.frontend_port)
             && m(self.backend, &f.backend, f.backend_port)
+            && of_service()
+    }
+}
+
+/// `NS/NAME`: a Service.
+///
+/// # Errors
+/// When it is not two non-empty parts around one `/`.
+pub fn parse_service(s: &str) -> Result<String, String> {
+    match s.split_once('/') {
+        Some((ns, name))
+            if !ns.is_empty() && !name.is_empty() && !name.contains('/') && !s.contains(':') =>
+        {
+            Ok(s.to_owned())
+        }
+        _ => Err(format!("{s:?} is not a Service, NS/NAME")),
     }
 }
 
@@ -348,28 +424,65 @@ pub fn parse_addr_port(s: &str) -> Result<(Addr16, Option<u16>), String> {
         .map_err(|_| format!("{s:?} is not IP, IP:PORT or [IPv6]:PORT"))
 }
 
-/// The flows document: at most `q.limit` flows from a per-shard snapshot.
-#[must_use]
-pub fn flows(ct: &Conntrack, now: Now, q: &FlowQuery) -> FlowsDoc {
+/// The flows document: at most `q.limit` flows from a per-shard snapshot,
+/// each with its frontend's Service in `table` (the one the workers use).
+///
+/// # Errors
+/// `q.service` names no frontend of `table`.
+pub fn flows(ct: &Conntrack, now: Now, q: &FlowQuery, table: &Table) -> Result<FlowsDoc, String> {
+    let services = match &q.service {
+        Some(want) => {
+            let keys: Vec<(Addr16, u16, u8)> = table
+                .frontends()
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| service_of(table, i as u32) == Some(want.as_str()))
+                .map(|(_, f)| (f.addr, f.port, f.proto))
+                .collect();
+            if keys.is_empty() {
+                return Err(format!(
+                    "Service {want} has no frontend in table generation {}",
+                    table.generation()
+                ));
+            }
+            Some(keys)
+        }
+        None => None,
+    };
     // One more than the limit tells whether it stopped the walk.
     let mut infos = Vec::new();
-    ct.snapshot_flows(now, q.limit + 1, &|f| q.keeps(f), &mut infos);
+    ct.snapshot_flows(
+        now,
+        q.limit + 1,
+        &|f| q.keeps(services.as_deref(), f),
+        &mut infos,
+    );
     let truncated = infos.len() > q.limit;
     infos.truncate(q.limit);
-    FlowsDoc {
-        flows: infos.iter().map(flow).collect(),
+    Ok(FlowsDoc {
+        flows: infos.iter().map(|f| flow(table, f)).collect(),
         limit: q.limit,
         truncated,
-    }
+    })
 }
 
-fn flow(f: &FlowInfo) -> Flow {
+/// The frontend of `table` a flow was sent to: exact, else a node port.
+fn frontend_of(table: &Table, f: &FlowInfo) -> Option<u32> {
+    table
+        .frontend(&f.frontend, f.frontend_port, f.proto)
+        .or_else(|| table.node_port(&f.frontend, f.frontend_port, f.proto))
+}
+
+fn flow(table: &Table, f: &FlowInfo) -> Flow {
     let (snat, return_path) = match f.nat {
         FlowNat::Routed => (None, "routed"),
         FlowNat::Snat { addr, port } => (Some(endpoint(&addr, port)), "snat"),
         FlowNat::Dsr { .. } => (None, "dsr"),
     };
     Flow {
+        service: frontend_of(table, f)
+            .and_then(|i| service_of(table, i))
+            .map(str::to_owned),
         client: endpoint(&f.client, f.client_port),
         frontend: endpoint(&f.frontend, f.frontend_port),
         backend: endpoint(&f.backend, f.backend_port),
@@ -480,10 +593,9 @@ pub enum What {
     Services,
     /// The connection table (a bounded snapshot).
     Flows {
-        /// Only flows to this frontend, `IP:PORT` (the gateway's table has no
-        /// Service names: `clustergate-control show` gives each Service's
-        /// frontends).
-        #[arg(long, value_name = "IP:PORT")]
+        /// Only flows to this Service's frontends (`NS/NAME`), or to this
+        /// frontend (`IP:PORT`, or `IP` for any port).
+        #[arg(long, value_name = "NS/NAME|IP:PORT")]
         service: Option<String>,
         /// Only flows to this backend, `IP` or `IP:PORT`.
         #[arg(long, value_name = "ADDR")]
@@ -511,13 +623,17 @@ pub fn run(args: &InspectArgs) -> Result<()> {
             backend,
             limit,
         } => {
-            let frontend = match service {
-                Some(s) if s.contains('/') && !s.contains(':') => bail!(
-                    "--service {s}: the gateway's table has no Service names, only frontends; \
-                     give the frontend as IP:PORT (`clustergate-control show` lists each Service's)"
-                ),
-                Some(s) => Some(parse_addr_port(s).map_err(|e| anyhow::anyhow!("--service: {e}"))?),
-                None => None,
+            let (service, frontend) = match service {
+                Some(s) => match parse_addr_port(s) {
+                    Ok(f) => (None, Some(f)),
+                    Err(_) => (
+                        Some(parse_service(s).map_err(|_| {
+                            anyhow::anyhow!("--service: {s:?} is neither NS/NAME nor IP:PORT")
+                        })?),
+                        None,
+                    ),
+                },
+                None => (None, None),
             };
             let backend = backend
                 .as_deref()
@@ -525,6 +641,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
                 .transpose()
                 .map_err(|e| anyhow::anyhow!("--backend: {e}"))?;
             let q = FlowQuery {
+                service,
                 frontend,
                 backend,
                 limit: *limit as usize,
@@ -616,8 +733,13 @@ fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
 pub fn render_services(doc: &ServicesDoc) -> String {
     let mut rows = Vec::new();
     for s in &doc.services {
+        let name = match (&s.service, &s.port_name) {
+            (Some(svc), Some(port)) => format!("{svc}:{port}"),
+            (Some(svc), None) => svc.clone(),
+            (None, _) => "-".into(),
+        };
         rows.push(vec![
-            s.service.clone().unwrap_or_else(|| "-".into()),
+            name,
             format!("{}/{}", s.frontend, s.protocol),
             s.kind.clone(),
             s.return_path.clone(),
@@ -669,6 +791,7 @@ pub fn render_flows(doc: &FlowsDoc) -> String {
         .iter()
         .map(|f| {
             vec![
+                f.service.clone().unwrap_or_else(|| "-".into()),
                 f.protocol.clone(),
                 f.client.clone(),
                 f.frontend.clone(),
@@ -682,7 +805,8 @@ pub fn render_flows(doc: &FlowsDoc) -> String {
         .collect();
     let mut out = columns(
         &[
-            "PROTO", "CLIENT", "FRONTEND", "BACKEND", "SNAT", "STATE", "AGE(s)", "IDLE(s)",
+            "SERVICE", "PROTO", "CLIENT", "FRONTEND", "BACKEND", "SNAT", "STATE", "AGE(s)",
+            "IDLE(s)",
         ],
         &rows,
     );
@@ -799,7 +923,8 @@ mod tests {
                         BackendSpec::ready(ip("198.18.1.1"), 8080),
                         BackendSpec::ready(ip("198.18.1.2"), 8080),
                     ],
-                ),
+                )
+                .with_name("default/web:http"),
                 ServiceSpec::cluster_ip(ip("2001:2::10"), 443, Proto::Udp, vec![draining])
                     .with_return_path(ReturnPath::Snat),
             ],
@@ -832,7 +957,8 @@ mod tests {
                 "generation": 2,
                 "services": [
                     {
-                        "service": null,
+                        "service": "default/web",
+                        "port_name": "http",
                         "frontend": "198.18.211.10:80",
                         "protocol": "tcp",
                         "kind": "clusterIP",
@@ -846,6 +972,7 @@ mod tests {
                     },
                     {
                         "service": null,
+                        "port_name": null,
                         "frontend": "[2001:2::10]:443",
                         "protocol": "udp",
                         "kind": "clusterIP",
@@ -862,6 +989,10 @@ mod tests {
         assert!(text.starts_with("table generation 2\nSERVICE"), "{text}");
         assert!(text.contains("-> 198.18.1.2:8080"), "{text}");
         assert!(text.contains("15/1050"), "{text}");
+        assert!(
+            text.contains("\ndefault/web:http  198.18.211.10:80/tcp"),
+            "{text}"
+        );
         // The JSON reads back as the same document (the command's side).
         let back: ServicesDoc = serde_json::from_value(json).unwrap();
         assert_eq!(back, doc);
@@ -924,16 +1055,19 @@ mod tests {
                 port: 2000
             }
         );
+        let table = table(1);
         let all = FlowQuery::parse("").unwrap();
-        let doc = flows(&ct, Now::from_secs(13), &all);
+        let doc = flows(&ct, Now::from_secs(13), &all, &table).unwrap();
         assert_eq!(
             serde_json::to_value(&doc).unwrap(),
             serde_json::json!({
                 "flows": [
-                    {"client": "198.18.0.2:40000", "frontend": "198.18.211.10:80",
+                    {"service": "default/web",
+                     "client": "198.18.0.2:40000", "frontend": "198.18.211.10:80",
                      "backend": "198.18.1.2:8080", "snat": null, "protocol": "tcp",
                      "state": "syn_sent", "return_path": "routed", "age_s": 3, "idle_s": 3},
-                    {"client": "[2001:2::2]:5353", "frontend": "[2001:2::10]:443",
+                    {"service": null,
+                     "client": "[2001:2::2]:5353", "frontend": "[2001:2::10]:443",
                      "backend": "[2001:2::7]:8443", "snat": "[2001:2::99]:2000",
                      "protocol": "udp", "state": "unreplied", "return_path": "snat",
                      "age_s": 3, "idle_s": 3},
@@ -944,30 +1078,52 @@ mod tests {
         );
         // Filters and the limit, through the query string the command sends.
         let q = FlowQuery {
+            service: None,
             frontend: None,
             backend: Some((addr16(ip("2001:2::7")), None)),
             limit: 5,
         };
         let q = FlowQuery::parse(&q.query_string()).unwrap();
-        let doc = flows(&ct, Now::from_secs(13), &q);
+        let doc = flows(&ct, Now::from_secs(13), &q, &table).unwrap();
         assert_eq!(doc.flows.len(), 1);
         assert_eq!(doc.flows[0].backend, "[2001:2::7]:8443");
         let q = FlowQuery::parse("frontend=198.18.211.10%3A80&limit=1").unwrap();
         assert_eq!(q.frontend, Some((addr16(ip("198.18.211.10")), Some(80))));
-        let doc = flows(&ct, Now::from_secs(13), &q);
+        let doc = flows(&ct, Now::from_secs(13), &q, &table).unwrap();
         assert_eq!((doc.flows.len(), doc.truncated), (1, false));
+        // By Service, through the query string the command sends.
+        let q = FlowQuery {
+            service: Some(parse_service("default/web").unwrap()),
+            frontend: None,
+            backend: None,
+            limit: 10,
+        };
+        let q = FlowQuery::parse(&q.query_string()).unwrap();
+        assert_eq!(q.service.as_deref(), Some("default/web"));
+        let doc = flows(&ct, Now::from_secs(13), &q, &table).unwrap();
+        assert_eq!(doc.flows.len(), 1);
+        assert_eq!(doc.flows[0].backend, "198.18.1.2:8080");
+        let q = FlowQuery::parse("service=default/nope").unwrap();
+        assert_eq!(
+            flows(&ct, Now::from_secs(13), &q, &table).unwrap_err(),
+            "Service default/nope has no frontend in table generation 1"
+        );
+        assert!(FlowQuery::parse("service=web").is_err());
         let doc = flows(
             &ct,
             Now::from_secs(13),
             &FlowQuery::parse("limit=1").unwrap(),
-        );
+            &table,
+        )
+        .unwrap();
         assert_eq!((doc.flows.len(), doc.truncated), (1, true));
         assert!(render_flows(&doc).contains("raise --limit"));
         assert!(FlowQuery::parse("limit=0").is_err());
         assert!(FlowQuery::parse("colour=red").is_err());
         assert!(FlowQuery::parse("backend=nope").is_err());
-        let text = render_flows(&flows(&ct, Now::from_secs(13), &all));
-        assert!(text.starts_with("PROTO  CLIENT"), "{text}");
+        let text = render_flows(&flows(&ct, Now::from_secs(13), &all, &table).unwrap());
+        assert!(text.starts_with("SERVICE      PROTO  CLIENT"), "{text}");
+        assert!(text.contains("\ndefault/web  tcp"), "{text}");
         assert!(text.contains("[2001:2::99]:2000"), "{text}");
     }
 
@@ -986,5 +1142,14 @@ mod tests {
             (addr16(ip("2001:2::1")), None)
         );
         assert!(parse_addr_port("default/web").is_err());
+        assert_eq!(parse_service("default/web").unwrap(), "default/web");
+        for bad in ["web", "/web", "default/", "a/b/c", "default/web:http"] {
+            assert!(parse_service(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            split_name("default/web:http"),
+            ("default/web".to_owned(), Some("http".to_owned()))
+        );
+        assert_eq!(split_name("default/web"), ("default/web".to_owned(), None));
     }
 }

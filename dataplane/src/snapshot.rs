@@ -3,7 +3,7 @@
 //!
 //! Owns: the snapshot file format ([`Header`] followed by the flat
 //! [`FrontendRecord`], [`BackendRecord`], ring-slot, [`PrefixRecord`] and
-//! [`LocalRecord`] arrays, little-endian;
+//! [`LocalRecord`] arrays and the frontends' names, little-endian;
 //! `docs/shm-abi.md` is its reference), [`encode`] and [`decode`], the
 //! publish protocol ([`Writer`]: one file per generation, written under a
 //! temporary name, fsynced and renamed, then named by the `current` pointer
@@ -65,12 +65,12 @@ use crate::table::{
 pub const MAGIC: [u8; 8] = *b"CGSNAP\0\0";
 /// The layout version. Any change to the layout, the checksum or the flow hash
 /// bumps it; readers refuse every other version.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 /// Flow-hash function identifier: XXH3-64 (xxHash 0.8), as defined in
 /// `docs/architecture.md`, "Flow hash (ABI)". The only one known.
 pub const HASH_XXH3_64: u32 = 1;
 /// Size of the [`Header`] in bytes.
-pub const HEADER_LEN: usize = 192;
+pub const HEADER_LEN: usize = 224;
 /// Size of one [`FrontendRecord`] in the file.
 pub const FRONTEND_RECORD_LEN: usize = 64;
 /// Size of one [`BackendRecord`] in the file.
@@ -82,6 +82,8 @@ pub const RING_SLOT_LEN: usize = 2;
 pub const PREFIX_RECORD_LEN: usize = 24;
 /// Size of one [`LocalRecord`] in the file.
 pub const LOCAL_RECORD_LEN: usize = 16;
+/// Size of one name offset (`u32`) in the file.
+pub const NAME_OFFSET_LEN: usize = 4;
 /// Every section starts at a multiple of this many bytes from the file start.
 pub const SECTION_ALIGN: u64 = 8;
 /// Largest snapshot file a reader maps (4 GiB).
@@ -159,7 +161,15 @@ pub struct Header {
     pub node_port_prefixes_off: u64,
     /// Number of node-port address ranges.
     pub node_port_prefixes_count: u64,
-    /// XXH3-64 (seed 0) of header bytes `0..184` (everything before this field).
+    /// Offset of the name-offset array (`u32`s).
+    pub name_offsets_off: u64,
+    /// Number of name offsets: `frontends_count + 1`, or 0 (no names).
+    pub name_offsets_count: u64,
+    /// Offset of the names (UTF-8 bytes).
+    pub names_off: u64,
+    /// Length of the names in bytes.
+    pub names_len: u64,
+    /// XXH3-64 (seed 0) of header bytes `0..216` (everything before this field).
     pub header_checksum: u64,
 }
 
@@ -194,7 +204,11 @@ const _: () = {
     assert!(offset_of!(Header, node_prefixes_count) == 160);
     assert!(offset_of!(Header, node_port_prefixes_off) == 168);
     assert!(offset_of!(Header, node_port_prefixes_count) == 176);
-    assert!(offset_of!(Header, header_checksum) == 184);
+    assert!(offset_of!(Header, name_offsets_off) == 184);
+    assert!(offset_of!(Header, name_offsets_count) == 192);
+    assert!(offset_of!(Header, names_off) == 200);
+    assert!(offset_of!(Header, names_len) == 208);
+    assert!(offset_of!(Header, header_checksum) == 216);
 
     assert!(size_of::<FrontendRecord>() == FRONTEND_RECORD_LEN);
     assert!(offset_of!(FrontendRecord, addr) == 0);
@@ -234,6 +248,7 @@ const _: () = {
     assert!(offset_of!(LocalRecord, reserved) == 12);
 
     assert!(size_of::<u16>() == RING_SLOT_LEN);
+    assert!(size_of::<u32>() == NAME_OFFSET_LEN);
     // Sections laid out back to back stay aligned.
     assert!((HEADER_LEN as u64).is_multiple_of(SECTION_ALIGN));
     assert!((FRONTEND_RECORD_LEN as u64).is_multiple_of(SECTION_ALIGN));
@@ -299,6 +314,10 @@ impl Header {
             node_prefixes_count: get_u64(b, offset_of!(Self, node_prefixes_count)),
             node_port_prefixes_off: get_u64(b, offset_of!(Self, node_port_prefixes_off)),
             node_port_prefixes_count: get_u64(b, offset_of!(Self, node_port_prefixes_count)),
+            name_offsets_off: get_u64(b, offset_of!(Self, name_offsets_off)),
+            name_offsets_count: get_u64(b, offset_of!(Self, name_offsets_count)),
+            names_off: get_u64(b, offset_of!(Self, names_off)),
+            names_len: get_u64(b, offset_of!(Self, names_len)),
             header_checksum: get_u64(b, offset_of!(Self, header_checksum)),
         }
     }
@@ -357,6 +376,13 @@ impl Header {
                 offset_of!(Self, node_port_prefixes_count),
                 self.node_port_prefixes_count,
             ),
+            (offset_of!(Self, name_offsets_off), self.name_offsets_off),
+            (
+                offset_of!(Self, name_offsets_count),
+                self.name_offsets_count,
+            ),
+            (offset_of!(Self, names_off), self.names_off),
+            (offset_of!(Self, names_len), self.names_len),
             (offset_of!(Self, header_checksum), self.header_checksum),
         ] {
             put(&mut b, at, &v.to_le_bytes());
@@ -532,7 +558,7 @@ pub enum SnapshotError {
     #[error("{section} section {start}..{end} lies outside the body {body_start}..{file_len}")]
     SectionBounds {
         /// `frontends`, `backends`, `ring`, `source_ranges`, `locals`,
-        /// `node_prefixes` or `node_port_prefixes`.
+        /// `node_prefixes`, `node_port_prefixes`, `name_offsets` or `names`.
         section: &'static str,
         /// First byte.
         start: u128,
@@ -735,9 +761,10 @@ fn put_prefixes(out: &mut [u8], prefixes: &[PrefixRecord]) {
 }
 
 /// Serializes a table: header, then frontends, backends, ring slots, source
-/// ranges, per-node rings, node prefixes and node-port addresses back to back
-/// (each section starting at a multiple of [`SECTION_ALIGN`]: zero padding
-/// after the ring), all little-endian, with both checksums filled in.
+/// ranges, per-node rings, node prefixes, node-port addresses, name offsets
+/// and names back to back (each section starting at a multiple of
+/// [`SECTION_ALIGN`]: zero padding after the ring and the name offsets), all
+/// little-endian, with both checksums filled in.
 #[must_use]
 pub fn encode(table: &Table) -> Vec<u8> {
     let frontends = table.frontends();
@@ -747,6 +774,8 @@ pub fn encode(table: &Table) -> Vec<u8> {
     let locals = table.local_records();
     let node_prefixes = table.node_prefix_records();
     let np_prefixes = table.node_port_prefix_records();
+    let name_offsets = table.name_offsets();
+    let names = table.names().as_bytes();
     let mut at = HEADER_LEN;
     let frontends_off = place(&mut at, frontends.len(), FRONTEND_RECORD_LEN);
     let backends_off = place(&mut at, backends.len(), BACKEND_RECORD_LEN);
@@ -755,6 +784,8 @@ pub fn encode(table: &Table) -> Vec<u8> {
     let locals_off = place(&mut at, locals.len(), LOCAL_RECORD_LEN);
     let node_prefixes_off = place(&mut at, node_prefixes.len(), PREFIX_RECORD_LEN);
     let np_prefixes_off = place(&mut at, np_prefixes.len(), PREFIX_RECORD_LEN);
+    let name_offsets_off = place(&mut at, name_offsets.len(), NAME_OFFSET_LEN);
+    let names_off = place(&mut at, names.len(), 1);
     let file_len = at;
     let mut out = vec![0u8; file_len];
 
@@ -814,6 +845,11 @@ pub fn encode(table: &Table) -> Vec<u8> {
     }
     put_prefixes(&mut out[node_prefixes_off..], node_prefixes);
     put_prefixes(&mut out[np_prefixes_off..], np_prefixes);
+    let chunks = out[name_offsets_off..].chunks_exact_mut(NAME_OFFSET_LEN);
+    for (c, o) in chunks.zip(name_offsets) {
+        c.copy_from_slice(&o.to_le_bytes());
+    }
+    out[names_off..names_off + names.len()].copy_from_slice(names);
 
     let mut header = Header {
         magic: MAGIC,
@@ -843,6 +879,10 @@ pub fn encode(table: &Table) -> Vec<u8> {
         node_prefixes_count: node_prefixes.len() as u64,
         node_port_prefixes_off: np_prefixes_off as u64,
         node_port_prefixes_count: np_prefixes.len() as u64,
+        name_offsets_off: name_offsets_off as u64,
+        name_offsets_count: name_offsets.len() as u64,
+        names_off: names_off as u64,
+        names_len: names.len() as u64,
         header_checksum: 0,
     };
     header.header_checksum = header.compute_checksum();
@@ -929,7 +969,7 @@ fn get_prefixes(name: &'static str, bytes: &[u8]) -> Result<Vec<PrefixRecord>, S
 
 /// Decodes and validates a snapshot image: header ([`Header::parse`]), file
 /// length, section bounds, alignment and overlap, body checksum, reserved
-/// fields and flags, then every index and prefix through
+/// fields and flags, then every index, prefix and name through
 /// [`Table::assemble`].
 ///
 /// Never panics, whatever the bytes; allocates at most in proportion to
@@ -996,6 +1036,14 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
             PREFIX_RECORD_LEN,
             len,
         )?,
+        section(
+            "name_offsets",
+            h.name_offsets_off,
+            h.name_offsets_count,
+            NAME_OFFSET_LEN,
+            len,
+        )?,
+        section("names", h.names_off, h.names_len, 1, len)?,
     ];
     for (i, a) in sections.iter().enumerate() {
         for b in &sections[i + 1..] {
@@ -1019,7 +1067,8 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
         });
     }
     // In bounds: checked above against len == bytes.len().
-    let [fs, bs, rs, gs, ls, ns, ps] = sections.map(|s| &bytes[s.start as usize..s.end as usize]);
+    let [fs, bs, rs, gs, ls, ns, ps, os, names] =
+        sections.map(|s| &bytes[s.start as usize..s.end as usize]);
 
     let mut frontends = Vec::with_capacity(fs.len() / FRONTEND_RECORD_LEN);
     for (i, c) in fs.chunks_exact(FRONTEND_RECORD_LEN).enumerate() {
@@ -1096,6 +1145,10 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
     }
     let node_prefixes = get_prefixes("node_prefixes", ns)?;
     let node_port_prefixes = get_prefixes("node_port_prefixes", ps)?;
+    let name_offsets: Vec<u32> = os
+        .chunks_exact(NAME_OFFSET_LEN)
+        .map(|c| get_u32(c, 0))
+        .collect();
     Ok(Table::assemble(
         h.generation,
         h.hash_seed,
@@ -1107,6 +1160,8 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
             locals,
             node_prefixes,
             node_port_prefixes,
+            name_offsets,
+            names: names.to_vec(),
         },
     )?)
 }
@@ -1692,7 +1747,8 @@ mod tests {
                 80,
                 Proto::Tcp,
                 vec![BackendSpec::ready("198.18.1.1".parse().unwrap(), 8080)],
-            )],
+            )
+            .with_name("default/web:http")],
         )
         .unwrap()
     }
@@ -1708,7 +1764,8 @@ mod tests {
             BackendSpec::ready(ip("198.18.1.2"), 8080).on_node(2),
             BackendSpec::ready(ip("198.18.1.3"), 8080).on_node(2),
         ];
-        let base = ServiceSpec::cluster_ip(ip("198.19.0.10"), 80, Proto::Tcp, backends);
+        let base = ServiceSpec::cluster_ip(ip("198.19.0.10"), 80, Proto::Tcp, backends)
+            .with_name("default/web:http");
         let mut lb = base
             .clone()
             .with_kind(FrontendKind::LoadBalancer, ip("198.19.9.1"));
@@ -1716,13 +1773,19 @@ mod tests {
         let mut local = base.clone();
         local.port = 81;
         local.node_local = true;
+        local.name = Some("default/local".into());
+        let mut ext = base
+            .clone()
+            .with_kind(FrontendKind::ExternalIp, ip("198.19.8.1"));
+        ext.name = None;
         let mut lb6 = ServiceSpec::cluster_ip(
             ip("2001:2::10"),
             443,
             Proto::Tcp,
             vec![BackendSpec::ready(ip("2001:2:1::1"), 8443)],
         )
-        .with_kind(FrontendKind::LoadBalancer, ip("2001:2::99"));
+        .with_kind(FrontendKind::LoadBalancer, ip("2001:2::99"))
+        .with_name("prod/façade:https");
         lb6.source_ranges = Some(vec![net("2001:2:ff::/56")]);
         let spec = TableSpec {
             services: vec![
@@ -1730,7 +1793,7 @@ mod tests {
                 base.clone()
                     .with_kind(FrontendKind::NodePort, ip("0.0.0.0"))
                     .with_return_path(ReturnPath::Snat),
-                base.with_kind(FrontendKind::ExternalIp, ip("198.19.8.1")),
+                ext,
                 lb,
                 local,
                 lb6,
@@ -1751,8 +1814,8 @@ mod tests {
         let t = small();
         let b = encode(&t);
         assert_eq!(&b[0..8], b"CGSNAP\0\0");
-        assert_eq!(b[8..12], 4u32.to_le_bytes());
-        assert_eq!(b[12..16], 192u32.to_le_bytes());
+        assert_eq!(b[8..12], 5u32.to_le_bytes());
+        assert_eq!(b[12..16], 224u32.to_le_bytes());
         assert_eq!(b[16..24], 7u64.to_le_bytes());
         assert_eq!(b[24..32], 0x1122_3344_5566_7788u64.to_le_bytes());
         assert_eq!(b[32..36], 1u32.to_le_bytes());
@@ -1760,36 +1823,53 @@ mod tests {
         assert_eq!(b[40..44], 24u32.to_le_bytes());
         assert_eq!(b[44..48], 2u32.to_le_bytes());
         let ring = t.ring_slots().len() as u64;
-        // Frontend at 192, backend at 256, ring at 280, then padding to 8.
-        let ring_end = 280 + RING_SLOT_LEN as u64 * ring;
-        let len = ring_end.next_multiple_of(8);
+        // Frontend at 224, backend at 288, ring at 312, then padding to 8.
+        let ring_end = 312 + RING_SLOT_LEN as u64 * ring;
+        let empty_at = ring_end.next_multiple_of(8);
+        // Then two name offsets (8 bytes) and the 16 bytes of the name.
+        let names_at = empty_at + 8;
+        let len = names_at + 16;
         assert_eq!(b.len() as u64, len);
         assert_eq!(b[48..56], len.to_le_bytes());
-        assert_eq!(b[56..64], xxh3_64(&b[192..]).to_le_bytes());
-        assert_eq!(b[64..72], 192u64.to_le_bytes());
+        assert_eq!(b[56..64], xxh3_64(&b[224..]).to_le_bytes());
+        assert_eq!(b[64..72], 224u64.to_le_bytes());
         assert_eq!(b[72..80], 1u64.to_le_bytes());
-        assert_eq!(b[80..88], 256u64.to_le_bytes());
+        assert_eq!(b[80..88], 288u64.to_le_bytes());
         assert_eq!(b[88..96], 1u64.to_le_bytes());
-        assert_eq!(b[96..104], 280u64.to_le_bytes());
+        assert_eq!(b[96..104], 312u64.to_le_bytes());
         assert_eq!(b[104..112], ring.to_le_bytes());
         assert_eq!(b[112..116], 24u32.to_le_bytes());
         assert_eq!(b[116..120], 16u32.to_le_bytes());
-        // The four new sections are empty, at the end of the file.
+        // The four sections of ABI 4 are empty, after the ring.
         for at in [120, 136, 152, 168] {
-            assert_eq!(b[at..at + 8], len.to_le_bytes(), "offset at {at}");
+            assert_eq!(b[at..at + 8], empty_at.to_le_bytes(), "offset at {at}");
             assert_eq!(b[at + 8..at + 16], [0; 8], "count at {}", at + 8);
         }
-        assert_eq!(b[184..192], xxh3_64(&b[..184]).to_le_bytes());
+        // The name offsets, then the names.
+        assert_eq!(b[184..192], empty_at.to_le_bytes());
+        assert_eq!(b[192..200], 2u64.to_le_bytes());
+        assert_eq!(b[200..208], names_at.to_le_bytes());
+        assert_eq!(b[208..216], 16u64.to_le_bytes());
+        assert_eq!(b[216..224], xxh3_64(&b[..216]).to_le_bytes());
         // The frontend record: address, then port 80 little-endian, TCP.
-        assert_eq!(b[192 + 12..192 + 16], [198, 19, 0, 10]);
-        assert_eq!(b[192 + 16..192 + 20], [80, 0, 6, 0]);
-        assert_eq!(b[192 + 48..192 + 64], [0; 16], "no ranges, no locals");
+        assert_eq!(b[224 + 12..224 + 16], [198, 19, 0, 10]);
+        assert_eq!(b[224 + 16..224 + 20], [80, 0, 6, 0]);
+        assert_eq!(b[224 + 48..224 + 64], [0; 16], "no ranges, no locals");
         // The backend: port 8080 little-endian, weight 1.
-        assert_eq!(b[256 + 16..256 + 18], 8080u16.to_le_bytes());
-        assert_eq!(b[256 + 20..256 + 24], 1u32.to_le_bytes());
-        assert!(b[ring_end as usize..].iter().all(|&x| x == 0), "padding");
+        assert_eq!(b[288 + 16..288 + 18], 8080u16.to_le_bytes());
+        assert_eq!(b[288 + 20..288 + 24], 1u32.to_le_bytes());
+        assert!(
+            b[ring_end as usize..empty_at as usize]
+                .iter()
+                .all(|&x| x == 0),
+            "padding"
+        );
+        let o = empty_at as usize;
+        assert_eq!(b[o..o + 8], [0, 0, 0, 0, 16, 0, 0, 0]);
+        assert_eq!(&b[names_at as usize..], b"default/web:http");
         let back = decode(&b).unwrap();
         assert_eq!(back.frontends(), t.frontends());
+        assert_eq!(back.frontend_name(0), Some("default/web:http"));
     }
 
     /// Every new section, byte by byte where it is, and back.
@@ -1807,7 +1887,18 @@ mod tests {
         assert_eq!(h.node_prefixes_count, 4);
         assert_eq!(h.node_port_prefixes_off, h.node_prefixes_off + 4 * 24);
         assert_eq!(h.node_port_prefixes_count, 2);
-        assert_eq!(h.file_len, h.node_port_prefixes_off + 2 * 24);
+        assert_eq!(h.name_offsets_off, h.node_port_prefixes_off + 2 * 24);
+        assert_eq!(h.name_offsets_count, 7);
+        assert_eq!(
+            h.names_off,
+            (h.name_offsets_off + 7 * 4).next_multiple_of(8)
+        );
+        assert_eq!(h.file_len, h.names_off + h.names_len);
+        let n = h.names_off as usize;
+        assert_eq!(&b[n..n + 16], b"default/web:http");
+        // The external-IP frontend (#2) has no name: an empty one.
+        let o = h.name_offsets_off as usize;
+        assert_eq!(b[o + 8..o + 12], b[o + 12..o + 16]);
         // Source range 1: 198.19.128.0/17, node 0.
         let r = h.source_ranges_off as usize + 24;
         assert_eq!(b[r..r + 16], addr16(ip4(198, 19, 128, 0)));
@@ -1859,6 +1950,21 @@ mod tests {
             t.node_port_prefix_records()
         );
         assert!(back.has_node_ports());
+        assert_eq!(back.name_offsets(), t.name_offsets());
+        assert_eq!(back.names(), t.names());
+        let names: Vec<Option<&str>> = (0..7).map(|i| back.frontend_name(i)).collect();
+        assert_eq!(
+            names,
+            [
+                Some("default/web:http"),
+                Some("default/web:http"),
+                None,
+                Some("default/web:http"),
+                Some("default/local"),
+                Some("prod/façade:https"),
+                None, // there is no frontend #6
+            ]
+        );
         assert_eq!(encode(&back), b, "encoding is deterministic");
         // The lookups work the same on the decoded table.
         let client = addr16(ip4(198, 18, 65, 7));
@@ -1994,6 +2100,143 @@ mod tests {
         assert!(m.contains("source range #0") && m.contains("node"), "{m}");
     }
 
+    /// Sets name offset `i` of an image to `v`.
+    fn set_name_offset(h: &Header, b: &mut [u8], i: usize, v: u32) {
+        let at = h.name_offsets_off as usize + 4 * i;
+        b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn name_offset(h: &Header, b: &[u8], i: usize) -> u32 {
+        let at = h.name_offsets_off as usize + 4 * i;
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        // Out of bounds: the last name ends past the names.
+        let (m, l) = refusal(&edited(|h, b| {
+            set_name_offset(h, b, 6, h.names_len as u32 + 100);
+        }));
+        assert_eq!(l, "invalid_table");
+        assert!(
+            m.contains("frontend #5 name: offsets") && m.contains("exceed the"),
+            "{m}"
+        );
+        // Going backwards: frontend #1 would end before it starts.
+        let (m, l) = refusal(&edited(|h, b| set_name_offset(h, b, 2, 5)));
+        assert_eq!(l, "invalid_table");
+        assert_eq!(
+            m,
+            "table validation: frontend #1 name: offsets 16..5 go backwards"
+        );
+        // Not UTF-8.
+        let (m, l) = refusal(&edited(|h, b| b[h.names_off as usize + 3] = 0xff));
+        assert_eq!(l, "invalid_table");
+        assert_eq!(
+            m,
+            "table validation: frontend #0 name: bytes 0..16 are not UTF-8 (at byte 3)"
+        );
+        // A boundary inside a character (the `ç` of frontend #5's name).
+        let (m, _) = refusal(&edited(|h, b| {
+            let at = name_offset(h, b, 5) + 8;
+            set_name_offset(h, b, 5, at);
+        }));
+        assert!(m.contains("are not UTF-8"), "{m}");
+        // Bytes no name covers, and a first offset that is not 0.
+        let (m, _) = refusal(&edited(|h, b| {
+            let last = name_offset(h, b, 6);
+            set_name_offset(h, b, 6, last - 1);
+        }));
+        assert!(m.contains("name offsets: the last offset is"), "{m}");
+        let (m, _) = refusal(&edited(|h, b| set_name_offset(h, b, 0, 1)));
+        assert_eq!(
+            m,
+            "table validation: name offsets: the first offset is 1, expected 0"
+        );
+        // Not one more offset than frontends.
+        let (m, l) = refusal(&edited(|h, b| {
+            let mut h = *h;
+            h.name_offsets_count = 6;
+            b[..HEADER_LEN].copy_from_slice(&h.to_bytes());
+        }));
+        assert_eq!(l, "invalid_table");
+        assert!(
+            m.contains("name offsets: 6 offsets for 6 frontends (expected 0 or 7)"),
+            "{m}"
+        );
+        // Names without offsets.
+        let (m, _) = refusal(&edited(|h, b| {
+            let mut h = *h;
+            h.name_offsets_count = 0;
+            b[..HEADER_LEN].copy_from_slice(&h.to_bytes());
+        }));
+        assert!(m.contains("name offsets: none, but the names hold"), "{m}");
+        // Too long: two names of 300 bytes made one of 600.
+        let long = |c: char| std::iter::repeat_n(c, 300).collect::<String>();
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let t = Table::build(
+            1,
+            0,
+            &[
+                ServiceSpec::cluster_ip(ip("198.19.0.1"), 80, Proto::Tcp, vec![])
+                    .with_name(long('a')),
+                ServiceSpec::cluster_ip(ip("198.19.0.2"), 80, Proto::Tcp, vec![])
+                    .with_name(long('b')),
+            ],
+        )
+        .unwrap();
+        let mut b = encode(&t);
+        let h = Header::parse(&b).unwrap();
+        set_name_offset(&h, &mut b, 1, 0);
+        seal(&mut b);
+        let (m, l) = refusal(&b);
+        assert_eq!(l, "invalid_table");
+        assert_eq!(
+            m,
+            "table validation: frontend #1 name: 600 bytes, at most 512"
+        );
+        // The builder refuses a long name too.
+        let e = Table::build(
+            1,
+            0,
+            &[
+                ServiceSpec::cluster_ip(ip("198.19.0.1"), 80, Proto::Tcp, vec![])
+                    .with_name(long('a') + &long('b')),
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "frontend #0 name: 600 bytes, at most 512");
+    }
+
+    #[test]
+    fn name_sections_are_bounds_and_alignment_checked() {
+        let (m, l) = refusal(&edited(|h, b| {
+            let mut h = *h;
+            h.names_len += 1000;
+            b[..HEADER_LEN].copy_from_slice(&h.to_bytes());
+        }));
+        assert_eq!(l, "section_bounds", "{m}");
+        assert!(m.starts_with("names section"), "{m}");
+        let (m, l) = refusal(&edited(|h, b| {
+            let mut h = *h;
+            h.name_offsets_off += 4;
+            b[..HEADER_LEN].copy_from_slice(&h.to_bytes());
+        }));
+        assert_eq!(l, "section_alignment", "{m}");
+        assert!(m.starts_with("name_offsets section"), "{m}");
+        let (m, l) = refusal(&edited(|h, b| {
+            let mut h = *h;
+            h.names_off = h.node_port_prefixes_off;
+            b[..HEADER_LEN].copy_from_slice(&h.to_bytes());
+        }));
+        assert_eq!(l, "section_overlap", "{m}");
+        // A table without names has no name sections.
+        let b = encode(&Table::empty(3));
+        let h = Header::parse(&b).unwrap();
+        assert_eq!((h.name_offsets_count, h.names_len), (0, 0));
+        assert_eq!(decode(&b).unwrap().frontend_name(0), None);
+    }
+
     #[test]
     fn new_sections_are_bounds_and_overlap_checked() {
         let (m, l) = refusal(&edited(|h, b| {
@@ -2105,13 +2348,13 @@ mod tests {
         let b = encode(&small());
         assert_eq!(
             decode(&b[..10]).unwrap_err().to_string(),
-            "truncated: 10 bytes, header needs 192"
+            "truncated: 10 bytes, header needs 224"
         );
         let mut v = b.clone();
         v[8] = 2;
         assert_eq!(
             decode(&v).unwrap_err().to_string(),
-            "ABI version 2, expected 4"
+            "ABI version 2, expected 5"
         );
         let mut v = b.clone();
         let last = v.len() - 1;
@@ -2121,10 +2364,10 @@ mod tests {
             .to_string()
             .starts_with("body checksum 0x"));
         let mut v = b.clone();
-        v.truncate(200);
+        v.truncate(240);
         assert_eq!(
             decode(&v).unwrap_err().to_string(),
-            format!("truncated: 200 bytes, header says the file has {}", b.len())
+            format!("truncated: 240 bytes, header says the file has {}", b.len())
         );
     }
 }

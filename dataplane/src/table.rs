@@ -26,6 +26,8 @@ use crate::maglev::{build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_S
 
 /// Backends one frontend can have: ring slots are two-byte indices.
 pub const MAX_BACKENDS_PER_FRONTEND: usize = 1 << 16;
+/// The longest frontend name ([`ServiceSpec::name`]) a table holds, in bytes.
+pub const MAX_NAME_LEN: usize = 512;
 
 /// Frontend flag: ClientIP session affinity is on.
 pub const FRONTEND_AFFINITY: u32 = 1;
@@ -341,6 +343,11 @@ pub struct ServiceSpec {
     /// `internalTrafficPolicy: Local`: a new flow goes only to a backend on
     /// the client's node ([`BackendSpec::node`], [`TableSpec::nodes`]).
     pub node_local: bool,
+    /// What the frontend is for, for people: control writes
+    /// `"namespace/name"` or `"namespace/name:port-name"` (the Service and
+    /// its port's name). At most [`MAX_NAME_LEN`] bytes; `None` or `""`:
+    /// unknown. Never used on the packet path ([`Table::frontend_name`]).
+    pub name: Option<String>,
 }
 
 impl ServiceSpec {
@@ -359,6 +366,7 @@ impl ServiceSpec {
             backends,
             source_ranges: None,
             node_local: false,
+            name: None,
         }
     }
 
@@ -375,6 +383,13 @@ impl ServiceSpec {
     #[must_use]
     pub fn with_return_path(mut self, return_path: ReturnPath) -> Self {
         self.return_path = return_path;
+        self
+    }
+
+    /// The same frontend with a name ([`ServiceSpec::name`]).
+    #[must_use]
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
         self
     }
 }
@@ -440,6 +455,20 @@ pub enum TableError {
         /// What is wrong.
         what: String,
     },
+    /// A frontend's name is out of bounds, too long or not UTF-8.
+    #[error("frontend #{index} name: {what}")]
+    BadName {
+        /// Index in the frontend array.
+        index: usize,
+        /// What is wrong.
+        what: String,
+    },
+    /// The name offsets do not fit the frontends or the names.
+    #[error("name offsets: {what}")]
+    NameOffsets {
+        /// What is wrong.
+        what: String,
+    },
     /// The Maglev builder refused the backends.
     #[error("frontend {frontend}: {source}")]
     Maglev {
@@ -471,6 +500,11 @@ pub struct Table {
     nodes: HashMap<(bool, u8, Addr16), u32>,
     /// The canonical lengths in `nodes`, longest first.
     node_lens: Vec<(bool, u8)>,
+    /// The frontends' names, back to back (off the packet path).
+    names: Box<str>,
+    /// Frontend `i`'s name is `names[name_offsets[i]..name_offsets[i + 1]]`;
+    /// empty when no frontend has a name.
+    name_offsets: Box<[u32]>,
 }
 
 /// The arrays of a [`Table`], as a snapshot carries them; see
@@ -491,6 +525,12 @@ pub struct TableParts {
     pub node_prefixes: Vec<PrefixRecord>,
     /// Node-port address ranges.
     pub node_port_prefixes: Vec<PrefixRecord>,
+    /// Frontend `i`'s name is `names[name_offsets[i]..name_offsets[i + 1]]`
+    /// (empty: unknown): one more offset than frontends, or none at all when
+    /// no frontend has a name.
+    pub name_offsets: Vec<u32>,
+    /// The names, UTF-8, back to back.
+    pub names: Vec<u8>,
 }
 
 /// A frontend index entry: the key inline, so a lookup reads one bucket.
@@ -520,6 +560,65 @@ fn check_prefix(p: &PrefixRecord) -> Result<(), String> {
         return Err("reserved bytes are not zero".to_owned());
     }
     Ok(())
+}
+
+/// Checks the frontend names of a table of `frontends` frontends: no
+/// offsets (no names), or `frontends + 1` offsets from 0 to the end of
+/// `names`, never going back, each name at most [`MAX_NAME_LEN`] bytes of
+/// UTF-8.
+fn check_names(frontends: usize, offsets: &[u32], names: Vec<u8>) -> Result<Box<str>, TableError> {
+    let bad_offsets = |what| Err(TableError::NameOffsets { what });
+    if offsets.is_empty() {
+        if !names.is_empty() {
+            return bad_offsets(format!("none, but the names hold {} bytes", names.len()));
+        }
+        return Ok(Box::default());
+    }
+    if offsets.len() != frontends + 1 {
+        return bad_offsets(format!(
+            "{} offsets for {frontends} frontends (expected 0 or {})",
+            offsets.len(),
+            frontends + 1
+        ));
+    }
+    if offsets[0] != 0 {
+        return bad_offsets(format!("the first offset is {}, expected 0", offsets[0]));
+    }
+    for (index, w) in offsets.windows(2).enumerate() {
+        let (start, end) = (w[0] as usize, w[1] as usize);
+        let bad = |what| Err(TableError::BadName { index, what });
+        if end < start {
+            return bad(format!("offsets {start}..{end} go backwards"));
+        }
+        if end > names.len() {
+            return bad(format!(
+                "offsets {start}..{end} exceed the {} bytes of names",
+                names.len()
+            ));
+        }
+        if end - start > MAX_NAME_LEN {
+            return bad(format!("{} bytes, at most {MAX_NAME_LEN}", end - start));
+        }
+        if let Err(e) = std::str::from_utf8(&names[start..end]) {
+            return bad(format!(
+                "bytes {start}..{end} are not UTF-8 (at byte {})",
+                start + e.valid_up_to()
+            ));
+        }
+    }
+    let last = offsets[frontends] as usize;
+    if last != names.len() {
+        return bad_offsets(format!(
+            "the last offset is {last}, but the names hold {} bytes",
+            names.len()
+        ));
+    }
+    // Each name is UTF-8 and they cover the blob: so is the blob.
+    String::from_utf8(names)
+        .map(String::into_boxed_str)
+        .map_err(|e| TableError::NameOffsets {
+            what: format!("the names are not UTF-8: {e}"),
+        })
 }
 
 /// The unspecified address of a family: where node ports live in the table.
@@ -606,6 +705,28 @@ impl Table {
         let mut mb = Vec::new();
         let known_nodes: std::collections::BTreeSet<u32> =
             spec.nodes.iter().map(|(_, n)| *n).collect();
+        if spec
+            .services
+            .iter()
+            .any(|s| s.name.as_deref().is_some_and(|n| !n.is_empty()))
+        {
+            parts.name_offsets.push(0);
+            for (index, s) in spec.services.iter().enumerate() {
+                let name = s.name.as_deref().unwrap_or("");
+                if name.len() > MAX_NAME_LEN {
+                    return Err(TableError::BadName {
+                        index,
+                        what: format!("{} bytes, at most {MAX_NAME_LEN}", name.len()),
+                    });
+                }
+                parts.names.extend_from_slice(name.as_bytes());
+                let end = u32::try_from(parts.names.len()).map_err(|_| TableError::BadName {
+                    index,
+                    what: "the names exceed 4 GiB".to_owned(),
+                })?;
+                parts.name_offsets.push(end);
+            }
+        }
         for s in &spec.services {
             let index = parts.frontends.len();
             let name = format!("{}:{}/{}", s.addr, s.port, s.proto.as_str());
@@ -782,7 +903,10 @@ impl Table {
             locals,
             node_prefixes,
             node_port_prefixes,
+            name_offsets,
+            names,
         } = parts;
+        let names = check_names(frontends.len(), &name_offsets, names)?;
         let bad = |index: usize, what: String| TableError::BadFrontend { index, what };
         for (section, list, names_nodes) in [
             ("source range", &source_ranges, false),
@@ -1001,6 +1125,8 @@ impl Table {
             has_node_ports,
             nodes,
             node_lens,
+            names,
+            name_offsets: name_offsets.into_boxed_slice(),
         })
     }
 
@@ -1141,6 +1267,31 @@ impl Table {
     #[must_use]
     pub fn is_frontend_addr(&self, addr: &Addr16) -> bool {
         self.frontends.iter().any(|f| f.addr == *addr)
+    }
+
+    /// The name of the frontend at `index` ([`ServiceSpec::name`]; control
+    /// writes `"namespace/name"` or `"namespace/name:port-name"`), `None`
+    /// when unknown.
+    #[must_use]
+    pub fn frontend_name(&self, index: u32) -> Option<&str> {
+        let i = index as usize;
+        let (&start, &end) = (self.name_offsets.get(i)?, self.name_offsets.get(i + 1)?);
+        self.names
+            .get(start as usize..end as usize)
+            .filter(|n| !n.is_empty())
+    }
+
+    /// The name offsets, as a snapshot carries them: one more than frontends,
+    /// or none when no frontend has a name.
+    #[must_use]
+    pub fn name_offsets(&self) -> &[u32] {
+        &self.name_offsets
+    }
+
+    /// The frontends' names back to back, as a snapshot carries them.
+    #[must_use]
+    pub fn names(&self) -> &str {
+        &self.names
     }
 
     /// The frontend record at `index` (from [`Table::frontend`]).
@@ -1484,6 +1635,8 @@ mod tests {
             locals: t.locals.clone(),
             node_prefixes: t.node_prefixes.clone(),
             node_port_prefixes: t.node_port_prefixes.clone(),
+            name_offsets: t.name_offsets.to_vec(),
+            names: t.names.as_bytes().to_vec(),
         }
     }
 

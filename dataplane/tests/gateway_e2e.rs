@@ -1069,6 +1069,18 @@ fn inspect(env: &Env, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
+/// `clustergate inspect` that must fail: its stderr.
+fn inspect_fails(env: &Env, args: &[&str]) -> String {
+    let mut all = vec!["inspect", "--server", "127.0.0.1:10257"];
+    all.extend_from_slice(args);
+    let out = env
+        .in_ns("gw", &gateway_bin(), &all)
+        .output()
+        .expect("clustergate inspect");
+    assert!(!out.status.success(), "clustergate {all:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 fn inspect_json(env: &Env, args: &[&str]) -> Value {
     let mut all = args.to_vec();
     all.extend(["--output", "json"]);
@@ -1121,6 +1133,15 @@ fn inspect_a_running_gateway() {
 
     let before = inspect_json(&env, &["services"]);
     assert!(before["generation"].as_u64().unwrap_or(0) > 0, "{before}");
+    // Each frontend carries its Service's name, from control's snapshot.
+    let web = before["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .find(|s| s["frontend"] == format!("{VIP}:80") && s["protocol"] == "tcp")
+        .unwrap_or_else(|| panic!("no {VIP}:80 in {before}"));
+    assert_eq!(web["service"], "default/web", "{web}");
+    assert_eq!(web["port_name"], "http", "{web}");
     let m0 = env.metrics();
 
     // 100 HTTP connections through the VIP (control's default return path:
@@ -1152,6 +1173,7 @@ fn inspect_a_running_gateway() {
         }
         assert!(f["age_s"].is_u64() && f["idle_s"].is_u64(), "{f}");
         assert_eq!(f["protocol"], "tcp");
+        assert_eq!(f["service"], "default/web", "{f}");
         assert_eq!(f["return_path"], "snat");
         let (backend, port) = addr_port(f["backend"].as_str().expect("backend"));
         assert_eq!(port, 8080, "{f}");
@@ -1181,8 +1203,26 @@ fn inspect_a_running_gateway() {
     );
     assert_eq!(few["flows"].as_array().map(Vec::len), Some(7));
     assert_eq!(few["truncated"], true);
+    // By Service name: the 100 connections to its port 80 (and nothing else
+    // was sent to its other ports).
+    let by_name = inspect_json(
+        &env,
+        &["flows", "--service", "default/web", "--limit", "5000"],
+    );
+    let named = by_name["flows"].as_array().expect("flows");
+    assert_eq!(named.len(), 100, "{by_name}");
+    assert!(
+        named.iter().all(|f| f["frontend"] == format!("{VIP}:80")),
+        "{by_name}"
+    );
+    let err = inspect_fails(&env, &["flows", "--service", "default/nope"]);
+    assert!(
+        err.contains("Service default/nope has no frontend"),
+        "{err}"
+    );
     let text = inspect(&env, &["flows", "--limit", "3"]);
-    assert!(text.starts_with("PROTO  CLIENT"), "{text}");
+    assert!(text.starts_with("SERVICE"), "{text}");
+    assert!(text.contains("\ndefault/web "), "{text}");
     eprintln!("inspect flows --limit 3:\n{text}");
 
     // services: the counters grew by what was sent.
@@ -1206,7 +1246,11 @@ fn inspect_a_running_gateway() {
     assert_eq!(new_flows, 100);
     let text = inspect(&env, &["services"]);
     eprintln!("inspect services:\n{text}");
-    assert!(text.contains(&format!("{VIP}:80/tcp")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("default/web:http ") && l.contains(&format!("{VIP}:80/tcp"))),
+        "{text}"
+    );
     let text = inspect(&env, &["summary"]);
     eprintln!("inspect summary:\n{text}");
     assert!(text.starts_with("table generation "), "{text}");

@@ -102,6 +102,7 @@ fn services(marker: u16) -> Vec<ServiceSpec> {
         ],
     );
     weighted.kind = FrontendKind::LoadBalancer;
+    weighted.name = Some("default/weighted:http".into());
     let mut sticky = ServiceSpec::cluster_ip(
         ip("2001:db8::10"),
         443,
@@ -112,6 +113,7 @@ fn services(marker: u16) -> Vec<ServiceSpec> {
         ],
     );
     sticky.affinity_timeout_s = Some(10_800);
+    sticky.name = Some("prod/sticky".into());
     vec![
         weighted,
         sticky,
@@ -239,7 +241,10 @@ fn assert_same(a: &Table, b: &Table) {
     assert_eq!(a.node_prefix_records(), b.node_prefix_records());
     assert_eq!(a.node_port_prefix_records(), b.node_port_prefix_records());
     assert_eq!(a.has_node_ports(), b.has_node_ports());
+    assert_eq!(a.names(), b.names());
+    assert_eq!(a.name_offsets(), b.name_offsets());
     for (i, f) in a.frontends().iter().enumerate() {
+        assert_eq!(a.frontend_name(i as u32), b.frontend_name(i as u32));
         let proto = Proto::from_ip_number(f.proto).unwrap();
         assert_eq!(a.frontend(&f.addr, f.port, proto), Some(i as u32));
         assert_eq!(b.frontend(&f.addr, f.port, proto), Some(i as u32));
@@ -326,6 +331,11 @@ fn abi_round_trip_keeps_every_record_and_pick() {
     assert_eq!(t.node_prefix_records().len(), 4);
     assert_eq!(t.node_port_prefix_records().len(), 2);
     assert!(t.has_node_ports());
+    // Names: some frontends have one, the others none.
+    let back = decode(&encode(&t)).unwrap();
+    assert_eq!(back.frontend_name(0), Some("default/weighted:http"));
+    assert_eq!(back.frontend_name(1), Some("prod/sticky"));
+    assert_eq!(back.frontend_name(2), None);
 }
 
 #[test]
@@ -957,16 +967,16 @@ fn restarts_of_either_side_pick_up_where_they_were() {
 fn error_messages_say_what_failed() {
     let good = encode(&small_table(1));
     let msg = |b: &[u8]| decode(b).unwrap_err().to_string();
-    assert_eq!(msg(&good[..10]), "truncated: 10 bytes, header needs 192");
+    assert_eq!(msg(&good[..10]), "truncated: 10 bytes, header needs 224");
     let b = with_header(good.clone(), |h| h.abi_version = 2);
-    assert_eq!(msg(&b), "ABI version 2, expected 4");
+    assert_eq!(msg(&b), "ABI version 2, expected 5");
     let mut b = with_header(good.clone(), |h| h.frontends_count = 100);
     seal(&mut b);
     assert_eq!(
         msg(&b),
         format!(
-            "frontends section 192..{} lies outside the body 192..{}",
-            192 + 100 * 64,
+            "frontends section 224..{} lies outside the body 224..{}",
+            224 + 100 * 64,
             good.len()
         )
     );
