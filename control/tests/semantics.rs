@@ -381,6 +381,19 @@ fn fixture_feeds_the_dataplane_table_with_every_frontend() {
         .all(|b| b.weight == 1));
     let table = Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
     assert_eq!(table.frontends().len(), 16);
+    // Each frontend carries its ServicePortName, `ns/name[:port]`, for
+    // `clustergate inspect`.
+    for (i, f) in m.frontends.iter().enumerate() {
+        let want = if f.port_name.is_empty() {
+            f.service.clone()
+        } else {
+            format!("{}:{}", f.service, f.port_name)
+        };
+        assert_eq!(specs[i].name.as_deref(), Some(want.as_str()));
+        assert_eq!(table.frontend_name(i as u32), Some(want.as_str()));
+    }
+    assert!(m.frontends.iter().any(|f| f.port_name.is_empty()));
+    assert!(m.frontends.iter().any(|f| !f.port_name.is_empty()));
 
     let ip = |s: &str| addr16(s.parse::<IpAddr>().unwrap());
     let web = table.frontend(&ip("198.19.0.10"), 80, Proto::Tcp).unwrap();
