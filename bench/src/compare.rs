@@ -2177,5 +2177,29 @@ mod tests {
         assert!(e.contains("--flows 100000 at --rate 1000"), "{e}");
         a.dataplanes = vec![Dataplane::ClustergateRouted];
         a.validate().unwrap();
+
+        // IPv6: 84-byte frames at the least, the default when none is given;
+        // DSR's 40-byte outer header must fit the LAN's MTU.
+        a.family = Family::V6;
+        a.frame_sizes = vec![];
+        a.validate().unwrap();
+        assert_eq!(a.frame_sizes, [84]);
+        a.frame_sizes = vec![64];
+        let e = a.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--frame-sizes 64: must be 84..=1500 (IPv6)"),
+            "{e}"
+        );
+        a.frame_sizes = vec![1500];
+        a.validate().unwrap();
+        a.dataplanes = vec![Dataplane::ClustergateDsr];
+        let e = a.validate().unwrap_err().to_string();
+        assert!(e.contains("clustergate-dsr over IPv6: at most 1494"), "{e}");
+        a.frame_sizes = vec![1494];
+        a.validate().unwrap();
+        a.family = Family::V4;
+        a.frame_sizes = vec![];
+        a.validate().unwrap();
+        assert_eq!(a.frame_sizes, [64]);
     }
 }
