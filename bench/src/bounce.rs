@@ -5,8 +5,9 @@
 //! program filled from the same table, one [`Ports`] per worker with both
 //! interfaces on one shared UMEM, the same batch size, ring sizes and poll
 //! loop as `dataplane/src/io/worker.rs`) and, per frame, only a fixed
-//! rewrite: Ethernet addresses, IPv4 destination, L4 destination port, with
-//! incremental checksum updates. Backend `i = source port % N + 1`.
+//! rewrite: Ethernet addresses, IPv4 or IPv6 destination, L4 destination
+//! port, with incremental checksum updates. Backend `i = source port % N + 1`
+//! (its address of the frame's family).
 //!
 //! Must never: look anything up (no table, no conntrack, no next-hop
 //! resolution: that is the difference being measured), allocate in the
@@ -34,15 +35,15 @@ use clustergate_dataplane::flow::Proto;
 use clustergate_dataplane::io::nexthop::ifindex_by_name;
 use clustergate_dataplane::io::steer::Steering;
 use clustergate_dataplane::io::xsk::{Iface, Ports, XskOptions, RX_BATCH};
-use clustergate_dataplane::packet::checksum::{update16, update32};
+use clustergate_dataplane::packet::checksum::{update128, update16, update32};
 use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use xsk_rs::FrameDesc;
 
 use crate::layout::{
-    backend_addr, backend_mac, vip, BACKEND_PORT, GW_LAN_MAC, MAX_BACKENDS, MAX_SERVICES,
-    SERVICE_PORT,
+    backend_addr, backend_ip, backend_mac, parse_family, vip_ip, Family, BACKEND_PORT, GW_LAN_MAC,
+    MAX_BACKENDS, MAX_SERVICES, SERVICE_PORT,
 };
 
 /// Most workers (one per queue).
@@ -82,6 +83,10 @@ pub struct Args {
     /// Stop after this many seconds, 1..=3600.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub exit_after_s: u64,
+    /// The family of the services' VIPs the steering program redirects: 4
+    /// or 6 (either family is rewritten).
+    #[arg(long, default_value = "4", value_parser = parse_family)]
+    pub family: Family,
 }
 
 /// One worker's counters, in the result line.
@@ -164,14 +169,14 @@ fn validate(args: &Args) -> Result<()> {
 /// The services the gateway would have for the same scenario: VIP k port 80,
 /// UDP and TCP, each with backends 1..=N on port 8080. Only the steering
 /// program sees them.
-fn service_specs(services: u32, backends: u32) -> Vec<ServiceSpec> {
+fn service_specs(services: u32, backends: u32, family: Family) -> Vec<ServiceSpec> {
     let endpoints: Vec<BackendSpec> = (1..=backends)
-        .map(|i| BackendSpec::ready(IpAddr::V4(backend_addr(i)), BACKEND_PORT))
+        .map(|i| BackendSpec::ready(backend_ip(family, i), BACKEND_PORT))
         .collect();
     (0..services)
         .flat_map(|k| {
             [Proto::Udp, Proto::Tcp].map(|proto| {
-                ServiceSpec::cluster_ip(IpAddr::V4(vip(k)), SERVICE_PORT, proto, endpoints.clone())
+                ServiceSpec::cluster_ip(vip_ip(family, k), SERVICE_PORT, proto, endpoints.clone())
             })
         })
         .collect()
@@ -181,6 +186,13 @@ fn service_specs(services: u32, backends: u32) -> Vec<ServiceSpec> {
 const ETH_LEN: usize = 14;
 /// EtherType of IPv4.
 const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+/// EtherType of IPv6.
+const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
+/// The IPv6 header (RFC 8200 §3): payload length, next header, destination.
+const IPV6_LEN: usize = 40;
+const IPV6_PAYLOAD_LEN: usize = 4;
+const IPV6_NEXT: usize = 6;
+const IPV6_DST: usize = 24;
 /// IP protocol numbers.
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -210,8 +222,8 @@ fn put16(b: &mut [u8], at: usize, v: u16) {
 
 /// Rewrites the `len`-byte frame at the start of `frame` towards backend
 /// `source port % backends + 1`, and returns that backend; `None` (frame
-/// untouched) if it is not Ethernet II + IPv4 (any IHL, not a fragment) +
-/// UDP or TCP, is truncated, or `backends` is 0.
+/// untouched) if it is not Ethernet II + IPv4 (any IHL, not a fragment) or
+/// IPv6 (no extension header) + UDP or TCP, is truncated, or `backends` is 0.
 ///
 /// Ethernet: dst = the backend's MAC, src = g1's. IPv4: dst = the backend's
 /// address, header checksum updated (RFC 1624 eqn. 3). L4: dst port = 8080,
@@ -220,7 +232,13 @@ fn put16(b: &mut [u8], at: usize, v: u16) {
 /// The TTL is not touched.
 fn rewrite(frame: &mut [u8], len: usize, backends: u32) -> Option<u32> {
     let f = frame.get_mut(..len)?;
-    if backends == 0 || f.get(12..14)? != ETHERTYPE_IPV4 {
+    if backends == 0 {
+        return None;
+    }
+    if f.get(12..14)? == ETHERTYPE_IPV6 {
+        return rewrite_v6(f, backends);
+    }
+    if f.get(12..14)? != ETHERTYPE_IPV4 {
         return None;
     }
     let l3 = ETH_LEN;
@@ -258,6 +276,53 @@ fn rewrite(frame: &mut [u8], len: usize, backends: u32) -> Option<u32> {
     if !(udp && l4_csum == 0) {
         let c = update16(
             update32(l4_csum, old_addr, new_addr),
+            old_port,
+            BACKEND_PORT,
+        );
+        put16(f, csum_at, if udp && c == 0 { 0xffff } else { c });
+    }
+    Some(backend)
+}
+
+/// [`rewrite`] of an IPv6 frame: the same, with the 16-byte destination
+/// (no header checksum; the L4 checksum updated for it, RFC 1624 eqn. 3
+/// word by word).
+fn rewrite_v6(f: &mut [u8], backends: u32) -> Option<u32> {
+    let l3 = ETH_LEN;
+    if f.len() < l3 + IPV6_LEN || f[l3] >> 4 != 6 {
+        return None;
+    }
+    let l4_len = usize::from(be16(f, l3 + IPV6_PAYLOAD_LEN));
+    let l4 = l3 + IPV6_LEN;
+    if f.len() < l4 + l4_len {
+        return None;
+    }
+    let (csum_at, udp) = match f[l3 + IPV6_NEXT] {
+        IPPROTO_UDP if l4_len >= UDP_LEN => (l4 + UDP_CSUM, true),
+        IPPROTO_TCP if l4_len >= TCP_MIN_LEN => (l4 + TCP_CSUM, false),
+        _ => return None,
+    };
+    let backend = u32::from(be16(f, l4 + L4_SRC_PORT)) % backends + 1;
+    let IpAddr::V6(new) = backend_ip(Family::V6, backend) else {
+        return None;
+    };
+    let new_addr = new.octets();
+
+    f[..6].copy_from_slice(&backend_mac(backend));
+    f[6..12].copy_from_slice(&GW_LAN_MAC);
+
+    let dst_at = l3 + IPV6_DST;
+    let mut old_addr = [0u8; 16];
+    old_addr.copy_from_slice(&f[dst_at..dst_at + 16]);
+    f[dst_at..dst_at + 16].copy_from_slice(&new_addr);
+
+    let old_port = be16(f, l4 + L4_DST_PORT);
+    put16(f, l4 + L4_DST_PORT, BACKEND_PORT);
+    let l4_csum = be16(f, csum_at);
+    // UDP over IPv6 must carry a checksum (RFC 8200 §8.1); a 0 is left as it is.
+    if !(udp && l4_csum == 0) {
+        let c = update16(
+            update128(l4_csum, &old_addr, &new_addr),
             old_port,
             BACKEND_PORT,
         );
@@ -477,13 +542,17 @@ pub fn run(args: &Args) -> Result<()> {
             slot: 1,
         },
     ];
-    let table =
-        Table::build(1, 0, &service_specs(args.services, args.backends)).with_context(|| {
-            format!(
-                "building the table of --services {} × --backends {}",
-                args.services, args.backends
-            )
-        })?;
+    let table = Table::build(
+        1,
+        0,
+        &service_specs(args.services, args.backends, args.family),
+    )
+    .with_context(|| {
+        format!(
+            "building the table of --services {} × --backends {}",
+            args.services, args.backends
+        )
+    })?;
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
@@ -941,8 +1010,54 @@ mod tests {
 
     #[test]
     fn bounce_table_matches_the_scenario() {
-        let specs = service_specs(3, 2);
+        let specs = service_specs(3, 2, Family::V4);
         assert_eq!(specs.len(), 6);
         Table::build(1, 0, &specs).unwrap();
+        let specs = service_specs(3, 2, Family::V6);
+        assert_eq!(specs.len(), 6);
+        Table::build(1, 0, &specs).unwrap();
+    }
+
+    #[test]
+    fn bounce_rewrites_ipv6_as_the_sink_checks_it() {
+        use crate::wire::{self, Expect, Fields, L4Proto, PathExpect, Template};
+        for proto in [L4Proto::Udp, L4Proto::Tcp] {
+            for len in [84, 1500] {
+                let t = Template::new_in(Family::V6, proto, len, [2, 0, 0, 0, 0, 2], GW_LAN_MAC)
+                    .unwrap();
+                let flow = 7;
+                let f = Fields {
+                    src: crate::layout::flow_source_ip(Family::V6, flow),
+                    dst: (vip_ip(Family::V6, 0), SERVICE_PORT),
+                    flow,
+                    seq: 1,
+                    ts: 1,
+                    syn: true,
+                };
+                let mut buf = vec![0xeeu8; 2048];
+                assert_eq!(t.write(&mut buf, &f), len);
+                let backend = rewrite(&mut buf, len, 4).unwrap();
+                assert_eq!(backend, expected(f.src.1, 4));
+                assert!(buf[len..].iter().all(|&b| b == 0xee), "wrote past len");
+                let e = Expect {
+                    mac: backend_mac(backend),
+                    addr: backend_ip(Family::V6, backend),
+                    first_port: BACKEND_PORT,
+                    last_port: BACKEND_PORT,
+                    flows: 100,
+                    path: PathExpect::Routed,
+                };
+                let p = wire::check(&buf[..len], &e).unwrap();
+                assert_eq!(
+                    (p.flow, p.dst_port),
+                    (flow, BACKEND_PORT),
+                    "{proto:?} {len}"
+                );
+                // An extension header (hop-by-hop, 0) is not rewritten.
+                let mut other = buf.clone();
+                other[14 + 6] = 0;
+                assert_eq!(rewrite(&mut other, len, 4), None);
+            }
+        }
     }
 }

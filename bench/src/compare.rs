@@ -28,6 +28,15 @@
 //! source, or the gateway's with a stable SNAT port, or IP-in-IP around the
 //! client's packet; checksums) must pass: a failure is printed and makes
 //! the command fail, whatever the speed.
+//!
+//! `--family 6` runs the same over IPv6 (the layout's 2001:2::/48
+//! addresses, on the same dual-stack topology): the manifest's services
+//! and EndpointSlices are IPv6, the kernel's ruleset is an `ip6` table
+//! (DNAT, and kube-proxy's masquerade for `kernel-masq`) with IPv6
+//! forwarding, clustergate gets `--snat-address` g1's IPv6 address, bounce
+//! steers the IPv6 VIPs, and the pktgen and sinks build and check IPv6
+//! frames (84 bytes at the least: the IPv4 minimum and 20 more bytes of
+//! header; the default frame size then).
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -45,7 +54,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::layout::{
-    backend_addr, vip, BACKEND_PORT, GW_LAN_ADDR, LAN_MTU, MAX_FLOWS, MAX_SERVICES, SERVICE_PORT,
+    backend_ip, gw_lan_ip, parse_family, vip_ip, Family, BACKEND_PORT, LAN_MTU, LAN_NET6,
+    MAX_FLOWS, MAX_SERVICES, SERVICE_PORT,
 };
 use crate::sink::ReturnPath;
 use crate::topology::{Shape, Topology};
@@ -183,8 +193,9 @@ pub struct Args {
         default_value = "clustergate-snat,kernel-masq,clustergate-routed,kernel,clustergate-dsr,bounce"
     )]
     pub dataplanes: Vec<Dataplane>,
-    /// Frame sizes in bytes (64..=1500), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "64")]
+    /// Frame sizes in bytes (64..=1500; IPv6 84..=1500), comma-separated
+    /// (default: the family's smallest, 64 or 84).
+    #[arg(long, value_delimiter = ',')]
     pub frame_sizes: Vec<u32>,
     /// Flow counts (1..=4000000), comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1000")]
@@ -226,6 +237,9 @@ pub struct Args {
     /// rounds.
     #[arg(long)]
     pub interleave: bool,
+    /// Address family of the traffic: 4 (198.18.0.0/15) or 6 (2001:2::/48).
+    #[arg(long, default_value = "4", value_parser = parse_family)]
+    pub family: Family,
 }
 
 impl Args {
@@ -280,10 +294,24 @@ impl Args {
                 );
             }
         }
+        let min = crate::wire::min_frame(self.family) as u32;
+        if self.frame_sizes.is_empty() {
+            self.frame_sizes = vec![min];
+        }
         for &f in &self.frame_sizes {
             ensure!(
-                (64..=1500).contains(&f),
-                "--frame-sizes {f}: must be 64..=1500"
+                (min..=1500).contains(&f),
+                "--frame-sizes {f}: must be {min}..=1500 (IPv{})",
+                self.family.number()
+            );
+            // DSR's outer IPv6 header is 40 bytes: the backend LAN's MTU
+            // holds a client packet of at most LAN_MTU - 40.
+            ensure!(
+                !(self.family == Family::V6
+                    && self.dataplanes.contains(&Dataplane::ClustergateDsr)
+                    && f > u32::from(LAN_MTU) - 40 + 14),
+                "--frame-sizes {f} with clustergate-dsr over IPv6: at most {} (the backend LAN's MTU {LAN_MTU} less the 40-byte outer header, plus the Ethernet header)",
+                u32::from(LAN_MTU) - 40 + 14
             );
         }
         for &f in &self.flows {
@@ -540,6 +568,8 @@ pub struct Report {
     pub placement: String,
     /// Traffic protocol.
     pub proto: Proto,
+    /// Address family (4 or 6).
+    pub family: Family,
     /// Offered rate (0: as fast as possible).
     pub rate: u64,
     /// Seconds per repetition.
@@ -758,7 +788,8 @@ pub(crate) fn flush_conntrack_in(ns: &str) -> Result<()> {
     const NLM_F_REQUEST: u16 = 1;
     const NLM_F_ACK: u16 = 4;
     const NLMSG_ERROR: u16 = 2;
-    const AF_INET: u8 = 2;
+    // AF_UNSPEC: both families' entries (the namespace is the bench's).
+    const AF_UNSPEC: u8 = 0;
     let nsfile = format!("/run/netns/{ns}");
     std::thread::scope(|s| {
         s.spawn(|| -> Result<()> {
@@ -786,7 +817,7 @@ pub(crate) fn flush_conntrack_in(ns: &str) -> Result<()> {
             msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
             msg.extend_from_slice(&1u32.to_ne_bytes());
             msg.extend_from_slice(&0u32.to_ne_bytes());
-            msg.extend_from_slice(&[AF_INET, 0, 0, 0]);
+            msg.extend_from_slice(&[AF_UNSPEC, 0, 0, 0]);
             rustix::net::sendto(
                 &fd,
                 &msg,
@@ -818,9 +849,16 @@ pub(crate) fn flush_conntrack_in(ns: &str) -> Result<()> {
 
 /// The manifest: `services` ClusterIP services, each with a UDP and a TCP
 /// port 80, every backend an endpoint on 8080.
+#[cfg(test)]
 #[must_use]
 pub fn manifest(services: u32, backends: &[u32], target_port: u16) -> String {
     manifest_with(services, backends, target_port, None)
+}
+
+/// [`manifest_with`] of `family` (IPv6: IPv6 cluster IPs and EndpointSlices).
+#[must_use]
+pub fn manifest_in(family: Family, services: u32, backends: &[u32], target_port: u16) -> String {
+    manifest_of(family, services, backends, target_port, None)
 }
 
 /// [`manifest`], with service 0's only endpoint `first` (backend, port) when given.
@@ -831,13 +869,29 @@ pub fn manifest_with(
     target_port: u16,
     first: Option<(u32, u16)>,
 ) -> String {
+    manifest_of(Family::V4, services, backends, target_port, first)
+}
+
+fn manifest_of(
+    family: Family,
+    services: u32,
+    backends: &[u32],
+    target_port: u16,
+    first: Option<(u32, u16)>,
+) -> String {
+    let backend_addr = |i: u32| backend_ip(family, i);
+    let vip = |k: u32| vip_ip(family, k);
+    let address_type = match family {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    };
     let mut y = String::with_capacity(services as usize * (800 + 60 * backends.len()));
     y.push_str("apiVersion: v1\nkind: List\nitems:\n");
     let mut eps = String::new();
     for &i in backends {
         let _ = write!(
             eps,
-            "  - addresses: [{}]\n    conditions: {{ready: true}}\n",
+            "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n",
             backend_addr(i)
         );
     }
@@ -846,7 +900,7 @@ pub fn manifest_with(
         let (eps, target_port) = match first {
             Some((b, port)) if k == 0 => (
                 format!(
-                    "  - addresses: [{}]\n    conditions: {{ready: true}}\n",
+                    "  - addresses: [\"{}\"]\n    conditions: {{ready: true}}\n",
                     backend_addr(b)
                 ),
                 port,
@@ -855,7 +909,7 @@ pub fn manifest_with(
         };
         let _ = write!(
             y,
-            "- apiVersion: v1\n  kind: Service\n  metadata: {{name: svc-{k}, namespace: bench}}\n  spec:\n    clusterIP: {v}\n    clusterIPs: [{v}]\n    ports:\n    - {{name: u, port: {SERVICE_PORT}, protocol: UDP, targetPort: {target_port}}}\n    - {{name: t, port: {SERVICE_PORT}, protocol: TCP, targetPort: {target_port}}}\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: svc-{k}-a\n    namespace: bench\n    labels: {{kubernetes.io/service-name: svc-{k}}}\n  addressType: IPv4\n  ports:\n  - {{name: u, port: {target_port}, protocol: UDP}}\n  - {{name: t, port: {target_port}, protocol: TCP}}\n  endpoints:\n{eps}"
+            "- apiVersion: v1\n  kind: Service\n  metadata: {{name: svc-{k}, namespace: bench}}\n  spec:\n    clusterIP: \"{v}\"\n    clusterIPs: [\"{v}\"]\n    ports:\n    - {{name: u, port: {SERVICE_PORT}, protocol: UDP, targetPort: {target_port}}}\n    - {{name: t, port: {SERVICE_PORT}, protocol: TCP, targetPort: {target_port}}}\n- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  metadata:\n    name: svc-{k}-a\n    namespace: bench\n    labels: {{kubernetes.io/service-name: svc-{k}}}\n  addressType: {address_type}\n  ports:\n  - {{name: u, port: {target_port}, protocol: UDP}}\n  - {{name: t, port: {target_port}, protocol: TCP}}\n  endpoints:\n{eps}"
         );
     }
     y
@@ -867,6 +921,14 @@ const MASQ_MARK: &str = "0x00004000";
 /// pods), so the client's traffic is from outside the cluster.
 const CLUSTER_CIDR: &str = "198.18.2.0/24";
 
+/// The nftables table family and name prefix of `family`: `ip` or `ip6`.
+fn nft_family(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "ip",
+        Family::V6 => "ip6",
+    }
+}
+
 /// kube-proxy nftables mode's shape for the same services: a verdict map
 /// on (VIP, proto, port) jumping to a chain per service port, which picks an
 /// endpoint chain with `numgen random`, which DNATs.
@@ -877,13 +939,40 @@ const CLUSTER_CIDR: &str = "198.18.2.0/24";
 /// `ip saddr != <cluster CIDR>`, and the `masquerading` chain, jumped to
 /// from a `nat-postrouting` base chain (priority srcnat), clears the mark and
 /// `masquerade fully-random`s marked packets.
+#[cfg(test)]
 #[must_use]
 pub fn nft_ruleset(services: u32, backends: &[u32], proto: Proto, masquerade: bool) -> String {
+    nft_ruleset_in(Family::V4, services, backends, proto, masquerade)
+}
+
+/// [`nft_ruleset`] of `family`: for IPv6 an `ip6` table, `ipv6_addr` keys,
+/// `ip6 daddr`/`ip6 saddr` matches, the backends' IPv6 subnet as the
+/// cluster CIDR, and `dnat to [addr]:port`.
+#[must_use]
+pub fn nft_ruleset_in(
+    family: Family,
+    services: u32,
+    backends: &[u32],
+    proto: Proto,
+    masquerade: bool,
+) -> String {
+    let (table, addr_type, ip, cluster_cidr) = match family {
+        Family::V4 => ("ip", "ipv4_addr", "ip", CLUSTER_CIDR),
+        Family::V6 => ("ip6", "ipv6_addr", "ip6", LAN_NET6),
+    };
+    let vip = |k: u32| vip_ip(family, k);
+    let endpoint = |i: u32| match backend_ip(family, i) {
+        std::net::IpAddr::V4(a) => a.to_string(),
+        std::net::IpAddr::V6(a) => format!("[{a}]"),
+    };
     let p = proto.name();
     let n = backends.len();
     let mut r = String::with_capacity(services as usize * (300 + 120 * n));
-    r.push_str("table ip clustergate-bench {\n");
-    r.push_str("  map service-ips {\n    type ipv4_addr . inet_proto . inet_service : verdict\n");
+    let _ = writeln!(r, "table {table} clustergate-bench {{");
+    let _ = writeln!(
+        r,
+        "  map service-ips {{\n    type {addr_type} . inet_proto . inet_service : verdict"
+    );
     if services > 0 {
         r.push_str("    elements = {\n");
         for k in 0..services {
@@ -908,15 +997,16 @@ pub fn nft_ruleset(services: u32, backends: &[u32], proto: Proto, masquerade: bo
             "  chain masquerading {{\n    meta mark & {MASQ_MARK} == 0 return\n    meta mark set meta mark ^ {MASQ_MARK}\n    masquerade fully-random\n  }}"
         );
     }
-    r.push_str(
-        "  chain services {\n    ip daddr . meta l4proto . th dport vmap @service-ips\n  }\n",
+    let _ = writeln!(
+        r,
+        "  chain services {{\n    {ip} daddr . meta l4proto . th dport vmap @service-ips\n  }}"
     );
     for k in 0..services {
         let _ = writeln!(r, "  chain service-{k} {{");
         if masquerade {
             let _ = writeln!(
                 r,
-                "    ip daddr {} {p} dport {SERVICE_PORT} ip saddr != {CLUSTER_CIDR} jump mark-for-masquerade",
+                "    {ip} daddr {} {p} dport {SERVICE_PORT} {ip} saddr != {cluster_cidr} jump mark-for-masquerade",
                 vip(k)
             );
         }
@@ -933,7 +1023,7 @@ pub fn nft_ruleset(services: u32, backends: &[u32], proto: Proto, masquerade: bo
             let _ = writeln!(
                 r,
                 "  chain endpoint-{k}-{j} {{\n    meta l4proto {p} dnat to {}:{BACKEND_PORT}\n  }}",
-                backend_addr(i)
+                endpoint(i)
             );
         }
     }
@@ -1029,6 +1119,14 @@ pub(crate) fn snat_range_from_metrics(text: &str) -> Option<(u16, u16)> {
 
 const CT_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 
+/// The sysctl that turns the kernel's forwarding of `family` on.
+fn forwarding_sysctl(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "net.ipv4.ip_forward",
+        Family::V6 => "net.ipv6.conf.all.forwarding",
+    }
+}
+
 struct Ctx<'a> {
     args: &'a Args,
     topo: Topology,
@@ -1115,15 +1213,19 @@ impl Ctx<'_> {
         let t = Instant::now();
         loop {
             check_stop()?;
+            let fam = match self.args.family {
+                Family::V4 => "-4",
+                Family::V6 => "-6",
+            };
             let out = Command::new("ip")
-                .args(["-n", &gw, "-4", "neigh", "show", "dev", "g1"])
+                .args(["-n", &gw, fam, "neigh", "show", "dev", "g1"])
                 .output()
                 .context("listing the gateway's neighbours")?;
             let text = String::from_utf8_lossy(&out.stdout);
             let missing: Vec<String> = self
                 .backends
                 .iter()
-                .map(|&i| backend_addr(i).to_string())
+                .map(|&i| backend_ip(self.args.family, i).to_string())
                 .filter(|a| {
                     !text.lines().any(|l| {
                         l.split_whitespace().next() == Some(a.as_str()) && l.contains(" lladdr ")
@@ -1191,7 +1293,10 @@ impl Ctx<'_> {
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::create_dir_all(&dir)?;
                 let m = dir.join("manifest.yaml");
-                std::fs::write(&m, manifest(sc.services, &self.backends, BACKEND_PORT))?;
+                std::fs::write(
+                    &m,
+                    manifest_in(self.args.family, sc.services, &self.backends, BACKEND_PORT),
+                )?;
                 let shm = dir.join("shm");
                 let mut c = Command::new(&self.bins.control);
                 c.arg("run")
@@ -1219,6 +1324,11 @@ impl Ctx<'_> {
                     .args(["--metrics", &format!("127.0.0.1:{port}")])
                     .args(["--flows", &(sc.flows.max(65_536) * 2).to_string()])
                     .args(["--zero-copy", "never", "--exit-after-s", "3600"]);
+                if self.args.family == Family::V6 {
+                    // The gateway's own IPv6 address on the backend side:
+                    // the SNAT source and DSR's outer source.
+                    g.args(["--snat-address", &gw_lan_ip(Family::V6).to_string()]);
+                }
                 if path == ReturnPath::Dsr {
                     // The backend LAN has room for the outer header (the
                     // default would be the smaller client side's MTU).
@@ -1267,7 +1377,8 @@ impl Ctx<'_> {
                 let path = self.out.join(format!("nft-{tag}.nft"));
                 std::fs::write(
                     &path,
-                    nft_ruleset(
+                    nft_ruleset_in(
+                        self.args.family,
                         sc.services,
                         &self.backends,
                         self.args.proto,
@@ -1284,7 +1395,7 @@ impl Ctx<'_> {
                         "nft",
                         "delete",
                         "table",
-                        "ip",
+                        nft_family(self.args.family),
                         "clustergate-bench",
                     ],
                 );
@@ -1296,7 +1407,8 @@ impl Ctx<'_> {
                     .context(
                         "loading the nftables ruleset (scripts/install-deps.sh installs nftables)",
                     )?;
-                self.topo.sysctl(&gw, "net.ipv4.ip_forward", "1")?;
+                self.topo
+                    .sysctl(&gw, forwarding_sysctl(self.args.family), "1")?;
                 // Room for every flow in conntrack (kube-proxy sizes it per core;
                 // here the kernel gets at least twice the flows, like the gateway).
                 let mut restore_ct_max = None;
@@ -1337,7 +1449,8 @@ impl Ctx<'_> {
                         &sc.services.to_string(),
                         "--exit-after-s",
                         "3600",
-                    ]);
+                    ])
+                    .args(["--family", &self.args.family.number().to_string()]);
                 let log = self.log(&format!("bounce-{tag}"));
                 let mut p = Proc::spawn("bounce", b, &log)?;
                 p.event("ready", Duration::from_secs(60), &log)?;
@@ -1375,7 +1488,7 @@ impl Ctx<'_> {
                     "nft",
                     "delete",
                     "table",
-                    "ip",
+                    nft_family(self.args.family),
                     "clustergate-bench",
                 ],
             );
@@ -1384,7 +1497,9 @@ impl Ctx<'_> {
                 eprintln!("warning: {e:#}");
             }
         }
-        let _ = self.topo.sysctl(&gw, "net.ipv4.ip_forward", "0");
+        let _ = self
+            .topo
+            .sysctl(&gw, forwarding_sysctl(self.args.family), "0");
         if let Some(v) = r.restore_ct_max {
             let _ = std::fs::write(CT_MAX, v.to_string());
         }
@@ -1404,7 +1519,8 @@ impl Ctx<'_> {
             let mut c = self.in_ns(&format!("b{i}"), &self.bins.bench);
             c.args(["sink", "--iface", "e0", "--backend", &i.to_string()])
                 .args(&running.sink_args)
-                .args(["--gateway-addr", &GW_LAN_ADDR.to_string()])
+                .args(["--gateway-addr", &gw_lan_ip(self.args.family).to_string()])
+                .args(["--family", &self.args.family.number().to_string()])
                 .args([
                     "--ports",
                     &BACKEND_PORT.to_string(),
@@ -1441,6 +1557,8 @@ impl Ctx<'_> {
             self.args.proto.name(),
             "--frame-size",
             &sc.frame_size.to_string(),
+            "--family",
+            &self.args.family.number().to_string(),
         ])
         .args([
             "--rate",
@@ -1728,6 +1846,7 @@ fn measure(ctx: &Ctx<'_>) -> Result<Report> {
             "1 worker: gateway/bounce worker on cpu{w1}, pktgen on cpu{g1}; sinks and softirq unpinned; with W workers, worker i and pktgen queue i on distinct cores where possible"
         ),
         proto: args.proto,
+        family: args.family,
         rate: args.rate,
         duration_s: args.duration_s,
         reps: args.reps,
@@ -1779,8 +1898,9 @@ pub fn markdown(r: &Report) -> String {
     let _ =
         writeln!(
         m,
-        "{}; {} traffic, {} backends, {} s × {} repetitions{}, offered rate {}. Median (min–max).\n",
+        "{}; IPv{} {} traffic, {} backends, {} s × {} repetitions{}, offered rate {}. Median (min–max).\n",
         r.host,
+        r.family.number(),
         r.proto.name().to_uppercase(),
         r.backends,
         r.duration_s,
@@ -1944,8 +2064,34 @@ mod tests {
     fn manifest_is_what_control_reads() {
         let m = manifest(2, &[1, 2], 8080);
         assert_eq!(m.matches("kind: Service\n").count(), 2);
-        assert!(m.contains("clusterIP: 198.19.0.1\n"));
-        assert!(m.contains("- addresses: [198.18.2.12]"));
+        assert!(m.contains("clusterIP: \"198.19.0.1\"\n"));
+        assert!(m.contains("- addresses: [\"198.18.2.12\"]"));
+        assert!(m.contains("addressType: IPv4\n"));
+        let m = manifest_in(Family::V6, 2, &[1, 2], 8080);
+        assert!(m.contains("clusterIP: \"2001:2:0:100::2\"\n"), "{m}");
+        assert!(m.contains("- addresses: [\"2001:2:0:2::c\"]"), "{m}");
+        assert!(m.contains("addressType: IPv6\n"));
+        assert!(!m.contains("198."));
+    }
+
+    #[test]
+    fn ipv6_ruleset_is_an_ip6_table() {
+        let r = nft_ruleset_in(Family::V6, 2, &[1, 2], Proto::Udp, true);
+        assert!(r.starts_with("table ip6 clustergate-bench {\n"), "{r}");
+        assert!(r.contains("type ipv6_addr . inet_proto . inet_service : verdict"));
+        assert!(
+            r.contains("2001:2:0:100::1 . udp . 80 : goto service-0,"),
+            "{r}"
+        );
+        assert!(r.contains("ip6 daddr . meta l4proto . th dport vmap @service-ips"));
+        assert!(r.contains("ip6 saddr != 2001:2:0:2::/64 jump mark-for-masquerade"));
+        assert!(r.contains("dnat to [2001:2:0:2::b]:8080"), "{r}");
+        assert!(r.contains("masquerade fully-random"));
+        assert!(!r.contains("198.") && !r.contains(" ip "), "{r}");
+        assert_eq!(
+            nft_ruleset_in(Family::V4, 2, &[1, 2], Proto::Udp, true),
+            nft_ruleset(2, &[1, 2], Proto::Udp, true)
+        );
     }
 
     #[test]
@@ -1996,6 +2142,7 @@ mod tests {
             quick: false,
             keep_topology: false,
             interleave: false,
+            family: Family::V4,
         };
         assert!(a
             .validate()
@@ -2030,5 +2177,29 @@ mod tests {
         assert!(e.contains("--flows 100000 at --rate 1000"), "{e}");
         a.dataplanes = vec![Dataplane::ClustergateRouted];
         a.validate().unwrap();
+
+        // IPv6: 84-byte frames at the least, the default when none is given;
+        // DSR's 40-byte outer header must fit the LAN's MTU.
+        a.family = Family::V6;
+        a.frame_sizes = vec![];
+        a.validate().unwrap();
+        assert_eq!(a.frame_sizes, [84]);
+        a.frame_sizes = vec![64];
+        let e = a.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("--frame-sizes 64: must be 84..=1500 (IPv6)"),
+            "{e}"
+        );
+        a.frame_sizes = vec![1500];
+        a.validate().unwrap();
+        a.dataplanes = vec![Dataplane::ClustergateDsr];
+        let e = a.validate().unwrap_err().to_string();
+        assert!(e.contains("clustergate-dsr over IPv6: at most 1494"), "{e}");
+        a.frame_sizes = vec![1494];
+        a.validate().unwrap();
+        a.family = Family::V4;
+        a.frame_sizes = vec![];
+        a.validate().unwrap();
+        assert_eq!(a.frame_sizes, [64]);
     }
 }

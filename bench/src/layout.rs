@@ -11,8 +11,137 @@
 //! VIPs are 198.19.(k / 256).(k % 256) port 80 for service k; every
 //! endpoint listens on port [`BACKEND_PORT`] (the sinks accept a range
 //! starting there, for the update-latency scenario).
+//!
+//! IPv6 (`--family 6`) mirrors it in 2001:2::/48 (RFC 5180, the IPv6
+//! benchmarking range): the client link is 2001:2:0:1::/64 (c0 ::2, g0
+//! ::1), the backend LAN 2001:2:0:2::/64 (g1 ::1, backend I ::(10+I)),
+//! service k's VIP 2001:2:0:100::((k + 1) / 65536):((k + 1) % 65536), and flow f's
+//! source 2001:2:0:1::1:(f / 64000) with the same ports as IPv4.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// The address family of the traffic (`--family 4|6`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+pub enum Family {
+    /// IPv4, in 198.18.0.0/15.
+    #[default]
+    #[serde(rename = "4")]
+    V4,
+    /// IPv6, in 2001:2::/48.
+    #[serde(rename = "6")]
+    V6,
+}
+
+impl Family {
+    /// 4 or 6.
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::V4 => 4,
+            Self::V6 => 6,
+        }
+    }
+}
+
+/// `--family`: 4 or 6.
+///
+/// # Errors
+/// Anything else.
+pub fn parse_family(s: &str) -> Result<Family, String> {
+    match s.trim() {
+        "4" | "ipv4" => Ok(Family::V4),
+        "6" | "ipv6" => Ok(Family::V6),
+        _ => Err(format!("{s:?}: 4 or 6")),
+    }
+}
+
+const fn v6(seg: [u16; 8]) -> Ipv6Addr {
+    Ipv6Addr::new(
+        seg[0], seg[1], seg[2], seg[3], seg[4], seg[5], seg[6], seg[7],
+    )
+}
+
+/// The client's IPv6 address on c0.
+pub const CLIENT_ADDR6: Ipv6Addr = v6([0x2001, 2, 0, 1, 0, 0, 0, 2]);
+/// The gateway's client-side IPv6 address (g0).
+pub const GW_CLIENT_ADDR6: Ipv6Addr = v6([0x2001, 2, 0, 1, 0, 0, 0, 1]);
+/// The gateway's backend-side IPv6 address (g1).
+pub const GW_LAN_ADDR6: Ipv6Addr = v6([0x2001, 2, 0, 2, 0, 0, 0, 1]);
+/// The backends' IPv6 subnet (the "cluster CIDR" of kube-proxy's masquerade rule).
+pub const LAN_NET6: &str = "2001:2:0:2::/64";
+/// Where the IPv6 VIPs are.
+pub const VIP_NET6: &str = "2001:2:0:100::/64";
+
+/// Backend `i` (1-based) address of `family`.
+#[must_use]
+pub fn backend_ip(family: Family, i: u32) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(backend_addr(i)),
+        Family::V6 => IpAddr::V6(v6([0x2001, 2, 0, 2, 0, 0, 0, 10 + i as u16])),
+    }
+}
+
+/// Service `k`'s VIP of `family` (IPv6: 2001:2:0:100::(k + 1)).
+#[must_use]
+pub fn vip_ip(family: Family, k: u32) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(vip(k)),
+        Family::V6 => {
+            // k + 1: no VIP with an all-zero interface ID (the subnet-router anycast).
+            let n = k + 1;
+            IpAddr::V6(v6([0x2001, 2, 0, 0x100, 0, 0, (n >> 16) as u16, n as u16]))
+        }
+    }
+}
+
+/// The gateway's backend-side address (g1) of `family`.
+#[must_use]
+pub fn gw_lan_ip(family: Family) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(GW_LAN_ADDR),
+        Family::V6 => IpAddr::V6(GW_LAN_ADDR6),
+    }
+}
+
+/// Flow `f`'s client side of `family` (IPv6: 2001:2:0:1::1:(f / 64000)).
+#[must_use]
+pub fn flow_source_ip(family: Family, f: u32) -> (IpAddr, u16) {
+    let (a, p) = flow_source(f);
+    match family {
+        Family::V4 => (IpAddr::V4(a), p),
+        Family::V6 => (
+            IpAddr::V6(v6([
+                0x2001,
+                2,
+                0,
+                1,
+                0,
+                0,
+                1,
+                (f / PORTS_PER_SOURCE) as u16,
+            ])),
+            p,
+        ),
+    }
+}
+
+/// The flow whose source is (addr, port), of either family.
+#[must_use]
+pub fn flow_of_ip(addr: IpAddr, port: u16, flows: u32) -> Option<u32> {
+    match addr {
+        IpAddr::V4(a) => flow_of(a, port, flows),
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            let hi = u32::from(s[7]);
+            let lo = u32::from(port).checked_sub(u32::from(FIRST_SOURCE_PORT))?;
+            let f = hi * PORTS_PER_SOURCE + lo;
+            (s[..7] == [0x2001, 2, 0, 1, 0, 0, 1] && lo < PORTS_PER_SOURCE && f < flows)
+                .then_some(f)
+        }
+    }
+}
 
 /// Most backends a topology can have.
 pub const MAX_BACKENDS: u32 = 16;
@@ -112,5 +241,33 @@ mod tests {
         assert_eq!(vip(0), Ipv4Addr::new(198, 19, 0, 0));
         assert_eq!(vip(MAX_SERVICES - 1), Ipv4Addr::new(198, 19, 255, 255));
         assert_eq!(backend_addr(MAX_BACKENDS), Ipv4Addr::new(198, 18, 2, 26));
+    }
+
+    #[test]
+    fn ipv6_layout_stays_in_the_benchmarking_range() {
+        let range = |a: IpAddr| match a {
+            IpAddr::V6(a) => a.segments()[..3] == [0x2001, 2, 0],
+            IpAddr::V4(_) => false,
+        };
+        for f in [0, 1, 63_999, 64_000, 1_000_000, MAX_FLOWS - 1] {
+            let (a, p) = flow_source_ip(Family::V6, f);
+            assert!(range(a), "{a}");
+            assert_eq!(flow_of_ip(a, p, MAX_FLOWS), Some(f), "{a}:{p}");
+            let (a4, p4) = flow_source_ip(Family::V4, f);
+            assert_eq!(flow_of_ip(a4, p4, MAX_FLOWS), Some(f));
+        }
+        assert_eq!(flow_of_ip(IpAddr::V6(CLIENT_ADDR6), 1024, MAX_FLOWS), None);
+        for a in [
+            vip_ip(Family::V6, 0),
+            vip_ip(Family::V6, MAX_SERVICES - 1),
+            backend_ip(Family::V6, MAX_BACKENDS),
+            gw_lan_ip(Family::V6),
+        ] {
+            assert!(range(a), "{a}");
+        }
+        assert_eq!(vip_ip(Family::V6, 65_537).to_string(), "2001:2:0:100::1:2");
+        assert_eq!(backend_ip(Family::V6, 1).to_string(), "2001:2:0:2::b");
+        assert_eq!(parse_family("6"), Ok(Family::V6));
+        assert!(parse_family("5").is_err());
     }
 }

@@ -27,9 +27,10 @@ use clustergate_dataplane::io::xsk::{FrameDesc, Iface, Ports, XskOptions, ZeroCo
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{
-    flow_service, flow_source, vip, CLIENT_MAC, MAX_FLOWS, MAX_SERVICES, SERVICE_PORT,
+    flow_service, flow_source_ip, parse_family, vip_ip, Family, CLIENT_MAC, MAX_FLOWS,
+    MAX_SERVICES, SERVICE_PORT,
 };
-use crate::wire::{Fields, L4Proto, Template, MAX_FRAME, MIN_FRAME};
+use crate::wire::{min_frame, Fields, L4Proto, Template, MAX_FRAME};
 
 /// Frames per TX batch.
 const BATCH: usize = 64;
@@ -66,9 +67,13 @@ pub struct Args {
     /// Transport protocol (TCP: SYN first, then ACKs).
     #[arg(long, value_enum, default_value_t = L4Proto::Udp)]
     pub proto: L4Proto,
-    /// Ethernet frame length without FCS, 64..=1500.
+    /// Ethernet frame length without FCS, 64..=1500 (IPv6: 84..=1500).
     #[arg(long, default_value_t = 64, value_name = "B")]
     pub frame_size: usize,
+    /// Address family: 4 (198.18.0.0/15) or 6 (2001:2::/48, VIPs
+    /// 2001:2:0:100::/64).
+    #[arg(long, default_value = "4", value_parser = parse_family)]
+    pub family: Family,
     /// Packets per second over all threads; 0 = as fast as possible.
     #[arg(long, default_value_t = 0, value_name = "PPS")]
     pub rate: u64,
@@ -214,10 +219,12 @@ fn plan(a: &Args) -> Result<Plan> {
             a.services - 1
         );
     }
+    let min = min_frame(a.family);
     ensure!(
-        (MIN_FRAME..=MAX_FRAME).contains(&a.frame_size),
-        "--frame-size {}: must be {MIN_FRAME}..={MAX_FRAME}",
-        a.frame_size
+        (min..=MAX_FRAME).contains(&a.frame_size),
+        "--frame-size {}: must be {min}..={MAX_FRAME} (IPv{})",
+        a.frame_size,
+        a.family.number()
     );
     ensure!(
         a.duration_s.is_finite() && (0.1..=600.0).contains(&a.duration_s),
@@ -227,7 +234,7 @@ fn plan(a: &Args) -> Result<Plan> {
     if let Some(n) = a.count {
         ensure!(n >= 1, "--count {n}: must be at least 1");
     }
-    let template = Template::new(a.proto, a.frame_size, CLIENT_MAC, a.dst_mac.0)
+    let template = Template::new_in(a.family, a.proto, a.frame_size, CLIENT_MAC, a.dst_mac.0)
         .with_context(|| format!("--frame-size {}", a.frame_size))?;
     Ok(Plan {
         queues: a.queues.clone(),
@@ -268,6 +275,7 @@ struct Flows {
     own: u64,
     services: u32,
     only_service: Option<u32>,
+    family: Family,
 }
 
 impl Flows {
@@ -278,6 +286,7 @@ impl Flows {
             own: u64::from(plan.flows - index).div_ceil(u64::from(threads)),
             services: plan.services,
             only_service: plan.only_service,
+            family: plan.template.family(),
         }
     }
 
@@ -288,8 +297,8 @@ impl Flows {
             .only_service
             .unwrap_or_else(|| flow_service(flow, self.services));
         Fields {
-            src: flow_source(flow),
-            dst: (vip(service), SERVICE_PORT),
+            src: flow_source_ip(self.family, flow),
+            dst: (vip_ip(self.family, service), SERVICE_PORT),
             flow,
             seq: n * u64::from(self.threads) + u64::from(self.index),
             ts: 0,
@@ -689,8 +698,8 @@ mod tests {
                 pos = (pos + 1) % f.own;
                 assert_eq!(x.flow % 3, t, "thread {t} sends its own flows");
                 assert!(x.flow < 10);
-                assert_eq!(x.dst, (vip(x.flow % 3), 80));
-                assert_eq!(x.src, flow_source(x.flow));
+                assert_eq!(x.dst, (vip_ip(Family::V4, x.flow % 3), 80));
+                assert_eq!(x.src, flow_source_ip(Family::V4, x.flow));
                 assert!(seen.insert(x.seq), "seq {} twice", x.seq);
                 per_flow.entry(x.flow).or_default().push(x.seq);
                 assert_eq!(x.syn, n < f.own, "SYN on the first round only");
@@ -708,7 +717,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--only-service 7"));
-        assert_eq!(Flows::new(0, 1, &only).fields(5, 5).dst, (vip(7), 80));
+        assert_eq!(
+            Flows::new(0, 1, &only).fields(5, 5).dst,
+            (vip_ip(Family::V4, 7), 80)
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@
 #![allow(unsafe_code)] // UMEM frames are handed to and from the kernel (`Ports`' unsafe contract).
 
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
 
@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{
-    backend_addr, backend_mac, GW_LAN_ADDR, MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES,
+    backend_ip, backend_mac, gw_lan_ip, parse_family, Family, MAX_BACKENDS, MAX_FLOWS, MAX_SERVICES,
 };
 use crate::pktgen::mono_ns;
 use crate::wire::{self, Bad, Expect, PathExpect};
@@ -70,8 +70,8 @@ pub struct Args {
     pub report_first_port: bool,
     /// Accept this destination address instead of the backend's own (a
     /// test without a gateway: pktgen straight into the sink).
-    #[arg(long, value_name = "A.B.C.D")]
-    pub accept_dst: Option<Ipv4Addr>,
+    #[arg(long, value_name = "ADDR")]
+    pub accept_dst: Option<IpAddr>,
     /// How the frames come: `routed` (destination NAT only: the source is
     /// the flow's), `snat` (the source is `--gateway-addr` and a port of
     /// `--snat-ports`, stable within a flow and not shared), `dsr` (IP-in-IP
@@ -79,9 +79,14 @@ pub struct Args {
     /// flow's service of `--services`, TTL one lower).
     #[arg(long, value_enum, default_value = "routed")]
     pub return_path: ReturnPath,
-    /// The gateway's address: the SNAT source, or the DSR outer source.
-    #[arg(long, value_name = "A.B.C.D", default_value_t = GW_LAN_ADDR)]
-    pub gateway_addr: Ipv4Addr,
+    /// The gateway's address: the SNAT source, or the DSR outer source
+    /// (default: g1's of `--family`).
+    #[arg(long, value_name = "ADDR")]
+    pub gateway_addr: Option<IpAddr>,
+    /// The family of the frames it accepts: 4 (its address in
+    /// 198.18.2.0/24) or 6 (in 2001:2:0:2::/64).
+    #[arg(long, default_value = "4", value_parser = parse_family)]
+    pub family: Family,
     /// The SNAT ports a source port must be in, `LO-HI` (`--return-path snat`).
     #[arg(long, value_name = "LO-HI", value_parser = parse_port_span, default_value = "1024-29999")]
     pub snat_ports: (u16, u16),
@@ -403,14 +408,34 @@ fn plan(a: &Args) -> Result<Plan> {
         "--busy-poll-us {}: must be 0..=10000",
         a.busy_poll_us
     );
-    let bench_range = |d: Ipv4Addr| d.octets()[0] == 198 && (d.octets()[1] & 0xfe) == 18;
+    let (bench_range, range) = match a.family {
+        Family::V4 => (
+            (|d: IpAddr| match d {
+                IpAddr::V4(d) => d.octets()[0] == 198 && (d.octets()[1] & 0xfe) == 18,
+                IpAddr::V6(_) => false,
+            }) as fn(IpAddr) -> bool,
+            "198.18.0.0/15",
+        ),
+        Family::V6 => (
+            (|d: IpAddr| match d {
+                IpAddr::V6(d) => d.segments()[..3] == [0x2001, 2, 0],
+                IpAddr::V4(_) => false,
+            }) as fn(IpAddr) -> bool,
+            "2001:2::/48",
+        ),
+    };
     if let Some(d) = a.accept_dst {
-        ensure!(bench_range(d), "--accept-dst {d}: must be in 198.18.0.0/15");
+        ensure!(
+            bench_range(d),
+            "--accept-dst {d}: must be in {range} (--family {})",
+            a.family.number()
+        );
     }
+    let gateway_addr = a.gateway_addr.unwrap_or_else(|| gw_lan_ip(a.family));
     ensure!(
-        bench_range(a.gateway_addr),
-        "--gateway-addr {}: must be in 198.18.0.0/15",
-        a.gateway_addr
+        bench_range(gateway_addr),
+        "--gateway-addr {gateway_addr}: must be in {range} (--family {})",
+        a.family.number()
     );
     ensure!(
         (1..=MAX_SERVICES).contains(&a.services),
@@ -420,12 +445,12 @@ fn plan(a: &Args) -> Result<Plan> {
     let path = match a.return_path {
         ReturnPath::Routed => PathExpect::Routed,
         ReturnPath::Snat => PathExpect::Snat {
-            addr: a.gateway_addr,
+            addr: gateway_addr,
             lo: a.snat_ports.0,
             hi: a.snat_ports.1,
         },
         ReturnPath::Dsr => PathExpect::Dsr {
-            gateway: a.gateway_addr,
+            gateway: gateway_addr,
             services: a.services,
         },
     };
@@ -433,7 +458,9 @@ fn plan(a: &Args) -> Result<Plan> {
         queues: a.queues.clone(),
         expect: Expect {
             mac: backend_mac(a.backend),
-            addr: a.accept_dst.unwrap_or_else(|| backend_addr(a.backend)),
+            addr: a
+                .accept_dst
+                .unwrap_or_else(|| backend_ip(a.family, a.backend)),
             first_port: a.ports.first,
             last_port: a.ports.last,
             flows: a.flows,
@@ -880,7 +907,9 @@ mod tests {
     use clap::Parser;
 
     use super::*;
-    use crate::layout::{flow_source, CLIENT_MAC};
+    use std::net::Ipv4Addr;
+
+    use crate::layout::{backend_addr, flow_source_ip, CLIENT_MAC, GW_LAN_ADDR};
     use crate::wire::{Fields, L4Proto, Template};
 
     #[derive(Debug, Parser)]
@@ -900,7 +929,7 @@ mod tests {
     #[test]
     fn flags_are_checked_by_name() {
         let p = plan(&args("--backend 3").unwrap()).unwrap();
-        assert_eq!(p.expect.addr, backend_addr(3));
+        assert_eq!(p.expect.addr, IpAddr::V4(backend_addr(3)));
         assert_eq!(p.expect.mac, backend_mac(3));
         assert_eq!((p.expect.first_port, p.expect.last_port), (8080, 8080));
         assert_eq!(p.duration_ns, 600_000_000_000);
@@ -928,7 +957,7 @@ mod tests {
         assert_eq!(
             p.expect.path,
             PathExpect::Snat {
-                addr: GW_LAN_ADDR,
+                addr: GW_LAN_ADDR.into(),
                 lo: 1024,
                 hi: 65_535
             }
@@ -940,13 +969,30 @@ mod tests {
         assert_eq!(
             p.expect.path,
             PathExpect::Dsr {
-                gateway: Ipv4Addr::new(198, 18, 2, 9),
+                gateway: IpAddr::V4(Ipv4Addr::new(198, 18, 2, 9)),
                 services: 7
             }
         );
         let a = args("--backend 2 --ports 8080-9103 --accept-dst 198.19.0.0").unwrap();
         assert_eq!(a.ports.len(), 1024);
-        assert_eq!(plan(&a).unwrap().expect.addr, Ipv4Addr::new(198, 19, 0, 0));
+        assert_eq!(
+            plan(&a).unwrap().expect.addr,
+            IpAddr::V4(Ipv4Addr::new(198, 19, 0, 0))
+        );
+        let p = plan(&args("--backend 2 --family 6 --return-path snat").unwrap()).unwrap();
+        assert_eq!(p.expect.addr, backend_ip(Family::V6, 2));
+        assert_eq!(
+            p.expect.path,
+            PathExpect::Snat {
+                addr: gw_lan_ip(Family::V6),
+                lo: 1024,
+                hi: 29_999
+            }
+        );
+        assert!(err("--backend 1 --family 6 --gateway-addr 198.18.2.1")
+            .starts_with("--gateway-addr 198.18.2.1"));
+        assert!(err("--backend 1 --family 6 --accept-dst 2001:db8::1")
+            .starts_with("--accept-dst 2001:db8::1"));
     }
 
     #[test]
@@ -969,12 +1015,12 @@ mod tests {
     fn snat_accounting_counts_unstable_ports_as_bad() {
         let e = Expect {
             mac: backend_mac(1),
-            addr: backend_addr(1),
+            addr: backend_addr(1).into(),
             first_port: 8080,
             last_port: 8080,
             flows: 10,
             path: PathExpect::Snat {
-                addr: GW_LAN_ADDR,
+                addr: GW_LAN_ADDR.into(),
                 lo: 1024,
                 hi: 29_999,
             },
@@ -985,8 +1031,8 @@ mod tests {
         let mut buf = [0u8; 64];
         for (seq, port) in [(0, 2000), (1, 2000), (2, 2001), (3, 2000)] {
             let f = Fields {
-                src: (GW_LAN_ADDR, port),
-                dst: (backend_addr(1), 8080),
+                src: (GW_LAN_ADDR.into(), port),
+                dst: (backend_addr(1).into(), 8080),
                 flow: 7,
                 seq,
                 ts: 1_000,
@@ -1036,7 +1082,7 @@ mod tests {
     fn accounting_and_result_line() {
         let e = Expect {
             mac: backend_mac(1),
-            addr: backend_addr(1),
+            addr: backend_addr(1).into(),
             first_port: 8080,
             last_port: 8081,
             flows: 10,
@@ -1054,8 +1100,8 @@ mod tests {
             (0, 8080, false),
         ] {
             let f = Fields {
-                src: flow_source(3),
-                dst: (backend_addr(1), port),
+                src: flow_source_ip(Family::V4, 3),
+                dst: (backend_addr(1).into(), port),
                 flow: 3,
                 seq,
                 ts: 1_000,
@@ -1068,8 +1114,8 @@ mod tests {
         account(&mut c, &mut o, Err(Bad::Src), 2_000, 8080);
         // A timestamp in the future counts as zero latency.
         let f = Fields {
-            src: flow_source(4),
-            dst: (backend_addr(1), 8080),
+            src: flow_source_ip(Family::V4, 4),
+            dst: (backend_addr(1).into(), 8080),
             flow: 4,
             seq: 7,
             ts: 5_000,

@@ -12,7 +12,14 @@
 //!   bridge, every e0) has an MTU of [`LAN_MTU`] (1520): room for a
 //!   1500-byte packet inside DSR's outer header; the client side keeps 1500.
 //!   The gateway does not forward in
-//!   the kernel (ip_forward 0) until a dataplane that needs it turns it on.
+//!   the kernel (ip_forward 0, IPv6 forwarding 0) until a dataplane that
+//!   needs it turns it on.
+//! - Every link is dual-stack: the IPv6 addresses of the layout (in
+//!   2001:2::/48) are added with `nodad`, so they are usable at once, beside
+//!   the IPv4 ones, with the same routes (the client reaches the IPv6 VIPs,
+//!   2001:2:0:100::/64, through g0; the backends' IPv6 default route is g1).
+//!   The bridge does no multicast snooping, so neighbour solicitations reach
+//!   every backend whatever MLD state it has learnt.
 //! - It is idempotent: `up` on a topology it built with the same shape does
 //!   nothing; with another shape it rebuilds it. `down` removes what it built.
 //! - It refuses to touch a namespace it did not create: each namespace's
@@ -34,8 +41,9 @@ use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{
-    backend_addr, backend_mac, CLIENT_ADDR, CLIENT_MAC, GW_CLIENT_ADDR, GW_CLIENT_MAC, GW_LAN_ADDR,
-    GW_LAN_MAC, LAN_MTU, MAX_BACKENDS,
+    backend_addr, backend_ip, backend_mac, Family, CLIENT_ADDR, CLIENT_ADDR6, CLIENT_MAC,
+    GW_CLIENT_ADDR, GW_CLIENT_ADDR6, GW_CLIENT_MAC, GW_LAN_ADDR, GW_LAN_ADDR6, GW_LAN_MAC, LAN_MTU,
+    MAX_BACKENDS, VIP_NET6,
 };
 
 /// Where ownership records live.
@@ -103,6 +111,10 @@ struct Record {
     /// topology built otherwise is rebuilt, not reused).
     #[serde(default)]
     lan_mtu: u16,
+    /// Its links have the IPv6 addresses too (a topology built before they
+    /// did is rebuilt, not reused).
+    #[serde(default)]
+    ipv6: bool,
 }
 
 /// A built topology.
@@ -192,7 +204,7 @@ impl Topology {
         self.check_ownership(record.as_ref())?;
         if let Some(r) = &record {
             let all_there = Self::existing(&self.shape.prefix)?.len() == r.namespaces.len();
-            if r.shape == self.shape && all_there && r.complete && r.lan_mtu == LAN_MTU {
+            if r.shape == self.shape && all_there && r.complete && r.lan_mtu == LAN_MTU && r.ipv6 {
                 eprintln!("topology {} is already up", self.shape.prefix);
                 return Ok(());
             }
@@ -245,6 +257,7 @@ impl Topology {
             namespaces: namespaces.to_vec(),
             complete,
             lan_mtu: LAN_MTU,
+            ipv6: true,
         };
         let path = self.record_path();
         let tmp = path.with_extension("tmp");
@@ -265,6 +278,18 @@ impl Topology {
         }
         let (cli, gw, lan) = (self.ns("cli"), self.ns("gw"), self.ns("lan"));
         self.ipn(&lan, &["link", "add", "br0", "type", "bridge"])?;
+        self.ipn(
+            &lan,
+            &[
+                "link",
+                "set",
+                "br0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ],
+        )?;
         self.ipn(&lan, &["link", "set", "br0", "up"])?;
 
         // Client ↔ gateway: Q queues each way.
@@ -281,6 +306,19 @@ impl Topology {
                 &GW_CLIENT_ADDR.to_string(),
             ],
         )?;
+        self.addr6(&cli, "c0", &format!("{CLIENT_ADDR6}/64"))?;
+        self.addr6(&gw, "g0", &format!("{GW_CLIENT_ADDR6}/64"))?;
+        self.ipn(
+            &cli,
+            &[
+                "-6",
+                "route",
+                "add",
+                VIP_NET6,
+                "via",
+                &GW_CLIENT_ADDR6.to_string(),
+            ],
+        )?;
 
         // Gateway ↔ LAN bridge.
         self.veth(
@@ -292,6 +330,7 @@ impl Topology {
         self.ipn(&gw, &["link", "set", "g1", "mtu", &mtu])?;
         self.ipn(&lan, &["link", "set", "l0", "mtu", &mtu])?;
         self.addr_up(&gw, "g1", &format!("{GW_LAN_ADDR}/24"))?;
+        self.addr6(&gw, "g1", &format!("{GW_LAN_ADDR6}/64"))?;
         self.ipn(&lan, &["link", "set", "l0", "master", "br0", "up"])?;
 
         for i in 1..=self.shape.backends {
@@ -310,10 +349,24 @@ impl Topology {
                 &["route", "add", "default", "via", &GW_LAN_ADDR.to_string()],
             )?;
             self.ipn(&lan, &["link", "set", &l, "master", "br0", "up"])?;
+            // With the link's carrier up, so the address and route take.
+            self.addr6(&b, "e0", &format!("{}/64", backend_ip(Family::V6, i)))?;
+            self.ipn(
+                &b,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &GW_LAN_ADDR6.to_string(),
+                ],
+            )?;
         }
         self.ipn(&lan, &["link", "set", "br0", "mtu", &mtu])?;
         // Only the dataplane under test forwards.
         self.sysctl(&gw, "net.ipv4.ip_forward", "0")?;
+        self.sysctl(&gw, "net.ipv6.conf.all.forwarding", "0")?;
         self.write_record(&created, true)
     }
 
@@ -359,6 +412,11 @@ impl Topology {
             )?;
         }
         Ok(())
+    }
+
+    /// An IPv6 address, usable at once (no duplicate address detection).
+    fn addr6(&self, ns: &str, dev: &str, cidr: &str) -> Result<()> {
+        self.ipn(ns, &["-6", "addr", "add", cidr, "dev", dev, "nodad"])
     }
 
     fn addr_up(&self, ns: &str, dev: &str, cidr: &str) -> Result<()> {

@@ -6,9 +6,12 @@
 //! sink expects ([`check`]). It never allocates per frame and never reads a
 //! clock: the caller passes the timestamp in.
 //!
-//! Format: Ethernet II / IPv4 (20-byte header, DF, TTL 64, ID 0) / UDP or TCP
-//! / payload, zero-padded to the chosen frame length (64..=1500 bytes, the
-//! Ethernet frame without FCS). Both checksums are always set.
+//! Format: Ethernet II / IPv4 (20-byte header, DF, TTL 64, ID 0) or IPv6
+//! (40-byte header, no extension header, hop limit 64, traffic class and
+//! flow label 0) / UDP or TCP / payload, zero-padded to the chosen frame
+//! length (64..=1500 bytes for IPv4, 84..=1500 for IPv6: the same payload
+//! behind the 20 more bytes of header; the Ethernet frame without FCS). The
+//! IPv4 header checksum and the L4 checksum are always set.
 //!
 //! | proto | L4 header | payload |
 //! |---|---|---|
@@ -17,18 +20,29 @@
 //!
 //! All integers are big-endian; `ts` is `CLOCK_MONOTONIC` in ns at send.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use clustergate_dataplane::packet::checksum::{
-    finish, ipv4_header_checksum, pseudo_header_v4, sum_bytes, udp_wire,
+    finish, ipv4_header_checksum, pseudo_header_v4, pseudo_header_v6, sum_bytes, udp_wire,
 };
 use etherparse::{Ipv4HeaderSlice, PacketBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::layout;
+use crate::layout::{self, Family};
 
 /// Shortest frame: 14 + 20 + 8 + 22 (UDP) = 14 + 20 + 20 + 10 (TCP).
 pub const MIN_FRAME: usize = 64;
+/// Shortest IPv6 frame: 14 + 40 + 8 + 22 (UDP) = 14 + 40 + 20 + 10 (TCP).
+pub const MIN_FRAME6: usize = 84;
+
+/// The shortest frame of `family`.
+#[must_use]
+pub const fn min_frame(family: Family) -> usize {
+    match family {
+        Family::V4 => MIN_FRAME,
+        Family::V6 => MIN_FRAME6,
+    }
+}
 /// Longest frame (a 1500-byte frame without FCS; an IP MTU of 1486).
 pub const MAX_FRAME: usize = 1500;
 /// UDP payload magic.
@@ -37,6 +51,8 @@ pub const MAGIC_UDP: [u8; 2] = [0xCB, 0x01];
 pub const MAGIC_TCP: [u8; 2] = [0xCB, 0x02];
 
 const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_IPV6: u16 = 0x86DD;
+const IPV6_LEN: usize = 40;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const TCP_SYN: u8 = 0x02;
@@ -131,8 +147,8 @@ impl L4Proto {
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// The frame length is out of range.
-    #[error("frame size {0}: must be {MIN_FRAME}..={MAX_FRAME}")]
-    FrameSize(usize),
+    #[error("frame size {0}: must be {1}..={MAX_FRAME}")]
+    FrameSize(usize, usize),
     /// etherparse refused to build the template.
     #[error("building the {proto:?} frame template: {reason}")]
     Build {
@@ -146,10 +162,10 @@ pub enum WireError {
 /// What varies from one frame to the next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fields {
-    /// Source address and port.
-    pub src: (Ipv4Addr, u16),
-    /// Destination address and port.
-    pub dst: (Ipv4Addr, u16),
+    /// Source address and port (of the template's family).
+    pub src: (IpAddr, u16),
+    /// Destination address and port (of the template's family).
+    pub dst: (IpAddr, u16),
     /// Flow id.
     pub flow: u32,
     /// Sequence number (TCP carries its low 32 bits).
@@ -166,35 +182,76 @@ pub struct Fields {
 pub struct Template {
     bytes: Vec<u8>,
     proto: L4Proto,
+    family: Family,
 }
 
 impl Template {
-    /// A template of `len` bytes for `proto`, from `src_mac` to `dst_mac`.
+    /// An IPv4 template of `len` bytes for `proto`, from `src_mac` to `dst_mac`.
     ///
     /// # Errors
     /// `len` out of [`MIN_FRAME`]..=[`MAX_FRAME`].
+    #[cfg(test)]
     pub fn new(
         proto: L4Proto,
         len: usize,
         src_mac: [u8; 6],
         dst_mac: [u8; 6],
     ) -> Result<Self, WireError> {
-        if !(MIN_FRAME..=MAX_FRAME).contains(&len) {
-            return Err(WireError::FrameSize(len));
+        Self::new_in(Family::V4, proto, len, src_mac, dst_mac)
+    }
+
+    /// A template of `family`, `len` bytes for `proto`, from `src_mac` to `dst_mac`.
+    ///
+    /// # Errors
+    /// `len` out of [`min_frame`]`(family)..=`[`MAX_FRAME`].
+    pub fn new_in(
+        family: Family,
+        proto: L4Proto,
+        len: usize,
+        src_mac: [u8; 6],
+        dst_mac: [u8; 6],
+    ) -> Result<Self, WireError> {
+        let min = min_frame(family);
+        if !(min..=MAX_FRAME).contains(&len) {
+            return Err(WireError::FrameSize(len, min));
         }
-        let ip = PacketBuilder::ethernet2(src_mac, dst_mac).ipv4([0; 4], [0; 4], TTL);
+        let extra = min - MIN_FRAME;
+        let eth = PacketBuilder::ethernet2(src_mac, dst_mac);
         let mut bytes = Vec::with_capacity(len);
-        let built = match proto {
-            L4Proto::Udp => {
-                let mut payload = vec![0u8; len - field::UDP_PAYLOAD];
-                payload[field::MAGIC].copy_from_slice(&MAGIC_UDP);
-                ip.udp(0, 0).write(&mut bytes, &payload)
+        let (udp_payload, tcp_payload) = (
+            len - field::UDP_PAYLOAD - extra,
+            len - field::TCP_PAYLOAD - extra,
+        );
+        let mut payload = vec![
+            0u8;
+            match proto {
+                L4Proto::Udp => udp_payload,
+                L4Proto::Tcp => tcp_payload,
             }
-            L4Proto::Tcp => {
-                let mut payload = vec![0u8; len - field::TCP_PAYLOAD];
-                payload[field::MAGIC].copy_from_slice(&MAGIC_TCP);
-                ip.tcp(0, 0, 0, WINDOW).ack(0).write(&mut bytes, &payload)
-            }
+        ];
+        payload[field::MAGIC].copy_from_slice(match proto {
+            L4Proto::Udp => &MAGIC_UDP,
+            L4Proto::Tcp => &MAGIC_TCP,
+        });
+        let built = match (family, proto) {
+            (Family::V4, L4Proto::Udp) => eth
+                .ipv4([0; 4], [0; 4], TTL)
+                .udp(0, 0)
+                .write(&mut bytes, &payload),
+            (Family::V4, L4Proto::Tcp) => eth
+                .ipv4([0; 4], [0; 4], TTL)
+                .tcp(0, 0, 0, WINDOW)
+                .ack(0)
+                .write(&mut bytes, &payload),
+            (Family::V6, L4Proto::Udp) => eth
+                .ipv6([0; 16], [0; 16], TTL)
+                .udp(0, 0)
+                .write(&mut bytes, &payload),
+            (Family::V6, L4Proto::Tcp) => eth
+                .ipv6([0; 16], [0; 16], TTL)
+                .tcp(0, 0, 0, WINDOW)
+                .ack(0)
+                .write(&mut bytes, &payload),
         };
         built.map_err(|e| WireError::Build {
             proto,
@@ -206,7 +263,11 @@ impl Template {
                 reason: format!("{} bytes built, {len} wanted", bytes.len()),
             });
         }
-        Ok(Self { bytes, proto })
+        Ok(Self {
+            bytes,
+            proto,
+            family,
+        })
     }
 
     /// Frame length in bytes.
@@ -215,45 +276,75 @@ impl Template {
         self.bytes.len()
     }
 
+    /// Its family.
+    #[must_use]
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
     /// Writes one frame into the start of `buf` and returns its length, or 0
-    /// when `buf` is too short (nothing is written then).
+    /// when `buf` is too short or an address is not of the template's family
+    /// (nothing is written then).
     #[must_use]
     pub fn write(&self, buf: &mut [u8], f: &Fields) -> usize {
         let len = self.bytes.len();
         let Some(out) = buf.get_mut(..len) else {
             return 0;
         };
-        out.copy_from_slice(&self.bytes);
-        let (src, dst) = (f.src.0.octets(), f.dst.0.octets());
-        out[field::IP_SRC].copy_from_slice(&src);
-        out[field::IP_DST].copy_from_slice(&dst);
-        let ip_csum = ipv4_header_checksum(&out[field::L3..field::L4]);
-        out[field::IP_CSUM].copy_from_slice(&ip_csum.to_be_bytes());
-        out[field::SRC_PORT].copy_from_slice(&f.src.1.to_be_bytes());
-        out[field::DST_PORT].copy_from_slice(&f.dst.1.to_be_bytes());
+        // Offsets below are IPv4's; IPv6's header is 20 bytes longer.
+        let d = match self.family {
+            Family::V4 => 0,
+            Family::V6 => MIN_FRAME6 - MIN_FRAME,
+        };
+        let at = |r: std::ops::Range<usize>| r.start + d..r.end + d;
+        let pseudo = match (self.family, f.src.0, f.dst.0) {
+            (Family::V4, IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let (src, dst) = (src.octets(), dst.octets());
+                out.copy_from_slice(&self.bytes);
+                out[field::IP_SRC].copy_from_slice(&src);
+                out[field::IP_DST].copy_from_slice(&dst);
+                let ip_csum = ipv4_header_checksum(&out[field::L3..field::L4]);
+                out[field::IP_CSUM].copy_from_slice(&ip_csum.to_be_bytes());
+                pseudo_header_v4(src, dst, self.proto.ip_number(), (len - field::L4) as u16)
+            }
+            (Family::V6, IpAddr::V6(src), IpAddr::V6(dst)) => {
+                let (src, dst) = (src.octets(), dst.octets());
+                out.copy_from_slice(&self.bytes);
+                out[field::L3 + 8..field::L3 + 24].copy_from_slice(&src);
+                out[field::L3 + 24..field::L3 + 40].copy_from_slice(&dst);
+                pseudo_header_v6(
+                    &src,
+                    &dst,
+                    self.proto.ip_number(),
+                    (len - field::L4 - d) as u32,
+                )
+            }
+            _ => return 0,
+        };
+        out[at(field::SRC_PORT)].copy_from_slice(&f.src.1.to_be_bytes());
+        out[at(field::DST_PORT)].copy_from_slice(&f.dst.1.to_be_bytes());
         let csum_at = match self.proto {
             L4Proto::Udp => {
-                let p = &mut out[field::UDP_PAYLOAD..];
+                let p = &mut out[field::UDP_PAYLOAD + d..];
                 p[field::TS].copy_from_slice(&f.ts.to_be_bytes());
                 p[field::FLOW].copy_from_slice(&f.flow.to_be_bytes());
                 p[field::SEQ].copy_from_slice(&f.seq.to_be_bytes());
-                field::UDP_CSUM
+                at(field::UDP_CSUM)
             }
             L4Proto::Tcp => {
-                out[field::TCP_SEQ].copy_from_slice(&(f.seq as u32).to_be_bytes());
-                out[field::TCP_ACK].copy_from_slice(&f.flow.to_be_bytes());
-                out[field::TCP_FLAGS] = if f.syn { TCP_SYN } else { TCP_ACK };
-                out[field::TCP_PAYLOAD + field::TS.start..field::TCP_PAYLOAD + field::TS.end]
-                    .copy_from_slice(&f.ts.to_be_bytes());
-                field::TCP_CSUM
+                out[at(field::TCP_SEQ)].copy_from_slice(&(f.seq as u32).to_be_bytes());
+                out[at(field::TCP_ACK)].copy_from_slice(&f.flow.to_be_bytes());
+                out[field::TCP_FLAGS + d] = if f.syn { TCP_SYN } else { TCP_ACK };
+                let p = field::TCP_PAYLOAD + d;
+                out[p + field::TS.start..p + field::TS.end].copy_from_slice(&f.ts.to_be_bytes());
+                at(field::TCP_CSUM)
             }
         };
         out[csum_at.clone()].fill(0);
         // The padding is zeros and adds nothing to the sum: sum the headers
         // and the data only (an even length, so word alignment holds).
-        let l4_len = (len - field::L4) as u16;
-        let pseudo = pseudo_header_v4(src, dst, self.proto.ip_number(), l4_len);
-        let data = &out[field::L4..field::L4 + self.proto.data_len()];
+        let l4 = field::L4 + d;
+        let data = &out[l4..l4 + self.proto.data_len()];
         let c = finish(sum_bytes(pseudo, data));
         let c = match self.proto {
             L4Proto::Udp => udp_wire(c),
@@ -270,8 +361,9 @@ pub struct Expect {
     /// Its own MAC.
     pub mac: [u8; 6],
     /// Its own address (or the one it was told to accept): the destination,
-    /// or under DSR the outer destination.
-    pub addr: Ipv4Addr,
+    /// or under DSR the outer destination. Frames of the other family are
+    /// [`Bad::DstAddr`].
+    pub addr: IpAddr,
     /// First accepted destination port (not DSR: the port stays the service's).
     pub first_port: u16,
     /// Last accepted destination port (inclusive).
@@ -295,7 +387,7 @@ pub enum PathExpect {
     /// flows, is the sink's to check: [`Probe::src_port`].)
     Snat {
         /// The gateway's SNAT address.
-        addr: Ipv4Addr,
+        addr: IpAddr,
         /// First SNAT port.
         lo: u16,
         /// Last SNAT port (inclusive).
@@ -303,13 +395,15 @@ pub enum PathExpect {
     },
     /// Direct server return: IPv4 in IPv4 (RFC 2003) from `gateway` to the
     /// sink's address, outer TTL [`OUTER_TTL`], TOS, ID and DF copied from
-    /// the inner header, no options; the inner packet is the client's
+    /// the inner header, no options (IPv6: IPv6 in IPv6, RFC 2473, next
+    /// header 41, hop limit [`OUTER_TTL`], traffic class and flow label
+    /// copied, no extension header); the inner packet is the client's
     /// (source: the flow's, destination: the VIP of the flow's service of
     /// `services`, port [`layout::SERVICE_PORT`]) with its TTL one lower
     /// than sent.
     Dsr {
         /// The gateway's address (the outer source).
-        gateway: Ipv4Addr,
+        gateway: IpAddr,
         /// Services the generator spreads the flows over (flow f goes to
         /// service f mod services).
         services: u32,
@@ -320,6 +414,8 @@ pub enum PathExpect {
 pub const OUTER_TTL: u8 = 64;
 /// IP protocol number of IPv4 in IPv4.
 const IPPROTO_IPIP: u8 = 4;
+/// Next header of IPv6 in IPv6.
+const IPPROTO_IPV6: u8 = 41;
 
 /// A frame that passed every check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -444,10 +540,17 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(w)
 }
 
-/// One IPv4 packet of the bench's, taken apart (structure checked, checksums
+/// The IP header of a packet of the bench's.
+enum Header<'a> {
+    V4(Ipv4HeaderSlice<'a>),
+    /// The 40 bytes of the fixed header (no extension header follows).
+    V6(&'a [u8]),
+}
+
+/// One IP packet of the bench's, taken apart (structure checked, checksums
 /// not yet).
 struct Ip<'a> {
-    header: Ipv4HeaderSlice<'a>,
+    header: Header<'a>,
     proto: L4Proto,
     /// The transport header and payload (up to the total length).
     l4: &'a [u8],
@@ -455,26 +558,50 @@ struct Ip<'a> {
     payload: &'a [u8],
 }
 
+/// An IPv6 header's addresses.
+fn v6_addrs(h: &[u8]) -> ([u8; 16], [u8; 16]) {
+    let (mut s, mut d) = ([0u8; 16], [0u8; 16]);
+    s.copy_from_slice(&h[8..24]);
+    d.copy_from_slice(&h[24..40]);
+    (s, d)
+}
+
 impl<'a> Ip<'a> {
-    /// `b` starts at the IPv4 header; bytes past its total length are
-    /// padding.
-    fn parse(b: &'a [u8]) -> Result<Self, Bad> {
-        let header = Ipv4HeaderSlice::from_slice(b).map_err(|_| Bad::Malformed)?;
-        let ihl_len = header.slice().len();
-        let total = usize::from(header.total_len());
-        if total < ihl_len
-            || total > b.len()
-            || header.more_fragments()
-            || header.fragments_offset().value() != 0
-        {
-            return Err(Bad::Malformed);
-        }
-        let proto = match header.protocol().0 {
+    /// `b` starts at the IP header of `family`; bytes past its total
+    /// length are padding.
+    fn parse(b: &'a [u8], family: Family) -> Result<Self, Bad> {
+        let (header, hlen, total, proto) = match family {
+            Family::V4 => {
+                let header = Ipv4HeaderSlice::from_slice(b).map_err(|_| Bad::Malformed)?;
+                let ihl_len = header.slice().len();
+                let total = usize::from(header.total_len());
+                if total < ihl_len
+                    || total > b.len()
+                    || header.more_fragments()
+                    || header.fragments_offset().value() != 0
+                {
+                    return Err(Bad::Malformed);
+                }
+                let proto = header.protocol().0;
+                (Header::V4(header), ihl_len, total, proto)
+            }
+            Family::V6 => {
+                if b.len() < IPV6_LEN || b[0] >> 4 != 6 {
+                    return Err(Bad::Malformed);
+                }
+                let total = IPV6_LEN + usize::from(be16(b, 4));
+                if total > b.len() {
+                    return Err(Bad::Malformed);
+                }
+                (Header::V6(&b[..IPV6_LEN]), IPV6_LEN, total, b[6])
+            }
+        };
+        let proto = match proto {
             IPPROTO_UDP => L4Proto::Udp,
             IPPROTO_TCP => L4Proto::Tcp,
             _ => return Err(Bad::Malformed),
         };
-        let l4 = &b[ihl_len..total];
+        let l4 = &b[hlen..total];
         let payload_at = match proto {
             L4Proto::Udp => {
                 if l4.len() < 8 || usize::from(be16(l4, 4)) != l4.len() {
@@ -509,20 +636,28 @@ impl<'a> Ip<'a> {
         })
     }
 
-    /// The IPv4 header checksum, then the L4 checksum.
+    /// The IPv4 header checksum (IPv6 has none), then the L4 checksum.
     fn checksums(&self) -> Result<(), Bad> {
-        if finish(sum_bytes(0, self.header.slice())) != 0 {
-            return Err(Bad::IpChecksum);
-        }
         if self.proto == L4Proto::Udp && be16(self.l4, 6) == 0 {
             return Err(Bad::L4Checksum);
         }
-        let pseudo = pseudo_header_v4(
-            self.header.source(),
-            self.header.destination(),
-            self.proto.ip_number(),
-            self.l4.len() as u16,
-        );
+        let pseudo = match &self.header {
+            Header::V4(h) => {
+                if finish(sum_bytes(0, h.slice())) != 0 {
+                    return Err(Bad::IpChecksum);
+                }
+                pseudo_header_v4(
+                    h.source(),
+                    h.destination(),
+                    self.proto.ip_number(),
+                    self.l4.len() as u16,
+                )
+            }
+            Header::V6(h) => {
+                let (s, d) = v6_addrs(h);
+                pseudo_header_v6(&s, &d, self.proto.ip_number(), self.l4.len() as u32)
+            }
+        };
         if finish(sum_bytes(pseudo, self.l4)) != 0 {
             return Err(Bad::L4Checksum);
         }
@@ -562,12 +697,26 @@ impl<'a> Ip<'a> {
         }
     }
 
-    fn src(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.header.source())
+    fn src(&self) -> IpAddr {
+        match &self.header {
+            Header::V4(h) => IpAddr::V4(Ipv4Addr::from(h.source())),
+            Header::V6(h) => IpAddr::V6(Ipv6Addr::from(v6_addrs(h).0)),
+        }
     }
 
-    fn dst(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.header.destination())
+    fn dst(&self) -> IpAddr {
+        match &self.header {
+            Header::V4(h) => IpAddr::V4(Ipv4Addr::from(h.destination())),
+            Header::V6(h) => IpAddr::V6(Ipv6Addr::from(v6_addrs(h).1)),
+        }
+    }
+
+    /// TTL or hop limit.
+    fn ttl(&self) -> u8 {
+        match &self.header {
+            Header::V4(h) => h.ttl(),
+            Header::V6(h) => h[7],
+        }
     }
 }
 
@@ -577,18 +726,25 @@ impl<'a> Ip<'a> {
 /// (under DSR the outer header's first). A rewrite with correct checksums
 /// (what a NAT does) is judged by the fields; a corrupted frame by its
 /// checksums. Per-flow state (a SNAT port that must not change within a
-/// flow nor be shared by two) is the caller's: [`Probe::src_port`].
+/// flow nor be shared by two) is the caller's: [`Probe::src_port`]. IPv4
+/// and IPv6 frames are checked alike; a frame of the other family than
+/// `expect.addr`'s is [`Bad::DstAddr`].
 ///
 /// # Errors
 /// The first check that failed.
 pub fn check(frame: &[u8], expect: &Expect) -> Result<Probe, Bad> {
-    if frame.len() < field::L3 || be16(frame, field::ETHERTYPE.start) != ETHERTYPE_IPV4 {
+    if frame.len() < field::L3 {
         return Err(Bad::Malformed);
     }
+    let family = match be16(frame, field::ETHERTYPE.start) {
+        ETHERTYPE_IPV4 => Family::V4,
+        ETHERTYPE_IPV6 => Family::V6,
+        _ => return Err(Bad::Malformed),
+    };
     if let PathExpect::Dsr { gateway, services } = expect.path {
-        return check_dsr(frame, expect, gateway, services);
+        return check_dsr(frame, family, expect, gateway, services);
     }
-    let ip = Ip::parse(&frame[field::L3..])?;
+    let ip = Ip::parse(&frame[field::L3..], family)?;
     ip.checksums()?;
     ip.magic()?;
     if frame[field::ETH_DST] != expect.mac {
@@ -614,7 +770,7 @@ pub fn check(frame: &[u8], expect: &Expect) -> Result<Probe, Bad> {
             }
         }
         _ => {
-            if layout::flow_of(ip.src(), p.src_port, expect.flows) != Some(p.flow) {
+            if layout::flow_of_ip(ip.src(), p.src_port, expect.flows) != Some(p.flow) {
                 return Err(Bad::Src);
             }
         }
@@ -625,62 +781,106 @@ pub fn check(frame: &[u8], expect: &Expect) -> Result<Probe, Bad> {
 /// [`check`] under DSR.
 fn check_dsr(
     frame: &[u8],
+    family: Family,
     expect: &Expect,
-    gateway: Ipv4Addr,
+    gateway: IpAddr,
     services: u32,
 ) -> Result<Probe, Bad> {
-    let outer = Ipv4HeaderSlice::from_slice(&frame[field::L3..]).map_err(|_| Bad::Malformed)?;
-    let olen = outer.slice().len();
-    let ototal = usize::from(outer.total_len());
-    if ototal < olen
-        || field::L3 + ototal > frame.len()
-        || outer.more_fragments()
-        || outer.fragments_offset().value() != 0
-    {
-        return Err(Bad::Malformed);
-    }
-    if outer.protocol().0 != IPPROTO_IPIP {
-        return Err(Bad::OuterHeader);
-    }
-    let inner = Ip::parse(&frame[field::L3 + olen..field::L3 + ototal])?;
-    if finish(sum_bytes(0, outer.slice())) != 0 {
-        return Err(Bad::OuterChecksum);
-    }
-    inner.checksums()?;
-    inner.magic()?;
-    if frame[field::ETH_DST] != expect.mac {
-        return Err(Bad::DstMac);
-    }
-    if Ipv4Addr::from(outer.source()) != gateway
-        || Ipv4Addr::from(outer.destination()) != expect.addr
-    {
-        return Err(Bad::OuterAddr);
-    }
-    let ih = &inner.header;
-    if olen != 20
-        || outer.ttl() != OUTER_TTL
-        || outer.dcp().value() != ih.dcp().value()
-        || outer.ecn().value() != ih.ecn().value()
-        || outer.identification() != ih.identification()
-        || outer.dont_fragment() != ih.dont_fragment()
-        || ototal != olen + usize::from(ih.total_len())
-    {
-        return Err(Bad::OuterHeader);
-    }
-    if ih.ttl() != TTL - 1 {
+    let b = &frame[field::L3..];
+    let inner = match family {
+        Family::V4 => {
+            let outer = Ipv4HeaderSlice::from_slice(b).map_err(|_| Bad::Malformed)?;
+            let olen = outer.slice().len();
+            let ototal = usize::from(outer.total_len());
+            if ototal < olen
+                || ototal > b.len()
+                || outer.more_fragments()
+                || outer.fragments_offset().value() != 0
+            {
+                return Err(Bad::Malformed);
+            }
+            if outer.protocol().0 != IPPROTO_IPIP {
+                return Err(Bad::OuterHeader);
+            }
+            let inner = Ip::parse(&b[olen..ototal], Family::V4)?;
+            if finish(sum_bytes(0, outer.slice())) != 0 {
+                return Err(Bad::OuterChecksum);
+            }
+            inner.checksums()?;
+            inner.magic()?;
+            if frame[field::ETH_DST] != expect.mac {
+                return Err(Bad::DstMac);
+            }
+            if IpAddr::V4(Ipv4Addr::from(outer.source())) != gateway
+                || IpAddr::V4(Ipv4Addr::from(outer.destination())) != expect.addr
+            {
+                return Err(Bad::OuterAddr);
+            }
+            let Header::V4(ih) = &inner.header else {
+                return Err(Bad::Malformed);
+            };
+            if olen != 20
+                || outer.ttl() != OUTER_TTL
+                || outer.dcp().value() != ih.dcp().value()
+                || outer.ecn().value() != ih.ecn().value()
+                || outer.identification() != ih.identification()
+                || outer.dont_fragment() != ih.dont_fragment()
+                || ototal != olen + usize::from(ih.total_len())
+            {
+                return Err(Bad::OuterHeader);
+            }
+            inner
+        }
+        Family::V6 => {
+            if b.len() < IPV6_LEN || b[0] >> 4 != 6 {
+                return Err(Bad::Malformed);
+            }
+            let ototal = IPV6_LEN + usize::from(be16(b, 4));
+            if ototal > b.len() {
+                return Err(Bad::Malformed);
+            }
+            if b[6] != IPPROTO_IPV6 {
+                return Err(Bad::OuterHeader);
+            }
+            let inner = Ip::parse(&b[IPV6_LEN..ototal], Family::V6)?;
+            inner.checksums()?;
+            inner.magic()?;
+            if frame[field::ETH_DST] != expect.mac {
+                return Err(Bad::DstMac);
+            }
+            let (s, d) = v6_addrs(b);
+            if IpAddr::V6(Ipv6Addr::from(s)) != gateway
+                || IpAddr::V6(Ipv6Addr::from(d)) != expect.addr
+            {
+                return Err(Bad::OuterAddr);
+            }
+            let ib = &b[IPV6_LEN..];
+            let inner_total = IPV6_LEN + usize::from(be16(ib, 4));
+            // Traffic class and flow label copied (the version nibble aside).
+            if b[7] != OUTER_TTL
+                || b[0] & 0x0f != ib[0] & 0x0f
+                || b[1..4] != ib[1..4]
+                || ototal != IPV6_LEN + inner_total
+            {
+                return Err(Bad::OuterHeader);
+            }
+            inner
+        }
+    };
+    if inner.ttl() != TTL - 1 {
         return Err(Bad::Ttl);
     }
     let p = inner.probe();
     if p.flow >= expect.flows {
         return Err(Bad::Src);
     }
-    if inner.dst() != layout::vip(layout::flow_service(p.flow, services)) {
+    if inner.dst() != layout::vip_ip(family, layout::flow_service(p.flow, services)) {
         return Err(Bad::DstAddr);
     }
     if p.dst_port != layout::SERVICE_PORT {
         return Err(Bad::DstPort);
     }
-    if layout::flow_of(inner.src(), p.src_port, expect.flows) != Some(p.flow) {
+    if layout::flow_of_ip(inner.src(), p.src_port, expect.flows) != Some(p.flow) {
         return Err(Bad::Src);
     }
     Ok(p)
@@ -702,14 +902,16 @@ mod tests {
     use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
     use super::*;
-    use crate::layout::{backend_addr, backend_mac, flow_source, vip, CLIENT_MAC, GW_CLIENT_MAC};
+    use crate::layout::{
+        backend_addr, backend_mac, flow_source, flow_source_ip, vip, CLIENT_MAC, GW_CLIENT_MAC,
+    };
 
     const FLOWS: u32 = 100_000;
 
     fn fields(flow: u32, seq: u64, syn: bool) -> Fields {
         Fields {
-            src: flow_source(flow),
-            dst: (vip(3), 80),
+            src: flow_source_ip(layout::Family::V4, flow),
+            dst: (vip(3).into(), 80),
             flow,
             seq,
             ts: 0x0102_0304_0506_0708,
@@ -720,7 +922,7 @@ mod tests {
     fn at_vip() -> Expect {
         Expect {
             mac: GW_CLIENT_MAC,
-            addr: vip(3),
+            addr: vip(3).into(),
             first_port: 80,
             last_port: 80,
             flows: FLOWS,
@@ -831,7 +1033,7 @@ mod tests {
     fn at_backend() -> Expect {
         Expect {
             mac: backend_mac(1),
-            addr: backend_addr(1),
+            addr: backend_addr(1).into(),
             first_port: 8080,
             last_port: 8089,
             flows: FLOWS,
@@ -985,7 +1187,7 @@ mod tests {
     fn at_backend_snat() -> Expect {
         Expect {
             path: PathExpect::Snat {
-                addr: GW,
+                addr: GW.into(),
                 lo: 1024,
                 hi: 29_999,
             },
@@ -1049,7 +1251,7 @@ mod tests {
     fn at_backend_dsr(services: u32) -> Expect {
         Expect {
             path: PathExpect::Dsr {
-                gateway: GW,
+                gateway: GW.into(),
                 services,
             },
             ..at_backend()
@@ -1159,6 +1361,208 @@ mod tests {
     fn bad_index_matches_all() {
         for (i, b) in Bad::ALL.iter().enumerate() {
             assert_eq!(b.index(), i);
+        }
+    }
+
+    mod ipv6 {
+        use clustergate_dataplane::packet::rewrite::{
+            decrement_hop_limit_ipv6, set_ipv6_dst, set_ipv6_src,
+        };
+
+        use super::*;
+        use crate::layout::{backend_ip, gw_lan_ip, vip_ip, Family as Fam};
+
+        fn v6(a: IpAddr) -> [u8; 16] {
+            match a {
+                IpAddr::V6(a) => a.octets(),
+                IpAddr::V4(_) => panic!("{a} is not IPv6"),
+            }
+        }
+
+        fn csum6(proto: L4Proto) -> L4Csum {
+            match proto {
+                L4Proto::Udp => L4Csum::Udp6,
+                L4Proto::Tcp => L4Csum::Tcp,
+            }
+        }
+
+        fn build6(proto: L4Proto, len: usize, flow: u32, services: u32) -> Vec<u8> {
+            let t = Template::new_in(Fam::V6, proto, len, CLIENT_MAC, GW_CLIENT_MAC).unwrap();
+            let f = Fields {
+                src: flow_source_ip(Fam::V6, flow),
+                dst: (vip_ip(Fam::V6, layout::flow_service(flow, services)), 80),
+                flow,
+                seq: 9,
+                ts: 77,
+                syn: true,
+            };
+            let mut buf = vec![0xAAu8; 2048];
+            assert_eq!(t.write(&mut buf, &f), len);
+            // Not of the template's family: nothing written.
+            let v4 = Fields {
+                src: (IpAddr::V4(Ipv4Addr::new(198, 18, 1, 16)), 1024),
+                ..f
+            };
+            assert_eq!(t.write(&mut vec![0u8; 2048], &v4), 0);
+            buf.truncate(len);
+            buf
+        }
+
+        fn at_backend6(path: PathExpect) -> Expect {
+            Expect {
+                mac: backend_mac(1),
+                addr: backend_ip(Fam::V6, 1),
+                first_port: 8080,
+                last_port: 8080,
+                flows: FLOWS,
+                path,
+            }
+        }
+
+        /// The gateway's DNAT over IPv6: MACs, hop limit − 1, destination
+        /// address and port with incremental checksum updates.
+        fn dnat6(frame: &mut [u8], proto: L4Proto) {
+            set_macs(frame, [2, 0, 0, 0, 0, 1], backend_mac(1)).unwrap();
+            decrement_hop_limit_ipv6(frame, 14).unwrap();
+            set_ipv6_dst(
+                frame,
+                14,
+                Some((54, csum6(proto))),
+                v6(backend_ip(Fam::V6, 1)),
+            )
+            .unwrap();
+            set_dst_port(frame, 54, csum6(proto), 8080).unwrap();
+        }
+
+        #[test]
+        fn ipv6_frames_round_trip_and_agree_with_etherparse() {
+            assert!(matches!(
+                Template::new_in(Fam::V6, L4Proto::Udp, 83, CLIENT_MAC, GW_CLIENT_MAC),
+                Err(WireError::FrameSize(83, 84))
+            ));
+            for proto in [L4Proto::Udp, L4Proto::Tcp] {
+                for len in [84, 128, 1500] {
+                    let frame = build6(proto, len, 70_001, 1);
+                    let e = Expect {
+                        mac: GW_CLIENT_MAC,
+                        addr: vip_ip(Fam::V6, 0),
+                        first_port: 80,
+                        last_port: 80,
+                        flows: FLOWS,
+                        path: PathExpect::Routed,
+                    };
+                    let p = check(&frame, &e).unwrap();
+                    assert_eq!((p.flow, p.dst_port, p.proto), (70_001, 80, proto));
+                    let s = SlicedPacket::from_ethernet(&frame).unwrap();
+                    let Some(NetSlice::Ipv6(ip)) = &s.net else {
+                        panic!("not IPv6")
+                    };
+                    let h = ip.header().to_header();
+                    assert_eq!(h.hop_limit, 64);
+                    assert_eq!(usize::from(h.payload_length), len - 54);
+                    match s.transport.unwrap() {
+                        TransportSlice::Udp(u) => {
+                            let uh = u.to_header();
+                            assert_eq!(
+                                uh.checksum,
+                                uh.calc_checksum_ipv6(&h, u.payload()).unwrap()
+                            );
+                        }
+                        TransportSlice::Tcp(t) => {
+                            let th = t.to_header();
+                            assert_eq!(
+                                th.checksum,
+                                th.calc_checksum_ipv6(&h, t.payload()).unwrap()
+                            );
+                        }
+                        _ => panic!("not UDP or TCP"),
+                    }
+                    // A flipped payload bit is a checksum error.
+                    let mut f = frame.clone();
+                    f[len - 1] ^= 1;
+                    assert_eq!(check(&f, &e), Err(Bad::L4Checksum));
+                    // Expecting the IPv4 VIP: the wrong destination.
+                    let e4 = Expect {
+                        addr: vip(0).into(),
+                        ..e
+                    };
+                    assert_eq!(check(&frame, &e4), Err(Bad::DstAddr));
+                    for cut in [14, 53, 60, 83] {
+                        assert_eq!(check(&frame[..cut], &e), Err(Bad::Malformed), "{cut}");
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn ipv6_routed_snat_and_dsr_are_checked() {
+            let gw = gw_lan_ip(Fam::V6);
+            for proto in [L4Proto::Udp, L4Proto::Tcp] {
+                let plain = build6(proto, 128, 4243, 8);
+                // Routed.
+                let mut routed = plain.clone();
+                dnat6(&mut routed, proto);
+                assert!(check(&routed, &at_backend6(PathExpect::Routed)).is_ok());
+                let mut f = routed.clone();
+                set_src_port(&mut f, 54, csum6(proto), 1024 + 13).unwrap();
+                assert_eq!(check(&f, &at_backend6(PathExpect::Routed)), Err(Bad::Src));
+                // SNAT.
+                let snat = PathExpect::Snat {
+                    addr: gw,
+                    lo: 1024,
+                    hi: 29_999,
+                };
+                let mut f = routed.clone();
+                set_ipv6_src(&mut f, 14, Some((54, csum6(proto))), v6(gw)).unwrap();
+                set_src_port(&mut f, 54, csum6(proto), 5000).unwrap();
+                assert_eq!(check(&f, &at_backend6(snat)).unwrap().src_port, 5000);
+                assert_eq!(check(&routed, &at_backend6(snat)), Err(Bad::SnatAddr));
+                // DSR: IPv6 in IPv6 from the gateway, inner hop limit 63.
+                let dsr = PathExpect::Dsr {
+                    gateway: gw,
+                    services: 8,
+                };
+                let mut buf = plain.clone();
+                buf.resize(plain.len() + 64, 0);
+                set_macs(&mut buf, [2, 0, 0, 0, 0, 1], backend_mac(1)).unwrap();
+                decrement_hop_limit_ipv6(&mut buf, 14).unwrap();
+                let a16 = |a: IpAddr| addr16(a);
+                let len = encapsulate(
+                    &mut buf,
+                    Family::V6,
+                    14,
+                    plain.len(),
+                    &a16(gw),
+                    &a16(backend_ip(Fam::V6, 1)),
+                )
+                .unwrap();
+                buf.truncate(len);
+                let p = check(&buf, &at_backend6(dsr)).unwrap();
+                assert_eq!((p.flow, p.dst_port), (4243, 80));
+                assert_eq!(check(&routed, &at_backend6(dsr)), Err(Bad::OuterHeader));
+                let mut f = buf.clone();
+                f[14 + 7] = 63;
+                assert_eq!(check(&f, &at_backend6(dsr)), Err(Bad::OuterHeader));
+                let mut f = buf.clone();
+                f[14 + 2] ^= 1; // the flow label, not copied any more
+                assert_eq!(check(&f, &at_backend6(dsr)), Err(Bad::OuterHeader));
+                let mut f = buf.clone();
+                f[14 + 39] ^= 1; // the outer destination
+                assert_eq!(check(&f, &at_backend6(dsr)), Err(Bad::OuterAddr));
+                let mut f = buf.clone();
+                f[54 + 7] = 64; // the inner hop limit, not decremented
+                assert_eq!(check(&f, &at_backend6(dsr)), Err(Bad::Ttl));
+                assert_eq!(
+                    check(
+                        &buf,
+                        &at_backend6(PathExpect::Dsr {
+                            gateway: gw,
+                            services: 7
+                        })
+                    ),
+                    Err(Bad::DstAddr)
+                );
+            }
         }
     }
 }
