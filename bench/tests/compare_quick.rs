@@ -15,38 +15,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // reason: tests fail loudly on purpose
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
 
+mod common;
 #[path = "../../dataplane/tests/support/mod.rs"]
 mod support;
 
-/// `clustergate` and `clustergate-control`, built next to this package's
-/// binary (the workspace's test command builds them; a run of this package
-/// alone builds them here).
-fn bin_dir() -> PathBuf {
-    let bench = PathBuf::from(env!("CARGO_BIN_EXE_clustergate-bench"));
-    let dir = bench.parent().expect("binary directory").to_path_buf();
-    for (pkg, bin) in [
-        ("clustergate-dataplane", "clustergate"),
-        ("clustergate-control", "clustergate-control"),
-    ] {
-        if !dir.join(bin).exists() {
-            let mut cmd = Command::new(env!("CARGO"));
-            cmd.args(["build", "-p", pkg, "--bin", bin]);
-            if dir.ends_with("release") {
-                cmd.arg("--release");
-            }
-            assert!(
-                cmd.status().expect("cargo build").success(),
-                "building {bin}"
-            );
-        }
-    }
-    dir
-}
+use common::bin_dir;
 
 fn netns_exists(name: &str) -> bool {
     Path::new("/run/netns").join(name).exists()
