@@ -40,7 +40,7 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use foldhash::fast::FixedState;
+use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 
 use crate::flow::{v4_to_16, Addr16, FlowTuple, Proto};
@@ -1587,11 +1587,14 @@ pub struct ConntrackStats {
 type ExpiringShard<K, V> = Padded<Mutex<HashTable<(K, V, u32)>>>;
 
 /// A small expiring map (affinity, fragments): sharded, bounded, allocated once.
+/// Its keys come from packets (client addresses, fragment ids), so it hashes
+/// with a key drawn from the OS's randomness once per map, like the flow
+/// tables: nobody outside can aim keys at one shard or bucket.
 #[derive(Debug)]
 struct Expiring<K, V> {
     shards: Box<[ExpiringShard<K, V>]>,
     mask: usize,
-    hasher: FixedState,
+    hasher: RandomState,
 }
 
 impl<K: Hash + Eq + Copy, V: Copy> Expiring<K, V> {
@@ -1603,7 +1606,7 @@ impl<K: Hash + Eq + Copy, V: Copy> Expiring<K, V> {
                 .map(|_| Padded(Mutex::new(HashTable::with_capacity(per))))
                 .collect(),
             mask: n - 1,
-            hasher: FixedState::with_seed(0x6166_6669_6e69_7479),
+            hasher: RandomState::default(),
         }
     }
 
@@ -2002,6 +2005,17 @@ mod tests {
     #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
     use super::*;
+
+    /// The affinity and fragment maps' keys come from packets: each map has
+    /// its own random hash key, so two maps (two gateways, two restarts)
+    /// never place the same keys alike, and no fixed seed can be aimed at.
+    #[test]
+    fn expiring_maps_hash_with_random_keys() {
+        let a: Expiring<u64, u8> = Expiring::new(64, 4);
+        let b: Expiring<u64, u8> = Expiring::new(64, 4);
+        let differ = (0..8u64).any(|k| a.hasher.hash_one(k) != b.hasher.hash_one(k));
+        assert!(differ, "two maps hash every key alike: a fixed seed");
+    }
     use crate::flow::v4_to_16;
     use std::sync::Arc;
 
