@@ -638,8 +638,16 @@ impl Worker {
                     _ => DropReason::L4Malformed,
                 })?;
             }
-            // SCTP (and anything else): the named steps, then the CRC32c.
+            // SCTP (and anything else): the named steps, then the CRC32c,
+            // which is checked first: a rewrite must not make a corrupt
+            // packet valid (a fragment's CRC covers bytes not here).
             None => {
+                if f.proto == Proto::Sctp && p.fragment.is_none() {
+                    rewrite::sctp_crc_checked(buf, f.offset, p.ip_end).map_err(|e| match e {
+                        rewrite::RewriteError::BadChecksum => DropReason::SctpBadChecksum,
+                        _ => DropReason::L4Malformed,
+                    })?;
+                }
                 let l4 = Some((f.offset, f.csum));
                 if let Some((a, port)) = src {
                     rewrite_addr(buf, p.family, p.l3, Dir::Src, l4, &a)?;

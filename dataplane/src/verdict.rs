@@ -130,4 +130,7 @@ drop_reasons! {
     /// whose node has none of its endpoints (or is not a known node), as
     /// kube-proxy drops it.
     NoLocalEndpoint => "no_local_endpoint",
+    /// An SCTP packet whose CRC32c is wrong, seen before a rewrite that would
+    /// otherwise give it a valid one (RFC 9260 §6.8: the receiver drops it).
+    SctpBadChecksum => "sctp_bad_checksum",
 }

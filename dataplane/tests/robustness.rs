@@ -767,3 +767,39 @@ fn fixtures_themselves_are_handled() {
         }
     }
 }
+
+/// An SCTP packet whose CRC32c is wrong is dropped before its ports are
+/// rewritten (which would give it a valid CRC: laundering), and counted;
+/// the same packet with its CRC intact is forwarded with a valid one.
+#[test]
+fn a_corrupt_sctp_packet_is_not_given_a_valid_crc() {
+    let good = client_frame(C4, 40000, VIP4, SCTP_PORT, L4Spec::Sctp, b"heartbeat");
+    let l4 = 14 + 20;
+    let mut w = worker();
+    let mut buf = vec![0u8; BUF_LEN];
+    buf[..good.len()].copy_from_slice(&good);
+    let v = w.process(NOW, table(), &mut buf, good.len());
+    let Verdict::Forward { len, .. } = v else {
+        panic!("a valid SCTP packet: {v:?}")
+    };
+    let sctp = &buf[l4..len];
+    assert_eq!(
+        u32::from_le_bytes(sctp[8..12].try_into().unwrap()),
+        sctp_crc32c(sctp),
+        "forwarded with a valid CRC"
+    );
+    assert_eq!(
+        u16::from_be_bytes([sctp[2], sctp[3]]),
+        38680,
+        "port rewritten"
+    );
+
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x01; // one payload bit: the CRC no longer matches
+    buf[..bad.len()].copy_from_slice(&bad);
+    let v = w.process(NOW, table(), &mut buf, bad.len());
+    assert_eq!(v, Verdict::Drop(DropReason::SctpBadChecksum));
+    assert_eq!(w.counters.dropped(DropReason::SctpBadChecksum), 1);
+    assert_eq!(&buf[..bad.len()], &bad[..], "nothing rewritten");
+}

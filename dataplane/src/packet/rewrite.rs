@@ -66,6 +66,9 @@ pub enum RewriteError {
     /// The old and new byte runs given to a checksum adjustment differ in length.
     #[error("old and new bytes differ in length")]
     LengthMismatch,
+    /// A checksum that must be right before a rewrite (SCTP's CRC32c) is not.
+    #[error("checksum does not match the packet")]
+    BadChecksum,
 }
 
 /// How the transport checksum depends on what we rewrite.
@@ -365,6 +368,26 @@ pub fn sctp_update_crc(frame: &mut [u8], l4: usize, end: usize) -> Result<(), Re
     }
     let crc = super::checksum::sctp_crc32c(sctp);
     write(sctp, SCTP_CSUM, &crc.to_le_bytes())
+}
+
+/// Is the SCTP packet `frame[l4..end]`'s CRC32c right (RFC 9260 §6.8)? A
+/// rewrite must not launder a corrupt packet into a valid one, so the CRC is
+/// checked before the ports change and recomputed after.
+///
+/// # Errors
+/// `OutOfBounds` if the common header lies outside the frame; `BadChecksum`
+/// if the CRC does not match.
+pub fn sctp_crc_checked(frame: &[u8], l4: usize, end: usize) -> Result<(), RewriteError> {
+    let sctp = frame.get(l4..end).ok_or(RewriteError::OutOfBounds)?;
+    if sctp.len() < SCTP_COMMON_HEADER_LEN {
+        return Err(RewriteError::OutOfBounds);
+    }
+    let stored = u32::from_le_bytes(read::<4>(sctp, SCTP_CSUM)?);
+    if super::checksum::sctp_crc32c(sctp) == stored {
+        Ok(())
+    } else {
+        Err(RewriteError::BadChecksum)
+    }
 }
 
 /// Decrements the IPv4 TTL (l3+8) and updates the header checksum; returns the new TTL, which may be 0 (RFC 791 §3.1, RFC 1624).
