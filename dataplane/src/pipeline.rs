@@ -556,7 +556,10 @@ impl Worker {
                 }
             }
             self.count_backend(table, b.backend_index, len, false);
-            return Ok(Verdict::Forward { len, next_hop });
+            return Ok(Verdict::Forward {
+                len: ip_len(p, len),
+                next_hop,
+            });
         }
         // Not to a frontend: a reply from a backend?
         let Some(r) = self.ct.lookup_reply(now, p.family, &t, f.tcp_flags, true) else {
@@ -575,7 +578,10 @@ impl Worker {
             (r.client != p.dst || r.client_port != f.dst_port).then_some((r.client, r.client_port));
         self.nat(now, buf, p, f, Some((r.vip, r.vport)), to_client, next_hop)?;
         self.counters.replies += 1;
-        Ok(Verdict::Forward { len, next_hop })
+        Ok(Verdict::Forward {
+            len: ip_len(p, len),
+            next_hop,
+        })
     }
 
     /// The NAT of a flow packet: the source becomes `src` and the destination
@@ -893,7 +899,10 @@ impl Worker {
                     rewrite_addr(buf, p.family, p.l3, Dir::Dst, None, &a)?;
                 }
                 decrement_ttl(buf, p)?;
-                Ok(Verdict::Forward { len, next_hop })
+                Ok(Verdict::Forward {
+                    len: ip_len(p, len),
+                    next_hop,
+                })
             }
             FragRewrite::Encap { outer_src, backend } => {
                 self.encap(now, buf, len, p, None, outer_src, backend)
@@ -992,7 +1001,10 @@ impl Worker {
         write_icmp_checksum(buf, p, e);
         decrement_ttl(buf, p)?;
         self.counters.icmp_errors += 1;
-        Ok(Verdict::Forward { len, next_hop })
+        Ok(Verdict::Forward {
+            len: ip_len(p, len),
+            next_hop,
+        })
     }
 
     /// Refuses an ICMP error whose checksum is wrong: the pipeline recomputes
@@ -1094,6 +1106,14 @@ fn finish_l4(buf: &mut [u8], p: &Parsed, f: &FlowL4) -> Result<(), DropReason> {
         rewrite::sctp_update_crc(buf, f.offset, p.ip_end).map_err(|_| DropReason::L4Malformed)?;
     }
     Ok(())
+}
+
+/// The length of a forwarded frame: up to the end of its IP packet. Bytes
+/// after it (Ethernet padding, or trailing junk) are trimmed, as the kernel
+/// trims an skb to the IP length before forwarding.
+#[inline]
+fn ip_len(p: &Parsed, len: usize) -> usize {
+    p.ip_end.min(len)
 }
 
 fn decrement_ttl(buf: &mut [u8], p: &Parsed) -> Result<(), DropReason> {
