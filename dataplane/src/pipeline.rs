@@ -534,6 +534,16 @@ impl Worker {
             if p.ttl <= 1 {
                 return Err(DropReason::TtlExpired);
             }
+            // A router forwards neither frames sent to a link-layer group
+            // address (RFC 1812 §5.3.4, RFC 1122 §3.2.2) nor packets from a
+            // source no host can have (RFC 1812 §5.3.7, RFC 4291), and
+            // never answers them with a reject.
+            if buf.first().is_some_and(|b| b & 1 != 0) {
+                return Err(DropReason::LinkBroadcast);
+            }
+            if martian_source(&p.src) {
+                return Err(DropReason::MartianSource);
+            }
             let Some(b) = self.bind(now, table, fi, fe, p.family, &t, f.tcp_flags)? else {
                 return reject_in_place(buf, len, p, f).map(|len| Verdict::Reject { len });
             };
@@ -1106,6 +1116,18 @@ fn finish_l4(buf: &mut [u8], p: &Parsed, f: &FlowL4) -> Result<(), DropReason> {
         rewrite::sctp_update_crc(buf, f.offset, p.ip_end).map_err(|_| DropReason::L4Malformed)?;
     }
     Ok(())
+}
+
+/// A source address no host can have: IPv4 "this network" (0/8), loopback,
+/// multicast or limited broadcast; IPv6 unspecified, loopback or multicast.
+#[inline]
+fn martian_source(a: &Addr16) -> bool {
+    match crate::flow::ip_from16(*a) {
+        std::net::IpAddr::V4(v) => {
+            v.octets()[0] == 0 || v.is_loopback() || v.is_multicast() || v.is_broadcast()
+        }
+        std::net::IpAddr::V6(v) => v.is_unspecified() || v.is_loopback() || v.is_multicast(),
+    }
 }
 
 /// The length of a forwarded frame: up to the end of its IP packet. Bytes

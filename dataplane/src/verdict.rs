@@ -133,4 +133,11 @@ drop_reasons! {
     /// An SCTP packet whose CRC32c is wrong, seen before a rewrite that would
     /// otherwise give it a valid one (RFC 9260 §6.8: the receiver drops it).
     SctpBadChecksum => "sctp_bad_checksum",
+    /// A frame to a frontend sent to a link-layer broadcast or multicast
+    /// address: a router does not forward it (RFC 1812 §5.3.4).
+    LinkBroadcast => "link_broadcast",
+    /// A packet to a frontend from a source no host can have (0/8, loopback,
+    /// multicast, broadcast; IPv6 unspecified, loopback, multicast): a
+    /// martian (RFC 1812 §5.3.7), dropped and never answered.
+    MartianSource => "martian_source",
 }

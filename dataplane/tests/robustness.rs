@@ -804,3 +804,51 @@ fn a_corrupt_sctp_packet_is_not_given_a_valid_crc() {
     assert_eq!(w.counters.dropped(DropReason::SctpBadChecksum), 1);
     assert_eq!(&buf[..bad.len()], &bad[..], "nothing rewritten");
 }
+
+/// A packet to a frontend from a martian source (0/8, loopback, multicast,
+/// broadcast; IPv6 unspecified, loopback, multicast), or sent to a
+/// link-layer group address, is dropped and counted, never forwarded or
+/// answered; the same packet from a real client is forwarded.
+#[test]
+fn martian_sources_and_link_broadcasts_are_dropped() {
+    let mut w = worker();
+    let mut buf = vec![0u8; BUF_LEN];
+    let mut run = |w: &mut Worker, f: &[u8]| {
+        buf[..f.len()].copy_from_slice(f);
+        w.process(NOW, table(), &mut buf, f.len())
+    };
+    for (src, vip) in [
+        (v4_to_16([0, 0, 0, 0]), VIP4),
+        (v4_to_16([0, 1, 2, 3]), VIP4),
+        (v4_to_16([127, 0, 0, 1]), VIP4),
+        (v4_to_16([224, 0, 0, 1]), VIP4),
+        (v4_to_16([255, 255, 255, 255]), VIP4),
+        ([0; 16], VIP6),
+        ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], VIP6),
+        ([0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], VIP6),
+    ] {
+        let f = client_frame(src, 40000, vip, 80, syn(), b"");
+        assert_eq!(
+            run(&mut w, &f),
+            Verdict::Drop(DropReason::MartianSource),
+            "from {}",
+            ip_from16(src)
+        );
+    }
+    assert_eq!(w.counters.dropped(DropReason::MartianSource), 8);
+
+    let good = client_frame(C4, 40000, VIP4, 80, syn(), b"");
+    let mut bcast = good.clone();
+    bcast[..6].copy_from_slice(&[0xff; 6]);
+    assert_eq!(
+        run(&mut w, &bcast),
+        Verdict::Drop(DropReason::LinkBroadcast)
+    );
+    let mut mcast = good.clone();
+    mcast[..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);
+    assert_eq!(
+        run(&mut w, &mcast),
+        Verdict::Drop(DropReason::LinkBroadcast)
+    );
+    assert!(matches!(run(&mut w, &good), Verdict::Forward { .. }));
+}
