@@ -534,15 +534,10 @@ impl Worker {
             if p.ttl <= 1 {
                 return Err(DropReason::TtlExpired);
             }
-            // A router forwards neither frames sent to a link-layer group
-            // address (RFC 1812 §5.3.4, RFC 1122 §3.2.2) nor packets from a
-            // source no host can have (RFC 1812 §5.3.7, RFC 4291), and
-            // never answers them with a reject.
+            // A router does not forward frames sent to a link-layer group
+            // address (RFC 1812 §5.3.4, RFC 1122 §3.2.2), nor answer them.
             if buf.first().is_some_and(|b| b & 1 != 0) {
                 return Err(DropReason::LinkBroadcast);
-            }
-            if martian_source(&p.src) {
-                return Err(DropReason::MartianSource);
             }
             let Some(b) = self.bind(now, table, fi, fe, p.family, &t, f.tcp_flags)? else {
                 return reject_in_place(buf, len, p, f).map(|len| Verdict::Reject { len });
@@ -773,6 +768,11 @@ impl Worker {
                 }
                 self.counters.flows_moved += 1;
             }
+        }
+        // A source no host can have (RFC 1812 §5.3.7, RFC 4291) never gets
+        // a flow, so only new flows are checked; nor is it answered.
+        if martian_source(&t.src_addr) {
+            return Err(DropReason::MartianSource);
         }
         if !table.source_allowed(fe, &t.src_addr) {
             return Err(DropReason::SourceRange);
