@@ -53,6 +53,7 @@ use clustergate_dataplane::table::{FrontendKind, Table};
 use tracing::{error, info, warn};
 
 use crate::gateway_http::{self, Status, TableStatus};
+use crate::link_watch::{self, Action, LinkWatch};
 
 /// Flags of `clustergate run`.
 #[derive(Debug, Args)]
@@ -771,9 +772,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     gateway_http::spawn(args.metrics, http)
         .with_context(|| format!("--metrics {}", args.metrics))?;
 
+    let mut links = LinkWatch::new(named);
     let outcome = manage(
         &args,
         &stop,
+        &mut links,
         &mut watcher,
         &mut steering,
         &mut resolver,
@@ -797,6 +800,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 fn manage(
     args: &RunArgs,
     stop: &AtomicBool,
+    links: &mut LinkWatch,
     watcher: &mut Watcher,
     steering: &mut Steering,
     resolver: &mut Resolver,
@@ -840,6 +844,15 @@ fn manage(
             }
         }
 
+        // A served interface that disappeared: said once, then reminded
+        // with back-off; exit when it returns (see link_watch).
+        match links.observe(Instant::now(), &link_watch::probe(links.served())) {
+            Action::None => {}
+            Action::Lost(why) => error!("{why}"),
+            Action::Remind(why) => warn!("{why}"),
+            Action::Returned(why) => return Err(InterfaceReturned(why).into()),
+        }
+
         let outcome = watcher.poll();
         report_poll(watcher, outcome);
         if let PollOutcome::Applied { .. } = outcome {
@@ -867,7 +880,8 @@ fn manage(
             }
         }
         triggered.retain(|_, t| now.duration_since(*t) < TRIGGER_EVERY * 4);
-        if refresh {
+        // While an interface is gone every refresh would fail the same way.
+        if refresh && !links.is_lost() {
             match resolver.refresh() {
                 Ok(h) => {
                     // The node's addresses may have changed with the routes.
@@ -899,6 +913,7 @@ fn manage(
             s.beat = Some(now);
             s.generation = watcher.handle().generation();
             s.applied_at = applied_at;
+            s.lost_interface = links.reason();
             s.snapshots = watcher.stats.clone();
             if let Some(t) = table_st.take() {
                 s.table = t;
@@ -910,6 +925,12 @@ fn manage(
         std::thread::sleep(poll);
     }
 }
+
+/// A lost interface returned: `main` exits with
+/// [`link_watch::EXIT_INTERFACE_RETURNED`] so that the gateway is restarted.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InterfaceReturned(String);
 
 fn report_poll(w: &Watcher, outcome: PollOutcome) {
     match outcome {

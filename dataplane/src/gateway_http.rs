@@ -48,6 +48,9 @@ pub struct Status {
     pub steer: SteerStats,
     /// Set when a worker faulted.
     pub fault: Option<String>,
+    /// Set while a served interface is gone (`/healthz` answers 503 with it;
+    /// `/livez` does not: the process is well, and exits when it returns).
+    pub lost_interface: Option<String>,
     /// What the current table holds.
     pub table: TableStatus,
 }
@@ -301,10 +304,13 @@ fn livez(server: &Server) -> (u16, String) {
 fn healthz(server: &Server) -> (u16, String) {
     let now = Instant::now();
     let mut why = unhealthy(server, now);
-    let (generation, applied) = {
+    let (generation, applied, lost) = {
         let st = server.status.lock().unwrap_or_else(PoisonError::into_inner);
-        (st.generation, st.applied_at)
+        (st.generation, st.applied_at, st.lost_interface.clone())
     };
+    if why.is_none() {
+        why = lost;
+    }
     if why.is_none() && generation == 0 {
         why = Some("no table snapshot applied yet".into());
     }

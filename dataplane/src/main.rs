@@ -14,6 +14,7 @@
 mod gateway;
 mod gateway_http;
 mod inspect;
+mod link_watch;
 mod replay;
 
 use std::fs::File;
@@ -123,7 +124,14 @@ enum Command {
 }
 
 fn main() {
-    clustergate_dataplane::cli::exit_on_error(real_main());
+    let result = real_main();
+    if let Err(e) = &result {
+        if let Some(r) = e.downcast_ref::<gateway::InterfaceReturned>() {
+            tracing::warn!("{r}");
+            std::process::exit(link_watch::EXIT_INTERFACE_RETURNED);
+        }
+    }
+    clustergate_dataplane::cli::exit_on_error(result);
 }
 
 fn real_main() -> Result<()> {
