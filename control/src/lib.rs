@@ -19,6 +19,7 @@ pub mod ip;
 pub mod kube_source;
 pub mod manifest;
 pub mod model;
+pub mod policy;
 mod show;
 
 pub use manifest::{label, parse_manifest, parse_manifest_strict, ManifestError, Objects, Skipped};
