@@ -304,8 +304,7 @@ fn sorted_objects(
         services,
         slices,
         nodes,
-        skipped: Vec::new(),
-        errors: Vec::new(),
+        ..Objects::default()
     }
 }
 

@@ -5,9 +5,10 @@
 //! `kind` is `List`, or any `…List` with `items`), or several documents
 //! separated by `---`, or a single object. Empty documents are fine.
 //!
-//! Only `v1` `Service`, `discovery.k8s.io/v1` `EndpointSlice` and `v1` `Node`
-//! objects are kept; every other object is listed in [`Objects::skipped`] with
-//! a reason.
+//! Only `v1` `Service`, `discovery.k8s.io/v1` `EndpointSlice`, `v1` `Node`,
+//! and, for NetworkPolicy, `v1` `Pod`, `v1` `Namespace` and
+//! `networking.k8s.io/v1` `NetworkPolicy` objects are kept; every other
+//! object is listed in [`Objects::skipped`] with a reason.
 //! Unknown fields (status, managedFields, …) are ignored, as k8s-openapi does.
 //!
 //! Refused (a [`ManifestError::Syntax`]): text that is not YAML. Skipped, one
@@ -21,12 +22,16 @@
 //!
 //! Must never: panic on any input.
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_norway::Value;
 use thiserror::Error;
+
+/// The kinds a manifest may hold, for messages.
+pub const READ_KINDS: &str = "Service, EndpointSlice, Node, Pod, Namespace and NetworkPolicy";
 
 /// The namespace of an object whose `metadata.namespace` is absent (as
 /// `kubectl apply` would put it, without `-n`).
@@ -114,6 +119,12 @@ pub struct Objects {
     /// `v1` Nodes (for `internalTrafficPolicy: Local`: their pod CIDRs and
     /// addresses say which node a client is on).
     pub nodes: Vec<Node>,
+    /// `v1` Pods (NetworkPolicy: labels, addresses, named ports).
+    pub pods: Vec<Pod>,
+    /// `v1` Namespaces (NetworkPolicy: their labels).
+    pub namespaces: Vec<Namespace>,
+    /// `networking.k8s.io/v1` NetworkPolicies.
+    pub policies: Vec<NetworkPolicy>,
     /// Objects of other kinds or versions, and objects that cannot be read.
     pub skipped: Vec<Skipped>,
     /// Why objects could not be read (each is also in `skipped`), in
@@ -291,12 +302,25 @@ fn collect(value: Value, place: &str, out: &mut Objects) -> Result<(), ManifestE
             let node: Node = typed_as(&value, &kind, place, false)?;
             out.nodes.push(node);
         }
-        (_, "Service" | "EndpointSlice" | "Node") => {
-            let object = named(kind != "Node").unwrap_or_else(|| format!("{kind} ({place})"));
-            let want = if kind == "EndpointSlice" {
-                "discovery.k8s.io/v1"
-            } else {
-                "v1"
+        ("v1", "Pod") => {
+            let pod: Pod = typed(&value, &kind, place)?;
+            out.pods.push(pod);
+        }
+        ("v1", "Namespace") => {
+            let ns: Namespace = typed_as(&value, &kind, place, false)?;
+            out.namespaces.push(ns);
+        }
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            let np: NetworkPolicy = typed(&value, &kind, place)?;
+            out.policies.push(np);
+        }
+        (_, "Service" | "EndpointSlice" | "Node" | "Pod" | "Namespace" | "NetworkPolicy") => {
+            let cluster_scoped = matches!(kind.as_str(), "Node" | "Namespace");
+            let object = named(!cluster_scoped).unwrap_or_else(|| format!("{kind} ({place})"));
+            let want = match kind.as_str() {
+                "EndpointSlice" => "discovery.k8s.io/v1",
+                "NetworkPolicy" => "networking.k8s.io/v1",
+                _ => "v1",
             };
             out.skipped.push(Skipped::new(
                 object,
@@ -309,9 +333,7 @@ fn collect(value: Value, place: &str, out: &mut Objects) -> Result<(), ManifestE
             out.skipped.push(Skipped::new(
                 object,
                 label::UNSUPPORTED,
-                format!(
-                    "kind {kind} ({api_version}) is not read (clustergate reads Service, EndpointSlice and Node)"
-                ),
+                format!("kind {kind} ({api_version}) is not read (clustergate reads {READ_KINDS})"),
             ));
         }
     }

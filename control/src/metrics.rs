@@ -411,9 +411,7 @@ mod tests {
         let mut objects = Objects {
             services: vec![Service::default()],
             slices: vec![slice("a", None), slice("b", None)],
-            nodes: Vec::new(),
-            skipped: Vec::new(),
-            errors: Vec::new(),
+            ..Objects::default()
         };
         assert_eq!(tracker.observe(&objects), (1, 2));
         assert_eq!(tracker.observe(&objects), (0, 0));

@@ -268,7 +268,7 @@ fn expected_fixture_frontends() -> Value {
 
 fn expected_fixture_skipped() -> Value {
     let not_read = |kind: &str| {
-        format!("kind {kind} (v1) is not read (clustergate reads Service, EndpointSlice and Node)")
+        format!("kind {kind} (v1) is not read (clustergate reads Service, EndpointSlice, Node, Pod, Namespace and NetworkPolicy)")
     };
     json!([
         {"object": "ConfigMap default/settings", "reason": not_read("ConfigMap"), "label": "unsupported"},
@@ -286,7 +286,6 @@ fn expected_fixture_skipped() -> Value {
         {"object": "EndpointSlice default/theirs-1", "reason": "its Service default/theirs is skipped",
          "label": "no_service"},
         {"object": "Endpoints default/web", "reason": not_read("Endpoints"), "label": "unsupported"},
-        {"object": "Namespace shop", "reason": not_read("Namespace"), "label": "unsupported"},
         {"object": "Service default/alias", "reason": "type ExternalName: a DNS alias, not proxied",
          "label": "not_proxied"},
         {"object": "Service default/headless", "reason": "headless (clusterIP None): not proxied",
@@ -677,7 +676,7 @@ fn unknown_kinds_and_versions_are_skipped() {
         [
             (
                 "Deployment shop/web".to_owned(),
-                "kind Deployment (apps/v1) is not read (clustergate reads Service, EndpointSlice and Node)".to_owned()
+                "kind Deployment (apps/v1) is not read (clustergate reads Service, EndpointSlice, Node, Pod, Namespace and NetworkPolicy)".to_owned()
             ),
             (
                 "EndpointSlice shop/old".to_owned(),
@@ -685,7 +684,7 @@ fn unknown_kinds_and_versions_are_skipped() {
             ),
             (
                 "PersistentVolume node-a".to_owned(),
-                "kind PersistentVolume (v1) is not read (clustergate reads Service, EndpointSlice and Node)".to_owned()
+                "kind PersistentVolume (v1) is not read (clustergate reads Service, EndpointSlice, Node, Pod, Namespace and NetworkPolicy)".to_owned()
             ),
         ]
     );
