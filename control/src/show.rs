@@ -249,6 +249,7 @@ impl Model {
                 .flat_map(|n| n.prefixes.iter().map(move |p| (*p, n.number)))
                 .collect(),
             node_port_addresses: self.node_port_addresses.clone(),
+            policy: Default::default(),
         }
     }
 

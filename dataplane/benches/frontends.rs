@@ -82,6 +82,7 @@ fn table(node_ports: bool) -> Table {
         services,
         nodes: Vec::new(),
         node_port_addresses: vec!["0.0.0.0/0".parse().expect("cidr")],
+        policy: Default::default(),
     };
     Table::build_full(1, 0, &spec, 65_537).expect("bench table")
 }

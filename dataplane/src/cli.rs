@@ -60,7 +60,7 @@ pub fn long_version() -> &'static str {
         env!("CARGO_PKG_VERSION"),
         "\ncommit: ",
         env!("CLUSTERGATE_GIT_COMMIT"),
-        "\nsnapshot ABI: 5",
+        "\nsnapshot ABI: 6",
         "\nflow hash: 1 (xxh3-64)",
     )
 }

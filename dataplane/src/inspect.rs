@@ -8,7 +8,7 @@
 //! ([`services`], [`flows`], [`summary`]), and the command's side: one GET
 //! to the gateway ([`get`]) and the table rendering.
 //!
-//! Names: the snapshot (ABI 5) carries each frontend's name as control
+//! Names: the snapshot (ABI 5 and later) carries each frontend's name as control
 //! wrote it, `ns/name` or `ns/name:port-name` ([`Table::frontend_name`]);
 //! the documents split it into `service` and `port_name` (both `null` for a
 //! frontend without a name). `--service` takes a Service (`NS/NAME`) or a

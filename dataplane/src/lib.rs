@@ -15,6 +15,7 @@
 //! - [`conntrack`]: the shared connection and affinity tables.
 //! - [`snat`]: the gateway's side of the return paths: SNAT ports, their
 //!   split between workers, and the source address of a flow.
+//! - [`policy`]: NetworkPolicy as compiled by control, one lookup per new flow.
 //! - [`pipeline`]: `process(now, frame) -> Verdict`, per-core counters.
 //! - [`io`]: the gateway's I/O layer (AF_XDP, the XDP steering program,
 //!   netlink next hops). The only module that makes syscalls.
@@ -27,6 +28,7 @@ pub mod io;
 pub mod maglev;
 pub mod packet;
 pub mod pipeline;
+pub mod policy;
 pub mod prefetch;
 pub mod snapshot;
 pub mod snat;

@@ -56,6 +56,7 @@ use memmap2::Mmap;
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::policy::{PolicyBackendRecord, PolicyClassRecord, PolicyEntryRecord, PolicyParts};
 use crate::table::{
     BackendRecord, FrontendRecord, LocalRecord, PrefixRecord, Table, TableError, TableParts,
     FRONTEND_FLAGS,
@@ -65,12 +66,12 @@ use crate::table::{
 pub const MAGIC: [u8; 8] = *b"CGSNAP\0\0";
 /// The layout version. Any change to the layout, the checksum or the flow hash
 /// bumps it; readers refuse every other version.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 /// Flow-hash function identifier: XXH3-64 (xxHash 0.8), as defined in
 /// `docs/architecture.md`, "Flow hash (ABI)". The only one known.
 pub const HASH_XXH3_64: u32 = 1;
 /// Size of the [`Header`] in bytes.
-pub const HEADER_LEN: usize = 224;
+pub const HEADER_LEN: usize = 288;
 /// Size of one [`FrontendRecord`] in the file.
 pub const FRONTEND_RECORD_LEN: usize = 64;
 /// Size of one [`BackendRecord`] in the file.
@@ -84,6 +85,12 @@ pub const PREFIX_RECORD_LEN: usize = 24;
 pub const LOCAL_RECORD_LEN: usize = 16;
 /// Size of one name offset (`u32`) in the file.
 pub const NAME_OFFSET_LEN: usize = 4;
+/// Bytes per policy class record ([`PolicyClassRecord`]).
+pub const POLICY_CLASS_RECORD_LEN: usize = 8;
+/// Bytes per policy backend record ([`PolicyBackendRecord`]).
+pub const POLICY_BACKEND_RECORD_LEN: usize = 32;
+/// Bytes per policy entry record ([`PolicyEntryRecord`]).
+pub const POLICY_ENTRY_RECORD_LEN: usize = 16;
 /// Every section starts at a multiple of this many bytes from the file start.
 pub const SECTION_ALIGN: u64 = 8;
 /// Largest snapshot file a reader maps (4 GiB).
@@ -169,7 +176,24 @@ pub struct Header {
     pub names_off: u64,
     /// Length of the names in bytes.
     pub names_len: u64,
-    /// XXH3-64 (seed 0) of header bytes `0..216` (everything before this field).
+    /// Offset of the policy client prefixes (prefix records; `node` holds
+    /// the class).
+    pub policy_prefixes_off: u64,
+    /// Number of policy client prefixes.
+    pub policy_prefixes_count: u64,
+    /// Offset of the policy classes.
+    pub policy_classes_off: u64,
+    /// Number of policy classes (0: no NetworkPolicy, all allowed).
+    pub policy_classes_count: u64,
+    /// Offset of the policy backends.
+    pub policy_backends_off: u64,
+    /// Number of policy backends.
+    pub policy_backends_count: u64,
+    /// Offset of the policy entries.
+    pub policy_entries_off: u64,
+    /// Number of policy entries.
+    pub policy_entries_count: u64,
+    /// XXH3-64 (seed 0) of header bytes `0..280` (everything before this field).
     pub header_checksum: u64,
 }
 
@@ -208,7 +232,15 @@ const _: () = {
     assert!(offset_of!(Header, name_offsets_count) == 192);
     assert!(offset_of!(Header, names_off) == 200);
     assert!(offset_of!(Header, names_len) == 208);
-    assert!(offset_of!(Header, header_checksum) == 216);
+    assert!(offset_of!(Header, policy_prefixes_off) == 216);
+    assert!(offset_of!(Header, policy_prefixes_count) == 224);
+    assert!(offset_of!(Header, policy_classes_off) == 232);
+    assert!(offset_of!(Header, policy_classes_count) == 240);
+    assert!(offset_of!(Header, policy_backends_off) == 248);
+    assert!(offset_of!(Header, policy_backends_count) == 256);
+    assert!(offset_of!(Header, policy_entries_off) == 264);
+    assert!(offset_of!(Header, policy_entries_count) == 272);
+    assert!(offset_of!(Header, header_checksum) == 280);
 
     assert!(size_of::<FrontendRecord>() == FRONTEND_RECORD_LEN);
     assert!(offset_of!(FrontendRecord, addr) == 0);
@@ -247,6 +279,9 @@ const _: () = {
     assert!(offset_of!(LocalRecord, ring_len) == 8);
     assert!(offset_of!(LocalRecord, reserved) == 12);
 
+    assert!(size_of::<PolicyClassRecord>() == POLICY_CLASS_RECORD_LEN);
+    assert!(size_of::<PolicyBackendRecord>() == POLICY_BACKEND_RECORD_LEN);
+    assert!(size_of::<PolicyEntryRecord>() == POLICY_ENTRY_RECORD_LEN);
     assert!(size_of::<u16>() == RING_SLOT_LEN);
     assert!(size_of::<u32>() == NAME_OFFSET_LEN);
     // Sections laid out back to back stay aligned.
@@ -318,6 +353,14 @@ impl Header {
             name_offsets_count: get_u64(b, offset_of!(Self, name_offsets_count)),
             names_off: get_u64(b, offset_of!(Self, names_off)),
             names_len: get_u64(b, offset_of!(Self, names_len)),
+            policy_prefixes_off: get_u64(b, offset_of!(Self, policy_prefixes_off)),
+            policy_prefixes_count: get_u64(b, offset_of!(Self, policy_prefixes_count)),
+            policy_classes_off: get_u64(b, offset_of!(Self, policy_classes_off)),
+            policy_classes_count: get_u64(b, offset_of!(Self, policy_classes_count)),
+            policy_backends_off: get_u64(b, offset_of!(Self, policy_backends_off)),
+            policy_backends_count: get_u64(b, offset_of!(Self, policy_backends_count)),
+            policy_entries_off: get_u64(b, offset_of!(Self, policy_entries_off)),
+            policy_entries_count: get_u64(b, offset_of!(Self, policy_entries_count)),
             header_checksum: get_u64(b, offset_of!(Self, header_checksum)),
         }
     }
@@ -383,6 +426,38 @@ impl Header {
             ),
             (offset_of!(Self, names_off), self.names_off),
             (offset_of!(Self, names_len), self.names_len),
+            (
+                offset_of!(Self, policy_prefixes_off),
+                self.policy_prefixes_off,
+            ),
+            (
+                offset_of!(Self, policy_prefixes_count),
+                self.policy_prefixes_count,
+            ),
+            (
+                offset_of!(Self, policy_classes_off),
+                self.policy_classes_off,
+            ),
+            (
+                offset_of!(Self, policy_classes_count),
+                self.policy_classes_count,
+            ),
+            (
+                offset_of!(Self, policy_backends_off),
+                self.policy_backends_off,
+            ),
+            (
+                offset_of!(Self, policy_backends_count),
+                self.policy_backends_count,
+            ),
+            (
+                offset_of!(Self, policy_entries_off),
+                self.policy_entries_off,
+            ),
+            (
+                offset_of!(Self, policy_entries_count),
+                self.policy_entries_count,
+            ),
             (offset_of!(Self, header_checksum), self.header_checksum),
         ] {
             put(&mut b, at, &v.to_le_bytes());
@@ -776,6 +851,7 @@ pub fn encode(table: &Table) -> Vec<u8> {
     let np_prefixes = table.node_port_prefix_records();
     let name_offsets = table.name_offsets();
     let names = table.names().as_bytes();
+    let pol = table.policy().parts();
     let mut at = HEADER_LEN;
     let frontends_off = place(&mut at, frontends.len(), FRONTEND_RECORD_LEN);
     let backends_off = place(&mut at, backends.len(), BACKEND_RECORD_LEN);
@@ -785,6 +861,10 @@ pub fn encode(table: &Table) -> Vec<u8> {
     let node_prefixes_off = place(&mut at, node_prefixes.len(), PREFIX_RECORD_LEN);
     let np_prefixes_off = place(&mut at, np_prefixes.len(), PREFIX_RECORD_LEN);
     let name_offsets_off = place(&mut at, name_offsets.len(), NAME_OFFSET_LEN);
+    let pol_prefixes_off = place(&mut at, pol.prefixes.len(), PREFIX_RECORD_LEN);
+    let pol_classes_off = place(&mut at, pol.classes.len(), POLICY_CLASS_RECORD_LEN);
+    let pol_backends_off = place(&mut at, pol.backends.len(), POLICY_BACKEND_RECORD_LEN);
+    let pol_entries_off = place(&mut at, pol.entries.len(), POLICY_ENTRY_RECORD_LEN);
     let names_off = place(&mut at, names.len(), 1);
     let file_len = at;
     let mut out = vec![0u8; file_len];
@@ -850,6 +930,47 @@ pub fn encode(table: &Table) -> Vec<u8> {
         c.copy_from_slice(&o.to_le_bytes());
     }
     out[names_off..names_off + names.len()].copy_from_slice(names);
+    put_prefixes(&mut out[pol_prefixes_off..], &pol.prefixes);
+    let chunks = out[pol_classes_off..].chunks_exact_mut(POLICY_CLASS_RECORD_LEN);
+    for (c, r) in chunks.zip(&pol.classes) {
+        put(
+            c,
+            offset_of!(PolicyClassRecord, flags),
+            &r.flags.to_le_bytes(),
+        );
+        put(
+            c,
+            offset_of!(PolicyClassRecord, reserved),
+            &r.reserved.to_le_bytes(),
+        );
+    }
+    let chunks = out[pol_backends_off..].chunks_exact_mut(POLICY_BACKEND_RECORD_LEN);
+    for (c, r) in chunks.zip(&pol.backends) {
+        put(c, offset_of!(PolicyBackendRecord, addr), &r.addr);
+        for (at, v) in [
+            (
+                offset_of!(PolicyBackendRecord, entries_start),
+                r.entries_start,
+            ),
+            (offset_of!(PolicyBackendRecord, entries_len), r.entries_len),
+            (offset_of!(PolicyBackendRecord, flags), r.flags),
+            (offset_of!(PolicyBackendRecord, reserved), r.reserved),
+        ] {
+            put(c, at, &v.to_le_bytes());
+        }
+    }
+    let chunks = out[pol_entries_off..].chunks_exact_mut(POLICY_ENTRY_RECORD_LEN);
+    for (c, r) in chunks.zip(&pol.entries) {
+        put(
+            c,
+            offset_of!(PolicyEntryRecord, class),
+            &r.class.to_le_bytes(),
+        );
+        put(c, offset_of!(PolicyEntryRecord, lo), &r.lo.to_le_bytes());
+        put(c, offset_of!(PolicyEntryRecord, hi), &r.hi.to_le_bytes());
+        put(c, offset_of!(PolicyEntryRecord, proto), &[r.proto]);
+        put(c, offset_of!(PolicyEntryRecord, reserved), &r.reserved);
+    }
 
     let mut header = Header {
         magic: MAGIC,
@@ -883,6 +1004,14 @@ pub fn encode(table: &Table) -> Vec<u8> {
         name_offsets_count: name_offsets.len() as u64,
         names_off: names_off as u64,
         names_len: names.len() as u64,
+        policy_prefixes_off: pol_prefixes_off as u64,
+        policy_prefixes_count: pol.prefixes.len() as u64,
+        policy_classes_off: pol_classes_off as u64,
+        policy_classes_count: pol.classes.len() as u64,
+        policy_backends_off: pol_backends_off as u64,
+        policy_backends_count: pol.backends.len() as u64,
+        policy_entries_off: pol_entries_off as u64,
+        policy_entries_count: pol.entries.len() as u64,
         header_checksum: 0,
     };
     header.header_checksum = header.compute_checksum();
@@ -1044,6 +1173,34 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
             len,
         )?,
         section("names", h.names_off, h.names_len, 1, len)?,
+        section(
+            "policy_prefixes",
+            h.policy_prefixes_off,
+            h.policy_prefixes_count,
+            PREFIX_RECORD_LEN,
+            len,
+        )?,
+        section(
+            "policy_classes",
+            h.policy_classes_off,
+            h.policy_classes_count,
+            POLICY_CLASS_RECORD_LEN,
+            len,
+        )?,
+        section(
+            "policy_backends",
+            h.policy_backends_off,
+            h.policy_backends_count,
+            POLICY_BACKEND_RECORD_LEN,
+            len,
+        )?,
+        section(
+            "policy_entries",
+            h.policy_entries_off,
+            h.policy_entries_count,
+            POLICY_ENTRY_RECORD_LEN,
+            len,
+        )?,
     ];
     for (i, a) in sections.iter().enumerate() {
         for b in &sections[i + 1..] {
@@ -1067,7 +1224,7 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
         });
     }
     // In bounds: checked above against len == bytes.len().
-    let [fs, bs, rs, gs, ls, ns, ps, os, names] =
+    let [fs, bs, rs, gs, ls, ns, ps, os, names, pps, pcs, pbs, pes] =
         sections.map(|s| &bytes[s.start as usize..s.end as usize]);
 
     let mut frontends = Vec::with_capacity(fs.len() / FRONTEND_RECORD_LEN);
@@ -1149,6 +1306,36 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
         .chunks_exact(NAME_OFFSET_LEN)
         .map(|c| get_u32(c, 0))
         .collect();
+    let policy = PolicyParts {
+        prefixes: get_prefixes("policy_prefixes", pps)?,
+        classes: pcs
+            .chunks_exact(POLICY_CLASS_RECORD_LEN)
+            .map(|c| PolicyClassRecord {
+                flags: get_u32(c, offset_of!(PolicyClassRecord, flags)),
+                reserved: get_u32(c, offset_of!(PolicyClassRecord, reserved)),
+            })
+            .collect(),
+        backends: pbs
+            .chunks_exact(POLICY_BACKEND_RECORD_LEN)
+            .map(|c| PolicyBackendRecord {
+                addr: get(c, offset_of!(PolicyBackendRecord, addr)),
+                entries_start: get_u32(c, offset_of!(PolicyBackendRecord, entries_start)),
+                entries_len: get_u32(c, offset_of!(PolicyBackendRecord, entries_len)),
+                flags: get_u32(c, offset_of!(PolicyBackendRecord, flags)),
+                reserved: get_u32(c, offset_of!(PolicyBackendRecord, reserved)),
+            })
+            .collect(),
+        entries: pes
+            .chunks_exact(POLICY_ENTRY_RECORD_LEN)
+            .map(|c| PolicyEntryRecord {
+                class: get_u32(c, offset_of!(PolicyEntryRecord, class)),
+                lo: get_u16(c, offset_of!(PolicyEntryRecord, lo)),
+                hi: get_u16(c, offset_of!(PolicyEntryRecord, hi)),
+                proto: c[offset_of!(PolicyEntryRecord, proto)],
+                reserved: get(c, offset_of!(PolicyEntryRecord, reserved)),
+            })
+            .collect(),
+    };
     Ok(Table::assemble(
         h.generation,
         h.hash_seed,
@@ -1162,6 +1349,7 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
             node_port_prefixes,
             name_offsets,
             names: names.to_vec(),
+            policy,
         },
     )?)
 }
@@ -1805,6 +1993,7 @@ mod tests {
                 (net("2001:2:0:1::/64"), 2),
             ],
             node_port_addresses: vec![net("198.18.0.0/16"), net("2001:2::/48")],
+            policy: Default::default(),
         };
         Table::build_full(9, 0x0102_0304_0506_0708, &spec, 1031).unwrap()
     }
@@ -1814,8 +2003,8 @@ mod tests {
         let t = small();
         let b = encode(&t);
         assert_eq!(&b[0..8], b"CGSNAP\0\0");
-        assert_eq!(b[8..12], 5u32.to_le_bytes());
-        assert_eq!(b[12..16], 224u32.to_le_bytes());
+        assert_eq!(b[8..12], 6u32.to_le_bytes());
+        assert_eq!(b[12..16], 288u32.to_le_bytes());
         assert_eq!(b[16..24], 7u64.to_le_bytes());
         assert_eq!(b[24..32], 0x1122_3344_5566_7788u64.to_le_bytes());
         assert_eq!(b[32..36], 1u32.to_le_bytes());
@@ -1823,20 +2012,20 @@ mod tests {
         assert_eq!(b[40..44], 24u32.to_le_bytes());
         assert_eq!(b[44..48], 2u32.to_le_bytes());
         let ring = t.ring_slots().len() as u64;
-        // Frontend at 224, backend at 288, ring at 312, then padding to 8.
-        let ring_end = 312 + RING_SLOT_LEN as u64 * ring;
+        // Frontend at 288, backend at 352, ring at 376, then padding to 8.
+        let ring_end = 376 + RING_SLOT_LEN as u64 * ring;
         let empty_at = ring_end.next_multiple_of(8);
         // Then two name offsets (8 bytes) and the 16 bytes of the name.
         let names_at = empty_at + 8;
         let len = names_at + 16;
         assert_eq!(b.len() as u64, len);
         assert_eq!(b[48..56], len.to_le_bytes());
-        assert_eq!(b[56..64], xxh3_64(&b[224..]).to_le_bytes());
-        assert_eq!(b[64..72], 224u64.to_le_bytes());
+        assert_eq!(b[56..64], xxh3_64(&b[288..]).to_le_bytes());
+        assert_eq!(b[64..72], 288u64.to_le_bytes());
         assert_eq!(b[72..80], 1u64.to_le_bytes());
-        assert_eq!(b[80..88], 288u64.to_le_bytes());
+        assert_eq!(b[80..88], 352u64.to_le_bytes());
         assert_eq!(b[88..96], 1u64.to_le_bytes());
-        assert_eq!(b[96..104], 312u64.to_le_bytes());
+        assert_eq!(b[96..104], 376u64.to_le_bytes());
         assert_eq!(b[104..112], ring.to_le_bytes());
         assert_eq!(b[112..116], 24u32.to_le_bytes());
         assert_eq!(b[116..120], 16u32.to_le_bytes());
@@ -1850,14 +2039,19 @@ mod tests {
         assert_eq!(b[192..200], 2u64.to_le_bytes());
         assert_eq!(b[200..208], names_at.to_le_bytes());
         assert_eq!(b[208..216], 16u64.to_le_bytes());
-        assert_eq!(b[216..224], xxh3_64(&b[..216]).to_le_bytes());
+        // The four policy sections of ABI 6: empty, after the name offsets.
+        for at in [216, 232, 248, 264] {
+            assert_eq!(b[at..at + 8], names_at.to_le_bytes(), "offset at {at}");
+            assert_eq!(b[at + 8..at + 16], [0; 8], "count at {}", at + 8);
+        }
+        assert_eq!(b[280..288], xxh3_64(&b[..280]).to_le_bytes());
         // The frontend record: address, then port 80 little-endian, TCP.
-        assert_eq!(b[224 + 12..224 + 16], [198, 19, 0, 10]);
-        assert_eq!(b[224 + 16..224 + 20], [80, 0, 6, 0]);
-        assert_eq!(b[224 + 48..224 + 64], [0; 16], "no ranges, no locals");
+        assert_eq!(b[288 + 12..288 + 16], [198, 19, 0, 10]);
+        assert_eq!(b[288 + 16..288 + 20], [80, 0, 6, 0]);
+        assert_eq!(b[288 + 48..288 + 64], [0; 16], "no ranges, no locals");
         // The backend: port 8080 little-endian, weight 1.
-        assert_eq!(b[288 + 16..288 + 18], 8080u16.to_le_bytes());
-        assert_eq!(b[288 + 20..288 + 24], 1u32.to_le_bytes());
+        assert_eq!(b[352 + 16..352 + 18], 8080u16.to_le_bytes());
+        assert_eq!(b[352 + 20..352 + 24], 1u32.to_le_bytes());
         assert!(
             b[ring_end as usize..empty_at as usize]
                 .iter()
@@ -2348,13 +2542,13 @@ mod tests {
         let b = encode(&small());
         assert_eq!(
             decode(&b[..10]).unwrap_err().to_string(),
-            "truncated: 10 bytes, header needs 224"
+            "truncated: 10 bytes, header needs 288"
         );
         let mut v = b.clone();
         v[8] = 2;
         assert_eq!(
             decode(&v).unwrap_err().to_string(),
-            "ABI version 2, expected 5"
+            "ABI version 2, expected 6"
         );
         let mut v = b.clone();
         let last = v.len() - 1;
@@ -2364,10 +2558,10 @@ mod tests {
             .to_string()
             .starts_with("body checksum 0x"));
         let mut v = b.clone();
-        v.truncate(240);
+        v.truncate(300);
         assert_eq!(
             decode(&v).unwrap_err().to_string(),
-            format!("truncated: 240 bytes, header says the file has {}", b.len())
+            format!("truncated: 300 bytes, header says the file has {}", b.len())
         );
     }
 }

@@ -23,6 +23,7 @@ use thiserror::Error;
 
 use crate::flow::{addr16, client_hash, flow_hash, ip_from16, Addr16, FlowTuple, Proto};
 use crate::maglev::{build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE};
+use crate::policy::{PolicyParts, PolicyTable};
 
 /// Backends one frontend can have: ring slots are two-byte indices.
 pub const MAX_BACKENDS_PER_FRONTEND: usize = 1 << 16;
@@ -224,7 +225,7 @@ pub struct LocalRecord {
 
 /// Is `a` an IPv4 address in canonical form (`::ffff:a.b.c.d`)?
 #[inline]
-fn is_v4_mapped(a: &Addr16) -> bool {
+pub(crate) fn is_v4_mapped(a: &Addr16) -> bool {
     a[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
 }
 
@@ -239,7 +240,7 @@ fn max_len(a: &Addr16) -> u8 {
 
 /// `a` with every bit after the first `bits` cleared.
 #[inline]
-fn masked(a: &Addr16, bits: u8) -> Addr16 {
+pub(crate) fn masked(a: &Addr16, bits: u8) -> Addr16 {
     let bits = u32::from(bits.min(128));
     let v = u128::from_be_bytes(*a);
     let m = if bits == 0 {
@@ -406,6 +407,8 @@ pub struct TableSpec {
     /// `--nodeport-addresses`: node-port frontends are served on the node's
     /// addresses within these (`0.0.0.0/0` and `::/0`: on every one).
     pub node_port_addresses: Vec<IpNet>,
+    /// NetworkPolicy, compiled by control (empty: no policy, all allowed).
+    pub policy: PolicyParts,
 }
 
 /// Why a table could not be built or accepted.
@@ -469,6 +472,9 @@ pub enum TableError {
         /// What is wrong.
         what: String,
     },
+    /// The compiled NetworkPolicy is refused.
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     /// The Maglev builder refused the backends.
     #[error("frontend {frontend}: {source}")]
     Maglev {
@@ -505,6 +511,8 @@ pub struct Table {
     /// Frontend `i`'s name is `names[name_offsets[i]..name_offsets[i + 1]]`;
     /// empty when no frontend has a name.
     name_offsets: Box<[u32]>,
+    /// NetworkPolicy (empty: none).
+    policy: PolicyTable,
 }
 
 /// The arrays of a [`Table`], as a snapshot carries them; see
@@ -531,6 +539,8 @@ pub struct TableParts {
     pub name_offsets: Vec<u32>,
     /// The names, UTF-8, back to back.
     pub names: Vec<u8>,
+    /// NetworkPolicy, compiled (empty: none).
+    pub policy: PolicyParts,
 }
 
 /// A frontend index entry: the key inline, so a lookup reads one bucket.
@@ -544,7 +554,7 @@ struct IndexSlot {
 
 /// Checks a prefix record: length within its family, host bits zero,
 /// reserved bytes zero.
-fn check_prefix(p: &PrefixRecord) -> Result<(), String> {
+pub(crate) fn check_prefix(p: &PrefixRecord) -> Result<(), String> {
     let max = max_len(&p.addr);
     if p.len > max {
         return Err(format!(
@@ -857,6 +867,7 @@ impl Table {
             .iter()
             .map(|net| PrefixRecord::new(*net, 0))
             .collect();
+        parts.policy = spec.policy.clone();
         Self::assemble(generation, hash_seed, parts)
     }
 
@@ -905,8 +916,10 @@ impl Table {
             node_port_prefixes,
             name_offsets,
             names,
+            policy,
         } = parts;
         let names = check_names(frontends.len(), &name_offsets, names)?;
+        let policy = PolicyTable::assemble(policy)?;
         let bad = |index: usize, what: String| TableError::BadFrontend { index, what };
         for (section, list, names_nodes) in [
             ("source range", &source_ranges, false),
@@ -1127,7 +1140,15 @@ impl Table {
             node_lens,
             names,
             name_offsets: name_offsets.into_boxed_slice(),
+            policy,
         })
+    }
+
+    /// The compiled NetworkPolicy (empty: none, everything allowed).
+    #[inline]
+    #[must_use]
+    pub fn policy(&self) -> &PolicyTable {
+        &self.policy
     }
 
     /// The generation this table was published as.
@@ -1637,6 +1658,7 @@ mod tests {
             node_port_prefixes: t.node_port_prefixes.clone(),
             name_offsets: t.name_offsets.to_vec(),
             names: t.names.as_bytes().to_vec(),
+            policy: Default::default(),
         }
     }
 
@@ -1662,6 +1684,7 @@ mod tests {
                 net("198.18.7.7/32"),
                 net("2001:2::/48"),
             ],
+            policy: Default::default(),
         });
         assert!(t.has_node_ports());
         let a = |s: &str| addr16(ip(s));
@@ -1705,6 +1728,7 @@ mod tests {
             services: vec![svc("198.19.0.10", 30080, &["198.18.1.1"])],
             nodes: vec![],
             node_port_addresses: vec![net("0.0.0.0/0")],
+            policy: Default::default(),
         });
         assert!(!t.has_node_ports());
         assert_eq!(t.node_port(&a("198.18.0.11"), 30080, Proto::Tcp), None);
@@ -1781,6 +1805,7 @@ mod tests {
                 (net("2001:2:0:5::7/128"), 6),
             ],
             node_port_addresses: vec![],
+            policy: Default::default(),
         });
         let n = |s: &str| t.client_node(&addr16(ip(s)));
         assert_eq!(n("198.18.5.7"), Some(3));
@@ -1852,6 +1877,7 @@ mod tests {
                 (net("198.18.67.0/24"), 4),
             ],
             node_port_addresses: vec![],
+            policy: Default::default(),
         }
     }
 

@@ -129,6 +129,7 @@ fn spec(rp: ReturnPath, lb_ranges: &[&str]) -> TableSpec {
             (net("198.18.66.0/24"), 3),
         ],
         node_port_addresses: vec![net("198.18.0.0/24"), net("2001:2::/64")],
+        policy: Default::default(),
     }
 }
 

@@ -453,6 +453,7 @@ fn every_kind_table() -> Table {
             (net("198.18.65.0/24"), 2),
         ],
         node_port_addresses: vec![net("198.18.0.0/24")],
+        policy: Default::default(),
     };
     Table::build_full(
         11,

@@ -192,6 +192,7 @@ fn table(g: u64) -> Table {
             (net("2001:db8:ff::/64"), 2),
         ],
         node_port_addresses: vec![net("198.18.0.0/16"), net("2001:db8::/32")],
+        policy: Default::default(),
     };
     Table::build_full(g, 0x5eed_0000 + g, &spec, DEFAULT_MAX_RING_SIZE).unwrap()
 }
@@ -967,16 +968,16 @@ fn restarts_of_either_side_pick_up_where_they_were() {
 fn error_messages_say_what_failed() {
     let good = encode(&small_table(1));
     let msg = |b: &[u8]| decode(b).unwrap_err().to_string();
-    assert_eq!(msg(&good[..10]), "truncated: 10 bytes, header needs 224");
+    assert_eq!(msg(&good[..10]), "truncated: 10 bytes, header needs 288");
     let b = with_header(good.clone(), |h| h.abi_version = 2);
-    assert_eq!(msg(&b), "ABI version 2, expected 5");
+    assert_eq!(msg(&b), "ABI version 2, expected 6");
     let mut b = with_header(good.clone(), |h| h.frontends_count = 100);
     seal(&mut b);
     assert_eq!(
         msg(&b),
         format!(
-            "frontends section 224..{} lies outside the body 224..{}",
-            224 + 100 * 64,
+            "frontends section 288..{} lies outside the body 288..{}",
+            288 + 100 * 64,
             good.len()
         )
     );

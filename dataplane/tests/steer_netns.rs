@@ -1255,6 +1255,7 @@ fn steer_node_ports() {
                 .iter()
                 .map(|n| n.parse().unwrap())
                 .collect(),
+            policy: Default::default(),
         };
         Table::build_full(generation, 1, &spec, 65_537).unwrap()
     };

@@ -1256,6 +1256,7 @@ mod tests {
             ],
             nodes: vec![],
             node_port_addresses: node_port_addresses.iter().map(|n| net(n)).collect(),
+            policy: Default::default(),
         };
         Table::build_full(1, 7, &spec, crate::maglev::DEFAULT_MAX_RING_SIZE).unwrap()
     }
