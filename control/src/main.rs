@@ -287,6 +287,14 @@ enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Explain NetworkPolicy instead: may this client address open
+        /// connections to the Service of `--policy-to`, backend by backend?
+        #[arg(long, requires = "policy_to")]
+        policy_from: Option<IpAddr>,
+        /// With `--policy-from`: the Service, `namespace/name` or
+        /// `namespace/name:port` (a port name or number).
+        #[arg(long, requires = "policy_from")]
+        policy_to: Option<String>,
         #[command(flatten)]
         model: ModelArgs,
     },
@@ -460,6 +468,8 @@ fn real_main() -> Result<i32> {
             in_cluster,
             strict,
             output,
+            policy_from,
+            policy_to,
             model,
         } => {
             let options = model.options();
@@ -470,6 +480,13 @@ fn real_main() -> Result<i32> {
                     api_model(kubeconfig.as_deref(), &options, strict)?
                 }
             };
+            if let (Some(from), Some(to)) = (policy_from, policy_to) {
+                let text = model
+                    .explain_policy(from, &to)
+                    .map_err(|e| anyhow::anyhow!("--policy-to {to}: {e}"))?;
+                print!("{text}");
+                return Ok(exit_status(&model));
+            }
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&model.to_json())?),
                 Output::Table => print!("{}", model.to_table()),

@@ -69,6 +69,7 @@ use thiserror::Error;
 
 use crate::ip::{parse_cidr_sloppy, parse_ip_sloppy};
 use crate::manifest::{identity, label, ManifestError, Objects, Skipped};
+use crate::policy::PolicySet;
 
 /// The proxy name clustergate answers to by default.
 pub const DEFAULT_PROXY_NAME: &str = "clustergate";
@@ -224,6 +225,10 @@ pub struct Model {
     /// objects, clashing cluster IP frontends. Each is also in
     /// [`Model::skipped`], with what was skipped because of it.
     pub errors: Vec<ModelError>,
+    /// The NetworkPolicies with the Pods and Namespaces they select
+    /// (`crate::policy`); what cannot be read of them is in
+    /// [`Model::skipped`] (`invalid_value`), and fails closed.
+    pub policy: PolicySet,
 }
 
 impl Model {
@@ -661,6 +666,11 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Model {
     }
     let frontends = resolve_conflicts(frontends, &mut skips);
     let mut notes = notes_of(served.values(), &frontends);
+    let policy = PolicySet::new(&objects.pods, &objects.namespaces, &objects.policies);
+    for p in &policy.problems {
+        let (object, reason) = p.split_once(": ").unwrap_or((p.as_str(), ""));
+        skips.skip(object, label::INVALID_VALUE, reason);
+    }
 
     let Skips {
         list: mut skipped,
@@ -679,6 +689,7 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Model {
         node_port_addresses: options.node_port_addresses.clone(),
         health_checks,
         errors,
+        policy,
     }
 }
 

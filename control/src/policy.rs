@@ -33,7 +33,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 
-use clustergate_dataplane::flow::Proto;
+use clustergate_dataplane::flow::{addr16, Proto};
+use clustergate_dataplane::policy::{
+    PolicyBackendRecord, PolicyClassRecord, PolicyEntryRecord, PolicyParts,
+    BACKEND_INGRESS_ISOLATED, CLASS_EGRESS_ISOLATED, PROTO_ANY,
+};
+use clustergate_dataplane::table::PrefixRecord;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::{
@@ -241,7 +246,7 @@ impl fmt::Display for Verdict {
 }
 
 /// Pods, namespaces and policies, read once; answers [`PolicySet::decide`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicySet {
     pods: Vec<PodInfo>,
     namespaces: BTreeMap<String, Labels>,
@@ -772,5 +777,300 @@ fn read_port(p: &NetworkPolicyPort, place: &str, problems: &mut Vec<String>) -> 
                 }
             }
         }
+    }
+}
+
+/// Ports admitted, per protocol (TCP, UDP, SCTP), as sorted disjoint
+/// inclusive ranges.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct PortSet([Vec<(u16, u16)>; 3]);
+
+const PROTOS: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::Sctp];
+
+fn proto_slot(p: Proto) -> usize {
+    match p {
+        Proto::Tcp => 0,
+        Proto::Udp => 1,
+        Proto::Sctp => 2,
+    }
+}
+
+impl PortSet {
+    fn full() -> Self {
+        Self(std::array::from_fn(|_| vec![(0, u16::MAX)]))
+    }
+
+    fn is_full(&self) -> bool {
+        self.0.iter().all(|r| r == &[(0, u16::MAX)])
+    }
+
+    fn add(&mut self, p: Proto, lo: u16, hi: u16) {
+        let v = &mut self.0[proto_slot(p)];
+        v.push((lo, hi));
+        v.sort_unstable();
+        let mut out: Vec<(u16, u16)> = Vec::with_capacity(v.len());
+        for &(l, h) in v.iter() {
+            match out.last_mut() {
+                Some(last) if u32::from(l) <= u32::from(last.1) + 1 => last.1 = last.1.max(h),
+                _ => out.push((l, h)),
+            }
+        }
+        *v = out;
+    }
+
+    fn union(&mut self, other: &Self) {
+        for (i, p) in PROTOS.iter().enumerate() {
+            for &(l, h) in &other.0[i] {
+                self.add(*p, l, h);
+            }
+        }
+    }
+
+    fn intersect(&self, other: &Self) -> Self {
+        let mut out = Self::default();
+        for i in 0..3 {
+            for &(a, b) in &self.0[i] {
+                for &(c, d) in &other.0[i] {
+                    let (lo, hi) = (a.max(c), b.min(d));
+                    if lo <= hi {
+                        out.0[i].push((lo, hi));
+                    }
+                }
+            }
+            out.0[i].sort_unstable();
+        }
+        out
+    }
+
+    /// What a rule's port list admits on the destination pod `dst`.
+    fn of_rule(ports: Option<&[PortMatch]>, dst: Option<&PodInfo>) -> Self {
+        let Some(ports) = ports else {
+            return Self::full();
+        };
+        let mut s = Self::default();
+        for m in ports {
+            match m {
+                PortMatch::Invalid => {}
+                PortMatch::Any(p) => s.add(*p, 0, u16::MAX),
+                PortMatch::Range(p, lo, hi) => s.add(*p, *lo, *hi),
+                PortMatch::Named(p, name) => {
+                    for (n, pp, num) in dst.map(|d| d.ports.as_slice()).unwrap_or_default() {
+                        if n == name && pp == p {
+                            s.add(*p, *num, *num);
+                        }
+                    }
+                }
+            }
+        }
+        s
+    }
+}
+
+/// A client class, as control tells them apart: the pod identity
+/// (namespace and labels) if the addresses are pods', and which ipBlocks
+/// hold them.
+type ClassKey = (Option<(String, Labels)>, Vec<bool>);
+
+impl PolicySet {
+    /// Every distinct ipBlock of every rule, in policy order.
+    fn blocks(&self) -> Vec<(IpNet, Vec<IpNet>)> {
+        let mut out: Vec<(IpNet, Vec<IpNet>)> = Vec::new();
+        for pol in &self.policies {
+            for rules in [pol.ingress.as_deref(), pol.egress.as_deref()] {
+                for r in rules.unwrap_or_default() {
+                    for peer in r.peers.as_deref().unwrap_or_default() {
+                        if let Peer::Block { cidr, except } = peer {
+                            let b = (*cidr, except.clone());
+                            if !out.contains(&b) {
+                                out.push(b);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// What `dir`'s isolating policies of `subject` admit towards `dst`,
+    /// with peers matched by `peer_ok`; every port when not isolated.
+    fn admitted(
+        &self,
+        dir: Direction,
+        subject: &PodInfo,
+        peer_ok: &dyn Fn(&Peer, &Policy) -> bool,
+        dst: Option<&PodInfo>,
+    ) -> PortSet {
+        let pols = self.isolating(dir, subject);
+        if pols.is_empty() {
+            return PortSet::full();
+        }
+        let mut set = PortSet::default();
+        for pol in pols {
+            let rules = match dir {
+                Direction::Ingress => pol.ingress.as_deref(),
+                Direction::Egress => pol.egress.as_deref(),
+            };
+            for r in rules.unwrap_or_default() {
+                let peers = r
+                    .peers
+                    .as_ref()
+                    .is_none_or(|ps| ps.iter().any(|peer| peer_ok(peer, pol)));
+                if peers {
+                    set.union(&PortSet::of_rule(r.ports.as_deref(), dst));
+                }
+            }
+        }
+        set
+    }
+
+    /// Compiles the policies for the dataplane ([`PolicyParts`]: client
+    /// prefixes and classes, and per backend address what each class may
+    /// reach), for the backend addresses of the table. No policy: empty
+    /// parts (nothing is looked up). The result gives, for every client
+    /// address, backend in `backends`, protocol and port, the same answer as
+    /// [`decide`](Self::decide).
+    #[must_use]
+    pub fn compile(&self, backends: &[IpAddr]) -> PolicyParts {
+        if self.policies.is_empty() {
+            return PolicyParts::default();
+        }
+        let blocks = self.blocks();
+        let member_addr = |a: IpAddr| -> Vec<bool> {
+            blocks
+                .iter()
+                .map(|(c, e)| in_block(a, c, e))
+                .collect::<Vec<bool>>()
+        };
+        // A prefix's own addresses (those in no longer prefix) are in a
+        // block when the block's CIDR holds the prefix and no except does.
+        let member_net = |p: &IpNet| -> Vec<bool> {
+            blocks
+                .iter()
+                .map(|(c, e)| c.contains(p) && !e.iter().any(|x| x.contains(p)))
+                .collect::<Vec<bool>>()
+        };
+        let world: ClassKey = (None, vec![false; blocks.len()]);
+        let mut classes: BTreeMap<ClassKey, u32> = BTreeMap::new();
+        let mut reps: Vec<(Option<usize>, Vec<bool>)> = vec![(None, world.1.clone())];
+        classes.insert(world, 0);
+        let mut class_of = |key: ClassKey, pod: Option<usize>| -> u32 {
+            let next = classes.len() as u32;
+            *classes.entry(key.clone()).or_insert_with(|| {
+                reps.push((pod, key.1));
+                next
+            })
+        };
+        let mut prefixes: BTreeMap<IpNet, u32> = BTreeMap::new();
+        for (c, e) in &blocks {
+            for net in std::iter::once(c).chain(e) {
+                let net = net.trunc();
+                let m = member_net(&net);
+                let k = class_of((None, m), None);
+                prefixes.insert(net, k);
+            }
+        }
+        for (pi, pod) in self.pods.iter().enumerate() {
+            for &a in &pod.ips {
+                let key = (
+                    Some((pod.namespace.clone(), pod.labels.clone())),
+                    member_addr(a),
+                );
+                let k = class_of(key, Some(pi));
+                // A pod's own address is the pod, whatever block holds it.
+                prefixes.insert(IpNet::from(a), k);
+            }
+        }
+        let mut parts = PolicyParts {
+            prefixes: prefixes
+                .iter()
+                .map(|(net, k)| PrefixRecord::new(*net, *k))
+                .collect(),
+            ..PolicyParts::default()
+        };
+        parts.classes = reps
+            .iter()
+            .map(|(pod, _)| PolicyClassRecord {
+                flags: match pod.map(|i| &self.pods[i]) {
+                    Some(p) if !self.isolating(Direction::Egress, p).is_empty() => {
+                        CLASS_EGRESS_ISOLATED
+                    }
+                    _ => 0,
+                },
+                reserved: 0,
+            })
+            .collect();
+        let block_index = |cidr: &IpNet, except: &[IpNet]| {
+            blocks
+                .iter()
+                .position(|(c, e)| c == cidr && e.as_slice() == except)
+        };
+        let mut addrs: Vec<IpAddr> = backends.to_vec();
+        addrs.sort_unstable();
+        addrs.dedup();
+        for b in addrs {
+            let dst = self.pod_by_ip(b);
+            let in_isolated =
+                dst.is_some_and(|p| !self.isolating(Direction::Ingress, p).is_empty());
+            let start = parts.entries.len() as u32;
+            let mut mine = Vec::new();
+            for (class, (rep, member)) in reps.iter().enumerate() {
+                let rep = rep.map(|i| &self.pods[i]);
+                let out_isolated = parts.classes[class].flags & CLASS_EGRESS_ISOLATED != 0;
+                if !in_isolated && !out_isolated {
+                    continue;
+                }
+                // Ingress of the backend pod: peers matched against the class.
+                let inbound = match dst {
+                    Some(p) if in_isolated => self.admitted(
+                        Direction::Ingress,
+                        p,
+                        &|peer, pol| match peer {
+                            Peer::Invalid => false,
+                            Peer::Block { cidr, except } => {
+                                block_index(cidr, except).is_some_and(|i| member[i])
+                            }
+                            Peer::Pods { .. } => self.peer_matches(peer, pol, b, rep),
+                        },
+                        Some(p),
+                    ),
+                    _ => PortSet::full(),
+                };
+                // Egress of the client pod: peers matched against the backend.
+                let outbound = match rep {
+                    Some(q) if out_isolated => self.admitted(
+                        Direction::Egress,
+                        q,
+                        &|peer, pol| self.peer_matches(peer, pol, b, dst),
+                        dst,
+                    ),
+                    _ => PortSet::full(),
+                };
+                let both = inbound.intersect(&outbound);
+                if both.is_full() {
+                    mine.push(PolicyEntryRecord::new(class as u32, PROTO_ANY, 0, u16::MAX));
+                    continue;
+                }
+                for (i, p) in PROTOS.iter().enumerate() {
+                    for &(lo, hi) in &both.0[i] {
+                        mine.push(PolicyEntryRecord::new(class as u32, p.ip_number(), lo, hi));
+                    }
+                }
+            }
+            mine.sort_unstable();
+            parts.entries.extend_from_slice(&mine);
+            parts.backends.push(PolicyBackendRecord {
+                addr: addr16(b),
+                entries_start: start,
+                entries_len: mine.len() as u32,
+                flags: if in_isolated {
+                    BACKEND_INGRESS_ISOLATED
+                } else {
+                    0
+                },
+                reserved: 0,
+            });
+        }
+        parts
     }
 }

@@ -237,6 +237,19 @@ impl Model {
         out
     }
 
+    /// Every backend address of every frontend, once.
+    #[must_use]
+    pub fn backend_addresses(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self
+            .frontends
+            .iter()
+            .flat_map(|f| f.backends.iter().map(|b| b.address))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
     /// What the dataplane's table is built from: [`Model::service_specs`],
     /// each node's prefixes with its number, and the node-port addresses.
     #[must_use]
@@ -249,7 +262,7 @@ impl Model {
                 .flat_map(|n| n.prefixes.iter().map(move |p| (*p, n.number)))
                 .collect(),
             node_port_addresses: self.node_port_addresses.clone(),
-            policy: Default::default(),
+            policy: self.policy.compile(&self.backend_addresses()),
         }
     }
 
@@ -286,5 +299,65 @@ impl Model {
                 name: Some(service_port_name(f)),
             })
             .collect()
+    }
+}
+
+impl Model {
+    /// `show --policy-from ADDR --policy-to ns/name[:port]`: for each port of
+    /// the Service (or the one named, by name or number) and each of its
+    /// backends, whether a new connection from `from` is allowed, and by
+    /// which policy rule, or denied, isolated by which policies.
+    ///
+    /// # Errors
+    /// The Service (or its port) is not served.
+    pub fn explain_policy(&self, from: IpAddr, to: &str) -> Result<String, String> {
+        let (service, port) = match to.split_once(':') {
+            Some((s, p)) => (s, Some(p)),
+            None => (to, None),
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        let mut out = String::new();
+        for f in self.frontends.iter().filter(|f| f.service == service) {
+            if let Some(p) = port {
+                if f.port_name != p && f.port.to_string() != p {
+                    continue;
+                }
+            }
+            if f.address.is_ipv4() != from.is_ipv4() {
+                continue;
+            }
+            for b in &f.backends {
+                if !seen.insert((f.port_name.clone(), f.protocol, b.address, b.port)) {
+                    continue;
+                }
+                let v = self.policy.decide(from, b.address, f.protocol, b.port);
+                let pod = self.policy.pod_by_ip(b.address).map_or(String::new(), |p| {
+                    format!(" (pod {}/{})", p.namespace, p.name)
+                });
+                let client = v
+                    .client_pod
+                    .as_ref()
+                    .map_or(String::new(), |p| format!(" (pod {p})"));
+                let port_name = if f.port_name.is_empty() {
+                    String::new()
+                } else {
+                    format!("{} ", f.port_name)
+                };
+                let _ = writeln!(
+                    out,
+                    "from {from}{client} to Service {service} port {port_name}({}/{}), backend \
+                     {}{pod}: {v}",
+                    f.port,
+                    f.protocol.as_str(),
+                    std::net::SocketAddr::new(b.address, b.port),
+                );
+            }
+        }
+        if out.is_empty() {
+            return Err(format!(
+                "no served port of Service {to} with backends of {from}'s family"
+            ));
+        }
+        Ok(out)
     }
 }

@@ -13,7 +13,8 @@
 use std::net::IpAddr;
 
 use clustergate_control::policy::{PolicySet, Side};
-use clustergate_dataplane::flow::Proto;
+use clustergate_dataplane::flow::{addr16, Proto};
+use clustergate_dataplane::policy::PolicyTable;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
@@ -99,6 +100,60 @@ fn case(name: &str, yaml: &str, client: &str, proto: Proto, port: u16, expect: &
     let s = set(yaml);
     assert!(s.problems.is_empty(), "{name}: problems {:?}", s.problems);
     check(name, &s, client, proto, port, expect);
+    agree(name, &s);
+}
+
+/// The compiled table (what the dataplane looks up) gives the rules'
+/// answer for every client (each pod over IPv4 and IPv6, addresses outside
+/// the pods, at the edges of the blocks the cases use), every backend (the
+/// nine pods and an address that is no pod), protocol and a spread of ports.
+#[track_caller]
+fn agree(name: &str, s: &PolicySet) {
+    let mut clients: Vec<IpAddr> = Vec::new();
+    let mut backends: Vec<IpAddr> = Vec::new();
+    for ns in ["x", "y", "z"] {
+        for pod in ["a", "b", "c"] {
+            for ip in [pod_ip(ns, pod), pod_ip6(ns, pod)] {
+                clients.push(ip.parse().expect("ip"));
+                backends.push(ip.parse().expect("ip"));
+            }
+        }
+    }
+    for a in [
+        EXTERNAL,
+        "198.18.200.0",
+        "198.18.11.9",
+        "198.18.10.2",
+        "198.18.250.1",
+        "203.0.113.9",
+        "198.19.255.255",
+        "2001:2:11::99",
+        "2001:2:12::2",
+    ] {
+        clients.push(a.parse().expect("ip"));
+    }
+    backends.push("198.18.250.1".parse().expect("ip"));
+    let table = PolicyTable::assemble(s.compile(&backends))
+        .unwrap_or_else(|e| panic!("{name}: compiled policy refused: {e}"));
+    for c in &clients {
+        for b in &backends {
+            if c.is_ipv4() != b.is_ipv4() {
+                continue;
+            }
+            for proto in [Proto::Tcp, Proto::Udp, Proto::Sctp] {
+                for port in [0, 1, 79, 80, 81, 82, 9000, 65535] {
+                    let want = s.decide(*c, *b, proto, port);
+                    let got = table.allows(&addr16(*c), &addr16(*b), proto, port);
+                    assert_eq!(
+                        got,
+                        want.allowed(),
+                        "{name}: compiled table says {got} from {c} to {b} {proto:?}/{port}; \
+                         the rules say {want}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[track_caller]
@@ -523,6 +578,7 @@ fn the_reason_is_named() {
              - from: [{podSelector: {matchLabels: {pod: q}}}]\n  \
              - from: [{podSelector: {matchLabels: {pod: b}}}]\n";
     let s = set(p);
+    agree("p", &s);
     let b = client_addr("x/b");
     let a: IpAddr = pod_ip("x", "a").parse().expect("ip");
     let v = s.decide(b, a, Proto::Tcp, 80);
@@ -559,6 +615,7 @@ fn pods_that_are_no_identity() {
     let p = "metadata: {name: from-b, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  \
              - from: [{podSelector: {matchLabels: {pod: b}}, namespaceSelector: {}}]\n";
     let s = PolicySet::new(&pods, &world_namespaces(), &policies(p));
+    agree("extra pods", &s);
     check("y/b itself", &s, "y/b", Proto::Tcp, 80, "+++");
     check(
         "finished pod's address",
@@ -584,12 +641,14 @@ fn a_backend_that_is_no_pod() {
     // policy; the client pod's egress sees only the address.
     let deny = "metadata: {name: deny-egress, namespace: y}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n";
     let s = set(deny);
+    agree("deny", &s);
     let vm: IpAddr = "198.18.250.1".parse().expect("ip");
     assert!(!s.decide(client_addr("y/a"), vm, Proto::Tcp, 80).allowed());
     assert!(s.decide(client_addr("z/a"), vm, Proto::Tcp, 80).allowed());
     let block = "metadata: {name: to-vms, namespace: y}\nspec:\n  podSelector: {}\n  policyTypes: [Egress]\n  \
                  egress:\n  - to: [{ipBlock: {cidr: 198.18.250.0/24}}]\n";
     let s = set(block);
+    agree("block", &s);
     assert!(s.decide(client_addr("y/a"), vm, Proto::Tcp, 80).allowed());
 }
 
@@ -601,6 +660,7 @@ fn bad_policies_fail_closed_and_are_named() {
              [{key: pod, operator: Like, values: [a]}]}\n  ingress:\n  \
              - from: [{podSelector: {matchLabels: {pod: b}}}]\n";
     let s = set(p);
+    agree("p", &s);
     assert_eq!(s.problems.len(), 2, "{:?}", s.problems);
     assert!(s.problems[0].contains("NetworkPolicy x/bad-sel: spec.podSelector.matchExpressions[0]"));
     assert!(s.problems[0].contains("\"Like\""), "{:?}", s.problems);
@@ -611,6 +671,7 @@ fn bad_policies_fail_closed_and_are_named() {
     let p = "metadata: {name: bad-cidr, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  - from:\n    \
              - ipBlock: {cidr: 198.18.300.0/24}\n    - podSelector: {matchLabels: {pod: b}}\n";
     let s = set(p);
+    agree("p", &s);
     assert_eq!(
         s.problems,
         vec![
@@ -628,6 +689,7 @@ fn bad_policies_fail_closed_and_are_named() {
              - ports: [{port: 0}, {port: 90, endPort: 85}, {port: serve-80-tcp, endPort: 90}, \
              {protocol: ICMP, port: 80}]\n";
     let s = set(p);
+    agree("p", &s);
     assert_eq!(s.problems.len(), 4, "{:?}", s.problems);
     for want in [
         "ports[0]",
@@ -646,6 +708,7 @@ fn bad_policies_fail_closed_and_are_named() {
     // An unknown policy type isolates both ways.
     let p = "metadata: {name: bad-type, namespace: y}\nspec:\n  podSelector: {}\n  policyTypes: [Sideways]\n";
     let s = set(p);
+    agree("p", &s);
     assert_eq!(s.problems.len(), 1, "{:?}", s.problems);
     check("unknown type, from y", &s, "y/a", Proto::Tcp, 80, "---");
 
@@ -653,6 +716,59 @@ fn bad_policies_fail_closed_and_are_named() {
     let p = "metadata: {name: bad-peers, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  - from:\n    \
              - {ipBlock: {cidr: 198.18.0.0/15}, podSelector: {}}\n    - {}\n";
     let s = set(p);
+    agree("p", &s);
     assert_eq!(s.problems.len(), 2, "{:?}", s.problems);
     check("bad peers", &s, "x/b", Proto::Tcp, 80, "---");
+}
+
+#[test]
+fn show_explains_each_backend() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/netpol.yaml"
+    ))
+    .expect("fixture");
+    let objects = clustergate_control::parse_manifest(&text).expect("manifest");
+    let model =
+        clustergate_control::build_model(&objects, &clustergate_control::ModelOptions::default());
+    assert!(model.skipped.is_empty(), "{:?}", model.skipped);
+    let good: IpAddr = "198.18.65.10".parse().expect("ip");
+    assert_eq!(
+        model.explain_policy(good, "x/web").expect("explained"),
+        "from 198.18.65.10 (pod y/good) to Service x/web port http (80/TCP), backend \
+         198.18.64.21:8080 (pod x/web-1): allowed (ingress: allowed by x/allow-frontend rule 0; \
+         egress: no policy)\n\
+         from 198.18.65.10 (pod y/good) to Service x/web port http (80/TCP), backend \
+         198.18.64.22:8080 (pod x/web-2): allowed (ingress: allowed by x/allow-frontend rule 0; \
+         egress: no policy)\n"
+    );
+    let outside: IpAddr = "198.18.200.5".parse().expect("ip");
+    assert_eq!(
+        model
+            .explain_policy(outside, "x/web:80")
+            .expect("explained"),
+        "from 198.18.200.5 to Service x/web port http (80/TCP), backend 198.18.64.21:8080 \
+         (pod x/web-1): denied (ingress: denied (isolated by x/allow-frontend); egress: no \
+         policy)\n\
+         from 198.18.200.5 to Service x/web port http (80/TCP), backend 198.18.64.22:8080 \
+         (pod x/web-2): allowed (ingress: allowed by x/outside-to-web-2 rule 0; egress: no \
+         policy)\n"
+    );
+    assert!(model
+        .explain_policy(good, "x/nope")
+        .expect_err("no such Service")
+        .contains("no served port of Service x/nope"));
+    // The compiled table the snapshot carries agrees.
+    let table = clustergate_dataplane::table::Table::build_full(
+        1,
+        0,
+        &model.table_spec(),
+        clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE,
+    )
+    .expect("table");
+    let p = table.policy();
+    let web1 = addr16("198.18.64.21".parse().expect("ip"));
+    assert!(p.allows(&addr16(good), &web1, Proto::Tcp, 8080));
+    assert!(!p.allows(&addr16(good), &web1, Proto::Tcp, 8081));
+    assert!(!p.allows(&addr16(outside), &web1, Proto::Tcp, 8080));
 }

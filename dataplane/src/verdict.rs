@@ -140,4 +140,7 @@ drop_reasons! {
     /// multicast, broadcast; IPv6 unspecified, loopback, multicast): a
     /// martian (RFC 1812 §5.3.7), dropped and never answered.
     MartianSource => "martian_source",
+    /// A new flow that the NetworkPolicies of its backend pod (ingress) or
+    /// of its client pod (egress) do not allow; no flow is created.
+    NetworkPolicy => "network_policy",
 }
