@@ -48,8 +48,9 @@ use std::pin::pin;
 use std::time::Duration;
 
 use futures::{stream, Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::ListParams;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::utils::Backoff as _;
@@ -64,6 +65,8 @@ use crate::model::{build_model, Model, ModelOptions, SkipLog};
 
 /// Field selector for Services: headless ones are never proxied.
 pub const SERVICE_FIELD_SELECTOR: &str = "spec.clusterIP!=None";
+/// Pods that hold an address: finished ones do not (NetworkPolicy).
+pub const POD_FIELD_SELECTOR: &str = "status.phase!=Succeeded,status.phase!=Failed";
 /// Label selector for EndpointSlices: not those of headless Services.
 pub const SLICE_LABEL_SELECTOR: &str = "!service.kubernetes.io/headless";
 
@@ -78,14 +81,20 @@ pub struct FollowConfig {
     /// The least time between two model builds; zero (the default): build as
     /// soon as the changes that have arrived are folded in.
     pub min_sync: Duration,
+    /// Also watch Pods, Namespaces and NetworkPolicies, for NetworkPolicy
+    /// (`run --network-policy`, on by default there; off in this default).
+    pub network_policy: bool,
 }
 
-/// Which of the three watched kinds.
+/// Which of the watched kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Services,
     Slices,
     Nodes,
+    Pods,
+    Namespaces,
+    Policies,
 }
 
 impl Kind {
@@ -94,6 +103,9 @@ impl Kind {
             Self::Services => 0,
             Self::Slices => 1,
             Self::Nodes => 2,
+            Self::Pods => 3,
+            Self::Namespaces => 4,
+            Self::Policies => 5,
         }
     }
 }
@@ -104,6 +116,9 @@ impl Kind {
             Self::Services => "services",
             Self::Slices => "endpointslices",
             Self::Nodes => "nodes",
+            Self::Pods => "pods",
+            Self::Namespaces => "namespaces",
+            Self::Policies => "networkpolicies",
         }
     }
 }
@@ -276,19 +291,46 @@ where
     )
 }
 
+/// The stores of the watched kinds.
+struct Stores {
+    /// Services.
+    services: Store<Service>,
+    /// EndpointSlices.
+    slices: Store<EndpointSlice>,
+    /// Nodes.
+    nodes: Store<Node>,
+    /// Pods (NetworkPolicy).
+    pods: Store<Pod>,
+    /// Namespaces (NetworkPolicy).
+    namespaces: Store<Namespace>,
+    /// NetworkPolicies.
+    policies: Store<NetworkPolicy>,
+}
+
 /// The objects in the stores, as the manifest source would give them, sorted
 /// by (namespace, name) so that errors do not depend on hash order.
-#[must_use]
-pub fn objects_of(
-    services: &Store<Service>,
-    slices: &Store<EndpointSlice>,
-    nodes: &Store<Node>,
-) -> Objects {
-    sorted_objects(
-        services.state().iter().map(|s| (**s).clone()).collect(),
-        slices.state().iter().map(|s| (**s).clone()).collect(),
-        nodes.state().iter().map(|s| (**s).clone()).collect(),
-    )
+fn objects_of(stores: &Stores) -> Objects {
+    fn all<K>(s: &Store<K>) -> Vec<K>
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    {
+        s.state().iter().map(|o| (**o).clone()).collect()
+    }
+    let mut o = sorted_objects(
+        all(&stores.services),
+        all(&stores.slices),
+        all(&stores.nodes),
+    );
+    o.pods = all(&stores.pods);
+    o.namespaces = all(&stores.namespaces);
+    o.policies = all(&stores.policies);
+    o.pods
+        .sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
+    o.namespaces
+        .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    o.policies
+        .sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
+    o
 }
 
 /// The objects, sorted by (namespace, name) as [`objects_of`] sorts them.
@@ -321,10 +363,23 @@ pub async fn list_objects(client: Client) -> Result<Objects, kube::Error> {
     let slices = Api::<EndpointSlice>::all(client.clone())
         .list(&ListParams::default().labels(SLICE_LABEL_SELECTOR))
         .await?;
-    let nodes = Api::<Node>::all(client)
+    let nodes = Api::<Node>::all(client.clone())
         .list(&ListParams::default())
         .await?;
-    Ok(sorted_objects(services.items, slices.items, nodes.items))
+    let mut o = sorted_objects(services.items, slices.items, nodes.items);
+    o.pods = Api::<Pod>::all(client.clone())
+        .list(&ListParams::default().fields(POD_FIELD_SELECTOR))
+        .await?
+        .items;
+    o.namespaces = Api::<Namespace>::all(client.clone())
+        .list(&ListParams::default())
+        .await?
+        .items;
+    o.policies = Api::<NetworkPolicy>::all(client)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    Ok(o)
 }
 
 /// Follows Services and EndpointSlices through `client` and calls `on_model`
@@ -350,6 +405,36 @@ pub async fn follow_with(
 ) {
     let (services, services_writer) = reflector::store::<Service>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+    let (pods, pods_writer) = reflector::store::<Pod>();
+    let (namespaces, namespaces_writer) = reflector::store::<Namespace>();
+    let (policies, policies_writer) = reflector::store::<NetworkPolicy>();
+    let policy_events = if config.network_policy {
+        stream::select(
+            stream::select(
+                watch(
+                    Api::<Pod>::all(client.clone()),
+                    watcher::Config::default().fields(POD_FIELD_SELECTOR),
+                    pods_writer,
+                    Kind::Pods,
+                ),
+                watch(
+                    Api::<Namespace>::all(client.clone()),
+                    watcher::Config::default(),
+                    namespaces_writer,
+                    Kind::Namespaces,
+                ),
+            ),
+            watch(
+                Api::<NetworkPolicy>::all(client.clone()),
+                watcher::Config::default(),
+                policies_writer,
+                Kind::Policies,
+            ),
+        )
+        .boxed()
+    } else {
+        stream::empty().boxed()
+    };
     let service_events = watch(
         Api::<Service>::all(client.clone()),
         watcher::Config::default().fields(SERVICE_FIELD_SELECTOR),
@@ -370,11 +455,24 @@ pub async fn follow_with(
         Kind::Nodes,
     );
     let mut events = pin!(stream::select(
-        stream::select(service_events, slice_events),
-        node_events
+        stream::select(stream::select(service_events, slice_events), node_events),
+        policy_events
     ));
 
-    let mut health = [Health::default(); 3];
+    let mut health = [Health::default(); 6];
+    if !config.network_policy {
+        for h in &mut health[Kind::Pods.index()..] {
+            h.ready = true;
+        }
+    }
+    let stores = Stores {
+        services,
+        slices,
+        nodes,
+        pods,
+        namespaces,
+        policies,
+    };
     let mut dirty = false;
     let mut last_build: Option<Instant> = None;
     let mut last: Option<Model> = None;
@@ -434,7 +532,7 @@ pub async fn follow_with(
                 folded = 0;
                 last_build = Some(Instant::now());
                 let started = std::time::Instant::now();
-                let objects = objects_of(&services, &slices, &nodes);
+                let objects = objects_of(&stores);
                 if let Some(hook) = hooks.objects.as_mut() {
                     hook(&objects);
                 }

@@ -249,6 +249,11 @@ enum Command {
         /// (kube-proxy's `--min-sync-period`); 0: as fast as changes come.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
         min_sync_period_ms: u64,
+        /// Watch Pods, Namespaces and NetworkPolicies and enforce the
+        /// policies (API only; a manifest's are always used). `false` skips
+        /// those watches and publishes no policy: every flow is allowed.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+        network_policy: bool,
         /// Flow-hash seed written into every snapshot (all gateways of one ECMP group must share it).
         #[arg(long, default_value_t = 0)]
         hash_seed: u64,
@@ -400,6 +405,7 @@ fn real_main() -> Result<i32> {
             model,
             poll_ms,
             min_sync_period_ms,
+            network_policy,
             hash_seed,
             once,
             metrics,
@@ -448,6 +454,7 @@ fn real_main() -> Result<i32> {
                     let config = FollowConfig {
                         model: options,
                         min_sync: Duration::from_millis(min_sync_period_ms),
+                        network_policy,
                     };
                     run_api(
                         kubeconfig.as_deref(),

@@ -296,7 +296,7 @@ fn namespaced_objects_live_in_clustergate_system() {
 }
 
 #[test]
-fn cluster_role_grants_only_get_list_watch_on_services_endpointslices_and_nodes() {
+fn cluster_role_grants_only_get_list_watch_on_what_control_reads() {
     let role = deploy().cluster_role;
     assert!(
         role.aggregation_rule.is_none(),
@@ -339,10 +339,13 @@ fn cluster_role_grants_only_get_list_watch_on_services_endpointslices_and_nodes(
         (String::new(), "services".to_owned()),
         ("discovery.k8s.io".to_owned(), "endpointslices".to_owned()),
         (String::new(), "nodes".to_owned()),
+        (String::new(), "pods".to_owned()),
+        (String::new(), "namespaces".to_owned()),
+        ("networking.k8s.io".to_owned(), "networkpolicies".to_owned()),
     ]
     .into();
     assert_eq!(seen, expected);
-    assert_eq!(rules.len(), 3);
+    assert_eq!(rules.len(), 6);
 }
 
 #[test]

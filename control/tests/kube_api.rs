@@ -324,6 +324,9 @@ async fn initial_list_gives_the_model() {
                     assert_eq!(r.label_selector, None, "every Node");
                     assert_eq!(r.field_selector, None);
                 }
+                Kind::Pod | Kind::Namespace | Kind::NetworkPolicy => {
+                    unreachable!("only the three kinds above are looked at here")
+                }
             }
             if r.watch {
                 assert!(r.bookmarks, "{r:?}");
@@ -1160,4 +1163,100 @@ async fn load_balancer_status_and_source_ranges_are_followed() {
             .any(|f| f.kind == FrontendKind::LoadBalancer)
     })
     .await;
+}
+
+fn pod(ns: &str, name: &str, labels: Value, ip: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}]},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    })
+}
+
+fn namespace(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+/// May `client` open a connection to backend 198.18.1.1:8080 of shop/web?
+fn allowed(model: &Model, client: &str) -> bool {
+    model
+        .policy
+        .decide(
+            client.parse().expect("ip"),
+            "198.18.1.1".parse().expect("ip"),
+            clustergate_dataplane::flow::Proto::Tcp,
+            8080,
+        )
+        .allowed()
+}
+
+/// NetworkPolicy through the watch: policies, pods and namespaces come and
+/// change, and each change reaches the model's decisions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_pods_and_namespaces_are_followed() {
+    let server = ApiServer::start().await;
+    web(&server);
+    server.apply(namespace("shop", json!({"team": "shop"})));
+    server.apply(namespace("front", json!({"team": "front"})));
+    server.apply(pod("shop", "web-a", json!({"app": "web"}), "198.18.1.1"));
+    server.apply(pod("front", "ui", json!({"role": "ui"}), "198.18.9.1"));
+    server.apply(pod(
+        "front",
+        "batch",
+        json!({"role": "batch"}),
+        "198.18.9.2",
+    ));
+    let mut f = Follower::start_with(
+        &server,
+        FollowConfig {
+            network_policy: true,
+            ..FollowConfig::default()
+        },
+    );
+    let m = f.wait_for(&[WEB]).await;
+    assert!(allowed(&m, "198.18.9.2"), "no policy: open");
+
+    // A policy: only role=ui from namespaces labelled team=front.
+    server.apply(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "ui-only", "namespace": "shop"},
+        "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                 "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "front"}},
+                                        "podSelector": {"matchLabels": {"role": "ui"}}}],
+                              "ports": [{"port": "http"}]}]},
+    }));
+    f.wait_until("batch denied", |m| !allowed(m, "198.18.9.2"))
+        .await;
+    assert!(allowed(f.last.as_ref().expect("model"), "198.18.9.1"));
+
+    // The batch pod is relabelled: it becomes a ui pod.
+    server.apply(pod("front", "batch", json!({"role": "ui"}), "198.18.9.2"));
+    f.wait_until("relabelled pod allowed", |m| allowed(m, "198.18.9.2"))
+        .await;
+
+    // The namespace loses its label: nothing from it is allowed.
+    server.apply(namespace("front", json!({"team": "other"})));
+    f.wait_until("namespace relabelled", |m| {
+        !allowed(m, "198.18.9.1") && !allowed(m, "198.18.9.2")
+    })
+    .await;
+
+    // The policy goes: open again.
+    server.delete(Kind::NetworkPolicy, "shop", "ui-only");
+    f.wait_until("policy deleted", |m| allowed(m, "198.18.9.1"))
+        .await;
+    // What was asked: the three kinds, besides the others.
+    let kinds: std::collections::BTreeSet<Kind> =
+        server.requests().iter().map(|r| r.kind).collect();
+    for k in [Kind::Pod, Kind::Namespace, Kind::NetworkPolicy] {
+        assert!(kinds.contains(&k), "{k:?} was not listed or watched");
+    }
+    assert!(server
+        .requests()
+        .iter()
+        .filter(|r| r.kind == Kind::Pod)
+        .all(
+            |r| r.field_selector.as_deref() == Some("status.phase!=Succeeded,status.phase!=Failed")
+        ));
 }

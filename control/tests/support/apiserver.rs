@@ -2,7 +2,9 @@
 //!
 //! It serves what `kube_source` uses, and only that: list and watch of
 //! `/api/v1/services` and `/apis/discovery.k8s.io/v1/endpointslices` across
-//! all namespaces, and of `/api/v1/nodes` (cluster-scoped), with
+//! all namespaces, of `/api/v1/nodes` (cluster-scoped), and, for
+//! NetworkPolicy, of `/api/v1/pods`, `/api/v1/namespaces` (cluster-scoped)
+//! and `/apis/networking.k8s.io/v1/networkpolicies`, with
 //!
 //! - one global resourceVersion, bumped by every write, set on the object;
 //! - lists that return the current objects and the current resourceVersion;
@@ -41,6 +43,12 @@ pub enum Kind {
     EndpointSlice,
     /// `v1` Node (cluster-scoped: its namespace is `""`).
     Node,
+    /// `v1` Pod.
+    Pod,
+    /// `v1` Namespace (cluster-scoped).
+    Namespace,
+    /// `networking.k8s.io/v1` NetworkPolicy.
+    NetworkPolicy,
 }
 
 impl Kind {
@@ -49,6 +57,9 @@ impl Kind {
             Some("Service") => Self::Service,
             Some("EndpointSlice") => Self::EndpointSlice,
             Some("Node") => Self::Node,
+            Some("Pod") => Self::Pod,
+            Some("Namespace") => Self::Namespace,
+            Some("NetworkPolicy") => Self::NetworkPolicy,
             other => panic!("the test API server has no kind {other:?}"),
         }
     }
@@ -58,6 +69,9 @@ impl Kind {
             "/api/v1/services" => Some(Self::Service),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Self::EndpointSlice),
             "/api/v1/nodes" => Some(Self::Node),
+            "/api/v1/pods" => Some(Self::Pod),
+            "/api/v1/namespaces" => Some(Self::Namespace),
+            "/apis/networking.k8s.io/v1/networkpolicies" => Some(Self::NetworkPolicy),
             _ => None,
         }
     }
@@ -67,6 +81,9 @@ impl Kind {
             Self::Service => ("v1", "ServiceList"),
             Self::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSliceList"),
             Self::Node => ("v1", "NodeList"),
+            Self::Pod => ("v1", "PodList"),
+            Self::Namespace => ("v1", "NamespaceList"),
+            Self::NetworkPolicy => ("networking.k8s.io/v1", "NetworkPolicyList"),
         }
     }
 
@@ -75,6 +92,9 @@ impl Kind {
             Self::Service => ("v1", "Service"),
             Self::EndpointSlice => ("discovery.k8s.io/v1", "EndpointSlice"),
             Self::Node => ("v1", "Node"),
+            Self::Pod => ("v1", "Pod"),
+            Self::Namespace => ("v1", "Namespace"),
+            Self::NetworkPolicy => ("networking.k8s.io/v1", "NetworkPolicy"),
         }
     }
 }
@@ -325,7 +345,7 @@ impl ApiServer {
 
 fn key_of(kind: Kind, object: &Value) -> Key {
     let meta = &object["metadata"];
-    let ns = if kind == Kind::Node {
+    let ns = if matches!(kind, Kind::Node | Kind::Namespace) {
         String::new()
     } else {
         meta["namespace"].as_str().unwrap_or("default").to_owned()

@@ -4,7 +4,7 @@
 # a bridge for the backends' LAN, addresses in 198.18.0.0/15 and, on every
 # link beside them, 2001:2::/48 (RFC 5180) only.
 #
-#   topology.sh up PREFIX two-armed|one-armed [pod-network] [dsr] [mtu-router]
+#   topology.sh up PREFIX two-armed|one-armed [pod-network] [dsr] [mtu-router] [two-clients]
 #   topology.sh down PREFIX
 #
 # two-armed: cli c0 198.18.1.2 ── g0 198.18.1.1 [gw] g1 198.18.2.1 ── l0 [lan br0] lN ── bN e0 198.18.2.1N
@@ -32,6 +32,10 @@
 # gateway routes 198.18.5.0/24 and 2001:2:5::/64 via the router; the
 # router's default route is the gateway (so in `routed` its errors about a
 # client's packet go back through the gateway), b5's is the router.
+#
+# two-clients (one-armed only): a second client namespace PREFIX-cli2 on the
+# LAN, c0 198.18.3.3 / 2001:2:3::3, routing the VIPs to the gateway like cli
+# (NetworkPolicy: one client allowed, the other denied).
 #
 # dsr (one-armed only): what a backend needs for direct server return. The
 # gateway sends it the client's packet inside IPv4-in-IPv4 (protocol 4);
@@ -63,11 +67,13 @@ mode=${3:-two-armed}
 pod=0
 dsr=0
 mr=0
+two=0
 for opt in "${@:4}"; do
     case "$opt" in
     pod-network) pod=1 ;;
     dsr) dsr=1 ;;
     mtu-router) mr=1 ;;
+    two-clients) two=1 ;;
     *) echo "unknown option $opt" >&2; exit 2 ;;
     esac
 done
@@ -87,7 +93,7 @@ offload_off() { ns "$1" ethtool -K "$2" tx off rx off tso off gso off gro off >/
 addr6() { ns "$1" ip -6 addr add "$2" dev "$3" nodad; }
 
 down() {
-    for n in cli gw lan rt mr $(seq -f 'b%g' 1 $((BACKENDS + 1))); do
+    for n in cli cli2 gw lan rt mr $(seq -f 'b%g' 1 $((BACKENDS + 1))); do
         ip netns del "$P-$n" 2>/dev/null || true
     done
 }
@@ -98,6 +104,10 @@ if [ "$cmd" = down ]; then
 fi
 [ "$cmd" = up ] || { echo "unknown command $cmd" >&2; exit 2; }
 case "$mode" in two-armed | one-armed) ;; *) echo "unknown mode $mode" >&2; exit 2 ;; esac
+if [ $two = 1 ] && [ "$mode" != one-armed ]; then
+    echo "two-clients needs one-armed: the second client joins the LAN" >&2
+    exit 2
+fi
 if [ $dsr = 1 ] && [ "$mode" != one-armed ]; then
     echo "dsr needs one-armed: the backends answer the client on their LAN" >&2
     exit 2
@@ -107,6 +117,7 @@ down
 names="cli gw lan $(seq -f 'b%g' 1 $BACKENDS)"
 if [ $pod = 1 ]; then names="$names rt"; fi
 if [ $mr = 1 ]; then names="$names mr b5"; fi
+if [ $two = 1 ]; then names="$names cli2"; fi
 for n in $names; do
     ip netns add "$P-$n"
     ns "$n" ip link set lo up
@@ -180,6 +191,18 @@ else
     ns cli ip -6 route add 2001:2:100::/64 via 2001:2:3::1
     offload_off cli c0
     offload_off lan lc
+    if [ $two = 1 ]; then
+        # A second client, 198.18.3.3, on the same LAN.
+        ip link add c0 netns "$P-cli2" type veth peer lc2 netns "$P-lan"
+        ns lan ip link set lc2 master br0 up
+        ns cli2 ip addr add 198.18.3.3/24 dev c0
+        addr6 cli2 2001:2:3::3/64 c0
+        ns cli2 ip link set c0 up
+        ns cli2 ip route add 198.18.100.0/24 via 198.18.3.1
+        ns cli2 ip -6 route add 2001:2:100::/64 via 2001:2:3::1
+        offload_off cli2 c0
+        offload_off lan lc2
+    fi
 fi
 
 # The router with a small-MTU link to backend b5.
