@@ -365,3 +365,70 @@ fn client_ip_affinity_never_sends_a_new_connection_to_a_draining_backend() {
     assert!(!news.contains(&sticky), "{news:?}");
     assert!(news.iter().all(|b| *b == news[0]), "{news:?}");
 }
+
+#[test]
+fn an_ipv6_connection_keeps_a_removed_backend_with_source_nat() {
+    const CLIENT6: &str = "2001:2::1";
+    const VIP6: &str = "2001:2:100::10";
+    const GW6: &str = "2001:2:2::1";
+    const B6: [&str; 2] = ["2001:2:1::1", "2001:2:1::2"];
+    let table6 = |generation, list: &[&str]| {
+        let b = list
+            .iter()
+            .map(|x| BackendSpec::ready(x.parse().unwrap(), 8080))
+            .collect();
+        Table::build(
+            generation,
+            0,
+            &[
+                ServiceSpec::cluster_ip(VIP6.parse().unwrap(), 80, Proto::Tcp, b)
+                    .with_return_path(ReturnPath::Snat),
+            ],
+        )
+        .unwrap()
+    };
+    let ct = Arc::new(Conntrack::new(&Config::default()));
+    let mut w = Worker::with_config(ct, ReturnConfig::default());
+    w.set_sources(Some(Arc::new(FixedSources {
+        v4: None,
+        v6: Some(a(GW6)),
+    })));
+    let t1 = table6(1, &B6);
+    let seg = |f: Tcp, payload: &[u8]| {
+        testkit::client_frame(a(CLIENT6), 5555, a(VIP6), 80, L4Spec::Tcp(f), payload)
+    };
+    let (v, syn) = run(&mut w, &t1, &seg(Tcp::syn(1), b""));
+    let b = to(v, Side::Backend);
+    let seen = wire(&syn);
+    assert_eq!(seen.src, a(GW6), "source-NATed");
+    let synack = Tcp {
+        syn: true,
+        ..Tcp::ack(40, 2)
+    };
+    run(&mut w, &t1, &reply_to(&seen, L4Spec::Tcp(synack), b""));
+    let data = seg(Tcp::ack(2, 41), &[7; 900]);
+    let answer = reply_to(&seen, L4Spec::Tcp(Tcp::ack(41, 902)), &[8; 300]);
+    let (_, data_before) = run(&mut w, &t1, &data);
+    let (_, answer_before) = run(&mut w, &t1, &answer);
+    // The backend leaves: the connection keeps it, byte for byte both ways.
+    let other = B6.iter().copied().find(|x| a(x) != b).unwrap();
+    let t2 = table6(2, &[other]);
+    let (v, out) = run(&mut w, &t2, &data);
+    assert_eq!(to(v, Side::Backend), b);
+    assert_eq!(out, data_before);
+    let (v, out) = run(&mut w, &t2, &answer);
+    assert_eq!(to(v, Side::Client), a(CLIENT6));
+    assert_eq!(out, answer_before);
+    let r = wire(&out);
+    assert_eq!(
+        (r.src, r.sport, r.dst, r.dport),
+        (a(VIP6), 80, a(CLIENT6), 5555)
+    );
+    // A new connection goes to the backend that is left.
+    let (v, _) = run(
+        &mut w,
+        &t2,
+        &testkit::client_frame(a(CLIENT6), 5556, a(VIP6), 80, L4Spec::Tcp(Tcp::syn(1)), b""),
+    );
+    assert_eq!(to(v, Side::Backend), a(other));
+}
