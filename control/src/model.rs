@@ -16,8 +16,11 @@
 //!   same name and protocol: named target ports resolve per slice.
 //! - One frontend per (cluster IP, port, protocol); dual-stack services get one
 //!   per family, each with the endpoints of its family only.
-//! - Ready endpoints; when there are none, serving-and-terminating ones; when
-//!   there are none either, no backends (the gateway rejects).
+//! - Ready endpoints take new flows; serving-and-terminating ones drain
+//!   (weight 0: they keep their flows, take no new ones) while any endpoint
+//!   is ready, and take new flows when none is (per node for
+//!   `internalTrafficPolicy: Local`); endpoints not serving are left out; no
+//!   backends: the gateway rejects.
 //! - Every kind is served: ClusterIP, NodePort (a `nodePort` within
 //!   [`ModelOptions::node_port_range`], on the unspecified address of its
 //!   family; the gateway serves it on its addresses within
@@ -136,8 +139,14 @@ pub struct Backend {
     pub address: IpAddr,
     /// Endpoint port (the slice's resolved target port).
     pub port: u16,
-    /// Ready, or serving and terminating (only when no endpoint is ready).
+    /// Ready, or serving and terminating.
     pub state: BackendState,
+    /// Maglev weight: 1 takes new flows; 0 is draining (a serving and
+    /// terminating endpoint while a ready one exists: it keeps its
+    /// established flows and gets no new ones). A terminating backend has
+    /// weight 1 only when no endpoint is ready (per node on a node-local
+    /// frontend): kube-proxy's fallback.
+    pub weight: u32,
     /// The number of the node it runs on ([`Model::nodes`]), when its
     /// endpoint names a known node (`nodeName`).
     pub node: Option<u32>,
@@ -394,6 +403,19 @@ pub const fn state_name(state: BackendState) -> &'static str {
     match state {
         BackendState::Ready => "ready",
         BackendState::Terminating => "terminating",
+    }
+}
+
+impl Backend {
+    /// Its state as `show` prints it: `ready`, `terminating` (the fallback:
+    /// takes new flows because nothing is ready) or `draining` (terminating
+    /// while something is ready: weight 0).
+    #[must_use]
+    pub const fn state_name(&self) -> &'static str {
+        match self.state {
+            BackendState::Terminating if self.weight == 0 => "draining",
+            s => state_name(s),
+        }
     }
 }
 
@@ -1430,8 +1452,9 @@ fn validate_slice(slice: &EndpointSlice, object: &str, skips: &mut Skips) -> Opt
 
 /// The backends of one service port in one family: the slice port of the same
 /// name and protocol in each slice of that family, endpoints merged by
-/// (address, port) keeping the best condition; ready ones, else serving and
-/// terminating ones, else none.
+/// (address, port) keeping the best condition; ready ones and serving and
+/// terminating ones, weighed by [`weigh`] over all of them (not serving: left
+/// out).
 fn backends_for(
     s: &Served,
     family: Family,
@@ -1459,23 +1482,40 @@ fn backends_for(
             *u = (*u).max(ep.usable);
         }
     }
-    let pick = |want: Usable, state: BackendState| -> Vec<Backend> {
-        merged
-            .iter()
-            .filter(|(_, (u, _))| *u == want)
-            .map(|(&(address, port), &(_, node))| Backend {
+    let mut backends: Vec<Backend> = merged
+        .iter()
+        .filter_map(|(&(address, port), &(u, node))| {
+            let state = match u {
+                Usable::Ready => BackendState::Ready,
+                Usable::Terminating => BackendState::Terminating,
+                Usable::No => return None,
+            };
+            Some(Backend {
                 address,
                 port,
                 state,
+                weight: 1,
                 node,
             })
-            .collect()
-    };
-    let ready = pick(Usable::Ready, BackendState::Ready);
-    if ready.is_empty() {
-        pick(Usable::Terminating, BackendState::Terminating)
-    } else {
-        ready
+        })
+        .collect();
+    weigh(&mut backends, |_| ());
+    backends
+}
+
+/// Sets the weights of one set of backends (kube-proxy's
+/// `CategorizeEndpoints`, KEP-1669): within each group that `group` makes, a
+/// ready backend has weight 1; a serving-and-terminating one has weight 0
+/// (draining: keeps its flows, takes no new ones) while the group has a ready
+/// one, and weight 1 (the fallback) when it has none.
+fn weigh<K: Ord>(backends: &mut [Backend], group: impl Fn(&Backend) -> K) {
+    let with_ready: BTreeSet<K> = backends
+        .iter()
+        .filter(|b| b.state == BackendState::Ready)
+        .map(&group)
+        .collect();
+    for b in backends.iter_mut() {
+        b.weight = u32::from(b.state == BackendState::Ready || !with_ready.contains(&group(b)));
     }
 }
 
@@ -1516,7 +1556,16 @@ fn frontends_of(
         for &cip in &s.cluster_ips {
             let family = Family::of(cip);
             let backends = backends_for(s, family, port, nodes);
-            addresses.extend(backends.iter().map(|b| b.address));
+            // internalTrafficPolicy: Local weighs each node's backends on
+            // their own: a node without a ready backend falls back to its
+            // serving-and-terminating ones (kube-proxy's local category).
+            let local_backends = s.internal_local.then(|| {
+                let mut b = backends.clone();
+                weigh(&mut b, |b| b.node);
+                b
+            });
+            // The health check counts what takes new flows (not draining).
+            addresses.extend(backends.iter().filter(|b| b.weight > 0).map(|b| b.address));
             let ranges: Option<Vec<IpNet>> = s.lb_ranges.as_ref().map(|r| {
                 r.iter()
                     .filter(|n| Family::of(n.addr()) == family)
@@ -1533,7 +1582,10 @@ fn frontends_of(
                     protocol: port.protocol,
                     affinity_timeout_s: s.affinity,
                     return_path: s.return_path(kind),
-                    backends: backends.clone(),
+                    backends: match &local_backends {
+                        Some(b) if kind == FrontendKind::ClusterIp => b.clone(),
+                        _ => backends.clone(),
+                    },
                     source_ranges: if kind == FrontendKind::LoadBalancer {
                         ranges.clone()
                     } else {

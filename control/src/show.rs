@@ -12,7 +12,7 @@ use clustergate_dataplane::table::{BackendSpec, ServiceSpec, TableSpec};
 use serde_json::{json, Value};
 
 use crate::manifest::Skipped;
-use crate::model::{kind_name, state_name, Frontend, Model};
+use crate::model::{kind_name, Frontend, Model};
 
 /// `addr:port`, with IPv6 addresses in brackets.
 fn host_port(address: IpAddr, port: u16) -> String {
@@ -56,7 +56,7 @@ impl Model {
                         json!({
                             "address": b.address.to_string(),
                             "port": b.port,
-                            "state": state_name(b.state),
+                            "state": b.state_name(),
                             "node": b.node.and_then(|n| self.node_name(n)),
                         })
                     })
@@ -202,7 +202,7 @@ impl Model {
                     out,
                     "  -> {:<28} {}",
                     host_port(b.address, b.port),
-                    state_name(b.state)
+                    b.state_name()
                 );
                 if f.node_local {
                     let _ = write!(
@@ -268,10 +268,11 @@ impl Model {
 
     /// Every frontend as the dataplane's [`ServiceSpec`]s, each with its
     /// `ServicePortName` (`ns/name` or `ns/name:port`, which `inspect`
-    /// shows), return path, source ranges and node-locality. Every backend
-    /// has weight 1: terminating backends are present only when no backend is
-    /// ready, so they carry the traffic. Backends carry their node only on
-    /// node-local frontends (the only ones that use it).
+    /// shows), return path, source ranges and node-locality. Each backend
+    /// has the model's weight: 0 for a draining one (serving and terminating
+    /// while another is ready: it keeps its flows and takes no new ones), 1
+    /// otherwise. Backends carry their node only on node-local frontends (the
+    /// only ones that use it).
     #[must_use]
     pub fn service_specs(&self) -> Vec<ServiceSpec> {
         self.frontends
@@ -289,7 +290,7 @@ impl Model {
                     .map(|b| BackendSpec {
                         addr: b.address,
                         port: b.port,
-                        weight: 1,
+                        weight: b.weight,
                         state: b.state,
                         node: if f.node_local { b.node } else { None },
                     })

@@ -18,9 +18,7 @@ use std::time::Duration;
 use clustergate_control::kube_source::{
     follow, FollowConfig, SERVICE_FIELD_SELECTOR, SLICE_LABEL_SELECTOR,
 };
-use clustergate_control::model::{
-    endpoint_string, state_name, PROXY_NAME_LABEL, RETURN_PATH_ANNOTATION,
-};
+use clustergate_control::model::{endpoint_string, PROXY_NAME_LABEL, RETURN_PATH_ANNOTATION};
 use clustergate_control::{Model, ModelOptions};
 use clustergate_dataplane::table::{FrontendKind, ReturnPath, Table};
 use serde_json::{json, Value};
@@ -212,7 +210,7 @@ fn summary(model: &Model) -> Vec<String> {
                 .map(|b| {
                     let e = endpoint_string(b.address, b.port, f.protocol);
                     let hp = e.rsplit_once('/').map_or(e.as_str(), |(hp, _)| hp);
-                    format!("{hp} {}", state_name(b.state))
+                    format!("{hp} {}", b.state_name())
                 })
                 .collect();
             let backends = if backends.is_empty() {
@@ -482,12 +480,13 @@ async fn endpoint_conditions_change() {
     f.wait_for(&["shop/web 198.19.0.10:80/TCP -> 198.18.1.2:8080 terminating"])
         .await;
 
-    // A ready one comes back: the terminating one is no longer used.
+    // A ready one comes back: the terminating one drains (weight 0: it
+    // keeps its flows and gets no new ones).
     put(&[
         endpoint("198.18.1.1", true, true, false),
         endpoint("198.18.1.2", false, true, true),
     ]);
-    f.wait_for(&["shop/web 198.19.0.10:80/TCP -> 198.18.1.1:8080 ready"])
+    f.wait_for(&["shop/web 198.19.0.10:80/TCP -> 198.18.1.1:8080 ready, 198.18.1.2:8080 draining"])
         .await;
 
     // Terminating and no longer serving: nothing usable, no backends.

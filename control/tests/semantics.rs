@@ -958,14 +958,249 @@ fn backends(m: &Model) -> Value {
     m.to_json()["frontends"][0]["backends"].clone()
 }
 
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// The (address, weight) of each backend of the frontend at `vip`:80/TCP
+/// in the dataplane specs.
+fn weights(m: &Model, vip: &str) -> Vec<(String, u32)> {
+    let specs = m.service_specs();
+    let s = specs
+        .iter()
+        .find(|s| s.addr == vip.parse::<IpAddr>().unwrap() && s.port == 80)
+        .unwrap_or_else(|| panic!("no frontend {vip}:80"));
+    s.backends
+        .iter()
+        .map(|b| (b.addr.to_string(), b.weight))
+        .collect()
+}
+
+fn w(list: &[(&str, u32)]) -> Vec<(String, u32)> {
+    list.iter().map(|(a, w)| ((*a).to_owned(), *w)).collect()
+}
+
+/// The backends a table built from `m` picks for `n` new connections from
+/// `client` (ports 1..=n) to `vip`:80/TCP.
+fn picks(m: &Model, client: &str, vip: &str, n: u16) -> BTreeSet<String> {
+    let table = Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+    let fi = table.frontend(&addr16(ip(vip)), 80, Proto::Tcp).unwrap();
+    let fe = table.frontend_record(fi).unwrap();
+    (1..=n)
+        .filter_map(|port| {
+            let t = clustergate_dataplane::flow::FlowTuple {
+                src_addr: addr16(ip(client)),
+                dst_addr: addr16(ip(vip)),
+                src_port: port,
+                dst_port: 80,
+                proto: Proto::Tcp,
+            };
+            table
+                .pick(fe, &t)
+                .map(|b| clustergate_dataplane::flow::ip_from16(b.addr).to_string())
+        })
+        .collect()
+}
+
 #[test]
-fn ready_endpoints_only_when_some_are_ready() {
+fn serving_terminating_endpoints_drain_while_some_are_ready() {
     let m = service_with_endpoints(
         "- addresses: [198.18.1.1]\n  conditions: {ready: true, serving: true, terminating: false}\n\
          - addresses: [198.18.1.2]\n  conditions: {ready: false, serving: true, terminating: true}\n\
-         - addresses: [198.18.1.3]\n  conditions: {ready: false, serving: false, terminating: false}\n",
+         - addresses: [198.18.1.3]\n  conditions: {ready: false, serving: false, terminating: false}\n\
+         - addresses: [198.18.1.4]\n  conditions: {ready: false, serving: false, terminating: true}\n",
     );
-    assert_eq!(backends(&m), json!([ready("198.18.1.1", 8080)]));
+    // The terminating one still serving is kept, draining; not serving: out.
+    assert_eq!(
+        backends(&m),
+        json!([
+            ready("198.18.1.1", 8080),
+            be("198.18.1.2", 8080, "draining")
+        ])
+    );
+    assert_eq!(
+        weights(&m, "198.19.0.10"),
+        w(&[("198.18.1.1", 1), ("198.18.1.2", 0)])
+    );
+    let spec = &m.service_specs()[0];
+    assert_eq!(spec.backends[1].state, BackendState::Terminating);
+    assert!(m
+        .to_table()
+        .contains("  -> 198.18.1.2:8080              draining\n"));
+    // The dataplane keeps it in the frontend (its flows stay) but never
+    // picks it for a new one.
+    let table = Table::build_full(1, 0, &m.table_spec(), DEFAULT_MAX_RING_SIZE).unwrap();
+    let fe = table
+        .frontend_record(
+            table
+                .frontend(&addr16(ip("198.19.0.10")), 80, Proto::Tcp)
+                .unwrap(),
+        )
+        .unwrap();
+    assert!(table.has_backend(fe, &addr16(ip("198.18.1.2")), 8080));
+    assert_eq!(
+        picks(&m, "198.18.0.1", "198.19.0.10", 500),
+        BTreeSet::from(["198.18.1.1".to_owned()])
+    );
+    // Several ready, several draining: the same rule for each.
+    let m = service_with_endpoints(
+        "- addresses: [198.18.1.1]\n  conditions: {ready: false, serving: true, terminating: true}\n\
+         - addresses: [198.18.1.2]\n  conditions: {ready: true}\n\
+         - addresses: [198.18.1.3]\n  conditions: {ready: false, serving: true, terminating: true}\n\
+         - addresses: [198.18.1.4]\n  conditions: {}\n",
+    );
+    assert_eq!(
+        weights(&m, "198.19.0.10"),
+        w(&[
+            ("198.18.1.1", 0),
+            ("198.18.1.2", 1),
+            ("198.18.1.3", 0),
+            ("198.18.1.4", 1)
+        ])
+    );
+    assert_eq!(
+        picks(&m, "198.18.0.1", "198.19.0.10", 500),
+        BTreeSet::from(["198.18.1.2".to_owned(), "198.18.1.4".to_owned()])
+    );
+}
+
+/// A LoadBalancer Service `default/edge2` with `externalTrafficPolicy` Local
+/// (node port, external IP, LB IP, health check node port) and the given
+/// endpoints.
+fn local_edge(endpoints: &str) -> Model {
+    model(
+        &(service(
+            "edge2",
+            "  type: LoadBalancer\n  clusterIP: 198.19.0.60\n  externalIPs: [198.18.200.60]\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 31060\n  ports: [{port: 80, nodePort: 30060}]\n",
+        ) + "status:\n  loadBalancer:\n    ingress: [{ip: 198.18.201.60}]\n"
+            + &slice(
+                "edge2-a",
+                "edge2",
+                &format!("addressType: IPv4\nports: [{{port: 8080}}]\nendpoints:\n{endpoints}"),
+            )),
+    )
+}
+
+#[test]
+fn external_traffic_policy_local_drains_on_every_frontend_and_counts_what_takes_new_flows() {
+    let m = local_edge(
+        "- addresses: [198.18.1.1]\n  conditions: {ready: true}\n\
+         - addresses: [198.18.1.2]\n  conditions: {ready: false, serving: true, terminating: true}\n",
+    );
+    let specs = m.service_specs();
+    assert_eq!(
+        specs.len(),
+        4,
+        "ClusterIP, NodePort, ExternalIP, LoadBalancer"
+    );
+    for s in &specs {
+        let got: Vec<(String, u32)> = s
+            .backends
+            .iter()
+            .map(|b| (b.addr.to_string(), b.weight))
+            .collect();
+        assert_eq!(
+            got,
+            w(&[("198.18.1.1", 1), ("198.18.1.2", 0)]),
+            "{:?} {}",
+            s.kind,
+            s.addr
+        );
+    }
+    assert_eq!(
+        picks(&m, "198.18.0.1", "198.18.201.60", 300),
+        BTreeSet::from(["198.18.1.1".to_owned()])
+    );
+    // The health check counts the endpoints that take new flows.
+    assert_eq!(m.health_checks.len(), 1);
+    assert_eq!(m.health_checks[0].endpoints, 1);
+
+    // Nothing ready: the serving-and-terminating ones take new flows
+    // everywhere, and count.
+    let m = local_edge(
+        "- addresses: [198.18.1.1]\n  conditions: {ready: false, serving: false, terminating: true}\n\
+         - addresses: [198.18.1.2]\n  conditions: {ready: false, serving: true, terminating: true}\n\
+         - addresses: [198.18.1.3]\n  conditions: {ready: false, serving: true, terminating: true}\n",
+    );
+    for s in m.service_specs() {
+        let got: Vec<(String, u32)> = s
+            .backends
+            .iter()
+            .map(|b| (b.addr.to_string(), b.weight))
+            .collect();
+        assert_eq!(
+            got,
+            w(&[("198.18.1.2", 1), ("198.18.1.3", 1)]),
+            "{:?}",
+            s.kind
+        );
+        assert!(s
+            .backends
+            .iter()
+            .all(|b| b.state == BackendState::Terminating));
+    }
+    assert_eq!(m.health_checks[0].endpoints, 2);
+    assert_eq!(
+        picks(&m, "198.18.0.1", "198.18.201.60", 300),
+        BTreeSet::from(["198.18.1.2".to_owned(), "198.18.1.3".to_owned()])
+    );
+}
+
+#[test]
+fn internal_traffic_policy_local_falls_back_to_terminating_endpoints_per_node() {
+    // node-a: one ready, one terminating. node-b: terminating only.
+    let yaml = node("node-a", &["10.244.1.0/24"], &[])
+        + &node("node-b", &["10.244.2.0/24"], &[])
+        + &service(
+            "local",
+            "  clusterIP: 198.19.0.90\n  internalTrafficPolicy: Local\n  externalIPs: [198.18.200.90]\n  ports: [{port: 80}]\n",
+        )
+        + &slice(
+            "local-1",
+            "local",
+            "addressType: IPv4\nports: [{port: 8080}]\nendpoints:\n\
+             - {addresses: [10.244.1.5], nodeName: node-a, conditions: {ready: true}}\n\
+             - {addresses: [10.244.1.6], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}\n\
+             - {addresses: [10.244.2.6], nodeName: node-b, conditions: {ready: false, serving: true, terminating: true}}\n\
+             - {addresses: [10.244.2.7], nodeName: node-b, conditions: {ready: false, serving: false, terminating: true}}\n",
+        );
+    let m = model(&yaml);
+    // The node-local ClusterIP frontend: node-b has nothing ready, so its
+    // terminating endpoint takes its clients' new flows (kube-proxy's local
+    // category); node-a's drains.
+    assert_eq!(
+        weights(&m, "198.19.0.90"),
+        w(&[("10.244.1.5", 1), ("10.244.1.6", 0), ("10.244.2.6", 1)])
+    );
+    // The external IP (not node-local): one endpoint is ready, both
+    // terminating ones drain.
+    assert_eq!(
+        weights(&m, "198.18.200.90"),
+        w(&[("10.244.1.5", 1), ("10.244.1.6", 0), ("10.244.2.6", 0)])
+    );
+    let t = m.to_table();
+    assert!(
+        t.contains("  -> 10.244.1.6:8080              draining node node-a\n"),
+        "{t}"
+    );
+    assert!(
+        t.contains("  -> 10.244.2.6:8080              terminating node node-b\n"),
+        "{t}"
+    );
+    // In the dataplane: clients on node-a reach only its ready endpoint,
+    // clients on node-b its terminating one.
+    assert_eq!(
+        picks(&m, "10.244.1.77", "198.19.0.90", 300),
+        BTreeSet::from(["10.244.1.5".to_owned()])
+    );
+    assert_eq!(
+        picks(&m, "10.244.2.77", "198.19.0.90", 300),
+        BTreeSet::from(["10.244.2.6".to_owned()])
+    );
+    assert_eq!(
+        picks(&m, "10.244.2.77", "198.18.200.90", 300),
+        BTreeSet::from(["10.244.1.5".to_owned()])
+    );
 }
 
 #[test]
@@ -982,6 +1217,15 @@ fn serving_terminating_endpoints_are_the_fallback() {
             be("198.18.1.1", 8080, "terminating"),
             be("198.18.1.4", 8080, "terminating")
         ])
+    );
+    // Nothing is ready: they take new flows (weight 1).
+    assert_eq!(
+        weights(&m, "198.19.0.10"),
+        w(&[("198.18.1.1", 1), ("198.18.1.4", 1)])
+    );
+    assert_eq!(
+        picks(&m, "198.18.0.1", "198.19.0.10", 300),
+        BTreeSet::from(["198.18.1.1".to_owned(), "198.18.1.4".to_owned()])
     );
 }
 

@@ -1837,7 +1837,9 @@ impl Conntrack {
 
     /// Records that flow `t`'s backend is still valid in table `epoch`,
     /// as frontend `frontend`'s backend `backend_index` (both indices in that
-    /// table).
+    /// table; `u32::MAX` for a TCP connection that keeps a backend which left
+    /// the table, as Linux conntrack keeps kube-proxy's DNAT). The binding
+    /// itself (backend, NAT, reverse entry) is never changed.
     pub fn revalidate(
         &self,
         family: Family,

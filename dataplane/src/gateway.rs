@@ -785,6 +785,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         &resolve_rx,
         &mut handles,
         &status,
+        &ct,
         started,
     );
     stop.store(true, Ordering::Relaxed);
@@ -809,9 +810,13 @@ fn manage(
     resolve_rx: &Receiver<IpAddr>,
     handles: &mut [WorkerHandle],
     status: &Mutex<Status>,
+    ct: &Conntrack,
     started: Instant,
 ) -> Result<()> {
     let mut last_refresh = Instant::now();
+    let mut last_linger = Instant::now();
+    // Backends that left the table with TCP connections still on them.
+    let mut lingering = 0;
     let mut eager_until = Instant::now() + EAGER_FOR;
     let mut triggered: HashMap<IpAddr, Instant> = HashMap::new();
     let mut applied_at = (watcher.handle().generation() > 0).then(std::time::SystemTime::now);
@@ -857,6 +862,9 @@ fn manage(
         report_poll(watcher, outcome);
         if let PollOutcome::Applied { .. } = outcome {
             let table = watcher.handle().load_full();
+            // Before the sync, so that a backend that left keeps its key.
+            lingering = steer_lingering(steering, ct, &table, started);
+            last_linger = Instant::now();
             resync = !sync_steering(steering, &table, "new table");
             table_st = Some(table_status(&table, plan));
             keep_backends_resolved(resolver, &table);
@@ -865,6 +873,16 @@ fn manage(
         }
 
         let now = Instant::now();
+        // Backends kept for their TCP connections are let go once those end.
+        if lingering > 0 && now.duration_since(last_linger) >= LINGER_EVERY {
+            let table = watcher.handle().load_full();
+            let before = lingering;
+            lingering = steer_lingering(steering, ct, &table, started);
+            if lingering != before {
+                resync |= !sync_steering(steering, &table, "backends without connections let go");
+            }
+            last_linger = now;
+        }
         let since = now.duration_since(last_refresh);
         let mut refresh = since >= REFRESH_HOPS || (now < eager_until && since >= EAGER_REFRESH);
         while let Ok(addr) = resolve_rx.try_recv() {
@@ -945,6 +963,60 @@ fn report_poll(w: &Watcher, outcome: PollOutcome) {
         ),
         _ => {}
     }
+}
+
+/// How often the backends kept for their TCP connections are looked at again.
+const LINGER_EVERY: Duration = Duration::from_secs(2);
+/// Connections looked at per look (a backend with one among them is kept).
+const LINGER_FLOWS: usize = 16_384;
+
+/// Tells `steering` which backends left `table` but still have TCP
+/// connections (the core keeps them until they close or time out, as Linux
+/// conntrack keeps kube-proxy's DNAT), so that their replies stay steered;
+/// returns how many. The next [`Steering::sync`] applies it.
+fn steer_lingering(
+    steering: &mut Steering,
+    ct: &Conntrack,
+    table: &Table,
+    started: Instant,
+) -> usize {
+    let in_table: std::collections::HashSet<(Addr16, u16, u8)> = table
+        .frontends()
+        .iter()
+        .flat_map(|f| {
+            table
+                .backends_of(f)
+                .iter()
+                .map(move |b| (b.addr, b.port, f.proto))
+        })
+        .collect();
+    let mut flows = Vec::new();
+    let now = clustergate_dataplane::time::Now(started.elapsed().as_nanos() as u64);
+    ct.snapshot_flows(
+        now,
+        LINGER_FLOWS,
+        &|f| {
+            f.proto == clustergate_dataplane::flow::Proto::Tcp
+                && !in_table.contains(&(f.backend, f.backend_port, f.proto.ip_number()))
+        },
+        &mut flows,
+    );
+    let keys: std::collections::BTreeSet<steer::SteerKey> = flows
+        .iter()
+        .map(|f| steer::SteerKey {
+            addr: f.backend,
+            port: f.backend_port,
+            proto: f.proto.ip_number(),
+        })
+        .collect();
+    let n = keys.len();
+    if steering.set_lingering(keys) {
+        info!(
+            backends = n,
+            "steering: backends kept for their TCP connections"
+        );
+    }
+    n
 }
 
 fn keep_backends_resolved(resolver: &mut Resolver, table: &Table) {

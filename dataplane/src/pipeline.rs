@@ -289,6 +289,10 @@ struct Bound {
     nat: FlowNat,
 }
 
+/// The backend index of a TCP flow whose backend left the table: it keeps
+/// its backend, and counts in no per-backend counter.
+const GONE: u32 = u32::MAX;
+
 /// The drop reason of a refused insert.
 fn insert_drop(e: InsertError) -> DropReason {
     match e {
@@ -758,8 +762,19 @@ impl Worker {
                 if hit.epoch == epoch && hit.frontend == fi {
                     return Ok(Some(bound));
                 }
-                if let Some(backend_index) = table.backend_index(fe, &hit.backend, hit.backend_port)
-                {
+                // A new table: the backend is still one of the frontend's
+                // (draining or not: a weight-0 backend keeps its flows), or
+                // it left the table. A TCP connection keeps a backend that
+                // left until it closes or times out, as Linux conntrack keeps
+                // kube-proxy's DNAT; its index becomes `GONE` (no
+                // per-backend counter). A connection the backend never
+                // answered, and UDP and SCTP flows, pick again (kube-proxy
+                // flushes UDP entries).
+                let keep = t.proto == Proto::Tcp && hit.state != FlowState::TcpSynSent;
+                let kept = table
+                    .backend_index(fe, &hit.backend, hit.backend_port)
+                    .or(keep.then_some(GONE));
+                if let Some(backend_index) = kept {
                     self.ct.revalidate(family, t, fi, epoch, backend_index);
                     return Ok(Some(Bound {
                         backend_index,

@@ -335,44 +335,47 @@ fn table_swap_keeps_established_flows() {
 }
 
 #[test]
-fn removing_a_backend_moves_only_its_flows() {
+fn removing_a_backend_keeps_its_tcp_connections_until_they_close() {
     let mut gw = Gateway::new(Table::build(1, 0, &services(&B)).unwrap());
     let now = Now::from_secs(10);
     let before = open_flows(&mut gw, now, 300);
     let removed = a(B[1]);
     assert!(before.contains(&removed));
     gw.table = Table::build(2, 0, &services(&[B[0], B[2]])).unwrap();
-    let mut moved = 0;
+    // Established connections keep their backend, even the removed one (as
+    // Linux conntrack keeps kube-proxy's DNAT).
     for i in 0..300u16 {
-        let now_b = data_backend(&mut gw, now, i);
-        if before[i as usize] == removed {
-            assert_ne!(now_b, removed, "flow {i} left the removed backend");
-            moved += 1;
-        } else {
-            assert_eq!(
-                now_b, before[i as usize],
-                "flow {i} on a surviving backend stayed"
-            );
-        }
+        assert_eq!(
+            data_backend(&mut gw, now, i),
+            before[i as usize],
+            "flow {i} kept its backend"
+        );
     }
     let c = gw.workers[0].counters.flows_moved + gw.workers[1].counters.flows_moved;
-    assert_eq!(c, moved);
-    // Replies from the new backend are reverse-NATed; the old binding is gone.
+    assert_eq!(c, 0, "no established TCP connection moved");
+    // Replies from the removed backend are still reverse-NATed.
     let i = before.iter().position(|b| *b == removed).unwrap() as u16;
-    let new_b = data_backend(&mut gw, now, i);
     let r = gw.send(
         1,
         now,
-        &tcp(
-            backend_name(new_b),
-            8080,
-            CLIENT,
-            10000 + i,
-            Tcp::ack(10, 3),
-            b"",
-        ),
+        &tcp(B[1], 8080, CLIENT, 10000 + i, Tcp::ack(10, 3), b""),
     );
+    assert!(matches!(r.verdict, Verdict::Forward { .. }), "{r:?}");
     assert_eq!(wire(&r.frame).src, a(VIP));
+    // The client resets it; a new connection on the same tuple goes to a
+    // backend still in the table, and the old binding is gone.
+    let rst = Tcp {
+        rst: true,
+        ..Tcp::ack(3, 10)
+    };
+    let o = gw.send(0, now, &tcp(CLIENT, 10000 + i, VIP, 80, rst, b""));
+    assert_eq!(forwarded_to(&o), removed, "the RST reaches the backend");
+    let again = gw.send(0, now, &tcp(CLIENT, 10000 + i, VIP, 80, Tcp::syn(50), b""));
+    let new_b = forwarded_to(&again);
+    assert_ne!(
+        new_b, removed,
+        "a new connection never picks a removed backend"
+    );
     let stale = gw.send(
         1,
         now,

@@ -512,6 +512,9 @@ pub struct Steering {
     snat_range: Option<PortRange>,
     /// The node's addresses node ports are steered on (from the next sync).
     node_addrs: BTreeSet<Addr16>,
+    /// Backends that left the table but still have TCP connections (from
+    /// the next sync): their replies stay steered.
+    lingering: BTreeSet<SteerKey>,
     slots: u32,
     ebpf: Ebpf,
 }
@@ -725,6 +728,7 @@ impl Steering {
             snat_mirror: Set::default(),
             snat_range: None,
             node_addrs: BTreeSet::new(),
+            lingering: BTreeSet::new(),
             slots,
             ebpf,
         })
@@ -809,6 +813,18 @@ impl Steering {
         true
     }
 
+    /// Sets the backends (address, port, protocol) that left the table but
+    /// still have TCP connections, which keep them until they close (see
+    /// `docs/semantics.md`, "Draining"): their replies stay steered, from
+    /// the next [`Steering::sync`] on. True when they changed (call `sync`).
+    pub fn set_lingering(&mut self, keys: BTreeSet<SteerKey>) -> bool {
+        if keys == self.lingering {
+            return false;
+        }
+        self.lingering = keys;
+        true
+    }
+
     /// Makes the lookup maps equal to what `table` needs on this node (its
     /// node ports on the addresses of [`Steering::set_node_addrs`]): inserts
     /// the new keys of all four maps first, then deletes the stale ones, so a
@@ -820,7 +836,11 @@ impl Steering {
     /// # Errors
     /// A map refuses an insert (full: raise [`SteerConfig`]) or a delete.
     pub fn sync(&mut self, table: &Table) -> Result<SyncStats, SteerError> {
-        let (want, node_port_keys) = Keys::wanted(table, &self.node_addrs);
+        let (mut want, node_port_keys) = Keys::wanted(table, &self.node_addrs);
+        for k in &self.lingering {
+            want.backends.insert(*k);
+            want.backend_addrs.insert(k.addr);
+        }
         let mut added = 0;
         let mut removed = 0;
 
