@@ -1087,6 +1087,18 @@ impl Table {
                 frontend: i as u32,
             };
             index.insert_unique(h, slot, |s| key_hash(index_seed, &s.addr, s.port, s.proto));
+            // One address-only entry per address (port 0, protocol 0, which
+            // no frontend has), for `is_frontend_addr`.
+            let ha = key_hash(index_seed, &f.addr, 0, 0);
+            let any = |s: &IndexSlot| s.addr == f.addr && s.port == 0 && s.proto == 0;
+            if index.find(ha, any).is_none() {
+                let slot = IndexSlot {
+                    port: 0,
+                    proto: 0,
+                    ..slot
+                };
+                index.insert_unique(ha, slot, |s| key_hash(index_seed, &s.addr, s.port, s.proto));
+            }
         }
         let mut nodes = HashMap::with_capacity(node_prefixes.len());
         let mut node_lens = Vec::new();
@@ -1262,11 +1274,15 @@ impl Table {
             .map(|s| s.frontend)
     }
 
-    /// Is there any frontend on this address (any port or protocol)?
-    /// Slow path only (ICMP errors); linear.
+    /// Is there any frontend on this address (any port or protocol)? One
+    /// hashed lookup (new flows ask it).
+    #[inline]
     #[must_use]
     pub fn is_frontend_addr(&self, addr: &Addr16) -> bool {
-        self.frontends.iter().any(|f| f.addr == *addr)
+        let h = key_hash(self.index_seed, addr, 0, 0);
+        self.index
+            .find(h, |s| s.addr == *addr && s.port == 0 && s.proto == 0)
+            .is_some()
     }
 
     /// The name of the frontend at `index` ([`ServiceSpec::name`]; control

@@ -140,4 +140,25 @@ drop_reasons! {
     /// multicast, broadcast; IPv6 unspecified, loopback, multicast): a
     /// martian (RFC 1812 §5.3.7), dropped and never answered.
     MartianSource => "martian_source",
+    /// A fragment that overlaps, repeats or contradicts (past the end a last
+    /// fragment set) a fragment of its datagram already forwarded; the
+    /// datagram's later fragments are dropped too (RFC 5722, RFC 1858 §3;
+    /// Linux discards the whole datagram).
+    FragmentOverlap => "fragment_overlap",
+    /// A fragment that reaches past the largest datagram IP can carry (65 535
+    /// bytes): the "ping of death" (RFC 791 §3.1, RFC 8200 §4.5).
+    FragmentOversize => "fragment_oversize",
+    /// A TCP fragment at offset 8 bytes, which can only rewrite the TCP
+    /// header's flags (RFC 1858 §4, RFC 3128 §3).
+    FragmentTinyTcp => "fragment_tiny_tcp",
+    /// A source-routed packet: IPv4 LSRR or SSRR option (RFC 7126 §4.3, Linux
+    /// `accept_source_route=0`), or an IPv6 routing header with segments left
+    /// (RFC 8200 §4.4, RFC 5095).
+    SourceRoute => "source_route",
+    /// A new flow from a frontend's own address: a spoofed source whose
+    /// replies would go to the frontend (Linux drops a source that is a local
+    /// address as a martian).
+    FrontendSource => "frontend_source",
+    /// An ICMP error that would be sent to a frontend's address.
+    ErrorToFrontend => "error_to_frontend",
 }
