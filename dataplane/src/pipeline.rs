@@ -961,6 +961,11 @@ impl Worker {
         e: &IcmpError,
     ) -> Step {
         let q = e.quoted;
+        // An error from a source no host can have is not believed (RFC 1812
+        // §5.3.7), whatever it quotes.
+        if martian_source(&p.src) {
+            return Err(DropReason::MartianSource);
+        }
         // The quoted packet went the other way: its reverse is the flow key.
         let key = q.tuple.reversed();
         if p.ttl <= 1 {
@@ -1037,9 +1042,14 @@ impl Worker {
                 .map_err(|_| DropReason::IcmpMalformed)?;
             let addr = if snat { r.client } else { p.dst };
             // Never towards a frontend: a forged error, or one about a flow
-            // from a spoofed frontend source (slow path: linear is fine).
+            // from a spoofed frontend source (one hashed lookup).
             if table.is_frontend_addr(&addr) {
                 return Err(DropReason::ErrorToFrontend);
+            }
+            // An error goes back to the quoted packet's source (RFC 792,
+            // RFC 4443 §2.4); one addressed elsewhere is forged.
+            if !snat && p.dst != q.tuple.src_addr {
+                return Err(DropReason::IcmpMalformed);
             }
             NextHop {
                 addr,
