@@ -2173,6 +2173,62 @@ mod tests {
     use crate::flow::v4_to_16;
     use std::sync::Arc;
 
+    /// A datagram's fragment ranges: adjacent ones merge, so in-order
+    /// fragments never run out of room; 8 disjoint pieces at once is the
+    /// limit; a fragment that will not be forwarded leaves no range; an
+    /// overlap refuses the datagram's later fragments too.
+    #[test]
+    fn fragment_ranges_merge_and_refuse_overlaps() {
+        let ct = small(16);
+        let now = Now(1_000_000_000_000);
+        let (s, d) = (v4_to_16([198, 18, 0, 1]), v4_to_16([198, 19, 0, 10]));
+        let frag = |offset: u32, len: u32, more: bool| Fragment {
+            id: 7,
+            first: offset == 0,
+            offset,
+            len,
+            more,
+            next: 17,
+        };
+        let rw = FragRewrite::Encap {
+            outer_src: s,
+            backend: d,
+        };
+        let look = |f: Fragment| ct.fragment_lookup(now, &s, &d, &f, |_| true);
+        ct.fragment_remember(now, &s, &d, &frag(0, 16, true), rw)
+            .unwrap();
+        assert_eq!(
+            ct.fragment_remember(now, &s, &d, &frag(0, 16, true), rw),
+            Err(FragRefused::Overlap),
+            "a second first fragment"
+        );
+        let ct = small(16);
+        let look2 = |f: Fragment, fwd: bool| ct.fragment_lookup(now, &s, &d, &f, |_| fwd);
+        ct.fragment_remember(now, &s, &d, &frag(0, 16, true), rw)
+            .unwrap();
+        for i in 1..8 {
+            assert_eq!(look2(frag(i * 32, 16, true), true), Ok(rw), "piece {i}");
+        }
+        assert_eq!(
+            look2(frag(256, 16, true), true),
+            Err(FragRefused::Untracked)
+        );
+        // Filling a gap merges three ranges into one: room again.
+        assert_eq!(look2(frag(16, 16, true), true), Ok(rw));
+        assert_eq!(look2(frag(256, 16, true), true), Ok(rw));
+        // Not forwarded: no range left behind.
+        assert_eq!(look2(frag(48, 16, true), false), Ok(rw));
+        assert_eq!(look2(frag(48, 16, true), true), Ok(rw));
+        // An overlap, then the datagram is refused.
+        assert_eq!(look2(frag(40, 16, true), true), Err(FragRefused::Overlap));
+        assert_eq!(look2(frag(400, 8, false), true), Err(FragRefused::Overlap));
+        assert_eq!(
+            look(frag(16, 8, true)),
+            Err(FragRefused::Overlap),
+            "the repeated first fragment poisoned its datagram"
+        );
+    }
+
     fn small(capacity: usize) -> Conntrack {
         Conntrack::new(&Config {
             capacity,
