@@ -102,7 +102,8 @@ drop_reasons! {
     SctpFragmentPortRewrite => "sctp_fragment_port_rewrite",
     /// TTL or hop limit would reach zero.
     TtlExpired => "ttl_expired",
-    /// A non-first IP fragment whose first fragment was not seen.
+    /// A non-first IP fragment whose first fragment was not seen (or whose
+    /// datagram arrived in more than 8 disjoint pieces at once).
     FragmentUntracked => "fragment_untracked",
     /// The service has no endpoints and the frame cannot be answered with a
     /// reject (it is itself a RST, an ICMP error or a non-first fragment).

@@ -13,6 +13,9 @@
 //!   incremental updates keep a wrong checksum wrong, so only those are
 //!   checked. Rejects are new packets: all their checksums must be valid.
 //! - A `len` past the buffer is `Drop(BadFrameLength)`.
+//! - Hostile packets, one test per class (`docs/architecture.md`, "Hostile
+//!   packets"): the verdict and drop reason, and the bytes and checksums of
+//!   what is forwarded. The broad corpus is `hostile_corpus.rs`.
 //!
 //! Failure persistence is off (no regression files are written); a failure
 //! prints the minimal input.

@@ -11,6 +11,12 @@
 //! Supported: Ethernet II, at most one 802.1Q tag, IPv4 with or without options,
 //! IPv6 with extension headers, TCP, UDP, SCTP, and ICMPv4/ICMPv6 errors that
 //! quote a TCP/UDP/SCTP packet. Fragments: see [`Fragment`].
+//!
+//! Refused here, whatever the destination (`docs/architecture.md`, "Hostile
+//! packets"): source routes (IPv4 LSRR/SSRR, IPv6 routing headers with
+//! segments left), fragments reaching past 65 535 bytes, TCP fragments at
+//! offset 8 bytes. The IPv6 chain is walked here, not by etherparse: it stops
+//! at a non-first fragment's Fragment header, whose data is not headers.
 
 use etherparse::{
     EtherType, Ethernet2HeaderSlice, Ipv4Slice, Ipv6HeaderSlice, SingleVlanHeaderSlice, TcpSlice,
