@@ -778,9 +778,9 @@ impl Worker {
         if martian_source(&t.src_addr) {
             return Err(DropReason::MartianSource);
         }
-        // Nor one from a frontend's own address: its replies would go to
-        // the frontend (Linux: a local source address is a martian).
-        if table.is_frontend_addr(&t.src_addr) {
+        // Nor one from a cluster IP or load-balancer address: its replies
+        // would go to the frontend (Linux: a local source is a martian).
+        if table.is_virtual_addr(&t.src_addr) {
             return Err(DropReason::FrontendSource);
         }
         if !table.source_allowed(fe, &t.src_addr) {
@@ -1043,7 +1043,7 @@ impl Worker {
             let addr = if snat { r.client } else { p.dst };
             // Never towards a frontend: a forged error, or one about a flow
             // from a spoofed frontend source (one hashed lookup).
-            if table.is_frontend_addr(&addr) {
+            if table.is_virtual_addr(&addr) {
                 return Err(DropReason::ErrorToFrontend);
             }
             // An error goes back to the quoted packet's source (RFC 792,

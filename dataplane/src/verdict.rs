@@ -156,10 +156,12 @@ drop_reasons! {
     /// `accept_source_route=0`), or an IPv6 routing header with segments left
     /// (RFC 8200 §4.4, RFC 5095).
     SourceRoute => "source_route",
-    /// A new flow from a frontend's own address: a spoofed source whose
-    /// replies would go to the frontend (Linux drops a source that is a local
-    /// address as a martian).
+    /// A new flow from a cluster IP or load-balancer address (not an
+    /// external IP, which may be a node's): a spoofed source whose replies
+    /// would go to the frontend (Linux drops a source that is a local address
+    /// as a martian).
     FrontendSource => "frontend_source",
-    /// An ICMP error that would be sent to a frontend's address.
+    /// An ICMP error that would be sent to a cluster IP or load-balancer
+    /// address.
     ErrorToFrontend => "error_to_frontend",
 }

@@ -28,7 +28,7 @@ use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{ip_from16, v4_to_16, Addr16, Proto};
 use clustergate_dataplane::packet::checksum::sctp_crc32c;
 use clustergate_dataplane::pipeline::{DropReason, Verdict, Worker};
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::table::{BackendSpec, FrontendKind, ServiceSpec, Table};
 use clustergate_dataplane::testkit::{
     client_frame, ethernet, frame, icmp_error, ipv4_raw, ipv6_fragment, udp_datagram, L4Spec, Tcp,
     BUF_LEN, CLIENT_MAC, GATEWAY_MAC,
@@ -1228,5 +1228,26 @@ fn nothing_is_sent_towards_a_frontend() {
     assert!(
         matches!(drop_of(&mut w, &err), Verdict::Forward { .. }),
         "to the client"
+    );
+
+    // An external IP may be a real host's (a node's own address): a client
+    // on it is served.
+    let t = Table::build(
+        2,
+        0,
+        &[
+            svc(VIP4, 80, Proto::Tcp, &[(B1, 8080)]),
+            svc(C4, 8443, Proto::Tcp, &[(B2, 8443)])
+                .with_kind(FrontendKind::ExternalIp, ip_from16(C4)),
+        ],
+    )
+    .unwrap();
+    let f = client_frame(C4, 40000, VIP4, 80, syn(), b"");
+    let mut buf = vec![0u8; BUF_LEN];
+    buf[..f.len()].copy_from_slice(&f);
+    let v = worker().process(NOW, &t, &mut buf, f.len());
+    assert!(
+        matches!(v, Verdict::Forward { .. }),
+        "from an external IP: {v:?}"
     );
 }
