@@ -44,7 +44,7 @@ use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 
 use crate::flow::{v4_to_16, Addr16, FlowTuple, Proto};
-use crate::packet::parse::{tcp_flags, Family};
+use crate::packet::parse::{tcp_flags, Family, Fragment};
 use crate::prefetch::prefetch;
 use crate::snat::PortRange;
 use crate::time::Now;
@@ -1645,6 +1645,40 @@ impl<K: Hash + Eq + Copy, V: Copy> Expiring<K, V> {
     fn len(&self) -> usize {
         self.shards.iter().map(|m| lock(&m.0).len()).sum()
     }
+
+    /// Runs `f` on `k`'s live value (`None` when absent or expired) under
+    /// the shard's lock, so a check and its update are one step. When the key
+    /// was absent and `f` returns a value, it is set until `now + ttl` (if the
+    /// shard has room).
+    fn upsert<R>(
+        &self,
+        now: u32,
+        k: K,
+        ttl: u32,
+        f: impl FnOnce(Option<&mut V>) -> (R, Option<V>),
+    ) -> R {
+        let h = self.hasher.hash_one(k);
+        let mut s = lock(&self.shards[(h >> 32) as usize & self.mask].0);
+        match s.find_entry(h, |(x, _, _)| *x == k) {
+            Ok(mut e) if e.get().2 > now => return f(Some(&mut e.get_mut().1)).0,
+            Ok(e) => {
+                e.remove();
+            }
+            Err(_) => {}
+        }
+        let (r, v) = f(None);
+        if let Some(v) = v {
+            if s.len() >= s.capacity() {
+                s.retain(|(_, _, exp)| *exp > now);
+            }
+            if s.len() < s.capacity() {
+                let hasher = &self.hasher;
+                let expires = now.saturating_add(ttl);
+                s.insert_unique(h, (k, v, expires), |(x, _, _)| hasher.hash_one(x));
+            }
+        }
+        r
+    }
 }
 
 /// What a first fragment's rewrite does to the other fragments of its
@@ -1677,7 +1711,108 @@ struct FragKey {
     src: Addr16,
     dst: Addr16,
     id: u32,
+    /// [`Fragment::next`]: the IPv4 protocol or the IPv6 Fragment header's
+    /// Next Header.
     proto: u8,
+}
+
+impl FragKey {
+    fn of(src: &Addr16, dst: &Addr16, f: &Fragment) -> Self {
+        Self {
+            src: *src,
+            dst: *dst,
+            id: f.id,
+            proto: f.next,
+        }
+    }
+}
+
+/// Disjoint byte ranges a datagram's fragments may arrive in (adjacent
+/// ones merge, so in-order fragments use one).
+const FRAG_RANGES: usize = 8;
+
+/// A datagram in flight: the first fragment's rewrite and the byte ranges of
+/// the fragments forwarded, so that none overlaps another (RFC 5722, RFC
+/// 1858 §3). Fixed size: nothing is allocated per fragment.
+#[derive(Debug, Clone, Copy)]
+struct FragState {
+    rw: FragRewrite,
+    /// `[start, end)` of the data forwarded, sorted, disjoint, not adjacent.
+    ranges: [(u32, u32); FRAG_RANGES],
+    used: u8,
+    /// Where the datagram ends, once its last fragment was forwarded.
+    end: Option<u32>,
+    /// An overlap was seen: the rest of the datagram is dropped, as Linux
+    /// discards the whole queue.
+    poisoned: bool,
+}
+
+/// Why a fragment is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FragRefused {
+    /// A non-first fragment whose first fragment was not seen (or whose
+    /// datagram came in more than 8 disjoint pieces at once).
+    Untracked,
+    /// It overlaps or repeats a fragment already forwarded, reaches past the
+    /// end the last fragment set, or its datagram already had an overlap.
+    Overlap,
+}
+
+impl FragState {
+    fn new(rw: FragRewrite) -> Self {
+        Self {
+            rw,
+            ranges: [(0, 0); FRAG_RANGES],
+            used: 0,
+            end: None,
+            poisoned: false,
+        }
+    }
+
+    /// Records `f`'s range, or says why it must be dropped (and poisons the
+    /// datagram on an overlap).
+    fn add(&mut self, f: &Fragment) -> Result<(), FragRefused> {
+        if self.poisoned {
+            return Err(FragRefused::Overlap);
+        }
+        let (start, stop) = (f.offset, f.offset + f.len);
+        let used = usize::from(self.used);
+        let ranges = &self.ranges[..used];
+        let max_seen = ranges.last().map_or(0, |r| r.1);
+        let bad_end = match self.end {
+            Some(end) => stop > end || (!f.more && stop != end),
+            None => !f.more && max_seen > stop,
+        };
+        if bad_end || ranges.iter().any(|&(a, b)| start < b && a < stop) {
+            self.poisoned = true;
+            return Err(FragRefused::Overlap);
+        }
+        // Insert, merging with the neighbours it touches.
+        let at = ranges.partition_point(|r| r.1 <= start);
+        let joins_prev = at > 0 && self.ranges[at - 1].1 == start;
+        let joins_next = at < used && self.ranges[at].0 == stop;
+        match (joins_prev, joins_next) {
+            (true, true) => {
+                self.ranges[at - 1].1 = self.ranges[at].1;
+                self.ranges.copy_within(at + 1..used, at);
+                self.used -= 1;
+            }
+            (true, false) => self.ranges[at - 1].1 = stop,
+            (false, true) => self.ranges[at].0 = start,
+            (false, false) => {
+                if used == FRAG_RANGES {
+                    return Err(FragRefused::Untracked);
+                }
+                self.ranges.copy_within(at..used, at + 1);
+                self.ranges[at] = (start, stop);
+                self.used += 1;
+            }
+        }
+        if !f.more {
+            self.end = Some(stop);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -1694,7 +1829,7 @@ pub struct Conntrack {
     v4: Tracker<[u8; 4]>,
     v6: Tracker<[u8; 16]>,
     affinity: Expiring<AffinityKey, (Addr16, u16)>,
-    fragments: Expiring<FragKey, FragRewrite>,
+    fragments: Expiring<FragKey, FragState>,
     timeouts: Timeouts,
 }
 
@@ -1962,43 +2097,62 @@ impl Conntrack {
         self.affinity.len()
     }
 
-    /// Remembers the rewrite of a first fragment for the datagram's other fragments.
+    /// Remembers the rewrite of a first fragment for the datagram's other
+    /// fragments, with its byte range.
+    ///
+    /// # Errors
+    /// [`FragRefused::Overlap`] when the datagram already had a first
+    /// fragment (a repeat, or an overlap: the datagram is poisoned).
     pub fn fragment_remember(
         &self,
         now: Now,
         src: &Addr16,
         dst: &Addr16,
-        proto: Proto,
-        id: u32,
+        frag: &Fragment,
         rw: FragRewrite,
-    ) -> bool {
-        let k = FragKey {
-            src: *src,
-            dst: *dst,
-            id,
-            proto: proto.ip_number(),
-        };
+    ) -> Result<(), FragRefused> {
+        let k = FragKey::of(src, dst, frag);
         self.fragments
-            .set(now.secs32(), k, rw, self.timeouts.fragment)
+            .upsert(now.secs32(), k, self.timeouts.fragment, |e| match e {
+                Some(st) => (st.add(frag), None),
+                None => {
+                    let mut st = FragState::new(rw);
+                    let r = st.add(frag);
+                    (r, r.is_ok().then_some(st))
+                }
+            })
     }
 
-    /// The rewrite remembered for a datagram's fragments.
-    #[must_use]
+    /// The rewrite remembered for a non-first fragment's datagram; its range
+    /// is recorded when `forwards` says the fragment will be forwarded with
+    /// that rewrite (one dropped later, for its TTL or its size, leaves no
+    /// range behind).
+    ///
+    /// # Errors
+    /// [`FragRefused::Untracked`] when the first fragment was not seen;
+    /// [`FragRefused::Overlap`] when it overlaps or repeats a fragment
+    /// already forwarded, or reaches past the datagram's end.
     pub fn fragment_lookup(
         &self,
         now: Now,
         src: &Addr16,
         dst: &Addr16,
-        proto: Proto,
-        id: u32,
-    ) -> Option<FragRewrite> {
-        let k = FragKey {
-            src: *src,
-            dst: *dst,
-            id,
-            proto: proto.ip_number(),
-        };
-        self.fragments.get(now.secs32(), &k)
+        frag: &Fragment,
+        forwards: impl FnOnce(&FragRewrite) -> bool,
+    ) -> Result<FragRewrite, FragRefused> {
+        let k = FragKey::of(src, dst, frag);
+        self.fragments
+            .upsert(now.secs32(), k, self.timeouts.fragment, |e| match e {
+                Some(st) if !forwards(&st.rw) => (Ok(st.rw), None),
+                Some(st) => (st.add(frag).map(|()| st.rw), None),
+                None => (Err(FragRefused::Untracked), None),
+            })
+    }
+
+    /// Datagrams whose fragments are tracked now.
+    #[must_use]
+    pub fn fragments_len(&self) -> usize {
+        self.fragments.len()
     }
 }
 
@@ -2020,6 +2174,62 @@ mod tests {
     }
     use crate::flow::v4_to_16;
     use std::sync::Arc;
+
+    /// A datagram's fragment ranges: adjacent ones merge, so in-order
+    /// fragments never run out of room; 8 disjoint pieces at once is the
+    /// limit; a fragment that will not be forwarded leaves no range; an
+    /// overlap refuses the datagram's later fragments too.
+    #[test]
+    fn fragment_ranges_merge_and_refuse_overlaps() {
+        let ct = small(16);
+        let now = Now(1_000_000_000_000);
+        let (s, d) = (v4_to_16([198, 18, 0, 1]), v4_to_16([198, 19, 0, 10]));
+        let frag = |offset: u32, len: u32, more: bool| Fragment {
+            id: 7,
+            first: offset == 0,
+            offset,
+            len,
+            more,
+            next: 17,
+        };
+        let rw = FragRewrite::Encap {
+            outer_src: s,
+            backend: d,
+        };
+        let look = |f: Fragment| ct.fragment_lookup(now, &s, &d, &f, |_| true);
+        ct.fragment_remember(now, &s, &d, &frag(0, 16, true), rw)
+            .unwrap();
+        assert_eq!(
+            ct.fragment_remember(now, &s, &d, &frag(0, 16, true), rw),
+            Err(FragRefused::Overlap),
+            "a second first fragment"
+        );
+        let ct = small(16);
+        let look2 = |f: Fragment, fwd: bool| ct.fragment_lookup(now, &s, &d, &f, |_| fwd);
+        ct.fragment_remember(now, &s, &d, &frag(0, 16, true), rw)
+            .unwrap();
+        for i in 1..8 {
+            assert_eq!(look2(frag(i * 32, 16, true), true), Ok(rw), "piece {i}");
+        }
+        assert_eq!(
+            look2(frag(256, 16, true), true),
+            Err(FragRefused::Untracked)
+        );
+        // Filling a gap merges three ranges into one: room again.
+        assert_eq!(look2(frag(16, 16, true), true), Ok(rw));
+        assert_eq!(look2(frag(256, 16, true), true), Ok(rw));
+        // Not forwarded: no range left behind.
+        assert_eq!(look2(frag(48, 16, true), false), Ok(rw));
+        assert_eq!(look2(frag(48, 16, true), true), Ok(rw));
+        // An overlap, then the datagram is refused.
+        assert_eq!(look2(frag(40, 16, true), true), Err(FragRefused::Overlap));
+        assert_eq!(look2(frag(400, 8, false), true), Err(FragRefused::Overlap));
+        assert_eq!(
+            look(frag(16, 8, true)),
+            Err(FragRefused::Overlap),
+            "the repeated first fragment poisoned its datagram"
+        );
+    }
 
     fn small(capacity: usize) -> Conntrack {
         Conntrack::new(&Config {

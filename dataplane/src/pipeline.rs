@@ -16,7 +16,9 @@
 
 use std::sync::Arc;
 
-use crate::conntrack::{Binding, Conntrack, FlowNat, FlowState, FragRewrite, InsertError};
+use crate::conntrack::{
+    Binding, Conntrack, FlowNat, FlowState, FragRefused, FragRewrite, InsertError,
+};
 use crate::flow::{Addr16, FlowTuple, Proto};
 use crate::packet::checksum;
 use crate::packet::encap;
@@ -506,7 +508,7 @@ impl Worker {
         match &p.l4 {
             L4::Flow(f) => self.flow(now, table, buf, len, p, f, prep.frontend),
             L4::NonFirstFragment(proto) => self.non_first_fragment(now, buf, len, p, *proto),
-            L4::IcmpError(e) => self.icmp_error(now, buf, len, p, e),
+            L4::IcmpError(e) => self.icmp_error(now, table, buf, len, p, e),
         }
     }
 
@@ -685,7 +687,8 @@ impl Worker {
                 next_hop,
             };
             self.ct
-                .fragment_remember(now, &p.src, &p.dst, f.proto, frag.id, rw);
+                .fragment_remember(now, &p.src, &p.dst, &frag, rw)
+                .map_err(frag_drop)?;
         }
         Ok(())
     }
@@ -719,10 +722,11 @@ impl Worker {
         decrement_ttl(buf, p)?;
         let len = encap::encapsulate(buf, p.family, p.l3, p.ip_end, &outer_src, &backend)
             .map_err(|_| DropReason::BufferTooSmall)?;
-        if let (Some(frag), Some(f)) = (p.fragment, f) {
+        if let (Some(frag), Some(_)) = (p.fragment, f) {
             let rw = FragRewrite::Encap { outer_src, backend };
             self.ct
-                .fragment_remember(now, &p.src, &p.dst, f.proto, frag.id, rw);
+                .fragment_remember(now, &p.src, &p.dst, &frag, rw)
+                .map_err(frag_drop)?;
         }
         Ok(Verdict::Forward {
             len,
@@ -788,6 +792,11 @@ impl Worker {
         // a flow, so only new flows are checked; nor is it answered.
         if martian_source(&t.src_addr) {
             return Err(DropReason::MartianSource);
+        }
+        // Nor one from a cluster IP or load-balancer address: its replies
+        // would go to the frontend (Linux: a local source is a martian).
+        if table.is_virtual_addr(&t.src_addr) {
+            return Err(DropReason::FrontendSource);
         }
         if !table.source_allowed(fe, &t.src_addr) {
             return Err(DropReason::SourceRange);
@@ -911,14 +920,30 @@ impl Worker {
         buf: &mut [u8],
         len: usize,
         p: &Parsed,
-        proto: crate::flow::Proto,
+        proto: Option<Proto>,
     ) -> Step {
-        self.counters.fragments_nonfirst += 1;
-        let id = p.fragment.map_or(0, |f| f.id);
-        let rw = self
+        let Some(frag) = p.fragment else {
+            return Ok(Verdict::Pass);
+        };
+        // Only a fragment that will leave leaves its range behind.
+        let too_big =
+            p.ip_end - p.l3 + encap::outer_len(p.family) > usize::from(self.ret.encap_mtu);
+        let forwards =
+            |rw: &FragRewrite| p.ttl > 1 && !(too_big && matches!(rw, FragRewrite::Encap { .. }));
+        let rw = match self
             .ct
-            .fragment_lookup(now, &p.src, &p.dst, proto, id)
-            .ok_or(DropReason::FragmentUntracked)?;
+            .fragment_lookup(now, &p.src, &p.dst, &frag, forwards)
+        {
+            Ok(rw) => rw,
+            // An IPv6 fragment of an unknown protocol behind extension
+            // headers, whose datagram we never balanced: the kernel's.
+            Err(FragRefused::Untracked) if proto.is_none() => return Ok(Verdict::Pass),
+            Err(e) => {
+                self.counters.fragments_nonfirst += 1;
+                return Err(frag_drop(e));
+            }
+        };
+        self.counters.fragments_nonfirst += 1;
         if p.ttl <= 1 {
             return Err(DropReason::TtlExpired);
         }
@@ -951,12 +976,18 @@ impl Worker {
     fn icmp_error(
         &mut self,
         now: Now,
+        table: &Table,
         buf: &mut [u8],
         len: usize,
         p: &Parsed,
         e: &IcmpError,
     ) -> Step {
         let q = e.quoted;
+        // An error from a source no host can have is not believed (RFC 1812
+        // §5.3.7), whatever it quotes.
+        if martian_source(&p.src) {
+            return Err(DropReason::MartianSource);
+        }
         // The quoted packet went the other way: its reverse is the flow key.
         let key = q.tuple.reversed();
         if p.ttl <= 1 {
@@ -977,6 +1008,14 @@ impl Worker {
             };
         }
         let quoted_l4 = |c: Option<L4Csum>| c.map(|c| (q.l4, c));
+        // A quoted SCTP packet's CRC32c covers its ports: when the quote holds
+        // all of it, the stored CRC follows the port rewrite (right stays
+        // right, wrong stays wrong); a cut quote's cannot be computed and is
+        // left as sent, as the peer only checks the verification tag (RFC
+        // 9260 Appendix C).
+        let sctp_before = (q.tuple.proto == Proto::Sctp && q.whole)
+            .then(|| rewrite::sctp_crc_computed(buf, q.l4, q.end).ok())
+            .flatten();
         let next_hop = if let Some(hit) = self.ct.lookup_original(now, p.family, &key, 0, false) {
             // Quoted: vip → client (a reply). Send it to the backend as if it
             // had come from the client: outer dst and quoted src become the
@@ -1023,13 +1062,28 @@ impl Worker {
             rewrite_addr(buf, p.family, q.l3, Dir::Dst, quoted_l4(csum), &r.vip)?;
             rewrite::set_dst_port(buf, q.l4, csum.unwrap_or(L4Csum::None), r.vport)
                 .map_err(|_| DropReason::IcmpMalformed)?;
+            let addr = if snat { r.client } else { p.dst };
+            // Never towards a frontend: a forged error, or one about a flow
+            // from a spoofed frontend source (one hashed lookup).
+            if table.is_virtual_addr(&addr) {
+                return Err(DropReason::ErrorToFrontend);
+            }
+            // An error goes back to the quoted packet's source (RFC 792,
+            // RFC 4443 §2.4); one addressed elsewhere is forged.
+            if !snat && p.dst != q.tuple.src_addr {
+                return Err(DropReason::IcmpMalformed);
+            }
             NextHop {
-                addr: if snat { r.client } else { p.dst },
+                addr,
                 side: Side::Client,
             }
         } else {
             return Ok(Verdict::Pass);
         };
+        if let Some(before) = sctp_before {
+            rewrite::sctp_crc_follow(buf, q.l4, q.end, before)
+                .map_err(|_| DropReason::IcmpMalformed)?;
+        }
         write_icmp_checksum(buf, p, e);
         decrement_ttl(buf, p)?;
         self.counters.icmp_errors += 1;
@@ -1130,6 +1184,14 @@ fn sctp_fragment_guard(
         return Err(DropReason::SctpFragmentPortRewrite);
     }
     Ok(())
+}
+
+/// The drop reason of a refused fragment.
+fn frag_drop(e: FragRefused) -> DropReason {
+    match e {
+        FragRefused::Untracked => DropReason::FragmentUntracked,
+        FragRefused::Overlap => DropReason::FragmentOverlap,
+    }
 }
 
 /// SCTP's CRC32c covers the ports: recompute it after a port rewrite.

@@ -1100,6 +1100,20 @@ impl Table {
                 frontend: i as u32,
             };
             index.insert_unique(h, slot, |s| key_hash(index_seed, &s.addr, s.port, s.proto));
+            // One address-only entry (port 0, protocol 0, which no frontend
+            // has) per virtual address, for `is_virtual_addr`.
+            let virtual_kind = f.kind == FrontendKind::ClusterIp as u8
+                || f.kind == FrontendKind::LoadBalancer as u8;
+            let ha = key_hash(index_seed, &f.addr, 0, 0);
+            let any = |s: &IndexSlot| s.addr == f.addr && s.port == 0 && s.proto == 0;
+            if virtual_kind && index.find(ha, any).is_none() {
+                let slot = IndexSlot {
+                    port: 0,
+                    proto: 0,
+                    ..slot
+                };
+                index.insert_unique(ha, slot, |s| key_hash(index_seed, &s.addr, s.port, s.proto));
+            }
         }
         let mut nodes = HashMap::with_capacity(node_prefixes.len());
         let mut node_lens = Vec::new();
@@ -1288,6 +1302,20 @@ impl Table {
     #[must_use]
     pub fn is_frontend_addr(&self, addr: &Addr16) -> bool {
         self.frontends.iter().any(|f| f.addr == *addr)
+    }
+
+    /// Is this a virtual address: the address of a cluster IP or
+    /// load-balancer frontend (any port or protocol), which no host has? Not
+    /// an external IP (it may be a node's own address) nor the node-port
+    /// wildcard. One hashed lookup (new flows ask it: such a source is
+    /// spoofed).
+    #[inline]
+    #[must_use]
+    pub fn is_virtual_addr(&self, addr: &Addr16) -> bool {
+        let h = key_hash(self.index_seed, addr, 0, 0);
+        self.index
+            .find(h, |s| s.addr == *addr && s.port == 0 && s.proto == 0)
+            .is_some()
     }
 
     /// The name of the frontend at `index` ([`ServiceSpec::name`]; control

@@ -102,7 +102,8 @@ drop_reasons! {
     SctpFragmentPortRewrite => "sctp_fragment_port_rewrite",
     /// TTL or hop limit would reach zero.
     TtlExpired => "ttl_expired",
-    /// A non-first IP fragment whose first fragment was not seen.
+    /// A non-first IP fragment whose first fragment was not seen (or whose
+    /// datagram arrived in more than 8 disjoint pieces at once).
     FragmentUntracked => "fragment_untracked",
     /// The service has no endpoints and the frame cannot be answered with a
     /// reject (it is itself a RST, an ICMP error or a non-first fragment).
@@ -143,4 +144,27 @@ drop_reasons! {
     /// A new flow that the NetworkPolicies of its backend pod (ingress) or
     /// of its client pod (egress) do not allow; no flow is created.
     NetworkPolicy => "network_policy",
+    /// A fragment that overlaps, repeats or contradicts (past the end a last
+    /// fragment set) a fragment of its datagram already forwarded; the
+    /// datagram's later fragments are dropped too (RFC 5722, RFC 1858 §3;
+    /// Linux discards the whole datagram).
+    FragmentOverlap => "fragment_overlap",
+    /// A fragment that reaches past the largest datagram IP can carry (65 535
+    /// bytes): the "ping of death" (RFC 791 §3.1, RFC 8200 §4.5).
+    FragmentOversize => "fragment_oversize",
+    /// A TCP fragment at offset 8 bytes, which can only rewrite the TCP
+    /// header's flags (RFC 1858 §4, RFC 3128 §3).
+    FragmentTinyTcp => "fragment_tiny_tcp",
+    /// A source-routed packet: IPv4 LSRR or SSRR option (RFC 7126 §4.3, Linux
+    /// `accept_source_route=0`), or an IPv6 routing header with segments left
+    /// (RFC 8200 §4.4, RFC 5095).
+    SourceRoute => "source_route",
+    /// A new flow from a cluster IP or load-balancer address (not an
+    /// external IP, which may be a node's): a spoofed source whose replies
+    /// would go to the frontend (Linux drops a source that is a local address
+    /// as a martian).
+    FrontendSource => "frontend_source",
+    /// An ICMP error that would be sent to a cluster IP or load-balancer
+    /// address.
+    ErrorToFrontend => "error_to_frontend",
 }

@@ -13,6 +13,9 @@
 //!   incremental updates keep a wrong checksum wrong, so only those are
 //!   checked. Rejects are new packets: all their checksums must be valid.
 //! - A `len` past the buffer is `Drop(BadFrameLength)`.
+//! - Hostile packets, one test per class (`docs/architecture.md`, "Hostile
+//!   packets"): the verdict and drop reason, and the bytes and checksums of
+//!   what is forwarded. The broad corpus is `hostile_corpus.rs`.
 //!
 //! Failure persistence is off (no regression files are written); a failure
 //! prints the minimal input.
@@ -25,7 +28,7 @@ use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{ip_from16, v4_to_16, Addr16, Proto};
 use clustergate_dataplane::packet::checksum::sctp_crc32c;
 use clustergate_dataplane::pipeline::{DropReason, Verdict, Worker};
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::table::{BackendSpec, FrontendKind, ServiceSpec, Table};
 use clustergate_dataplane::testkit::{
     client_frame, ethernet, frame, icmp_error, ipv4_raw, ipv6_fragment, udp_datagram, L4Spec, Tcp,
     BUF_LEN, CLIENT_MAC, GATEWAY_MAC,
@@ -851,4 +854,400 @@ fn martian_sources_and_link_broadcasts_are_dropped() {
         Verdict::Drop(DropReason::LinkBroadcast)
     );
     assert!(matches!(run(&mut w, &good), Verdict::Forward { .. }));
+}
+
+// ---------------------------------------------------------------------------
+// Hostile packets, one class at a time (docs/architecture.md, "Hostile
+// packets")
+// ---------------------------------------------------------------------------
+
+/// Runs frames through one worker, each in a fresh [`BUF_LEN`] buffer;
+/// returns the verdict and the buffer.
+fn run(w: &mut Worker, f: &[u8]) -> (Verdict, Vec<u8>) {
+    let mut buf = vec![0u8; BUF_LEN.max(f.len() + 200)];
+    buf[..f.len()].copy_from_slice(f);
+    let v = w.process(NOW, table(), &mut buf, f.len());
+    (v, buf)
+}
+
+/// The frame's bytes when forwarded; panics otherwise.
+fn fwd(w: &mut Worker, f: &[u8], what: &str) -> Vec<u8> {
+    match run(w, f) {
+        (Verdict::Forward { len, .. }, buf) => buf[..len].to_vec(),
+        (v, _) => panic!("{what}: expected a forward, got {v:?}"),
+    }
+}
+
+fn drop_of(w: &mut Worker, f: &[u8]) -> Verdict {
+    run(w, f).0
+}
+
+/// One's-complement sum of 16-bit words (odd byte padded), unfolded.
+fn ones_sum(mut acc: u32, b: &[u8]) -> u32 {
+    for c in b.chunks(2) {
+        acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    acc
+}
+
+fn folds_to_ffff(mut s: u32) -> bool {
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s == 0xffff
+}
+
+/// An IPv6 datagram whose fragmentable part starts with Destination Options
+/// (RFC 8200 §4.5): the first fragment carries them and the UDP header; the
+/// last one's first bytes are UDP payload, which would not parse as an
+/// extension header. Both are forwarded to the backend, and the datagram
+/// they make up has a valid UDP checksum for its new destination.
+#[test]
+fn an_ipv6_non_first_fragment_is_data_not_headers() {
+    let mut w = worker();
+    let dgram = udp_datagram(C6, VIP6, 40000, 53, 200);
+    let mut first_data = vec![17, 0, 1, 4, 0, 0, 0, 0]; // Destination Options, PadN
+    first_data.extend_from_slice(&dgram[..48]);
+    let first = ipv6_fragment(C6, VIP6, 60, 0x5151, (0, true), &first_data);
+    // Offset 56 bytes: the options (8) and 48 UDP bytes.
+    let last = ipv6_fragment(C6, VIP6, 60, 0x5151, (7, false), &dgram[48..]);
+    assert!(
+        (u16::from(dgram[49]) + 1) * 8 > 152,
+        "the data would be an extension header longer than the fragment"
+    );
+    let a = fwd(&mut w, &first, "first fragment");
+    let b = fwd(&mut w, &last, "last fragment");
+    for f in [&a, &b] {
+        assert_eq!(&f[14 + 24..14 + 40], &B6[..], "to the backend");
+    }
+    assert_eq!(&b[14 + 48..], &dgram[48..], "fragment data unchanged");
+    let mut udp = a[14 + 40 + 8 + 8..].to_vec();
+    udp.extend_from_slice(&b[14 + 48..]);
+    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 5353, "backend port");
+    let pseudo = ones_sum(ones_sum(0, &C6), &B6) + udp.len() as u32 + 17;
+    assert!(
+        folds_to_ffff(ones_sum(pseudo, &udp)),
+        "reassembled UDP checksum"
+    );
+    assert_eq!(w.counters.fragments_nonfirst, 1);
+}
+
+/// Overlapping, repeated and past-the-end fragments are dropped and counted
+/// (RFC 5722, RFC 1858 §3), and so is the rest of a datagram that had an
+/// overlap; the fragments before it were forwarded.
+#[test]
+fn overlapping_fragments_are_dropped() {
+    let mut w = worker();
+    let dgram = udp_datagram(C4, VIP4, 40000, 53, 200);
+    let frag =
+        |id: u16, off: u16, more: bool, data: &[u8]| ipv4_raw(C4, VIP4, 17, id, (off, more), data);
+    let overlap = Verdict::Drop(DropReason::FragmentOverlap);
+    // A repeat, then a valid last fragment of the poisoned datagram.
+    fwd(&mut w, &frag(1, 0, true, &dgram[..64]), "1 first");
+    fwd(&mut w, &frag(1, 8, true, &dgram[64..128]), "1 middle");
+    assert_eq!(drop_of(&mut w, &frag(1, 8, true, &dgram[64..128])), overlap);
+    assert_eq!(drop_of(&mut w, &frag(1, 16, false, &dgram[128..])), overlap);
+    // Past the end the last fragment set.
+    fwd(&mut w, &frag(2, 0, true, &dgram[..64]), "2 first");
+    fwd(
+        &mut w,
+        &frag(2, 16, false, &dgram[128..]),
+        "2 last, out of order",
+    );
+    fwd(
+        &mut w,
+        &frag(2, 8, true, &dgram[64..128]),
+        "2 middle fills the hole",
+    );
+    assert_eq!(drop_of(&mut w, &frag(2, 25, false, &[0; 8])), overlap);
+    // The first fragment twice.
+    fwd(&mut w, &frag(3, 0, true, &dgram[..64]), "3 first");
+    assert_eq!(drop_of(&mut w, &frag(3, 0, true, &dgram[..64])), overlap);
+    // Into the first fragment's bytes.
+    fwd(&mut w, &frag(4, 0, true, &dgram[..64]), "4 first");
+    assert_eq!(drop_of(&mut w, &frag(4, 4, true, &dgram[32..96])), overlap);
+    assert_eq!(w.counters.dropped(DropReason::FragmentOverlap), 5);
+    // IPv6 alike.
+    let d6 = udp_datagram(C6, VIP6, 40000, 53, 200);
+    fwd(
+        &mut w,
+        &ipv6_fragment(C6, VIP6, 17, 9, (0, true), &d6[..64]),
+        "v6 first",
+    );
+    let mid = ipv6_fragment(C6, VIP6, 17, 9, (4, true), &d6[32..96]);
+    assert_eq!(drop_of(&mut w, &mid), overlap);
+}
+
+/// A fragment that reaches past 65 535 bytes (the "ping of death") and a
+/// TCP fragment at offset 8 bytes (RFC 3128's offset 1) are dropped before
+/// anything is looked up; just below the limit, and UDP at offset 8, are
+/// ordinary untracked fragments.
+#[test]
+fn oversize_and_tiny_tcp_fragments_are_dropped() {
+    let mut w = worker();
+    let oversize = Verdict::Drop(DropReason::FragmentOversize);
+    let untracked = Verdict::Drop(DropReason::FragmentUntracked);
+    let tiny = Verdict::Drop(DropReason::FragmentTinyTcp);
+    // IPv4: header (20) + offset + data > 65 535.
+    assert_eq!(
+        drop_of(&mut w, &ipv4_raw(C4, VIP4, 17, 7, (8189, false), &[0; 48])),
+        oversize
+    );
+    assert_eq!(
+        drop_of(&mut w, &ipv4_raw(C4, VIP4, 17, 7, (8183, false), &[0; 48])),
+        untracked
+    );
+    assert_eq!(
+        drop_of(&mut w, &ipv4_raw(C4, VIP4, 1, 7, (8189, false), &[0; 48])),
+        oversize,
+        "ICMP too"
+    );
+    // IPv6: offset + data > 65 535.
+    assert_eq!(
+        drop_of(
+            &mut w,
+            &ipv6_fragment(C6, VIP6, 17, 7, (8190, false), &[0; 48])
+        ),
+        oversize
+    );
+    assert_eq!(
+        drop_of(
+            &mut w,
+            &ipv6_fragment(C6, VIP6, 17, 7, (8185, false), &[0; 48])
+        ),
+        untracked
+    );
+    // TCP at offset 1 (8 bytes), even after a valid first fragment.
+    let syn4 = client_frame(C4, 40000, VIP4, 80, syn(), &[0; 40]);
+    let tcp4 = &syn4[34..];
+    fwd(
+        &mut w,
+        &ipv4_raw(C4, VIP4, 6, 8, (0, true), &tcp4[..24]),
+        "TCP first fragment",
+    );
+    assert_eq!(
+        drop_of(&mut w, &ipv4_raw(C4, VIP4, 6, 8, (1, true), &tcp4[8..24])),
+        tiny
+    );
+    assert_eq!(
+        drop_of(&mut w, &ipv6_fragment(C6, VIP6, 6, 8, (1, false), &[0; 16])),
+        tiny
+    );
+    assert_eq!(
+        drop_of(&mut w, &ipv4_raw(C4, VIP4, 17, 8, (1, false), &[0; 16])),
+        untracked
+    );
+    assert_eq!(w.counters.dropped(DropReason::FragmentOversize), 3);
+    assert_eq!(w.counters.dropped(DropReason::FragmentTinyTcp), 2);
+}
+
+fn ipv4_with_options(opts: &[u8]) -> Vec<u8> {
+    let mut h = Ipv4Header::new(0, 64, ip_number::TCP, v4(&C4), v4(&VIP4)).unwrap();
+    h.options = Ipv4Options::try_from(opts).unwrap();
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ip(IpHeaders::Ipv4(h, Default::default()))
+        .tcp(40000, 80, 1000, 64240)
+        .syn()
+        .write(&mut out, b"opts")
+        .unwrap();
+    out
+}
+
+fn ipv6_with_routing(segments_left: u8) -> Vec<u8> {
+    let exts = Ipv6Extensions {
+        routing: Some(etherparse::Ipv6RoutingExtensions {
+            routing: Ipv6RawExtHeader::new_raw(ip_number::TCP, &[4, segments_left, 0, 0, 0, 0])
+                .unwrap(),
+            final_destination_options: None,
+        }),
+        ..Default::default()
+    };
+    let h = Ipv6Header {
+        hop_limit: 64,
+        source: C6,
+        destination: VIP6,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, GATEWAY_MAC)
+        .ip(IpHeaders::Ipv6(h, exts))
+        .tcp(40000, 80, 1000, 64240)
+        .syn()
+        .write(&mut out, b"rt")
+        .unwrap();
+    out
+}
+
+/// Source-routed packets are dropped: IPv4 LSRR and SSRR (RFC 7126 §4.3,
+/// Linux `accept_source_route=0`), IPv6 routing headers with segments left
+/// (RFC 8200 §4.4, RFC 5095). Record Route, and a routing header with no
+/// segments left, are forwarded with valid checksums; options that overrun
+/// the header are malformed.
+#[test]
+fn source_routed_packets_are_dropped() {
+    let mut w = worker();
+    let sr = Verdict::Drop(DropReason::SourceRoute);
+    let lsrr = ipv4_with_options(&[131, 7, 4, 198, 18, 1, 1, 0]);
+    let ssrr = ipv4_with_options(&[1, 137, 7, 4, 198, 18, 1, 1]);
+    assert_eq!(drop_of(&mut w, &lsrr), sr);
+    assert_eq!(drop_of(&mut w, &ssrr), sr);
+    assert_eq!(drop_of(&mut w, &ipv6_with_routing(1)), sr);
+    assert_eq!(
+        drop_of(&mut w, &ipv4_with_options(&[7, 11, 4, 0, 0, 0, 0, 0])),
+        Verdict::Drop(DropReason::Ipv4Malformed),
+        "an option longer than the header"
+    );
+    assert_eq!(w.counters.dropped(DropReason::SourceRoute), 3);
+    for (what, f) in [
+        ("record route", ipv4_with_options(&[7, 7, 4, 0, 0, 0, 0, 0])),
+        ("routing header, no segments left", ipv6_with_routing(0)),
+    ] {
+        let (v, out) = process_checked(&mut w, &f, true).unwrap();
+        assert!(matches!(v, Verdict::Forward { .. }), "{what}: {v:?}");
+        check_forward(&f, v, &out).unwrap();
+        assert_eq!(l4_ok(&out), Some(true), "{what}: transport checksum");
+    }
+}
+
+/// An ICMP error quoting a whole SCTP packet leaves with the quote's CRC32c
+/// right for the translated ports (and a wrong one stays wrong); a cut quote
+/// keeps the bytes it has, its CRC untouched.
+#[test]
+fn icmp_errors_keep_a_quoted_sctp_crc_consistent() {
+    let mut w = worker();
+    let init = client_frame(C4, 40000, VIP4, SCTP_PORT, L4Spec::Sctp, b"beat");
+    let to_b1 = fwd(&mut w, &init, "SCTP to the backend");
+    let sctp_len = to_b1.len() - 34;
+    let quoted_crc = |out: &[u8]| {
+        let q = &out[14 + 20 + 8 + 20..];
+        (
+            u32::from_le_bytes(q[8..12].try_into().unwrap()),
+            sctp_crc32c(q),
+            u16::from_be_bytes([q[2], q[3]]),
+        )
+    };
+    let err = icmp_error(B1, C4, (3, 3, [0; 4]), &to_b1, 20 + sctp_len);
+    let out = fwd(&mut w, &err, "whole quote");
+    let (stored, computed, dport) = quoted_crc(&out);
+    assert_eq!(dport, SCTP_PORT, "quoted destination is the frontend again");
+    assert_eq!(
+        stored, computed,
+        "quoted CRC right for the translated ports"
+    );
+    assert_eq!(l4_ok(&out), Some(true), "ICMP checksum");
+
+    let mut corrupt = to_b1.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0x10;
+    let err = icmp_error(B1, C4, (3, 3, [0; 4]), &corrupt, 20 + sctp_len);
+    let out = fwd(&mut w, &err, "whole quote, wrong CRC");
+    let (stored, computed, _) = quoted_crc(&out);
+    let (s0, c0) = {
+        let q = &corrupt[34..];
+        (
+            u32::from_le_bytes(q[8..12].try_into().unwrap()),
+            sctp_crc32c(q),
+        )
+    };
+    assert_eq!(stored ^ computed, s0 ^ c0, "wrong by the same amount");
+    assert_ne!(stored, computed);
+
+    let err = icmp_error(B1, C4, (3, 3, [0; 4]), &to_b1, 28);
+    let out = fwd(&mut w, &err, "8-byte quote");
+    let q = &out[14 + 20 + 8 + 20..];
+    assert_eq!(q.len(), 8);
+    assert_eq!(u16::from_be_bytes([q[2], q[3]]), SCTP_PORT);
+    assert_eq!(&q[4..8], &to_b1[38..42], "verification tag as sent");
+    assert_eq!(l4_ok(&out), Some(true), "ICMP checksum");
+}
+
+/// An ICMP error quoting a non-first fragment is not matched to a flow,
+/// whatever its first payload bytes look like (they are not ports).
+#[test]
+fn a_quoted_non_first_fragment_is_not_matched() {
+    let mut w = worker();
+    let query = client_frame(C4, 40000, VIP4, 53, L4Spec::Udp, b"query");
+    fwd(&mut w, &query, "query");
+    // A fragment at offset 8 whose data starts like the forwarded query's
+    // UDP header (40000 → B1:5353).
+    let mut data = vec![0x9c, 0x40, 0x14, 0xe9, 0, 16, 0, 0];
+    data.extend_from_slice(&[0; 8]);
+    let fragment = ipv4_raw(C4, B1, 17, 3, (1, false), &data);
+    let err = icmp_error(B1, C4, (3, 3, [0; 4]), &fragment, 36);
+    assert_eq!(drop_of(&mut w, &err), Verdict::Pass);
+    assert_eq!(w.counters.icmp_errors, 0);
+    let mut whole = fragment.clone();
+    whole[14 + 6..14 + 8].fill(0); // the same bytes as a whole packet
+    let sum = raw_checksum(&{
+        let mut h = whole[14..34].to_vec();
+        h[10..12].fill(0);
+        h
+    });
+    whole[24..26].copy_from_slice(&sum.to_be_bytes());
+    let err = icmp_error(B1, C4, (3, 3, [0; 4]), &whole, 36);
+    assert!(
+        matches!(drop_of(&mut w, &err), Verdict::Forward { .. }),
+        "the control case matches"
+    );
+}
+
+/// Nothing is sent towards a frontend: a new flow from a frontend's address
+/// (a spoofed source: its replies and errors would go to the frontend) is
+/// dropped, not forwarded or rejected, and an ICMP error addressed to a
+/// frontend is dropped.
+#[test]
+fn nothing_is_sent_towards_a_frontend() {
+    let mut w = worker();
+    let fs = Verdict::Drop(DropReason::FrontendSource);
+    for (src, dst, port) in [
+        (VIP4, VIP4, 80),
+        (EMPTY4, VIP4, 80),
+        (VIP4, EMPTY4, 80),
+        (VIP6, VIP6, 80),
+    ] {
+        let f = client_frame(src, 40000, dst, port, syn(), b"");
+        assert_eq!(
+            drop_of(&mut w, &f),
+            fs,
+            "{} → {}",
+            ip_from16(src),
+            ip_from16(dst)
+        );
+    }
+    assert_eq!(w.counters.dropped(DropReason::FrontendSource), 4);
+    assert_eq!(w.counters.new_flows, 0);
+    let query = client_frame(C4, 40000, VIP4, 53, L4Spec::Udp, b"query");
+    let to_b1 = fwd(&mut w, &query, "query");
+    let err = icmp_error(B1, VIP4, (3, 3, [0; 4]), &to_b1, 64);
+    assert_eq!(
+        drop_of(&mut w, &err),
+        Verdict::Drop(DropReason::ErrorToFrontend)
+    );
+    let err = icmp_error(B1, C4, (3, 3, [0; 4]), &to_b1, 64);
+    assert!(
+        matches!(drop_of(&mut w, &err), Verdict::Forward { .. }),
+        "to the client"
+    );
+
+    // An external IP may be a real host's (a node's own address): a client
+    // on it is served.
+    let t = Table::build(
+        2,
+        0,
+        &[
+            svc(VIP4, 80, Proto::Tcp, &[(B1, 8080)]),
+            svc(C4, 8443, Proto::Tcp, &[(B2, 8443)])
+                .with_kind(FrontendKind::ExternalIp, ip_from16(C4)),
+        ],
+    )
+    .unwrap();
+    let f = client_frame(C4, 40000, VIP4, 80, syn(), b"");
+    let mut buf = vec![0u8; BUF_LEN];
+    buf[..f.len()].copy_from_slice(&f);
+    let v = worker().process(NOW, &t, &mut buf, f.len());
+    assert!(
+        matches!(v, Verdict::Forward { .. }),
+        "from an external IP: {v:?}"
+    );
 }

@@ -11,10 +11,15 @@
 //! Supported: Ethernet II, at most one 802.1Q tag, IPv4 with or without options,
 //! IPv6 with extension headers, TCP, UDP, SCTP, and ICMPv4/ICMPv6 errors that
 //! quote a TCP/UDP/SCTP packet. Fragments: see [`Fragment`].
+//!
+//! Refused here, whatever the destination (`docs/architecture.md`, "Hostile
+//! packets"): source routes (IPv4 LSRR/SSRR, IPv6 routing headers with
+//! segments left), fragments reaching past 65 535 bytes, TCP fragments at
+//! offset 8 bytes. The IPv6 chain is walked here, not by etherparse: it stops
+//! at a non-first fragment's Fragment header, whose data is not headers.
 
 use etherparse::{
-    EtherType, Ethernet2HeaderSlice, Ipv4Slice, Ipv6ExtensionSlice, Ipv6Slice,
-    SingleVlanHeaderSlice, TcpSlice,
+    EtherType, Ethernet2HeaderSlice, Ipv4Slice, Ipv6HeaderSlice, SingleVlanHeaderSlice, TcpSlice,
 };
 
 use super::rewrite::L4Csum;
@@ -34,16 +39,29 @@ pub enum Family {
 ///
 /// Policy (documented in `docs/architecture.md`): a **first** fragment carries
 /// the transport header, so it is balanced like any packet of its flow, and its
-/// rewrite is remembered under (src, dst, protocol, identification). A
+/// rewrite is remembered under (src, dst, `next`, identification). A
 /// **non-first** fragment has no ports: it gets the rewrite remembered for its
 /// datagram, or is dropped as [`DropReason::FragmentUntracked`] when the first
-/// fragment was not seen (for example, when it arrived out of order).
+/// fragment was not seen (for example, when it arrived out of order). Each
+/// fragment's byte range is remembered too: one that overlaps or repeats a
+/// range already forwarded is dropped ([`DropReason::FragmentOverlap`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fragment {
     /// Identification field (16 bits in IPv4, 32 in IPv6).
     pub id: u32,
     /// True for the fragment at offset 0.
     pub first: bool,
+    /// Where its data starts in the datagram's fragmentable part, in bytes.
+    pub offset: u32,
+    /// Bytes of fragmentable data it carries.
+    pub len: u32,
+    /// More fragments follow (the MF / M flag).
+    pub more: bool,
+    /// The protocol number that names the datagram with the addresses and
+    /// the identification: the IPv4 protocol, or the IPv6 Fragment header's
+    /// Next Header (which a non-first fragment carries too, whatever
+    /// extension headers follow it in the fragmentable part).
+    pub next: u8,
 }
 
 /// The transport part of a flow packet.
@@ -88,6 +106,9 @@ pub struct Quoted {
     pub end: usize,
     /// The flow as the quoted packet carried it.
     pub tuple: FlowTuple,
+    /// The quote holds the whole quoted packet (its IP length ends where the
+    /// ICMP message ends), so a checksum over all of it can be kept right.
+    pub whole: bool,
 }
 
 /// An ICMP or ICMPv6 error message about one of our flows.
@@ -104,8 +125,11 @@ pub struct IcmpError {
 pub enum L4 {
     /// TCP, UDP or SCTP with its ports (including a first fragment).
     Flow(FlowL4),
-    /// A non-first fragment of a TCP/UDP/SCTP datagram: no ports.
-    NonFirstFragment(Proto),
+    /// A non-first fragment: no ports. The protocol when its Next Header
+    /// names TCP, UDP or SCTP; `None` for an IPv6 fragment whose fragmentable
+    /// part starts with an extension header (the first fragment's rewrite
+    /// still applies when there was one; otherwise it is not ours).
+    NonFirstFragment(Option<Proto>),
     /// An ICMP error quoting a TCP/UDP/SCTP packet.
     IcmpError(IcmpError),
 }
@@ -149,6 +173,7 @@ impl Parsed {
 }
 
 const IP_ICMP: u8 = 1;
+const IP_TCP: u8 = 6;
 const IP_ICMPV6: u8 = 58;
 
 /// Offset of `sub` inside `base`; `sub` must be a subslice of `base`.
@@ -198,6 +223,39 @@ fn ip_len_error(e: &etherparse::err::LenError) -> bool {
     matches!(e.len_source, etherparse::LenSource::Slice)
 }
 
+/// IPv4 option types that route the packet by its source (RFC 791 §3.1).
+const OPT_LSRR: u8 = 131;
+const OPT_SSRR: u8 = 137;
+
+/// Walks the IPv4 options: each must fit the header (RFC 791 §3.1, as
+/// Linux's `ip_options_compile` checks), and source routes are refused.
+fn check_ipv4_options(opts: &[u8]) -> Result<(), DropReason> {
+    let mut i = 0;
+    while i < opts.len() {
+        match opts[i] {
+            0 => break,
+            1 => i += 1,
+            t => {
+                let l = usize::from(*opts.get(i + 1).ok_or(DropReason::Ipv4Malformed)?);
+                if l < 2 || i + l > opts.len() {
+                    return Err(DropReason::Ipv4Malformed);
+                }
+                if t == OPT_LSRR || t == OPT_SSRR {
+                    return Err(DropReason::SourceRoute);
+                }
+                i += l;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The largest IP datagram (IPv4 total length; IPv6 payload length).
+const IP_MAX: u32 = 65_535;
+/// A TCP fragment at this offset can only overwrite the header's flags
+/// (RFC 3128 §3: fragment offset 1).
+const TCP_TINY_OFFSET: u32 = 8;
+
 fn parse_ipv4(frame: &[u8], l3: usize, ip: &[u8]) -> Result<Option<Parsed>, DropReason> {
     use etherparse::err::ipv4::SliceError;
     let v4 = Ipv4Slice::from_slice(ip).map_err(|e| match e {
@@ -205,6 +263,7 @@ fn parse_ipv4(frame: &[u8], l3: usize, ip: &[u8]) -> Result<Option<Parsed>, Drop
         _ => DropReason::Ipv4Malformed,
     })?;
     let h = v4.header();
+    check_ipv4_options(h.options())?;
     if !v4.extensions().is_empty() {
         // An authentication header cannot survive NAT (RFC 4302 covers the
         // addresses); it is not ours to rewrite.
@@ -213,11 +272,25 @@ fn parse_ipv4(frame: &[u8], l3: usize, ip: &[u8]) -> Result<Option<Parsed>, Drop
     let payload = v4.payload();
     let l4 = offset_in(frame, payload.payload);
     let ip_end = l4 + payload.payload.len();
-    let frag_offset = h.fragments_offset().value();
-    let fragment = h.is_fragmenting_payload().then_some(Fragment {
-        id: u32::from(h.identification()),
-        first: frag_offset == 0,
-    });
+    let proto_number = payload.ip_number.0;
+    let fragment = if h.is_fragmenting_payload() {
+        let offset = u32::from(h.fragments_offset().value()) * 8;
+        let len = (ip_end - l4) as u32;
+        let header = (l4 - l3) as u32;
+        if header + offset + len > IP_MAX {
+            return Err(DropReason::FragmentOversize);
+        }
+        Some(Fragment {
+            id: u32::from(h.identification()),
+            first: offset == 0,
+            offset,
+            len,
+            more: h.more_fragments(),
+            next: proto_number,
+        })
+    } else {
+        None
+    };
     let mut parsed = Parsed {
         family: Family::V4,
         l3,
@@ -226,20 +299,24 @@ fn parse_ipv4(frame: &[u8], l3: usize, ip: &[u8]) -> Result<Option<Parsed>, Drop
         dst: v4_to_16(h.destination()),
         ttl: h.ttl(),
         fragment,
-        l4: L4::NonFirstFragment(Proto::Tcp),
+        l4: L4::NonFirstFragment(None),
     };
-    let proto_number = payload.ip_number.0;
     finish_l4(frame, &mut parsed, proto_number, l4, ip_end)
 }
 
+const EXT_HOP_BY_HOP: u8 = 0;
+const EXT_ROUTING: u8 = 43;
+const EXT_FRAGMENT: u8 = 44;
+const EXT_AUTH: u8 = 51;
+const EXT_DEST_OPTS: u8 = 60;
+
+/// Parses the IPv6 header and walks its extension headers itself: after
+/// the Fragment header of a non-first fragment, the bytes are fragment data
+/// (maybe the middle of a Destination Options header), never headers.
 fn parse_ipv6(frame: &[u8], l3: usize, ip: &[u8]) -> Result<Option<Parsed>, DropReason> {
-    use etherparse::err::ipv6::SliceError;
-    let v6 = Ipv6Slice::from_slice(ip).map_err(|e| match e {
-        SliceError::Len(l) if ip_len_error(&l) && ip.len() >= 40 => DropReason::IpTruncated,
-        _ => DropReason::Ipv6Malformed,
-    })?;
-    let h = v6.header();
-    if h.payload_length() == 0 {
+    let h = Ipv6HeaderSlice::from_slice(ip).map_err(|_| DropReason::Ipv6Malformed)?;
+    let payload_len = usize::from(h.payload_length());
+    if payload_len == 0 {
         // A jumbogram needs a Hop-by-Hop jumbo option (RFC 2675 §3) and cannot
         // cross Ethernet; without it the length is simply wrong.
         return Err(DropReason::Ipv6Malformed);
@@ -247,23 +324,75 @@ fn parse_ipv6(frame: &[u8], l3: usize, ip: &[u8]) -> Result<Option<Parsed>, Drop
     if is_v4_mapped(&h.source()) || is_v4_mapped(&h.destination()) {
         return Err(DropReason::Ipv6MappedAddress);
     }
-    let mut fragment = None;
-    for ext in v6.extensions().clone() {
-        match ext {
-            Ipv6ExtensionSlice::Fragment(f) if f.is_fragmenting_payload() => {
+    let payload = ip
+        .get(40..40 + payload_len)
+        .ok_or(DropReason::IpTruncated)?;
+    let ip_end = l3 + 40 + payload_len;
+    let mut next = h.next_header().0;
+    let mut at = 0usize;
+    let mut fragment: Option<Fragment> = None;
+    loop {
+        match next {
+            EXT_HOP_BY_HOP | EXT_ROUTING | EXT_DEST_OPTS => {
+                // Hop-by-Hop only right after the fixed header (RFC 8200 §4.3).
+                if next == EXT_HOP_BY_HOP && at != 0 {
+                    return Err(DropReason::Ipv6Malformed);
+                }
+                let len = payload
+                    .get(at + 1)
+                    .map(|l| (usize::from(*l) + 1) * 8)
+                    .filter(|l| at + l <= payload_len)
+                    .ok_or(DropReason::Ipv6Malformed)?;
+                // A routing header still to be followed names this node as a
+                // waypoint: refused, whatever its type (RFC 8200 §4.4, RFC 5095).
+                if next == EXT_ROUTING && payload[at + 3] != 0 {
+                    return Err(DropReason::SourceRoute);
+                }
+                next = payload[at];
+                at += len;
+            }
+            EXT_FRAGMENT => {
+                let f = payload.get(at..at + 8).ok_or(DropReason::Ipv6Malformed)?;
+                if fragment.is_some() {
+                    return Err(DropReason::Ipv6Malformed);
+                }
+                let offset = u32::from(u16::from_be_bytes([f[2], f[3]]) & 0xfff8);
+                let more = f[3] & 1 != 0;
+                let unfragmentable = at as u32;
+                next = f[0];
+                at += 8;
+                if offset == 0 && !more {
+                    // An atomic fragment (RFC 6946): a whole packet.
+                    continue;
+                }
+                let len = (payload_len - at) as u32;
+                // Every fragment but the last is a multiple of 8 bytes, and
+                // none reaches past a 65 535-byte payload (RFC 8200 §4.5).
+                if more && !len.is_multiple_of(8) {
+                    return Err(DropReason::Ipv6Malformed);
+                }
+                if unfragmentable + offset + len > IP_MAX {
+                    return Err(DropReason::FragmentOversize);
+                }
                 fragment = Some(Fragment {
-                    id: f.identification(),
-                    first: f.fragment_offset().value() == 0,
+                    id: u32::from_be_bytes([f[4], f[5], f[6], f[7]]),
+                    first: offset == 0,
+                    offset,
+                    len,
+                    more,
+                    next,
                 });
+                if offset != 0 {
+                    // Fragment data, not headers.
+                    break;
+                }
             }
             // AH covers the addresses; NAT would break it.
-            Ipv6ExtensionSlice::Authentication(_) => return Ok(None),
-            _ => {}
+            EXT_AUTH => return Ok(None),
+            _ => break,
         }
     }
-    let payload = v6.payload();
-    let l4 = offset_in(frame, payload.payload);
-    let ip_end = l4 + payload.payload.len();
+    let l4 = l3 + 40 + at;
     let mut parsed = Parsed {
         family: Family::V6,
         l3,
@@ -272,10 +401,9 @@ fn parse_ipv6(frame: &[u8], l3: usize, ip: &[u8]) -> Result<Option<Parsed>, Drop
         dst: h.destination(),
         ttl: h.hop_limit(),
         fragment,
-        l4: L4::NonFirstFragment(Proto::Tcp),
+        l4: L4::NonFirstFragment(None),
     };
-    let proto_number = payload.ip_number.0;
-    finish_l4(frame, &mut parsed, proto_number, l4, ip_end)
+    finish_l4(frame, &mut parsed, next, l4, ip_end)
 }
 
 /// Fills in `parsed.l4` from the transport bytes `frame[l4..ip_end]`.
@@ -287,11 +415,19 @@ fn finish_l4(
     ip_end: usize,
 ) -> Result<Option<Parsed>, DropReason> {
     let seg = frame.get(l4..ip_end).ok_or(DropReason::IpTruncated)?;
-    if let Some(proto) = Proto::from_ip_number(proto_number) {
-        if parsed.fragment.is_some_and(|f| !f.first) {
-            parsed.l4 = L4::NonFirstFragment(proto);
-            return Ok(Some(*parsed));
+    if let Some(f) = parsed.fragment.filter(|f| !f.first) {
+        if f.next == IP_TCP && f.offset == TCP_TINY_OFFSET {
+            return Err(DropReason::FragmentTinyTcp);
         }
+        let proto = Proto::from_ip_number(f.next);
+        if proto.is_none() && !matches!(f.next, EXT_ROUTING | EXT_DEST_OPTS) {
+            // ICMP and other protocols' fragments: the kernel's.
+            return Ok(None);
+        }
+        parsed.l4 = L4::NonFirstFragment(proto);
+        return Ok(Some(*parsed));
+    }
+    if let Some(proto) = Proto::from_ip_number(proto_number) {
         let whole = parsed.fragment.is_none();
         parsed.l4 = L4::Flow(parse_flow_l4(seg, l4, proto, parsed.family, whole)?);
         return Ok(Some(*parsed));
@@ -406,7 +542,7 @@ fn parse_icmp_error(
     }
     let inner = &seg[8..];
     let inner_l3 = offset + 8;
-    let (tuple, inner_l4_rel) = match family {
+    let (tuple, inner_l4_rel, whole) = match family {
         Family::V4 => {
             if inner.len() < 20 || inner[0] >> 4 != 4 {
                 return Err(DropReason::IcmpMalformed);
@@ -418,6 +554,11 @@ fn parse_icmp_error(
             let Some(proto) = Proto::from_ip_number(inner[9]) else {
                 return Ok(None);
             };
+            if be16(inner, 6).unwrap_or(0) & 0x1fff != 0 {
+                // A non-first fragment quoted: its first bytes are payload,
+                // not ports. Not matched to any flow.
+                return Ok(None);
+            }
             let mut s = [0u8; 4];
             let mut d = [0u8; 4];
             s.copy_from_slice(&inner[12..16]);
@@ -429,7 +570,8 @@ fn parse_icmp_error(
                 dst_port: be16(inner, ihl + 2).unwrap_or(0),
                 proto,
             };
-            (t, ihl)
+            let whole = usize::from(be16(inner, 2).unwrap_or(0)) == inner.len();
+            (t, ihl, whole)
         }
         Family::V6 => {
             if inner.len() < 44 || inner[0] >> 4 != 6 {
@@ -451,7 +593,8 @@ fn parse_icmp_error(
                 dst_port: be16(inner, 42).unwrap_or(0),
                 proto,
             };
-            (t, 40)
+            let whole = 40 + usize::from(be16(inner, 4).unwrap_or(0)) == inner.len();
+            (t, 40, whole)
         }
     };
     Ok(Some(IcmpError {
@@ -461,6 +604,7 @@ fn parse_icmp_error(
             l4: inner_l3 + inner_l4_rel,
             end,
             tuple,
+            whole,
         },
     }))
 }

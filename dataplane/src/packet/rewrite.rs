@@ -390,6 +390,40 @@ pub fn sctp_crc_checked(frame: &[u8], l4: usize, end: usize) -> Result<(), Rewri
     }
 }
 
+/// The CRC32c the SCTP packet `frame[l4..end]` should carry as it is now
+/// (RFC 9260 §6.8): the value [`sctp_crc_follow`] takes as `before`.
+///
+/// # Errors
+/// `OutOfBounds` if the common header lies outside the frame.
+pub fn sctp_crc_computed(frame: &[u8], l4: usize, end: usize) -> Result<u32, RewriteError> {
+    let sctp = frame.get(l4..end).ok_or(RewriteError::OutOfBounds)?;
+    if sctp.len() < SCTP_COMMON_HEADER_LEN {
+        return Err(RewriteError::OutOfBounds);
+    }
+    Ok(super::checksum::sctp_crc32c(sctp))
+}
+
+/// Moves the stored CRC32c of `frame[l4..end]` by as much as the rewrite
+/// since `before` (its [`sctp_crc_computed`] then) moved the computed one:
+/// a right CRC stays right, a wrong one stays wrong by the same amount (CRC32c
+/// is affine in the message, the CRC field being taken as zero). For a
+/// packet quoted whole in an ICMP error, whose CRC the gateway never judges.
+///
+/// # Errors
+/// `OutOfBounds` if the common header lies outside the frame; nothing is
+/// written then.
+pub fn sctp_crc_follow(
+    frame: &mut [u8],
+    l4: usize,
+    end: usize,
+    before: u32,
+) -> Result<(), RewriteError> {
+    let now = sctp_crc_computed(frame, l4, end)?;
+    let at = l4 + SCTP_CSUM;
+    let stored = u32::from_le_bytes(read::<4>(frame, at)?);
+    write(frame, at, &(stored ^ before ^ now).to_le_bytes())
+}
+
 /// Decrements the IPv4 TTL (l3+8) and updates the header checksum; returns the new TTL, which may be 0 (RFC 791 §3.1, RFC 1624).
 ///
 /// The TTL is the high byte of the 16-bit word at l3+8, whose low byte is the
