@@ -110,8 +110,7 @@ fn one_backend_more_or_less_never_changes_the_ring_size() {
 
 /// Growing one backend at a time from 1 to 6 000 and back, M changes only
 /// after the count has more than doubled (or fallen below half) since the
-/// last change, and
-/// always serves the count: M ≥ 100·N below the cap.
+/// last change, and always serves the count: M ≥ 100·N below the cap.
 #[test]
 fn ring_size_changes_only_after_large_changes() {
     let mut m = ring_size_for(1, CAP);
