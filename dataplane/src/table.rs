@@ -9,7 +9,8 @@
 //! index and prefix before a table is used, whoever built it.
 //! [`Table::build`] and [`Table::build_full`] make a table from a plain Rust
 //! description ([`ServiceSpec`], [`TableSpec`]), computing the Maglev rings
-//! (tests, benches, and control).
+//! (tests, benches, and control); [`Table::build_keeping`] keeps the ring
+//! sizes of the table it replaces ([`RingSizes`]), as control does.
 //!
 //! Must never: change after construction, or panic on lookup. The lookup side
 //! ([`Table::frontend`], [`Table::node_port`], [`Table::source_allowed`],
