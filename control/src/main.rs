@@ -63,7 +63,7 @@ use clustergate_dataplane::maglev::{
     build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE,
 };
 use clustergate_dataplane::snapshot::{self, Writer};
-use clustergate_dataplane::table::{ReturnPath, Table, TableSpec};
+use clustergate_dataplane::table::{ReturnPath, RingSizes, Table, TableSpec};
 use ipnet::IpNet;
 use tracing::{error, info, warn};
 
@@ -635,6 +635,7 @@ fn run(
     let mut writer = Writer::open(dir)
         .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
     info!(dir = %dir.display(), next_generation = writer.next_generation(), "publishing snapshots");
+    let mut sizes = published_ring_sizes(dir);
     let mut last_text: Option<String> = None;
     let mut published: Option<Published> = None;
     let mut notes: Option<Vec<Skipped>> = None;
@@ -657,7 +658,8 @@ fn run(
                         warn_notes(&model, &mut notes);
                         telemetry.change_seen();
                         let started = Instant::now();
-                        let result = publish(&model, seed, &mut writer, published.as_ref());
+                        let result =
+                            publish(&model, seed, &mut writer, published.as_ref(), &mut sizes);
                         if result.is_ok() {
                             telemetry.frontends(&model);
                             if let Some(checks) = checks.as_deref_mut() {
@@ -726,6 +728,7 @@ fn run_api(
     let mut writer = Writer::open(dir)
         .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
     info!(dir = %dir.display(), next_generation = writer.next_generation(), "publishing snapshots");
+    let mut sizes = published_ring_sizes(dir);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -757,7 +760,7 @@ fn run_api(
             telemetry.beat();
             telemetry.change_seen();
             let started = Instant::now();
-            let result = publish(&model, seed, &mut writer, published.as_ref());
+            let result = publish(&model, seed, &mut writer, published.as_ref(), &mut sizes);
             if result.is_ok() {
                 telemetry.frontends(&model);
                 if let Some(checks) = checks.as_deref_mut() {
@@ -847,21 +850,48 @@ fn model_of(
     Ok(clustergate_control::build_model(&objects, options))
 }
 
+/// The Maglev ring sizes of the snapshot `dir` holds now, so that a
+/// restarted control keeps them (a ring of another size remaps nearly all its
+/// flows). None when there is no snapshot; a snapshot that cannot be read is
+/// warned about, and every ring then gets a fresh size.
+fn published_ring_sizes(dir: &Path) -> RingSizes {
+    match snapshot::load_current(dir) {
+        Ok(Some(table)) => {
+            let sizes = table.ring_sizes();
+            info!(
+                generation = table.generation(),
+                rings = sizes.len(),
+                "keeping the Maglev ring sizes of the published snapshot"
+            );
+            sizes
+        }
+        Ok(None) => RingSizes::default(),
+        Err(e) => {
+            warn!(dir = %dir.display(), "cannot read the published snapshot ({e}); Maglev rings get fresh sizes");
+            RingSizes::default()
+        }
+    }
+}
+
 /// Builds and publishes the tables of `model`, unless they equal the last ones.
+/// Each ring keeps its size from `sizes` (the last published table's) while
+/// that size still serves it; `sizes` then becomes the new table's.
 fn publish(
     model: &Model,
     seed: u64,
     writer: &mut Writer,
     last: Option<&Published>,
+    sizes: &mut RingSizes,
 ) -> Result<Option<Published>> {
     let spec = model.table_spec();
     if last.is_some_and(|p| p.spec == spec) {
         return Ok(None);
     }
     let generation = writer.next_generation();
-    let table = Table::build_full(generation, seed, &spec, DEFAULT_MAX_RING_SIZE)
+    let table = Table::build_keeping(generation, seed, &spec, DEFAULT_MAX_RING_SIZE, sizes)
         .context("building the table")?;
     writer.publish(&table).context("publishing the snapshot")?;
+    *sizes = table.ring_sizes();
     Ok(Some(Published { generation, spec }))
 }
 
@@ -886,7 +916,9 @@ fn maglev(n: u32, cap: u32) -> Result<()> {
         counts.iter().max().copied().unwrap_or(0),
     );
     let mean = f64::from(m) / f64::from(n);
-    println!("backends {n}, ring size M = {m} (prime, M > 100·N unless capped at {cap})");
+    println!(
+        "backends {n}, ring size M = {m} (a fresh ring: the smallest prime >= max(200·N, min(2·N, 40)³/2), capped at {cap})"
+    );
     println!(
         "slots per backend: min {lo}, max {hi}, mean {mean:.1}; imbalance (max−min)/mean = {:.2} %",
         f64::from(hi - lo) / mean * 100.0

@@ -1,13 +1,17 @@
 //! Maglev ring build time (control-side cost of a backend change).
 //!
 //! `maglev_build/m65537_n1000` is the budget case: 65537 slots and 1000
-//! equal-weight backends must build in at most 5 ms.
+//! equal-weight backends must build in at most 5 ms. The `fresh_*` cases are
+//! the ring sizes control picks today (`maglev::ring_size_for`): 40, 1 000
+//! and 5 000 backends (the last at the cap, 524 309 slots).
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use clustergate_dataplane::flow::v4_to_16;
-use clustergate_dataplane::maglev::{build_ring, MaglevBackend};
+use clustergate_dataplane::maglev::{
+    build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE,
+};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 /// `n` distinct backends: IPv4 from 198.18.0.0/15, with every third one IPv6
@@ -52,6 +56,13 @@ fn maglev_build(c: &mut Criterion) {
     for (name, m, b) in &cases {
         group.bench_function(*name, |bench| {
             bench.iter(|| build_ring(black_box(b), black_box(*m)));
+        });
+    }
+    for n in [40, 1000, 5000] {
+        let b = backends(n, |_| 1);
+        let m = ring_size_for(n as usize, DEFAULT_MAX_RING_SIZE);
+        group.bench_function(format!("fresh_m{m}_n{n}"), |bench| {
+            bench.iter(|| build_ring(black_box(&b), black_box(m)));
         });
     }
     group.finish();

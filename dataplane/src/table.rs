@@ -9,7 +9,8 @@
 //! index and prefix before a table is used, whoever built it.
 //! [`Table::build`] and [`Table::build_full`] make a table from a plain Rust
 //! description ([`ServiceSpec`], [`TableSpec`]), computing the Maglev rings
-//! (tests, benches, and control).
+//! (tests, benches, and control); [`Table::build_keeping`] keeps the ring
+//! sizes of the table it replaces ([`RingSizes`]), as control does.
 //!
 //! Must never: change after construction, or panic on lookup. The lookup side
 //! ([`Table::frontend`], [`Table::node_port`], [`Table::source_allowed`],
@@ -22,7 +23,7 @@ use ipnet::IpNet;
 use thiserror::Error;
 
 use crate::flow::{addr16, client_hash, flow_hash, ip_from16, Addr16, FlowTuple, Proto};
-use crate::maglev::{build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE};
+use crate::maglev::{build_ring, ring_size_after, MaglevBackend, DEFAULT_MAX_RING_SIZE};
 use crate::policy::{PolicyParts, PolicyTable};
 
 /// Backends one frontend can have: ring slots are two-byte indices.
@@ -411,6 +412,57 @@ pub struct TableSpec {
     pub policy: PolicyParts,
 }
 
+/// Which ring of a table: a frontend's own (`node: None`) or one of its
+/// per-node rings. Frontends are unique by `(addr, port, proto)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RingKey {
+    /// The frontend's address, canonical form.
+    pub addr: Addr16,
+    /// The frontend's port.
+    pub port: u16,
+    /// The frontend's IP protocol number.
+    pub proto: u8,
+    /// The node of a per-node ring.
+    pub node: Option<u32>,
+}
+
+/// The Maglev ring sizes of a table, by ring ([`Table::ring_sizes`]): what
+/// [`Table::build_keeping`] keeps for the next table of the same frontends,
+/// so that a backend added or removed does not change a ring's size (which
+/// would remap nearly all its flows; `maglev::ring_size_after`). Rings of
+/// size 0 (no backend taking new flows) are not listed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RingSizes(std::collections::BTreeMap<RingKey, u32>);
+
+impl RingSizes {
+    /// The size of `key`'s ring, if it had one.
+    #[must_use]
+    pub fn get(&self, key: &RingKey) -> Option<u32> {
+        self.0.get(key).copied()
+    }
+
+    /// Records the size of `key`'s ring (0 removes it).
+    pub fn insert(&mut self, key: RingKey, size: u32) {
+        if size == 0 {
+            self.0.remove(&key);
+        } else {
+            self.0.insert(key, size);
+        }
+    }
+
+    /// How many rings are listed.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// No ring listed.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Why a table could not be built or accepted.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum TableError {
@@ -711,6 +763,24 @@ impl Table {
         spec: &TableSpec,
         max_ring: u32,
     ) -> Result<Self, TableError> {
+        Self::build_keeping(generation, hash_seed, spec, max_ring, &RingSizes::default())
+    }
+
+    /// As [`Table::build_full`], keeping each ring's size from `previous`
+    /// (usually [`Table::ring_sizes`] of the table this one replaces) while
+    /// that size still serves the ring's backends
+    /// (`maglev::ring_size_after`). The same spec and the same `previous`
+    /// always give the same table, byte for byte.
+    ///
+    /// # Errors
+    /// As [`Table::build_full`].
+    pub fn build_keeping(
+        generation: u64,
+        hash_seed: u64,
+        spec: &TableSpec,
+        max_ring: u32,
+        previous: &RingSizes,
+    ) -> Result<Self, TableError> {
         let mut parts = TableParts::default();
         let mut mb = Vec::new();
         let known_nodes: std::collections::BTreeSet<u32> =
@@ -765,33 +835,42 @@ impl Table {
                     weight: b.weight,
                 });
             }
-            let mut ring_for = |members: &[usize]| -> Result<(u32, u32), TableError> {
-                mb.clear();
-                mb.extend(members.iter().map(|&i| {
-                    let b = &s.backends[i];
-                    MaglevBackend {
-                        addr: addr16(b.addr),
-                        port: b.port,
-                        weight: b.weight,
-                    }
-                }));
-                let start = parts.ring.len() as u32;
-                if !mb.iter().any(|b| b.weight > 0) {
-                    return Ok((start, 0));
-                }
-                let m = ring_size_for(mb.len(), max_ring);
-                let slots = build_ring(&mb, m).map_err(|source| TableError::Maglev {
-                    frontend: name.clone(),
-                    source,
-                })?;
-                // Slots are two bytes: a frontend has at most 65 536 backends.
-                parts
-                    .ring
-                    .extend(slots.iter().map(|&b| members[b as usize] as u16));
-                Ok((start, slots.len() as u32))
+            let key = |node| RingKey {
+                addr: addr16(s.addr),
+                port: s.port,
+                proto: s.proto.ip_number(),
+                node,
             };
+            let mut ring_for =
+                |members: &[usize], key: RingKey| -> Result<(u32, u32), TableError> {
+                    mb.clear();
+                    mb.extend(members.iter().map(|&i| {
+                        let b = &s.backends[i];
+                        MaglevBackend {
+                            addr: addr16(b.addr),
+                            port: b.port,
+                            weight: b.weight,
+                        }
+                    }));
+                    let start = parts.ring.len() as u32;
+                    // Draining backends (weight 0) take no slots: not counted.
+                    let taking = mb.iter().filter(|b| b.weight > 0).count();
+                    if taking == 0 {
+                        return Ok((start, 0));
+                    }
+                    let m = ring_size_after(previous.get(&key), taking, max_ring);
+                    let slots = build_ring(&mb, m).map_err(|source| TableError::Maglev {
+                        frontend: name.clone(),
+                        source,
+                    })?;
+                    // Slots are two bytes: a frontend has at most 65 536 backends.
+                    parts
+                        .ring
+                        .extend(slots.iter().map(|&b| members[b as usize] as u16));
+                    Ok((start, slots.len() as u32))
+                };
             let all: Vec<usize> = (0..s.backends.len()).collect();
-            let (ring_start, ring_len) = ring_for(&all)?;
+            let (ring_start, ring_len) = ring_for(&all, key(None))?;
             let mut flags = 0;
             if s.affinity_timeout_s.is_some() {
                 flags |= FRONTEND_AFFINITY;
@@ -816,7 +895,7 @@ impl Table {
                     }
                 }
                 for (node, members) in by_node {
-                    let (ring_start, ring_len) = ring_for(&members)?;
+                    let (ring_start, ring_len) = ring_for(&members, key(Some(node)))?;
                     parts.locals.push(LocalRecord {
                         node,
                         ring_start,
@@ -1207,6 +1286,26 @@ impl Table {
         &self.locals
     }
 
+    /// The size of every ring, by frontend (and node): what
+    /// [`Table::build_keeping`] takes to keep them in the next table.
+    #[must_use]
+    pub fn ring_sizes(&self) -> RingSizes {
+        let mut sizes = RingSizes::default();
+        for f in &self.frontends {
+            let key = |node| RingKey {
+                addr: f.addr,
+                port: f.port,
+                proto: f.proto,
+                node,
+            };
+            sizes.insert(key(None), f.ring_len);
+            for l in self.locals_of(f) {
+                sizes.insert(key(Some(l.node)), l.ring_len);
+            }
+        }
+        sizes
+    }
+
     /// All node prefixes.
     #[must_use]
     pub fn node_prefix_records(&self) -> &[PrefixRecord] {
@@ -1494,8 +1593,8 @@ mod tests {
             .is_some());
         assert_eq!(
             t.frontend_record(tcp).unwrap().ring_len,
-            211,
-            "smallest prime > 200"
+            401,
+            "the smallest prime >= min_ring_size(2·2) = 400"
         );
     }
 
@@ -1553,11 +1652,12 @@ mod tests {
         assert!(Table::from_parts(1, 0, f, b, r).is_ok());
     }
 
-    /// The ring size follows the backend count only in power-of-two steps, so
-    /// removing one of four backends keeps M, and new flows of the other three
-    /// keep their backends (Maglev's consistency survives endpoint changes).
+    /// A table built from the previous one's ring sizes keeps M when one of
+    /// four backends is removed, so new flows of the other three keep their
+    /// backends (Maglev's consistency survives endpoint changes); built from
+    /// nothing, it would pick the fresh size for three.
     #[test]
-    fn removal_within_a_size_step_keeps_other_picks() {
+    fn removal_keeps_the_ring_size_and_other_picks() {
         let four = Table::build(
             1,
             0,
@@ -1568,21 +1668,24 @@ mod tests {
             )],
         )
         .unwrap();
-        let three = Table::build(
-            2,
-            0,
-            &[svc(
+        let spec = TableSpec {
+            services: vec![svc(
                 "198.19.0.10",
                 80,
                 &["198.18.1.1", "198.18.1.2", "198.18.1.3"],
             )],
-        )
-        .unwrap();
+            ..TableSpec::default()
+        };
+        let sizes = four.ring_sizes();
+        assert_eq!(sizes.len(), 1);
+        let three = Table::build_keeping(2, 0, &spec, DEFAULT_MAX_RING_SIZE, &sizes).unwrap();
+        let fresh = Table::build_full(2, 0, &spec, DEFAULT_MAX_RING_SIZE).unwrap();
+        assert_eq!(fresh.frontend_record(0).unwrap().ring_len, 601);
         let (f4, f3) = (
             four.frontend_record(0).unwrap(),
             three.frontend_record(0).unwrap(),
         );
-        assert_eq!(f4.ring_len, f3.ring_len, "same ring size within a step");
+        assert_eq!((f4.ring_len, f3.ring_len), (809, 809), "the size is kept");
         let gone = addr16(ip("198.18.1.4"));
         let (mut kept, mut others) = (0, 0);
         for p in 0..20_000u16 {
@@ -1974,17 +2077,28 @@ mod tests {
     }
 
     /// Removing one of node 2's four backends (its ring keeps its size, as
-    /// a frontend's does within a power-of-two step) leaves node 1's picks
-    /// exactly as they were and keeps most of node 2's other flows where
-    /// they were.
+    /// a frontend's does, when built from the previous table's sizes) leaves
+    /// node 1's picks exactly as they were and keeps most of node 2's other
+    /// flows where they were.
     #[test]
     fn per_node_rings_stay_consistent() {
         let mut more = LOCAL_BACKENDS.to_vec();
         more.push(("198.18.1.8", Some(2), 1));
         let before = full(local_spec(&more));
         more.remove(4); // 198.18.1.5, node 2
-        let after = full(local_spec(&more));
-        assert_eq!(before.locals[1].ring_len, after.locals[1].ring_len);
+        let sizes = before.ring_sizes();
+        // The frontend's ring and node 1's and node 2's (node 3 has none).
+        assert_eq!(sizes.len(), 3);
+        let key = RingKey {
+            addr: addr16(ip("198.19.0.10")),
+            port: 80,
+            proto: Proto::Tcp.ip_number(),
+            node: Some(2),
+        };
+        assert_eq!(sizes.get(&key), Some(before.locals[1].ring_len));
+        let after =
+            Table::build_keeping(1, 0, &local_spec(&more), DEFAULT_MAX_RING_SIZE, &sizes).unwrap();
+        assert_eq!(after.ring_sizes(), sizes, "every ring keeps its size");
         let (fb, fa) = (
             before.frontend_record(0).unwrap(),
             after.frontend_record(0).unwrap(),
