@@ -1074,3 +1074,114 @@ impl PolicySet {
         parts
     }
 }
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Invalid => f.write_str("(invalid)"),
+            Self::Requirements(r) if r.is_empty() => f.write_str("all"),
+            Self::Requirements(reqs) => {
+                let parts: Vec<String> = reqs
+                    .iter()
+                    .map(|r| match r {
+                        Requirement::Equals(k, v) => format!("{k}={v}"),
+                        Requirement::In(k, vs) => format!("{k} in ({})", vs.join(",")),
+                        Requirement::NotIn(k, vs) => format!("{k} notin ({})", vs.join(",")),
+                        Requirement::Exists(k) => k.clone(),
+                        Requirement::DoesNotExist(k) => format!("!{k}"),
+                    })
+                    .collect();
+                f.write_str(&parts.join(","))
+            }
+        }
+    }
+}
+
+impl Peer {
+    fn describe(&self, own_ns: &str) -> String {
+        match self {
+            Self::Invalid => "nothing (invalid peer)".to_owned(),
+            Self::Block { cidr, except } if except.is_empty() => cidr.to_string(),
+            Self::Block { cidr, except } => {
+                let e: Vec<String> = except.iter().map(ToString::to_string).collect();
+                format!("{cidr} except {}", e.join(","))
+            }
+            Self::Pods { pods, namespaces } => {
+                let p = pods.as_ref().map_or("all".to_owned(), ToString::to_string);
+                match namespaces {
+                    None => format!("pods {p} in {own_ns}"),
+                    Some(n) => format!("pods {p} in namespaces {n}"),
+                }
+            }
+        }
+    }
+}
+
+fn describe_ports(ports: Option<&[PortMatch]>) -> String {
+    let Some(ports) = ports else {
+        return "any port".to_owned();
+    };
+    let parts: Vec<String> = ports
+        .iter()
+        .map(|m| match m {
+            PortMatch::Invalid => "(invalid)".to_owned(),
+            PortMatch::Any(p) => format!("any {}", p.as_str()),
+            PortMatch::Range(p, lo, hi) if lo == hi => format!("{}/{lo}", p.as_str()),
+            PortMatch::Range(p, lo, hi) => format!("{}/{lo}-{hi}", p.as_str()),
+            PortMatch::Named(p, n) => format!("{}/{n}", p.as_str()),
+        })
+        .collect();
+    parts.join(",")
+}
+
+impl PolicySet {
+    /// Who may open connections to the pod at `addr`, for `show`: `None`
+    /// without any policy (or when `addr` is no pod); `open` when no policy
+    /// isolates it for ingress; else each admitting rule, `from PEERS on
+    /// PORTS (ns/policy rule N)`, or `nothing (isolated by …)`. Egress
+    /// policies of the clients come on top (`show --policy-from`).
+    #[must_use]
+    pub fn ingress_summary(&self, addr: IpAddr) -> Option<String> {
+        if self.policies.is_empty() {
+            return None;
+        }
+        let pod = self.pod_by_ip(addr)?;
+        let pols = self.isolating(Direction::Ingress, pod);
+        if pols.is_empty() {
+            return Some("open".to_owned());
+        }
+        let mut rules = Vec::new();
+        for pol in &pols {
+            for (i, r) in pol
+                .ingress
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                let from = match &r.peers {
+                    None => "anywhere".to_owned(),
+                    Some(ps) => ps
+                        .iter()
+                        .map(|p| p.describe(&pol.namespace))
+                        .collect::<Vec<_>>()
+                        .join(" or "),
+                };
+                rules.push(format!(
+                    "from {from} on {} ({}/{} rule {i})",
+                    describe_ports(r.ports.as_deref()),
+                    pol.namespace,
+                    pol.name
+                ));
+            }
+        }
+        if rules.is_empty() {
+            let names: Vec<String> = pols
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
+            return Some(format!("nothing (isolated by {})", names.join(", ")));
+        }
+        Some(rules.join("; "))
+    }
+}

@@ -213,6 +213,9 @@ impl Model {
                             .unwrap_or("(unknown)")
                     );
                 }
+                if let Some(who) = self.policy.ingress_summary(b.address) {
+                    let _ = write!(out, " policy: {who}");
+                }
                 out.push('\n');
             }
         }

@@ -772,3 +772,31 @@ fn show_explains_each_backend() {
     assert!(!p.allows(&addr16(good), &web1, Proto::Tcp, 8081));
     assert!(!p.allows(&addr16(outside), &web1, Proto::Tcp, 8080));
 }
+
+#[test]
+fn show_says_who_may_reach_each_backend() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/netpol.yaml"
+    ))
+    .expect("fixture");
+    let objects = clustergate_control::parse_manifest(&text).expect("manifest");
+    let model =
+        clustergate_control::build_model(&objects, &clustergate_control::ModelOptions::default());
+    let table = model.to_table();
+    assert!(
+        table.contains(
+            "  -> 198.18.64.21:8080              ready policy: from pods role=frontend in \
+             namespaces ns=y on TCP/http (x/allow-frontend rule 0)\n"
+        ),
+        "{table}"
+    );
+    assert!(
+        table.contains(
+            "  -> 198.18.64.22:8080              ready policy: from pods role=frontend in \
+             namespaces ns=y on TCP/http (x/allow-frontend rule 0); from 198.18.200.0/24 on \
+             any port (x/outside-to-web-2 rule 0)\n"
+        ),
+        "{table}"
+    );
+}
