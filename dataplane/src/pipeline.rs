@@ -294,6 +294,7 @@ fn insert_drop(e: InsertError) -> DropReason {
     match e {
         InsertError::Full => DropReason::ConntrackFull,
         InsertError::PortsExhausted => DropReason::SnatPortsExhausted,
+        InsertError::Clash => DropReason::FlowClash,
     }
 }
 
