@@ -654,6 +654,12 @@ fn metrics(server: &Server) -> String {
         "Flows in the connection table",
         vec![(Labels::new(), ct.entries as i64)],
     );
+    gauge_family(
+        &mut reg,
+        "conntrack_capacity",
+        "Flows per IP family the connection table holds (allocated at start)",
+        vec![(Labels::new(), server.conntrack.capacity() as i64)],
+    );
     counter_family(
         &mut reg,
         "conntrack_inserts",
