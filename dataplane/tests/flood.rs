@@ -114,6 +114,9 @@ fn write_pcap(path: &Path, frames: &[(f64, Vec<u8>)]) {
     }
 }
 
+/// One input packet's verdict line and the frame it wrote, if any.
+type Outcome = (String, Option<Vec<u8>>);
+
 /// Runs `clustergate replay`; returns its stderr and, per input packet
 /// (from 1), its verdict line and the frame it wrote, if any.
 fn replay(
@@ -121,7 +124,7 @@ fn replay(
     table: &Table,
     frames: &[(f64, Vec<u8>)],
     flows: usize,
-) -> (String, Vec<(String, Option<Vec<u8>>)>) {
+) -> (String, Vec<Outcome>) {
     let snap = dir.join("table.snap");
     std::fs::write(&snap, snapshot::encode(table)).unwrap();
     let input = dir.join("in.pcap");
@@ -147,7 +150,7 @@ fn replay(
     }
     let mut written = written.into_iter();
     let lines = std::fs::read_to_string(dir.join("verdicts.txt")).unwrap();
-    let per_packet: Vec<(String, Option<Vec<u8>>)> = lines
+    let per_packet: Vec<Outcome> = lines
         .lines()
         .map(|l| {
             let out = (l.contains(" forward ") || l.contains(" reject ")).then(|| {
@@ -283,8 +286,7 @@ fn a_flood_through_replay_loses_no_confirmed_flow() {
 
     let (summary, out) = replay(&dir.0, &table, &frames, 1024);
     eprintln!("{summary}");
-    let reference: Vec<&(String, Option<Vec<u8>>)> = out
-        [rounds[0]..rounds[0] + probes.frames.len()]
+    let reference: Vec<&Outcome> = out[rounds[0]..rounds[0] + probes.frames.len()]
         .iter()
         .collect();
     for (k, r) in reference.iter().enumerate() {
