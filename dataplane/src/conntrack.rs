@@ -1651,8 +1651,9 @@ impl<A: Ip> Tracker<A> {
     /// reverse table) if anything can go: expired flows first, then
     /// unconfirmed ones; never a confirmed one. A flow whose other entry is
     /// in another shard is taken only while `later` has room to remember that
-    /// entry. A walk that frees less than it aims at marks the table barren
-    /// for the rest of the second ([`Shard::barren`]).
+    /// entry. A walk that frees less than it aims at, though it saw every
+    /// entry it could take, marks the table barren for the rest of the
+    /// second ([`Shard::barren`]).
     fn make_room(
         &self,
         i: usize,
@@ -1668,6 +1669,9 @@ impl<A: Ip> Tracker<A> {
         }
         let target = (sh.cap / 32).max(1);
         let mut freed = 0usize;
+        // Something evictable was left because `later` was full: the table
+        // is not barren, the next insert may free more.
+        let mut cut = false;
         for pass in 0..2 {
             if freed >= target {
                 break;
@@ -1686,7 +1690,11 @@ impl<A: Ip> Tracker<A> {
                 let remote = self.rev_elsewhere(i, e);
                 // For room in the reverse table only flows whose reverse
                 // entry is here help.
-                if (for_rev && (remote || e.rev_key().is_none())) || (remote && later.is_full()) {
+                if for_rev && (remote || e.rev_key().is_none()) {
+                    return true;
+                }
+                if remote && later.is_full() {
+                    cut = true;
                     return true;
                 }
                 freed += 1;
@@ -1709,7 +1717,11 @@ impl<A: Ip> Tracker<A> {
                     return true;
                 }
                 let fk = r.fwd_key();
-                if self.fwd_shard(&fk) == i || later.is_full() {
+                if self.fwd_shard(&fk) == i {
+                    return true;
+                }
+                if later.is_full() {
+                    cut = true;
                     return true;
                 }
                 later.push(Later::RemoveFwd(fk, r.key()));
@@ -1724,7 +1736,7 @@ impl<A: Ip> Tracker<A> {
                 false
             });
         }
-        if freed < target {
+        if freed < target && !cut {
             sh.barren[which] = mark;
         }
     }
@@ -3163,6 +3175,44 @@ mod tests {
         }
         let (f, r) = entries(&ct);
         assert!(f <= cap && r <= cap, "{f} forward, {r} reverse entries");
+    }
+
+    /// Big shards free more per walk than the work one walk may leave for
+    /// other shards ([`LATER_CAP`]): a walk cut short by that is not taken
+    /// for a barren shard, so new source-NATed flows keep replacing
+    /// unconfirmed ones within the same second, none refused.
+    #[test]
+    fn a_walk_cut_short_is_not_a_barren_shard() {
+        let ct = Conntrack::new(&Config {
+            capacity: 8192,
+            shards: 2,
+            affinity_capacity: 8,
+            fragment_capacity: 8,
+            timeouts: Timeouts::default(),
+        });
+        let cap = ct.capacity();
+        assert!(
+            cap / 2 / 32 > LATER_CAP,
+            "shards of {cap} too small for this test"
+        );
+        let gw = [v4_to_16([198, 18, 2, 1])];
+        let ports = PortRange::new(1024, 65_535).unwrap();
+        let now = Now::from_secs(5);
+        for i in 0..(3 * cap) as u32 {
+            let r = ct.insert_snat(
+                now,
+                Family::V4,
+                &client(i),
+                &bind(8080),
+                FlowState::TcpSynSent,
+                &gw,
+                ports,
+            );
+            assert!(r.is_ok(), "flow {i}: {r:?}, {:?}", ct.stats());
+        }
+        let s = ct.stats();
+        assert_eq!(s.refused_total(), 0, "{s:?}");
+        assert!(s.evicted_total() >= (2 * cap) as u64, "{s:?}");
     }
 
     /// Under eviction pressure from source-NATed flows alone (whose reverse
