@@ -28,10 +28,24 @@
 //! is free again once its flow is gone (closed, reset, timed out, evicted).
 //!
 //! Expiry is driven by the `now` the caller passes: an expired entry is a miss
-//! on lookup, and [`Conntrack::expire`] sweeps a few shards per call. When a
-//! shard is full, an insert first removes expired entries, then entries that are
-//! not established (SYN-only, closing, reset, unreplied datagrams), and only if
-//! that frees nothing, established ones.
+//! on lookup, and [`Conntrack::expire`] sweeps a few shards per call.
+//!
+//! Confirmed flows first: every new flow starts *unconfirmed*, whatever its
+//! first packet (a SYN, or a packet of a flow picked up mid-stream, which is
+//! still forwarded to its pick). It becomes *confirmed* when its backend has
+//! answered ([`FlowState`] docs and `docs/architecture.md` give the rule per
+//! protocol and return path). When a shard is full, an insert removes expired
+//! entries, then unconfirmed ones; a confirmed flow is never evicted, only
+//! expired: a shard full of confirmed flows refuses the new flow instead
+//! ([`InsertError::Full`]), counted by the new flow's [`FlowClass`]. Of a
+//! flow's two entries the forward one decides: a source-NATed flow is marked
+//! confirmed in its reverse entry first, then in its forward entry, so that
+//! no eviction ever sees a confirmed flow whose other half looks unconfirmed.
+//!
+//! A new flow never displaces a live one: a routed flow whose reply tuple is a
+//! live flow's (one client port to two Services that share an endpoint) is
+//! refused ([`InsertError::Clash`]), as Linux conntrack refuses a clash; source
+//! NAT probes another port instead.
 //!
 //! Must never: read a clock, allocate after construction, or hold two shard
 //! locks at once.
@@ -67,6 +81,9 @@ pub struct Timeouts {
     pub datagram_replied: u32,
     /// Non-first fragments follow their first fragment for this long (Linux `ipfrag_time`: 30).
     pub fragment: u32,
+    /// TCP past its SYN, or picked up mid-stream, that its backend has not
+    /// confirmed (Linux caps such a flow at `nf_conntrack_tcp_timeout_unacknowledged`, 300).
+    pub tcp_unconfirmed: u32,
 }
 
 impl Default for Timeouts {
@@ -79,6 +96,7 @@ impl Default for Timeouts {
             datagram: 30,
             datagram_replied: 120,
             fragment: 30,
+            tcp_unconfirmed: 120,
         }
     }
 }
@@ -112,6 +130,21 @@ impl Default for Config {
 }
 
 /// The state of a tracked flow.
+///
+/// Apart from its state, a flow is *confirmed* or not. Every flow starts
+/// unconfirmed; it is confirmed when its backend has answered:
+/// - TCP, routed or source-NATed: a reply with ACK and without SYN or RST
+///   (the backend accepted the connection: a SYN-ACK alone, or a RST, does
+///   not count, since a spoofed SYN or ACK gets those);
+/// - TCP, DSR (replies bypass the gateway): the client's ACK completing a
+///   handshake whose SYN the gateway saw; a DSR flow picked up mid-stream
+///   is never confirmed;
+/// - UDP and SCTP, routed or source-NATed: answered, and still active two
+///   seconds after it began (Linux's rule for an assured UDP flow); DSR
+///   datagram flows are never confirmed.
+///
+/// Unconfirmed flows are evicted first under pressure and have short
+/// timeouts; confirmed ones are never evicted, only expired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum FlowState {
@@ -139,12 +172,6 @@ impl FlowState {
             6 => Self::Replied,
             _ => Self::Unreplied,
         }
-    }
-
-    /// Established flows are evicted last.
-    #[must_use]
-    pub fn is_established(self) -> bool {
-        matches!(self, Self::TcpEstablished | Self::Replied)
     }
 
     /// The state after a client's packet with `flags` in a flow whose replies
@@ -177,7 +204,8 @@ impl FlowState {
             Proto::Tcp if flags & tcp_flags::RST != 0 => Self::TcpReset,
             Proto::Tcp if flags & tcp_flags::FIN != 0 => Self::TcpClosing,
             // A SYN opens a flow; anything else is a flow picked up mid-stream
-            // (after a gateway restart or an ECMP change), trusted as established.
+            // (after a gateway restart or an ECMP change): forwarded as
+            // established, but unconfirmed until its backend answers.
             Proto::Tcp if flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0 => {
                 Self::TcpSynSent
             }
@@ -205,7 +233,7 @@ impl FlowState {
         }
     }
 
-    /// Idle timeout of this state.
+    /// Idle timeout of this state in a confirmed flow.
     #[must_use]
     pub fn timeout(self, t: &Timeouts) -> u32 {
         match self {
@@ -218,6 +246,104 @@ impl FlowState {
         }
     }
 }
+
+/// Idle timeout of `state` in a flow that is `confirmed` or not: an
+/// unconfirmed TCP flow past its SYN takes [`Timeouts::tcp_unconfirmed`],
+/// an unconfirmed answered datagram flow the short [`Timeouts::datagram`].
+#[inline]
+fn timeout_of(state: FlowState, confirmed: bool, t: &Timeouts) -> u32 {
+    match state {
+        FlowState::TcpEstablished if !confirmed => t.tcp_unconfirmed,
+        FlowState::Replied if !confirmed => t.datagram,
+        s => s.timeout(t),
+    }
+}
+
+/// Does a reply with TCP `flags` confirm a TCP flow? A backend sends a
+/// segment without SYN and without RST only in a connection it accepted,
+/// that is once the client acknowledged its SYN-ACK: a SYN-ACK alone (a
+/// spoofed SYN's answer) or a RST (the answer to a spoofed mid-stream
+/// packet) confirms nothing.
+#[inline]
+fn tcp_reply_confirms(flags: u8) -> bool {
+    flags & tcp_flags::ACK != 0 && flags & (tcp_flags::SYN | tcp_flags::RST) == 0
+}
+
+/// Does a datagram flow (UDP, SCTP) in `state`, bound at second `born`,
+/// become confirmed by a packet at `now`? As Linux marks a UDP flow assured:
+/// answered, and still active two seconds after it began (a single request
+/// and its answer, a DNS lookup, stays unconfirmed: losing it costs nothing).
+#[inline]
+fn datagram_confirms(state: FlowState, born: u32, now: u32) -> bool {
+    state == FlowState::Replied && now.saturating_sub(born) >= 2
+}
+
+/// Does a reply (TCP `flags`) that moved flow `e` to `state` at `now`
+/// confirm it? See [`tcp_reply_confirms`] and [`datagram_confirms`].
+#[inline]
+fn reply_confirms<A>(e: &Fwd<A>, state: FlowState, flags: u8, now: u32) -> bool {
+    if e.proto == Proto::Tcp.ip_number() {
+        tcp_reply_confirms(flags)
+    } else {
+        datagram_confirms(state, e.born, now)
+    }
+}
+
+/// What kind of flow an unconfirmed entry (or a refused new flow) is, for
+/// the eviction and refusal counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum FlowClass {
+    /// TCP after a SYN, not answered.
+    TcpSyn = 0,
+    /// TCP past its SYN (answered by a SYN-ACK only) or picked up
+    /// mid-stream (a first packet without SYN), with no confirming reply.
+    TcpMidstream = 1,
+    /// TCP after a FIN or a RST.
+    TcpClosing = 2,
+    /// UDP (a first fragment counts as its protocol).
+    Udp = 3,
+    /// SCTP.
+    Sctp = 4,
+}
+
+impl FlowClass {
+    /// Every class, in index order.
+    pub const ALL: [Self; 5] = [
+        Self::TcpSyn,
+        Self::TcpMidstream,
+        Self::TcpClosing,
+        Self::Udp,
+        Self::Sctp,
+    ];
+
+    /// The class of a flow of `proto` in `state`.
+    #[must_use]
+    pub fn of(proto: u8, state: FlowState) -> Self {
+        match state {
+            FlowState::TcpSynSent => Self::TcpSyn,
+            FlowState::TcpEstablished => Self::TcpMidstream,
+            FlowState::TcpClosing | FlowState::TcpReset => Self::TcpClosing,
+            _ if proto == Proto::Sctp.ip_number() => Self::Sctp,
+            _ => Self::Udp,
+        }
+    }
+
+    /// Label for metrics.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::TcpSyn => "tcp_syn",
+            Self::TcpMidstream => "tcp_midstream",
+            Self::TcpClosing => "tcp_closing",
+            Self::Udp => "udp",
+            Self::Sctp => "sctp",
+        }
+    }
+}
+
+/// Counters per [`FlowClass`].
+pub type PerClass = [u64; FlowClass::ALL.len()];
 
 /// Address types the tables are generic over.
 trait Ip: Copy + Eq + Hash + Default + std::fmt::Debug {
@@ -448,6 +574,8 @@ struct Fwd<A> {
     state: u8,
     /// `MODE_*`.
     mode: u8,
+    /// Its backend answered (see [`FlowState`]): never evicted, only expired.
+    confirmed: bool,
 }
 
 impl<A: Ip> Fwd<A> {
@@ -477,29 +605,28 @@ impl<A: Ip> Fwd<A> {
         })
     }
 
-    /// The idle timeout of this flow in `state` at `now`. As in Linux's
-    /// conntrack, a datagram flow takes the long "stream" timeout only once
-    /// it has been answered *and* is two seconds old: a single request and
+    /// The idle timeout of this flow in `state`. As in Linux's conntrack, a
+    /// datagram flow takes the long "stream" timeout only once it is
+    /// confirmed (answered *and* two seconds old): a single request and
     /// reply (DNS) keeps the short one, and frees its SNAT port as soon.
-    fn timeout(&self, state: FlowState, now: u32, to: &Timeouts) -> u32 {
-        if state == FlowState::Replied && now.saturating_sub(self.born) < 2 {
-            to.datagram
-        } else {
-            state.timeout(to)
-        }
+    fn timeout(&self, state: FlowState, to: &Timeouts) -> u32 {
+        timeout_of(state, self.confirmed, to)
+    }
+
+    fn class(&self) -> FlowClass {
+        FlowClass::of(self.proto, FlowState::from_u8(self.state))
     }
 
     /// The flow as `inspect flows` shows it at `now`.
     fn info(&self, now: u32, to: &Timeouts) -> FlowInfo {
         let state = FlowState::from_u8(self.state);
         // The last packet restarted the idle timer: `expires` is then plus
-        // the timeout of the state it left (the short one for a datagram
-        // flow answered within its first two seconds).
-        let mut last = self.expires.saturating_sub(state.timeout(to));
-        if last < self.born && state == FlowState::Replied {
-            last = self.expires.saturating_sub(to.datagram);
-        }
-        let last = last.max(self.born);
+        // the timeout of the state it left (the short one for a flow not
+        // yet confirmed).
+        let last = self
+            .expires
+            .saturating_sub(timeout_of(state, self.confirmed, to))
+            .max(self.born);
         FlowInfo {
             client: self.client.to16(),
             client_port: self.cport,
@@ -510,6 +637,7 @@ impl<A: Ip> Fwd<A> {
             proto: Proto::from_ip_number(self.proto).unwrap_or(Proto::Tcp),
             nat: self.nat(),
             state,
+            confirmed: self.confirmed,
             age_s: now.saturating_sub(self.born),
             idle_s: now.saturating_sub(last),
         }
@@ -541,6 +669,7 @@ impl<A: Ip> Fwd<A> {
             vport: self.vport,
             proto: self.proto,
             state: self.state,
+            confirmed: self.confirmed,
         }
     }
 }
@@ -567,6 +696,8 @@ struct Rev<A> {
     proto: u8,
     /// Copy of the forward entry's state, kept equal on every transition.
     state: u8,
+    /// Set before the forward entry's (source NAT: in this shard first).
+    confirmed: bool,
 }
 
 impl<A: Ip> Rev<A> {
@@ -630,8 +761,13 @@ enum Later<A> {
     /// Remove the forward entry `.0` if its reverse entry is still `.1`
     /// (that reverse entry was evicted).
     RemoveFwd(FwdKey<A>, RevKey<A>),
-    /// Copy a forward entry's state and expiry into its reverse entry `.0`.
-    SyncRev(RevKey<A>, u8, u32),
+    /// Copy a forward entry's state, expiry and confirmation into its
+    /// reverse entry `.0`.
+    SyncRev(RevKey<A>, u8, u32, bool),
+    /// Mark the forward entry `.0` confirmed if its reverse entry is `.1`
+    /// and the [`Later::SyncRev`] just before found that reverse entry
+    /// (and marked it first).
+    ConfirmFwd(FwdKey<A>, RevKey<A>),
 }
 
 /// Room for [`Later`] work: bulk removals (sweeps, eviction) stop taking
@@ -674,9 +810,9 @@ impl<A: Ip, const N: usize> LaterBuf<A, N> {
 struct ShardStats {
     inserts: u64,
     expired: u64,
-    evicted_unestablished: u64,
-    evicted_established: u64,
-    refused: u64,
+    evicted: PerClass,
+    refused: PerClass,
+    clashes: u64,
 }
 
 #[derive(Debug)]
@@ -685,6 +821,13 @@ struct Shard<A> {
     rev: HashTable<Rev<A>>,
     cap: usize,
     stats: ShardStats,
+    /// `now + 1` of the last [`Tracker::make_room`] of the forward (`[0]`)
+    /// or reverse (`[1]`) table that found nothing to remove (0: none).
+    /// Within that second, while no unconfirmed entry was placed since, a
+    /// full table refuses at once instead of walking its entries again: a
+    /// flood against a shard full of confirmed flows costs no more per
+    /// packet than a lookup.
+    barren: [u32; 2],
 }
 
 /// Where a shard's tables lie in memory, for prefetching without the lock:
@@ -790,6 +933,8 @@ pub struct FlowInfo {
     pub nat: FlowNat,
     /// Its state.
     pub state: FlowState,
+    /// Its backend answered: it is never evicted, only expired.
+    pub confirmed: bool,
     /// Seconds since it was bound.
     pub age_s: u32,
     /// Seconds since its last packet that restarted the idle timer.
@@ -799,12 +944,17 @@ pub struct FlowInfo {
 /// Why a flow could not be inserted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum InsertError {
-    /// The table is full and nothing could be evicted.
+    /// The flow's shard is full of confirmed flows (nothing could be evicted).
     #[error("connection table full")]
     Full,
     /// Every SNAT port probed is in use towards this backend.
     #[error("no free source-NAT port towards this backend")]
     PortsExhausted,
+    /// The flow's reply tuple is a live flow's (a routed flow from the same
+    /// client port to another frontend with the same backend): the new
+    /// flow is refused, the live one keeps its replies.
+    #[error("the flow's reply tuple belongs to a live flow")]
+    Clash,
 }
 
 /// What a new binding says.
@@ -846,6 +996,7 @@ impl<A: Ip> Tracker<A> {
                     rev,
                     cap,
                     stats: ShardStats::default(),
+                    barren: [0; 2],
                 }))
             })
             .collect();
@@ -976,7 +1127,9 @@ impl<A: Ip> Tracker<A> {
     ) {
         let Some(k) = e.rev_key() else { return };
         if self.rev_shard(&k) == i {
-            if let Ok(r) = rev.find_entry(self.rev_hash(&k), is_rev(&k)) {
+            let of = e.key();
+            if let Ok(r) = rev.find_entry(self.rev_hash(&k), |r| is_rev(&k)(r) && r.fwd_key() == of)
+            {
                 r.remove();
             }
         } else {
@@ -984,13 +1137,16 @@ impl<A: Ip> Tracker<A> {
         }
     }
 
-    /// Copies a forward entry's state and expiry into its reverse entry: at
-    /// once when it is in this shard, else later.
+    /// Copies a forward entry's state, expiry and confirmation into its
+    /// reverse entry: at once when it is in this shard, else later (and a
+    /// forward entry that is to become confirmed is marked only after its
+    /// reverse entry was: `confirm`).
     fn sync_rev<const N: usize>(
         &self,
         i: usize,
         rev: &mut HashTable<Rev<A>>,
         e: &Fwd<A>,
+        confirm: bool,
         later: &mut LaterBuf<A, N>,
     ) {
         let Some(k) = e.rev_key() else { return };
@@ -998,14 +1154,25 @@ impl<A: Ip> Tracker<A> {
             if let Some(r) = rev.find_mut(self.rev_hash(&k), is_rev(&k)) {
                 r.state = e.state;
                 r.expires = e.expires;
+                r.confirmed |= e.confirmed || confirm;
             }
         } else {
-            later.push(Later::SyncRev(k, e.state, e.expires));
+            later.push(Later::SyncRev(
+                k,
+                e.state,
+                e.expires,
+                e.confirmed || confirm,
+            ));
+            if confirm && !e.confirmed {
+                later.push(Later::ConfirmFwd(e.key(), k));
+            }
         }
     }
 
     /// Does the work left for after a lock, one shard lock at a time.
     fn run_later<const N: usize>(&self, later: &LaterBuf<A, N>) {
+        // Did the last SyncRev find its reverse entry?
+        let mut synced = false;
         for op in later.ops.iter().take(later.n).flatten() {
             match *op {
                 Later::RemoveRev(k, of) => {
@@ -1025,14 +1192,29 @@ impl<A: Ip> Tracker<A> {
                         e.remove();
                     }
                 }
-                Later::SyncRev(k, state, expires) => {
+                Later::SyncRev(k, state, expires, confirmed) => {
                     let mut s = self.lock(self.rev_shard(&k));
+                    synced = false;
                     if let Some(r) = s.rev.find_mut(self.rev_hash(&k), is_rev(&k)) {
                         // Copies may arrive out of order from two workers:
                         // a state never goes back (TCP's states and the
-                        // datagram ones each only move up).
+                        // datagram ones each only move up), nor does a
+                        // confirmation.
                         r.state = r.state.max(state);
                         r.expires = expires;
+                        r.confirmed |= confirmed;
+                        synced = true;
+                    }
+                }
+                Later::ConfirmFwd(k, rk) => {
+                    if !synced {
+                        continue;
+                    }
+                    let mut s = self.lock(self.fwd_shard(&k));
+                    if let Some(e) = s.fwd.find_mut(self.fwd_hash(&k), |e| {
+                        is_fwd(&k)(e) && e.rev_key() == Some(rk)
+                    }) {
+                        e.confirmed = true;
                     }
                 }
             }
@@ -1049,7 +1231,7 @@ impl<A: Ip> Tracker<A> {
     ) -> Option<FlowHit> {
         let k = FwdKey::of(t);
         let i = self.fwd_shard(&k);
-        let mut later = LaterBuf::<A, 1>::new();
+        let mut later = LaterBuf::<A, 2>::new();
         let hit = {
             let mut s = self.lock(i);
             let Shard {
@@ -1068,18 +1250,34 @@ impl<A: Ip> Tracker<A> {
                 let mut state = FlowState::from_u8(e.state);
                 if touch {
                     let before = state;
-                    state = if e.mode == MODE_DSR {
+                    let dsr = e.mode == MODE_DSR;
+                    state = if dsr {
                         state.advance_one_way(flags)
                     } else {
                         state.advance(false, flags)
                     };
                     e.state = state as u8;
-                    e.expires = now.saturating_add(e.timeout(state, now, to));
-                    if state != before {
-                        // Transitions are rare (SYN answered, FIN, RST): keep
-                        // the reverse entry's copy equal, so replies see it.
+                    // Confirmed by the client's side: a DSR flow whose
+                    // handshake the gateway saw (its SYN, now the client's
+                    // ACK of the backend's SYN-ACK), or an answered datagram
+                    // flow still active two seconds in. A confirmed flow's
+                    // packet tests one flag here, nothing more.
+                    let confirm = !e.confirmed
+                        && if dsr {
+                            before == FlowState::TcpSynSent && state == FlowState::TcpEstablished
+                        } else {
+                            datagram_confirms(state, e.born, now)
+                        };
+                    if confirm && !self.rev_elsewhere(i, e) {
+                        e.confirmed = true;
+                    }
+                    e.expires = now.saturating_add(timeout_of(state, e.confirmed || confirm, to));
+                    if state != before || confirm {
+                        // Transitions are rare (SYN answered, FIN, RST,
+                        // confirmation): keep the reverse entry's copy
+                        // equal, so replies see it.
                         let f = *e;
-                        self.sync_rev(i, rev, &f, &mut later);
+                        self.sync_rev(i, rev, &f, confirm, &mut later);
                     }
                 }
                 Some(FlowHit {
@@ -1126,12 +1324,15 @@ impl<A: Ip> Tracker<A> {
             let wanted = now.saturating_add(next.timeout(to));
             if r.expires > now
                 && next == cur
+                && r.confirmed
                 && (!touch || wanted.saturating_sub(r.expires) < refresh_step(next, to))
             {
                 return Some(r.hit(cur));
             }
             // Slow path: the forward entry decides (it may have been refreshed
-            // by requests, or expired), and takes this reply's transition.
+            // by requests, or expired), and takes this reply's transition;
+            // so does every reply of a flow not yet confirmed, which this
+            // reply may confirm.
             let fk = r.fwd_key();
             if self.fwd_shard(&fk) != j {
                 *r
@@ -1154,10 +1355,14 @@ impl<A: Ip> Tracker<A> {
                 if touch {
                     state = state.advance(true, flags);
                     e.state = state as u8;
-                    e.expires = now.saturating_add(e.timeout(state, now, to));
+                    if !e.confirmed && reply_confirms(e, state, flags, now) {
+                        e.confirmed = true;
+                    }
+                    e.expires = now.saturating_add(e.timeout(state, to));
                 }
                 r.state = e.state;
                 r.expires = e.expires;
+                r.confirmed = e.confirmed;
                 return Some(r.hit(state));
             }
         };
@@ -1179,23 +1384,36 @@ impl<A: Ip> Tracker<A> {
                 Ok(mut entry) => {
                     let e = entry.get_mut();
                     let mut state = FlowState::from_u8(e.state);
+                    let mut confirm = false;
                     if touch {
                         state = state.advance(true, flags);
                         e.state = state as u8;
-                        e.expires = now.saturating_add(e.timeout(state, now, to));
+                        // Marked here only once the reverse entry is
+                        // (`Later::ConfirmFwd`).
+                        confirm = !e.confirmed && reply_confirms(e, state, flags, now);
+                        e.expires =
+                            now.saturating_add(timeout_of(state, e.confirmed || confirm, to));
                     }
-                    Some((state, e.expires))
+                    Some((state, e.expires, e.confirmed, confirm))
                 }
             }
         };
-        let mut later = LaterBuf::<A, 1>::new();
+        let mut later = LaterBuf::<A, 2>::new();
         let hit = match decided {
             None => {
                 later.push(Later::RemoveRev(rk, fk));
                 None
             }
-            Some((state, expires)) => {
-                later.push(Later::SyncRev(rk, state as u8, expires));
+            Some((state, expires, confirmed, confirm)) => {
+                later.push(Later::SyncRev(
+                    rk,
+                    state as u8,
+                    expires,
+                    confirmed || confirm,
+                ));
+                if confirm {
+                    later.push(Later::ConfirmFwd(fk, rk));
+                }
                 Some(copy.hit(state))
             }
         };
@@ -1225,7 +1443,7 @@ impl<A: Ip> Tracker<A> {
             vip: k.vip,
             backend: A::from16(&b.backend),
             gw,
-            expires: now.saturating_add(state.timeout(to)),
+            expires: now.saturating_add(timeout_of(state, false, to)),
             frontend: b.frontend,
             epoch: b.epoch,
             born: now,
@@ -1237,18 +1455,48 @@ impl<A: Ip> Tracker<A> {
             proto: k.proto,
             state: state as u8,
             mode,
+            confirmed: false,
         };
         let i = self.fwd_shard(&k);
         // The reverse entry written with the forward one (same shard).
         let local_rev = e
             .rev_key()
             .filter(|rk| self.rev_shard(rk) == i && mode == MODE_ROUTED);
-        let mut later = LaterBuf::<A, 1>::new();
+        let mut later = LaterBuf::<A, 2>::new();
         // Room for eviction's work, set up only when a shard is full.
         let mut bulk = None;
-        let result = {
+        let result = 'locked: {
             let mut s = self.lock(i);
             let sh = &mut *s;
+            if let Some(rk) = local_rev {
+                // The reply tuple is another flow's: refused while that flow
+                // lives (its replies must keep their frontend), taken over
+                // (with what is left of that flow) once it is dead.
+                if let Some(r) = sh.rev.find(self.rev_hash(&rk), is_rev(&rk)) {
+                    let fk = r.fwd_key();
+                    if fk != k {
+                        let (rs, rexp) = (r.state, r.expires);
+                        let live = |st: u8, exp: u32| {
+                            exp > now && FlowState::from_u8(st) != FlowState::TcpReset
+                        };
+                        if self.fwd_shard(&fk) != i {
+                            if live(rs, rexp) {
+                                sh.stats.clashes += 1;
+                                break 'locked Err(InsertError::Clash);
+                            }
+                            later.push(Later::RemoveFwd(fk, rk));
+                        } else if let Ok(other) = sh.fwd.find_entry(self.fwd_hash(&fk), |e| {
+                            is_fwd(&fk)(e) && e.rev_key() == Some(rk)
+                        }) {
+                            if live(other.get().state, other.get().expires) {
+                                sh.stats.clashes += 1;
+                                break 'locked Err(InsertError::Clash);
+                            }
+                            other.remove();
+                        }
+                    }
+                }
+            }
             if let Ok(old) = sh.fwd.find_entry(self.fwd_hash(&k), is_fwd(&k)) {
                 let (old, _) = old.remove();
                 // The same reverse key is the new flow's: rewritten below, or
@@ -1264,13 +1512,13 @@ impl<A: Ip> Tracker<A> {
                 self.make_room(i, sh, now, false, bulk.insert(LaterBuf::new()));
             }
             if full(sh) {
-                sh.stats.refused += 1;
+                sh.stats.refused[FlowClass::of(k.proto, state) as usize] += 1;
                 Err(InsertError::Full)
             } else {
                 if let Some(rk) = local_rev {
-                    // A stale reverse entry for the same backend tuple (its
-                    // forward entry was replaced under another vip) would
-                    // shadow this one: drop it first.
+                    // What is left of a dead flow's reverse entry for the
+                    // same reply tuple (checked above) would shadow this one:
+                    // drop it first.
                     if let Ok(stale) = sh.rev.find_entry(self.rev_hash(&rk), is_rev(&rk)) {
                         stale.remove();
                     }
@@ -1319,13 +1567,14 @@ impl<A: Ip> Tracker<A> {
                         peer: rk.peer,
                         client: k.client,
                         vip: k.vip,
-                        expires: now.saturating_add(state.timeout(to)),
+                        expires: now.saturating_add(timeout_of(state, false, to)),
                         bport: rk.bport,
                         pport: rk.pport,
                         cport: k.cport,
                         vport: k.vport,
                         proto: rk.proto,
                         state: state as u8,
+                        confirmed: false,
                     };
                     self.place_rev(j, &mut sh.rev, sh.cap, r);
                     Reserve::Done
@@ -1388,18 +1637,23 @@ impl<A: Ip> Tracker<A> {
                 }
             }
         }
-        Err(if full {
-            InsertError::Full
-        } else {
-            InsertError::PortsExhausted
-        })
+        if full {
+            // Every shard probed was full of confirmed flows: counted once,
+            // in the flow's own shard.
+            let mut s = self.lock(self.fwd_shard(&k));
+            s.stats.refused[FlowClass::of(k.proto, state) as usize] += 1;
+            return Err(InsertError::Full);
+        }
+        Err(InsertError::PortsExhausted)
     }
 
     /// Frees room in shard `i`'s forward table (or, with `for_rev`, its
     /// reverse table) if anything can go: expired flows first, then
-    /// unestablished ones, then (as a last resort) established ones. A flow
-    /// whose other entry is in another shard is taken only while `later` has
-    /// room to remember that entry.
+    /// unconfirmed ones; never a confirmed one. A flow whose other entry is
+    /// in another shard is taken only while `later` has room to remember that
+    /// entry. A walk that frees less than it aims at, though it saw every
+    /// entry it could take, marks the table barren for the rest of the
+    /// second ([`Shard::barren`]).
     fn make_room(
         &self,
         i: usize,
@@ -1408,39 +1662,46 @@ impl<A: Ip> Tracker<A> {
         for_rev: bool,
         later: &mut LaterBuf<A, LATER_CAP>,
     ) {
+        let which = usize::from(for_rev);
+        let mark = now.saturating_add(1);
+        if sh.barren[which] == mark {
+            return;
+        }
         let target = (sh.cap / 32).max(1);
         let mut freed = 0usize;
-        for pass in 0..3 {
-            if freed >= target || (pass == 2 && freed > 0) {
+        // Something evictable was left because `later` was full: the table
+        // is not barren, the next insert may free more.
+        let mut cut = false;
+        for pass in 0..2 {
+            if freed >= target {
                 break;
             }
-            let go = |state: u8, expires: u32| {
-                let st = FlowState::from_u8(state);
-                match pass {
-                    0 => expires <= now,
-                    1 => !st.is_established(),
-                    _ => true,
-                }
+            let go = |confirmed: bool, expires: u32| match pass {
+                0 => expires <= now,
+                _ => !confirmed,
             };
             let Shard {
                 fwd, rev, stats, ..
-            } = sh;
+            } = &mut *sh;
             fwd.retain(|e| {
-                if (freed >= target && pass > 0) || !go(e.state, e.expires) {
+                if (freed >= target && pass > 0) || !go(e.confirmed, e.expires) {
                     return true;
                 }
                 let remote = self.rev_elsewhere(i, e);
                 // For room in the reverse table only flows whose reverse
                 // entry is here help.
-                if (for_rev && (remote || e.rev_key().is_none())) || (remote && later.is_full()) {
+                if for_rev && (remote || e.rev_key().is_none()) {
+                    return true;
+                }
+                if remote && later.is_full() {
+                    cut = true;
                     return true;
                 }
                 freed += 1;
                 self.unlink_rev(i, rev, e, later);
                 match pass {
                     0 => stats.expired += 1,
-                    1 => stats.evicted_unestablished += 1,
-                    _ => stats.evicted_established += 1,
+                    _ => stats.evicted[e.class() as usize] += 1,
                 }
                 false
             });
@@ -1448,24 +1709,35 @@ impl<A: Ip> Tracker<A> {
                 continue;
             }
             // Reverse entries of flows whose forward entry is elsewhere
-            // (source NAT): evicted here, their forward entry later.
+            // (source NAT): evicted here, their forward entry later. A
+            // confirmed flow's reverse entry is marked before its forward
+            // entry, so it is never taken for an unconfirmed one's.
             rev.retain(|r| {
-                if (freed >= target && pass > 0) || !go(r.state, r.expires) {
+                if (freed >= target && pass > 0) || !go(r.confirmed, r.expires) {
                     return true;
                 }
                 let fk = r.fwd_key();
-                if self.fwd_shard(&fk) == i || later.is_full() {
+                if self.fwd_shard(&fk) == i {
+                    return true;
+                }
+                if later.is_full() {
+                    cut = true;
                     return true;
                 }
                 later.push(Later::RemoveFwd(fk, r.key()));
                 freed += 1;
                 match pass {
                     0 => stats.expired += 1,
-                    1 => stats.evicted_unestablished += 1,
-                    _ => stats.evicted_established += 1,
+                    _ => {
+                        let class = FlowClass::of(r.proto, FlowState::from_u8(r.state));
+                        stats.evicted[class as usize] += 1;
+                    }
                 }
                 false
             });
+        }
+        if freed < target && !cut {
+            sh.barren[which] = mark;
         }
     }
 
@@ -1559,9 +1831,13 @@ impl<A: Ip> Tracker<A> {
             into.entries += s.fwd.len() as u64;
             into.inserts += s.stats.inserts;
             into.expired += s.stats.expired;
-            into.evicted_unestablished += s.stats.evicted_unestablished;
-            into.evicted_established += s.stats.evicted_established;
-            into.refused += s.stats.refused;
+            for (a, b) in into.evicted.iter_mut().zip(s.stats.evicted) {
+                *a += b;
+            }
+            for (a, b) in into.refused.iter_mut().zip(s.stats.refused) {
+                *a += b;
+            }
+            into.clashes += s.stats.clashes;
         }
     }
 }
@@ -1575,12 +1851,29 @@ pub struct ConntrackStats {
     pub inserts: u64,
     /// Entries removed because their timeout passed.
     pub expired: u64,
-    /// Entries evicted under pressure that were not established.
-    pub evicted_unestablished: u64,
-    /// Established entries evicted under pressure (last resort).
-    pub evicted_established: u64,
-    /// Inserts refused because nothing could be evicted.
-    pub refused: u64,
+    /// Unconfirmed flows evicted under pressure, per [`FlowClass`] index.
+    /// (A confirmed flow is never evicted.)
+    pub evicted: PerClass,
+    /// New flows refused because their shard was full of confirmed flows,
+    /// per [`FlowClass`] index of the new flow.
+    pub refused: PerClass,
+    /// New routed flows refused because their reply tuple was a live
+    /// flow's (one client port to two frontends sharing a backend).
+    pub clashes: u64,
+}
+
+impl ConntrackStats {
+    /// Unconfirmed flows evicted, all classes.
+    #[must_use]
+    pub fn evicted_total(&self) -> u64 {
+        self.evicted.iter().sum()
+    }
+
+    /// New flows refused for want of room, all classes.
+    #[must_use]
+    pub fn refused_total(&self) -> u64 {
+        self.refused.iter().sum()
+    }
 }
 
 /// One shard of an [`Expiring`] map: (key, value, expiry second).
@@ -2335,7 +2628,9 @@ mod tests {
         assert_eq!(r.state, FlowState::TcpEstablished);
         assert_eq!(r.vip, v4_to_16([198, 19, 0, 10]));
         assert_eq!(r.vport, 80);
-        // Established lives a day.
+        // The backend's first ACK (the client's request answered) confirms
+        // it: established and confirmed lives a day.
+        confirm(&ct, now, 1001, 8080);
         let later = now.plus_secs(3600);
         let h = ct
             .lookup_original(later, Family::V4, &t(1001), tcp_flags::ACK, true)
@@ -2493,81 +2788,276 @@ mod tests {
         assert!(!alive(5353, to.datagram));
     }
 
+    /// The backend's ACK to flow `cport`: confirms it.
+    fn confirm(ct: &Conntrack, now: Now, cport: u16, bport: u16) {
+        let h = ct.lookup_reply(
+            now,
+            Family::V4,
+            &reply_of(cport, bport),
+            tcp_flags::ACK,
+            true,
+        );
+        assert!(h.is_some(), "flow {cport} has no reverse entry");
+    }
+
+    fn confirmed(ct: &Conntrack, now: Now) -> Vec<FlowInfo> {
+        let mut out = Vec::new();
+        ct.snapshot_flows(now, 1 << 14, &|f| f.confirmed, &mut out);
+        out
+    }
+
     #[test]
-    fn eviction_prefers_unestablished_entries() {
+    fn eviction_takes_unconfirmed_flows_first() {
         let ct = small(8);
         let cap = ct.capacity();
         let now = Now::from_secs(1);
+        // Even ports: answered by their backend (confirmed); odd: SYN only,
+        // or picked up mid-stream (a first packet without SYN).
         for i in 0..cap as u16 {
-            let st = if i % 2 == 0 {
-                FlowState::TcpEstablished
-            } else {
+            let st = if i % 4 == 1 {
                 FlowState::TcpSynSent
+            } else {
+                FlowState::initial(Proto::Tcp, tcp_flags::ACK)
             };
             ct.insert(now, Family::V4, &t(i), &bind(8080), st).unwrap();
+            if i % 2 == 0 {
+                confirm(&ct, now, i, 8080);
+            }
         }
         assert_eq!(ct.len(), cap);
-        ct.insert(
-            now,
-            Family::V4,
-            &t(60000),
-            &bind(8080),
-            FlowState::TcpSynSent,
-        )
-        .unwrap();
+        assert_eq!(confirmed(&ct, now).len(), cap.div_ceil(2));
+        // Far more new flows than the table holds: each takes an unconfirmed
+        // one's place, never a confirmed one's.
+        for i in 0..(10 * cap) as u16 {
+            let st = if i % 2 == 0 {
+                FlowState::TcpSynSent
+            } else {
+                FlowState::initial(Proto::Tcp, tcp_flags::ACK)
+            };
+            ct.insert(now, Family::V4, &t(30_000 + i), &bind(8080), st)
+                .unwrap();
+            assert!(ct.len() <= cap);
+        }
         let s = ct.stats();
-        assert!(s.evicted_unestablished >= 1);
-        assert_eq!(s.evicted_established, 0);
+        assert_eq!(s.refused_total(), 0, "{s:?}");
+        assert!(s.evicted[FlowClass::TcpSyn as usize] >= 1, "{s:?}");
+        assert!(s.evicted[FlowClass::TcpMidstream as usize] >= 1, "{s:?}");
+        assert_eq!(s.evicted_total(), (10 * cap) as u64, "{s:?}");
         for i in (0..cap as u16).step_by(2) {
             assert!(
                 ct.lookup_original(now, Family::V4, &t(i), 0, false)
                     .is_some(),
-                "established flow {i} survived"
+                "confirmed flow {i} lost"
+            );
+            let r = ct.lookup_reply(now, Family::V4, &reply_of(i, 8080), 0, false);
+            assert_eq!(
+                r.map(|r| r.client_port),
+                Some(i),
+                "confirmed flow {i}'s replies"
             );
         }
         // Reverse entries went with their forward entries.
-        let reverse_alive = (0..cap as u16)
-            .filter(|&i| {
-                ct.lookup_reply(now, Family::V4, &reply_of(i, 8080), 0, false)
-                    .is_some()
-            })
-            .count();
-        let forward_alive = (0..cap as u16)
-            .filter(|&i| {
-                ct.lookup_original(now, Family::V4, &t(i), 0, false)
-                    .is_some()
-            })
-            .count();
-        assert_eq!(reverse_alive, forward_alive);
+        let (fwd, rev) = entries(&ct);
+        assert_eq!(fwd, rev);
     }
 
     #[test]
-    fn full_of_established_evicts_as_last_resort() {
+    fn a_shard_full_of_confirmed_flows_refuses_new_ones() {
         let ct = small(8);
         let cap = ct.capacity();
         let now = Now::from_secs(1);
         for i in 0..cap as u16 {
-            ct.insert(
-                now,
-                Family::V4,
-                &t(i),
-                &bind(8080),
-                FlowState::TcpEstablished,
-            )
-            .unwrap();
+            ct.insert(now, Family::V4, &t(i), &bind(8080), FlowState::TcpSynSent)
+                .unwrap();
+            confirm(&ct, now, i, 8080);
         }
+        let mut udp = t(60001);
+        udp.proto = Proto::Udp;
+        let new = [
+            (t(60000), FlowState::TcpSynSent, FlowClass::TcpSyn),
+            (t(60002), FlowState::TcpEstablished, FlowClass::TcpMidstream),
+            (udp, FlowState::Unreplied, FlowClass::Udp),
+        ];
+        for (tuple, st, class) in new {
+            for n in 1..=3 {
+                assert_eq!(
+                    ct.insert(now, Family::V4, &tuple, &bind(8080), st),
+                    Err(InsertError::Full)
+                );
+                assert_eq!(ct.stats().refused[class as usize], n, "{class:?}");
+            }
+            assert!(ct
+                .lookup_original(now, Family::V4, &tuple, 0, false)
+                .is_none());
+        }
+        let s = ct.stats();
+        assert_eq!(s.evicted_total(), 0, "{s:?}");
+        assert_eq!(confirmed(&ct, now).len(), cap);
+        // Room comes back as confirmed flows end: a RST'ed one expires.
+        ct.lookup_reply(now, Family::V4, &reply_of(0, 8080), tcp_flags::RST, true)
+            .unwrap();
+        let later = now.plus_secs(u64::from(ct.timeouts().tcp_rst));
         ct.insert(
-            now,
+            later,
             Family::V4,
             &t(60000),
             &bind(8080),
             FlowState::TcpSynSent,
         )
         .unwrap();
-        assert!(ct.stats().evicted_established >= 1);
+        assert_eq!(ct.stats().expired, 1);
+    }
+
+    /// What confirms a flow, and what does not: a SYN-ACK or a RST from the
+    /// backend (a spoofed SYN's or ACK's answer) leaves it unconfirmed,
+    /// with its short timeout.
+    #[test]
+    fn only_an_accepted_connection_confirms_a_tcp_flow() {
+        let ct = small(64);
+        let to = *ct.timeouts();
+        let now = Now::from_secs(10);
+        let is_confirmed =
+            |cport: u16, at: Now| confirmed(&ct, at).iter().any(|f| f.client_port == cport);
+        let alive = |cport: u16, secs: u32| {
+            ct.lookup_original(
+                now.plus_secs(u64::from(secs)),
+                Family::V4,
+                &t(cport),
+                0,
+                false,
+            )
+            .is_some()
+        };
+        // 1: SYN, then the backend's SYN-ACK: answered, but not confirmed.
+        ct.insert(now, Family::V4, &t(1), &bind(8080), FlowState::TcpSynSent)
+            .unwrap();
+        let synack = tcp_flags::SYN | tcp_flags::ACK;
+        let h = ct.lookup_reply(now, Family::V4, &reply_of(1, 8080), synack, true);
+        assert_eq!(h.unwrap().state, FlowState::TcpEstablished);
+        assert!(!is_confirmed(1, now));
+        assert!(alive(1, to.tcp_unconfirmed - 1));
+        assert!(!alive(1, to.tcp_unconfirmed));
+        // 2: picked up mid-stream; the backend answers with a RST.
+        let mid = FlowState::initial(Proto::Tcp, tcp_flags::ACK);
+        ct.insert(now, Family::V4, &t(2), &bind(8080), mid).unwrap();
+        ct.lookup_reply(now, Family::V4, &reply_of(2, 8080), tcp_flags::RST, true)
+            .unwrap();
+        assert!(!is_confirmed(2, now));
+        // 3: picked up mid-stream; the backend's ACK confirms it, and it
+        // takes the established timeout.
+        ct.insert(now, Family::V4, &t(3), &bind(8080), mid).unwrap();
+        assert!(alive(3, to.tcp_unconfirmed - 1));
+        confirm(&ct, now, 3, 8080);
+        assert!(is_confirmed(3, now));
+        assert!(alive(3, to.tcp_established - 1));
+        assert!(!alive(3, to.tcp_established));
+    }
+
+    #[test]
+    fn a_dsr_flow_is_confirmed_by_the_handshake_the_gateway_saw() {
+        let ct = small(64);
+        let now = Now::from_secs(10);
+        let b = Binding {
+            nat: FlowNat::Dsr {
+                outer_src: v4_to_16([198, 18, 9, 9]),
+            },
+            ..bind(80)
+        };
+        let is_confirmed = |cport: u16| confirmed(&ct, now).iter().any(|f| f.client_port == cport);
+        // SYN, then the client's ACK of the SYN-ACK the gateway never sees.
+        ct.insert(now, Family::V4, &t(1), &b, FlowState::TcpSynSent)
+            .unwrap();
+        assert!(!is_confirmed(1));
+        ct.lookup_original(now, Family::V4, &t(1), tcp_flags::ACK, true)
+            .unwrap();
+        assert!(is_confirmed(1));
+        // Picked up mid-stream: its ACKs never confirm it.
+        let mid = FlowState::initial(Proto::Tcp, tcp_flags::ACK);
+        ct.insert(now, Family::V4, &t(2), &b, mid).unwrap();
+        ct.lookup_original(now, Family::V4, &t(2), tcp_flags::ACK, true)
+            .unwrap();
+        assert!(!is_confirmed(2));
+    }
+
+    #[test]
+    fn a_datagram_flow_is_confirmed_when_answered_and_still_active_two_seconds_in() {
+        let ct = small(64);
+        let start = Now::from_secs(100);
+        let udp = |cport| FlowTuple {
+            proto: Proto::Udp,
+            ..t(cport)
+        };
+        let back = |cport| FlowTuple {
+            proto: Proto::Udp,
+            ..reply_of(cport, 53)
+        };
+        let is_confirmed =
+            |cport: u16| confirmed(&ct, start).iter().any(|f| f.client_port == cport);
+        for cport in [1, 2, 3] {
+            ct.insert(
+                start,
+                Family::V4,
+                &udp(cport),
+                &bind(53),
+                FlowState::Unreplied,
+            )
+            .unwrap();
+        }
+        // 1: one request, one answer (a DNS lookup).
+        ct.lookup_reply(start, Family::V4, &back(1), 0, true)
+            .unwrap();
+        assert!(!is_confirmed(1));
+        // 2: answered at once, and the client talks again 2 s in.
+        ct.lookup_reply(start, Family::V4, &back(2), 0, true)
+            .unwrap();
+        ct.lookup_original(start.plus_secs(2), Family::V4, &udp(2), 0, true)
+            .unwrap();
+        assert!(is_confirmed(2));
+        // 3: never answered, however long the client talks.
+        ct.lookup_original(start.plus_secs(5), Family::V4, &udp(3), 0, true)
+            .unwrap();
+        assert!(!is_confirmed(3));
+    }
+
+    /// Two Services share an endpoint and one client port opens a flow to
+    /// each: the second flow's reply tuple is the first's. It is refused
+    /// while the first lives, and takes the tuple over once it is dead.
+    #[test]
+    fn a_routed_flow_never_takes_over_a_live_flows_reply_tuple() {
+        let ct = small(64);
+        let now = Now::from_secs(10);
+        let first = t(4000);
+        let second = FlowTuple {
+            dst_addr: v4_to_16([198, 19, 0, 11]),
+            ..first
+        };
+        ct.insert(now, Family::V4, &first, &bind(8080), FlowState::TcpSynSent)
+            .unwrap();
+        assert_eq!(
+            ct.insert(now, Family::V4, &second, &bind(8080), FlowState::TcpSynSent),
+            Err(InsertError::Clash)
+        );
+        assert_eq!(ct.stats().clashes, 1);
+        let r = ct.lookup_reply(now, Family::V4, &reply_of(4000, 8080), 0, false);
+        assert_eq!(
+            r.unwrap().vip,
+            first.dst_addr,
+            "the first flow keeps its replies"
+        );
         assert!(ct
-            .lookup_original(now, Family::V4, &t(60000), 0, false)
-            .is_some());
+            .lookup_original(now, Family::V4, &second, 0, false)
+            .is_none());
+        // The first flow is reset: its tuple is free for the second.
+        ct.lookup_original(now, Family::V4, &first, tcp_flags::RST, true)
+            .unwrap();
+        ct.insert(now, Family::V4, &second, &bind(8080), FlowState::TcpSynSent)
+            .unwrap();
+        let r = ct.lookup_reply(now, Family::V4, &reply_of(4000, 8080), 0, false);
+        assert_eq!(r.unwrap().vip, second.dst_addr);
+        assert!(ct
+            .lookup_original(now, Family::V4, &first, 0, false)
+            .is_none());
+        assert_eq!(entries(&ct), (1, 1));
     }
 
     #[test]
@@ -2799,6 +3289,144 @@ mod tests {
         }
     }
 
+    /// A flood of ten times the table's capacity, of every class, against
+    /// routed and source-NATed flows that their backends confirmed (so the
+    /// flood meets them in forward and in reverse shards): every confirmed
+    /// flow keeps both its entries, and the table never holds more than its
+    /// capacity.
+    #[test]
+    fn a_flood_of_ten_times_the_capacity_loses_no_confirmed_flow() {
+        let ct = Conntrack::new(&Config {
+            capacity: 1024,
+            shards: 16,
+            affinity_capacity: 8,
+            fragment_capacity: 8,
+            timeouts: Timeouts::default(),
+        });
+        let cap = ct.capacity();
+        let gw = [v4_to_16([198, 18, 2, 1])];
+        let ports = PortRange::new(1024, 65_535).unwrap();
+        let now = Now::from_secs(5);
+        let mut kept = Vec::new();
+        for i in 0..600u32 {
+            let t = client(i);
+            let nat = if i % 2 == 0 {
+                ct.insert(now, Family::V4, &t, &bind(8080), FlowState::TcpSynSent)
+                    .unwrap();
+                FlowNat::Routed
+            } else {
+                ct.insert_snat(
+                    now,
+                    Family::V4,
+                    &t,
+                    &bind(8080),
+                    FlowState::TcpSynSent,
+                    &gw,
+                    ports,
+                )
+                .unwrap()
+            };
+            let back = match nat {
+                FlowNat::Snat { .. } => snat_reply(nat, 8080),
+                _ => FlowTuple {
+                    src_addr: v4_to_16([198, 18, 1, 1]),
+                    dst_addr: t.src_addr,
+                    src_port: 8080,
+                    dst_port: t.src_port,
+                    proto: Proto::Tcp,
+                },
+            };
+            ct.lookup_reply(now, Family::V4, &back, tcp_flags::ACK, true)
+                .unwrap();
+            kept.push((t, nat, back));
+        }
+        assert_eq!(confirmed(&ct, now).len(), kept.len());
+        let mut refused = 0u64;
+        for n in 0..(10 * cap) as u32 {
+            let mut t = client(100_000 + n);
+            t.src_addr[13] = 200 + (n % 4) as u8;
+            let (flags, proto) = match n % 4 {
+                0 => (tcp_flags::SYN, Proto::Tcp),
+                1 => (tcp_flags::ACK, Proto::Tcp),
+                2 => (0, Proto::Udp),
+                _ => (0, Proto::Sctp),
+            };
+            t.proto = proto;
+            let st = FlowState::initial(proto, flags);
+            let r = if n % 3 == 0 {
+                ct.insert(now, Family::V4, &t, &bind(8080), st)
+            } else {
+                ct.insert_snat(now, Family::V4, &t, &bind(8080), st, &gw, ports)
+                    .map(|_| ())
+            };
+            match r {
+                Ok(()) => {}
+                Err(InsertError::Full) => refused += 1,
+                Err(e) => panic!("flood flow {n}: {e}"),
+            }
+            assert!(ct.len() <= cap, "after flood flow {n}");
+        }
+        for (t, nat, back) in &kept {
+            let f = ct.lookup_original(now, Family::V4, t, 0, false);
+            assert_eq!(f.map(|f| f.nat), Some(*nat), "{t:?} lost its forward entry");
+            let r = ct.lookup_reply(now, Family::V4, back, 0, false).unwrap();
+            assert_eq!(
+                (r.client, r.client_port, r.vip),
+                (t.src_addr, t.src_port, t.dst_addr)
+            );
+        }
+        let s = ct.stats();
+        assert_eq!(s.refused_total(), refused, "{s:?}");
+        for c in [
+            FlowClass::TcpSyn,
+            FlowClass::TcpMidstream,
+            FlowClass::Udp,
+            FlowClass::Sctp,
+        ] {
+            assert!(s.evicted[c as usize] > 0, "{c:?} never evicted: {s:?}");
+        }
+        let (f, r) = entries(&ct);
+        assert!(f <= cap && r <= cap, "{f} forward, {r} reverse entries");
+    }
+
+    /// Big shards free more per walk than the work one walk may leave for
+    /// other shards ([`LATER_CAP`]): a walk cut short by that is not taken
+    /// for a barren shard, so new source-NATed flows keep replacing
+    /// unconfirmed ones within the same second, none refused.
+    #[test]
+    fn a_walk_cut_short_is_not_a_barren_shard() {
+        let ct = Conntrack::new(&Config {
+            capacity: 8192,
+            shards: 2,
+            affinity_capacity: 8,
+            fragment_capacity: 8,
+            timeouts: Timeouts::default(),
+        });
+        let cap = ct.capacity();
+        assert!(
+            cap / 2 / 32 > LATER_CAP,
+            "shards of {cap} too small for this test"
+        );
+        let gw = [v4_to_16([198, 18, 2, 1])];
+        let ports = PortRange::new(1024, 65_535).unwrap();
+        let now = Now::from_secs(5);
+        for i in 0..(3 * cap) as u32 {
+            let r = ct.insert_snat(
+                now,
+                Family::V4,
+                &client(i),
+                &bind(8080),
+                FlowState::TcpSynSent,
+                &gw,
+                ports,
+            );
+            assert!(r.is_ok(), "flow {i}: {r:?}, {:?}", ct.stats());
+        }
+        let s = ct.stats();
+        assert_eq!(s.refused_total(), 0, "{s:?}");
+        assert!(s.evicted_total() >= (2 * cap) as u64, "{s:?}");
+    }
+
     /// Under eviction pressure from source-NATed flows alone (whose reverse
     /// entries mostly live in other shards than their forward ones), every
     /// flow keeps exactly one reverse entry, and every reverse entry belongs
@@ -2830,7 +3458,7 @@ mod tests {
             assert_eq!(f, r, "after flow {i}: {f} forward, {r} reverse entries");
         }
         let s = ct.stats();
-        assert!(s.evicted_unestablished > 0, "{s:?}");
+        assert!(s.evicted_total() > 0, "{s:?}");
         let (mut found, mut gone) = (0, 0);
         for (i, nat) in bound {
             let fwd = ct.lookup_original(now, Family::V4, &client(i), 0, false);

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
-use clustergate_dataplane::conntrack::Conntrack;
+use clustergate_dataplane::conntrack::{Conntrack, FlowClass, PerClass};
 use clustergate_dataplane::io::nexthop::Unresolved;
 use clustergate_dataplane::io::steer::SteerStats;
 use clustergate_dataplane::io::worker::WorkerStats;
@@ -660,23 +660,29 @@ fn metrics(server: &Server) -> String {
         "Flows in the connection table",
         vec![(Labels::new(), ct.entries as i64)],
     );
+    gauge_family(
+        &mut reg,
+        "conntrack_capacity",
+        "Flows per IP family the connection table holds (allocated at start)",
+        vec![(Labels::new(), server.conntrack.capacity() as i64)],
+    );
     counter_family(
         &mut reg,
         "conntrack_inserts",
         "Flows inserted into the connection table",
         one(ct.inserts),
     );
+    let per_class = |v: &PerClass| {
+        FlowClass::ALL
+            .iter()
+            .map(|c| (l(&[("class", c.label().into())]), v[*c as usize]))
+            .collect::<Vec<_>>()
+    };
     counter_family(
         &mut reg,
         "conntrack_evictions",
-        "Entries evicted under pressure, by whether they were established",
-        vec![
-            (
-                l(&[("established", "false".into())]),
-                ct.evicted_unestablished,
-            ),
-            (l(&[("established", "true".into())]), ct.evicted_established),
-        ],
+        "Unconfirmed flows evicted under pressure, by class (confirmed flows are never evicted)",
+        per_class(&ct.evicted),
     );
     counter_family(
         &mut reg,
@@ -687,8 +693,14 @@ fn metrics(server: &Server) -> String {
     counter_family(
         &mut reg,
         "conntrack_refused",
-        "New flows refused because the table was full of live entries",
-        one(ct.refused),
+        "New flows refused because their shard was full of confirmed flows, by class",
+        per_class(&ct.refused),
+    );
+    counter_family(
+        &mut reg,
+        "conntrack_clashes",
+        "New routed flows refused because their reply tuple was a live flow's",
+        one(ct.clashes),
     );
 
     let st = server.status.lock().unwrap_or_else(PoisonError::into_inner);

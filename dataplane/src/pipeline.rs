@@ -72,7 +72,7 @@ impl VerdictKind {
 }
 
 /// Per-core counters. Plain integers: each worker owns its own.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counters {
     /// Frames per verdict kind ([`VerdictKind`] index).
     pub packets: [u64; 4],
@@ -97,6 +97,25 @@ pub struct Counters {
     /// DSR packets too big for the backend side once encapsulated, answered
     /// with ICMP fragmentation needed / packet too big (a [`Verdict::Reject`]).
     pub encap_too_big: u64,
+}
+
+// By hand: `Default` is derived for arrays of at most 32 elements.
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            packets: [0; 4],
+            bytes: [0; 4],
+            drops: [0; DropReason::COUNT],
+            new_flows: 0,
+            replies: 0,
+            flows_moved: 0,
+            affinity_hits: 0,
+            fragments_first: 0,
+            fragments_nonfirst: 0,
+            icmp_errors: 0,
+            encap_too_big: 0,
+        }
+    }
 }
 
 impl Counters {
@@ -300,6 +319,7 @@ fn insert_drop(e: InsertError) -> DropReason {
     match e {
         InsertError::Full => DropReason::ConntrackFull,
         InsertError::PortsExhausted => DropReason::SnatPortsExhausted,
+        InsertError::Clash => DropReason::FlowClash,
     }
 }
 

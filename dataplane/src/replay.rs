@@ -22,7 +22,7 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clustergate_dataplane::conntrack::{Config, Conntrack};
+use clustergate_dataplane::conntrack::{Config, Conntrack, ConntrackStats, FlowClass, PerClass};
 use clustergate_dataplane::flow::{ip_from16, Addr16};
 use clustergate_dataplane::pipeline::{Counters, NodeAddrs, Side, Verdict, VerdictKind, Worker};
 use clustergate_dataplane::snat::{FixedSources, ReturnConfig};
@@ -59,6 +59,10 @@ pub struct Summary {
     pub truncated_captures: u64,
     /// The worker's counters.
     pub counters: Counters,
+    /// The connection table's counters at the end.
+    pub conntrack: ConntrackStats,
+    /// Flows per family the connection table holds.
+    pub capacity: usize,
 }
 
 /// Replays `input` (a pcap of Ethernet frames) through `table` with one
@@ -105,7 +109,7 @@ pub fn replay<R: Read, W: Write>(
         v4: ret.snat_v4.first().copied(),
         v6: ret.snat_v6.first().copied(),
     };
-    let mut worker = Worker::with_config(ct, ret);
+    let mut worker = Worker::with_config(Arc::clone(&ct), ret);
     worker.set_sources(Some(Arc::new(sources)));
     worker.set_node_addrs(node_addrs.map(|n| Arc::new(n) as Arc<dyn NodeAddrs>));
     let mut summary = Summary::default();
@@ -156,7 +160,24 @@ pub fn replay<R: Read, W: Write>(
         .flush()
         .context("writing the output pcap")?;
     summary.counters = worker.counters;
+    summary.conntrack = ct.stats();
+    summary.capacity = ct.capacity();
     Ok(summary)
+}
+
+/// `N (class=n class=n …)`: a per-class count and its nonzero classes.
+fn by_class(v: &PerClass) -> String {
+    let total: u64 = v.iter().sum();
+    let parts: Vec<String> = FlowClass::ALL
+        .iter()
+        .filter(|c| v[**c as usize] > 0)
+        .map(|c| format!("{}={}", c.label(), v[*c as usize]))
+        .collect();
+    if parts.is_empty() {
+        total.to_string()
+    } else {
+        format!("{total} ({})", parts.join(" "))
+    }
 }
 
 fn write_frame<W: Write>(
@@ -183,6 +204,16 @@ pub fn summary_line(s: &Summary) -> String {
         c.count(VerdictKind::Drop),
         s.written
     );
+    let ct = &s.conntrack;
+    line.push_str(&format!(
+        "; conntrack: {} flows (capacity {} per family), {} expired, evicted unconfirmed {}, refused {}, clashes {}",
+        ct.entries,
+        s.capacity,
+        ct.expired,
+        by_class(&ct.evicted),
+        by_class(&ct.refused),
+        ct.clashes
+    ));
     if s.truncated_captures > 0 {
         line.push_str(&format!(
             "; {} captures were cut short by the snap length",

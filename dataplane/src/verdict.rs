@@ -108,7 +108,8 @@ drop_reasons! {
     /// The service has no endpoints and the frame cannot be answered with a
     /// reject (it is itself a RST, an ICMP error or a non-first fragment).
     NoEndpoints => "no_endpoints",
-    /// The connection table is full and nothing could be evicted.
+    /// The connection table has no room: the flow's shard is full of
+    /// confirmed flows, which are never evicted (the new flow is refused).
     ConntrackFull => "conntrack_full",
     /// A reject would not fit in the frame's buffer.
     BufferTooSmall => "buffer_too_small",
@@ -167,4 +168,8 @@ drop_reasons! {
     /// An ICMP error that would be sent to a cluster IP or load-balancer
     /// address.
     ErrorToFrontend => "error_to_frontend",
+    /// A new routed flow whose reply tuple is a live flow's: the same client
+    /// port to another frontend with the same backend. Refused, as Linux
+    /// conntrack refuses a clash, so that the live flow keeps its replies.
+    FlowClash => "flow_clash",
 }
