@@ -786,14 +786,14 @@ fn show_says_who_may_reach_each_backend() {
     let table = model.to_table();
     assert!(
         table.contains(
-            "  -> 198.18.64.21:8080              ready policy: from pods role=frontend in \
+            "  -> 198.18.64.21:8080            ready policy: from pods role=frontend in \
              namespaces ns=y on TCP/http (x/allow-frontend rule 0)\n"
         ),
         "{table}"
     );
     assert!(
         table.contains(
-            "  -> 198.18.64.22:8080              ready policy: from pods role=frontend in \
+            "  -> 198.18.64.22:8080            ready policy: from pods role=frontend in \
              namespaces ns=y on TCP/http (x/allow-frontend rule 0); from 198.18.200.0/24 on \
              any port (x/outside-to-web-2 rule 0)\n"
         ),
