@@ -113,15 +113,23 @@ fn bench(c: &mut Criterion) {
     let table = PolicyTable::assemble(parts.clone()).unwrap();
     eprintln!(
         "policy: {} pods, {} policies: compiled in {:.0} ms into {} classes, {} prefixes, {} \
-         backends, {} entries ({} KiB)",
+         backends, {} rules, {} port ranges, {} bitmap words ({} KiB)",
         pods.len(),
         policies.len(),
         compile.as_secs_f64() * 1e3,
         parts.classes.len(),
         parts.prefixes.len(),
         parts.backends.len(),
-        parts.entries.len(),
-        (parts.entries.len() * 16 + parts.backends.len() * 32 + parts.prefixes.len() * 24) / 1024
+        parts.rules.len(),
+        parts.ports.len(),
+        parts.bits.len(),
+        (parts.prefixes.len() * 24
+            + parts.classes.len() * 16
+            + parts.backends.len() * 32
+            + parts.rules.len() * 16
+            + parts.ports.len() * 8
+            + parts.bits.len() * 8)
+            / 1024
     );
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let pairs: Vec<(Addr16, Addr16)> = (0..1024)

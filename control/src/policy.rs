@@ -35,7 +35,7 @@ use std::net::IpAddr;
 
 use clustergate_dataplane::flow::{addr16, Proto};
 use clustergate_dataplane::policy::{
-    PolicyBackendRecord, PolicyClassRecord, PolicyEntryRecord, PolicyParts,
+    PolicyBackendRecord, PolicyClassRecord, PolicyParts, PolicyPortRecord, PolicyRuleRecord,
     BACKEND_INGRESS_ISOLATED, CLASS_EGRESS_ISOLATED, PROTO_ANY,
 };
 use clustergate_dataplane::table::PrefixRecord;
@@ -181,7 +181,7 @@ struct Policy {
 }
 
 /// Which side of the connection a rule or a verdict is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
     /// The backend pod's ingress.
     Ingress,
@@ -249,6 +249,8 @@ impl fmt::Display for Verdict {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PolicySet {
     pods: Vec<PodInfo>,
+    /// Pod address → index in `pods` (the first pod that has it).
+    by_ip: std::collections::HashMap<IpAddr, usize>,
     namespaces: BTreeMap<String, Labels>,
     policies: Vec<Policy>,
     /// What could not be read, each naming the object and field.
@@ -281,6 +283,9 @@ impl PolicySet {
                     .or_insert_with(|| {
                         Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), p.namespace.clone())])
                     });
+                for &a in &p.ips {
+                    set.by_ip.entry(a).or_insert(set.pods.len());
+                }
                 set.pods.push(p);
             }
         }
@@ -301,7 +306,7 @@ impl PolicySet {
     /// The pod that has `addr`, if any.
     #[must_use]
     pub fn pod_by_ip(&self, addr: IpAddr) -> Option<&PodInfo> {
-        self.pods.iter().find(|p| p.ips.contains(&addr))
+        self.by_ip.get(&addr).map(|&i| &self.pods[i])
     }
 
     /// Whether a policy selects any pod at all (else everything is open).
@@ -782,7 +787,7 @@ fn read_port(p: &NetworkPolicyPort, place: &str, problems: &mut Vec<String>) -> 
 
 /// Ports admitted, per protocol (TCP, UDP, SCTP), as sorted disjoint
 /// inclusive ranges.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 struct PortSet([Vec<(u16, u16)>; 3]);
 
 const PROTOS: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::Sctp];
@@ -818,30 +823,6 @@ impl PortSet {
         *v = out;
     }
 
-    fn union(&mut self, other: &Self) {
-        for (i, p) in PROTOS.iter().enumerate() {
-            for &(l, h) in &other.0[i] {
-                self.add(*p, l, h);
-            }
-        }
-    }
-
-    fn intersect(&self, other: &Self) -> Self {
-        let mut out = Self::default();
-        for i in 0..3 {
-            for &(a, b) in &self.0[i] {
-                for &(c, d) in &other.0[i] {
-                    let (lo, hi) = (a.max(c), b.min(d));
-                    if lo <= hi {
-                        out.0[i].push((lo, hi));
-                    }
-                }
-            }
-            out.0[i].sort_unstable();
-        }
-        out
-    }
-
     /// What a rule's port list admits on the destination pod `dst`.
     fn of_rule(ports: Option<&[PortMatch]>, dst: Option<&PodInfo>) -> Self {
         let Some(ports) = ports else {
@@ -867,9 +848,52 @@ impl PortSet {
 }
 
 /// A client class, as control tells them apart: the pod identity
-/// (namespace and labels) if the addresses are pods', and which ipBlocks
-/// hold them.
-type ClassKey = (Option<(String, Labels)>, Vec<bool>);
+/// (namespace, labels and named ports) if the addresses are pods', and
+/// which ipBlocks hold them.
+type ClassKey = (Option<(String, Labels, Vec<(String, u8, u16)>)>, Vec<bool>);
+
+/// Backends alike for ingress: their isolating policies and named ports.
+type IngressGroup = (Vec<usize>, Vec<(String, Proto, u16)>);
+
+/// Builds the rule, port and bitmap arrays of [`PolicyParts`].
+struct RuleWriter<'p> {
+    parts: &'p mut PolicyParts,
+    words: usize,
+}
+
+impl RuleWriter<'_> {
+    /// Appends a rule admitting `ports` from the classes of `bits`; nothing
+    /// when it admits nothing. Returns whether one was written.
+    fn push(&mut self, bits: &[u64], ports: &PortSet) -> bool {
+        if bits.iter().all(|&w| w == 0) || ports.0.iter().all(Vec::is_empty) {
+            return false;
+        }
+        let ports_start = self.parts.ports.len() as u32;
+        if ports.is_full() {
+            self.parts
+                .ports
+                .push(PolicyPortRecord::new(PROTO_ANY, 0, u16::MAX));
+        } else {
+            for (i, p) in PROTOS.iter().enumerate() {
+                for &(lo, hi) in &ports.0[i] {
+                    self.parts
+                        .ports
+                        .push(PolicyPortRecord::new(p.ip_number(), lo, hi));
+                }
+            }
+        }
+        let bits_start = self.parts.bits.len() as u32;
+        debug_assert_eq!(bits.len(), self.words);
+        self.parts.bits.extend_from_slice(bits);
+        self.parts.rules.push(PolicyRuleRecord {
+            bits_start,
+            ports_start,
+            ports_len: self.parts.ports.len() as u32 - ports_start,
+            reserved: 0,
+        });
+        true
+    }
+}
 
 impl PolicySet {
     /// Every distinct ipBlock of every rule, in policy order.
@@ -892,63 +916,59 @@ impl PolicySet {
         out
     }
 
-    /// What `dir`'s isolating policies of `subject` admit towards `dst`,
-    /// with peers matched by `peer_ok`; every port when not isolated.
-    fn admitted(
+    /// The indices of the policies of `subject`'s namespace (`by_ns`) that
+    /// isolate it for `dir`.
+    fn isolating_idx(
         &self,
+        by_ns: &std::collections::HashMap<&str, Vec<usize>>,
         dir: Direction,
         subject: &PodInfo,
-        peer_ok: &dyn Fn(&Peer, &Policy) -> bool,
-        dst: Option<&PodInfo>,
-    ) -> PortSet {
-        let pols = self.isolating(dir, subject);
-        if pols.is_empty() {
-            return PortSet::full();
-        }
-        let mut set = PortSet::default();
-        for pol in pols {
-            let rules = match dir {
-                Direction::Ingress => pol.ingress.as_deref(),
-                Direction::Egress => pol.egress.as_deref(),
-            };
-            for r in rules.unwrap_or_default() {
-                let peers = r
-                    .peers
-                    .as_ref()
-                    .is_none_or(|ps| ps.iter().any(|peer| peer_ok(peer, pol)));
-                if peers {
-                    set.union(&PortSet::of_rule(r.ports.as_deref(), dst));
-                }
-            }
-        }
-        set
+    ) -> Vec<usize> {
+        by_ns
+            .get(subject.namespace.as_str())
+            .map(|v| {
+                v.iter()
+                    .copied()
+                    .filter(|&i| {
+                        let p = &self.policies[i];
+                        p.selector.matches(&subject.labels)
+                            && match dir {
+                                Direction::Ingress => p.ingress.is_some(),
+                                Direction::Egress => p.egress.is_some(),
+                            }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Compiles the policies for the dataplane ([`PolicyParts`]: client
-    /// prefixes and classes, and per backend address what each class may
-    /// reach), for the backend addresses of the table. No policy: empty
-    /// parts (nothing is looked up). The result gives, for every client
-    /// address, backend in `backends`, protocol and port, the same answer as
-    /// [`decide`](Self::decide).
+    /// prefixes and classes, rules as class bitmaps and port ranges, and per
+    /// backend address its ingress rules), for the backend addresses of the
+    /// table. No policy: empty parts (nothing is looked up). The result
+    /// gives, for every client address, backend in `backends`, protocol and
+    /// port, the same answer as [`decide`](Self::decide).
+    ///
+    /// Cost: one peer match per (rule, class), each rule's bitmap computed
+    /// once and shared by every backend and class whose policies hold it;
+    /// backends with the same isolating policies and named ports share their
+    /// rules, and so do classes with the same egress policies.
     #[must_use]
     pub fn compile(&self, backends: &[IpAddr]) -> PolicyParts {
+        use std::collections::HashMap;
         if self.policies.is_empty() {
             return PolicyParts::default();
         }
         let blocks = self.blocks();
-        let member_addr = |a: IpAddr| -> Vec<bool> {
-            blocks
-                .iter()
-                .map(|(c, e)| in_block(a, c, e))
-                .collect::<Vec<bool>>()
-        };
+        let member_addr =
+            |a: IpAddr| -> Vec<bool> { blocks.iter().map(|(c, e)| in_block(a, c, e)).collect() };
         // A prefix's own addresses (those in no longer prefix) are in a
         // block when the block's CIDR holds the prefix and no except does.
         let member_net = |p: &IpNet| -> Vec<bool> {
             blocks
                 .iter()
                 .map(|(c, e)| c.contains(p) && !e.iter().any(|x| x.contains(p)))
-                .collect::<Vec<bool>>()
+                .collect()
         };
         let world: ClassKey = (None, vec![false; blocks.len()]);
         let mut classes: BTreeMap<ClassKey, u32> = BTreeMap::new();
@@ -965,15 +985,19 @@ impl PolicySet {
         for (c, e) in &blocks {
             for net in std::iter::once(c).chain(e) {
                 let net = net.trunc();
-                let m = member_net(&net);
-                let k = class_of((None, m), None);
+                let k = class_of((None, member_net(&net)), None);
                 prefixes.insert(net, k);
             }
         }
         for (pi, pod) in self.pods.iter().enumerate() {
+            let ports: Vec<(String, u8, u16)> = pod
+                .ports
+                .iter()
+                .map(|(n, p, num)| (n.clone(), p.ip_number(), *num))
+                .collect();
             for &a in &pod.ips {
                 let key = (
-                    Some((pod.namespace.clone(), pod.labels.clone())),
+                    Some((pod.namespace.clone(), pod.labels.clone(), ports.clone())),
                     member_addr(a),
                 );
                 let k = class_of(key, Some(pi));
@@ -981,96 +1005,170 @@ impl PolicySet {
                 prefixes.insert(IpNet::from(a), k);
             }
         }
-        let mut parts = PolicyParts {
-            prefixes: prefixes
-                .iter()
-                .map(|(net, k)| PrefixRecord::new(*net, *k))
-                .collect(),
-            ..PolicyParts::default()
-        };
-        parts.classes = reps
-            .iter()
-            .map(|(pod, _)| PolicyClassRecord {
-                flags: match pod.map(|i| &self.pods[i]) {
-                    Some(p) if !self.isolating(Direction::Egress, p).is_empty() => {
-                        CLASS_EGRESS_ISOLATED
-                    }
-                    _ => 0,
-                },
-                reserved: 0,
-            })
-            .collect();
+        let nclasses = reps.len();
+        let words = nclasses.div_ceil(64);
+        let rep_pod = |k: usize| reps[k].0.map(|i| &self.pods[i]);
+        let mut by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, p) in self.policies.iter().enumerate() {
+            by_ns.entry(p.namespace.as_str()).or_default().push(i);
+        }
         let block_index = |cidr: &IpNet, except: &[IpNet]| {
             blocks
                 .iter()
                 .position(|(c, e)| c == cidr && e.as_slice() == except)
         };
+        // Each rule's class bitmap: the classes one of its peers matches.
+        let mut bits_cache: HashMap<(usize, Direction, usize), Vec<u64>> = HashMap::new();
+        let mut rule_bits = |pi: usize, dir: Direction, ri: usize| -> Vec<u64> {
+            bits_cache
+                .entry((pi, dir, ri))
+                .or_insert_with(|| {
+                    let pol = &self.policies[pi];
+                    let rule = match dir {
+                        Direction::Ingress => &pol.ingress.as_deref().unwrap_or_default()[ri],
+                        Direction::Egress => &pol.egress.as_deref().unwrap_or_default()[ri],
+                    };
+                    let mut bits = vec![0u64; words];
+                    for (k, (pod, member)) in reps.iter().enumerate() {
+                        let pod = pod.map(|i| &self.pods[i]);
+                        let hit = rule.peers.as_ref().is_none_or(|ps| {
+                            ps.iter().any(|peer| match peer {
+                                Peer::Invalid => false,
+                                Peer::Block { cidr, except } => {
+                                    block_index(cidr, except).is_some_and(|i| member[i])
+                                }
+                                Peer::Pods { .. } => {
+                                    pod.is_some()
+                                        && self.peer_matches(peer, pol, IpAddr::from([0u8; 4]), pod)
+                                }
+                            })
+                        });
+                        if hit {
+                            bits[k / 64] |= 1 << (k % 64);
+                        }
+                    }
+                    bits
+                })
+                .clone()
+        };
+        let mut parts = PolicyParts {
+            prefixes: prefixes
+                .iter()
+                .map(|(net, k)| PrefixRecord::new(*net, *k))
+                .collect(),
+            classes: vec![PolicyClassRecord::default(); nclasses],
+            ..PolicyParts::default()
+        };
+        let prefix_class = |a: IpAddr| -> u32 {
+            prefixes
+                .iter()
+                .filter(|(n, _)| n.contains(&a))
+                .max_by_key(|(n, _)| n.prefix_len())
+                .map_or(0, |(_, k)| *k)
+        };
+        let mut w = RuleWriter {
+            parts: &mut parts,
+            words,
+        };
+        // Egress: per class, its pods' isolating policies' rules, by
+        // destination class (named ports resolved on each destination).
+        let mut egress_memo: HashMap<Vec<usize>, (u32, u32)> = HashMap::new();
+        let mut class_records = vec![PolicyClassRecord::default(); nclasses];
+        for (k, rec) in class_records.iter_mut().enumerate() {
+            let Some(pod) = rep_pod(k) else { continue };
+            let iso = self.isolating_idx(&by_ns, Direction::Egress, pod);
+            if iso.is_empty() {
+                continue;
+            }
+            let (start, len) = *egress_memo.entry(iso.clone()).or_insert_with(|| {
+                let start = w.parts.rules.len() as u32;
+                for &pi in &iso {
+                    let pol = &self.policies[pi];
+                    for (ri, r) in pol.egress.as_deref().unwrap_or_default().iter().enumerate() {
+                        let bits = rule_bits(pi, Direction::Egress, ri);
+                        let named = r
+                            .ports
+                            .as_deref()
+                            .is_some_and(|ps| ps.iter().any(|m| matches!(m, PortMatch::Named(..))));
+                        if !named {
+                            w.push(&bits, &PortSet::of_rule(r.ports.as_deref(), None));
+                            continue;
+                        }
+                        // Named ports: the port set depends on the
+                        // destination; one rule per distinct set.
+                        let mut by_set: HashMap<PortSet, Vec<u64>> = HashMap::new();
+                        for d in 0..nclasses {
+                            if bits[d / 64] >> (d % 64) & 1 == 0 {
+                                continue;
+                            }
+                            let ps = PortSet::of_rule(r.ports.as_deref(), rep_pod(d));
+                            by_set.entry(ps).or_insert_with(|| vec![0; words])[d / 64] |=
+                                1 << (d % 64);
+                        }
+                        let mut sets: Vec<(PortSet, Vec<u64>)> = by_set.into_iter().collect();
+                        sets.sort_by(|a, b| a.1.cmp(&b.1));
+                        for (ps, b) in sets {
+                            w.push(&b, &ps);
+                        }
+                    }
+                }
+                (start, w.parts.rules.len() as u32 - start)
+            });
+            *rec = PolicyClassRecord {
+                flags: CLASS_EGRESS_ISOLATED,
+                rules_start: start,
+                rules_len: len,
+                reserved: 0,
+            };
+        }
+        // Ingress: per backend address, its pod's isolating policies' rules
+        // (ports resolved on the pod), shared by pods alike.
         let mut addrs: Vec<IpAddr> = backends.to_vec();
         addrs.sort_unstable();
         addrs.dedup();
+        let mut ingress_memo: HashMap<IngressGroup, (u32, u32)> = HashMap::new();
+        let mut backend_records = Vec::with_capacity(addrs.len());
         for b in addrs {
             let dst = self.pod_by_ip(b);
-            let in_isolated =
-                dst.is_some_and(|p| !self.isolating(Direction::Ingress, p).is_empty());
-            let start = parts.entries.len() as u32;
-            let mut mine = Vec::new();
-            for (class, (rep, member)) in reps.iter().enumerate() {
-                let rep = rep.map(|i| &self.pods[i]);
-                let out_isolated = parts.classes[class].flags & CLASS_EGRESS_ISOLATED != 0;
-                if !in_isolated && !out_isolated {
-                    continue;
-                }
-                // Ingress of the backend pod: peers matched against the class.
-                let inbound = match dst {
-                    Some(p) if in_isolated => self.admitted(
-                        Direction::Ingress,
-                        p,
-                        &|peer, pol| match peer {
-                            Peer::Invalid => false,
-                            Peer::Block { cidr, except } => {
-                                block_index(cidr, except).is_some_and(|i| member[i])
+            let iso = dst
+                .map(|p| self.isolating_idx(&by_ns, Direction::Ingress, p))
+                .unwrap_or_default();
+            let (rules_start, rules_len) = match dst {
+                Some(p) if !iso.is_empty() => *ingress_memo
+                    .entry((iso.clone(), p.ports.clone()))
+                    .or_insert_with(|| {
+                        let start = w.parts.rules.len() as u32;
+                        for &pi in &iso {
+                            let pol = &self.policies[pi];
+                            for (ri, r) in pol
+                                .ingress
+                                .as_deref()
+                                .unwrap_or_default()
+                                .iter()
+                                .enumerate()
+                            {
+                                let bits = rule_bits(pi, Direction::Ingress, ri);
+                                w.push(&bits, &PortSet::of_rule(r.ports.as_deref(), Some(p)));
                             }
-                            Peer::Pods { .. } => self.peer_matches(peer, pol, b, rep),
-                        },
-                        Some(p),
-                    ),
-                    _ => PortSet::full(),
-                };
-                // Egress of the client pod: peers matched against the backend.
-                let outbound = match rep {
-                    Some(q) if out_isolated => self.admitted(
-                        Direction::Egress,
-                        q,
-                        &|peer, pol| self.peer_matches(peer, pol, b, dst),
-                        dst,
-                    ),
-                    _ => PortSet::full(),
-                };
-                let both = inbound.intersect(&outbound);
-                if both.is_full() {
-                    mine.push(PolicyEntryRecord::new(class as u32, PROTO_ANY, 0, u16::MAX));
-                    continue;
-                }
-                for (i, p) in PROTOS.iter().enumerate() {
-                    for &(lo, hi) in &both.0[i] {
-                        mine.push(PolicyEntryRecord::new(class as u32, p.ip_number(), lo, hi));
-                    }
-                }
-            }
-            mine.sort_unstable();
-            parts.entries.extend_from_slice(&mine);
-            parts.backends.push(PolicyBackendRecord {
+                        }
+                        (start, w.parts.rules.len() as u32 - start)
+                    }),
+                _ => (0, 0),
+            };
+            backend_records.push(PolicyBackendRecord {
                 addr: addr16(b),
-                entries_start: start,
-                entries_len: mine.len() as u32,
-                flags: if in_isolated {
-                    BACKEND_INGRESS_ISOLATED
-                } else {
+                rules_start,
+                rules_len,
+                flags: if iso.is_empty() {
                     0
+                } else {
+                    BACKEND_INGRESS_ISOLATED
                 },
-                reserved: 0,
+                class: prefix_class(b),
             });
         }
+        parts.classes = class_records;
+        parts.backends = backend_records;
         parts
     }
 }

@@ -56,7 +56,9 @@ use memmap2::Mmap;
 use thiserror::Error;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::policy::{PolicyBackendRecord, PolicyClassRecord, PolicyEntryRecord, PolicyParts};
+use crate::policy::{
+    PolicyBackendRecord, PolicyClassRecord, PolicyParts, PolicyPortRecord, PolicyRuleRecord,
+};
 use crate::table::{
     BackendRecord, FrontendRecord, LocalRecord, PrefixRecord, Table, TableError, TableParts,
     FRONTEND_FLAGS,
@@ -71,7 +73,7 @@ pub const ABI_VERSION: u32 = 6;
 /// `docs/architecture.md`, "Flow hash (ABI)". The only one known.
 pub const HASH_XXH3_64: u32 = 1;
 /// Size of the [`Header`] in bytes.
-pub const HEADER_LEN: usize = 288;
+pub const HEADER_LEN: usize = 320;
 /// Size of one [`FrontendRecord`] in the file.
 pub const FRONTEND_RECORD_LEN: usize = 64;
 /// Size of one [`BackendRecord`] in the file.
@@ -86,11 +88,15 @@ pub const LOCAL_RECORD_LEN: usize = 16;
 /// Size of one name offset (`u32`) in the file.
 pub const NAME_OFFSET_LEN: usize = 4;
 /// Bytes per policy class record ([`PolicyClassRecord`]).
-pub const POLICY_CLASS_RECORD_LEN: usize = 8;
+pub const POLICY_CLASS_RECORD_LEN: usize = 16;
 /// Bytes per policy backend record ([`PolicyBackendRecord`]).
 pub const POLICY_BACKEND_RECORD_LEN: usize = 32;
-/// Bytes per policy entry record ([`PolicyEntryRecord`]).
-pub const POLICY_ENTRY_RECORD_LEN: usize = 16;
+/// Bytes per policy rule record ([`PolicyRuleRecord`]).
+pub const POLICY_RULE_RECORD_LEN: usize = 16;
+/// Bytes per policy port record ([`PolicyPortRecord`]).
+pub const POLICY_PORT_RECORD_LEN: usize = 8;
+/// Bytes per policy bitmap word (`u64`).
+pub const POLICY_BITS_WORD_LEN: usize = 8;
 /// Every section starts at a multiple of this many bytes from the file start.
 pub const SECTION_ALIGN: u64 = 8;
 /// Largest snapshot file a reader maps (4 GiB).
@@ -189,11 +195,19 @@ pub struct Header {
     pub policy_backends_off: u64,
     /// Number of policy backends.
     pub policy_backends_count: u64,
-    /// Offset of the policy entries.
-    pub policy_entries_off: u64,
-    /// Number of policy entries.
-    pub policy_entries_count: u64,
-    /// XXH3-64 (seed 0) of header bytes `0..280` (everything before this field).
+    /// Offset of the policy rules.
+    pub policy_rules_off: u64,
+    /// Number of policy rules.
+    pub policy_rules_count: u64,
+    /// Offset of the policy port ranges.
+    pub policy_ports_off: u64,
+    /// Number of policy port ranges.
+    pub policy_ports_count: u64,
+    /// Offset of the policy class bitmaps (`u64` words).
+    pub policy_bits_off: u64,
+    /// Number of policy bitmap words.
+    pub policy_bits_count: u64,
+    /// XXH3-64 (seed 0) of header bytes `0..312` (everything before this field).
     pub header_checksum: u64,
 }
 
@@ -238,9 +252,13 @@ const _: () = {
     assert!(offset_of!(Header, policy_classes_count) == 240);
     assert!(offset_of!(Header, policy_backends_off) == 248);
     assert!(offset_of!(Header, policy_backends_count) == 256);
-    assert!(offset_of!(Header, policy_entries_off) == 264);
-    assert!(offset_of!(Header, policy_entries_count) == 272);
-    assert!(offset_of!(Header, header_checksum) == 280);
+    assert!(offset_of!(Header, policy_rules_off) == 264);
+    assert!(offset_of!(Header, policy_rules_count) == 272);
+    assert!(offset_of!(Header, policy_ports_off) == 280);
+    assert!(offset_of!(Header, policy_ports_count) == 288);
+    assert!(offset_of!(Header, policy_bits_off) == 296);
+    assert!(offset_of!(Header, policy_bits_count) == 304);
+    assert!(offset_of!(Header, header_checksum) == 312);
 
     assert!(size_of::<FrontendRecord>() == FRONTEND_RECORD_LEN);
     assert!(offset_of!(FrontendRecord, addr) == 0);
@@ -281,7 +299,9 @@ const _: () = {
 
     assert!(size_of::<PolicyClassRecord>() == POLICY_CLASS_RECORD_LEN);
     assert!(size_of::<PolicyBackendRecord>() == POLICY_BACKEND_RECORD_LEN);
-    assert!(size_of::<PolicyEntryRecord>() == POLICY_ENTRY_RECORD_LEN);
+    assert!(size_of::<PolicyRuleRecord>() == POLICY_RULE_RECORD_LEN);
+    assert!(size_of::<PolicyPortRecord>() == POLICY_PORT_RECORD_LEN);
+    assert!(size_of::<u64>() == POLICY_BITS_WORD_LEN);
     assert!(size_of::<u16>() == RING_SLOT_LEN);
     assert!(size_of::<u32>() == NAME_OFFSET_LEN);
     // Sections laid out back to back stay aligned.
@@ -359,8 +379,12 @@ impl Header {
             policy_classes_count: get_u64(b, offset_of!(Self, policy_classes_count)),
             policy_backends_off: get_u64(b, offset_of!(Self, policy_backends_off)),
             policy_backends_count: get_u64(b, offset_of!(Self, policy_backends_count)),
-            policy_entries_off: get_u64(b, offset_of!(Self, policy_entries_off)),
-            policy_entries_count: get_u64(b, offset_of!(Self, policy_entries_count)),
+            policy_rules_off: get_u64(b, offset_of!(Self, policy_rules_off)),
+            policy_rules_count: get_u64(b, offset_of!(Self, policy_rules_count)),
+            policy_ports_off: get_u64(b, offset_of!(Self, policy_ports_off)),
+            policy_ports_count: get_u64(b, offset_of!(Self, policy_ports_count)),
+            policy_bits_off: get_u64(b, offset_of!(Self, policy_bits_off)),
+            policy_bits_count: get_u64(b, offset_of!(Self, policy_bits_count)),
             header_checksum: get_u64(b, offset_of!(Self, header_checksum)),
         }
     }
@@ -450,14 +474,18 @@ impl Header {
                 offset_of!(Self, policy_backends_count),
                 self.policy_backends_count,
             ),
+            (offset_of!(Self, policy_rules_off), self.policy_rules_off),
             (
-                offset_of!(Self, policy_entries_off),
-                self.policy_entries_off,
+                offset_of!(Self, policy_rules_count),
+                self.policy_rules_count,
             ),
+            (offset_of!(Self, policy_ports_off), self.policy_ports_off),
             (
-                offset_of!(Self, policy_entries_count),
-                self.policy_entries_count,
+                offset_of!(Self, policy_ports_count),
+                self.policy_ports_count,
             ),
+            (offset_of!(Self, policy_bits_off), self.policy_bits_off),
+            (offset_of!(Self, policy_bits_count), self.policy_bits_count),
             (offset_of!(Self, header_checksum), self.header_checksum),
         ] {
             put(&mut b, at, &v.to_le_bytes());
@@ -864,7 +892,9 @@ pub fn encode(table: &Table) -> Vec<u8> {
     let pol_prefixes_off = place(&mut at, pol.prefixes.len(), PREFIX_RECORD_LEN);
     let pol_classes_off = place(&mut at, pol.classes.len(), POLICY_CLASS_RECORD_LEN);
     let pol_backends_off = place(&mut at, pol.backends.len(), POLICY_BACKEND_RECORD_LEN);
-    let pol_entries_off = place(&mut at, pol.entries.len(), POLICY_ENTRY_RECORD_LEN);
+    let pol_rules_off = place(&mut at, pol.rules.len(), POLICY_RULE_RECORD_LEN);
+    let pol_ports_off = place(&mut at, pol.ports.len(), POLICY_PORT_RECORD_LEN);
+    let pol_bits_off = place(&mut at, pol.bits.len(), POLICY_BITS_WORD_LEN);
     let names_off = place(&mut at, names.len(), 1);
     let file_len = at;
     let mut out = vec![0u8; file_len];
@@ -933,43 +963,48 @@ pub fn encode(table: &Table) -> Vec<u8> {
     put_prefixes(&mut out[pol_prefixes_off..], &pol.prefixes);
     let chunks = out[pol_classes_off..].chunks_exact_mut(POLICY_CLASS_RECORD_LEN);
     for (c, r) in chunks.zip(&pol.classes) {
-        put(
-            c,
-            offset_of!(PolicyClassRecord, flags),
-            &r.flags.to_le_bytes(),
-        );
-        put(
-            c,
-            offset_of!(PolicyClassRecord, reserved),
-            &r.reserved.to_le_bytes(),
-        );
+        for (at, v) in [
+            (offset_of!(PolicyClassRecord, flags), r.flags),
+            (offset_of!(PolicyClassRecord, rules_start), r.rules_start),
+            (offset_of!(PolicyClassRecord, rules_len), r.rules_len),
+            (offset_of!(PolicyClassRecord, reserved), r.reserved),
+        ] {
+            put(c, at, &v.to_le_bytes());
+        }
     }
     let chunks = out[pol_backends_off..].chunks_exact_mut(POLICY_BACKEND_RECORD_LEN);
     for (c, r) in chunks.zip(&pol.backends) {
         put(c, offset_of!(PolicyBackendRecord, addr), &r.addr);
         for (at, v) in [
-            (
-                offset_of!(PolicyBackendRecord, entries_start),
-                r.entries_start,
-            ),
-            (offset_of!(PolicyBackendRecord, entries_len), r.entries_len),
+            (offset_of!(PolicyBackendRecord, rules_start), r.rules_start),
+            (offset_of!(PolicyBackendRecord, rules_len), r.rules_len),
             (offset_of!(PolicyBackendRecord, flags), r.flags),
-            (offset_of!(PolicyBackendRecord, reserved), r.reserved),
+            (offset_of!(PolicyBackendRecord, class), r.class),
         ] {
             put(c, at, &v.to_le_bytes());
         }
     }
-    let chunks = out[pol_entries_off..].chunks_exact_mut(POLICY_ENTRY_RECORD_LEN);
-    for (c, r) in chunks.zip(&pol.entries) {
-        put(
-            c,
-            offset_of!(PolicyEntryRecord, class),
-            &r.class.to_le_bytes(),
-        );
-        put(c, offset_of!(PolicyEntryRecord, lo), &r.lo.to_le_bytes());
-        put(c, offset_of!(PolicyEntryRecord, hi), &r.hi.to_le_bytes());
-        put(c, offset_of!(PolicyEntryRecord, proto), &[r.proto]);
-        put(c, offset_of!(PolicyEntryRecord, reserved), &r.reserved);
+    let chunks = out[pol_rules_off..].chunks_exact_mut(POLICY_RULE_RECORD_LEN);
+    for (c, r) in chunks.zip(&pol.rules) {
+        for (at, v) in [
+            (offset_of!(PolicyRuleRecord, bits_start), r.bits_start),
+            (offset_of!(PolicyRuleRecord, ports_start), r.ports_start),
+            (offset_of!(PolicyRuleRecord, ports_len), r.ports_len),
+            (offset_of!(PolicyRuleRecord, reserved), r.reserved),
+        ] {
+            put(c, at, &v.to_le_bytes());
+        }
+    }
+    let chunks = out[pol_ports_off..].chunks_exact_mut(POLICY_PORT_RECORD_LEN);
+    for (c, r) in chunks.zip(&pol.ports) {
+        put(c, offset_of!(PolicyPortRecord, lo), &r.lo.to_le_bytes());
+        put(c, offset_of!(PolicyPortRecord, hi), &r.hi.to_le_bytes());
+        put(c, offset_of!(PolicyPortRecord, proto), &[r.proto]);
+        put(c, offset_of!(PolicyPortRecord, reserved), &r.reserved);
+    }
+    let chunks = out[pol_bits_off..].chunks_exact_mut(POLICY_BITS_WORD_LEN);
+    for (c, w) in chunks.zip(&pol.bits) {
+        c.copy_from_slice(&w.to_le_bytes());
     }
 
     let mut header = Header {
@@ -1010,8 +1045,12 @@ pub fn encode(table: &Table) -> Vec<u8> {
         policy_classes_count: pol.classes.len() as u64,
         policy_backends_off: pol_backends_off as u64,
         policy_backends_count: pol.backends.len() as u64,
-        policy_entries_off: pol_entries_off as u64,
-        policy_entries_count: pol.entries.len() as u64,
+        policy_rules_off: pol_rules_off as u64,
+        policy_rules_count: pol.rules.len() as u64,
+        policy_ports_off: pol_ports_off as u64,
+        policy_ports_count: pol.ports.len() as u64,
+        policy_bits_off: pol_bits_off as u64,
+        policy_bits_count: pol.bits.len() as u64,
         header_checksum: 0,
     };
     header.header_checksum = header.compute_checksum();
@@ -1195,10 +1234,24 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
             len,
         )?,
         section(
-            "policy_entries",
-            h.policy_entries_off,
-            h.policy_entries_count,
-            POLICY_ENTRY_RECORD_LEN,
+            "policy_rules",
+            h.policy_rules_off,
+            h.policy_rules_count,
+            POLICY_RULE_RECORD_LEN,
+            len,
+        )?,
+        section(
+            "policy_ports",
+            h.policy_ports_off,
+            h.policy_ports_count,
+            POLICY_PORT_RECORD_LEN,
+            len,
+        )?,
+        section(
+            "policy_bits",
+            h.policy_bits_off,
+            h.policy_bits_count,
+            POLICY_BITS_WORD_LEN,
             len,
         )?,
     ];
@@ -1224,7 +1277,7 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
         });
     }
     // In bounds: checked above against len == bytes.len().
-    let [fs, bs, rs, gs, ls, ns, ps, os, names, pps, pcs, pbs, pes] =
+    let [fs, bs, rs, gs, ls, ns, ps, os, names, pps, pcs, pbs, prs, pts, pws] =
         sections.map(|s| &bytes[s.start as usize..s.end as usize]);
 
     let mut frontends = Vec::with_capacity(fs.len() / FRONTEND_RECORD_LEN);
@@ -1312,6 +1365,8 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
             .chunks_exact(POLICY_CLASS_RECORD_LEN)
             .map(|c| PolicyClassRecord {
                 flags: get_u32(c, offset_of!(PolicyClassRecord, flags)),
+                rules_start: get_u32(c, offset_of!(PolicyClassRecord, rules_start)),
+                rules_len: get_u32(c, offset_of!(PolicyClassRecord, rules_len)),
                 reserved: get_u32(c, offset_of!(PolicyClassRecord, reserved)),
             })
             .collect(),
@@ -1319,21 +1374,33 @@ pub fn decode(bytes: &[u8]) -> Result<Table, SnapshotError> {
             .chunks_exact(POLICY_BACKEND_RECORD_LEN)
             .map(|c| PolicyBackendRecord {
                 addr: get(c, offset_of!(PolicyBackendRecord, addr)),
-                entries_start: get_u32(c, offset_of!(PolicyBackendRecord, entries_start)),
-                entries_len: get_u32(c, offset_of!(PolicyBackendRecord, entries_len)),
+                rules_start: get_u32(c, offset_of!(PolicyBackendRecord, rules_start)),
+                rules_len: get_u32(c, offset_of!(PolicyBackendRecord, rules_len)),
                 flags: get_u32(c, offset_of!(PolicyBackendRecord, flags)),
-                reserved: get_u32(c, offset_of!(PolicyBackendRecord, reserved)),
+                class: get_u32(c, offset_of!(PolicyBackendRecord, class)),
             })
             .collect(),
-        entries: pes
-            .chunks_exact(POLICY_ENTRY_RECORD_LEN)
-            .map(|c| PolicyEntryRecord {
-                class: get_u32(c, offset_of!(PolicyEntryRecord, class)),
-                lo: get_u16(c, offset_of!(PolicyEntryRecord, lo)),
-                hi: get_u16(c, offset_of!(PolicyEntryRecord, hi)),
-                proto: c[offset_of!(PolicyEntryRecord, proto)],
-                reserved: get(c, offset_of!(PolicyEntryRecord, reserved)),
+        rules: prs
+            .chunks_exact(POLICY_RULE_RECORD_LEN)
+            .map(|c| PolicyRuleRecord {
+                bits_start: get_u32(c, offset_of!(PolicyRuleRecord, bits_start)),
+                ports_start: get_u32(c, offset_of!(PolicyRuleRecord, ports_start)),
+                ports_len: get_u32(c, offset_of!(PolicyRuleRecord, ports_len)),
+                reserved: get_u32(c, offset_of!(PolicyRuleRecord, reserved)),
             })
+            .collect(),
+        ports: pts
+            .chunks_exact(POLICY_PORT_RECORD_LEN)
+            .map(|c| PolicyPortRecord {
+                lo: get_u16(c, offset_of!(PolicyPortRecord, lo)),
+                hi: get_u16(c, offset_of!(PolicyPortRecord, hi)),
+                proto: c[offset_of!(PolicyPortRecord, proto)],
+                reserved: get(c, offset_of!(PolicyPortRecord, reserved)),
+            })
+            .collect(),
+        bits: pws
+            .chunks_exact(POLICY_BITS_WORD_LEN)
+            .map(|c| get_u64(c, 0))
             .collect(),
     };
     Ok(Table::assemble(
@@ -2004,7 +2071,7 @@ mod tests {
         let b = encode(&t);
         assert_eq!(&b[0..8], b"CGSNAP\0\0");
         assert_eq!(b[8..12], 6u32.to_le_bytes());
-        assert_eq!(b[12..16], 288u32.to_le_bytes());
+        assert_eq!(b[12..16], 320u32.to_le_bytes());
         assert_eq!(b[16..24], 7u64.to_le_bytes());
         assert_eq!(b[24..32], 0x1122_3344_5566_7788u64.to_le_bytes());
         assert_eq!(b[32..36], 1u32.to_le_bytes());
@@ -2012,20 +2079,20 @@ mod tests {
         assert_eq!(b[40..44], 24u32.to_le_bytes());
         assert_eq!(b[44..48], 2u32.to_le_bytes());
         let ring = t.ring_slots().len() as u64;
-        // Frontend at 288, backend at 352, ring at 376, then padding to 8.
-        let ring_end = 376 + RING_SLOT_LEN as u64 * ring;
+        // Frontend at 320, backend at 384, ring at 408, then padding to 8.
+        let ring_end = 408 + RING_SLOT_LEN as u64 * ring;
         let empty_at = ring_end.next_multiple_of(8);
         // Then two name offsets (8 bytes) and the 16 bytes of the name.
         let names_at = empty_at + 8;
         let len = names_at + 16;
         assert_eq!(b.len() as u64, len);
         assert_eq!(b[48..56], len.to_le_bytes());
-        assert_eq!(b[56..64], xxh3_64(&b[288..]).to_le_bytes());
-        assert_eq!(b[64..72], 288u64.to_le_bytes());
+        assert_eq!(b[56..64], xxh3_64(&b[320..]).to_le_bytes());
+        assert_eq!(b[64..72], 320u64.to_le_bytes());
         assert_eq!(b[72..80], 1u64.to_le_bytes());
-        assert_eq!(b[80..88], 352u64.to_le_bytes());
+        assert_eq!(b[80..88], 384u64.to_le_bytes());
         assert_eq!(b[88..96], 1u64.to_le_bytes());
-        assert_eq!(b[96..104], 376u64.to_le_bytes());
+        assert_eq!(b[96..104], 408u64.to_le_bytes());
         assert_eq!(b[104..112], ring.to_le_bytes());
         assert_eq!(b[112..116], 24u32.to_le_bytes());
         assert_eq!(b[116..120], 16u32.to_le_bytes());
@@ -2039,19 +2106,19 @@ mod tests {
         assert_eq!(b[192..200], 2u64.to_le_bytes());
         assert_eq!(b[200..208], names_at.to_le_bytes());
         assert_eq!(b[208..216], 16u64.to_le_bytes());
-        // The four policy sections of ABI 6: empty, after the name offsets.
-        for at in [216, 232, 248, 264] {
+        // The six policy sections of ABI 6: empty, after the name offsets.
+        for at in [216, 232, 248, 264, 280, 296] {
             assert_eq!(b[at..at + 8], names_at.to_le_bytes(), "offset at {at}");
             assert_eq!(b[at + 8..at + 16], [0; 8], "count at {}", at + 8);
         }
-        assert_eq!(b[280..288], xxh3_64(&b[..280]).to_le_bytes());
+        assert_eq!(b[312..320], xxh3_64(&b[..312]).to_le_bytes());
         // The frontend record: address, then port 80 little-endian, TCP.
-        assert_eq!(b[288 + 12..288 + 16], [198, 19, 0, 10]);
-        assert_eq!(b[288 + 16..288 + 20], [80, 0, 6, 0]);
-        assert_eq!(b[288 + 48..288 + 64], [0; 16], "no ranges, no locals");
+        assert_eq!(b[320 + 12..320 + 16], [198, 19, 0, 10]);
+        assert_eq!(b[320 + 16..320 + 20], [80, 0, 6, 0]);
+        assert_eq!(b[320 + 48..320 + 64], [0; 16], "no ranges, no locals");
         // The backend: port 8080 little-endian, weight 1.
-        assert_eq!(b[352 + 16..352 + 18], 8080u16.to_le_bytes());
-        assert_eq!(b[352 + 20..352 + 24], 1u32.to_le_bytes());
+        assert_eq!(b[384 + 16..384 + 18], 8080u16.to_le_bytes());
+        assert_eq!(b[384 + 20..384 + 24], 1u32.to_le_bytes());
         assert!(
             b[ring_end as usize..empty_at as usize]
                 .iter()
@@ -2542,7 +2609,7 @@ mod tests {
         let b = encode(&small());
         assert_eq!(
             decode(&b[..10]).unwrap_err().to_string(),
-            "truncated: 10 bytes, header needs 288"
+            "truncated: 10 bytes, header needs 320"
         );
         let mut v = b.clone();
         v[8] = 2;
@@ -2558,10 +2625,10 @@ mod tests {
             .to_string()
             .starts_with("body checksum 0x"));
         let mut v = b.clone();
-        v.truncate(300);
+        v.truncate(330);
         assert_eq!(
             decode(&v).unwrap_err().to_string(),
-            format!("truncated: 300 bytes, header says the file has {}", b.len())
+            format!("truncated: 330 bytes, header says the file has {}", b.len())
         );
     }
 }

@@ -968,7 +968,7 @@ fn restarts_of_either_side_pick_up_where_they_were() {
 fn error_messages_say_what_failed() {
     let good = encode(&small_table(1));
     let msg = |b: &[u8]| decode(b).unwrap_err().to_string();
-    assert_eq!(msg(&good[..10]), "truncated: 10 bytes, header needs 288");
+    assert_eq!(msg(&good[..10]), "truncated: 10 bytes, header needs 320");
     let b = with_header(good.clone(), |h| h.abi_version = 2);
     assert_eq!(msg(&b), "ABI version 2, expected 6");
     let mut b = with_header(good.clone(), |h| h.frontends_count = 100);
@@ -976,8 +976,8 @@ fn error_messages_say_what_failed() {
     assert_eq!(
         msg(&b),
         format!(
-            "frontends section 288..{} lies outside the body 288..{}",
-            288 + 100 * 64,
+            "frontends section 320..{} lies outside the body 320..{}",
+            320 + 100 * 64,
             good.len()
         )
     );
