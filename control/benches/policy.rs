@@ -162,6 +162,27 @@ fn bench(c: &mut Criterion) {
             n
         });
     });
+    // As the pipeline calls it: the backend's policy record is kept per
+    // table backend, so a new flow does not look it up by address.
+    let with_records: Vec<(Addr16, Addr16, Option<u32>)> = pairs
+        .iter()
+        .map(|(c, b)| (*c, *b, table.backend_record(b)))
+        .collect();
+    g.bench_function("allows_at_10k_pods_1k_policies", |b| {
+        b.iter(|| {
+            let mut n = 0u32;
+            for (cl, be, rec) in &with_records {
+                n += u32::from(table.allows_at(
+                    black_box(cl),
+                    black_box(be),
+                    *rec,
+                    Proto::Tcp,
+                    8080,
+                ));
+            }
+            n
+        });
+    });
     let empty = PolicyTable::default();
     g.bench_function("allows_no_policy", |b| {
         b.iter(|| {

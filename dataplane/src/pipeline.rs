@@ -829,10 +829,7 @@ impl Worker {
             return Ok(None);
         };
         // NetworkPolicy, before NAT hides the client (once per new flow).
-        if !table
-            .policy()
-            .allows(&t.src_addr, &backend, t.proto, backend_port)
-        {
+        if !table.policy_allows(&t.src_addr, backend_index, &backend, t.proto, backend_port) {
             return Err(DropReason::NetworkPolicy);
         }
         let binding = Binding {

@@ -26,7 +26,7 @@
 //!
 //! An empty policy table (no classes in the snapshot) allows everything.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
 use thiserror::Error;
 
@@ -401,6 +401,12 @@ impl PolicyTable {
         })
     }
 
+    /// The index of `addr`'s backend record, if it has one.
+    #[must_use]
+    pub fn backend_record(&self, addr: &Addr16) -> Option<u32> {
+        self.backends.get(addr).copied()
+    }
+
     /// Whether a new flow from `client` to `backend` on `proto`/`port` (the
     /// backend's port) is allowed.
     #[inline]
@@ -409,12 +415,28 @@ impl PolicyTable {
         if self.is_empty() {
             return true;
         }
+        self.allows_at(client, backend, self.backend_record(backend), proto, port)
+    }
+
+    /// [`allows`](Self::allows) with the backend's record already found
+    /// (`record`: [`backend_record`](Self::backend_record) of `backend`), as
+    /// the table keeps it per backend: one hash lookup fewer per new flow.
+    #[inline]
+    #[must_use]
+    pub fn allows_at(
+        &self,
+        client: &Addr16,
+        backend: &Addr16,
+        record: Option<u32>,
+        proto: Proto,
+        port: u16,
+    ) -> bool {
+        if self.is_empty() {
+            return true;
+        }
         let p = proto.ip_number();
         let class = self.class_of(client);
-        let b = self
-            .backends
-            .get(backend)
-            .and_then(|&i| self.parts.backends.get(i as usize));
+        let b = record.and_then(|i| self.parts.backends.get(i as usize));
         if let Some(b) = b.filter(|b| b.flags & BACKEND_INGRESS_ISOLATED != 0) {
             if !self.admits(b.rules_start, b.rules_len, class, p, port) {
                 return false;

@@ -565,6 +565,9 @@ pub struct Table {
     name_offsets: Box<[u32]>,
     /// NetworkPolicy (empty: none).
     policy: PolicyTable,
+    /// Per backend record, its policy backend record (`u32::MAX`: none);
+    /// empty without policy.
+    policy_of_backend: Box<[u32]>,
 }
 
 /// The arrays of a [`Table`], as a snapshot carries them; see
@@ -1216,6 +1219,14 @@ impl Table {
             }
         }
         node_lens.sort_by_key(|&(_, len)| std::cmp::Reverse(len));
+        let policy_of_backend: Box<[u32]> = if policy.is_empty() {
+            Box::default()
+        } else {
+            backends
+                .iter()
+                .map(|b| policy.backend_record(&b.addr).unwrap_or(u32::MAX))
+                .collect()
+        };
         Ok(Self {
             generation,
             hash_seed,
@@ -1233,8 +1244,32 @@ impl Table {
             node_lens,
             names,
             name_offsets: name_offsets.into_boxed_slice(),
+            policy_of_backend,
             policy,
         })
+    }
+
+    /// Whether NetworkPolicy allows a new flow from `client` to backend
+    /// record `backend_index` (at `addr`, port `port`).
+    #[inline]
+    #[must_use]
+    pub fn policy_allows(
+        &self,
+        client: &Addr16,
+        backend_index: u32,
+        addr: &Addr16,
+        proto: Proto,
+        port: u16,
+    ) -> bool {
+        if self.policy.is_empty() {
+            return true;
+        }
+        let record = match self.policy_of_backend.get(backend_index as usize) {
+            Some(&u32::MAX) => None,
+            Some(&i) => Some(i),
+            None => self.policy.backend_record(addr),
+        };
+        self.policy.allows_at(client, addr, record, proto, port)
     }
 
     /// The compiled NetworkPolicy (empty: none, everything allowed).
