@@ -62,6 +62,8 @@ for t in "${targets[@]}"; do
         tail -n 40 "$log" >&2
         crash=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -n 1)
         echo "fuzz: target $t FAILED: ${crash:-no input written (see above)}" >&2
+        # The input itself, for logs that outlive the machine.
+        grep -m 1 '^Base64: ' "$log" | sed "s/^/fuzz: $t input /" >&2 || true
         [ -n "$crash" ] &&
             echo "fuzz: reproduce with: cargo +nightly fuzz run --sanitizer none $t $crash" >&2
         failed+=("$t")
