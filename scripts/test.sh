@@ -23,3 +23,15 @@ awk '/^test result:/ { p += $4; f += $6; i += $8 }
     printf "tests: %d passed, %d failed, %d skipped\n", p, f, i
     if (p == 0) { print "no test ran" > "/dev/stderr"; exit 1 }
 }' "$log"
+
+# Fuzzing (docs/fuzzing.md): in CI (CI=true) every target for FUZZ_SECONDS
+# (at least 60) from the committed corpora; elsewhere only when FUZZ_SECONDS
+# is set.
+if [ "${CI:-}" = true ] || [ -n "${FUZZ_SECONDS:-}" ]; then
+    fuzz_seconds=${FUZZ_SECONDS:-60}
+    if [ "${CI:-}" = true ] && [ "$fuzz_seconds" -lt 60 ]; then fuzz_seconds=60; fi
+    echo "== fuzz: scripts/fuzz.sh, ${fuzz_seconds}s per target" >&2
+    FUZZ_SECONDS=$fuzz_seconds ./scripts/fuzz.sh
+else
+    echo "fuzzing not run (CI is not true, FUZZ_SECONDS unset): run scripts/fuzz.sh, or FUZZ_SECONDS=60 scripts/test.sh" >&2
+fi
