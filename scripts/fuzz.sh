@@ -39,6 +39,10 @@ fi
 # assertions and overflow checks stay on (cargo-fuzz's default).
 fuzz=(cargo +nightly fuzz)
 opts=(--sanitizer none)
+# FUZZ_DEV=1 (what CI uses): an unoptimised build, several times quicker to
+# compile from scratch and slower per input: right for a one-minute check,
+# not for the long runs of docs/fuzzing.md.
+if [ "${FUZZ_DEV:-0}" = 1 ]; then opts+=(--dev); fi
 
 echo "== cargo fuzz build" >&2
 "${fuzz[@]}" build "${opts[@]}"
@@ -65,7 +69,7 @@ for t in "${targets[@]}"; do
         # The input itself, for logs that outlive the machine.
         grep -m 1 '^Base64: ' "$log" | sed "s/^/fuzz: $t input /" >&2 || true
         [ -n "$crash" ] &&
-            echo "fuzz: reproduce with: cargo +nightly fuzz run --sanitizer none $t $crash" >&2
+            echo "fuzz: reproduce with: cargo +nightly fuzz run ${opts[*]} $t $crash" >&2
         failed+=("$t")
         continue
     fi
