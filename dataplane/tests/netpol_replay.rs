@@ -18,6 +18,11 @@ use clustergate_dataplane::flow::{addr16, Addr16};
 use clustergate_dataplane::testkit::{self, L4Spec, Tcp};
 use pcap_file::pcap::{PcapPacket, PcapWriter};
 
+// For `control_bin` (built next to `clustergate` when missing).
+#[path = "support/e2e.rs"]
+mod e2e;
+use e2e::control_bin;
+
 const VIP: &str = "198.19.0.10";
 
 fn a(s: &str) -> Addr16 {
@@ -30,30 +35,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// `clustergate-control`, built next to `clustergate`.
-fn control_bin() -> PathBuf {
-    let gw = PathBuf::from(env!("CARGO_BIN_EXE_clustergate"));
-    let bin = gw.parent().unwrap().join("clustergate-control");
-    if !bin.exists() {
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args([
-            "build",
-            "-p",
-            "clustergate-control",
-            "--bin",
-            "clustergate-control",
-        ]);
-        if gw.parent().unwrap().ends_with("release") {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "building clustergate-control"
-        );
-    }
-    bin
 }
 
 /// The fixture control's tests use too.
