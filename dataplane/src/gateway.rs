@@ -521,6 +521,8 @@ fn table_status(table: &Table, plan: &ReturnPlan) -> TableStatus {
     TableStatus::of(table, overlap.len())
 }
 
+/// How often the served interfaces are looked up by name (link_watch).
+const LINK_PROBE: Duration = Duration::from_millis(250);
 /// How often the next hops are re-read from the kernel.
 const REFRESH_HOPS: Duration = Duration::from_millis(500);
 /// The same address is asked to be resolved at most this often.
@@ -825,6 +827,7 @@ fn manage(
     // A steering sync failed: retried at each refresh until it succeeds.
     let mut resync = false;
     let poll = Duration::from_millis(args.poll_ms);
+    let mut last_link_probe = Instant::now();
     loop {
         if stop.load(Ordering::Relaxed) {
             info!("stop requested: draining the workers");
@@ -850,12 +853,16 @@ fn manage(
         }
 
         // A served interface that disappeared: said once, then reminded
-        // with back-off; exit when it returns (see link_watch).
-        match links.observe(Instant::now(), &link_watch::probe(links.served())) {
-            Action::None => {}
-            Action::Lost(why) => error!("{why}"),
-            Action::Remind(why) => warn!("{why}"),
-            Action::Returned(why) => return Err(InterfaceReturned(why).into()),
+        // with back-off; exit when it returns (see link_watch). Asked of
+        // the kernel every LINK_PROBE, not every poll.
+        if last_link_probe.elapsed() >= LINK_PROBE {
+            last_link_probe = Instant::now();
+            match links.observe(last_link_probe, &link_watch::probe(links.served())) {
+                Action::None => {}
+                Action::Lost(why) => error!("{why}"),
+                Action::Remind(why) => warn!("{why}"),
+                Action::Returned(why) => return Err(InterfaceReturned(why).into()),
+            }
         }
 
         let outcome = watcher.poll();
