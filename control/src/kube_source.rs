@@ -208,9 +208,66 @@ where
         + Sync
         + 'static,
 {
+    watch_trimmed(api, config, writer, kind, |_: &mut K| {})
+}
+
+/// [`watch`], with `trim` applied to every object before it is stored (to
+/// keep only the fields control reads).
+fn watch_trimmed<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    writer: reflector::store::Writer<K>,
+    kind: Kind,
+    trim: impl FnMut(&mut K) + Send + 'static,
+) -> impl Stream<Item = (Kind, Result<Step, watcher::Error>)> + Send
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
     with_backoff(watcher::watcher(api, config), WatchBackoff::default())
+        .modify(trim)
         .reflect(writer)
         .map(move |r| (kind, r.map(|e| step_of(&e))))
+}
+
+/// What a Pod keeps in control's store: labels, namespace and name, the
+/// addresses and phase, `nodeName`, `hostNetwork` and the containers' ports.
+/// A Pod as the API serves it is mostly other fields (managedFields,
+/// annotations, volumes, container specs and statuses): at 100 000 pods
+/// keeping them would cost gigabytes.
+fn trim_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    pod.metadata.owner_references = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        let containers = std::mem::take(&mut spec.containers)
+            .into_iter()
+            .map(|c| k8s_openapi::api::core::v1::Container {
+                name: c.name,
+                ports: c.ports,
+                ..Default::default()
+            })
+            .collect();
+        *spec = k8s_openapi::api::core::v1::PodSpec {
+            containers,
+            node_name: spec.node_name.take(),
+            host_network: spec.host_network,
+            ..Default::default()
+        };
+    }
+    if let Some(status) = pod.status.as_mut() {
+        *status = k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase.take(),
+            pod_ip: status.pod_ip.take(),
+            pod_ips: status.pod_ips.take(),
+            ..Default::default()
+        };
+    }
 }
 
 /// The retry policy of the watchers: kube-rs's [`watcher::DefaultBackoff`]
@@ -411,11 +468,12 @@ pub async fn follow_with(
     let policy_events = if config.network_policy {
         stream::select(
             stream::select(
-                watch(
+                watch_trimmed(
                     Api::<Pod>::all(client.clone()),
                     watcher::Config::default().fields(POD_FIELD_SELECTOR),
                     pods_writer,
                     Kind::Pods,
+                    trim_pod,
                 ),
                 watch(
                     Api::<Namespace>::all(client.clone()),
@@ -602,6 +660,37 @@ mod tests {
     #![allow(clippy::unwrap_used)] // reason: tests fail loudly on purpose
 
     use super::*;
+
+    #[test]
+    fn a_stored_pod_keeps_what_policies_read_and_little_else() {
+        let full: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web-1", "namespace": "shop", "labels": {"app": "web"},
+                         "annotations": {"big": "x".repeat(4096)},
+                         "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"nodeName": "node-a", "hostNetwork": false,
+                     "volumes": [{"name": "v", "emptyDir": {}}],
+                     "containers": [{"name": "c", "image": "web:1",
+                                     "env": [{"name": "A", "value": "x".repeat(4096)}],
+                                     "ports": [{"name": "http", "containerPort": 8080}]}]},
+            "status": {"phase": "Running", "podIP": "198.18.1.1", "podIPs": [{"ip": "198.18.1.1"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("pod");
+        let mut trimmed = full.clone();
+        trim_pod(&mut trimmed);
+        let size = |p: &Pod| serde_json::to_vec(p).expect("json").len();
+        assert!(size(&trimmed) < 600, "{} bytes left", size(&trimmed));
+        assert!(size(&full) > 8000);
+        assert_eq!(trimmed.metadata.labels, full.metadata.labels);
+        assert_eq!(
+            trimmed.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+            Some("node-a")
+        );
+        // What NetworkPolicy reads is the same either way.
+        let read = |p: &Pod| crate::policy::PolicySet::new(std::slice::from_ref(p), &[], &[]);
+        assert_eq!(read(&trimmed).pods(), read(&full).pods());
+        assert_eq!(read(&trimmed).pods()[0].ports.len(), 1);
+    }
 
     fn expired() -> Result<(), watcher::Error> {
         Err(watcher::Error::WatchError(Box::new(kube::core::Status {
