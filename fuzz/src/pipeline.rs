@@ -38,7 +38,7 @@ use clustergate_dataplane::flow::{addr16, ip_from16, Addr16, Proto};
 use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
 use clustergate_dataplane::pipeline::{Frame, NodeAddrs, Verdict, Worker};
 use clustergate_dataplane::policy::{
-    PolicyBackendRecord, PolicyClassRecord, PolicyEntryRecord, PolicyParts,
+    PolicyBackendRecord, PolicyClassRecord, PolicyParts, PolicyPortRecord, PolicyRuleRecord,
     BACKEND_INGRESS_ISOLATED, CLASS_EGRESS_ISOLATED, PROTO_ANY,
 };
 use clustergate_dataplane::snat::{FixedSources, PortRange, ReturnConfig};
@@ -251,31 +251,50 @@ fn policy() -> PolicyParts {
         classes: vec![
             PolicyClassRecord::default(),
             PolicyClassRecord::default(),
+            // Isolated for egress, with no rule: it reaches nothing.
             PolicyClassRecord {
                 flags: CLASS_EGRESS_ISOLATED,
+                rules_start: 0,
+                rules_len: 0,
                 reserved: 0,
             },
         ],
         backends: vec![
             PolicyBackendRecord {
                 addr: addr16(ip("198.18.1.2")),
-                entries_start: 0,
-                entries_len: 1,
+                rules_start: 0,
+                rules_len: 1,
                 flags: BACKEND_INGRESS_ISOLATED,
-                reserved: 0,
+                class: 0,
             },
             PolicyBackendRecord {
                 addr: addr16(ip("2001:db8:1::2")),
-                entries_start: 1,
-                entries_len: 1,
+                rules_start: 1,
+                rules_len: 1,
                 flags: BACKEND_INGRESS_ISOLATED,
+                class: 0,
+            },
+        ],
+        // Both rules admit class 1 (bit 1 of one bitmap word).
+        rules: vec![
+            PolicyRuleRecord {
+                bits_start: 0,
+                ports_start: 0,
+                ports_len: 1,
+                reserved: 0,
+            },
+            PolicyRuleRecord {
+                bits_start: 0,
+                ports_start: 1,
+                ports_len: 1,
                 reserved: 0,
             },
         ],
-        entries: vec![
-            PolicyEntryRecord::new(1, 6, 8080, 8080),
-            PolicyEntryRecord::new(1, PROTO_ANY, 0, u16::MAX),
+        ports: vec![
+            PolicyPortRecord::new(6, 8080, 8080),
+            PolicyPortRecord::new(PROTO_ANY, 0, u16::MAX),
         ],
+        bits: vec![1 << 1],
     }
 }
 
