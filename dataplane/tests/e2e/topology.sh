@@ -91,6 +91,19 @@ DECAP=${DECAP:-user}
 ns() { ip netns exec "$P-$1" "${@:2}"; }
 offload_off() { ns "$1" ethtool -K "$2" tx off rx off tso off gso off gro off >/dev/null 2>&1 || true; }
 addr6() { ns "$1" ip -6 addr add "$2" dev "$3" nodad; }
+# A client namespace $1 on the LAN bridge (its port there: $2), c0
+# 198.18.3.$3 / 2001:2:3::$3, routing the VIPs to the gateway's 198.18.3.1.
+lan_client() {
+    ip link add c0 netns "$P-$1" type veth peer "$2" netns "$P-lan"
+    ns lan ip link set "$2" master br0 up
+    ns "$1" ip addr add "198.18.3.$3/24" dev c0
+    addr6 "$1" "2001:2:3::$3/64" c0
+    ns "$1" ip link set c0 up
+    ns "$1" ip route add 198.18.100.0/24 via 198.18.3.1
+    ns "$1" ip -6 route add 2001:2:100::/64 via 2001:2:3::1
+    offload_off "$1" c0
+    offload_off lan "$2"
+}
 
 down() {
     for n in cli cli2 gw lan rt mr $(seq -f 'b%g' 1 $((BACKENDS + 1))); do
@@ -180,29 +193,11 @@ if [ "$mode" = two-armed ]; then
     offload_off cli c0
     offload_off gw g0
 else
-    ip link add c0 netns "$P-cli" type veth peer lc netns "$P-lan"
-    ns lan ip link set lc master br0 up
-    ns cli ip addr add 198.18.3.2/24 dev c0
-    addr6 cli 2001:2:3::2/64 c0
-    ns cli ip link set c0 up
+    lan_client cli lc 2
     ns gw ip addr add 198.18.3.1/24 dev g1
     addr6 gw 2001:2:3::1/64 g1
-    ns cli ip route add 198.18.100.0/24 via 198.18.3.1
-    ns cli ip -6 route add 2001:2:100::/64 via 2001:2:3::1
-    offload_off cli c0
-    offload_off lan lc
-    if [ $two = 1 ]; then
-        # A second client, 198.18.3.3, on the same LAN.
-        ip link add c0 netns "$P-cli2" type veth peer lc2 netns "$P-lan"
-        ns lan ip link set lc2 master br0 up
-        ns cli2 ip addr add 198.18.3.3/24 dev c0
-        addr6 cli2 2001:2:3::3/64 c0
-        ns cli2 ip link set c0 up
-        ns cli2 ip route add 198.18.100.0/24 via 198.18.3.1
-        ns cli2 ip -6 route add 2001:2:100::/64 via 2001:2:3::1
-        offload_off cli2 c0
-        offload_off lan lc2
-    fi
+    # A second client, 198.18.3.3, on the same LAN.
+    if [ $two = 1 ]; then lan_client cli2 lc2 3; fi
 fi
 
 # The router with a small-MTU link to backend b5.
