@@ -39,7 +39,7 @@ use arc_swap::ArcSwap;
 use clap::Args;
 use clustergate_dataplane::conntrack::{self, Conntrack};
 use clustergate_dataplane::flow::{addr16, ip_from16, Addr16};
-use clustergate_dataplane::io::nexthop::{self, NextHops, Resolver};
+use clustergate_dataplane::io::nexthop::{self, NextHopError, NextHops, Resolver};
 use clustergate_dataplane::io::node_addrs::NodeAddrSet;
 use clustergate_dataplane::io::steer::{self, Steering};
 use clustergate_dataplane::io::worker::{self, OpenedSocket, Shared, WorkerSpec, WorkerStats};
@@ -857,12 +857,7 @@ fn manage(
         // the kernel every LINK_PROBE, not every poll.
         if last_link_probe.elapsed() >= LINK_PROBE {
             last_link_probe = Instant::now();
-            match links.observe(last_link_probe, &link_watch::probe(links.served())) {
-                Action::None => {}
-                Action::Lost(why) => error!("{why}"),
-                Action::Remind(why) => warn!("{why}"),
-                Action::Returned(why) => return Err(InterfaceReturned(why).into()),
-            }
+            probe_links(links, last_link_probe)?;
         }
 
         let outcome = watcher.poll();
@@ -929,6 +924,12 @@ fn manage(
                     }
                     hops.store(Arc::new(h));
                 }
+                // The refresh met a served interface gone before the link
+                // probe did: the probe says so (once), not this warning.
+                Err(NextHopError::ServedInterfaceGone { .. }) => {
+                    last_link_probe = Instant::now();
+                    probe_links(links, last_link_probe)?;
+                }
                 Err(e) => warn!("reading routes and neighbours: {e}"),
             }
             last_refresh = now;
@@ -949,6 +950,18 @@ fn manage(
         }
         std::thread::sleep(poll);
     }
+}
+
+/// Looks the served interfaces up and says what changed (see link_watch);
+/// an interface that returned ends the loop.
+fn probe_links(links: &mut LinkWatch, now: Instant) -> Result<()> {
+    match links.observe(now, &link_watch::probe(links.served())) {
+        Action::None => {}
+        Action::Lost(why) => error!("{why}"),
+        Action::Remind(why) => warn!("{why}"),
+        Action::Returned(why) => return Err(InterfaceReturned(why).into()),
+    }
+    Ok(())
 }
 
 /// A lost interface returned: `main` exits with
