@@ -424,6 +424,7 @@ fn describe(v: &Verdict) -> String {
         Verdict::Forward { next_hop, .. } => format!("forward to {}", ip_from16(next_hop.addr)),
         Verdict::Reject { len } => format!("reject ({len}-byte TCP RST back to the client)"),
         Verdict::Pass => "pass to the kernel".to_owned(),
+        Verdict::Handoff { owner } => format!("hand off to worker {owner}"),
         Verdict::Drop(r) => format!("drop ({})", r.label()),
     }
 }

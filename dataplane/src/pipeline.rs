@@ -25,7 +25,7 @@ use crate::packet::encap;
 use crate::packet::parse::{parse, tcp_flags, Family, FlowL4, IcmpError, Parsed, L4};
 use crate::packet::reject::{self, reject_in_place};
 use crate::packet::rewrite::{self, L4Csum, NatSide};
-use crate::snat::{ReturnConfig, SourceAddrs};
+use crate::snat::{PortRange, ReturnConfig, SourceAddrs};
 use crate::table::{FrontendRecord, ReturnPath, Table, FRONTEND_AFFINITY, FRONTEND_NODE_LOCAL};
 use crate::time::Now;
 pub use crate::verdict::{DropReason, NextHop, Side, Verdict};
@@ -61,12 +61,14 @@ impl VerdictKind {
 
     /// The kind of a verdict.
     #[must_use]
-    pub const fn of(v: &Verdict) -> Self {
+    /// A hand-off is no kind: the owner counts the frame.
+    pub const fn of(v: &Verdict) -> Option<Self> {
         match v {
-            Verdict::Forward { .. } => Self::Forward,
-            Verdict::Reject { .. } => Self::Reject,
-            Verdict::Pass => Self::Pass,
-            Verdict::Drop(_) => Self::Drop,
+            Verdict::Forward { .. } => Some(Self::Forward),
+            Verdict::Reject { .. } => Some(Self::Reject),
+            Verdict::Pass => Some(Self::Pass),
+            Verdict::Drop(_) => Some(Self::Drop),
+            Verdict::Handoff { .. } => None,
         }
     }
 }
@@ -97,6 +99,9 @@ pub struct Counters {
     /// DSR packets too big for the backend side once encapsulated, answered
     /// with ICMP fragmentation needed / packet too big (a [`Verdict::Reject`]).
     pub encap_too_big: u64,
+    /// Frames handed to the worker that owns their flow
+    /// ([`Verdict::Handoff`]); that worker counts their verdict.
+    pub handoffs: u64,
 }
 
 // By hand: `Default` is derived for arrays of at most 32 elements.
@@ -114,6 +119,7 @@ impl Default for Counters {
             fragments_nonfirst: 0,
             icmp_errors: 0,
             encap_too_big: 0,
+            handoffs: 0,
         }
     }
 }
@@ -146,6 +152,7 @@ impl Counters {
         self.affinity_hits += o.affinity_hits;
         self.fragments_first += o.fragments_first;
         self.fragments_nonfirst += o.fragments_nonfirst;
+        self.handoffs += o.handoffs;
         self.icmp_errors += o.icmp_errors;
         self.encap_too_big += o.encap_too_big;
     }
@@ -283,12 +290,42 @@ pub trait NodeAddrs: Send + Sync + std::fmt::Debug {
     fn is_node_addr(&self, addr: &Addr16) -> bool;
 }
 
+/// Which flows a worker owns, among `count` workers: a flow belongs to the
+/// worker chosen by its client's (address, port, protocol), which both
+/// directions carry, or, for a source-NATed reply, by the share of `snat`
+/// that holds its port ([`PortRange::owner`]). The owner alone touches the
+/// flow's connection-table partition; any other worker answers
+/// [`Verdict::Handoff`] and leaves the frame unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ownership {
+    /// This worker's index, `0..count`.
+    pub index: u16,
+    /// How many workers share the flows.
+    pub count: u16,
+    /// The whole SNAT port range that was split among them
+    /// ([`PortRange::split`]), to find a reply's owner from its port.
+    pub snat: PortRange,
+}
+
+impl Ownership {
+    /// A single worker: owns every flow.
+    #[must_use]
+    pub fn single(snat: PortRange) -> Self {
+        Self {
+            index: 0,
+            count: 1,
+            snat,
+        }
+    }
+}
+
 /// One per core: counters, the shared connection table, and this worker's
 /// side of the return paths (its SNAT ports, the gateway's addresses).
 #[derive(Debug)]
 pub struct Worker {
     ct: Arc<Conntrack>,
     ret: ReturnConfig,
+    own: Ownership,
     sources: Option<Arc<dyn SourceAddrs>>,
     node_addrs: Option<Arc<dyn NodeAddrs>>,
     /// This worker's counters.
@@ -354,9 +391,20 @@ impl Worker {
     /// share of the range) and using `ret`'s `--snat-address` overrides.
     #[must_use]
     pub fn with_config(ct: Arc<Conntrack>, ret: ReturnConfig) -> Self {
+        let own = Ownership::single(ret.ports);
+        Self::with_ownership(ct, ret, own)
+    }
+
+    /// Worker `own.index` of `own.count` on `ct` (whose
+    /// `Config::partitions` must be `own.count`): it decides only the frames
+    /// of the flows it owns and answers [`Verdict::Handoff`] for the others.
+    /// `ret.ports` is its share of `own.snat`.
+    #[must_use]
+    pub fn with_ownership(ct: Arc<Conntrack>, ret: ReturnConfig, own: Ownership) -> Self {
         Self {
             ct,
             ret,
+            own,
             sources: None,
             node_addrs: None,
             counters: Counters::default(),
@@ -414,6 +462,12 @@ impl Worker {
             Some(n) if !n.is_node_addr(&t.dst_addr) => None,
             _ => Some(fi),
         }
+    }
+
+    /// Which flows this worker owns.
+    #[must_use]
+    pub fn ownership(&self) -> Ownership {
+        self.own
     }
 
     /// The shared connection table.
@@ -503,7 +557,11 @@ impl Worker {
             Ok(v) => v,
             Err(r) => Verdict::Drop(r),
         };
-        let k = VerdictKind::of(&v) as usize;
+        let Some(k) = VerdictKind::of(&v) else {
+            self.counters.handoffs += 1;
+            return v;
+        };
+        let k = k as usize;
         self.counters.packets[k] += 1;
         self.counters.bytes[k] += len as u64;
         if let Verdict::Drop(r) = v {

@@ -146,6 +146,7 @@ pub fn replay<R: Read, W: Write>(
                 format!("{n} reject len={len}")
             }
             Verdict::Pass => format!("{n} pass"),
+            Verdict::Handoff { owner } => format!("{n} handoff owner={owner}"),
             Verdict::Drop(reason) => format!("{n} drop reason={}", reason.label()),
         };
         if let Some(v) = verdicts.as_deref_mut() {

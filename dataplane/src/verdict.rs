@@ -43,6 +43,14 @@ pub enum Verdict {
     },
     /// Not service traffic: hand the frame to the kernel unchanged.
     Pass,
+    /// Another worker owns this frame's flow ([`crate::pipeline::Ownership`]):
+    /// the frame is unchanged; give it to worker `owner`, whose
+    /// `process`/`process_batch` decides it. Counted as a hand-off by this
+    /// worker, and as its verdict by the owner.
+    Handoff {
+        /// The owning worker's index.
+        owner: u16,
+    },
     /// Dropped, for this reason.
     Drop(DropReason),
 }

@@ -308,6 +308,9 @@ pub fn run(mut ports: Ports, spec: &WorkerSpec, shared: &Shared, stats: &Mutex<W
                                 egress[i] = port;
                             }
                             Verdict::Pass => io.pass_unavailable += 1,
+                            // Single-owner workers (the gateway gives each
+                            // worker the whole table for now) never hand off.
+                            Verdict::Handoff { .. } => {}
                             Verdict::Drop(_) => {}
                         }
                     }
