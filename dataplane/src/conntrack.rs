@@ -52,7 +52,10 @@
 
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use parking_lot::lock_api::{ArcMutexGuard, MappedMutexGuard};
+use parking_lot::{Mutex as PlMutex, MutexGuard as PlMutexGuard, RawMutex};
 
 use foldhash::fast::RandomState;
 use hashbrown::HashTable;
@@ -107,8 +110,16 @@ pub struct Config {
     /// Flows per IP family the table holds at least (rounded up to fill the
     /// allocated buckets).
     pub capacity: usize,
-    /// Number of shards (rounded up to a power of two).
+    /// Number of shards (rounded up to a power of two, at least
+    /// `partitions`).
     pub shards: usize,
+    /// Partitions the shards are grouped in, one per worker that owns its
+    /// flows ([`Conntrack::owner`]): a worker holds its partition for a
+    /// whole batch ([`Conntrack::hold`]), so an established flow's packet
+    /// takes no lock. 1 (the default): one worker, or workers taking turns.
+    /// `shards` (or more) partitions: every lookup locks its own shard, as
+    /// workers sharing flows without owning them need.
+    pub partitions: usize,
     /// Affinity entries (client, service port) held at least.
     pub affinity_capacity: usize,
     /// In-flight fragmented datagrams held at least.
@@ -122,6 +133,7 @@ impl Default for Config {
         Self {
             capacity: 1 << 20,
             shards: 256,
+            partitions: 1,
             affinity_capacity: 1 << 16,
             fragment_capacity: 1 << 14,
             timeouts: Timeouts::default(),
@@ -869,9 +881,54 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// The shards one owner holds: global shard `i` is sub-shard `i / parts`
+/// of partition `i % parts`.
+#[derive(Debug)]
+struct Part<A> {
+    index: usize,
+    shards: Box<[Shard<A>]>,
+}
+
+/// A partition's lock, on its own cache lines.
+type PartLock<A> = Arc<PlMutex<Padded<Part<A>>>>;
+
+/// A partition held by its owner across calls (a whole batch).
+type PartGuard<A> = ArcMutexGuard<RawMutex, Padded<Part<A>>>;
+
+/// What [`Tracker`]'s operations may find already locked: the caller's
+/// own partition ([`Hold`]), or nothing.
+type Held<A> = Option<PartGuard<A>>;
+
+/// A shard, from the held partition or locked for the moment.
+enum ShardRef<'a, A> {
+    Held(&'a mut Shard<A>),
+    Locked(MappedMutexGuard<'a, RawMutex, Shard<A>>),
+}
+
+impl<A> std::ops::Deref for ShardRef<'_, A> {
+    type Target = Shard<A>;
+    fn deref(&self) -> &Shard<A> {
+        match self {
+            Self::Held(s) => s,
+            Self::Locked(g) => g,
+        }
+    }
+}
+
+impl<A> std::ops::DerefMut for ShardRef<'_, A> {
+    fn deref_mut(&mut self) -> &mut Shard<A> {
+        match self {
+            Self::Held(s) => s,
+            Self::Locked(g) => g,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Tracker<A> {
-    shards: Box<[Padded<Mutex<Shard<A>>>]>,
+    parts: Box<[PartLock<A>]>,
+    /// Global shards.
+    nshards: usize,
     geometry: Box<[Geometry]>,
     mask: usize,
     hasher: FlowHasher,
@@ -983,29 +1040,72 @@ enum Reserve {
 }
 
 impl<A: Ip> Tracker<A> {
-    fn new(capacity: usize, shards: usize) -> Self {
-        let n = shards.max(1).next_power_of_two();
+    fn new(capacity: usize, shards: usize, parts: usize) -> Self {
+        let parts = parts.max(1);
+        let n = shards.max(parts).max(1).next_power_of_two();
         let per = capacity.div_ceil(n).max(8);
-        let shards = (0..n)
-            .map(|_| {
-                let fwd = HashTable::with_capacity(per);
-                let rev = HashTable::with_capacity(per);
-                let cap = fwd.capacity().min(rev.capacity());
-                Padded(Mutex::new(Shard {
-                    fwd,
-                    rev,
-                    cap,
-                    stats: ShardStats::default(),
-                    barren: [0; 2],
-                }))
+        let shard = || {
+            let fwd = HashTable::with_capacity(per);
+            let rev = HashTable::with_capacity(per);
+            let cap = fwd.capacity().min(rev.capacity());
+            Shard {
+                fwd,
+                rev,
+                cap,
+                stats: ShardStats::default(),
+                barren: [0; 2],
+            }
+        };
+        let parts: Box<[PartLock<A>]> = (0..parts)
+            .map(|index| {
+                // Global shards index, index + parts, index + 2·parts, …
+                let count = (n - index).div_ceil(parts);
+                Arc::new(PlMutex::new(Padded(Part {
+                    index,
+                    shards: (0..count).map(|_| shard()).collect(),
+                })))
             })
             .collect();
         Self {
-            shards,
+            parts,
+            nshards: n,
             geometry: (0..n).map(|_| Geometry::default()).collect(),
             mask: n - 1,
             hasher: FlowHasher::random(),
         }
+    }
+
+    /// The partition of global shard `i`.
+    #[inline]
+    fn part_of(&self, i: usize) -> usize {
+        i % self.parts.len()
+    }
+
+    /// Global shard `i`: from the held partition when it is there, else
+    /// locked for as long as the returned reference lives. A worker that
+    /// owns its flows only ever asks for its own partition's shards (every
+    /// entry of a flow lies in the partition of its client, or of its
+    /// source-NAT port, which the owner picks in its partition). Should it
+    /// ask for another's (a flow bound through the unheld API with a port
+    /// of its own choosing), it lets its own partition go first: nobody
+    /// waits for a lock while holding one, so no two workers deadlock.
+    #[inline]
+    fn lock<'a>(&'a self, held: &'a mut Held<A>, i: usize) -> ShardRef<'a, A> {
+        let (p, sub) = (self.part_of(i), i / self.parts.len());
+        if held.as_ref().is_some_and(|g| g.0.index != p) {
+            *held = None;
+        }
+        match held {
+            Some(g) => ShardRef::Held(&mut g.0.shards[sub]),
+            None => ShardRef::Locked(PlMutexGuard::map(self.parts[p].lock(), |g| {
+                &mut g.0.shards[sub]
+            })),
+        }
+    }
+
+    /// Locks partition `p` for as long as the guard is kept.
+    fn hold(&self, p: usize) -> PartGuard<A> {
+        self.parts[p % self.parts.len()].lock_arc()
     }
 
     #[inline]
@@ -1038,11 +1138,6 @@ impl<A: Ip> Tracker<A> {
     fn rev_hash(&self, k: &RevKey<A>) -> u64 {
         self.hasher
             .pair(&k.backend, &k.peer, tail(k.bport, k.pport, k.proto))
-    }
-
-    #[inline]
-    fn lock(&self, i: usize) -> MutexGuard<'_, Shard<A>> {
-        lock(&self.shards[i].0)
     }
 
     /// Starts loading the lines a forward lookup of `t` will touch.
@@ -1170,13 +1265,13 @@ impl<A: Ip> Tracker<A> {
     }
 
     /// Does the work left for after a lock, one shard lock at a time.
-    fn run_later<const N: usize>(&self, later: &LaterBuf<A, N>) {
+    fn run_later<const N: usize>(&self, held: &mut Held<A>, later: &LaterBuf<A, N>) {
         // Did the last SyncRev find its reverse entry?
         let mut synced = false;
         for op in later.ops.iter().take(later.n).flatten() {
             match *op {
                 Later::RemoveRev(k, of) => {
-                    let mut s = self.lock(self.rev_shard(&k));
+                    let mut s = self.lock(held, self.rev_shard(&k));
                     if let Ok(r) = s
                         .rev
                         .find_entry(self.rev_hash(&k), |r| is_rev(&k)(r) && r.fwd_key() == of)
@@ -1185,7 +1280,7 @@ impl<A: Ip> Tracker<A> {
                     }
                 }
                 Later::RemoveFwd(k, rk) => {
-                    let mut s = self.lock(self.fwd_shard(&k));
+                    let mut s = self.lock(held, self.fwd_shard(&k));
                     if let Ok(e) = s.fwd.find_entry(self.fwd_hash(&k), |e| {
                         is_fwd(&k)(e) && e.rev_key() == Some(rk)
                     }) {
@@ -1193,7 +1288,7 @@ impl<A: Ip> Tracker<A> {
                     }
                 }
                 Later::SyncRev(k, state, expires, confirmed) => {
-                    let mut s = self.lock(self.rev_shard(&k));
+                    let mut s = self.lock(held, self.rev_shard(&k));
                     synced = false;
                     if let Some(r) = s.rev.find_mut(self.rev_hash(&k), is_rev(&k)) {
                         // Copies may arrive out of order from two workers:
@@ -1210,7 +1305,7 @@ impl<A: Ip> Tracker<A> {
                     if !synced {
                         continue;
                     }
-                    let mut s = self.lock(self.fwd_shard(&k));
+                    let mut s = self.lock(held, self.fwd_shard(&k));
                     if let Some(e) = s.fwd.find_mut(self.fwd_hash(&k), |e| {
                         is_fwd(&k)(e) && e.rev_key() == Some(rk)
                     }) {
@@ -1223,6 +1318,7 @@ impl<A: Ip> Tracker<A> {
 
     fn lookup_original(
         &self,
+        held: &mut Held<A>,
         now: u32,
         t: &FlowTuple,
         flags: u8,
@@ -1233,7 +1329,7 @@ impl<A: Ip> Tracker<A> {
         let i = self.fwd_shard(&k);
         let mut later = LaterBuf::<A, 2>::new();
         let hit = {
-            let mut s = self.lock(i);
+            let mut s = self.lock(held, i);
             let Shard {
                 fwd, rev, stats, ..
             } = &mut *s;
@@ -1291,12 +1387,13 @@ impl<A: Ip> Tracker<A> {
                 })
             }
         };
-        self.run_later(&later);
+        self.run_later(held, &later);
         hit
     }
 
     fn lookup_reply(
         &self,
+        held: &mut Held<A>,
         now: u32,
         t: &FlowTuple,
         flags: u8,
@@ -1307,7 +1404,7 @@ impl<A: Ip> Tracker<A> {
         let rk = RevKey::of_reply(t);
         let j = self.rev_shard(&rk);
         let copy = {
-            let mut s = self.lock(j);
+            let mut s = self.lock(held, j);
             let Shard {
                 fwd, rev, stats, ..
             } = &mut *s;
@@ -1370,7 +1467,7 @@ impl<A: Ip> Tracker<A> {
         // then bring the copy up to date, one lock at a time.
         let fk = copy.fwd_key();
         let decided = {
-            let mut s = self.lock(self.fwd_shard(&fk));
+            let mut s = self.lock(held, self.fwd_shard(&fk));
             let Shard { fwd, stats, .. } = &mut *s;
             match fwd.find_entry(self.fwd_hash(&fk), |e| {
                 is_fwd(&fk)(e) && e.rev_key() == Some(rk)
@@ -1417,7 +1514,7 @@ impl<A: Ip> Tracker<A> {
                 Some(copy.hit(state))
             }
         };
-        self.run_later(&later);
+        self.run_later(held, &later);
         hit
     }
 
@@ -1426,6 +1523,7 @@ impl<A: Ip> Tracker<A> {
     /// one's must have been reserved ([`Tracker::reserve`]).
     fn insert(
         &self,
+        held: &mut Held<A>,
         now: u32,
         t: &FlowTuple,
         b: &Binding,
@@ -1466,7 +1564,7 @@ impl<A: Ip> Tracker<A> {
         // Room for eviction's work, set up only when a shard is full.
         let mut bulk = None;
         let result = 'locked: {
-            let mut s = self.lock(i);
+            let mut s = self.lock(held, i);
             let sh = &mut *s;
             if let Some(rk) = local_rev {
                 // The reply tuple is another flow's: refused while that flow
@@ -1529,9 +1627,9 @@ impl<A: Ip> Tracker<A> {
                 Ok(())
             }
         };
-        self.run_later(&later);
+        self.run_later(held, &later);
         if let Some(b) = &bulk {
-            self.run_later(b);
+            self.run_later(held, b);
         }
         result
     }
@@ -1541,6 +1639,7 @@ impl<A: Ip> Tracker<A> {
     /// its shard has no room even after eviction.
     fn reserve(
         &self,
+        held: &mut Held<A>,
         now: u32,
         rk: &RevKey<A>,
         t: &FlowTuple,
@@ -1551,7 +1650,7 @@ impl<A: Ip> Tracker<A> {
         let k = FwdKey::<A>::of(t);
         let mut bulk = None;
         let r = {
-            let mut s = self.lock(j);
+            let mut s = self.lock(held, j);
             let sh = &mut *s;
             if sh.rev.find(self.rev_hash(rk), is_rev(rk)).is_some() {
                 Reserve::Taken
@@ -1582,7 +1681,7 @@ impl<A: Ip> Tracker<A> {
             }
         };
         if let Some(b) = &bulk {
-            self.run_later(b);
+            self.run_later(held, b);
         }
         r
     }
@@ -1594,6 +1693,7 @@ impl<A: Ip> Tracker<A> {
     #[allow(clippy::too_many_arguments)] // reason: the binding and the SNAT space, kept explicit
     fn insert_snat(
         &self,
+        held: &mut Held<A>,
         now: u32,
         t: &FlowTuple,
         b: &Binding,
@@ -1604,12 +1704,26 @@ impl<A: Ip> Tracker<A> {
     ) -> Result<FlowNat, InsertError> {
         let k = FwdKey::<A>::of(t);
         let h = self.fwd_hash(&k);
+        // An owner (holding its partition) takes only ports whose replies
+        // fall in its partition: 1 in `parts` of them, so it looks at that
+        // many more to probe as many.
+        let own = held.as_ref().map(|g| g.0.index);
+        let parts = if own.is_some() {
+            self.parts.len() as u32
+        } else {
+            1
+        };
         let probes = ports.len().min(SNAT_PROBES);
+        let looks = ports.len().min(SNAT_PROBES.saturating_mul(parts));
         let first = (h >> 32) as u32 % ports.len();
         let mut full = false;
         for a in 0..addrs.len() {
             let addr = addrs[(h as usize).wrapping_add(a) % addrs.len()];
-            for n in 0..probes {
+            let mut probed = 0;
+            for n in 0..looks {
+                if probed == probes {
+                    break;
+                }
                 let port = ports.nth(first.wrapping_add(n));
                 let rk = RevKey {
                     backend: A::from16(&b.backend),
@@ -1618,18 +1732,22 @@ impl<A: Ip> Tracker<A> {
                     pport: port,
                     proto: k.proto,
                 };
-                match self.reserve(now, &rk, t, state, to) {
+                if own.is_some_and(|p| self.part_of(self.rev_shard(&rk)) != p) {
+                    continue;
+                }
+                probed += 1;
+                match self.reserve(held, now, &rk, t, state, to) {
                     Reserve::Taken => {}
                     Reserve::Full => full = true,
                     Reserve::Done => {
                         let nat = FlowNat::Snat { addr, port };
                         let bound = Binding { nat, ..*b };
-                        return match self.insert(now, t, &bound, state, to) {
+                        return match self.insert(held, now, t, &bound, state, to) {
                             Ok(()) => Ok(nat),
                             Err(e) => {
                                 let mut later = LaterBuf::<A, 1>::new();
                                 later.push(Later::RemoveRev(rk, k));
-                                self.run_later(&later);
+                                self.run_later(held, &later);
                                 Err(e)
                             }
                         };
@@ -1640,7 +1758,7 @@ impl<A: Ip> Tracker<A> {
         if full {
             // Every shard probed was full of confirmed flows: counted once,
             // in the flow's own shard.
-            let mut s = self.lock(self.fwd_shard(&k));
+            let mut s = self.lock(held, self.fwd_shard(&k));
             s.stats.refused[FlowClass::of(k.proto, state) as usize] += 1;
             return Err(InsertError::Full);
         }
@@ -1742,9 +1860,16 @@ impl<A: Ip> Tracker<A> {
     }
 
     /// Updates the cached frontend index and epoch of a still-valid binding.
-    fn revalidate(&self, t: &FlowTuple, frontend: u32, epoch: u32, backend_index: u32) {
+    fn revalidate(
+        &self,
+        held: &mut Held<A>,
+        t: &FlowTuple,
+        frontend: u32,
+        epoch: u32,
+        backend_index: u32,
+    ) {
         let k = FwdKey::of(t);
-        let mut s = self.lock(self.fwd_shard(&k));
+        let mut s = self.lock(held, self.fwd_shard(&k));
         if let Some(e) = s.fwd.find_mut(self.fwd_hash(&k), is_fwd(&k)) {
             e.frontend = frontend;
             e.epoch = epoch;
@@ -1752,8 +1877,8 @@ impl<A: Ip> Tracker<A> {
         }
     }
 
-    fn expire_shard(&self, i: usize, now: u32) -> usize {
-        if i >= self.shards.len() {
+    fn expire_shard(&self, held: &mut Held<A>, i: usize, now: u32) -> usize {
+        if i >= self.nshards {
             return 0;
         }
         let mut removed = 0;
@@ -1761,7 +1886,7 @@ impl<A: Ip> Tracker<A> {
             let mut later = LaterBuf::<A, LATER_CAP>::new();
             let mut more = false;
             {
-                let mut s = self.lock(i);
+                let mut s = self.lock(held, i);
                 let Shard {
                     fwd, rev, stats, ..
                 } = &mut *s;
@@ -1781,15 +1906,25 @@ impl<A: Ip> Tracker<A> {
                 stats.expired += n as u64;
                 removed += n;
             }
-            self.run_later(&later);
+            self.run_later(held, &later);
             if !more {
                 return removed;
             }
         }
     }
 
+    /// Each partition in turn, locked while `f` reads its shards.
+    fn each_shard(&self, mut f: impl FnMut(&Shard<A>)) {
+        for p in self.parts.iter() {
+            let g = p.lock();
+            g.0.shards.iter().for_each(&mut f);
+        }
+    }
+
     fn len(&self) -> usize {
-        self.shards.iter().map(|m| lock(&m.0).fwd.len()).sum()
+        let mut n = 0;
+        self.each_shard(|s| n += s.fwd.len());
+        n
     }
 
     /// [`Conntrack::snapshot_flows`] for one family.
@@ -1801,12 +1936,13 @@ impl<A: Ip> Tracker<A> {
         keep: &dyn Fn(&FlowInfo) -> bool,
         out: &mut Vec<FlowInfo>,
     ) {
-        for m in self.shards.iter() {
+        // One partition locked at a time, each only to copy its matches.
+        for p in self.parts.iter() {
             if out.len() >= limit {
                 return;
             }
-            let s = lock(&m.0);
-            for e in s.fwd.iter() {
+            let g = p.lock();
+            for e in g.0.shards.iter().flat_map(|s| s.fwd.iter()) {
                 if e.expires <= now {
                     continue;
                 }
@@ -1822,12 +1958,13 @@ impl<A: Ip> Tracker<A> {
     }
 
     fn capacity(&self) -> usize {
-        self.shards.iter().map(|m| lock(&m.0).cap).sum()
+        let mut n = 0;
+        self.each_shard(|s| n += s.cap);
+        n
     }
 
     fn stats(&self, into: &mut ConntrackStats) {
-        for m in self.shards.iter() {
-            let s = lock(&m.0);
+        self.each_shard(|s| {
             into.entries += s.fwd.len() as u64;
             into.inserts += s.stats.inserts;
             into.expired += s.stats.expired;
@@ -1838,7 +1975,7 @@ impl<A: Ip> Tracker<A> {
                 *a += b;
             }
             into.clashes += s.stats.clashes;
-        }
+        });
     }
 }
 
@@ -2126,13 +2263,46 @@ pub struct Conntrack {
     timeouts: Timeouts,
 }
 
+/// A worker's own partition of both families' tables, held across calls
+/// (a batch): lookups and inserts through it take no lock
+/// ([`Conntrack::hold`]). Empty ([`Hold::default`]): every call locks
+/// what it touches.
+#[derive(Default)]
+pub struct Hold {
+    v4: Held<[u8; 4]>,
+    v6: Held<[u8; 16]>,
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("partition", &self.partition())
+            .finish()
+    }
+}
+
+impl Hold {
+    /// The partition held (of both families), if any.
+    #[must_use]
+    pub fn partition(&self) -> Option<usize> {
+        let (v4, v6) = (self.v4.as_ref()?, self.v6.as_ref()?);
+        (v4.0.index == v6.0.index).then_some(v4.0.index)
+    }
+
+    /// Lets the partition go (others may lock it again).
+    pub fn release(&mut self) {
+        self.v4 = None;
+        self.v6 = None;
+    }
+}
+
 impl Conntrack {
     /// Allocates every table up front.
     #[must_use]
     pub fn new(cfg: &Config) -> Self {
         Self {
-            v4: Tracker::new(cfg.capacity, cfg.shards),
-            v6: Tracker::new(cfg.capacity, cfg.shards),
+            v4: Tracker::new(cfg.capacity, cfg.shards, cfg.partitions),
+            v6: Tracker::new(cfg.capacity, cfg.shards, cfg.partitions),
             affinity: Expiring::new(cfg.affinity_capacity, cfg.shards.min(64)),
             fragments: Expiring::new(cfg.fragment_capacity, cfg.shards.min(64)),
             timeouts: cfg.timeouts,
@@ -2143,6 +2313,40 @@ impl Conntrack {
     #[must_use]
     pub fn timeouts(&self) -> &Timeouts {
         &self.timeouts
+    }
+
+    /// Partitions ([`Config::partitions`]).
+    #[must_use]
+    pub fn partitions(&self) -> usize {
+        self.v4.parts.len()
+    }
+
+    /// The partition that owns the flows of endpoint `addr:port` over
+    /// `proto`: a forward packet's source (the client), a reply's
+    /// destination (the client, or the gateway's source-NAT address and
+    /// port). Both directions of a flow give the same partition.
+    #[inline]
+    #[must_use]
+    pub fn owner(&self, family: Family, addr: &Addr16, port: u16, proto: Proto) -> usize {
+        let proto = proto.ip_number();
+        match family {
+            Family::V4 => {
+                let a = <[u8; 4]>::from16(addr);
+                self.v4.part_of(self.v4.shard_index(&a, port, proto))
+            }
+            Family::V6 => self.v6.part_of(self.v6.shard_index(addr, port, proto)),
+        }
+    }
+
+    /// Locks partition `p` of both families until the [`Hold`] is released
+    /// or dropped. A worker holds only its own partition, for one batch at a
+    /// time, and never waits on another lock while holding it.
+    #[must_use]
+    pub fn hold(&self, p: usize) -> Hold {
+        Hold {
+            v4: Some(self.v4.hold(p)),
+            v6: Some(self.v6.hold(p)),
+        }
     }
 
     /// Forward lookup of `t` (client → vip). With `touch`, the packet's TCP
@@ -2157,10 +2361,29 @@ impl Conntrack {
         flags: u8,
         touch: bool,
     ) -> Option<FlowHit> {
+        self.lookup_original_in(&mut Hold::default(), now, family, t, flags, touch)
+    }
+
+    /// [`Conntrack::lookup_original`] through a held partition.
+    #[inline]
+    #[must_use]
+    pub fn lookup_original_in(
+        &self,
+        h: &mut Hold,
+        now: Now,
+        family: Family,
+        t: &FlowTuple,
+        flags: u8,
+        touch: bool,
+    ) -> Option<FlowHit> {
         let n = now.secs32();
         match family {
-            Family::V4 => self.v4.lookup_original(n, t, flags, touch, &self.timeouts),
-            Family::V6 => self.v6.lookup_original(n, t, flags, touch, &self.timeouts),
+            Family::V4 => self
+                .v4
+                .lookup_original(&mut h.v4, n, t, flags, touch, &self.timeouts),
+            Family::V6 => self
+                .v6
+                .lookup_original(&mut h.v6, n, t, flags, touch, &self.timeouts),
         }
     }
 
@@ -2175,10 +2398,29 @@ impl Conntrack {
         flags: u8,
         touch: bool,
     ) -> Option<ReplyHit> {
+        self.lookup_reply_in(&mut Hold::default(), now, family, t, flags, touch)
+    }
+
+    /// [`Conntrack::lookup_reply`] through a held partition.
+    #[inline]
+    #[must_use]
+    pub fn lookup_reply_in(
+        &self,
+        h: &mut Hold,
+        now: Now,
+        family: Family,
+        t: &FlowTuple,
+        flags: u8,
+        touch: bool,
+    ) -> Option<ReplyHit> {
         let n = now.secs32();
         match family {
-            Family::V4 => self.v4.lookup_reply(n, t, flags, touch, &self.timeouts),
-            Family::V6 => self.v6.lookup_reply(n, t, flags, touch, &self.timeouts),
+            Family::V4 => self
+                .v4
+                .lookup_reply(&mut h.v4, n, t, flags, touch, &self.timeouts),
+            Family::V6 => self
+                .v6
+                .lookup_reply(&mut h.v6, n, t, flags, touch, &self.timeouts),
         }
     }
 
@@ -2217,16 +2459,32 @@ impl Conntrack {
         b: &Binding,
         state: FlowState,
     ) -> Result<(), InsertError> {
+        self.insert_in(&mut Hold::default(), now, family, t, b, state)
+    }
+
+    /// [`Conntrack::insert`] through a held partition.
+    ///
+    /// # Errors
+    /// As [`Conntrack::insert`].
+    pub fn insert_in(
+        &self,
+        h: &mut Hold,
+        now: Now,
+        family: Family,
+        t: &FlowTuple,
+        b: &Binding,
+        state: FlowState,
+    ) -> Result<(), InsertError> {
         if let FlowNat::Snat { addr, port } = b.nat {
             let ports = PortRange::new(port, port).ok_or(InsertError::PortsExhausted)?;
             return self
-                .insert_snat(now, family, t, b, state, &[addr], ports)
+                .insert_snat_in(h, now, family, t, b, state, &[addr], ports)
                 .map(|_| ());
         }
         let n = now.secs32();
         match family {
-            Family::V4 => self.v4.insert(n, t, b, state, &self.timeouts),
-            Family::V6 => self.v6.insert(n, t, b, state, &self.timeouts),
+            Family::V4 => self.v4.insert(&mut h.v4, n, t, b, state, &self.timeouts),
+            Family::V6 => self.v6.insert(&mut h.v6, n, t, b, state, &self.timeouts),
         }
     }
 
@@ -2249,17 +2507,39 @@ impl Conntrack {
         addrs: &[Addr16],
         ports: PortRange,
     ) -> Result<FlowNat, InsertError> {
+        self.insert_snat_in(&mut Hold::default(), now, family, t, b, state, addrs, ports)
+    }
+
+    /// [`Conntrack::insert_snat`] through a held partition: only ports whose
+    /// replies the holder owns are taken.
+    ///
+    /// # Errors
+    /// As [`Conntrack::insert_snat`].
+    #[allow(clippy::too_many_arguments)] // reason: the binding and the SNAT space, kept explicit
+    pub fn insert_snat_in(
+        &self,
+        h: &mut Hold,
+        now: Now,
+        family: Family,
+        t: &FlowTuple,
+        b: &Binding,
+        state: FlowState,
+        addrs: &[Addr16],
+        ports: PortRange,
+    ) -> Result<FlowNat, InsertError> {
         if addrs.is_empty() {
             return Err(InsertError::PortsExhausted);
         }
         let n = now.secs32();
         match family {
-            Family::V4 => self
-                .v4
-                .insert_snat(n, t, b, state, addrs, ports, &self.timeouts),
-            Family::V6 => self
-                .v6
-                .insert_snat(n, t, b, state, addrs, ports, &self.timeouts),
+            Family::V4 => {
+                self.v4
+                    .insert_snat(&mut h.v4, n, t, b, state, addrs, ports, &self.timeouts)
+            }
+            Family::V6 => {
+                self.v6
+                    .insert_snat(&mut h.v6, n, t, b, state, addrs, ports, &self.timeouts)
+            }
         }
     }
 
@@ -2276,18 +2556,42 @@ impl Conntrack {
         epoch: u32,
         backend_index: u32,
     ) {
+        self.revalidate_in(
+            &mut Hold::default(),
+            family,
+            t,
+            frontend,
+            epoch,
+            backend_index,
+        );
+    }
+
+    /// [`Conntrack::revalidate`] through a held partition.
+    pub fn revalidate_in(
+        &self,
+        h: &mut Hold,
+        family: Family,
+        t: &FlowTuple,
+        frontend: u32,
+        epoch: u32,
+        backend_index: u32,
+    ) {
         match family {
-            Family::V4 => self.v4.revalidate(t, frontend, epoch, backend_index),
-            Family::V6 => self.v6.revalidate(t, frontend, epoch, backend_index),
+            Family::V4 => self
+                .v4
+                .revalidate(&mut h.v4, t, frontend, epoch, backend_index),
+            Family::V6 => self
+                .v6
+                .revalidate(&mut h.v6, t, frontend, epoch, backend_index),
         }
     }
 
     /// Copies the live flows that `keep` accepts into `out`, until it holds
-    /// `limit` (IPv4 first, then IPv6). For `inspect flows`: one shard lock
-    /// at a time, each held only to copy that shard's matches (at most what
-    /// `limit` leaves room for), never the whole table's. `out` is reserved
-    /// up front, so nothing is allocated under a lock. Not on the packet
-    /// path: it walks whole shards.
+    /// `limit` (IPv4 first, then IPv6). For `inspect flows`: one partition
+    /// lock at a time, each held only to copy that partition's matches (at
+    /// most what `limit` leaves room for), never the whole table's. `out` is
+    /// reserved up front, so nothing is allocated under a lock. Not on the
+    /// packet path: it walks whole partitions.
     pub fn snapshot_flows(
         &self,
         now: Now,
@@ -2305,12 +2609,31 @@ impl Conntrack {
     /// where the previous call stopped (`cursor`). Returns entries removed.
     pub fn expire(&self, now: Now, cursor: &mut usize, shards: usize) -> usize {
         let n = now.secs32();
-        let total = self.v4.shards.len();
+        let total = self.v4.nshards;
         let mut removed = 0;
+        let (mut h4, mut h6) = (None, None);
         for _ in 0..shards.min(total) {
             let i = *cursor % total;
-            removed += self.v4.expire_shard(i, n) + self.v6.expire_shard(i, n);
+            removed += self.v4.expire_shard(&mut h4, i, n) + self.v6.expire_shard(&mut h6, i, n);
             *cursor = (i + 1) % total;
+        }
+        removed
+    }
+
+    /// [`Conntrack::expire`] over the shards of partition `p` only: what its
+    /// owner sweeps between batches (`cursor` counts that partition's shards).
+    pub fn expire_partition(&self, now: Now, p: usize, cursor: &mut usize, shards: usize) -> usize {
+        let n = now.secs32();
+        let parts = self.partitions();
+        let p = p % parts;
+        let own = (self.v4.nshards - p).div_ceil(parts);
+        let mut removed = 0;
+        let (mut h4, mut h6) = (None, None);
+        for _ in 0..shards.min(own) {
+            let sub = *cursor % own;
+            let i = p + sub * parts;
+            removed += self.v4.expire_shard(&mut h4, i, n) + self.v6.expire_shard(&mut h6, i, n);
+            *cursor = (sub + 1) % own;
         }
         removed
     }
@@ -2528,6 +2851,7 @@ mod tests {
         Conntrack::new(&Config {
             capacity,
             shards: 1,
+            partitions: 1,
             affinity_capacity: 64,
             fragment_capacity: 64,
             timeouts: Timeouts::default(),
@@ -3198,7 +3522,8 @@ mod tests {
             g.fwd_ctrl.load(Ordering::Relaxed),
             g.fwd_mask.load(Ordering::Relaxed),
         );
-        let shard = lock(&tr.shards[0].0);
+        let part = tr.parts[0].lock();
+        let shard = &part.0.shards[0];
         assert_eq!(mask, shard.fwd.num_buckets() - 1);
         let size = std::mem::size_of::<Fwd<[u8; 4]>>();
         let mut at_home = 0;
@@ -3232,7 +3557,8 @@ mod tests {
         let ct = small(512);
         let cap = ct.capacity();
         let buckets = |ct: &Conntrack| {
-            let s = lock(&ct.v4.shards[0].0);
+            let p = ct.v4.parts[0].lock();
+            let s = &p.0.shards[0];
             (s.fwd.num_buckets(), s.rev.num_buckets())
         };
         let start = buckets(&ct);
@@ -3260,10 +3586,12 @@ mod tests {
 
     /// (forward entries, reverse entries) of the IPv4 tables.
     fn entries(ct: &Conntrack) -> (usize, usize) {
-        ct.v4.shards.iter().fold((0, 0), |(f, r), m| {
-            let s = lock(&m.0);
-            (f + s.fwd.len(), r + s.rev.len())
-        })
+        let (mut f, mut r) = (0, 0);
+        ct.v4.each_shard(|s| {
+            f += s.fwd.len();
+            r += s.rev.len();
+        });
+        (f, r)
     }
 
     fn client(i: u32) -> FlowTuple {
@@ -3299,6 +3627,7 @@ mod tests {
         let ct = Conntrack::new(&Config {
             capacity: 1024,
             shards: 16,
+            partitions: 1,
             affinity_capacity: 8,
             fragment_capacity: 8,
             timeouts: Timeouts::default(),
@@ -3398,6 +3727,7 @@ mod tests {
         let ct = Conntrack::new(&Config {
             capacity: 8192,
             shards: 2,
+            partitions: 1,
             affinity_capacity: 8,
             fragment_capacity: 8,
             timeouts: Timeouts::default(),
@@ -3436,6 +3766,7 @@ mod tests {
         let ct = Conntrack::new(&Config {
             capacity: 256,
             shards: 8,
+            partitions: 1,
             affinity_capacity: 8,
             fragment_capacity: 8,
             timeouts: Timeouts::default(),
@@ -3491,6 +3822,7 @@ mod tests {
         let ct = Arc::new(Conntrack::new(&Config {
             capacity: 512,
             shards: 4,
+            partitions: 1,
             affinity_capacity: 8,
             fragment_capacity: 8,
             timeouts: Timeouts {
@@ -3654,6 +3986,7 @@ mod tests {
         let ct = Conntrack::new(&Config {
             capacity: 4096,
             shards: 16,
+            partitions: 1,
             affinity_capacity: 64,
             fragment_capacity: 64,
             timeouts: Timeouts::default(),
@@ -3737,6 +4070,7 @@ mod tests {
         let ct = std::sync::Arc::new(Conntrack::new(&Config {
             capacity: 1 << 14,
             shards: 64,
+            partitions: 1,
             affinity_capacity: 64,
             fragment_capacity: 64,
             timeouts: Timeouts::default(),

@@ -801,6 +801,7 @@ mod tests {
             conntrack: Arc::new(Conntrack::new(&Config {
                 capacity: 1024,
                 shards: 4,
+                partitions: 1,
                 affinity_capacity: 16,
                 fragment_capacity: 16,
                 ..Config::default()

@@ -1003,6 +1003,7 @@ mod tests {
         let ct = Conntrack::new(&Config {
             capacity: 1024,
             shards: 4,
+            partitions: 1,
             affinity_capacity: 16,
             fragment_capacity: 16,
             ..Config::default()

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use crate::conntrack::{
-    Binding, Conntrack, FlowNat, FlowState, FragRefused, FragRewrite, InsertError,
+    Binding, Conntrack, FlowNat, FlowState, FragRefused, FragRewrite, Hold, InsertError,
 };
 use crate::flow::{Addr16, FlowTuple, Proto};
 use crate::packet::checksum;
@@ -326,6 +326,11 @@ pub struct Worker {
     ct: Arc<Conntrack>,
     ret: ReturnConfig,
     own: Ownership,
+    /// Owns partition `own.index` of `ct` (its partitions are `own.count`):
+    /// holds it across each batch instead of locking per packet.
+    holds: bool,
+    /// The partition held during a batch (empty between batches).
+    hold: Hold,
     sources: Option<Arc<dyn SourceAddrs>>,
     node_addrs: Option<Arc<dyn NodeAddrs>>,
     /// This worker's counters.
@@ -368,12 +373,15 @@ pub const BATCH: usize = 64;
 struct Prepared {
     parsed: Result<Option<Parsed>, DropReason>,
     frontend: Option<u32>,
+    /// Another worker owns the frame's flow: hand it over.
+    handoff: Option<u16>,
 }
 
 impl Prepared {
     const EMPTY: Self = Self {
         parsed: Ok(None),
         frontend: None,
+        handoff: None,
     };
 }
 
@@ -401,10 +409,13 @@ impl Worker {
     /// `ret.ports` is its share of `own.snat`.
     #[must_use]
     pub fn with_ownership(ct: Arc<Conntrack>, ret: ReturnConfig, own: Ownership) -> Self {
+        let holds = usize::from(own.count) == ct.partitions() && own.index < own.count;
         Self {
             ct,
             ret,
             own,
+            holds,
+            hold: Hold::default(),
             sources: None,
             node_addrs: None,
             counters: Counters::default(),
@@ -480,7 +491,9 @@ impl Worker {
     /// `buf` may be longer than the frame: a reject can use the room.
     pub fn process(&mut self, now: Now, table: &Table, buf: &mut [u8], len: usize) -> Verdict {
         let prep = self.prepare(table, buf, len);
-        self.finish(now, table, buf, len, &prep)
+        let v = self.finish(now, table, buf, len, &prep);
+        self.hold.release();
+        v
     }
 
     /// [`Worker::process`] over a batch; `verdicts[i]` is frame `i`'s.
@@ -512,6 +525,9 @@ impl Worker {
             {
                 *v = self.finish(now, table, f.buf, f.len, p);
             }
+            // Between chunks the partition is free for the expiry sweep and
+            // the management thread.
+            self.hold.release();
             start = end;
         }
     }
@@ -527,6 +543,21 @@ impl Worker {
         if let Ok(Some(p)) = &parsed {
             if let Some(t) = p.tuple() {
                 frontend = self.frontend_of(table, &t);
+                if self.own.count > 1 {
+                    // The client's end: a request's source, a reply's
+                    // destination (the client, or our source-NAT port).
+                    let owner = match frontend {
+                        Some(_) => self.ct.owner(p.family, &t.src_addr, t.src_port, t.proto),
+                        None => self.ct.owner(p.family, &t.dst_addr, t.dst_port, t.proto),
+                    } as u16;
+                    if owner != self.own.index {
+                        return Prepared {
+                            parsed,
+                            frontend,
+                            handoff: Some(owner),
+                        };
+                    }
+                }
                 if let Some(fi) = frontend {
                     self.ct.prefetch_original(p.family, &t);
                     // A connection opening will read its Maglev slot too.
@@ -540,7 +571,11 @@ impl Worker {
                 }
             }
         }
-        Prepared { parsed, frontend }
+        Prepared {
+            parsed,
+            frontend,
+            handoff: None,
+        }
     }
 
     /// Second pass: decide, rewrite, count.
@@ -553,6 +588,29 @@ impl Worker {
         len: usize,
         prep: &Prepared,
     ) -> Verdict {
+        if let Some(owner) = prep.handoff {
+            self.counters.handoffs += 1;
+            return Verdict::Handoff { owner };
+        }
+        // A flow's packet goes through the held partition (taken once per
+        // chunk); anything else (ICMP errors, non-first fragments) may look
+        // in other partitions, one lock at a time, so ours is let go first.
+        if matches!(
+            prep.parsed,
+            Ok(Some(Parsed {
+                l4: L4::Flow(_),
+                ..
+            }))
+        ) {
+            if self.holds && self.hold.partition().is_none() {
+                // Whatever is left of it first: a lock is never waited for
+                // while one is held.
+                self.hold.release();
+                self.hold = self.ct.hold(usize::from(self.own.index));
+            }
+        } else {
+            self.hold.release();
+        }
         let v = match self.decide(now, table, buf, len, prep) {
             Ok(v) => v,
             Err(r) => Verdict::Drop(r),
@@ -651,7 +709,10 @@ impl Worker {
             });
         }
         // Not to a frontend: a reply from a backend?
-        let Some(r) = self.ct.lookup_reply(now, p.family, &t, f.tcp_flags, true) else {
+        let Some(r) = self
+            .ct
+            .lookup_reply_in(&mut self.hold, now, p.family, &t, f.tcp_flags, true)
+        else {
             return Ok(Verdict::Pass);
         };
         if p.ttl <= 1 {
@@ -832,7 +893,10 @@ impl Worker {
     ) -> Result<Option<Bound>, DropReason> {
         let epoch = table.generation() as u32;
         let opening = flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0;
-        if let Some(hit) = self.ct.lookup_original(now, family, t, flags, true) {
+        if let Some(hit) = self
+            .ct
+            .lookup_original_in(&mut self.hold, now, family, t, flags, true)
+        {
             // A new SYN on a closed tuple is a new connection: pick again.
             if !(opening && hit.state.is_closed()) {
                 let bound = Bound {
@@ -857,7 +921,8 @@ impl Worker {
                     .backend_index(fe, &hit.backend, hit.backend_port)
                     .or(keep.then_some(GONE));
                 if let Some(backend_index) = kept {
-                    self.ct.revalidate(family, t, fi, epoch, backend_index);
+                    self.ct
+                        .revalidate_in(&mut self.hold, family, t, fi, epoch, backend_index);
                     return Ok(Some(Bound {
                         backend_index,
                         ..bound
@@ -903,7 +968,7 @@ impl Worker {
         let nat = match Table::return_path(fe) {
             ReturnPath::Routed => {
                 self.ct
-                    .insert(now, family, t, &binding, state)
+                    .insert_in(&mut self.hold, now, family, t, &binding, state)
                     .map_err(insert_drop)?;
                 FlowNat::Routed
             }
@@ -914,7 +979,14 @@ impl Worker {
                 };
                 let nat = FlowNat::Dsr { outer_src };
                 self.ct
-                    .insert(now, family, t, &Binding { nat, ..binding }, state)
+                    .insert_in(
+                        &mut self.hold,
+                        now,
+                        family,
+                        t,
+                        &Binding { nat, ..binding },
+                        state,
+                    )
                     .map_err(insert_drop)?;
                 nat
             }
@@ -926,8 +998,24 @@ impl Worker {
                 } else {
                     overrides
                 };
+                // An owner among several probes the whole range for ports
+                // whose replies come back to it.
+                let ports = if self.own.count > 1 {
+                    self.own.snat
+                } else {
+                    self.ret.ports
+                };
                 self.ct
-                    .insert_snat(now, family, t, &binding, state, addrs, self.ret.ports)
+                    .insert_snat_in(
+                        &mut self.hold,
+                        now,
+                        family,
+                        t,
+                        &binding,
+                        state,
+                        addrs,
+                        ports,
+                    )
                     .map_err(insert_drop)?
             }
         };

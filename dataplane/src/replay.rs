@@ -103,6 +103,7 @@ pub fn replay<R: Read, W: Write>(
     let ct = Arc::new(Conntrack::new(&Config {
         capacity: flows,
         shards: 64,
+        partitions: 1,
         ..Config::default()
     }));
     let sources = FixedSources {

@@ -88,6 +88,7 @@ fn worker() -> Worker {
     let ct = Arc::new(Conntrack::new(&Config {
         capacity: 8192,
         shards: 8,
+        partitions: 1,
         affinity_capacity: 1024,
         fragment_capacity: 64,
         timeouts: Timeouts::default(),

@@ -346,6 +346,7 @@ fn a_flood_loses_no_confirmed_source_nated_flow() {
     let ct = Arc::new(Conntrack::new(&Config {
         capacity: 2048,
         shards: 16,
+        partitions: 1,
         affinity_capacity: 64,
         fragment_capacity: 1024,
         timeouts: Timeouts::default(),
@@ -446,6 +447,7 @@ fn a_new_flow_never_takes_over_a_live_flows_replies() {
         let ct = Arc::new(Conntrack::new(&Config {
             capacity: 1024,
             shards: 4,
+            partitions: 1,
             ..Config::default()
         }));
         let mut w = Worker::new(Arc::clone(&ct));

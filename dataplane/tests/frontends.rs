@@ -155,6 +155,7 @@ fn worker(node_addrs: Option<&[&str]>) -> Worker {
     let ct = Arc::new(Conntrack::new(&Config {
         capacity: 4096,
         shards: 16,
+        partitions: 1,
         affinity_capacity: 64,
         fragment_capacity: 64,
         timeouts: Timeouts::default(),

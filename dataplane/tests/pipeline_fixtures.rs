@@ -104,6 +104,7 @@ fn worker() -> Worker {
     let cfg = Config {
         capacity: 1024,
         shards: 4,
+        partitions: 1,
         affinity_capacity: 64,
         fragment_capacity: 64,
         ..Config::default()

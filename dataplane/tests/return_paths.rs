@@ -72,6 +72,7 @@ fn conntrack(timeouts: Timeouts) -> Arc<Conntrack> {
     Arc::new(Conntrack::new(&Config {
         capacity: 4096,
         shards: 16,
+        partitions: 1,
         affinity_capacity: 64,
         fragment_capacity: 64,
         timeouts,

@@ -100,6 +100,7 @@ fn worker() -> Worker {
     let cfg = Config {
         capacity: 256,
         shards: 2,
+        partitions: 1,
         affinity_capacity: 16,
         fragment_capacity: 16,
         ..Config::default()

@@ -68,6 +68,7 @@ impl Gateway {
         let ct = Arc::new(Conntrack::new(&Config {
             capacity: 4096,
             shards: 8,
+            partitions: 1,
             ..Config::default()
         }));
         Self {
@@ -598,6 +599,7 @@ fn idle_flows_expire_with_the_clock() {
     let ct = Arc::new(Conntrack::new(&Config {
         capacity: 1024,
         shards: 4,
+        partitions: 1,
         timeouts: Timeouts {
             tcp_syn: 5,
             ..Timeouts::default()

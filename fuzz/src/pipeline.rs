@@ -368,6 +368,7 @@ fn worker(encap_mtu: u16, node_addrs: bool) -> Worker {
     let cfg = Config {
         capacity: 64,
         shards: 2,
+        partitions: 1,
         affinity_capacity: 16,
         fragment_capacity: 16,
         ..Config::default()
