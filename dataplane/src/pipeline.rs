@@ -917,8 +917,11 @@ impl Worker {
                 // answered, and UDP and SCTP flows, pick again (kube-proxy
                 // flushes UDP entries).
                 let keep = t.proto == Proto::Tcp && hit.state != FlowState::TcpSynSent;
+                // A frontend that kept its backends since the flow's table
+                // says where at once; others are searched.
                 let kept = table
-                    .backend_index(fe, &hit.backend, hit.backend_port)
+                    .carried(fi, hit.epoch, hit.frontend, hit.backend_index)
+                    .or_else(|| table.backend_index(fe, &hit.backend, hit.backend_port))
                     .or(keep.then_some(GONE));
                 if let Some(backend_index) = kept {
                     self.ct

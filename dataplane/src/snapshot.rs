@@ -1935,7 +1935,8 @@ impl Watcher {
                 return self.refuse(have, &e);
             }
             match load_generation(&self.dir, named) {
-                Ok(table) => {
+                Ok(mut table) => {
+                    table.carry_from(&self.handle.load());
                     let old = self.handle.swap(Arc::new(table));
                     if Arc::strong_count(&old) > 1 {
                         self.retired.push(old);

@@ -568,6 +568,28 @@ pub struct Table {
     /// Per backend record, its policy backend record (`u32::MAX`: none);
     /// empty without policy.
     policy_of_backend: Box<[u32]>,
+    /// Per frontend, where its flows bound in the previous table find their
+    /// backend in this one ([`Table::carry_from`]); empty until then.
+    carry: Box<[Carry]>,
+}
+
+/// A frontend whose backends (addresses and ports, in order) are those it had
+/// in the table of generation `epoch`, where it was frontend `frontend` with
+/// its backends from `start`: a flow bound then keeps its backend, at the
+/// same offset, without a search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Carry {
+    epoch: u32,
+    frontend: u32,
+    start: u32,
+}
+
+impl Carry {
+    const NONE: Self = Self {
+        epoch: 0,
+        frontend: u32::MAX,
+        start: 0,
+    };
 }
 
 /// The arrays of a [`Table`], as a snapshot carries them; see
@@ -1246,7 +1268,64 @@ impl Table {
             name_offsets: name_offsets.into_boxed_slice(),
             policy_of_backend,
             policy,
+            carry: Box::default(),
         })
+    }
+
+    /// Notes, per frontend, whether its backends are those it had in `prev`
+    /// (the table this one replaces), so that a flow bound in `prev` finds
+    /// its backend's new index at once ([`Table::carried`]): after a change
+    /// to one Service, the flows of the others are not searched again.
+    /// Off the packet path: once per table, before it is published.
+    pub fn carry_from(&mut self, prev: &Table) {
+        let key = |f: &FrontendRecord| (f.addr, f.port, f.proto, f.kind);
+        let before: HashMap<_, u32> = prev
+            .frontends
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (key(f), i as u32))
+            .collect();
+        let same = |a: &[BackendRecord], b: &[BackendRecord]| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| x.addr == y.addr && x.port == y.port)
+        };
+        let epoch = prev.generation as u32;
+        self.carry = self
+            .frontends
+            .iter()
+            .map(|f| {
+                let Some(&pi) = before.get(&key(f)) else {
+                    return Carry::NONE;
+                };
+                let pf = &prev.frontends[pi as usize];
+                if same(self.backends_of(f), prev.backends_of(pf)) {
+                    Carry {
+                        epoch,
+                        frontend: pi,
+                        start: pf.backends_start,
+                    }
+                } else {
+                    Carry::NONE
+                }
+            })
+            .collect();
+    }
+
+    /// The index in this table of the backend a flow bound in table `epoch`
+    /// to frontend `frontend`'s backend `backend_index` (indices of that
+    /// table) has now, when frontend `fi` of this table kept the backends it
+    /// had then ([`Table::carry_from`]); `None`: search
+    /// ([`Table::backend_index`]).
+    #[inline]
+    #[must_use]
+    pub fn carried(&self, fi: u32, epoch: u32, frontend: u32, backend_index: u32) -> Option<u32> {
+        let c = self.carry.get(fi as usize)?;
+        let f = self.frontends.get(fi as usize)?;
+        let off = backend_index.checked_sub(c.start)?;
+        (c.frontend == frontend && c.epoch == epoch && off < f.backends_len)
+            .then(|| f.backends_start + off)
     }
 
     /// Whether NetworkPolicy allows a new flow from `client` to backend
@@ -1600,6 +1679,60 @@ mod tests {
                 .map(|b| BackendSpec::ready(ip(b), 8080))
                 .collect(),
         )
+    }
+
+    /// After a change to one Service, the flows of the others find their
+    /// backend's new index without a search, though every index moved; the
+    /// changed Service's flows are searched (and only they).
+    #[test]
+    fn unchanged_frontends_carry_their_flows_backends() {
+        let a = svc(
+            "198.19.0.10",
+            80,
+            &["198.18.1.1", "198.18.1.2", "198.18.1.3"],
+        );
+        let b = svc("198.19.0.11", 80, &["198.18.2.1", "198.18.2.2"]);
+        let t1 = Table::build(1, 0, &[b.clone(), a.clone()]).unwrap();
+        // A new Service ahead of both, and b loses a backend.
+        let b2 = svc("198.19.0.11", 80, &["198.18.2.2"]);
+        let new = svc(
+            "198.19.0.9",
+            80,
+            &["198.18.3.1", "198.18.3.2", "198.18.3.3"],
+        );
+        let mut t2 = Table::build(2, 0, &[new, b2, a]).unwrap();
+        t2.carry_from(&t1);
+        let va = addr16(ip("198.19.0.10"));
+        let vb = addr16(ip("198.19.0.11"));
+        let (fa1, fa2) = (
+            t1.frontend(&va, 80, Proto::Tcp).unwrap(),
+            t2.frontend(&va, 80, Proto::Tcp).unwrap(),
+        );
+        let (ea1, ea2) = (
+            *t1.frontend_record(fa1).unwrap(),
+            *t2.frontend_record(fa2).unwrap(),
+        );
+        assert_ne!(ea1.backends_start, ea2.backends_start, "the indices moved");
+        for (i, be) in t1.backends_of(&ea1).iter().enumerate() {
+            let old = ea1.backends_start + i as u32;
+            let searched = t2.backend_index(&ea2, &be.addr, be.port).unwrap();
+            assert_eq!(t2.carried(fa2, 1, fa1, old), Some(searched));
+            // Not for a flow of another table, or another frontend.
+            assert_eq!(t2.carried(fa2, 0, fa1, old), None);
+            assert_eq!(t2.carried(fa2, 1, fa1 ^ 1, old), None);
+        }
+        let (fb1, fb2) = (
+            t1.frontend(&vb, 80, Proto::Tcp).unwrap(),
+            t2.frontend(&vb, 80, Proto::Tcp).unwrap(),
+        );
+        let eb1 = *t1.frontend_record(fb1).unwrap();
+        assert_eq!(
+            t2.carried(fb2, 1, fb1, eb1.backends_start),
+            None,
+            "b changed"
+        );
+        // A table never carried from another carries nothing.
+        assert_eq!(t1.carried(fa1, 0, fa1, ea1.backends_start), None);
     }
 
     #[test]
