@@ -436,20 +436,19 @@ impl FlowHasher {
         (x as u64) ^ ((x >> 64) as u64)
     }
 
-    /// Hash of two addresses and a tail word (ports and protocol).
-    #[inline(always)]
-    fn pair<A: Ip>(&self, a: &A, b: &A, tail: u64) -> u64 {
-        let (a0, a1) = a.words();
-        let (b0, b1) = b.words();
-        let h = Self::mix(a0 ^ self.k[0], b0 ^ self.k[1]);
-        fmix64(Self::mix(h ^ a1 ^ self.k[2], b1 ^ tail ^ self.k[3]))
-    }
-
     /// Hash of one address and a tail word.
     #[inline(always)]
     fn one<A: Ip>(&self, a: &A, tail: u64) -> u64 {
         let (a0, a1) = a.words();
         fmix64(Self::mix(a0 ^ self.k[0], a1 ^ tail ^ self.k[1]))
+    }
+
+    /// `h` (a [`FlowHasher::one`]) extended by another address and a tail
+    /// word: one multiply more, not a second hash.
+    #[inline(always)]
+    fn extend<A: Ip>(&self, h: u64, a: &A, tail: u64) -> u64 {
+        let (a0, a1) = a.words();
+        fmix64(Self::mix(h ^ a0 ^ self.k[2], a1 ^ tail ^ self.k[3]))
     }
 }
 
@@ -934,6 +933,17 @@ struct Tracker<A> {
     hasher: FlowHasher,
 }
 
+/// A packet's one hash for the connection table
+/// ([`Conntrack::hash_original`], [`Conntrack::hash_reply`]): its shard (and
+/// so its owner, [`Conntrack::owner_of`]) and its bucket, computed once and
+/// reused for the prefetch and the lookup. Valid for the table and family
+/// it came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowHash {
+    shard: u32,
+    bucket: u64,
+}
+
 /// A hit in the forward direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowHit {
@@ -1128,39 +1138,58 @@ impl<A: Ip> Tracker<A> {
         self.shard_index(&k.peer, k.pport, k.proto)
     }
 
+    /// The one hash of a key whose shard is that of `end` (the client's
+    /// end of the flow): the shard from its first stage, the bucket from
+    /// the same chain extended by the `other` end.
+    #[inline]
+    fn key_hash(&self, end: &A, end_port: u16, proto: u8, other: &A, other_port: u16) -> FlowHash {
+        let h = self.hasher.one(end, tail(end_port, 0, proto));
+        FlowHash {
+            // Bits away from hashbrown's (low bits pick buckets, top 7 tag them).
+            shard: ((h >> 32) as usize & self.mask) as u32,
+            bucket: self.hasher.extend(h, other, u64::from(other_port)),
+        }
+    }
+
+    #[inline]
+    fn fwd_key_hash(&self, k: &FwdKey<A>) -> FlowHash {
+        self.key_hash(&k.client, k.cport, k.proto, &k.vip, k.vport)
+    }
+
+    #[inline]
+    fn rev_key_hash(&self, k: &RevKey<A>) -> FlowHash {
+        self.key_hash(&k.peer, k.pport, k.proto, &k.backend, k.bport)
+    }
+
     #[inline]
     fn fwd_hash(&self, k: &FwdKey<A>) -> u64 {
-        self.hasher
-            .pair(&k.client, &k.vip, tail(k.cport, k.vport, k.proto))
+        self.fwd_key_hash(k).bucket
     }
 
     #[inline]
     fn rev_hash(&self, k: &RevKey<A>) -> u64 {
-        self.hasher
-            .pair(&k.backend, &k.peer, tail(k.bport, k.pport, k.proto))
+        self.rev_key_hash(k).bucket
     }
 
-    /// Starts loading the lines a forward lookup of `t` will touch.
+    /// Starts loading the lines a forward lookup with hash `h` will touch.
     #[inline]
-    fn prefetch_original(&self, t: &FlowTuple) {
-        let k = FwdKey::of(t);
-        let g = &self.geometry[self.fwd_shard(&k)];
+    fn prefetch_original(&self, h: FlowHash) {
+        let g = &self.geometry[h.shard as usize];
         prefetch_slot::<Fwd<A>>(
             g.fwd_ctrl.load(Ordering::Relaxed),
             g.fwd_mask.load(Ordering::Relaxed),
-            self.fwd_hash(&k),
+            h.bucket,
         );
     }
 
-    /// Starts loading the lines a reply lookup of `t` (backend → peer) will touch.
+    /// Starts loading the lines a reply lookup with hash `h` will touch.
     #[inline]
-    fn prefetch_reply(&self, t: &FlowTuple) {
-        let k = RevKey::of_reply(t);
-        let g = &self.geometry[self.rev_shard(&k)];
+    fn prefetch_reply(&self, h: FlowHash) {
+        let g = &self.geometry[h.shard as usize];
         prefetch_slot::<Rev<A>>(
             g.rev_ctrl.load(Ordering::Relaxed),
             g.rev_mask.load(Ordering::Relaxed),
-            self.rev_hash(&k),
+            h.bucket,
         );
     }
 
@@ -1316,9 +1345,11 @@ impl<A: Ip> Tracker<A> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // reason: the hot path passes what it has, not structs it would have to build
     fn lookup_original(
         &self,
         held: &mut Held<A>,
+        kh: Option<FlowHash>,
         now: u32,
         t: &FlowTuple,
         flags: u8,
@@ -1326,14 +1357,15 @@ impl<A: Ip> Tracker<A> {
         to: &Timeouts,
     ) -> Option<FlowHit> {
         let k = FwdKey::of(t);
-        let i = self.fwd_shard(&k);
+        let kh = kh.unwrap_or_else(|| self.fwd_key_hash(&k));
+        let i = kh.shard as usize;
         let mut later = LaterBuf::<A, 2>::new();
         let hit = {
             let mut s = self.lock(held, i);
             let Shard {
                 fwd, rev, stats, ..
             } = &mut *s;
-            let Ok(mut entry) = fwd.find_entry(self.fwd_hash(&k), is_fwd(&k)) else {
+            let Ok(mut entry) = fwd.find_entry(kh.bucket, is_fwd(&k)) else {
                 return None;
             };
             let e = entry.get_mut();
@@ -1391,9 +1423,11 @@ impl<A: Ip> Tracker<A> {
         hit
     }
 
+    #[allow(clippy::too_many_arguments)] // reason: the hot path passes what it has, not structs it would have to build
     fn lookup_reply(
         &self,
         held: &mut Held<A>,
+        kh: Option<FlowHash>,
         now: u32,
         t: &FlowTuple,
         flags: u8,
@@ -1402,13 +1436,14 @@ impl<A: Ip> Tracker<A> {
     ) -> Option<ReplyHit> {
         // t: backend → peer.
         let rk = RevKey::of_reply(t);
-        let j = self.rev_shard(&rk);
+        let kh = kh.unwrap_or_else(|| self.rev_key_hash(&rk));
+        let j = kh.shard as usize;
         let copy = {
             let mut s = self.lock(held, j);
             let Shard {
                 fwd, rev, stats, ..
             } = &mut *s;
-            let Ok(mut rentry) = rev.find_entry(self.rev_hash(&rk), is_rev(&rk)) else {
+            let Ok(mut rentry) = rev.find_entry(kh.bucket, is_rev(&rk)) else {
                 return None;
             };
             let r = rentry.get_mut();
@@ -2361,15 +2396,19 @@ impl Conntrack {
         flags: u8,
         touch: bool,
     ) -> Option<FlowHit> {
-        self.lookup_original_in(&mut Hold::default(), now, family, t, flags, touch)
+        self.lookup_original_in(&mut Hold::default(), None, now, family, t, flags, touch)
     }
 
-    /// [`Conntrack::lookup_original`] through a held partition.
+    /// [`Conntrack::lookup_original`] through a held partition, with the
+    /// packet's hash when it was computed already
+    /// ([`Conntrack::hash_original`]).
     #[inline]
     #[must_use]
+    #[allow(clippy::too_many_arguments)] // reason: the hot path passes what it has, not structs it would have to build
     pub fn lookup_original_in(
         &self,
         h: &mut Hold,
+        kh: Option<FlowHash>,
         now: Now,
         family: Family,
         t: &FlowTuple,
@@ -2378,12 +2417,14 @@ impl Conntrack {
     ) -> Option<FlowHit> {
         let n = now.secs32();
         match family {
-            Family::V4 => self
-                .v4
-                .lookup_original(&mut h.v4, n, t, flags, touch, &self.timeouts),
-            Family::V6 => self
-                .v6
-                .lookup_original(&mut h.v6, n, t, flags, touch, &self.timeouts),
+            Family::V4 => {
+                self.v4
+                    .lookup_original(&mut h.v4, kh, n, t, flags, touch, &self.timeouts)
+            }
+            Family::V6 => {
+                self.v6
+                    .lookup_original(&mut h.v6, kh, n, t, flags, touch, &self.timeouts)
+            }
         }
     }
 
@@ -2398,15 +2439,18 @@ impl Conntrack {
         flags: u8,
         touch: bool,
     ) -> Option<ReplyHit> {
-        self.lookup_reply_in(&mut Hold::default(), now, family, t, flags, touch)
+        self.lookup_reply_in(&mut Hold::default(), None, now, family, t, flags, touch)
     }
 
-    /// [`Conntrack::lookup_reply`] through a held partition.
+    /// [`Conntrack::lookup_reply`] through a held partition, with the
+    /// packet's hash when it was computed already ([`Conntrack::hash_reply`]).
     #[inline]
     #[must_use]
+    #[allow(clippy::too_many_arguments)] // reason: the hot path passes what it has, not structs it would have to build
     pub fn lookup_reply_in(
         &self,
         h: &mut Hold,
+        kh: Option<FlowHash>,
         now: Now,
         family: Family,
         t: &FlowTuple,
@@ -2417,10 +2461,42 @@ impl Conntrack {
         match family {
             Family::V4 => self
                 .v4
-                .lookup_reply(&mut h.v4, n, t, flags, touch, &self.timeouts),
+                .lookup_reply(&mut h.v4, kh, n, t, flags, touch, &self.timeouts),
             Family::V6 => self
                 .v6
-                .lookup_reply(&mut h.v6, n, t, flags, touch, &self.timeouts),
+                .lookup_reply(&mut h.v6, kh, n, t, flags, touch, &self.timeouts),
+        }
+    }
+
+    /// The hash a forward lookup of `t` (client → vip) uses: computed once
+    /// per packet, for its owner, its prefetch and its lookup.
+    #[inline]
+    #[must_use]
+    pub fn hash_original(&self, family: Family, t: &FlowTuple) -> FlowHash {
+        match family {
+            Family::V4 => self.v4.fwd_key_hash(&FwdKey::of(t)),
+            Family::V6 => self.v6.fwd_key_hash(&FwdKey::of(t)),
+        }
+    }
+
+    /// The hash a reply lookup of `t` (backend → peer) uses.
+    #[inline]
+    #[must_use]
+    pub fn hash_reply(&self, family: Family, t: &FlowTuple) -> FlowHash {
+        match family {
+            Family::V4 => self.v4.rev_key_hash(&RevKey::of_reply(t)),
+            Family::V6 => self.v6.rev_key_hash(&RevKey::of_reply(t)),
+        }
+    }
+
+    /// The partition that owns the flow of a packet with hash `h` (of
+    /// `family`): the same as [`Conntrack::owner`] of its client's end.
+    #[inline]
+    #[must_use]
+    pub fn owner_of(&self, family: Family, h: FlowHash) -> usize {
+        match family {
+            Family::V4 => self.v4.part_of(h.shard as usize),
+            Family::V6 => self.v6.part_of(h.shard as usize),
         }
     }
 
@@ -2428,18 +2504,30 @@ impl Conntrack {
     /// (batch lookups: prefetch a whole batch, then look each one up).
     #[inline]
     pub fn prefetch_original(&self, family: Family, t: &FlowTuple) {
+        self.prefetch_original_hashed(family, self.hash_original(family, t));
+    }
+
+    /// [`Conntrack::prefetch_original`] with the packet's hash.
+    #[inline]
+    pub fn prefetch_original_hashed(&self, family: Family, h: FlowHash) {
         match family {
-            Family::V4 => self.v4.prefetch_original(t),
-            Family::V6 => self.v6.prefetch_original(t),
+            Family::V4 => self.v4.prefetch_original(h),
+            Family::V6 => self.v6.prefetch_original(h),
         }
     }
 
     /// Starts loading what [`Conntrack::lookup_reply`] of `t` will touch.
     #[inline]
     pub fn prefetch_reply(&self, family: Family, t: &FlowTuple) {
+        self.prefetch_reply_hashed(family, self.hash_reply(family, t));
+    }
+
+    /// [`Conntrack::prefetch_reply`] with the packet's hash.
+    #[inline]
+    pub fn prefetch_reply_hashed(&self, family: Family, h: FlowHash) {
         match family {
-            Family::V4 => self.v4.prefetch_reply(t),
-            Family::V6 => self.v6.prefetch_reply(t),
+            Family::V4 => self.v4.prefetch_reply(h),
+            Family::V6 => self.v6.prefetch_reply(h),
         }
     }
 

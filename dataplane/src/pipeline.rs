@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use crate::conntrack::{
-    Binding, Conntrack, FlowNat, FlowState, FragRefused, FragRewrite, Hold, InsertError,
+    Binding, Conntrack, FlowHash, FlowNat, FlowState, FragRefused, FragRewrite, Hold, InsertError,
 };
 use crate::flow::{Addr16, FlowTuple, Proto};
 use crate::packet::checksum;
@@ -375,6 +375,9 @@ struct Prepared {
     frontend: Option<u32>,
     /// Another worker owns the frame's flow: hand it over.
     handoff: Option<u16>,
+    /// The flow's one hash, for the lookup (forward with a frontend, else
+    /// reply).
+    hash: Option<FlowHash>,
 }
 
 impl Prepared {
@@ -382,6 +385,7 @@ impl Prepared {
         parsed: Ok(None),
         frontend: None,
         handoff: None,
+        hash: None,
     };
 }
 
@@ -540,26 +544,31 @@ impl Worker {
             None => Err(DropReason::BadFrameLength),
         };
         let mut frontend = None;
+        let mut hash = None;
         if let Ok(Some(p)) = &parsed {
             if let Some(t) = p.tuple() {
                 frontend = self.frontend_of(table, &t);
+                // One hash per packet: its owner, its prefetch, its lookup.
+                // The client's end: a request's source, a reply's
+                // destination (the client, or our source-NAT port).
+                let h = match frontend {
+                    Some(_) => self.ct.hash_original(p.family, &t),
+                    None => self.ct.hash_reply(p.family, &t),
+                };
+                hash = Some(h);
                 if self.own.count > 1 {
-                    // The client's end: a request's source, a reply's
-                    // destination (the client, or our source-NAT port).
-                    let owner = match frontend {
-                        Some(_) => self.ct.owner(p.family, &t.src_addr, t.src_port, t.proto),
-                        None => self.ct.owner(p.family, &t.dst_addr, t.dst_port, t.proto),
-                    } as u16;
+                    let owner = self.ct.owner_of(p.family, h) as u16;
                     if owner != self.own.index {
                         return Prepared {
                             parsed,
                             frontend,
                             handoff: Some(owner),
+                            hash,
                         };
                     }
                 }
                 if let Some(fi) = frontend {
-                    self.ct.prefetch_original(p.family, &t);
+                    self.ct.prefetch_original_hashed(p.family, h);
                     // A connection opening will read its Maglev slot too.
                     if let (L4::Flow(f), Some(fe)) = (&p.l4, table.frontend_record(fi)) {
                         if f.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
@@ -567,7 +576,7 @@ impl Worker {
                         }
                     }
                 } else {
-                    self.ct.prefetch_reply(p.family, &t);
+                    self.ct.prefetch_reply_hashed(p.family, h);
                 }
             }
         }
@@ -575,6 +584,7 @@ impl Worker {
             parsed,
             frontend,
             handoff: None,
+            hash,
         }
     }
 
@@ -642,7 +652,7 @@ impl Worker {
             Err(r) => return Err(*r),
         };
         match &p.l4 {
-            L4::Flow(f) => self.flow(now, table, buf, len, p, f, prep.frontend),
+            L4::Flow(f) => self.flow(now, table, buf, len, p, f, prep.frontend, prep.hash),
             L4::NonFirstFragment(proto) => self.non_first_fragment(now, buf, len, p, *proto),
             L4::IcmpError(e) => self.icmp_error(now, table, buf, len, p, e),
         }
@@ -658,6 +668,7 @@ impl Worker {
         p: &Parsed,
         f: &FlowL4,
         frontend: Option<u32>,
+        hash: Option<FlowHash>,
     ) -> Step {
         let t = FlowTuple {
             src_addr: p.src,
@@ -681,7 +692,7 @@ impl Worker {
             if buf.first().is_some_and(|b| b & 1 != 0) {
                 return Err(DropReason::LinkBroadcast);
             }
-            let Some(b) = self.bind(now, table, fi, fe, p.family, &t, f.tcp_flags)? else {
+            let Some(b) = self.bind(now, table, fi, fe, p.family, &t, f.tcp_flags, hash)? else {
                 return reject_in_place(buf, len, p, f).map(|len| Verdict::Reject { len });
             };
             let next_hop = NextHop {
@@ -709,9 +720,9 @@ impl Worker {
             });
         }
         // Not to a frontend: a reply from a backend?
-        let Some(r) = self
-            .ct
-            .lookup_reply_in(&mut self.hold, now, p.family, &t, f.tcp_flags, true)
+        let Some(r) =
+            self.ct
+                .lookup_reply_in(&mut self.hold, hash, now, p.family, &t, f.tcp_flags, true)
         else {
             return Ok(Verdict::Pass);
         };
@@ -890,12 +901,13 @@ impl Worker {
         family: Family,
         t: &FlowTuple,
         flags: u8,
+        hash: Option<FlowHash>,
     ) -> Result<Option<Bound>, DropReason> {
         let epoch = table.generation() as u32;
         let opening = flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0;
-        if let Some(hit) = self
-            .ct
-            .lookup_original_in(&mut self.hold, now, family, t, flags, true)
+        if let Some(hit) =
+            self.ct
+                .lookup_original_in(&mut self.hold, hash, now, family, t, flags, true)
         {
             // A new SYN on a closed tuple is a new connection: pick again.
             if !(opening && hit.state.is_closed()) {
