@@ -117,7 +117,11 @@ pub struct Report {
     pub runs: u16,
     /// Bytes of every frame measured.
     pub frame_bytes: usize,
-    /// Size of the random-read array.
+    /// Memory the single-thread connection table took for the `flows`
+    /// (growth of resident memory while they were opened).
+    pub conntrack_bytes: usize,
+    /// Size of the random-read array: a power of two, at least
+    /// `conntrack_bytes`, 512 bytes per flow and 64 MiB.
     pub random_read_bytes: usize,
     /// ns per independent random 8-byte read over that array.
     pub random_read_ns: f64,
@@ -664,6 +668,7 @@ fn measure(a: &Args) -> Result<Report> {
         services,
         runs: a.runs,
         frame_bytes: s.acks.stride,
+        conntrack_bytes: ct_bytes,
         random_read_bytes: read_bytes,
         random_read_ns: median(&m.random_read),
         baseline_ns: median(&m.baseline),
@@ -709,11 +714,12 @@ fn print_table(r: &Report) {
     row("new flow (SYN), batches of 64", r.new_flow_ns);
     row("reply (backend → client), batches of 64", r.reply_ns);
     println!(
-        "({} runs, one thread, frames {} bytes, shuffled flow order; {} new flows per run; random reads over {} MiB)",
+        "({} runs, one thread, frames {} bytes, shuffled flow order; {} new flows per run; random reads over {} MiB, the connection table took {} MiB)",
         r.runs,
         r.frame_bytes,
         r.new_flows_per_run,
-        r.random_read_bytes >> 20
+        r.random_read_bytes >> 20,
+        r.conntrack_bytes >> 20
     );
     if let (Some(n), Some(total), Some(one), Some(sc)) =
         (r.threads, r.mpps_total, r.mpps_one_thread, r.scaling)
