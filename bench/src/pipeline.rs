@@ -1040,11 +1040,17 @@ impl Rx<'_> {
 
     /// The thread: its own frames batch by batch, draining the rings between
     /// batches, then the rings until every thread is done. Returns when it
-    /// decided its last frame.
-    fn run_thread<D: Decide>(&mut self, d: &mut D, start: &Barrier, done: &AtomicUsize) -> Instant {
+    /// left the start barrier and when it decided its last frame.
+    fn run_thread<D: Decide>(
+        &mut self,
+        d: &mut D,
+        start: &Barrier,
+        done: &AtomicUsize,
+    ) -> (Instant, Instant) {
         let inputs = self.inputs;
         let own = &inputs[self.t];
         start.wait();
+        let began = Instant::now();
         let step = own.stride * BATCH;
         for (c, chunk) in own.bytes.chunks(step.max(1)).enumerate() {
             self.own_batch(d, c * step, chunk);
@@ -1060,15 +1066,15 @@ impl Rx<'_> {
             }
         }
         self.drain(d);
-        Instant::now()
+        (began, Instant::now())
     }
 }
 
 /// Runs `deciders.len()` threads, thread `t` reading `inputs[t]` (its RSS
 /// queue) and pinned to `cores[t % len]` when `cores` is not empty. A frame
 /// a thread's decider hands off goes to the owner over that pair's ring of
-/// `slots`. Wall time from the start barrier to the last thread's last
-/// frame.
+/// `slots`. Wall time from the first thread out of the start barrier to
+/// the last thread's last frame.
 fn spread_run<D: Decide + Send>(
     deciders: &mut [D],
     inputs: &[Frames],
@@ -1077,10 +1083,10 @@ fn spread_run<D: Decide + Send>(
 ) -> ThreadRun {
     let n = deciders.len();
     let rings: Vec<ArrayQueue<u32>> = (0..n * n).map(|_| ArrayQueue::new(slots)).collect();
-    let start = Barrier::new(n + 1);
+    let start = Barrier::new(n);
     let done = AtomicUsize::new(0);
     let mut stats = Vec::with_capacity(n);
-    let mut wall = Duration::ZERO;
+    let (mut first, mut last): (Option<Instant>, Option<Instant>) = (None, None);
     let mut pinned = true;
     std::thread::scope(|sc| {
         let handles: Vec<_> = deciders
@@ -1102,17 +1108,16 @@ fn spread_run<D: Decide + Send>(
                         verdicts: [Verdict::Pass; BATCH],
                         stats: ThreadStats::default(),
                     };
-                    let end = rx.run_thread(d, start, done);
-                    (rx.stats, end, pinned)
+                    let (began, end) = rx.run_thread(d, start, done);
+                    (rx.stats, began, end, pinned)
                 })
             })
             .collect();
-        start.wait();
-        let t0 = Instant::now();
         for h in handles {
             match h.join() {
-                Ok((s, end, p)) => {
-                    wall = wall.max(end.saturating_duration_since(t0));
+                Ok((s, began, end, p)) => {
+                    first = Some(first.map_or(began, |f| f.min(began)));
+                    last = Some(last.map_or(end, |l| l.max(end)));
                     pinned &= p;
                     stats.push(s);
                 }
@@ -1121,7 +1126,9 @@ fn spread_run<D: Decide + Send>(
         }
     });
     ThreadRun {
-        wall,
+        wall: first
+            .zip(last)
+            .map_or(Duration::ZERO, |(f, l)| l.saturating_duration_since(f)),
         frames: inputs.iter().map(|f| f.len() as u64).sum(),
         threads: stats,
         pinned,
