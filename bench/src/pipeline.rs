@@ -50,6 +50,22 @@ pub struct Args {
     /// (for `scaling`).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: Option<u16>,
+    /// How the workers share the connection table: `owned` (each owns a
+    /// partition, holds it per batch of 64 and hands other workers' frames
+    /// over) or `shared` (256 shards, each lookup locks its shard, no
+    /// hand-off: the table before partitions), to compare the two in one
+    /// build.
+    #[arg(long, value_enum, default_value_t = TableMode::Owned)]
+    pub table: TableMode,
+}
+
+/// `--table`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TableMode {
+    /// A partition per worker, held per batch; hand-offs.
+    Owned,
+    /// Shards locked per lookup; no hand-off.
+    Shared,
 }
 
 /// Most worker threads `--threads` takes.
@@ -109,6 +125,8 @@ pub fn validate(a: &Args) -> Result<()> {
 /// The figures of one `pipeline` invocation (medians over `runs`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// `--table`: "owned" or "shared".
+    pub table: &'static str,
     /// Established flows in the table.
     pub flows: u32,
     /// Services in the table (10 endpoints each).
@@ -346,14 +364,18 @@ fn resident_bytes() -> usize {
         .map_or(0, |pages| pages * rustix::param::page_size())
 }
 
-/// The connection table of the bench: `capacity` flows, for `partitions`
-/// workers. `Config::partitions` (the core's per-worker partitions, when it
-/// has them) is to be set to `partitions` here.
-fn conntrack(capacity: usize, partitions: usize) -> Arc<Conntrack> {
-    let _ = partitions;
+/// The connection table of the bench: `capacity` flows, for `workers`
+/// workers that own a partition each ([`TableMode::Owned`]) or share its
+/// shards ([`TableMode::Shared`]).
+fn conntrack(capacity: usize, workers: usize, mode: TableMode) -> Arc<Conntrack> {
+    let d = Config::default();
     Arc::new(Conntrack::new(&Config {
         capacity,
-        ..Config::default()
+        partitions: match mode {
+            TableMode::Owned => workers,
+            TableMode::Shared => d.shards,
+        },
+        ..d
     }))
 }
 
@@ -365,7 +387,7 @@ fn lost_flows(ct: &Conntrack) -> u64 {
 
 /// `n` workers on `ct`, worker `i` owning share `i` of the default SNAT
 /// range.
-fn workers(ct: &Arc<Conntrack>, n: u16) -> Result<Vec<Worker>> {
+fn workers(ct: &Arc<Conntrack>, n: u16, mode: TableMode) -> Result<Vec<Worker>> {
     let snat = ReturnConfig::default().ports;
     let shares = snat
         .split(usize::from(n))
@@ -378,12 +400,17 @@ fn workers(ct: &Arc<Conntrack>, n: u16) -> Result<Vec<Worker>> {
                 ports,
                 ..ReturnConfig::default()
             };
-            let own = Ownership {
-                index: i as u16,
-                count: n,
-                snat,
-            };
-            Worker::with_ownership(Arc::clone(ct), ret, own)
+            match mode {
+                TableMode::Owned => {
+                    let own = Ownership {
+                        index: i as u16,
+                        count: n,
+                        snat,
+                    };
+                    Worker::with_ownership(Arc::clone(ct), ret, own)
+                }
+                TableMode::Shared => Worker::with_config(Arc::clone(ct), ret),
+            }
         })
         .collect())
 }
@@ -534,8 +561,8 @@ fn measure(a: &Args) -> Result<Report> {
 
     // The single-thread figures: one worker on its own table.
     let rss0 = resident_bytes();
-    let ct = conntrack(s.capacity, 1);
-    let mut single = workers(&ct, 1)?;
+    let ct = conntrack(s.capacity, 1, a.table);
+    let mut single = workers(&ct, 1, a.table)?;
     let backends = s.establish(&mut single, flows)?;
     let ct_bytes = resident_bytes().saturating_sub(rss0);
     let order = shuffled(flows as usize);
@@ -568,7 +595,7 @@ fn measure(a: &Args) -> Result<Report> {
     // The multi-thread run: one table for one thread, one for `threads`,
     // each with the same flows; frames spread over the threads by RSS.
     let mut spread = match a.threads {
-        Some(n) => Some(Spread::new(&s, flows, n)?),
+        Some(n) => Some(Spread::new(&s, flows, n, a.table)?),
         None => None,
     };
 
@@ -664,6 +691,10 @@ fn measure(a: &Args) -> Result<Report> {
     let mpps_total = spread.as_ref().map(|_| median(&m.mpps_total));
     let mpps_one = spread.as_ref().map(|_| median(&m.mpps_one));
     Ok(Report {
+        table: match a.table {
+            TableMode::Owned => "owned",
+            TableMode::Shared => "shared",
+        },
         flows,
         services,
         runs: a.runs,
@@ -785,11 +816,11 @@ struct Spread<'s> {
 }
 
 impl<'s> Spread<'s> {
-    fn new(s: &'s Setup, flows: u32, n: u16) -> Result<Self> {
-        let ct_one = conntrack(s.capacity, 1);
-        let ct_all = conntrack(s.capacity, usize::from(n));
-        let mut one = workers(&ct_one, 1)?;
-        let mut all = workers(&ct_all, n)?;
+    fn new(s: &'s Setup, flows: u32, n: u16, mode: TableMode) -> Result<Self> {
+        let ct_one = conntrack(s.capacity, 1, mode);
+        let ct_all = conntrack(s.capacity, usize::from(n), mode);
+        let mut one = workers(&ct_one, 1, mode)?;
+        let mut all = workers(&ct_all, n, mode)?;
         s.establish(&mut one, flows)?;
         s.establish(&mut all, flows)?;
         let mut input_all = vec![Frames::new(s.acks.stride); usize::from(n)];
