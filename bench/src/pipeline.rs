@@ -536,6 +536,16 @@ fn setup(a: &Args) -> Result<Setup> {
     Ok(s)
 }
 
+/// Forwarded towards a backend?
+fn to_backend(v: &Verdict) -> bool {
+    matches!(v, Verdict::Forward { next_hop, .. } if next_hop.side == Side::Backend)
+}
+
+/// Forwarded towards the client?
+fn to_client(v: &Verdict) -> bool {
+    matches!(v, Verdict::Forward { next_hop, .. } if next_hop.side == Side::Client)
+}
+
 /// Per-run samples, one vector per figure.
 #[derive(Debug, Default)]
 struct Samples {
@@ -649,7 +659,6 @@ fn measure(a: &Args) -> Result<Report> {
             .push(t.elapsed().as_nanos() as f64 / n as f64);
         ensure!(fwd == n, "one at a time: forwarded {fwd} of {n} ACKs");
 
-        let to_backend = |v: &Verdict| matches!(v, Verdict::Forward { next_hop, .. } if next_hop.side == Side::Backend);
         let (ns, fwd) = batch_pass(&mut live, &s.acks, &mut umem, to_backend);
         ensure!(
             fwd == n,
@@ -657,7 +666,6 @@ fn measure(a: &Args) -> Result<Report> {
         );
         m.established.push(ns);
 
-        let to_client = |v: &Verdict| matches!(v, Verdict::Forward { next_hop, .. } if next_hop.side == Side::Client);
         let (ns, fwd) = batch_pass(&mut live, &s.replies, &mut umem, to_client);
         ensure!(
             fwd == n,
