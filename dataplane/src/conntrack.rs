@@ -865,7 +865,15 @@ fn prefetch_slot<T>(ctrl: usize, mask: usize, hash: u64) {
     }
     let i = hash as usize & mask;
     prefetch(ctrl + i);
-    prefetch(ctrl.wrapping_sub((i + 1) * std::mem::size_of::<T>()));
+    // The entry's first and last bytes: an entry that straddles two cache
+    // lines (a 48-byte one does every other slot) is loaded whole.
+    let size = std::mem::size_of::<T>();
+    let start = ctrl.wrapping_sub((i + 1) * size);
+    prefetch(start);
+    let last = start.wrapping_add(size - 1);
+    if (start ^ last) >> 6 != 0 {
+        prefetch(last);
+    }
 }
 
 /// One cache line per shard lock, so that two cores never share one.
