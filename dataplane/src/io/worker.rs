@@ -3,13 +3,13 @@
 //! the frames on the right TX ring.
 //!
 //! Owns: the poll loop, per-worker I/O counters, and the hand-off of counters
-//! to the metrics thread. It reads the clock, the table handle and the
+//! to the metrics thread, and its cache of next hops per destination
+//! ([`HopCache`]). It reads the clock, the table handle and the
 //! next-hop view once per batch, never per packet (the next-hop view is also
 //! handed to the core then, as the source of the gateway's own addresses,
 //! and so are the node's addresses it carries, for node ports, when they
 //! changed), and never allocates in the loop. It does not decide what happens to a
 //! packet: that is [`crate::pipeline::Worker`]'s verdict.
-#![allow(unsafe_code)] // Frames handed between the rings (`Ports`' unsafe contract).
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,19 +17,19 @@ use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use xsk_rs::FrameDesc;
-
 use crate::conntrack::Conntrack;
 use crate::flow::ip_from16;
-use crate::io::nexthop::{NextHops, Unresolved};
+use crate::io::nexthop::{HopCache, NextHops, Unresolved};
 use crate::io::node_addrs::NodeAddrSet;
-use crate::io::xsk::{BindMode, Iface, Ports, RingStats, XskError, XskOptions, RX_BATCH};
+use crate::io::xsk::{
+    BindMode, FrameToken, Iface, Ports, RingStats, XskError, XskOptions, RX_BATCH,
+};
 use crate::packet::rewrite::set_macs;
 use crate::pipeline::{BackendCounters, Counters, NodeAddrs, Verdict, Worker};
 use crate::snapshot::TableHandle;
 use crate::snat::{ReturnConfig, SourceAddrs};
 use crate::time::Now;
+use arc_swap::ArcSwap;
 
 /// Counters of the I/O around the core, per worker.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -173,6 +173,9 @@ pub fn run(mut ports: Ports, spec: &WorkerSpec, shared: &Shared, stats: &Mutex<W
     let mut sources: Option<Arc<NextHops>> = None;
     let mut node_addrs: Option<Arc<NodeAddrSet>> = None;
     let mut io = IoCounters::default();
+    // Next hops per destination, valid while the view they came from is
+    // the current one.
+    let mut hop_cache = HopCache::new();
     let nports = ports.ports().len();
     // Egress socket per (ingress socket, interface index), worked out once:
     // the same queue when the interface has it, else its first socket.
@@ -200,12 +203,12 @@ pub fn run(mut ports: Ports, spec: &WorkerSpec, shared: &Shared, stats: &Mutex<W
             .find(|(i, _)| *i == ifindex)
             .map(|(_, e)| *e)
     };
-    let mut rx = [FrameDesc::default(); RX_BATCH];
+    let mut rx: Vec<FrameToken> = Vec::with_capacity(RX_BATCH);
     let mut verdicts = [Verdict::Pass; RX_BATCH];
     let mut egress = [usize::MAX; RX_BATCH];
-    let mut pending: Vec<Vec<FrameDesc>> =
+    let mut pending: Vec<Vec<FrameToken>> =
         (0..nports).map(|_| Vec::with_capacity(RX_BATCH)).collect();
-    let mut dropped: Vec<FrameDesc> = Vec::with_capacity(RX_BATCH);
+    let mut dropped: Vec<FrameToken> = Vec::with_capacity(RX_BATCH);
     let mut port_stats: Vec<PortStats> = ports
         .ports()
         .iter()
@@ -268,74 +271,65 @@ pub fn run(mut ports: Ports, spec: &WorkerSpec, shared: &Shared, stats: &Mutex<W
                     io.rx_packets
                 );
             }
-            // SAFETY: `rx[..n]` was just filled by `receive` and is in hand.
-            unsafe {
-                ports.with_frames(&mut rx[..n], |frames, lens| {
-                    core.process_batch(now, &table, frames, &mut verdicts[..n]);
-                    for i in 0..n {
-                        egress[i] = usize::MAX;
-                        match verdicts[i] {
-                            Verdict::Forward { len, next_hop } => {
-                                match hops.resolve(&next_hop.addr) {
-                                    Ok(hop) => match egress_of(port, hop.ifindex) {
-                                        Some(e) => {
-                                            // The frame is at least an Ethernet header
-                                            // long: the core parsed it.
-                                            let _ =
-                                                set_macs(frames[i].buf, hop.src_mac, hop.dst_mac);
-                                            lens[i] = len;
-                                            egress[i] = e;
-                                        }
-                                        None => {
-                                            io.unresolved[Unresolved::OtherInterface as usize] += 1
-                                        }
-                                    },
-                                    Err(why) => {
-                                        io.unresolved[why as usize] += 1;
-                                        if why == Unresolved::NoNeighbour
-                                            && shared
-                                                .resolve
-                                                .try_send(ip_from16(next_hop.addr))
-                                                .is_err()
-                                        {
-                                            io.trigger_dropped += 1;
-                                        }
+            ports.with_frames(&mut rx, |frames, lens| {
+                core.process_batch(now, &table, frames, &mut verdicts[..n]);
+                for i in 0..n {
+                    egress[i] = usize::MAX;
+                    match verdicts[i] {
+                        Verdict::Forward { len, next_hop } => {
+                            match hop_cache.resolve(&hops, &next_hop.addr) {
+                                Ok(hop) => match egress_of(port, hop.ifindex) {
+                                    Some(e) => {
+                                        // The frame is at least an Ethernet header
+                                        // long: the core parsed it.
+                                        let _ = set_macs(frames[i].buf, hop.src_mac, hop.dst_mac);
+                                        lens[i] = len;
+                                        egress[i] = e;
+                                    }
+                                    None => io.unresolved[Unresolved::OtherInterface as usize] += 1,
+                                },
+                                Err(why) => {
+                                    io.unresolved[why as usize] += 1;
+                                    if why == Unresolved::NoNeighbour
+                                        && shared
+                                            .resolve
+                                            .try_send(ip_from16(next_hop.addr))
+                                            .is_err()
+                                    {
+                                        io.trigger_dropped += 1;
                                     }
                                 }
                             }
-                            Verdict::Reject { len } => {
-                                lens[i] = len;
-                                egress[i] = port;
-                            }
-                            Verdict::Pass => io.pass_unavailable += 1,
-                            // Single-owner workers (the gateway gives each
-                            // worker the whole table for now) never hand off.
-                            Verdict::Handoff { .. } => {}
-                            Verdict::Drop(_) => {}
                         }
+                        Verdict::Reject { len } => {
+                            lens[i] = len;
+                            egress[i] = port;
+                        }
+                        Verdict::Pass => io.pass_unavailable += 1,
+                        // Single-owner workers (the gateway gives each
+                        // worker the whole table for now) never hand off.
+                        Verdict::Handoff { .. } => {}
+                        Verdict::Drop(_) => {}
                     }
-                })
-            };
-            for (d, &e) in rx[..n].iter().zip(&egress[..n]) {
+                }
+            });
+            for (t, &e) in rx.drain(..).zip(&egress[..n]) {
                 match pending.get_mut(e) {
-                    Some(q) => q.push(*d),
-                    None => dropped.push(*d),
+                    Some(q) => q.push(t),
+                    None => dropped.push(t),
                 }
             }
-            // SAFETY: each received frame went to exactly one of `pending`
-            // and `dropped`, and neither has been handed over yet.
-            unsafe { ports.release(&dropped) };
-            dropped.clear();
+            ports.release(&mut dropped);
             for (e, q) in pending.iter_mut().enumerate() {
                 if q.is_empty() {
                     continue;
                 }
-                // SAFETY: see `release` above; the lengths come from the
-                // core's verdicts (a frame it rewrote, at least a header long).
-                let sent = unsafe { ports.transmit(e, q) };
+                // The lengths come from the core's verdicts (a frame it
+                // rewrote, at least a header long).
+                let queued = q.len();
+                let sent = ports.transmit(e, q);
                 io.tx_packets += sent as u64;
-                io.tx_ring_full += (q.len() - sent) as u64;
-                q.clear();
+                io.tx_ring_full += (queued - sent) as u64;
             }
         }
         drop(table);
