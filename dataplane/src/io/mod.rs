@@ -7,6 +7,7 @@
 //! and it never allocates per packet. `unsafe` is allowed only in [`xsk`],
 //! where the UMEM and rings are shared with the kernel.
 
+pub mod handoff;
 pub mod nexthop;
 pub mod node_addrs;
 pub mod steer;
