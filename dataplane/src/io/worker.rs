@@ -2,14 +2,17 @@
 //! batches, runs the pure core over each batch, writes next-hop MACs and puts
 //! the frames on the right TX ring.
 //!
-//! Owns: the poll loop, per-worker I/O counters, and the hand-off of counters
-//! to the metrics thread, and its cache of next hops per destination
-//! ([`HopCache`]). It reads the clock, the table handle and the
-//! next-hop view once per batch, never per packet (the next-hop view is also
-//! handed to the core then, as the source of the gateway's own addresses,
-//! and so are the node's addresses it carries, for node ports, when they
-//! changed), and never allocates in the loop. It does not decide what happens to a
-//! packet: that is [`crate::pipeline::Worker`]'s verdict.
+//! Owns: the poll loop, per-worker I/O counters and their hand-off to the
+//! metrics thread, its cache of next hops per destination ([`HopCache`]),
+//! and its ends of the hand-off rings ([`Mesh`]): it copies a frame whose
+//! flow another worker owns into the ring to that worker, and takes the
+//! frames handed to it into its own UMEM. It reads the clock, the table
+//! handle and the next-hop view once per batch, never per packet (the
+//! next-hop view is also handed to the core then, as the source of the
+//! gateway's own addresses, and so are the node's addresses it carries, for
+//! node ports, when they changed), and never allocates in the loop. It does
+//! not decide what happens to a packet: that is
+//! [`crate::pipeline::Worker`]'s verdict.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -4,6 +4,9 @@
 //!
 //! Owns: the UMEM frames and the four rings of every socket, the free-frame
 //! pool, and the `unsafe` that handing frames to and from the kernel needs.
+//! Frames in the caller's hands are [`FrameToken`]s: only a [`Ports`] makes
+//! them, and transmitting or releasing one consumes it, so its callers need
+//! no `unsafe` of their own.
 //! It never looks inside a frame (the core does that) and never allocates
 //! after [`Ports::open`]: the free pool and every scratch array are sized up
 //! front.
