@@ -19,7 +19,6 @@
 //!
 //! stdout carries two JSON lines, [`BounceEvent::Ready`] once every socket
 //! is registered and [`BounceEvent::Result`] at the end; logs go to stderr.
-#![allow(unsafe_code)] // reason: handing frames between rings is `Ports`' unsafe contract, as in the gateway's worker.
 
 use std::io::Write as _;
 use std::net::IpAddr;
@@ -34,12 +33,11 @@ use anyhow::{bail, ensure, Context as _, Result};
 use clustergate_dataplane::flow::Proto;
 use clustergate_dataplane::io::nexthop::ifindex_by_name;
 use clustergate_dataplane::io::steer::Steering;
-use clustergate_dataplane::io::xsk::{Iface, Ports, XskOptions, RX_BATCH};
+use clustergate_dataplane::io::xsk::{FrameToken, Iface, Ports, XskOptions, RX_BATCH};
 use clustergate_dataplane::packet::checksum::{update128, update16, update32};
 use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
-use xsk_rs::FrameDesc;
 
 use crate::layout::{
     backend_addr, backend_ip, backend_mac, parse_family, vip_ip, Family, BACKEND_PORT, GW_LAN_MAC,
@@ -367,10 +365,10 @@ fn poll_loop(mut ports: Ports, backends: u32, stop: &AtomicBool) -> Counters {
         return c;
     };
     let nports = ports.ports().len();
-    let mut rx = [FrameDesc::default(); RX_BATCH];
+    let mut rx: Vec<FrameToken> = Vec::with_capacity(RX_BATCH);
     let mut forward = [false; RX_BATCH];
-    let mut tx: Vec<FrameDesc> = Vec::with_capacity(RX_BATCH);
-    let mut dropped: Vec<FrameDesc> = Vec::with_capacity(RX_BATCH);
+    let mut tx: Vec<FrameToken> = Vec::with_capacity(RX_BATCH);
+    let mut dropped: Vec<FrameToken> = Vec::with_capacity(RX_BATCH);
     let mut spins = 0u32;
 
     while !stop.load(Ordering::Relaxed) {
@@ -384,41 +382,32 @@ fn poll_loop(mut ports: Ports, backends: u32, stop: &AtomicBool) -> Counters {
             work += n;
             c.rx += n as u64;
             if port != port_in {
-                // SAFETY: `rx[..n]` was just filled by `receive` and is in hand.
-                unsafe { ports.release(&rx[..n]) };
+                ports.release(&mut rx);
                 c.on_out += n as u64;
                 continue;
             }
-            // SAFETY: `rx[..n]` was just filled by `receive` and is in hand.
-            unsafe {
-                ports.with_frames(&mut rx[..n], |frames, lens| {
-                    for ((frame, l), fwd) in
-                        frames.iter_mut().zip(lens.iter_mut()).zip(&mut forward)
-                    {
-                        *fwd = rewrite(frame.buf, frame.len, backends).is_some();
-                        *l = frame.len;
-                    }
-                });
-            }
-            for (d, &fwd) in rx[..n].iter().zip(&forward[..n]) {
+            ports.with_frames(&mut rx, |frames, lens| {
+                for ((frame, l), fwd) in frames.iter_mut().zip(lens.iter_mut()).zip(&mut forward) {
+                    *fwd = rewrite(frame.buf, frame.len, backends).is_some();
+                    *l = frame.len;
+                }
+            });
+            for (t, &fwd) in rx.drain(..).zip(&forward[..n]) {
                 if fwd {
-                    tx.push(*d);
+                    tx.push(t);
                 } else {
-                    dropped.push(*d);
+                    dropped.push(t);
                 }
             }
             c.unforwardable += dropped.len() as u64;
-            // SAFETY: each received frame went to exactly one of `tx` and
-            // `dropped`, and neither has been handed over yet.
-            unsafe { ports.release(&dropped) };
-            dropped.clear();
+            ports.release(&mut dropped);
             if !tx.is_empty() {
-                // SAFETY: see `release` above; every length is the received
-                // one, at least an Ethernet + IPv4 + UDP header (`rewrite`).
-                let sent = unsafe { ports.transmit(port_out, &tx) };
+                // Every length is the received one, at least an Ethernet +
+                // IPv4 + UDP header (`rewrite`).
+                let queued = tx.len();
+                let sent = ports.transmit(port_out, &mut tx);
                 c.tx += sent as u64;
-                c.tx_ring_full += (tx.len() - sent) as u64;
-                tx.clear();
+                c.tx_ring_full += (queued - sent) as u64;
             }
         }
         ports.idle(work, &mut spins);

@@ -14,7 +14,6 @@
 //!
 //! It never allocates and reads the clock once per batch in the loop; no XDP
 //! program is needed on the sending side.
-#![allow(unsafe_code)] // UMEM frames are handed to the kernel (`Ports`' unsafe contract).
 
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use clustergate_dataplane::io::nexthop::ifindex_by_name;
-use clustergate_dataplane::io::xsk::{FrameDesc, Iface, Ports, XskOptions, ZeroCopy};
+use clustergate_dataplane::io::xsk::{FrameToken, Iface, Ports, XskOptions, ZeroCopy};
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{
@@ -527,7 +526,7 @@ fn send_loop(mut ports: Ports, plan: &Plan, flows: Flows, stop: &AtomicBool) -> 
     let start = mono_ns();
     let deadline = start.saturating_add(plan.duration_ns);
     let mut bucket = (plan.rate > 0).then(|| Bucket::new(plan.rate as f64 / threads as f64, start));
-    let mut descs = [FrameDesc::default(); BATCH];
+    let mut descs: Vec<FrameToken> = Vec::with_capacity(BATCH);
     let mut out = ThreadOut::default();
     // Frames queued so far (the n of seq = n·Q + q) and the flow position.
     let mut queued = 0u64;
@@ -555,46 +554,40 @@ fn send_loop(mut ports: Ports, plan: &Plan, flows: Flows, stop: &AtomicBool) -> 
             }
             want = want.min(t);
         }
-        let n = ports.alloc(&mut descs[..want]);
+        let n = ports.alloc(&mut descs, want);
         if n == 0 {
             // Every frame is on the TX ring or in the kernel: push them on.
             ports.kick();
             continue;
         }
         let template = &plan.template;
-        // SAFETY: `descs[..n]` came from `alloc` just now, each once, and
-        // has not been handed back since.
-        let short = unsafe {
-            ports.with_frames(&mut descs[..n], |frames, lens| {
-                let mut p = pos;
-                let mut short = false;
-                for (i, (frame, len)) in frames.iter_mut().zip(lens.iter_mut()).enumerate() {
-                    let mut f = flows.fields(queued + i as u64, p);
-                    f.ts = now;
-                    *len = template.write(frame.buf, &f);
-                    short |= *len == 0;
-                    p += 1;
-                    if p == flows.own {
-                        p = 0;
-                    }
+        let short = ports.with_frames(&mut descs, |frames, lens| {
+            let mut p = pos;
+            let mut short = false;
+            for (i, (frame, len)) in frames.iter_mut().zip(lens.iter_mut()).enumerate() {
+                let mut f = flows.fields(queued + i as u64, p);
+                f.ts = now;
+                *len = template.write(frame.buf, &f);
+                short |= *len == 0;
+                p += 1;
+                if p == flows.own {
+                    p = 0;
                 }
-                short
-            })
-        };
+            }
+            short
+        });
         if short {
             // A UMEM frame shorter than the frame size: not possible with
             // the default 2048-byte frames; give the frames back and stop.
-            // SAFETY: `descs[..n]` are still in hand (not transmitted).
-            unsafe { ports.release(&descs[..n]) };
+            ports.release(&mut descs);
             tracing::error!(
                 frame_size = template.len(),
                 "UMEM frames are shorter than the frame size"
             );
             break;
         }
-        // SAFETY: as for `with_frames`; every length is the template's,
-        // 64..=1500 bytes, within the frame.
-        let sent = unsafe { ports.transmit(0, &descs[..n]) };
+        // Every length is the template's, 64..=1500 bytes, within the frame.
+        let sent = ports.transmit(0, &mut descs);
         // `transmit` kicks once per 32 frames queued in copy mode.
         if sent > 0 {
             out.first_ns.get_or_insert(now);

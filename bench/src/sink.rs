@@ -13,7 +13,6 @@
 //!
 //! It never allocates per packet, reads the clock once per RX batch, and
 //! sleeps in `poll(2)` when idle.
-#![allow(unsafe_code)] // UMEM frames are handed to and from the kernel (`Ports`' unsafe contract).
 
 use std::io::Write as _;
 use std::net::IpAddr;
@@ -22,7 +21,7 @@ use std::sync::{mpsc, Arc, Barrier};
 
 use anyhow::{ensure, Context as _, Result};
 use clustergate_dataplane::io::nexthop::ifindex_by_name;
-use clustergate_dataplane::io::xsk::{FrameDesc, Iface, Ports, XskOptions, ZeroCopy, RX_BATCH};
+use clustergate_dataplane::io::xsk::{FrameToken, Iface, Ports, XskOptions, ZeroCopy, RX_BATCH};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
@@ -833,7 +832,7 @@ fn receive_loop(
     let expect = plan.expect;
     let deadline = shared.deadline_ns.get().copied().unwrap_or(0);
     let mut order = Order::new(expect.flows, matches!(expect.path, PathExpect::Snat { .. }));
-    let mut rx = [FrameDesc::default(); RX_BATCH];
+    let mut rx: Vec<FrameToken> = Vec::with_capacity(RX_BATCH);
     // Ports seen for the first time in a batch, reported after it.
     let mut fresh = [0u16; RX_BATCH];
     // When the ring was last found non-empty (for --busy-poll-us).
@@ -847,22 +846,16 @@ fn receive_loop(
             c.first_ns.get_or_insert(now);
             c.last_ns = now;
             let mut nfresh = 0;
-            // SAFETY: `rx[..n]` was just filled by `receive` and is in hand.
-            unsafe {
-                ports.with_frames(&mut rx[..n], |frames, _lens| {
-                    for f in frames.iter() {
-                        let checked = wire::check(&f.buf[..f.len.min(f.buf.len())], &expect);
-                        if let Some(p) =
-                            account(&mut c, &mut order, checked, now, expect.first_port)
-                        {
-                            fresh[nfresh] = p;
-                            nfresh += 1;
-                        }
+            ports.with_frames(&mut rx, |frames, _lens| {
+                for f in frames.iter() {
+                    let checked = wire::check(&f.buf[..f.len.min(f.buf.len())], &expect);
+                    if let Some(p) = account(&mut c, &mut order, checked, now, expect.first_port) {
+                        fresh[nfresh] = p;
+                        nfresh += 1;
                     }
-                });
-            }
-            // SAFETY: as above; the frames were only read, and go back once.
-            unsafe { ports.release(&rx[..n]) };
+                }
+            });
+            ports.release(&mut rx);
             if plan.report_first_port {
                 for &port in &fresh[..nfresh] {
                     let i = usize::from(port - expect.first_port);

@@ -39,11 +39,13 @@ use arc_swap::ArcSwap;
 use clap::Args;
 use clustergate_dataplane::conntrack::{self, Conntrack};
 use clustergate_dataplane::flow::{addr16, ip_from16, Addr16};
+use clustergate_dataplane::io::handoff;
 use clustergate_dataplane::io::nexthop::{self, NextHopError, NextHops, Resolver};
 use clustergate_dataplane::io::node_addrs::NodeAddrSet;
 use clustergate_dataplane::io::steer::{self, Steering};
 use clustergate_dataplane::io::worker::{self, OpenedSocket, Shared, WorkerSpec, WorkerStats};
 use clustergate_dataplane::io::xsk::{Iface, XskOptions, ZeroCopy};
+use clustergate_dataplane::pipeline::Ownership;
 use clustergate_dataplane::snapshot::{self, PollOutcome, TableHandle, Watcher};
 use clustergate_dataplane::snat::{
     self, parse_local_port_range, PortRange, ReturnConfig, LINUX_LOCAL_PORTS, MAX_SNAT_ADDRS,
@@ -666,6 +668,15 @@ pub fn run(args: RunArgs) -> Result<()> {
         resolve: resolve_tx,
         epoch: started,
         panic_after_rx: None,
+        // With several workers, a frame that reached a worker other than its
+        // flow's owner is copied to the owner through these rings.
+        handoff: (workers > 1).then(|| {
+            Arc::new(handoff::Mesh::new(
+                workers as usize,
+                handoff::HANDOFF_SLOTS,
+                xsk.frame_size as usize,
+            ))
+        }),
     };
 
     // Workers: each pins itself, opens its sockets, reports them, drops
@@ -681,6 +692,11 @@ pub fn run(args: RunArgs) -> Result<()> {
             queues,
             xsk,
             ret: plan.worker(w),
+            own: Ownership {
+                index: w as u16,
+                count: workers as u16,
+                snat: plan.range,
+            },
         };
         let mut shared = shared.clone();
         if w == 0 {

@@ -475,6 +475,10 @@ fn metrics(server: &Server) -> String {
             ]),
             w.io.pass_unavailable,
         ));
+        drops.push((
+            l(&[("worker", core.clone()), ("reason", "handoff_full".into())]),
+            w.io.handoff_full,
+        ));
     }
     counter_family(
         &mut reg,
@@ -577,6 +581,22 @@ fn metrics(server: &Server) -> String {
         workers
             .iter()
             .map(|(c, w)| (l(&[("worker", c.clone())]), w.io.tx_packets)),
+    );
+    counter_family(
+        &mut reg,
+        "handoffs_sent",
+        "Frames whose flow another worker owns, handed to it, per worker",
+        workers
+            .iter()
+            .map(|(c, w)| (l(&[("worker", c.clone())]), w.io.handoffs_sent)),
+    );
+    counter_family(
+        &mut reg,
+        "handoffs_received",
+        "Frames other workers handed over (flows this worker owns), per worker",
+        workers
+            .iter()
+            .map(|(c, w)| (l(&[("worker", c.clone())]), w.io.handoffs_received)),
     );
     counter_family(
         &mut reg,

@@ -521,6 +521,7 @@ pub fn summary(
         }
         add("tx_ring_full".into(), w.io.tx_ring_full);
         add("pass_unavailable".into(), w.io.pass_unavailable);
+        add("handoff_full".into(), w.io.handoff_full);
     }
     let stats = ct.stats();
     SummaryDoc {

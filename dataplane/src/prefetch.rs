@@ -10,7 +10,14 @@
 #[inline(always)]
 pub fn prefetch(addr: usize) {
     #[cfg(target_arch = "x86_64")]
-    #[allow(unsafe_code)] // reason: the intrinsic is marked unsafe; see SAFETY
+    // reason: on Rust 1.95 the call still needs `unsafe`, although the
+    // intrinsic is a safe `fn` and SSE is an x86_64 baseline feature: a
+    // `#[target_feature(enable = "sse")]` function may be called safely only
+    // from one that lists the feature too (E0133, "being enabled in the build
+    // configuration does not remove the requirement"), which moves the
+    // `unsafe` to our callers; `core::hint::prefetch_read` is unstable
+    // (rust-lang/rust#146941). Revisit when it is stable.
+    #[allow(unsafe_code)]
     // SAFETY: PREFETCHT0 reads nothing architecturally and never faults, whatever
     // the address; the pointer is never dereferenced by Rust code, so no
     // validity or provenance requirement applies.

@@ -13,7 +13,9 @@
 //! interface's primary address, see [`NextHops::source_for`]), and the
 //! node's own addresses for node ports ([`NextHops::node_addrs`], a
 //! [`NodeAddrSet`] over every interface's addresses, the same `Arc` from one
-//! refresh to the next while they do not change).
+//! refresh to the next while they do not change), and the workers' cache of
+//! resolved hops per destination ([`HopCache`], checked against the view's
+//! [`NextHops::id`] so that a new view is used from the next packet on).
 //!
 //! Must never: make a syscall or allocate in [`NextHops::resolve`] or
 //! [`NextHops::source_for`] (they run per packet and per new flow on the
@@ -451,6 +453,9 @@ impl Sources {
 /// it in an `Arc`, swapped with arc-swap).
 #[derive(Debug, Default)]
 pub struct NextHops {
+    /// Tells this view from every other one built in this process
+    /// ([`HopCache`] entries are tagged with it).
+    id: ViewId,
     routes: Routes,
     /// Usable neighbours: (ifindex, address) → MAC.
     neighbours: HashMap<(u32, Addr16), [u8; 6], FixedState>,
@@ -488,6 +493,7 @@ impl NextHops {
         let routes = Routes::build(served, routes);
         let sources = Sources::build(&routes, addresses);
         NextHops {
+            id: ViewId::default(),
             routes,
             neighbours: map,
             sources,
@@ -580,6 +586,13 @@ impl NextHops {
         &self.node
     }
 
+    /// This view's identity: different for every view built in this
+    /// process, never 0 (what [`HopCache`] tags its entries with).
+    #[must_use]
+    pub fn id(&self) -> u64 {
+        self.id.0
+    }
+
     /// Number of routes (both families, reject routes included).
     #[must_use]
     pub fn routes(&self) -> usize {
@@ -590,6 +603,113 @@ impl NextHops {
     #[must_use]
     pub fn neighbours(&self) -> usize {
         self.neighbours.len()
+    }
+}
+
+/// A [`NextHops`] view's identity: taken from a process-wide counter when
+/// the view is built, so two views never share one (unlike an `Arc`'s
+/// address, which a later view can reuse once the earlier one is freed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ViewId(u64);
+
+impl Default for ViewId {
+    fn default() -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+/// Slots of a [`HopCache`] (a power of two): 4096 × 40 bytes, 160 KiB,
+/// which stays in L2, and holds a few thousand backends with few collisions
+/// (`cargo bench -p clustergate-dataplane --bench next_hop`).
+pub const HOP_CACHE_SLOTS: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+struct CachedHop {
+    /// The [`NextHops::id`] the hop was resolved in; 0: empty.
+    view: u64,
+    addr: Addr16,
+    hop: Hop,
+}
+
+/// One worker's cache of resolved next hops, per destination (backends for
+/// forwarded frames, clients for replies): direct-mapped, so a lookup is
+/// one hash and one slot. Each entry is tagged with the view it was
+/// resolved in, and is served only while that view is the current one: a
+/// route or neighbour change (a new view) makes every entry miss once, so a
+/// stale MAC is never used. Failures are not cached: an unresolved
+/// destination asks the view again on every packet (and the caller asks the
+/// resolver, as without a cache). No allocation after [`HopCache::new`], no
+/// lock.
+#[derive(Debug)]
+pub struct HopCache {
+    slots: Box<[CachedHop]>,
+    /// Lookups answered from the cache.
+    pub hits: u64,
+    /// Lookups that asked the view.
+    pub misses: u64,
+}
+
+impl Default for HopCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HopCache {
+    /// An empty cache of [`HOP_CACHE_SLOTS`] slots (allocates once).
+    #[must_use]
+    pub fn new() -> Self {
+        let empty = CachedHop {
+            view: 0,
+            addr: [0; 16],
+            hop: Hop {
+                ifindex: 0,
+                src_mac: [0; 6],
+                dst_mac: [0; 6],
+            },
+        };
+        Self {
+            slots: vec![empty; HOP_CACHE_SLOTS].into_boxed_slice(),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// The slot of `dst`.
+    #[inline]
+    fn slot(dst: &Addr16) -> usize {
+        let a = u128::from_be_bytes(*dst);
+        let x = (a as u64) ^ ((a >> 64) as u64);
+        (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - HOP_CACHE_SLOTS.trailing_zeros())) as usize
+    }
+
+    /// [`NextHops::resolve`] of `hops`, from the cache when `dst` was
+    /// resolved in this same view, else from the view (and cached when it
+    /// resolved).
+    ///
+    /// # Errors
+    /// The view's [`Unresolved`], never cached.
+    #[inline]
+    pub fn resolve(&mut self, hops: &NextHops, dst: &Addr16) -> Result<Hop, Unresolved> {
+        let view = hops.id();
+        let i = Self::slot(dst) & (HOP_CACHE_SLOTS - 1);
+        if let Some(s) = self.slots.get(i) {
+            if s.view == view && s.addr == *dst {
+                self.hits += 1;
+                return Ok(s.hop);
+            }
+        }
+        self.misses += 1;
+        let r = hops.resolve(dst);
+        if let (Ok(hop), Some(s)) = (r, self.slots.get_mut(i)) {
+            *s = CachedHop {
+                view,
+                addr: *dst,
+                hop,
+            };
+        }
+        r
     }
 }
 
@@ -1148,6 +1268,7 @@ impl Resolver {
             self.node = Arc::new(node);
         }
         Ok(NextHops {
+            id: ViewId::default(),
             routes,
             neighbours: map,
             sources,
@@ -2031,5 +2152,105 @@ mod tests {
         );
         assert_eq!(ext_ack_text(&[1, 0]), "");
         assert_eq!(ext_ack_text(&[200, 0, 1, 0, b'x']), "");
+    }
+
+    fn hop_view(mac: [u8; 6]) -> NextHops {
+        NextHops::from_parts(
+            &served(),
+            &[route("198.18.0.0", 16, 2, None)],
+            &[
+                neigh(2, "198.18.0.7", NeighbourState::Reachable, mac),
+                neigh(2, "198.18.0.8", NeighbourState::Reachable, HOST_MAC),
+            ],
+            &[],
+        )
+    }
+
+    #[test]
+    fn hop_cache_uses_a_new_neighbour_mac_at_once() {
+        let mut cache = HopCache::new();
+        let dst = a16("198.18.0.7");
+        let old = hop_view(GW_MAC);
+        let want = |mac| {
+            Ok(Hop {
+                ifindex: 2,
+                src_mac: MAC_A,
+                dst_mac: mac,
+            })
+        };
+        assert_eq!(cache.resolve(&old, &dst), want(GW_MAC));
+        assert_eq!(cache.resolve(&old, &dst), want(GW_MAC));
+        assert_eq!((cache.hits, cache.misses), (1, 1));
+        // The neighbour moved: the resolver's next view has its new MAC,
+        // and the very next packet goes there.
+        let new = hop_view(HOST_MAC);
+        assert_ne!(old.id(), new.id());
+        assert_eq!(cache.resolve(&new, &dst), want(HOST_MAC));
+        assert_eq!(cache.resolve(&new, &dst), want(HOST_MAC));
+        assert_eq!((cache.hits, cache.misses), (2, 2));
+        // The neighbour is gone: not resolved, and not remembered either.
+        let gone = NextHops::from_parts(&served(), &[route("198.18.0.0", 16, 2, None)], &[], &[]);
+        for _ in 0..2 {
+            assert_eq!(cache.resolve(&gone, &dst), Err(Unresolved::NoNeighbour));
+        }
+        assert_eq!(cache.misses, 4);
+        // Back: resolved again on the next packet.
+        assert_eq!(cache.resolve(&old, &dst), want(GW_MAC));
+    }
+
+    #[test]
+    fn hop_cache_collisions_return_each_destinations_own_hop() {
+        // Two on-link destinations that share a slot.
+        let first = a16("198.18.0.7");
+        let slot = HopCache::slot(&first) & (HOP_CACHE_SLOTS - 1);
+        let mut colliding = (0u32..65536)
+            .map(|i| addr16(IpAddr::V4(Ipv4Addr::from(0xc612_0000 | i))))
+            .filter(|a| *a != first && HopCache::slot(a) & (HOP_CACHE_SLOTS - 1) == slot);
+        let other = colliding
+            .next()
+            .expect("a colliding address in 198.18.0.0/16");
+        let third = colliding.next().expect("another one");
+        let view = NextHops::from_parts(
+            &served(),
+            &[route("198.18.0.0", 16, 2, None)],
+            &[
+                NeighbourEntry {
+                    ifindex: 2,
+                    addr: ip("198.18.0.7"),
+                    state: NeighbourState::Reachable,
+                    mac: Some(GW_MAC),
+                },
+                NeighbourEntry {
+                    ifindex: 2,
+                    addr: ip_from16(other),
+                    state: NeighbourState::Reachable,
+                    mac: Some(HOST_MAC),
+                },
+            ],
+            &[],
+        );
+        let mut cache = HopCache::new();
+        for _ in 0..3 {
+            assert_eq!(cache.resolve(&view, &first).map(|h| h.dst_mac), Ok(GW_MAC));
+            assert_eq!(
+                cache.resolve(&view, &other).map(|h| h.dst_mac),
+                Ok(HOST_MAC)
+            );
+        }
+        // Each evicted the other: every lookup asked the view.
+        assert_eq!((cache.hits, cache.misses), (0, 6));
+        assert_eq!(
+            cache.resolve(&view, &other).map(|h| h.dst_mac),
+            Ok(HOST_MAC)
+        );
+        assert_eq!(cache.hits, 1);
+        // A third destination in the slot, without a neighbour: unresolved,
+        // and the cached hop stays.
+        assert_eq!(cache.resolve(&view, &third), Err(Unresolved::NoNeighbour));
+        assert_eq!(
+            cache.resolve(&view, &other).map(|h| h.dst_mac),
+            Ok(HOST_MAC)
+        );
+        assert_eq!(cache.hits, 2);
     }
 }

@@ -4,6 +4,9 @@
 //!
 //! Owns: the UMEM frames and the four rings of every socket, the free-frame
 //! pool, and the `unsafe` that handing frames to and from the kernel needs.
+//! Frames in the caller's hands are [`FrameToken`]s: only a [`Ports`] makes
+//! them, and transmitting or releasing one consumes it, so its callers need
+//! no `unsafe` of their own.
 //! It never looks inside a frame (the core does that) and never allocates
 //! after [`Ports::open`]: the free pool and every scratch array are sized up
 //! front.
@@ -26,8 +29,7 @@ use xsk_rs::config::{
 };
 use xsk_rs::{CompQueue, FillQueue, RxQueue, Socket, TxQueue, Umem};
 
-/// A UMEM frame descriptor, as [`Ports`] hands frames out and takes them back.
-pub use xsk_rs::FrameDesc;
+use xsk_rs::FrameDesc;
 
 use crate::pipeline::Frame;
 
@@ -167,6 +169,42 @@ pub struct RingStats {
     pub tx_ring_empty: u64,
 }
 
+/// One UMEM frame in the caller's hands, as [`Ports::receive`] and
+/// [`Ports::alloc`] hand them out. Only a [`Ports`] makes one, it is neither
+/// `Copy` nor `Clone`, and [`Ports::transmit`] and [`Ports::release`]
+/// consume it: so no frame is on a ring and in hand at once, nor in two
+/// hands. A token carries its `Ports`' identity, and any other `Ports`
+/// refuses it (a panic: a programming error, caught before a frame of one
+/// UMEM could be mistaken for a frame of another). A token dropped instead
+/// of handed back loses its frame until the `Ports` is dropped.
+#[derive(Debug)]
+#[must_use = "a frame not handed back to `Ports::transmit` or `Ports::release` is lost"]
+pub struct FrameToken {
+    desc: FrameDesc,
+    owner: u32,
+}
+
+impl FrameToken {
+    /// The frame's length: as received, or as last set in
+    /// [`Ports::with_frames`].
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.desc.lengths().data()
+    }
+
+    /// Whether the frame holds no bytes.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Identity of a [`Ports`] (its tokens carry it).
+fn next_ports_id() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 /// One socket: an (interface, queue) pair with its four rings.
 #[derive(Debug)]
 pub struct Port {
@@ -220,7 +258,11 @@ pub struct Ports {
     umem: Umem,
     free: Vec<FrameDesc>,
     scratch: Vec<FrameDesc>,
+    /// The descriptors of one [`Ports::transmit`] call.
+    tx_scratch: Vec<FrameDesc>,
     ring_size: u32,
+    /// Stamped on every [`FrameToken`] this `Ports` hands out.
+    id: u32,
 }
 
 fn queue_size(what: &'static str, v: u32) -> Result<QueueSize, XskError> {
@@ -311,7 +353,9 @@ impl Ports {
             umem,
             free: Vec::with_capacity(descs.len()),
             scratch: vec![FrameDesc::default(); opts.ring_size as usize],
+            tx_scratch: Vec::with_capacity(opts.ring_size as usize),
             ring_size: opts.ring_size,
+            id: next_ports_id(),
         };
         this.free.extend(descs);
         this.refill();
@@ -374,55 +418,85 @@ impl Ports {
         }
     }
 
-    /// Takes up to `out.len()` free frames out of the pool, for the caller to
-    /// fill and [`Ports::transmit`] (a traffic generator); returns how many.
-    /// Call [`Ports::recycle`] first to take completed TX frames back. The
-    /// frames are the caller's until handed back with [`Ports::transmit`] or
-    /// [`Ports::release`]; their contents are whatever they last held.
-    pub fn alloc(&mut self, out: &mut [FrameDesc]) -> usize {
-        let n = out.len().min(self.free.len());
+    /// The token for `desc`, a frame now in the caller's hands.
+    fn token(&self, desc: FrameDesc) -> FrameToken {
+        FrameToken {
+            desc,
+            owner: self.id,
+        }
+    }
+
+    /// Panics unless `t` is one of this `Ports`' tokens.
+    #[inline]
+    fn check(&self, t: &FrameToken) {
+        assert!(
+            t.owner == self.id,
+            "a frame token of AF_XDP port set {} handed to port set {}",
+            t.owner,
+            self.id
+        );
+    }
+
+    /// Takes up to `n` free frames out of the pool into `out`, for the
+    /// caller to fill ([`Ports::with_frames`]) and [`Ports::transmit`] (a
+    /// traffic generator); returns how many. Never more than `out`'s spare
+    /// capacity, so it does not allocate. Call [`Ports::recycle`] first to
+    /// take completed TX frames back. The frames' contents are whatever they
+    /// last held.
+    pub fn alloc(&mut self, out: &mut Vec<FrameToken>, n: usize) -> usize {
+        let n = n.min(out.capacity() - out.len()).min(self.free.len());
         let start = self.free.len() - n;
-        out[..n].copy_from_slice(&self.free[start..]);
+        for i in start..self.free.len() {
+            out.push(self.token(self.free[i]));
+        }
         self.free.truncate(start);
         n
     }
 
-    /// Receives up to `descs.len()` frames from socket `port`.
-    pub fn receive(&mut self, port: usize, descs: &mut [FrameDesc]) -> usize {
-        match self.ports.get_mut(port) {
+    /// Receives up to [`RX_BATCH`] frames from socket `port` into `out`
+    /// (never more than `out`'s spare capacity, so it does not allocate);
+    /// returns how many.
+    pub fn receive(&mut self, port: usize, out: &mut Vec<FrameToken>) -> usize {
+        let want = (out.capacity() - out.len()).min(RX_BATCH);
+        let mut descs = [FrameDesc::default(); RX_BATCH];
+        let n = match self.ports.get_mut(port) {
             // SAFETY: `descs` receives frames of this UMEM that the kernel has
             // filled and released to us; nothing else refers to them until we
-            // put them on a ring again.
-            Some(p) => unsafe { p.rx.consume(descs) },
+            // put them on a ring again, and each becomes one token.
+            Some(p) => unsafe { p.rx.consume(&mut descs[..want]) },
             None => 0,
+        };
+        for d in &descs[..n] {
+            out.push(self.token(*d));
         }
+        n
     }
 
-    /// Calls `f` with the received frames `descs` as mutable buffers (each the
-    /// whole frame, so that a reject has room to grow). `f` writes into
-    /// `lens[i]` the length to send frame `i` with; after `f`, each
-    /// descriptor carries that length.
+    /// Calls `f` with the frames `tokens` as mutable buffers (each the
+    /// whole frame, so that a reject has room to grow), at most [`RX_BATCH`]
+    /// of them. `f` writes into `lens[i]` the length to send frame `i` with
+    /// (its current length when `f` leaves it); after `f`, each token
+    /// carries that length (at most the frame's room).
     ///
-    /// # Safety
-    /// Every descriptor must have come from [`Ports::receive`] or
-    /// [`Ports::alloc`] on this `Ports`, be in the caller's hands (not passed to [`Ports::transmit`]
-    /// or [`Ports::release`] since), and appear once: otherwise two views of
-    /// one frame could exist, or one frame could sit on two rings.
-    pub unsafe fn with_frames<R>(
+    /// # Panics
+    /// On a token of another `Ports`.
+    pub fn with_frames<R>(
         &self,
-        descs: &mut [FrameDesc],
+        tokens: &mut [FrameToken],
         f: impl FnOnce(&mut [Frame<'_>], &mut [usize]) -> R,
     ) -> R {
-        let n = descs.len().min(RX_BATCH);
+        let n = tokens.len().min(RX_BATCH);
         let mut lens = [0usize; RX_BATCH];
         let mut datas: [Option<xsk_rs::umem::frame::DataMut<'_>>; RX_BATCH] =
             [const { None }; RX_BATCH];
-        for (slot, d) in datas.iter_mut().zip(descs[..n].iter_mut()) {
-            // SAFETY: by this function's contract every descriptor in `descs`
-            // is a frame of this UMEM (off one of its RX rings or out of its
-            // free pool), is in our hands only (not on any ring) and is
-            // distinct, so the buffers do not alias.
-            *slot = Some(unsafe { self.umem.data_mut(d) });
+        for (slot, t) in datas.iter_mut().zip(tokens[..n].iter_mut()) {
+            self.check(t);
+            // SAFETY: a token of this `Ports` (checked above) is a frame of
+            // this UMEM that is on no ring and in no other hands: tokens are
+            // made once per frame handed out and are neither `Copy` nor
+            // `Clone`, and `&mut [FrameToken]` holds each once. So the
+            // buffers do not alias each other nor anything the kernel writes.
+            *slot = Some(unsafe { self.umem.data_mut(&mut t.desc) });
         }
         let r = {
             let mut it = datas.iter_mut().zip(lens.iter_mut());
@@ -453,21 +527,33 @@ impl Ports {
         r
     }
 
-    /// Puts `descs` on socket `port`'s TX ring and kicks the kernel when it
-    /// asks for it (always, in copy mode). Frames that do not fit go back to
-    /// the pool. Returns how many were queued. Every descriptor's length
-    /// must be in `1..=frame size` (the kernel would drop an invalid one
-    /// without completing it, losing the frame); the caller checks.
+    /// Puts the frames of `tokens` (emptying it) on socket `port`'s TX ring
+    /// and kicks the kernel when it asks for it (always, in copy mode).
+    /// Frames that do not fit, and empty ones (the kernel would drop them
+    /// without completing them, losing the frame), go back to the pool.
+    /// Returns how many were queued.
     ///
-    /// # Safety
-    /// Every descriptor must have come from [`Ports::receive`] or
-    /// [`Ports::alloc`] on this `Ports`, be in the caller's hands (not passed to [`Ports::transmit`]
-    /// or [`Ports::release`] since), and appear once: otherwise two views of
-    /// one frame could exist, or one frame could sit on two rings.
-    pub unsafe fn transmit(&mut self, port: usize, descs: &[FrameDesc]) -> usize {
-        if descs.is_empty() {
+    /// # Panics
+    /// On a token of another `Ports`.
+    pub fn transmit(&mut self, port: usize, tokens: &mut Vec<FrameToken>) -> usize {
+        if tokens.is_empty() {
             return 0;
         }
+        self.tx_scratch.clear();
+        for t in tokens.drain(..) {
+            assert!(
+                t.owner == self.id,
+                "a frame token of AF_XDP port set {} handed to port set {}",
+                t.owner,
+                self.id
+            );
+            if t.desc.lengths().data() == 0 {
+                self.free.push(t.desc);
+            } else {
+                self.tx_scratch.push(t.desc);
+            }
+        }
+        let descs = &self.tx_scratch[..];
         let Some(p) = self.ports.get_mut(port) else {
             self.free.extend_from_slice(descs);
             return 0;
@@ -475,9 +561,10 @@ impl Ports {
         let room = p.tx.nb_free(descs.len() as u32) as usize;
         let n = room.min(descs.len());
         let done = if n > 0 {
-            // SAFETY: by this function's contract the frames belong to this
-            // UMEM and are in our hands only; after `produce` they are the
-            // kernel's until the completion ring returns them (`recycle`).
+            // SAFETY: the descriptors come from tokens of this `Ports`
+            // (checked above), consumed here: frames of this UMEM in our
+            // hands only, each once. After `produce` they are the kernel's
+            // until the completion ring returns them (`recycle`).
             unsafe { p.tx.produce(&descs[..n]) }
         } else {
             0
@@ -501,15 +588,24 @@ impl Ports {
         done
     }
 
-    /// Returns frames that are not sent to the pool.
+    /// Returns the frames of `tokens` (emptying it) to the pool: frames not
+    /// sent.
     ///
-    /// # Safety
-    /// Every descriptor must have come from [`Ports::receive`] or
-    /// [`Ports::alloc`] on this `Ports`, be in the caller's hands (not passed to [`Ports::transmit`]
-    /// or [`Ports::release`] since), and appear once: otherwise two views of
-    /// one frame could exist, or one frame could sit on two rings.
-    pub unsafe fn release(&mut self, descs: &[FrameDesc]) {
-        self.free.extend_from_slice(descs);
+    /// # Panics
+    /// On a token of another `Ports`.
+    pub fn release(&mut self, tokens: &mut Vec<FrameToken>) {
+        for t in tokens.drain(..) {
+            self.release_one(t);
+        }
+    }
+
+    /// Returns one frame to the pool.
+    ///
+    /// # Panics
+    /// On a token of another `Ports`.
+    pub fn release_one(&mut self, token: FrameToken) {
+        self.check(&token);
+        self.free.push(token.desc);
     }
 
     /// Kicks every TX ring that still has frames in flight (copy mode needs a
