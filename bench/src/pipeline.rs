@@ -1353,6 +1353,7 @@ mod tests {
             runs: 1,
             json: true,
             threads: Some(2),
+            table: TableMode::Owned,
         };
         let r = measure(&a).unwrap();
         assert_eq!(r.frame_bytes, 54);

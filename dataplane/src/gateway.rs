@@ -620,14 +620,9 @@ pub fn run(args: RunArgs) -> Result<()> {
             datagram_replied: args.conntrack_udp_timeout_stream,
             ..conntrack::Timeouts::default()
         },
-        // One worker holds the whole table per batch; several share it
-        // shard by shard (each lookup locks its shard), until each owns a
-        // partition and hands the others their frames.
-        partitions: if workers > 1 {
-            conntrack::Config::default().shards
-        } else {
-            1
-        },
+        // A partition per worker: each owns its flows, holds its partition
+        // per batch, and hands the others their frames (io::handoff).
+        partitions: workers as usize,
         ..conntrack::Config::default()
     }));
 

@@ -75,4 +75,10 @@ fn two_workers_serve_both_directions() {
     eprintln!("two workers: hand-offs sent {sent}, received {received}, ring full {full}");
     assert_eq!(full, 0.0, "hand-offs dropped on a full ring\n{m}");
     assert_eq!(sent, received, "hand-offs sent but never received\n{m}");
+    // Each worker owns half of the flows; RSS puts requests and replies on
+    // either queue by another hash, so many frames reach the other worker.
+    assert!(
+        sent >= 100.0,
+        "with two owners, RSS must have put frames on the other worker: {sent} hand-offs\n{m}"
+    );
 }

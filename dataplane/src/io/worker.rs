@@ -29,7 +29,9 @@ use crate::io::xsk::{
     BindMode, FrameToken, Iface, Ports, RingStats, XskError, XskOptions, RX_BATCH,
 };
 use crate::packet::rewrite::set_macs;
-use crate::pipeline::{BackendCounters, Counters, Frame, NodeAddrs, Ownership, Verdict, Worker};
+use crate::pipeline::{
+    BackendCounters, Counters, Frame, NodeAddrs, Ownership, Side, Verdict, Worker,
+};
 use crate::snapshot::TableHandle;
 use crate::snat::{ReturnConfig, SourceAddrs};
 use crate::time::Now;
@@ -227,7 +229,14 @@ impl Decide<'_> {
             egress[i] = usize::MAX;
             match verdicts[i] {
                 Verdict::Forward { len, next_hop } => {
-                    match self.cache.resolve(self.hops, &next_hop.addr) {
+                    // Backends are few and hot: their hops are cached. Clients
+                    // may be many thousands; a cache of them would only
+                    // thrash and push the backends out.
+                    let hop = match next_hop.side {
+                        Side::Backend => self.cache.resolve(self.hops, &next_hop.addr),
+                        Side::Client => self.hops.resolve(&next_hop.addr),
+                    };
+                    match hop {
                         Ok(hop) => match self.egress_of(ingress[i], hop.ifindex) {
                             Some(e) => {
                                 // The frame is at least an Ethernet header
@@ -475,9 +484,14 @@ pub fn run(mut ports: Ports, spec: &WorkerSpec, shared: &Shared, stats: &Mutex<W
         drop(hops);
 
         if wall.saturating_duration_since(last_expire) >= EXPIRE_EVERY {
-            io.expired += shared
-                .conntrack
-                .expire(now, &mut expire_cursor, EXPIRE_SHARDS) as u64;
+            // An owner sweeps its own partition; workers sharing the
+            // table shard by shard sweep it all, in turns.
+            let ct = &shared.conntrack;
+            io.expired += if ct.partitions() == usize::from(spec.own.count) {
+                ct.expire_partition(now, me, &mut expire_cursor, EXPIRE_SHARDS)
+            } else {
+                ct.expire(now, &mut expire_cursor, EXPIRE_SHARDS)
+            } as u64;
             last_expire = wall;
         }
         if wall.saturating_duration_since(last_publish) >= PUBLISH_EVERY {
