@@ -399,17 +399,15 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
 /// VLAN tag, an IP protocol we do not balance, ICMP that is not an error about a
 /// flow); those go to the kernel.
 ///
-/// The common frames take [`parse_fast`]; the rest, [`parse_full`]. Both give
-/// the same answer for any frame the fast path takes.
+/// The common frames take the fast path ([`parse_fast`]); the rest,
+/// [`parse_full`]. Both give the same answer for any frame the fast path
+/// takes.
 ///
 /// # Errors
 /// A [`DropReason`] naming the first layer that is truncated or inconsistent.
 #[inline]
 pub fn parse(frame: &[u8]) -> Result<Option<Parsed>, DropReason> {
-    match parse_fast(frame) {
-        Some(answer) => Ok(answer),
-        None => parse_full(frame),
-    }
+    fast(frame, parse_full)
 }
 
 /// The fast path alone: fixed-offset header views, lengths checked once.
@@ -422,29 +420,58 @@ pub fn parse(frame: &[u8]) -> Result<Option<Parsed>, DropReason> {
 /// extension header). `None` for everything else: the frame needs
 /// [`parse_full`], which decides it (drop reasons included). Exposed for the
 /// test and the fuzz target that hold it to [`parse_full`]'s answers.
-#[inline]
 #[must_use]
 pub fn parse_fast(frame: &[u8]) -> Option<Option<Parsed>> {
-    if frame.len() > MAX_FRAME {
-        return None;
+    let declined = std::cell::Cell::new(false);
+    let answer = fast(frame, |_| {
+        declined.set(true);
+        Ok(None)
+    });
+    match answer {
+        Ok(p) if !declined.get() => Some(p),
+        _ => None,
     }
-    let eth = Ethernet::new_checked(frame)?;
+}
+
+/// The fast path; every frame it does not take goes to `decline` (the full
+/// path, in [`parse`]), so that its answer is built once, in place.
+#[inline(always)] // reason: one body for `parse` and `parse_fast`, no copy of the answer
+fn fast<D>(frame: &[u8], decline: D) -> Result<Option<Parsed>, DropReason>
+where
+    D: FnOnce(&[u8]) -> Result<Option<Parsed>, DropReason>,
+{
+    macro_rules! or_decline {
+        ($e:expr) => {
+            match $e {
+                Some(v) => v,
+                None => return decline(frame),
+            }
+        };
+    }
+    if frame.len() > MAX_FRAME {
+        return decline(frame);
+    }
+    let eth = or_decline!(Ethernet::new_checked(frame));
     let l3 = eth.l3();
-    let ip = frame.get(l3..)?;
+    let ip = or_decline!(frame.get(l3..));
     match eth.ether_type() {
         view::ETHERTYPE_IPV4 => {
-            let h = Ipv4::new_checked(ip)?;
+            let h = or_decline!(Ipv4::new_checked(ip));
             if h.is_fragment() || (h.header_len() > 20 && check_ipv4_options(h.options()).is_err())
             {
-                return None;
+                return decline(frame);
             }
             let l4 = l3 + h.header_len();
             let ip_end = l3 + h.total_len();
             let Some(proto) = Proto::from_ip_number(h.protocol()) else {
-                return fast_not_ours(h.protocol());
+                return if needs_full_path(h.protocol()) {
+                    decline(frame)
+                } else {
+                    Ok(None)
+                };
             };
-            let flow = fast_flow(frame.get(l4..ip_end)?, l4, proto, Family::V4)?;
-            Some(Some(Parsed {
+            let flow = or_decline!(fast_flow(frame.get(l4..ip_end), l4, proto, Family::V4));
+            Ok(Some(Parsed {
                 src: v4_to_16(h.src()),
                 dst: v4_to_16(h.dst()),
                 fragment: PackedFragment::NONE,
@@ -456,18 +483,22 @@ pub fn parse_fast(frame: &[u8]) -> Option<Option<Parsed>> {
             }))
         }
         view::ETHERTYPE_IPV6 => {
-            let h = Ipv6::new_checked(ip)?;
+            let h = or_decline!(Ipv6::new_checked(ip));
             let (src, dst) = (h.src(), h.dst());
             if is_v4_mapped(&src) || is_v4_mapped(&dst) {
-                return None;
+                return decline(frame);
             }
             let l4 = l3 + 40;
             let ip_end = l4 + h.payload_len();
             let Some(proto) = Proto::from_ip_number(h.next_header()) else {
-                return fast_not_ours(h.next_header());
+                return if needs_full_path(h.next_header()) {
+                    decline(frame)
+                } else {
+                    Ok(None)
+                };
             };
-            let flow = fast_flow(frame.get(l4..ip_end)?, l4, proto, Family::V6)?;
-            Some(Some(Parsed {
+            let flow = or_decline!(fast_flow(frame.get(l4..ip_end), l4, proto, Family::V6));
+            Ok(Some(Parsed {
                 src,
                 dst,
                 fragment: PackedFragment::NONE,
@@ -479,26 +510,33 @@ pub fn parse_fast(frame: &[u8]) -> Option<Option<Parsed>> {
             }))
         }
         // Another EtherType, or a second tag.
-        _ => Some(None),
+        _ => Ok(None),
     }
 }
 
-/// A valid, unfragmented IP packet whose protocol (or first Next Header) is
-/// not TCP, UDP or SCTP: not ours, unless the full path must look further.
+/// For a valid, unfragmented IP packet whose protocol (or first Next
+/// Header) is not TCP, UDP or SCTP: must the full path look further (ICMP,
+/// an extension header, AH), or is it simply not ours?
 #[inline]
-fn fast_not_ours(proto: u8) -> Option<Option<Parsed>> {
-    match proto {
-        IP_ICMP | IP_ICMPV6 | EXT_HOP_BY_HOP | EXT_ROUTING | EXT_FRAGMENT | EXT_AUTH
-        | EXT_DEST_OPTS => None,
-        _ => Some(None),
-    }
+fn needs_full_path(proto: u8) -> bool {
+    matches!(
+        proto,
+        IP_ICMP
+            | IP_ICMPV6
+            | EXT_HOP_BY_HOP
+            | EXT_ROUTING
+            | EXT_FRAGMENT
+            | EXT_AUTH
+            | EXT_DEST_OPTS
+    )
 }
 
-/// The transport part of an unfragmented packet, or `None` when the full
-/// path must name what is wrong.
-#[inline]
-fn fast_flow(seg: &[u8], offset: usize, proto: Proto, family: Family) -> Option<FlowL4> {
-    let t = Transport::new_checked(seg, proto)?;
+/// The transport part of an unfragmented packet (`seg`: from the transport
+/// header to the IP packet's end), or `None` when the full path must name
+/// what is wrong.
+#[inline(always)] // reason: one call site per family; no copy of the result
+fn fast_flow(seg: Option<&[u8]>, offset: usize, proto: Proto, family: Family) -> Option<FlowL4> {
+    let t = Transport::new_checked(seg?, proto)?;
     let csum = match (proto, family) {
         (Proto::Tcp, _) => L4Csum::Tcp,
         (Proto::Udp, Family::V4) => L4Csum::Udp,
@@ -523,6 +561,7 @@ fn fast_flow(seg: &[u8], offset: usize, proto: Proto, family: Family) -> Option<
 ///
 /// # Errors
 /// A [`DropReason`] naming the first layer that is truncated or inconsistent.
+#[inline(never)] // reason: keeps `parse`, inlined into the batch loop, small
 pub fn parse_full(frame: &[u8]) -> Result<Option<Parsed>, DropReason> {
     if frame.len() > MAX_FRAME {
         return Err(DropReason::BadFrameLength);

@@ -291,7 +291,7 @@ pub struct Transport {
 impl Transport {
     /// Checks `seg`, the IP payload (from the transport header to the IP
     /// packet's end), as a `proto` header.
-    #[inline]
+    #[inline(always)] // reason: the protocol is known where it is called
     #[must_use]
     pub fn new_checked(seg: &[u8], proto: Proto) -> Option<Self> {
         let h: &[u8; l4::UDP_HEADER] = seg.first_chunk()?;
