@@ -18,6 +18,13 @@
 //!
 //! At the end one line per bench is printed: `parse <bench>: X ns/frame`
 //! (median of criterion's samples).
+//!
+//! Figures (2-core VM shared with other builds, medians of 6 alternating
+//! runs of the old and new binaries, ns/frame): IPv4 TCP 39.0 → 13.5, IPv6
+//! UDP 42.2 → 13.3, VLAN IPv4 TCP 38.6 → 14.4, IPv4 options 35.9 → 18.6
+//! (fixed-offset views); IPv6 first fragment 40.0 → 31.6, ICMP error 66.2 →
+//! 46.5 (etherparse path, smaller `Parsed`). callgrind, IPv4 TCP, bench loop
+//! included: 269 → 135 instructions per frame.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -170,6 +177,11 @@ fn main() {
         group.finish();
     }
     c.final_summary();
+    // Under `cargo test --benches` each bench runs once, unoptimised: no
+    // figure to print.
+    if std::env::args().any(|a| a == "--test") {
+        return;
+    }
     for (name, ns) in summary {
         println!("parse {name}: {ns:.1} ns/frame");
     }
