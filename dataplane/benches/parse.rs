@@ -177,9 +177,9 @@ fn main() {
         group.finish();
     }
     c.final_summary();
-    // Under `cargo test --benches` each bench runs once, unoptimised: no
-    // figure to print.
-    if std::env::args().any(|a| a == "--test") {
+    // Under `cargo test --benches` (no `--bench` argument) each bench runs
+    // once, unoptimised: no figure to print.
+    if !std::env::args().any(|a| a == "--bench") {
         return;
     }
     for (name, ns) in summary {
