@@ -677,7 +677,7 @@ impl Worker {
             dst_port: f.dst_port,
             proto: f.proto,
         };
-        if p.fragment.is_some() {
+        if p.is_fragment() {
             self.counters.fragments_first += 1;
         }
         if let Some(fi) = frontend {
@@ -773,27 +773,27 @@ impl Worker {
             (Family::V4, L4Csum::Tcp | L4Csum::Udp, Some(s), Some(d)) => {
                 Some(rewrite::nat_both_ipv4(
                     buf,
-                    p.l3,
-                    f.offset,
+                    p.l3(),
+                    f.offset(),
                     f.csum,
                     (v4(&s.0), s.1),
                     (v4(&d.0), d.1),
                 ))
             }
             (Family::V4, L4Csum::Tcp | L4Csum::Udp, None, Some((a, port))) => Some(
-                rewrite::nat_ipv4(buf, p.l3, f.offset, f.csum, NatSide::Dst, v4(&a), port),
+                rewrite::nat_ipv4(buf, p.l3(), f.offset(), f.csum, NatSide::Dst, v4(&a), port),
             ),
             (Family::V4, L4Csum::Tcp | L4Csum::Udp, Some((a, port)), None) => Some(
-                rewrite::nat_ipv4(buf, p.l3, f.offset, f.csum, NatSide::Src, v4(&a), port),
+                rewrite::nat_ipv4(buf, p.l3(), f.offset(), f.csum, NatSide::Src, v4(&a), port),
             ),
             (Family::V6, L4Csum::Tcp | L4Csum::Udp6, Some(s), Some(d)) => Some(
-                rewrite::nat_both_ipv6(buf, p.l3, f.offset, f.csum, (&s.0, s.1), (&d.0, d.1)),
+                rewrite::nat_both_ipv6(buf, p.l3(), f.offset(), f.csum, (&s.0, s.1), (&d.0, d.1)),
             ),
             (Family::V6, L4Csum::Tcp | L4Csum::Udp6, None, Some((a, port))) => Some(
-                rewrite::nat_ipv6(buf, p.l3, f.offset, f.csum, NatSide::Dst, &a, port),
+                rewrite::nat_ipv6(buf, p.l3(), f.offset(), f.csum, NatSide::Dst, &a, port),
             ),
             (Family::V6, L4Csum::Tcp | L4Csum::Udp6, Some((a, port)), None) => Some(
-                rewrite::nat_ipv6(buf, p.l3, f.offset, f.csum, NatSide::Src, &a, port),
+                rewrite::nat_ipv6(buf, p.l3(), f.offset(), f.csum, NatSide::Src, &a, port),
             ),
             _ => None,
         };
@@ -809,28 +809,30 @@ impl Worker {
             // which is checked first: a rewrite must not make a corrupt
             // packet valid (a fragment's CRC covers bytes not here).
             None => {
-                if f.proto == Proto::Sctp && p.fragment.is_none() {
-                    rewrite::sctp_crc_checked(buf, f.offset, p.ip_end).map_err(|e| match e {
-                        rewrite::RewriteError::BadChecksum => DropReason::SctpBadChecksum,
-                        _ => DropReason::L4Malformed,
-                    })?;
+                if f.proto == Proto::Sctp && !p.is_fragment() {
+                    rewrite::sctp_crc_checked(buf, f.offset(), p.ip_end()).map_err(
+                        |e| match e {
+                            rewrite::RewriteError::BadChecksum => DropReason::SctpBadChecksum,
+                            _ => DropReason::L4Malformed,
+                        },
+                    )?;
                 }
-                let l4 = Some((f.offset, f.csum));
+                let l4 = Some((f.offset(), f.csum));
                 if let Some((a, port)) = src {
-                    rewrite_addr(buf, p.family, p.l3, Dir::Src, l4, &a)?;
-                    rewrite::set_src_port(buf, f.offset, f.csum, port)
+                    rewrite_addr(buf, p.family, p.l3(), Dir::Src, l4, &a)?;
+                    rewrite::set_src_port(buf, f.offset(), f.csum, port)
                         .map_err(|_| DropReason::L4Malformed)?;
                 }
                 if let Some((a, port)) = dst {
-                    rewrite_addr(buf, p.family, p.l3, Dir::Dst, l4, &a)?;
-                    rewrite::set_dst_port(buf, f.offset, f.csum, port)
+                    rewrite_addr(buf, p.family, p.l3(), Dir::Dst, l4, &a)?;
+                    rewrite::set_dst_port(buf, f.offset(), f.csum, port)
                         .map_err(|_| DropReason::L4Malformed)?;
                 }
                 finish_l4(buf, p, f)?;
                 decrement_ttl(buf, p)?;
             }
         }
-        if let Some(frag) = p.fragment {
+        if let Some(frag) = p.fragment() {
             let rw = FragRewrite::Nat {
                 src: src.map(|s| s.0),
                 dst: dst.map(|d| d.0),
@@ -861,7 +863,7 @@ impl Worker {
     ) -> Step {
         let outer = encap::outer_len(p.family);
         let mtu = usize::from(self.ret.encap_mtu);
-        if p.ip_end - p.l3 + outer > mtu {
+        if p.ip_end() - p.l3() + outer > mtu {
             if f.is_none() {
                 return Err(DropReason::EncapTooBig);
             }
@@ -870,9 +872,9 @@ impl Worker {
             return Ok(Verdict::Reject { len });
         }
         decrement_ttl(buf, p)?;
-        let len = encap::encapsulate(buf, p.family, p.l3, p.ip_end, &outer_src, &backend)
+        let len = encap::encapsulate(buf, p.family, p.l3(), p.ip_end(), &outer_src, &backend)
             .map_err(|_| DropReason::BufferTooSmall)?;
-        if let (Some(frag), Some(_)) = (p.fragment, f) {
+        if let (Some(frag), Some(_)) = (p.fragment(), f) {
             let rw = FragRewrite::Encap { outer_src, backend };
             self.ct
                 .fragment_remember(now, &p.src, &p.dst, &frag, rw)
@@ -1100,12 +1102,12 @@ impl Worker {
         p: &Parsed,
         proto: Option<Proto>,
     ) -> Step {
-        let Some(frag) = p.fragment else {
+        let Some(frag) = p.fragment() else {
             return Ok(Verdict::Pass);
         };
         // Only a fragment that will leave leaves its range behind.
         let too_big =
-            p.ip_end - p.l3 + encap::outer_len(p.family) > usize::from(self.ret.encap_mtu);
+            p.ip_end() - p.l3() + encap::outer_len(p.family) > usize::from(self.ret.encap_mtu);
         let forwards =
             |rw: &FragRewrite| p.ttl > 1 && !(too_big && matches!(rw, FragRewrite::Encap { .. }));
         let rw = match self
@@ -1128,10 +1130,10 @@ impl Worker {
         match rw {
             FragRewrite::Nat { src, dst, next_hop } => {
                 if let Some(a) = src {
-                    rewrite_addr(buf, p.family, p.l3, Dir::Src, None, &a)?;
+                    rewrite_addr(buf, p.family, p.l3(), Dir::Src, None, &a)?;
                 }
                 if let Some(a) = dst {
-                    rewrite_addr(buf, p.family, p.l3, Dir::Dst, None, &a)?;
+                    rewrite_addr(buf, p.family, p.l3(), Dir::Dst, None, &a)?;
                 }
                 decrement_ttl(buf, p)?;
                 Ok(Verdict::Forward {
@@ -1161,13 +1163,15 @@ impl Worker {
         e: &IcmpError,
     ) -> Step {
         let q = e.quoted;
+        // Read before anything in the quote is rewritten.
+        let qt = q.tuple(buf);
         // An error from a source no host can have is not believed (RFC 1812
         // §5.3.7), whatever it quotes.
         if martian_source(&p.src) {
             return Err(DropReason::MartianSource);
         }
         // The quoted packet went the other way: its reverse is the flow key.
-        let key = q.tuple.reversed();
+        let key = qt.reversed();
         if p.ttl <= 1 {
             // Decided before any rewrite: ours and expiring → dropped like any
             // flow packet; not ours → the kernel's.
@@ -1185,14 +1189,14 @@ impl Worker {
                 Ok(Verdict::Pass)
             };
         }
-        let quoted_l4 = |c: Option<L4Csum>| c.map(|c| (q.l4, c));
+        let quoted_l4 = |c: Option<L4Csum>| c.map(|c| (q.l4(), c));
         // A quoted SCTP packet's CRC32c covers its ports: when the quote holds
         // all of it, the stored CRC follows the port rewrite (right stays
         // right, wrong stays wrong); a cut quote's cannot be computed and is
         // left as sent, as the peer only checks the verification tag (RFC
         // 9260 Appendix C).
-        let sctp_before = (q.tuple.proto == Proto::Sctp && q.whole)
-            .then(|| rewrite::sctp_crc_computed(buf, q.l4, q.end).ok())
+        let sctp_before = (qt.proto == Proto::Sctp && q.whole)
+            .then(|| rewrite::sctp_crc_computed(buf, q.l4(), q.end()).ok())
             .flatten();
         let next_hop = if let Some(hit) = self.ct.lookup_original(now, p.family, &key, 0, false) {
             // Quoted: vip → client (a reply). Send it to the backend as if it
@@ -1204,15 +1208,22 @@ impl Worker {
                 self.counters.icmp_errors += 1;
                 return Ok(v);
             }
-            let csum = quoted_csum(p.family, &q.tuple, q.l4, q.end);
-            rewrite_addr(buf, p.family, p.l3, Dir::Dst, None, &hit.backend)?;
-            rewrite_addr(buf, p.family, q.l3, Dir::Src, quoted_l4(csum), &hit.backend)?;
-            rewrite::set_src_port(buf, q.l4, csum.unwrap_or(L4Csum::None), hit.backend_port)
+            let csum = quoted_csum(p.family, &qt, q.l4(), q.end());
+            rewrite_addr(buf, p.family, p.l3(), Dir::Dst, None, &hit.backend)?;
+            rewrite_addr(
+                buf,
+                p.family,
+                q.l3(),
+                Dir::Src,
+                quoted_l4(csum),
+                &hit.backend,
+            )?;
+            rewrite::set_src_port(buf, q.l4(), csum.unwrap_or(L4Csum::None), hit.backend_port)
                 .map_err(|_| DropReason::IcmpMalformed)?;
             if let FlowNat::Snat { addr, port } = hit.nat {
-                rewrite_addr(buf, p.family, p.l3, Dir::Src, None, &addr)?;
-                rewrite_addr(buf, p.family, q.l3, Dir::Dst, quoted_l4(csum), &addr)?;
-                rewrite::set_dst_port(buf, q.l4, csum.unwrap_or(L4Csum::None), port)
+                rewrite_addr(buf, p.family, p.l3(), Dir::Src, None, &addr)?;
+                rewrite_addr(buf, p.family, q.l3(), Dir::Dst, quoted_l4(csum), &addr)?;
+                rewrite::set_dst_port(buf, q.l4(), csum.unwrap_or(L4Csum::None), port)
                     .map_err(|_| DropReason::IcmpMalformed)?;
             }
             NextHop {
@@ -1226,19 +1237,19 @@ impl Worker {
             // source when the backend itself complained; under source NAT,
             // outer dst and quoted src become the client.
             self.verify_icmp(buf, p, e)?;
-            let csum = quoted_csum(p.family, &q.tuple, q.l4, q.end);
-            if p.src == q.tuple.dst_addr {
-                rewrite_addr(buf, p.family, p.l3, Dir::Src, None, &r.vip)?;
+            let csum = quoted_csum(p.family, &qt, q.l4(), q.end());
+            if p.src == qt.dst_addr {
+                rewrite_addr(buf, p.family, p.l3(), Dir::Src, None, &r.vip)?;
             }
-            let snat = r.client != q.tuple.src_addr || r.client_port != q.tuple.src_port;
+            let snat = r.client != qt.src_addr || r.client_port != qt.src_port;
             if snat {
-                rewrite_addr(buf, p.family, p.l3, Dir::Dst, None, &r.client)?;
-                rewrite_addr(buf, p.family, q.l3, Dir::Src, quoted_l4(csum), &r.client)?;
-                rewrite::set_src_port(buf, q.l4, csum.unwrap_or(L4Csum::None), r.client_port)
+                rewrite_addr(buf, p.family, p.l3(), Dir::Dst, None, &r.client)?;
+                rewrite_addr(buf, p.family, q.l3(), Dir::Src, quoted_l4(csum), &r.client)?;
+                rewrite::set_src_port(buf, q.l4(), csum.unwrap_or(L4Csum::None), r.client_port)
                     .map_err(|_| DropReason::IcmpMalformed)?;
             }
-            rewrite_addr(buf, p.family, q.l3, Dir::Dst, quoted_l4(csum), &r.vip)?;
-            rewrite::set_dst_port(buf, q.l4, csum.unwrap_or(L4Csum::None), r.vport)
+            rewrite_addr(buf, p.family, q.l3(), Dir::Dst, quoted_l4(csum), &r.vip)?;
+            rewrite::set_dst_port(buf, q.l4(), csum.unwrap_or(L4Csum::None), r.vport)
                 .map_err(|_| DropReason::IcmpMalformed)?;
             let addr = if snat { r.client } else { p.dst };
             // Never towards a frontend: a forged error, or one about a flow
@@ -1248,7 +1259,7 @@ impl Worker {
             }
             // An error goes back to the quoted packet's source (RFC 792,
             // RFC 4443 §2.4); one addressed elsewhere is forged.
-            if !snat && p.dst != q.tuple.src_addr {
+            if !snat && p.dst != qt.src_addr {
                 return Err(DropReason::IcmpMalformed);
             }
             NextHop {
@@ -1259,7 +1270,7 @@ impl Worker {
             return Ok(Verdict::Pass);
         };
         if let Some(before) = sctp_before {
-            rewrite::sctp_crc_follow(buf, q.l4, q.end, before)
+            rewrite::sctp_crc_follow(buf, q.l4(), q.end(), before)
                 .map_err(|_| DropReason::IcmpMalformed)?;
         }
         write_icmp_checksum(buf, p, e);
@@ -1275,7 +1286,7 @@ impl Worker {
     /// it after the rewrite and must not launder a corrupt message.
     fn verify_icmp(&self, buf: &[u8], p: &Parsed, e: &IcmpError) -> Result<(), DropReason> {
         let msg = buf
-            .get(e.offset..p.ip_end)
+            .get(e.offset()..p.ip_end())
             .ok_or(DropReason::IcmpMalformed)?;
         let sum = match p.family {
             Family::V4 => checksum::sum_bytes(0, msg),
@@ -1304,23 +1315,23 @@ fn quoted_csum(family: Family, t: &FlowTuple, l4: usize, end: usize) -> Option<L
 }
 
 fn write_icmp_checksum(buf: &mut [u8], p: &Parsed, e: &IcmpError) {
-    if buf.len() < p.ip_end || e.offset + 4 > p.ip_end {
+    if buf.len() < p.ip_end() || e.offset() + 4 > p.ip_end() {
         return;
     }
-    buf[e.offset + 2] = 0;
-    buf[e.offset + 3] = 0;
+    buf[e.offset() + 2] = 0;
+    buf[e.offset() + 3] = 0;
     let c = match p.family {
-        Family::V4 => checksum::finish(checksum::sum_bytes(0, &buf[e.offset..p.ip_end])),
+        Family::V4 => checksum::finish(checksum::sum_bytes(0, &buf[e.offset()..p.ip_end()])),
         Family::V6 => {
             // The pseudo-header holds the outer addresses as rewritten.
             let mut s = [0u8; 16];
             let mut d = [0u8; 16];
-            s.copy_from_slice(&buf[p.l3 + 8..p.l3 + 24]);
-            d.copy_from_slice(&buf[p.l3 + 24..p.l3 + 40]);
-            checksum::l4_checksum_v6(&s, &d, 58, &buf[e.offset..p.ip_end])
+            s.copy_from_slice(&buf[p.l3() + 8..p.l3() + 24]);
+            d.copy_from_slice(&buf[p.l3() + 24..p.l3() + 40]);
+            checksum::l4_checksum_v6(&s, &d, 58, &buf[e.offset()..p.ip_end()])
         }
     };
-    buf[e.offset + 2..e.offset + 4].copy_from_slice(&c.to_be_bytes());
+    buf[e.offset() + 2..e.offset() + 4].copy_from_slice(&c.to_be_bytes());
 }
 
 #[derive(Clone, Copy)]
@@ -1358,7 +1369,7 @@ fn sctp_fragment_guard(
     old_port: u16,
     new_port: u16,
 ) -> Result<(), DropReason> {
-    if f.proto == Proto::Sctp && p.fragment.is_some() && old_port != new_port {
+    if f.proto == Proto::Sctp && p.is_fragment() && old_port != new_port {
         return Err(DropReason::SctpFragmentPortRewrite);
     }
     Ok(())
@@ -1374,8 +1385,9 @@ fn frag_drop(e: FragRefused) -> DropReason {
 
 /// SCTP's CRC32c covers the ports: recompute it after a port rewrite.
 fn finish_l4(buf: &mut [u8], p: &Parsed, f: &FlowL4) -> Result<(), DropReason> {
-    if f.proto == Proto::Sctp && p.fragment.is_none() {
-        rewrite::sctp_update_crc(buf, f.offset, p.ip_end).map_err(|_| DropReason::L4Malformed)?;
+    if f.proto == Proto::Sctp && !p.is_fragment() {
+        rewrite::sctp_update_crc(buf, f.offset(), p.ip_end())
+            .map_err(|_| DropReason::L4Malformed)?;
     }
     Ok(())
 }
@@ -1397,13 +1409,13 @@ fn martian_source(a: &Addr16) -> bool {
 /// trims an skb to the IP length before forwarding.
 #[inline]
 fn ip_len(p: &Parsed, len: usize) -> usize {
-    p.ip_end.min(len)
+    p.ip_end().min(len)
 }
 
 fn decrement_ttl(buf: &mut [u8], p: &Parsed) -> Result<(), DropReason> {
     let r = match p.family {
-        Family::V4 => rewrite::decrement_ttl_ipv4(buf, p.l3),
-        Family::V6 => rewrite::decrement_hop_limit_ipv6(buf, p.l3),
+        Family::V4 => rewrite::decrement_ttl_ipv4(buf, p.l3()),
+        Family::V6 => rewrite::decrement_hop_limit_ipv6(buf, p.l3()),
     };
     r.map(|_| ()).map_err(|_| DropReason::TtlExpired)
 }

@@ -82,7 +82,8 @@ macro_rules! drop_reasons {
 }
 
 drop_reasons! {
-    /// The buffer handed in is shorter than the stated frame length.
+    /// The buffer handed in is shorter than the stated frame length, or the
+    /// frame is longer than 65 535 bytes (no link carries one).
     BadFrameLength => "bad_frame_length",
     /// Shorter than an Ethernet header.
     EthernetTruncated => "ethernet_truncated",

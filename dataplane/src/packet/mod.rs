@@ -1,6 +1,7 @@
 //! Packet parsing and in-place rewriting.
 //!
-//! Owns: [`parse`] (validate and slice a frame with etherparse), [`checksum`]
+//! Owns: [`parse`] (validate and slice a frame: [`view`]'s fixed-offset
+//! header views for the common frames, etherparse for the rest), [`checksum`]
 //! (RFC 1071 sums and RFC 1624 incremental updates), [`rewrite`] (small named
 //! in-place rewrites of addresses, ports, MACs and TTL), and [`reject`] (TCP RST
 //! and ICMP port unreachable built in place, and the ICMP too-big answer), and
@@ -13,3 +14,4 @@ pub mod encap;
 pub mod parse;
 pub mod reject;
 pub mod rewrite;
+pub mod view;

@@ -96,11 +96,11 @@ fn tcp_rst(buf: &mut [u8], p: &Parsed, f: &FlowL4) -> Result<usize, DropReason> 
     if f.tcp_flags & tcp_flags::RST != 0 {
         return Err(DropReason::NoEndpoints);
     }
-    let l4 = f.offset;
+    let l4 = f.offset();
     let seq = get4(buf, l4 + 4);
     let ack = get4(buf, l4 + 8);
     let data_offset = usize::from(buf.get(l4 + 12).copied().unwrap_or(0x50) >> 4) * 4;
-    let seg_len = p.ip_end.saturating_sub(l4 + data_offset) as u32
+    let seg_len = p.ip_end().saturating_sub(l4 + data_offset) as u32
         + u32::from(f.tcp_flags & tcp_flags::SYN != 0)
         + u32::from(f.tcp_flags & tcp_flags::FIN != 0);
     // If the segment has ACK: <SEQ=SEG.ACK><CTL=RST>; otherwise
@@ -118,7 +118,7 @@ fn tcp_rst(buf: &mut [u8], p: &Parsed, f: &FlowL4) -> Result<usize, DropReason> 
         Family::V4 => 20,
         Family::V6 => 40,
     };
-    let new_l4 = p.l3 + ip_len;
+    let new_l4 = p.l3() + ip_len;
     let new_len = new_l4 + 20;
     if new_len > buf.len() {
         return Err(DropReason::BufferTooSmall);
@@ -145,19 +145,19 @@ fn icmp_error(buf: &mut [u8], p: &Parsed, kind: IcmpKind) -> Result<usize, DropR
         Family::V4 => (
             20,
             ICMP4_MAX,
-            usize::from(buf.get(p.l3).map_or(5, |b| b & 0x0f)) * 4 + 8,
+            usize::from(buf.get(p.l3()).map_or(5, |b| b & 0x0f)) * 4 + 8,
         ),
         Family::V6 => (40, ICMP6_MAX, 48),
     };
-    let orig = p.ip_end - p.l3;
-    let room = buf.len().saturating_sub(p.l3 + ip_len + 8);
+    let orig = p.ip_end() - p.l3();
+    let room = buf.len().saturating_sub(p.l3() + ip_len + 8);
     let quote = orig.min(max - ip_len - 8).min(room);
     if quote < min_quote.min(orig) {
         return Err(DropReason::BufferTooSmall);
     }
-    let icmp = p.l3 + ip_len;
+    let icmp = p.l3() + ip_len;
     let new_len = icmp + 8 + quote;
-    buf.copy_within(p.l3..p.l3 + quote, icmp + 8);
+    buf.copy_within(p.l3()..p.l3() + quote, icmp + 8);
     let (icmp_proto, icmp_type, icmp_code, rest) = match (p.family, kind) {
         (Family::V4, IcmpKind::PortUnreachable) => (1, 3, 3, [0; 4]),
         (Family::V6, IcmpKind::PortUnreachable) => (58, 1, 4, [0; 4]),
@@ -181,10 +181,10 @@ fn icmp_error(buf: &mut [u8], p: &Parsed, kind: IcmpKind) -> Result<usize, DropR
     Ok(new_len)
 }
 
-/// Writes a fresh IP header at `p.l3` from the service address (the original
+/// Writes a fresh IP header at `p.l3()` from the service address (the original
 /// destination) to the sender.
 fn write_ip_header(buf: &mut [u8], p: &Parsed, ip_len: usize, payload_len: usize, proto: u8) {
-    let h = &mut buf[p.l3..p.l3 + ip_len];
+    let h = &mut buf[p.l3()..p.l3() + ip_len];
     match p.family {
         Family::V4 => {
             let total = (ip_len + payload_len) as u16;
