@@ -854,12 +854,12 @@ struct Geometry {
 }
 
 /// Control-bytes address of a table, from one of its entries.
-fn ctrl_of<T>(entry: &T, index: usize) -> usize {
+pub(crate) fn ctrl_of<T>(entry: &T, index: usize) -> usize {
     entry as *const T as usize + (index + 1) * std::mem::size_of::<T>()
 }
 
 #[inline]
-fn prefetch_slot<T>(ctrl: usize, mask: usize, hash: u64) {
+pub(crate) fn prefetch_slot<T>(ctrl: usize, mask: usize, hash: u64) {
     if ctrl == 0 {
         return;
     }

@@ -365,6 +365,15 @@ fn insert_drop(e: InsertError) -> DropReason {
     }
 }
 
+/// Parses `buf[..len]`.
+#[inline]
+fn parse_frame(buf: &[u8], len: usize) -> Result<Option<Parsed>, DropReason> {
+    match buf.get(..len) {
+        Some(frame) => parse(frame),
+        None => Err(DropReason::BadFrameLength),
+    }
+}
+
 /// Frames per chunk of [`Worker::process_batch`] (an AF_XDP batch).
 pub const BATCH: usize = 64;
 
@@ -519,8 +528,24 @@ impl Worker {
         let mut start = 0;
         while start < n {
             let end = (start + BATCH).min(n);
+            // Three passes: parse every frame and prefetch its frontend's
+            // index slot; then find the frontends (now in cache), hash
+            // each flow once and prefetch its connection-table lines; then
+            // decide. Each pass's misses overlap across the chunk.
             for (p, f) in prep.iter_mut().zip(&frames[start..end]) {
-                *p = self.prepare(table, f.buf, f.len);
+                let parsed = parse_frame(f.buf, f.len);
+                if let Ok(Some(q)) = &parsed {
+                    if let Some(t) = q.tuple() {
+                        table.prefetch_frontend(&t.dst_addr, t.dst_port, t.proto);
+                    }
+                }
+                *p = Prepared {
+                    parsed,
+                    ..Prepared::EMPTY
+                };
+            }
+            for p in prep.iter_mut().take(end - start) {
+                *p = self.prepare_parsed(table, p.parsed);
             }
             for ((v, f), p) in verdicts[start..end]
                 .iter_mut()
@@ -539,10 +564,16 @@ impl Worker {
     /// First pass: parse, find the frontend, prefetch the flow's entry.
     #[inline]
     fn prepare(&self, table: &Table, buf: &[u8], len: usize) -> Prepared {
-        let parsed = match buf.get(..len) {
-            Some(frame) => parse(frame),
-            None => Err(DropReason::BadFrameLength),
-        };
+        self.prepare_parsed(table, parse_frame(buf, len))
+    }
+
+    /// [`Worker::prepare`] of a frame parsed already.
+    #[inline]
+    fn prepare_parsed(
+        &self,
+        table: &Table,
+        parsed: Result<Option<Parsed>, DropReason>,
+    ) -> Prepared {
         let mut frontend = None;
         let mut hash = None;
         if let Ok(Some(p)) = &parsed {
@@ -569,6 +600,7 @@ impl Worker {
                 }
                 if let Some(fi) = frontend {
                     self.ct.prefetch_original_hashed(p.family, h);
+                    table.prefetch_frontend_record(fi);
                     // A connection opening will read its Maglev slot too.
                     if let (L4::Flow(f), Some(fe)) = (&p.l4, table.frontend_record(fi)) {
                         if f.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {

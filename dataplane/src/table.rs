@@ -571,6 +571,10 @@ pub struct Table {
     /// Per frontend, where its flows bound in the previous table find their
     /// backend in this one ([`Table::carry_from`]); empty until then.
     carry: Box<[Carry]>,
+    /// Where `index` lies (its control bytes; 0: empty) and its bucket
+    /// mask, for [`Table::prefetch_frontend`].
+    index_ctrl: usize,
+    index_mask: usize,
 }
 
 /// A frontend whose backends (addresses and ports, in order) are those it had
@@ -1219,6 +1223,19 @@ impl Table {
                 index.insert_unique(ha, slot, |s| key_hash(index_seed, &s.addr, s.port, s.proto));
             }
         }
+        // Where hashbrown put the index (a prefetch hint only; see
+        // `conntrack::prefetch_layout_matches_hashbrown` for the layout).
+        let (index_ctrl, index_mask) = index
+            .iter()
+            .next()
+            .and_then(|s| {
+                let h = key_hash(index_seed, &s.addr, s.port, s.proto);
+                let i = index.find_bucket_index(h, |x| {
+                    x.addr == s.addr && x.port == s.port && x.proto == s.proto
+                })?;
+                Some((crate::conntrack::ctrl_of(s, i), index.num_buckets() - 1))
+            })
+            .unwrap_or((0, 0));
         let mut nodes = HashMap::with_capacity(node_prefixes.len());
         let mut node_lens = Vec::new();
         for (i, p) in node_prefixes.iter().enumerate() {
@@ -1269,6 +1286,8 @@ impl Table {
             policy_of_backend,
             policy,
             carry: Box::default(),
+            index_ctrl,
+            index_mask,
         })
     }
 
@@ -1499,6 +1518,23 @@ impl Table {
         self.locals.get(s..s + f.locals_len as usize).unwrap_or(&[])
     }
 
+    /// Starts loading the index lines [`Table::frontend`] of (address,
+    /// port, protocol) will read: a batch prefetches every frame's before it
+    /// looks any up, so their misses overlap.
+    #[inline]
+    pub fn prefetch_frontend(&self, addr: &Addr16, port: u16, proto: Proto) {
+        let h = key_hash(self.index_seed, addr, port, proto.ip_number());
+        crate::conntrack::prefetch_slot::<IndexSlot>(self.index_ctrl, self.index_mask, h);
+    }
+
+    /// Starts loading frontend record `fi`.
+    #[inline]
+    pub fn prefetch_frontend_record(&self, fi: u32) {
+        if let Some(f) = self.frontends.get(fi as usize) {
+            crate::prefetch::prefetch(f as *const FrontendRecord as usize);
+        }
+    }
+
     /// The frontend for (address, port, protocol), by index.
     #[inline]
     #[must_use]
@@ -1679,6 +1715,38 @@ mod tests {
                 .map(|b| BackendSpec::ready(ip(b), 8080))
                 .collect(),
         )
+    }
+
+    /// The frontend-index prefetch aims where hashbrown put the index: every
+    /// slot's control bytes are at the recorded address.
+    #[test]
+    fn the_frontend_prefetch_aims_at_the_index() {
+        let specs: Vec<ServiceSpec> = (0..300u32)
+            .map(|i| {
+                svc(
+                    &format!("198.19.{}.{}", i / 200, i % 200 + 1),
+                    80,
+                    &["198.18.1.1"],
+                )
+            })
+            .collect();
+        let t = Table::build(1, 0, &specs).unwrap();
+        assert_ne!(t.index_ctrl, 0);
+        assert_eq!(t.index_mask, t.index.num_buckets() - 1);
+        for s in t.index.iter() {
+            let h = key_hash(t.index_seed, &s.addr, s.port, s.proto);
+            let i = t
+                .index
+                .find_bucket_index(h, |x| {
+                    x.addr == s.addr && x.port == s.port && x.proto == s.proto
+                })
+                .unwrap();
+            assert_eq!(crate::conntrack::ctrl_of(s, i), t.index_ctrl);
+        }
+        // An empty table has nothing to aim at, and prefetching is harmless.
+        let e = Table::build(1, 0, &[]).unwrap();
+        assert_eq!(e.index_ctrl, 0);
+        e.prefetch_frontend(&addr16(ip("198.19.0.1")), 80, Proto::Tcp);
     }
 
     /// After a change to one Service, the flows of the others find their
