@@ -49,6 +49,7 @@
 //!
 //! Must never: read a clock, allocate after construction, or hold two shard
 //! locks at once.
+#![forbid(unsafe_code)] // The pure core: no unsafe, ever (the I/O rings and shared memory keep theirs).
 
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicUsize, Ordering};

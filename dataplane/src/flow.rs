@@ -9,6 +9,7 @@
 //! snapshot ABI version.
 //!
 //! Must never: read a clock, allocate, or depend on process-local randomness.
+#![forbid(unsafe_code)] // The pure core: no unsafe, ever (the I/O rings and shared memory keep theirs).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -14,6 +14,7 @@
 //! Must never: run on the packet path. Building a ring allocates and costs
 //! O(M log M); the dataplane only indexes finished rings
 //! (`ring[flow_hash % M]`).
+#![forbid(unsafe_code)] // The pure core: no unsafe, ever (the I/O rings and shared memory keep theirs).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

@@ -13,6 +13,7 @@
 //! once per batch), so a worker sees one table for a whole batch.
 //!
 //! Must never: read a clock, allocate, make a syscall, or panic on any frame.
+#![forbid(unsafe_code)] // The pure core: no unsafe, ever (the I/O rings and shared memory keep theirs).
 
 use std::sync::Arc;
 

@@ -25,6 +25,7 @@
 //! made once, when the flow is created.
 //!
 //! An empty policy table (no classes in the snapshot) allows everything.
+#![forbid(unsafe_code)] // The pure core: no unsafe, ever (the I/O rings and shared memory keep theirs).
 
 use hashbrown::HashMap;
 

@@ -11,6 +11,7 @@
 //!
 //! Must never: read a file, a clock or the kernel's tables (the caller reads
 //! `ip_local_port_range` and the routes), or allocate per packet.
+#![forbid(unsafe_code)] // The pure core: no unsafe, ever (the I/O rings and shared memory keep theirs).
 
 use std::fmt;
 use std::str::FromStr;

@@ -15,6 +15,7 @@
 //! Must never: change after construction, or panic on lookup. The lookup side
 //! ([`Table::frontend`], [`Table::node_port`], [`Table::source_allowed`],
 //! [`Table::client_node`], [`Table::pick`]) does not allocate.
+#![forbid(unsafe_code)] // The pure core: no unsafe, ever (the I/O rings and shared memory keep theirs).
 
 use std::net::IpAddr;
 

@@ -1,4 +1,5 @@
 //! Time as the core sees it: a value handed in by the caller, never read here.
+#![forbid(unsafe_code)] // The pure core: no unsafe, ever (the I/O rings and shared memory keep theirs).
 
 /// A point on a monotonic clock, in nanoseconds from an arbitrary origin.
 ///

@@ -2,6 +2,7 @@
 //!
 //! Owns: [`Verdict`], [`NextHop`], [`DropReason`]. Drop reasons are a small
 //! `Copy` enum with a dense index so that per-core counters are a plain array.
+#![forbid(unsafe_code)] // The pure core: no unsafe, ever (the I/O rings and shared memory keep theirs).
 
 use crate::flow::Addr16;
 

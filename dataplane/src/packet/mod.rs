@@ -8,6 +8,7 @@
 //! [`encap`] (IP-in-IP for direct server return).
 //!
 //! Must never: panic on any input or allocate.
+#![forbid(unsafe_code)] // The pure core: no unsafe, ever (the I/O rings and shared memory keep theirs).
 
 pub mod checksum;
 pub mod encap;
