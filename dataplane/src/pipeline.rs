@@ -636,23 +636,22 @@ impl Worker {
             return Verdict::Handoff { owner };
         }
         // A flow's packet goes through the held partition (taken once per
-        // chunk); anything else (ICMP errors, non-first fragments) may look
-        // in other partitions, one lock at a time, so ours is let go first.
-        if matches!(
-            prep.parsed,
+        // chunk). ICMP errors and non-first fragments may look in other
+        // partitions, one lock at a time, so ours is let go first; frames
+        // that are not ours touch no partition.
+        match prep.parsed {
             Ok(Some(Parsed {
-                l4: L4::Flow(_),
-                ..
-            }))
-        ) {
-            if self.holds && self.hold.partition().is_none() {
-                // Whatever is left of it first: a lock is never waited for
-                // while one is held.
-                self.hold.release();
-                self.hold = self.ct.hold(usize::from(self.own.index));
+                l4: L4::Flow(_), ..
+            })) => {
+                if self.holds && self.hold.partition().is_none() {
+                    // Whatever is left of it first: a lock is never waited
+                    // for while one is held.
+                    self.hold.release();
+                    self.hold = self.ct.hold(usize::from(self.own.index));
+                }
             }
-        } else {
-            self.hold.release();
+            Ok(Some(_)) => self.hold.release(),
+            Ok(None) | Err(_) => {}
         }
         let v = match self.decide(now, table, buf, len, prep) {
             Ok(v) => v,
