@@ -375,9 +375,14 @@ fn plan_returns(args: &RunArgs, ifaces: &[Iface], workers: usize) -> Result<Retu
     if let Some(w) = warning {
         warn!("{w}");
     }
-    let shares = range
+    // Each worker owns a partition of the flows and takes, anywhere in the
+    // range, the ports whose replies come back to its partition (a keyed
+    // hash of address, port and protocol): about 1/W of them each. A range
+    // with fewer ports than workers would leave some without any.
+    range
         .split(workers)
         .map_err(|e| anyhow::anyhow!("--snat-ports {range}: {e}"))?;
+    let shares = vec![range; workers];
     let encap_mtu = match args.encap_mtu {
         Some(m) => m,
         None => {
@@ -399,9 +404,9 @@ fn plan_returns(args: &RunArgs, ifaces: &[Iface], workers: usize) -> Result<Retu
     };
     info!(
         range = %range,
-        shares = %shares.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        workers,
         local_port_range = %local,
-        "SNAT ports (worker shares in --cores order)"
+        "SNAT ports (each worker takes those whose replies hash to its partition of the flows)"
     );
     if !v4.is_empty() || !v6.is_empty() {
         info!(
@@ -1212,14 +1217,11 @@ mod tests {
             v4: vec![addr16(ip("198.18.0.1"))],
             v6: vec![],
             range: PortRange::new(1024, 29_999).expect("range"),
-            shares: PortRange::new(1024, 29_999)
-                .expect("range")
-                .split(2)
-                .expect("split"),
+            shares: vec![PortRange::new(1024, 29_999).expect("range"); 2],
             encap_mtu: 1500,
         };
         let w1 = plan.worker(1);
-        assert_eq!(w1.ports, plan.shares[1]);
+        assert_eq!(w1.ports, plan.range);
         assert_eq!(w1.snat_v4, plan.v4);
         assert_eq!(w1.encap_mtu, 1500);
         // IPv4 from the flag; IPv6 from the served interfaces.
