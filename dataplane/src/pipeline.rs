@@ -292,19 +292,21 @@ pub trait NodeAddrs: Send + Sync + std::fmt::Debug {
 }
 
 /// Which flows a worker owns, among `count` workers: a flow belongs to the
-/// worker chosen by its client's (address, port, protocol), which both
-/// directions carry, or, for a source-NATed reply, by the share of `snat`
-/// that holds its port ([`PortRange::owner`]). The owner alone touches the
-/// flow's connection-table partition; any other worker answers
-/// [`Verdict::Handoff`] and leaves the frame unchanged.
+/// partition ([`Conntrack::owner`]) of its client's (address, port,
+/// protocol), which a request carries as its source and a reply as its
+/// destination; a source-NATed flow's owner picks a port whose (SNAT
+/// address, port, protocol) falls in its own partition, so the reply names
+/// it too. The owner alone touches the flow's connection-table partition;
+/// any other worker answers [`Verdict::Handoff`] and leaves the frame
+/// unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ownership {
     /// This worker's index, `0..count`.
     pub index: u16,
     /// How many workers share the flows.
     pub count: u16,
-    /// The whole SNAT port range that was split among them
-    /// ([`PortRange::split`]), to find a reply's owner from its port.
+    /// The whole SNAT port range, which an owner among several probes for
+    /// ports of its partition.
     pub snat: PortRange,
 }
 
@@ -420,7 +422,8 @@ impl Worker {
     /// Worker `own.index` of `own.count` on `ct` (whose
     /// `Config::partitions` must be `own.count`): it decides only the frames
     /// of the flows it owns and answers [`Verdict::Handoff`] for the others.
-    /// `ret.ports` is its share of `own.snat`.
+    /// With more than one owner, source-NAT ports come from `own.snat`
+    /// (`ret.ports` serves a single worker).
     #[must_use]
     pub fn with_ownership(ct: Arc<Conntrack>, ret: ReturnConfig, own: Ownership) -> Self {
         let holds = usize::from(own.count) == ct.partitions() && own.index < own.count;
