@@ -387,6 +387,11 @@ struct Prepared {
     frontend: Option<u32>,
     /// Another worker owns the frame's flow: hand it over.
     handoff: Option<u16>,
+    /// Another worker owns the frame's flow, but the frame is a first
+    /// fragment: decided here, in the owner's partition (locked for it), so
+    /// that the datagram's other fragments, which carry no ports and arrive
+    /// here too, find its rewrite.
+    foreign: Option<u16>,
     /// The flow's one hash, for the lookup (forward with a frontend, else
     /// reply).
     hash: Option<FlowHash>,
@@ -397,6 +402,7 @@ impl Prepared {
         parsed: Ok(None),
         frontend: None,
         handoff: None,
+        foreign: None,
         hash: None,
     };
 }
@@ -594,10 +600,12 @@ impl Worker {
                 if self.own.count > 1 {
                     let owner = self.ct.owner_of(p.family, h) as u16;
                     if owner != self.own.index {
+                        let first_fragment = p.is_fragment();
                         return Prepared {
                             parsed,
                             frontend,
-                            handoff: Some(owner),
+                            handoff: (!first_fragment).then_some(owner),
+                            foreign: first_fragment.then_some(owner),
                             hash,
                         };
                     }
@@ -620,6 +628,7 @@ impl Worker {
             parsed,
             frontend,
             handoff: None,
+            foreign: None,
             hash,
         }
     }
@@ -646,11 +655,12 @@ impl Worker {
             Ok(Some(Parsed {
                 l4: L4::Flow(_), ..
             })) => {
-                if self.holds && self.hold.partition().is_none() {
-                    // Whatever is left of it first: a lock is never waited
+                let part = usize::from(prep.foreign.unwrap_or(self.own.index));
+                if self.holds && self.hold.partition() != Some(part) {
+                    // Whatever is left of ours first: a lock is never waited
                     // for while one is held.
                     self.hold.release();
-                    self.hold = self.ct.hold(usize::from(self.own.index));
+                    self.hold = self.ct.hold(part);
                 }
             }
             Ok(Some(_)) => self.hold.release(),

@@ -417,3 +417,66 @@ fn an_owner_finds_ports_in_its_partition_until_its_share_runs_out() {
     assert_eq!(n, 2000);
     assert_eq!(ws[2].counters.handoffs, 0);
 }
+
+/// A fragmented datagram whose fragments all reach a worker that does not
+/// own the flow (a NIC hashes fragments by their addresses, having no
+/// ports): the first fragment is decided there, in the owner's partition,
+/// and the others, which carry no ports, follow its rewrite; the reply's
+/// fragments come back the same way. Nothing is handed off, nothing lost.
+#[test]
+fn fragments_that_reach_another_worker_follow_their_first_fragment() {
+    let t = table();
+    let ct = Arc::new(Conntrack::new(&Config {
+        capacity: 1 << 12,
+        shards: 16,
+        partitions: WORKERS,
+        ..Config::default()
+    }));
+    let mut ws = workers(&ct);
+    let vip1 = vip(1); // source-NATed
+    let mut checked = 0;
+    for i in 0..64u16 {
+        let c = addr16(IpAddr::from([198, 18, 130, 1 + i as u8]));
+        let port = 5000 + i;
+        let owner = ct.owner(Family::V4, &c, port, Proto::Tcp);
+        let here = (owner + 1) % WORKERS;
+        // The services are TCP: a SYN with data, its segment in fragments.
+        let seg = testkit::client_frame(c, port, vip1, 80, L4Spec::Tcp(Tcp::syn(1)), &[7u8; 1200]);
+        // The IP payload (TCP header + data), cut in two fragments.
+        let payload = &seg[34..];
+        let cut = 800;
+        let first = testkit::ipv4_raw(c, vip1, 6, 900 + i, (0, true), &payload[..cut]);
+        let rest = testkit::ipv4_raw(
+            c,
+            vip1,
+            6,
+            900 + i,
+            ((cut / 8) as u16, false),
+            &payload[cut..],
+        );
+        let mut outs = Vec::new();
+        for f in [&first, &rest] {
+            let (mut buf, len) = testkit::to_buf(f);
+            let v = ws[here].process(NOW, &t, &mut buf, len);
+            let Verdict::Forward { len, .. } = v else {
+                panic!("datagram {i}: a fragment was not forwarded by worker {here}: {v:?}")
+            };
+            outs.push(buf[..len].to_vec());
+        }
+        let src = |o: &Vec<u8>| [o[26], o[27], o[28], o[29]];
+        let dst = |o: &Vec<u8>| [o[30], o[31], o[32], o[33]];
+        assert_eq!(
+            src(&outs[0]),
+            [198, 18, 2, 1],
+            "the first fragment is source-NATed"
+        );
+        assert_eq!(src(&outs[1]), src(&outs[0]), "the other fragment follows");
+        assert_eq!(dst(&outs[1]), dst(&outs[0]), "to the same backend");
+        // The gateway's port is the owner's: its replies go there.
+        let sport = u16::from_be_bytes([outs[0][34], outs[0][35]]);
+        assert_eq!(ct.owner(Family::V4, &a(GW), sport, Proto::Tcp), owner);
+        checked += 1;
+    }
+    assert_eq!(checked, 64);
+    assert_eq!(ws.iter().map(|w| w.counters.handoffs).sum::<u64>(), 0);
+}
