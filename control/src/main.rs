@@ -53,6 +53,7 @@ use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use clustergate_control::kube_source::{self, FollowConfig, Hooks};
+use clustergate_control::manifest_dir::{self, ManifestDir};
 use clustergate_control::model::{default_node_port_addresses, SkipLog};
 use clustergate_control::{
     load_manifest_file, load_manifest_file_strict, Model, ModelOptions, Objects, Skipped,
@@ -623,6 +624,18 @@ fn run(
     telemetry: &Telemetry,
     mut checks: Option<&mut HealthChecks>,
 ) -> Result<()> {
+    match std::fs::metadata(manifest) {
+        Ok(meta) if meta.is_dir() => {
+            return run_dir(manifest, dir, options, poll, seed, once, telemetry, checks);
+        }
+        Ok(meta) if !meta.is_file() => {
+            anyhow::bail!(
+                "{}: --manifest is neither a file nor a directory",
+                manifest.display()
+            );
+        }
+        _ => {}
+    }
     // Only for SIGTERM and SIGINT: the loop sleeps in it between two looks.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -711,6 +724,241 @@ fn run(
             log_stopped(published.as_ref());
             return Ok(());
         }
+    }
+}
+
+/// What `run` on a manifest directory keeps between two publishes.
+struct Publisher<'a> {
+    seed: u64,
+    writer: Writer,
+    sizes: RingSizes,
+    published: Option<Published>,
+    notes: Option<Vec<Skipped>>,
+    skip_log: SkipLog,
+    telemetry: &'a Telemetry,
+    checks: Option<&'a mut HealthChecks>,
+}
+
+impl Publisher<'_> {
+    /// Publishes `model` unless its tables equal the last published ones.
+    fn apply(&mut self, model: &Model) {
+        self.skip_log.log(model);
+        self.telemetry.skipped(model);
+        warn_notes(model, &mut self.notes);
+        self.telemetry.change_seen();
+        let started = Instant::now();
+        let result = publish(
+            model,
+            self.seed,
+            &mut self.writer,
+            self.published.as_ref(),
+            &mut self.sizes,
+        );
+        if result.is_ok() {
+            self.telemetry.frontends(model);
+            if let Some(checks) = self.checks.as_deref_mut() {
+                checks.sync(&model.health_checks);
+            }
+        }
+        match result {
+            Ok(Some(p)) => {
+                self.telemetry.published(p.generation, started.elapsed());
+                info!(
+                    generation = p.generation,
+                    frontends = p.spec.services.len(),
+                    took_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "published"
+                );
+                self.published = Some(p);
+            }
+            Ok(None) => {
+                self.telemetry.unchanged();
+                info!("manifest changed but the tables did not: no new generation");
+            }
+            Err(e) => error!(
+                "{e:#}; keeping generation {}",
+                self.published.as_ref().map_or(0, |p| p.generation)
+            ),
+        }
+    }
+}
+
+/// The names of the manifest files an inotify event is about, or None when
+/// the whole directory must be listed again (queue overflow, the directory
+/// itself moved or removed). Events that do not end a write are ignored: a
+/// file is re-read when it is closed after writing, renamed in or out, or
+/// removed, never while half written.
+fn event_names(event: &notify::Event, dir: &Path) -> Option<Vec<String>> {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    if event.need_rescan() {
+        return None;
+    }
+    let relevant = matches!(
+        event.kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Any)
+            | EventKind::Remove(_)
+    );
+    if !relevant {
+        return Some(Vec::new());
+    }
+    let mut names = Vec::new();
+    for path in &event.paths {
+        if path == dir {
+            return None;
+        }
+        if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+            if manifest_dir::is_manifest_name(name) {
+                names.push(name.to_owned());
+            }
+        }
+    }
+    Some(names)
+}
+
+/// `run` on a manifest directory: watches it with inotify and re-reads only
+/// the files an event names (falling back to polling every file's mtime
+/// when the directory cannot be watched); a file that cannot be read keeps
+/// its last good objects.
+#[allow(clippy::too_many_arguments)] // reason: the command's flags, one by one
+fn run_dir(
+    manifest: &Path,
+    dir: &Path,
+    options: &ModelOptions,
+    poll: Duration,
+    seed: u64,
+    once: bool,
+    telemetry: &Telemetry,
+    checks: Option<&mut HealthChecks>,
+) -> Result<()> {
+    use notify::Watcher as _;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut stop = {
+        let _entered = runtime.enter();
+        Stop::install()?
+    };
+    let writer = Writer::open(dir)
+        .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
+    info!(dir = %dir.display(), next_generation = writer.next_generation(), "publishing snapshots");
+    let mut p = Publisher {
+        seed,
+        writer,
+        sizes: published_ring_sizes(dir),
+        published: None,
+        notes: None,
+        skip_log: SkipLog::default(),
+        telemetry,
+        checks,
+    };
+    // The watch starts before the first listing, so no change falls between.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = notify::recommended_watcher(move |event| {
+        let _ = tx.send(event);
+    })
+    .and_then(|mut w| {
+        w.watch(manifest, notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    });
+    let watcher = match watcher {
+        Ok(w) => {
+            info!(manifest = %manifest.display(), "watching the manifest directory");
+            Some(w)
+        }
+        Err(e) => {
+            warn!(
+                manifest = %manifest.display(),
+                "cannot watch the manifest directory ({e}); polling its files' mtimes every {} ms",
+                poll.as_millis()
+            );
+            None
+        }
+    };
+    let mut files = ManifestDir::new(manifest);
+    // Some(names): re-read those files; None: list the directory again.
+    let mut todo: Option<Vec<String>> = None;
+    let mut first = true;
+    loop {
+        telemetry.beat();
+        let (changed, errors) = match todo.take() {
+            None => match files.rescan() {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(
+                        "{e}; keeping generation {}",
+                        p.published.as_ref().map_or(0, |p| p.generation)
+                    );
+                    (false, Vec::new())
+                }
+            },
+            Some(mut names) => {
+                names.sort();
+                names.dedup();
+                let mut changed = false;
+                let mut errors = Vec::new();
+                for name in names {
+                    match files.refresh(&name) {
+                        Ok(c) => changed |= c,
+                        Err(e) => errors.push(e),
+                    }
+                }
+                (changed, errors)
+            }
+        };
+        for e in &errors {
+            error!("{e}; the file's last good objects are kept");
+        }
+        if changed || !errors.is_empty() || first {
+            first = false;
+            telemetry.source_changed();
+            let objects = files.objects();
+            telemetry.objects_seen(&objects, false);
+            p.apply(&clustergate_control::build_model(&objects, options));
+        }
+        if once {
+            return match p.published {
+                Some(_) => Ok(()),
+                None => anyhow::bail!("nothing was published from {}", manifest.display()),
+            };
+        }
+        // Waits for an event (the watcher) or a poll period (no watcher:
+        // list again), then takes every event already queued, so a burst of
+        // writes is read once.
+        let woke = runtime.block_on(async {
+            tokio::select! {
+                event = rx.recv(), if watcher.is_some() => Some(event),
+                () = tokio::time::sleep(poll) => Some(None),
+                _ = stop.wait() => None,
+            }
+        });
+        let Some(event) = woke else {
+            log_stopped(p.published.as_ref());
+            return Ok(());
+        };
+        if watcher.is_none() {
+            todo = None;
+            continue;
+        }
+        let mut names = Some(Vec::new());
+        let mut take = |event: Option<notify::Result<notify::Event>>| match event {
+            Some(Ok(event)) => match (event_names(&event, manifest), names.as_mut()) {
+                (Some(n), Some(all)) => all.extend(n),
+                (None, _) => names = None,
+                (Some(_), None) => {}
+            },
+            Some(Err(e)) => {
+                warn!("watching the manifest directory: {e}; listing it again");
+                names = None;
+            }
+            None => {}
+        };
+        take(event);
+        while let Ok(event) = rx.try_recv() {
+            take(Some(event));
+        }
+        todo = names;
     }
 }
 
