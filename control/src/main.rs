@@ -7,7 +7,8 @@
 //! - `run`: publish, then publish again whenever the objects change. The
 //!   source is the API (`--in-cluster` or `--kubeconfig`, watched through
 //!   `clustergate_control::kube_source`) or a manifest file (`--manifest`,
-//!   polled). An object that cannot be used is skipped alone (logged once,
+//!   polled), or a manifest directory (`--manifest DIR`, watched with inotify,
+//!   only the changed files re-read: `clustergate_control::manifest_dir`). An object that cannot be used is skipped alone (logged once,
 //!   counted in `clustergate_control_objects_skipped`); a broken manifest or
 //!   an unreachable API keep the last good snapshot.
 //!   `run` serves Prometheus metrics at `--metrics` and `/healthz`, `/livez`
@@ -229,7 +230,8 @@ enum Command {
     /// Publish the tables, then again whenever the Services or EndpointSlices change.
     #[command(group(ArgGroup::new("source").required(true).args(["manifest", "kubeconfig", "in_cluster"])))]
     Run {
-        /// Read a YAML manifest (a `kubectl get -o yaml` List, or documents separated by `---`) and poll it.
+        /// Read a YAML manifest (a `kubectl get -o yaml` List, or documents separated by `---`) and poll it;
+        /// or a directory of them (every `*.yaml`/`*.yml` file), watched with inotify.
         #[arg(long)]
         manifest: Option<PathBuf>,
         /// Watch the API server of this kubeconfig file (its current context).
@@ -278,7 +280,7 @@ enum Command {
         group(ArgGroup::new("source").required(true).args(["manifest", "kubeconfig", "in_cluster"]))
     )]
     Show {
-        /// YAML manifest.
+        /// YAML manifest, or a directory of them (every `*.yaml`/`*.yml` file).
         #[arg(long)]
         manifest: Option<PathBuf>,
         /// List Services, EndpointSlices and Nodes from the API server of this kubeconfig file (its current context).
@@ -307,7 +309,7 @@ enum Command {
     /// Write one snapshot file.
     #[command(after_help = EXIT_STATUS_HELP)]
     Build {
-        /// YAML manifest.
+        /// YAML manifest, or a directory of them (every `*.yaml`/`*.yml` file).
         #[arg(long)]
         manifest: PathBuf,
         /// Refuse the whole manifest (exit 1, write nothing) if any object is invalid.
@@ -810,6 +812,10 @@ fn event_names(event: &notify::Event, dir: &Path) -> Option<Vec<String>> {
         if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
             if manifest_dir::is_manifest_name(name) {
                 names.push(name.to_owned());
+            } else if name.starts_with("..") {
+                // A ConfigMap volume swaps its `..data` link: every file's
+                // target may have changed.
+                return None;
             }
         }
     }
