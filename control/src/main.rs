@@ -248,8 +248,9 @@ enum Command {
         /// How often to look at the manifest, in milliseconds (`--manifest` only).
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60_000))]
         poll_ms: u64,
-        /// Least time between two table builds from the API, in milliseconds
-        /// (kube-proxy's `--min-sync-period`); 0: as fast as changes come.
+        /// Least time between two table builds from the API or a manifest
+        /// directory, in milliseconds (kube-proxy's `--min-sync-period`); 0: as
+        /// fast as changes come.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
         min_sync_period_ms: u64,
         /// Watch Pods, Namespaces and NetworkPolicies and enforce the
@@ -447,6 +448,7 @@ fn real_main() -> Result<i32> {
                     &shm_dir,
                     &options,
                     poll,
+                    Duration::from_millis(min_sync_period_ms),
                     hash_seed,
                     once,
                     &telemetry,
@@ -621,6 +623,7 @@ fn run(
     dir: &Path,
     options: &ModelOptions,
     poll: Duration,
+    min_sync: Duration,
     seed: u64,
     once: bool,
     telemetry: &Telemetry,
@@ -628,7 +631,9 @@ fn run(
 ) -> Result<()> {
     match std::fs::metadata(manifest) {
         Ok(meta) if meta.is_dir() => {
-            return run_dir(manifest, dir, options, poll, seed, once, telemetry, checks);
+            return run_dir(
+                manifest, dir, options, poll, min_sync, seed, once, telemetry, checks,
+            );
         }
         Ok(meta) if !meta.is_file() => {
             anyhow::bail!(
@@ -832,6 +837,7 @@ fn run_dir(
     dir: &Path,
     options: &ModelOptions,
     poll: Duration,
+    min_sync: Duration,
     seed: u64,
     once: bool,
     telemetry: &Telemetry,
@@ -886,6 +892,7 @@ fn run_dir(
     // Some(names): re-read those files; None: list the directory again.
     let mut todo: Option<Vec<String>> = None;
     let mut first = true;
+    let mut built: Option<Instant> = None;
     loop {
         telemetry.beat();
         let (changed, errors) = match todo.take() {
@@ -922,6 +929,7 @@ fn run_dir(
             let objects = files.objects();
             telemetry.objects_seen(&objects, false);
             p.apply(&clustergate_control::build_model(&objects, options));
+            built = Some(Instant::now());
         }
         if once {
             return match p.published {
@@ -943,6 +951,21 @@ fn run_dir(
             log_stopped(p.published.as_ref());
             return Ok(());
         };
+        // `--min-sync-period-ms`: the events of the rest of the period are
+        // read with this one.
+        let wait = built.map_or(Duration::ZERO, |b| min_sync.saturating_sub(b.elapsed()));
+        if event.is_some() && !wait.is_zero() {
+            let stopped = runtime.block_on(async {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => false,
+                    _ = stop.wait() => true,
+                }
+            });
+            if stopped {
+                log_stopped(p.published.as_ref());
+                return Ok(());
+            }
+        }
         if watcher.is_none() {
             todo = None;
             continue;
