@@ -207,3 +207,42 @@ fn run_on_a_directory_follows_each_file() {
     );
     assert!(log.contains("watching the manifest directory"), "{log}");
 }
+
+/// A ConfigMap volume: `web.yaml` links to `..data/web.yaml`, and an update
+/// swaps the `..data` link to a new timestamped directory by a rename.
+#[test]
+fn run_follows_a_configmap_volume_update() {
+    use std::os::unix::fs::symlink;
+    let root = scratch("mdir-configmap");
+    let dir = root.join("volume");
+    std::fs::create_dir_all(dir.join("..2026_12_05_1")).unwrap();
+    std::fs::write(dir.join("..2026_12_05_1/web.yaml"), service("web", 1, 8081)).unwrap();
+    symlink("..2026_12_05_1", dir.join("..data")).unwrap();
+    symlink("..data/web.yaml", dir.join("web.yaml")).unwrap();
+    let shm = root.join("shm");
+    let mut d = Daemon {
+        dir: root.clone(),
+        child: None,
+    };
+    d.child = Some(
+        Command::new(env!("CARGO_BIN_EXE_clustergate-control"))
+            .arg("run")
+            .arg("--manifest")
+            .arg(&dir)
+            .arg("--shm-dir")
+            .arg(&shm)
+            .args(["--poll-ms", "60000"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_generation(&shm, 1);
+    assert_eq!(backend_port(&shm, 1), Some(8081));
+
+    std::fs::create_dir_all(dir.join("..2026_12_05_2")).unwrap();
+    std::fs::write(dir.join("..2026_12_05_2/web.yaml"), service("web", 1, 9081)).unwrap();
+    symlink("..2026_12_05_2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    wait_generation(&shm, 2);
+    assert_eq!(backend_port(&shm, 1), Some(9081));
+}
