@@ -31,6 +31,31 @@ use crate::layout::BACKEND_PORT;
 use crate::sink::ReturnPath;
 use crate::topology::{Shape, Topology};
 
+/// Where control reads the services from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// One manifest file, polled; each change rewrites (temp file + rename)
+    /// the whole file.
+    Manifest,
+    /// A manifest directory of [`SERVICES_PER_FILE`] services per file,
+    /// watched with inotify; each change rewrites (temp file + rename) only
+    /// the file holding service 0.
+    ManifestDir,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Manifest => "manifest",
+            Self::ManifestDir => "manifest-dir",
+        }
+    }
+}
+
+/// Services per file with `--source manifest-dir`.
+pub const SERVICES_PER_FILE: u32 = 100;
+
 /// Flags of `clustergate-bench update-latency`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -49,6 +74,10 @@ pub struct Args {
     /// How often control looks at the manifest, in milliseconds, 1..=1000.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub poll_ms: u64,
+    /// Where control reads the services from: one manifest file, or a
+    /// directory of 100 services per file where a change rewrites one file.
+    #[arg(long, value_enum, default_value = "manifest")]
+    pub source: Source,
     /// Return path of the services: snat (control's default) or routed.
     #[arg(long, value_enum, default_value = "snat")]
     pub return_path: ReturnPath,
@@ -63,6 +92,8 @@ pub struct Args {
 /// The result.
 #[derive(Debug, Clone, Serialize)]
 pub struct UpdateLatency {
+    /// Where control read the services from.
+    pub source: Source,
     /// Services loaded.
     pub services: u32,
     /// Changes timed.
@@ -145,6 +176,14 @@ pub fn run(args: &Args) -> Result<()> {
         "\nupdate latency (manifest write → first packet at the new backend port), {} services, return path {}, {} changes, control --poll-ms {}, probes at {} pps:\n\n| p50 ms | p99 ms | min ms | max ms |\n|---|---|---|---|\n| {:.1} | {:.1} | {:.1} | {:.1} |",
         res.services, res.return_path.name(), res.changes, res.poll_ms, res.rate, res.p50_ms, res.p99_ms, res.min_ms, res.max_ms
     );
+    println!(
+        "update-latency: source={} services={} changes={} p50_ms={:.1} p99_ms={:.1}",
+        res.source.name(),
+        res.services,
+        res.changes,
+        res.p50_ms,
+        res.p99_ms
+    );
     std::fs::write(
         args.out.join("update-latency.json"),
         serde_json::to_vec_pretty(&res)?,
@@ -162,17 +201,39 @@ fn measure(args: &Args, bins: &Bins, topo: &Topology) -> Result<UpdateLatency> {
         c.args(["netns", "exec", &topo.ns(role)]).arg(prog);
         c
     };
-    let path = dir.join("manifest.yaml");
     let port = |i: u32| BACKEND_PORT + 1 + i as u16;
-    write_atomically(
-        &path,
-        &manifest_with(args.services, &[1, 2], BACKEND_PORT, Some((1, port(0)))),
-    )?;
+    let full = manifest_with(args.services, &[1, 2], BACKEND_PORT, Some((1, port(0))));
+    // The file a change rewrites, its text for change `i`, and what control reads.
+    let (path, text_of, manifest): (_, Box<dyn Fn(u32) -> String>, _) = match args.source {
+        Source::Manifest => {
+            let path = dir.join("manifest.yaml");
+            write_atomically(&path, &full)?;
+            let n = args.services;
+            let text_of =
+                Box::new(move |i: u32| manifest_with(n, &[1, 2], BACKEND_PORT, Some((1, port(i)))));
+            (path.clone(), text_of, path)
+        }
+        Source::ManifestDir => {
+            let mdir = dir.join("manifests");
+            std::fs::create_dir_all(&mdir)?;
+            let files = split_list(&full, SERVICES_PER_FILE as usize);
+            for (f, text) in files.iter().enumerate() {
+                write_atomically(&mdir.join(format!("svc-{f:05}.yaml")), text)?;
+            }
+            // Service 0 is in the first file, which holds the first
+            // SERVICES_PER_FILE services of the full manifest.
+            let n = args.services.min(SERVICES_PER_FILE);
+            let text_of =
+                Box::new(move |i: u32| manifest_with(n, &[1, 2], BACKEND_PORT, Some((1, port(i)))));
+            debug_assert_eq!(text_of(0), files[0]);
+            (mdir.join("svc-00000.yaml"), text_of, mdir)
+        }
+    };
     let shm = dir.join("shm");
     let mut c = Command::new(&bins.control);
     c.arg("run")
         .arg("--manifest")
-        .arg(&path)
+        .arg(&manifest)
         .arg("--shm-dir")
         .arg(&shm)
         .args(["--poll-ms", &args.poll_ms.to_string()])
@@ -251,10 +312,7 @@ fn measure(args: &Args, bins: &Bins, topo: &Topology) -> Result<UpdateLatency> {
     let mut lat = Vec::with_capacity(args.changes as usize);
     for i in 1..=args.changes {
         crate::compare::check_stop()?;
-        let written = write_atomically(
-            &path,
-            &manifest_with(args.services, &[1, 2], BACKEND_PORT, Some((1, port(i)))),
-        )?;
+        let written = write_atomically(&path, &text_of(i))?;
         let seen = wait_port(&mut sink, port(i), &log("sink"))?;
         let ms = seen.saturating_sub(written) as f64 / 1e6;
         lat.push(ms);
@@ -280,6 +338,7 @@ fn measure(args: &Args, bins: &Bins, topo: &Topology) -> Result<UpdateLatency> {
     let mut sorted = lat.clone();
     sorted.sort_by(f64::total_cmp);
     Ok(UpdateLatency {
+        source: args.source,
         frames_checked: received,
         services: args.services,
         changes: args.changes,
@@ -292,6 +351,27 @@ fn measure(args: &Args, bins: &Bins, topo: &Topology) -> Result<UpdateLatency> {
         max_ms: sorted.last().copied().unwrap_or(0.0),
         latencies_ms: lat,
     })
+}
+
+/// Splits the `kind: List` manifest `list` (of `manifest_with`: a Service
+/// and its EndpointSlice per service) into Lists of `per_file` services each.
+fn split_list(list: &str, per_file: usize) -> Vec<String> {
+    const HEADER: &str = "apiVersion: v1\nkind: List\nitems:\n";
+    const SERVICE: &str = "- apiVersion: v1\n  kind: Service\n";
+    let body = list.strip_prefix(HEADER).unwrap_or(list);
+    let starts: Vec<usize> = body.match_indices(SERVICE).map(|(i, _)| i).collect();
+    starts
+        .chunks(per_file)
+        .enumerate()
+        .map(|(c, chunk)| {
+            let from = chunk[0];
+            let to = starts
+                .get((c + 1) * per_file)
+                .copied()
+                .unwrap_or(body.len());
+            format!("{HEADER}{}", &body[from..to])
+        })
+        .collect()
 }
 
 /// The sink's first packet at `port`: its CLOCK_MONOTONIC time.
@@ -310,6 +390,31 @@ fn wait_port(sink: &mut Proc, port: u16, log: &Path) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_splits_into_files_of_whole_services() {
+        let full = manifest_with(250, &[1, 2], BACKEND_PORT, Some((1, 7000)));
+        let files = split_list(&full, 100);
+        assert_eq!(files.len(), 3);
+        assert_eq!(
+            files[0],
+            manifest_with(100, &[1, 2], BACKEND_PORT, Some((1, 7000)))
+        );
+        assert_eq!(files[2].matches("kind: Service\n").count(), 50);
+        assert_eq!(files[2].matches("kind: EndpointSlice\n").count(), 50);
+        assert!(files[2].contains("name: svc-249,"));
+        let joined: String = files
+            .iter()
+            .map(|f| {
+                f.strip_prefix("apiVersion: v1\nkind: List\nitems:\n")
+                    .expect("every file is a List")
+            })
+            .collect();
+        assert_eq!(
+            format!("apiVersion: v1\nkind: List\nitems:\n{joined}"),
+            full
+        );
+    }
 
     #[test]
     fn quantiles_are_nearest_rank() {

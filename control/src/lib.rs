@@ -18,6 +18,7 @@ use thiserror::Error;
 pub mod ip;
 pub mod kube_source;
 pub mod manifest;
+pub mod manifest_dir;
 pub mod model;
 pub mod policy;
 mod show;
@@ -47,6 +48,15 @@ pub enum ControlError {
         /// What is wrong.
         source: ManifestError,
     },
+    /// A file of a manifest directory (or the directory) cannot be used.
+    #[error(transparent)]
+    Dir(#[from] manifest_dir::DirError),
+    /// The path is neither a file nor a directory.
+    #[error("{}: --manifest is neither a file nor a directory", path.display())]
+    NotFileOrDir {
+        /// The path.
+        path: PathBuf,
+    },
     /// The objects are refused (`--strict` only).
     #[error("{}: {source}", path.display())]
     Model {
@@ -57,7 +67,8 @@ pub enum ControlError {
     },
 }
 
-/// Reads, parses and models a manifest file with `options` (see
+/// Reads, parses and models a manifest file (or every manifest file of a
+/// directory, see [`manifest_dir`]) with `options` (see
 /// [`build_model`]): objects that cannot be used are skipped
 /// ([`Model::skipped`], [`Model::errors`]).
 ///
@@ -65,6 +76,18 @@ pub enum ControlError {
 /// The file cannot be read, or [`parse_manifest`] refuses it; the error
 /// names the file.
 pub fn load_manifest_file(path: &Path, options: &ModelOptions) -> Result<Model, ControlError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            let dir = manifest_dir::ManifestDir::load(path)?;
+            return Ok(build_model(&dir.objects(), options));
+        }
+        Ok(meta) if !meta.is_file() => {
+            return Err(ControlError::NotFileOrDir {
+                path: path.to_owned(),
+            })
+        }
+        _ => {}
+    }
     let text = std::fs::read_to_string(path).map_err(|source| ControlError::Read {
         path: path.to_owned(),
         source,

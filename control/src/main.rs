@@ -7,7 +7,8 @@
 //! - `run`: publish, then publish again whenever the objects change. The
 //!   source is the API (`--in-cluster` or `--kubeconfig`, watched through
 //!   `clustergate_control::kube_source`) or a manifest file (`--manifest`,
-//!   polled). An object that cannot be used is skipped alone (logged once,
+//!   polled), or a manifest directory (`--manifest DIR`, watched with inotify,
+//!   only the changed files re-read: `clustergate_control::manifest_dir`). An object that cannot be used is skipped alone (logged once,
 //!   counted in `clustergate_control_objects_skipped`); a broken manifest or
 //!   an unreachable API keep the last good snapshot.
 //!   `run` serves Prometheus metrics at `--metrics` and `/healthz`, `/livez`
@@ -53,6 +54,7 @@ use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use clustergate_control::kube_source::{self, FollowConfig, Hooks};
+use clustergate_control::manifest_dir::{self, ManifestDir};
 use clustergate_control::model::{default_node_port_addresses, SkipLog};
 use clustergate_control::{
     load_manifest_file, load_manifest_file_strict, Model, ModelOptions, Objects, Skipped,
@@ -228,7 +230,8 @@ enum Command {
     /// Publish the tables, then again whenever the Services or EndpointSlices change.
     #[command(group(ArgGroup::new("source").required(true).args(["manifest", "kubeconfig", "in_cluster"])))]
     Run {
-        /// Read a YAML manifest (a `kubectl get -o yaml` List, or documents separated by `---`) and poll it.
+        /// Read a YAML manifest (a `kubectl get -o yaml` List, or documents separated by `---`) and poll it;
+        /// or a directory of them (every `*.yaml`/`*.yml` file), watched with inotify.
         #[arg(long)]
         manifest: Option<PathBuf>,
         /// Watch the API server of this kubeconfig file (its current context).
@@ -245,8 +248,9 @@ enum Command {
         /// How often to look at the manifest, in milliseconds (`--manifest` only).
         #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60_000))]
         poll_ms: u64,
-        /// Least time between two table builds from the API, in milliseconds
-        /// (kube-proxy's `--min-sync-period`); 0: as fast as changes come.
+        /// Least time between two table builds from the API or a manifest
+        /// directory, in milliseconds (kube-proxy's `--min-sync-period`); 0: as
+        /// fast as changes come.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
         min_sync_period_ms: u64,
         /// Watch Pods, Namespaces and NetworkPolicies and enforce the
@@ -277,7 +281,7 @@ enum Command {
         group(ArgGroup::new("source").required(true).args(["manifest", "kubeconfig", "in_cluster"]))
     )]
     Show {
-        /// YAML manifest.
+        /// YAML manifest, or a directory of them (every `*.yaml`/`*.yml` file).
         #[arg(long)]
         manifest: Option<PathBuf>,
         /// List Services, EndpointSlices and Nodes from the API server of this kubeconfig file (its current context).
@@ -306,7 +310,7 @@ enum Command {
     /// Write one snapshot file.
     #[command(after_help = EXIT_STATUS_HELP)]
     Build {
-        /// YAML manifest.
+        /// YAML manifest, or a directory of them (every `*.yaml`/`*.yml` file).
         #[arg(long)]
         manifest: PathBuf,
         /// Refuse the whole manifest (exit 1, write nothing) if any object is invalid.
@@ -444,6 +448,7 @@ fn real_main() -> Result<i32> {
                     &shm_dir,
                     &options,
                     poll,
+                    Duration::from_millis(min_sync_period_ms),
                     hash_seed,
                     once,
                     &telemetry,
@@ -618,11 +623,26 @@ fn run(
     dir: &Path,
     options: &ModelOptions,
     poll: Duration,
+    min_sync: Duration,
     seed: u64,
     once: bool,
     telemetry: &Telemetry,
     mut checks: Option<&mut HealthChecks>,
 ) -> Result<()> {
+    match std::fs::metadata(manifest) {
+        Ok(meta) if meta.is_dir() => {
+            return run_dir(
+                manifest, dir, options, poll, min_sync, seed, once, telemetry, checks,
+            );
+        }
+        Ok(meta) if !meta.is_file() => {
+            anyhow::bail!(
+                "{}: --manifest is neither a file nor a directory",
+                manifest.display()
+            );
+        }
+        _ => {}
+    }
     // Only for SIGTERM and SIGINT: the loop sleeps in it between two looks.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -711,6 +731,263 @@ fn run(
             log_stopped(published.as_ref());
             return Ok(());
         }
+    }
+}
+
+/// What `run` on a manifest directory keeps between two publishes.
+struct Publisher<'a> {
+    seed: u64,
+    writer: Writer,
+    sizes: RingSizes,
+    published: Option<Published>,
+    notes: Option<Vec<Skipped>>,
+    skip_log: SkipLog,
+    telemetry: &'a Telemetry,
+    checks: Option<&'a mut HealthChecks>,
+}
+
+impl Publisher<'_> {
+    /// Publishes `model` unless its tables equal the last published ones.
+    fn apply(&mut self, model: &Model) {
+        self.skip_log.log(model);
+        self.telemetry.skipped(model);
+        warn_notes(model, &mut self.notes);
+        self.telemetry.change_seen();
+        let started = Instant::now();
+        let result = publish(
+            model,
+            self.seed,
+            &mut self.writer,
+            self.published.as_ref(),
+            &mut self.sizes,
+        );
+        if result.is_ok() {
+            self.telemetry.frontends(model);
+            if let Some(checks) = self.checks.as_deref_mut() {
+                checks.sync(&model.health_checks);
+            }
+        }
+        match result {
+            Ok(Some(p)) => {
+                self.telemetry.published(p.generation, started.elapsed());
+                info!(
+                    generation = p.generation,
+                    frontends = p.spec.services.len(),
+                    took_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "published"
+                );
+                self.published = Some(p);
+            }
+            Ok(None) => {
+                self.telemetry.unchanged();
+                info!("manifest changed but the tables did not: no new generation");
+            }
+            Err(e) => error!(
+                "{e:#}; keeping generation {}",
+                self.published.as_ref().map_or(0, |p| p.generation)
+            ),
+        }
+    }
+}
+
+/// The names of the manifest files an inotify event is about, or None when
+/// the whole directory must be listed again (queue overflow, the directory
+/// itself moved or removed). Events that do not end a write are ignored: a
+/// file is re-read when it is closed after writing, renamed in or out, or
+/// removed, never while half written.
+fn event_names(event: &notify::Event, dir: &Path) -> Option<Vec<String>> {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    if event.need_rescan() {
+        return None;
+    }
+    let relevant = matches!(
+        event.kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_) | ModifyKind::Any)
+            | EventKind::Remove(_)
+    );
+    if !relevant {
+        return Some(Vec::new());
+    }
+    let mut names = Vec::new();
+    for path in &event.paths {
+        if path == dir {
+            return None;
+        }
+        if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+            if manifest_dir::is_manifest_name(name) {
+                names.push(name.to_owned());
+            } else if name.starts_with("..") {
+                // A ConfigMap volume swaps its `..data` link: every file's
+                // target may have changed.
+                return None;
+            }
+        }
+    }
+    Some(names)
+}
+
+/// `run` on a manifest directory: watches it with inotify and re-reads only
+/// the files an event names (falling back to polling every file's mtime
+/// when the directory cannot be watched); a file that cannot be read keeps
+/// its last good objects.
+#[allow(clippy::too_many_arguments)] // reason: the command's flags, one by one
+fn run_dir(
+    manifest: &Path,
+    dir: &Path,
+    options: &ModelOptions,
+    poll: Duration,
+    min_sync: Duration,
+    seed: u64,
+    once: bool,
+    telemetry: &Telemetry,
+    checks: Option<&mut HealthChecks>,
+) -> Result<()> {
+    use notify::Watcher as _;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut stop = {
+        let _entered = runtime.enter();
+        Stop::install()?
+    };
+    let writer = Writer::open(dir)
+        .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
+    info!(dir = %dir.display(), next_generation = writer.next_generation(), "publishing snapshots");
+    let mut p = Publisher {
+        seed,
+        writer,
+        sizes: published_ring_sizes(dir),
+        published: None,
+        notes: None,
+        skip_log: SkipLog::default(),
+        telemetry,
+        checks,
+    };
+    // The watch starts before the first listing, so no change falls between.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = notify::recommended_watcher(move |event| {
+        let _ = tx.send(event);
+    })
+    .and_then(|mut w| {
+        w.watch(manifest, notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    });
+    let watcher = match watcher {
+        Ok(w) => {
+            info!(manifest = %manifest.display(), "watching the manifest directory");
+            Some(w)
+        }
+        Err(e) => {
+            warn!(
+                manifest = %manifest.display(),
+                "cannot watch the manifest directory ({e}); polling its files' mtimes every {} ms",
+                poll.as_millis()
+            );
+            None
+        }
+    };
+    let mut files = ManifestDir::new(manifest);
+    // Some(names): re-read those files; None: list the directory again.
+    let mut todo: Option<Vec<String>> = None;
+    let mut first = true;
+    let mut built: Option<Instant> = None;
+    loop {
+        telemetry.beat();
+        let (changed, errors) = match todo.take() {
+            None => match files.rescan() {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(
+                        "{e}; keeping generation {}",
+                        p.published.as_ref().map_or(0, |p| p.generation)
+                    );
+                    (false, Vec::new())
+                }
+            },
+            Some(mut names) => {
+                names.sort();
+                names.dedup();
+                let mut changed = false;
+                let mut errors = Vec::new();
+                for name in names {
+                    match files.refresh(&name) {
+                        Ok(c) => changed |= c,
+                        Err(e) => errors.push(e),
+                    }
+                }
+                (changed, errors)
+            }
+        };
+        for e in &errors {
+            error!("{e}; the file's last good objects are kept");
+        }
+        if changed || !errors.is_empty() || first {
+            first = false;
+            telemetry.source_changed();
+            let objects = files.objects();
+            telemetry.objects_seen(&objects, false);
+            p.apply(&clustergate_control::build_model(&objects, options));
+            built = Some(Instant::now());
+        }
+        if once {
+            return match p.published {
+                Some(_) => Ok(()),
+                None => anyhow::bail!("nothing was published from {}", manifest.display()),
+            };
+        }
+        // Waits for an event (the watcher) or a poll period (no watcher:
+        // list again), then takes every event already queued, so a burst of
+        // writes is read once.
+        let woke = runtime.block_on(async {
+            tokio::select! {
+                event = rx.recv(), if watcher.is_some() => Some(event),
+                () = tokio::time::sleep(poll) => Some(None),
+                _ = stop.wait() => None,
+            }
+        });
+        let Some(event) = woke else {
+            log_stopped(p.published.as_ref());
+            return Ok(());
+        };
+        // `--min-sync-period-ms`: the events of the rest of the period are
+        // read with this one.
+        let wait = built.map_or(Duration::ZERO, |b| min_sync.saturating_sub(b.elapsed()));
+        if event.is_some() && !wait.is_zero() {
+            let stopped = runtime.block_on(async {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => false,
+                    _ = stop.wait() => true,
+                }
+            });
+            if stopped {
+                log_stopped(p.published.as_ref());
+                return Ok(());
+            }
+        }
+        if watcher.is_none() {
+            todo = None;
+            continue;
+        }
+        let mut names = Some(Vec::new());
+        let mut take = |event: Option<notify::Result<notify::Event>>| match event {
+            Some(Ok(event)) => match (event_names(&event, manifest), names.as_mut()) {
+                (Some(n), Some(all)) => all.extend(n),
+                (None, _) => names = None,
+                (Some(_), None) => {}
+            },
+            Some(Err(e)) => {
+                warn!("watching the manifest directory: {e}; listing it again");
+                names = None;
+            }
+            None => {}
+        };
+        take(event);
+        while let Ok(event) = rx.try_recv() {
+            take(Some(event));
+        }
+        todo = names;
     }
 }
 
