@@ -377,7 +377,7 @@ fn owners_decide_their_flows_and_every_reply_is_reverse_natted() {
 /// back to it, and can still use most of the range: many flows from one
 /// worker towards one backend get distinct ports.
 #[test]
-fn an_owner_finds_ports_in_its_partition_until_its_share_runs_out() {
+fn an_owner_takes_only_ports_whose_replies_come_back_to_it() {
     let ct = Arc::new(Conntrack::new(&Config {
         capacity: 1 << 14,
         shards: 16,
