@@ -64,10 +64,10 @@ use clustergate_dataplane::flow::addr16;
 use clustergate_dataplane::maglev::{
     build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE,
 };
-use clustergate_dataplane::snapshot::{self, Writer};
-use clustergate_dataplane::table::{ReturnPath, RingSizes, Table, TableSpec};
+use clustergate_dataplane::snapshot::{self, Writer, Written};
+use clustergate_dataplane::table::{Builder, ReturnPath, RingSizes, Table, TableSpec};
 use ipnet::IpNet;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::health_check::HealthChecks;
 use crate::metrics::Telemetry;
@@ -655,7 +655,7 @@ fn run(
     let mut writer = Writer::open(dir)
         .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
     info!(dir = %dir.display(), next_generation = writer.next_generation(), "publishing snapshots");
-    let mut sizes = published_ring_sizes(dir);
+    let mut sizes = published_tables(dir, seed);
     let mut last_text: Option<String> = None;
     let mut published: Option<Published> = None;
     let mut notes: Option<Vec<Skipped>> = None;
@@ -738,7 +738,7 @@ fn run(
 struct Publisher<'a> {
     seed: u64,
     writer: Writer,
-    sizes: RingSizes,
+    sizes: Tables,
     published: Option<Published>,
     notes: Option<Vec<Skipped>>,
     skip_log: SkipLog,
@@ -858,7 +858,7 @@ fn run_dir(
     let mut p = Publisher {
         seed,
         writer,
-        sizes: published_ring_sizes(dir),
+        sizes: published_tables(dir, seed),
         published: None,
         notes: None,
         skip_log: SkipLog::default(),
@@ -1005,7 +1005,7 @@ fn run_api(
     let mut writer = Writer::open(dir)
         .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
     info!(dir = %dir.display(), next_generation = writer.next_generation(), "publishing snapshots");
-    let mut sizes = published_ring_sizes(dir);
+    let mut sizes = published_tables(dir, seed);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1127,12 +1127,21 @@ fn model_of(
     Ok(clustergate_control::build_model(&objects, options))
 }
 
-/// The Maglev ring sizes of the snapshot `dir` holds now, so that a
-/// restarted control keeps them (a ring of another size remaps nearly all its
-/// flows). None when there is no snapshot; a snapshot that cannot be read is
-/// warned about, and every ring then gets a fresh size.
-fn published_ring_sizes(dir: &Path) -> RingSizes {
-    match snapshot::load_current(dir) {
+/// What `publish` keeps between two publishes: the builder, which rebuilds
+/// only the frontends whose spec changed, and the table published last,
+/// from which the next is published as a delta.
+struct Tables {
+    builder: Builder,
+    last: Option<Table>,
+}
+
+/// The builder for publishing into `dir`, keeping the Maglev ring sizes of
+/// the snapshot `dir` holds now, so that a restarted control keeps them (a
+/// ring of another size remaps nearly all its flows). Without a snapshot
+/// every ring gets a fresh size; one that cannot be read is warned about.
+/// The first publish of a control is always a full snapshot.
+fn published_tables(dir: &Path, seed: u64) -> Tables {
+    let sizes = match snapshot::load_current(dir) {
         Ok(Some(table)) => {
             let sizes = table.ring_sizes();
             info!(
@@ -1147,28 +1156,52 @@ fn published_ring_sizes(dir: &Path) -> RingSizes {
             warn!(dir = %dir.display(), "cannot read the published snapshot ({e}); Maglev rings get fresh sizes");
             RingSizes::default()
         }
+    };
+    Tables {
+        builder: Builder::new(seed, DEFAULT_MAX_RING_SIZE, sizes),
+        last: None,
     }
 }
 
-/// Builds and publishes the tables of `model`, unless they equal the last ones.
-/// Each ring keeps its size from `sizes` (the last published table's) while
-/// that size still serves it; `sizes` then becomes the new table's.
+/// Builds and publishes the tables of `model`, unless they equal the last ones:
+/// only the frontends whose spec changed are built again (their rings keep
+/// their size while it still serves them), and the change is published as a
+/// delta when only frontends changed.
 fn publish(
     model: &Model,
-    seed: u64,
+    _seed: u64,
     writer: &mut Writer,
     last: Option<&Published>,
-    sizes: &mut RingSizes,
+    tables: &mut Tables,
 ) -> Result<Option<Published>> {
     let spec = model.table_spec();
     if last.is_some_and(|p| p.spec == spec) {
         return Ok(None);
     }
     let generation = writer.next_generation();
-    let table = Table::build_keeping(generation, seed, &spec, DEFAULT_MAX_RING_SIZE, sizes)
+    let table = tables
+        .builder
+        .build(generation, &spec)
         .context("building the table")?;
-    writer.publish(&table).context("publishing the snapshot")?;
-    *sizes = table.ring_sizes();
+    let written = writer
+        .publish_change(&table, tables.last.as_ref())
+        .context("publishing the snapshot")?;
+    match written {
+        Written::Full(path) => debug!(generation, path = %path.display(), "full snapshot written"),
+        Written::Delta {
+            changed,
+            removed,
+            full,
+            ..
+        } => debug!(
+            generation,
+            changed,
+            removed,
+            full = full.is_some(),
+            "delta written"
+        ),
+    }
+    tables.last = Some(table);
     Ok(Some(Published { generation, spec }))
 }
 

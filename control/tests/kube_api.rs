@@ -998,7 +998,11 @@ async fn run_with_a_kubeconfig_publishes() {
     let table = clustergate_dataplane::snapshot::load_current(&shm)
         .unwrap()
         .unwrap();
-    let paths: Vec<ReturnPath> = table.frontends().iter().map(Table::return_path).collect();
+    let paths: Vec<ReturnPath> = table
+        .frontends()
+        .iter()
+        .map(|f| Table::return_path(f))
+        .collect();
     assert_eq!(
         paths,
         [ReturnPath::Routed],

@@ -118,7 +118,7 @@ fn backend_port(shm: &Path, ip: u8) -> Option<u16> {
     let f = t.frontend(&addr16([198, 19, 0, ip].into()), 80, Proto::Tcp)?;
     let r = t.frontend_record(f).unwrap();
     assert_eq!(r.backends_len, 1);
-    Some(t.backend_records()[r.backends_start as usize].port)
+    Some(r.backends()[0].port)
 }
 
 #[test]

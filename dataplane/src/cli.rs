@@ -60,7 +60,7 @@ pub fn long_version() -> &'static str {
         env!("CARGO_PKG_VERSION"),
         "\ncommit: ",
         env!("CLUSTERGATE_GIT_COMMIT"),
-        "\nsnapshot ABI: 6",
+        "\nsnapshot ABI: 7",
         "\nflow hash: 1 (xxh3-64)",
     )
 }

@@ -378,8 +378,8 @@ fn per_frontend(reg: &mut Registry, server: &Server, workers: &[(String, WorkerS
     let table = server.table.load_full();
     let keys = BackendKey::all_of(&table);
     let mut rows: Vec<(Labels, BackendCount)> = Vec::new();
-    for f in table.frontends() {
-        let start = f.backends_start as usize;
+    for (fi, f) in table.frontends().iter().enumerate() {
+        let start = table.backend_base(fi as u32).unwrap_or(0) as usize;
         let mut total = BackendCount::default();
         for i in 0..f.backends_len as usize {
             if let Some(c) = keys.get(start + i).and_then(|k| sums.get(k)) {

@@ -250,7 +250,7 @@ pub fn services(table: &Table, workers: &[WorkerStats]) -> ServicesDoc {
         .iter()
         .enumerate()
         .map(|(index, f)| {
-            let start = f.backends_start as usize;
+            let start = table.backend_base(index as u32).unwrap_or(0) as usize;
             let backends = table
                 .backends_of(f)
                 .iter()

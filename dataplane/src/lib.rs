@@ -23,6 +23,7 @@
 
 pub mod cli;
 pub mod conntrack;
+pub mod delta;
 pub mod flow;
 pub mod io;
 pub mod maglev;

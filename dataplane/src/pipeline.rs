@@ -27,7 +27,7 @@ use crate::packet::parse::{parse, tcp_flags, Family, FlowL4, IcmpError, Parsed, 
 use crate::packet::reject::{self, reject_in_place};
 use crate::packet::rewrite::{self, L4Csum, NatSide};
 use crate::snat::{PortRange, ReturnConfig, SourceAddrs};
-use crate::table::{FrontendRecord, ReturnPath, Table, FRONTEND_AFFINITY, FRONTEND_NODE_LOCAL};
+use crate::table::{Front, ReturnPath, Table, FRONTEND_AFFINITY, FRONTEND_NODE_LOCAL};
 use crate::time::Now;
 pub use crate::verdict::{DropReason, NextHop, Side, Verdict};
 
@@ -201,34 +201,18 @@ impl BackendKey {
     /// The key of every backend of `table`, in backend-array order.
     #[must_use]
     pub fn all_of(table: &Table) -> Vec<Self> {
-        let mut keys = vec![Self::default_for_len(); table.backend_records().len()];
+        let mut keys = Vec::with_capacity(table.backends_total());
         for f in table.frontends() {
-            let start = f.backends_start as usize;
-            for (i, b) in table.backends_of(f).iter().enumerate() {
-                if let Some(k) = keys.get_mut(start + i) {
-                    *k = Self {
-                        frontend: f.addr,
-                        frontend_port: f.port,
-                        proto: f.proto,
-                        kind: f.kind,
-                        backend: b.addr,
-                        backend_port: b.port,
-                    };
-                }
-            }
+            keys.extend(f.backends().iter().map(|b| Self {
+                frontend: f.addr,
+                frontend_port: f.port,
+                proto: f.proto,
+                kind: f.kind,
+                backend: b.addr,
+                backend_port: b.port,
+            }));
         }
         keys
-    }
-
-    const fn default_for_len() -> Self {
-        Self {
-            frontend: [0; 16],
-            frontend_port: 0,
-            proto: 0,
-            kind: 0,
-            backend: [0; 16],
-            backend_port: 0,
-        }
     }
 }
 
@@ -252,9 +236,7 @@ impl BackendCounters {
     /// call it between batches (the I/O layer does, once per batch; it only
     /// compares generations unless the table changed). True when it did.
     pub fn follow(&mut self, table: &Table) -> bool {
-        if self.generation == table.generation()
-            && self.counts.len() == table.backend_records().len()
-        {
+        if self.generation == table.generation() && self.counts.len() == table.backends_total() {
             return false;
         }
         let keys = BackendKey::all_of(table);
@@ -455,10 +437,13 @@ impl Worker {
 
     /// Counts a frame of `len` bytes forwarded to backend `index` of `table`.
     #[inline]
-    fn count_backend(&mut self, table: &Table, index: u32, len: usize, new_flow: bool) {
+    fn count_backend(&mut self, table: &Table, fi: u32, local: u32, len: usize, new_flow: bool) {
         if self.backends.generation != table.generation() {
             return;
         }
+        let Some(index) = table.backend_base(fi).and_then(|b| b.checked_add(local)) else {
+            return;
+        };
         if let Some(c) = self.backends.counts.get_mut(index as usize) {
             if new_flow {
                 c.new_flows += 1;
@@ -753,12 +738,12 @@ impl Worker {
                 FlowNat::Dsr { outer_src } => {
                     let v = self.encap(now, buf, len, p, Some(f), outer_src, b.backend)?;
                     if matches!(v, Verdict::Forward { .. }) {
-                        self.count_backend(table, b.backend_index, len, false);
+                        self.count_backend(table, fi, b.backend_index, len, false);
                     }
                     return Ok(v);
                 }
             }
-            self.count_backend(table, b.backend_index, len, false);
+            self.count_backend(table, fi, b.backend_index, len, false);
             return Ok(Verdict::Forward {
                 len: ip_len(p, len),
                 next_hop,
@@ -944,13 +929,14 @@ impl Worker {
         now: Now,
         table: &Table,
         fi: u32,
-        fe: &FrontendRecord,
+        fe: &Front,
         family: Family,
         t: &FlowTuple,
         flags: u8,
         hash: Option<FlowHash>,
     ) -> Result<Option<Bound>, DropReason> {
-        let epoch = table.generation() as u32;
+        // A flow bound under this version of its frontend is still valid.
+        let epoch = fe.version() as u32;
         let opening = flags & tcp_flags::SYN != 0 && flags & tcp_flags::ACK == 0;
         if let Some(hit) =
             self.ct
@@ -976,11 +962,9 @@ impl Worker {
                 // answered, and UDP and SCTP flows, pick again (kube-proxy
                 // flushes UDP entries).
                 let keep = t.proto == Proto::Tcp && hit.state != FlowState::TcpSynSent;
-                // A frontend that kept its backends since the flow's table
-                // says where at once; others are searched.
+                // Only the flows of a frontend that changed are searched.
                 let kept = table
-                    .carried(fi, hit.epoch, hit.frontend, hit.backend_index)
-                    .or_else(|| table.backend_index(fe, &hit.backend, hit.backend_port))
+                    .backend_index(fe, &hit.backend, hit.backend_port)
                     .or(keep.then_some(GONE));
                 if let Some(backend_index) = kept {
                     self.ct
@@ -1014,7 +998,14 @@ impl Worker {
             return Ok(None);
         };
         // NetworkPolicy, before NAT hides the client (once per new flow).
-        if !table.policy_allows(&t.src_addr, backend_index, &backend, t.proto, backend_port) {
+        if !table.policy_allows(
+            &t.src_addr,
+            fe,
+            backend_index,
+            &backend,
+            t.proto,
+            backend_port,
+        ) {
             return Err(DropReason::NetworkPolicy);
         }
         let binding = Binding {
@@ -1082,7 +1073,7 @@ impl Worker {
             }
         };
         self.counters.new_flows += 1;
-        self.count_backend(table, backend_index, 0, true);
+        self.count_backend(table, fi, backend_index, 0, true);
         Ok(Some(Bound {
             backend,
             backend_port,
@@ -1103,7 +1094,7 @@ impl Worker {
         &mut self,
         now: Now,
         table: &Table,
-        fe: &FrontendRecord,
+        fe: &Front,
         t: &FlowTuple,
     ) -> Option<(u32, Addr16, u16)> {
         if fe.flags & FRONTEND_AFFINITY == 0 {
@@ -1117,7 +1108,7 @@ impl Worker {
                     .backends_of(fe)
                     .iter()
                     .position(|b| b.addr == a && b.port == p && b.weight > 0)
-                    .map(|i| (fe.backends_start + i as u32, a, p))
+                    .map(|i| (i as u32, a, p))
             });
         let chosen = match sticky {
             Some(b) => {

@@ -68,7 +68,7 @@ use crate::table::{
 pub const MAGIC: [u8; 8] = *b"CGSNAP\0\0";
 /// The layout version. Any change to the layout, the checksum or the flow hash
 /// bumps it; readers refuse every other version.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 /// Flow-hash function identifier: XXH3-64 (xxHash 0.8), as defined in
 /// `docs/architecture.md`, "Flow hash (ABI)". The only one known.
 pub const HASH_XXH3_64: u32 = 1;
@@ -756,6 +756,15 @@ pub enum SnapshotError {
         /// Generation in the file's header.
         found: u64,
     },
+    /// A delta file's own header or keys are wrong ([`crate::delta`]).
+    #[error("delta: {what}")]
+    BadDelta {
+        /// What is wrong.
+        what: String,
+    },
+    /// A delta that does not apply to the table it leads from.
+    #[error("delta: {0}")]
+    Delta(#[from] crate::table::DeltaError),
     /// A fault found in a file, with the file's path.
     #[error("{}: {source}", path.display())]
     InFile {
@@ -767,7 +776,7 @@ pub enum SnapshotError {
 }
 
 /// Every value [`SnapshotError::label`] returns, for registering counters.
-pub const FAULT_LABELS: [&str; 20] = [
+pub const FAULT_LABELS: [&str; 21] = [
     "truncated",
     "length_mismatch",
     "too_large",
@@ -788,6 +797,7 @@ pub const FAULT_LABELS: [&str; 20] = [
     "bad_pointer",
     "stale_generation",
     "generation_mismatch",
+    "bad_delta",
 ];
 
 impl SnapshotError {
@@ -815,6 +825,7 @@ impl SnapshotError {
             Self::BadPointer { .. } => "bad_pointer",
             Self::Stale { .. } => "stale_generation",
             Self::GenerationMismatch { .. } => "generation_mismatch",
+            Self::BadDelta { .. } | Self::Delta(_) => "bad_delta",
             Self::InFile { source, .. } => source.label(),
         }
     }
@@ -828,7 +839,7 @@ impl SnapshotError {
         }
     }
 
-    fn in_file(self, path: &Path) -> Self {
+    pub(crate) fn in_file(self, path: &Path) -> Self {
         match self {
             e @ (Self::Io { .. } | Self::NotAFile { .. } | Self::BadPointer { .. }) => e,
             e @ Self::InFile { .. } => e,
@@ -870,16 +881,17 @@ fn put_prefixes(out: &mut [u8], prefixes: &[PrefixRecord]) {
 /// little-endian, with both checksums filled in.
 #[must_use]
 pub fn encode(table: &Table) -> Vec<u8> {
-    let frontends = table.frontends();
-    let backends = table.backend_records();
-    let ring = table.ring_slots();
-    let ranges = table.source_range_records();
-    let locals = table.local_records();
-    let node_prefixes = table.node_prefix_records();
-    let np_prefixes = table.node_port_prefix_records();
-    let name_offsets = table.name_offsets();
-    let names = table.names().as_bytes();
-    let pol = table.policy().parts();
+    let parts = table.to_parts();
+    let frontends = &parts.frontends;
+    let backends = &parts.backends;
+    let ring = &parts.ring;
+    let ranges = &parts.source_ranges;
+    let locals = &parts.locals;
+    let node_prefixes = &parts.node_prefixes;
+    let np_prefixes = &parts.node_port_prefixes;
+    let name_offsets = &parts.name_offsets;
+    let names = &parts.names[..];
+    let pol = &parts.policy;
     let mut at = HEADER_LEN;
     let frontends_off = place(&mut at, frontends.len(), FRONTEND_RECORD_LEN);
     let backends_off = place(&mut at, backends.len(), BACKEND_RECORD_LEN);
@@ -1584,8 +1596,34 @@ pub struct Writer {
     dir: PathBuf,
     next_generation: u64,
     keep: usize,
+    /// Deltas published since the last full snapshot (`usize::MAX`: none
+    /// published by this writer yet, so the next must be full).
+    deltas_since_full: usize,
     _lock: File,
 }
+
+/// What [`Writer::publish_change`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Written {
+    /// A full snapshot.
+    Full(PathBuf),
+    /// A delta, and, when it was time for one, a full snapshot of the same
+    /// generation after it.
+    Delta {
+        /// The delta file.
+        path: PathBuf,
+        /// Frontends added or changed.
+        changed: usize,
+        /// Frontends removed.
+        removed: usize,
+        /// The full snapshot written after it, if any.
+        full: Option<PathBuf>,
+    },
+}
+
+/// A writer writes a full snapshot after this many deltas, so a reader that
+/// starts never follows a long chain.
+pub const DELTAS_PER_FULL: usize = 64;
 
 impl Writer {
     /// Opens (creating it if needed) a snapshot directory. The next
@@ -1633,7 +1671,9 @@ impl Writer {
             let entry = entry.map_err(io_error(&dir))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(g) = parse_snapshot_name(name) {
+            if let Some(g) =
+                parse_snapshot_name(name).or_else(|| crate::delta::parse_delta_name(name))
+            {
                 highest = highest.max(g);
             } else if name.starts_with('.') && name.ends_with(".tmp") {
                 remove_quietly(&entry.path());
@@ -1643,6 +1683,7 @@ impl Writer {
             dir,
             next_generation: highest.saturating_add(1),
             keep: DEFAULT_KEEP,
+            deltas_since_full: usize::MAX,
             _lock: lock,
         })
     }
@@ -1678,6 +1719,71 @@ impl Writer {
     /// is published then: `current` still names the previous generation).
     pub fn publish(&mut self, table: &Table) -> Result<PathBuf, SnapshotError> {
         let generation = table.generation();
+        self.check_newer(generation)?;
+        let bytes = encode(table);
+        let path = snapshot_path(&self.dir, generation);
+        let tmp = self.dir.join(format!(".gen-{generation:020}.snap.tmp"));
+        write_and_rename(&tmp, &path, &bytes, 0o444)?;
+        self.point_at(generation)?;
+        self.deltas_since_full = 0;
+        self.prune();
+        tracing::debug!(generation, path = %path.display(), "snapshot published");
+        Ok(path)
+    }
+
+    /// Publishes `table`, as a delta from `prev` (the table this writer
+    /// published last) when only frontends changed and a delta is worth it,
+    /// else as a full snapshot. After [`DELTAS_PER_FULL`] deltas, the next
+    /// delta is followed by a full snapshot of the same generation, for
+    /// readers that start.
+    ///
+    /// # Errors
+    /// As [`Writer::publish`].
+    pub fn publish_change(
+        &mut self,
+        table: &Table,
+        prev: Option<&Table>,
+    ) -> Result<Written, SnapshotError> {
+        let delta = prev
+            .filter(|p| {
+                self.deltas_since_full != usize::MAX && p.generation() + 1 == self.next_generation
+            })
+            .and_then(|p| table.delta_from(p))
+            .filter(|d| d.changed.frontends().len() <= table.frontends().len() / 2 + 1);
+        let Some(delta) = delta else {
+            let path = self.publish(table)?;
+            return Ok(Written::Full(path));
+        };
+        let generation = table.generation();
+        self.check_newer(generation)?;
+        let bytes = crate::delta::encode_delta(&delta);
+        let path = crate::delta::delta_path(&self.dir, generation);
+        let tmp = self.dir.join(format!(".delta-{generation:020}.snap.tmp"));
+        write_and_rename(&tmp, &path, &bytes, 0o444)?;
+        self.point_at(generation)?;
+        self.deltas_since_full = self.deltas_since_full.saturating_add(1);
+        let full = if self.deltas_since_full >= DELTAS_PER_FULL {
+            let full = snapshot_path(&self.dir, generation);
+            let tmp = self.dir.join(format!(".gen-{generation:020}.snap.tmp"));
+            write_and_rename(&tmp, &full, &encode(table), 0o444)?;
+            self.deltas_since_full = 0;
+            Some(full)
+        } else {
+            None
+        };
+        self.prune();
+        tracing::debug!(generation, path = %path.display(), "delta published");
+        Ok(Written::Delta {
+            path,
+            changed: delta.changed.frontends().len(),
+            removed: delta.removed.len(),
+            full,
+        })
+    }
+
+    /// Refuses a generation that is not above the writer's last one and what
+    /// `current` names.
+    fn check_newer(&self, generation: u64) -> Result<(), SnapshotError> {
         if generation < self.next_generation {
             return Err(SnapshotError::Stale {
                 generation,
@@ -1685,19 +1791,17 @@ impl Writer {
             });
         }
         match read_current(&self.dir) {
-            Ok(Some(current)) if generation <= current => {
-                return Err(SnapshotError::Stale {
-                    generation,
-                    current,
-                })
-            }
-            Ok(_) | Err(SnapshotError::BadPointer { .. }) => {}
-            Err(e) => return Err(e),
+            Ok(Some(current)) if generation <= current => Err(SnapshotError::Stale {
+                generation,
+                current,
+            }),
+            Ok(_) | Err(SnapshotError::BadPointer { .. }) => Ok(()),
+            Err(e) => Err(e),
         }
-        let bytes = encode(table);
-        let path = snapshot_path(&self.dir, generation);
-        let tmp = self.dir.join(format!(".gen-{generation:020}.snap.tmp"));
-        write_and_rename(&tmp, &path, &bytes, 0o444)?;
+    }
+
+    /// Points `current` at `generation` (its file is in place).
+    fn point_at(&mut self, generation: u64) -> Result<(), SnapshotError> {
         let pointer = self.dir.join(CURRENT);
         let pointer_tmp = self.dir.join(".current.tmp");
         write_and_rename(
@@ -1712,23 +1816,37 @@ impl Writer {
             let _ = d.sync_all();
         }
         self.next_generation = generation.saturating_add(1);
-        self.prune();
-        tracing::debug!(generation, path = %path.display(), "snapshot published");
-        Ok(path)
+        Ok(())
     }
 
-    /// Removes all but the newest `keep` snapshot files.
+    /// Removes all but the newest `keep` full snapshot files, and the deltas
+    /// no chain from them needs (those not above the oldest one kept).
     fn prune(&self) {
         let Ok(entries) = fs::read_dir(&self.dir) else {
             return;
         };
-        let mut generations: Vec<u64> = entries
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().to_str().and_then(parse_snapshot_name))
-            .collect();
-        generations.sort_unstable_by(|a, b| b.cmp(a));
-        for &g in generations.iter().skip(self.keep) {
+        let mut fulls: Vec<u64> = Vec::new();
+        let mut deltas: Vec<u64> = Vec::new();
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(g) = parse_snapshot_name(name) {
+                fulls.push(g);
+            } else if let Some(g) = crate::delta::parse_delta_name(name) {
+                deltas.push(g);
+            }
+        }
+        fulls.sort_unstable_by(|a, b| b.cmp(a));
+        for &g in fulls.iter().skip(self.keep) {
             remove_quietly(&snapshot_path(&self.dir, g));
+        }
+        let oldest_kept = fulls
+            .get(self.keep.min(fulls.len()).saturating_sub(1))
+            .copied();
+        for g in deltas {
+            if oldest_kept.is_some_and(|o| g <= o) {
+                remove_quietly(&crate::delta::delta_path(&self.dir, g));
+            }
         }
     }
 }
@@ -1854,6 +1972,8 @@ pub struct SnapshotStats {
     pub last_refusal: Option<String>,
     /// Generation of the table in the handle.
     pub generation: u64,
+    /// Deltas applied (each a change to some frontends only).
+    pub deltas: u64,
 }
 
 /// Polls a snapshot directory and swaps newer generations into a
@@ -1934,9 +2054,16 @@ impl Watcher {
                 .in_file(&self.dir.join(CURRENT));
                 return self.refuse(have, &e);
             }
-            match load_generation(&self.dir, named) {
-                Ok(mut table) => {
-                    table.carry_from(&self.handle.load());
+            let current = self.handle.load_full();
+            let have_table = (have > 0).then_some(&*current);
+            match crate::delta::load_chain(&self.dir, named, have_table) {
+                Ok(reached) => {
+                    let mut table = reached.table;
+                    if reached.full {
+                        table.adopt_unchanged(&current);
+                    }
+                    drop(current);
+                    self.stats.deltas += reached.deltas as u64;
                     let old = self.handle.swap(Arc::new(table));
                     if Arc::strong_count(&old) > 1 {
                         self.retired.push(old);
@@ -2071,7 +2198,7 @@ mod tests {
         let t = small();
         let b = encode(&t);
         assert_eq!(&b[0..8], b"CGSNAP\0\0");
-        assert_eq!(b[8..12], 6u32.to_le_bytes());
+        assert_eq!(b[8..12], 7u32.to_le_bytes());
         assert_eq!(b[12..16], 320u32.to_le_bytes());
         assert_eq!(b[16..24], 7u64.to_le_bytes());
         assert_eq!(b[24..32], 0x1122_3344_5566_7788u64.to_le_bytes());
@@ -2212,8 +2339,8 @@ mod tests {
             t.node_port_prefix_records()
         );
         assert!(back.has_node_ports());
-        assert_eq!(back.name_offsets(), t.name_offsets());
-        assert_eq!(back.names(), t.names());
+        assert_eq!(back.to_parts().name_offsets, t.to_parts().name_offsets);
+        assert_eq!(back.to_parts().names, t.to_parts().names);
         let names: Vec<Option<&str>> = (0..7).map(|i| back.frontend_name(i)).collect();
         assert_eq!(
             names,
@@ -2616,7 +2743,7 @@ mod tests {
         v[8] = 2;
         assert_eq!(
             decode(&v).unwrap_err().to_string(),
-            "ABI version 2, expected 6"
+            "ABI version 2, expected 7"
         );
         let mut v = b.clone();
         let last = v.len() - 1;

@@ -19,6 +19,8 @@
 
 use std::net::IpAddr;
 
+use std::sync::Arc;
+
 use hashbrown::{HashMap, HashTable};
 use ipnet::IpNet;
 use thiserror::Error;
@@ -538,20 +540,182 @@ pub enum TableError {
     },
 }
 
+/// One frontend's part of a table: its record and the arrays only it uses,
+/// in one immutable block. Tables share the blocks of frontends that did not
+/// change ([`Table::apply_delta`], [`Table::adopt_unchanged`]), so a change
+/// to one Service copies only its block, and the flows of the others keep
+/// their binding without a look ([`Front::version`]).
+///
+/// In the block the record's starts are relative: its backends, source
+/// ranges and per-node rings start at 0, its own ring at slot 0 of
+/// `ring`, and its per-node rings' `ring_start` count within `ring` too.
+/// It dereferences to its [`FrontendRecord`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Front {
+    record: FrontendRecord,
+    ring: Box<[u16]>,
+    backends: Box<[BackendRecord]>,
+    ranges: Box<[PrefixRecord]>,
+    locals: Box<[LocalRecord]>,
+    name: Box<str>,
+    /// Per backend, its policy backend record (`u32::MAX`: none); empty
+    /// without policy. Not part of any ABI: computed by the table.
+    policy_of: Box<[u32]>,
+    version: u64,
+}
+
+impl std::ops::Deref for Front {
+    type Target = FrontendRecord;
+    fn deref(&self) -> &FrontendRecord {
+        &self.record
+    }
+}
+
+impl Front {
+    /// The record (relative starts).
+    #[must_use]
+    pub fn record(&self) -> &FrontendRecord {
+        &self.record
+    }
+
+    /// Its backends.
+    #[must_use]
+    pub fn backends(&self) -> &[BackendRecord] {
+        &self.backends
+    }
+
+    /// Its ring slots: its own ring first, then its per-node rings.
+    #[must_use]
+    pub fn ring(&self) -> &[u16] {
+        &self.ring
+    }
+
+    /// Its source ranges.
+    #[must_use]
+    pub fn ranges(&self) -> &[PrefixRecord] {
+        &self.ranges
+    }
+
+    /// Its per-node rings.
+    #[must_use]
+    pub fn locals(&self) -> &[LocalRecord] {
+        &self.locals
+    }
+
+    /// Its name (`""`: unknown).
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The generation this block was made in. A flow bound under the same
+    /// version (and frontend index) is still valid; another version means
+    /// the frontend changed, and its flows are checked again.
+    #[must_use]
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// The (address, port, protocol) that names it.
+    #[must_use]
+    pub fn key(&self) -> FrontKey {
+        FrontKey {
+            addr: self.record.addr,
+            port: self.record.port,
+            proto: self.record.proto,
+        }
+    }
+
+    /// Same content (record, arrays, name) as `other`, whatever the version.
+    fn same_as(&self, other: &Front) -> bool {
+        self.record == other.record
+            && self.ring == other.ring
+            && self.backends == other.backends
+            && self.ranges == other.ranges
+            && self.locals == other.locals
+            && self.name == other.name
+    }
+}
+
+/// What names a frontend: (address, port, protocol). Frontends are unique
+/// by it in a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontKey {
+    /// Address, canonical form.
+    pub addr: Addr16,
+    /// Port.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+}
+
+/// The frontends of a table, in order ([`Table::frontends`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Frontends<'a>(&'a [Arc<Front>]);
+
+impl<'a> Frontends<'a> {
+    /// How many.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// None at all.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// In order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &'a Front> + 'a {
+        self.0.iter().map(|f| &**f)
+    }
+}
+
+impl PartialEq for Frontends<'_> {
+    /// Same frontends in the same order, with the same content.
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().zip(other.iter()).all(|(a, b)| a.same_as(b))
+    }
+}
+
+impl std::ops::Index<usize> for Frontends<'_> {
+    type Output = Front;
+    fn index(&self, i: usize) -> &Front {
+        &self.0[i]
+    }
+}
+
+impl<'a> IntoIterator for Frontends<'a> {
+    type Item = &'a Front;
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, Arc<Front>>, fn(&Arc<Front>) -> &Front>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|f| &**f)
+    }
+}
+
+/// The frontend index of a table: (address, port, protocol) → frontend
+/// index, plus one address-only entry per virtual address. Shared by the
+/// tables of a delta that moved no frontend.
+#[derive(Debug)]
+struct Index {
+    table: HashTable<IndexSlot>,
+    seed: u64,
+    /// Where `table` lies (its control bytes; 0: empty) and its bucket
+    /// mask, for [`Table::prefetch_frontend`].
+    ctrl: usize,
+    mask: usize,
+}
+
 /// An immutable service table.
 #[derive(Debug)]
 pub struct Table {
     generation: u64,
     hash_seed: u64,
-    frontends: Vec<FrontendRecord>,
-    backends: Vec<BackendRecord>,
-    ring: Vec<u16>,
-    source_ranges: Vec<PrefixRecord>,
-    locals: Vec<LocalRecord>,
+    fronts: Vec<Arc<Front>>,
     node_prefixes: Vec<PrefixRecord>,
     node_port_prefixes: Vec<PrefixRecord>,
-    index: HashTable<IndexSlot>,
-    index_seed: u64,
+    index: Arc<Index>,
     /// Some frontend is a node port.
     has_node_ports: bool,
     /// Node prefixes by (IPv4, canonical length, network): the longest match
@@ -559,42 +723,27 @@ pub struct Table {
     nodes: HashMap<(bool, u8, Addr16), u32>,
     /// The canonical lengths in `nodes`, longest first.
     node_lens: Vec<(bool, u8)>,
-    /// The frontends' names, back to back (off the packet path).
-    names: Box<str>,
-    /// Frontend `i`'s name is `names[name_offsets[i]..name_offsets[i + 1]]`;
-    /// empty when no frontend has a name.
-    name_offsets: Box<[u32]>,
     /// NetworkPolicy (empty: none).
-    policy: PolicyTable,
-    /// Per backend record, its policy backend record (`u32::MAX`: none);
-    /// empty without policy.
-    policy_of_backend: Box<[u32]>,
-    /// Per frontend, where its flows bound in the previous table find their
-    /// backend in this one ([`Table::carry_from`]); empty until then.
-    carry: Box<[Carry]>,
-    /// Where `index` lies (its control bytes; 0: empty) and its bucket
-    /// mask, for [`Table::prefetch_frontend`].
-    index_ctrl: usize,
-    index_mask: usize,
+    policy: Arc<PolicyTable>,
+    /// Per frontend, the index of its first backend among all the table's
+    /// backends in order ([`Table::backend_records`]), and after the last
+    /// one their number.
+    backend_bases: Box<[u32]>,
 }
 
-/// A frontend whose backends (addresses and ports, in order) are those it had
-/// in the table of generation `epoch`, where it was frontend `frontend` with
-/// its backends from `start`: a flow bound then keeps its backend, at the
-/// same offset, without a search.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Carry {
-    epoch: u32,
-    frontend: u32,
-    start: u32,
-}
-
-impl Carry {
-    const NONE: Self = Self {
-        epoch: 0,
-        frontend: u32::MAX,
-        start: 0,
-    };
+/// A change to a table: the frontends to remove, and those to add or
+/// replace (a table of them alone; its node prefixes, node-port addresses
+/// and policy are not used). What a delta snapshot carries.
+#[derive(Debug)]
+pub struct Delta {
+    /// The generation it makes.
+    pub generation: u64,
+    /// The generation it applies to.
+    pub base: u64,
+    /// Frontends removed.
+    pub removed: Vec<FrontKey>,
+    /// Frontends added or replaced, whole.
+    pub changed: Table,
 }
 
 /// The arrays of a [`Table`], as a snapshot carries them; see
@@ -741,6 +890,414 @@ fn key_hash(seed: u64, addr: &Addr16, port: u16, proto: u8) -> u64 {
     ))
 }
 
+/// Builds one frontend's block from its spec (`index`: its place, for
+/// errors), keeping each ring's size from `previous` while it still serves
+/// the ring's backends.
+fn build_front(
+    index: usize,
+    s: &ServiceSpec,
+    known_nodes: &std::collections::BTreeSet<u32>,
+    max_ring: u32,
+    previous: impl Fn(RingKey) -> Option<u32>,
+    version: u64,
+    mb: &mut Vec<MaglevBackend>,
+) -> Result<Front, TableError> {
+    let name = format!("{}:{}/{}", s.addr, s.port, s.proto.as_str());
+    let label = s.name.as_deref().unwrap_or("");
+    if label.len() > MAX_NAME_LEN {
+        return Err(TableError::BadName {
+            index,
+            what: format!("{} bytes, at most {MAX_NAME_LEN}", label.len()),
+        });
+    }
+    if s.backends.len() > MAX_BACKENDS_PER_FRONTEND {
+        return Err(TableError::BadFrontend {
+            index,
+            what: format!(
+                "{name}: {} backends, at most {MAX_BACKENDS_PER_FRONTEND} per frontend",
+                s.backends.len()
+            ),
+        });
+    }
+    if s.kind == FrontendKind::NodePort && s.addr != unspecified(s.addr.is_ipv4()) {
+        return Err(TableError::BadFrontend {
+            index,
+            what: format!(
+                "a node port on {} (node ports are on 0.0.0.0 or ::)",
+                s.addr
+            ),
+        });
+    }
+    let mut backends = Vec::with_capacity(s.backends.len());
+    for b in &s.backends {
+        if b.addr.is_ipv4() != s.addr.is_ipv4() {
+            return Err(TableError::FamilyMismatch {
+                frontend: s.addr,
+                backend: b.addr,
+            });
+        }
+        backends.push(BackendRecord {
+            addr: addr16(b.addr),
+            port: b.port,
+            state: b.state as u8,
+            reserved: 0,
+            weight: b.weight,
+        });
+    }
+    let key = |node| RingKey {
+        addr: addr16(s.addr),
+        port: s.port,
+        proto: s.proto.ip_number(),
+        node,
+    };
+    let mut ring: Vec<u16> = Vec::new();
+    let mut ring_for = |members: &[usize], key: RingKey| -> Result<(u32, u32), TableError> {
+        mb.clear();
+        mb.extend(members.iter().map(|&i| {
+            let b = &s.backends[i];
+            MaglevBackend {
+                addr: addr16(b.addr),
+                port: b.port,
+                weight: b.weight,
+            }
+        }));
+        let start = ring.len() as u32;
+        // Draining backends (weight 0) take no slots: not counted.
+        let taking = mb.iter().filter(|b| b.weight > 0).count();
+        if taking == 0 {
+            return Ok((start, 0));
+        }
+        let m = ring_size_after(previous(key), taking, max_ring);
+        let slots = build_ring(mb, m).map_err(|source| TableError::Maglev {
+            frontend: name.clone(),
+            source,
+        })?;
+        // Slots are two bytes: a frontend has at most 65 536 backends.
+        ring.extend(slots.iter().map(|&b| members[b as usize] as u16));
+        Ok((start, slots.len() as u32))
+    };
+    let all: Vec<usize> = (0..s.backends.len()).collect();
+    let (ring_start, ring_len) = ring_for(&all, key(None))?;
+    let mut flags = 0;
+    if s.affinity_timeout_s.is_some() {
+        flags |= FRONTEND_AFFINITY;
+    }
+    let mut locals = Vec::new();
+    if s.node_local {
+        flags |= FRONTEND_NODE_LOCAL;
+        let mut by_node: std::collections::BTreeMap<u32, Vec<usize>> =
+            std::collections::BTreeMap::new();
+        for (i, b) in s.backends.iter().enumerate() {
+            if let Some(n) = b.node {
+                if !known_nodes.contains(&n) {
+                    return Err(TableError::BadFrontend {
+                        index,
+                        what: format!(
+                            "{name}: backend {} is on node {n}, which has no prefix",
+                            b.addr
+                        ),
+                    });
+                }
+                by_node.entry(n).or_default().push(i);
+            }
+        }
+        for (node, members) in by_node {
+            let (ring_start, ring_len) = ring_for(&members, key(Some(node)))?;
+            locals.push(LocalRecord {
+                node,
+                ring_start,
+                ring_len,
+                reserved: 0,
+            });
+        }
+    }
+    let mut ranges = Vec::new();
+    if let Some(list) = &s.source_ranges {
+        flags |= FRONTEND_SOURCE_RANGES;
+        for r in list {
+            if r.addr().is_ipv4() != s.addr.is_ipv4() {
+                return Err(TableError::BadFrontend {
+                    index,
+                    what: format!("{name}: source range {r} is of another IP family"),
+                });
+            }
+            ranges.push(PrefixRecord::new(*r, 0));
+        }
+    }
+    Ok(Front {
+        record: FrontendRecord {
+            addr: addr16(s.addr),
+            port: s.port,
+            proto: s.proto.ip_number(),
+            kind: s.kind as u8,
+            flags,
+            affinity_timeout_s: s.affinity_timeout_s.unwrap_or(0),
+            backends_start: 0,
+            backends_len: backends.len() as u32,
+            ring_start,
+            ring_len,
+            return_path: s.return_path as u8,
+            reserved: [0; 3],
+            ranges_start: 0,
+            ranges_len: ranges.len() as u32,
+            locals_start: 0,
+            locals_len: locals.len() as u32,
+        },
+        ring: ring.into_boxed_slice(),
+        backends: backends.into_boxed_slice(),
+        ranges: ranges.into_boxed_slice(),
+        locals: locals.into_boxed_slice(),
+        name: label.into(),
+        policy_of: Box::default(),
+        version,
+    })
+}
+
+/// The frontend index of `fronts`.
+fn build_index(generation: u64, fronts: &[Arc<Front>]) -> Result<Index, TableError> {
+    let seed = (generation ^ 0x5851_f42d_4c95_7f2d) | 1 << 63;
+    let mut index = HashTable::with_capacity(fronts.len());
+    for (i, f) in fronts.iter().enumerate() {
+        let h = key_hash(seed, &f.addr, f.port, f.proto);
+        if index
+            .find(h, |s: &IndexSlot| {
+                s.addr == f.addr && s.port == f.port && s.proto == f.proto
+            })
+            .is_some()
+        {
+            return Err(TableError::DuplicateFrontend {
+                addr: ip_from16(f.addr),
+                port: f.port,
+                proto: Proto::from_ip_number(f.proto).map_or("?", Proto::as_str),
+            });
+        }
+        let slot = IndexSlot {
+            addr: f.addr,
+            port: f.port,
+            proto: f.proto,
+            frontend: i as u32,
+        };
+        index.insert_unique(h, slot, |s| key_hash(seed, &s.addr, s.port, s.proto));
+        // One address-only entry (port 0, protocol 0, which no frontend
+        // has) per virtual address, for `is_virtual_addr`.
+        let virtual_kind =
+            f.kind == FrontendKind::ClusterIp as u8 || f.kind == FrontendKind::LoadBalancer as u8;
+        let ha = key_hash(seed, &f.addr, 0, 0);
+        let any = |s: &IndexSlot| s.addr == f.addr && s.port == 0 && s.proto == 0;
+        if virtual_kind && index.find(ha, any).is_none() {
+            let slot = IndexSlot {
+                port: 0,
+                proto: 0,
+                ..slot
+            };
+            index.insert_unique(ha, slot, |s| key_hash(seed, &s.addr, s.port, s.proto));
+        }
+    }
+    // Where hashbrown put the index (a prefetch hint only; see
+    // `conntrack::prefetch_layout_matches_hashbrown` for the layout).
+    let (ctrl, mask) = index
+        .iter()
+        .next()
+        .and_then(|s| {
+            let h = key_hash(seed, &s.addr, s.port, s.proto);
+            let i = index.find_bucket_index(h, |x| {
+                x.addr == s.addr && x.port == s.port && x.proto == s.proto
+            })?;
+            Some((crate::conntrack::ctrl_of(s, i), index.num_buckets() - 1))
+        })
+        .unwrap_or((0, 0));
+    Ok(Index {
+        table: index,
+        seed,
+        ctrl,
+        mask,
+    })
+}
+
+/// Per frontend, the index of its first backend among all, then the total.
+fn bases_of(fronts: &[Arc<Front>]) -> Box<[u32]> {
+    let mut at = 0u32;
+    let mut bases: Vec<u32> = fronts
+        .iter()
+        .map(|f| {
+            let b = at;
+            at = at.saturating_add(f.backends_len);
+            b
+        })
+        .collect();
+    bases.push(at);
+    bases.into_boxed_slice()
+}
+
+/// Gives a block its backends' policy records under `policy`.
+fn set_policy(f: &mut Arc<Front>, policy: &PolicyTable) {
+    if policy.is_empty() && f.policy_of.is_empty() {
+        return;
+    }
+    let of: Box<[u32]> = if policy.is_empty() {
+        Box::default()
+    } else {
+        f.backends
+            .iter()
+            .map(|b| policy.backend_record(&b.addr).unwrap_or(u32::MAX))
+            .collect()
+    };
+    Arc::make_mut(f).policy_of = of;
+}
+
+fn proto_of(p: u8) -> Result<Proto, DeltaError> {
+    Proto::from_ip_number(p).ok_or(DeltaError::Table(TableError::BadFrontend {
+        index: 0,
+        what: format!("protocol {p} is not TCP, UDP or SCTP"),
+    }))
+}
+
+/// Why a delta was refused ([`Table::apply_delta`]); the table it was for
+/// stays in use.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum DeltaError {
+    /// The delta is for another table.
+    #[error("the delta applies to generation {base}, but generation {have} is in use")]
+    Base {
+        /// Its base.
+        base: u64,
+        /// Ours.
+        have: u64,
+    },
+    /// The delta's generation does not follow.
+    #[error("the delta makes generation {generation}, not above generation {have} in use")]
+    Generation {
+        /// Its generation.
+        generation: u64,
+        /// Ours.
+        have: u64,
+    },
+    /// Another flow-hash seed.
+    #[error("the delta's flow-hash seed is not the table's")]
+    Seed,
+    /// A removed frontend the table does not have (or removed twice).
+    #[error("the delta removes {}:{}/{}, which the table does not have", ip_from16(.0.addr), .0.port, .0.proto)]
+    NotThere(FrontKey),
+    /// The table it would make is refused.
+    #[error(transparent)]
+    Table(TableError),
+}
+
+/// Builds tables from specs, rebuilding only the frontends whose spec
+/// changed since the last build (control's side): an unchanged frontend's
+/// block, ring included, is shared with the last table, and keeps its
+/// version, so [`Table::delta_from`] leaves it out.
+#[derive(Debug)]
+pub struct Builder {
+    hash_seed: u64,
+    max_ring: u32,
+    /// Ring sizes to keep for frontends not built yet by this builder (those
+    /// of the snapshot published before a restart).
+    sizes: RingSizes,
+    built: HashMap<FrontKey, (ServiceSpec, Arc<Front>)>,
+    nodes: Vec<(IpNet, u32)>,
+    policy: Arc<PolicyTable>,
+}
+
+impl Builder {
+    /// A builder with nothing built yet; rings keep their size from `sizes`.
+    #[must_use]
+    pub fn new(hash_seed: u64, max_ring: u32, sizes: RingSizes) -> Self {
+        Self {
+            hash_seed,
+            max_ring,
+            sizes,
+            built: HashMap::new(),
+            nodes: Vec::new(),
+            policy: Arc::new(PolicyTable::default()),
+        }
+    }
+
+    /// The table of `spec` as generation `generation`: the same table
+    /// [`Table::build_keeping`] makes (byte for byte in a snapshot), with
+    /// the frontends whose spec did not change shared with the last one.
+    /// Nothing is kept when it fails.
+    ///
+    /// # Errors
+    /// As [`Table::build_keeping`].
+    pub fn build(&mut self, generation: u64, spec: &TableSpec) -> Result<Table, TableError> {
+        let known_nodes: std::collections::BTreeSet<u32> =
+            spec.nodes.iter().map(|(_, n)| *n).collect();
+        let nodes_same = spec.nodes == self.nodes;
+        let policy_same = self.policy.parts() == &spec.policy;
+        let policy = if policy_same {
+            Arc::clone(&self.policy)
+        } else {
+            Arc::new(PolicyTable::assemble(spec.policy.clone())?)
+        };
+        let mut mb = Vec::new();
+        let mut fronts = Vec::with_capacity(spec.services.len());
+        let mut built = HashMap::with_capacity(spec.services.len());
+        for (index, s) in spec.services.iter().enumerate() {
+            let key = FrontKey {
+                addr: addr16(s.addr),
+                port: s.port,
+                proto: s.proto.ip_number(),
+            };
+            let old = self.built.get(&key);
+            let mut front = match old {
+                // A node-local frontend checks its nodes: built again when
+                // they change.
+                Some((was, f)) if was == s && (nodes_same || !s.node_local) => Arc::clone(f),
+                _ => {
+                    let sizes = &self.sizes;
+                    let previous = |k: RingKey| match old {
+                        Some((_, f)) => match k.node {
+                            None => Some(f.ring_len).filter(|&m| m > 0),
+                            Some(n) => f
+                                .locals
+                                .iter()
+                                .find(|l| l.node == n)
+                                .map(|l| l.ring_len)
+                                .filter(|&m| m > 0),
+                        },
+                        None => sizes.get(&k),
+                    };
+                    let mut f = Arc::new(build_front(
+                        index,
+                        s,
+                        &known_nodes,
+                        self.max_ring,
+                        previous,
+                        generation,
+                        &mut mb,
+                    )?);
+                    set_policy(&mut f, &policy);
+                    f
+                }
+            };
+            if !policy_same && Arc::strong_count(&front) > 1 {
+                set_policy(&mut front, &policy);
+            }
+            built.insert(key, (s.clone(), Arc::clone(&front)));
+            fronts.push(front);
+        }
+        let table = Table::from_fronts(
+            generation,
+            self.hash_seed,
+            fronts,
+            spec.nodes
+                .iter()
+                .map(|(net, node)| PrefixRecord::new(*net, *node))
+                .collect(),
+            spec.node_port_addresses
+                .iter()
+                .map(|net| PrefixRecord::new(*net, 0))
+                .collect(),
+            Arc::clone(&policy),
+        )?;
+        self.built = built;
+        self.nodes.clone_from(&spec.nodes);
+        self.policy = policy;
+        Ok(table)
+    }
+}
+
 impl Table {
     /// An empty table (no services): every frame is passed to the kernel.
     #[must_use]
@@ -811,173 +1368,45 @@ impl Table {
         max_ring: u32,
         previous: &RingSizes,
     ) -> Result<Self, TableError> {
-        let mut parts = TableParts::default();
-        let mut mb = Vec::new();
         let known_nodes: std::collections::BTreeSet<u32> =
             spec.nodes.iter().map(|(_, n)| *n).collect();
-        if spec
+        let mut mb = Vec::new();
+        let fronts = spec
             .services
             .iter()
-            .any(|s| s.name.as_deref().is_some_and(|n| !n.is_empty()))
-        {
-            parts.name_offsets.push(0);
-            for (index, s) in spec.services.iter().enumerate() {
-                let name = s.name.as_deref().unwrap_or("");
-                if name.len() > MAX_NAME_LEN {
-                    return Err(TableError::BadName {
-                        index,
-                        what: format!("{} bytes, at most {MAX_NAME_LEN}", name.len()),
-                    });
-                }
-                parts.names.extend_from_slice(name.as_bytes());
-                let end = u32::try_from(parts.names.len()).map_err(|_| TableError::BadName {
+            .enumerate()
+            .map(|(index, s)| {
+                build_front(
                     index,
-                    what: "the names exceed 4 GiB".to_owned(),
-                })?;
-                parts.name_offsets.push(end);
-            }
+                    s,
+                    &known_nodes,
+                    max_ring,
+                    |key| previous.get(&key),
+                    generation,
+                    &mut mb,
+                )
+                .map(Arc::new)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let policy = Arc::new(PolicyTable::assemble(spec.policy.clone())?);
+        let mut fronts = fronts;
+        for f in &mut fronts {
+            set_policy(f, &policy);
         }
-        for s in &spec.services {
-            let index = parts.frontends.len();
-            let name = format!("{}:{}/{}", s.addr, s.port, s.proto.as_str());
-            let backends_start = parts.backends.len() as u32;
-            if s.backends.len() > MAX_BACKENDS_PER_FRONTEND {
-                return Err(TableError::BadFrontend {
-                    index,
-                    what: format!(
-                        "{name}: {} backends, at most {MAX_BACKENDS_PER_FRONTEND} per frontend",
-                        s.backends.len()
-                    ),
-                });
-            }
-            for b in &s.backends {
-                if b.addr.is_ipv4() != s.addr.is_ipv4() {
-                    return Err(TableError::FamilyMismatch {
-                        frontend: s.addr,
-                        backend: b.addr,
-                    });
-                }
-                parts.backends.push(BackendRecord {
-                    addr: addr16(b.addr),
-                    port: b.port,
-                    state: b.state as u8,
-                    reserved: 0,
-                    weight: b.weight,
-                });
-            }
-            let key = |node| RingKey {
-                addr: addr16(s.addr),
-                port: s.port,
-                proto: s.proto.ip_number(),
-                node,
-            };
-            let mut ring_for =
-                |members: &[usize], key: RingKey| -> Result<(u32, u32), TableError> {
-                    mb.clear();
-                    mb.extend(members.iter().map(|&i| {
-                        let b = &s.backends[i];
-                        MaglevBackend {
-                            addr: addr16(b.addr),
-                            port: b.port,
-                            weight: b.weight,
-                        }
-                    }));
-                    let start = parts.ring.len() as u32;
-                    // Draining backends (weight 0) take no slots: not counted.
-                    let taking = mb.iter().filter(|b| b.weight > 0).count();
-                    if taking == 0 {
-                        return Ok((start, 0));
-                    }
-                    let m = ring_size_after(previous.get(&key), taking, max_ring);
-                    let slots = build_ring(&mb, m).map_err(|source| TableError::Maglev {
-                        frontend: name.clone(),
-                        source,
-                    })?;
-                    // Slots are two bytes: a frontend has at most 65 536 backends.
-                    parts
-                        .ring
-                        .extend(slots.iter().map(|&b| members[b as usize] as u16));
-                    Ok((start, slots.len() as u32))
-                };
-            let all: Vec<usize> = (0..s.backends.len()).collect();
-            let (ring_start, ring_len) = ring_for(&all, key(None))?;
-            let mut flags = 0;
-            if s.affinity_timeout_s.is_some() {
-                flags |= FRONTEND_AFFINITY;
-            }
-            let locals_start = parts.locals.len() as u32;
-            if s.node_local {
-                flags |= FRONTEND_NODE_LOCAL;
-                let mut by_node: std::collections::BTreeMap<u32, Vec<usize>> =
-                    std::collections::BTreeMap::new();
-                for (i, b) in s.backends.iter().enumerate() {
-                    if let Some(n) = b.node {
-                        if !known_nodes.contains(&n) {
-                            return Err(TableError::BadFrontend {
-                                index,
-                                what: format!(
-                                    "{name}: backend {} is on node {n}, which has no prefix",
-                                    b.addr
-                                ),
-                            });
-                        }
-                        by_node.entry(n).or_default().push(i);
-                    }
-                }
-                for (node, members) in by_node {
-                    let (ring_start, ring_len) = ring_for(&members, key(Some(node)))?;
-                    parts.locals.push(LocalRecord {
-                        node,
-                        ring_start,
-                        ring_len,
-                        reserved: 0,
-                    });
-                }
-            }
-            let ranges_start = parts.source_ranges.len() as u32;
-            if let Some(ranges) = &s.source_ranges {
-                flags |= FRONTEND_SOURCE_RANGES;
-                for r in ranges {
-                    if r.addr().is_ipv4() != s.addr.is_ipv4() {
-                        return Err(TableError::BadFrontend {
-                            index,
-                            what: format!("{name}: source range {r} is of another IP family"),
-                        });
-                    }
-                    parts.source_ranges.push(PrefixRecord::new(*r, 0));
-                }
-            }
-            parts.frontends.push(FrontendRecord {
-                addr: addr16(s.addr),
-                port: s.port,
-                proto: s.proto.ip_number(),
-                kind: s.kind as u8,
-                flags,
-                affinity_timeout_s: s.affinity_timeout_s.unwrap_or(0),
-                backends_start,
-                backends_len: s.backends.len() as u32,
-                ring_start,
-                ring_len,
-                return_path: s.return_path as u8,
-                reserved: [0; 3],
-                ranges_start,
-                ranges_len: parts.source_ranges.len() as u32 - ranges_start,
-                locals_start,
-                locals_len: parts.locals.len() as u32 - locals_start,
-            });
-        }
-        parts.node_prefixes = spec
-            .nodes
-            .iter()
-            .map(|(net, node)| PrefixRecord::new(*net, *node))
-            .collect();
-        parts.node_port_prefixes = spec
-            .node_port_addresses
-            .iter()
-            .map(|net| PrefixRecord::new(*net, 0))
-            .collect();
-        parts.policy = spec.policy.clone();
-        Self::assemble(generation, hash_seed, parts)
+        Self::from_fronts(
+            generation,
+            hash_seed,
+            fronts,
+            spec.nodes
+                .iter()
+                .map(|(net, node)| PrefixRecord::new(*net, *node))
+                .collect(),
+            spec.node_port_addresses
+                .iter()
+                .map(|net| PrefixRecord::new(*net, 0))
+                .collect(),
+            policy,
+        )
     }
 
     /// Accepts the three frontend arrays alone (no source ranges, per-node
@@ -1076,31 +1505,25 @@ impl Table {
             }
             Ok(())
         };
-        let index_seed = (generation ^ 0x5851_f42d_4c95_7f2d) | 1 << 63;
-        let mut index = HashTable::with_capacity(frontends.len());
-        let mut has_node_ports = false;
         for (i, f) in frontends.iter().enumerate() {
-            let Some(proto) = Proto::from_ip_number(f.proto) else {
+            if Proto::from_ip_number(f.proto).is_none() {
                 return Err(bad(
                     i,
                     format!("protocol {} is not TCP, UDP or SCTP", f.proto),
                 ));
-            };
+            }
             if f.kind > FrontendKind::LoadBalancer as u8 {
                 return Err(bad(i, format!("kind {} is unknown", f.kind)));
             }
             let v4 = ip_from16(f.addr).is_ipv4();
-            if f.kind == FrontendKind::NodePort as u8 {
-                if ip_from16(f.addr) != unspecified(v4) {
-                    return Err(bad(
-                        i,
-                        format!(
-                            "a node port on {} (node ports are on 0.0.0.0 or ::)",
-                            ip_from16(f.addr)
-                        ),
-                    ));
-                }
-                has_node_ports = true;
+            if f.kind == FrontendKind::NodePort as u8 && ip_from16(f.addr) != unspecified(v4) {
+                return Err(bad(
+                    i,
+                    format!(
+                        "a node port on {} (node ports are on 0.0.0.0 or ::)",
+                        ip_from16(f.addr)
+                    ),
+                ));
             }
             if f.flags & !FRONTEND_FLAGS != 0 {
                 return Err(bad(i, format!("flags {:#x} name unknown bits", f.flags)));
@@ -1189,54 +1612,77 @@ impl Table {
             for l in mine {
                 check_ring(i, "per-node ring", l.ring_start, l.ring_len, f.backends_len)?;
             }
-            let h = key_hash(index_seed, &f.addr, f.port, f.proto);
-            if index
-                .find(h, |s: &IndexSlot| {
-                    s.addr == f.addr && s.port == f.port && s.proto == f.proto
-                })
-                .is_some()
-            {
-                return Err(TableError::DuplicateFrontend {
-                    addr: ip_from16(f.addr),
-                    port: f.port,
-                    proto: proto.as_str(),
-                });
-            }
-            let slot = IndexSlot {
-                addr: f.addr,
-                port: f.port,
-                proto: f.proto,
-                frontend: i as u32,
-            };
-            index.insert_unique(h, slot, |s| key_hash(index_seed, &s.addr, s.port, s.proto));
-            // One address-only entry (port 0, protocol 0, which no frontend
-            // has) per virtual address, for `is_virtual_addr`.
-            let virtual_kind = f.kind == FrontendKind::ClusterIp as u8
-                || f.kind == FrontendKind::LoadBalancer as u8;
-            let ha = key_hash(index_seed, &f.addr, 0, 0);
-            let any = |s: &IndexSlot| s.addr == f.addr && s.port == 0 && s.proto == 0;
-            if virtual_kind && index.find(ha, any).is_none() {
-                let slot = IndexSlot {
-                    port: 0,
-                    proto: 0,
-                    ..slot
-                };
-                index.insert_unique(ha, slot, |s| key_hash(index_seed, &s.addr, s.port, s.proto));
-            }
         }
-        // Where hashbrown put the index (a prefetch hint only; see
-        // `conntrack::prefetch_layout_matches_hashbrown` for the layout).
-        let (index_ctrl, index_mask) = index
+        let policy = Arc::new(policy);
+        let fronts = frontends
             .iter()
-            .next()
-            .and_then(|s| {
-                let h = key_hash(index_seed, &s.addr, s.port, s.proto);
-                let i = index.find_bucket_index(h, |x| {
-                    x.addr == s.addr && x.port == s.port && x.proto == s.proto
-                })?;
-                Some((crate::conntrack::ctrl_of(s, i), index.num_buckets() - 1))
+            .enumerate()
+            .map(|(i, f)| {
+                // Validated above: every range lies within its array.
+                let cut = |start: u32, len: u32| start as usize..(start + len) as usize;
+                let mut locals: Box<[LocalRecord]> =
+                    locals[cut(f.locals_start, f.locals_len)].into();
+                // Per-node rings move into the block: a frontend's rings lie
+                // where the writer put them, so each is copied after its own.
+                let mut own_ring: Vec<u16> = ring[cut(f.ring_start, f.ring_len)].to_vec();
+                for l in locals.iter_mut() {
+                    let at = own_ring.len() as u32;
+                    own_ring.extend_from_slice(&ring[cut(l.ring_start, l.ring_len)]);
+                    l.ring_start = at;
+                }
+                let name = if name_offsets.is_empty() {
+                    ""
+                } else {
+                    &names[name_offsets[i] as usize..name_offsets[i + 1] as usize]
+                };
+                Arc::new(Front {
+                    record: FrontendRecord {
+                        backends_start: 0,
+                        ring_start: 0,
+                        ranges_start: 0,
+                        locals_start: 0,
+                        ..*f
+                    },
+                    ring: own_ring.into_boxed_slice(),
+                    backends: backends[cut(f.backends_start, f.backends_len)].into(),
+                    ranges: source_ranges[cut(f.ranges_start, f.ranges_len)].into(),
+                    locals,
+                    name: name.into(),
+                    policy_of: Box::default(),
+                    version: generation,
+                })
             })
-            .unwrap_or((0, 0));
+            .collect::<Vec<_>>();
+        let mut fronts = fronts;
+        for f in &mut fronts {
+            set_policy(f, &policy);
+        }
+        Self::from_fronts(
+            generation,
+            hash_seed,
+            fronts,
+            node_prefixes,
+            node_port_prefixes,
+            policy,
+        )
+    }
+
+    /// A table of `fronts`, with the cluster's node prefixes, node-port
+    /// addresses and policy: builds the frontend and node indexes. The
+    /// blocks are taken as they are (built here, or split from checked
+    /// arrays by [`Table::assemble`]).
+    ///
+    /// # Errors
+    /// A duplicate frontend, or a node prefix given for two nodes.
+    fn from_fronts(
+        generation: u64,
+        hash_seed: u64,
+        fronts: Vec<Arc<Front>>,
+        node_prefixes: Vec<PrefixRecord>,
+        node_port_prefixes: Vec<PrefixRecord>,
+        policy: Arc<PolicyTable>,
+    ) -> Result<Self, TableError> {
+        let index = Arc::new(build_index(generation, &fronts)?);
         let mut nodes = HashMap::with_capacity(node_prefixes.len());
         let mut node_lens = Vec::new();
         for (i, p) in node_prefixes.iter().enumerate() {
@@ -1259,102 +1705,187 @@ impl Table {
             }
         }
         node_lens.sort_by_key(|&(_, len)| std::cmp::Reverse(len));
-        let policy_of_backend: Box<[u32]> = if policy.is_empty() {
-            Box::default()
-        } else {
-            backends
-                .iter()
-                .map(|b| policy.backend_record(&b.addr).unwrap_or(u32::MAX))
-                .collect()
-        };
         Ok(Self {
             generation,
             hash_seed,
-            frontends,
-            backends,
-            ring,
-            source_ranges,
-            locals,
+            has_node_ports: fronts
+                .iter()
+                .any(|f| f.kind == FrontendKind::NodePort as u8),
+            backend_bases: bases_of(&fronts),
+            fronts,
             node_prefixes,
             node_port_prefixes,
             index,
-            index_seed,
-            has_node_ports,
             nodes,
             node_lens,
-            names,
-            name_offsets: name_offsets.into_boxed_slice(),
-            policy_of_backend,
             policy,
-            carry: Box::default(),
-            index_ctrl,
-            index_mask,
         })
     }
 
-    /// Notes, per frontend, whether its backends are those it had in `prev`
-    /// (the table this one replaces), so that a flow bound in `prev` finds
-    /// its backend's new index at once ([`Table::carried`]): after a change
-    /// to one Service, the flows of the others are not searched again.
-    /// Off the packet path: once per table, before it is published.
-    pub fn carry_from(&mut self, prev: &Table) {
-        let key = |f: &FrontendRecord| (f.addr, f.port, f.proto, f.kind);
-        let before: HashMap<_, u32> = prev
-            .frontends
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (key(f), i as u32))
-            .collect();
-        let same = |a: &[BackendRecord], b: &[BackendRecord]| {
-            a.len() == b.len()
-                && a.iter()
-                    .zip(b)
-                    .all(|(x, y)| x.addr == y.addr && x.port == y.port)
-        };
-        let epoch = prev.generation as u32;
-        self.carry = self
-            .frontends
-            .iter()
-            .map(|f| {
-                let Some(&pi) = before.get(&key(f)) else {
-                    return Carry::NONE;
-                };
-                let pf = &prev.frontends[pi as usize];
-                if same(self.backends_of(f), prev.backends_of(pf)) {
-                    Carry {
-                        epoch,
-                        frontend: pi,
-                        start: pf.backends_start,
+    /// The table `delta` makes of this one: its removed frontends gone, its
+    /// changed ones added or replaced, every other frontend's block shared
+    /// (and so its version kept: its flows are not looked at again). Costs
+    /// the changed blocks and one pointer per frontend; the frontend index is
+    /// shared too when no frontend was added or removed.
+    ///
+    /// # Errors
+    /// A delta for another base generation or flow-hash seed, a generation
+    /// that does not grow, a removed frontend this table does not have, or a
+    /// changed one that makes a frontend appear twice.
+    pub fn apply_delta(&self, delta: &Delta) -> Result<Self, DeltaError> {
+        if delta.base != self.generation {
+            return Err(DeltaError::Base {
+                base: delta.base,
+                have: self.generation,
+            });
+        }
+        if delta.generation <= self.generation || delta.changed.generation != delta.generation {
+            return Err(DeltaError::Generation {
+                generation: delta.generation,
+                have: self.generation,
+            });
+        }
+        if delta.changed.hash_seed != self.hash_seed {
+            return Err(DeltaError::Seed);
+        }
+        let mut fronts = self.fronts.clone();
+        let mut moved = false;
+        let mut gone = vec![false; fronts.len()];
+        for k in &delta.removed {
+            match self.frontend(&k.addr, k.port, proto_of(k.proto)?) {
+                Some(fi) if !gone[fi as usize] => gone[fi as usize] = true,
+                _ => return Err(DeltaError::NotThere(*k)),
+            }
+            moved = true;
+        }
+        let mut added = Vec::new();
+        for f in &delta.changed.fronts {
+            let mut f = Arc::clone(f);
+            set_policy(&mut f, &self.policy);
+            match self.frontend(&f.addr, f.port, proto_of(f.proto)?) {
+                Some(fi) if !gone[fi as usize] => {
+                    // A node port stays a node port: the kind is part of
+                    // the address rule the index enforces.
+                    if fronts[fi as usize].kind != f.kind {
+                        moved = true;
                     }
-                } else {
-                    Carry::NONE
+                    fronts[fi as usize] = f;
                 }
-            })
-            .collect();
+                _ => {
+                    added.push(f);
+                    moved = true;
+                }
+            }
+        }
+        if moved {
+            let mut i = 0;
+            fronts.retain(|_| {
+                i += 1;
+                !gone[i - 1]
+            });
+            fronts.extend(added);
+        }
+        let index = if moved {
+            Arc::new(build_index(delta.generation, &fronts).map_err(DeltaError::Table)?)
+        } else {
+            Arc::clone(&self.index)
+        };
+        Ok(Self {
+            generation: delta.generation,
+            hash_seed: self.hash_seed,
+            has_node_ports: fronts
+                .iter()
+                .any(|f| f.kind == FrontendKind::NodePort as u8),
+            backend_bases: bases_of(&fronts),
+            fronts,
+            node_prefixes: self.node_prefixes.clone(),
+            node_port_prefixes: self.node_port_prefixes.clone(),
+            index,
+            nodes: self.nodes.clone(),
+            node_lens: self.node_lens.clone(),
+            policy: Arc::clone(&self.policy),
+        })
     }
 
-    /// The index in this table of the backend a flow bound in table `epoch`
-    /// to frontend `frontend`'s backend `backend_index` (indices of that
-    /// table) has now, when frontend `fi` of this table kept the backends it
-    /// had then ([`Table::carry_from`]); `None`: search
-    /// ([`Table::backend_index`]).
-    #[inline]
+    /// The delta from `prev` to this table: the frontends this one lacks,
+    /// and the blocks this one does not share with `prev`. `None` when the
+    /// rest differs (nodes, node-port addresses, policy, seed): then only a
+    /// full snapshot says it.
     #[must_use]
-    pub fn carried(&self, fi: u32, epoch: u32, frontend: u32, backend_index: u32) -> Option<u32> {
-        let c = self.carry.get(fi as usize)?;
-        let f = self.frontends.get(fi as usize)?;
-        let off = backend_index.checked_sub(c.start)?;
-        (c.frontend == frontend && c.epoch == epoch && off < f.backends_len)
-            .then(|| f.backends_start + off)
+    pub fn delta_from(&self, prev: &Table) -> Option<Delta> {
+        if self.hash_seed != prev.hash_seed
+            || self.node_prefixes != prev.node_prefixes
+            || self.node_port_prefixes != prev.node_port_prefixes
+            || self.policy.parts() != prev.policy.parts()
+            || self.generation <= prev.generation
+        {
+            return None;
+        }
+        let mut removed = Vec::new();
+        for f in &prev.fronts {
+            if self
+                .frontend(&f.addr, f.port, Proto::from_ip_number(f.proto)?)
+                .is_none()
+            {
+                removed.push(f.key());
+            }
+        }
+        let changed: Vec<Arc<Front>> = self
+            .fronts
+            .iter()
+            .filter(|f| {
+                Proto::from_ip_number(f.proto)
+                    .and_then(|p| prev.frontend(&f.addr, f.port, p))
+                    .is_none_or(|pi| prev.fronts[pi as usize].version != f.version)
+            })
+            .cloned()
+            .collect();
+        let changed = Self::from_fronts(
+            self.generation,
+            self.hash_seed,
+            changed,
+            Vec::new(),
+            Vec::new(),
+            Arc::new(PolicyTable::default()),
+        )
+        .ok()?;
+        Some(Delta {
+            generation: self.generation,
+            base: prev.generation,
+            removed,
+            changed,
+        })
+    }
+
+    /// Shares `prev`'s block for every frontend whose content did not
+    /// change (and so keeps its version: its flows are not looked at
+    /// again). For a full snapshot that replaces `prev`; off the packet
+    /// path, once per table, before it is published.
+    pub fn adopt_unchanged(&mut self, prev: &Table) {
+        if self.policy.parts() != prev.policy.parts() {
+            return;
+        }
+        for f in &mut self.fronts {
+            let Some(p) = Proto::from_ip_number(f.proto) else {
+                continue;
+            };
+            if let Some(pi) = prev.frontend(&f.addr, f.port, p) {
+                let old = &prev.fronts[pi as usize];
+                if old.same_as(f) {
+                    *f = Arc::clone(old);
+                }
+            }
+        }
     }
 
     /// Whether NetworkPolicy allows a new flow from `client` to backend
-    /// record `backend_index` (at `addr`, port `port`).
+    /// `backend_index` of frontend `f` (at `addr`, port `port`).
     #[inline]
     #[must_use]
     pub fn policy_allows(
         &self,
         client: &Addr16,
+        f: &Front,
         backend_index: u32,
         addr: &Addr16,
         proto: Proto,
@@ -1363,7 +1894,7 @@ impl Table {
         if self.policy.is_empty() {
             return true;
         }
-        let record = match self.policy_of_backend.get(backend_index as usize) {
+        let record = match f.policy_of.get(backend_index as usize) {
             Some(&u32::MAX) => None,
             Some(&i) => Some(i),
             None => self.policy.backend_record(addr),
@@ -1390,34 +1921,93 @@ impl Table {
         self.hash_seed
     }
 
-    /// All frontends.
+    /// All frontends, in order.
     #[must_use]
-    pub fn frontends(&self) -> &[FrontendRecord] {
-        &self.frontends
+    pub fn frontends(&self) -> Frontends<'_> {
+        Frontends(&self.fronts)
     }
 
-    /// All backends.
+    /// The table as flat arrays, as a full snapshot carries them: each
+    /// frontend's backends, rings (its own, then its per-node ones), source
+    /// ranges and per-node rings back to back in frontend order, the
+    /// records' starts counted in those arrays. Off the packet path.
     #[must_use]
-    pub fn backend_records(&self) -> &[BackendRecord] {
-        &self.backends
+    pub fn to_parts(&self) -> TableParts {
+        let mut p = TableParts::default();
+        let named = self.fronts.iter().any(|f| !f.name.is_empty());
+        if named {
+            p.name_offsets.push(0);
+        }
+        for f in &self.fronts {
+            let ring_start = p.ring.len() as u32;
+            let mut r = f.record;
+            r.backends_start = p.backends.len() as u32;
+            r.ring_start = ring_start + f.record.ring_start;
+            r.ranges_start = p.source_ranges.len() as u32;
+            r.locals_start = p.locals.len() as u32;
+            p.frontends.push(r);
+            p.backends.extend_from_slice(&f.backends);
+            p.ring.extend_from_slice(&f.ring);
+            p.source_ranges.extend_from_slice(&f.ranges);
+            p.locals.extend(f.locals.iter().map(|l| LocalRecord {
+                ring_start: ring_start + l.ring_start,
+                ..*l
+            }));
+            if named {
+                p.names.extend_from_slice(f.name.as_bytes());
+                p.name_offsets.push(p.names.len() as u32);
+            }
+        }
+        p.node_prefixes.clone_from(&self.node_prefixes);
+        p.node_port_prefixes.clone_from(&self.node_port_prefixes);
+        p.policy = self.policy.parts().clone();
+        p
     }
 
-    /// All ring slots.
+    /// All backends, in order ([`Table::to_parts`]): a backend's index
+    /// here is [`Table::backend_base`] of its frontend plus its index among
+    /// the frontend's.
     #[must_use]
-    pub fn ring_slots(&self) -> &[u16] {
-        &self.ring
+    pub fn backend_records(&self) -> Vec<BackendRecord> {
+        self.fronts
+            .iter()
+            .flat_map(|f| f.backends.iter().copied())
+            .collect()
     }
 
-    /// All source ranges.
+    /// How many backends all frontends have together.
     #[must_use]
-    pub fn source_range_records(&self) -> &[PrefixRecord] {
-        &self.source_ranges
+    pub fn backends_total(&self) -> usize {
+        self.backend_bases.last().copied().unwrap_or(0) as usize
     }
 
-    /// All per-node rings.
+    /// The index among all backends ([`Table::backend_records`]) of
+    /// frontend `fi`'s first backend.
+    #[inline]
     #[must_use]
-    pub fn local_records(&self) -> &[LocalRecord] {
-        &self.locals
+    pub fn backend_base(&self, fi: u32) -> Option<u32> {
+        self.backend_bases
+            .get(fi as usize)
+            .copied()
+            .filter(|_| (fi as usize) < self.fronts.len())
+    }
+
+    /// All ring slots, in order ([`Table::to_parts`]).
+    #[must_use]
+    pub fn ring_slots(&self) -> Vec<u16> {
+        self.to_parts().ring
+    }
+
+    /// All source ranges, in order ([`Table::to_parts`]).
+    #[must_use]
+    pub fn source_range_records(&self) -> Vec<PrefixRecord> {
+        self.to_parts().source_ranges
+    }
+
+    /// All per-node rings, in order ([`Table::to_parts`]).
+    #[must_use]
+    pub fn local_records(&self) -> Vec<LocalRecord> {
+        self.to_parts().locals
     }
 
     /// The size of every ring, by frontend (and node): what
@@ -1425,7 +2015,7 @@ impl Table {
     #[must_use]
     pub fn ring_sizes(&self) -> RingSizes {
         let mut sizes = RingSizes::default();
-        for f in &self.frontends {
+        for f in &self.fronts {
             let key = |node| RingKey {
                 addr: f.addr,
                 port: f.port,
@@ -1433,7 +2023,7 @@ impl Table {
                 node,
             };
             sizes.insert(key(None), f.ring_len);
-            for l in self.locals_of(f) {
+            for l in f.locals() {
                 sizes.insert(key(Some(l.node)), l.ring_len);
             }
         }
@@ -1479,7 +2069,7 @@ impl Table {
         }
         let any = addr16(unspecified(is_v4_mapped(addr)));
         let fi = self.frontend(&any, port, proto)?;
-        (self.frontends.get(fi as usize)?.kind == FrontendKind::NodePort as u8
+        (self.fronts.get(fi as usize)?.kind == FrontendKind::NodePort as u8
             && self.selects_node_port_address(addr))
         .then_some(fi)
     }
@@ -1488,16 +2078,11 @@ impl Table {
     /// source ranges ([`FRONTEND_SOURCE_RANGES`]) and none holds `src`.
     #[inline]
     #[must_use]
-    pub fn source_allowed(&self, f: &FrontendRecord, src: &Addr16) -> bool {
+    pub fn source_allowed(&self, f: &Front, src: &Addr16) -> bool {
         if f.flags & FRONTEND_SOURCE_RANGES == 0 {
             return true;
         }
-        let s = f.ranges_start as usize;
-        self.source_ranges
-            .get(s..s + f.ranges_len as usize)
-            .unwrap_or(&[])
-            .iter()
-            .any(|r| r.contains(src))
+        f.ranges.iter().any(|r| r.contains(src))
     }
 
     /// The node of a client address: the node with the longest prefix (pod
@@ -1514,9 +2099,8 @@ impl Table {
 
     /// The per-node rings of frontend `f`.
     #[must_use]
-    pub fn locals_of(&self, f: &FrontendRecord) -> &[LocalRecord] {
-        let s = f.locals_start as usize;
-        self.locals.get(s..s + f.locals_len as usize).unwrap_or(&[])
+    pub fn locals_of<'a>(&self, f: &'a Front) -> &'a [LocalRecord] {
+        &f.locals
     }
 
     /// Starts loading the index lines [`Table::frontend`] of (address,
@@ -1524,15 +2108,15 @@ impl Table {
     /// looks any up, so their misses overlap.
     #[inline]
     pub fn prefetch_frontend(&self, addr: &Addr16, port: u16, proto: Proto) {
-        let h = key_hash(self.index_seed, addr, port, proto.ip_number());
-        crate::conntrack::prefetch_slot::<IndexSlot>(self.index_ctrl, self.index_mask, h);
+        let h = key_hash(self.index.seed, addr, port, proto.ip_number());
+        crate::conntrack::prefetch_slot::<IndexSlot>(self.index.ctrl, self.index.mask, h);
     }
 
-    /// Starts loading frontend record `fi`.
+    /// Starts loading frontend `fi`'s block (its record's line).
     #[inline]
     pub fn prefetch_frontend_record(&self, fi: u32) {
-        if let Some(f) = self.frontends.get(fi as usize) {
-            crate::prefetch::prefetch(f as *const FrontendRecord as usize);
+        if let Some(f) = self.fronts.get(fi as usize) {
+            crate::prefetch::prefetch(&f.record as *const FrontendRecord as usize);
         }
     }
 
@@ -1541,8 +2125,9 @@ impl Table {
     #[must_use]
     pub fn frontend(&self, addr: &Addr16, port: u16, proto: Proto) -> Option<u32> {
         let p = proto.ip_number();
-        let h = key_hash(self.index_seed, addr, port, p);
+        let h = key_hash(self.index.seed, addr, port, p);
         self.index
+            .table
             .find(h, |s| s.addr == *addr && s.port == port && s.proto == p)
             .map(|s| s.frontend)
     }
@@ -1551,7 +2136,7 @@ impl Table {
     /// Slow path only (ICMP errors); linear.
     #[must_use]
     pub fn is_frontend_addr(&self, addr: &Addr16) -> bool {
-        self.frontends.iter().any(|f| f.addr == *addr)
+        self.fronts.iter().any(|f| f.addr == *addr)
     }
 
     /// Is this a virtual address: the address of a cluster IP or
@@ -1562,8 +2147,9 @@ impl Table {
     #[inline]
     #[must_use]
     pub fn is_virtual_addr(&self, addr: &Addr16) -> bool {
-        let h = key_hash(self.index_seed, addr, 0, 0);
+        let h = key_hash(self.index.seed, addr, 0, 0);
         self.index
+            .table
             .find(h, |s| s.addr == *addr && s.port == 0 && s.proto == 0)
             .is_some()
     }
@@ -1573,41 +2159,24 @@ impl Table {
     /// when unknown.
     #[must_use]
     pub fn frontend_name(&self, index: u32) -> Option<&str> {
-        let i = index as usize;
-        let (&start, &end) = (self.name_offsets.get(i)?, self.name_offsets.get(i + 1)?);
-        self.names
-            .get(start as usize..end as usize)
+        self.fronts
+            .get(index as usize)
+            .map(|f| &*f.name)
             .filter(|n| !n.is_empty())
     }
 
-    /// The name offsets, as a snapshot carries them: one more than frontends,
-    /// or none when no frontend has a name.
-    #[must_use]
-    pub fn name_offsets(&self) -> &[u32] {
-        &self.name_offsets
-    }
-
-    /// The frontends' names back to back, as a snapshot carries them.
-    #[must_use]
-    pub fn names(&self) -> &str {
-        &self.names
-    }
-
-    /// The frontend record at `index` (from [`Table::frontend`]).
+    /// The frontend at `index` (from [`Table::frontend`]).
     #[inline]
     #[must_use]
-    pub fn frontend_record(&self, index: u32) -> Option<&FrontendRecord> {
-        self.frontends.get(index as usize)
+    pub fn frontend_record(&self, index: u32) -> Option<&Front> {
+        self.fronts.get(index as usize).map(|f| &**f)
     }
 
     /// The backends of a frontend.
     #[inline]
     #[must_use]
-    pub fn backends_of(&self, f: &FrontendRecord) -> &[BackendRecord] {
-        let s = f.backends_start as usize;
-        self.backends
-            .get(s..s + f.backends_len as usize)
-            .unwrap_or(&[])
+    pub fn backends_of<'a>(&self, f: &'a Front) -> &'a [BackendRecord] {
+        &f.backends
     }
 
     /// Maglev pick for a new flow to frontend `f`: `ring[hash % M]`, where the
@@ -1617,42 +2186,42 @@ impl Table {
     /// when no backend (of the client's node) takes new flows.
     #[inline]
     #[must_use]
-    pub fn pick(&self, f: &FrontendRecord, t: &FlowTuple) -> Option<&BackendRecord> {
+    pub fn pick<'a>(&self, f: &'a Front, t: &FlowTuple) -> Option<&'a BackendRecord> {
         self.pick_index(f, t).map(|(_, b)| b)
     }
 
-    /// [`Table::pick`], with the backend's index in the backend array
-    /// ([`Table::backend_records`]).
+    /// [`Table::pick`], with the backend's index among the frontend's
+    /// backends.
     #[inline]
     #[must_use]
-    pub fn pick_index(&self, f: &FrontendRecord, t: &FlowTuple) -> Option<(u32, &BackendRecord)> {
-        let local = *self.ring.get(self.slot_of(f, t)?)? as usize;
-        let b = self.backends_of(f).get(local)?;
-        Some((f.backends_start + local as u32, b))
+    pub fn pick_index<'a>(&self, f: &'a Front, t: &FlowTuple) -> Option<(u32, &'a BackendRecord)> {
+        let local = *f.ring.get(self.slot_of(f, t)?)? as usize;
+        let b = f.backends.get(local)?;
+        Some((local as u32, b))
     }
 
     /// Starts loading the ring slot [`Table::pick`] would read for `t`
     /// (the batch's first pass does this for connection openings).
     #[inline]
-    pub fn prefetch_pick(&self, f: &FrontendRecord, t: &FlowTuple) {
+    pub fn prefetch_pick(&self, f: &Front, t: &FlowTuple) {
         if let Some(slot) = self.slot_of(f, t) {
-            if let Some(r) = self.ring.get(slot) {
+            if let Some(r) = f.ring.get(slot) {
                 crate::prefetch::prefetch(r as *const u16 as usize);
             }
         }
     }
 
-    /// Index in the ring array of the slot for `t`, or `None` without a ring:
-    /// the frontend's ring, or for a [`FRONTEND_NODE_LOCAL`] frontend the
-    /// ring of the client's node (`None` when the client's node is unknown
-    /// or has none of the frontend's backends).
+    /// Index in the frontend's ring slots of the slot for `t`, or `None`
+    /// without a ring: the frontend's ring, or for a [`FRONTEND_NODE_LOCAL`]
+    /// frontend the ring of the client's node (`None` when the client's node
+    /// is unknown or has none of the frontend's backends).
     #[inline]
-    fn slot_of(&self, f: &FrontendRecord, t: &FlowTuple) -> Option<usize> {
+    fn slot_of(&self, f: &Front, t: &FlowTuple) -> Option<usize> {
         let (start, len) = if f.flags & FRONTEND_NODE_LOCAL == 0 {
             (f.ring_start, f.ring_len)
         } else {
             let node = self.client_node(&t.src_addr)?;
-            let mine = self.locals_of(f);
+            let mine = &f.locals;
             let l = mine
                 .binary_search_by_key(&node, |l| l.node)
                 .ok()
@@ -1680,19 +2249,19 @@ impl Table {
     /// Is `(addr, port)` still a backend of frontend `f`?
     #[inline]
     #[must_use]
-    pub fn has_backend(&self, f: &FrontendRecord, addr: &Addr16, port: u16) -> bool {
+    pub fn has_backend(&self, f: &Front, addr: &Addr16, port: u16) -> bool {
         self.backend_index(f, addr, port).is_some()
     }
 
-    /// The index in the backend array ([`Table::backend_records`]) of
-    /// `(addr, port)` among frontend `f`'s backends, if it is one.
+    /// The index among frontend `f`'s backends of `(addr, port)`, if it is
+    /// one.
     #[inline]
     #[must_use]
-    pub fn backend_index(&self, f: &FrontendRecord, addr: &Addr16, port: u16) -> Option<u32> {
-        self.backends_of(f)
+    pub fn backend_index(&self, f: &Front, addr: &Addr16, port: u16) -> Option<u32> {
+        f.backends
             .iter()
             .position(|b| b.addr == *addr && b.port == port)
-            .map(|i| f.backends_start + i as u32)
+            .map(|i| i as u32)
     }
 }
 
@@ -1732,29 +2301,30 @@ mod tests {
             })
             .collect();
         let t = Table::build(1, 0, &specs).unwrap();
-        assert_ne!(t.index_ctrl, 0);
-        assert_eq!(t.index_mask, t.index.num_buckets() - 1);
-        for s in t.index.iter() {
-            let h = key_hash(t.index_seed, &s.addr, s.port, s.proto);
+        assert_ne!(t.index.ctrl, 0);
+        assert_eq!(t.index.mask, t.index.table.num_buckets() - 1);
+        for s in t.index.table.iter() {
+            let h = key_hash(t.index.seed, &s.addr, s.port, s.proto);
             let i = t
                 .index
+                .table
                 .find_bucket_index(h, |x| {
                     x.addr == s.addr && x.port == s.port && x.proto == s.proto
                 })
                 .unwrap();
-            assert_eq!(crate::conntrack::ctrl_of(s, i), t.index_ctrl);
+            assert_eq!(crate::conntrack::ctrl_of(s, i), t.index.ctrl);
         }
         // An empty table has nothing to aim at, and prefetching is harmless.
         let e = Table::build(1, 0, &[]).unwrap();
-        assert_eq!(e.index_ctrl, 0);
+        assert_eq!(e.index.ctrl, 0);
         e.prefetch_frontend(&addr16(ip("198.19.0.1")), 80, Proto::Tcp);
     }
 
-    /// After a change to one Service, the flows of the others find their
-    /// backend's new index without a search, though every index moved; the
-    /// changed Service's flows are searched (and only they).
+    /// After a change to one Service, the others' blocks are shared, so
+    /// their version (which their flows were bound under) stays; the
+    /// changed Service's block is new, and a delta carries only it.
     #[test]
-    fn unchanged_frontends_carry_their_flows_backends() {
+    fn unchanged_frontends_keep_their_version() {
         let a = svc(
             "198.19.0.10",
             80,
@@ -1770,38 +2340,37 @@ mod tests {
             &["198.18.3.1", "198.18.3.2", "198.18.3.3"],
         );
         let mut t2 = Table::build(2, 0, &[new, b2, a]).unwrap();
-        t2.carry_from(&t1);
-        let va = addr16(ip("198.19.0.10"));
-        let vb = addr16(ip("198.19.0.11"));
-        let (fa1, fa2) = (
-            t1.frontend(&va, 80, Proto::Tcp).unwrap(),
-            t2.frontend(&va, 80, Proto::Tcp).unwrap(),
-        );
-        let (ea1, ea2) = (
-            *t1.frontend_record(fa1).unwrap(),
-            *t2.frontend_record(fa2).unwrap(),
-        );
-        assert_ne!(ea1.backends_start, ea2.backends_start, "the indices moved");
-        for (i, be) in t1.backends_of(&ea1).iter().enumerate() {
-            let old = ea1.backends_start + i as u32;
-            let searched = t2.backend_index(&ea2, &be.addr, be.port).unwrap();
-            assert_eq!(t2.carried(fa2, 1, fa1, old), Some(searched));
-            // Not for a flow of another table, or another frontend.
-            assert_eq!(t2.carried(fa2, 0, fa1, old), None);
-            assert_eq!(t2.carried(fa2, 1, fa1 ^ 1, old), None);
+        t2.adopt_unchanged(&t1);
+        let version = |t: &Table, vip: &str| {
+            let fi = t.frontend(&addr16(ip(vip)), 80, Proto::Tcp).unwrap();
+            t.frontend_record(fi).unwrap().version()
+        };
+        assert_eq!(version(&t2, "198.19.0.10"), 1, "a kept its block");
+        assert_eq!(version(&t2, "198.19.0.11"), 2, "b changed");
+        assert_eq!(version(&t2, "198.19.0.9"), 2, "new");
+        // The delta from t1 holds b and the new one, and makes t2 from t1.
+        let d = t2.delta_from(&t1).unwrap();
+        assert_eq!(d.changed.frontends().len(), 2);
+        assert!(d.removed.is_empty());
+        let t3 = t1.apply_delta(&d).unwrap();
+        assert_eq!(t3.generation(), 2);
+        for vip in ["198.19.0.9", "198.19.0.10", "198.19.0.11"] {
+            let (f2, f3) = (
+                t2.frontend(&addr16(ip(vip)), 80, Proto::Tcp).unwrap(),
+                t3.frontend(&addr16(ip(vip)), 80, Proto::Tcp).unwrap(),
+            );
+            let (e2, e3) = (
+                t2.frontend_record(f2).unwrap(),
+                t3.frontend_record(f3).unwrap(),
+            );
+            assert!(e2.same_as(e3), "{vip}");
+            assert_eq!(e2.version(), e3.version(), "{vip}");
         }
-        let (fb1, fb2) = (
-            t1.frontend(&vb, 80, Proto::Tcp).unwrap(),
-            t2.frontend(&vb, 80, Proto::Tcp).unwrap(),
-        );
-        let eb1 = *t1.frontend_record(fb1).unwrap();
-        assert_eq!(
-            t2.carried(fb2, 1, fb1, eb1.backends_start),
-            None,
-            "b changed"
-        );
-        // A table never carried from another carries nothing.
-        assert_eq!(t1.carried(fa1, 0, fa1, ea1.backends_start), None);
+        // Not for another base.
+        assert!(matches!(
+            t2.apply_delta(&d),
+            Err(DeltaError::Base { base: 1, have: 2 })
+        ));
     }
 
     #[test]
@@ -1860,11 +2429,8 @@ mod tests {
             &[svc("198.19.0.10", 80, &["198.18.1.1", "198.18.1.2"])],
         )
         .unwrap();
-        let (f, b, r) = (
-            good.frontends.clone(),
-            good.backends.clone(),
-            good.ring.clone(),
-        );
+        let parts = good.to_parts();
+        let (f, b, r) = (parts.frontends, parts.backends, parts.ring);
         let mut f1 = f.clone();
         f1[0].backends_len = 3;
         assert!(Table::from_parts(1, 0, f1, b.clone(), r.clone())
@@ -2016,18 +2582,7 @@ mod tests {
     }
 
     fn parts_of(t: &Table) -> TableParts {
-        TableParts {
-            frontends: t.frontends.clone(),
-            backends: t.backends.clone(),
-            ring: t.ring.clone(),
-            source_ranges: t.source_ranges.clone(),
-            locals: t.locals.clone(),
-            node_prefixes: t.node_prefixes.clone(),
-            node_port_prefixes: t.node_port_prefixes.clone(),
-            name_offsets: t.name_offsets.to_vec(),
-            names: t.names.as_bytes().to_vec(),
-            policy: Default::default(),
-        }
+        t.to_parts()
     }
 
     #[test]
@@ -2332,7 +2887,7 @@ mod tests {
             proto: Proto::Tcp.ip_number(),
             node: Some(2),
         };
-        assert_eq!(sizes.get(&key), Some(before.locals[1].ring_len));
+        assert_eq!(sizes.get(&key), Some(before.local_records()[1].ring_len));
         let after =
             Table::build_keeping(1, 0, &local_spec(&more), DEFAULT_MAX_RING_SIZE, &sizes).unwrap();
         assert_eq!(after.ring_sizes(), sizes, "every ring keeps its size");
@@ -2340,7 +2895,7 @@ mod tests {
             before.frontend_record(0).unwrap(),
             after.frontend_record(0).unwrap(),
         );
-        let addr = |t: &Table, f: &FrontendRecord, c: &str, p: u16| {
+        let addr = |t: &Table, f: &Front, c: &str, p: u16| {
             t.pick(f, &tuple(c, "198.19.0.10", p, 80)).map(|b| b.addr)
         };
         for p in 0..3000u16 {

@@ -34,7 +34,7 @@ fn version_names_commit_abi_and_flow_hash() {
         commit == "unknown" || (commit.len() >= 7 && commit.chars().all(|c| c.is_ascii_hexdigit())),
         "{commit:?}"
     );
-    assert!(lines.contains(&"snapshot ABI: 6"), "{text}");
+    assert!(lines.contains(&"snapshot ABI: 7"), "{text}");
     assert!(lines.contains(&"flow hash: 1 (xxh3-64)"), "{text}");
 }
 

@@ -227,7 +227,7 @@ fn owners(t: &Table, vip: [u8; 4], port: u16) -> (u32, Vec<(IpAddr, u16)>) {
         .frontend_record(t.frontend(&a, port, Proto::Tcp).unwrap())
         .unwrap();
     let b = t.backends_of(f);
-    let ring = &t.ring_slots()[f.ring_start as usize..(f.ring_start + f.ring_len) as usize];
+    let ring = &f.ring()[f.ring_start as usize..(f.ring_start + f.ring_len) as usize];
     let who = ring
         .iter()
         .map(|&s| {

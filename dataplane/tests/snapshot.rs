@@ -242,8 +242,8 @@ fn assert_same(a: &Table, b: &Table) {
     assert_eq!(a.node_prefix_records(), b.node_prefix_records());
     assert_eq!(a.node_port_prefix_records(), b.node_port_prefix_records());
     assert_eq!(a.has_node_ports(), b.has_node_ports());
-    assert_eq!(a.names(), b.names());
-    assert_eq!(a.name_offsets(), b.name_offsets());
+    assert_eq!(a.to_parts().names, b.to_parts().names);
+    assert_eq!(a.to_parts().name_offsets, b.to_parts().name_offsets);
     for (i, f) in a.frontends().iter().enumerate() {
         assert_eq!(a.frontend_name(i as u32), b.frontend_name(i as u32));
         let proto = Proto::from_ip_number(f.proto).unwrap();
@@ -262,18 +262,16 @@ fn assert_same(a: &Table, b: &Table) {
 /// Every range and ring slot in bounds, and every pick works (what a worker
 /// relies on).
 fn assert_consistent(t: &Table) {
-    let (backends, ring) = (t.backend_records(), t.ring_slots());
     for (i, f) in t.frontends().iter().enumerate() {
-        let b_end = f.backends_start as usize + f.backends_len as usize;
+        let ring = f.ring();
+        assert_eq!(f.backends().len(), f.backends_len as usize);
         let r_end = f.ring_start as usize + f.ring_len as usize;
-        assert!(b_end <= backends.len() && r_end <= ring.len());
+        assert!(r_end <= ring.len());
         assert!(ring[f.ring_start as usize..r_end]
             .iter()
             .all(|&s| u32::from(s) < f.backends_len));
-        let g_end = f.ranges_start as usize + f.ranges_len as usize;
-        assert!(g_end <= t.source_range_records().len());
-        let l_end = f.locals_start as usize + f.locals_len as usize;
-        assert!(l_end <= t.local_records().len());
+        assert_eq!(f.ranges().len(), f.ranges_len as usize);
+        assert_eq!(f.locals().len(), f.locals_len as usize);
         for l in t.locals_of(f) {
             let end = l.ring_start as usize + l.ring_len as usize;
             assert!(end <= ring.len());
@@ -796,7 +794,7 @@ fn workers_never_see_a_mix_of_generations() {
                     );
                     for f in t.frontends() {
                         let end = f.ring_start as usize + f.ring_len as usize;
-                        assert!(t.ring_slots()[f.ring_start as usize..end]
+                        assert!(f.ring()[f.ring_start as usize..end]
                             .iter()
                             .all(|&s| u32::from(s) < f.backends_len));
                     }
@@ -970,7 +968,7 @@ fn error_messages_say_what_failed() {
     let msg = |b: &[u8]| decode(b).unwrap_err().to_string();
     assert_eq!(msg(&good[..10]), "truncated: 10 bytes, header needs 320");
     let b = with_header(good.clone(), |h| h.abi_version = 2);
-    assert_eq!(msg(&b), "ABI version 2, expected 6");
+    assert_eq!(msg(&b), "ABI version 2, expected 7");
     let mut b = with_header(good.clone(), |h| h.frontends_count = 100);
     seal(&mut b);
     assert_eq!(

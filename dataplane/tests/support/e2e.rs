@@ -584,7 +584,7 @@ pub fn ring_shares(shm: &Path) -> BTreeMap<String, f64> {
         .expect("web:80 frontend");
     let fe = table.frontend_record(fi).expect("record");
     let backends = table.backends_of(fe);
-    let ring = &table.ring_slots()[fe.ring_start as usize..(fe.ring_start + fe.ring_len) as usize];
+    let ring = &fe.ring()[fe.ring_start as usize..(fe.ring_start + fe.ring_len) as usize];
     let mut counts = BTreeMap::new();
     for &slot in ring {
         let b = backends[slot as usize];
