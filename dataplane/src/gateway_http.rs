@@ -371,8 +371,8 @@ fn per_frontend(reg: &mut Registry, server: &Server, workers: &[(String, WorkerS
     let mut sums: std::collections::HashMap<BackendKey, BackendCount> =
         std::collections::HashMap::new();
     for (_, w) in workers {
-        for (k, c) in w.backends.keys.iter().zip(&w.backends.counts) {
-            sums.entry(*k).or_default().add(c);
+        for (k, c) in w.backends.iter() {
+            sums.entry(k).or_default().add(&c);
         }
     }
     let table = server.table.load_full();
@@ -970,12 +970,12 @@ mod tests {
             w.pipeline.replies = 9;
             w.pipeline.packets[VerdictKind::Reject as usize] = 4;
             w.backends.follow(&table);
-            w.backends.counts[0] = BackendCount {
+            w.backends.fronts[0].counts[0] = BackendCount {
                 new_flows: 3,
                 packets: 30,
                 bytes: 3000,
             };
-            w.backends.counts[1] = BackendCount {
+            w.backends.fronts[0].counts[1] = BackendCount {
                 new_flows: 2,
                 packets: 20,
                 bytes: 2000,

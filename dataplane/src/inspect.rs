@@ -240,8 +240,8 @@ fn service_of(table: &Table, index: u32) -> Option<&str> {
 pub fn services(table: &Table, workers: &[WorkerStats]) -> ServicesDoc {
     let mut sums: HashMap<BackendKey, BackendCount> = HashMap::new();
     for w in workers {
-        for (k, c) in w.backends.keys.iter().zip(&w.backends.counts) {
-            sums.entry(*k).or_default().add(c);
+        for (k, c) in w.backends.iter() {
+            sums.entry(k).or_default().add(&c);
         }
     }
     let keys = BackendKey::all_of(table);
@@ -939,7 +939,7 @@ mod tests {
         let new = table(2);
         let mut a = WorkerStats::default();
         a.backends.follow(&old);
-        a.backends.counts[1] = BackendCount {
+        a.backends.fronts[0].counts[1] = BackendCount {
             new_flows: 2,
             packets: 10,
             bytes: 1000,
@@ -947,8 +947,8 @@ mod tests {
         // The other worker already moved to generation 2.
         let mut b = WorkerStats::default();
         b.backends.follow(&new);
-        b.backends.counts[1].packets = 5;
-        b.backends.counts[1].bytes = 50;
+        b.backends.fronts[0].counts[1].packets = 5;
+        b.backends.fronts[0].counts[1].bytes = 50;
         let doc = services(&new, &[a, b]);
         assert_eq!(doc.generation, 2);
         let json = serde_json::to_value(&doc).unwrap();

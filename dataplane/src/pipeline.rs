@@ -216,43 +216,148 @@ impl BackendKey {
     }
 }
 
-/// A worker's per-backend counters, indexed like the backend array of the
-/// table of `generation` ([`Table::backend_records`]). Plain integers: each
-/// worker owns its own, and readers sum them.
+/// A worker's per-backend counters, per frontend of the table of
+/// `generation`, in its frontend order. Plain integers: each worker owns
+/// its own, and readers sum them by [`BackendKey`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BackendCounters {
     /// The table generation the indices refer to.
     pub generation: u64,
-    /// Counts per backend index.
+    /// Per frontend (index as in the table), its backends' counts.
+    pub fronts: Vec<FrontCounts>,
+}
+
+/// The counts of one frontend's backends, for one version of its block
+/// ([`crate::table::Front::version`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FrontCounts {
+    /// The frontend's address.
+    pub frontend: Addr16,
+    /// Its port.
+    pub frontend_port: u16,
+    /// Its protocol number.
+    pub proto: u8,
+    /// Its kind.
+    pub kind: u8,
+    /// The block version the indices below refer to.
+    pub version: u64,
+    /// Per backend (index as in the frontend's backends): address and port.
+    pub backends: Vec<(Addr16, u16)>,
+    /// Per backend, its counts.
     pub counts: Vec<BackendCount>,
-    /// What each index names ([`BackendKey::all_of`] of that table).
-    pub keys: Vec<BackendKey>,
+}
+
+impl FrontCounts {
+    fn of(f: &crate::table::Front) -> Self {
+        Self {
+            frontend: f.addr,
+            frontend_port: f.port,
+            proto: f.proto,
+            kind: f.kind,
+            version: f.version(),
+            backends: f.backends().iter().map(|b| (b.addr, b.port)).collect(),
+            counts: vec![BackendCount::default(); f.backends().len()],
+        }
+    }
+
+    fn same_frontend(&self, f: &crate::table::Front) -> bool {
+        self.frontend == f.addr
+            && self.frontend_port == f.port
+            && self.proto == f.proto
+            && self.kind == f.kind
+    }
 }
 
 impl BackendCounters {
-    /// Re-indexes the counts for `table` when it is another generation: a
-    /// backend that is still there (same frontend, same address and port)
-    /// keeps its counts; those of removed backends are dropped. Allocates:
-    /// call it between batches (the I/O layer does, once per batch; it only
-    /// compares generations unless the table changed). True when it did.
+    /// Follows `table` when it is another generation: the counts of a
+    /// frontend whose block did not change stay as they are (no work);
+    /// those of a changed frontend's backends that are still there (same
+    /// address and port) are kept; those of removed backends are dropped.
+    /// Allocates only for changed frontends: call it between batches (the
+    /// I/O layer does, once per batch; it only compares generations unless
+    /// the table changed). True when it did.
     pub fn follow(&mut self, table: &Table) -> bool {
-        if self.generation == table.generation() && self.counts.len() == table.backends_total() {
+        if self.generation == table.generation() {
             return false;
         }
-        let keys = BackendKey::all_of(table);
-        let old: hashbrown::HashMap<BackendKey, BackendCount, foldhash::fast::FixedState> = self
-            .keys
-            .iter()
-            .copied()
-            .zip(self.counts.iter().copied())
+        let mut old: Vec<Option<FrontCounts>> = std::mem::take(&mut self.fronts)
+            .into_iter()
+            .map(Some)
             .collect();
-        self.counts = keys
-            .iter()
-            .map(|k| old.get(k).copied().unwrap_or_default())
-            .collect();
-        self.keys = keys;
+        let mut by_key: Option<hashbrown::HashMap<(Addr16, u16, u8, u8), usize>> = None;
+        let mut fronts = Vec::with_capacity(table.frontends().len());
+        for (fi, f) in table.frontends().iter().enumerate() {
+            // Where it was: most often at the same place.
+            let at = match old.get(fi) {
+                Some(Some(c)) if c.same_frontend(f) => Some(fi),
+                _ => {
+                    let map = by_key.get_or_insert_with(|| {
+                        old.iter()
+                            .enumerate()
+                            .filter_map(|(i, c)| {
+                                c.as_ref()
+                                    .map(|c| ((c.frontend, c.frontend_port, c.proto, c.kind), i))
+                            })
+                            .collect()
+                    });
+                    map.get(&(f.addr, f.port, f.proto, f.kind)).copied()
+                }
+            };
+            let prev = at.and_then(|i| old.get_mut(i).and_then(Option::take));
+            fronts.push(match prev {
+                Some(c) if c.version == f.version() => c,
+                Some(c) => {
+                    let mut n = FrontCounts::of(f);
+                    let was: hashbrown::HashMap<(Addr16, u16), BackendCount> = c
+                        .backends
+                        .iter()
+                        .copied()
+                        .zip(c.counts.iter().copied())
+                        .collect();
+                    for (k, slot) in n.backends.iter().zip(n.counts.iter_mut()) {
+                        if let Some(v) = was.get(k) {
+                            *slot = *v;
+                        }
+                    }
+                    n
+                }
+                None => FrontCounts::of(f),
+            });
+        }
+        self.fronts = fronts;
         self.generation = table.generation();
         true
+    }
+
+    /// The counts of frontend `fi`'s backend `local`.
+    #[inline]
+    pub fn get_mut(&mut self, fi: u32, local: u32) -> Option<&mut BackendCount> {
+        self.fronts
+            .get_mut(fi as usize)?
+            .counts
+            .get_mut(local as usize)
+    }
+
+    /// Every backend's key and counts.
+    pub fn iter(&self) -> impl Iterator<Item = (BackendKey, BackendCount)> + '_ {
+        self.fronts.iter().flat_map(|f| {
+            f.backends
+                .iter()
+                .zip(&f.counts)
+                .map(move |(&(backend, backend_port), c)| {
+                    (
+                        BackendKey {
+                            frontend: f.frontend,
+                            frontend_port: f.frontend_port,
+                            proto: f.proto,
+                            kind: f.kind,
+                            backend,
+                            backend_port,
+                        },
+                        *c,
+                    )
+                })
+        })
     }
 }
 
@@ -441,10 +546,7 @@ impl Worker {
         if self.backends.generation != table.generation() {
             return;
         }
-        let Some(index) = table.backend_base(fi).and_then(|b| b.checked_add(local)) else {
-            return;
-        };
-        if let Some(c) = self.backends.counts.get_mut(index as usize) {
+        if let Some(c) = self.backends.get_mut(fi, local) {
             if new_flow {
                 c.new_flows += 1;
             } else {

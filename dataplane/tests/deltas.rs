@@ -526,3 +526,46 @@ fn a_slow_reader_keeps_its_table_whole() {
     watcher.poll();
     assert!(weak.upgrade().is_none(), "the old table was freed");
 }
+
+/// A worker's per-backend counters follow a delta without touching the
+/// frontends that did not change (their counts stay where they are), and
+/// a changed frontend's backends that stayed keep their counts.
+#[test]
+fn per_backend_counters_follow_only_changed_frontends() {
+    use clustergate_dataplane::pipeline::{BackendCount, BackendCounters};
+    let mut builder = Builder::new(1, DEFAULT_MAX_RING_SIZE, RingSizes::default());
+    let mut model = Model::new();
+    let t1 = builder.build(1, &model.spec()).unwrap();
+    let mut counters = BackendCounters::default();
+    assert!(counters.follow(&t1));
+    let fi = |t: &Table, i: u32| t.frontend(&addr16(vip(i)), 80, Proto::Tcp).unwrap();
+    let one = BackendCount {
+        new_flows: 1,
+        packets: 10,
+        bytes: 100,
+    };
+    for i in [3u32, 5] {
+        for local in 0..3 {
+            *counters.get_mut(fi(&t1, i), local).unwrap() = one;
+        }
+    }
+    let kept_at = counters.fronts[fi(&t1, 3) as usize].counts.as_ptr();
+    // Service 5's first backend is replaced.
+    model.apply(&Change::Move { s: 5, b: 450 });
+    let t2 = builder.build(2, &model.spec()).unwrap();
+    let d = t2.delta_from(&t1).unwrap();
+    let t2 = t1.apply_delta(&d).unwrap();
+    assert!(counters.follow(&t2));
+    assert!(!counters.follow(&t2), "once per generation");
+    let three = &counters.fronts[fi(&t2, 3) as usize];
+    assert_eq!(three.counts.as_ptr(), kept_at, "not copied");
+    assert_eq!(three.counts, vec![one; 3]);
+    let five = &counters.fronts[fi(&t2, 5) as usize];
+    assert_eq!(five.version, 2);
+    assert_eq!(
+        five.backends[0],
+        (addr16(backend(450)), 8080),
+        "the new backend is first"
+    );
+    assert_eq!(five.counts, vec![BackendCount::default(), one, one]);
+}
