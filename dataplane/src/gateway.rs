@@ -852,6 +852,10 @@ fn manage(
     let mut resync = false;
     let poll = Duration::from_millis(args.poll_ms);
     let mut last_link_probe = Instant::now();
+    // Woken at once when control points `current` at a new generation; the
+    // poll interval stays the bound (and the fallback without inotify).
+    let (wake_tx, wake) = std::sync::mpsc::sync_channel::<()>(1);
+    let _published = watch_published(watcher.dir(), wake_tx);
     loop {
         if stop.load(Ordering::Relaxed) {
             info!("stop requested: draining the workers");
@@ -972,7 +976,41 @@ fn manage(
                 s.steer = st;
             }
         }
-        std::thread::sleep(poll);
+        let _ = wake.recv_timeout(poll);
+    }
+}
+
+/// Watches the snapshot directory with inotify and sends on `wake` when
+/// `current` is replaced. `None` (logged) when inotify cannot be used:
+/// the loop then only polls.
+fn watch_published(
+    dir: &std::path::Path,
+    wake: std::sync::mpsc::SyncSender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let names_current = event.is_ok_and(|e| {
+            e.paths
+                .iter()
+                .any(|p| p.file_name().is_some_and(|n| n == snapshot::CURRENT))
+        });
+        if names_current {
+            // Full: a wake-up is pending already.
+            let _ = wake.try_send(());
+        }
+    });
+    // Control creates it too; it may not have started yet.
+    let _ = std::fs::create_dir_all(dir);
+    let started = watcher.and_then(|mut w| {
+        w.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        Ok(w)
+    });
+    match started {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(dir = %dir.display(), "cannot watch the snapshot directory ({e}); polling it only");
+            None
+        }
     }
 }
 
