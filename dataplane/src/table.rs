@@ -1194,7 +1194,9 @@ pub struct Builder {
     /// Ring sizes to keep for frontends not built yet by this builder (those
     /// of the snapshot published before a restart).
     sizes: RingSizes,
-    built: HashMap<FrontKey, (ServiceSpec, Arc<Front>)>,
+    /// Per frontend built: its spec, its block, and the generation that
+    /// last wanted it.
+    built: HashMap<FrontKey, (ServiceSpec, Arc<Front>, u64)>,
     nodes: Vec<(IpNet, u32)>,
     policy: Arc<PolicyTable>,
 }
@@ -1216,7 +1218,8 @@ impl Builder {
     /// The table of `spec` as generation `generation`: the same table
     /// [`Table::build_keeping`] makes (byte for byte in a snapshot), with
     /// the frontends whose spec did not change shared with the last one.
-    /// Nothing is kept when it fails.
+    /// When it fails, the blocks it built stay cached (they are what their
+    /// specs give), and the last table's are still there.
     ///
     /// # Errors
     /// As [`Table::build_keeping`].
@@ -1232,49 +1235,59 @@ impl Builder {
         };
         let mut mb = Vec::new();
         let mut fronts = Vec::with_capacity(spec.services.len());
-        let mut built = HashMap::with_capacity(spec.services.len());
         for (index, s) in spec.services.iter().enumerate() {
             let key = FrontKey {
                 addr: addr16(s.addr),
                 port: s.port,
                 proto: s.proto.ip_number(),
             };
-            let old = self.built.get(&key);
-            let mut front = match old {
+            let old = self.built.get_mut(&key);
+            let reuse = old
+                .as_ref()
+                .is_some_and(|(was, _, _)| was == s && (nodes_same || !s.node_local));
+            if reuse {
                 // A node-local frontend checks its nodes: built again when
                 // they change.
-                Some((was, f)) if was == s && (nodes_same || !s.node_local) => Arc::clone(f),
-                _ => {
-                    let sizes = &self.sizes;
-                    let previous = |k: RingKey| match old {
-                        Some((_, f)) => match k.node {
-                            None => Some(f.ring_len).filter(|&m| m > 0),
-                            Some(n) => f
-                                .locals
-                                .iter()
-                                .find(|l| l.node == n)
-                                .map(|l| l.ring_len)
-                                .filter(|&m| m > 0),
-                        },
-                        None => sizes.get(&k),
-                    };
-                    let mut f = Arc::new(build_front(
-                        index,
-                        s,
-                        &known_nodes,
-                        self.max_ring,
-                        previous,
-                        generation,
-                        &mut mb,
-                    )?);
-                    set_policy(&mut f, &policy);
-                    f
+                if let Some((_, f, seen)) = old {
+                    *seen = generation;
+                    let mut front = Arc::clone(f);
+                    if !policy_same {
+                        set_policy(&mut front, &policy);
+                        *f = Arc::clone(&front);
+                    }
+                    fronts.push(front);
                 }
-            };
-            if !policy_same && Arc::strong_count(&front) > 1 {
-                set_policy(&mut front, &policy);
+                continue;
             }
-            built.insert(key, (s.clone(), Arc::clone(&front)));
+            let old = old.map(|(_, f, _)| Arc::clone(f));
+            let front = {
+                let sizes = &self.sizes;
+                let previous = |k: RingKey| match &old {
+                    Some(f) => match k.node {
+                        None => Some(f.ring_len).filter(|&m| m > 0),
+                        Some(n) => f
+                            .locals
+                            .iter()
+                            .find(|l| l.node == n)
+                            .map(|l| l.ring_len)
+                            .filter(|&m| m > 0),
+                    },
+                    None => sizes.get(&k),
+                };
+                let mut f = Arc::new(build_front(
+                    index,
+                    s,
+                    &known_nodes,
+                    self.max_ring,
+                    previous,
+                    generation,
+                    &mut mb,
+                )?);
+                set_policy(&mut f, &policy);
+                f
+            };
+            self.built
+                .insert(key, (s.clone(), Arc::clone(&front), generation));
             fronts.push(front);
         }
         let table = Table::from_fronts(
@@ -1291,7 +1304,11 @@ impl Builder {
                 .collect(),
             Arc::clone(&policy),
         )?;
-        self.built = built;
+        self.built.retain(|_, (_, _, seen)| *seen == generation);
+        // Every frontend of the table is in `built` now: the sizes from
+        // before a restart are not wanted again (a frontend removed and
+        // added later starts afresh, as it would without the restart).
+        self.sizes = RingSizes::default();
         self.nodes.clone_from(&spec.nodes);
         self.policy = policy;
         Ok(table)
