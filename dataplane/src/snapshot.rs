@@ -2054,6 +2054,7 @@ impl Watcher {
                 .in_file(&self.dir.join(CURRENT));
                 return self.refuse(have, &e);
             }
+            let started = std::time::Instant::now();
             let current = self.handle.load_full();
             let have_table = (have > 0).then_some(&*current);
             match crate::delta::load_chain(&self.dir, named, have_table) {
@@ -2071,7 +2072,15 @@ impl Watcher {
                     self.last_fault = None;
                     self.stats.applied += 1;
                     self.stats.generation = named;
-                    tracing::info!(generation = named, previous = have, dir = %self.dir.display(), "snapshot applied");
+                    tracing::info!(
+                        generation = named,
+                        previous = have,
+                        deltas = reached.deltas,
+                        full = reached.full,
+                        took_ms = started.elapsed().as_secs_f64() * 1e3,
+                        dir = %self.dir.display(),
+                        "snapshot applied"
+                    );
                     return PollOutcome::Applied { generation: named };
                 }
                 // The writer may have moved `current` on and pruned this
