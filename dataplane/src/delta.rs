@@ -229,6 +229,13 @@ fn read_all(path: &Path) -> Result<Vec<u8>, SnapshotError> {
     Ok(bytes)
 }
 
+/// The first [`DELTA_HEADER_LEN`] bytes of a file, if it has them.
+fn read_header(path: &Path) -> Option<[u8; DELTA_HEADER_LEN]> {
+    let mut head = [0u8; DELTA_HEADER_LEN];
+    File::open(path).ok()?.read_exact(&mut head).ok()?;
+    Some(head)
+}
+
 /// Loads and checks the delta of `generation` in `dir`.
 ///
 /// # Errors
@@ -279,10 +286,8 @@ pub fn load_chain(dir: &Path, target: u64, have: Option<&Table>) -> Result<Reach
         // unless the reader's own table is one delta away.
         let full = snapshot_path(dir, g);
         let delta = delta_path(dir, g);
-        let prefer_delta = delta.exists()
-            && mine.is_some()
-            && std::fs::read(&delta)
-                .ok()
+        let prefer_delta = mine.is_some()
+            && read_header(&delta)
                 .and_then(|b| delta_header(&b).ok())
                 .is_some_and(|(_, base)| Some(base) == mine);
         if full.exists() && !prefer_delta {
