@@ -749,6 +749,12 @@ fn metrics(server: &Server) -> String {
     );
     counter_family(
         &mut reg,
+        "snapshot_deltas_applied",
+        "Delta snapshots (changes to some frontends only) applied",
+        one(st.snapshots.deltas),
+    );
+    counter_family(
+        &mut reg,
         "snapshots_refused",
         "Snapshots refused, by fault",
         st.snapshots
