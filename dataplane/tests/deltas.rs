@@ -616,3 +616,74 @@ proptest! {
         }
     }
 }
+
+/// Workers reading the table while 300 deltas are applied never see a
+/// frontend half-updated: each change gives every backend of one Service
+/// the same new port, and every block a reader sees has one port for all
+/// its backends, a ring within them, and a version no newer than its table.
+#[test]
+fn workers_never_see_a_frontend_half_updated() {
+    use std::sync::atomic::AtomicBool;
+    let dir = TestDir::new();
+    let mut writer = Writer::open(dir.path()).unwrap();
+    let handle = Arc::new(TableHandle::default());
+    let mut watcher = Watcher::new(dir.path(), Arc::clone(&handle));
+    let mut builder = Builder::new(9, DEFAULT_MAX_RING_SIZE, RingSizes::default());
+    let spec_at = |ports: &[u16]| TableSpec {
+        services: ports
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| {
+                ServiceSpec::cluster_ip(
+                    vip(i as u32),
+                    80,
+                    Proto::Tcp,
+                    (0..4)
+                        .map(|b| BackendSpec::ready(backend(i as u32 * 4 + b), p))
+                        .collect(),
+                )
+            })
+            .collect(),
+        ..TableSpec::default()
+    };
+    let mut ports = vec![1000u16; 16];
+    let t = builder.build(1, &spec_at(&ports)).unwrap();
+    writer.publish_change(&t, None).unwrap();
+    watcher.poll();
+    let mut last = t;
+    let done = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let handle = Arc::clone(&handle);
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                let mut seen = 0u64;
+                while !done.load(Ordering::Acquire) {
+                    let t = handle.load_full();
+                    for f in t.frontends().iter() {
+                        let b = f.backends();
+                        assert!(b.iter().all(|x| x.port == b[0].port), "mixed ports");
+                        assert!(f.ring().iter().all(|&s| usize::from(s) < b.len()));
+                        assert!(f.version() <= t.generation());
+                    }
+                    seen = seen.max(t.generation());
+                }
+                seen
+            })
+        })
+        .collect();
+    for k in 0..300u16 {
+        ports[usize::from(k % 16)] = 1001 + k;
+        let t = builder
+            .build(writer.next_generation(), &spec_at(&ports))
+            .unwrap();
+        writer.publish_change(&t, Some(&last)).unwrap();
+        assert!(matches!(watcher.poll(), PollOutcome::Applied { .. }));
+        last = t;
+    }
+    done.store(true, Ordering::Release);
+    for r in readers {
+        assert!(r.join().unwrap() > 1, "the readers saw new generations");
+    }
+    assert_eq!(watcher.stats.deltas, 300);
+}
