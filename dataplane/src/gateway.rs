@@ -843,6 +843,8 @@ fn manage(
     let mut last_linger = Instant::now();
     // Backends that left the table with TCP connections still on them.
     let mut lingering = 0;
+    // The table the last apply saw (to tell what left the table).
+    let mut previous: Option<Arc<Table>> = None;
     let mut eager_until = Instant::now() + EAGER_FOR;
     let mut triggered: HashMap<IpAddr, Instant> = HashMap::new();
     let mut applied_at = (watcher.handle().generation() > 0).then(std::time::SystemTime::now);
@@ -893,8 +895,14 @@ fn manage(
         if let PollOutcome::Applied { .. } = outcome {
             let table = watcher.handle().load_full();
             // Before the sync, so that a backend that left keeps its key.
-            lingering = steer_lingering(steering, ct, &table, started);
-            last_linger = Instant::now();
+            // Only a backend that left the table can linger: a change that
+            // removed none (most endpoint changes add one and drop one, and
+            // the dropped one is looked for) skips the connection scan.
+            if lingering > 0 || previous.as_ref().is_none_or(|p| backends_left(p, &table)) {
+                lingering = steer_lingering(steering, ct, &table, started);
+                last_linger = Instant::now();
+            }
+            previous = Some(Arc::clone(&table));
             resync = !sync_steering(steering, &table, "new table");
             table_st = Some(table_status(&table, plan));
             keep_backends_resolved(resolver, &table);
@@ -1056,6 +1064,28 @@ const LINGER_FLOWS: usize = 16_384;
 /// connections (the core keeps them until they close or time out, as Linux
 /// conntrack keeps kube-proxy's DNAT), so that their replies stay steered;
 /// returns how many. The next [`Steering::sync`] applies it.
+/// Did some backend of `prev` (address, port, protocol) leave its
+/// frontend in `next`? Looks only at frontends whose block changed.
+fn backends_left(prev: &Table, next: &Table) -> bool {
+    prev.frontends().iter().any(|f| {
+        let Some(p) = clustergate_dataplane::flow::Proto::from_ip_number(f.proto) else {
+            return true;
+        };
+        let Some(n) = next
+            .frontend(&f.addr, f.port, p)
+            .and_then(|i| next.frontend_record(i))
+        else {
+            return !f.backends().is_empty();
+        };
+        n.version() != f.version()
+            && f.backends().iter().any(|b| {
+                !n.backends()
+                    .iter()
+                    .any(|x| x.addr == b.addr && x.port == b.port)
+            })
+    })
+}
+
 fn steer_lingering(
     steering: &mut Steering,
     ct: &Conntrack,
