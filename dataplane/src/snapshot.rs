@@ -1599,6 +1599,10 @@ pub struct Writer {
     /// Deltas published since the last full snapshot (`usize::MAX`: none
     /// published by this writer yet, so the next must be full).
     deltas_since_full: usize,
+    /// When the last full snapshot was written, and how often one is
+    /// written at least while deltas are published.
+    last_full: std::time::Instant,
+    full_every: std::time::Duration,
     _lock: File,
 }
 
@@ -1624,6 +1628,11 @@ pub enum Written {
 /// A writer writes a full snapshot after this many deltas, so a reader that
 /// starts never follows a long chain.
 pub const DELTAS_PER_FULL: usize = 64;
+
+/// While it publishes deltas, a writer also writes a full snapshot at least
+/// this often: a gateway that refused a delta (and so every delta after it)
+/// is back on the current table within this time.
+pub const FULL_AT_LEAST_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Writer {
     /// Opens (creating it if needed) a snapshot directory. The next
@@ -1684,6 +1693,8 @@ impl Writer {
             next_generation: highest.saturating_add(1),
             keep: DEFAULT_KEEP,
             deltas_since_full: usize::MAX,
+            last_full: std::time::Instant::now(),
+            full_every: FULL_AT_LEAST_EVERY,
             _lock: lock,
         })
     }
@@ -1693,6 +1704,14 @@ impl Writer {
     #[must_use]
     pub fn with_keep(mut self, keep: usize) -> Self {
         self.keep = keep.max(DEFAULT_KEEP);
+        self
+    }
+
+    /// Writes a full snapshot at least every `every` while publishing deltas
+    /// (default [`FULL_AT_LEAST_EVERY`]).
+    #[must_use]
+    pub fn with_full_every(mut self, every: std::time::Duration) -> Self {
+        self.full_every = every;
         self
     }
 
@@ -1726,6 +1745,7 @@ impl Writer {
         write_and_rename(&tmp, &path, &bytes, 0o444)?;
         self.point_at(generation)?;
         self.deltas_since_full = 0;
+        self.last_full = std::time::Instant::now();
         self.prune();
         tracing::debug!(generation, path = %path.display(), "snapshot published");
         Ok(path)
@@ -1733,9 +1753,10 @@ impl Writer {
 
     /// Publishes `table`, as a delta from `prev` (the table this writer
     /// published last) when only frontends changed and a delta is worth it,
-    /// else as a full snapshot. After [`DELTAS_PER_FULL`] deltas, the next
-    /// delta is followed by a full snapshot of the same generation, for
-    /// readers that start.
+    /// else as a full snapshot. After [`DELTAS_PER_FULL`] deltas, or
+    /// [`FULL_AT_LEAST_EVERY`] after the last full snapshot, a delta is
+    /// followed by a full snapshot of the same generation, for readers that
+    /// start and for one that refused a delta.
     ///
     /// # Errors
     /// As [`Writer::publish`].
@@ -1762,11 +1783,14 @@ impl Writer {
         write_and_rename(&tmp, &path, &bytes, 0o444)?;
         self.point_at(generation)?;
         self.deltas_since_full = self.deltas_since_full.saturating_add(1);
-        let full = if self.deltas_since_full >= DELTAS_PER_FULL {
+        let full = if self.deltas_since_full >= DELTAS_PER_FULL
+            || self.last_full.elapsed() >= self.full_every
+        {
             let full = snapshot_path(&self.dir, generation);
             let tmp = self.dir.join(format!(".gen-{generation:020}.snap.tmp"));
             write_and_rename(&tmp, &full, &encode(table), 0o444)?;
             self.deltas_since_full = 0;
+            self.last_full = std::time::Instant::now();
             Some(full)
         } else {
             None

@@ -382,13 +382,42 @@ fn a_torn_or_corrupt_delta_is_refused_and_forwarding_continues() {
             "{damage}: still forwarding as before"
         );
         assert!(watcher.stats.last_refusal.is_some());
-        // Control publishes the next generation in full (as it does after
-        // a restart): taken.
+        // The next delta leads back through the bad one: refused too.
         model.apply(&Change::Move { s: 2, b: 301 });
         let t3 = builder.build(3, &model.spec()).unwrap();
-        writer.publish(&t3).unwrap();
-        assert_eq!(watcher.poll(), PollOutcome::Applied { generation: 3 });
-        assert_eq!(view(&handle.load_full(), 2), view(&t3, 2), "{damage}");
+        writer.publish_change(&t3, Some(&t2)).unwrap();
+        assert!(matches!(watcher.poll(), PollOutcome::Refused { .. }));
+        assert_eq!(handle.generation(), 1, "{damage}");
+        // The full snapshot a writer writes at least every 30 s (here at
+        // once) after a delta is taken: back on the current table.
+        let mut writer = {
+            drop(writer);
+            Writer::open(dir.path())
+                .unwrap()
+                .with_full_every(std::time::Duration::ZERO)
+        };
+        model.apply(&Change::Move { s: 2, b: 302 });
+        let t4 = builder
+            .build(writer.next_generation(), &model.spec())
+            .unwrap();
+        // A restarted writer publishes in full first; one that runs on
+        // publishes a delta and, being due, the full snapshot after it.
+        writer.publish_change(&t4, None).unwrap();
+        model.apply(&Change::Move { s: 2, b: 303 });
+        let t5 = builder
+            .build(writer.next_generation(), &model.spec())
+            .unwrap();
+        assert!(matches!(
+            writer.publish_change(&t5, Some(&t4)).unwrap(),
+            Written::Delta { full: Some(_), .. }
+        ));
+        assert_eq!(
+            watcher.poll(),
+            PollOutcome::Applied {
+                generation: t5.generation()
+            }
+        );
+        assert_eq!(view(&handle.load_full(), 2), view(&t5, 2), "{damage}");
     }
 }
 
