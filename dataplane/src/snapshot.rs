@@ -1548,20 +1548,6 @@ pub fn load_file(path: &Path) -> Result<Table, SnapshotError> {
     table
 }
 
-/// Loads generation `generation` from `dir`, checking the file holds it.
-fn load_generation(dir: &Path, generation: u64) -> Result<Table, SnapshotError> {
-    let path = snapshot_path(dir, generation);
-    let table = load_file(&path)?;
-    if table.generation() != generation {
-        return Err(SnapshotError::GenerationMismatch {
-            named: generation,
-            found: table.generation(),
-        }
-        .in_file(&path));
-    }
-    Ok(table)
-}
-
 /// Loads the snapshot `dir/current` names: `None` when nothing was
 /// published yet.
 ///
@@ -1572,7 +1558,9 @@ fn load_generation(dir: &Path, generation: u64) -> Result<Table, SnapshotError> 
 pub fn load_current(dir: &Path) -> Result<Option<Table>, SnapshotError> {
     match read_current(dir)? {
         None => Ok(None),
-        Some(g) => load_generation(dir, g).map(Some),
+        // A full snapshot of that generation, or the newest full one before
+        // it and the deltas after it.
+        Some(g) => crate::delta::load_chain(dir, g, None).map(|r| Some(r.table)),
     }
 }
 
