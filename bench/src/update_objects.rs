@@ -5,11 +5,13 @@
 //!
 //! Every address is in 198.18.0.0/15 and off the topology's links:
 //!
-//! - service k's VIP is 198.19.(k / 256).(k % 256) for k < 65 536 (the
-//!   client's route to the gateway covers them), then 198.18.64.0 onwards up
-//!   to 198.18.255.255 ([`MAX_SERVICES`] in all);
+//! - service k's frontend is 198.19.(k / 256 % 256).(k % 256) port
+//!   80 + k / 65 536 (the client's route to the gateway covers them): every
+//!   Service has its own cluster IP up to 65 536 Services, beyond that two
+//!   share one on different ports ([`MAX_SERVICES`] in all), as the
+//!   gateway's steering program holds 65 536 frontend addresses;
 //! - the endpoints of services other than 0 come from a pool of
-//!   [`POOL`] addresses, 198.18.4.0–198.18.63.255, that no route of the
+//!   [`POOL`] addresses, 198.18.4.0–198.18.255.255, that no route of the
 //!   gateway reaches (they need not exist on the wire: only service 0 gets
 //!   traffic); with 10 000 × 10 endpoints they repeat across services, never
 //!   within one;
@@ -30,26 +32,23 @@ use serde_json::{json, Value};
 
 use crate::layout::{backend_addr, BACKEND_PORT, SERVICE_PORT};
 
-/// Services with a VIP of their own: 65 536 in 198.19.0.0/16 and 49 152 in
-/// 198.18.64.0–198.18.255.255.
-pub const MAX_SERVICES: u32 = 65_536 + 192 * 256;
-/// Endpoint addresses of services other than 0: 198.18.4.0–198.18.63.255.
-pub const POOL: u32 = 60 * 256;
+/// Most services: the 65 536 addresses of 198.19.0.0/16, on ports 80 and 81.
+pub const MAX_SERVICES: u32 = 2 * 65_536;
+/// Endpoint addresses of services other than 0: 198.18.4.0–198.18.255.255.
+pub const POOL: u32 = 252 * 256;
 /// Most endpoints per service (one EndpointSlice holds at most 1 000).
 pub const MAX_ENDPOINTS: u32 = 1000;
 /// The namespace of every object.
 pub const NAMESPACE: &str = "bench";
 
-/// Service `k`'s VIP (`k` < [`MAX_SERVICES`]).
+/// Service `k`'s cluster IP and port (`k` < [`MAX_SERVICES`]).
 #[must_use]
-pub fn vip(k: u32) -> Ipv4Addr {
+pub fn frontend(k: u32) -> (Ipv4Addr, u16) {
     debug_assert!(k < MAX_SERVICES);
-    if k < 65_536 {
-        Ipv4Addr::new(198, 19, (k >> 8) as u8, k as u8)
-    } else {
-        let n = k - 65_536;
-        Ipv4Addr::new(198, 18, 64 + (n >> 8) as u8, n as u8)
-    }
+    (
+        Ipv4Addr::new(198, 19, (k >> 8) as u8, k as u8),
+        SERVICE_PORT + (k >> 16) as u16,
+    )
 }
 
 /// Pool address `n` (taken modulo [`POOL`]).
@@ -147,15 +146,16 @@ impl Objects {
     /// Service `k`.
     #[must_use]
     pub fn service_json(&self, k: u32) -> Value {
-        let v = vip(k).to_string();
+        let (vip, port) = frontend(k);
+        let v = vip.to_string();
         json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": format!("svc-{k}"), "namespace": NAMESPACE},
             "spec": {
                 "type": "ClusterIP", "clusterIP": v, "clusterIPs": [v],
                 "ports": [
-                    {"name": "u", "port": SERVICE_PORT, "protocol": "UDP"},
-                    {"name": "t", "port": SERVICE_PORT, "protocol": "TCP"},
+                    {"name": "u", "port": port, "protocol": "UDP"},
+                    {"name": "t", "port": port, "protocol": "TCP"},
                 ],
             },
         })
@@ -227,24 +227,34 @@ mod tests {
     }
 
     #[test]
-    fn vips_are_distinct_in_the_benchmarking_range_and_off_the_links() {
+    fn frontends_are_distinct_in_the_benchmarking_range_and_off_the_links() {
         let mut seen = BTreeSet::new();
+        let mut addrs = BTreeSet::new();
         for k in 0..MAX_SERVICES {
-            let a = vip(k);
+            let (a, port) = frontend(k);
             assert!(in_bench_range(a), "service {k}: {a}");
-            assert!(seen.insert(a), "service {k}: {a} twice");
-            assert!(a.octets()[..3] != CLIENT_ADDR.octets()[..3], "{a}");
-            assert!(a.octets()[..3] != GW_LAN_ADDR.octets()[..3], "{a}");
+            assert!(seen.insert((a, port)), "service {k}: {a}:{port} twice");
+            addrs.insert(a);
+            assert_eq!(a.octets()[1], 19, "{a}: the client routes 198.19.0.0/16");
         }
+        // What the gateway's steering program holds.
+        assert_eq!(addrs.len(), 65_536);
         for n in 0..u64::from(POOL) {
             let a = pool_addr(n);
             assert!(in_bench_range(a), "{a}");
-            assert!(!seen.contains(&a), "pool address {a} is a VIP");
-            assert!((4..64).contains(&a.octets()[2]), "{a}");
+            assert!(!addrs.contains(&a), "pool address {a} is a VIP");
+            assert!(a.octets()[2] >= 4, "{a}: on the client or backend link");
+            assert_ne!(a, CLIENT_ADDR);
+            assert_ne!(a, GW_LAN_ADDR);
         }
-        assert_eq!(vip(65_535), Ipv4Addr::new(198, 19, 255, 255));
-        assert_eq!(vip(65_536), Ipv4Addr::new(198, 18, 64, 0));
-        assert_eq!(vip(MAX_SERVICES - 1), Ipv4Addr::new(198, 18, 255, 255));
+        assert_eq!(frontend(0), (Ipv4Addr::new(198, 19, 0, 0), 80));
+        assert_eq!(frontend(65_535), (Ipv4Addr::new(198, 19, 255, 255), 80));
+        assert_eq!(frontend(65_536), (Ipv4Addr::new(198, 19, 0, 0), 81));
+        assert_eq!(pool_addr(0), Ipv4Addr::new(198, 18, 4, 0));
+        assert_eq!(
+            pool_addr(u64::from(POOL) - 1),
+            Ipv4Addr::new(198, 18, 255, 255)
+        );
         assert_eq!(pool_addr(u64::from(POOL)), pool_addr(0));
     }
 
@@ -295,8 +305,8 @@ mod tests {
                 .unwrap()
                 .parse()
                 .unwrap();
-            assert_eq!(f.address, IpAddr::V4(vip(k)));
-            assert_eq!(f.port, SERVICE_PORT);
+            let (vip, port) = frontend(k);
+            assert_eq!((f.address, f.port), (IpAddr::V4(vip), port));
             let want: BTreeSet<(IpAddr, u16)> = o
                 .endpoints_of(k)
                 .into_iter()
@@ -324,6 +334,29 @@ mod tests {
         o.move_probe(8090);
         assert_eq!(o.slice_json(0)["ports"][0]["port"], 8090);
         assert_eq!(o.slice_json(0)["endpoints"].as_array().unwrap().len(), 10);
+    }
+
+    #[test]
+    fn services_beyond_65536_share_a_cluster_ip_on_another_port() {
+        let o = Objects::new(MAX_SERVICES, 2, 8081);
+        let text = format!("{}---\n{}", o.yaml(1..3), o.yaml(65_537..65_539));
+        let objects = parse_manifest_strict(&text).unwrap();
+        let model = build_model(&objects, &ModelOptions::default());
+        assert!(model.skipped.is_empty(), "{:?}", model.skipped);
+        let frontends: BTreeSet<(String, IpAddr, u16)> = model
+            .frontends
+            .iter()
+            .map(|f| (f.service.clone(), f.address, f.port))
+            .collect();
+        let ip = |c: u8| IpAddr::V4(Ipv4Addr::new(198, 19, 0, c));
+        let want: BTreeSet<(String, IpAddr, u16)> = [
+            ("bench/svc-1".to_owned(), ip(1), 80),
+            ("bench/svc-2".to_owned(), ip(2), 80),
+            ("bench/svc-65537".to_owned(), ip(1), 81),
+            ("bench/svc-65538".to_owned(), ip(2), 81),
+        ]
+        .into();
+        assert_eq!(frontends, want);
     }
 
     #[test]
