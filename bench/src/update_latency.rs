@@ -73,6 +73,9 @@ impl Source {
     }
 }
 
+/// How long the probes run, s: the pktgen's longest run.
+const PROBE_S: u32 = 600;
+
 /// Services per file with `--source manifest-dir`.
 pub const SERVICES_PER_FILE: u32 = 100;
 
@@ -223,7 +226,8 @@ fn quantile(v: &[f64], q: f64) -> f64 {
 ///
 /// # Errors
 /// Flags that do not go together, not root, a process that does not start,
-/// or a change that never reaches the backend within 60 s.
+/// or a change that never reaches the backend (within 60 s + 2 s per 1000
+/// services).
 pub fn run(args: &Args) -> Result<()> {
     args.validate()?;
     ensure!(
@@ -512,7 +516,8 @@ fn measure_in(
     .args(["--flows", "4000000", "--duration-s", "3600"]);
     let mut sink = Proc::spawn("sink", s, &log("sink"))?;
     sink.event("ready", Duration::from_secs(30), &log("sink"))?;
-    let bound = (args.changes as f64 * 5.0 + 60.0).min(600.0);
+    // The probes run for the pktgen's longest run, and are stopped when
+    // this returns (at 5000 pps, 3 M of the 4 M flows: none repeats).
     let mut p = in_ns("cli", &bins.bench);
     p.args([
         "pktgen",
@@ -524,11 +529,16 @@ fn measure_in(
         "0",
     ])
     .args(["--flows", "4000000", "--rate", &args.rate.to_string()])
-    .args(["--duration-s", &bound.to_string()]);
-    let _pktgen = Proc::spawn("pktgen", p, &log("pktgen"))?;
-    let mut ports = FirstPorts::default();
+    .args(["--duration-s", &PROBE_S.to_string()]);
+    let mut pktgen = Proc::spawn("pktgen", p, &log("pktgen"))?;
+    // A change rebuilds everything today: about 0.3 s per 1000 services on
+    // a quiet machine; much more room than that.
+    let mut ports = FirstPorts {
+        seen: BTreeMap::new(),
+        timeout: Duration::from_secs(60 + u64::from(args.services) / 500),
+    };
     // The first port proves the path before anything is timed.
-    ports.wait(&mut sink, port(0), &log("sink"))?;
+    ports.wait(&mut sink, &mut pktgen, port(0), &log("sink"))?;
     let mut lat = Vec::with_capacity(args.changes as usize);
     let mut burst_s = 0.0;
     if args.burst == 0 {
@@ -536,7 +546,7 @@ fn measure_in(
             crate::compare::check_stop()?;
             objs.move_probe(port(i));
             let sent = feed.send(&objs, 0)?;
-            let seen = ports.wait(&mut sink, port(i), &log("sink"))?;
+            let seen = ports.wait(&mut sink, &mut pktgen, port(i), &log("sink"))?;
             let ms = seen.saturating_sub(sent) as f64 / 1e6;
             lat.push(ms);
             if i % 10 == 0 || i == args.changes {
@@ -570,7 +580,7 @@ fn measure_in(
         burst_s = start.elapsed().as_secs_f64();
         progress(&format!("    burst sent in {burst_s:.2} s"));
         // The last timed port is seen last; every earlier one by then.
-        ports.wait(&mut sink, port(args.changes), &log("sink"))?;
+        ports.wait(&mut sink, &mut pktgen, port(args.changes), &log("sink"))?;
         let first: Vec<Option<u64>> = (1..=args.changes)
             .map(|i| ports.seen.get(&port(i)).copied())
             .collect();
@@ -623,23 +633,40 @@ fn measure_in(
 }
 
 /// The sink's first packet at each port so far: CLOCK_MONOTONIC times.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct FirstPorts {
     seen: BTreeMap<u16, u64>,
+    /// How long one port may take.
+    timeout: Duration,
 }
 
 impl FirstPorts {
     /// The first packet at `port`, reading the sink's reports (and keeping
-    /// those of other ports) until it comes, for up to 60 s.
-    fn wait(&mut self, sink: &mut Proc, port: u16, log: &Path) -> Result<u64> {
-        let deadline = Instant::now() + Duration::from_secs(60);
+    /// those of other ports) until it comes, for up to `self.timeout`.
+    fn wait(&mut self, sink: &mut Proc, pktgen: &mut Proc, port: u16, log: &Path) -> Result<u64> {
+        let deadline = Instant::now() + self.timeout;
         loop {
             if let Some(&t) = self.seen.get(&port) {
                 return Ok(t);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            ensure!(!left.is_zero(), "no packet reached port {port} within 60 s");
-            let v = sink.event("first-port", left, log)?;
+            ensure!(
+                !left.is_zero(),
+                "no packet reached port {port} within {:?}",
+                self.timeout
+            );
+            crate::compare::check_stop()?;
+            if let Ok(Some(st)) = pktgen.child_status() {
+                bail!("the probes ended ({st}) before port {port} was seen: the changes took longer than the pktgen's {PROBE_S} s; time fewer --changes");
+            }
+            // In steps, to notice the pktgen's end; a sink that ended is
+            // an error at once.
+            let step = left.min(Duration::from_secs(1));
+            let v = match sink.event("first-port", step, log) {
+                Ok(v) => v,
+                Err(_) if step < left && matches!(sink.child_status(), Ok(None)) => continue,
+                Err(e) => return Err(e),
+            };
             let p = v["port"]
                 .as_u64()
                 .and_then(|p| u16::try_from(p).ok())
