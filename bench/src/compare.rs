@@ -862,6 +862,7 @@ pub fn manifest_in(family: Family, services: u32, backends: &[u32], target_port:
 }
 
 /// [`manifest`], with service 0's only endpoint `first` (backend, port) when given.
+#[cfg(test)]
 #[must_use]
 pub fn manifest_with(
     services: u32,

@@ -13,7 +13,8 @@
 //!   sinks in the backends, and the minimal AF_XDP forwarder (the ceiling);
 //! - `compare`: the same traffic through clustergate, the kernel's nftables
 //!   DNAT and the bounce forwarder, one after another;
-//! - `update-latency`: manifest write → first packet at the new backend.
+//! - `update-latency`: a change (manifest file, manifest directory or
+//!   Kubernetes API watch) → first packet at the new backend.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -67,7 +68,8 @@ enum Command {
     Bounce(bounce::Args),
     /// clustergate, kernel nftables DNAT and bounce, side by side.
     Compare(compare::Args),
-    /// Manifest write → first packet at the new backend, with many services loaded.
+    /// A change (manifest, manifest directory or API watch) → first packet
+    /// at the new backend, with many services loaded.
     UpdateLatency(update_latency::Args),
 }
 
@@ -107,5 +109,6 @@ mod publish_latency;
 mod sink;
 mod topology;
 mod update_latency;
+mod update_objects;
 mod wire;
 mod xdp_sink;
