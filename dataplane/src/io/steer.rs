@@ -124,7 +124,8 @@ impl Default for SteerConfig {
         Self {
             frontends: 262_144,
             backends: 1_048_576,
-            vip_addrs: 65_536,
+            // As many as frontends: 100 000 Services have 100 000 cluster IPs.
+            vip_addrs: 262_144,
             backend_addrs: 262_144,
         }
     }
