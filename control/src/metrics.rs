@@ -284,6 +284,16 @@ impl Telemetry {
         }
     }
 
+    /// A build starts from a source that counted its changed Services and
+    /// EndpointSlices itself (a manifest directory's incremental model):
+    /// [`Telemetry::objects_seen`] without comparing every object.
+    pub fn changes_seen(&self, services: u64, slices: u64) {
+        let pending = lock(&self.change_pending).take();
+        *lock(&self.sync_started) = Some(pending.unwrap_or_else(Instant::now));
+        self.metrics.service_changes.inc_by(services);
+        self.metrics.endpoint_changes.inc_by(slices);
+    }
+
     /// A model that may differ from the published one is about to be published.
     pub fn change_seen(&self) {
         lock(&self.health).change_seen(Timestamp::now());
