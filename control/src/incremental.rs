@@ -513,7 +513,8 @@ impl IncrementalModel {
         let names: Vec<String> = match names {
             Some(n) => n.to_vec(),
             None => {
-                let mut all: BTreeSet<String> = self.sources.keys().map(|k| k.to_string()).collect();
+                let mut all: BTreeSet<String> =
+                    self.sources.keys().map(|k| k.to_string()).collect();
                 all.extend(dir.names().map(str::to_owned));
                 all.into_iter().collect()
             }
@@ -658,7 +659,8 @@ impl IncrementalModel {
 
     /// Moves an EndpointSlice to the Service its primary copy names now.
     fn slice_changed(&mut self, id: &Id) {
-        let now = primary(&self.slices, id).map(|(pos, slice)| (pos.clone(), slice_owner(slice, &id.0)));
+        let now =
+            primary(&self.slices, id).map(|(pos, slice)| (pos.clone(), slice_owner(slice, &id.0)));
         let mut self_skip = Vec::new();
         let unit_now = match now {
             Some((pos, Ok(unit))) => Some((pos, unit)),
@@ -725,7 +727,10 @@ impl IncrementalModel {
         }
         if self.policy_dirty {
             self.policy_dirty = false;
-            let pods: Vec<Pod> = kept_copies(&self.pods).into_iter().map(|(_, o)| o.clone()).collect();
+            let pods: Vec<Pod> = kept_copies(&self.pods)
+                .into_iter()
+                .map(|(_, o)| o.clone())
+                .collect();
             let namespaces: Vec<Namespace> = kept_copies(&self.namespaces)
                 .into_iter()
                 .map(|(_, o)| o.clone())
@@ -810,7 +815,9 @@ impl IncrementalModel {
                 }
             }
         }
-        let cluster_ips = served.as_ref().map_or_else(Vec::new, |s| s.cluster_ips.clone());
+        let cluster_ips = served
+            .as_ref()
+            .map_or_else(Vec::new, |s| s.cluster_ips.clone());
         let outer_ips: Vec<IpAddr> = served.as_ref().map_or_else(Vec::new, |s| {
             s.external_ips
                 .iter()
@@ -860,13 +867,7 @@ impl IncrementalModel {
                     .and_then(BTreeSet::first)
                     .map(|(ns, name)| format!("{ns}/{name}"))
             };
-            endpoints = frontends_of(
-                s,
-                &owner,
-                &self.node_numbers,
-                &mut candidates,
-                &mut skips,
-            );
+            endpoints = frontends_of(s, &owner, &self.node_numbers, &mut candidates, &mut skips);
         }
         let health_port = unit.served.as_ref().and_then(|s| s.health_check_port);
         let Some(unit) = self.units.get_mut(id) else {
@@ -966,7 +967,11 @@ impl IncrementalModel {
                     "that frontend is not served",
                 );
                 skips.list.append(&mut s.list);
-                errors.extend(s.errors.into_iter().map(|e| (ErrKey::Conflict(k.clone()), e)));
+                errors.extend(
+                    s.errors
+                        .into_iter()
+                        .map(|e| (ErrKey::Conflict(k.clone()), e)),
+                );
                 continue;
             }
             let first_name = kind_of(first_kind).map_or("", kind_name);

@@ -1325,7 +1325,11 @@ pub(crate) fn validate_service(
 /// whose address type is invalid. An invalid port skips that port; an
 /// endpoint whose address (its first, the one kube-proxy uses) is invalid
 /// skips that endpoint.
-pub(crate) fn validate_slice(slice: &EndpointSlice, object: &str, skips: &mut Skips) -> Option<SliceInfo> {
+pub(crate) fn validate_slice(
+    slice: &EndpointSlice,
+    object: &str,
+    skips: &mut Skips,
+) -> Option<SliceInfo> {
     let family = match slice.address_type.as_str() {
         "IPv4" => Family::V4,
         "IPv6" => Family::V6,
@@ -1696,7 +1700,10 @@ fn resolve_conflicts(mut all: Vec<Frontend>, skips: &mut Skips) -> Vec<Frontend>
 }
 
 /// The caveats about the kept frontends (see [`Model::notes`]).
-pub(crate) fn notes_of<'a>(served: impl Iterator<Item = &'a Served>, frontends: &[Frontend]) -> Vec<Skipped> {
+pub(crate) fn notes_of<'a>(
+    served: impl Iterator<Item = &'a Served>,
+    frontends: &[Frontend],
+) -> Vec<Skipped> {
     let mut notes = Vec::new();
     for s in served.filter(|s| s.annotated_snat && s.external_local) {
         // In kind order: NodePort, ExternalIP, LoadBalancer.

@@ -75,7 +75,13 @@ fn service() -> impl Strategy<Value = Value> {
         name(),
         proptest::collection::vec(ip(), 0..3),
         proptest::collection::vec(port, 0..3),
-        opt(pick(&["ClusterIP", "NodePort", "LoadBalancer", "ExternalName", "Weird"])),
+        opt(pick(&[
+            "ClusterIP",
+            "NodePort",
+            "LoadBalancer",
+            "ExternalName",
+            "Weird",
+        ])),
         proptest::collection::vec(ip(), 0..2),
         proptest::collection::vec(ip(), 0..2),
         opt(pick(&["Local", "Cluster"])),
@@ -133,7 +139,13 @@ fn service() -> impl Strategy<Value = Value> {
 
 fn slice() -> impl Strategy<Value = Value> {
     let endpoint = (
-        pick(&["198.18.1.1", "198.18.1.2", "198.18.1.3", "2001:2::10", "bad"]),
+        pick(&[
+            "198.18.1.1",
+            "198.18.1.2",
+            "198.18.1.3",
+            "2001:2::10",
+            "bad",
+        ]),
         opt(any::<bool>()),
         opt(any::<bool>()),
         opt(any::<bool>()),
@@ -286,9 +298,10 @@ fn apply(files: &mut Files, file: usize, change: &Change) {
 fn full_rebuild(dir: &Path, files: &Files, options: &ModelOptions) -> Model {
     let merged = merge_files(
         dir,
-        files.iter().zip(FILES).filter_map(|(f, name)| {
-            f.as_ref().map(|(o, e)| (name, o, e.as_deref()))
-        }),
+        files
+            .iter()
+            .zip(FILES)
+            .filter_map(|(f, name)| f.as_ref().map(|(o, e)| (name, o, e.as_deref()))),
     );
     build_model(&merged, options)
 }
@@ -298,7 +311,10 @@ fn assert_same(incremental: &Model, full: &Model, step: usize) {
         incremental.frontends, full.frontends,
         "frontends after step {step}"
     );
-    assert_eq!(incremental.skipped, full.skipped, "skipped after step {step}");
+    assert_eq!(
+        incremental.skipped, full.skipped,
+        "skipped after step {step}"
+    );
     assert_eq!(incremental.notes, full.notes, "notes after step {step}");
     assert_eq!(incremental.errors, full.errors, "errors after step {step}");
     assert_eq!(
@@ -376,8 +392,18 @@ fn moved_and_relabelled_objects_follow() {
             format!("{}---\n{}", svc("web", "198.18.0.1"), slice("web")),
         ),
         ("b.yaml", svc("api", "198.18.0.2")),
-        ("a.yaml", format!("{}---\n{}", svc("web", "198.18.0.1"), slice("api"))),
-        ("b.yaml", format!("{}---\n{}", svc("web", "198.18.0.3"), svc("api", "198.18.0.4"))),
+        (
+            "a.yaml",
+            format!("{}---\n{}", svc("web", "198.18.0.1"), slice("api")),
+        ),
+        (
+            "b.yaml",
+            format!(
+                "{}---\n{}",
+                svc("web", "198.18.0.3"),
+                svc("api", "198.18.0.4")
+            ),
+        ),
         ("a.yaml", slice("web")),
     ];
     let mut inc = IncrementalModel::new(options.clone(), dir);
