@@ -3,8 +3,9 @@
 //! cluster.
 //!
 //! Owns: [`IncrementalModel`]. Objects come in per *source* (a file of a
-//! manifest directory): [`IncrementalModel::set_source`] replaces a source's
-//! objects, and only those that differ at their position are taken up. A
+//! manifest directory, or one object of the API source, see [`api_source`]):
+//! [`IncrementalModel::set_source`] replaces a source's objects, and only
+//! those that differ at their position are taken up. A
 //! change marks dirty only what it touches:
 //! - a Service, or an EndpointSlice: the Service it is (or names, before and
 //!   after the change);
@@ -243,6 +244,8 @@ pub struct IncrementalModel {
     policy_dirty: bool,
     errors_dirty: bool,
     health_dirty: bool,
+    /// Counts the updates that changed the model.
+    version: u64,
     model: Model,
 }
 
@@ -389,6 +392,7 @@ impl IncrementalModel {
             policy_dirty: true,
             errors_dirty: true,
             health_dirty: true,
+            version: 0,
             model,
         }
     }
@@ -531,6 +535,23 @@ impl IncrementalModel {
         (services, slices)
     }
 
+    /// Sets one object of the API source (`objects` holds it alone), or
+    /// removes it (`None`). Each object is a source of its own, named by
+    /// [`api_source`], so that objects are in the API source's order (by
+    /// namespace, then name). Returns the number of Services and of
+    /// EndpointSlices that changed.
+    pub fn set_api_object(&mut self, source: &str, objects: Option<&Objects>) -> (u64, u64) {
+        self.set_source(source, objects, None)
+    }
+
+    /// Counts the updates that changed the model (frontends, skipped
+    /// entries, notes, errors, health checks, nodes or policy): the same
+    /// version after [`IncrementalModel::model`] means the same model.
+    pub fn version(&mut self) -> u64 {
+        self.flush();
+        self.version
+    }
+
     /// The model of the objects now, brought up to date.
     pub fn model(&mut self) -> &Model {
         self.flush();
@@ -546,6 +567,7 @@ impl IncrementalModel {
         if old == new {
             return;
         }
+        self.version += 1;
         for s in &new {
             self.skip_count.add(&mut self.model.skipped, s);
         }
@@ -563,6 +585,7 @@ impl IncrementalModel {
         if old == new {
             return;
         }
+        self.version += 1;
         for s in &new {
             self.note_count.add(&mut self.model.notes, s);
         }
@@ -700,7 +723,10 @@ impl IncrementalModel {
             let kept = kept_copies(&self.nodes);
             let mut skips = Skips::default();
             let (nodes, numbers) = nodes_of(kept.into_iter().map(|(_, n)| n), &mut skips);
-            self.model.nodes = nodes;
+            if self.model.nodes != nodes {
+                self.model.nodes = nodes;
+                self.version += 1;
+            }
             self.set_skips(Owner::Nodes, skips.list);
             if numbers != self.node_numbers {
                 self.node_numbers = numbers;
@@ -746,16 +772,27 @@ impl IncrementalModel {
                 skips.skip(object, label::INVALID_VALUE, reason);
             }
             self.set_skips(Owner::Policy, skips.list);
-            self.model.policy = policy;
+            if self.model.policy != policy {
+                self.model.policy = policy;
+                self.version += 1;
+            }
         }
         if self.errors_dirty {
             self.errors_dirty = false;
-            self.model.errors = self.errors.values().map(|(_, e)| e.clone()).collect();
+            let errors: Vec<ModelError> = self.errors.values().map(|(_, e)| e.clone()).collect();
+            if errors != self.model.errors {
+                self.model.errors = errors;
+                self.version += 1;
+            }
         }
         if self.health_dirty {
             self.health_dirty = false;
-            self.model.health_checks = self.health.values().cloned().collect();
-            self.model.health_checks.sort();
+            let mut health: Vec<HealthCheck> = self.health.values().cloned().collect();
+            health.sort();
+            if health != self.model.health_checks {
+                self.model.health_checks = health;
+                self.version += 1;
+            }
         }
     }
 
@@ -1043,6 +1080,7 @@ impl IncrementalModel {
         let end = start + list[start..].partition_point(|f| f.service == key);
         if end - start != kept.len() || list[start..end] != kept[..] {
             list.splice(start..end, kept);
+            self.version += 1;
         }
         let changed = match health {
             Some(h) => self.health.insert(id.clone(), h.clone()) != Some(h),
@@ -1056,6 +1094,15 @@ impl IncrementalModel {
             self.units.remove(id);
         }
     }
+}
+
+/// The source name of an API object of `kind` (`"Service"`, …) for
+/// [`IncrementalModel::set_api_object`]: sources of one kind sort by
+/// (namespace, name), as the API source lists them (`\0` sorts before any
+/// character of a name).
+#[must_use]
+pub fn api_source(kind: &str, namespace: &str, name: &str) -> String {
+    format!("{kind}\0{namespace}\0{name}")
 }
 
 fn keys<T>(copies: &Copies<T>, id: &Id) -> Vec<Pos> {

@@ -58,7 +58,7 @@ use clustergate_control::kube_source::{self, FollowConfig, Hooks};
 use clustergate_control::manifest_dir::{self, ManifestDir};
 use clustergate_control::model::{default_node_port_addresses, SkipLog};
 use clustergate_control::{
-    load_manifest_file, load_manifest_file_strict, Model, ModelOptions, Objects, Skipped,
+    load_manifest_file, load_manifest_file_strict, Model, ModelOptions, Skipped,
     DEFAULT_PROXY_NAME, DEFAULT_RETURN_PATH,
 };
 use clustergate_dataplane::flow::addr16;
@@ -931,7 +931,7 @@ fn run_dir(
             first = false;
             telemetry.source_changed();
             let (services, slices) = model.sync_dir(&files, read.as_deref());
-            telemetry.changes_seen(services, slices);
+            telemetry.changes_seen(services, slices, None);
             p.apply(model.model());
             built = Some(Instant::now());
         }
@@ -1030,20 +1030,22 @@ fn run_api(
         });
         let hooks = Hooks {
             changed: Some(Box::new(|| telemetry.source_changed())),
-            objects: Some(Box::new(|objects: &Objects| {
-                telemetry.objects_seen(objects, true);
-            })),
+            changes: Some(Box::new(
+                |services, slices, applied: &[k8s_openapi::api::discovery::v1::EndpointSlice]| {
+                    telemetry.changes_seen(services, slices, Some(applied));
+                },
+            )),
             watch: Some(Box::new(|event| telemetry.watch(event))),
         };
         let follow = kube_source::follow_with(client, config, hooks, |model| {
-            telemetry.skipped(&model);
-            warn_notes(&model, &mut notes);
+            telemetry.skipped(model);
+            warn_notes(model, &mut notes);
             telemetry.beat();
             telemetry.change_seen();
             let started = Instant::now();
-            let result = publish(&model, seed, &mut writer, published.as_ref(), &mut sizes);
+            let result = publish(model, seed, &mut writer, published.as_ref(), &mut sizes);
             if result.is_ok() {
-                telemetry.frontends(&model);
+                telemetry.frontends(model);
                 if let Some(checks) = checks.as_deref_mut() {
                     checks.sync(&model.health_checks);
                 }
