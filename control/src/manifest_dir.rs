@@ -15,7 +15,9 @@ use std::time::SystemTime;
 
 use thiserror::Error;
 
-use crate::manifest::{identity, label, parse_manifest, ManifestError, Objects, Skipped};
+use crate::manifest::{
+    identity, label, parse_manifest_cached, DocumentCache, ManifestError, Objects, Skipped,
+};
 
 /// Why one file of a manifest directory was not (re-)read.
 #[derive(Debug, Error)]
@@ -71,6 +73,9 @@ struct File {
     objects: Objects,
     /// Why the file on disk now is not used (its last good objects are).
     error: Option<String>,
+    /// Its documents as last parsed: a write that changes one document
+    /// parses that one again only.
+    documents: DocumentCache,
 }
 
 /// The files of a manifest directory and their last good objects.
@@ -190,7 +195,8 @@ impl ManifestDir {
             }
             Err(source) => return Err(self.failed(name, DirError::Read { path, source })),
         };
-        match parse_manifest(&text) {
+        let documents = &mut self.files.entry(name.to_owned()).or_default().documents;
+        match parse_manifest_cached(&text, documents) {
             Ok(objects) => {
                 let file = self.files.entry(name.to_owned()).or_default();
                 file.stamp = Some(stamp(&meta));

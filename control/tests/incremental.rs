@@ -11,6 +11,7 @@
 use std::path::Path;
 
 use clustergate_control::incremental::IncrementalModel;
+use clustergate_control::manifest::{parse_manifest_cached, DocumentCache};
 use clustergate_control::manifest_dir::merge_files;
 use clustergate_control::model::{build_model, Model, ModelOptions};
 use clustergate_control::{parse_manifest, Objects};
@@ -415,5 +416,54 @@ fn moved_and_relabelled_objects_follow() {
         let full = full_rebuild(dir, &files, &options);
         assert!(!full.frontends.is_empty(), "step {step} serves something");
         assert_same(inc.model(), &full, step);
+    }
+}
+
+/// Documents and separators that a manifest file may hold, the awkward ones
+/// included.
+const DOCUMENTS: [&str; 11] = [
+    "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: x}\nspec: {clusterIP: 198.18.0.1, ports: [{port: 80}]}\n",
+    "apiVersion: v1\nkind: Service\nmetadata: {name: a, namespace: x}\nspec: {clusterIP: 198.18.0.2, ports: [{port: 81}]}\n",
+    "{apiVersion: v1, kind: Node, metadata: {name: n1}}\n",
+    "",
+    "# nothing here\n",
+    "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\ndata:\n  a: |\n    x\n    ---\n",
+    "apiVersion: v1\nkind: Service\nmetadata: {name: b}\nspec: {ports: oops}\n",
+    "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Node\n  metadata: {name: n2}\n",
+    "a: [\n",
+    "x: &a {k: 1}\ny: *a\n",
+    "apiVersion: v1\nkind: Service\nmetadata: {name: c}\nspec: {clusterIP: 198.18.0.3, ports: [{port: 80}]}\n...\n",
+];
+const SEPARATORS: [&str; 4] = ["---\n", "--- \n", "---\n# between\n", "--- "];
+
+fn manifest_text() -> impl Strategy<Value = String> {
+    proptest::collection::vec((0..SEPARATORS.len(), 0..DOCUMENTS.len()), 0..6).prop_map(|docs| {
+        docs.iter()
+            .enumerate()
+            .map(|(i, (sep, doc))| {
+                if i == 0 && *sep == 0 {
+                    DOCUMENTS[*doc].to_owned()
+                } else {
+                    format!("{}{}", SEPARATORS[*sep], DOCUMENTS[*doc])
+                }
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    /// Reading a file again parses only its changed documents, and gives
+    /// what parsing it whole gives: objects, skipped entries and errors, or
+    /// the same syntax error.
+    #[test]
+    fn a_file_read_again_parses_as_a_whole_file(
+        texts in proptest::collection::vec(manifest_text(), 1..5),
+    ) {
+        let mut cache = DocumentCache::default();
+        for text in &texts {
+            let cached = parse_manifest_cached(text, &mut cache);
+            let whole = parse_manifest(text);
+            prop_assert_eq!(cached, whole, "{}", text);
+        }
     }
 }
