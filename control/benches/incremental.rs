@@ -9,10 +9,13 @@
 //!   objects, then [`build_model`] over all of them;
 //! - `incremental`: [`IncrementalModel::set_source`] with the file's objects,
 //!   then [`IncrementalModel::model`];
-//! - `parse_file`: reading the changed file's text ([`parse_manifest`]), the
-//!   same in both;
+//! - `parse_file`: parsing the changed file's text whole ([`parse_manifest`]),
+//!   as `run` did before;
+//! - `parse_file_cached`: parsing it with the file's documents as last read
+//!   ([`parse_manifest_cached`]): only the changed document is parsed;
 //! - `table_spec`: [`clustergate_control::Model::table_spec`] of the model,
-//!   which the publisher calls next (the same in both).
+//!   which the publisher calls next (the same in both), and `service_specs`,
+//!   the part of it that converts the frontends.
 //!
 //! `cargo bench -p clustergate-control --bench incremental`
 
@@ -24,6 +27,7 @@ use std::path::Path;
 use clustergate_control::incremental::IncrementalModel;
 use clustergate_control::manifest_dir::merge_files;
 use clustergate_control::model::{build_model, ModelOptions};
+use clustergate_control::manifest::{parse_manifest_cached, DocumentCache};
 use clustergate_control::{parse_manifest, Objects};
 use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::{json, Value};
@@ -135,9 +139,21 @@ fn bench(c: &mut Criterion) {
             black_box(parse_manifest(&versions[i % 2]).unwrap());
         });
     });
+    let mut cache = DocumentCache::default();
+    parse_manifest_cached(&versions[0], &mut cache).unwrap();
+    let mut i = 0usize;
+    g.bench_function("parse_file_cached", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(parse_manifest_cached(&versions[i % 2], &mut cache).unwrap());
+        });
+    });
     let model = inc.model().clone();
     g.bench_function("table_spec", |b| {
         b.iter(|| black_box(model.table_spec()));
+    });
+    g.bench_function("service_specs", |b| {
+        b.iter(|| black_box(model.service_specs()));
     });
     g.finish();
 }
