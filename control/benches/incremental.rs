@@ -13,6 +13,11 @@
 //!   as `run` did before;
 //! - `parse_file_cached`: parsing it with the file's documents as last read
 //!   ([`parse_manifest_cached`]): only the changed document is parsed;
+//! - `file_event` and `file_event_before`: all of control's work from the
+//!   file's inotify event to the model, the file read from disk included:
+//!   [`ManifestDir::refresh`], [`IncrementalModel::sync_dir`] and
+//!   [`IncrementalModel::model`]; before: reading and parsing the file whole,
+//!   merging every file and [`build_model`];
 //! - `table_spec`: [`clustergate_control::Model::table_spec`] of the model,
 //!   which the publisher calls next (the same in both), and `service_specs`,
 //!   the part of it that converts the frontends.
@@ -25,11 +30,11 @@ use std::hint::black_box;
 use std::path::Path;
 
 use clustergate_control::incremental::IncrementalModel;
-use clustergate_control::manifest_dir::merge_files;
-use clustergate_control::model::{build_model, ModelOptions};
 use clustergate_control::manifest::{parse_manifest_cached, DocumentCache};
+use clustergate_control::manifest_dir::{merge_files, ManifestDir};
+use clustergate_control::model::{build_model, ModelOptions};
 use clustergate_control::{parse_manifest, Objects};
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use serde_json::{json, Value};
 
 const FILES: u32 = 100;
@@ -148,6 +153,51 @@ fn bench(c: &mut Criterion) {
             black_box(parse_manifest_cached(&versions[i % 2], &mut cache).unwrap());
         });
     });
+    // The directory on disk, read as `run` reads it.
+    let disk = std::env::temp_dir().join(format!("clustergate-bench-inc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&disk);
+    std::fs::create_dir_all(&disk).unwrap();
+    for f in 0..FILES {
+        std::fs::write(disk.join(name(f)), file_text(f, None)).unwrap();
+    }
+    let mut dir_files = ManifestDir::load(&disk).unwrap();
+    let mut on_disk = IncrementalModel::new(options.clone(), &disk);
+    on_disk.sync_dir(&dir_files, None);
+    assert_eq!(on_disk.model().frontends.len(), (FILES * PER_FILE) as usize);
+    let path = disk.join(&changed_name);
+    let names = [changed_name.clone()];
+    let mut i = 0usize;
+    g.bench_function("file_event", |b| {
+        b.iter_batched(
+            || {
+                i += 1;
+                std::fs::write(&path, &versions[i % 2]).unwrap();
+            },
+            |()| {
+                assert!(dir_files.refresh(&changed_name).unwrap());
+                on_disk.sync_dir(&dir_files, Some(&names));
+                black_box(on_disk.model().frontends.len());
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    let mut i = 0usize;
+    g.bench_function("file_event_before", |b| {
+        b.iter_batched(
+            || {
+                i += 1;
+                std::fs::write(&path, &versions[i % 2]).unwrap();
+            },
+            |()| {
+                let text = std::fs::read_to_string(&path).unwrap();
+                files[changed as usize].1 = parse_manifest(&text).unwrap();
+                let merged = merge_files(dir, files.iter().map(|(n, o)| (n.as_str(), o, None)));
+                black_box(build_model(&merged, &options));
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    std::fs::remove_dir_all(&disk).unwrap();
     let model = inc.model().clone();
     g.bench_function("table_spec", |b| {
         b.iter(|| black_box(model.table_spec()));
