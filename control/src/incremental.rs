@@ -1,4 +1,4 @@
-//! An incremental model: the [`Model`] of [`build_model`], kept up to date
+//! An incremental model: the [`Model`] of [`build_model`](crate::model::build_model), kept up to date
 //! as objects change, at a cost that grows with what changed, not with the
 //! cluster.
 //!
@@ -18,7 +18,7 @@
 //!
 //! [`IncrementalModel::model`] then brings the model up to date: frontends
 //! are spliced into [`Model::frontends`] per Service, and skipped entries and
-//! notes are counted per contribution, so the result equals [`build_model`]
+//! notes are counted per contribution, so the result equals [`build_model`](crate::model::build_model)
 //! on the objects of all sources merged as
 //! [`crate::manifest_dir::merge_files`] merges them (the same frontends, skipped list, notes,
 //! errors in the same order, health checks, nodes and policy); the tests
@@ -29,7 +29,7 @@
 //! object change rebuilds the policy set from all Pods, Namespaces and
 //! NetworkPolicies; [`Model::table_spec`] (outside) walks every frontend.
 //!
-//! Must never: differ from [`build_model`] on the same objects, or panic.
+//! Must never: differ from [`build_model`](crate::model::build_model) on the same objects, or panic.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -93,7 +93,7 @@ impl Kind {
     }
 }
 
-/// Where an error goes in [`Model::errors`]: [`build_model`]'s order.
+/// Where an error goes in [`Model::errors`]: [`build_model`](crate::model::build_model)'s order.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum ErrKey {
     /// The objects' own errors: per source, a copy of an object of an
@@ -107,7 +107,7 @@ enum ErrKey {
     Conflict(ClaimKey),
 }
 
-/// A frontend in [`build_model`]'s conflict order: kind, service, port
+/// A frontend in [`build_model`](crate::model::build_model)'s conflict order: kind, service, port
 /// name, address, protocol.
 type ClaimKey = (u8, String, String, IpAddr, Proto);
 /// What a frontend claims: one frontend per address, port and protocol.
@@ -617,7 +617,7 @@ impl IncrementalModel {
 
     /// Duplicates of one object: copies in a later source than the first
     /// (the directory's duplicates), and, for Services and EndpointSlices,
-    /// later copies in the first's source ([`build_model`]'s).
+    /// later copies in the first's source ([`build_model`](crate::model::build_model)'s).
     fn group_changed(&mut self, kind: Kind, id: &Id) {
         let positions: Vec<Pos> = match kind {
             Kind::Service => keys(&self.services, id),

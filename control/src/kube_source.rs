@@ -30,8 +30,8 @@
 //!   services without their slices would have no backends.
 //! - **Coalescing.** Changes that arrive together are folded into one build;
 //!   builds are at least [`FollowConfig::min_sync`] apart (kube-proxy's
-//!   `minSyncPeriod`). A built model equal to the last one handed over is not
-//!   handed over again.
+//!   `minSyncPeriod`). A build that changed nothing in the model (its
+//!   [`IncrementalModel::version`] is the same) hands nothing over.
 //! - **Outages.** While the API is unreachable nothing changes: the last model
 //!   stays the last one handed over (and the caller keeps its snapshot).
 //!   Retries back off as client-go's reflector does (0.8 s doubling to 30 s,
