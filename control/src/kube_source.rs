@@ -2,8 +2,11 @@
 //! API server.
 //!
 //! Owns: [`follow`], which watches the three kinds with kube-rs watchers and
-//! reflector stores, builds a [`Model`] with the same [`build_model`] as the
-//! manifest source, and hands each new model to a callback;
+//! reflector stores, keeps a [`Model`] equal to what
+//! [`crate::model::build_model`] gives for the stores' objects (sorted by
+//! namespace and name), updated per object applied or deleted
+//! ([`IncrementalModel`]; a relist compares every object of its kind), and
+//! hands each new model to a callback;
 //! [`follow_with`] also tells [`Hooks`] what it sees (the first change of
 //! each build, its objects, watch failures and recoveries) for metrics and
 //! health; [`list_objects`] lists the same objects once (for `show`).
@@ -13,7 +16,7 @@
 //!   `!service.kubernetes.io/headless` ([`SLICE_LABEL_SELECTOR`]), as
 //!   kube-proxy's informers. The proxy-name label is *not* selected on the
 //!   server: unlabelled Services and those labelled with our name are both
-//!   served, which one selector cannot express, so [`build_model`] filters it.
+//!   served, which one selector cannot express, so the model filters it.
 //!   Nodes are all watched (their pod CIDRs and addresses place clients on
 //!   nodes for `internalTrafficPolicy: Local`).
 //! - **Lists and watches.** kube-rs's watcher lists, then watches from the
@@ -27,8 +30,8 @@
 //!   services without their slices would have no backends.
 //! - **Coalescing.** Changes that arrive together are folded into one build;
 //!   builds are at least [`FollowConfig::min_sync`] apart (kube-proxy's
-//!   `minSyncPeriod`). A built model equal to the last one handed over is not
-//!   handed over again.
+//!   `minSyncPeriod`). A build that changed nothing in the model (its
+//!   [`IncrementalModel::version`] is the same) hands nothing over.
 //! - **Outages.** While the API is unreachable nothing changes: the last model
 //!   stays the last one handed over (and the caller keeps its snapshot).
 //!   Retries back off as client-go's reflector does (0.8 s doubling to 30 s,
@@ -42,8 +45,10 @@
 //!
 //! Must never: hand over a model built from a half-finished list, or panic.
 
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 use std::ops::ControlFlow;
+use std::path::Path;
 use std::pin::pin;
 use std::time::Duration;
 
@@ -52,7 +57,7 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::ListParams;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::utils::Backoff as _;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -60,8 +65,9 @@ use kube::{Api, Client};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+use crate::incremental::{api_source, IncrementalModel};
 use crate::manifest::{identity, Objects};
-use crate::model::{build_model, Model, ModelOptions, SkipLog};
+use crate::model::{Model, ModelOptions, SkipLog};
 
 /// Field selector for Services: headless ones are never proxied.
 pub const SERVICE_FIELD_SELECTOR: &str = "spec.clusterIP!=None";
@@ -76,7 +82,7 @@ const MAX_FOLD: usize = 4096;
 /// How [`follow`] builds models.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FollowConfig {
-    /// Our proxy name and default return path (see [`build_model`]).
+    /// Our proxy name and default return path (see [`crate::model::build_model`]).
     pub model: ModelOptions,
     /// The least time between two model builds; zero (the default): build as
     /// soon as the changes that have arrived are folded in.
@@ -148,8 +154,10 @@ pub struct Hooks<'a> {
     /// Called when a store changes while no build is pending: the first change
     /// the next build will include (where its sync latency starts).
     pub changed: Option<Box<dyn FnMut() + Send + 'a>>,
-    /// Called with the objects of every build, before the model is built.
-    pub objects: Option<Box<dyn FnMut(&Objects) + Send + 'a>>,
+    /// Called at every build, before the model is updated, with the number
+    /// of Services and of EndpointSlices that changed since the last build
+    /// and the EndpointSlices applied since then (for their trigger times).
+    pub changes: Option<Box<dyn FnMut(u64, u64, &[EndpointSlice]) + Send + 'a>>,
     /// Called when a watch fails, recovers or expires.
     pub watch: Option<Box<dyn FnMut(WatchEvent) + Send + 'a>>,
 }
@@ -158,7 +166,7 @@ impl fmt::Debug for Hooks<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hooks")
             .field("changed", &self.changed.is_some())
-            .field("objects", &self.objects.is_some())
+            .field("changes", &self.changes.is_some())
             .field("watch", &self.watch.is_some())
             .finish()
     }
@@ -173,6 +181,23 @@ enum Step {
     Listed,
     /// Nothing visible yet (a list in progress).
     Nothing,
+}
+
+/// An object's (namespace, name); no namespace for Nodes and Namespaces.
+type Key = (Option<String>, String);
+
+/// The object an event applies or deletes.
+fn key_of<K: kube::Resource>(event: &Event<K>) -> Option<Key> {
+    match event {
+        Event::Apply(o) | Event::Delete(o) => {
+            let meta = o.meta();
+            Some((
+                meta.namespace.clone(),
+                meta.name.clone().unwrap_or_default(),
+            ))
+        }
+        Event::InitDone | Event::Init | Event::InitApply(_) => None,
+    }
 }
 
 fn step_of<K>(event: &Event<K>) -> Step {
@@ -198,7 +223,7 @@ fn watch<K>(
     config: watcher::Config,
     writer: reflector::store::Writer<K>,
     kind: Kind,
-) -> impl Stream<Item = (Kind, Result<Step, watcher::Error>)> + Send
+) -> impl Stream<Item = (Kind, Result<(Step, Option<Key>), watcher::Error>)> + Send
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -219,7 +244,7 @@ fn watch_trimmed<K>(
     writer: reflector::store::Writer<K>,
     kind: Kind,
     trim: impl FnMut(&mut K) + Send + 'static,
-) -> impl Stream<Item = (Kind, Result<Step, watcher::Error>)> + Send
+) -> impl Stream<Item = (Kind, Result<(Step, Option<Key>), watcher::Error>)> + Send
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -232,7 +257,7 @@ where
     with_backoff(watcher::watcher(api, config), WatchBackoff::default())
         .modify(trim)
         .reflect(writer)
-        .map(move |r| (kind, r.map(|e| step_of(&e))))
+        .map(move |r| (kind, r.map(|e| (step_of(&e), key_of(&e)))))
 }
 
 /// What a Pod keeps in control's store: labels, namespace and name, the
@@ -364,33 +389,7 @@ struct Stores {
     policies: Store<NetworkPolicy>,
 }
 
-/// The objects in the stores, as the manifest source would give them, sorted
-/// by (namespace, name) so that errors do not depend on hash order.
-fn objects_of(stores: &Stores) -> Objects {
-    fn all<K>(s: &Store<K>) -> Vec<K>
-    where
-        K: kube::Resource<DynamicType = ()> + Clone + 'static,
-    {
-        s.state().iter().map(|o| (**o).clone()).collect()
-    }
-    let mut o = sorted_objects(
-        all(&stores.services),
-        all(&stores.slices),
-        all(&stores.nodes),
-    );
-    o.pods = all(&stores.pods);
-    o.namespaces = all(&stores.namespaces);
-    o.policies = all(&stores.policies);
-    o.pods
-        .sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
-    o.namespaces
-        .sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    o.policies
-        .sort_by(|a, b| identity(&a.metadata).cmp(&identity(&b.metadata)));
-    o
-}
-
-/// The objects, sorted by (namespace, name) as [`objects_of`] sorts them.
+/// The objects, sorted by (namespace, name), the order of [`follow`]'s model.
 fn sorted_objects(
     mut services: Vec<Service>,
     mut slices: Vec<EndpointSlice>,
@@ -408,7 +407,7 @@ fn sorted_objects(
 }
 
 /// Lists Services, EndpointSlices and Nodes once through `client`, with the
-/// selectors of [`follow`], and returns them as [`objects_of`] would
+/// selectors of [`follow`], and returns them in [`follow`]'s order
 /// (`clustergate-control show --kubeconfig`/`--in-cluster`).
 ///
 /// # Errors
@@ -448,7 +447,7 @@ pub async fn list_objects(client: Client) -> Result<Objects, kube::Error> {
 pub async fn follow(
     client: Client,
     config: &FollowConfig,
-    on_model: impl FnMut(Model) -> ControlFlow<()>,
+    on_model: impl FnMut(&Model) -> ControlFlow<()>,
 ) {
     follow_with(client, config, Hooks::default(), on_model).await;
 }
@@ -458,7 +457,7 @@ pub async fn follow_with(
     client: Client,
     config: &FollowConfig,
     mut hooks: Hooks<'_>,
-    mut on_model: impl FnMut(Model) -> ControlFlow<()>,
+    mut on_model: impl FnMut(&Model) -> ControlFlow<()>,
 ) {
     let (services, services_writer) = reflector::store::<Service>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
@@ -533,7 +532,10 @@ pub async fn follow_with(
     };
     let mut dirty = false;
     let mut last_build: Option<Instant> = None;
-    let mut last: Option<Model> = None;
+    // The model, updated per object changed (see crate::incremental).
+    let mut model = IncrementalModel::new(config.model.clone(), Path::new(""));
+    let mut pending = Pending::default();
+    let mut last: Option<u64> = None;
     let mut skip_log = SkipLog::default();
     // Events taken while a build was already due: bounded, so that a steady
     // stream of events cannot hold a build off for ever.
@@ -561,6 +563,10 @@ pub async fn follow_with(
                 let was_failing = health[kind.index()].failing;
                 let expired =
                     matches!(&result, Err(watcher::Error::WatchError(s)) if s.code == 410);
+                let result = result.map(|(step, key)| {
+                    pending.note(kind, step, key);
+                    step
+                });
                 if note(kind, result, &mut health[kind.index()]) {
                     if !dirty {
                         if let Some(hook) = hooks.changed.as_mut() {
@@ -590,30 +596,181 @@ pub async fn follow_with(
                 folded = 0;
                 last_build = Some(Instant::now());
                 let started = std::time::Instant::now();
-                let objects = objects_of(&stores);
-                if let Some(hook) = hooks.objects.as_mut() {
-                    hook(&objects);
+                let (services, slices, applied) = pending.apply(&stores, &mut model);
+                if let Some(hook) = hooks.changes.as_mut() {
+                    hook(services, slices, &applied);
                 }
-                let model = build_model(&objects, &config.model);
-                skip_log.log(&model);
-                if last.as_ref() == Some(&model) {
+                let version = model.version();
+                let model = model.model();
+                skip_log.log(model);
+                if last == Some(version) {
                     debug!("objects changed but the model did not");
                 } else {
                     debug!(
-                        services = objects.services.len(),
-                        endpointslices = objects.slices.len(),
+                        services,
+                        endpointslices = slices,
                         frontends = model.frontends.len(),
                         skipped = model.skipped.len(),
                         took_ms = started.elapsed().as_secs_f64() * 1e3,
                         "new model"
                     );
-                    last = Some(model.clone());
+                    last = Some(version);
                     if on_model(model).is_break() {
                         return;
                     }
                 }
             }
         }
+    }
+}
+
+/// The objects changed since the last build, by kind: those applied or
+/// deleted, and the kinds relisted (all their objects are compared).
+#[derive(Debug, Default)]
+struct Pending {
+    keys: [BTreeSet<Key>; 6],
+    relisted: [bool; 6],
+    /// The source names ([`api_source`]) in the model, by kind.
+    known: [HashSet<String>; 6],
+}
+
+/// The kind name of a [`Kind`] in [`api_source`] names.
+const fn kind_object(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Services => "Service",
+        Kind::Slices => "EndpointSlice",
+        Kind::Nodes => "Node",
+        Kind::Pods => "Pod",
+        Kind::Namespaces => "Namespace",
+        Kind::Policies => "NetworkPolicy",
+    }
+}
+
+impl Pending {
+    fn note(&mut self, kind: Kind, step: Step, key: Option<Key>) {
+        match (step, key) {
+            (Step::Listed, _) => self.relisted[kind.index()] = true,
+            (Step::Changed, Some(key)) => {
+                self.keys[kind.index()].insert(key);
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes the changes up into `model`; returns the number of Services
+    /// and of EndpointSlices changed, and the EndpointSlices applied.
+    fn apply(
+        &mut self,
+        stores: &Stores,
+        model: &mut IncrementalModel,
+    ) -> (u64, u64, Vec<EndpointSlice>) {
+        let mut counts = (0, 0);
+        let mut applied = Vec::new();
+        let mut out = Changed {
+            model,
+            counts: &mut counts,
+        };
+        self.kind(Kind::Services, &stores.services, &mut out, |o, s| {
+            o.services = vec![s]
+        });
+        self.kind(Kind::Slices, &stores.slices, &mut out, |o, s| {
+            applied.push(s.clone());
+            o.slices = vec![s];
+        });
+        self.kind(Kind::Nodes, &stores.nodes, &mut out, |o, s| {
+            o.nodes = vec![s]
+        });
+        self.kind(Kind::Pods, &stores.pods, &mut out, |o, s| o.pods = vec![s]);
+        self.kind(Kind::Namespaces, &stores.namespaces, &mut out, |o, s| {
+            o.namespaces = vec![s];
+        });
+        self.kind(Kind::Policies, &stores.policies, &mut out, |o, s| {
+            o.policies = vec![s]
+        });
+        (counts.0, counts.1, applied)
+    }
+
+    /// One kind: every object of its store when it was relisted (and those
+    /// no longer there removed), else those applied or deleted.
+    fn kind<K>(
+        &mut self,
+        kind: Kind,
+        store: &Store<K>,
+        out: &mut Changed<'_>,
+        mut put: impl FnMut(&mut Objects, K),
+    ) where
+        K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    {
+        let i = kind.index();
+        let keys = std::mem::take(&mut self.keys[i]);
+        let known = &mut self.known[i];
+        let mut set = |known: &mut HashSet<String>, key: &Key, object: Option<K>| {
+            let (ns, name) = identity_of(kind, key);
+            let source = api_source(kind_object(kind), ns, name);
+            let (a, b) = match object {
+                Some(o) => {
+                    let mut objects = Objects::default();
+                    put(&mut objects, o);
+                    known.insert(source.clone());
+                    out.model.set_api_object(&source, Some(&objects))
+                }
+                None => {
+                    known.remove(&source);
+                    out.model.set_api_object(&source, None)
+                }
+            };
+            out.counts.0 += a;
+            out.counts.1 += b;
+        };
+        if std::mem::take(&mut self.relisted[i]) {
+            let mut listed = HashSet::new();
+            for o in store.state() {
+                let meta = o.meta();
+                let key = (
+                    meta.namespace.clone(),
+                    meta.name.clone().unwrap_or_default(),
+                );
+                set(known, &key, Some((*o).clone()));
+                let (ns, name) = identity_of(kind, &key);
+                listed.insert(api_source(kind_object(kind), ns, name));
+            }
+            let gone: Vec<String> = known.difference(&listed).cloned().collect();
+            for source in gone {
+                known.remove(&source);
+                let (a, b) = out.model.set_api_object(&source, None);
+                out.counts.0 += a;
+                out.counts.1 += b;
+            }
+            return;
+        }
+        for key in keys {
+            let r = ObjectRef::<K>::new(&key.1);
+            let r = match &key.0 {
+                Some(ns) => r.within(ns),
+                None => r,
+            };
+            set(known, &key, store.get(&r).map(|o| (*o).clone()));
+        }
+    }
+}
+
+/// Where [`Pending::kind`] puts what changed.
+struct Changed<'a> {
+    model: &'a mut IncrementalModel,
+    counts: &'a mut (u64, u64),
+}
+
+const fn kind_namespaced(kind: Kind) -> bool {
+    !matches!(kind, Kind::Nodes | Kind::Namespaces)
+}
+
+/// The (namespace, name) of a key as [`identity`] gives it.
+fn identity_of(kind: Kind, key: &Key) -> (&str, &str) {
+    let ns = key.0.as_deref().unwrap_or("");
+    if ns.is_empty() && kind_namespaced(kind) {
+        (crate::manifest::DEFAULT_NAMESPACE, key.1.as_str())
+    } else {
+        (ns, key.1.as_str())
     }
 }
 

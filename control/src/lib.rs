@@ -4,6 +4,7 @@
 //!   a YAML manifest (`kubectl get -o yaml` Lists, `---` documents, or one object).
 //! - [`kube_source`]: the same objects from a live API server (watchers).
 //! - [`model`]: kube-proxy's semantics, from those objects to [`Frontend`]s.
+//! - [`incremental`]: the same model, kept up to date per changed object.
 //! - [`ip`]: addresses and CIDRs read as kube-proxy reads them (sloppily).
 //! - `show` (the `impl Model` blocks behind [`Model::to_json`],
 //!   [`Model::to_table`] and [`Model::service_specs`]): presenting a model and
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+pub mod incremental;
 pub mod ip;
 pub mod kube_source;
 pub mod manifest;

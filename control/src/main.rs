@@ -53,11 +53,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clustergate_control::incremental::IncrementalModel;
 use clustergate_control::kube_source::{self, FollowConfig, Hooks};
 use clustergate_control::manifest_dir::{self, ManifestDir};
 use clustergate_control::model::{default_node_port_addresses, SkipLog};
 use clustergate_control::{
-    load_manifest_file, load_manifest_file_strict, Model, ModelOptions, Objects, Skipped,
+    load_manifest_file, load_manifest_file_strict, Model, ModelOptions, Skipped,
     DEFAULT_PROXY_NAME, DEFAULT_RETURN_PATH,
 };
 use clustergate_dataplane::flow::addr16;
@@ -889,21 +890,24 @@ fn run_dir(
         }
     };
     let mut files = ManifestDir::new(manifest);
+    // Only the objects of the files read again are taken up: the model is
+    // updated for the Services they touch, not rebuilt.
+    let mut model = IncrementalModel::new(options.clone(), manifest);
     // Some(names): re-read those files; None: list the directory again.
     let mut todo: Option<Vec<String>> = None;
     let mut first = true;
     let mut built: Option<Instant> = None;
     loop {
         telemetry.beat();
-        let (changed, errors) = match todo.take() {
+        let (changed, errors, read) = match todo.take() {
             None => match files.rescan() {
-                Ok(r) => r,
+                Ok((changed, errors)) => (changed, errors, None),
                 Err(e) => {
                     error!(
                         "{e}; keeping generation {}",
                         p.published.as_ref().map_or(0, |p| p.generation)
                     );
-                    (false, Vec::new())
+                    (false, Vec::new(), Some(Vec::new()))
                 }
             },
             Some(mut names) => {
@@ -911,13 +915,13 @@ fn run_dir(
                 names.dedup();
                 let mut changed = false;
                 let mut errors = Vec::new();
-                for name in names {
-                    match files.refresh(&name) {
+                for name in &names {
+                    match files.refresh(name) {
                         Ok(c) => changed |= c,
                         Err(e) => errors.push(e),
                     }
                 }
-                (changed, errors)
+                (changed, errors, Some(names))
             }
         };
         for e in &errors {
@@ -926,9 +930,9 @@ fn run_dir(
         if changed || !errors.is_empty() || first {
             first = false;
             telemetry.source_changed();
-            let objects = files.objects();
-            telemetry.objects_seen(&objects, false);
-            p.apply(&clustergate_control::build_model(&objects, options));
+            let (services, slices) = model.sync_dir(&files, read.as_deref());
+            telemetry.changes_seen(services, slices, None);
+            p.apply(model.model());
             built = Some(Instant::now());
         }
         if once {
@@ -1026,20 +1030,22 @@ fn run_api(
         });
         let hooks = Hooks {
             changed: Some(Box::new(|| telemetry.source_changed())),
-            objects: Some(Box::new(|objects: &Objects| {
-                telemetry.objects_seen(objects, true);
-            })),
+            changes: Some(Box::new(
+                |services, slices, applied: &[k8s_openapi::api::discovery::v1::EndpointSlice]| {
+                    telemetry.changes_seen(services, slices, Some(applied));
+                },
+            )),
             watch: Some(Box::new(|event| telemetry.watch(event))),
         };
         let follow = kube_source::follow_with(client, config, hooks, |model| {
-            telemetry.skipped(&model);
-            warn_notes(&model, &mut notes);
+            telemetry.skipped(model);
+            warn_notes(model, &mut notes);
             telemetry.beat();
             telemetry.change_seen();
             let started = Instant::now();
-            let result = publish(&model, seed, &mut writer, published.as_ref(), &mut sizes);
+            let result = publish(model, seed, &mut writer, published.as_ref(), &mut sizes);
             if result.is_ok() {
-                telemetry.frontends(&model);
+                telemetry.frontends(model);
                 if let Some(checks) = checks.as_deref_mut() {
                     checks.sync(&model.health_checks);
                 }

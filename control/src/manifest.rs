@@ -22,6 +22,8 @@
 //!
 //! Must never: panic on any input.
 
+use std::collections::HashMap;
+
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -162,12 +164,112 @@ pub enum ManifestError {
 /// Text that is not YAML. Objects that cannot be read are skipped (see the
 /// module documentation).
 pub fn parse_manifest(text: &str) -> Result<Objects, ManifestError> {
+    parse_documents(text, 0).map(|(objects, _)| objects)
+}
+
+/// The objects of the documents of `text`, numbered from `first + 1`, and
+/// the number of documents.
+fn parse_documents(text: &str, first: usize) -> Result<(Objects, usize), ManifestError> {
     let mut out = Objects::default();
+    let mut n = 0;
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let mut value = Value::deserialize(doc).map_err(syntax)?;
         value.apply_merge().map_err(syntax)?;
-        collect_or_skip(value, &format!("document {}", i + 1), &mut out);
+        collect_or_skip(value, &format!("document {}", first + i + 1), &mut out);
+        n = i + 1;
     }
+    Ok((out, n))
+}
+
+/// The objects of the documents of a manifest last read, by (number of the
+/// first document, text), for [`parse_manifest_cached`].
+#[derive(Debug, Default)]
+pub struct DocumentCache {
+    parts: HashMap<(usize, String), (Objects, usize)>,
+}
+
+/// Whether `line` is a YAML document marker (`---` or `...` at the start of
+/// a line, then a space, a tab or the end of the line).
+fn is_marker(line: &str, marker: &str) -> bool {
+    line.strip_prefix(marker)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']))
+}
+
+/// [`parse_manifest`], parsing again only the documents whose text changed
+/// since the last call with `cache`: a file of 100 Services where one
+/// changed costs one document, not 100.
+///
+/// The text is cut before each line that starts with `---` (YAML forbids
+/// such a line inside a document, block scalars included); each part is
+/// parsed alone, which gives the same documents since a YAML document never
+/// refers to another (anchors are per document). Text with directives
+/// (`%`), `...` end markers or a byte order mark, and any part that is not
+/// YAML, are parsed whole, so errors name the line of the whole file.
+///
+/// # Errors
+/// As [`parse_manifest`].
+pub fn parse_manifest_cached(
+    text: &str,
+    cache: &mut DocumentCache,
+) -> Result<Objects, ManifestError> {
+    let whole = |cache: &mut DocumentCache| {
+        cache.parts.clear();
+        parse_manifest(text)
+    };
+    if text.starts_with('\u{feff}') {
+        return whole(cache);
+    }
+    let mut parts: Vec<&str> = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        if line.starts_with('%') || is_marker(line, "...") {
+            return whole(cache);
+        }
+        if is_marker(line, "---") && at > start {
+            parts.push(&text[start..at]);
+            start = at;
+        }
+        at += line.len();
+    }
+    if at > start {
+        parts.push(&text[start..at]);
+    }
+    // Blank lines and comments before the first `---` are no document in
+    // the whole file (alone, they would be an empty one).
+    if parts.len() > 1
+        && !is_marker(parts[0].lines().next().unwrap_or(""), "---")
+        && parts[0].lines().all(|l| {
+            let l = l.trim_start();
+            l.is_empty() || l.starts_with('#')
+        })
+    {
+        parts.remove(0);
+    }
+    let mut next = HashMap::with_capacity(parts.len());
+    let mut out = Objects::default();
+    let mut first = 0;
+    for part in parts {
+        let key = (first, part.to_owned());
+        let (objects, n) = match cache.parts.remove(&key) {
+            Some(done) => done,
+            None => match parse_documents(part, first) {
+                Ok(done) => done,
+                Err(_) => return whole(cache),
+            },
+        };
+        out.services.extend(objects.services.iter().cloned());
+        out.slices.extend(objects.slices.iter().cloned());
+        out.nodes.extend(objects.nodes.iter().cloned());
+        out.pods.extend(objects.pods.iter().cloned());
+        out.namespaces.extend(objects.namespaces.iter().cloned());
+        out.policies.extend(objects.policies.iter().cloned());
+        out.skipped.extend(objects.skipped.iter().cloned());
+        out.errors.extend(objects.errors.iter().cloned());
+        first += n;
+        next.insert(key, (objects, n));
+    }
+    cache.parts = next;
     Ok(out)
 }
 

@@ -15,7 +15,9 @@ use std::time::SystemTime;
 
 use thiserror::Error;
 
-use crate::manifest::{identity, label, parse_manifest, ManifestError, Objects, Skipped};
+use crate::manifest::{
+    identity, label, parse_manifest_cached, DocumentCache, ManifestError, Objects, Skipped,
+};
 
 /// Why one file of a manifest directory was not (re-)read.
 #[derive(Debug, Error)]
@@ -71,6 +73,9 @@ struct File {
     objects: Objects,
     /// Why the file on disk now is not used (its last good objects are).
     error: Option<String>,
+    /// Its documents as last parsed: a write that changes one document
+    /// parses that one again only.
+    documents: DocumentCache,
 }
 
 /// The files of a manifest directory and their last good objects.
@@ -190,7 +195,8 @@ impl ManifestDir {
             }
             Err(source) => return Err(self.failed(name, DirError::Read { path, source })),
         };
-        match parse_manifest(&text) {
+        let documents = &mut self.files.entry(name.to_owned()).or_default().documents;
+        match parse_manifest_cached(&text, documents) {
             Ok(objects) => {
                 let file = self.files.entry(name.to_owned()).or_default();
                 file.stamp = Some(stamp(&meta));
@@ -222,94 +228,117 @@ impl ManifestDir {
         self.files.keys().map(String::as_str)
     }
 
-    /// The objects of all files, in file name order. An object (kind,
-    /// namespace, name) also in a file earlier in name order is skipped as a
-    /// duplicate naming both files; a file whose last read failed is listed
-    /// in `skipped` (with its last good objects used).
+    /// The objects of all files, in file name order (see [`merge_files`]).
     #[must_use]
     pub fn objects(&self) -> Objects {
-        let mut out = Objects::default();
-        let mut owner: HashMap<(&'static str, String, String), &str> = HashMap::new();
-        for (file_name, file) in &self.files {
-            if let Some(error) = &file.error {
-                out.skipped.push(Skipped::new(
-                    format!("file {}", self.dir.join(file_name).display()),
-                    label::INVALID_VALUE,
-                    format!("{error}; the file's last good objects are kept"),
-                ));
-            }
-            let o = &file.objects;
-            // Keeps `item` unless a file before `file_name` has its identity.
-            let mut keep = |kind: &'static str, ns: &str, name: &str| -> bool {
-                let key = (kind, ns.to_owned(), name.to_owned());
-                match owner.get(&key) {
-                    Some(first) if *first != file_name.as_str() => {
-                        let object = if ns.is_empty() {
-                            format!("{kind} {name}")
-                        } else {
-                            format!("{kind} {ns}/{name}")
-                        };
-                        let message = format!(
-                            "in both {} and {}; the one in {} (first in name order) is used",
-                            self.dir.join(first).display(),
-                            self.dir.join(file_name).display(),
-                            self.dir.join(first).display(),
-                        );
-                        out.skipped.push(Skipped::new(
-                            object.clone(),
-                            label::DUPLICATE,
-                            message.clone(),
-                        ));
-                        // What `--strict` refuses, as a duplicate in one file.
-                        out.errors.push(ManifestError::Object { object, message });
-                        false
-                    }
-                    Some(_) => true,
-                    None => {
-                        owner.insert(key, file_name.as_str());
-                        true
-                    }
-                }
-            };
-            for s in &o.services {
-                let (ns, n) = identity(&s.metadata);
-                if keep("Service", ns, n) {
-                    out.services.push(s.clone());
-                }
-            }
-            for s in &o.slices {
-                let (ns, n) = identity(&s.metadata);
-                if keep("EndpointSlice", ns, n) {
-                    out.slices.push(s.clone());
-                }
-            }
-            for s in &o.nodes {
-                if keep("Node", "", s.metadata.name.as_deref().unwrap_or("")) {
-                    out.nodes.push(s.clone());
-                }
-            }
-            for s in &o.pods {
-                let (ns, n) = identity(&s.metadata);
-                if keep("Pod", ns, n) {
-                    out.pods.push(s.clone());
-                }
-            }
-            for s in &o.namespaces {
-                if keep("Namespace", "", s.metadata.name.as_deref().unwrap_or("")) {
-                    out.namespaces.push(s.clone());
-                }
-            }
-            for s in &o.policies {
-                let (ns, n) = identity(&s.metadata);
-                if keep("NetworkPolicy", ns, n) {
-                    out.policies.push(s.clone());
-                }
-            }
-            out.skipped.extend(o.skipped.iter().cloned());
-            out.errors.extend(o.errors.iter().cloned());
-        }
-        out
+        merge_files(
+            &self.dir,
+            self.files
+                .iter()
+                .map(|(name, f)| (name.as_str(), &f.objects, f.error.as_deref())),
+        )
     }
+
+    /// The last good objects of the file `name`, and why the file as it is
+    /// now is not used, if it is not; `None`: no such file.
+    #[must_use]
+    pub fn file(&self, name: &str) -> Option<(&Objects, Option<&str>)> {
+        self.files
+            .get(name)
+            .map(|f| (&f.objects, f.error.as_deref()))
+    }
+}
+
+/// The objects of the files of `dir` (name, last good objects, why the file
+/// now is not used), given in file name order, as one list. An object (kind,
+/// namespace, name) also in a file earlier in name order is skipped as a
+/// duplicate naming both files; a file whose last read failed is listed in
+/// `skipped` (with its last good objects used).
+#[must_use]
+pub fn merge_files<'a>(
+    dir: &Path,
+    files: impl IntoIterator<Item = (&'a str, &'a Objects, Option<&'a str>)>,
+) -> Objects {
+    let mut out = Objects::default();
+    let mut owner: HashMap<(&'static str, String, String), &str> = HashMap::new();
+    for (file_name, o, error) in files {
+        if let Some(error) = error {
+            out.skipped.push(Skipped::new(
+                format!("file {}", dir.join(file_name).display()),
+                label::INVALID_VALUE,
+                format!("{error}; the file's last good objects are kept"),
+            ));
+        }
+        // Keeps `item` unless a file before `file_name` has its identity.
+        let mut keep = |kind: &'static str, ns: &str, name: &str| -> bool {
+            let key = (kind, ns.to_owned(), name.to_owned());
+            match owner.get(&key) {
+                Some(first) if *first != file_name => {
+                    let object = if ns.is_empty() {
+                        format!("{kind} {name}")
+                    } else {
+                        format!("{kind} {ns}/{name}")
+                    };
+                    let message = format!(
+                        "in both {} and {}; the one in {} (first in name order) is used",
+                        dir.join(first).display(),
+                        dir.join(file_name).display(),
+                        dir.join(first).display(),
+                    );
+                    out.skipped.push(Skipped::new(
+                        object.clone(),
+                        label::DUPLICATE,
+                        message.clone(),
+                    ));
+                    // What `--strict` refuses, as a duplicate in one file.
+                    out.errors.push(ManifestError::Object { object, message });
+                    false
+                }
+                Some(_) => true,
+                None => {
+                    owner.insert(key, file_name);
+                    true
+                }
+            }
+        };
+        for s in &o.services {
+            let (ns, n) = identity(&s.metadata);
+            if keep("Service", ns, n) {
+                out.services.push(s.clone());
+            }
+        }
+        for s in &o.slices {
+            let (ns, n) = identity(&s.metadata);
+            if keep("EndpointSlice", ns, n) {
+                out.slices.push(s.clone());
+            }
+        }
+        for s in &o.nodes {
+            if keep("Node", "", s.metadata.name.as_deref().unwrap_or("")) {
+                out.nodes.push(s.clone());
+            }
+        }
+        for s in &o.pods {
+            let (ns, n) = identity(&s.metadata);
+            if keep("Pod", ns, n) {
+                out.pods.push(s.clone());
+            }
+        }
+        for s in &o.namespaces {
+            if keep("Namespace", "", s.metadata.name.as_deref().unwrap_or("")) {
+                out.namespaces.push(s.clone());
+            }
+        }
+        for s in &o.policies {
+            let (ns, n) = identity(&s.metadata);
+            if keep("NetworkPolicy", ns, n) {
+                out.policies.push(s.clone());
+            }
+        }
+        out.skipped.extend(o.skipped.iter().cloned());
+        out.errors.extend(o.errors.iter().cloned());
+    }
+    out
 }
 
 #[cfg(test)]

@@ -284,6 +284,22 @@ impl Telemetry {
         }
     }
 
+    /// A build starts from a source that counted its changed Services and
+    /// EndpointSlices itself (the incremental model's sources):
+    /// [`Telemetry::objects_seen`] without comparing every object.
+    /// `applied`: the EndpointSlices applied since the last build, whose
+    /// trigger times newer than the last publish are noted.
+    pub fn changes_seen(&self, services: u64, slices: u64, applied: Option<&[EndpointSlice]>) {
+        let pending = lock(&self.change_pending).take();
+        *lock(&self.sync_started) = Some(pending.unwrap_or_else(Instant::now));
+        self.metrics.service_changes.inc_by(services);
+        self.metrics.endpoint_changes.inc_by(slices);
+        if let Some(applied) = applied {
+            let last = lock(&self.health).last_published;
+            *lock(&self.triggers) = trigger_times(applied, last);
+        }
+    }
+
     /// A model that may differ from the published one is about to be published.
     pub fn change_seen(&self) {
         lock(&self.health).change_seen(Timestamp::now());

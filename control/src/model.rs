@@ -324,20 +324,25 @@ fn invalid(object: &str, field: impl Into<String>, message: impl Into<String>) -
 
 /// What a build skips, and the errors `--strict` would refuse.
 #[derive(Debug, Default)]
-struct Skips {
-    list: Vec<Skipped>,
-    errors: Vec<ModelError>,
+pub(crate) struct Skips {
+    pub(crate) list: Vec<Skipped>,
+    pub(crate) errors: Vec<ModelError>,
 }
 
 impl Skips {
     /// Skips something kube-proxy would skip too (not an error).
-    fn skip(&mut self, object: impl Into<String>, label: &'static str, reason: impl Into<String>) {
+    pub(crate) fn skip(
+        &mut self,
+        object: impl Into<String>,
+        label: &'static str,
+        reason: impl Into<String>,
+    ) {
         self.list.push(Skipped::new(object, label, reason));
     }
 
     /// Skips what `error` makes unusable; `then` says what (`"the Service is
     /// skipped"`, `"the endpoint is skipped"`, …).
-    fn refuse(&mut self, error: ModelError, label: &'static str, then: &str) {
+    pub(crate) fn refuse(&mut self, error: ModelError, label: &'static str, then: &str) {
         self.list.push(Skipped::new(
             error.object(),
             label,
@@ -351,6 +356,8 @@ impl Skips {
 const BAD_ADDRESS: &str = label::INVALID_ADDRESS;
 /// Label of another invalid value.
 const BAD_VALUE: &str = label::INVALID_VALUE;
+/// Consequence of a second copy of a Service or EndpointSlice.
+pub(crate) const DUPLICATE_THEN: &str = "this copy is ignored (the first is used)";
 /// Consequence of an error that skips a whole Service.
 const SKIP_SERVICE: &str = "the Service is skipped";
 /// Consequence of an error that skips a whole EndpointSlice.
@@ -499,7 +506,7 @@ struct SliceEndpoint {
 
 /// An EndpointSlice after validation.
 #[derive(Debug)]
-struct SliceInfo {
+pub(crate) struct SliceInfo {
     family: Family,
     ports: Vec<SlicePort>,
     endpoints: Vec<SliceEndpoint>,
@@ -507,15 +514,15 @@ struct SliceInfo {
 
 /// A served Service after validation.
 #[derive(Debug)]
-struct Served {
+pub(crate) struct Served {
     /// `"ns/name"`.
-    key: String,
-    cluster_ips: Vec<IpAddr>,
+    pub(crate) key: String,
+    pub(crate) cluster_ips: Vec<IpAddr>,
     ports: Vec<SvcPort>,
     /// With the field each comes from.
-    external_ips: Vec<(String, IpAddr)>,
+    pub(crate) external_ips: Vec<(String, IpAddr)>,
     /// With the field each comes from.
-    lb_ips: Vec<(String, IpAddr)>,
+    pub(crate) lb_ips: Vec<(String, IpAddr)>,
     /// `loadBalancerSourceRanges`, when there are any.
     lb_ranges: Option<Vec<IpNet>>,
     /// A source range is not a CIDR: no LoadBalancer frontends (fail closed).
@@ -523,7 +530,7 @@ struct Served {
     /// `internalTrafficPolicy: Local`.
     internal_local: bool,
     /// `healthCheckNodePort`, when `external_local` and within the range.
-    health_check_port: Option<u16>,
+    pub(crate) health_check_port: Option<u16>,
     affinity: Option<u32>,
     /// The annotation's return path, or the default.
     return_path: ReturnPath,
@@ -532,7 +539,7 @@ struct Served {
     /// kube-proxy's `ExternalPolicyLocal`: externally accessible, and
     /// `externalTrafficPolicy: Local`.
     external_local: bool,
-    slices: Vec<SliceInfo>,
+    pub(crate) slices: Vec<SliceInfo>,
 }
 
 impl Served {
@@ -581,7 +588,7 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Model {
             skips.refuse(
                 ModelError::Duplicate { object },
                 label::DUPLICATE,
-                "this copy is ignored (the first is used)",
+                DUPLICATE_THEN,
             );
             continue;
         }
@@ -608,7 +615,7 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Model {
             skips.refuse(
                 ModelError::Duplicate { object },
                 label::DUPLICATE,
-                "this copy is ignored (the first is used)",
+                DUPLICATE_THEN,
             );
             continue;
         }
@@ -663,7 +670,8 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Model {
     let mut health_ports: BTreeMap<u16, &str> = BTreeMap::new();
     for s in served.values() {
         let object = format!("Service {}", s.key);
-        let endpoints = frontends_of(s, &cluster_ips, &node_numbers, &mut frontends, &mut skips);
+        let owner = |ip: IpAddr| cluster_ips.get(&ip).map(|k| (*k).to_owned());
+        let endpoints = frontends_of(s, &owner, &node_numbers, &mut frontends, &mut skips);
         if let Some(port) = s.health_check_port {
             if let Some(first) = health_ports.get(&port) {
                 skips.skip(
@@ -719,8 +727,11 @@ pub fn build_model(objects: &Objects, options: &ModelOptions) -> Model {
 /// name. A Node with an invalid pod CIDR or address, or seen twice, is
 /// skipped (its endpoints are on no known node: never local); a prefix that
 /// an earlier Node (in name order) has is left out of the later one.
-fn nodes_of(nodes: &[Node], skips: &mut Skips) -> (Vec<NodeInfo>, HashMap<String, u32>) {
-    let mut sorted: Vec<&Node> = nodes.iter().collect();
+pub(crate) fn nodes_of<'a>(
+    nodes: impl IntoIterator<Item = &'a Node>,
+    skips: &mut Skips,
+) -> (Vec<NodeInfo>, HashMap<String, u32>) {
+    let mut sorted: Vec<&Node> = nodes.into_iter().collect();
     sorted.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let mut owner: HashMap<IpNet, String> = HashMap::new();
     let mut out: Vec<NodeInfo> = Vec::new();
@@ -819,7 +830,7 @@ fn is_mapped(ip: IpAddr) -> bool {
 
 /// Why a Service is not served, if it is not (kube-proxy's informer label
 /// selector, then `ShouldSkipService` and `GetClusterIPByFamily`).
-fn skip_reason(svc: &Service, proxy_name: &str) -> Option<(&'static str, String)> {
+pub(crate) fn skip_reason(svc: &Service, proxy_name: &str) -> Option<(&'static str, String)> {
     if let Some(owner) = svc
         .metadata
         .labels
@@ -895,7 +906,7 @@ fn parse_ip(s: &str) -> Result<IpAddr, String> {
 /// load-balancer IP skips only itself. `default_return_path` applies unless
 /// the Service is annotated.
 #[allow(clippy::too_many_lines)] // reason: one Service, field by field
-fn validate_service(
+pub(crate) fn validate_service(
     svc: &Service,
     object: &str,
     options: &ModelOptions,
@@ -1314,7 +1325,11 @@ fn validate_service(
 /// whose address type is invalid. An invalid port skips that port; an
 /// endpoint whose address (its first, the one kube-proxy uses) is invalid
 /// skips that endpoint.
-fn validate_slice(slice: &EndpointSlice, object: &str, skips: &mut Skips) -> Option<SliceInfo> {
+pub(crate) fn validate_slice(
+    slice: &EndpointSlice,
+    object: &str,
+    skips: &mut Skips,
+) -> Option<SliceInfo> {
     let family = match slice.address_type.as_str() {
         "IPv4" => Family::V4,
         "IPv6" => Family::V6,
@@ -1521,9 +1536,9 @@ fn weigh<K: Ord>(backends: &mut [Backend], group: impl Fn(&Backend) -> K) {
 
 /// The frontends of one Service (into `out`), and the number of distinct
 /// endpoint addresses they use (for its health check).
-fn frontends_of(
+pub(crate) fn frontends_of(
     s: &Served,
-    cluster_ips: &HashMap<IpAddr, &str>,
+    cluster_ip_owner: &dyn Fn(IpAddr) -> Option<String>,
     nodes: &HashMap<String, u32>,
     out: &mut Vec<Frontend>,
     skips: &mut Skips,
@@ -1533,7 +1548,7 @@ fn frontends_of(
     let usable = |list: &[(String, IpAddr)], skips: &mut Skips| -> Vec<IpAddr> {
         let mut kept = Vec::new();
         for (field, ip) in list {
-            if let Some(owner) = cluster_ips.get(ip) {
+            if let Some(owner) = cluster_ip_owner(*ip) {
                 skips.skip(
                     object.clone(),
                     label::CONFLICT,
@@ -1685,7 +1700,10 @@ fn resolve_conflicts(mut all: Vec<Frontend>, skips: &mut Skips) -> Vec<Frontend>
 }
 
 /// The caveats about the kept frontends (see [`Model::notes`]).
-fn notes_of<'a>(served: impl Iterator<Item = &'a Served>, frontends: &[Frontend]) -> Vec<Skipped> {
+pub(crate) fn notes_of<'a>(
+    served: impl Iterator<Item = &'a Served>,
+    frontends: &[Frontend],
+) -> Vec<Skipped> {
     let mut notes = Vec::new();
     for s in served.filter(|s| s.annotated_snat && s.external_local) {
         // In kind order: NodePort, ExternalIP, LoadBalancer.

@@ -136,7 +136,7 @@ impl Follower {
         let (tx, models) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             follow(client, &config, |m| {
-                if tx.send(m).is_ok() {
+                if tx.send(m.clone()).is_ok() {
                     ControlFlow::Continue(())
                 } else {
                     ControlFlow::Break(())
