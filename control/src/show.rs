@@ -265,7 +265,13 @@ impl Model {
                 .flat_map(|n| n.prefixes.iter().map(move |p| (*p, n.number)))
                 .collect(),
             node_port_addresses: self.node_port_addresses.clone(),
-            policy: self.policy.compile(&self.backend_addresses()),
+            // Without policies there is nothing to compile: the backend
+            // addresses (all of them, sorted) are not collected.
+            policy: if self.policy.is_empty() {
+                Default::default()
+            } else {
+                self.policy.compile(&self.backend_addresses())
+            },
         }
     }
 
