@@ -1183,6 +1183,9 @@ pub enum DeltaError {
     Table(TableError),
 }
 
+/// A frontend's key and kind: what its entries in the index depend on.
+type KeyKind = (FrontKey, u8);
+
 /// Builds tables from specs, rebuilding only the frontends whose spec
 /// changed since the last build (control's side): an unchanged frontend's
 /// block, ring included, is shared with the last table, and keeps its
@@ -1197,6 +1200,9 @@ pub struct Builder {
     /// Per frontend built: its spec, its block, and the generation that
     /// last wanted it.
     built: HashMap<FrontKey, (ServiceSpec, Arc<Front>, u64)>,
+    /// The frontend keys and kinds of the last table, in order, and its
+    /// index: the next table with the same ones shares it.
+    last_index: Option<(Vec<KeyKind>, Arc<Index>)>,
     nodes: Vec<(IpNet, u32)>,
     policy: Arc<PolicyTable>,
 }
@@ -1210,6 +1216,7 @@ impl Builder {
             max_ring,
             sizes,
             built: HashMap::new(),
+            last_index: None,
             nodes: Vec::new(),
             policy: Arc::new(PolicyTable::default()),
         }
@@ -1290,7 +1297,12 @@ impl Builder {
                 .insert(key, (s.clone(), Arc::clone(&front), generation));
             fronts.push(front);
         }
-        let table = Table::from_fronts(
+        let keys: Vec<KeyKind> = fronts.iter().map(|f| (f.key(), f.kind)).collect();
+        let index = match &self.last_index {
+            Some((k, index)) if *k == keys => Some(Arc::clone(index)),
+            _ => None,
+        };
+        let table = Table::from_fronts_with(
             generation,
             self.hash_seed,
             fronts,
@@ -1303,7 +1315,9 @@ impl Builder {
                 .map(|net| PrefixRecord::new(*net, 0))
                 .collect(),
             Arc::clone(&policy),
+            index,
         )?;
+        self.last_index = Some((keys, Arc::clone(&table.index)));
         self.built.retain(|_, (_, _, seen)| *seen == generation);
         // Every frontend of the table is in `built` now: the sizes from
         // before a restart are not wanted again (a frontend removed and
@@ -1699,7 +1713,32 @@ impl Table {
         node_port_prefixes: Vec<PrefixRecord>,
         policy: Arc<PolicyTable>,
     ) -> Result<Self, TableError> {
-        let index = Arc::new(build_index(generation, &fronts)?);
+        Self::from_fronts_with(
+            generation,
+            hash_seed,
+            fronts,
+            node_prefixes,
+            node_port_prefixes,
+            policy,
+            None,
+        )
+    }
+
+    /// [`Table::from_fronts`], sharing `index` when given: the index of a
+    /// table whose frontends had the same keys and kinds in the same order.
+    fn from_fronts_with(
+        generation: u64,
+        hash_seed: u64,
+        fronts: Vec<Arc<Front>>,
+        node_prefixes: Vec<PrefixRecord>,
+        node_port_prefixes: Vec<PrefixRecord>,
+        policy: Arc<PolicyTable>,
+        index: Option<Arc<Index>>,
+    ) -> Result<Self, TableError> {
+        let index = match index {
+            Some(i) => i,
+            None => Arc::new(build_index(generation, &fronts)?),
+        };
         let mut nodes = HashMap::with_capacity(node_prefixes.len());
         let mut node_lens = Vec::new();
         for (i, p) in node_prefixes.iter().enumerate() {
@@ -1838,24 +1877,39 @@ impl Table {
         {
             return None;
         }
+        // The same frontends at the same places (most changes): no lookups.
+        let same_places = self.fronts.len() == prev.fronts.len()
+            && self
+                .fronts
+                .iter()
+                .zip(&prev.fronts)
+                .all(|(a, b)| a.key() == b.key());
         let mut removed = Vec::new();
-        for f in &prev.fronts {
-            if self
-                .frontend(&f.addr, f.port, Proto::from_ip_number(f.proto)?)
-                .is_none()
-            {
-                removed.push(f.key());
+        if !same_places {
+            for f in &prev.fronts {
+                if self
+                    .frontend(&f.addr, f.port, Proto::from_ip_number(f.proto)?)
+                    .is_none()
+                {
+                    removed.push(f.key());
+                }
             }
         }
         let changed: Vec<Arc<Front>> = self
             .fronts
             .iter()
-            .filter(|f| {
-                Proto::from_ip_number(f.proto)
-                    .and_then(|p| prev.frontend(&f.addr, f.port, p))
-                    .is_none_or(|pi| prev.fronts[pi as usize].version != f.version)
+            .enumerate()
+            .filter(|(i, f)| {
+                let before = if same_places {
+                    prev.fronts.get(*i).map(|p| &**p)
+                } else {
+                    Proto::from_ip_number(f.proto)
+                        .and_then(|p| prev.frontend(&f.addr, f.port, p))
+                        .map(|pi| &*prev.fronts[pi as usize])
+                };
+                before.is_none_or(|p| p.version != f.version)
             })
-            .cloned()
+            .map(|(_, f)| Arc::clone(f))
             .collect();
         let changed = Self::from_fronts(
             self.generation,
