@@ -847,142 +847,194 @@ fn manage(
     let mut previous: Option<Arc<Table>> = None;
     let mut eager_until = Instant::now() + EAGER_FOR;
     let mut triggered: HashMap<IpAddr, Instant> = HashMap::new();
-    let mut applied_at = (watcher.handle().generation() > 0).then(std::time::SystemTime::now);
+    let handle = Arc::clone(watcher.handle());
+    let mut applied_at = (handle.generation() > 0).then(std::time::SystemTime::now);
     let mut node = Arc::clone(hops.load().node_addrs());
     let mut table_st = None;
     // A steering sync failed: retried at each refresh until it succeeds.
     let mut resync = false;
     let poll = Duration::from_millis(args.poll_ms);
     let mut last_link_probe = Instant::now();
-    // Woken at once when control points `current` at a new generation; the
-    // poll interval stays the bound (and the fallback without inotify).
-    let (wake_tx, wake) = std::sync::mpsc::sync_channel::<()>(1);
-    let _published = watch_published(watcher.dir(), wake_tx);
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            info!("stop requested: draining the workers");
-            return Ok(());
-        }
-        if args.exit_after_s > 0 && started.elapsed() >= Duration::from_secs(args.exit_after_s) {
-            info!("--exit-after-s reached");
-            return Ok(());
-        }
-        // A worker that left its loop while we were not stopping faulted.
-        for h in handles.iter_mut() {
-            if h.join.as_ref().is_some_and(JoinHandle::is_finished) {
-                let why = match h.join.take().map(JoinHandle::join) {
-                    Some(Err(p)) => panic_message(&p),
-                    _ => "left its loop".to_string(),
-                };
-                error!(core = h.core, "worker faulted: {why}");
-                if let Ok(mut s) = status.lock() {
-                    s.fault = Some(format!("worker on core {} faulted: {why}", h.core));
+    // Snapshots are followed on a thread of their own, so that a new table
+    // reaches the workers at once, whatever this loop is doing (the steering
+    // sync after a large table takes tens of milliseconds). It says here
+    // when it applied one; this loop then brings the rest to it.
+    let snapshots = Mutex::new(watcher.stats.clone());
+    let (applied_tx, applied_rx) = std::sync::mpsc::channel::<()>();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let follower = std::thread::Builder::new()
+            .name("snapshots".into())
+            .spawn_scoped(scope, || {
+                follow_snapshots(watcher, stop, &done, poll, &snapshots, &applied_tx)
+            })
+            .context("starting the snapshot thread")?;
+        let mut applied = false;
+        let result = (|| -> Result<()> {
+            loop {
+                if stop.load(Ordering::Relaxed) {
+                    info!("stop requested: draining the workers");
+                    return Ok(());
                 }
-                bail!("worker on core {} faulted: {why}", h.core);
-            }
-        }
-
-        // A served interface that disappeared: said once, then reminded
-        // with back-off; exit when it returns (see link_watch). Asked of
-        // the kernel every LINK_PROBE, not every poll.
-        if last_link_probe.elapsed() >= LINK_PROBE {
-            last_link_probe = Instant::now();
-            probe_links(links, last_link_probe)?;
-        }
-
-        let outcome = watcher.poll();
-        report_poll(watcher, outcome);
-        if let PollOutcome::Applied { .. } = outcome {
-            let table = watcher.handle().load_full();
-            // Before the sync, so that a backend that left keeps its key.
-            // Only a backend that left the table can linger: a change that
-            // removed none (most endpoint changes add one and drop one, and
-            // the dropped one is looked for) skips the connection scan.
-            if lingering > 0 || previous.as_ref().is_none_or(|p| backends_left(p, &table)) {
-                lingering = steer_lingering(steering, ct, &table, started);
-                last_linger = Instant::now();
-            }
-            previous = Some(Arc::clone(&table));
-            resync = !sync_steering(steering, &table, "new table");
-            table_st = Some(table_status(&table, plan));
-            keep_backends_resolved(resolver, &table);
-            applied_at = Some(std::time::SystemTime::now());
-            eager_until = Instant::now() + EAGER_FOR;
-        }
-
-        let now = Instant::now();
-        // Backends kept for their TCP connections are let go once those end.
-        if lingering > 0 && now.duration_since(last_linger) >= LINGER_EVERY {
-            let table = watcher.handle().load_full();
-            let before = lingering;
-            lingering = steer_lingering(steering, ct, &table, started);
-            if lingering != before {
-                resync |= !sync_steering(steering, &table, "backends without connections let go");
-            }
-            last_linger = now;
-        }
-        let since = now.duration_since(last_refresh);
-        let mut refresh = since >= REFRESH_HOPS || (now < eager_until && since >= EAGER_REFRESH);
-        while let Ok(addr) = resolve_rx.try_recv() {
-            let due = triggered
-                .get(&addr)
-                .is_none_or(|t| now.duration_since(*t) >= TRIGGER_EVERY);
-            if due {
-                triggered.insert(addr, now);
-                if let Err(e) = resolver.trigger(addr) {
-                    warn!(%addr, "asking the kernel to resolve a neighbour: {e}");
+                if args.exit_after_s > 0
+                    && started.elapsed() >= Duration::from_secs(args.exit_after_s)
+                {
+                    info!("--exit-after-s reached");
+                    return Ok(());
                 }
-                refresh = true;
-            }
-        }
-        triggered.retain(|_, t| now.duration_since(*t) < TRIGGER_EVERY * 4);
-        // While an interface is gone every refresh would fail the same way.
-        if refresh && !links.is_lost() {
-            match resolver.refresh() {
-                Ok(h) => {
-                    // The node's addresses may have changed with the routes.
-                    steer_snat(steering, plan, &h);
-                    // Node ports follow the node's addresses (the resolver
-                    // keeps the same set while they do not change).
-                    if !Arc::ptr_eq(&node, h.node_addrs()) {
-                        node = Arc::clone(h.node_addrs());
-                        if steer_node_addrs(steering, &node) {
-                            resync = true;
+                // A worker that left its loop while we were not stopping faulted.
+                for h in handles.iter_mut() {
+                    if h.join.as_ref().is_some_and(JoinHandle::is_finished) {
+                        let why = match h.join.take().map(JoinHandle::join) {
+                            Some(Err(p)) => panic_message(&p),
+                            _ => "left its loop".to_string(),
+                        };
+                        error!(core = h.core, "worker faulted: {why}");
+                        if let Ok(mut s) = status.lock() {
+                            s.fault = Some(format!("worker on core {} faulted: {why}", h.core));
                         }
+                        bail!("worker on core {} faulted: {why}", h.core);
                     }
-                    if resync {
-                        let table = watcher.handle().load_full();
-                        resync = !sync_steering(
-                            steering,
-                            &table,
-                            "the node's addresses changed, or a retry",
-                        );
-                    }
-                    hops.store(Arc::new(h));
                 }
-                // The refresh met a served interface gone before the link
-                // probe did: the probe says so (once), not this warning.
-                Err(NextHopError::ServedInterfaceGone { .. }) => {
+
+                // A served interface that disappeared: said once, then reminded
+                // with back-off; exit when it returns (see link_watch). Asked of
+                // the kernel every LINK_PROBE, not every poll.
+                if last_link_probe.elapsed() >= LINK_PROBE {
                     last_link_probe = Instant::now();
                     probe_links(links, last_link_probe)?;
                 }
-                Err(e) => warn!("reading routes and neighbours: {e}"),
-            }
-            last_refresh = now;
-        }
 
-        if let Ok(mut s) = status.lock() {
-            s.beat = Some(now);
-            s.generation = watcher.handle().generation();
-            s.applied_at = applied_at;
-            s.lost_interface = links.reason();
-            s.snapshots = watcher.stats.clone();
-            if let Some(t) = table_st.take() {
-                s.table = t;
+                while applied_rx.try_recv().is_ok() {
+                    applied = true;
+                }
+                if std::mem::take(&mut applied) {
+                    let table = handle.load_full();
+                    // Before the sync, so that a backend that left keeps its key.
+                    // Only a backend that left the table can linger: a change that
+                    // removed none (most endpoint changes add one and drop one, and
+                    // the dropped one is looked for) skips the connection scan.
+                    if lingering > 0 || previous.as_ref().is_none_or(|p| backends_left(p, &table)) {
+                        lingering = steer_lingering(steering, ct, &table, started);
+                        last_linger = Instant::now();
+                    }
+                    previous = Some(Arc::clone(&table));
+                    resync = !sync_steering(steering, &table, "new table");
+                    table_st = Some(table_status(&table, plan));
+                    keep_backends_resolved(resolver, &table);
+                    applied_at = Some(std::time::SystemTime::now());
+                    eager_until = Instant::now() + EAGER_FOR;
+                }
+
+                let now = Instant::now();
+                // Backends kept for their TCP connections are let go once those end.
+                if lingering > 0 && now.duration_since(last_linger) >= LINGER_EVERY {
+                    let table = handle.load_full();
+                    let before = lingering;
+                    lingering = steer_lingering(steering, ct, &table, started);
+                    if lingering != before {
+                        resync |=
+                            !sync_steering(steering, &table, "backends without connections let go");
+                    }
+                    last_linger = now;
+                }
+                let since = now.duration_since(last_refresh);
+                let mut refresh =
+                    since >= REFRESH_HOPS || (now < eager_until && since >= EAGER_REFRESH);
+                while let Ok(addr) = resolve_rx.try_recv() {
+                    let due = triggered
+                        .get(&addr)
+                        .is_none_or(|t| now.duration_since(*t) >= TRIGGER_EVERY);
+                    if due {
+                        triggered.insert(addr, now);
+                        if let Err(e) = resolver.trigger(addr) {
+                            warn!(%addr, "asking the kernel to resolve a neighbour: {e}");
+                        }
+                        refresh = true;
+                    }
+                }
+                triggered.retain(|_, t| now.duration_since(*t) < TRIGGER_EVERY * 4);
+                // While an interface is gone every refresh would fail the same way.
+                if refresh && !links.is_lost() {
+                    match resolver.refresh() {
+                        Ok(h) => {
+                            // The node's addresses may have changed with the routes.
+                            steer_snat(steering, plan, &h);
+                            // Node ports follow the node's addresses (the resolver
+                            // keeps the same set while they do not change).
+                            if !Arc::ptr_eq(&node, h.node_addrs()) {
+                                node = Arc::clone(h.node_addrs());
+                                if steer_node_addrs(steering, &node) {
+                                    resync = true;
+                                }
+                            }
+                            if resync {
+                                let table = handle.load_full();
+                                resync = !sync_steering(
+                                    steering,
+                                    &table,
+                                    "the node's addresses changed, or a retry",
+                                );
+                            }
+                            hops.store(Arc::new(h));
+                        }
+                        // The refresh met a served interface gone before the link
+                        // probe did: the probe says so (once), not this warning.
+                        Err(NextHopError::ServedInterfaceGone { .. }) => {
+                            last_link_probe = Instant::now();
+                            probe_links(links, last_link_probe)?;
+                        }
+                        Err(e) => warn!("reading routes and neighbours: {e}"),
+                    }
+                    last_refresh = now;
+                }
+
+                if let Ok(mut s) = status.lock() {
+                    s.beat = Some(now);
+                    s.generation = handle.generation();
+                    s.applied_at = applied_at;
+                    s.lost_interface = links.reason();
+                    if let Ok(st) = snapshots.lock() {
+                        s.snapshots = st.clone();
+                    }
+                    if let Some(t) = table_st.take() {
+                        s.table = t;
+                    }
+                    if let Ok(st) = steering.stats() {
+                        s.steer = st;
+                    }
+                }
+                applied = applied_rx.recv_timeout(poll).is_ok();
             }
-            if let Ok(st) = steering.stats() {
-                s.steer = st;
-            }
+        })();
+        done.store(true, Ordering::Relaxed);
+        let _ = follower.join();
+        result
+    })
+}
+
+/// The snapshot thread: applies each new generation as soon as control
+/// publishes it (woken by inotify, `--poll-ms` as the bound), logs what it
+/// did, keeps `stats` current, and says on `applied` when a table changed.
+/// Ends when `stop` or `done` is set.
+fn follow_snapshots(
+    watcher: &mut Watcher,
+    stop: &AtomicBool,
+    done: &AtomicBool,
+    poll: Duration,
+    stats: &Mutex<clustergate_dataplane::snapshot::SnapshotStats>,
+    applied: &std::sync::mpsc::Sender<()>,
+) {
+    let (wake_tx, wake) = std::sync::mpsc::sync_channel::<()>(1);
+    let _published = watch_published(watcher.dir(), wake_tx);
+    while !stop.load(Ordering::Relaxed) && !done.load(Ordering::Relaxed) {
+        let outcome = watcher.poll();
+        report_poll(watcher, outcome);
+        if let Ok(mut s) = stats.lock() {
+            s.clone_from(&watcher.stats);
+        }
+        if let PollOutcome::Applied { .. } = outcome {
+            let _ = applied.send(());
         }
         let _ = wake.recv_timeout(poll);
     }
