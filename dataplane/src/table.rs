@@ -666,6 +666,12 @@ impl<'a> Frontends<'a> {
         self.0.is_empty()
     }
 
+    /// The frontend at `i`.
+    #[must_use]
+    pub fn get(&self, i: usize) -> Option<&'a Front> {
+        self.0.get(i).map(|f| &**f)
+    }
+
     /// In order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = &'a Front> + 'a {
         self.0.iter().map(|f| &**f)
