@@ -1024,24 +1024,7 @@ impl IncrementalModel {
                 ),
             );
         }
-        kept.sort_by(|a, b| {
-            (
-                &a.service,
-                &a.port_name,
-                a.address,
-                a.protocol,
-                a.kind as u8,
-                a.port,
-            )
-                .cmp(&(
-                    &b.service,
-                    &b.port_name,
-                    b.address,
-                    b.protocol,
-                    b.kind as u8,
-                    b.port,
-                ))
-        });
+        kept.sort_by(Frontend::order);
         // Health check: the first Service (by namespace, name) asking for a
         // port answers on it.
         let mut health = None;

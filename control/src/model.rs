@@ -185,6 +185,30 @@ pub struct Frontend {
     pub node_local: bool,
 }
 
+impl Frontend {
+    /// The order of the model's frontends: by Service, port name, address,
+    /// protocol, kind and port.
+    #[must_use]
+    pub fn order(a: &Self, b: &Self) -> std::cmp::Ordering {
+        (
+            &a.service,
+            &a.port_name,
+            a.address,
+            a.protocol,
+            a.kind as u8,
+            a.port,
+        )
+            .cmp(&(
+                &b.service,
+                &b.port_name,
+                b.address,
+                b.protocol,
+                b.kind as u8,
+                b.port,
+            ))
+    }
+}
+
 /// A Node as the gateway sees it: which client addresses are on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -1678,24 +1702,7 @@ fn resolve_conflicts(mut all: Vec<Frontend>, skips: &mut Skips) -> Vec<Frontend>
         owner.insert(key, (f.kind, f.service.clone()));
         kept.push(f);
     }
-    kept.sort_by(|a, b| {
-        (
-            &a.service,
-            &a.port_name,
-            a.address,
-            a.protocol,
-            a.kind as u8,
-            a.port,
-        )
-            .cmp(&(
-                &b.service,
-                &b.port_name,
-                b.address,
-                b.protocol,
-                b.kind as u8,
-                b.port,
-            ))
-    });
+    kept.sort_by(Frontend::order);
     kept
 }
 
