@@ -19,8 +19,7 @@
 
 use std::fs;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use clustergate_dataplane::delta::{delta_path, load_chain};
@@ -35,35 +34,9 @@ use clustergate_dataplane::table::{
 use ipnet::IpNet;
 use proptest::prelude::*;
 
-/// A fresh directory, removed on drop.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new() -> Self {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let base = Path::new("/dev/shm");
-        let base = if base.is_dir() {
-            base.to_owned()
-        } else {
-            std::env::temp_dir()
-        };
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = base.join(format!("clustergate-deltas-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+#[path = "support/scratch.rs"]
+mod scratch;
+use scratch::TestDir;
 
 fn vip(i: u32) -> IpAddr {
     IpAddr::from([198, 19, (i >> 8) as u8, i as u8])
