@@ -6,6 +6,9 @@ cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
 
+# CI builds once from a clean clone: incremental caches would only fill its disk.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
+
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy (warnings are errors)" >&2
@@ -33,6 +36,11 @@ if [ "${CI:-}" = true ] || [ -n "${FUZZ_SECONDS:-}" ]; then
     # CI builds the targets unoptimised (FUZZ_DEV=1): a clean build of every
     # dependency with coverage instrumentation takes minutes, not half an hour.
     fuzz_dev=${FUZZ_DEV:-$([ "${CI:-}" = true ] && echo 1 || echo 0)}
+    # CI's disk holds one build at a time: the tests' build is done with.
+    if [ "${CI:-}" = true ]; then
+        echo "== disk before the fuzz build: $(df -h --output=avail . | tail -1) free; removing the tests' build" >&2
+        cargo clean
+    fi
     echo "== fuzz: scripts/fuzz.sh, ${fuzz_seconds}s per target (FUZZ_DEV=$fuzz_dev)" >&2
     FUZZ_SECONDS=$fuzz_seconds FUZZ_DEV=$fuzz_dev ./scripts/fuzz.sh
 else
