@@ -247,6 +247,24 @@ pub struct IncrementalModel {
     /// Counts the updates that changed the model.
     version: u64,
     model: Model,
+    /// Since the last [`IncrementalModel::take_table_changes`]: the
+    /// Services whose frontends changed, and whether anything else of the
+    /// tables changed (nodes, policy, or a frontend added, removed or moved).
+    table_changes: TableChanges,
+}
+
+/// What changed in the dataplane's tables of the model
+/// ([`Model::table_spec`]) since the last look
+/// ([`IncrementalModel::take_table_changes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableChanges {
+    /// The Services (`"ns/name"`) whose frontends changed, sorted.
+    pub services: BTreeSet<String>,
+    /// Something beyond those frontends' specs changed: the nodes, the
+    /// policy, or the list of frontends itself (one added, removed, or
+    /// given another address, port, protocol or kind), so that the whole
+    /// table must be built. Also true on the first look.
+    pub whole: bool,
 }
 
 fn id_of(kind: Kind, meta: &ObjectMeta) -> Id {
@@ -394,6 +412,10 @@ impl IncrementalModel {
             health_dirty: true,
             version: 0,
             model,
+            table_changes: TableChanges {
+                services: BTreeSet::new(),
+                whole: true,
+            },
         }
     }
 
@@ -556,6 +578,15 @@ impl IncrementalModel {
     pub fn model(&mut self) -> &Model {
         self.flush();
         &self.model
+    }
+
+    /// What changed in the model's tables since the last call (the first
+    /// call: everything), brought up to date: a publisher that built the
+    /// last tables from [`IncrementalModel::model`] rebuilds only these
+    /// Services' frontends, in place, unless [`TableChanges::whole`].
+    pub fn take_table_changes(&mut self) -> TableChanges {
+        self.flush();
+        std::mem::take(&mut self.table_changes)
     }
 
     fn set_skips(&mut self, owner: Owner, new: Vec<Skipped>) {
@@ -726,6 +757,7 @@ impl IncrementalModel {
             if self.model.nodes != nodes {
                 self.model.nodes = nodes;
                 self.version += 1;
+                self.table_changes.whole = true;
             }
             self.set_skips(Owner::Nodes, skips.list);
             if numbers != self.node_numbers {
@@ -775,6 +807,7 @@ impl IncrementalModel {
             if self.model.policy != policy {
                 self.model.policy = policy;
                 self.version += 1;
+                self.table_changes.whole = true;
             }
         }
         if self.errors_dirty {
@@ -1062,6 +1095,13 @@ impl IncrementalModel {
         let start = list.partition_point(|f| f.service.as_str() < key.as_str());
         let end = start + list[start..].partition_point(|f| f.service == key);
         if end - start != kept.len() || list[start..end] != kept[..] {
+            let same_keys = end - start == kept.len()
+                && list[start..end].iter().zip(&kept).all(|(a, b)| {
+                    (a.address, a.port, a.protocol, a.kind)
+                        == (b.address, b.port, b.protocol, b.kind)
+                });
+            self.table_changes.whole |= !same_keys;
+            self.table_changes.services.insert(key.clone());
             list.splice(start..end, kept);
             self.version += 1;
         }

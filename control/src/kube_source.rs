@@ -65,7 +65,7 @@ use kube::{Api, Client};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use crate::incremental::{api_source, IncrementalModel};
+use crate::incremental::{api_source, IncrementalModel, TableChanges};
 use crate::manifest::{identity, Objects};
 use crate::model::{Model, ModelOptions, SkipLog};
 
@@ -449,15 +449,18 @@ pub async fn follow(
     config: &FollowConfig,
     on_model: impl FnMut(&Model) -> ControlFlow<()>,
 ) {
-    follow_with(client, config, Hooks::default(), on_model).await;
+    let mut on_model = on_model;
+    follow_with(client, config, Hooks::default(), |model, _| on_model(model)).await;
 }
 
-/// [`follow`], telling `hooks` what it sees.
+/// [`follow`], telling `hooks` what it sees, and `on_model` what changed in
+/// the model's tables since its last call
+/// ([`IncrementalModel::take_table_changes`]).
 pub async fn follow_with(
     client: Client,
     config: &FollowConfig,
     mut hooks: Hooks<'_>,
-    mut on_model: impl FnMut(&Model) -> ControlFlow<()>,
+    mut on_model: impl FnMut(&Model, &TableChanges) -> ControlFlow<()>,
 ) {
     let (services, services_writer) = reflector::store::<Service>();
     let (slices, slices_writer) = reflector::store::<EndpointSlice>();
@@ -601,6 +604,7 @@ pub async fn follow_with(
                     hook(services, slices, &applied);
                 }
                 let version = model.version();
+                let changes = model.take_table_changes();
                 let model = model.model();
                 skip_log.log(model);
                 if last == Some(version) {
@@ -615,7 +619,7 @@ pub async fn follow_with(
                         "new model"
                     );
                     last = Some(version);
-                    if on_model(model).is_break() {
+                    if on_model(model, &changes).is_break() {
                         return;
                     }
                 }

@@ -23,6 +23,7 @@ pub mod manifest;
 pub mod manifest_dir;
 pub mod model;
 pub mod policy;
+pub mod publish;
 mod show;
 
 pub use manifest::{label, parse_manifest, parse_manifest_strict, ManifestError, Objects, Skipped};

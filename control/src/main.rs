@@ -53,10 +53,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use clustergate_control::incremental::IncrementalModel;
+use clustergate_control::incremental::{IncrementalModel, TableChanges};
 use clustergate_control::kube_source::{self, FollowConfig, Hooks};
 use clustergate_control::manifest_dir::{self, ManifestDir};
 use clustergate_control::model::{default_node_port_addresses, SkipLog};
+use clustergate_control::publish::{Published, Publisher};
 use clustergate_control::{
     load_manifest_file, load_manifest_file_strict, Model, ModelOptions, Skipped,
     DEFAULT_PROXY_NAME, DEFAULT_RETURN_PATH,
@@ -65,8 +66,8 @@ use clustergate_dataplane::flow::addr16;
 use clustergate_dataplane::maglev::{
     build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE,
 };
-use clustergate_dataplane::snapshot::{self, Writer, Written};
-use clustergate_dataplane::table::{Builder, ReturnPath, RingSizes, Table, TableSpec};
+use clustergate_dataplane::snapshot::{self, Written};
+use clustergate_dataplane::table::{ReturnPath, Table};
 use ipnet::IpNet;
 use tracing::{debug, error, info, warn};
 
@@ -601,12 +602,6 @@ fn serve_telemetry(
     serve::spawn(servers)
 }
 
-/// What `run` published last.
-struct Published {
-    generation: u64,
-    spec: TableSpec,
-}
-
 /// Logs the notes of `model` as warnings, unless they are the ones logged last.
 fn warn_notes(model: &Model, last: &mut Option<Vec<Skipped>>) {
     if last.as_ref() == Some(&model.notes) {
@@ -628,7 +623,7 @@ fn run(
     seed: u64,
     once: bool,
     telemetry: &Telemetry,
-    mut checks: Option<&mut HealthChecks>,
+    checks: Option<&mut HealthChecks>,
 ) -> Result<()> {
     match std::fs::metadata(manifest) {
         Ok(meta) if meta.is_dir() => {
@@ -653,19 +648,13 @@ fn run(
         let _entered = runtime.enter();
         Stop::install()?
     };
-    let mut writer = Writer::open(dir)
-        .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
-    info!(dir = %dir.display(), next_generation = writer.next_generation(), "publishing snapshots");
-    let mut sizes = published_tables(dir, seed);
+    let mut p = Publishing::new(dir, seed, telemetry, checks)?;
     let mut last_text: Option<String> = None;
-    let mut published: Option<Published> = None;
-    let mut notes: Option<Vec<Skipped>> = None;
-    let mut skip_log = SkipLog::default();
     loop {
         telemetry.beat();
         match std::fs::read_to_string(manifest) {
             Err(e) => {
-                if last_text.take().is_some() || published.is_none() {
+                if last_text.take().is_some() || p.published.is_none() {
                     error!(manifest = %manifest.display(), "cannot read the manifest: {e}; keeping the last snapshot");
                 }
             }
@@ -673,51 +662,16 @@ fn run(
             Ok(text) => {
                 telemetry.source_changed();
                 match model_of(&text, manifest, options, telemetry) {
-                    Ok(model) => {
-                        skip_log.log(&model);
-                        telemetry.skipped(&model);
-                        warn_notes(&model, &mut notes);
-                        telemetry.change_seen();
-                        let started = Instant::now();
-                        let result =
-                            publish(&model, seed, &mut writer, published.as_ref(), &mut sizes);
-                        if result.is_ok() {
-                            telemetry.frontends(&model);
-                            if let Some(checks) = checks.as_deref_mut() {
-                                checks.sync(&model.health_checks);
-                            }
-                        }
-                        match result {
-                            Ok(Some(p)) => {
-                                telemetry.published(p.generation, started.elapsed());
-                                info!(
-                                    generation = p.generation,
-                                    frontends = p.spec.services.len(),
-                                    took_ms = started.elapsed().as_secs_f64() * 1e3,
-                                    "published"
-                                );
-                                published = Some(p);
-                            }
-                            Ok(None) => {
-                                telemetry.unchanged();
-                                info!("manifest changed but the tables did not: no new generation");
-                            }
-                            Err(e) => error!(
-                                "{e:#}; keeping generation {}",
-                                published.as_ref().map_or(0, |p| p.generation)
-                            ),
-                        }
-                    }
-                    Err(e) => error!(
-                        "{e:#}; keeping generation {}",
-                        published.as_ref().map_or(0, |p| p.generation)
-                    ),
+                    // One file: what changed is not known, the whole table
+                    // is built (still sharing every unchanged frontend).
+                    Ok(model) => p.apply(&model, None),
+                    Err(e) => error!("{e:#}; keeping generation {}", p.generation()),
                 }
                 last_text = Some(text);
             }
         }
         if once {
-            return match published {
+            return match p.published {
                 Some(_) => Ok(()),
                 None => anyhow::bail!("nothing was published from {}", manifest.display()),
             };
@@ -729,39 +683,59 @@ fn run(
             }
         });
         if stopped {
-            log_stopped(published.as_ref());
+            p.log_stopped();
             return Ok(());
         }
     }
 }
 
-/// What `run` on a manifest directory keeps between two publishes.
-struct Publisher<'a> {
-    seed: u64,
-    writer: Writer,
-    sizes: Tables,
+/// What `run` keeps between two publishes, whatever its source.
+struct Publishing<'a> {
+    publisher: Publisher,
     published: Option<Published>,
     notes: Option<Vec<Skipped>>,
-    skip_log: SkipLog,
+    /// `None` where the source logs what it skips itself (the API's).
+    skip_log: Option<SkipLog>,
     telemetry: &'a Telemetry,
     checks: Option<&'a mut HealthChecks>,
 }
 
-impl Publisher<'_> {
-    /// Publishes `model` unless its tables equal the last published ones.
-    fn apply(&mut self, model: &Model) {
-        self.skip_log.log(model);
+impl<'a> Publishing<'a> {
+    fn new(
+        dir: &Path,
+        seed: u64,
+        telemetry: &'a Telemetry,
+        checks: Option<&'a mut HealthChecks>,
+    ) -> Result<Self> {
+        let publisher = Publisher::open(dir, seed)?;
+        info!(dir = %dir.display(), next_generation = publisher.next_generation(), "publishing snapshots");
+        Ok(Self {
+            publisher,
+            published: None,
+            notes: None,
+            skip_log: Some(SkipLog::default()),
+            telemetry,
+            checks,
+        })
+    }
+
+    /// The generation published last (0: none).
+    fn generation(&self) -> u64 {
+        self.published.as_ref().map_or(0, |p| p.generation)
+    }
+
+    /// Publishes `model` unless its tables equal the last published ones;
+    /// `changes`: what changed in its tables since the last call, when
+    /// known (see [`Publisher::publish`]).
+    fn apply(&mut self, model: &Model, changes: Option<&TableChanges>) {
+        if let Some(log) = self.skip_log.as_mut() {
+            log.log(model);
+        }
         self.telemetry.skipped(model);
         warn_notes(model, &mut self.notes);
         self.telemetry.change_seen();
         let started = Instant::now();
-        let result = publish(
-            model,
-            self.seed,
-            &mut self.writer,
-            self.published.as_ref(),
-            &mut self.sizes,
-        );
+        let result = self.publisher.publish(model, changes);
         if result.is_ok() {
             self.telemetry.frontends(model);
             if let Some(checks) = self.checks.as_deref_mut() {
@@ -770,23 +744,50 @@ impl Publisher<'_> {
         }
         match result {
             Ok(Some(p)) => {
-                self.telemetry.published(p.generation, started.elapsed());
+                let took = started.elapsed();
+                self.telemetry.published(p.generation, took);
+                match &p.written {
+                    Written::Full(path) => {
+                        debug!(generation = p.generation, path = %path.display(), "full snapshot written");
+                    }
+                    Written::Delta {
+                        changed,
+                        removed,
+                        full,
+                        ..
+                    } => debug!(
+                        generation = p.generation,
+                        changed,
+                        removed,
+                        full = full.is_some(),
+                        "delta written"
+                    ),
+                }
                 info!(
                     generation = p.generation,
-                    frontends = p.spec.services.len(),
-                    took_ms = started.elapsed().as_secs_f64() * 1e3,
+                    frontends = p.frontends,
+                    in_place = p.in_place,
+                    took_ms = took.as_secs_f64() * 1e3,
                     "published"
                 );
                 self.published = Some(p);
             }
             Ok(None) => {
                 self.telemetry.unchanged();
-                info!("manifest changed but the tables did not: no new generation");
+                info!("the objects changed but the tables did not: no new generation");
             }
-            Err(e) => error!(
-                "{e:#}; keeping generation {}",
-                self.published.as_ref().map_or(0, |p| p.generation)
+            Err(e) => error!("{e:#}; keeping generation {}", self.generation()),
+        }
+    }
+
+    /// The last line of `run` after SIGTERM or SIGINT.
+    fn log_stopped(&self) {
+        match &self.published {
+            Some(p) => info!(
+                generation = p.generation,
+                "stopped; generation {} stays published", p.generation
             ),
+            None => info!("stopped before anything was published"),
         }
     }
 }
@@ -853,19 +854,7 @@ fn run_dir(
         let _entered = runtime.enter();
         Stop::install()?
     };
-    let writer = Writer::open(dir)
-        .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
-    info!(dir = %dir.display(), next_generation = writer.next_generation(), "publishing snapshots");
-    let mut p = Publisher {
-        seed,
-        writer,
-        sizes: published_tables(dir, seed),
-        published: None,
-        notes: None,
-        skip_log: SkipLog::default(),
-        telemetry,
-        checks,
-    };
+    let mut p = Publishing::new(dir, seed, telemetry, checks)?;
     // The watch starts before the first listing, so no change falls between.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let watcher = notify::recommended_watcher(move |event| {
@@ -903,10 +892,7 @@ fn run_dir(
             None => match files.rescan() {
                 Ok((changed, errors)) => (changed, errors, None),
                 Err(e) => {
-                    error!(
-                        "{e}; keeping generation {}",
-                        p.published.as_ref().map_or(0, |p| p.generation)
-                    );
+                    error!("{e}; keeping generation {}", p.generation());
                     (false, Vec::new(), Some(Vec::new()))
                 }
             },
@@ -932,7 +918,8 @@ fn run_dir(
             telemetry.source_changed();
             let (services, slices) = model.sync_dir(&files, read.as_deref());
             telemetry.changes_seen(services, slices, None);
-            p.apply(model.model());
+            let changes = model.take_table_changes();
+            p.apply(model.model(), Some(&changes));
             built = Some(Instant::now());
         }
         if once {
@@ -952,7 +939,7 @@ fn run_dir(
             }
         });
         let Some(event) = woke else {
-            log_stopped(p.published.as_ref());
+            p.log_stopped();
             return Ok(());
         };
         // `--min-sync-period-ms`: the events of the rest of the period are
@@ -966,7 +953,7 @@ fn run_dir(
                 }
             });
             if stopped {
-                log_stopped(p.published.as_ref());
+                p.log_stopped();
                 return Ok(());
             }
         }
@@ -1004,12 +991,11 @@ fn run_api(
     seed: u64,
     once: bool,
     telemetry: &Arc<Telemetry>,
-    mut checks: Option<&mut HealthChecks>,
+    checks: Option<&mut HealthChecks>,
 ) -> Result<()> {
-    let mut writer = Writer::open(dir)
-        .with_context(|| format!("opening snapshot directory {}", dir.display()))?;
-    info!(dir = %dir.display(), next_generation = writer.next_generation(), "publishing snapshots");
-    let mut sizes = published_tables(dir, seed);
+    let mut p = Publishing::new(dir, seed, telemetry, checks)?;
+    // The API source logs what it skips.
+    p.skip_log = None;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1018,8 +1004,6 @@ fn run_api(
     runtime.block_on(async {
         let mut stop = Stop::install()?;
         let client = kube_client(kubeconfig, "watching").await?;
-        let mut published: Option<Published> = None;
-        let mut notes: Option<Vec<Skipped>> = None;
         // Liveness: the runtime is turning (the callback below beats too).
         let beating = Arc::clone(telemetry);
         let beat = tokio::spawn(async move {
@@ -1037,40 +1021,10 @@ fn run_api(
             )),
             watch: Some(Box::new(|event| telemetry.watch(event))),
         };
-        let follow = kube_source::follow_with(client, config, hooks, |model| {
-            telemetry.skipped(model);
-            warn_notes(model, &mut notes);
+        let follow = kube_source::follow_with(client, config, hooks, |model, changes| {
             telemetry.beat();
-            telemetry.change_seen();
-            let started = Instant::now();
-            let result = publish(model, seed, &mut writer, published.as_ref(), &mut sizes);
-            if result.is_ok() {
-                telemetry.frontends(model);
-                if let Some(checks) = checks.as_deref_mut() {
-                    checks.sync(&model.health_checks);
-                }
-            }
-            match result {
-                Ok(Some(p)) => {
-                    telemetry.published(p.generation, started.elapsed());
-                    info!(
-                        generation = p.generation,
-                        frontends = p.spec.services.len(),
-                        took_ms = started.elapsed().as_secs_f64() * 1e3,
-                        "published"
-                    );
-                    published = Some(p);
-                }
-                Ok(None) => {
-                    telemetry.unchanged();
-                    info!("objects changed but the tables did not: no new generation");
-                }
-                Err(e) => error!(
-                    "{e:#}; keeping generation {}",
-                    published.as_ref().map_or(0, |p| p.generation)
-                ),
-            }
-            if once && published.is_some() {
+            p.apply(model, Some(changes));
+            if once && p.published.is_some() {
                 ControlFlow::Break(())
             } else {
                 ControlFlow::Continue(())
@@ -1084,21 +1038,10 @@ fn run_api(
         };
         beat.abort();
         if stopped {
-            log_stopped(published.as_ref());
+            p.log_stopped();
         }
         Ok(())
     })
-}
-
-/// The last line of `run` after SIGTERM or SIGINT.
-fn log_stopped(published: Option<&Published>) {
-    match published {
-        Some(p) => info!(
-            generation = p.generation,
-            "stopped; generation {} stays published", p.generation
-        ),
-        None => info!("stopped before anything was published"),
-    }
 }
 
 /// A client for the API server of `kubeconfig` (its current context), or of
@@ -1131,84 +1074,6 @@ fn model_of(
         .with_context(|| format!("manifest {}", manifest.display()))?;
     telemetry.objects_seen(&objects, false);
     Ok(clustergate_control::build_model(&objects, options))
-}
-
-/// What `publish` keeps between two publishes: the builder, which rebuilds
-/// only the frontends whose spec changed, and the table published last,
-/// from which the next is published as a delta.
-struct Tables {
-    builder: Builder,
-    last: Option<Table>,
-}
-
-/// The builder for publishing into `dir`, keeping the Maglev ring sizes of
-/// the snapshot `dir` holds now, so that a restarted control keeps them (a
-/// ring of another size remaps nearly all its flows). Without a snapshot
-/// every ring gets a fresh size; one that cannot be read is warned about.
-/// The first publish of a control is always a full snapshot.
-fn published_tables(dir: &Path, seed: u64) -> Tables {
-    let sizes = match snapshot::load_current(dir) {
-        Ok(Some(table)) => {
-            let sizes = table.ring_sizes();
-            info!(
-                generation = table.generation(),
-                rings = sizes.len(),
-                "keeping the Maglev ring sizes of the published snapshot"
-            );
-            sizes
-        }
-        Ok(None) => RingSizes::default(),
-        Err(e) => {
-            warn!(dir = %dir.display(), "cannot read the published snapshot ({e}); Maglev rings get fresh sizes");
-            RingSizes::default()
-        }
-    };
-    Tables {
-        builder: Builder::new(seed, DEFAULT_MAX_RING_SIZE, sizes),
-        last: None,
-    }
-}
-
-/// Builds and publishes the tables of `model`, unless they equal the last ones:
-/// only the frontends whose spec changed are built again (their rings keep
-/// their size while it still serves them), and the change is published as a
-/// delta when only frontends changed.
-fn publish(
-    model: &Model,
-    _seed: u64,
-    writer: &mut Writer,
-    last: Option<&Published>,
-    tables: &mut Tables,
-) -> Result<Option<Published>> {
-    let spec = model.table_spec();
-    if last.is_some_and(|p| p.spec == spec) {
-        return Ok(None);
-    }
-    let generation = writer.next_generation();
-    let table = tables
-        .builder
-        .build(generation, &spec)
-        .context("building the table")?;
-    let written = writer
-        .publish_change(&table, tables.last.as_ref())
-        .context("publishing the snapshot")?;
-    match written {
-        Written::Full(path) => debug!(generation, path = %path.display(), "full snapshot written"),
-        Written::Delta {
-            changed,
-            removed,
-            full,
-            ..
-        } => debug!(
-            generation,
-            changed,
-            removed,
-            full = full.is_some(),
-            "delta written"
-        ),
-    }
-    tables.last = Some(table);
-    Ok(Some(Published { generation, spec }))
 }
 
 fn maglev(n: u32, cap: u32) -> Result<()> {

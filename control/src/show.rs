@@ -284,31 +284,45 @@ impl Model {
     /// only ones that use it).
     #[must_use]
     pub fn service_specs(&self) -> Vec<ServiceSpec> {
-        self.frontends
+        self.frontends.iter().map(frontend_spec).collect()
+    }
+
+    /// The positions in [`Model::frontends`] of the frontends of Service
+    /// `key` (`"ns/name"`): they are contiguous, the list being sorted by
+    /// Service first.
+    #[must_use]
+    pub fn frontends_of_service(&self, key: &str) -> std::ops::Range<usize> {
+        let list = &self.frontends;
+        let start = list.partition_point(|f| f.service.as_str() < key);
+        start..start + list[start..].partition_point(|f| f.service == key)
+    }
+}
+
+/// One frontend as the dataplane's [`ServiceSpec`] (see
+/// [`Model::service_specs`]).
+#[must_use]
+pub fn frontend_spec(f: &Frontend) -> ServiceSpec {
+    ServiceSpec {
+        addr: f.address,
+        port: f.port,
+        proto: f.protocol,
+        kind: f.kind,
+        affinity_timeout_s: f.affinity_timeout_s,
+        return_path: f.return_path,
+        backends: f
+            .backends
             .iter()
-            .map(|f| ServiceSpec {
-                addr: f.address,
-                port: f.port,
-                proto: f.protocol,
-                kind: f.kind,
-                affinity_timeout_s: f.affinity_timeout_s,
-                return_path: f.return_path,
-                backends: f
-                    .backends
-                    .iter()
-                    .map(|b| BackendSpec {
-                        addr: b.address,
-                        port: b.port,
-                        weight: b.weight,
-                        state: b.state,
-                        node: if f.node_local { b.node } else { None },
-                    })
-                    .collect(),
-                source_ranges: f.source_ranges.clone(),
-                node_local: f.node_local,
-                name: Some(service_port_name(f)),
+            .map(|b| BackendSpec {
+                addr: b.address,
+                port: b.port,
+                weight: b.weight,
+                state: b.state,
+                node: if f.node_local { b.node } else { None },
             })
-            .collect()
+            .collect(),
+        source_ranges: f.source_ranges.clone(),
+        node_local: f.node_local,
+        name: Some(service_port_name(f)),
     }
 }
 

@@ -4,7 +4,9 @@
 //! modified, removed, duplicated, invalid; files that fail to read), the
 //! model kept up to date equals `build_model` of all files merged as `run`
 //! merges them: the same frontends and table, skipped list, notes, errors
-//! in the same order, health checks and nodes.
+//! in the same order, health checks and nodes. And the tables a
+//! [`Publisher`] publishes from it, built in place from the Services that
+//! changed, are byte for byte those of a whole build, on disk too.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -14,11 +16,19 @@ use clustergate_control::incremental::IncrementalModel;
 use clustergate_control::manifest::{parse_manifest_cached, DocumentCache};
 use clustergate_control::manifest_dir::merge_files;
 use clustergate_control::model::{build_model, Model, ModelOptions};
+use clustergate_control::publish::Publisher;
 use clustergate_control::{parse_manifest, Objects};
+use clustergate_dataplane::flow::Proto;
+use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
+use clustergate_dataplane::snapshot::{self, encode};
+use clustergate_dataplane::table::{Builder, RingSizes, Table};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use proptest::prelude::*;
 use serde_json::{json, Value};
+
+#[path = "../../dataplane/tests/support/scratch.rs"]
+mod scratch;
 
 const FILES: [&str; 3] = ["a.yaml", "b.yaml", "c.yaml"];
 
@@ -366,6 +376,103 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Any sequence of changes, published after every step from the
+    /// incremental model's table changes (in place when they allow it),
+    /// gives byte for byte the table of a whole build from the model, and
+    /// the snapshot directory (full snapshots and deltas) loads as that
+    /// table.
+    #[test]
+    fn published_tables_equal_a_whole_build_after_every_change(
+        changes in proptest::collection::vec(change(), 1..40),
+        batch in 1..4usize,
+    ) {
+        let dir = Path::new("/etc/clustergate/manifests");
+        let options = ModelOptions::default();
+        let mut inc = IncrementalModel::new(options, dir);
+        let mut files: Files = vec![None; FILES.len()];
+        let out = scratch::TestDir::new();
+        let mut publisher = Publisher::open(out.path(), 7).unwrap();
+        let mut whole = Builder::new(7, DEFAULT_MAX_RING_SIZE, RingSizes::default());
+        let mut last_reference = None;
+        for (step, chunk) in changes.chunks(batch).enumerate() {
+            let mut touched = Vec::new();
+            for (file, change) in chunk {
+                apply(&mut files, *file, change);
+                touched.push(*file);
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            for file in touched {
+                match &files[file] {
+                    Some((o, e)) => inc.set_source(FILES[file], Some(o), e.as_deref()),
+                    None => inc.set_source(FILES[file], None, None),
+                };
+            }
+            let changes = inc.take_table_changes();
+            let model = inc.model();
+            let generation = publisher.next_generation();
+            let published = publisher.publish(model, Some(&changes));
+            let reference = whole.build(generation, &model.table_spec());
+            match (published, reference) {
+                (Ok(p), Ok(reference)) => {
+                    let last = publisher.last().unwrap();
+                    prop_assert_eq!(p.is_some(), last.generation() == generation, "step {}", step);
+                    // Published exactly when the whole build differs from
+                    // the last one.
+                    let same = last_reference.as_ref().is_some_and(|l| reference.same_blocks(l));
+                    prop_assert_eq!(p.is_none(), same, "step {}", step);
+                    if p.is_some() {
+                        prop_assert!(encode(last) == encode(&reference), "table after step {}", step);
+                        let loaded = snapshot::load_current(out.path()).unwrap().unwrap();
+                        prop_assert!(same_lookups(&loaded, last), "loaded table after step {}", step);
+                        last_reference = Some(reference);
+                    }
+                }
+                (Err(_), Err(_)) => {}
+                (p, r) => prop_assert!(false, "step {}: publish {:?}, whole build {:?}", step, p.map(|_| ()), r.map(|_| ())),
+            }
+        }
+    }
+}
+
+/// The same lookups: the same generation, node prefixes, node-port
+/// addresses and policy, and the same frontends, block for block, by key (a
+/// delta that adds frontends puts them last: the order may differ; and a
+/// full snapshot loads with every frontend's version its generation).
+fn same_lookups(a: &Table, b: &Table) -> bool {
+    let (pa, pb) = (a.to_parts(), b.to_parts());
+    a.generation() == b.generation()
+        && pa.node_prefixes == pb.node_prefixes
+        && pa.node_port_prefixes == pb.node_port_prefixes
+        && pa.policy == pb.policy
+        && a.frontends().len() == b.frontends().len()
+        && a.frontends().iter().all(|f| {
+            Proto::from_ip_number(f.proto)
+                .and_then(|p| b.frontend(&f.addr, f.port, p))
+                .is_some_and(|i| {
+                    let g = &b.frontends()[i as usize];
+                    (
+                        g.record(),
+                        g.ring(),
+                        g.backends(),
+                        g.ranges(),
+                        g.locals(),
+                        g.name(),
+                    ) == (
+                        f.record(),
+                        f.ring(),
+                        f.backends(),
+                        f.ranges(),
+                        f.locals(),
+                        f.name(),
+                    )
+                })
+        })
+}
+
 /// A Service moving from one file to another, an EndpointSlice naming
 /// another Service, and a cluster IP taken over: the cases the random
 /// sequences may rarely hit, spelled out.
@@ -466,4 +573,79 @@ proptest! {
             prop_assert_eq!(cached, whole, "{}", text);
         }
     }
+}
+
+/// An endpoint moved in one Service of three: published in place, as a
+/// delta of that Service's frontend alone, every other block shared; a new
+/// port of another Service (a frontend added) builds the whole table; no
+/// change publishes nothing.
+#[test]
+fn an_endpoint_moved_is_published_in_place() {
+    use clustergate_dataplane::snapshot::Written;
+    let text = |moved: &str, port2: bool| {
+        let mut docs = Vec::new();
+        for s in 0..3 {
+            let ports = if s == 2 && port2 {
+                "[{name: a, port: 80}, {name: b, port: 81}]"
+            } else {
+                "[{name: a, port: 80}]"
+            };
+            docs.push(format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{namespace: a, name: s{s}}}\n\
+                 spec: {{clusterIP: 198.18.0.{s}, ports: {ports}}}\n"
+            ));
+            let first = if s == 1 { moved } else { "198.18.1.1" };
+            docs.push(format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{namespace: a, name: s{s}-x, labels: {{kubernetes.io/service-name: s{s}}}}}\n\
+                 addressType: IPv4\nports: [{{name: a, port: 8080}}, {{name: b, port: 8081}}]\n\
+                 endpoints: [{{addresses: [{first}]}}, {{addresses: [198.18.1.2]}}]\n"
+            ));
+        }
+        parse_manifest(&docs.join("---\n")).unwrap()
+    };
+    let out = scratch::TestDir::new();
+    let mut publisher = Publisher::open(out.path(), 7).unwrap();
+    let mut inc = IncrementalModel::new(ModelOptions::default(), Path::new("/m"));
+    let mut publish = |inc: &mut IncrementalModel, objects: &Objects| {
+        inc.set_source("a.yaml", Some(objects), None);
+        let changes = inc.take_table_changes();
+        publisher.publish(inc.model(), Some(&changes)).unwrap()
+    };
+    let first = publish(&mut inc, &text("198.18.1.1", false)).unwrap();
+    assert!(!first.in_place, "the first publish builds the whole table");
+    assert!(matches!(first.written, Written::Full(_)));
+
+    let moved = publish(&mut inc, &text("198.18.1.9", false)).unwrap();
+    assert!(moved.in_place, "an endpoint moved is built in place");
+    match moved.written {
+        Written::Delta {
+            changed, removed, ..
+        } => assert_eq!((changed, removed), (1, 0), "only s1's frontend"),
+        Written::Full(p) => panic!("a full snapshot {} for one endpoint moved", p.display()),
+    }
+    let loaded = snapshot::load_current(out.path()).unwrap().unwrap();
+    let s1 = loaded
+        .frontends()
+        .iter()
+        .find(|f| f.addr == clustergate_dataplane::flow::addr16("198.18.0.1".parse().unwrap()))
+        .unwrap();
+    let backends: Vec<_> = loaded
+        .backends_of(s1)
+        .iter()
+        .map(|b| std::net::IpAddr::from(b.addr).to_canonical())
+        .collect();
+    assert!(
+        backends.contains(&"198.18.1.9".parse().unwrap()),
+        "s1 serves the moved endpoint: {backends:?}"
+    );
+
+    assert!(
+        publish(&mut inc, &text("198.18.1.9", false)).is_none(),
+        "nothing changed: no new generation"
+    );
+
+    let grown = publish(&mut inc, &text("198.18.1.9", true)).unwrap();
+    assert!(!grown.in_place, "a frontend added builds the whole table");
+    assert_eq!(grown.frontends, 4);
 }

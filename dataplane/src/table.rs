@@ -1333,6 +1333,92 @@ impl Builder {
         self.policy = policy;
         Ok(table)
     }
+
+    /// The table `last` (the one this builder built last) becomes when only
+    /// the frontends at the positions of `changed` may differ, each given
+    /// with its spec now: their frontends stay where they are, with the
+    /// same address, port, protocol and kind, and the node prefixes,
+    /// node-port addresses and policy stay as they are. Costs the changed
+    /// specs (a frontend whose spec is the one it was built from keeps its
+    /// block) and one pointer per frontend; the index is shared.
+    ///
+    /// Returns `Ok(None)` when nothing changed, and [`Update::Reshaped`]
+    /// when a change is not in place (a position past the end, or another
+    /// frontend at it): then build the whole table with
+    /// [`Builder::build`].
+    ///
+    /// # Errors
+    /// As [`Table::build_keeping`], for the changed frontends.
+    pub fn update<'s>(
+        &mut self,
+        generation: u64,
+        last: &Table,
+        changed: impl IntoIterator<Item = (usize, &'s ServiceSpec)>,
+    ) -> Result<Update, TableError> {
+        let known_nodes: std::collections::BTreeSet<u32> =
+            self.nodes.iter().map(|(_, n)| *n).collect();
+        let mut mb = Vec::new();
+        let mut replaced: Vec<(usize, Arc<Front>)> = Vec::new();
+        let mut built: Vec<(FrontKey, ServiceSpec, Arc<Front>)> = Vec::new();
+        for (index, s) in changed {
+            let key = FrontKey {
+                addr: addr16(s.addr),
+                port: s.port,
+                proto: s.proto.ip_number(),
+            };
+            let Some(was) = last.fronts.get(index) else {
+                return Ok(Update::Reshaped);
+            };
+            if was.key() != key || was.kind != s.kind as u8 {
+                return Ok(Update::Reshaped);
+            }
+            if self
+                .built
+                .get(&key)
+                .is_some_and(|(spec, f, _)| spec == s && Arc::ptr_eq(f, was))
+            {
+                continue;
+            }
+            let mut f = Arc::new(build_front(
+                index,
+                s,
+                &known_nodes,
+                self.max_ring,
+                |k: RingKey| match k.node {
+                    None => Some(was.ring_len).filter(|&m| m > 0),
+                    Some(n) => was
+                        .locals
+                        .iter()
+                        .find(|l| l.node == n)
+                        .map(|l| l.ring_len)
+                        .filter(|&m| m > 0),
+                },
+                generation,
+                &mut mb,
+            )?);
+            set_policy(&mut f, &self.policy);
+            built.push((key, s.clone(), Arc::clone(&f)));
+            replaced.push((index, f));
+        }
+        if replaced.is_empty() {
+            return Ok(Update::Unchanged);
+        }
+        for (key, spec, f) in built {
+            self.built.insert(key, (spec, f, generation));
+        }
+        Ok(Update::Table(last.with_replaced(generation, replaced)))
+    }
+}
+
+/// What [`Builder::update`] made.
+#[derive(Debug)]
+pub enum Update {
+    /// The new table.
+    Table(Table),
+    /// Every changed spec is the one its frontend was built from.
+    Unchanged,
+    /// A change is not in place: build the whole table.
+    Reshaped,
 }
 
 impl Table {
@@ -1784,6 +1870,52 @@ impl Table {
         })
     }
 
+    /// The same policy as `prev` (most often the very same one, shared).
+    fn same_policy(&self, prev: &Table) -> bool {
+        Arc::ptr_eq(&self.policy, &prev.policy) || self.policy.parts() == prev.policy.parts()
+    }
+
+    /// Everything but the generation is `prev`'s: the same seed, node
+    /// prefixes, node-port addresses and policy, and the very same frontend
+    /// blocks (shared, as [`Builder`] shares a frontend whose spec did not
+    /// change) in the same order. Such a table need not be published.
+    #[must_use]
+    pub fn same_blocks(&self, prev: &Table) -> bool {
+        self.hash_seed == prev.hash_seed
+            && self.node_prefixes == prev.node_prefixes
+            && self.node_port_prefixes == prev.node_port_prefixes
+            && self.same_policy(prev)
+            && self.fronts.len() == prev.fronts.len()
+            && self
+                .fronts
+                .iter()
+                .zip(&prev.fronts)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+
+    /// This table as `generation`, with the frontends at the positions of
+    /// `replaced` replaced (same keys and kinds: the index is shared).
+    fn with_replaced(&self, generation: u64, replaced: Vec<(usize, Arc<Front>)>) -> Self {
+        let mut fronts = self.fronts.clone();
+        for (i, f) in replaced {
+            debug_assert_eq!(fronts[i].key(), f.key());
+            fronts[i] = f;
+        }
+        Self {
+            generation,
+            hash_seed: self.hash_seed,
+            has_node_ports: self.has_node_ports,
+            backend_bases: bases_of(&fronts),
+            fronts,
+            node_prefixes: self.node_prefixes.clone(),
+            node_port_prefixes: self.node_port_prefixes.clone(),
+            index: Arc::clone(&self.index),
+            nodes: self.nodes.clone(),
+            node_lens: self.node_lens.clone(),
+            policy: Arc::clone(&self.policy),
+        }
+    }
+
     /// The table `delta` makes of this one: its removed frontends gone, its
     /// changed ones added or replaced, every other frontend's block shared
     /// (and so its version kept: its flows are not looked at again). Costs
@@ -1878,7 +2010,7 @@ impl Table {
         if self.hash_seed != prev.hash_seed
             || self.node_prefixes != prev.node_prefixes
             || self.node_port_prefixes != prev.node_port_prefixes
-            || self.policy.parts() != prev.policy.parts()
+            || !self.same_policy(prev)
             || self.generation <= prev.generation
         {
             return None;
