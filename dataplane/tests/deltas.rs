@@ -1021,3 +1021,50 @@ fn a_full_publish_and_a_stop_finish_the_compaction_first() {
     // The next control starts above it.
     assert_eq!(Writer::open(dir.path()).unwrap().next_generation(), g + 1);
 }
+
+/// When the delta that makes the full snapshot due adds and removes
+/// Services, the full snapshot written in the background still gives every
+/// Service (and the one removed) the lookups of control's table.
+#[test]
+fn a_background_full_snapshot_after_added_and_removed_services_looks_up_the_same() {
+    let dir = TestDir::new();
+    let mut writer = Writer::open(dir.path()).unwrap();
+    let mut builder = Builder::new(23, DEFAULT_MAX_RING_SIZE, RingSizes::default());
+    let mut model = Model::new();
+    let mut last = builder
+        .build(writer.next_generation(), &model.spec())
+        .unwrap();
+    writer.publish_change(&last, None).unwrap();
+    for k in 0..DELTAS_PER_FULL as u32 - 1 {
+        assert_eq!(
+            step(&mut writer, &mut builder, &mut model, &mut last, k),
+            None
+        );
+    }
+    let gone = model.services[3].0;
+    model.apply(&Change::Remove { s: 3 });
+    model.apply(&Change::New { b: 450 });
+    let t = builder
+        .build(writer.next_generation(), &model.spec())
+        .unwrap();
+    let full = snapshot_path(dir.path(), t.generation());
+    match writer.publish_change(&t, Some(&last)).unwrap() {
+        Written::Delta {
+            changed: 1,
+            removed: 1,
+            full: Some(path),
+            ..
+        } => assert_eq!(path, full),
+        w => panic!("expected a delta with one Service added and one removed, got {w:?}"),
+    }
+    assert_eq!(writer.wait_compaction().unwrap(), Some(full.clone()));
+    let loaded = load_file(&full).unwrap();
+    assert_eq!(loaded.generation(), t.generation());
+    assert_eq!(loaded.frontends().len(), t.frontends().len());
+    assert_eq!(view(&loaded, gone), None);
+    for (i, _, _) in &model.services {
+        assert!(view(&t, *i).is_some(), "service {i}");
+        assert_eq!(view(&loaded, *i), view(&t, *i), "service {i}");
+        assert_eq!(picks(&loaded, *i), picks(&t, *i), "service {i}");
+    }
+}
