@@ -1579,10 +1579,10 @@ pub fn load_current(dir: &Path) -> Result<Option<Table>, SnapshotError> {
 /// ([`DELTAS_PER_FULL`], [`FULL_AT_LEAST_EVERY`]). It does so on a thread of
 /// its own (one at a time), after the delta and `current` are in place, so
 /// [`Writer::publish_change`] returns as soon as the change is published:
-/// encoding and writing tens of megabytes never delays a change. The full
-/// file appears atomically (temporary name, fsync, rename), and until it
-/// does a reader reaches the generation from the older full snapshot and
-/// the deltas after it, which pruning keeps. [`Writer::publish`] (a full
+/// encoding and writing up to hundreds of megabytes never delays a change.
+/// The full file appears atomically (temporary name, fsync, rename), and
+/// until it does a reader reaches the generation from the older full
+/// snapshot and the deltas after it, which pruning keeps. [`Writer::publish`] (a full
 /// snapshot) and dropping the writer first wait for a running compaction;
 /// [`Writer::wait_compaction`] waits on demand.
 ///
