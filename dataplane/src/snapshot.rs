@@ -1568,10 +1568,23 @@ pub fn load_current(dir: &Path) -> Result<Option<Table>, SnapshotError> {
 ///
 /// Protocol for generation `G` (see `docs/shm-abi.md`):
 /// 1. write `.gen-G.snap.tmp` (mode 0444), fsync, rename to
-///    `gen-{G:020}.snap`;
+///    `gen-{G:020}.snap` (a delta: `.delta-G.snap.tmp` to
+///    `delta-{G:020}.snap`);
 /// 2. write `.current.tmp` with `G\n`, fsync, rename to `current`;
-/// 3. fsync the directory, then remove all but the newest `keep` snapshot
-///    files.
+/// 3. fsync the directory, then remove all but the newest `keep` full
+///    snapshot files, and the deltas no chain from those needs.
+///
+/// **Compaction in the background.** While it publishes deltas, the writer
+/// also writes the full snapshot of a delta's generation now and then
+/// ([`DELTAS_PER_FULL`], [`FULL_AT_LEAST_EVERY`]). It does so on a thread of
+/// its own (one at a time), after the delta and `current` are in place, so
+/// [`Writer::publish_change`] returns as soon as the change is published:
+/// encoding and writing up to hundreds of megabytes never delays a change.
+/// The full file appears atomically (temporary name, fsync, rename), and
+/// until it does a reader reaches the generation from the older full
+/// snapshot and the deltas after it, which pruning keeps. [`Writer::publish`] (a full
+/// snapshot) and dropping the writer first wait for a running compaction;
+/// [`Writer::wait_compaction`] waits on demand.
 ///
 /// Generations only grow: [`Writer::open`] continues after the highest
 /// generation found in the directory, and [`Writer::publish`] refuses a table
@@ -1585,13 +1598,93 @@ pub struct Writer {
     next_generation: u64,
     keep: usize,
     /// Deltas published since the last full snapshot (`usize::MAX`: none
-    /// published by this writer yet, so the next must be full).
+    /// published by this writer yet, so the next must be full). A full
+    /// snapshot written in the background counts once it is in place.
     deltas_since_full: usize,
-    /// When the last full snapshot was written, and how often one is
-    /// written at least while deltas are published.
+    /// When the last full snapshot was written (for one written in the
+    /// background: when it was started), and how often one is written at
+    /// least while deltas are published.
     last_full: std::time::Instant,
     full_every: std::time::Duration,
+    /// The full snapshot being written in the background, if any (until
+    /// the writer notices that it ended).
+    compaction: Option<Compaction>,
+    /// Compactions started while a [`CompactionHold`] lives wait for it.
+    hold: Option<Arc<Gate>>,
     _lock: File,
+}
+
+/// A full snapshot being written in the background.
+#[derive(Debug)]
+struct Compaction {
+    generation: u64,
+    path: PathBuf,
+    /// [`Writer::deltas_since_full`] when it started (its own delta
+    /// included): the deltas it makes unnecessary for a reader that starts.
+    deltas_at_start: usize,
+    started: std::time::Instant,
+    thread: std::thread::JoinHandle<Result<(), SnapshotError>>,
+}
+
+/// A gate a compaction waits at, its file written under the temporary name
+/// but not yet renamed into place ([`Writer::hold_compactions`]).
+#[derive(Debug, Default)]
+struct Gate {
+    /// (a compaction is waiting at the gate, the gate is open)
+    state: std::sync::Mutex<(bool, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (bool, bool)> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn wait_while(&self, blocked: impl Fn(&(bool, bool)) -> bool) {
+        let mut s = self.lock();
+        while blocked(&s) {
+            s = self
+                .changed
+                .wait(s)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// A compaction: says it is here, and waits until the gate opens.
+    fn pass(&self) {
+        self.lock().0 = true;
+        self.changed.notify_all();
+        self.wait_while(|&(_, open)| !open);
+    }
+
+    fn open(&self) {
+        self.lock().1 = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Holds back the full snapshots a [`Writer`] writes in the background
+/// ([`Writer::hold_compactions`]), each written under its temporary name
+/// but not renamed into place, until this is dropped: for tests that need
+/// a compaction that is still running.
+#[derive(Debug)]
+#[must_use = "the compactions are held only while this lives"]
+pub struct CompactionHold(Arc<Gate>);
+
+impl CompactionHold {
+    /// Blocks until a compaction has written its temporary file and waits
+    /// at this hold (at once when the hold was let go).
+    pub fn wait_written(&self) {
+        self.0.wait_while(|&(waiting, open)| !waiting && !open);
+    }
+}
+
+impl Drop for CompactionHold {
+    fn drop(&mut self) {
+        self.0.open();
+    }
 }
 
 /// What [`Writer::publish_change`] wrote.
@@ -1600,7 +1693,7 @@ pub enum Written {
     /// A full snapshot.
     Full(PathBuf),
     /// A delta, and, when it was time for one, a full snapshot of the same
-    /// generation after it.
+    /// generation after it, written in the background.
     Delta {
         /// The delta file.
         path: PathBuf,
@@ -1608,7 +1701,9 @@ pub enum Written {
         changed: usize,
         /// Frontends removed.
         removed: usize,
-        /// The full snapshot written after it, if any.
+        /// The full snapshot of this generation that this publish started
+        /// writing in the background, if any. The file appears (atomically)
+        /// when that ends; [`Writer::wait_compaction`] waits for it.
         full: Option<PathBuf>,
     },
 }
@@ -1626,8 +1721,8 @@ impl Writer {
     /// Opens (creating it if needed) a snapshot directory. The next
     /// generation is one above the highest of what `current` names and the
     /// snapshot files present, so a restarted control never reuses a
-    /// generation. Leftover temporary files of a writer that died are
-    /// removed.
+    /// generation. Leftover temporary files of a writer that died (a full
+    /// snapshot it was writing in the background, say) are removed.
     ///
     /// # Errors
     /// [`SnapshotError::Io`] when the directory cannot be created or listed,
@@ -1683,6 +1778,8 @@ impl Writer {
             deltas_since_full: usize::MAX,
             last_full: std::time::Instant::now(),
             full_every: FULL_AT_LEAST_EVERY,
+            compaction: None,
+            hold: None,
             _lock: lock,
         })
     }
@@ -1718,15 +1815,20 @@ impl Writer {
 
     /// Publishes `table` as its generation, which must be at least
     /// [`Writer::next_generation`] and above what `current` names. Returns
-    /// the snapshot file's path.
+    /// the snapshot file's path. A full snapshot still being written in the
+    /// background is finished first, so full snapshot files appear in
+    /// generation order and only one is written at a time.
     ///
     /// # Errors
     /// [`SnapshotError::Stale`] for a generation that is not newer;
     /// [`SnapshotError::Io`] when writing, syncing or renaming fails (nothing
     /// is published then: `current` still names the previous generation).
+    /// A failed background write is only logged: this one replaces it.
     pub fn publish(&mut self, table: &Table) -> Result<PathBuf, SnapshotError> {
         let generation = table.generation();
         self.check_newer(generation)?;
+        // Logged by `finish_compaction`; this full snapshot supersedes it.
+        let _ = self.finish_compaction(true);
         let bytes = encode(table);
         let path = snapshot_path(&self.dir, generation);
         let tmp = self.dir.join(format!(".gen-{generation:020}.snap.tmp"));
@@ -1741,10 +1843,18 @@ impl Writer {
 
     /// Publishes `table`, as a delta from `prev` (the table this writer
     /// published last) when only frontends changed and a delta is worth it,
-    /// else as a full snapshot. After [`DELTAS_PER_FULL`] deltas, or
-    /// [`FULL_AT_LEAST_EVERY`] after the last full snapshot, a delta is
-    /// followed by a full snapshot of the same generation, for readers that
-    /// start and for one that refused a delta.
+    /// else as a full snapshot ([`Writer::publish`]).
+    ///
+    /// After [`DELTAS_PER_FULL`] deltas, or [`FULL_AT_LEAST_EVERY`] after
+    /// the last full snapshot, a delta is followed by a full snapshot of the
+    /// same generation, for readers that start and for one that refused a
+    /// delta. That one is written **in the background** (see [`Writer`]):
+    /// this returns once the delta and `current` are in place, with
+    /// `full` of [`Written::Delta`] naming the file being written. When one is
+    /// due while the previous one is still being written, none is queued:
+    /// it stays due, and the first delta published after the running one
+    /// ended starts it. A background write that failed is logged (naming
+    /// the file) and retried by the next delta.
     ///
     /// # Errors
     /// As [`Writer::publish`].
@@ -1757,9 +1867,9 @@ impl Writer {
             .filter(|p| {
                 self.deltas_since_full != usize::MAX && p.generation() + 1 == self.next_generation
             })
-            .and_then(|p| table.delta_from(p))
-            .filter(|d| d.changed.frontends().len() <= table.frontends().len() / 2 + 1);
-        let Some(delta) = delta else {
+            .and_then(|p| table.delta_from(p).map(|d| (p, d)))
+            .filter(|(_, d)| d.changed.frontends().len() <= table.frontends().len() / 2 + 1);
+        let Some((prev, delta)) = delta else {
             let path = self.publish(table)?;
             return Ok(Written::Full(path));
         };
@@ -1771,15 +1881,13 @@ impl Writer {
         write_and_rename(&tmp, &path, &bytes, 0o444)?;
         self.point_at(generation)?;
         self.deltas_since_full = self.deltas_since_full.saturating_add(1);
-        let full = if self.deltas_since_full >= DELTAS_PER_FULL
-            || self.last_full.elapsed() >= self.full_every
-        {
-            let full = snapshot_path(&self.dir, generation);
-            let tmp = self.dir.join(format!(".gen-{generation:020}.snap.tmp"));
-            write_and_rename(&tmp, &full, &encode(table), 0o444)?;
-            self.deltas_since_full = 0;
-            self.last_full = std::time::Instant::now();
-            Some(full)
+        // Count a compaction that ended; a failed one was logged, and as the
+        // counters did not move, this delta starts the next try.
+        let _ = self.finish_compaction(false);
+        let due = self.deltas_since_full >= DELTAS_PER_FULL
+            || self.last_full.elapsed() >= self.full_every;
+        let full = if due && self.compaction.is_none() {
+            self.start_compaction(prev, &delta)
         } else {
             None
         };
@@ -1791,6 +1899,131 @@ impl Writer {
             removed: delta.removed.len(),
             full,
         })
+    }
+
+    /// Waits for the full snapshot being written in the background, if any
+    /// (and lets go of a [`CompactionHold`]): for a clean stop, and tests.
+    /// Returns its path once it is in place, `None` when none was being
+    /// written.
+    ///
+    /// # Errors
+    /// [`SnapshotError::Io`] naming the file, when writing it failed (also
+    /// logged; the next delta that is due retries).
+    pub fn wait_compaction(&mut self) -> Result<Option<PathBuf>, SnapshotError> {
+        self.finish_compaction(true)
+    }
+
+    /// The generation of the full snapshot being written in the background,
+    /// while it is.
+    #[must_use]
+    pub fn compacting(&self) -> Option<u64> {
+        self.compaction
+            .as_ref()
+            .filter(|c| !c.thread.is_finished())
+            .map(|c| c.generation)
+    }
+
+    /// Holds every full snapshot this writer starts writing in the
+    /// background once it is written under its temporary name, before it
+    /// is renamed into place, until the hold is dropped (or the writer
+    /// waits for it: [`Writer::wait_compaction`], [`Writer::publish`],
+    /// drop). For tests that need a compaction still running.
+    pub fn hold_compactions(&mut self) -> CompactionHold {
+        let gate = Arc::new(Gate::default());
+        self.hold = Some(Arc::clone(&gate));
+        CompactionHold(gate)
+    }
+
+    /// Starts writing the full snapshot of `delta`'s generation in the
+    /// background: the table `prev` and `delta` make, which shares every
+    /// block with the table just published (and is the table a reader that
+    /// follows the deltas holds). Returns the file's path, or `None` (and
+    /// logs why) when it cannot start; the next delta tries again.
+    fn start_compaction(&mut self, prev: &Table, delta: &crate::table::Delta) -> Option<PathBuf> {
+        let generation = delta.generation;
+        let path = snapshot_path(&self.dir, generation);
+        let table = match prev.apply_delta(delta) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "not writing the full snapshot: {e}");
+                return None;
+            }
+        };
+        let tmp = self.dir.join(format!(".gen-{generation:020}.snap.tmp"));
+        let (dir, keep, hold, to) = (self.dir.clone(), self.keep, self.hold.clone(), path.clone());
+        let spawned = std::thread::Builder::new()
+            .name("cg-compact".into())
+            .spawn(move || {
+                let bytes = encode(&table);
+                drop(table);
+                write_and_rename_after(&tmp, &to, &bytes, 0o444, || {
+                    if let Some(gate) = hold {
+                        gate.pass();
+                    }
+                })?;
+                drop(bytes);
+                sync_dir(&dir);
+                prune(&dir, keep);
+                tracing::debug!(generation, path = %to.display(), "full snapshot written in the background");
+                Ok(())
+            });
+        match spawned {
+            Ok(thread) => {
+                self.compaction = Some(Compaction {
+                    generation,
+                    path: path.clone(),
+                    deltas_at_start: self.deltas_since_full,
+                    started: std::time::Instant::now(),
+                    thread,
+                });
+                Some(path)
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot start writing the full snapshot: {e}");
+                None
+            }
+        }
+    }
+
+    /// Takes the result of the compaction, if one was started: waiting for
+    /// it when `wait` (then also letting go of a hold), else only when it
+    /// has ended. On success the full snapshot counts (the deltas before it
+    /// no longer do); on failure it is logged and the counters stay, so the
+    /// next delta starts another.
+    fn finish_compaction(&mut self, wait: bool) -> Result<Option<PathBuf>, SnapshotError> {
+        if wait {
+            if let Some(gate) = self.hold.take() {
+                gate.open();
+            }
+        }
+        let Some(c) = self.compaction.take() else {
+            return Ok(None);
+        };
+        if !wait && !c.thread.is_finished() {
+            self.compaction = Some(c);
+            return Ok(None);
+        }
+        let result = c.thread.join().unwrap_or_else(|_| {
+            Err(SnapshotError::Io {
+                path: c.path.clone(),
+                source: io::Error::other("the thread writing it panicked"),
+            })
+        });
+        match result {
+            Ok(()) => {
+                self.deltas_since_full = self.deltas_since_full.saturating_sub(c.deltas_at_start);
+                self.last_full = c.started;
+                Ok(Some(c.path))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    path = %c.path.display(),
+                    generation = c.generation,
+                    "the full snapshot was not written (the next delta retries): {e}"
+                );
+                Err(e)
+            }
+        }
     }
 
     /// Refuses a generation that is not above the writer's last one and what
@@ -1822,43 +2055,67 @@ impl Writer {
             format!("{generation}\n").as_bytes(),
             0o644,
         )?;
-        // Make the renames durable where that means something (not tmpfs);
-        // some filesystems refuse to sync a directory, which is harmless.
-        if let Ok(d) = File::open(&self.dir) {
-            let _ = d.sync_all();
-        }
+        sync_dir(&self.dir);
         self.next_generation = generation.saturating_add(1);
         Ok(())
     }
 
-    /// Removes all but the newest `keep` full snapshot files, and the deltas
-    /// no chain from them needs (those not above the oldest one kept).
     fn prune(&self) {
-        let Ok(entries) = fs::read_dir(&self.dir) else {
-            return;
-        };
-        let mut fulls: Vec<u64> = Vec::new();
-        let mut deltas: Vec<u64> = Vec::new();
-        for e in entries.filter_map(Result::ok) {
-            let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Some(g) = parse_snapshot_name(name) {
-                fulls.push(g);
-            } else if let Some(g) = crate::delta::parse_delta_name(name) {
-                deltas.push(g);
-            }
+        prune(&self.dir, self.keep);
+    }
+}
+
+impl Drop for Writer {
+    /// A writer that stops (control on SIGTERM) finishes the full snapshot
+    /// it is writing in the background: no half-written file is left, and
+    /// the directory lock is released only after it.
+    fn drop(&mut self) {
+        // Logged by `finish_compaction`.
+        let _ = self.finish_compaction(true);
+    }
+}
+
+/// Makes the renames in `dir` durable where that means something (not
+/// tmpfs); some filesystems refuse to sync a directory, which is harmless.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Removes all but the newest `keep` full snapshot files in `dir`, and the
+/// deltas no chain from them needs (those not above the oldest one kept).
+///
+/// Safe to run while a full snapshot is written in the background, and
+/// twice at once (the writer's and the compaction's): a full snapshot not
+/// yet renamed into place is not listed, so it only makes this keep more
+/// (an older full snapshot, the deltas after it); a file listed and
+/// already gone is skipped; and a listing taken earlier only ever removes
+/// what a later one would remove too, as files are only ever added above
+/// the generations listed. Temporary files are never touched.
+fn prune(dir: &Path, keep: usize) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut fulls: Vec<u64> = Vec::new();
+    let mut deltas: Vec<u64> = Vec::new();
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(g) = parse_snapshot_name(name) {
+            fulls.push(g);
+        } else if let Some(g) = crate::delta::parse_delta_name(name) {
+            deltas.push(g);
         }
-        fulls.sort_unstable_by(|a, b| b.cmp(a));
-        for &g in fulls.iter().skip(self.keep) {
-            remove_quietly(&snapshot_path(&self.dir, g));
-        }
-        let oldest_kept = fulls
-            .get(self.keep.min(fulls.len()).saturating_sub(1))
-            .copied();
-        for g in deltas {
-            if oldest_kept.is_some_and(|o| g <= o) {
-                remove_quietly(&crate::delta::delta_path(&self.dir, g));
-            }
+    }
+    fulls.sort_unstable_by(|a, b| b.cmp(a));
+    for &g in fulls.iter().skip(keep) {
+        remove_quietly(&snapshot_path(dir, g));
+    }
+    let oldest_kept = fulls.get(keep.min(fulls.len()).saturating_sub(1)).copied();
+    for g in deltas {
+        if oldest_kept.is_some_and(|o| g <= o) {
+            remove_quietly(&crate::delta::delta_path(dir, g));
         }
     }
 }
@@ -1873,6 +2130,18 @@ fn remove_quietly(path: &Path) {
 
 /// Writes `bytes` to `tmp` (replacing any leftover), fsyncs, renames to `to`.
 fn write_and_rename(tmp: &Path, to: &Path, bytes: &[u8], mode: u32) -> Result<(), SnapshotError> {
+    write_and_rename_after(tmp, to, bytes, mode, || {})
+}
+
+/// As [`write_and_rename`], calling `before_rename` between the fsync and
+/// the rename.
+fn write_and_rename_after(
+    tmp: &Path,
+    to: &Path,
+    bytes: &[u8],
+    mode: u32,
+    before_rename: impl FnOnce(),
+) -> Result<(), SnapshotError> {
     remove_quietly(tmp);
     let result = (|| {
         let mut f = OpenOptions::new()
@@ -1883,6 +2152,7 @@ fn write_and_rename(tmp: &Path, to: &Path, bytes: &[u8], mode: u32) -> Result<()
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
+        before_rename();
         fs::rename(tmp, to)
     })();
     result.map_err(|e| {

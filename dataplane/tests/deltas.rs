@@ -14,11 +14,18 @@
 //!   chain of deltas) and a restarted control converge.
 //! - A slow reader that holds an old table keeps reading it whole while many
 //!   newer generations are published and the old files are pruned.
+//! - The full snapshot after 64 deltas is written in the background: the
+//!   publish does not wait for it, a gateway that starts meanwhile loads the
+//!   current generation from the older full snapshot and the deltas, pruning
+//!   meanwhile removes nothing a reader needs, the file holds byte for byte
+//!   the table published, a failed write is retried by the next delta, and
+//!   a full publish or a stop finishes it first.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
 use std::fs;
 use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -26,7 +33,8 @@ use clustergate_dataplane::delta::{delta_path, load_chain};
 use clustergate_dataplane::flow::{addr16, ip_from16, FlowTuple, Proto};
 use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
 use clustergate_dataplane::snapshot::{
-    encode, snapshot_path, PollOutcome, TableHandle, Watcher, Writer, Written,
+    encode, load_file, read_current, snapshot_path, PollOutcome, SnapshotError, TableHandle,
+    Watcher, Writer, Written, DELTAS_PER_FULL,
 };
 use clustergate_dataplane::table::{
     BackendSpec, Builder, RingSizes, ServiceSpec, Table, TableSpec,
@@ -244,7 +252,10 @@ proptest! {
         }
         // The gateway applied every delta it was given as one.
         prop_assert_eq!(watcher.stats.deltas, deltas);
-        prop_assert!(deltas > 0);
+        // Every step that changed frontends alone was a delta (a sequence of
+        // node changes alone has none).
+        let nodes_alone = changes.iter().all(|c| matches!(c, Change::Nodes { .. }));
+        prop_assert!(deltas > 0 || nodes_alone);
     }
 }
 
@@ -419,6 +430,9 @@ fn restarts_in_the_middle_of_a_burst_converge() {
         last = Some(t);
     }
     assert_eq!(fulls, 2, "the first publish, and one after 64 deltas");
+    // The full snapshot after 64 deltas is written in the background (and
+    // may have ended, and been counted, during the later publishes).
+    writer.wait_compaction().unwrap();
     let last = last.unwrap();
     // A gateway starting now.
     let handle = Arc::new(TableHandle::default());
@@ -688,4 +702,369 @@ fn workers_never_see_a_frontend_half_updated() {
         assert!(r.join().unwrap() > 1, "the readers saw new generations");
     }
     assert_eq!(watcher.stats.deltas, 300);
+}
+
+/// Moves one backend of Service `k` (a new one each time) and publishes the
+/// table after `last`; the full snapshot it started writing in the
+/// background, if any.
+fn step(
+    writer: &mut Writer,
+    builder: &mut Builder,
+    model: &mut Model,
+    last: &mut Table,
+    k: u32,
+) -> Option<PathBuf> {
+    model.apply(&Change::Move { s: k, b: 100 + k });
+    let t = builder
+        .build(writer.next_generation(), &model.spec())
+        .unwrap();
+    let written = writer.publish_change(&t, Some(last)).unwrap();
+    *last = t;
+    match written {
+        Written::Delta { full, .. } => full,
+        w => panic!("expected a delta, got {w:?}"),
+    }
+}
+
+/// The temporary name the full snapshot of `g` is written under.
+fn tmp_path(dir: &Path, g: u64) -> PathBuf {
+    dir.join(format!(".gen-{g:020}.snap.tmp"))
+}
+
+/// The snapshot files in `dir` (not `current` nor the lock), sorted.
+fn files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != "current" && n != ".lock")
+        .collect();
+    names.sort();
+    names
+}
+
+fn names(fulls: &[u64], deltas: impl IntoIterator<Item = u64>, tmp: &[u64]) -> Vec<String> {
+    let mut want: Vec<String> = deltas
+        .into_iter()
+        .map(|g| format!("delta-{g:020}.snap"))
+        .chain(fulls.iter().map(|g| format!("gen-{g:020}.snap")))
+        .chain(tmp.iter().map(|g| format!(".gen-{g:020}.snap.tmp")))
+        .collect();
+    want.sort();
+    want
+}
+
+/// Control writes the full snapshot after 64 deltas in the background:
+/// `publish_change` returns while it is still being written (held here
+/// after its temporary file, before the rename), with `current` already on
+/// the delta's generation; a gateway that starts meanwhile loads that
+/// generation from the older full snapshot and the 64 deltas. Once in
+/// place, the file holds byte for byte the table control published, and
+/// the next full snapshot is due 64 deltas after it.
+#[test]
+fn the_full_snapshot_after_64_deltas_is_written_in_the_background() {
+    let dir = TestDir::new();
+    let mut writer = Writer::open(dir.path()).unwrap();
+    let mut builder = Builder::new(11, DEFAULT_MAX_RING_SIZE, RingSizes::default());
+    let mut model = Model::new();
+    let t1 = builder
+        .build(writer.next_generation(), &model.spec())
+        .unwrap();
+    writer.publish_change(&t1, None).unwrap();
+    let hold = writer.hold_compactions();
+    // The publishes run on their own thread: one that waited for the held
+    // compaction would never return, and this test fails instead of hanging.
+    let (done, publishes_returned) = std::sync::mpsc::channel();
+    let publisher = std::thread::spawn(move || {
+        let mut last = t1;
+        let mut started = Vec::new();
+        for k in 0..DELTAS_PER_FULL as u32 {
+            let full = step(&mut writer, &mut builder, &mut model, &mut last, k);
+            started.push((last.generation(), full));
+        }
+        let compacting = writer.compacting();
+        done.send(()).unwrap();
+        (writer, builder, model, last, started, compacting)
+    });
+    if publishes_returned
+        .recv_timeout(std::time::Duration::from_secs(600))
+        .is_err()
+    {
+        drop(hold);
+        panic!("publish_change waited for the full snapshot written in the background");
+    }
+    let (mut writer, mut builder, mut model, mut last, started, compacting) =
+        publisher.join().unwrap();
+    let g = 1 + DELTAS_PER_FULL as u64;
+    assert_eq!(last.generation(), g);
+    let full = snapshot_path(dir.path(), g);
+    for (generation, path) in &started {
+        let want = (*generation == g).then(|| full.clone());
+        assert_eq!(
+            path, &want,
+            "generation {generation}: only the 64th delta starts one"
+        );
+    }
+    assert_eq!(
+        compacting,
+        Some(g),
+        "still being written when publish_change returned"
+    );
+    hold.wait_written();
+    assert_eq!(writer.compacting(), Some(g));
+    assert!(
+        tmp_path(dir.path(), g).exists(),
+        "written under its temporary name"
+    );
+    assert!(!full.exists(), "not in place yet");
+    assert_eq!(read_current(dir.path()).unwrap(), Some(g));
+    // A gateway that starts now: the full snapshot 1 and the 64 deltas.
+    let reached = load_chain(dir.path(), g, None).unwrap();
+    assert!(reached.full);
+    assert_eq!(reached.deltas, DELTAS_PER_FULL);
+    assert_eq!(encode(&reached.table), encode(&last));
+    let handle = Arc::new(TableHandle::default());
+    let mut watcher = Watcher::new(dir.path(), Arc::clone(&handle));
+    assert_eq!(watcher.poll(), PollOutcome::Applied { generation: g });
+    let seen = handle.load_full();
+    for (i, _, _) in &model.services {
+        assert_eq!(view(&seen, *i), view(&last, *i), "service {i}");
+        assert_eq!(picks(&seen, *i), picks(&last, *i), "service {i}");
+    }
+    // In place: byte for byte the table published, and what a reader
+    // that starts now loads alone.
+    drop(hold);
+    assert_eq!(writer.wait_compaction().unwrap(), Some(full.clone()));
+    assert_eq!(writer.compacting(), None);
+    assert!(!tmp_path(dir.path(), g).exists());
+    assert_eq!(encode(&load_file(&full).unwrap()), encode(&last));
+    assert_eq!(load_chain(dir.path(), g, None).unwrap().deltas, 0);
+    assert_eq!(writer.wait_compaction().unwrap(), None, "nothing more");
+    // The next one is due 64 deltas after it.
+    for k in 0..DELTAS_PER_FULL as u32 {
+        let started = step(&mut writer, &mut builder, &mut model, &mut last, k);
+        let want =
+            (k + 1 == DELTAS_PER_FULL as u32).then(|| snapshot_path(dir.path(), last.generation()));
+        assert_eq!(started, want, "delta {} after the full snapshot", k + 1);
+    }
+    assert_eq!(
+        writer.wait_compaction().unwrap(),
+        Some(snapshot_path(dir.path(), g + DELTAS_PER_FULL as u64))
+    );
+}
+
+/// Pruning while a full snapshot is written in the background (the
+/// writer's after each delta, and the one after the full snapshot is in
+/// place) removes nothing a reader needs: neither the file being written,
+/// nor the older full snapshot and the deltas after it, which a gateway
+/// that starts meanwhile loads from; once the new one is in place, the
+/// files it makes unnecessary go.
+#[test]
+fn pruning_with_a_compaction_in_flight_keeps_what_readers_need() {
+    let dir = TestDir::new();
+    let mut writer = Writer::open(dir.path()).unwrap();
+    let mut builder = Builder::new(13, DEFAULT_MAX_RING_SIZE, RingSizes::default());
+    let mut model = Model::new();
+    let mut last = builder
+        .build(writer.next_generation(), &model.spec())
+        .unwrap();
+    writer.publish_change(&last, None).unwrap();
+    let mut k = 0;
+    // Generations 2..=65 (the full snapshot 65 written), then 66..=129
+    // with the full snapshot 129 held before its rename.
+    while last.generation() < 65 {
+        step(&mut writer, &mut builder, &mut model, &mut last, k);
+        k += 1;
+    }
+    assert_eq!(
+        writer.wait_compaction().unwrap(),
+        Some(snapshot_path(dir.path(), 65))
+    );
+    let hold = writer.hold_compactions();
+    while last.generation() < 129 {
+        step(&mut writer, &mut builder, &mut model, &mut last, k);
+        k += 1;
+    }
+    hold.wait_written();
+    // Twelve more deltas, each followed by the writer's prune.
+    while last.generation() < 141 {
+        step(&mut writer, &mut builder, &mut model, &mut last, k);
+        k += 1;
+    }
+    assert_eq!(writer.compacting(), Some(129));
+    assert_eq!(
+        files(dir.path()),
+        names(&[1, 65], 2..=141, &[129]),
+        "the writer's prune kept both full snapshots, every delta and the file being written"
+    );
+    // A gateway that starts now, and one that followed the deltas up to 100.
+    let reached = load_chain(dir.path(), 141, None).unwrap();
+    assert_eq!((reached.full, reached.deltas), (true, 141 - 65));
+    assert_eq!(encode(&reached.table), encode(&last));
+    let t100 = load_chain(dir.path(), 100, None).unwrap().table;
+    let reached = load_chain(dir.path(), 141, Some(&t100)).unwrap();
+    assert_eq!((reached.full, reached.deltas), (false, 41));
+    assert_eq!(encode(&reached.table), encode(&last));
+    // In place: the prune after it removed the full snapshot 1 and the
+    // deltas up to 65, and nothing else.
+    drop(hold);
+    assert_eq!(
+        writer.wait_compaction().unwrap(),
+        Some(snapshot_path(dir.path(), 129))
+    );
+    assert_eq!(files(dir.path()), names(&[65, 129], 66..=141, &[]));
+    let reached = load_chain(dir.path(), 141, None).unwrap();
+    assert_eq!((reached.full, reached.deltas), (true, 141 - 129));
+    assert_eq!(encode(&reached.table), encode(&last));
+    let reached = load_chain(dir.path(), 141, Some(&t100)).unwrap();
+    assert_eq!(encode(&reached.table), encode(&last));
+}
+
+/// A full snapshot that cannot be written in the background is reported,
+/// naming the file, and no file of that name appears; the deltas go on,
+/// and the next delta writes the full snapshot of its own generation.
+#[test]
+fn a_failed_compaction_is_retried_by_the_next_delta() {
+    let dir = TestDir::new();
+    let mut writer = Writer::open(dir.path()).unwrap();
+    let mut builder = Builder::new(17, DEFAULT_MAX_RING_SIZE, RingSizes::default());
+    let mut model = Model::new();
+    let mut last = builder
+        .build(writer.next_generation(), &model.spec())
+        .unwrap();
+    writer.publish_change(&last, None).unwrap();
+    let g = 1 + DELTAS_PER_FULL as u64;
+    // Something in the way of the temporary file of the full snapshot `g`.
+    fs::create_dir(tmp_path(dir.path(), g)).unwrap();
+    let mut k = 0;
+    while last.generation() < g {
+        step(&mut writer, &mut builder, &mut model, &mut last, k);
+        k += 1;
+    }
+    match writer.wait_compaction() {
+        Err(SnapshotError::Io { path, .. }) => assert_eq!(path, snapshot_path(dir.path(), g)),
+        r => panic!("expected the write to fail, got {r:?}"),
+    }
+    assert!(!snapshot_path(dir.path(), g).exists());
+    assert_eq!(
+        read_current(dir.path()).unwrap(),
+        Some(g),
+        "the delta stands"
+    );
+    let started = step(&mut writer, &mut builder, &mut model, &mut last, k);
+    let full = snapshot_path(dir.path(), g + 1);
+    assert_eq!(started, Some(full.clone()), "the next delta tries again");
+    assert_eq!(writer.wait_compaction().unwrap(), Some(full.clone()));
+    assert_eq!(encode(&load_file(&full).unwrap()), encode(&last));
+    fs::remove_dir(tmp_path(dir.path(), g)).unwrap();
+}
+
+/// A full publish, and a writer that stops (control on SIGTERM), first
+/// finish the full snapshot being written in the background: full
+/// snapshots appear in generation order, and no file is left half
+/// written.
+#[test]
+fn a_full_publish_and_a_stop_finish_the_compaction_first() {
+    let dir = TestDir::new();
+    let mut writer = Writer::open(dir.path()).unwrap();
+    let mut builder = Builder::new(19, DEFAULT_MAX_RING_SIZE, RingSizes::default());
+    let mut model = Model::new();
+    let mut last = builder
+        .build(writer.next_generation(), &model.spec())
+        .unwrap();
+    writer.publish_change(&last, None).unwrap();
+    let hold = writer.hold_compactions();
+    let mut k = 0;
+    while last.generation() < 65 {
+        step(&mut writer, &mut builder, &mut model, &mut last, k);
+        k += 1;
+    }
+    hold.wait_written();
+    let t65 = encode(&last);
+    // One node more: not a change of frontends alone, so published in full.
+    model.apply(&Change::Nodes { n: 4 });
+    let t66 = builder
+        .build(writer.next_generation(), &model.spec())
+        .unwrap();
+    assert_eq!(
+        writer.publish_change(&t66, Some(&last)).unwrap(),
+        Written::Full(snapshot_path(dir.path(), 66))
+    );
+    assert_eq!(writer.compacting(), None);
+    assert_eq!(
+        encode(&load_file(&snapshot_path(dir.path(), 65)).unwrap()),
+        t65,
+        "the full snapshot 65 was finished first"
+    );
+    // Both full snapshots, and no delta (none is above 65).
+    assert_eq!(files(dir.path()), names(&[65, 66], [], &[]));
+    drop(hold);
+    // Another one held, and the writer dropped.
+    last = t66;
+    let hold = writer.hold_compactions();
+    while last.generation() < 66 + DELTAS_PER_FULL as u64 {
+        step(&mut writer, &mut builder, &mut model, &mut last, k);
+        k += 1;
+    }
+    hold.wait_written();
+    drop(writer);
+    let g = 66 + DELTAS_PER_FULL as u64;
+    assert_eq!(
+        encode(&load_file(&snapshot_path(dir.path(), g)).unwrap()),
+        encode(&last)
+    );
+    assert!(
+        files(dir.path()).iter().all(|n| !n.ends_with(".tmp")),
+        "nothing half written: {:?}",
+        files(dir.path())
+    );
+    drop(hold);
+    // The next control starts above it.
+    assert_eq!(Writer::open(dir.path()).unwrap().next_generation(), g + 1);
+}
+
+/// When the delta that makes the full snapshot due adds and removes
+/// Services, the full snapshot written in the background still gives every
+/// Service (and the one removed) the lookups of control's table.
+#[test]
+fn a_background_full_snapshot_after_added_and_removed_services_looks_up_the_same() {
+    let dir = TestDir::new();
+    let mut writer = Writer::open(dir.path()).unwrap();
+    let mut builder = Builder::new(23, DEFAULT_MAX_RING_SIZE, RingSizes::default());
+    let mut model = Model::new();
+    let mut last = builder
+        .build(writer.next_generation(), &model.spec())
+        .unwrap();
+    writer.publish_change(&last, None).unwrap();
+    for k in 0..DELTAS_PER_FULL as u32 - 1 {
+        assert_eq!(
+            step(&mut writer, &mut builder, &mut model, &mut last, k),
+            None
+        );
+    }
+    let gone = model.services[3].0;
+    model.apply(&Change::Remove { s: 3 });
+    model.apply(&Change::New { b: 450 });
+    let t = builder
+        .build(writer.next_generation(), &model.spec())
+        .unwrap();
+    let full = snapshot_path(dir.path(), t.generation());
+    match writer.publish_change(&t, Some(&last)).unwrap() {
+        Written::Delta {
+            changed: 1,
+            removed: 1,
+            full: Some(path),
+            ..
+        } => assert_eq!(path, full),
+        w => panic!("expected a delta with one Service added and one removed, got {w:?}"),
+    }
+    assert_eq!(writer.wait_compaction().unwrap(), Some(full.clone()));
+    let loaded = load_file(&full).unwrap();
+    assert_eq!(loaded.generation(), t.generation());
+    assert_eq!(loaded.frontends().len(), t.frontends().len());
+    assert_eq!(view(&loaded, gone), None);
+    for (i, _, _) in &model.services {
+        assert!(view(&t, *i).is_some(), "service {i}");
+        assert_eq!(view(&loaded, *i), view(&t, *i), "service {i}");
+        assert_eq!(picks(&loaded, *i), picks(&t, *i), "service {i}");
+    }
 }
