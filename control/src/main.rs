@@ -737,7 +737,13 @@ impl<'a> Publishing<'a> {
         let started = Instant::now();
         let result = self.publisher.publish(model, changes);
         if result.is_ok() {
-            self.telemetry.frontends(model);
+            // Built in place: the same frontends, so the same counts.
+            if !result
+                .as_ref()
+                .is_ok_and(|p| p.as_ref().is_some_and(|p| p.in_place))
+            {
+                self.telemetry.frontends(model);
+            }
             if let Some(checks) = self.checks.as_deref_mut() {
                 checks.sync(&model.health_checks);
             }

@@ -333,8 +333,13 @@ impl Telemetry {
 
     /// The frontends of `model`, just published (or unchanged), by kind.
     pub fn frontends(&self, model: &Model) {
-        for kind in KINDS {
-            let n = model.frontends.iter().filter(|f| f.kind == kind).count();
+        let mut counts = [0usize; KINDS.len()];
+        for f in &model.frontends {
+            if let Some(i) = KINDS.iter().position(|&k| k == f.kind) {
+                counts[i] += 1;
+            }
+        }
+        for (kind, n) in KINDS.into_iter().zip(counts) {
             self.metrics
                 .frontends
                 .get_or_create(&vec![("kind".to_owned(), kind_label(kind).to_owned())])

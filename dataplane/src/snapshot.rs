@@ -1867,9 +1867,9 @@ impl Writer {
             .filter(|p| {
                 self.deltas_since_full != usize::MAX && p.generation() + 1 == self.next_generation
             })
-            .and_then(|p| table.delta_from(p).map(|d| (p, d)))
-            .filter(|(_, d)| d.changed.frontends().len() <= table.frontends().len() / 2 + 1);
-        let Some((prev, delta)) = delta else {
+            .and_then(|p| table.delta_from(p))
+            .filter(|d| d.changed.frontends().len() <= table.frontends().len() / 2 + 1);
+        let Some(delta) = delta else {
             let path = self.publish(table)?;
             return Ok(Written::Full(path));
         };
@@ -1887,7 +1887,7 @@ impl Writer {
         let due = self.deltas_since_full >= DELTAS_PER_FULL
             || self.last_full.elapsed() >= self.full_every;
         let full = if due && self.compaction.is_none() {
-            self.start_compaction(prev, &delta)
+            self.start_compaction(table)
         } else {
             None
         };
@@ -1934,21 +1934,14 @@ impl Writer {
         CompactionHold(gate)
     }
 
-    /// Starts writing the full snapshot of `delta`'s generation in the
-    /// background: the table `prev` and `delta` make, which shares every
-    /// block with the table just published (and is the table a reader that
-    /// follows the deltas holds). Returns the file's path, or `None` (and
-    /// logs why) when it cannot start; the next delta tries again.
-    fn start_compaction(&mut self, prev: &Table, delta: &crate::table::Delta) -> Option<PathBuf> {
-        let generation = delta.generation;
+    /// Starts writing the full snapshot of `table` (just published as a
+    /// delta) in the background, from a copy that shares its blocks (one
+    /// pointer per frontend). Returns the file's path, or `None` (and logs
+    /// why) when it cannot start; the next delta tries again.
+    fn start_compaction(&mut self, table: &Table) -> Option<PathBuf> {
+        let generation = table.generation();
         let path = snapshot_path(&self.dir, generation);
-        let table = match prev.apply_delta(delta) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(path = %path.display(), "not writing the full snapshot: {e}");
-                return None;
-            }
-        };
+        let table = table.clone();
         let tmp = self.dir.join(format!(".gen-{generation:020}.snap.tmp"));
         let (dir, keep, hold, to) = (self.dir.clone(), self.keep, self.hold.clone(), path.clone());
         let spawned = std::thread::Builder::new()

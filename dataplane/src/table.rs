@@ -713,8 +713,9 @@ struct Index {
     mask: usize,
 }
 
-/// An immutable service table.
-#[derive(Debug)]
+/// An immutable service table. A clone shares its frontends' blocks, its
+/// index and its policy.
+#[derive(Debug, Clone)]
 pub struct Table {
     generation: u64,
     hash_seed: u64,
