@@ -185,18 +185,26 @@ impl Objects {
         })
     }
 
-    /// The Services of `range` and their slices, as a YAML `kind: List`
-    /// (what `kubectl get -o yaml` writes).
+    /// The Services of `range` and their slices, as YAML documents, each
+    /// starting with `---`.
     ///
     /// # Panics
     /// Never: a `serde_json::Value` always serializes.
     #[must_use]
     pub fn yaml(&self, range: Range<u32>) -> String {
-        let items: Vec<Value> = range
-            .flat_map(|k| [self.service_json(k), self.slice_json(k)])
-            .collect();
-        let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
-        serde_norway::to_string(&list).expect("a JSON value serializes to YAML")
+        // One document per object, as GitOps repositories keep them: control
+        // parses again only the documents that changed (a `kind: List`
+        // document is parsed whole at each change).
+        let mut out = String::new();
+        for k in range {
+            for object in [self.service_json(k), self.slice_json(k)] {
+                out.push_str("---\n");
+                out.push_str(
+                    &serde_norway::to_string(&object).expect("a JSON value serializes to YAML"),
+                );
+            }
+        }
+        out
     }
 }
 
@@ -339,7 +347,7 @@ mod tests {
     #[test]
     fn services_beyond_65536_share_a_cluster_ip_on_another_port() {
         let o = Objects::new(MAX_SERVICES, 2, 8081);
-        let text = format!("{}---\n{}", o.yaml(1..3), o.yaml(65_537..65_539));
+        let text = format!("{}{}", o.yaml(1..3), o.yaml(65_537..65_539));
         let objects = parse_manifest_strict(&text).unwrap();
         let model = build_model(&objects, &ModelOptions::default());
         assert!(model.skipped.is_empty(), "{:?}", model.skipped);

@@ -894,6 +894,7 @@ fn run_dir(
     let mut built: Option<Instant> = None;
     loop {
         telemetry.beat();
+        let woke = Instant::now();
         let (changed, errors, read) = match todo.take() {
             None => match files.rescan() {
                 Ok((changed, errors)) => (changed, errors, None),
@@ -922,10 +923,21 @@ fn run_dir(
         if changed || !errors.is_empty() || first {
             first = false;
             telemetry.source_changed();
+            let read_ms = woke.elapsed().as_secs_f64() * 1e3;
             let (services, slices) = model.sync_dir(&files, read.as_deref());
             telemetry.changes_seen(services, slices, None);
             let changes = model.take_table_changes();
-            p.apply(model.model(), Some(&changes));
+            let model = model.model();
+            debug!(
+                files = read.as_ref().map_or(0, Vec::len),
+                listed = read.is_none(),
+                services,
+                endpointslices = slices,
+                read_ms,
+                model_ms = woke.elapsed().as_secs_f64() * 1e3 - read_ms,
+                "manifest files read"
+            );
+            p.apply(model, Some(&changes));
             built = Some(Instant::now());
         }
         if once {
