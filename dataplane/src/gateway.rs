@@ -455,18 +455,34 @@ fn steer_snat(steering: &mut Steering, plan: &ReturnPlan, hops: &NextHops) {
 /// Makes the steering maps match `table` (and the node addresses last set),
 /// logging what changed; `why` says what prompted it. False when it failed
 /// (the caller tries again at the next refresh).
+/// The log says how much was looked at: `changed_frontends=N` when only
+/// the frontends whose block changed were (most table changes), or
+/// `whole="…"` with the reason when every frontend was.
 fn sync_steering(steering: &mut Steering, table: &Table, why: &str) -> bool {
     match steering.sync(table) {
         Ok(s) => {
-            info!(
-                generation = table.generation(),
-                frontends = s.frontends,
-                node_port_keys = s.node_port_keys,
-                backends = s.backends,
-                added = s.added,
-                removed = s.removed,
-                "steering maps updated ({why})"
-            );
+            match s.scope {
+                steer::SyncScope::Frontends { changed } => info!(
+                    generation = table.generation(),
+                    frontends = s.frontends,
+                    node_port_keys = s.node_port_keys,
+                    backends = s.backends,
+                    added = s.added,
+                    removed = s.removed,
+                    changed_frontends = changed,
+                    "steering maps updated ({why})"
+                ),
+                steer::SyncScope::Whole(w) => info!(
+                    generation = table.generation(),
+                    frontends = s.frontends,
+                    node_port_keys = s.node_port_keys,
+                    backends = s.backends,
+                    added = s.added,
+                    removed = s.removed,
+                    whole = %w,
+                    "steering maps updated ({why})"
+                ),
+            }
             true
         }
         Err(e) => {
