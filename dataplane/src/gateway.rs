@@ -455,9 +455,10 @@ fn steer_snat(steering: &mut Steering, plan: &ReturnPlan, hops: &NextHops) {
 /// Makes the steering maps match `table` (and the node addresses last set),
 /// logging what changed; `why` says what prompted it. False when it failed
 /// (the caller tries again at the next refresh).
+///
 /// The log says how much was looked at: `changed_frontends=N` when only
 /// the frontends whose block changed were (most table changes), or
-/// `whole="…"` with the reason when every frontend was.
+/// `whole=REASON` ([`steer::WholeSync`]) when every frontend was.
 fn sync_steering(steering: &mut Steering, table: &Table, why: &str) -> bool {
     match steering.sync(table) {
         Ok(s) => {

@@ -361,14 +361,15 @@ pub enum WholeSync {
     Recount,
 }
 
+/// One word, for logs (`whole=retry`).
 impl fmt::Display for WholeSync {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Self::First => "first sync",
-            Self::Retry => "retry after a failed sync",
-            Self::NodePortAddresses => "node-port addresses changed",
-            Self::Unmatched => "a frontend could not be matched by key",
-            Self::Recount => "counts out of step",
+            Self::First => "first",
+            Self::Retry => "retry",
+            Self::NodePortAddresses => "node_port_addresses",
+            Self::Unmatched => "unmatched",
+            Self::Recount => "recount",
         })
     }
 }
