@@ -1161,16 +1161,9 @@ fn steer_lingering(
     table: &Table,
     started: Instant,
 ) -> usize {
-    let in_table: std::collections::HashSet<(Addr16, u16, u8)> = table
-        .frontends()
-        .iter()
-        .flat_map(|f| {
-            table
-                .backends_of(f)
-                .iter()
-                .map(move |b| (b.addr, b.port, f.proto))
-        })
-        .collect();
+    // From the steering program's counts: costs the frontends that changed
+    // since its last sync, not the table.
+    let in_table = steering.table_backends(table);
     let mut flows = Vec::new();
     let now = clustergate_dataplane::time::Now(started.elapsed().as_nanos() as u64);
     ct.snapshot_flows(
@@ -1178,7 +1171,11 @@ fn steer_lingering(
         LINGER_FLOWS,
         &|f| {
             f.proto == clustergate_dataplane::flow::Proto::Tcp
-                && !in_table.contains(&(f.backend, f.backend_port, f.proto.ip_number()))
+                && !in_table.contains(&steer::SteerKey {
+                    addr: f.backend,
+                    port: f.backend_port,
+                    proto: f.proto.ip_number(),
+                })
         },
         &mut flows,
     );

@@ -867,6 +867,47 @@ fn by_key<'a>(
     Some(out)
 }
 
+/// Which (address, port, protocol) are backends of a table: for telling
+/// the backends that left it ([`Steering::table_backends`]). Answered from
+/// the counts of the last synced table and the blocks that changed since
+/// (a change costs its frontends), or else from a set of every backend.
+#[derive(Debug)]
+pub struct TableBackends<'a> {
+    how: Backends<'a>,
+}
+
+#[derive(Debug)]
+enum Backends<'a> {
+    /// The last synced table's counts (lingering backends included), and
+    /// per key what the changed blocks and lingering backends add or take.
+    Counted {
+        counts: &'a Counts<SteerKey>,
+        delta: hashbrown::HashMap<SteerKey, i64, RandomState>,
+    },
+    /// Every backend of the table.
+    Every(Set<SteerKey>),
+}
+
+impl TableBackends<'_> {
+    /// Is `key` a backend (address, port, frontend protocol) of the table?
+    #[must_use]
+    pub fn contains(&self, key: &SteerKey) -> bool {
+        match &self.how {
+            Backends::Counted { counts, delta } => {
+                let n = i64::from(counts.get(key).copied().unwrap_or(0));
+                n + delta.get(key).copied().unwrap_or(0) > 0
+            }
+            Backends::Every(set) => set.contains(key),
+        }
+    }
+
+    /// Whether it was answered from the counts (not a set of every backend).
+    #[must_use]
+    pub fn counted(&self) -> bool {
+        matches!(self.how, Backends::Counted { .. })
+    }
+}
+
 impl Tracker {
     /// Brings the counts to `table` (node ports on those of `node_addrs` it
     /// selects) and `lingering`: by the frontends whose block changed since
@@ -897,6 +938,57 @@ impl Tracker {
             selected,
             lingering: lingering.clone(),
         }
+    }
+
+    /// The backends of `table`: from the counts when they are those of a
+    /// synced table and `table`'s frontends can be matched with its.
+    fn table_backends(&self, table: &Table) -> TableBackends<'_> {
+        let counted = self.basis.as_ref().and_then(|b| {
+            let pairs = changed_fronts(&b.table, table)?;
+            let mut delta: hashbrown::HashMap<SteerKey, i64, RandomState> = Default::default();
+            let mut add = |f: &Front, n: i64| {
+                for be in f.backends() {
+                    let key = SteerKey {
+                        addr: be.addr,
+                        port: be.port,
+                        proto: f.proto,
+                    };
+                    *delta.entry(key).or_insert(0) += n;
+                }
+            };
+            for (old, new) in pairs {
+                if let Some(f) = old {
+                    add(f, -1);
+                }
+                if let Some(f) = new {
+                    add(f, 1);
+                }
+            }
+            // The counts hold the lingering backends too.
+            for k in &b.lingering {
+                *delta.entry(*k).or_insert(0) -= 1;
+            }
+            Some(Backends::Counted {
+                counts: &self.wanted.backends,
+                delta,
+            })
+        });
+        let how = counted.unwrap_or_else(|| {
+            Backends::Every(
+                table
+                    .frontends()
+                    .iter()
+                    .flat_map(|f| {
+                        f.backends().iter().map(move |b| SteerKey {
+                            addr: b.addr,
+                            port: b.port,
+                            proto: f.proto,
+                        })
+                    })
+                    .collect(),
+            )
+        });
+        TableBackends { how }
     }
 
     /// Counts the new blocks of `table` and the new lingering backends in,
@@ -1369,6 +1461,15 @@ impl Steering {
         }
         self.node_addrs = want;
         true
+    }
+
+    /// Which (address, port, protocol) are backends of `table`, to tell the
+    /// backends that left it (before `table` is synced: see
+    /// [`Steering::set_lingering`]). After a successful sync it costs the
+    /// frontends that changed since, not the table.
+    #[must_use]
+    pub fn table_backends(&self, table: &Table) -> TableBackends<'_> {
+        self.tracker.table_backends(table)
     }
 
     /// Sets the backends (address, port, protocol) that left the table but
@@ -2193,6 +2294,8 @@ mod tests {
             written: usize,
             /// Specs the table refused.
             refused: usize,
+            /// Tables whose backends were told from the counts.
+            counted: usize,
         }
 
         /// Runs `steps`, syncing a tracker and a mirror after each, and
@@ -2232,6 +2335,28 @@ mod tests {
                 match next {
                     Ok(t) => table = t,
                     Err(_) => ran.refused += 1,
+                }
+                // Before the sync, as the gateway asks it: the new table's
+                // backends, from the last one's counts.
+                let (want, _) = Keys::wanted(&table, &w.node_addrs);
+                let tb = tracker.table_backends(&table);
+                ran.counted += usize::from(tb.counted());
+                for v4 in [true, false] {
+                    for i in 0..10 {
+                        let b = backend(v4, i);
+                        for proto in [6, 17] {
+                            let key = SteerKey {
+                                addr: addr16(b.addr),
+                                port: b.port,
+                                proto,
+                            };
+                            if tb.contains(&key) != want.backends.contains(&key) {
+                                return Err(format!(
+                                    "step {generation} ({how:?}): table_backends wrong about {key}"
+                                ));
+                            }
+                        }
+                    }
                 }
                 let (update, basis) = tracker.update(&table, &w.node_addrs, &w.lingering);
                 ran.syncs += 1;
@@ -2328,6 +2453,7 @@ mod tests {
                     t.per_frontend += r.per_frontend;
                     t.written += r.written;
                     t.refused += r.refused;
+                    t.counted += r.counted;
                     total.set(t);
                     Ok(())
                 })
@@ -2340,6 +2466,7 @@ mod tests {
             );
             assert!(t.written > 0, "{t:?}");
             assert!(t.refused * 20 <= t.syncs, "{t:?}");
+            assert!(t.counted * 2 >= t.syncs, "{t:?}");
         }
 
         #[test]
