@@ -3,7 +3,9 @@
 //! Owns: loading the program, attaching it to the gateway's interfaces (driver
 //! mode, else generic), the AF_XDP socket map (`xsks`), and keeping the lookup
 //! maps equal to what the current [`Table`] needs, as a diff against a
-//! user-space mirror, and the gateway's source-NAT addresses and port range
+//! user-space mirror: per entry, from counted keys, by the frontends whose
+//! block changed since the last sync (see [`Steering::sync`]), and the
+//! gateway's source-NAT addresses and port range
 //! ([`Steering::set_snat`]). The program redirects to the gateway only
 //! packets to a frontend, replies from a backend (to one of the gateway's
 //! SNAT addresses: only on a SNAT port), ICMP errors about either and
