@@ -455,18 +455,35 @@ fn steer_snat(steering: &mut Steering, plan: &ReturnPlan, hops: &NextHops) {
 /// Makes the steering maps match `table` (and the node addresses last set),
 /// logging what changed; `why` says what prompted it. False when it failed
 /// (the caller tries again at the next refresh).
+///
+/// The log says how much was looked at: `changed_frontends=N` when only
+/// the frontends whose block changed were (most table changes), or
+/// `whole=REASON` ([`steer::WholeSync`]) when every frontend was.
 fn sync_steering(steering: &mut Steering, table: &Table, why: &str) -> bool {
     match steering.sync(table) {
         Ok(s) => {
-            info!(
-                generation = table.generation(),
-                frontends = s.frontends,
-                node_port_keys = s.node_port_keys,
-                backends = s.backends,
-                added = s.added,
-                removed = s.removed,
-                "steering maps updated ({why})"
-            );
+            match s.scope {
+                steer::SyncScope::Frontends { changed } => info!(
+                    generation = table.generation(),
+                    frontends = s.frontends,
+                    node_port_keys = s.node_port_keys,
+                    backends = s.backends,
+                    added = s.added,
+                    removed = s.removed,
+                    changed_frontends = changed,
+                    "steering maps updated ({why})"
+                ),
+                steer::SyncScope::Whole(w) => info!(
+                    generation = table.generation(),
+                    frontends = s.frontends,
+                    node_port_keys = s.node_port_keys,
+                    backends = s.backends,
+                    added = s.added,
+                    removed = s.removed,
+                    whole = %w,
+                    "steering maps updated ({why})"
+                ),
+            }
             true
         }
         Err(e) => {
@@ -1144,16 +1161,9 @@ fn steer_lingering(
     table: &Table,
     started: Instant,
 ) -> usize {
-    let in_table: std::collections::HashSet<(Addr16, u16, u8)> = table
-        .frontends()
-        .iter()
-        .flat_map(|f| {
-            table
-                .backends_of(f)
-                .iter()
-                .map(move |b| (b.addr, b.port, f.proto))
-        })
-        .collect();
+    // From the steering program's counts: costs the frontends that changed
+    // since its last sync, not the table.
+    let in_table = steering.table_backends(table);
     let mut flows = Vec::new();
     let now = clustergate_dataplane::time::Now(started.elapsed().as_nanos() as u64);
     ct.snapshot_flows(
@@ -1161,7 +1171,11 @@ fn steer_lingering(
         LINGER_FLOWS,
         &|f| {
             f.proto == clustergate_dataplane::flow::Proto::Tcp
-                && !in_table.contains(&(f.backend, f.backend_port, f.proto.ip_number()))
+                && !in_table.contains(&steer::SteerKey {
+                    addr: f.backend,
+                    port: f.backend_port,
+                    proto: f.proto.ip_number(),
+                })
         },
         &mut flows,
     );
