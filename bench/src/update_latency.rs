@@ -24,6 +24,18 @@
 //! N / `--changes`-th, the others each moving one endpoint of a random other
 //! service (a seeded generator, so runs repeat).
 //!
+//! A burst also measures the gateway's CPU per forwarded packet in two
+//! windows of the same run, the pktgen at its steady rate in both: the quiet
+//! second right before the burst, and the burst (from its first change to
+//! the last timed change seen at the sink, at least as long as the quiet
+//! window). CPU is the `clustergate` process's, all its threads (and its
+//! `cg-worker-*` threads alone): each thread's run time from
+//! `/proc/<pid>/task/<tid>/schedstat` (ns; the same time as `utime + stime`
+//! in `/proc/<pid>/stat`, which counts in 10 ms clock ticks), or those ticks
+//! where schedstat cannot be read. Packets are the frames the gateway put on
+//! its AF_XDP TX rings (`clustergate_xsk_tx_packets_total`, all workers).
+//! The ratio burst ÷ quiet is the issue's "CPU per packet during a burst".
+//!
 //! The return path is control's default, `snat` (`--return-path routed`
 //! measures the other path that rewrites the destination port; `dsr` leaves
 //! the service port on the wire, so a target port change cannot be seen and
@@ -76,6 +88,14 @@ impl Source {
 /// How long the probes run, s: the pktgen's longest run.
 const PROBE_S: u32 = 600;
 
+/// The gateway's CPU windows with `--burst`: the quiet one's length (and
+/// the burst's least).
+const CPU_WINDOW: Duration = Duration::from_secs(1);
+
+/// Time before the quiet window, past the gateway's eager second of hop
+/// refreshes after a table (dataplane/src/gateway.rs `EAGER_FOR`).
+const SETTLE: Duration = Duration::from_millis(1500);
+
 /// Services per file with `--source manifest-dir`.
 pub const SERVICES_PER_FILE: u32 = 100;
 
@@ -99,7 +119,10 @@ pub struct Args {
     /// 0: the timed changes one after another, each once the previous one
     /// forwards. N: one burst of N changes within one second across random
     /// services, the timed ones to service 0 interleaved every
-    /// N / --changes-th (--source api or manifest-dir), 0..=100000.
+    /// N / --changes-th (--source api or manifest-dir), 0..=100000. A
+    /// burst also measures the gateway's CPU per forwarded packet in it
+    /// against the quiet second before it (`cpu_ratio` on the last line;
+    /// `cpu_ratio=-` without a burst).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=100_000))]
     pub burst: u32,
     /// Packets per second to service 0 (every one a new flow), 100..=100000.
@@ -198,6 +221,8 @@ pub struct UpdateLatency {
     pub min_ms: f64,
     /// Most, ms.
     pub max_ms: f64,
+    /// The gateway's CPU per packet, quiet vs burst (`--burst` only).
+    pub cpu: Option<BurstCpu>,
 }
 
 fn mono_ns() -> u64 {
@@ -220,6 +245,282 @@ fn quantile(v: &[f64], q: f64) -> f64 {
     }
     let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
     v[i]
+}
+
+/// The gateway's CPU per forwarded packet in the quiet window before the
+/// burst and in the burst, and their ratio.
+#[derive(Debug, Clone, Serialize)]
+pub struct BurstCpu {
+    /// Where the CPU times come from: `schedstat` (ns per thread) or
+    /// `stat` (utime + stime, clock ticks).
+    pub clock: &'static str,
+    /// The second right before the burst, no change sent.
+    pub quiet: CpuWindow,
+    /// From the burst's first change until its last timed change was seen
+    /// at the sink (at least as long as the quiet window).
+    pub burst: CpuWindow,
+    /// Burst ÷ quiet, the whole gateway's ns per packet (`None` when the
+    /// quiet window forwarded nothing or used no measurable CPU).
+    pub cpu_ratio: Option<f64>,
+    /// Burst ÷ quiet, the worker threads' ns per packet.
+    pub worker_cpu_ratio: Option<f64>,
+}
+
+/// One window of [`BurstCpu`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CpuWindow {
+    /// Length, s.
+    pub s: f64,
+    /// Frames the gateway forwarded (put on its TX rings).
+    pub packets: u64,
+    /// CPU of the whole gateway process, ms.
+    pub cpu_ms: f64,
+    /// CPU of its worker threads alone, ms.
+    pub worker_cpu_ms: f64,
+    /// `cpu_ms` per packet, ns (`None` without packets).
+    pub ns_per_packet: Option<f64>,
+    /// `worker_cpu_ms` per packet, ns.
+    pub worker_ns_per_packet: Option<f64>,
+    /// CPU of each of the gateway's threads, by name, ms (where the rest
+    /// went: the snapshot follower, the manage loop, the HTTP server).
+    pub threads_ms: BTreeMap<String, f64>,
+}
+
+/// CPU time so far: clock ticks (utime + stime), and ns from schedstat
+/// where every thread's could be read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Cpu {
+    ticks: u64,
+    run_ns: Option<u64>,
+    /// Which threads `run_ns` sums: their count and the sum of their ids
+    /// (a thread that ended takes its ns with it; the ticks keep them).
+    threads: (u32, u64),
+}
+
+impl Cpu {
+    /// ns used between `self` (earlier) and `later`: schedstat's where both
+    /// have it over the same threads, else the ticks at `hz` per second.
+    fn ns_until(self, later: Self, hz: u64) -> f64 {
+        match (self.run_ns, later.run_ns) {
+            (Some(a), Some(b)) if self.threads == later.threads => b.saturating_sub(a) as f64,
+            _ => later.ticks.saturating_sub(self.ticks) as f64 * 1e9 / hz.max(1) as f64,
+        }
+    }
+
+    /// Adds thread `tid`'s run time (`None`: unreadable, so no ns sum).
+    fn add_thread(&mut self, tid: u32, ns: Option<u64>) {
+        self.run_ns = self.run_ns.zip(ns).map(|(a, b)| a + b);
+        self.threads = (self.threads.0 + 1, self.threads.1 + u64::from(tid));
+    }
+}
+
+/// The fields of `/proc/<pid>/stat` (or `/proc/<pid>/task/<tid>/stat`)
+/// that the bench reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ProcStat {
+    /// The command name (field 2, without its parentheses).
+    comm: String,
+    /// The parent's pid (field 4).
+    ppid: u32,
+    /// utime + stime (fields 14 and 15), clock ticks.
+    ticks: u64,
+}
+
+/// Parses one `/proc/<pid>/stat` line. The command name is between the
+/// first `(` and the last `)`: it may itself hold spaces and parentheses.
+fn parse_stat(line: &str) -> Option<ProcStat> {
+    let open = line.find('(')?;
+    let close = line.rfind(')')?;
+    let comm = line.get(open + 1..close)?.to_owned();
+    // From field 3 (state) on.
+    let f: Vec<&str> = line.get(close + 1..)?.split_whitespace().collect();
+    let num = |i: usize| f.get(i)?.parse::<u64>().ok();
+    Some(ProcStat {
+        comm,
+        ppid: u32::try_from(num(1)?).ok()?,
+        ticks: num(11)?.checked_add(num(12)?)?,
+    })
+}
+
+/// The run time (ns) in a `/proc/<pid>/task/<tid>/schedstat` line: its
+/// first field (then the wait time and the time slices).
+fn parse_schedstat(line: &str) -> Option<u64> {
+    line.split_whitespace().next()?.parse().ok()
+}
+
+/// The worker threads' names: `cg-worker-<core>` (dataplane/src/gateway.rs).
+fn is_worker(comm: &str) -> bool {
+    comm.starts_with("cg-worker-")
+}
+
+/// The whole process's CPU (its own stat counts threads that ended; the ns
+/// sum its live threads'), its worker threads', and each thread name's ns
+/// (schedstat's, or its ticks at `hz` per second).
+fn process_cpu(pid: u32, hz: u64) -> Result<(Cpu, Cpu, BTreeMap<String, u64>)> {
+    let dir = format!("/proc/{pid}");
+    let whole = std::fs::read_to_string(format!("{dir}/stat"))
+        .ok()
+        .as_deref()
+        .and_then(parse_stat)
+        .with_context(|| format!("reading {dir}/stat"))?;
+    let (mut all, mut workers) = (
+        Cpu {
+            ticks: whole.ticks,
+            run_ns: Some(0),
+            threads: (0, 0),
+        },
+        Cpu {
+            ticks: 0,
+            run_ns: Some(0),
+            threads: (0, 0),
+        },
+    );
+    let mut by_name = BTreeMap::new();
+    let tasks =
+        std::fs::read_dir(format!("{dir}/task")).with_context(|| format!("listing {dir}/task"))?;
+    for t in tasks.flatten() {
+        let path = t.path();
+        // A thread that ended since the listing: nothing more to count.
+        let (Some(tid), Some(st)) = (
+            t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()),
+            std::fs::read_to_string(path.join("stat"))
+                .ok()
+                .as_deref()
+                .and_then(parse_stat),
+        ) else {
+            continue;
+        };
+        let ns = std::fs::read_to_string(path.join("schedstat"))
+            .ok()
+            .as_deref()
+            .and_then(parse_schedstat);
+        all.add_thread(tid, ns);
+        if is_worker(&st.comm) {
+            workers.ticks += st.ticks;
+            workers.add_thread(tid, ns);
+        }
+        *by_name.entry(st.comm).or_default() +=
+            ns.unwrap_or(st.ticks.saturating_mul(1_000_000_000) / hz.max(1));
+    }
+    Ok((all, workers, by_name))
+}
+
+/// The pid of this process's child (or grandchild: `ip netns exec` may
+/// fork) whose command name is `comm`.
+fn child_named(comm: &str) -> Result<u32> {
+    let me = std::process::id();
+    let mut procs = Vec::new();
+    for e in std::fs::read_dir("/proc")
+        .context("listing /proc")?
+        .flatten()
+    {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(st) = std::fs::read_to_string(e.path().join("stat"))
+            .ok()
+            .as_deref()
+            .and_then(parse_stat)
+        {
+            procs.push((pid, st));
+        }
+    }
+    let parent_of = |pid: u32| procs.iter().find(|(p, _)| *p == pid).map(|(_, s)| s.ppid);
+    procs
+        .iter()
+        .find(|(_, st)| st.comm == comm && (st.ppid == me || parent_of(st.ppid) == Some(me)))
+        .map(|(pid, _)| *pid)
+        .with_context(|| format!("no child process named {comm:?} of pid {me} in /proc"))
+}
+
+/// Frames the gateway put on its TX rings: the sum over workers of
+/// `clustergate_xsk_tx_packets_total` in its metrics text.
+fn tx_packets(metrics: &str) -> Option<u64> {
+    let mut found = false;
+    let sum = metrics
+        .lines()
+        .filter(|l| l.starts_with("clustergate_xsk_tx_packets_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .inspect(|_| found = true)
+        .sum::<f64>();
+    found.then_some(sum as u64)
+}
+
+/// The gateway at one instant.
+#[derive(Debug, Clone)]
+struct CpuSample {
+    at: Instant,
+    all: Cpu,
+    workers: Cpu,
+    /// ns by thread name.
+    threads: BTreeMap<String, u64>,
+    tx_packets: u64,
+}
+
+/// Reads the gateway's CPU (`pid`, clock ticks at `hz` per second) and
+/// its forwarded frames (its metrics on `port` in namespace `ns`).
+fn sample(pid: u32, hz: u64, ns: &str, port: u16) -> Result<CpuSample> {
+    let (status, text) = http_get_in(ns, port, "/metrics").context("the gateway's /metrics")?;
+    ensure!(status == 200, "the gateway's /metrics answered {status}");
+    let tx_packets = tx_packets(&text)
+        .context("the gateway's /metrics has no clustergate_xsk_tx_packets_total")?;
+    let (all, workers, threads) = process_cpu(pid, hz)?;
+    Ok(CpuSample {
+        at: Instant::now(),
+        all,
+        workers,
+        threads,
+        tx_packets,
+    })
+}
+
+/// ns per packet; `None` without packets.
+fn ns_per_packet(ns: f64, packets: u64) -> Option<f64> {
+    (packets > 0).then(|| ns / packets as f64)
+}
+
+/// `burst ÷ quiet`; `None` unless both are finite and quiet is positive.
+fn ratio(burst: Option<f64>, quiet: Option<f64>) -> Option<f64> {
+    let (b, q) = (burst?, quiet?);
+    (q > 0.0 && b.is_finite() && q.is_finite()).then(|| b / q)
+}
+
+/// The window from `a` to `b` (later), CPU ticks at `hz` per second.
+fn window(a: &CpuSample, b: &CpuSample, hz: u64) -> CpuWindow {
+    let packets = b.tx_packets.saturating_sub(a.tx_packets);
+    let all = a.all.ns_until(b.all, hz);
+    let workers = a.workers.ns_until(b.workers, hz);
+    CpuWindow {
+        s: b.at.saturating_duration_since(a.at).as_secs_f64(),
+        packets,
+        cpu_ms: all / 1e6,
+        worker_cpu_ms: workers / 1e6,
+        ns_per_packet: ns_per_packet(all, packets),
+        worker_ns_per_packet: ns_per_packet(workers, packets),
+        threads_ms: b
+            .threads
+            .iter()
+            .map(|(name, &ns)| {
+                let before = a.threads.get(name).copied().unwrap_or(0);
+                (name.clone(), ns.saturating_sub(before) as f64 / 1e6)
+            })
+            .collect(),
+    }
+}
+
+/// The quiet window (`q0` → `q1`) against the burst's (`q1` → `b1`).
+fn burst_cpu(q0: &CpuSample, q1: &CpuSample, b1: &CpuSample, hz: u64) -> BurstCpu {
+    let (quiet, burst) = (window(q0, q1, hz), window(q1, b1, hz));
+    let schedstat = [q0, q1, b1]
+        .iter()
+        .all(|s| s.all.run_ns.is_some() && s.workers.run_ns.is_some());
+    BurstCpu {
+        clock: if schedstat { "schedstat" } else { "stat" },
+        cpu_ratio: ratio(burst.ns_per_packet, quiet.ns_per_packet),
+        worker_cpu_ratio: ratio(burst.worker_ns_per_packet, quiet.worker_ns_per_packet),
+        quiet,
+        burst,
+    }
 }
 
 /// Runs `clustergate-bench update-latency`.
@@ -264,6 +565,9 @@ pub fn run(args: &Args) -> Result<()> {
         "\nupdate latency ({} change → first packet at the new backend port), {} services × {} endpoints, return path {}, {} changes{burst}, probes at {} pps:\n\n| p50 ms | p99 ms | min ms | max ms |\n|---|---|---|---|\n| {:.1} | {:.1} | {:.1} | {:.1} |",
         res.source.name(), res.services, res.endpoints, res.return_path.name(), res.changes, res.rate, res.p50_ms, res.p99_ms, res.min_ms, res.max_ms
     );
+    if let Some(c) = &res.cpu {
+        println!("\n{}", cpu_table(c));
+    }
     println!("{}", last_line(&res));
     std::fs::write(
         args.out.join("update-latency.json"),
@@ -272,10 +576,17 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// `update-latency: source=… services=… endpoints=… changes=… burst=… p50_ms=… p99_ms=…`.
+/// `update-latency: source=… services=… endpoints=… changes=… burst=…
+/// p50_ms=… p99_ms=… cpu_ratio=…`; `cpu_ratio=-` without a burst (or
+/// without a quiet window to divide by).
 fn last_line(res: &UpdateLatency) -> String {
+    let ratio = res
+        .cpu
+        .as_ref()
+        .and_then(|c| c.cpu_ratio)
+        .map_or_else(|| "-".to_owned(), |r| format!("{r:.3}"));
     format!(
-        "update-latency: source={} services={} endpoints={} changes={} burst={} p50_ms={:.1} p99_ms={:.1}",
+        "update-latency: source={} services={} endpoints={} changes={} burst={} p50_ms={:.1} p99_ms={:.1} cpu_ratio={ratio}",
         res.source.name(),
         res.services,
         res.endpoints,
@@ -283,6 +594,45 @@ fn last_line(res: &UpdateLatency) -> String {
         res.burst,
         res.p50_ms,
         res.p99_ms
+    )
+}
+
+/// `name ms, …` of a window's threads, the busiest first.
+fn by_thread(w: &CpuWindow) -> String {
+    let mut v: Vec<(&String, &f64)> = w.threads_ms.iter().collect();
+    v.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
+    v.iter()
+        .map(|(n, ms)| format!("{n} {ms:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// ns per packet for the table: `-` without packets.
+fn ns_text(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| format!("{v:.0} ns"))
+}
+
+/// The human table of [`BurstCpu`].
+fn cpu_table(c: &BurstCpu) -> String {
+    let row = |name: &str, w: &CpuWindow| {
+        format!(
+            "| {name} | {:.2} | {} | {:.1} | {} | {:.1} | {} |",
+            w.s,
+            w.packets,
+            w.cpu_ms,
+            ns_text(w.ns_per_packet),
+            w.worker_cpu_ms,
+            ns_text(w.worker_ns_per_packet)
+        )
+    };
+    let r = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+    format!(
+        "gateway CPU per forwarded packet ({} clock), the quiet window before the burst and the burst (until its last timed change forwarded):\n\n| window | s | packets | CPU ms | CPU per packet | workers' CPU ms | workers' per packet |\n|---|---|---|---|---|---|---|\n{}\n{}\n| burst ÷ quiet | | | | {} | | {} |",
+        c.clock,
+        row("quiet", &c.quiet),
+        row("burst", &c.burst),
+        r(c.cpu_ratio),
+        r(c.worker_cpu_ratio)
     )
 }
 
@@ -541,6 +891,7 @@ fn measure_in(
     ports.wait(&mut sink, &mut pktgen, port(0), &log("sink"))?;
     let mut lat = Vec::with_capacity(args.changes as usize);
     let mut burst_s = 0.0;
+    let mut cpu = None;
     if args.burst == 0 {
         for i in 1..=args.changes {
             crate::compare::check_stop()?;
@@ -554,6 +905,13 @@ fn measure_in(
             }
         }
     } else {
+        let gw = child_named("clustergate")?;
+        let hz = rustix::param::clock_ticks_per_second();
+        // Past the gateway's eager refreshes after its last table.
+        std::thread::sleep(SETTLE);
+        let q0 = sample(gw, hz, &topo.ns("gw"), 10257)?;
+        std::thread::sleep(CPU_WINDOW);
+        let q1 = sample(gw, hz, &topo.ns("gw"), 10257)?;
         let timed = timed_positions(args.burst, args.changes);
         let mut rng = fastrand::Rng::with_seed(0x5eed_0013);
         let mut sent = Vec::with_capacity(timed.len());
@@ -581,6 +939,25 @@ fn measure_in(
         progress(&format!("    burst sent in {burst_s:.2} s"));
         // The last timed port is seen last; every earlier one by then.
         ports.wait(&mut sink, &mut pktgen, port(args.changes), &log("sink"))?;
+        // The burst's window is at least as long as the quiet one.
+        let quiet = q1.at.saturating_duration_since(q0.at);
+        if let Some(rest) = (q1.at + quiet).checked_duration_since(Instant::now()) {
+            std::thread::sleep(rest);
+        }
+        let b1 = sample(gw, hz, &topo.ns("gw"), 10257)?;
+        let c = burst_cpu(&q0, &q1, &b1, hz);
+        progress(&format!(
+            "    gateway CPU per packet: {} quiet, {} in the burst",
+            ns_text(c.quiet.ns_per_packet),
+            ns_text(c.burst.ns_per_packet)
+        ));
+        for (name, w) in [("quiet", &c.quiet), ("burst", &c.burst)] {
+            progress(&format!(
+                "    {name} window, CPU ms by thread: {}",
+                by_thread(w)
+            ));
+        }
+        cpu = Some(c);
         let first: Vec<Option<u64>> = (1..=args.changes)
             .map(|i| ports.seen.get(&port(i)).copied())
             .collect();
@@ -629,6 +1006,7 @@ fn measure_in(
         min_ms: sorted.first().copied().unwrap_or(0.0),
         max_ms: sorted.last().copied().unwrap_or(0.0),
         latencies_ms: lat,
+        cpu,
     })
 }
 
@@ -789,10 +1167,217 @@ mod tests {
             p99_ms: 7.0,
             min_ms: 0.0,
             max_ms: 0.0,
+            cpu: None,
         };
         assert_eq!(
             last_line(&res),
-            "update-latency: source=api services=10000 endpoints=10 changes=20 burst=1000 p50_ms=1.2 p99_ms=7.0"
+            "update-latency: source=api services=10000 endpoints=10 changes=20 burst=1000 p50_ms=1.2 p99_ms=7.0 cpu_ratio=-"
+        );
+        let t = Instant::now();
+        let at = |ms: u64, ns: u64, packets: u64| CpuSample {
+            at: t + Duration::from_millis(ms),
+            all: Cpu {
+                ticks: 0,
+                run_ns: Some(ns),
+                threads: (3, 30),
+            },
+            workers: Cpu {
+                ticks: 0,
+                run_ns: Some(ns / 2),
+                threads: (3, 30),
+            },
+            threads: BTreeMap::new(),
+            tx_packets: packets,
+        };
+        let c = burst_cpu(
+            &at(0, 0, 0),
+            &at(1000, 50_000_000, 5000),
+            &at(2200, 116_000_000, 11_000),
+            100,
+        );
+        let res = UpdateLatency {
+            cpu: Some(c.clone()),
+            ..res
+        };
+        assert_eq!(
+            last_line(&res),
+            "update-latency: source=api services=10000 endpoints=10 changes=20 burst=1000 p50_ms=1.2 p99_ms=7.0 cpu_ratio=1.100"
+        );
+        let table = cpu_table(&c);
+        assert!(
+            table.contains("| quiet | 1.00 | 5000 | 50.0 | 10000 ns | 25.0 | 5000 ns |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| burst | 1.20 | 6000 | 66.0 | 11000 ns | 33.0 | 5500 ns |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| burst ÷ quiet | | | | 1.100 | | 1.100 |"),
+            "{table}"
+        );
+        let json = serde_json::to_value(&res).unwrap_or_default();
+        assert_eq!(
+            json["cpu"]["cpu_ratio"].as_f64(),
+            Some(c.cpu_ratio.unwrap_or(0.0))
+        );
+        assert_eq!(json["cpu"]["quiet"]["packets"], 5000);
+        assert_eq!(json["cpu"]["clock"], "schedstat");
+    }
+
+    #[test]
+    fn proc_stat_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        // A real line (cat reading itself), then thread names that hold
+        // ") " and "(": the fields count from the last ')'.
+        let cat = "15358 (cat) R 15352 15352 13267 0 -1 4194304 100 0 0 0 7 3 0 0 20 0 1 0 4925808 3133440 390 18446744073709551615 93940359544832 0 0 0";
+        assert_eq!(
+            parse_stat(cat),
+            Some(ProcStat {
+                comm: "cat".into(),
+                ppid: 15352,
+                ticks: 10
+            })
+        );
+        let odd = "42 (cg (x) 1) S 7 42 42 0 -1 4194624 10 0 0 0 1234 56 0 0 20 0 9 0 100 0 0";
+        assert_eq!(
+            parse_stat(odd),
+            Some(ProcStat {
+                comm: "cg (x) 1".into(),
+                ppid: 7,
+                ticks: 1290
+            })
+        );
+        let spaced = "43 (a) b) c 2 ) S 1 43 43 0 -1 0 0 0 0 0 5 6 0 0";
+        assert_eq!(
+            parse_stat(spaced).map(|s| (s.comm, s.ticks)),
+            Some(("a) b) c 2 ".into(), 11))
+        );
+        // Cut short, or not numbers where utime and stime are: refused.
+        assert_eq!(
+            parse_stat("42 (cg) S 7 42 42 0 -1 4194624 10 0 0 0 1234"),
+            None
+        );
+        assert_eq!(
+            parse_stat("42 (cg) S 7 42 42 0 -1 4194624 10 0 0 0 x 56"),
+            None
+        );
+        assert_eq!(parse_stat("42 cg S 7"), None);
+        assert_eq!(parse_stat(""), None);
+        assert_eq!(parse_schedstat("123456789 80537 12\n"), Some(123_456_789));
+        assert_eq!(parse_schedstat(""), None);
+        assert!(is_worker("cg-worker-0") && is_worker("cg-worker-15"));
+        assert!(!is_worker("clustergate") && !is_worker("snapshots") && !is_worker("cg-http"));
+    }
+
+    #[test]
+    fn cpu_per_packet_counts_ticks_or_ns_and_divides_by_the_quiet_window() {
+        // Clock ticks at 100 Hz: 3 ticks are 30 ms.
+        let ticks = |t: u64| Cpu {
+            ticks: t,
+            run_ns: None,
+            threads: (3, 30),
+        };
+        assert_eq!(ticks(7).ns_until(ticks(10), 100), 30_000_000.0);
+        assert_eq!(ticks(7).ns_until(ticks(10), 250), 12_000_000.0);
+        // schedstat's ns where both samples have them; the ticks where
+        // either lacks them.
+        let both = |t: u64, ns: u64| Cpu {
+            ticks: t,
+            run_ns: Some(ns),
+            threads: (3, 30),
+        };
+        assert_eq!(both(7, 1_000).ns_until(both(10, 4_500), 100), 3_500.0);
+        assert_eq!(both(7, 1_000).ns_until(ticks(10), 100), 30_000_000.0);
+        // A thread ended (or started) between them: its ns are not in both
+        // sums, the ticks count the whole process.
+        let other = Cpu {
+            threads: (2, 20),
+            ..both(10, 4_500)
+        };
+        assert_eq!(both(7, 1_000).ns_until(other, 100), 30_000_000.0);
+        let mut c = Cpu {
+            ticks: 0,
+            run_ns: Some(0),
+            threads: (0, 0),
+        };
+        c.add_thread(10, Some(5));
+        c.add_thread(11, Some(6));
+        assert_eq!((c.run_ns, c.threads), (Some(11), (2, 21)));
+        c.add_thread(12, None);
+        assert_eq!((c.run_ns, c.threads), (None, (3, 33)));
+        // 30 ms over 6000 packets: 5 µs each.
+        assert_eq!(ns_per_packet(30_000_000.0, 6000), Some(5000.0));
+        assert_eq!(ns_per_packet(30_000_000.0, 0), None);
+        assert_eq!(ratio(Some(5500.0), Some(5000.0)), Some(1.1));
+        assert_eq!(ratio(Some(5500.0), Some(0.0)), None);
+        assert_eq!(ratio(Some(5500.0), None), None);
+        assert_eq!(ratio(None, Some(5000.0)), None);
+        assert_eq!(ratio(Some(f64::INFINITY), Some(5000.0)), None);
+
+        // Ticks only (no schedstat): quiet 10 ticks over 5000 packets,
+        // burst 24 over 8000.
+        let t = Instant::now();
+        let at = |ms: u64, ticks: u64, workers: u64, packets: u64| CpuSample {
+            at: t + Duration::from_millis(ms),
+            all: Cpu {
+                ticks,
+                run_ns: None,
+                threads: (3, 30),
+            },
+            workers: Cpu {
+                ticks: workers,
+                run_ns: None,
+                threads: (3, 30),
+            },
+            threads: BTreeMap::from([("cg-worker-0".to_owned(), workers * 10_000_000)]),
+            tx_packets: packets,
+        };
+        let c = burst_cpu(
+            &at(0, 100, 40, 1_000),
+            &at(1000, 110, 45, 6_000),
+            &at(2600, 134, 61, 14_000),
+            100,
+        );
+        assert_eq!(c.clock, "stat");
+        assert_eq!(
+            c.quiet,
+            CpuWindow {
+                s: 1.0,
+                packets: 5000,
+                cpu_ms: 100.0,
+                worker_cpu_ms: 50.0,
+                ns_per_packet: Some(20_000.0),
+                worker_ns_per_packet: Some(10_000.0),
+                threads_ms: BTreeMap::from([("cg-worker-0".to_owned(), 50.0)]),
+            }
+        );
+        assert_eq!(c.burst.packets, 8000);
+        assert_eq!(c.burst.ns_per_packet, Some(30_000.0));
+        assert_eq!(c.burst.worker_ns_per_packet, Some(20_000.0));
+        assert_eq!(c.cpu_ratio, Some(1.5));
+        assert_eq!(c.worker_cpu_ratio, Some(2.0));
+        // A quiet window that forwarded nothing has no ratio.
+        let c = burst_cpu(
+            &at(0, 100, 40, 1_000),
+            &at(1000, 110, 45, 1_000),
+            &at(2000, 120, 50, 9_000),
+            100,
+        );
+        assert_eq!((c.quiet.ns_per_packet, c.cpu_ratio), (None, None));
+    }
+
+    #[test]
+    fn forwarded_packets_are_summed_over_the_workers_tx_counters() {
+        let text =
+            "# HELP clustergate_xsk_tx_packets Frames put on the AF_XDP TX rings, per worker\n\
+                    # TYPE clustergate_xsk_tx_packets counter\n\
+                    clustergate_xsk_tx_packets_total{proxy_name=\"cg\",worker=\"0\"} 1200\n\
+                    clustergate_xsk_rx_packets_total{proxy_name=\"cg\",worker=\"0\"} 99999\n\
+                    clustergate_xsk_tx_packets_total{proxy_name=\"cg\",worker=\"1\"} 34\n";
+        assert_eq!(tx_packets(text), Some(1234));
+        assert_eq!(
+            tx_packets("clustergate_xsk_rx_packets_total{worker=\"0\"} 5\n"),
+            None
         );
     }
 }
