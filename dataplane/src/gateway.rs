@@ -1066,10 +1066,14 @@ fn watch_published(
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher as _;
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Not accesses: notify reports opens and reads too, and this
+        // gateway's own reads of `current` would wake it again at once, in a
+        // loop. Control replaces `current` by a rename.
         let names_current = event.is_ok_and(|e| {
-            e.paths
-                .iter()
-                .any(|p| p.file_name().is_some_and(|n| n == snapshot::CURRENT))
+            !matches!(e.kind, notify::EventKind::Access(_))
+                && e.paths
+                    .iter()
+                    .any(|p| p.file_name().is_some_and(|n| n == snapshot::CURRENT))
         });
         if names_current {
             // Full: a wake-up is pending already.
@@ -1261,6 +1265,38 @@ fn keep_caps(keep: &[caps::Capability]) -> Result<(), caps::errors::CapsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reading `current` (as the follower does after each wake-up) does not
+    /// wake the follower again; replacing it, as control publishes, does.
+    #[test]
+    fn only_a_published_current_wakes_the_follower() {
+        let dir = std::env::temp_dir().join(format!("cg-watch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch directory");
+        let current = dir.join(snapshot::CURRENT);
+        std::fs::write(&current, "1\n").expect("current");
+        let (tx, wake) = std::sync::mpsc::sync_channel::<()>(1);
+        let watcher = watch_published(&dir, tx).expect("inotify");
+        let quiet = |what: &str| {
+            // Events already queued arrive within this.
+            let woke = wake.recv_timeout(Duration::from_millis(200)).is_ok();
+            assert!(!woke, "{what} woke the follower");
+        };
+        quiet("watching");
+        for _ in 0..20 {
+            std::fs::read_to_string(&current).expect("reading current");
+        }
+        quiet("reading current");
+        let tmp = dir.join(".current.tmp");
+        std::fs::write(&tmp, "2\n").expect("tmp");
+        std::fs::rename(&tmp, &current).expect("rename");
+        assert!(
+            wake.recv_timeout(Duration::from_secs(5)).is_ok(),
+            "a new current did not wake the follower"
+        );
+        drop(watcher);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn core_lists() {
