@@ -42,7 +42,7 @@ use clustergate_dataplane::flow::{addr16, ip_from16, Addr16};
 use clustergate_dataplane::io::handoff;
 use clustergate_dataplane::io::nexthop::{self, NextHopError, NextHops, Resolver};
 use clustergate_dataplane::io::node_addrs::NodeAddrSet;
-use clustergate_dataplane::io::steer::{self, Steering};
+use clustergate_dataplane::io::steer::{self, Steering, SyncStats};
 use clustergate_dataplane::io::worker::{self, OpenedSocket, Shared, WorkerSpec, WorkerStats};
 use clustergate_dataplane::io::xsk::{Iface, XskOptions, ZeroCopy};
 use clustergate_dataplane::pipeline::Ownership;
@@ -453,13 +453,13 @@ fn steer_snat(steering: &mut Steering, plan: &ReturnPlan, hops: &NextHops) {
 }
 
 /// Makes the steering maps match `table` (and the node addresses last set),
-/// logging what changed; `why` says what prompted it. False when it failed
+/// logging what changed; `why` says what prompted it. `None` when it failed
 /// (the caller tries again at the next refresh).
 ///
 /// The log says how much was looked at: `changed_frontends=N` when only
 /// the frontends whose block changed were (most table changes), or
 /// `whole=REASON` ([`steer::WholeSync`]) when every frontend was.
-fn sync_steering(steering: &mut Steering, table: &Table, why: &str) -> bool {
+fn sync_steering(steering: &mut Steering, table: &Table, why: &str) -> Option<SyncStats> {
     match steering.sync(table) {
         Ok(s) => {
             match s.scope {
@@ -484,11 +484,11 @@ fn sync_steering(steering: &mut Steering, table: &Table, why: &str) -> bool {
                     "steering maps updated ({why})"
                 ),
             }
-            true
+            Some(s)
         }
         Err(e) => {
             error!("updating the steering maps ({why}): {e}");
-            false
+            None
         }
     }
 }
@@ -672,7 +672,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         "steering maps filled"
     );
     let first_table = table_status(&table, &plan);
-    keep_backends_resolved(&mut resolver, &table);
+    keep_backends_resolved(&mut resolver, &steering);
     warn_foreign_snat(&plan, &hops.load());
     steer_snat(&mut steering, &plan, &hops.load());
 
@@ -870,6 +870,9 @@ fn manage(
     let mut table_st = None;
     // A steering sync failed: retried at each refresh until it succeeds.
     let mut resync = false;
+    // The backends' neighbours must be looked at again (an address came or
+    // went, or the last look failed).
+    let mut resolve = false;
     let poll = Duration::from_millis(args.poll_ms);
     let mut last_link_probe = Instant::now();
     // Snapshots are followed on a thread of their own, so that a new table
@@ -936,9 +939,16 @@ fn manage(
                         last_linger = Instant::now();
                     }
                     previous = Some(Arc::clone(&table));
-                    resync = !sync_steering(steering, &table, "new table");
+                    let synced = sync_steering(steering, &table, "new table");
+                    resync = synced.is_none();
+                    resolve |= synced.is_none_or(|s| s.backend_addrs_changed);
                     table_st = Some(table_status(&table, plan));
-                    keep_backends_resolved(resolver, &table);
+                    // Most endpoint changes keep the backend addresses (a
+                    // port moved): the neighbours are looked at again only
+                    // when an address came or went.
+                    if std::mem::take(&mut resolve) {
+                        resolve = !keep_backends_resolved(resolver, steering);
+                    }
                     applied_at = Some(std::time::SystemTime::now());
                     eager_until = Instant::now() + EAGER_FOR;
                 }
@@ -950,8 +960,10 @@ fn manage(
                     let before = lingering;
                     lingering = steer_lingering(steering, ct, &table, started);
                     if lingering != before {
-                        resync |=
-                            !sync_steering(steering, &table, "backends without connections let go");
+                        let synced =
+                            sync_steering(steering, &table, "backends without connections let go");
+                        resync |= synced.is_none();
+                        resolve |= synced.is_none_or(|s| s.backend_addrs_changed);
                     }
                     last_linger = now;
                 }
@@ -987,11 +999,13 @@ fn manage(
                             }
                             if resync {
                                 let table = handle.load_full();
-                                resync = !sync_steering(
+                                let synced = sync_steering(
                                     steering,
                                     &table,
                                     "the node's addresses changed, or a retry",
                                 );
+                                resync = synced.is_none();
+                                resolve |= synced.is_none_or(|s| s.backend_addrs_changed);
                             }
                             hops.store(Arc::new(h));
                         }
@@ -1201,16 +1215,17 @@ fn steer_lingering(
     n
 }
 
-fn keep_backends_resolved(resolver: &mut Resolver, table: &Table) {
-    let mut addrs: Vec<IpAddr> = table
-        .backend_records()
-        .iter()
-        .map(|b| ip_from16(b.addr))
-        .collect();
-    addrs.sort_unstable();
-    addrs.dedup();
-    if let Err(e) = resolver.keep_resolved(&addrs) {
-        warn!("keeping backend neighbours resolved: {e}");
+/// Keeps the neighbours of the backends the steering maps hold (the
+/// table's and those kept for their connections) resolved; false when it
+/// failed (logged: the next table tries again).
+fn keep_backends_resolved(resolver: &mut Resolver, steering: &Steering) -> bool {
+    let addrs: Vec<IpAddr> = steering.backend_addrs().map(ip_from16).collect();
+    match resolver.keep_resolved(&addrs) {
+        Ok(_) => true,
+        Err(e) => {
+            warn!("keeping backend neighbours resolved: {e}");
+            false
+        }
     }
 }
 

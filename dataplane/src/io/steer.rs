@@ -321,6 +321,9 @@ pub struct SyncStats {
     /// Whether only the keys of the frontends that changed were looked at,
     /// or every frontend's.
     pub scope: SyncScope,
+    /// Some backend address was added to or removed from `backend_addrs`
+    /// ([`Steering::backend_addrs`] changed).
+    pub backend_addrs_changed: bool,
 }
 
 /// How much of the table one [`Steering::sync`] looked at.
@@ -1514,6 +1517,8 @@ impl Steering {
         let scope = update.scope();
         let diff = self.tracker.diff(&self.mirror, update);
         let (added, removed) = (diff.add.len(), diff.remove.len());
+        let backend_addrs_changed =
+            !diff.add.backend_addrs.is_empty() || !diff.remove.backend_addrs.is_empty();
         if let Err(e) = self.write(&diff) {
             self.tracker.failed();
             return Err(e);
@@ -1526,7 +1531,15 @@ impl Steering {
             added,
             removed,
             scope,
+            backend_addrs_changed,
         })
+    }
+
+    /// The backend addresses the maps steer replies from: every backend
+    /// address of the table last synced, and those of the backends kept for
+    /// their connections. Kept up to date per entry by [`Steering::sync`].
+    pub fn backend_addrs(&self) -> impl Iterator<Item = Addr16> + '_ {
+        self.mirror.backend_addrs.iter().copied()
     }
 
     /// Writes `diff` to the maps, inserts first, keeping the mirror equal
