@@ -306,6 +306,24 @@ fn apply(files: &mut Files, file: usize, change: &Change) {
     }
 }
 
+/// Applies `chunk` to the files, then hands each file it touched to `inc`
+/// once, as `run` takes up the files of one burst of events.
+fn take_up(inc: &mut IncrementalModel, files: &mut Files, chunk: &[(usize, Change)]) {
+    let mut touched = Vec::new();
+    for (file, change) in chunk {
+        apply(files, *file, change);
+        touched.push(*file);
+    }
+    touched.sort_unstable();
+    touched.dedup();
+    for file in touched {
+        match &files[file] {
+            Some((o, e)) => inc.set_source(FILES[file], Some(o), e.as_deref()),
+            None => inc.set_source(FILES[file], None, None),
+        };
+    }
+}
+
 fn full_rebuild(dir: &Path, files: &Files, options: &ModelOptions) -> Model {
     let merged = merge_files(
         dir,
@@ -357,19 +375,7 @@ proptest! {
         let mut files: Files = vec![None; FILES.len()];
         // Some steps take up several changes at once, as a burst does.
         for (step, chunk) in changes.chunks(batch).enumerate() {
-            let mut touched = Vec::new();
-            for (file, change) in chunk {
-                apply(&mut files, *file, change);
-                touched.push(*file);
-            }
-            touched.sort_unstable();
-            touched.dedup();
-            for file in touched {
-                match &files[file] {
-                    Some((o, e)) => inc.set_source(FILES[file], Some(o), e.as_deref()),
-                    None => inc.set_source(FILES[file], None, None),
-                };
-            }
+            take_up(&mut inc, &mut files, chunk);
             let full = full_rebuild(dir, &files, &options);
             assert_same(inc.model(), &full, step);
         }
@@ -398,19 +404,7 @@ proptest! {
         let mut whole = Builder::new(7, DEFAULT_MAX_RING_SIZE, RingSizes::default());
         let mut last_reference = None;
         for (step, chunk) in changes.chunks(batch).enumerate() {
-            let mut touched = Vec::new();
-            for (file, change) in chunk {
-                apply(&mut files, *file, change);
-                touched.push(*file);
-            }
-            touched.sort_unstable();
-            touched.dedup();
-            for file in touched {
-                match &files[file] {
-                    Some((o, e)) => inc.set_source(FILES[file], Some(o), e.as_deref()),
-                    None => inc.set_source(FILES[file], None, None),
-                };
-            }
+            take_up(&mut inc, &mut files, chunk);
             let changes = inc.take_table_changes();
             let model = inc.model();
             let generation = publisher.next_generation();
