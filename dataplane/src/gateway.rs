@@ -602,6 +602,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             bail!("--cores: core {c} is not available to this process (available: {available:?})");
         }
     }
+    keep_off_worker_cores(&available, &args.cores.0);
     let workers = args.cores.0.len() as u32;
     if workers > args.queues {
         bail!(
@@ -1225,6 +1226,32 @@ fn keep_backends_resolved(resolver: &mut Resolver, steering: &Steering) -> bool 
         Err(e) => {
             warn!("keeping backend neighbours resolved: {e}");
             false
+        }
+    }
+}
+
+/// Keeps the gateway's other threads (management, snapshot follower,
+/// HTTP, inotify) off the workers' cores when some core is left: they are
+/// all started from this thread and inherit its affinity, and each worker
+/// pins itself to its own core. A management step right after a table
+/// change (steering, route refresh) then never takes a worker's core.
+fn keep_off_worker_cores(available: &[usize], workers: &[usize]) {
+    let rest: Vec<usize> = available
+        .iter()
+        .copied()
+        .filter(|c| !workers.contains(c))
+        .collect();
+    if rest.is_empty() {
+        return;
+    }
+    let mut set = rustix::thread::CpuSet::new();
+    for &c in &rest {
+        set.set(c);
+    }
+    match rustix::thread::sched_setaffinity(None, &set) {
+        Ok(()) => info!(cores = ?rest, "management threads kept off the workers' cores"),
+        Err(e) => {
+            warn!(cores = ?rest, "cannot keep the management threads off the workers' cores: {e}")
         }
     }
 }
