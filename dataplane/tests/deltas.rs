@@ -704,6 +704,20 @@ fn workers_never_see_a_frontend_half_updated() {
     assert_eq!(watcher.stats.deltas, 300);
 }
 
+/// A scratch snapshot directory with a writer, a builder (flow-hash seed
+/// `seed`) and the model's first table, published in full.
+fn published_rig(seed: u64) -> (TestDir, Writer, Builder, Model, Table) {
+    let dir = TestDir::new();
+    let mut writer = Writer::open(dir.path()).unwrap();
+    let mut builder = Builder::new(seed, DEFAULT_MAX_RING_SIZE, RingSizes::default());
+    let model = Model::new();
+    let last = builder
+        .build(writer.next_generation(), &model.spec())
+        .unwrap();
+    writer.publish_change(&last, None).unwrap();
+    (dir, writer, builder, model, last)
+}
+
 /// Moves one backend of Service `k` (a new one each time) and publishes the
 /// table after `last`; the full snapshot it started writing in the
 /// background, if any.
@@ -860,14 +874,7 @@ fn the_full_snapshot_after_64_deltas_is_written_in_the_background() {
 /// files it makes unnecessary go.
 #[test]
 fn pruning_with_a_compaction_in_flight_keeps_what_readers_need() {
-    let dir = TestDir::new();
-    let mut writer = Writer::open(dir.path()).unwrap();
-    let mut builder = Builder::new(13, DEFAULT_MAX_RING_SIZE, RingSizes::default());
-    let mut model = Model::new();
-    let mut last = builder
-        .build(writer.next_generation(), &model.spec())
-        .unwrap();
-    writer.publish_change(&last, None).unwrap();
+    let (dir, mut writer, mut builder, mut model, mut last) = published_rig(13);
     let mut k = 0;
     // Generations 2..=65 (the full snapshot 65 written), then 66..=129
     // with the full snapshot 129 held before its rename.
@@ -924,14 +931,7 @@ fn pruning_with_a_compaction_in_flight_keeps_what_readers_need() {
 /// and the next delta writes the full snapshot of its own generation.
 #[test]
 fn a_failed_compaction_is_retried_by_the_next_delta() {
-    let dir = TestDir::new();
-    let mut writer = Writer::open(dir.path()).unwrap();
-    let mut builder = Builder::new(17, DEFAULT_MAX_RING_SIZE, RingSizes::default());
-    let mut model = Model::new();
-    let mut last = builder
-        .build(writer.next_generation(), &model.spec())
-        .unwrap();
-    writer.publish_change(&last, None).unwrap();
+    let (dir, mut writer, mut builder, mut model, mut last) = published_rig(17);
     let g = 1 + DELTAS_PER_FULL as u64;
     // Something in the way of the temporary file of the full snapshot `g`.
     fs::create_dir(tmp_path(dir.path(), g)).unwrap();
@@ -964,14 +964,7 @@ fn a_failed_compaction_is_retried_by_the_next_delta() {
 /// written.
 #[test]
 fn a_full_publish_and_a_stop_finish_the_compaction_first() {
-    let dir = TestDir::new();
-    let mut writer = Writer::open(dir.path()).unwrap();
-    let mut builder = Builder::new(19, DEFAULT_MAX_RING_SIZE, RingSizes::default());
-    let mut model = Model::new();
-    let mut last = builder
-        .build(writer.next_generation(), &model.spec())
-        .unwrap();
-    writer.publish_change(&last, None).unwrap();
+    let (dir, mut writer, mut builder, mut model, mut last) = published_rig(19);
     let hold = writer.hold_compactions();
     let mut k = 0;
     while last.generation() < 65 {
@@ -1027,14 +1020,7 @@ fn a_full_publish_and_a_stop_finish_the_compaction_first() {
 /// Service (and the one removed) the lookups of control's table.
 #[test]
 fn a_background_full_snapshot_after_added_and_removed_services_looks_up_the_same() {
-    let dir = TestDir::new();
-    let mut writer = Writer::open(dir.path()).unwrap();
-    let mut builder = Builder::new(23, DEFAULT_MAX_RING_SIZE, RingSizes::default());
-    let mut model = Model::new();
-    let mut last = builder
-        .build(writer.next_generation(), &model.spec())
-        .unwrap();
-    writer.publish_change(&last, None).unwrap();
+    let (dir, mut writer, mut builder, mut model, mut last) = published_rig(23);
     for k in 0..DELTAS_PER_FULL as u32 - 1 {
         assert_eq!(
             step(&mut writer, &mut builder, &mut model, &mut last, k),
