@@ -110,5 +110,6 @@ mod sink;
 mod topology;
 mod update_latency;
 mod update_objects;
+mod update_steps;
 mod wire;
 mod xdp_sink;

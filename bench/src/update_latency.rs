@@ -223,6 +223,8 @@ pub struct UpdateLatency {
     pub max_ms: f64,
     /// The gateway's CPU per packet, quiet vs burst (`--burst` only).
     pub cpu: Option<BurstCpu>,
+    /// Where the time goes, from control's and the gateway's logs.
+    pub steps: Option<crate::update_steps::Steps>,
 }
 
 fn mono_ns() -> u64 {
@@ -239,7 +241,7 @@ fn write_atomically(path: &Path, body: &str) -> Result<u64> {
 }
 
 /// Quantile `q` of sorted `v`, nearest rank.
-fn quantile(v: &[f64], q: f64) -> f64 {
+pub(crate) fn quantile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -565,6 +567,9 @@ pub fn run(args: &Args) -> Result<()> {
         "\nupdate latency ({} change → first packet at the new backend port), {} services × {} endpoints, return path {}, {} changes{burst}, probes at {} pps:\n\n| p50 ms | p99 ms | min ms | max ms |\n|---|---|---|---|\n| {:.1} | {:.1} | {:.1} | {:.1} |",
         res.source.name(), res.services, res.endpoints, res.return_path.name(), res.changes, res.rate, res.p50_ms, res.p99_ms, res.min_ms, res.max_ms
     );
+    if let Some(st) = &res.steps {
+        println!("\n{}", crate::update_steps::table(st));
+    }
     if let Some(c) = &res.cpu {
         println!("\n{}", cpu_table(c));
     }
@@ -783,6 +788,8 @@ fn measure_in(
         c
     };
     let port = |i: u32| BACKEND_PORT + 1 + i as u16;
+    // Control's and the gateway's log timestamps onto this clock.
+    let offset = crate::update_steps::realtime_offset_ns();
     let mut objs = Objects::new(args.services, args.endpoints, port(0));
     progress(&format!(
         "loading {} services × {} endpoints ({})",
@@ -890,6 +897,8 @@ fn measure_in(
     // The first port proves the path before anything is timed.
     ports.wait(&mut sink, &mut pktgen, port(0), &log("sink"))?;
     let mut lat = Vec::with_capacity(args.changes as usize);
+    // Each timed change's send and first packet, CLOCK_MONOTONIC ns.
+    let mut times: Vec<(u64, u64)> = Vec::with_capacity(args.changes as usize);
     let mut burst_s = 0.0;
     let mut cpu = None;
     if args.burst == 0 {
@@ -900,6 +909,7 @@ fn measure_in(
             let seen = ports.wait(&mut sink, &mut pktgen, port(i), &log("sink"))?;
             let ms = seen.saturating_sub(sent) as f64 / 1e6;
             lat.push(ms);
+            times.push((sent, seen));
             if i % 10 == 0 || i == args.changes {
                 progress(&format!("    change {i}/{}: {ms:.1} ms", args.changes));
             }
@@ -970,6 +980,7 @@ fn measure_in(
         for (i, ns) in latencies_ns(&sent, &first).into_iter().enumerate() {
             let ns = ns.with_context(|| format!("change {} never reached the backend", i + 1))?;
             lat.push(ns as f64 / 1e6);
+            times.push((sent[i], sent[i] + ns));
         }
     }
     // Every frame the sink saw must have passed its checks (a frame that
@@ -987,6 +998,24 @@ fn measure_in(
         args.return_path.name(),
         v["bad"]
     );
+    let (sent, seen): (Vec<u64>, Vec<u64>) = times.into_iter().unzip();
+    let transit = crate::update_steps::transit_ms(&v["latency_ns"]);
+    let steps = match crate::update_steps::from_logs(
+        &log("control"),
+        &log("gateway"),
+        offset,
+        &sent,
+        &seen,
+    ) {
+        Ok(mut st) => {
+            st.transit = transit;
+            Some(st)
+        }
+        Err(e) => {
+            progress(&format!("    no split of the time: {e:#}"));
+            None
+        }
+    };
     let mut sorted = lat.clone();
     sorted.sort_by(f64::total_cmp);
     Ok(UpdateLatency {
@@ -1007,6 +1036,7 @@ fn measure_in(
         max_ms: sorted.last().copied().unwrap_or(0.0),
         latencies_ms: lat,
         cpu,
+        steps,
     })
 }
 
@@ -1168,6 +1198,7 @@ mod tests {
             min_ms: 0.0,
             max_ms: 0.0,
             cpu: None,
+            steps: None,
         };
         assert_eq!(
             last_line(&res),
@@ -1197,6 +1228,7 @@ mod tests {
         );
         let res = UpdateLatency {
             cpu: Some(c.clone()),
+            steps: None,
             ..res
         };
         assert_eq!(

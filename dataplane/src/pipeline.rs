@@ -218,18 +218,47 @@ impl BackendKey {
 
 /// A worker's per-backend counters, per frontend of the table of
 /// `generation`, in its frontend order. Plain integers: each worker owns
-/// its own, and readers sum them by [`BackendKey`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// its own, and readers sum them by [`BackendKey`] (each entry names its
+/// frontend and backends, so a reader's copy may be refreshed in parts:
+/// [`BackendCounters::publish_into`]).
+#[derive(Clone, Default)]
 pub struct BackendCounters {
     /// The table generation the indices refer to.
     pub generation: u64,
     /// Per frontend (index as in the table), its backends' counts.
     pub fronts: Vec<FrontCounts>,
+    /// Per frontend, the table block the entry was made for: a block that
+    /// a change left alone is the same `Arc` in the next table, so
+    /// [`BackendCounters::follow`] finds the changed frontends by pointer.
+    /// Holding them keeps a block's address from being reused by another
+    /// while it is compared. Never published.
+    blocks: Vec<Arc<Front>>,
+    /// Bumped whenever the frontends moved (added, removed, reordered): a
+    /// reader's copy is then refreshed whole, not in parts.
+    layout: u64,
 }
+
+impl std::fmt::Debug for BackendCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendCounters")
+            .field("generation", &self.generation)
+            .field("fronts", &self.fronts)
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for BackendCounters {
+    fn eq(&self, o: &Self) -> bool {
+        self.generation == o.generation && self.fronts == o.fronts
+    }
+}
+
+impl Eq for BackendCounters {}
 
 /// The counts of one frontend's backends, for one version of its block
 /// ([`crate::table::Front::version`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq)]
 pub struct FrontCounts {
     /// The frontend's address.
     pub frontend: Addr16,
@@ -247,6 +276,28 @@ pub struct FrontCounts {
     pub counts: Vec<BackendCount>,
 }
 
+impl Clone for FrontCounts {
+    fn clone(&self) -> Self {
+        Self {
+            backends: self.backends.clone(),
+            counts: self.counts.clone(),
+            ..*self
+        }
+    }
+
+    /// Field by field, so that a reader's copy keeps its vectors' room: no
+    /// allocation when the backends did not grow.
+    fn clone_from(&mut self, o: &Self) {
+        self.frontend = o.frontend;
+        self.frontend_port = o.frontend_port;
+        self.proto = o.proto;
+        self.kind = o.kind;
+        self.version = o.version;
+        self.backends.clone_from(&o.backends);
+        self.counts.clone_from(&o.counts);
+    }
+}
+
 impl FrontCounts {
     fn of(f: &crate::table::Front) -> Self {
         Self {
@@ -258,6 +309,27 @@ impl FrontCounts {
             backends: f.backends().iter().map(|b| (b.addr, b.port)).collect(),
             counts: vec![BackendCount::default(); f.backends().len()],
         }
+    }
+
+    /// The counts for `f`, a new block of this frontend: those of its
+    /// backends that are still there (same address and port) are kept.
+    fn carried_to(&self, f: &crate::table::Front) -> Self {
+        if self.version == f.version() {
+            return self.clone();
+        }
+        let mut n = Self::of(f);
+        let was: hashbrown::HashMap<(Addr16, u16), BackendCount> = self
+            .backends
+            .iter()
+            .copied()
+            .zip(self.counts.iter().copied())
+            .collect();
+        for (k, slot) in n.backends.iter().zip(n.counts.iter_mut()) {
+            if let Some(v) = was.get(k) {
+                *slot = *v;
+            }
+        }
+        n
     }
 
     fn same_frontend(&self, f: &crate::table::Front) -> bool {
@@ -276,10 +348,20 @@ impl BackendCounters {
     /// Allocates only for changed frontends: call it between batches (the
     /// I/O layer does, once per batch; it only compares generations unless
     /// the table changed). True when it did.
+    ///
+    /// When no frontend moved (a delta that changed some in place, the
+    /// common case) it compares the blocks' pointers, two arrays read in
+    /// order, and reads only the changed blocks: a worker switching tables
+    /// at a large table does not stall its next batch.
     pub fn follow(&mut self, table: &Table) -> bool {
         if self.generation == table.generation() {
             return false;
         }
+        if self.follow_in_place(table) {
+            self.generation = table.generation();
+            return true;
+        }
+        self.layout = self.layout.wrapping_add(1);
         let mut old: Vec<Option<FrontCounts>> = std::mem::take(&mut self.fronts)
             .into_iter()
             .map(Some)
@@ -306,27 +388,67 @@ impl BackendCounters {
             let prev = at.and_then(|i| old.get_mut(i).and_then(Option::take));
             fronts.push(match prev {
                 Some(c) if c.version == f.version() => c,
-                Some(c) => {
-                    let mut n = FrontCounts::of(f);
-                    let was: hashbrown::HashMap<(Addr16, u16), BackendCount> = c
-                        .backends
-                        .iter()
-                        .copied()
-                        .zip(c.counts.iter().copied())
-                        .collect();
-                    for (k, slot) in n.backends.iter().zip(n.counts.iter_mut()) {
-                        if let Some(v) = was.get(k) {
-                            *slot = *v;
-                        }
-                    }
-                    n
-                }
+                Some(c) => c.carried_to(f),
                 None => FrontCounts::of(f),
             });
         }
         self.fronts = fronts;
+        self.blocks = table.front_blocks().to_vec();
         self.generation = table.generation();
         true
+    }
+
+    /// [`Self::follow`] when every frontend is where it was: only the
+    /// entries whose block changed are made again. False (some entries
+    /// already followed, each consistent on its own) when a frontend moved.
+    fn follow_in_place(&mut self, table: &Table) -> bool {
+        let blocks = table.front_blocks();
+        if self.blocks.len() != blocks.len() || self.fronts.len() != blocks.len() {
+            return false;
+        }
+        for ((mine, entry), new) in self.blocks.iter_mut().zip(&mut self.fronts).zip(blocks) {
+            if Arc::ptr_eq(mine, new) {
+                continue;
+            }
+            if !entry.same_frontend(new) {
+                return false;
+            }
+            if entry.version != new.version() {
+                *entry = entry.carried_to(new);
+            }
+            *mine = Arc::clone(new);
+        }
+        true
+    }
+
+    /// Copies these counts into `out`, a reader's copy, for at most
+    /// `budget` frontends from `*cursor` on (round robin, `*cursor`
+    /// advanced), so that a worker with a large table spends a bounded
+    /// time per hand-off and allocates nothing once `out` has room. Each
+    /// entry names its frontend and backends, so a copy refreshed in parts
+    /// still sums right by [`BackendKey`]; after the frontends moved (a
+    /// layout change) the whole is copied at once, so that no frontend is
+    /// counted at two places.
+    pub fn publish_into(&self, out: &mut BackendCounters, cursor: &mut usize, budget: usize) {
+        let n = self.fronts.len();
+        let whole = n <= budget || out.layout != self.layout || out.fronts.len() != n;
+        out.fronts.truncate(n);
+        out.fronts.resize_with(n, FrontCounts::default);
+        if whole {
+            for (d, s) in out.fronts.iter_mut().zip(&self.fronts) {
+                d.clone_from(s);
+            }
+            *cursor = 0;
+        } else {
+            let mut at = *cursor % n;
+            for _ in 0..budget {
+                out.fronts[at].clone_from(&self.fronts[at]);
+                at = (at + 1) % n;
+            }
+            *cursor = at;
+        }
+        out.generation = self.generation;
+        out.layout = self.layout;
     }
 
     /// The counts of frontend `fi`'s backend `local`.

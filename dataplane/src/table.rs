@@ -2137,6 +2137,15 @@ impl Table {
         Frontends(&self.fronts)
     }
 
+    /// The frontends' blocks, in order, shared: a frontend whose block did
+    /// not change between two tables (a delta left it alone) is the same
+    /// `Arc` in both, so a follower finds the changed ones by pointer
+    /// without reading every block.
+    #[must_use]
+    pub fn front_blocks(&self) -> &[Arc<Front>] {
+        &self.fronts
+    }
+
     /// The table as flat arrays, as a full snapshot carries them: each
     /// frontend's backends, rings (its own, then its per-node ones), source
     /// ranges and per-node rings back to back in frontend order, the
