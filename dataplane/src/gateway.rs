@@ -25,7 +25,7 @@
 //! `clustergate_node_ports_in_snat_range`: a backend's reply to a SNAT port
 //! that is also a node port cannot be told from a new node-port connection.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -859,8 +859,12 @@ fn manage(
 ) -> Result<()> {
     let mut last_refresh = Instant::now();
     let mut last_linger = Instant::now();
-    // Backends that left the table with TCP connections still on them.
-    let mut lingering = 0;
+    // Backends that left the table with TCP connections still on them (or,
+    // until the next look, that left it lately: see `LINGER_COALESCE`).
+    let mut lingering: BTreeSet<steer::SteerKey> = BTreeSet::new();
+    // When the connections must be looked at again, after backends left
+    // within `LINGER_COALESCE` of the last look.
+    let mut linger_due: Option<Instant> = None;
     // The table the last apply saw (to tell what left the table).
     let mut previous: Option<Arc<Table>> = None;
     let mut eager_until = Instant::now() + EAGER_FOR;
@@ -933,16 +937,37 @@ fn manage(
                     let table = handle.load_full();
                     // Before the sync, so that a backend that left keeps its key.
                     // Only a backend that left the table can linger: a change that
-                    // removed none (most endpoint changes add one and drop one, and
-                    // the dropped one is looked for) skips the connection scan.
-                    if lingering > 0 || previous.as_ref().is_none_or(|p| backends_left(p, &table)) {
-                        lingering = steer_lingering(steering, ct, &table, started);
-                        last_linger = Instant::now();
+                    // removed none skips the connection scan. The scan costs the
+                    // connection table, so in a burst of changes it runs at most
+                    // every LINGER_COALESCE: in between, the TCP backends that
+                    // left stay steered until it does (as lingering ones would).
+                    let left = previous.as_ref().map(|p| match left_backends(p, &table) {
+                        // The frontends moved: whether any backend left.
+                        None if !backends_left(p, &table) => Some(BTreeSet::new()),
+                        left => left,
+                    });
+                    let now = Instant::now();
+                    match left {
+                        Some(Some(left)) if left.is_empty() && lingering.is_empty() => {}
+                        Some(Some(left)) if now.duration_since(last_linger) < LINGER_COALESCE => {
+                            let mut keys = lingering.clone();
+                            keys.extend(left);
+                            if steering.set_lingering(keys.clone()) {
+                                lingering = keys;
+                            }
+                            linger_due.get_or_insert(last_linger + LINGER_COALESCE);
+                        }
+                        _ => {
+                            lingering = steer_lingering(steering, ct, &table, started);
+                            last_linger = now;
+                            linger_due = None;
+                        }
                     }
                     previous = Some(Arc::clone(&table));
                     let synced = sync_steering(steering, &table, "new table");
                     resync = synced.is_none();
-                    resolve |= synced.is_none_or(|s| s.backend_addrs_changed);
+                    let addrs_changed = synced.is_none_or(|s| s.backend_addrs_changed);
+                    resolve |= addrs_changed;
                     table_st = Some(table_status(&table, plan));
                     // Most endpoint changes keep the backend addresses (a
                     // port moved): the neighbours are looked at again only
@@ -951,15 +976,25 @@ fn manage(
                         resolve = !keep_backends_resolved(resolver, steering);
                     }
                     applied_at = Some(std::time::SystemTime::now());
-                    eager_until = Instant::now() + EAGER_FOR;
+                    // New backend addresses get their neighbours within
+                    // milliseconds: look at them often for a while. A change
+                    // that moved only ports needs no neighbour.
+                    if addrs_changed {
+                        eager_until = Instant::now() + EAGER_FOR;
+                    }
                 }
 
                 let now = Instant::now();
-                // Backends kept for their TCP connections are let go once those end.
-                if lingering > 0 && now.duration_since(last_linger) >= LINGER_EVERY {
+                // Backends kept for their TCP connections are let go once
+                // those end; those that left in a burst are looked at once
+                // it is LINGER_COALESCE old.
+                if linger_due.is_some_and(|d| now >= d)
+                    || (!lingering.is_empty() && now.duration_since(last_linger) >= LINGER_EVERY)
+                {
                     let table = handle.load_full();
-                    let before = lingering;
+                    let before = lingering.clone();
                     lingering = steer_lingering(steering, ct, &table, started);
+                    linger_due = None;
                     if lingering != before {
                         let synced =
                             sync_steering(steering, &table, "backends without connections let go");
@@ -1145,6 +1180,11 @@ fn report_poll(w: &Watcher, outcome: PollOutcome) {
 
 /// How often the backends kept for their TCP connections are looked at again.
 const LINGER_EVERY: Duration = Duration::from_secs(2);
+/// Least time between two looks at the connections for backends that left
+/// the table: a burst of changes costs one scan of the connection table
+/// per this, not one per change. The TCP backends that left in between stay
+/// steered until the look (at most this long, when none has a connection).
+const LINGER_COALESCE: Duration = Duration::from_millis(100);
 /// Connections looked at per look (a backend with one among them is kept).
 const LINGER_FLOWS: usize = 16_384;
 
@@ -1179,7 +1219,7 @@ fn steer_lingering(
     ct: &Conntrack,
     table: &Table,
     started: Instant,
-) -> usize {
+) -> BTreeSet<steer::SteerKey> {
     // From the steering program's counts: costs the frontends that changed
     // since its last sync, not the table.
     let in_table = steering.table_backends(table);
@@ -1206,14 +1246,50 @@ fn steer_lingering(
             proto: f.proto.ip_number(),
         })
         .collect();
-    let n = keys.len();
-    if steering.set_lingering(keys) {
+    if steering.set_lingering(keys.clone()) {
         info!(
-            backends = n,
+            backends = keys.len(),
             "steering: backends kept for their TCP connections"
         );
     }
-    n
+    keys
+}
+
+/// The TCP backends (address, port) that were in `prev` and are not in
+/// `next`'s frontend of the same key, when no frontend moved: only the
+/// blocks that changed are read (found by pointer). `None` when the
+/// frontends moved (added, removed, reordered).
+fn left_backends(prev: &Table, next: &Table) -> Option<BTreeSet<steer::SteerKey>> {
+    let (a, b) = (prev.front_blocks(), next.front_blocks());
+    if a.len() != b.len() {
+        return None;
+    }
+    let mut left = BTreeSet::new();
+    for (f, n) in a.iter().zip(b) {
+        if Arc::ptr_eq(f, n) || n.version() == f.version() {
+            continue;
+        }
+        if (n.addr, n.port, n.proto, n.kind) != (f.addr, f.port, f.proto, f.kind) {
+            return None;
+        }
+        if f.proto != clustergate_dataplane::flow::Proto::Tcp.ip_number() {
+            continue;
+        }
+        for be in f.backends() {
+            if !n
+                .backends()
+                .iter()
+                .any(|x| x.addr == be.addr && x.port == be.port)
+            {
+                left.insert(steer::SteerKey {
+                    addr: be.addr,
+                    port: be.port,
+                    proto: f.proto,
+                });
+            }
+        }
+    }
+    Some(left)
 }
 
 /// Keeps the neighbours of the backends the steering maps hold (the
