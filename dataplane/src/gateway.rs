@@ -1472,8 +1472,8 @@ mod tests {
 
     #[test]
     fn node_ports_in_the_snat_range_are_named() {
+        use clustergate_builder::table::{ServiceSpec, TableBuild, TableSpec};
         use clustergate_dataplane::flow::Proto;
-        use clustergate_dataplane::table::{ServiceSpec, TableSpec};
         let np = |addr: &str, port, proto| {
             ServiceSpec::cluster_ip(ip(addr), port, proto, vec![])
                 .with_kind(FrontendKind::NodePort, ip(addr))
