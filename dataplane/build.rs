@@ -11,6 +11,9 @@ fn main() {
     println!("cargo:rerun-if-changed=bpf/xdp.h");
     compile_bpf("bpf/steer.c", "steer.o");
     println!("cargo:rustc-env=CLUSTERGATE_GIT_COMMIT={}", git_commit());
+    // The builder's sources compiled into this crate's unit tests
+    // (`src/test_builder.rs`) leave their own unit tests to their crate.
+    println!("cargo::rustc-cfg=clustergate_builder_in_dataplane");
 }
 
 /// The commit being built, for `--version`.

@@ -30,12 +30,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
+use clustergate_builder::table::{BackendSpec, ServiceSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::flow::Proto;
 use clustergate_dataplane::io::nexthop::ifindex_by_name;
 use clustergate_dataplane::io::steer::Steering;
 use clustergate_dataplane::io::xsk::{FrameToken, Iface, Ports, XskOptions, RX_BATCH};
 use clustergate_dataplane::packet::checksum::{update128, update16, update32};
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::table::Table;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 

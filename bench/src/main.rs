@@ -14,7 +14,9 @@
 //! - `compare`: the same traffic through clustergate, the kernel's nftables
 //!   DNAT and the bounce forwarder, one after another;
 //! - `update-latency`: a change (manifest file, manifest directory or
-//!   Kubernetes API watch) → first packet at the new backend.
+//!   Kubernetes API watch) → first packet at the new backend;
+//! - `demo`: the packet core on a built-in example (two worker threads
+//!   sharing one connection table, a table swap in the middle).
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -71,6 +73,8 @@ enum Command {
     /// A change (manifest, manifest directory or API watch) → first packet
     /// at the new backend, with many services loaded.
     UpdateLatency(update_latency::Args),
+    /// Run the packet core on a built-in example and print the outcome.
+    Demo(demo::Args),
 }
 
 fn main() {
@@ -96,12 +100,14 @@ fn real_main() -> Result<()> {
         Command::Bounce(a) => bounce::run(&a),
         Command::Compare(a) => compare::run(&a),
         Command::UpdateLatency(a) => update_latency::run(&a),
+        Command::Demo(a) => demo::run(&a),
     }
 }
 
 mod bounce;
 mod chart;
 mod compare;
+mod demo;
 mod layout;
 mod pipeline;
 mod pktgen;

@@ -17,12 +17,14 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use clustergate_builder::table::{BackendSpec, ServiceSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{addr16, ip_from16, Addr16, FlowTuple, Proto};
 use clustergate_dataplane::packet::parse::parse;
 use clustergate_dataplane::pipeline::{Frame, Ownership, Verdict, Worker, BATCH};
 use clustergate_dataplane::snat::ReturnConfig;
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::table::Table;
 use clustergate_dataplane::testkit::{self, L4Spec, Tcp};
 use clustergate_dataplane::time::Now;
 use clustergate_dataplane::verdict::Side;

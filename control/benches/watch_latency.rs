@@ -20,8 +20,9 @@ use std::ops::ControlFlow;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use clustergate_builder::snapshot::Writer;
+use clustergate_builder::TableBuild;
 use clustergate_control::kube_source::{follow, FollowConfig};
-use clustergate_dataplane::snapshot::Writer;
 use clustergate_dataplane::table::Table;
 use serde_json::{json, Value};
 

@@ -53,6 +53,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{ArgGroup, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use clustergate_builder::maglev::{
+    build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE,
+};
+use clustergate_builder::snapshot::{self, Written};
+use clustergate_builder::TableBuild;
 use clustergate_control::incremental::{IncrementalModel, TableChanges};
 use clustergate_control::kube_source::{self, FollowConfig, Hooks};
 use clustergate_control::manifest_dir::{self, ManifestDir};
@@ -63,10 +68,6 @@ use clustergate_control::{
     DEFAULT_PROXY_NAME, DEFAULT_RETURN_PATH,
 };
 use clustergate_dataplane::flow::addr16;
-use clustergate_dataplane::maglev::{
-    build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE,
-};
-use clustergate_dataplane::snapshot::{self, Written};
 use clustergate_dataplane::table::{ReturnPath, Table};
 use ipnet::IpNet;
 use tracing::{debug, error, info, warn};

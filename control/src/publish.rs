@@ -20,9 +20,12 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
-use clustergate_dataplane::snapshot::{self, Writer, Written};
-use clustergate_dataplane::table::{Builder, RingSizes, ServiceSpec, Table, Update};
+use clustergate_builder::maglev::DEFAULT_MAX_RING_SIZE;
+use clustergate_builder::snapshot::{Writer, Written};
+use clustergate_builder::table::{Builder, RingSizes, ServiceSpec, Update};
+use clustergate_builder::TableBuild;
+use clustergate_dataplane::snapshot;
+use clustergate_dataplane::table::Table;
 use tracing::{debug, info, warn};
 
 use crate::incremental::TableChanges;

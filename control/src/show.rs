@@ -2,13 +2,13 @@
 //!
 //! Owns: [`Model::to_json`] (a stable shape, see `docs/semantics.md`),
 //! [`Model::to_table`] (for people, like `ipvsadm -Ln`) and
-//! [`Model::table_spec`] (what [`clustergate_dataplane::table::Table::build_full`]
+//! [`Model::table_spec`] (what `Table::build_full`
 //! takes: every frontend, the nodes' prefixes and the node-port addresses).
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec, TableSpec};
+use clustergate_builder::table::{BackendSpec, ServiceSpec, TableSpec};
 use serde_json::{json, Value};
 
 use crate::manifest::Skipped;

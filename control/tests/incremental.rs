@@ -12,6 +12,9 @@
 
 use std::path::Path;
 
+use clustergate_builder::maglev::DEFAULT_MAX_RING_SIZE;
+use clustergate_builder::snapshot::encode;
+use clustergate_builder::table::{Builder, RingSizes};
 use clustergate_control::incremental::IncrementalModel;
 use clustergate_control::manifest::{parse_manifest_cached, DocumentCache};
 use clustergate_control::manifest_dir::merge_files;
@@ -19,9 +22,8 @@ use clustergate_control::model::{build_model, Model, ModelOptions};
 use clustergate_control::publish::Publisher;
 use clustergate_control::{parse_manifest, Objects};
 use clustergate_dataplane::flow::Proto;
-use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
-use clustergate_dataplane::snapshot::{self, encode};
-use clustergate_dataplane::table::{Builder, RingSizes, Table};
+use clustergate_dataplane::snapshot;
+use clustergate_dataplane::table::Table;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use proptest::prelude::*;
@@ -575,7 +577,7 @@ proptest! {
 /// change publishes nothing.
 #[test]
 fn an_endpoint_moved_is_published_in_place() {
-    use clustergate_dataplane::snapshot::Written;
+    use clustergate_builder::snapshot::Written;
     let text = |moved: &str, port2: bool| {
         let mut docs = Vec::new();
         for s in 0..3 {

@@ -15,6 +15,7 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clustergate_builder::TableBuild;
 use clustergate_control::kube_source::{
     follow, FollowConfig, SERVICE_FIELD_SELECTOR, SLICE_LABEL_SELECTOR,
 };
@@ -1031,7 +1032,7 @@ fn client_node(model: &Model, ip: &str) -> Option<String> {
         1,
         0,
         &model.table_spec(),
-        clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE,
+        clustergate_builder::maglev::DEFAULT_MAX_RING_SIZE,
     )
     .unwrap();
     let n = table.client_node(&clustergate_dataplane::flow::addr16(ip.parse().unwrap()))?;

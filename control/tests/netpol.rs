@@ -12,6 +12,7 @@
 
 use std::net::IpAddr;
 
+use clustergate_builder::TableBuild;
 use clustergate_control::policy::{PolicySet, Side};
 use clustergate_dataplane::flow::{addr16, Proto};
 use clustergate_dataplane::policy::PolicyTable;
@@ -763,7 +764,7 @@ fn show_explains_each_backend() {
         1,
         0,
         &model.table_spec(),
-        clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE,
+        clustergate_builder::maglev::DEFAULT_MAX_RING_SIZE,
     )
     .expect("table");
     let p = table.policy();

@@ -7,8 +7,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use clustergate_builder::maglev::{ring_size_for, DEFAULT_MAX_RING_SIZE};
 use clustergate_dataplane::flow::{addr16, Proto};
-use clustergate_dataplane::maglev::{ring_size_for, DEFAULT_MAX_RING_SIZE};
 use clustergate_dataplane::snapshot;
 
 /// A Service with `n` ready endpoints, 198.18.1.1 to 198.18.1.n.

@@ -8,12 +8,13 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use clustergate_builder::maglev::DEFAULT_MAX_RING_SIZE;
+use clustergate_builder::TableBuild;
 use clustergate_control::model::{build_model, default_node_port_addresses, Model, ModelOptions};
 use clustergate_control::{
     load_manifest_file, load_manifest_file_strict, parse_manifest, ControlError,
 };
 use clustergate_dataplane::flow::{addr16, Proto};
-use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
 use clustergate_dataplane::table::{BackendState, FrontendKind, ReturnPath, Table};
 use proptest::prelude::*;
 use serde_json::{json, Value};

@@ -24,13 +24,13 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clustergate_builder::table::{BackendSpec, ServiceSpec, TableSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{addr16, Addr16, Proto};
 use clustergate_dataplane::pipeline::{NodeAddrs, Side, Verdict, Worker};
 use clustergate_dataplane::snat::{FixedSources, PortRange, ReturnConfig};
-use clustergate_dataplane::table::{
-    BackendSpec, FrontendKind, ReturnPath, ServiceSpec, Table, TableSpec,
-};
+use clustergate_dataplane::table::{FrontendKind, ReturnPath, Table};
 use clustergate_dataplane::testkit::{self, client_frame, L4Spec, Tcp, BUF_LEN};
 use clustergate_dataplane::time::Now;
 use criterion::{Criterion, Throughput};

@@ -8,10 +8,10 @@
 use std::hint::black_box;
 use std::time::Duration;
 
-use clustergate_dataplane::flow::v4_to_16;
-use clustergate_dataplane::maglev::{
+use clustergate_builder::maglev::{
     build_ring, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE,
 };
+use clustergate_dataplane::flow::v4_to_16;
 use criterion::{criterion_group, criterion_main, Criterion};
 
 /// `n` distinct backends: IPv4 from 198.18.0.0/15, with every third one IPv6

@@ -51,10 +51,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clustergate_builder::table::{BackendSpec, ServiceSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{v4_to_16, Proto};
 use clustergate_dataplane::pipeline::{Frame, Side, Verdict, VerdictKind, Worker};
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::table::Table;
 use clustergate_dataplane::testkit::{client_frame, L4Spec, Tcp, BUF_LEN};
 use clustergate_dataplane::time::Now;
 use criterion::measurement::WallTime;

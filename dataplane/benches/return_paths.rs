@@ -22,11 +22,13 @@ use std::hint::black_box;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use clustergate_builder::table::{BackendSpec, ServiceSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{addr16, Addr16, Proto};
 use clustergate_dataplane::pipeline::{Side, Verdict, Worker};
 use clustergate_dataplane::snat::{FixedSources, PortRange, ReturnConfig};
-use clustergate_dataplane::table::{BackendSpec, ReturnPath, ServiceSpec, Table};
+use clustergate_dataplane::table::{ReturnPath, Table};
 use clustergate_dataplane::testkit::{self, client_frame, L4Spec, Tcp, BUF_LEN};
 use clustergate_dataplane::time::Now;
 use criterion::{Criterion, Throughput};

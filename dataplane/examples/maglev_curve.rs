@@ -8,10 +8,10 @@
 
 use std::time::Instant;
 
-use clustergate_dataplane::flow::v4_to_16;
-use clustergate_dataplane::maglev::{
+use clustergate_builder::maglev::{
     build_ring, is_prime, min_ring_size, ring_size_for, MaglevBackend, DEFAULT_MAX_RING_SIZE,
 };
+use clustergate_dataplane::flow::v4_to_16;
 
 /// `n` distinct backends from 198.18.0.0/15; `seed` picks another set.
 fn backends(n: usize, seed: u32) -> Vec<MaglevBackend> {

@@ -1,7 +1,8 @@
 //! Delta snapshots: a change to some frontends, published as only those
 //! frontends' blocks (`docs/shm-abi.md`, "Delta files").
 //!
-//! Owns: the delta file format ([`encode_delta`], [`decode_delta`]), and how
+//! Owns: the delta file format ([`header_bytes`], [`removed_record`],
+//! [`seal_delta`], [`decode_delta`]; control's writer encodes with them), and how
 //! a reader reaches the generation `current` names from the one it has
 //! ([`load_chain`]): by the deltas since its own generation, or from the
 //! newest full snapshot before them.
@@ -17,8 +18,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::snapshot::{
-    body_checksum, decode, encode, load_file, snapshot_path, SnapshotError, ABI_VERSION,
-    MAX_FILE_LEN,
+    body_checksum, decode, load_file, snapshot_path, SnapshotError, ABI_VERSION, MAX_FILE_LEN,
 };
 use crate::table::{Delta, FrontKey, Table};
 
@@ -64,39 +64,51 @@ fn bad(what: impl Into<String>) -> SnapshotError {
     SnapshotError::BadDelta { what: what.into() }
 }
 
-/// Serializes a delta: header, removed keys, then the changed frontends as
-/// an embedded snapshot.
-///
-/// Header (little-endian): magic (8), ABI version (u32), header length
-/// (u32, 64), generation (u64), base generation (u64), removed count
-/// (u64), file length (u64), XXH3-64 of bytes 64.. (u64), XXH3-64 of
-/// header bytes 0..56 (u64).
+/// A delta file's header, its checksums zero ([`seal_delta`] fills them
+/// in). Little-endian: magic (8), ABI version (u32), header length (u32,
+/// 64), generation (u64), base generation (u64), removed count (u64), file
+/// length (u64), XXH3-64 of bytes 64.. (u64), XXH3-64 of header bytes 0..56
+/// (u64). The writer (`clustergate_builder::delta::encode_delta`) and
+/// [`delta_header`] both go by this layout.
 #[must_use]
-pub fn encode_delta(delta: &Delta) -> Vec<u8> {
-    let embedded = encode(&delta.changed);
-    let removed_len = delta.removed.len() * REMOVED_RECORD_LEN;
-    let file_len = DELTA_HEADER_LEN + removed_len + embedded.len();
-    let mut out = Vec::with_capacity(file_len);
-    out.extend_from_slice(&DELTA_MAGIC);
-    out.extend_from_slice(&ABI_VERSION.to_le_bytes());
-    out.extend_from_slice(&(DELTA_HEADER_LEN as u32).to_le_bytes());
-    out.extend_from_slice(&delta.generation.to_le_bytes());
-    out.extend_from_slice(&delta.base.to_le_bytes());
-    out.extend_from_slice(&(delta.removed.len() as u64).to_le_bytes());
-    out.extend_from_slice(&(file_len as u64).to_le_bytes());
-    out.extend_from_slice(&[0; 16]);
-    for k in &delta.removed {
-        out.extend_from_slice(&k.addr);
-        out.extend_from_slice(&k.port.to_le_bytes());
-        out.push(k.proto);
-        out.extend_from_slice(&[0; 5]);
+pub fn header_bytes(
+    generation: u64,
+    base: u64,
+    removed: u64,
+    file_len: u64,
+) -> [u8; DELTA_HEADER_LEN] {
+    let mut h = [0u8; DELTA_HEADER_LEN];
+    h[..8].copy_from_slice(&DELTA_MAGIC);
+    h[8..12].copy_from_slice(&ABI_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&(DELTA_HEADER_LEN as u32).to_le_bytes());
+    h[16..24].copy_from_slice(&generation.to_le_bytes());
+    h[24..32].copy_from_slice(&base.to_le_bytes());
+    h[32..40].copy_from_slice(&removed.to_le_bytes());
+    h[40..48].copy_from_slice(&file_len.to_le_bytes());
+    h
+}
+
+/// A removed frontend's key record: address (16), port (u16), protocol
+/// (u8), five zero bytes.
+#[must_use]
+pub fn removed_record(k: &FrontKey) -> [u8; REMOVED_RECORD_LEN] {
+    let mut r = [0u8; REMOVED_RECORD_LEN];
+    r[..16].copy_from_slice(&k.addr);
+    r[16..18].copy_from_slice(&k.port.to_le_bytes());
+    r[18] = k.proto;
+    r
+}
+
+/// Fills in both checksums of a delta file image: the body's (bytes 64..),
+/// then the header's. Does nothing to a buffer shorter than a header.
+pub fn seal_delta(bytes: &mut [u8]) {
+    if bytes.len() < DELTA_HEADER_LEN {
+        return;
     }
-    out.extend_from_slice(&embedded);
-    let body = body_checksum(&out[DELTA_HEADER_LEN..]);
-    out[48..56].copy_from_slice(&body.to_le_bytes());
-    let head = body_checksum(&out[..56]);
-    out[56..64].copy_from_slice(&head.to_le_bytes());
-    out
+    let body = body_checksum(&bytes[DELTA_HEADER_LEN..]);
+    bytes[48..56].copy_from_slice(&body.to_le_bytes());
+    let head = body_checksum(&bytes[..56]);
+    bytes[56..64].copy_from_slice(&head.to_le_bytes());
 }
 
 /// The generation and base a delta file's header names, after checking the

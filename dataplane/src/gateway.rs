@@ -1260,7 +1260,7 @@ fn steer_lingering(
 /// blocks that changed are read (found by pointer). `None` when the
 /// frontends moved (added, removed, reordered).
 fn left_backends(prev: &Table, next: &Table) -> Option<BTreeSet<steer::SteerKey>> {
-    let (a, b) = (prev.front_blocks(), next.front_blocks());
+    let (a, b) = (prev.blocks(), next.blocks());
     if a.len() != b.len() {
         return None;
     }
@@ -1548,8 +1548,8 @@ mod tests {
 
     #[test]
     fn node_ports_in_the_snat_range_are_named() {
+        use clustergate_builder::table::{ServiceSpec, TableBuild, TableSpec};
         use clustergate_dataplane::flow::Proto;
-        use clustergate_dataplane::table::{ServiceSpec, TableSpec};
         let np = |addr: &str, port, proto| {
             ServiceSpec::cluster_ip(ip(addr), port, proto, vec![])
                 .with_kind(FrontendKind::NodePort, ip(addr))
@@ -1584,6 +1584,64 @@ mod tests {
         let st = table_status(&table, &plan);
         assert_eq!(st.node_ports_in_snat_range, 2);
         assert_eq!(st.frontends, [1, 3, 0, 0]);
+    }
+
+    /// The TCP backends that left, from the changed blocks alone; `None`
+    /// once the frontends moved, and what that slower look then says.
+    #[test]
+    fn backends_that_left_are_found_by_block() {
+        use clustergate_builder::table::{BackendSpec, Builder, RingSizes, ServiceSpec, TableSpec};
+        use clustergate_builder::TableBuild;
+        use clustergate_dataplane::flow::{addr16, Proto};
+        let spec = |port5: u16, udp_port: u16, with_9: bool| {
+            let svc = |i: u8, proto, port: u16| {
+                ServiceSpec::cluster_ip(
+                    ip(&format!("198.19.0.{i}")),
+                    80,
+                    proto,
+                    (1..=2)
+                        .map(|b| BackendSpec::ready(ip(&format!("198.18.{i}.{b}")), port))
+                        .collect(),
+                )
+            };
+            let mut services: Vec<ServiceSpec> = (1..=8)
+                .map(|i| svc(i, Proto::Tcp, if i == 5 { port5 } else { 8080 }))
+                .collect();
+            services.push(svc(7, Proto::Udp, udp_port));
+            if with_9 {
+                services.push(svc(9, Proto::Tcp, 8080));
+            }
+            TableSpec {
+                services,
+                ..TableSpec::default()
+            }
+        };
+        let mut b = Builder::new(1, 65_537, RingSizes::default());
+        let t1 = b.build(1, &spec(8080, 53, false)).expect("table");
+        let next = |b: &mut Builder, g, s: &TableSpec| {
+            let t = b.build(g, s).expect("table");
+            t1.apply_delta(&t.delta_from(&t1).expect("delta"))
+                .expect("apply")
+        };
+        // Service 5's two TCP backends move to port 9090; the UDP one's
+        // backends move too, and never linger.
+        let t2 = next(&mut b, 2, &spec(9090, 54, false));
+        let left = left_backends(&t1, &t2).expect("in place");
+        let want: BTreeSet<steer::SteerKey> = (1..=2)
+            .map(|k| steer::SteerKey {
+                addr: addr16(ip(&format!("198.18.5.{k}"))),
+                port: 8080,
+                proto: Proto::Tcp.ip_number(),
+            })
+            .collect();
+        assert_eq!(left, want);
+        assert!(backends_left(&t1, &t2));
+        // Nothing changed: nothing left.
+        assert_eq!(left_backends(&t1, &t1), Some(BTreeSet::new()));
+        // A Service added: the frontends moved, and no backend left.
+        let t3 = next(&mut b, 3, &spec(8080, 53, true));
+        assert_eq!(left_backends(&t1, &t3), None);
+        assert!(!backends_left(&t1, &t3));
     }
 
     #[test]

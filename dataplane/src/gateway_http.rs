@@ -887,8 +887,9 @@ mod tests {
 
     #[test]
     fn the_api_names_each_frontends_service() {
+        use clustergate_builder::table::{BackendSpec, ServiceSpec, TableBuild};
         use clustergate_dataplane::flow::Proto;
-        use clustergate_dataplane::table::{BackendSpec, FrontendKind, ServiceSpec};
+        use clustergate_dataplane::table::FrontendKind;
         let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("address") };
         let web = ServiceSpec::cluster_ip(
             ip("198.18.211.10"),
@@ -944,8 +945,8 @@ mod tests {
 
     #[test]
     fn core_counters_and_per_frontend_metrics_are_exported() {
+        use clustergate_builder::table::{BackendSpec, ServiceSpec, TableBuild};
         use clustergate_dataplane::flow::Proto;
-        use clustergate_dataplane::table::{BackendSpec, ServiceSpec};
         let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("address") };
         let table = Table::build(
             7,
@@ -1063,8 +1064,8 @@ mod tests {
 
     #[test]
     fn frontends_are_counted_by_kind() {
+        use clustergate_builder::table::{ServiceSpec, TableBuild, TableSpec};
         use clustergate_dataplane::flow::Proto;
-        use clustergate_dataplane::table::{ServiceSpec, TableSpec};
         let ip = |s: &str| -> std::net::IpAddr { s.parse().expect("address") };
         let fe = |kind, addr: &str, port| {
             ServiceSpec::cluster_ip(ip(addr), port, Proto::Tcp, vec![]).with_kind(kind, ip(addr))

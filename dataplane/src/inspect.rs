@@ -899,11 +899,12 @@ mod tests {
     #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
     use super::*;
+    use clustergate_builder::table::{BackendSpec, ServiceSpec, TableBuild};
     use clustergate_dataplane::conntrack::{Binding, Config};
     use clustergate_dataplane::flow::FlowTuple;
     use clustergate_dataplane::packet::parse::Family;
     use clustergate_dataplane::snat::PortRange;
-    use clustergate_dataplane::table::{BackendSpec, ReturnPath, ServiceSpec};
+    use clustergate_dataplane::table::ReturnPath;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -9,9 +9,10 @@
 //! - [`packet`]: parsing (etherparse) and in-place rewrites with incremental
 //!   checksums (RFC 1624), plus the reject frames (TCP RST, ICMP unreachable).
 //! - [`flow`]: the 5-tuple and the flow hash (ABI).
-//! - [`table`]: the immutable service table (frontends, backends, Maglev rings).
-//! - [`maglev`]: the Maglev ring builder, used by control (the dataplane only
-//!   indexes rings).
+//! - [`table`]: the immutable service table (frontends, backends, Maglev
+//!   rings) and its lookups. Control builds tables (the `clustergate-builder`
+//!   crate: Maglev rings, specs, the snapshot writer); the dataplane only
+//!   looks them up.
 //! - [`conntrack`]: the shared connection and affinity tables.
 //! - [`snat`]: the gateway's side of the return paths: SNAT ports, their
 //!   split between workers, and the source address of a flow.
@@ -21,12 +22,17 @@
 //!   netlink next hops). The only module that makes syscalls.
 //! - [`testkit`]: frame fixtures built with etherparse, shared by tests and benches.
 
+// The unit tests of `io::steer` need tables built the way control builds
+// them; they compile the builder's sources into this crate (`test_builder`)
+// and name this crate as the builder does.
+#[cfg(test)]
+extern crate self as clustergate_dataplane;
+
 pub mod cli;
 pub mod conntrack;
 pub mod delta;
 pub mod flow;
 pub mod io;
-pub mod maglev;
 pub mod packet;
 pub mod pipeline;
 pub mod policy;
@@ -34,6 +40,8 @@ pub mod prefetch;
 pub mod snapshot;
 pub mod snat;
 pub mod table;
+#[cfg(test)]
+mod test_builder;
 pub mod testkit;
 pub mod time;
 pub mod verdict;

@@ -393,7 +393,7 @@ impl BackendCounters {
             });
         }
         self.fronts = fronts;
-        self.blocks = table.front_blocks().to_vec();
+        self.blocks = table.blocks().to_vec();
         self.generation = table.generation();
         true
     }
@@ -402,7 +402,7 @@ impl BackendCounters {
     /// entries whose block changed are made again. False (some entries
     /// already followed, each consistent on its own) when a frontend moved.
     fn follow_in_place(&mut self, table: &Table) -> bool {
-        let blocks = table.front_blocks();
+        let blocks = table.blocks();
         if self.blocks.len() != blocks.len() || self.fronts.len() != blocks.len() {
             return false;
         }

@@ -13,12 +13,12 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use clustergate_builder::maglev::DEFAULT_MAX_RING_SIZE;
+use clustergate_builder::table::{BackendSpec, Builder, RingSizes, ServiceSpec, TableSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::flow::{addr16, Proto};
-use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
 use clustergate_dataplane::pipeline::{BackendCount, BackendCounters, BackendKey};
-use clustergate_dataplane::table::{
-    BackendSpec, Builder, RingSizes, ServiceSpec, Table, TableSpec,
-};
+use clustergate_dataplane::table::Table;
 
 fn vip(i: u32) -> IpAddr {
     IpAddr::from([198, 19, 0, i as u8])

@@ -76,8 +76,8 @@ fn text_logs_have_no_colour_on_a_pipe() {
     let text = String::from_utf8(out.stderr).unwrap();
     assert!(text.contains("cg-no-such-if0"), "{text}");
     assert!(!text.contains('\u{1b}'), "escape codes on a pipe: {text:?}");
-    // `demo` logs nothing at info, but the subscriber is the same one: a
-    // debug run of inspect against nothing fails plainly too.
+    // A debug run of inspect against nothing fails plainly too: the same
+    // subscriber.
     let out = clustergate(&["inspect", "--server", "127.0.0.1:9", "summary"]);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8(out.stderr).unwrap();

@@ -29,16 +29,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use clustergate_builder::maglev::DEFAULT_MAX_RING_SIZE;
+use clustergate_builder::snapshot::{encode, Writer, Written, DELTAS_PER_FULL};
+use clustergate_builder::table::{BackendSpec, Builder, RingSizes, ServiceSpec, TableSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::delta::{delta_path, load_chain};
 use clustergate_dataplane::flow::{addr16, ip_from16, FlowTuple, Proto};
-use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
 use clustergate_dataplane::snapshot::{
-    encode, load_file, read_current, snapshot_path, PollOutcome, SnapshotError, TableHandle,
-    Watcher, Writer, Written, DELTAS_PER_FULL,
+    load_file, read_current, snapshot_path, PollOutcome, SnapshotError, TableHandle, Watcher,
 };
-use clustergate_dataplane::table::{
-    BackendSpec, Builder, RingSizes, ServiceSpec, Table, TableSpec,
-};
+use clustergate_dataplane::table::Table;
 use ipnet::IpNet;
 use proptest::prelude::*;
 
@@ -597,7 +597,8 @@ proptest! {
         edits in prop::collection::vec((any::<u32>(), 1..=255u8), 1..6),
         cut in prop::option::of(any::<u32>()),
     ) {
-        use clustergate_dataplane::delta::{decode_delta, encode_delta};
+        use clustergate_dataplane::delta::decode_delta;
+        use clustergate_builder::delta::encode_delta;
         let mut builder = Builder::new(1, DEFAULT_MAX_RING_SIZE, RingSizes::default());
         let mut model = Model::new();
         let t1 = builder.build(1, &model.spec()).unwrap();

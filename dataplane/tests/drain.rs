@@ -11,11 +11,13 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use clustergate_builder::table::{BackendSpec, ServiceSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::conntrack::{Config, Conntrack, Timeouts};
 use clustergate_dataplane::flow::{addr16, Addr16, Proto};
 use clustergate_dataplane::pipeline::{Side, Verdict, Worker};
 use clustergate_dataplane::snat::{FixedSources, ReturnConfig};
-use clustergate_dataplane::table::{BackendSpec, BackendState, ReturnPath, ServiceSpec, Table};
+use clustergate_dataplane::table::{BackendState, ReturnPath, Table};
 use clustergate_dataplane::testkit::{self, wire, L4Spec, Tcp, Wire};
 use clustergate_dataplane::time::Now;
 

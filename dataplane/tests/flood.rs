@@ -16,12 +16,14 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clustergate_builder::snapshot;
+use clustergate_builder::table::{BackendSpec, ServiceSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::conntrack::{Config, Conntrack, FlowClass, Timeouts};
 use clustergate_dataplane::flow::{addr16, Addr16, Proto};
 use clustergate_dataplane::pipeline::{DropReason, Verdict, Worker};
-use clustergate_dataplane::snapshot;
 use clustergate_dataplane::snat::{FixedSources, PortRange, ReturnConfig};
-use clustergate_dataplane::table::{BackendSpec, ReturnPath, ServiceSpec, Table};
+use clustergate_dataplane::table::{ReturnPath, Table};
 use clustergate_dataplane::testkit::{self, wire, L4Spec, Tcp};
 use clustergate_dataplane::time::Now;
 use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};

@@ -12,14 +12,14 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use clustergate_builder::maglev::DEFAULT_MAX_RING_SIZE;
+use clustergate_builder::table::{BackendSpec, ServiceSpec, TableSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::conntrack::{Config, Conntrack, Timeouts};
 use clustergate_dataplane::flow::{addr16, Addr16, Proto};
-use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
 use clustergate_dataplane::pipeline::{DropReason, NodeAddrs, Side, Verdict, Worker};
 use clustergate_dataplane::snat::{FixedSources, ReturnConfig};
-use clustergate_dataplane::table::{
-    BackendSpec, FrontendKind, ReturnPath, ServiceSpec, Table, TableSpec,
-};
+use clustergate_dataplane::table::{FrontendKind, ReturnPath, Table};
 use clustergate_dataplane::testkit::{self, wire, L4Spec, Tcp, Wire};
 use clustergate_dataplane::time::Now;
 use ipnet::IpNet;

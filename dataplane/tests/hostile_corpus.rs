@@ -28,9 +28,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use clustergate_builder::snapshot;
+use clustergate_builder::table::{BackendSpec, ServiceSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::flow::{ip_from16, v4_to_16, Addr16, Proto};
-use clustergate_dataplane::snapshot;
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::table::Table;
 use clustergate_dataplane::testkit::{
     client_frame, frame, icmp_error, ipv4_raw, ipv6_fragment, udp_datagram, L4Spec, Tcp,
     CLIENT_MAC, GATEWAY_MAC,

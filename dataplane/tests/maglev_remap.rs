@@ -13,13 +13,15 @@
 
 use std::net::IpAddr;
 
-use clustergate_dataplane::flow::{v4_to_16, Proto};
-use clustergate_dataplane::maglev::{
+use clustergate_builder::maglev::{
     build_ring, is_prime, min_ring_size, ring_size_after, ring_size_for, MaglevBackend,
     DEFAULT_MAX_RING_SIZE,
 };
-use clustergate_dataplane::snapshot;
-use clustergate_dataplane::table::{BackendSpec, RingSizes, ServiceSpec, Table, TableSpec};
+use clustergate_builder::snapshot;
+use clustergate_builder::table::{BackendSpec, RingSizes, ServiceSpec, TableSpec};
+use clustergate_builder::TableBuild;
+use clustergate_dataplane::flow::{v4_to_16, Proto};
+use clustergate_dataplane::table::Table;
 
 const CAP: u32 = DEFAULT_MAX_RING_SIZE;
 

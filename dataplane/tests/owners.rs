@@ -14,12 +14,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Barrier, Mutex};
 
+use clustergate_builder::table::{BackendSpec, ServiceSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{addr16, Addr16, Proto};
 use clustergate_dataplane::packet::parse::Family;
 use clustergate_dataplane::pipeline::{Frame, Ownership, Verdict, Worker};
 use clustergate_dataplane::snat::{FixedSources, PortRange, ReturnConfig};
-use clustergate_dataplane::table::{BackendSpec, ReturnPath, ServiceSpec, Table};
+use clustergate_dataplane::table::{ReturnPath, Table};
 use clustergate_dataplane::testkit::{self, wire, L4Spec, Tcp};
 use clustergate_dataplane::time::Now;
 use crossbeam_queue::ArrayQueue;

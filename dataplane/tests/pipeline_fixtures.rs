@@ -25,11 +25,13 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
+use clustergate_builder::table::{BackendSpec, ServiceSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{ip_from16, v4_to_16, Addr16, Proto};
 use clustergate_dataplane::packet::checksum::sctp_crc32c;
 use clustergate_dataplane::pipeline::{Counters, DropReason, Side, Verdict, VerdictKind, Worker};
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::table::Table;
 use clustergate_dataplane::testkit::{
     self, client_frame, ethernet, frame, icmp_error, ipv4_raw, ipv6_fragment, to_buf, udp_datagram,
     L4Spec, Tcp, BUF_LEN, CLIENT_MAC, GATEWAY_MAC,

@@ -9,9 +9,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use clustergate_builder::snapshot;
+use clustergate_builder::table::{BackendSpec, ServiceSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::flow::{addr16, Addr16, Proto};
-use clustergate_dataplane::snapshot;
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::table::Table;
 use clustergate_dataplane::testkit::{self, L4Spec, Tcp};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
@@ -414,7 +416,8 @@ fn replay_honours_the_return_paths() {
 /// source ranges; Service "local" (`internalTrafficPolicy: Local`, one
 /// backend on node 1, one on node 2). Node-port addresses 198.18.0.0/24.
 fn every_kind_table() -> Table {
-    use clustergate_dataplane::table::{FrontendKind, TableSpec};
+    use clustergate_builder::table::TableSpec;
+    use clustergate_dataplane::table::FrontendKind;
     let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
     let net = |s: &str| -> ipnet::IpNet { s.parse().unwrap() };
     let web = ServiceSpec::cluster_ip(
@@ -459,7 +462,7 @@ fn every_kind_table() -> Table {
         11,
         0,
         &spec,
-        clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE,
+        clustergate_builder::maglev::DEFAULT_MAX_RING_SIZE,
     )
     .unwrap()
 }

@@ -10,13 +10,15 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use clustergate_builder::table::{BackendSpec, ServiceSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::conntrack::{Config, Conntrack, FlowState, Timeouts};
 use clustergate_dataplane::flow::{addr16, Addr16, FlowTuple, Proto};
 use clustergate_dataplane::packet::checksum;
 use clustergate_dataplane::packet::parse::Family;
 use clustergate_dataplane::pipeline::{DropReason, Side, Verdict, Worker};
 use clustergate_dataplane::snat::{FixedSources, PortRange, ReturnConfig};
-use clustergate_dataplane::table::{BackendSpec, ReturnPath, ServiceSpec, Table};
+use clustergate_dataplane::table::{ReturnPath, Table};
 use clustergate_dataplane::testkit::{self, wire, L4Spec, Tcp, Wire};
 use clustergate_dataplane::time::Now;
 use proptest::prelude::*;

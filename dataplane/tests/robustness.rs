@@ -24,11 +24,13 @@
 
 use std::sync::{Arc, OnceLock};
 
+use clustergate_builder::table::{BackendSpec, ServiceSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{ip_from16, v4_to_16, Addr16, Proto};
 use clustergate_dataplane::packet::checksum::sctp_crc32c;
 use clustergate_dataplane::pipeline::{DropReason, Verdict, Worker};
-use clustergate_dataplane::table::{BackendSpec, FrontendKind, ServiceSpec, Table};
+use clustergate_dataplane::table::{FrontendKind, Table};
 use clustergate_dataplane::testkit::{
     client_frame, ethernet, frame, icmp_error, ipv4_raw, ipv6_fragment, udp_datagram, L4Spec, Tcp,
     BUF_LEN, CLIENT_MAC, GATEWAY_MAC,

@@ -9,11 +9,13 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use clustergate_builder::table::{BackendSpec, ServiceSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::conntrack::{Config, Conntrack, Timeouts};
 use clustergate_dataplane::flow::{addr16, Addr16, Proto};
 use clustergate_dataplane::packet::checksum;
 use clustergate_dataplane::pipeline::{DropReason, Side, Verdict, Worker};
-use clustergate_dataplane::table::{BackendSpec, ServiceSpec, Table};
+use clustergate_dataplane::table::Table;
 use clustergate_dataplane::testkit::{self, wire, L4Spec, Tcp};
 use clustergate_dataplane::time::Now;
 

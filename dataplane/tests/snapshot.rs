@@ -31,15 +31,17 @@ use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use clustergate_builder::maglev::DEFAULT_MAX_RING_SIZE;
+use clustergate_builder::snapshot::{encode, seal, Writer};
+use clustergate_builder::table::{BackendSpec, ServiceSpec, TableSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::flow::{addr16, FlowTuple, Proto};
-use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
 use clustergate_dataplane::snapshot::{
-    decode, encode, load_current, load_file, read_current, seal, snapshot_path, Header,
-    PollOutcome, SnapshotError, TableHandle, Watcher, Writer, CURRENT, FAULT_LABELS, HEADER_LEN,
+    decode, load_current, load_file, read_current, snapshot_path, Header, PollOutcome,
+    SnapshotError, TableHandle, Watcher, CURRENT, FAULT_LABELS, HEADER_LEN,
 };
 use clustergate_dataplane::table::{
-    BackendSpec, BackendState, FrontendKind, ReturnPath, ServiceSpec, Table, TableSpec,
-    FRONTEND_NODE_LOCAL,
+    BackendState, FrontendKind, ReturnPath, Table, FRONTEND_NODE_LOCAL,
 };
 use ipnet::IpNet;
 use proptest::prelude::*;

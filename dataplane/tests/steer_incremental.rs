@@ -30,13 +30,13 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Instant;
 
+use clustergate_builder::table::{BackendSpec, Builder, RingSizes, ServiceSpec, TableSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::flow::{addr16, Addr16, Proto};
 use clustergate_dataplane::io::steer::{
     Classified, MapDump, SteerKey, Steering, SyncScope, SyncStats, WholeSync,
 };
-use clustergate_dataplane::table::{
-    BackendSpec, Builder, FrontendKind, RingSizes, ServiceSpec, Table, TableSpec,
-};
+use clustergate_dataplane::table::{FrontendKind, Table};
 use clustergate_dataplane::testkit::{self, L4Spec};
 use support::root_or_skip;
 
@@ -344,7 +344,7 @@ fn one_endpoint_at_ten_thousand_services() {
             .update(2 + k as u64, &table, [(svc, &s.services[svc])])
             .unwrap()
         {
-            clustergate_dataplane::table::Update::Table(t) => t,
+            clustergate_builder::table::Update::Table(t) => t,
             other => panic!("an endpoint change is in place: {other:?}"),
         };
         let force_whole = k % 2 == 1;

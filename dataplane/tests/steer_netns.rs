@@ -43,11 +43,13 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use clustergate_builder::table::{BackendSpec, ServiceSpec, TableSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::flow::{addr16, Addr16, Proto};
 use clustergate_dataplane::io::steer::{AttachMode, Classified, SnatSync, SteerKey, Steering};
 use clustergate_dataplane::io::xsk::{Iface, Ports, XskOptions, ZeroCopy};
 use clustergate_dataplane::snat::PortRange;
-use clustergate_dataplane::table::{BackendSpec, FrontendKind, ServiceSpec, Table, TableSpec};
+use clustergate_dataplane::table::{FrontendKind, Table};
 use clustergate_dataplane::testkit::{self, L4Spec, Tcp};
 use support::root_or_skip;
 

@@ -11,8 +11,10 @@
 //! its snapshot decodes to a table that encodes to the same bytes.
 
 use clustergate_control::{build_model, parse_manifest, ModelOptions};
-use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
-use clustergate_dataplane::snapshot::{decode, encode};
+use clustergate_builder::maglev::DEFAULT_MAX_RING_SIZE;
+use clustergate_dataplane::snapshot::decode;
+use clustergate_builder::snapshot::encode;
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::table::{ReturnPath, Table};
 
 fn options(odd: bool) -> ModelOptions {

@@ -35,17 +35,16 @@ use std::sync::{Arc, OnceLock};
 
 use clustergate_dataplane::conntrack::{Config, Conntrack};
 use clustergate_dataplane::flow::{addr16, ip_from16, Addr16, Proto};
-use clustergate_dataplane::maglev::DEFAULT_MAX_RING_SIZE;
+use clustergate_builder::maglev::DEFAULT_MAX_RING_SIZE;
 use clustergate_dataplane::pipeline::{Frame, NodeAddrs, Verdict, Worker};
 use clustergate_dataplane::policy::{
     PolicyBackendRecord, PolicyClassRecord, PolicyParts, PolicyPortRecord, PolicyRuleRecord,
     BACKEND_INGRESS_ISOLATED, CLASS_EGRESS_ISOLATED, PROTO_ANY,
 };
 use clustergate_dataplane::snat::{FixedSources, PortRange, ReturnConfig};
-use clustergate_dataplane::table::{
-    BackendSpec, BackendState, FrontendKind, PrefixRecord, ReturnPath, ServiceSpec, Table,
-    TableSpec,
-};
+use clustergate_dataplane::table::{BackendState, FrontendKind, PrefixRecord, ReturnPath, Table};
+use clustergate_builder::table::{BackendSpec, ServiceSpec, TableSpec};
+use clustergate_builder::TableBuild;
 use clustergate_dataplane::testkit::{self, L4Spec, Tcp, CLIENT_MAC, GATEWAY_MAC};
 use clustergate_dataplane::time::Now;
 use ipnet::IpNet;

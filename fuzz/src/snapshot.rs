@@ -22,7 +22,9 @@
 
 use std::sync::OnceLock;
 
-use clustergate_dataplane::snapshot::{decode, encode, seal};
+use clustergate_dataplane::snapshot::decode;
+
+use clustergate_builder::snapshot::{encode, seal};
 use clustergate_dataplane::table::Table;
 
 use crate::pipeline::{self, Op};

@@ -1836,7 +1836,7 @@ mod tests {
 
     use super::*;
     use crate::flow::{addr16, Proto};
-    use crate::table::{BackendSpec, ServiceSpec, TableSpec};
+    use crate::test_builder::table::{BackendSpec, ServiceSpec, TableBuild, TableSpec};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -1932,7 +1932,13 @@ mod tests {
             node_port_addresses: node_port_addresses.iter().map(|n| net(n)).collect(),
             policy: Default::default(),
         };
-        Table::build_full(1, 7, &spec, crate::maglev::DEFAULT_MAX_RING_SIZE).unwrap()
+        Table::build_full(
+            1,
+            7,
+            &spec,
+            crate::test_builder::maglev::DEFAULT_MAX_RING_SIZE,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -2006,8 +2012,10 @@ mod tests {
 
         use super::super::*;
         use crate::flow::{addr16, Proto};
-        use crate::maglev::DEFAULT_MAX_RING_SIZE;
-        use crate::table::{BackendSpec, Builder, RingSizes, ServiceSpec, TableSpec};
+        use crate::test_builder::maglev::DEFAULT_MAX_RING_SIZE;
+        use crate::test_builder::table::{
+            BackendSpec, Builder, RingSizes, ServiceSpec, TableBuild, TableSpec,
+        };
 
         const SEED: u64 = 7;
         const MAX_RING: u32 = 1021;

@@ -14,13 +14,13 @@
 //! Must never: run on the packet path. Building a ring allocates and costs
 //! O(M log M); the dataplane only indexes finished rings
 //! (`ring[flow_hash % M]`).
-#![forbid(unsafe_code)] // The pure core: no unsafe, ever (the I/O rings and shared memory keep theirs).
+#![forbid(unsafe_code)]
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 
-use crate::flow::{ip_from16, maglev_offset_skip, Addr16};
+use clustergate_dataplane::flow::{ip_from16, maglev_offset_skip, Addr16};
 
 /// Default cap on the ring size: the smallest prime above 2¹⁹. It keeps
 /// M ≥ 100·N, so equal shares within 1 %, up to 5 243 backends; a ring at
@@ -396,11 +396,13 @@ fn fill_scheduled(mut cursors: Vec<Cursor>, weights: &[u32], m: u32) -> Vec<u32>
     table
 }
 
-#[cfg(test)]
+// Not again in the dataplane's unit tests, which compile these sources
+// (`clustergate_dataplane::test_builder`).
+#[cfg(all(test, not(clustergate_builder_in_dataplane)))]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::flow::v4_to_16;
+    use clustergate_dataplane::flow::v4_to_16;
     use proptest::prelude::*;
 
     fn v4(i: u32, port: u16) -> MaglevBackend {
