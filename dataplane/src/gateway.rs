@@ -941,7 +941,11 @@ fn manage(
                     // connection table, so in a burst of changes it runs at most
                     // every LINGER_COALESCE: in between, the TCP backends that
                     // left stay steered until it does (as lingering ones would).
-                    let left = previous.as_ref().map(|p| match left_backends(p, &table) {
+                    let in_place = previous.as_ref().map(|p| left_backends(p, &table));
+                    // Every frontend where it was, with its kind: what the
+                    // status counts did not change.
+                    let same_frontends = matches!(in_place, Some(Some(_)));
+                    let left = in_place.zip(previous.as_ref()).map(|(left, p)| match left {
                         // The frontends moved: whether any backend left.
                         None if !backends_left(p, &table) => Some(BTreeSet::new()),
                         left => left,
@@ -968,7 +972,12 @@ fn manage(
                     resync = synced.is_none();
                     let addrs_changed = synced.is_none_or(|s| s.backend_addrs_changed);
                     resolve |= addrs_changed;
-                    table_st = Some(table_status(&table, plan));
+                    // Counted (and node ports in the SNAT range warned
+                    // about) when the frontends changed, not per change:
+                    // the status keeps the last counts.
+                    if !same_frontends {
+                        table_st = Some(table_status(&table, plan));
+                    }
                     // Most endpoint changes keep the backend addresses (a
                     // port moved): the neighbours are looked at again only
                     // when an address came or went.
