@@ -1068,6 +1068,30 @@ fn bases_of(fronts: &[Arc<Front>]) -> Box<[u32]> {
     bases.into_boxed_slice()
 }
 
+/// `bases` (as [`bases_of`] makes them) after the frontends at the given
+/// indices changed their backend count by the given amounts: each later
+/// base moves by the changes before it.
+fn moved_bases(bases: &[u32], resized: &mut [(usize, i64)]) -> Box<[u32]> {
+    let mut out: Box<[u32]> = bases.into();
+    if resized.is_empty() {
+        return out;
+    }
+    resized.sort_unstable_by_key(|r| r.0);
+    let mut shift = 0i64;
+    let mut next = resized.iter().peekable();
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = (i64::from(*b) + shift).clamp(0, i64::from(u32::MAX)) as u32;
+        while let Some(&&(at, d)) = next.peek() {
+            if at != i {
+                break;
+            }
+            shift += d;
+            next.next();
+        }
+    }
+    out
+}
+
 /// Gives a block its backends' policy records under `policy`.
 fn set_policy(f: &mut Arc<Front>, policy: &PolicyTable) {
     if policy.is_empty() && f.policy_of.is_empty() {
@@ -1477,15 +1501,25 @@ impl Table {
             moved = true;
         }
         let mut added = Vec::new();
+        // Frontends replaced in place whose backend count changed: index and
+        // the change in count, to move the later backends' bases.
+        let mut resized: Vec<(usize, i64)> = Vec::new();
         for f in &delta.changed.fronts {
             let mut f = Arc::clone(f);
             set_policy(&mut f, &self.policy);
             match self.frontend(&f.addr, f.port, proto_of(f.proto)?) {
                 Some(fi) if !gone[fi as usize] => {
+                    let old = &fronts[fi as usize];
                     // A node port stays a node port: the kind is part of
                     // the address rule the index enforces.
-                    if fronts[fi as usize].kind != f.kind {
+                    if old.kind != f.kind {
                         moved = true;
+                    }
+                    if old.backends_len != f.backends_len {
+                        resized.push((
+                            fi as usize,
+                            i64::from(f.backends_len) - i64::from(old.backends_len),
+                        ));
                     }
                     fronts[fi as usize] = f;
                 }
@@ -1503,18 +1537,30 @@ impl Table {
             });
             fronts.extend(added);
         }
-        let index = if moved {
-            Arc::new(build_index(delta.generation, &fronts).map_err(DeltaError::Table)?)
+        // Every frontend where it was, with its kind (the common change):
+        // the index and whether any is a node port stay as they were, and
+        // the backends' bases move by the changed counts, without reading
+        // every block.
+        let (index, has_node_ports, backend_bases) = if moved {
+            (
+                Arc::new(build_index(delta.generation, &fronts).map_err(DeltaError::Table)?),
+                fronts
+                    .iter()
+                    .any(|f| f.kind == FrontendKind::NodePort as u8),
+                bases_of(&fronts),
+            )
         } else {
-            Arc::clone(&self.index)
+            (
+                Arc::clone(&self.index),
+                self.has_node_ports,
+                moved_bases(&self.backend_bases, &mut resized),
+            )
         };
         Ok(Self {
             generation: delta.generation,
             hash_seed: self.hash_seed,
-            has_node_ports: fronts
-                .iter()
-                .any(|f| f.kind == FrontendKind::NodePort as u8),
-            backend_bases: bases_of(&fronts),
+            has_node_ports,
+            backend_bases,
             fronts,
             node_prefixes: self.node_prefixes.clone(),
             node_port_prefixes: self.node_port_prefixes.clone(),

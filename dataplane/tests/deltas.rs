@@ -317,6 +317,57 @@ fn a_change_to_one_service_touches_only_its_frontend() {
 /// A delta torn (cut short) or with a flipped byte is refused with the
 /// fault named; forwarding keeps the last good table; the next good
 /// generation (a full snapshot) is taken.
+/// A delta that grows one frontend's backends and shrinks another's, in
+/// place, leaves every frontend's first backend (the per-backend metrics'
+/// index into the table's backends) where a whole build of the same
+/// services puts it.
+#[test]
+fn backends_bases_after_resized_frontends_match_a_whole_build() {
+    let lists = |grow: bool| -> Vec<ServiceSpec> {
+        (0..10u32)
+            .map(|i| {
+                let n = match (i, grow) {
+                    (2, true) => 7,
+                    (7, true) => 1,
+                    (5, true) => 3,
+                    _ => 3,
+                };
+                let port_moved: Vec<u32> = (0..n).map(|b| i * 10 + b).collect();
+                let mut s = service(i, &port_moved, false);
+                if grow && i == 5 {
+                    for b in &mut s.backends {
+                        b.port = 9090;
+                    }
+                }
+                s
+            })
+            .collect()
+    };
+    let spec = |grow| TableSpec {
+        services: lists(grow),
+        ..TableSpec::default()
+    };
+    let mut builder = Builder::new(1, DEFAULT_MAX_RING_SIZE, RingSizes::default());
+    let t1 = builder.build(1, &spec(false)).unwrap();
+    let t2 = builder.build(2, &spec(true)).unwrap();
+    let applied = t1.apply_delta(&t2.delta_from(&t1).unwrap()).unwrap();
+    let whole = Table::build(2, 1, &lists(true)).unwrap();
+    assert_eq!(applied.backends_total(), whole.backends_total());
+    for i in 0..10 {
+        let (a, w) = (
+            applied.frontend(&addr16(vip(i)), 80, Proto::Tcp).unwrap(),
+            whole.frontend(&addr16(vip(i)), 80, Proto::Tcp).unwrap(),
+        );
+        assert_eq!(a, w, "the same place");
+        assert_eq!(
+            applied.backend_base(a),
+            whole.backend_base(w),
+            "service {i}"
+        );
+    }
+    assert_eq!(applied.backend_records(), whole.backend_records());
+}
+
 #[test]
 fn a_torn_or_corrupt_delta_is_refused_and_forwarding_continues() {
     for damage in ["torn", "flipped", "other base"] {
